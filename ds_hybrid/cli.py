@@ -1,0 +1,96 @@
+"""The ``ds-hybrid`` command.
+
+    ds-hybrid convert --out out/hybrid --ratio 0.25                 # stage 0 on the embedded teacher, uniform layers
+    ds-hybrid convert --teacher ./Qwen2.5-3B --softmax-layers 3,7,20 --mixer gla --out out/h
+    ds-hybrid generate --model out/hybrid --prompt "The capital of France is"
+
+Training stages run through ``ds_hybrid/train.py`` (under deepspeed / torchrun); see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ds_hybrid.errors import ConfigError
+
+
+def _add_layer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--softmax-layers", default=None, help="comma-separated layer indices kept softmax, e.g. 3,7,11")
+    g.add_argument("--ratio", type=float, default=None, help="fraction of layers kept softmax, spaced uniformly")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ds_hybrid.layers import k_for_ratio, parse_layer_list, uniform_layers
+    from ds_hybrid.modeling.mixers import MixerOptions, check_mixer
+    from ds_hybrid.modeling.families import head_dim
+    from ds_hybrid.teacher import load_teacher, load_teacher_config
+    from ds_hybrid.transfer import build_hybrid
+    from ds_hybrid.modeling.configuration import check_softmax_layers
+
+    # Validate everything before the teacher's weights are loaded.
+    config = load_teacher_config(args.teacher)
+    L = config.num_hidden_layers
+    if args.softmax_layers is not None:
+        layers = check_softmax_layers(parse_layer_list(args.softmax_layers, "--softmax-layers"), L, "--softmax-layers")
+    else:
+        layers = uniform_layers(L, k_for_ratio(args.ratio if args.ratio is not None else 0.25, L, "--ratio"))
+    check_mixer(args.mixer, head_dim(config), "--mixer")
+    MixerOptions.from_dict({"use_short_conv": args.short_conv}, "--short-conv")
+
+    teacher, tok = load_teacher(args.teacher)
+    student = build_hybrid(teacher, layers, args.mixer, {"use_short_conv": args.short_conv})
+    student.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"saved {args.mixer} hybrid with softmax layers {layers} of {L} to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ds_hybrid  # noqa: F401  (registers the model type)
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    ids = tok(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-hybrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="stage 0: build a hybrid from a teacher and save it (HF format)")
+    p.add_argument("--teacher", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M)")
+    _add_layer_args(p)
+    p.add_argument("--mixer", default="gdn", help="gdn (Gated DeltaNet) or gla")
+    p.add_argument("--short-conv", action="store_true", help="add fla's short convolution to the mixer")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy generation from a saved model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(fn=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"ds-hybrid: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

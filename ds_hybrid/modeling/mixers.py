@@ -1,0 +1,299 @@
+"""Linear-attention mixers that replace a teacher layer's softmax attention (RADLADS stage 0 lives here too).
+
+Two mixers, parameter-for-parameter the layers of flash-linear-attention (fla) so checkpoints map one to one:
+
+- ``gdn``: Gated DeltaNet (fla ``GatedDeltaNet``). The paper's main student ("gdn_v4" in its reference code):
+  output gate on, no short convolution, expand_v = 1, one head per teacher query head, head_dim = the teacher's.
+- ``gla``: Gated Linear Attention (fla ``GatedLinearAttention`` with expand_k = expand_v = 1, output gate on).
+
+Variants are options (:class:`MixerOptions`): short convolution, output gate, negative eigenvalues (GDN), gate rank
+and normaliser (GLA), projection bias.
+
+A mixer is called where the teacher calls its attention (``layer.self_attn(hidden_states=..., **kwargs)``) and
+returns ``(output, None)``. It ignores RoPE (linear layers use no positional rotation, as in RADLADS) and the 4-D
+causal mask; it reads the 2-D padding mask from ``linear_attn_padding_mask`` so that left-padded batches are exact:
+a padded position leaves the recurrent state untouched (k = v = 0, no decay).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling import ops
+
+MIXERS: tuple[str, ...] = ("gdn", "gla")
+# fla's chunk kernels keep a [K, V] state tile per head in shared memory; they are written for head dims <= 256.
+MAX_HEAD_DIM = 256
+
+
+@dataclass
+class MixerOptions:
+    """Options of a linear mixer. Defaults are the paper's main form for GDN and fla's defaults for GLA."""
+
+    use_gate: bool = True  # output gate: o = RMSNorm(o) * silu(W_g x)
+    use_short_conv: bool = False  # depthwise causal conv (kernel conv_size) + silu on q, k, v
+    conv_size: int = 4
+    allow_neg_eigval: bool = False  # GDN only: beta in (0, 2)
+    gate_low_rank_dim: int = 16  # GLA only: rank of the forget-gate projection
+    gate_logit_normalizer: float = 16.0  # GLA only: gk = logsigmoid(W x) / normalizer
+    norm_eps: float = 1e-5
+    # Qwen2/2.5 teachers have q/k/v biases. The paper's reference code drops them (fla's projections have none);
+    # qkv_bias=True keeps them (k/v biases repeated over query groups like the weights).
+    qkv_bias: bool = False
+    backend: str = "auto"  # "auto" (fla kernels on CUDA, torch references elsewhere), "fla" or "torch"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, field_prefix: str = "mixer_options") -> "MixerOptions":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{field_prefix}.{unknown[0]}", d[unknown[0]], f"unknown option; known: {sorted(known)}")
+        opts = cls(**d)
+        if opts.conv_size < 2:
+            raise ConfigError(f"{field_prefix}.conv_size", opts.conv_size, "use a kernel size of at least 2")
+        if opts.backend not in ops.BACKENDS:
+            raise ConfigError(f"{field_prefix}.backend", opts.backend, f"choose one of {ops.BACKENDS}")
+        if opts.gate_low_rank_dim < 1:
+            raise ConfigError(f"{field_prefix}.gate_low_rank_dim", opts.gate_low_rank_dim, "use a positive rank")
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_mixer(mixer: str, head_dim: int, field: str = "mixer") -> None:
+    if mixer not in MIXERS:
+        raise ConfigError(field, mixer, f"unknown mixer; choose one of {MIXERS}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ConfigError(
+            "teacher.head_dim", head_dim,
+            f"linear mixers take head dims up to {MAX_HEAD_DIM} (fla's kernels); this teacher cannot be converted",
+        )
+    if head_dim % 8 != 0:
+        raise ConfigError("teacher.head_dim", head_dim, "linear mixers need a head dim that is a multiple of 8")
+
+
+class ShortConvolution(nn.Conv1d):
+    """Depthwise causal conv + silu, fla's ``ShortConvolution`` parameter layout (weight [D, 1, K])."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=bias, padding=0)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, D]; cache: the last K-1 inputs [B, D, K-1] or None. Returns (silu(conv(x)), new cache)."""
+        K = self.kernel_size[0]
+        xt = x.transpose(1, 2)
+        left = cache if cache is not None else xt.new_zeros(xt.shape[0], xt.shape[1], K - 1)
+        full = torch.cat([left.to(xt.dtype), xt], dim=-1)
+        y = F.conv1d(full, self.weight, self.bias, groups=self.groups)
+        return F.silu(y).transpose(1, 2), full[..., -(K - 1):].detach()
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the head dim, optionally gated: norm(x) * weight * silu(g) (fla's FusedRMSNormGated math)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if g is not None:
+            y = y * F.silu(g.float())
+        return y.to(x.dtype)
+
+
+def repeat_kv_weight(w: torch.Tensor, num_kv_heads: int, groups: int) -> torch.Tensor:
+    """[n_kv * d, ...] -> [n_kv * groups * d, ...]: KV head j serves query heads j*groups .. j*groups+groups-1.
+
+    This is the head-wise GQA repeat that HF attention applies at run time (``repeat_kv``). The paper's reference
+    code instead repeats each *row* (einops ``'h d -> (h g) d'`` on the weight), which mixes head dims across heads;
+    we follow the attention math.
+    """
+    d = w.shape[0] // num_kv_heads
+    return w.reshape(num_kv_heads, d, *w.shape[1:]).repeat_interleave(groups, dim=0).reshape(-1, *w.shape[1:])
+
+
+class LinearMixer(nn.Module):
+    """Shared plumbing: projections q/k/v/o shaped like the teacher's (after the GQA repeat), cache I/O, padding."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.options = options
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        if options.use_short_conv:
+            self.q_conv1d = ShortConvolution(inner, options.conv_size)
+            self.k_conv1d = ShortConvolution(inner, options.conv_size)
+            self.v_conv1d = ShortConvolution(inner, options.conv_size)
+
+    # ---- stage 0: RADLADS weight transfer -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_teacher(self, attn: nn.Module, num_kv_heads: int) -> None:
+        """Copy W_q and W_o; repeat W_k and W_v over the query-head groups. Fresh parameters keep their init."""
+        groups = self.num_heads // num_kv_heads
+        self.q_proj.weight.copy_(attn.q_proj.weight)
+        self.o_proj.weight.copy_(attn.o_proj.weight)
+        self.k_proj.weight.copy_(repeat_kv_weight(attn.k_proj.weight, num_kv_heads, groups))
+        self.v_proj.weight.copy_(repeat_kv_weight(attn.v_proj.weight, num_kv_heads, groups))
+        if self.options.qkv_bias:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                src = getattr(attn, name).bias
+                dst = getattr(self, name).bias
+                if src is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(src if name == "q_proj" else repeat_kv_weight(src, num_kv_heads, groups))
+        if getattr(attn.o_proj, "bias", None) is not None:
+            raise ValueError("teacher o_proj has a bias; linear mixers have none (no supported family has one)")
+
+    def reset_parameters(self) -> None:  # overridden: fresh mixer-only parameters
+        pass
+
+    # ---- forward plumbing -----------------------------------------------------------------------------------
+    def _qkv(self, x: torch.Tensor, mask: torch.Tensor | None, conv_cache: tuple | None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new_conv = None
+        if self.options.use_short_conv:
+            if mask is not None:  # padded inputs must not leak into real tokens through the conv window
+                q, k, v = q * mask, k * mask, v * mask
+            cq, ck, cv = conv_cache if conv_cache is not None else (None, None, None)
+            q, cq = self.q_conv1d(q, cq)
+            k, ck = self.k_conv1d(k, ck)
+            v, cv = self.v_conv1d(v, cv)
+            new_conv = (cq, ck, cv)
+        return q, k, v, new_conv
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def mix(self, x: torch.Tensor, mask: torch.Tensor | None, state, conv_cache, output_final_state: bool):
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,  # the teacher's 4-D causal mask: not used by linear mixers
+        past_key_values: Any = None,
+        use_cache: bool | None = False,
+        linear_attn_padding_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        T = hidden_states.shape[1]
+        mask = None
+        if linear_attn_padding_mask is not None:
+            mask = linear_attn_padding_mask[:, -T:, None].to(hidden_states.dtype)
+        state, conv_cache = None, None
+        if past_key_values is not None:
+            state, conv_cache = past_key_values.get_linear_state(self.layer_idx)
+        o, state, conv_cache = self.mix(hidden_states, mask, state, conv_cache, output_final_state=bool(use_cache))
+        if past_key_values is not None and use_cache:
+            past_key_values.set_linear_state(self.layer_idx, state, conv_cache, T)
+        return o, None
+
+
+class GatedDeltaNetMixer(LinearMixer):
+    """Gated DeltaNet, fla's ``GatedDeltaNet`` parameters: q/k/v/a/b/g/o projections, A_log, dt_bias, o_norm."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
+        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        if options.use_gate:
+            self.g_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.o_norm = GatedRMSNorm(head_dim, eps=options.norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """fla's init: A ~ U(0, 16); dt log-uniform in [1e-3, 1e-1], stored as softplus^-1(dt)."""
+        A = torch.empty(self.num_heads, dtype=torch.float32).uniform_(0, 16)
+        init.copy_(self.A_log, torch.log(A))
+        dt_min, dt_max, dt_floor = 1e-3, 1e-1, 1e-4
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def mix(self, x, mask, state, conv_cache, output_final_state):
+        q, k, v, conv_cache = self._qkv(x, mask, conv_cache)
+        if not self.options.use_short_conv:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        beta = self.b_proj(x).sigmoid()
+        if self.options.allow_neg_eigval:
+            beta = beta * 2.0
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if mask is not None:  # padded positions: no write (k = v = beta = 0) and no decay (g = 0)
+            k, v = k * mask[..., None], v * mask[..., None]
+            beta, g = beta * mask, g * mask.float()
+        o, state = ops.gated_delta_rule(
+            q, k, v, g, beta.to(q.dtype), scale=self.head_dim**-0.5, initial_state=state,
+            output_final_state=output_final_state, backend=self.options.backend,
+        )
+        gate = self._heads(self.g_proj(x)) if self.options.use_gate else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(*x.shape[:2], -1)), state, conv_cache
+
+
+class GLAMixer(LinearMixer):
+    """Gated Linear Attention, fla's ``GatedLinearAttention`` parameters (expand_k = expand_v = 1)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
+        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
+        inner = num_heads * head_dim
+        self.gk_proj = nn.Sequential(
+            nn.Linear(hidden_size, options.gate_low_rank_dim, bias=False),
+            nn.Linear(options.gate_low_rank_dim, inner, bias=True),
+        )
+        if options.use_gate:
+            self.g_proj = nn.Linear(hidden_size, inner, bias=False)
+            self.g_norm_swish_gate = GatedRMSNorm(head_dim, eps=options.norm_eps)
+        else:
+            self.g_norm = GatedRMSNorm(head_dim, eps=options.norm_eps)
+
+    def mix(self, x, mask, state, conv_cache, output_final_state):
+        q, k, v, conv_cache = self._qkv(x, mask, conv_cache)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        gk = F.logsigmoid(self._heads(self.gk_proj(x)).float()) / self.options.gate_logit_normalizer
+        if mask is not None:
+            k, v, gk = k * mask[..., None], v * mask[..., None], gk * mask[..., None].float()
+        o, state = ops.gated_linear_attention(
+            q, k, v, gk, scale=self.head_dim**-0.5, initial_state=state,
+            output_final_state=output_final_state, backend=self.options.backend,
+        )
+        if self.options.use_gate:
+            o = self.g_norm_swish_gate(o, self._heads(self.g_proj(x)))
+        else:
+            o = self.g_norm(o)
+        return self.o_proj(o.reshape(*x.shape[:2], -1)), state, conv_cache
+
+
+MIXER_CLASSES: dict[str, type[LinearMixer]] = {"gdn": GatedDeltaNetMixer, "gla": GLAMixer}
+
+
+def build_mixer(
+    mixer: str, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions
+) -> LinearMixer:
+    return MIXER_CLASSES[mixer](hidden_size, num_heads, head_dim, layer_idx, options)

@@ -1,0 +1,145 @@
+"""HybridForCausalLM: the teacher's own transformer with linear mixers in place of some layers' softmax attention.
+
+The hybrid *is* the teacher's model class (``LlamaModel``, ``Qwen2Model``, ...) built from the teacher's config,
+with ``layers[i].self_attn`` swapped for a linear mixer in every layer not listed in ``softmax_layers``. Softmax
+layers, MLPs, norms, embeddings and the lm_head are the teacher's modules running the teacher's code, so a hybrid
+whose layers are all softmax reproduces the teacher's logits exactly, whatever the family (RoPE variants, GQA,
+q/k norm, qkv bias, sliding windows). State-dict keys are the teacher's (``model.layers.3.self_attn.q_proj.weight``),
+with mixer parameters under the same ``self_attn`` prefix.
+
+    >>> import ds_hybrid  # registers "ds_hybrid" with transformers' Auto classes
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("out/hybrid")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ds_hybrid.modeling.cache import HybridCache
+from ds_hybrid.modeling.configuration import HybridConfig
+from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config: HybridConfig
+    config_class = HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LinearMixer):
+            module.reset_parameters()  # fla's init for A_log / dt_bias; projections got the std-0.02 normal above
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.teacher_config)
+        self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
+        options = config.options
+        for i in config.linear_layers:
+            self.model.layers[i].self_attn = build_mixer(
+                config.mixer, config.hidden_size, config.num_attention_heads, config.head_dim, i, options
+            )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ---- structure -----------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def mixer(self, layer_idx: int) -> nn.Module:
+        """The token mixer of a layer: a LinearMixer or the teacher's softmax attention module."""
+        return self.model.layers[layer_idx].self_attn
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = HybridCache.from_config(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, HybridCache) and self.config.linear_layers:
+            raise TypeError(
+                f"past_key_values is a {type(past_key_values).__name__}; a hybrid with linear layers needs a "
+                "ds_hybrid HybridCache (generate() makes one; or HybridCache.from_config(model.config))"
+            )
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        padding_mask = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and self.config.linear_layers:
+            current = attention_mask[:, -T:]
+            if not bool(current.all()):
+                padding_mask = current
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            linear_attn_padding_mask=padding_mask,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """generate() gets a HybridCache (KV for softmax layers, recurrent state for linear ones)."""
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic", "dynamic_full"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by ds_hybrid "
+                    "models; leave it unset (a HybridCache is used)"
+                )
+            model_kwargs["past_key_values"] = HybridCache.from_config(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

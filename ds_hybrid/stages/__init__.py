@@ -1,0 +1,1 @@
+"""Training stages: align, kl, finetune, select."""

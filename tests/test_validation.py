@@ -1,0 +1,83 @@
+"""Bad model settings are refused with errors that name the field, before any model is built."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+from transformers import GPT2Config
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.layers import k_for_ratio, uniform_layers
+from ds_hybrid.modeling import HybridConfig
+from ds_hybrid.teacher import check_same_vocab, check_vocab, resolve_teacher
+from ds_hybrid.transfer import hybrid_config
+
+
+def test_softmax_layer_out_of_range():
+    with pytest.raises(ConfigError, match=r"softmax_layers.*out of range.*0\.\.3"):
+        hybrid_config(tiny_config("llama"), [1, 4])
+
+
+def test_softmax_layer_negative_and_duplicate():
+    with pytest.raises(ConfigError, match="softmax_layers"):
+        hybrid_config(tiny_config("llama"), [-1])
+    with pytest.raises(ConfigError, match=r"softmax_layers.*\[2\] listed twice"):
+        hybrid_config(tiny_config("llama"), [2, 2])
+
+
+def test_unknown_mixer():
+    with pytest.raises(ConfigError, match=r"mixer='mamba'.*gdn"):
+        hybrid_config(tiny_config("llama"), [0], mixer="mamba")
+
+
+def test_unknown_mixer_option():
+    with pytest.raises(ConfigError, match=r"mixer_options\.use_conv"):
+        hybrid_config(tiny_config("llama"), [0], mixer_options={"use_conv": True})
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ConfigError, match=r"teacher.*'gpt2'.*llama.*qwen2.*qwen3.*mistral"):
+        hybrid_config(GPT2Config(), [0])
+
+
+def test_head_dim_the_mixer_cannot_take():
+    with pytest.raises(ConfigError, match=r"teacher\.head_dim=512"):
+        hybrid_config(tiny_config("qwen3", head_dim=512), [0])
+    with pytest.raises(ConfigError, match=r"teacher\.head_dim=12"):
+        hybrid_config(tiny_config("qwen3", head_dim=12), [0])
+
+
+def test_vocab_mismatch():
+    class Tok:
+        def __len__(self):
+            return 500
+
+    with pytest.raises(ConfigError, match=r"tokenizer.*vocab_size=101"):
+        check_vocab(tiny_config("llama"), Tok())
+    with pytest.raises(ConfigError, match=r"student.*vocab_size=120.*teacher has vocab_size=101"):
+        check_same_vocab(tiny_config("llama"), tiny_config("llama", vocab_size=120))
+
+
+def test_missing_teacher_folder(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.*no such folder"):
+        resolve_teacher(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="teacher.*no config.json"):
+        resolve_teacher(str(tmp_path))
+
+
+def test_ratio_round_half_up_as_paper_configs():
+    assert [k_for_ratio(r, 36) for r in (1 / 8, 1 / 4, 1 / 3, 1 / 2)] == [5, 9, 12, 18]
+    assert [k_for_ratio(r, 28) for r in (1 / 8, 1 / 4, 1 / 3, 1 / 2)] == [4, 7, 9, 14]
+    assert uniform_layers(36, 9) == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    with pytest.raises(ConfigError, match="ratio"):
+        k_for_ratio(1.5, 30)
+
+
+def test_config_records_family_mixer_and_layers():
+    cfg = hybrid_config(tiny_config("mistral"), [3, 1], mixer="gla", mixer_options={"use_short_conv": True})
+    assert isinstance(cfg, HybridConfig)
+    assert cfg.teacher_family == "mistral" and cfg.mixer == "gla" and cfg.softmax_layers == [1, 3]
+    assert cfg.mixer_options["use_short_conv"] is True
+    assert cfg.layer_types == ["linear_attention", "sliding_attention", "linear_attention", "sliding_attention"]
+    again = HybridConfig.from_dict(cfg.to_dict())
+    assert again.layer_types == cfg.layer_types and again.teacher_config.sliding_window == 8

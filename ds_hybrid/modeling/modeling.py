@@ -26,6 +26,20 @@ from ds_hybrid.modeling.configuration import HybridConfig
 from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
 
 
+class HybridLMHead(nn.Linear):
+    """The lm_head. ``lm_head(h)`` gives logits; ``lm_head(h, loss_fn=f, **kw)`` returns ``f(h, self.weight, **kw)``.
+
+    Training losses that read the weight directly (chunked or fused linear+KL) run through the second form, inside
+    this module's forward: under ZeRO-3 that is where the weight is gathered and where its gradient enters
+    DeepSpeed's partitioned reduction (exactly once), also when the weight is tied to the input embedding.
+    """
+
+    def forward(self, x: torch.Tensor, loss_fn: Any = None, **kwargs: Any) -> Any:
+        if loss_fn is None:
+            return super().forward(x)
+        return loss_fn(x, self.weight, **kwargs)
+
+
 class HybridPreTrainedModel(PreTrainedModel):
     config: HybridConfig
     config_class = HybridConfig
@@ -55,7 +69,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             self.model.layers[i].self_attn = build_mixer(
                 config.mixer, config.hidden_size, config.num_attention_heads, config.head_dim, i, options
             )
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = HybridLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     # ---- structure -----------------------------------------------------------------------------------------

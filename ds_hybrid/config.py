@@ -1,0 +1,297 @@
+"""The run config: one YAML file, a typed schema, validation before any model is built, `key=value` overrides.
+
+    run_name: smollm2_gdn
+    out_dir: outputs/smollm2_gdn
+    teacher: embedded                 # or a local HF folder
+    mixer: gdn
+    softmax_layers: {uniform: 0.25}   # or [3, 7, 11], {uniform: 8} (K), {selection: <path>, ratio: 0.25}
+    data: {source: embedded}          # or files/folders of text/json/jsonl/parquet, or a hub dataset name
+    align: {tokens: 100_000_000, seq_len: 512, global_batch: 96, micro_batch: 4}
+    kl:    {tokens: 600_000_000, seq_len: 4096, global_batch: 32, micro_batch: 1}
+
+    >>> cfg = load_config("runs/smollm2.yaml", overrides=["kl.tokens=2e6", "seed=1"])
+
+Each stage section is a :class:`StageConfig`; unset fields take the stage's defaults (:data:`STAGE_DEFAULTS`, the
+paper's recipe). Every problem is a :class:`~ds_hybrid.errors.ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ds_hybrid.errors import ConfigError
+
+STAGES: tuple[str, ...] = ("align", "select", "kl", "finetune")
+TRAIN_STAGES: tuple[str, ...] = ("align", "kl", "finetune")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DataConfig:
+    source: str | list[str] = "embedded"  # "embedded" = the offline prose corpus; else files/folders or a hub name
+    text_field: str = "text"  # column holding the text in json/jsonl/parquet sources
+    add_eos: bool = False  # the paper concatenates documents without separators
+    val_tokens: int = 65536  # held out, by whole documents (never trained on, never used by select)
+    split_seed: int = 1234  # fixes the held-out split independently of the run seed
+    max_documents: int | None = None  # cap for quick runs
+    cache_dir: str | None = None  # tokenized+packed cache (default: $DS_HYBRID_CACHE/data)
+    num_proc: int = 1  # tokenizer processes
+
+
+@dataclass
+class StageConfig:
+    tokens: int = 0  # training budget in tokens (steps = tokens / (global_batch * seq_len), rounded down)
+    seq_len: int = 512
+    global_batch: int = 8  # sequences per optimizer step, summed over ranks and accumulation
+    micro_batch: int = 1  # sequences per rank per forward
+    lr: float = 1e-3  # attention / mixer parameters
+    lr_rest: float = 0.0  # everything else (MLPs, norms, embeddings, lm_head); 0 = frozen
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # floor of cosine / linear decay, as a fraction of lr
+    clip: float = 1.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    temperature: float = 1.0  # kl
+    ce_weight: float = 0.0  # kl: loss = kl + ce_weight * next-token CE
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the vocab-wide losses (never [tokens x vocab] at once)
+    kl_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton kernel on CUDA, torch reference on CPU
+    ds_config: str = "ds_configs/student_zero2.json"
+    teacher_ds_config: str = "ds_configs/teacher_zero3.json"
+    init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export)
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
+    eval_sequences: int = 16
+
+
+# The paper's recipe (RADLADS stage 1 / stage 2 budgets from the reference configs), scaled by the user's tokens.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "align": dict(tokens=100_000_000, seq_len=512, global_batch=96, micro_batch=4, lr=1e-3, lr_rest=0.0,
+                  schedule="cosine", clip=1.0),
+    "kl": dict(tokens=600_000_000, seq_len=4096, global_batch=32, micro_batch=1, lr=1e-4, lr_rest=7e-6,
+               schedule="constant", clip=1.0, weight_decay=0.01),
+    "finetune": dict(tokens=50_000_000, seq_len=4096, global_batch=32, micro_batch=1, lr=1e-5, lr_rest=1e-5,
+                     schedule="cosine", warmup_steps=10, clip=1.0),
+}
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "run"
+    out_dir: str = "outputs/run"
+    seed: int = 0
+    teacher: str | None = "embedded"  # local HF folder or hub id; "embedded" = SmolLM2-135M-Instruct
+    mixer: str = "gdn"
+    mixer_options: dict = field(default_factory=dict)
+    softmax_layers: Any = field(default_factory=lambda: {"uniform": 0.25})
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str | None = None  # softmax layers: None = transformers' default (sdpa)
+    dist_timeout_minutes: int = 30  # a rank stuck this long in a collective ends the job
+    peak_tflops: float | None = None  # for MFU; default by GPU name (H100/H200 bf16 dense: 989)
+    data: DataConfig = field(default_factory=DataConfig)
+    align: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["align"]))
+    kl: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["kl"]))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["finetune"]))
+    select: dict = field(default_factory=dict)  # stage select's options (ds_hybrid.stages.select)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in TRAIN_STAGES:
+            raise ConfigError("--stage", name, f"choose one of {STAGES}")
+        return getattr(self, name)
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.out_dir) / name
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+# ---- generic typed construction --------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, (get_args(tp) or (Any,))[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML gives 1e6 as a float and 2_000 as an int: accept integral floats for ints, lists for tuples."""
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and (tp is int or tp is float or int in get_args(tp) or float in get_args(tp)):
+        try:
+            num = float(value.replace("_", ""))
+            return int(num) if (tp is int or int in get_args(tp)) and num.is_integer() else num
+        except ValueError:
+            return value
+    if get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "config", data, "expected a mapping of settings")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, data[unknown[0]], f"unknown setting; known here: {', '.join(names)}")
+    obj = base if base is not None else cls()
+    for k, v in data.items():
+        where = f"{prefix}.{k}" if prefix else k
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            setattr(obj, k, _build(tp, v, where, getattr(obj, k)))
+            continue
+        v = _coerce(v, tp)
+        if not _type_ok(v, tp):
+            raise ConfigError(where, v, f"expected {getattr(tp, '__name__', str(tp)).replace('typing.', '')}")
+        setattr(obj, k, v)
+    return obj
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(dotted, value, f"{k} is not a section")
+    d[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("override", item, "write overrides as key=value, e.g. kl.tokens=2000000")
+        key, raw = item.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
+            "softmax_layers", "mixer_options") else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate_static(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(path), "no such file; give the path of a run YAML (see runs/)")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError("--config", str(path), "the YAML must be a mapping of settings")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+# ---- validation that needs no model -----------------------------------------------------------------------------
+def resolve_path(p: str) -> Path:
+    """Relative paths are tried as given (cwd), then against the repository (shipped ds_configs/)."""
+    path = Path(p).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    return REPO_ROOT / path if (REPO_ROOT / path).exists() else path
+
+
+def stage_steps(s: StageConfig) -> int:
+    return s.tokens // (s.global_batch * s.seq_len) if s.global_batch and s.seq_len else 0
+
+
+def validate_static(cfg: RunConfig) -> None:
+    from ds_hybrid.modeling.mixers import MIXERS, MixerOptions
+
+    if cfg.mixer not in MIXERS:
+        raise ConfigError("mixer", cfg.mixer, f"choose one of {MIXERS}")
+    MixerOptions.from_dict(cfg.mixer_options)
+    if cfg.data.val_tokens < 1:
+        raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
+    for name in TRAIN_STAGES:
+        s: StageConfig = getattr(cfg, name)
+        for f in ("seq_len", "global_batch", "micro_batch", "log_every", "ckpt_every", "loss_chunk_tokens"):
+            if getattr(s, f) < 1:
+                raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
+        if s.tokens < 0 or s.lr < 0 or s.lr_rest < 0 or s.clip < 0 or s.temperature <= 0:
+            bad = next(f for f in ("tokens", "lr", "lr_rest", "clip", "temperature")
+                       if (getattr(s, f) <= 0 if f == "temperature" else getattr(s, f) < 0))
+            raise ConfigError(f"{name}.{bad}", getattr(s, bad), "must not be negative (temperature > 0)")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
+
+
+def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
+    """Checks that depend on the stage and the job shape; still before any model is built."""
+    s = cfg.stage(stage)
+    if s.tokens > 0 and stage_steps(s) == 0:
+        need = s.global_batch * s.seq_len
+        raise ConfigError(f"{stage}.tokens", s.tokens,
+                          f"gives zero optimizer steps: one step takes global_batch x seq_len = {need} tokens; "
+                          f"raise tokens to at least {need} or shrink global_batch/seq_len")
+    if s.tokens == 0:
+        raise ConfigError(f"{stage}.tokens", 0, "set a token budget for this stage")
+    per_step = s.micro_batch * world_size
+    if s.global_batch % per_step:
+        raise ConfigError(f"{stage}.global_batch", s.global_batch,
+                          f"must be a multiple of micro_batch x world_size = {s.micro_batch} x {world_size} = "
+                          f"{per_step}; e.g. global_batch={max(per_step, round(s.global_batch / per_step) * per_step)}")
+    for f in ("ds_config", "teacher_ds_config"):
+        p = resolve_path(getattr(s, f))
+        if not p.is_file():
+            raise ConfigError(f"{stage}.{f}", getattr(s, f), "no such DeepSpeed JSON file (see ds_configs/)")
+        try:
+            ds = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{stage}.{f}", str(p), f"not valid JSON: {e}") from None
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ConfigError(f"{stage}.{f}", str(p),
+                                  f"remove the '{key}' section: ds-hybrid builds the optimizer (two learning rates) "
+                                  f"and the schedule from the run config's {stage} section")
+    if s.init_from is not None and not Path(s.init_from).expanduser().is_dir():
+        raise ConfigError(f"{stage}.init_from", s.init_from, "no such folder; point at a stage's hf/ export")
+    if stage == "align" and s.lr_rest != 0:
+        raise ConfigError("align.lr_rest", s.lr_rest, "stage align trains only the mixers; set lr_rest: 0")
+    if math.isnan(s.lr):
+        raise ConfigError(f"{stage}.lr", s.lr, "not a number")

@@ -1,0 +1,137 @@
+"""HF checkpoint folders, read and written a module at a time (never a whole state dict in memory).
+
+    reader = SafetensorsReader("teacher/")                  # model.safetensors or sharded + index
+    fill_module(student.model.layers[3].mlp, "model.layers.3.mlp.", reader)
+    export_hf("out/hf", config, [("model.embed_tokens.", emb), ("model.layers.0.", layer0), ...], tokenizer)
+
+Under ZeRO-3 each module is gathered for its copy (rank 0 reads and writes, the result is re-partitioned) and the
+export writes one shard per group of modules from rank 0, so peak memory is one module's full parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ds_hybrid import distributed as D
+from ds_hybrid.zero import gathered, is_partitioned
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsReader:
+    """Tensors of a HF folder by name, read lazily (memory-mapped) from whichever shard holds them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if (self.folder / INDEX).is_file():
+            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+        elif (self.folder / SINGLE).is_file():
+            with safe_open(self.folder / SINGLE, "pt") as f:
+                weight_map = {k: SINGLE for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.folder} has neither {SINGLE} nor {INDEX}")
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{name} is not in {self.folder}")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(self.folder / fname, "pt")
+        return self._handles[fname].get_tensor(name)
+
+
+@torch.no_grad()
+def fill_module(module: nn.Module, prefix: str, reader: SafetensorsReader, tied: dict[str, str] | None = None) -> None:
+    """Copy ``prefix + name`` tensors of ``reader`` into the module's parameters and persistent buffers."""
+    tied = tied or {}
+    params = dict(module.named_parameters())
+    partitioned = any(is_partitioned(p) for p in params.values())
+    with gathered(params.values(), modifier_rank=0):
+        if partitioned and not D.is_main():
+            return  # rank 0's copy is broadcast when the block ends
+        for name, p in params.items():
+            key = prefix + name
+            key = tied.get(key, key) if key not in reader else key
+            t = reader.get(key)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+
+
+@torch.no_grad()
+def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Full CPU copies of a module's parameters (gathered under ZeRO-3), on rank 0; empty dict elsewhere."""
+    params = dict(module.named_parameters())
+    with gathered(params.values()):
+        if not D.is_main():
+            return {}
+        return {prefix + k: v.detach().to("cpu", copy=True).contiguous() for k, v in params.items()}
+
+
+def export_hf(
+    out_dir: str | Path,
+    config,
+    groups: Iterable[list[tuple[str, nn.Module]]],
+    tokenizer=None,
+    skip: Iterable[str] = (),
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a sharded safetensors HF folder, one shard per group of (prefix, module), atomically (temp + rename).
+
+    Every rank must call it (gathers are collective); only rank 0 writes. ``skip`` names tensors left out (tied
+    weights, which HF re-ties from the config).
+    """
+    out = Path(out_dir)
+    skip = set(skip)
+    groups = list(groups)
+    tmp = None
+    if D.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    weight_map: dict[str, str] = {}
+    total = 0
+    n = len(groups)
+    for i, group in enumerate(groups):
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for prefix, module in group:
+            for k, v in module_tensors(module, prefix).items():
+                if k in skip:
+                    continue
+                tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        if D.is_main() and tensors:
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            # safetensors refuses tensors sharing storage; copies made above never share
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            for k, v in tensors.items():
+                weight_map[k] = fname
+                if id(v) not in seen:
+                    total += v.numel() * v.element_size()
+                    seen.add(id(v))
+        del tensors
+    if D.is_main():
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    D.barrier()
+    return out

@@ -1,0 +1,149 @@
+"""Losses of the three training stages, on the final hidden states (never [tokens x vocab] logits at once).
+
+- align (RADLADS stage 1): per layer, mean over tokens of ||t - s||_2 / sqrt(d) (the reference code's form: an RMS
+  error per token; the paper writes a squared L2 sum, which weights outlier tokens more and scales with d).
+- kl (stage 2): T^2 * KL(p_t^T || p_s^T) per token over the full vocabulary, averaged over real tokens
+  ("batchmean" over tokens, masked positions excluded), plus optionally ce_weight * next-token cross-entropy.
+  At the paper's T = 1 the T^2 factor is 1; above 1 it keeps gradient scale comparable (Hinton et al.).
+- finetune (stage 3): next-token cross-entropy.
+
+:class:`ChunkedLinearLoss` is the torch path: logits are formed chunk by chunk of tokens from the hidden states and
+the lm_head weights, in fp32, and the gradients w.r.t. the student's hidden states and lm_head are formed in the
+forward pass (so nothing of size [tokens x vocab] survives a chunk). It must run inside the student lm_head module's
+forward (see :class:`ds_hybrid.stages.common.LossHead`): under ZeRO-3 that is where the weight is gathered and where
+its gradient enters DeepSpeed's partitioned reduction, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def align_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the L2 distance over the hidden size, times d^-1/2 (fp32)."""
+    d = teacher_out.shape[-1]
+    diff = student_out.float() - teacher_out.float()
+    return diff.norm(dim=-1).mean() / d**0.5
+
+
+@dataclass
+class LossStats:
+    kl_per_token: torch.Tensor | None  # [N] fp32, 0 where masked (detached)
+    ce_per_token: torch.Tensor | None  # [N] fp32, 0 where no label
+    n_kl: int
+    n_ce: int
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    """loss = kl_weight * mean_kl + ce_weight * mean_ce, from hidden states and lm_head weights, chunked.
+
+    Inputs: h_s [N, D], w_s [V, D] (student, with grad); h_t [N, D], w_t [V, D] (teacher, no grad, or None);
+    kl_mask [N] bool; labels [N] long (-100 = none). Returns the scalar loss; per-token values go to ``stats``.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, kl_mask, labels, temperature: float, kl_weight: float, ce_weight: float,
+                chunk: int, stats: dict):
+        N = h_s.shape[0]
+        need_grad = stats.get("need_grad", True)
+        use_kl = kl_weight != 0 and h_t is not None
+        use_ce = ce_weight != 0 and labels is not None
+        n_kl = int(kl_mask.sum()) if use_kl else 0
+        ce_valid = labels != -100 if use_ce else None
+        n_ce = int(ce_valid.sum()) if use_ce else 0
+        ws = w_s.float()
+        wt = w_t.float() if use_kl else None
+        dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=torch.float32, device=h_s.device)
+        dw = torch.zeros_like(ws) if need_grad else ws.new_zeros(0)
+        kl_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_kl else None
+        ce_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_ce else None
+        T = float(temperature)
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            hs = h_s[a:b].float()
+            zs = hs @ ws.t()  # [C, V] student logits
+            g = torch.zeros_like(zs)  # d loss / d zs
+            if use_kl and n_kl:
+                m = kl_mask[a:b].float()
+                log_ps = F.log_softmax(zs / T, dim=-1)
+                log_pt = F.log_softmax((h_t[a:b].float() @ wt.t()) / T, dim=-1)
+                pt = log_pt.exp()
+                kl = (pt * (log_pt - log_ps)).sum(-1) * (T * T) * m
+                kl_tok[a:b] = kl
+                # d/dzs of T^2 KL(pt || softmax(zs/T)) = T (ps - pt)
+                g += (log_ps.exp() - pt) * (T * kl_weight / n_kl) * m[:, None]
+                del log_ps, log_pt, pt
+            if use_ce and n_ce:
+                lab = labels[a:b]
+                valid = ce_valid[a:b]
+                log_p = F.log_softmax(zs, dim=-1)
+                safe = lab.clamp(min=0)
+                ce = -log_p.gather(-1, safe[:, None]).squeeze(-1) * valid.float()
+                ce_tok[a:b] = ce
+                gce = log_p.exp()
+                gce[torch.arange(b - a, device=zs.device), safe] -= 1.0
+                g += gce * (ce_weight / n_ce) * valid.float()[:, None]
+                del log_p, gce
+            if need_grad:
+                dh[a:b] = g @ ws
+                dw += g.t() @ hs
+            del zs, g
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        if use_kl and n_kl:
+            loss = loss + kl_weight * kl_tok.sum() / n_kl
+        if use_ce and n_ce:
+            loss = loss + ce_weight * ce_tok.sum() / n_ce
+        stats["kl_per_token"] = kl_tok
+        stats["ce_per_token"] = ce_tok
+        stats["n_kl"], stats["n_ce"] = n_kl, n_ce
+        ctx.save_for_backward(dh.to(h_s.dtype), dw.to(w_s.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_out, dw * grad_out, None, None, None, None, None, None, None, None, None
+
+
+def chunked_linear_loss(
+    h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
+    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
+) -> tuple[torch.Tensor, LossStats]:
+    """Flattened [N, D] hidden states -> (scalar loss, per-token stats). See :class:`ChunkedLinearLoss`."""
+    if kl_mask is None:
+        kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
+    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)}
+    loss = ChunkedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk,
+                                   stats)
+    return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])
+
+
+def reference_kl_ce(h_s, w_s, h_t, w_t, kl_mask, labels, temperature=1.0, kl_weight=1.0, ce_weight=0.0):
+    """Materialized reference (any dtype, e.g. fp64), autograd-differentiable. For tests."""
+    zs = h_s @ w_s.t()
+    loss = zs.new_zeros(())
+    kl_tok = None
+    if kl_weight and h_t is not None:
+        zt = h_t @ w_t.t()
+        log_ps = F.log_softmax(zs / temperature, -1)
+        log_pt = F.log_softmax(zt / temperature, -1)
+        kl_tok = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature**2 * kl_mask
+        loss = loss + kl_weight * kl_tok.sum() / kl_mask.sum()
+    if ce_weight and labels is not None:
+        valid = labels != -100
+        ce = F.cross_entropy(zs[valid], labels[valid], reduction="mean")
+        loss = loss + ce_weight * ce
+    return loss, kl_tok
+
+
+def next_token_labels(input_ids: torch.Tensor, ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] -> [B, T] labels: position t predicts token t+1; the last position (and masked targets) get -100."""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    if ignore_mask is not None:
+        labels[:, :-1][~ignore_mask[:, 1:].bool()] = -100
+    return labels

@@ -1,0 +1,135 @@
+"""What a run shows and records: TensorBoard events, metrics.jsonl, a progress bar, one log line per interval.
+
+Rank 0 writes; other ranks only log errors. The run folder also gets the resolved config, package versions and the
+git commit at start (``run_info.json``), so every number can be traced to what produced it.
+
+    tensorboard --logdir <out_dir>
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from ds_hybrid import distributed as D
+
+log = logging.getLogger("ds_hybrid")
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def setup_logging() -> None:
+    level = logging.INFO if D.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{D.rank()}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "deepspeed", "fla", "triton", "datasets"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception as e:  # noqa: BLE001 - record why a package is missing
+            out[name] = f"unavailable ({type(e).__name__})"
+    import ds_hybrid
+
+    out["ds_hybrid"] = ds_hybrid.__version__
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda or "?"
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (r.stdout.strip() + ("+dirty" if dirty else "")) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, stage: str):
+        self.run_dir = run_dir
+        self.log_every = log_every
+        self.stage = stage
+        self.writer = None
+        self.bar = None
+        self.jsonl = None
+        if D.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
+                            disable=not sys.stderr.isatty() and os.environ.get("DS_HYBRID_PROGRESS") != "1")
+
+    def record_run(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
+        if not D.is_main():
+            return
+        info = {"stage": self.stage, "versions": versions(), "git_commit": git_commit(), "world_size": D.world_size(),
+                "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+        import yaml
+
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        if not D.is_main():
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        self.jsonl.flush()
+
+    def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
+        if D.is_main() and values.numel():
+            self.writer.add_histogram(name, values.detach().float().cpu(), step)
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        if not D.is_main():
+            return
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "kl", "ce", "lr")})
+            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("layer"))
+            log.info("%s step %d %s", self.stage, step, shown)
+
+    def close(self) -> None:
+        if D.is_main():
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
+            self.jsonl.close()
+
+
+def memory_stats() -> dict[str, float]:
+    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

@@ -1,0 +1,148 @@
+"""What the trainer needs from a stage, and how a stage gets its models."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ds_hybrid import distributed as D
+from ds_hybrid.config import RunConfig, StageConfig
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.hf_io import SafetensorsReader, fill_module
+from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
+from ds_hybrid.modeling.mixers import LinearMixer
+from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype
+from ds_hybrid.zero import gathered, is_partitioned
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    stage: str
+    s: StageConfig
+    tokenizer: Any
+    teacher_path: str  # local HF folder of the teacher
+    teacher_config: Any
+    softmax_layers: list[int]
+    total_steps: int
+    run_dir: Path
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return run_dtype(self.cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return D.device()
+
+    def ds_config(self, train: bool = True) -> dict:
+        field = f"{self.stage}.ds_config" if train else f"{self.stage}.teacher_ds_config"
+        return deepspeed_config(self.s.ds_config if train else self.s.teacher_ds_config, self.s, D.world_size(),
+                                self.dtype, self.teacher_config.hidden_size, field, train=train)
+
+
+class Stage:
+    """One training stage. The trainer calls setup, then train_step per optimizer step, evaluate, export."""
+
+    name = "stage"
+    engines: dict[str, Any]
+    grad_norm: float | None = None  # set by train_step where DeepSpeed does not keep it
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.engines = {}
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export(self, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def flops_per_token(self) -> float:
+        return 0.0
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+def build_teacher_engine(ctx: StageContext):
+    teacher = AutoModelForCausalLM.from_pretrained(ctx.teacher_path, dtype=ctx.dtype,
+                                                   **_attn_kw(ctx.cfg.attn_implementation))
+    teacher.to(ctx.device)
+    return frozen_engine(TeacherTrunk(teacher), ctx.ds_config(train=False))
+
+
+def _attn_kw(impl: str | None) -> dict:
+    return {"attn_implementation": impl} if impl else {}
+
+
+@torch.no_grad()
+def init_mixer_from_reader(mixer: LinearMixer, reader: SafetensorsReader, layer: int, num_kv_heads: int) -> None:
+    """RADLADS stage 0 for one mixer, reading the teacher's attention weights from its safetensors."""
+    prefix = f"model.layers.{layer}.self_attn."
+
+    def proj(name: str) -> types.SimpleNamespace:
+        bias = f"{prefix}{name}.bias"
+        return types.SimpleNamespace(weight=reader.get(f"{prefix}{name}.weight"),
+                                     bias=reader.get(bias) if bias in reader else None)
+
+    params = list(mixer.parameters())
+    with gathered(params, modifier_rank=0):
+        if any(is_partitioned(p) for p in params) and not D.is_main():
+            return
+        attn = types.SimpleNamespace(q_proj=proj("q_proj"), k_proj=proj("k_proj"), v_proj=proj("v_proj"),
+                                     o_proj=proj("o_proj"))
+        mixer.init_from_teacher(attn, num_kv_heads)
+
+
+def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridForCausalLM:
+    """A hybrid with ``ctx.softmax_layers``, filled from ``init_from`` (a previous stage's HF export); a layer that
+    is softmax here but linear there takes the teacher's attention (the selected layers "restored")."""
+    init_from = Path(init_from)
+    if not (init_from / "config.json").is_file():
+        raise ConfigError(field, str(init_from), "no HF export there: run the previous stage first, or point at "
+                                                 "a stage's hf/ folder")
+    src_cfg = AutoConfig.from_pretrained(init_from)
+    if not isinstance(src_cfg, HybridConfig):
+        raise ConfigError(field, str(init_from), f"holds a {src_cfg.model_type} model, not a ds_hybrid hybrid")
+    if src_cfg.mixer != ctx.cfg.mixer:
+        raise ConfigError("mixer", ctx.cfg.mixer, f"{init_from} was trained with mixer {src_cfg.mixer!r}; use the same")
+    if src_cfg.vocab_size != ctx.teacher_config.vocab_size or src_cfg.num_hidden_layers != ctx.teacher_config.num_hidden_layers:
+        raise ConfigError(field, str(init_from), "was made from a different teacher (vocab or layer count differ)")
+    from ds_hybrid.transfer import hybrid_config
+
+    config = hybrid_config(ctx.teacher_config, ctx.softmax_layers, src_cfg.mixer, src_cfg.mixer_options)
+    for i in config.linear_layers:
+        if i in src_cfg.softmax_layers:
+            raise ConfigError("softmax_layers", ctx.softmax_layers,
+                              f"layer {i} is softmax in {init_from} and would become linear here; a stage can only "
+                              "restore softmax layers, not remove them (start from the align export)")
+    student = HybridForCausalLM(config).to(dtype=ctx.dtype)
+    src, teacher = SafetensorsReader(init_from), SafetensorsReader(ctx.teacher_path)
+    fill_module(student.model.embed_tokens, "model.embed_tokens.", src)
+    fill_module(student.model.norm, "model.norm.", src)
+    if not config.tie_word_embeddings:
+        fill_module(student.lm_head, "lm_head.", src)
+    for i, layer in enumerate(student.model.layers):
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", src)
+        restored = i in config.softmax_layers and i not in src_cfg.softmax_layers
+        fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher if restored else src)
+    return student.to(ctx.device)
+
+
+def hybrid_export_groups(model: HybridForCausalLM) -> list[list[tuple[str, nn.Module]]]:
+    head = [("model.embed_tokens.", model.model.embed_tokens), ("model.norm.", model.model.norm)]
+    if not model.config.tie_word_embeddings:
+        head.append(("lm_head.", model.lm_head))
+    return [head] + [[(f"model.layers.{i}.", layer)] for i, layer in enumerate(model.model.layers)]

@@ -1,0 +1,185 @@
+"""Pieces every training stage shares: DeepSpeed configs, engines, parameter groups, the schedule, the teacher.
+
+DeepSpeed JSON files are plain DeepSpeed; fields set to "auto" (or missing) are filled from the run config:
+batch sizes from the stage's global/micro batch and the world size, clipping from ``clip``, bf16 from the run dtype,
+ZeRO-3 bucket sizes from the hidden size H (reduce H^2, prefetch 0.9 H^2, persistence 10 H, as HF's integration).
+A value set in the JSON that contradicts the run config is an error naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_hybrid import distributed as D
+from ds_hybrid.config import RunConfig, StageConfig, resolve_path
+from ds_hybrid.errors import ConfigError
+
+
+def run_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def _fill(ds: dict, key: str, value: Any, field: str) -> None:
+    cur = ds.get(key, "auto")
+    if cur == "auto":
+        ds[key] = value
+    elif cur != value:
+        raise ConfigError(field, cur, f"DeepSpeed's {key}={cur} contradicts the run config ({value}); set it to \"auto\"")
+
+
+def deepspeed_config(path: str, s: StageConfig, world: int, dtype: torch.dtype, hidden_size: int, field: str,
+                     train: bool = True) -> dict[str, Any]:
+    ds = json.loads(resolve_path(path).read_text())
+    gas = s.global_batch // (s.micro_batch * world)
+    _fill(ds, "train_batch_size", s.global_batch, field)
+    _fill(ds, "train_micro_batch_size_per_gpu", s.micro_batch, field)
+    _fill(ds, "gradient_accumulation_steps", gas, field)
+    if train:
+        _fill(ds, "gradient_clipping", s.clip, field)
+    else:
+        ds.pop("gradient_clipping", None)
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = dtype == torch.bfloat16
+    elif bool(bf16["enabled"]) != (dtype == torch.bfloat16):
+        raise ConfigError(field, bf16["enabled"], f"bf16.enabled contradicts the run dtype {dtype}; set it to \"auto\"")
+    z = ds.setdefault("zero_optimization", {"stage": 0})
+    auto_sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+                  "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                  "stage3_param_persistence_threshold": 10 * hidden_size}
+    for k, v in auto_sizes.items():
+        if z.get(k) == "auto":
+            z[k] = v
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def lr_lambda(s: StageConfig, total_steps: int):
+    """Multiplier of each group's base lr at a step: linear warmup, then constant / cosine / linear to min_lr_ratio."""
+
+    def fn(step: int) -> float:
+        if s.warmup_steps and step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - s.warmup_steps)
+        t = min(1.0, (step - s.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * t)) if s.schedule == "cosine" else 1 - t
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * decay
+
+    return fn
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], s: StageConfig) -> list[dict[str, Any]]:
+    """Attention/mixer parameters (any `.self_attn.`, or all for align) at ``lr``, the rest at ``lr_rest``; no
+    weight decay on vectors (norms, biases, A_log, dt_bias). Parameters with lr 0 are frozen, not grouped."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        is_attn = ".self_attn." in f".{name}" or name.startswith("mixers.")
+        lr = s.lr if is_attn else s.lr_rest
+        if lr == 0:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        decay = p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+        groups.setdefault(("attn" if is_attn else "rest", decay), []).append(p)
+    out = []
+    for (kind, decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": s.lr if kind == "attn" else s.lr_rest,
+                    "weight_decay": s.weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_nodecay'}"})
+    if not out:
+        raise ConfigError("lr", 0, "every parameter has learning rate 0: nothing would train")
+    return out
+
+
+def student_engine(module: nn.Module, ds: dict, s: StageConfig, total_steps: int):
+    import deepspeed
+
+    groups = param_groups(module.named_parameters(), s)
+    opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay)
+    sched_fn = lr_lambda(s, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=opt, config=ds,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn),
+    )
+    return engine
+
+
+def frozen_engine(module: nn.Module, ds: dict):
+    """An engine with no optimizer, for the teacher: under ZeRO-3 each rank keeps only its parameter shard."""
+    import deepspeed
+
+    for p in module.parameters():
+        p.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds)
+    engine.eval()
+    return engine
+
+
+class TeacherTrunk(nn.Module):
+    """The frozen teacher without its lm_head matmul: returns the final hidden states (and, for stage align, each
+    layer's attention input and output, captured by hooks on ``self_attn``)."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.teacher.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, capture: bool = False):
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handles = []
+        if capture:
+            def hook(module, args, kwargs, output):
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                captured.append((x.detach(), output[0].detach()))
+
+            handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+                       for layer in self.teacher.model.layers]
+        try:
+            with torch.no_grad():
+                out = self.teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.last_hidden_state, captured
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    from ds_hybrid.zero import full_shape
+
+    seen: set[int] = set()
+    n = 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += math.prod(full_shape(p))
+    return n
+
+
+def grad_norm_before_step(engine) -> float | None:
+    """The global gradient norm at an accumulation boundary, read before ``engine.step()`` clips and clears it.
+
+    ZeRO optimizers compute it themselves (``get_global_grad_norm`` after the step); without ZeRO DeepSpeed clips
+    without keeping the value, so it is computed here from the (already all-reduced) gradients.
+    """
+    if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    sq = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0

@@ -1,0 +1,163 @@
+"""Stages kl (RADLADS stage 2) and finetune (stage 3): train the whole hybrid on the vocabulary-wide losses.
+
+kl: the student starts from the align export with ``softmax_layers`` restored from the teacher; the frozen teacher
+runs in its own engine (ZeRO-3: each rank holds a shard; optional CPU offload). Loss per token:
+T^2 KL(p_t || p_s) over the full vocabulary, averaged over real tokens, + ce_weight * next-token CE. Two learning
+rates: attention/mixer parameters (``lr``) and the rest (``lr_rest``); AdamW(betas), clip, weight decay.
+
+finetune: the student starts from the kl export; next-token CE only, no teacher, optionally longer sequences.
+
+Both losses run through :class:`ds_hybrid.modeling.modeling.HybridLMHead` (``lm_head(h, loss_fn=...)``) so the
+lm_head weight is whole during the loss and its gradient reaches DeepSpeed once, under ZeRO-3 and tied embeddings.
+The loss function is the chunked torch reference (:mod:`ds_hybrid.losses`) or the fused Triton kernel, chosen by
+``kl_backend`` (auto: the kernel on CUDA when it is available).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ds_hybrid import distributed as D
+from ds_hybrid.hf_io import export_hf
+from ds_hybrid.losses import chunked_linear_loss, next_token_labels
+from ds_hybrid.modeling import HybridForCausalLM
+from ds_hybrid.stages.base import Stage, build_teacher_engine, hybrid_export_groups, load_hybrid
+from ds_hybrid.stages.common import count_params, grad_norm_before_step, student_engine
+from ds_hybrid.zero import gathered
+
+
+def loss_function(backend: str):
+    """The linear+loss implementation for ``kl_backend``: the Triton kernel or the torch reference."""
+    if backend == "triton" or (backend == "auto" and torch.cuda.is_available()):
+        try:
+            from ds_hybrid.kernels.fused_kl import fused_linear_loss
+        except ImportError:
+            if backend == "triton":
+                raise
+        else:
+            return fused_linear_loss
+    return chunked_linear_loss
+
+
+class LMStudent(nn.Module):
+    """The hybrid plus its training loss, so that one engine forward computes the loss under ZeRO hooks."""
+
+    def __init__(self, hybrid: HybridForCausalLM, temperature: float, kl_weight: float, ce_weight: float,
+                 chunk: int, loss_fn):
+        super().__init__()
+        self.hybrid = hybrid
+        self.temperature, self.kl_weight, self.ce_weight, self.chunk = temperature, kl_weight, ce_weight, chunk
+        self.loss_fn = loss_fn
+
+    def forward(self, input_ids: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
+                kl_weight: float | None = None, ce_weight: float | None = None):
+        h_s = self.hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        labels = next_token_labels(input_ids).flatten()
+        return self.hybrid.lm_head(
+            h_s.flatten(0, 1), loss_fn=self.loss_fn,
+            h_t=None if h_t is None else h_t.flatten(0, 1), w_t=w_t, labels=labels,
+            temperature=self.temperature, chunk=self.chunk,
+            kl_weight=self.kl_weight if kl_weight is None else kl_weight,
+            ce_weight=self.ce_weight if ce_weight is None else ce_weight,
+        )
+
+
+class KLStage(Stage):
+    name = "kl"
+    uses_teacher = True
+
+    def default_init(self) -> Path:
+        return self.ctx.cfg.stage_dir("align") / "hf"
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        s = ctx.s
+        init_from = s.init_from or self.default_init()
+        self.teacher = build_teacher_engine(ctx) if self.uses_teacher else None
+        hybrid = load_hybrid(ctx, init_from, f"{self.name}.init_from")
+        if s.gradient_checkpointing:
+            hybrid.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kl_w, ce_w = (1.0, s.ce_weight) if self.uses_teacher else (0.0, 1.0)
+        module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend))
+        self.engine = student_engine(module, ctx.ds_config(), s, ctx.total_steps)
+        self.engines = {"student": self.engine}
+        tc = ctx.teacher_config
+        emb = tc.vocab_size * tc.hidden_size
+        self._student_params = count_params(hybrid) - (0 if hybrid.config.tie_word_embeddings else emb)
+        self._teacher_params = count_params(self.teacher.module) - emb if self.teacher else 0
+
+    def _losses(self, ids: torch.Tensor, **kw):
+        if self.teacher is None:
+            return self.engine(ids, **kw)
+        h_t, _ = self.teacher(ids)
+        w_t = self.teacher.module.lm_head_weight
+        with gathered([w_t]):  # the teacher's lm_head, whole, for the duration of the loss (no grad)
+            return self.engine(ids, h_t=h_t, w_t=w_t, **kw)
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss, kl, ce
+        kl_tokens = []
+        for mb in micro_batches:
+            loss, stats = self._losses(mb.to(self.ctx.device))
+            self.engine.backward(loss)
+            self.grad_norm = grad_norm_before_step(self.engine)
+            self.engine.step()
+            totals[0] += loss.detach().double()
+            if stats.kl_per_token is not None and stats.n_kl:
+                totals[1] += stats.kl_per_token.sum().double() / stats.n_kl
+                kl_tokens.append(stats.kl_per_token.detach())
+            if stats.ce_per_token is not None and stats.n_ce:
+                totals[2] += stats.ce_per_token.sum().double() / stats.n_ce
+        totals = D.all_reduce_mean(totals / len(micro_batches))
+        out = {"loss": float(totals[0])}
+        if self.uses_teacher:
+            out["kl"] = float(totals[1])
+            if kl_tokens:
+                q = torch.quantile(torch.cat(kl_tokens).float(), torch.tensor([0.5, 0.9, 0.99], device=totals.device))
+                out.update(kl_p50=float(q[0]), kl_p90=float(q[1]), kl_p99=float(q[2]))
+        if self.ctx.s.ce_weight or not self.uses_teacher:
+            out["ce"] = float(totals[2])
+        lrs = self.engine.get_lr()
+        groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
+        out.update({f"lr_{n}": lr for n, lr in zip(groups, lrs)})
+        out["lr"] = lrs[0]
+        self.last_kl_tokens = torch.cat(kl_tokens) if kl_tokens else None
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        self.engine.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # kl sum, kl n, ce sum, ce n
+        for b in batches:
+            _, st = self._losses(b.to(self.ctx.device), kl_weight=1.0 if self.teacher else 0.0, ce_weight=1.0)
+            if st.kl_per_token is not None:
+                sums[0] += st.kl_per_token.sum().double()
+                sums[1] += st.n_kl
+            sums[2] += st.ce_per_token.sum().double()
+            sums[3] += st.n_ce
+        self.engine.train()
+        if D.world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        out = {"ce": float(sums[2] / sums[3]), "ppl": float(torch.exp(sums[2] / sums[3]))}
+        if self.teacher is not None:
+            out["kl"] = float(sums[0] / sums[1])
+        return out
+
+    def export(self, out_dir: Path) -> None:
+        hybrid = self.engine.module.hybrid
+        skip = ["lm_head.weight"] if hybrid.config.tie_word_embeddings else []
+        export_hf(out_dir, hybrid.config, hybrid_export_groups(hybrid), self.ctx.tokenizer, skip=skip)
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self._student_params + 2.0 * self._teacher_params
+
+
+class FinetuneStage(KLStage):
+    name = "finetune"
+    uses_teacher = False
+
+    def default_init(self) -> Path:
+        return self.ctx.cfg.stage_dir("kl") / "hf"

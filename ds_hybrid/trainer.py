@@ -1,0 +1,176 @@
+"""The training loop shared by stages align, kl and finetune.
+
+    run_stage(cfg, "kl")     # validate -> data -> models/engines -> resume -> steps -> eval -> export -> DONE
+
+Per optimizer step: the step's rows (a pure function of seed and step), split over ranks and accumulation
+micro-batches; the stage's train_step; metrics (loss, lr, grad norm, tokens/s, step time, MFU, memory) to
+TensorBoard, metrics.jsonl, the progress bar and the log. Checkpoints every ``ckpt_every`` steps and at the end.
+
+Failure behaviour:
+- a non-finite loss on any rank stops every rank before the optimizer state is saved again: the last checkpoint
+  stays the last good one (exit code 3);
+- SIGTERM or SIGUSR1 (e.g. Slurm's time-limit warning) makes every rank checkpoint at the end of the current step
+  and exit (code 128 + signal number), to be resumed by running the same command again;
+- an exception on a rank ends that process; the launcher ends the others (and a collective that waits longer than
+  ``dist_timeout_minutes`` raises), so a job never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ds_hybrid import distributed as D
+from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
+from ds_hybrid.config import RunConfig, stage_steps, validate_for_launch
+from ds_hybrid.data import PackedSequences, prepare_streams, rank_micro_batches, step_rows
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
+from ds_hybrid.stages.base import StageContext
+
+log = logging.getLogger("ds_hybrid")
+
+DONE = "DONE"
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequested(SystemExit):
+    pass
+
+
+def stage_class(name: str):
+    from ds_hybrid.stages.align import AlignStage
+    from ds_hybrid.stages.kl import FinetuneStage, KLStage
+
+    return {"align": AlignStage, "kl": KLStage, "finetune": FinetuneStage}[name]
+
+
+def make_context(cfg: RunConfig, stage: str) -> StageContext:
+    """Everything a stage needs that can be checked without building a model (cheap: config files only)."""
+    from ds_hybrid.layers import resolve_softmax_layers
+    from ds_hybrid.modeling.families import head_dim
+    from ds_hybrid.modeling.mixers import check_mixer
+    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
+
+    validate_for_launch(cfg, stage, D.world_size())
+    teacher_path = resolve_teacher(cfg.teacher) if D.is_main() else None
+    teacher_path = D.broadcast_object(teacher_path)  # rank 0 converts the embedded teacher once
+    teacher_config = load_teacher_config(teacher_path)
+    check_mixer(cfg.mixer, head_dim(teacher_config))
+    tokenizer = load_tokenizer(teacher_path)
+    check_vocab(teacher_config, tokenizer)
+    L = teacher_config.num_hidden_layers
+    layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
+    s = cfg.stage(stage)
+    return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
+                        teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
+                        run_dir=cfg.stage_dir(stage))
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
+
+
+def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
+    D.init_distributed(cfg.dist_timeout_minutes)
+    setup_logging()
+    run_dir = cfg.stage_dir(stage)
+    if (run_dir / DONE).is_file() and not force:
+        log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+        return run_dir
+    ctx = make_context(cfg, stage)
+    s = ctx.s
+    torch.manual_seed(cfg.seed)
+
+    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier)
+    train = PackedSequences(streams.train, s.seq_len)
+    val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"{stage}.seq_len", s.seq_len,
+                          f"the corpus gives {len(train)} training and {len(val)} held-out sequences at this length "
+                          f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens); shorten seq_len or "
+                          "raise data.val_tokens")
+
+    runner = stage_class(stage)(ctx)
+    runner.setup()
+    ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints)
+    client = ckpt.load(runner.engines)
+    start = int(client["step"]) if client else 0
+    if client:
+        log.info("resumed %s from step %d", stage, start)
+
+    total = ctx.total_steps
+    monitor = Monitor(run_dir, total, start, s.log_every, stage)
+    monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
+                                       "data": streams.meta, "data_cache": str(streams.path),
+                                       "train_sequences": len(train), "val_sequences": len(val)})
+    val_batches = [val[[i]] for i in range(D.rank(), len(val), D.world_size())][: max(1, len(val) // D.world_size())]
+    tokens_per_step = s.global_batch * s.seq_len
+    flops_step = runner.flops_per_token() * tokens_per_step
+    peak = peak_tflops(cfg.peak_tflops)
+    signals = _Signals()
+    seen = start * tokens_per_step
+    try:
+        for step in range(start, total):
+            rows = step_rows(step, len(train), s.global_batch, cfg.seed)
+            micro = rank_micro_batches(rows, D.rank(), D.world_size(), s.micro_batch)
+            t0 = time.perf_counter()
+            metrics = runner.train_step([train[m] for m in micro])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if D.any_rank(not math.isfinite(metrics["loss"])):
+                raise NonFiniteLoss(
+                    f"non-finite loss at {stage} step {step + 1} (loss={metrics['loss']}); stopped without saving. "
+                    f"The last good checkpoint is {ckpt.latest()}. Lower the learning rate or check the data."
+                )
+            done = step + 1
+            seen += tokens_per_step
+            gn = runner.grad_norm if runner.grad_norm is not None else runner.engine.get_global_grad_norm()
+            metrics.update(grad_norm=float(gn) if gn is not None else float("nan"), step_time_s=dt,
+                           tokens_per_s=tokens_per_step / dt, tokens=float(seen), **memory_stats())
+            if peak:
+                metrics["mfu"] = flops_step / dt / D.world_size() / (peak * 1e12)
+            monitor.scalars(done, metrics)
+            kl_tokens = getattr(runner, "last_kl_tokens", None)
+            if kl_tokens is not None and done % s.log_every == 0:
+                monitor.histogram(done, "train/kl_per_token", kl_tokens)
+            monitor.step(done, metrics)
+            stop = D.any_rank(signals.received is not None)
+            if done % s.ckpt_every == 0 or done == total or stop:
+                ckpt.save(runner.engines, done, {"step": done, "stage": stage})
+            if s.eval_every and done % s.eval_every == 0 and done != total:
+                monitor.scalars(done, runner.evaluate(val_batches), prefix="val")
+            if stop:
+                code = 128 + int(signals.received or signal.SIGTERM)
+                log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
+                raise StopRequested(code)
+        final = runner.evaluate(val_batches)
+        monitor.scalars(total, final, prefix="val")
+        log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))
+        runner.export(run_dir / "hf")
+        if D.is_main():
+            summary = {"stage": stage, "steps": total, "tokens": seen, "val": final,
+                       "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf")}
+            atomic_write_text(run_dir / DONE, json.dumps(summary, indent=1))
+        D.barrier()
+    finally:
+        monitor.close()
+    return run_dir

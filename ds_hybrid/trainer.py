@@ -88,6 +88,31 @@ class _Signals:
         log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
 
 
+def all_engines(runner) -> dict:
+    engines = dict(runner.engines)
+    if getattr(runner, "teacher", None) is not None:
+        engines["teacher"] = runner.teacher
+    return engines
+
+
+def gather_param_report(runner) -> list[dict[str, int]]:
+    """Per rank: parameters held locally vs in full, for each engine (shows ZeRO-3 partitioning at work)."""
+    from ds_hybrid.zero import full_shape
+
+    mine = {}
+    for name, engine in all_engines(runner).items():
+        local = full = 0
+        for p in {id(p): p for p in engine.module.parameters()}.values():
+            full += int(torch.Size(full_shape(p)).numel())
+            local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
+        mine[name] = {"local": local, "full": full}
+    if D.world_size() == 1:
+        return [mine]
+    out: list = [None] * D.world_size()
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
 def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
@@ -120,11 +145,16 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     monitor = Monitor(run_dir, total, start, s.log_every, stage)
     monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
                                        "data": streams.meta, "data_cache": str(streams.path),
-                                       "train_sequences": len(train), "val_sequences": len(val)})
-    val_batches = [val[[i]] for i in range(D.rank(), len(val), D.world_size())][: max(1, len(val) // D.world_size())]
+                                       "train_sequences": len(train), "val_sequences": len(val),
+                                       "params_per_rank": gather_param_report(runner)})
+    # every rank evaluates the same number of held-out rows (collectives inside evaluate must line up)
+    per_rank = max(1, len(val) // D.world_size())
+    val_batches = [val[[(D.rank() * per_rank + i) % len(val)]] for i in range(per_rank)]
     tokens_per_step = s.global_batch * s.seq_len
     flops_step = runner.flops_per_token() * tokens_per_step
     peak = peak_tflops(cfg.peak_tflops)
+    if start == 0:  # the starting point, for "did this stage help" at a glance
+        monitor.scalars(0, runner.evaluate(val_batches), prefix="val")
     signals = _Signals()
     seen = start * tokens_per_step
     try:
@@ -165,6 +195,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         final = runner.evaluate(val_batches)
         monitor.scalars(total, final, prefix="val")
         log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))
+        for engine in all_engines(runner).values():  # ZeRO-3 may hold prefetched parameters; the export gathers its own
+            engine.empty_partition_cache()
         runner.export(run_dir / "hf")
         if D.is_main():
             summary = {"stage": stage, "steps": total, "tokens": seen, "val": final,

@@ -1,0 +1,188 @@
+"""The DeepSpeed trainer on CPU: 2 gloo ranks, a tiny teacher with the real SmolLM2 tokenizer, real prose.
+
+One pipeline (align -> kl -> finetune; student ZeRO-2, teacher ZeRO-3) is run once per module and inspected by
+several tests; resume, ZeRO-3 equivalence, failures and bad configs get their own runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from trainer_utils import (REPO, env, make_corpus, make_tiny_teacher, metrics, tail, torchrun_cmd, train,
+                           write_config)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    teacher = make_tiny_teacher(root / "teacher")
+    corpus = make_corpus(root / "corpus")
+    cfg = write_config(root / "run.yaml", teacher, corpus, root / "out")
+    for stage in ("align", "kl", "finetune"):
+        p = train(stage, cfg)
+        assert p.returncode == 0, tail(p)
+    return {"root": root, "teacher": teacher, "corpus": corpus, "cfg": cfg, "out": root / "out"}
+
+
+def test_align_lowers_every_layers_loss(pipeline):
+    val = metrics(pipeline["out"] / "align", "val")
+    first, last = val[0], val[max(val)]
+    layers = [k for k in first if k.startswith("layer")]
+    assert len(layers) == 4
+    for k in layers:
+        assert last[k] < first[k], (k, first[k], last[k])
+
+
+def test_kl_lowers_kl_and_finetune_lowers_ce(pipeline):
+    kl = metrics(pipeline["out"] / "kl", "val")
+    assert kl[max(kl)]["kl"] < kl[0]["kl"]
+    ft = metrics(pipeline["out"] / "finetune", "val")
+    assert ft[max(ft)]["ce"] < ft[0]["ce"]
+
+
+def test_teacher_is_partitioned_under_zero3(pipeline):
+    info = json.loads((pipeline["out"] / "kl" / "run_info.json").read_text())
+    ranks = info["params_per_rank"]
+    assert len(ranks) == 2
+    for r in ranks:
+        t = r["teacher"]
+        assert t["local"] <= 0.51 * t["full"]  # each rank holds its half of the teacher
+        assert r["student"]["local"] == r["student"]["full"]  # ZeRO-2: parameters whole
+
+
+def test_tensorboard_events_have_the_scalars(pipeline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(pipeline["out"] / "kl" / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    for tag in ("train/loss", "train/kl", "train/lr", "train/lr_rest", "train/grad_norm", "train/tokens_per_s",
+                "train/step_time_s", "train/rss_gib", "val/kl", "val/ppl"):
+        assert tag in tags, tag
+    assert [e.step for e in ev.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in ev.Scalars("val/kl")] == [0, 8]
+    assert "train/kl_per_token" in ev.Tags()["histograms"]
+    align = EventAccumulator(str(pipeline["out"] / "align" / "tensorboard"))
+    align.Reload()
+    assert {f"train/layer{i:02d}" for i in range(4)} <= set(align.Tags()["scalars"])
+
+
+def test_run_records_config_versions_commit(pipeline):
+    d = pipeline["out"] / "kl"
+    info = json.loads((d / "run_info.json").read_text())
+    assert info["versions"]["deepspeed"] and info["versions"]["transformers"]
+    assert "git_commit" in info and info["softmax_layers"] == [1]
+    assert (d / "config.yaml").is_file() and (d / "DONE").is_file()
+
+
+def test_exports_reload_with_transformers(pipeline):
+    import ds_hybrid  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    align = AutoModelForCausalLM.from_pretrained(pipeline["out"] / "align" / "hf")
+    kl = AutoModelForCausalLM.from_pretrained(pipeline["out"] / "kl" / "hf")
+    teacher = AutoModelForCausalLM.from_pretrained(pipeline["teacher"])
+    assert align.config.softmax_layers == [] and kl.config.softmax_layers == [1]
+    # align trains only mixers: the rest is the teacher's
+    assert torch.equal(align.model.layers[2].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+    # kl restored layer 1 from the teacher, then trained it
+    assert kl.model.layers[1].self_attn.__class__.__name__ == "LlamaAttention"
+    assert kl.lm_head.weight.data_ptr() == kl.model.embed_tokens.weight.data_ptr()  # tied, as the teacher
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert kl.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_zero3_student_equals_single_process(pipeline, tmp_path):
+    """Same batches, same init: 2 ranks with ZeRO-3 student+teacher end where one process without ZeRO does."""
+    init = str(pipeline["out"] / "align" / "hf")
+    outs = {}
+    for name, nproc, ds, tds in (("z3", 2, "ds_configs/student_zero3.json", "ds_configs/teacher_zero3.json"),
+                                 ("single", 1, "ds_configs/single.json", "ds_configs/single.json")):
+        cfg = write_config(tmp_path / f"{name}.yaml", pipeline["teacher"], pipeline["corpus"], tmp_path / name,
+                           kl={"tokens": 2 * 8 * 128, "init_from": init, "ds_config": ds, "teacher_ds_config": tds})
+        p = train("kl", cfg, nproc=nproc)
+        assert p.returncode == 0, tail(p)
+        outs[name] = tmp_path / name / "kl"
+    a, b = metrics(outs["z3"]), metrics(outs["single"])
+    for step in (1, 2):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5)
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4)
+    from ds_hybrid.hf_io import SafetensorsReader
+
+    ra, rb = SafetensorsReader(outs["z3"] / "hf"), SafetensorsReader(outs["single"] / "hf")
+    assert set(ra.weight_map) == set(rb.weight_map)
+    for k in ra.weight_map:
+        assert torch.allclose(ra.get(k), rb.get(k), atol=1e-6, rtol=1e-5), k
+
+
+def test_sigkill_then_resume_gives_the_same_losses(pipeline, tmp_path):
+    cfg = write_config(tmp_path / "r.yaml", pipeline["teacher"], pipeline["corpus"], tmp_path / "out",
+                       kl={"init_from": str(pipeline["out"] / "align" / "hf"), "ckpt_every": 2})
+    cmd = torchrun_cmd(2, "--stage", "kl", "--config", str(cfg))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=REPO,
+                            start_new_session=True)
+    marker = tmp_path / "out" / "kl" / "checkpoints" / "step00000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "no checkpoint at step 4"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = tmp_path / "out" / "kl"
+    assert not (run_dir / "DONE").exists()
+    p = train("kl", cfg)
+    assert p.returncode == 0, tail(p)
+    assert "resumed kl from step" in p.stdout
+    resumed, ref = metrics(run_dir), metrics(pipeline["out"] / "kl")
+    assert sorted(resumed) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(pipeline, tmp_path):
+    cfg = write_config(tmp_path / "s.yaml", pipeline["teacher"], pipeline["corpus"], tmp_path / "out",
+                       kl={"init_from": str(pipeline["out"] / "align" / "hf"), "ckpt_every": 100,
+                           "ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json"})
+    import sys
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "ds_hybrid" / "train.py"), "--stage", "kl", "--config",
+                             str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=REPO, text=True)
+    run_dir = tmp_path / "out" / "kl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    ckpts = sorted((run_dir / "checkpoints").glob("step*/COMPLETE"))
+    assert len(ckpts) == 1 and not (run_dir / "DONE").exists()  # a checkpoint though ckpt_every=100
+    p = train("kl", cfg, nproc=1)
+    assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
+    resumed, ref = metrics(run_dir), metrics(pipeline["out"] / "kl")
+    for step in ref:  # one process here, two ranks in the reference: equal up to fp32 reduction order
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path):
+    cfg = write_config(tmp_path / "n.yaml", pipeline["teacher"], pipeline["corpus"], tmp_path / "out",
+                       kl={"init_from": str(pipeline["out"] / "align" / "hf"), "ckpt_every": 1, "lr": 1e30,
+                           "lr_rest": 1e30, "clip": 0.0})
+    p = train("kl", cfg)
+    assert p.returncode != 0
+    import re
+
+    m = re.search(r"non-finite loss at kl step (\d+)", p.stderr + p.stdout)
+    assert m, tail(p)
+    bad = int(m.group(1))
+    good = sorted(int(c.parent.name[4:]) for c in (tmp_path / "out" / "kl" / "checkpoints").glob("step*/COMPLETE"))
+    assert good and good[-1] == bad - 1  # every good step was saved (ckpt_every=1); the bad one was not

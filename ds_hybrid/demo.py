@@ -1,37 +1,56 @@
-"""The main job on the embedded default: SmolLM2-135M teacher -> 1/4 GDN hybrid -> generate.
+"""The end of the README's main job: the distilled hybrid next to its teacher.
 
-    python -m ds_hybrid.demo [--out outputs/demo]
+    launchers/run_local.sh runs/smollm2_quickstart.yaml align,kl      # what `make demo` runs first
+    python -m ds_hybrid.demo --run outputs/smollm2_quickstart          # then this
+
+Prints each stage's held-out result (align loss, KL to the teacher, perplexity) and greedy generations of the
+teacher and the hybrid for a few prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_hybrid.layers import k_for_ratio, uniform_layers
-from ds_hybrid.teacher import load_teacher
-from ds_hybrid.transfer import build_hybrid
+import ds_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
 
-PROMPT = "The capital of France is"
+PROMPTS = ("The capital of France is", "A Python list is", "To open a file for reading, use")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="outputs/demo")
+    ap.add_argument("--run", default="outputs/smollm2_quickstart", help="the run's out_dir")
+    ap.add_argument("--stage", default="kl", help="whose export to load (align, kl, finetune)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     args = ap.parse_args()
-    teacher, tok = load_teacher(None)
-    L = teacher.config.num_hidden_layers
-    layers = uniform_layers(L, k_for_ratio(0.25, L))
-    hybrid = build_hybrid(teacher, layers, "gdn").eval()
-    ids = tok(PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        for name, m in (("teacher", teacher), ("hybrid (stage 0 only)", hybrid)):
-            out = m.generate(**ids, max_new_tokens=12, do_sample=False)
-            print(f"{name:>24}: {tok.decode(out[0], skip_special_tokens=True)!r}")
-    hybrid.save_pretrained(f"{args.out}/hybrid")
-    tok.save_pretrained(f"{args.out}/hybrid")
-    print(f"softmax layers {layers} of {L}; saved to {args.out}/hybrid")
+    run = Path(args.run)
+    for stage in ("align", "kl", "finetune"):
+        done = run / stage / "DONE"
+        if done.is_file():
+            info = json.loads(done.read_text())
+            val = {k: round(v, 4) for k, v in info["val"].items() if not k.startswith("layer")}
+            print(f"{stage:>9}: {info['steps']} steps, {int(info['tokens'])} tokens, held-out {val}")
+    hybrid_dir = run / args.stage / "hf"
+    hybrid = AutoModelForCausalLM.from_pretrained(hybrid_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hybrid_dir)
+    from ds_hybrid.teacher import load_teacher
+
+    import yaml
+
+    teacher, _ = load_teacher(yaml.safe_load((run / args.stage / "config.yaml").read_text())["teacher"])
+    print(f"hybrid: {hybrid.config.mixer} mixers, softmax layers {hybrid.config.softmax_layers} "
+          f"of {hybrid.config.num_hidden_layers}")
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")
+        for name, model in (("teacher", teacher), ("hybrid", hybrid)):
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+            text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+            print(f"  {name:>7} | {prompt}{text!r}")
 
 
 if __name__ == "__main__":

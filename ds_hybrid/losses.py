@@ -54,22 +54,23 @@ class ChunkedLinearLoss(torch.autograd.Function):
         n_kl = int(kl_mask.sum()) if use_kl else 0
         ce_valid = labels != -100 if use_ce else None
         n_ce = int(ce_valid.sum()) if use_ce else 0
-        ws = w_s.float()
-        wt = w_t.float() if use_kl else None
-        dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=torch.float32, device=h_s.device)
+        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32  # fp64 in, fp64 reference
+        ws = w_s.to(acc)
+        wt = w_t.to(acc) if use_kl else None
+        dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=acc, device=h_s.device)
         dw = torch.zeros_like(ws) if need_grad else ws.new_zeros(0)
-        kl_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_kl else None
-        ce_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_ce else None
+        kl_tok = torch.zeros(N, dtype=acc, device=h_s.device) if use_kl else None
+        ce_tok = torch.zeros(N, dtype=acc, device=h_s.device) if use_ce else None
         T = float(temperature)
         for a in range(0, N, chunk):
             b = min(N, a + chunk)
-            hs = h_s[a:b].float()
+            hs = h_s[a:b].to(acc)
             zs = hs @ ws.t()  # [C, V] student logits
             g = torch.zeros_like(zs)  # d loss / d zs
             if use_kl and n_kl:
-                m = kl_mask[a:b].float()
+                m = kl_mask[a:b].to(acc)
                 log_ps = F.log_softmax(zs / T, dim=-1)
-                log_pt = F.log_softmax((h_t[a:b].float() @ wt.t()) / T, dim=-1)
+                log_pt = F.log_softmax((h_t[a:b].to(acc) @ wt.t()) / T, dim=-1)
                 pt = log_pt.exp()
                 kl = (pt * (log_pt - log_ps)).sum(-1) * (T * T) * m
                 kl_tok[a:b] = kl
@@ -81,17 +82,17 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 valid = ce_valid[a:b]
                 log_p = F.log_softmax(zs, dim=-1)
                 safe = lab.clamp(min=0)
-                ce = -log_p.gather(-1, safe[:, None]).squeeze(-1) * valid.float()
+                ce = -log_p.gather(-1, safe[:, None]).squeeze(-1) * valid.to(acc)
                 ce_tok[a:b] = ce
                 gce = log_p.exp()
                 gce[torch.arange(b - a, device=zs.device), safe] -= 1.0
-                g += gce * (ce_weight / n_ce) * valid.float()[:, None]
+                g += gce * (ce_weight / n_ce) * valid.to(acc)[:, None]
                 del log_p, gce
             if need_grad:
                 dh[a:b] = g @ ws
                 dw += g.t() @ hs
             del zs, g
-        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        loss = torch.zeros((), dtype=acc, device=h_s.device)
         if use_kl and n_kl:
             loss = loss + kl_weight * kl_tok.sum() / n_kl
         if use_ce and n_ce:
@@ -105,7 +106,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dh, dw = ctx.saved_tensors
-        return dh * grad_out, dw * grad_out, None, None, None, None, None, None, None, None, None
+        return dh.mul_(grad_out.to(dh.dtype)), dw.mul_(grad_out.to(dw.dtype)), *(None,) * 9
 
 
 def chunked_linear_loss(

@@ -33,7 +33,14 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf() -> Path:
-    """Where the wheel put the GGUF file. The package is located without importing it (its __init__ needs `llm`)."""
+    """Where the wheel put the GGUF file. The package is located without importing it (its __init__ needs `llm`).
+
+    ``DS_HYBRID_SMOLLM2_GGUF=<file>`` points at the GGUF file directly (machines without the wheel)."""
+    if os.environ.get("DS_HYBRID_SMOLLM2_GGUF"):
+        path = Path(os.environ["DS_HYBRID_SMOLLM2_GGUF"])
+        if not path.is_file():
+            raise ConfigError("DS_HYBRID_SMOLLM2_GGUF", str(path), "no such file")
+        return path
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(

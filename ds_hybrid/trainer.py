@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -72,6 +73,10 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     L = teacher_config.num_hidden_layers
     layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
     s = cfg.stage(stage)
+    if stage == "kl":
+        from ds_hybrid.selection import check_selection_origin
+
+        check_selection_origin(cfg.softmax_layers, teacher_path, s.init_from or cfg.stage_dir("align") / "hf")
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
@@ -197,11 +202,14 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))
         for engine in all_engines(runner).values():  # ZeRO-3 may hold prefetched parameters; the export gathers its own
             engine.empty_partition_cache()
-        runner.export(run_dir / "hf")
+        if s.export:
+            runner.export(run_dir / "hf")
         if D.is_main():
             summary = {"stage": stage, "steps": total, "tokens": seen, "val": final,
-                       "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf")}
+                       "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf") if s.export else None}
             atomic_write_text(run_dir / DONE, json.dumps(summary, indent=1))
+            if s.keep_checkpoints == 0:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         D.barrier()
     finally:
         monitor.close()

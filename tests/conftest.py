@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Our Triton kernels run in Triton's interpreter on CPU; this must be set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

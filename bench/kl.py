@@ -1,0 +1,174 @@
+"""Benchmark of the vocabulary-wide KL loss (forward + backward), every implementation in ONE run on one card.
+
+    python bench/kl.py [--shapes all|small] [--out results.json]
+
+For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
+- naive: torch with materialized fp32 logits (log_softmax + kl_div, batchmean), autograd
+- fla: flash-linear-attention's FusedKLDivLoss
+- chunked: ds-hybrid's torch reference (chunks of 1024 tokens, fp32, gradients formed in the forward)
+- ours: ds-hybrid's fused kernel (cuBLAS bf16->fp32 GEMMs + Triton row kernel)
+Prints the median of 10 timed iterations after 3 warm-ups (CUDA events), effective TFLOP/s (8 N H V / time), extra
+peak memory over the inputs, and the errors against an fp64 reference (chunked, fp64 on the GPU) of the loss
+(relative), dx and dW (relative L2 norm). Also prints the card, versions and the bf16 matmul ceiling measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "qwen2.5-3b": (8192, 2048, 151936),
+    "llama3-70b": (4096, 8192, 128256),
+    "smollm2-135m": (16384, 576, 49152),
+}
+
+
+def naive(hs, ws, ht, wt):
+    zs = (hs @ ws.t()).float()
+    zt = (ht @ wt.t()).float()
+    return F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="batchmean")
+
+
+def make_impls():
+    from ds_hybrid.kernels.fused_kl import fused_linear_loss
+    from ds_hybrid.losses import chunked_linear_loss
+
+    impls = {"naive": naive}
+    try:
+        from fla.modules import FusedKLDivLoss
+
+        fla_loss = FusedKLDivLoss(reduction="batchmean")
+        impls["fla"] = lambda hs, ws, ht, wt: fla_loss(hs, ht, ws, wt)
+    except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+        print(f"fla FusedKLDivLoss unavailable: {e}")
+    impls["chunked"] = lambda hs, ws, ht, wt: chunked_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
+    impls["ours"] = lambda hs, ws, ht, wt: fused_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
+    return impls
+
+
+def matmul_ceiling(n=8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        t.append(s.elapsed_time(e))
+    return 2 * n**3 / (statistics.median(t) / 1e3) / 1e12
+
+
+def reference(hs, ws, ht, wt):
+    """fp64 chunked reference on the GPU: loss, dx, dW (kept on the CPU)."""
+    from ds_hybrid.losses import chunked_linear_loss
+
+    h = hs.double().requires_grad_()
+    w = ws.double().requires_grad_()
+    loss, _ = chunked_linear_loss(h, w, ht.double(), wt.double(), chunk=256)
+    loss.backward()
+    out = float(loss), h.grad.cpu(), w.grad.float().cpu()
+    del h, w
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_one(name, fn, hs, ws, ht, wt, ref, iters=10, warmup=3):
+    def step():
+        hs.grad = None
+        ws.grad = None
+        loss = fn(hs, ws, ht, wt)
+        loss.backward()
+        return loss
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        loss = step()
+    except torch.OutOfMemoryError as e:
+        return {"impl": name, "error": f"OOM: {e}"[:200]}
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ref_loss, ref_dx, ref_dw = ref
+    err = {
+        "loss_rel_err": abs(float(loss) - ref_loss) / abs(ref_loss),
+        "dx_rel_err": float((hs.grad.double().cpu() - ref_dx).norm() / ref_dx.norm()),
+        "dw_rel_err": float((ws.grad.float().cpu() - ref_dw).norm() / ref_dw.norm()),
+    }
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return {"impl": name, "median_ms": statistics.median(times), "extra_peak_gib": peak / 2**30, **err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import triton
+
+    import fla
+
+    info = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "fla": getattr(fla, "__version__", "?"), "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
+            "bf16_matmul_tflops": matmul_ceiling()}
+    print(json.dumps(info))
+    names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    impls = make_impls()
+    rows = []
+    for shape in names:
+        N, H, V = SHAPES[shape]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        hs = torch.randn(N, H, device="cuda", generator=g).bfloat16().requires_grad_()
+        ws = (torch.randn(V, H, device="cuda", generator=g) * H**-0.5).bfloat16().requires_grad_()
+        ht = torch.randn(N, H, device="cuda", generator=g).bfloat16()
+        wt = (torch.randn(V, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+        ref = reference(hs, ws, ht, wt)
+        flops = 8 * N * H * V
+        for name, fn in impls.items():
+            r = bench_one(name, fn, hs, ws, ht, wt, ref)
+            r.update(shape=shape, N=N, H=H, V=V)
+            if "median_ms" in r:
+                r["tflops"] = flops / (r["median_ms"] / 1e3) / 1e12
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+        print(f"floor at the measured ceiling: {flops / (info['bf16_matmul_tflops'] * 1e12) * 1e3:.1f} ms")
+        del hs, ws, ht, wt, ref
+        torch.cuda.empty_cache()
+    print("\n| shape | impl | ms | TFLOP/s | extra GiB | loss err | dx err | dW err |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "median_ms" in r:
+            print(f"| {r['shape']} | {r['impl']} | {r['median_ms']:.1f} | {r['tflops']:.0f} | {r['extra_peak_gib']:.2f} | "
+                  f"{r['loss_rel_err']:.1e} | {r['dx_rel_err']:.1e} | {r['dw_rel_err']:.1e} |")
+        else:
+            print(f"| {r['shape']} | {r['impl']} | {r['error']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

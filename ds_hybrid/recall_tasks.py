@@ -1,0 +1,68 @@
+"""Synthetic associative-recall prompts for the `ar` and `ar_multihop` selectors (teacher ablation).
+
+As the paper describes: a list of key-value pairs (50 by default), then a query asking the sum of 3 values.
+Multi-hop: some keys are aliases of other keys (``zuta = bemo`` means zuta has bemo's value), in chains of up to 2
+hops, so answering needs the model to follow references through the context.
+
+    >>> p = make_prompt(random.Random(0), pairs=50, multihop=False)
+    >>> p.text.endswith("Answer:"), p.answer      # (True, ' 143')
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+CONSONANTS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+
+
+@dataclass
+class RecallPrompt:
+    text: str  # ends with "Answer:"
+    answer: str  # " <sum>" (leading space: how the tokenizer sees the continuation)
+    query: tuple[str, ...]
+    values: dict[str, int]  # resolved value of every key
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2))
+
+
+def make_prompt(rng: random.Random, pairs: int = 50, multihop: bool = False, n_query: int = 3) -> RecallPrompt:
+    keys: list[str] = []
+    while len(keys) < pairs:
+        w = _word(rng)
+        if w not in keys:
+            keys.append(w)
+    lines: list[str] = []
+    values: dict[str, int] = {}
+    refs: dict[str, str] = {}
+    depth: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        # in multi-hop prompts about a third of the keys alias an earlier key, at most 2 hops from a number
+        earlier = [e for e in keys[:i] if depth[e] < 2]
+        if multihop and earlier and rng.random() < 0.35:
+            target = rng.choice(earlier)
+            refs[k] = target
+            depth[k] = depth[target] + 1
+            values[k] = values[target]
+            lines.append(f"{k} = {target}")
+        else:
+            values[k] = rng.randint(10, 99)
+            depth[k] = 0
+            lines.append(f"{k} = {values[k]}")
+    pool = [k for k in keys if depth[k] > 0] if multihop else keys
+    if multihop and len(pool) < n_query:
+        pool = keys
+    query = tuple(rng.sample(pool, n_query))
+    total = sum(values[k] for k in query)
+    header = ("Memorize these variables. A variable set to another variable has that variable's value.\n"
+              if multihop else "Memorize these variables.\n")
+    text = header + "\n".join(lines) + f"\nQuestion: what is {' + '.join(query)}?\nAnswer:"
+    return RecallPrompt(text=text, answer=f" {total}", query=query, values=values)
+
+
+def make_prompts(n: int, seed: int = 0, pairs: int = 50, multihop: bool = False) -> list[RecallPrompt]:
+    rng = random.Random(seed)
+    return [make_prompt(rng, pairs, multihop) for _ in range(n)]

@@ -1,0 +1,221 @@
+"""Fused linear + KL (and CE) loss: the vocabulary-wide loss of stage kl without [tokens x vocab] for all tokens.
+
+    loss, stats = fused_linear_loss(h_s, w_s, h_t, w_t, labels=labels, temperature=1.0, kl_weight=1.0,
+                                    ce_weight=0.0, chunk=1024)
+
+Same interface and math as the torch reference :func:`ds_hybrid.losses.chunked_linear_loss`:
+T^2 KL(softmax(z_t/T) || softmax(z_s/T)) averaged over unmasked tokens, plus ce_weight x next-token CE, with
+z = h @ W^T; gradients for h_s and w_s are formed in the forward pass (chunk by chunk), so the autograd graph keeps
+only dh [N, H] and dW [V, H].
+
+Per chunk of C tokens:
+1. logits z_s, z_t = h @ W^T by cuBLAS with bf16 inputs and fp32 outputs (``torch.mm(..., out_dtype=float32)``);
+2. one Triton program per token row streams its logits in vocab tiles of BLOCK_V: pass 1 keeps online (max, sum)
+   for z_s/T, z_t/T (and z_s at T=1 for CE) plus the running sum of p_t (z_t - z_s)/T, which give both
+   log-normalisers and the token's KL in fp32; pass 2 writes dL/dz = T (p_s - p_t) w_kl + (softmax(z_s) - onehot) w_ce;
+3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (dW accumulated in W's dtype by addmm, fp32 inside each GEMM).
+
+Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel. Extra memory:
+2 x C x V fp32 logits + C x V dz + dW. The row kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET=1):
+one BLOCK_V, no autotuning, plain ``range`` loops, so tests check it against an fp64 reference on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ds_hybrid.losses import LossStats
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _row_loss_kernel(
+    zs_ptr, zt_ptr, dz_ptr, kl_ptr, ce_ptr, klw_ptr, labels_ptr,
+    V, stride_z, stride_dz, inv_t, t_sq, grad_kl_scale, ce_scale,
+    HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    zs_row = zs_ptr + row * stride_z
+    zt_row = zt_ptr + row * stride_z
+    dz_row = dz_ptr + row * stride_dz
+    offs = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    # pass 1: online log-sum-exp of z_s/T, z_t/T (KL) and z_s (CE); running sum of exp(z_t/T - m_t) (z_t - z_s)/T
+    m_s = tl.full((), neg_inf, tl.float32)
+    s_s = tl.zeros((), tl.float32)
+    m_t = tl.full((), neg_inf, tl.float32)
+    s_t = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)
+    m_c = tl.full((), neg_inf, tl.float32)
+    s_c = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        valid = cols < V
+        zs = tl.load(zs_row + cols, mask=valid, other=neg_inf).to(tl.float32)
+        if HAS_KL:
+            zt = tl.load(zt_row + cols, mask=valid, other=neg_inf).to(tl.float32)
+            a = zs * inv_t
+            b = zt * inv_t
+            new_m_s = tl.maximum(m_s, tl.max(a, 0))
+            s_s = s_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(a - new_m_s), 0)
+            m_s = new_m_s
+            new_m_t = tl.maximum(m_t, tl.max(b, 0))
+            scale = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(b - new_m_t)
+            diff = tl.where(valid, b - a, 0.0)
+            s_t = s_t * scale + tl.sum(e_t, 0)
+            acc = acc * scale + tl.sum(e_t * diff, 0)
+            m_t = new_m_t
+        if HAS_CE:
+            new_m_c = tl.maximum(m_c, tl.max(zs, 0))
+            s_c = s_c * tl.exp(m_c - new_m_c) + tl.sum(tl.exp(zs - new_m_c), 0)
+            m_c = new_m_c
+    kl_coef = 0.0
+    lse_s = 0.0
+    lse_t = 0.0
+    if HAS_KL:
+        lse_s = m_s + tl.log(s_s)
+        lse_t = m_t + tl.log(s_t)
+        w = tl.load(klw_ptr + row)
+        kl = (acc / s_t - lse_t + lse_s) * t_sq * w
+        tl.store(kl_ptr + row, kl)
+        kl_coef = grad_kl_scale * w
+    lse_c = 0.0
+    label = -100
+    ce_coef = 0.0
+    if HAS_CE:
+        lse_c = m_c + tl.log(s_c)
+        label = tl.load(labels_ptr + row)
+        has_label = label != -100
+        safe = tl.where(has_label, label, 0)
+        z_label = tl.load(zs_row + safe).to(tl.float32)
+        ce = tl.where(has_label, lse_c - z_label, 0.0)
+        tl.store(ce_ptr + row, ce)
+        ce_coef = tl.where(has_label, ce_scale, 0.0)
+    # pass 2: dL/dz_s
+    if not WRITE_GRAD:
+        return
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        valid = cols < V
+        zs = tl.load(zs_row + cols, mask=valid, other=0.0).to(tl.float32)
+        g = tl.zeros((BLOCK_V,), tl.float32)
+        if HAS_KL:
+            zt = tl.load(zt_row + cols, mask=valid, other=0.0).to(tl.float32)
+            p_s = tl.exp(zs * inv_t - lse_s)
+            p_t = tl.exp(zt * inv_t - lse_t)
+            g += (p_s - p_t) * kl_coef
+        if HAS_CE:
+            p = tl.exp(zs - lse_c)
+            g += tl.where(cols == label, p - 1.0, p) * ce_coef
+        tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=valid)
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    if INTERPRET:
+        return 128, 1
+    return 2048, 8
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output and fp32 accumulation; bf16 inputs stay bf16 on CUDA (tensor cores)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def run_row_kernel(zs, zt, kl_w, labels, temperature: float, grad_kl_scale: float, ce_scale: float,
+                   dz_dtype: torch.dtype, need_grad: bool = True):
+    """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). Returns (dz, kl [C], ce [C])."""
+    C, V = zs.shape
+    has_kl, has_ce = zt is not None, labels is not None
+    dz = torch.empty((C, V) if need_grad else (1, 1), dtype=dz_dtype, device=zs.device)
+    kl = torch.zeros(C, dtype=torch.float32, device=zs.device)
+    ce = torch.zeros(C, dtype=torch.float32, device=zs.device)
+    block, warps = _block_v(V)
+    _row_loss_kernel[(C,)](
+        zs, zt if has_kl else zs, dz, kl, ce,
+        kl_w if has_kl else kl, labels if has_ce else kl,
+        V, zs.stride(0), dz.stride(0), 1.0 / temperature, temperature * temperature,
+        grad_kl_scale, ce_scale,
+        HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, num_warps=warps,
+    )
+    return dz, kl, ce
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats):
+        N = h_s.shape[0]
+        need_grad = stats.get("need_grad", True)
+        use_kl = kl_weight != 0 and h_t is not None
+        use_ce = ce_weight != 0 and labels is not None
+        kl_w = kl_mask.to(torch.float32) if use_kl else None
+        n_kl = int(kl_mask.sum()) if use_kl else 0
+        n_ce = int((labels != -100).sum()) if use_ce else 0
+        grad_kl_scale = temperature * kl_weight / max(n_kl, 1)
+        ce_scale = ce_weight / max(n_ce, 1)
+        dz_dtype = h_s.dtype
+        dh = torch.empty_like(h_s) if need_grad else None
+        dw = torch.zeros_like(w_s) if need_grad else None
+        kl_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_kl else None
+        ce_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_ce else None
+        w_s_t = w_s.t()
+        w_t_t = w_t.t() if use_kl else None
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            hs = h_s[a:b]
+            zs = _mm32(hs, w_s_t)
+            zt = _mm32(h_t[a:b].to(w_t.dtype), w_t_t) if use_kl else None
+            dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
+                                        labels[a:b].contiguous() if use_ce else None, temperature,
+                                        grad_kl_scale, ce_scale, dz_dtype, need_grad)
+            del zs, zt
+            if use_kl:
+                kl_tok[a:b] = kl
+            if use_ce:
+                ce_tok[a:b] = ce
+            if need_grad:
+                dh[a:b] = dz @ w_s
+                dw.addmm_(dz.t(), hs)
+            del dz
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        if use_kl and n_kl:
+            loss = loss + kl_weight * kl_tok.sum() / n_kl
+        if use_ce and n_ce:
+            loss = loss + ce_weight * ce_tok.sum() / n_ce
+        stats.update(kl_per_token=kl_tok, ce_per_token=ce_tok, n_kl=n_kl, n_ce=n_ce)
+        if need_grad:
+            ctx.save_for_backward(dh, dw)
+        ctx.need_grad = need_grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.need_grad:
+            return (None,) * 11
+        dh, dw = ctx.saved_tensors
+        # in place: the saved gradients are used once, and a copy of dW ([V, H]) would cost as much as dW itself
+        return dh.mul_(grad_out.to(dh.dtype)), dw.mul_(grad_out.to(dw.dtype)), *(None,) * 9
+
+
+def fused_linear_loss(
+    h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
+    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
+) -> tuple[torch.Tensor, LossStats]:
+    """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring."""
+    if kl_mask is None:
+        kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
+    if w_s.dtype != h_s.dtype:
+        raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
+    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)}
+    loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)
+    return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

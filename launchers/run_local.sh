@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run stages of a conversion on this machine: every GPU it has (one rank each), or one CPU process.
+#
+#   launchers/run_local.sh runs/smollm2_quickstart.yaml                 # align, kl
+#   launchers/run_local.sh runs/x.yaml align,select,kl,finetune kl.tokens=2e8
+#   NPROC=2 DS_ACCELERATOR=cpu launchers/run_local.sh runs/x.yaml      # 2 CPU ranks (gloo)
+#
+# A stage that finished (its DONE marker) is skipped; an interrupted one resumes from its last checkpoint, so the
+# same command continues a run after any failure. Logs: <out_dir>/<stage>/launch.log.
+set -euo pipefail
+CONFIG=${1:?usage: run_local.sh CONFIG [STAGES] [key=value ...]}
+STAGES=${2:-align,kl}
+shift $(( $# >= 2 ? 2 : 1 ))
+PYTHON=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+export TOKENIZERS_PARALLELISM=false
+OUT_DIR=$("$PYTHON" -c "import sys; from ds_hybrid.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).out_dir)" "$CONFIG" "$@")
+for stage in ${STAGES//,/ }; do
+  mkdir -p "$OUT_DIR/$stage"
+  echo "== stage $stage ($NPROC rank(s)) -> $OUT_DIR/$stage"
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+    "$ROOT/ds_hybrid/train.py" --stage "$stage" --config "$CONFIG" "$@" 2>&1 | tee -a "$OUT_DIR/$stage/launch.log"
+done

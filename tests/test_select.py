@@ -1,0 +1,182 @@
+"""Stage select on CPU: a planted align checkpoint whose layer 2 mixer is broken must be found by GA-S2, kept by
+successive halving and the zero-training proxy; resumable probes; baselines; selection.json consumed by stage kl."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from trainer_utils import REPO, env, make_corpus, make_tiny_teacher, tail, train, write_config
+
+from ds_hybrid.config import load_config
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.recall_tasks import make_prompts
+from ds_hybrid.selection import kendall_tau, read_selection, topk_overlap
+
+pytestmark = pytest.mark.slow
+PLANTED = 2
+SELECT = dict(ratios=[0.25, 0.5], ks=[1],
+              probe={"tokens": 3 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4,
+                     "ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json"},
+              eval_sequences=8)
+
+
+def plant_broken_mixer(align_hf, layer: int) -> None:
+    """Replace one mixer's output projection by large noise: that layer's linear attention is badly wrong."""
+    index = json.loads((align_hf / "model.safetensors.index.json").read_text())["weight_map"]
+    key = f"model.layers.{layer}.self_attn.o_proj.weight"
+    f = align_hf / index[key]
+    tensors = load_file(f)
+    g = torch.Generator().manual_seed(0)
+    tensors[key] = torch.randn(tensors[key].shape, generator=g) * 0.5
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sel")
+    teacher = make_tiny_teacher(root / "teacher")
+    corpus = make_corpus(root / "corpus")
+    cfg = write_config(root / "run.yaml", teacher, corpus, root / "out", select=SELECT,
+                       align={"seq_len": 64, "tokens": 8 * 8 * 64})
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    plant_broken_mixer(root / "out" / "align" / "hf", PLANTED)
+    return {"root": root, "cfg": cfg, "out": root / "out", "teacher": teacher, "corpus": corpus}
+
+
+def select(cfg, method, *overrides, nproc=1):
+    p = train("select", cfg, f"select.method={method}", *overrides, nproc=nproc)
+    assert p.returncode == 0, tail(p)
+    return read_selection(cfg.parent / "out" / "select" / method / "selection.json")
+
+
+def test_ga_s2_ranks_the_planted_layer_first(planted):
+    sel = select(planted["cfg"], "ga_s2", nproc=2)
+    assert sel["ranking"][0] == PLANTED
+    scores = {int(k): v for k, v in sel["scores"].items()}
+    # ranking = ascending order of the measured probe scores
+    assert sel["ranking"] == sorted(scores, key=lambda l: (scores[l], l))
+    assert sel["baseline"] > scores[PLANTED]  # restoring it is a reduction against the all-linear probe
+    # K from a ratio: round-half-up of ratio x L (L = 4)
+    assert sel["chosen"]["ratio=0.25"] == [PLANTED] and len(sel["chosen"]["ratio=0.5"]) == 2
+    assert sel["tokens_spent"] == 5 * 3 * 8 * 64  # L + 1 probes
+    assert sel["teacher"]["fingerprint"] and sel["align"]["fingerprint"]
+    out = planted["out"] / "select" / "ga_s2"
+    assert (out / "selection.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.*"))
+
+
+def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted):
+    ref = str(planted["out"] / "select" / "ga_s2" / "selection.json")
+    if not os.path.exists(ref):
+        pytest.skip("needs the GA-S2 selection of the previous test")
+    h = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
+               "select.halving_first_tokens=512")
+    assert PLANTED in h["ranking"][:1]
+    assert h["tokens_spent"] < read_selection(ref)["tokens_spent"]
+    assert set(h["agreement"]) >= {"kendall_tau", "topk_overlap"}
+    p = select(planted["cfg"], "proxy", f"select.reference={ref}")
+    assert p["ranking"][0] == PLANTED and p["tokens_spent"] == 0
+    assert -1 <= p["agreement"]["kendall_tau"] <= 1
+
+
+def test_killed_selection_reruns_only_missing_probes(planted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"] / "align", out / "align")
+    cfg = write_config(tmp_path / "k.yaml", planted["teacher"], planted["corpus"], out, select=SELECT)
+    cmd = ["python", str(REPO / "ds_hybrid" / "train.py"), "--stage", "select", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=REPO,
+                            start_new_session=True)
+    probes = out / "select" / "ga_s2" / "probes"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(probes.glob("*/kl/DONE"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")}
+    assert 2 <= len(finished) < 5
+    p = train("select", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    assert len(re.findall(r"probe \S+ already done", p.stdout)) == len(finished)
+    for f, mtime in finished.items():
+        assert f.stat().st_mtime_ns == mtime  # untouched
+    assert (out / "select" / "ga_s2" / "selection.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["uniform", "smart", "mse", "ppl", "ar", "ar_multihop"])
+def test_baselines_give_k_distinct_valid_layers(planted, method):
+    sel = select(planted["cfg"], method, "select.ar_prompts=4", "select.ar_pairs=10")
+    assert sorted(sel["ranking"]) == [0, 1, 2, 3]
+    for name, layers in sel["chosen"].items():
+        k = int(name[2:]) if name.startswith("k=") else {"ratio=0.25": 1, "ratio=0.5": 2}[name]
+        assert len(layers) == len(set(layers)) == k and all(0 <= l < 4 for l in layers)
+    if method == "uniform":
+        assert sel["chosen"]["ratio=0.5"] == [0, 2]
+    if method == "smart":
+        assert 3 in sel["chosen"]["ratio=0.5"]  # anchored at the last layer
+    if method == "mse":  # the planted layer has the largest align error
+        assert sel["ranking"][0] == PLANTED
+    if method == "ppl":  # replacing the teacher's layer 2 by the broken mixer hurts perplexity most
+        assert sel["ranking"][0] == PLANTED
+
+
+def solve(text: str) -> int:
+    """An independent reader of a recall prompt: resolve aliases, sum the queried values."""
+    defs = dict(re.findall(r"^(\w+) = (\w+)$", text, flags=re.M))
+    query = re.search(r"what is (.+)\?", text).group(1).split(" + ")
+
+    def value(k, hops=0):
+        v = defs[k]
+        assert hops <= 2
+        return int(v) if v.isdigit() else value(v, hops + 1)
+
+    return sum(value(k) for k in query)
+
+
+@pytest.mark.parametrize("multihop", [False, True])
+def test_recall_prompts_are_answerable(multihop):
+    prompts = make_prompts(20, seed=1, pairs=50, multihop=multihop)
+    for p in prompts:
+        assert p.text.endswith("Answer:") and len(re.findall(r"^\w+ = \w+$", p.text, flags=re.M)) == 50
+        assert solve(p.text) == int(p.answer)
+    if multihop:  # the queries really go through aliases
+        assert all(any(not re.search(rf"^{k} = \d+$", p.text, flags=re.M) for k in p.query) for p in prompts)
+
+
+def test_kl_consumes_selection_and_rejects_foreign_ones(planted, tmp_path):
+    from ds_hybrid.trainer import make_context
+
+    path = planted["out"] / "select" / "ga_s2" / "selection.json"
+    if not path.exists():
+        pytest.skip("needs the GA-S2 selection")
+    cfg = load_config(planted["cfg"], [f"softmax_layers={{selection: {path}, k: 1}}"])
+    ctx = make_context(cfg, "kl")
+    assert ctx.softmax_layers == [PLANTED]
+    # another teacher
+    sel = json.loads(path.read_text())
+    sel["teacher"]["fingerprint"] = "0" * 16
+    other = tmp_path / "other_teacher.json"
+    other.write_text(json.dumps(sel))
+    with pytest.raises(ConfigError, match=r"softmax_layers\.selection.*computed for teacher"):
+        make_context(load_config(planted["cfg"], [f"softmax_layers={{selection: {other}, k: 1}}"]), "kl")
+    # another align checkpoint
+    sel = json.loads(path.read_text())
+    sel["align"]["fingerprint"] = "1" * 16
+    other.write_text(json.dumps(sel))
+    with pytest.raises(ConfigError, match=r"softmax_layers\.selection.*align checkpoint"):
+        make_context(load_config(planted["cfg"], [f"softmax_layers={{selection: {other}, k: 1}}"]), "kl")
+
+
+def test_agreement_measures():
+    assert kendall_tau([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
+    assert kendall_tau([0, 1, 2, 3], [3, 2, 1, 0]) == -1.0
+    assert topk_overlap([5, 1, 2], [1, 5, 9], 2) == 1.0 and topk_overlap([5, 1, 2], [1, 7, 9], 2) == 0.5

@@ -9,10 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 G=/tmp/g
 mkdir -p $G
-export PYTHONPATH=/tmp/tsite:/tmp/site:$PWD
+export PYTHONPATH=/tmp/tsite:/tmp/site
 export DS_HYBRID_CACHE=/tmp/dsh TRITON_CACHE_DIR=/tmp/tcache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export DS_HYBRID_SMOLLM2_GGUF=$G/SmolLM2-135M-Instruct.Q4_1.gguf TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+# ds-hybrid itself, editable (kernels/ is mapped to ds_hybrid.kernels by the install)
+python3 -c "import ds_hybrid.kernels" 2>/dev/null || \
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
 case "$1" in
   stash)
     cp "$2"/* $G/

@@ -77,8 +77,8 @@ def reference(hs, ws, ht, wt):
     """fp64 chunked reference on the GPU: loss, dx, dW (kept on the CPU)."""
     from ds_hybrid.losses import chunked_linear_loss
 
-    h = hs.double().requires_grad_()
-    w = ws.double().requires_grad_()
+    h = hs.detach().double().requires_grad_()
+    w = ws.detach().double().requires_grad_()
     loss, _ = chunked_linear_loss(h, w, ht.double(), wt.double(), chunk=256)
     loss.backward()
     out = float(loss), h.grad.cpu(), w.grad.float().cpu()

@@ -116,10 +116,11 @@ def _row_loss_kernel(
         tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-def _block_v(V: int) -> tuple[int, int]:
-    if INTERPRET:
-        return 128, 1
-    return 2048, 8
+def _block_v(block_v: int | None) -> tuple[int, int]:
+    """Vocab tile and warps. In the interpreter every tile is a numpy step, so large tiles are much faster there."""
+    if block_v is not None:
+        return block_v, 1 if INTERPRET else 8
+    return (4096, 1) if INTERPRET else (2048, 8)
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,14 +133,14 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def run_row_kernel(zs, zt, kl_w, labels, temperature: float, grad_kl_scale: float, ce_scale: float,
-                   dz_dtype: torch.dtype, need_grad: bool = True):
+                   dz_dtype: torch.dtype, need_grad: bool = True, block_v: int | None = None):
     """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). Returns (dz, kl [C], ce [C])."""
     C, V = zs.shape
     has_kl, has_ce = zt is not None, labels is not None
     dz = torch.empty((C, V) if need_grad else (1, 1), dtype=dz_dtype, device=zs.device)
     kl = torch.zeros(C, dtype=torch.float32, device=zs.device)
     ce = torch.zeros(C, dtype=torch.float32, device=zs.device)
-    block, warps = _block_v(V)
+    block, warps = _block_v(block_v)
     _row_loss_kernel[(C,)](
         zs, zt if has_kl else zs, dz, kl, ce,
         kl_w if has_kl else kl, labels if has_ce else kl,
@@ -154,6 +155,7 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats):
         N = h_s.shape[0]
+        block_v = stats.get("block_v")
         need_grad = stats.get("need_grad", True)
         use_kl = kl_weight != 0 and h_t is not None
         use_ce = ce_weight != 0 and labels is not None
@@ -176,7 +178,7 @@ class FusedLinearLoss(torch.autograd.Function):
             zt = _mm32(h_t[a:b].to(w_t.dtype), w_t_t) if use_kl else None
             dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
                                         labels[a:b].contiguous() if use_ce else None, temperature,
-                                        grad_kl_scale, ce_scale, dz_dtype, need_grad)
+                                        grad_kl_scale, ce_scale, dz_dtype, need_grad, block_v)
             del zs, zt
             if use_kl:
                 kl_tok[a:b] = kl
@@ -209,13 +211,16 @@ class FusedLinearLoss(torch.autograd.Function):
 def fused_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
-    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
+    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, block_v: int | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring."""
+    """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring.
+
+    ``block_v`` overrides the vocab tile of the row kernel (tests use small tiles to exercise the online softmax)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
-    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)}
+    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
+                   "block_v": block_v}
     loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)
     return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

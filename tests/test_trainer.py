@@ -110,8 +110,8 @@ def test_zero3_student_with_kernel_equals_single_process(pipeline, tmp_path):
             ("z3", 2, "ds_configs/student_zero3.json", "ds_configs/teacher_zero3.json", "triton"),
             ("single", 1, "ds_configs/single.json", "ds_configs/single.json", "torch")):
         cfg = write_config(tmp_path / f"{name}.yaml", pipeline["teacher"], pipeline["corpus"], tmp_path / name,
-                           kl={"tokens": 2 * 8 * 128, "init_from": init, "ds_config": ds, "teacher_ds_config": tds,
-                               "kl_backend": backend})
+                           kl={"tokens": 2 * 8 * 32, "seq_len": 32, "eval_sequences": 2, "init_from": init,
+                               "ds_config": ds, "teacher_ds_config": tds, "kl_backend": backend})
         p = train("kl", cfg, nproc=nproc)
         assert p.returncode == 0, tail(p)
         outs[name] = tmp_path / name / "kl"

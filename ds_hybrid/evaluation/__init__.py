@@ -1,0 +1,1 @@
+"""Evaluation: RULER / SWDE / FDA recall via lm-eval, held-out quality, inference speed."""

@@ -1,0 +1,192 @@
+"""Recall evaluation through lm-evaluation-harness, offline, on models built in-process.
+
+RULER tasks that need no download (niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe)
+run on lm-eval's own generators at the lengths asked for, with the model's tokenizer. The essay-haystack NIAH
+variants (``niah_essay_single``, ``niah_essay_multikey``) use lm-eval's generator on a local haystack
+(:mod:`ds_hybrid.evaluation.haystack`). SWDE and FDA ("based" recall tasks) read local JSON/JSONL/parquet files.
+
+Each RULER task is given as a task config (not by name) so that any list of lengths gets its own metric; the
+scoring functions are lm-eval's (string match over every gold answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ds_hybrid.errors import ConfigError
+
+RULER_TASKS: dict[str, tuple[str, str, int]] = {
+    # name: (module, generator, max_gen_toks) -- as lm-eval's YAMLs
+    "niah_single_1": ("niah_utils", "niah_single_1", 128),
+    "niah_multikey_2": ("niah_utils", "niah_multikey_2", 128),
+    "niah_multikey_3": ("niah_utils", "niah_multikey_3", 128),
+    "ruler_vt": ("vt_utils", "get_vt_dataset", 30),
+    "ruler_cwe": ("cwe_utils", "get_cw_dataset", 120),
+    "ruler_fwe": ("fwe_utils", "fwe_download", 50),
+}
+ESSAY_TASKS: dict[str, dict[str, Any]] = {
+    "niah_essay_single": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=1),
+    "niah_essay_multikey": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=4),
+}
+BASED_TASKS = ("swde", "fda")
+BASED_MAX_GEN_TOKS = 48
+SUITES = {
+    "recall": list(RULER_TASKS) + list(ESSAY_TASKS),
+    "ruler": list(RULER_TASKS),
+    "niah": ["niah_single_1", "niah_multikey_2", "niah_multikey_3", *ESSAY_TASKS],
+}
+
+
+def prepare_offline() -> None:
+    """Environment for offline lm-eval: no hub, a local punkt model (RULER's NIAH imports NLTK at import time)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from ds_hybrid.evaluation.haystack import ensure_punkt
+
+    ensure_punkt()
+
+
+# ---- RULER ------------------------------------------------------------------------------------------------------
+def _process_results(lengths: list[int], doc: dict, results: list[str]) -> dict[str, float]:
+    from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+
+    metrics = {str(L): -1.0 for L in lengths}
+    metrics[str(doc["max_length"])] = string_match_all(postprocess_pred(results), [doc["outputs"]])
+    return metrics
+
+
+def _ruler_config(task: str, dataset_fn: Callable, lengths: list[int], tokenizer_path: str, max_gen_toks: int) -> dict:
+    from lm_eval.tasks.ruler.common_utils import aggregate_metrics
+
+    return {
+        "task": task, "dataset_path": "", "test_split": "test", "output_type": "generate_until",
+        "custom_dataset": dataset_fn,
+        "metadata": {"max_seq_lengths": list(lengths), "tokenizer": tokenizer_path, "version": 1.0},
+        "doc_to_text": "{{input}}", "doc_to_target": "{{outputs}}", "gen_prefix": "{{gen_prefix}}",
+        "target_delimiter": " ", "process_results": partial(_process_results, list(lengths)),
+        "metric_list": [{"metric": str(L), "aggregation": aggregate_metrics, "higher_is_better": True}
+                        for L in lengths],
+        "generation_kwargs": {"do_sample": False, "temperature": 0.0, "max_gen_toks": max_gen_toks, "until": []},
+        "repeats": 1,
+    }
+
+
+def _essay_dataset(spec: dict[str, Any], haystack: list[str], **kwargs) -> dict:
+    from lm_eval.tasks.ruler.common_utils import get_tokenizer, resolve_tokenizer_name
+    from lm_eval.tasks.ruler.niah_utils import TEMPLATE, download_dataset
+    from lm_eval.tasks.ruler.prepare_niah import generate_samples
+
+    lengths = kwargs.pop("max_seq_lengths")
+    tok = get_tokenizer(resolve_tokenizer_name(kwargs))
+    return download_dataset(
+        generate_samples(haystack, max_seq_length=L, template=TEMPLATE, type_haystack="essay", num_samples=500,
+                         TOKENIZER=tok, **spec)
+        for L in lengths
+    )
+
+
+def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, haystack: list[str] | None) -> list[dict]:
+    import importlib
+
+    out = []
+    for t in tasks:
+        if t in RULER_TASKS:
+            mod, fn, gen = RULER_TASKS[t]
+            f = getattr(importlib.import_module(f"lm_eval.tasks.ruler.{mod}"), fn)
+            out.append(_ruler_config(t, f, lengths, tokenizer_path, gen))
+        elif t in ESSAY_TASKS:
+            if haystack is None:
+                raise ValueError("essay tasks need a haystack")
+            out.append(_ruler_config(t, partial(_essay_dataset, ESSAY_TASKS[t], haystack), lengths, tokenizer_path, 128))
+        else:
+            raise ConfigError("--tasks", t, f"unknown task; known: {sorted(RULER_TASKS) + sorted(ESSAY_TASKS) + list(BASED_TASKS)}")
+    return out
+
+
+# ---- SWDE / FDA from local files --------------------------------------------------------------------------------
+def based_prompt(doc: dict) -> str:
+    """The whole prompt: ``text`` as given, or ``context`` + newline + ``key`` + ':' (the based-* layout)."""
+    if "text" in doc and doc["text"]:
+        return doc["text"].strip()
+    return f"{doc['context'].strip()}\n{doc['key'].strip()}:"
+
+
+def contains_score(prediction: str, label: str) -> int:
+    return int(bool(re.search(re.escape(label.strip()), prediction, re.IGNORECASE)))
+
+
+def _based_results(doc: dict, results: list[str]) -> dict[str, int]:
+    return {"contains": contains_score(results[0], doc["value"])}
+
+
+def load_based_records(path: str | Path, field: str) -> list[dict]:
+    """Records of a local SWDE/FDA file (json list, jsonl, or parquet), checked for the based-* fields."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(field, str(path), "no such file (JSON, JSONL or parquet in the based-* layout)")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+    elif p.suffix == ".jsonl":
+        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    else:
+        data = json.loads(p.read_text())
+        rows = data if isinstance(data, list) else data.get("data", [])
+    for i, r in enumerate(rows):
+        if "value" not in r or not ("text" in r or ("context" in r and "key" in r)):
+            raise ConfigError(field, str(path), f"record {i} needs 'value' and either 'text' or 'context'+'key'")
+    return rows
+
+
+def based_config(name: str, path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    kind = "parquet" if p.suffix == ".parquet" else "json"
+    return {
+        "task": f"{name}_local", "dataset_path": kind, "dataset_kwargs": {"data_files": {"test": str(p)}},
+        "test_split": "test", "output_type": "generate_until",
+        "doc_to_text": based_prompt, "doc_to_target": lambda d: d["value"].strip(), "target_delimiter": "",
+        "process_results": _based_results,
+        "metric_list": [{"metric": "contains", "aggregation": "mean", "higher_is_better": True}],
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": BASED_MAX_GEN_TOKS, "do_sample": False},
+        "metadata": {"version": 1.0},
+    }
+
+
+def count_truncated(records: list[dict], tokenizer, max_length: int, limit: int | None = None) -> int:
+    """How many prompts lm-eval will left-truncate (prompt + max_gen_toks longer than the model's length)."""
+    rows = records[:limit] if limit else records
+    budget = max_length - BASED_MAX_GEN_TOKS
+    return sum(len(tokenizer(based_prompt(r))["input_ids"]) > budget for r in rows)
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+def run_tasks(lm, task_specs: list, limit: int | None, seed: int = 0) -> dict[str, Any]:
+    """lm: an lm-eval LM (HFLM around an in-process model, or any LM subclass). Returns lm-eval's results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, task_manager=TaskManager(),
+                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                   fewshot_random_seed=seed, log_samples=False, bootstrap_iters=0)
+
+
+def scores_from(results: dict, lengths: list[int]) -> dict[str, dict[str, float]]:
+    """{task: {length or 'contains': score}} from lm-eval's results."""
+    out: dict[str, dict[str, float]] = {}
+    for task, res in results["results"].items():
+        row = {}
+        for k, v in res.items():
+            if not k.endswith(",none") or not isinstance(v, (int, float)):
+                continue
+            metric = k.split(",")[0]
+            if metric in {str(L) for L in lengths} or metric == "contains":
+                row[metric] = float(v)
+        out[task] = row
+    return out

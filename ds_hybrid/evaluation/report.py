@@ -1,0 +1,88 @@
+"""Results of `ds-hybrid eval` / `bench-infer`: one JSON, one markdown table, one PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[str, dict] | None = None) -> str:
+    """scores: {model: {task: {length|'contains': score}}} -> markdown with models side by side."""
+    models = list(scores)
+    rows = sorted({(t, m) for s in scores.values() for t, d in s.items() for m in d},
+                  key=lambda x: (x[0], int(x[1]) if x[1].isdigit() else 10**9))
+    lines = ["| task | length | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, metric in rows:
+        cells = []
+        for m in models:
+            v = scores[m].get(task, {}).get(metric)
+            cells.append("" if v is None or v < 0 else f"{v:.3f}")
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    if quality:
+        for key in ("ppl", "kl_to_teacher"):
+            if any(key in q for q in quality.values()):
+                lines.append(f"| held-out {key} | | " + " | ".join(
+                    f"{quality[m][key]:.3f}" if key in quality.get(m, {}) else "" for m in models) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict]) -> str:
+    lines = ["| model | context | batch | prefill tok/s | decode tok/s | cache GiB | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['cache_gib']:.4f} | {r.get('peak_gib', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def plot_recall(scores: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    """Mean RULER/NIAH score over tasks vs context length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for model, per_task in scores.items():
+        by_len: dict[int, list[float]] = {}
+        for d in per_task.values():
+            for k, v in d.items():
+                if k.isdigit() and v >= 0:
+                    by_len.setdefault(int(k), []).append(v)
+        if by_len:
+            xs = sorted(by_len)
+            ax.plot(xs, [sum(by_len[x]) / len(by_len[x]) for x in xs], marker="o", label=model)
+    ax.set(xlabel="context length (tokens)", ylabel="mean score over tasks", ylim=(-0.02, 1.02), title="recall vs length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speed(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model and "error" not in r and r["batch"] == min(x["batch"] for x in rows)]
+        xs = [r["context"] for r in rs]
+        axes[0].plot(xs, [r["decode_tokens_per_s"] for r in rs], marker="o", label=model)
+        axes[1].plot(xs, [r["cache_gib"] for r in rs], marker="o", label=model)
+    axes[0].set(xlabel="context", ylabel="decode tokens/s", xscale="log")
+    axes[1].set(xlabel="context", ylabel="cache GiB", xscale="log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out_dir / f"{name}.md").write_text(markdown + "\n")

@@ -1,0 +1,190 @@
+"""`ds-hybrid eval` and `ds-hybrid bench-infer`: a hybrid (or any causal LM) next to its teacher.
+
+    ds-hybrid eval --model out/kl/hf --teacher embedded --suite recall --lengths 2048,4096 --swde swde.jsonl --limit 50
+    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768 --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ds_hybrid.errors import ConfigError
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, dev: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
+    """['name=path', 'path', ...] (+ the teacher) -> {name: path or 'embedded'}."""
+    out: dict[str, str] = {}
+    for m in model_args:
+        name, path = m.split("=", 1) if "=" in m and not Path(m).exists() else (Path(m).name or m, m)
+        if name in out:
+            name = f"{name}_{len(out)}"
+        out[name] = path
+    if teacher is not None:
+        out["teacher"] = teacher
+    return out
+
+
+def load_model(path: str, dev: torch.device, dtype: torch.dtype):
+    import ds_hybrid  # noqa: F401  (registers the hybrid)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_hybrid.teacher import is_embedded, resolve_teacher
+
+    local = resolve_teacher(None) if is_embedded(path) else path
+    if not (Path(local) / "config.json").is_file():
+        raise ConfigError("--model", path, "not an HF model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(dev).eval()
+    return model, AutoTokenizer.from_pretrained(local), local
+
+
+def describe(model) -> dict:
+    cfg = model.config
+    d = {"model_type": cfg.model_type, "num_layers": cfg.num_hidden_layers, "params": sum(p.numel() for p in model.parameters())}
+    if cfg.model_type == "ds_hybrid":
+        d.update(softmax_layers=cfg.softmax_layers, mixer=cfg.mixer, mixer_options=cfg.mixer_options)
+    return d
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from ds_hybrid.evaluation import recall, report
+    from ds_hybrid.monitor import versions
+
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    tasks = recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
+    records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
+    models = parse_models(args.model, args.teacher)
+    dev = _device(args.device)
+    dtype = _dtype(args.dtype, dev)
+    recall.prepare_offline()
+    from lm_eval.models.huggingface import HFLM
+
+    from ds_hybrid.evaluation.haystack import haystack_words
+
+    haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
+    out_dir = Path(args.out)
+    scores, quality, info, truncated = {}, {}, {}, {}
+    teacher_model = None
+    if "teacher" in models and not args.no_quality:
+        teacher_model, _, _ = load_model(models["teacher"], dev, dtype)
+    rows = _heldout_rows(args, models) if not args.no_quality else []
+    for name, path in models.items():
+        model, tok, local = load_model(path, dev, dtype)
+        info[name] = {"path": path, **describe(model)}
+        max_length = max(lengths) if lengths else 4096
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length, device=str(dev))
+        specs = recall.ruler_configs(tasks, lengths, local, haystack) if tasks and lengths else []
+        for bname, p in based.items():
+            specs.append(recall.based_config(bname, p))
+            truncated.setdefault(bname, {})[name] = recall.count_truncated(records[bname], tok, max_length, args.limit)
+        t0 = time.time()
+        res = recall.run_tasks(lm, specs, args.limit, args.seed) if specs else {"results": {}}
+        scores[name] = recall.scores_from(res, lengths)
+        info[name]["eval_seconds"] = time.time() - t0
+        if rows:
+            from ds_hybrid.evaluation.quality import heldout_quality
+
+            quality[name] = heldout_quality(model, rows, teacher_model if name != "teacher" else None)
+        del model, lm
+    payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
+               "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
+               "based_files": based, "truncated_prompts": truncated, "models": info, "scores": scores,
+               "heldout_quality": quality}
+    md = report.recall_table(scores, quality)
+    if truncated:
+        md += "\n\nprompts left-truncated to fit the model length: " + json.dumps(truncated)
+    report.write(out_dir, "eval", payload, md)
+    if any(any(k.isdigit() for d in s.values() for k in d) for s in scores.values()):
+        report.plot_recall(scores, out_dir / "recall_vs_length.png")
+    print(md)
+    return payload
+
+
+def _heldout_rows(args, models) -> list[torch.Tensor]:
+    """Held-out rows of the corpus (never trained on) tokenized with the first model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ds_hybrid.config import DataConfig
+    from ds_hybrid.data import PackedSequences, prepare_streams
+    from ds_hybrid.teacher import is_embedded, resolve_teacher
+
+    first = next(iter(models.values()))
+    tok = AutoTokenizer.from_pretrained(resolve_teacher(None) if is_embedded(first) else first)
+    streams = prepare_streams(DataConfig(source=args.data), tok)
+    val = PackedSequences(streams.val, args.heldout_seq_len, max_rows=args.heldout_sequences)
+    return [val[[i]] for i in range(len(val))]
+
+
+def run_bench_infer(args: argparse.Namespace) -> list[dict]:
+    from ds_hybrid.evaluation import report
+    from ds_hybrid.evaluation.speed import bench_pair
+    from ds_hybrid.monitor import versions
+
+    models = parse_models(args.model, args.teacher)
+    dev = _device(args.device)
+    dtype = _dtype(args.dtype, dev)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    loaded, info = {}, {}
+    for name, path in models.items():
+        m, _, _ = load_model(path, dev, dtype)
+        loaded[name], info[name] = m, describe(m)
+    rows = bench_pair(loaded, contexts, batches, args.decode_tokens)
+    payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
+               "dtype": str(dtype), "contexts": contexts, "batches": batches, "decode_tokens": args.decode_tokens,
+               "models": info, "rows": rows}
+    out_dir = Path(args.out)
+    md = report.speed_table(rows)
+    report.write(out_dir, "bench_infer", payload, md)
+    report.plot_speed(rows, out_dir / "bench_infer.png")
+    print(md)
+    return rows
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, help="HF folder (hybrid or any causal LM), or name=path; repeatable")
+    p.add_argument("--teacher", default=None, help="the teacher to compare with: HF folder or 'embedded'")
+    p.add_argument("--suite", default="recall", choices=["recall", "ruler", "niah"])
+    p.add_argument("--tasks", default=None, help="comma-separated task names instead of a suite ('' for none)")
+    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--swde", default=None, help="local SWDE file (JSON/JSONL/parquet: text+value or context+key+value)")
+    p.add_argument("--fda", default=None, help="local FDA file, same layout")
+    p.add_argument("--limit", type=int, default=None, help="examples per task and length (quick runs)")
+    p.add_argument("--haystack", default=None, help="prose files/folders for the essay NIAH (default: embedded held-out)")
+    p.add_argument("--data", default="embedded", help="corpus for held-out perplexity / KL (its held-out documents)")
+    p.add_argument("--heldout-sequences", type=int, default=16)
+    p.add_argument("--heldout-seq-len", type=int, default=1024)
+    p.add_argument("--no-quality", action="store_true", help="skip held-out perplexity and KL")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/eval")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True)
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--contexts", default="4096,16384,32768")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--out", default="outputs/bench_infer")

@@ -1,0 +1,82 @@
+"""Inference speed and memory of a hybrid next to its teacher (``ds-hybrid bench-infer``).
+
+For each context length C and batch size B, on random tokens (speed does not depend on content):
+- prefill: one forward of [B, C] tokens that fills the cache -> tokens/s;
+- decode: ``decode_tokens`` single-token steps with that cache -> tokens/s;
+- cache memory: bytes held by the cache after decoding (KV tensors of softmax layers, recurrent and conv states of
+  linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run.
+A size that does not fit is reported as out-of-memory rather than ending the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    seen: set[int] = set()
+    for layer in getattr(cache, "layers", []):
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        tensors += list(getattr(layer, "recurrent_states", {}).values()) + list(getattr(layer, "conv_states", {}).values())
+        tensors += list(getattr(layer, "conv_cache", None) or [])
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.no_grad()
+def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    try:
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        t_prefill = time.perf_counter() - t0
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(dev)
+        t_decode = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        return {"context": context, "batch": batch, "error": "out of memory"}
+    res = {"context": context, "batch": batch, "prefill_tokens_per_s": batch * context / t_prefill,
+           "decode_tokens_per_s": batch * decode_tokens / t_decode, "cache_gib": cache_bytes(cache) / 2**30}
+    if dev.type == "cuda":
+        res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+    del cache, out
+    return res
+
+
+def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32) -> list[dict]:
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        bench_model(model, min(contexts), min(batches), 2)  # warm-up (kernel compilation, allocator)
+        for c in contexts:
+            for b in batches:
+                r = bench_model(model, c, b, decode_tokens)
+                r["model"] = name
+                rows.append(r)
+    return rows

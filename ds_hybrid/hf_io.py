@@ -74,6 +74,16 @@ def fill_module(module: nn.Module, prefix: str, reader: SafetensorsReader, tied:
             p.copy_(t.to(p.dtype))
 
 
+def fill_causal_lm(model: nn.Module, reader: SafetensorsReader) -> None:
+    """Fill a Llama-style causal LM (embed_tokens, layers, norm, lm_head) one module at a time."""
+    fill_module(model.model.embed_tokens, "model.embed_tokens.", reader)
+    fill_module(model.model.norm, "model.norm.", reader)
+    if not getattr(model.config, "tie_word_embeddings", False):
+        fill_module(model.lm_head, "lm_head.", reader)
+    for i, layer in enumerate(model.model.layers):
+        fill_module(layer, f"model.layers.{i}.", reader)
+
+
 @torch.no_grad()
 def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Full CPU copies of a module's parameters (gathered under ZeRO-3), on rank 0; empty dict elsewhere."""

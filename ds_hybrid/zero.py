@@ -47,3 +47,26 @@ def num_params(module: nn.Module) -> int:
         seen.add(id(p))
         n += int(torch.Size(full_shape(p)).numel())
     return n
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict | None, dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly into ZeRO-3 partitions (no rank ever holds a whole model); no-op without ZeRO-3.
+
+    Weight initialisation is skipped (transformers' ``no_init_weights``): what is built here is filled from a
+    checkpoint right after. Call ``model.tie_weights()`` after construction for tied embeddings.
+    """
+    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    # dtype comes from the config's bf16/fp16 sections (which ds-hybrid sets from the run dtype): passing
+    # zero.Init(dtype=...) as well takes a branch of DeepSpeed 0.19 that ignores it on CPU and picks bf16.
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    if bf16 != (dtype == torch.bfloat16):
+        raise ValueError(f"DeepSpeed config bf16={bf16} does not match the run dtype {dtype}")
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield

@@ -21,7 +21,8 @@ from ds_hybrid.hf_io import SafetensorsReader, export_hf
 from ds_hybrid.losses import align_loss
 from ds_hybrid.modeling.mixers import build_mixer
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
-from ds_hybrid.stages.common import count_params, grad_norm_before_step, student_engine
+from ds_hybrid.stages.common import count_params, grad_norm_before_step, student_engine, zero_stage
+from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
 
 
@@ -47,13 +48,17 @@ class AlignStage(Stage):
         self.teacher = build_teacher_engine(ctx)
         torch.manual_seed(ctx.cfg.seed)  # identical fresh gates/decays on every rank
         options = self.hf_config.options
-        mixers = [build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
-                              options) for i in range(tc.num_hidden_layers)]
+        ds = ctx.ds_config()
+        with zero3_init(ds, ctx.dtype):  # ZeRO-3: each mixer is partitioned as soon as it is built
+            mixers = [build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
+                                  options) for i in range(tc.num_hidden_layers)]
+            stack = MixerStack(mixers)
         reader = SafetensorsReader(ctx.teacher_path)
         for i, m in enumerate(mixers):
             init_mixer_from_reader(m, reader, i, tc.num_key_value_heads)
-        stack = MixerStack(mixers).to(device=ctx.device, dtype=ctx.dtype)
-        self.engine = student_engine(stack, ctx.ds_config(), ctx.s, ctx.total_steps)
+        if zero_stage(ds) != 3:
+            stack = stack.to(device=ctx.device, dtype=ctx.dtype)
+        self.engine = student_engine(stack, ds, ctx.s, ctx.total_steps)
         self.engines = {"student": self.engine}
         self._teacher_params = count_params(self.teacher.module) - tc.vocab_size * tc.hidden_size
         self._mixer_params = count_params(stack)

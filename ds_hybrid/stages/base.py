@@ -14,11 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ds_hybrid import distributed as D
 from ds_hybrid.config import RunConfig, StageConfig
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.hf_io import SafetensorsReader, fill_module
+from ds_hybrid.hf_io import SafetensorsReader, fill_causal_lm, fill_module
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
 from ds_hybrid.modeling.mixers import LinearMixer
-from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype
-from ds_hybrid.zero import gathered, is_partitioned
+from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype, zero_stage
+from ds_hybrid.zero import gathered, is_partitioned, zero3_init
 
 
 @dataclass
@@ -76,10 +76,20 @@ class Stage:
 
 # ---- models ------------------------------------------------------------------------------------------------------
 def build_teacher_engine(ctx: StageContext):
-    teacher = AutoModelForCausalLM.from_pretrained(ctx.teacher_path, dtype=ctx.dtype,
-                                                   **_attn_kw(ctx.cfg.attn_implementation))
-    teacher.to(ctx.device)
-    return frozen_engine(TeacherTrunk(teacher), ctx.ds_config(train=False))
+    """The frozen teacher in its own engine. Under ZeRO-3 it is built straight into partitions and filled from its
+    safetensors one module at a time (rank 0 reads, DeepSpeed scatters), so no rank holds it whole."""
+    ds = ctx.ds_config(train=False)
+    if zero_stage(ds) == 3:
+        config = AutoConfig.from_pretrained(ctx.teacher_path, **_attn_kw(ctx.cfg.attn_implementation))
+        with zero3_init(ds, ctx.dtype):
+            teacher = AutoModelForCausalLM.from_config(config, dtype=ctx.dtype)
+        teacher.tie_weights()
+        fill_causal_lm(teacher, SafetensorsReader(ctx.teacher_path))
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(ctx.teacher_path, dtype=ctx.dtype,
+                                                       **_attn_kw(ctx.cfg.attn_implementation))
+        teacher.to(ctx.device)
+    return frozen_engine(TeacherTrunk(teacher), ds)
 
 
 def _attn_kw(impl: str | None) -> dict:
@@ -127,7 +137,13 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
             raise ConfigError("softmax_layers", ctx.softmax_layers,
                               f"layer {i} is softmax in {init_from} and would become linear here; a stage can only "
                               "restore softmax layers, not remove them (start from the align export)")
-    student = HybridForCausalLM(config).to(dtype=ctx.dtype)
+    ds = ctx.ds_config()
+    with zero3_init(ds, ctx.dtype):  # ZeRO-3: built into partitions, then filled module by module
+        student = HybridForCausalLM(config)
+    if zero_stage(ds) == 3:
+        student.tie_weights()
+    else:
+        student = student.to(dtype=ctx.dtype)
     src, teacher = SafetensorsReader(init_from), SafetensorsReader(ctx.teacher_path)
     fill_module(student.model.embed_tokens, "model.embed_tokens.", src)
     fill_module(student.model.norm, "model.norm.", src)
@@ -138,7 +154,7 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
             fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", src)
         restored = i in config.softmax_layers and i not in src_cfg.softmax_layers
         fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher if restored else src)
-    return student.to(ctx.device)
+    return student if zero_stage(ds) == 3 else student.to(ctx.device)
 
 
 def hybrid_export_groups(model: HybridForCausalLM) -> list[list[tuple[str, nn.Module]]]:

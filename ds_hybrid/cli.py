@@ -5,6 +5,7 @@
     ds-hybrid generate --model out/hybrid --prompt "The capital of France is"
     ds-hybrid eval --model out/kl/hf --teacher embedded --suite recall --lengths 2048,4096 --swde swde.jsonl
     ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768
+    ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8     # memory per GPU
 
 Training stages run through ``ds_hybrid/train.py`` (under deepspeed / torchrun); see the README.
 """
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # its own parser (key=value overrides after the options)
+        from ds_hybrid.plan import main as plan_main
+
+        try:
+            return plan_main(argv[1:])
+        except ConfigError as e:
+            print(f"ds-hybrid: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

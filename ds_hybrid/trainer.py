@@ -93,6 +93,15 @@ class _Signals:
         log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
 
 
+def stage_plan(ctx: StageContext):
+    """The memory plan of this stage on this job (printed before the models are built, kept next to the measured)."""
+    from ds_hybrid.plan import count_models, make_plan
+
+    counts = count_models(ctx.teacher_config, ctx.cfg, ctx.stage, ctx.softmax_layers)
+    gib = torch.cuda.get_device_properties(D.device()).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    return make_plan(ctx.cfg, ctx.stage, counts, D.world_size(), gib)
+
+
 def all_engines(runner) -> dict:
     engines = dict(runner.engines)
     if getattr(runner, "teacher", None) is not None:
@@ -138,6 +147,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                           f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens); shorten seq_len or "
                           "raise data.val_tokens")
 
+    plan = stage_plan(ctx)
+    log.info("%s", plan.table())
     runner = stage_class(stage)(ctx)
     runner.setup()
     ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints)
@@ -151,7 +162,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
                                        "data": streams.meta, "data_cache": str(streams.path),
                                        "train_sequences": len(train), "val_sequences": len(val),
-                                       "params_per_rank": gather_param_report(runner)})
+                                       "params_per_rank": gather_param_report(runner),
+                                       "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
+                                                           if isinstance(v, int) and k != "world"}})
     # every rank evaluates the same number of held-out rows (collectives inside evaluate must line up)
     per_rank = max(1, len(val) // D.world_size())
     val_batches = [val[[(D.rank() * per_rank + i) % len(val)]] for i in range(per_rank)]
@@ -162,6 +175,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         monitor.scalars(0, runner.evaluate(val_batches), prefix="val")
     signals = _Signals()
     seen = start * tokens_per_step
+    peak_gpu = None
     try:
         for step in range(start, total):
             rows = step_rows(step, len(train), s.global_batch, cfg.seed)
@@ -183,6 +197,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                            tokens_per_s=tokens_per_step / dt, tokens=float(seen), **memory_stats())
             if peak:
                 metrics["mfu"] = flops_step / dt / D.world_size() / (peak * 1e12)
+            peak_gpu = max(peak_gpu or 0.0, metrics.get("peak_gpu_gib", 0.0)) if torch.cuda.is_available() else None
             monitor.scalars(done, metrics)
             kl_tokens = getattr(runner, "last_kl_tokens", None)
             if kl_tokens is not None and done % s.log_every == 0:
@@ -206,6 +221,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
             runner.export(run_dir / "hf")
         if D.is_main():
             summary = {"stage": stage, "steps": total, "tokens": seen, "val": final,
+                       "memory_plan_total_gib": plan.total / 2**30, "measured_peak_gpu_gib": peak_gpu,
                        "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf") if s.export else None}
             atomic_write_text(run_dir / DONE, json.dumps(summary, indent=1))
             if s.keep_checkpoints == 0:

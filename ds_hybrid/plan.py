@@ -1,0 +1,207 @@
+"""Per-GPU memory plan of a stage before launching it (``ds-hybrid plan``), printed again at the start of every run.
+
+    ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8 [--stage kl] [--gpu-gib 80]
+
+Terms, per GPU, for world size W (bytes; b = 2 for bf16, 4 for fp32; P = parameters counted exactly from the
+model built on the meta device):
+
+| term | ZeRO-3 | ZeRO-2 |
+|---|---|---|
+| teacher shards | b P_teacher / W (0 on the GPU with CPU offload) | (teacher is always ZeRO-3 or whole) |
+| teacher working set | gathered layers: 2 x largest teacher layer x b (current + prefetch) | - |
+| student parameters | b P_student / W | b P_student |
+| gradients | b P_trainable / W | b P_trainable / W |
+| optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
+| activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2, mixer alone (align) 28 n h b/2; with checkpointing 2 n h L + one layer's | |
+| KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + C V b (dL/dz) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens | |
+| framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
+
+The activation and framework terms are estimates (Korthikanti et al.'s per-layer count adapted to SwiGLU MLPs and
+flash attention, which stores no [s x s] scores); parameters, gradients and optimizer states are exact up to
+DeepSpeed's alignment padding (checked against the engines' tensors in tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ds_hybrid.config import RunConfig, load_config, resolve_path
+from ds_hybrid.errors import ConfigError
+
+GIB = 2**30
+FRAMEWORK_BYTES = int(1.5 * GIB)
+
+
+@dataclass
+class ModelCounts:
+    teacher: int
+    student: int
+    trainable: int
+    largest_teacher_layer: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+@dataclass
+class Plan:
+    stage: str
+    world: int
+    gpu_gib: float
+    teacher_shards: int
+    teacher_working_set: int
+    student_params: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    kl_workspace: int
+    framework: int
+
+    @property
+    def total(self) -> int:
+        return sum(v for k, v in asdict(self).items() if k not in ("stage", "world", "gpu_gib"))
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_gib * GIB
+
+    def table(self) -> str:
+        rows = [(k, v) for k, v in asdict(self).items() if k not in ("stage", "world", "gpu_gib")]
+        out = [f"memory plan per GPU: stage {self.stage}, {self.world} GPUs", "| term | GiB |", "|---|---|"]
+        out += [f"| {k.replace('_', ' ')} | {v / GIB:.2f} |" for k, v in rows]
+        out.append(f"| **total** | **{self.total / GIB:.2f}** of {self.gpu_gib:g} -> {'fits' if self.fits else 'DOES NOT FIT'} |")
+        return "\n".join(out)
+
+
+def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: list[int]) -> ModelCounts:
+    """Exact parameter counts from the models built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.modeling import HybridForCausalLM
+    from ds_hybrid.stages.common import param_groups
+    from ds_hybrid.transfer import hybrid_config
+
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(teacher_config)
+        hcfg = hybrid_config(teacher_config, [] if stage == "align" else softmax_layers, cfg.mixer, cfg.mixer_options)
+        student = HybridForCausalLM(hcfg)
+
+    def n(params) -> int:
+        return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+    s = cfg.stage(stage)
+    if stage == "align":  # only the mixers exist in the student engine, and all of them train
+        mixers = [layer.self_attn for layer in student.model.layers]
+        n_student = n(p for m in mixers for p in m.parameters())
+        n_train = n_student
+    else:
+        n_student = n(student.parameters())
+        groups = param_groups(student.named_parameters(), s)
+        n_train = n(p for g in groups for p in g["params"])
+    largest = max(n(layer.parameters()) for layer in teacher.model.layers)
+    return ModelCounts(teacher=n(teacher.parameters()), student=n_student, trainable=n_train,
+                       largest_teacher_layer=largest, hidden=teacher_config.hidden_size,
+                       intermediate=teacher_config.intermediate_size, layers=teacher_config.num_hidden_layers,
+                       vocab=teacher_config.vocab_size)
+
+
+def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float = 80.0,
+              dtype_bytes: int | None = None) -> Plan:
+    from ds_hybrid.stages.common import zero_stage
+
+    s = cfg.stage(stage)
+    student_ds = json.loads(resolve_path(s.ds_config).read_text())
+    teacher_ds = json.loads(resolve_path(s.teacher_ds_config).read_text())
+    from ds_hybrid.stages.common import run_dtype
+
+    b = dtype_bytes or (2 if run_dtype(cfg) == torch.bfloat16 else 4)
+    teacher_on_gpu = teacher_ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") == "none"
+    t_stage3 = zero_stage(teacher_ds) == 3
+    uses_teacher = stage != "finetune"
+    teacher_shards = (b * counts.teacher // (world if t_stage3 else 1)) if (uses_teacher and teacher_on_gpu) else 0
+    teacher_ws = 2 * counts.largest_teacher_layer * b if (uses_teacher and t_stage3) else 0
+    s_stage = zero_stage(student_ds)
+    student = b * counts.student // (world if s_stage == 3 else 1)
+    shard = world if s_stage >= 1 else 1
+    grads = b * counts.trainable // (world if s_stage >= 2 else 1)
+    optim = 12 * counts.trainable // shard
+    n = s.micro_batch * s.seq_len
+    h, i, L, V = counts.hidden, counts.intermediate, counts.layers, counts.vocab
+    n_soft = len(counts_softmax(cfg, stage, L))
+    # bytes saved for backward per token, in units of b/2 (bf16 = 1x): softmax block 18 h + 6 i (Korthikanti et al.
+    # with SwiGLU and flash attention); linear block 54 h + 6 i; a mixer alone (stage align) 28 h. The linear
+    # constants were fitted to one measured H200 run (docs/SCALE.md): GDN keeps fp32 gates, norm and silu copies.
+    soft_layer = n * (18 * h + 6 * i) * b // 2
+    lin_layer = n * (54 * h + 6 * i) * b // 2
+    if stage == "align":
+        acts = L * n * 28 * h * b // 2 + 2 * L * n * h * b  # all mixers at once + the captured teacher in/out
+    elif s.gradient_checkpointing:
+        acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0)
+    else:
+        acts = n_soft * soft_layer + (L - n_soft) * lin_layer
+    C = min(s.loss_chunk_tokens, n)
+    n_logits = 2 if uses_teacher else 1  # finetune: the student's logits only
+    kl = 0 if stage == "align" else n_logits * C * V * 4 + C * V * b + V * h * b + 2 * n * h * b
+    return Plan(stage=stage, world=world, gpu_gib=gpu_gib, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
+                student_params=student, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
+                framework=FRAMEWORK_BYTES)
+
+
+def counts_softmax(cfg: RunConfig, stage: str, num_layers: int) -> list[int]:
+    return [] if stage == "align" else _layers_or_uniform(cfg, num_layers)
+
+
+def plan_for(cfg: RunConfig, stage: str, world: int, gpu_gib: float, teacher_config_path: str | None = None,
+             dtype_bytes: int | None = None) -> Plan:
+    from transformers import AutoConfig
+
+    from ds_hybrid.teacher import load_teacher_config
+
+    if teacher_config_path:
+        p = Path(teacher_config_path)
+        if not p.is_file():
+            raise ConfigError("--teacher-config", teacher_config_path, "no such config.json")
+        teacher_config = AutoConfig.from_pretrained(p.parent if p.name == "config.json" else p)
+    else:
+        teacher_config = load_teacher_config(cfg.teacher)
+    layers = [] if stage == "align" else _layers_or_uniform(cfg, teacher_config.num_hidden_layers)
+    counts = count_models(teacher_config, cfg, stage, layers)
+    return make_plan(cfg, stage, counts, world, gpu_gib, dtype_bytes)
+
+
+def _layers_or_uniform(cfg: RunConfig, L: int) -> list[int]:
+    from ds_hybrid.layers import k_for_ratio, resolve_softmax_layers, uniform_layers
+
+    try:
+        return resolve_softmax_layers(cfg.softmax_layers, L)
+    except ConfigError:  # a selection not computed yet: plan with the same count, spaced uniformly
+        spec = cfg.softmax_layers
+        k = spec.get("k") if isinstance(spec, dict) else None
+        k = k if k is not None else k_for_ratio(float(spec.get("ratio", 0.25)) if isinstance(spec, dict) else 0.25, L)
+        return uniform_layers(L, int(k))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ds-hybrid plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu-gib", type=float, default=80.0)
+    ap.add_argument("--stage", default=None, help="one stage (default: align, kl and finetune)")
+    ap.add_argument("--teacher-config", default=None, help="the teacher's config.json when its weights are not here")
+    ap.add_argument("--dtype-bytes", type=int, default=2, help="bytes per parameter/activation (2: bf16)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    world = args.nodes * args.gpus_per_node
+    for stage in [args.stage] if args.stage else ["align", "kl", "finetune"]:
+        plan = plan_for(cfg, stage, world, args.gpu_gib, args.teacher_config, args.dtype_bytes)
+        print(plan.table())
+        print()
+    return 0

@@ -1,0 +1,51 @@
+"""`ds-hybrid plan`: its parameter, gradient and optimizer-state terms equal what the DeepSpeed engines hold."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from trainer_utils import free_port, make_corpus, make_tiny_teacher, run, tail, train, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("size,zero", [("tiny", "student_zero2"), ("small", "student_zero3")])
+def test_plan_terms_equal_the_engines(tmp_path, size, zero):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from ds_hybrid.teacher import embedded_teacher_dir
+
+    if size == "tiny":
+        teacher = make_tiny_teacher(tmp_path / "teacher")
+    else:  # hidden 128, 6 layers, untied: a second shape
+        tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=False)
+        teacher = tmp_path / "teacher"
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
+        tok.save_pretrained(teacher)
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out",
+                       align={"tokens": 2 * 8 * 64, "seq_len": 64}, softmax_layers=[1])
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    out = tmp_path / "measure.json"
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "tests/plan_measure.py", str(cfg), str(out), f"kl.ds_config=ds_configs/{zero}.json",
+             "kl.global_batch=2", "kl.micro_batch=1", "kl.seq_len=64", "kl.tokens=1024"])
+    assert p.returncode == 0, tail(p)
+    for r in json.loads(out.read_text()):
+        for term in ("params", "grads", "optimizer"):
+            assert r[term] == r[f"plan_{term}"], (size, zero, term, r)
+
+
+def test_plan_cli_for_the_70b_config():
+    p = run([sys.executable, "-m", "ds_hybrid.cli", "plan", "--config", "runs/llama3_70b_gdn.yaml", "--teacher-config",
+             "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
+    assert p.returncode == 0, tail(p)
+    assert "memory plan per GPU: stage kl, 32 GPUs" in p.stdout and "fits" in p.stdout

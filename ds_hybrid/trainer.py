@@ -102,6 +102,20 @@ def stage_plan(ctx: StageContext):
     return make_plan(ctx.cfg, ctx.stage, counts, D.world_size(), gib)
 
 
+def rank_places() -> list[dict]:
+    """Where every rank runs (host, Slurm node, local rank): shows a multi-node job really spread."""
+    import os
+    import socket
+
+    mine = {"rank": D.rank(), "host": socket.gethostname(), "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "local_rank": D.local_rank()}
+    if D.world_size() == 1:
+        return [mine]
+    out: list = [None] * D.world_size()
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
 def all_engines(runner) -> dict:
     engines = dict(runner.engines)
     if getattr(runner, "teacher", None) is not None:
@@ -162,7 +176,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
                                        "data": streams.meta, "data_cache": str(streams.path),
                                        "train_sequences": len(train), "val_sequences": len(val),
-                                       "params_per_rank": gather_param_report(runner),
+                                       "params_per_rank": gather_param_report(runner), "ranks": rank_places(),
                                        "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
                                                            if isinstance(v, int) and k != "world"}})
     # every rank evaluates the same number of held-out rows (collectives inside evaluate must line up)

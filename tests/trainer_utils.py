@@ -60,7 +60,7 @@ def write_config(path: Path, teacher: Path, corpus: Path, out_dir: Path, **secti
         "finetune": stage_section(tokens=8 * 128 * 8, lr=1e-3, lr_rest=1e-3, warmup_steps=0),
     }
     for k, v in sections.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -1,0 +1,110 @@
+"""launchers/distill_70b.slurm on a real two-node Slurm cluster started on this machine (Debian slurm-wlm).
+
+The same script users submit, with CPU overrides (gloo, one rank per node, a tiny teacher): align -> select -> kl ->
+finetune across 2 nodes; then scancel in the middle of kl and resubmit: finished stages are skipped and kl resumes
+from its checkpoint to the same losses as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from trainer_utils import REPO, env, make_corpus, make_tiny_teacher, metrics, write_config
+
+pytestmark = pytest.mark.slow
+if shutil.which("sbatch") is None or shutil.which("slurmctld") is None or os.geteuid() != 0:
+    pytest.skip("needs root and Debian's slurm-wlm (CI installs them: see .ci/run)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    p = subprocess.run([str(REPO / "launchers" / "local_slurm.sh"), "start", str(d)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    e = env()
+    e["SLURM_CONF"] = str(d / "slurm.conf")
+    yield e
+    subprocess.run([str(REPO / "launchers" / "local_slurm.sh"), "stop", str(d)], timeout=60)
+
+
+SBATCH = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0",
+          "--time=30"]
+
+
+def submit(e, log, *args, wait=True):
+    cmd = [*SBATCH, *(["--wait"] if wait else ["--parsable"]), f"--output={log}", "launchers/distill_70b.slurm",
+           f"PYTHON={sys.executable}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def conversion(cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("conv")
+    teacher = make_tiny_teacher(root / "teacher")
+    corpus = make_corpus(root / "corpus", n_files=20)
+    out = root / "out"
+    sel = str(out / "select" / "ga_s2" / "selection.json")
+    cfg = write_config(root / "run.yaml", teacher, corpus, out, softmax_layers={"selection": sel, "k": 1},
+                       align={"tokens": 4 * 8 * 64, "seq_len": 64},
+                       kl={"tokens": 8 * 8 * 64, "seq_len": 64, "ckpt_every": 2},
+                       finetune={"tokens": 2 * 8 * 64, "seq_len": 64},
+                       select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
+                               "ratios": [0.25], "eval_sequences": 4})
+    p = submit(cluster, root / "job.log", f"CONFIG={cfg}", "STAGES=align,select,kl,finetune")
+    log = (root / "job.log").read_text() if (root / "job.log").exists() else ""
+    assert p.returncode == 0, p.stdout + p.stderr + log
+    return {"root": root, "cfg": cfg, "out": out, "teacher": teacher, "corpus": corpus}
+
+
+def test_every_stage_ran_across_both_nodes(conversion):
+    out = conversion["out"]
+    for stage in ("align", "kl", "finetune"):
+        assert (out / stage / "DONE").is_file() and (out / stage / "hf" / "config.json").is_file(), stage
+        ranks = json.loads((out / stage / "run_info.json").read_text())["ranks"]
+        assert sorted(r["slurm_node"] for r in ranks) == ["n1", "n2"], (stage, ranks)
+    sel = json.loads((out / "select" / "ga_s2" / "selection.json").read_text())
+    kl = json.loads((out / "kl" / "DONE").read_text())
+    assert kl["softmax_layers"] == sel["ranking"][:1]  # kl used the selection
+    assert list((out / "kl").glob("slurm-*.log"))  # per-stage logs under the run dir
+
+
+def test_scancel_mid_kl_then_resubmit_resumes_to_the_same_losses(cluster, conversion, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for stage in ("align", "select"):  # finished stages, to be skipped
+        shutil.copytree(conversion["out"] / stage, out / stage)
+    sel = str(out / "select" / "ga_s2" / "selection.json")
+    cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
+                       softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 8 * 64, "seq_len": 64, "ckpt_every": 2},
+                       select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
+                               "ratios": [0.25], "eval_sequences": 4})
+    # the selection must name this run's align export: same weights, copied, so the fingerprints agree
+    p = submit(cluster, tmp_path / "job1.log", f"CONFIG={cfg}", "STAGES=align,select,kl", wait=False)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    marker = out / "kl" / "checkpoints" / "step00000004" / "COMPLETE"
+    deadline = time.time() + 600
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.3)
+    assert marker.exists(), (tmp_path / "job1.log").read_text()[-3000:]
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=cluster).stdout.strip():
+        time.sleep(0.5)
+    assert not (out / "kl" / "DONE").exists()
+    p = submit(cluster, tmp_path / "job2.log", f"CONFIG={cfg}", "STAGES=align,select,kl")
+    log2 = (tmp_path / "job2.log").read_text()
+    assert p.returncode == 0, log2
+    assert "== align: done, skipped" in log2 and "== select: done, skipped" in log2
+    kl_logs = "".join(f.read_text() for f in (out / "kl").glob("slurm-*.log"))
+    assert "resumed kl from step" in kl_logs
+    resumed, ref = metrics(out / "kl"), metrics(conversion["out"] / "kl")
+    assert sorted(resumed) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert resumed[step]["loss"] == ref[step]["loss"], step

@@ -61,3 +61,26 @@ def test_cli_bad_layers_fail_before_loading(tmp_path):
     assert r.returncode == 2
     assert "--softmax-layers" in r.stderr and "0..29" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_short_align_then_kl_on_the_real_teacher_exports_a_hybrid_that_reloads(tmp_path):
+    """A few steps of align and kl on SmolLM2 itself (short sequences, one process), then reload the export."""
+    from trainer_utils import make_corpus, tail, train, write_config
+
+    corpus = make_corpus(tmp_path / "corpus", n_files=20)
+    short = {"seq_len": 64, "global_batch": 2, "micro_batch": 2, "tokens": 2 * 2 * 64, "eval_sequences": 2,
+             "ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json"}
+    cfg = write_config(tmp_path / "run.yaml", "embedded", corpus, tmp_path / "out", softmax_layers={"uniform": 0.25},
+                       align=short, kl=short)
+    for stage in ("align", "kl"):
+        p = train(stage, cfg, nproc=1, timeout=900)
+        assert p.returncode == 0, tail(p)
+    import ds_hybrid  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / "out" / "kl" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert model.config.softmax_layers == [0, 3, 7, 11, 15, 18, 22, 26] and model.config.num_hidden_layers == 30
+    tok = AutoTokenizer.from_pretrained(d)
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] >= 2

@@ -66,10 +66,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(name: str):
-    import ds_hybrid.evaluation.run as run
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ds_hybrid.evaluation.run import run_eval
 
-    return getattr(run, name)
+    run_eval(args)
+    return 0
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from ds_hybrid.evaluation.run import run_bench_infer
+
+    run_bench_infer(args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="recall (RULER, SWDE, FDA via lm-eval) and held-out quality, models side by side")
     add_eval_args(p)
-    p.set_defaults(fn=lambda a: _lazy("run_eval")(a) and 0)
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench-infer", help="prefill/decode speed and cache memory, hybrid vs teacher")
     add_bench_args(p)
-    p.set_defaults(fn=lambda a: _lazy("run_bench_infer")(a) and 0)
+    p.set_defaults(fn=cmd_bench_infer)
+
+    sub.add_parser("plan", help="memory per GPU for a config and cluster shape (see: ds-hybrid plan -h)")
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)

@@ -179,11 +179,12 @@ def build_streams(cfg: DataConfig, tokenizer, out: Path, files: list[Path] | Non
             "tokenizer": tokenizer_fingerprint(tokenizer), "add_eos": cfg.add_eos, "split_seed": cfg.split_seed,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, out) if not out.exists() else None
-        except OSError:
-            if not (out / "meta.json").is_file():
-                raise
+        if not out.exists():
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished the same cache first: keep theirs
+                if not (out / "meta.json").is_file():
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

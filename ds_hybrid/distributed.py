@@ -106,3 +106,12 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

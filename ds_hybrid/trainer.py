@@ -109,11 +109,7 @@ def rank_places() -> list[dict]:
 
     mine = {"rank": D.rank(), "host": socket.gethostname(), "slurm_node": os.environ.get("SLURMD_NODENAME"),
             "local_rank": D.local_rank()}
-    if D.world_size() == 1:
-        return [mine]
-    out: list = [None] * D.world_size()
-    torch.distributed.all_gather_object(out, mine)
-    return out
+    return D.all_gather(mine)
 
 
 def all_engines(runner) -> dict:
@@ -134,11 +130,7 @@ def gather_param_report(runner) -> list[dict[str, int]]:
             full += int(torch.Size(full_shape(p)).numel())
             local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
         mine[name] = {"local": local, "full": full}
-    if D.world_size() == 1:
-        return [mine]
-    out: list = [None] * D.world_size()
-    torch.distributed.all_gather_object(out, mine)
-    return out
+    return D.all_gather(mine)
 
 
 def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:

@@ -63,10 +63,7 @@ def main() -> None:
     plan = make_plan(cfg, "kl", counts, D.world_size(), dtype_bytes=4)
     mine = {"rank": D.rank(), "zero": zstage, "params": p_bytes, "grads": g_bytes, "optimizer": master + states,
             "plan_params": plan.student_params, "plan_grads": plan.gradients, "plan_optimizer": plan.optimizer_states}
-    everyone = [None] * D.world_size()
-    import torch.distributed as dist
-
-    dist.all_gather_object(everyone, mine)
+    everyone = D.all_gather(mine)
     if D.is_main():
         with open(out, "w") as f:
             json.dump(everyone, f)

@@ -61,10 +61,7 @@ def main() -> None:
     full_t = sum(p.ds_numel for p in teacher.module.parameters())
     mine = {"rank": D.rank(), "base_rss": base, "peak_rss": peak, "growth": peak - base, "local_teacher": local_t, "local_student": local_s,
             "full_teacher": full_t}
-    everyone = [None] * D.world_size()
-    import torch.distributed as dist
-
-    dist.all_gather_object(everyone, mine)
+    everyone = D.all_gather(mine)
     if D.is_main():
         with open(out, "w") as f:
             json.dump(everyone, f)

@@ -58,8 +58,8 @@ def test_every_ruler_task_builds_offline_and_scores_in_unit_interval(tiny):
     model, tok, path = tiny
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=1024, device="cpu")
     tasks = recall.SUITES["recall"]
-    specs = recall.ruler_configs(tasks, [1024], path, haystack_words())
-    scores = recall.scores_from(recall.run_tasks(lm, specs, limit=2), [1024])
+    specs = recall.ruler_configs(tasks, [1024], path, haystack_words(), limit=2)
+    scores = recall.scores_from(recall.run_tasks(lm, specs, None), [1024])
     assert set(scores) == set(tasks)
     for t in tasks:
         assert 0.0 <= scores[t]["1024"] <= 1.0, (t, scores[t])
@@ -76,6 +76,17 @@ def test_based_tasks_oracle_scores_one_and_mute_scores_zero(name, path):
     half = FixedLM({recall.based_prompt(r): r["value"].upper() for r in records[::2]})  # case-insensitive
     got = recall.scores_from(recall.run_tasks(half, spec, None), [])[f"{name}_local"]["contains"]
     assert got == pytest.approx(len(records[::2]) / len(records))
+
+
+def test_limit_applies_to_every_length():
+    import datasets
+
+    def gen(**kwargs):  # like RULER's generators: all samples of one length, then the next
+        rows = [{"max_length": L, "i": i} for L in (1024, 2048, 4096) for i in range(10)]
+        return {"test": datasets.Dataset.from_list(rows)}
+
+    test = recall._per_length_limit(gen, 3)["test"]
+    assert test["max_length"] == [1024] * 3 + [2048] * 3 + [4096] * 3
 
 
 def test_truncation_is_counted(tiny):
@@ -104,8 +115,8 @@ def test_real_teacher_finds_the_needle_at_1024_tokens():
 
     model, tok = load_teacher(None, dtype=torch.bfloat16)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=1024, device="cpu")
-    specs = recall.ruler_configs(["niah_single_1"], [1024], resolve_teacher(None), None)
-    score = recall.scores_from(recall.run_tasks(lm, specs, limit=4), [1024])["niah_single_1"]["1024"]
+    specs = recall.ruler_configs(["niah_single_1"], [1024], resolve_teacher(None), None, limit=4)
+    score = recall.scores_from(recall.run_tasks(lm, specs, None), [1024])["niah_single_1"]["1024"]
     assert score >= 0.75
 
 

@@ -91,7 +91,25 @@ def _essay_dataset(spec: dict[str, Any], haystack: list[str], **kwargs) -> dict:
     )
 
 
-def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, haystack: list[str] | None) -> list[dict]:
+def _per_length_limit(dataset_fn: Callable, limit: int | None, **kwargs) -> dict:
+    """RULER generators put all samples of one length before the next; lm-eval's limit would then see only the
+    first length. Keep the first ``limit`` samples of every length instead."""
+    data = dataset_fn(**kwargs)
+    if limit is None:
+        return data
+    test = data["test"]
+    seen: dict[int, int] = {}
+    keep = []
+    for i, L in enumerate(test["max_length"]):
+        if seen.get(L, 0) < limit:
+            keep.append(i)
+            seen[L] = seen.get(L, 0) + 1
+    return {"test": test.select(keep)}
+
+
+def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, haystack: list[str] | None,
+                  limit: int | None = None) -> list[dict]:
+    """Task configs; ``limit`` = samples per task *and length* (pass no lm-eval limit for these tasks then)."""
     import importlib
 
     out = []
@@ -99,11 +117,12 @@ def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, hay
         if t in RULER_TASKS:
             mod, fn, gen = RULER_TASKS[t]
             f = getattr(importlib.import_module(f"lm_eval.tasks.ruler.{mod}"), fn)
-            out.append(_ruler_config(t, f, lengths, tokenizer_path, gen))
+            out.append(_ruler_config(t, partial(_per_length_limit, f, limit), lengths, tokenizer_path, gen))
         elif t in ESSAY_TASKS:
             if haystack is None:
                 raise ValueError("essay tasks need a haystack")
-            out.append(_ruler_config(t, partial(_essay_dataset, ESSAY_TASKS[t], haystack), lengths, tokenizer_path, 128))
+            f = partial(_essay_dataset, ESSAY_TASKS[t], haystack)
+            out.append(_ruler_config(t, partial(_per_length_limit, f, limit), lengths, tokenizer_path, 128))
         else:
             raise ConfigError("--tasks", t, f"unknown task; known: {sorted(RULER_TASKS) + sorted(ESSAY_TASKS) + list(BASED_TASKS)}")
     return out
@@ -145,11 +164,19 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
     return rows
 
 
-def based_config(name: str, path: str | Path) -> dict:
+def based_config(name: str, path: str | Path, limit: int | None = None) -> dict:
     p = Path(path).expanduser()
-    kind = "parquet" if p.suffix == ".parquet" else "json"
+    records = load_based_records(p, f"--{name}")
+    rows = records[:limit] if limit else records
+
+    def dataset(**kwargs) -> dict:
+        import datasets
+
+        return {"test": datasets.Dataset.from_list([{k: r[k] for k in ("text", "context", "key", "value") if k in r}
+                                                    for r in rows])}
+
     return {
-        "task": f"{name}_local", "dataset_path": kind, "dataset_kwargs": {"data_files": {"test": str(p)}},
+        "task": f"{name}_local", "custom_dataset": dataset, "dataset_path": "",
         "test_split": "test", "output_type": "generate_until",
         "doc_to_text": based_prompt, "doc_to_target": lambda d: d["value"].strip(), "target_delimiter": "",
         "process_results": _based_results,

@@ -90,12 +90,12 @@ def run_eval(args: argparse.Namespace) -> dict:
         info[name] = {"path": path, **describe(model)}
         max_length = max(lengths) if lengths else 4096
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length, device=str(dev))
-        specs = recall.ruler_configs(tasks, lengths, local, haystack) if tasks and lengths else []
+        specs = recall.ruler_configs(tasks, lengths, local, haystack, args.limit) if tasks and lengths else []
         for bname, p in based.items():
-            specs.append(recall.based_config(bname, p))
+            specs.append(recall.based_config(bname, p, args.limit))
             truncated.setdefault(bname, {})[name] = recall.count_truncated(records[bname], tok, max_length, args.limit)
         t0 = time.time()
-        res = recall.run_tasks(lm, specs, args.limit, args.seed) if specs else {"results": {}}
+        res = recall.run_tasks(lm, specs, None, args.seed) if specs else {"results": {}}  # limits applied above
         scores[name] = recall.scores_from(res, lengths)
         info[name]["eval_seconds"] = time.time() - t0
         if rows:
@@ -166,7 +166,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="2048,4096")
     p.add_argument("--swde", default=None, help="local SWDE file (JSON/JSONL/parquet: text+value or context+key+value)")
     p.add_argument("--fda", default=None, help="local FDA file, same layout")
-    p.add_argument("--limit", type=int, default=None, help="examples per task and length (quick runs)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task and per length (quick runs)")
     p.add_argument("--haystack", default=None, help="prose files/folders for the essay NIAH (default: embedded held-out)")
     p.add_argument("--data", default="embedded", help="corpus for held-out perplexity / KL (its held-out documents)")
     p.add_argument("--heldout-sequences", type=int, default=16)

@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,6 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
         survivors = ranked[:max(keep, len(alive) // 2)]
         for layer in alive:  # stopped probes no longer need their checkpoints
             if layer not in survivors and D.is_main():
-                import shutil
-
                 shutil.rmtree(out / "probes" / probe_name(layer) / "kl" / "checkpoints", ignore_errors=True)
         alive = survivors
         prev_steps, steps, r = steps, min(steps * 2, stage_steps(s)), r + 1

@@ -60,8 +60,15 @@ def select(cfg, method, *overrides, nproc=1):
     return read_selection(cfg.parent / "out" / "select" / method / "selection.json")
 
 
-def test_ga_s2_ranks_the_planted_layer_first(planted):
+@pytest.fixture(scope="module")
+def ga_s2(planted):
+    """The full GA-S2 selection of the planted case (2 ranks); the other selectors are compared with it."""
     sel = select(planted["cfg"], "ga_s2", nproc=2)
+    return sel, planted["out"] / "select" / "ga_s2" / "selection.json"
+
+
+def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
+    sel, _ = ga_s2
     assert sel["ranking"][0] == PLANTED
     scores = {int(k): v for k, v in sel["scores"].items()}
     # ranking = ascending order of the measured probe scores
@@ -76,10 +83,8 @@ def test_ga_s2_ranks_the_planted_layer_first(planted):
     assert list((out / "tensorboard").glob("events.*"))
 
 
-def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted):
-    ref = str(planted["out"] / "select" / "ga_s2" / "selection.json")
-    if not os.path.exists(ref):
-        pytest.skip("needs the GA-S2 selection of the previous test")
+def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, ga_s2):
+    ref = str(ga_s2[1])
     h = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
                "select.halving_first_tokens=512")
     assert PLANTED in h["ranking"][:1]
@@ -154,12 +159,10 @@ def test_recall_prompts_are_answerable(multihop):
         assert all(any(not re.search(rf"^{k} = \d+$", p.text, flags=re.M) for k in p.query) for p in prompts)
 
 
-def test_kl_consumes_selection_and_rejects_foreign_ones(planted, tmp_path):
+def test_kl_consumes_selection_and_rejects_foreign_ones(planted, ga_s2, tmp_path):
     from ds_hybrid.trainer import make_context
 
-    path = planted["out"] / "select" / "ga_s2" / "selection.json"
-    if not path.exists():
-        pytest.skip("needs the GA-S2 selection")
+    path = ga_s2[1]
     cfg = load_config(planted["cfg"], [f"softmax_layers={{selection: {path}, k: 1}}"])
     ctx = make_context(cfg, "kl")
     assert ctx.softmax_layers == [PLANTED]

@@ -287,10 +287,11 @@ def validate_static(cfg: RunConfig) -> None:
         for f in ("seq_len", "global_batch", "micro_batch", "log_every", "ckpt_every", "loss_chunk_tokens"):
             if getattr(s, f) < 1:
                 raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
-        if s.tokens < 0 or s.lr < 0 or s.lr_rest < 0 or s.clip < 0 or s.temperature <= 0:
-            bad = next(f for f in ("tokens", "lr", "lr_rest", "clip", "temperature")
-                       if (getattr(s, f) <= 0 if f == "temperature" else getattr(s, f) < 0))
-            raise ConfigError(f"{name}.{bad}", getattr(s, bad), "must not be negative (temperature > 0)")
+        for f in ("tokens", "lr", "lr_rest", "clip"):
+            if getattr(s, f) < 0:
+                raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
+        if s.temperature <= 0:
+            raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
         if not 0 <= s.min_lr_ratio <= 1:
             raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
 

@@ -6,7 +6,6 @@ bytes the student engine really holds for parameters, gradients and optimizer st
 
 from __future__ import annotations
 
-import json
 import sys
 
 
@@ -63,10 +62,9 @@ def main() -> None:
     plan = make_plan(cfg, "kl", counts, D.world_size(), dtype_bytes=4)
     mine = {"rank": D.rank(), "zero": zstage, "params": p_bytes, "grads": g_bytes, "optimizer": master + states,
             "plan_params": plan.student_params, "plan_grads": plan.gradients, "plan_optimizer": plan.optimizer_states}
-    everyone = D.all_gather(mine)
-    if D.is_main():
-        with open(out, "w") as f:
-            json.dump(everyone, f)
+    from trainer_utils import write_rank_reports
+
+    write_rank_reports(mine, out)
 
 
 if __name__ == "__main__":

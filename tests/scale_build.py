@@ -6,7 +6,6 @@ ZeRO-3 for both, and report each rank's peak resident memory growth. Used by tes
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -61,10 +60,9 @@ def main() -> None:
     full_t = sum(p.ds_numel for p in teacher.module.parameters())
     mine = {"rank": D.rank(), "base_rss": base, "peak_rss": peak, "growth": peak - base, "local_teacher": local_t, "local_student": local_s,
             "full_teacher": full_t}
-    everyone = D.all_gather(mine)
-    if D.is_main():
-        with open(out, "w") as f:
-            json.dump(everyone, f)
+    from trainer_utils import write_rank_reports
+
+    write_rank_reports(mine, out)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,12 @@ def glob_one(pattern: str) -> Path:
     found = glob.glob(pattern)
     assert len(found) == 1, found
     return Path(found[0])
+
+
+def write_rank_reports(mine: dict, out: str) -> None:
+    """Gather every rank's report; rank 0 writes them as one JSON list (tests/plan_measure.py, scale_build.py)."""
+    from ds_hybrid import distributed as D
+
+    everyone = D.all_gather(mine)
+    if D.is_main():
+        Path(out).write_text(json.dumps(everyone))

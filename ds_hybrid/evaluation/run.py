@@ -41,17 +41,24 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
     return out
 
 
-def load_model(path: str, dev: torch.device, dtype: torch.dtype):
-    import ds_hybrid  # noqa: F401  (registers the hybrid)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer_and_path(path: str):
+    from transformers import AutoTokenizer
 
     from ds_hybrid.teacher import is_embedded, resolve_teacher
 
     local = resolve_teacher(None) if is_embedded(path) else path
+    return AutoTokenizer.from_pretrained(local), local
+
+
+def load_model(path: str, dev: torch.device, dtype: torch.dtype):
+    import ds_hybrid  # noqa: F401  (registers the hybrid)
+    from transformers import AutoModelForCausalLM
+
+    tok, local = _tokenizer_and_path(path)
     if not (Path(local) / "config.json").is_file():
         raise ConfigError("--model", path, "not an HF model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(dev).eval()
-    return model, AutoTokenizer.from_pretrained(local), local
+    return model, tok, local
 
 
 def describe(model) -> dict:
@@ -86,7 +93,10 @@ def run_eval(args: argparse.Namespace) -> dict:
         teacher_model, _, _ = load_model(models["teacher"], dev, dtype)
     rows = _heldout_rows(args, models) if not args.no_quality else []
     for name, path in models.items():
-        model, tok, local = load_model(path, dev, dtype)
+        if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
+            model, tok, local = teacher_model, *_tokenizer_and_path(path)
+        else:
+            model, tok, local = load_model(path, dev, dtype)
         info[name] = {"path": path, **describe(model)}
         max_length = max(lengths) if lengths else 4096
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length, device=str(dev))

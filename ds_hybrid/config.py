@@ -68,10 +68,12 @@ class StageConfig:
     kl_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton kernel on CUDA, torch reference on CPU
     ds_config: str = "ds_configs/student_zero2.json"
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
-    init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export)
+    init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export);
+    # "teacher": stage-0 transfer straight from the teacher, no align (ablations, benchmarks)
     gradient_checkpointing: bool = False
     log_every: int = 10
-    ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end)
+    ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
+    # killed stage then restarts from its first step)
     keep_checkpoints: int = 2  # 0: delete them once the stage is DONE
     export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
@@ -284,9 +286,11 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
     for name in TRAIN_STAGES:
         s: StageConfig = getattr(cfg, name)
-        for f in ("seq_len", "global_batch", "micro_batch", "log_every", "ckpt_every", "loss_chunk_tokens"):
+        for f in ("seq_len", "global_batch", "micro_batch", "log_every", "loss_chunk_tokens"):
             if getattr(s, f) < 1:
                 raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
+        if s.ckpt_every < 0:
+            raise ConfigError(f"{name}.ckpt_every", s.ckpt_every, "a step count (0: no checkpoints at all)")
         for f in ("tokens", "lr", "lr_rest", "clip"):
             if getattr(s, f) < 0:
                 raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
@@ -324,8 +328,9 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
                 raise ConfigError(f"{stage}.{f}", str(p),
                                   f"remove the '{key}' section: ds-hybrid builds the optimizer (two learning rates) "
                                   f"and the schedule from the run config's {stage} section")
-    if s.init_from is not None and not Path(s.init_from).expanduser().is_dir():
-        raise ConfigError(f"{stage}.init_from", s.init_from, "no such folder; point at a stage's hf/ export")
+    if s.init_from is not None and s.init_from != "teacher" and not Path(s.init_from).expanduser().is_dir():
+        raise ConfigError(f"{stage}.init_from", s.init_from,
+                          "no such folder; point at a stage's hf/ export (or 'teacher' for stage 0 without align)")
     if stage == "align" and s.lr_rest != 0:
         raise ConfigError("align.lr_rest", s.lr_rest, "stage align trains only the mixers; set lr_rest: 0")
     if math.isnan(s.lr):

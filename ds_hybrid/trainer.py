@@ -24,6 +24,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,13 +124,17 @@ def gather_param_report(runner) -> list[dict[str, int]]:
     """Per rank: parameters held locally vs in full, for each engine (shows ZeRO-3 partitioning at work)."""
     from ds_hybrid.zero import full_shape
 
-    mine = {}
+    mine: dict[str, Any] = {}
     for name, engine in all_engines(runner).items():
-        local = full = 0
+        local = full = local_bytes = 0
         for p in {id(p): p for p in engine.module.parameters()}.values():
             full += int(torch.Size(full_shape(p)).numel())
-            local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel())
-        mine[name] = {"local": local, "full": full}
+            held = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            local += int(held.numel())
+            local_bytes += int(held.numel()) * held.element_size()
+        mine[name] = {"local": local, "full": full, "local_bytes": local_bytes}
+    if torch.cuda.is_available():  # everything the engines hold on this GPU once built (params, optimizer, buffers)
+        mine["gpu_allocated_after_setup"] = int(torch.cuda.memory_allocated())
     return D.all_gather(mine)
 
 
@@ -210,7 +215,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                 monitor.histogram(done, "train/kl_per_token", kl_tokens)
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
-            if done % s.ckpt_every == 0 or done == total or stop:
+            if stop or (s.ckpt_every and (done % s.ckpt_every == 0 or done == total)):
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})
             if s.eval_every and done % s.eval_every == 0 and done != total:
                 monitor.scalars(done, runner.evaluate(val_batches), prefix="val")

@@ -190,3 +190,56 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path
     bad = int(m.group(1))
     good = sorted(int(c.parent.name[4:]) for c in (tmp_path / "out" / "kl" / "checkpoints").glob("step*/COMPLETE"))
     assert good and good[-1] == bad - 1  # every good step was saved (ckpt_every=1); the bad one was not
+
+
+def test_kl_from_teacher_is_stage0_transfer(tmp_path):
+    """kl.init_from=teacher (no align): every transferred weight of the student built from the teacher's safetensors
+    equals the in-memory stage-0 transfer (transfer.build_hybrid); fresh mixer parameters are initialised (finite,
+    fla's A_log range) and a function of the seed alone."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.stages.base import load_hybrid
+    from ds_hybrid.trainer import make_context
+    from ds_hybrid.transfer import build_hybrid
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", tie=False)
+
+    def student(seed: int):
+        cfg = load_config(None, [f"teacher={teacher}", "softmax_layers=[2]", "dtype=fp32", f"seed={seed}",
+                                 "kl.init_from=teacher", "kl.ds_config=ds_configs/single.json", "kl.global_batch=1",
+                                 "kl.seq_len=64", "kl.tokens=64"])
+        return load_hybrid(make_context(cfg, "kl"), "teacher", "kl.init_from").state_dict()
+
+    got, again, other = student(7), student(7), student(8)
+    want = build_hybrid(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), [2], "gdn").state_dict()
+    assert got.keys() == want.keys()
+    transferred = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "layernorm", "embed_tokens", "model.norm", "lm_head")
+    fresh = [k for k in want if ".self_attn." in k and not any(t in k for t in transferred)]
+    assert fresh and all(".layers.2." not in k for k in fresh)  # layer 2 is softmax: all of it from the teacher
+    for k in want:
+        assert torch.isfinite(got[k]).all(), k
+        assert torch.equal(got[k], again[k]), k
+        if k not in fresh:
+            assert torch.equal(got[k], want[k]), k
+    for k in fresh:
+        if k.endswith("A_log"):
+            assert (got[k].exp() > 0).all() and (got[k].exp() <= 16).all(), k
+    assert any(not torch.equal(got[k], other[k]) for k in fresh)  # a different seed draws other gates
+
+
+def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
+    """The same student built into ZeRO-3 partitions over 2 ranks: the held-out KL before any step equals the
+    single-process one (a partitioned build left uninitialised mixer parameters here once: NaN from step 0)."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=10)
+    vals = {}
+    for world, ds in ((1, "single"), (2, "student_zero3")):
+        out = tmp_path / f"out{world}"
+        cfg = write_config(tmp_path / f"run{world}.yaml", teacher, corpus, out,
+                           kl={"init_from": "teacher", "tokens": 8 * 128, "ckpt_every": 0, "export": False,
+                               "ds_config": f"ds_configs/{ds}.json",
+                               "teacher_ds_config": f"ds_configs/{'single' if world == 1 else 'teacher_zero3'}.json"})
+        train("kl", cfg, nproc=world)
+        vals[world] = metrics(out / "kl", "val")[0]["kl"]
+    assert vals[1] > 0 and vals[2] == pytest.approx(vals[1], rel=1e-4)

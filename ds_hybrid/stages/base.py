@@ -115,9 +115,15 @@ def init_mixer_from_reader(mixer: LinearMixer, reader: SafetensorsReader, layer:
         mixer.init_from_teacher(attn, num_kv_heads)
 
 
+FROM_TEACHER = "teacher"  # init_from value: start from RADLADS stage 0 (the teacher's weights), skipping align
+
+
 def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridForCausalLM:
     """A hybrid with ``ctx.softmax_layers``, filled from ``init_from`` (a previous stage's HF export); a layer that
-    is softmax here but linear there takes the teacher's attention (the selected layers "restored")."""
+    is softmax here but linear there takes the teacher's attention (the selected layers "restored").
+    ``init_from="teacher"`` builds it by stage-0 transfer straight from the teacher's safetensors instead."""
+    if str(init_from) == FROM_TEACHER:
+        return _hybrid_from_teacher(ctx)
     init_from = Path(init_from)
     if not (init_from / "config.json").is_file():
         raise ConfigError(field, str(init_from), "no HF export there: run the previous stage first, or point at "
@@ -155,6 +161,51 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
         restored = i in config.softmax_layers and i not in src_cfg.softmax_layers
         fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher if restored else src)
     return student if zero_stage(ds) == 3 else student.to(ctx.device)
+
+
+def _hybrid_from_teacher(ctx: StageContext) -> HybridForCausalLM:
+    """RADLADS stage 0 under any ZeRO stage: every module but the linear mixers copied from the teacher's
+    safetensors, each mixer initialised from its layer's attention (fresh gates/decays, same seed on every rank)."""
+    from ds_hybrid.transfer import hybrid_config
+
+    tc = ctx.teacher_config
+    config = hybrid_config(tc, ctx.softmax_layers, ctx.cfg.mixer, ctx.cfg.mixer_options)
+    ds = ctx.ds_config()
+    with zero3_init(ds, ctx.dtype):
+        student = HybridForCausalLM(config)
+    if zero_stage(ds) == 3:
+        student.tie_weights()
+    else:
+        student = student.to(dtype=ctx.dtype)
+    teacher = SafetensorsReader(ctx.teacher_path)
+    fill_module(student.model.embed_tokens, "model.embed_tokens.", teacher)
+    fill_module(student.model.norm, "model.norm.", teacher)
+    if not config.tie_word_embeddings:
+        fill_module(student.lm_head, "lm_head.", teacher)
+    for i, layer in enumerate(student.model.layers):
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", teacher)
+        if i in config.softmax_layers:
+            fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher)
+        else:
+            fresh_init(student, layer.self_attn, ctx.cfg.seed * 100_003 + i)
+            init_mixer_from_reader(layer.self_attn, teacher, i, tc.num_key_value_heads)
+    return student if zero_stage(ds) == 3 else student.to(ctx.device)
+
+
+@torch.no_grad()
+def fresh_init(model: HybridForCausalLM, mixer: LinearMixer, seed: int) -> None:
+    """The model's own init (HF's std-0.02 normal + fla's A_log / dt_bias) for one mixer, drawn from ``seed`` on the
+    whole parameters. Needed under ZeRO-3: a model built inside zero.Init is partitioned before HF's post_init runs,
+    so parameters it never fills afterwards hold uninitialised memory."""
+    params = list(mixer.parameters())
+    with gathered(params, modifier_rank=0):
+        if any(is_partitioned(p) for p in params) and not D.is_main():
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in mixer.modules():
+                model._init_weights(m)
 
 
 def hybrid_export_groups(model: HybridForCausalLM) -> list[list[tuple[str, nn.Module]]]:

@@ -143,24 +143,13 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
             raise ConfigError("softmax_layers", ctx.softmax_layers,
                               f"layer {i} is softmax in {init_from} and would become linear here; a stage can only "
                               "restore softmax layers, not remove them (start from the align export)")
-    ds = ctx.ds_config()
-    with zero3_init(ds, ctx.dtype):  # ZeRO-3: built into partitions, then filled module by module
-        student = HybridForCausalLM(config)
-    if zero_stage(ds) == 3:
-        student.tie_weights()
-    else:
-        student = student.to(dtype=ctx.dtype)
     src, teacher = SafetensorsReader(init_from), SafetensorsReader(ctx.teacher_path)
-    fill_module(student.model.embed_tokens, "model.embed_tokens.", src)
-    fill_module(student.model.norm, "model.norm.", src)
-    if not config.tie_word_embeddings:
-        fill_module(student.lm_head, "lm_head.", src)
-    for i, layer in enumerate(student.model.layers):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", src)
+
+    def mixer(i: int, layer: nn.Module, student: HybridForCausalLM) -> None:
         restored = i in config.softmax_layers and i not in src_cfg.softmax_layers
         fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher if restored else src)
-    return student if zero_stage(ds) == 3 else student.to(ctx.device)
+
+    return _build_student(ctx, config, src, mixer)
 
 
 def _hybrid_from_teacher(ctx: StageContext) -> HybridForCausalLM:
@@ -170,6 +159,21 @@ def _hybrid_from_teacher(ctx: StageContext) -> HybridForCausalLM:
 
     tc = ctx.teacher_config
     config = hybrid_config(tc, ctx.softmax_layers, ctx.cfg.mixer, ctx.cfg.mixer_options)
+    teacher = SafetensorsReader(ctx.teacher_path)
+
+    def mixer(i: int, layer: nn.Module, student: HybridForCausalLM) -> None:
+        if i in config.softmax_layers:
+            fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher)
+        else:
+            fresh_init(student, layer.self_attn, ctx.cfg.seed * 100_003 + i)
+            init_mixer_from_reader(layer.self_attn, teacher, i, tc.num_key_value_heads)
+
+    return _build_student(ctx, config, teacher, mixer)
+
+
+def _build_student(ctx: StageContext, config: HybridConfig, src: SafetensorsReader, fill_mixer) -> HybridForCausalLM:
+    """Build the hybrid (under ZeRO-3: straight into partitions), fill everything but the token mixers from ``src``
+    module by module, and each layer's mixer with ``fill_mixer(i, layer, student)``."""
     ds = ctx.ds_config()
     with zero3_init(ds, ctx.dtype):
         student = HybridForCausalLM(config)
@@ -177,19 +181,14 @@ def _hybrid_from_teacher(ctx: StageContext) -> HybridForCausalLM:
         student.tie_weights()
     else:
         student = student.to(dtype=ctx.dtype)
-    teacher = SafetensorsReader(ctx.teacher_path)
-    fill_module(student.model.embed_tokens, "model.embed_tokens.", teacher)
-    fill_module(student.model.norm, "model.norm.", teacher)
+    fill_module(student.model.embed_tokens, "model.embed_tokens.", src)
+    fill_module(student.model.norm, "model.norm.", src)
     if not config.tie_word_embeddings:
-        fill_module(student.lm_head, "lm_head.", teacher)
+        fill_module(student.lm_head, "lm_head.", src)
     for i, layer in enumerate(student.model.layers):
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", teacher)
-        if i in config.softmax_layers:
-            fill_module(layer.self_attn, f"model.layers.{i}.self_attn.", teacher)
-        else:
-            fresh_init(student, layer.self_attn, ctx.cfg.seed * 100_003 + i)
-            init_mixer_from_reader(layer.self_attn, teacher, i, tc.num_key_value_heads)
+            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", src)
+        fill_mixer(i, layer, student)
     return student if zero_stage(ds) == 3 else student.to(ctx.device)
 
 

@@ -149,6 +149,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
         raise ConfigError("select.probe.schedule", s.schedule,
                           "successive halving continues probes from checkpoints: use a constant lr without warmup")
     s.keep_checkpoints = 1
+    s.ckpt_every = s.ckpt_every or 1_000_000_000  # each round ends in the checkpoint the next continues from
     step_tokens = s.global_batch * s.seq_len
     first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
     first_steps = max(1, first // step_tokens)

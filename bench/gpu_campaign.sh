@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The 4-GPU campaign behind docs/SELECT.md, docs/RESULTS.md (GPU sections) and docs/SCALE.md (measured), run in the
+# background by `bench/gpu_session.sh start` after `setup`. Results (logs, metrics, run_info, selections, eval
+# tables) gather in /tmp/res; `pack` tars them for the trip back.
+#
+# Phase 1, SmolLM2-135M (runs/smollm2_gpu_select.yaml), one chain per GPU:
+#   GPU0: align -> kl (1/4 uniform) -> eval (teacher vs all-linear vs 1/4) -> bench-infer
+#   GPU1: warm 8B-shaped kernels  -> GA-S2 probes 0::2 -> GA-S2 selection (once both halves are done)
+#   GPU2: warm SmolLM2 kl kernels -> GA-S2 probes 1::2 -> proxy + baselines (mse ppl uniform smart ar ar_multihop)
+#   GPU3: random Llama-3-8B teacher -> successive halving
+# Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), GPUs to itself:
+#   4 and 2 GPUs with lr_rest=0 (mixers + softmax attention train: fits 2 x 80 GB), then 4 GPUs with every
+#   parameter trained (the recipe; on 2 GPUs too where the card has room)
+# Phase 2 starts when phase 1 ends or at PHASE2_AT seconds, whichever is first (unfinished chains are stopped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_env.sh
+R=/tmp/res
+CFG=runs/smollm2_gpu_select.yaml
+SCALE=runs/llama3_8b_scaling.yaml
+RUN=/tmp/run/smollm2
+TEACHER8B=/tmp/llama3_8b_random
+mkdir -p $R/logs
+T0=$(cat $R/t0 2>/dev/null || date +%s)
+note() { echo "$(date +%T) +$(( $(date +%s) - T0 ))s $*" | tee -a $R/progress.log; }
+job() {  # job NAME GPUS CMD...: one logged step
+  local name=$1 gpus=$2; shift 2
+  note "start $name (GPU $gpus)"
+  (export CUDA_VISIBLE_DEVICES=$gpus; "$@") > $R/logs/$name.log 2>&1
+  local rc=$?
+  note "end $name rc=$rc"
+  return $rc
+}
+wait_for() {  # wait_for FILE...: until every file exists
+  for f in "$@"; do while [ ! -e "$f" ]; do sleep 3; done; done
+}
+train() { python3 ds_hybrid/train.py "$@"; }
+select_() { python3 ds_hybrid/train.py --stage select --config $CFG "$@"; }
+
+case "${1:-main}" in
+  chain0)
+    job align 0 train --stage align --config $CFG || exit 1
+    touch $R/align.ok
+    job kl 0 train --stage kl --config $CFG || exit 1
+    job eval 0 python3 -m ds_hybrid.cli eval --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
+      --teacher embedded --suite recall --lengths 2048,4096 --swde tests/fixtures/swde_fixture.jsonl \
+      --fda tests/fixtures/fda_fixture.json --limit 16 --batch-size 16 --heldout-sequences 32 --out $R/eval
+    job bench_infer 0 python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$RUN/kl/hf \
+      --model all_linear=$RUN/align/hf --teacher embedded --contexts 4096,16384,32768 --batches 1,8 \
+      --decode-tokens 64 --out $R/bench_infer
+    ;;
+  chain1)
+    job warm_8b 1 python3 bench/warmup_kernels.py --hidden 4096 --heads 32 --head-dim 128 --seq 4096 --vocab 128256
+    wait_for $R/align.ok
+    job ga_s2_task0 1 select_ select.task_index=0 select.num_tasks=2
+    wait_for $R/ga1.ok
+    job ga_s2 1 select_
+    ;;
+  chain2)
+    job warm_smollm2 2 python3 bench/warmup_kernels.py --hidden 576 --heads 9 --head-dim 64 --seq 512 2048 --batch 8 \
+      --vocab 49152
+    wait_for $R/align.ok
+    job ga_s2_task1 2 select_ select.task_index=1 select.num_tasks=2
+    touch $R/ga1.ok
+    for m in proxy mse ppl uniform smart ar ar_multihop; do job "select_$m" 2 select_ select.method=$m; done
+    ;;
+  chain3)
+    job random_teacher 3 python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --out $TEACHER8B
+    wait_for $R/align.ok
+    job halving 3 select_ select.method=halving
+    ;;
+  phase2)
+    wait_for $TEACHER8B/model.safetensors.index.json
+    gib=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
+    kl8b() { python3 -m torch.distributed.run --standalone --nproc_per_node "$1" ds_hybrid/train.py --stage kl \
+               --config $SCALE "${@:2}"; }
+    job scale_4gpu_lr_rest0 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_lr_rest0 kl.lr_rest=0
+    job scale_2gpu_lr_rest0 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_lr_rest0 kl.lr_rest=0
+    job scale_4gpu_all 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_all
+    if [ "$gib" -ge 120 ]; then job scale_2gpu_all 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_all; fi
+    ;;
+  main)
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    PHASE2_AT=${PHASE2_AT:-750}
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
+print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
+           fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
+    note "campaign starts; phase 2 at the latest at +${PHASE2_AT}s"
+    pids=()
+    for c in 0 1 2 3; do setsid "$0" chain$c > $R/logs/chain$c.out 2>&1 < /dev/null & pids+=($!); done
+    while :; do
+      alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ $alive = 0 ] && break
+      if [ $(( $(date +%s) - T0 )) -ge "$PHASE2_AT" ]; then
+        note "phase-1 time is up: stopping what still runs"
+        for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
+        sleep 5; break
+      fi
+      sleep 5
+    done
+    note "phase 1 over"
+    "$0" phase2
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+  pack)
+    out=${2:-/tmp/out}
+    mkdir -p "$out"
+    (cd /tmp/run 2>/dev/null && find . \( -name hf -o -name checkpoints \) -prune -o -type f \
+       \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \) \
+       -print) > /tmp/res/run_files.txt 2>/dev/null || true
+    tar -czf "$out/results.tar.gz" -C /tmp res $(sed 's#^\./#run/#' /tmp/res/run_files.txt) 2>/dev/null || \
+      tar -czf "$out/results.tar.gz" -C /tmp res
+    ls -la "$out"
+    ;;
+esac

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The 4-GPU campaign behind docs/SELECT.md, docs/RESULTS.md (GPU sections) and docs/SCALE.md (measured), run in the
+# The 2-GPU campaign behind docs/SELECT.md, docs/RESULTS.md (GPU sections) and docs/SCALE.md (measured), run in the
 # background by `bench/gpu_session.sh start` after `setup`. Results (logs, metrics, run_info, selections, eval
 # tables) gather in /tmp/res; `pack` tars them for the trip back.
 #
 # Phase 1, SmolLM2-135M (runs/smollm2_gpu_select.yaml), one chain per GPU:
 #   GPU0: align -> kl (1/4 uniform) -> eval (teacher vs all-linear vs 1/4) -> bench-infer
-#   GPU1: warm 8B-shaped kernels  -> GA-S2 probes 0::2 -> GA-S2 selection (once both halves are done)
-#   GPU2: warm SmolLM2 kl kernels -> GA-S2 probes 1::2 -> proxy + baselines (mse ppl uniform smart ar ar_multihop)
-#   GPU3: random Llama-3-8B teacher -> successive halving
-# Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), GPUs to itself:
-#   4 and 2 GPUs with lr_rest=0 (mixers + softmax attention train: fits 2 x 80 GB), then 4 GPUs with every
-#   parameter trained (the recipe; on 2 GPUs too where the card has room)
+#   GPU1: random Llama-3-8B teacher, 8B-shaped kernel warm-up -> GA-S2 (30 probes + all-linear baseline) -> proxy
+#         -> baselines (mse ppl uniform smart ar ar_multihop) -> successive halving
+# Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), both GPUs to itself:
+#   2 GPUs and 1 GPU with lr_rest=0 (mixers + softmax attention train: fits 80 GB cards), then 2 GPUs with every
+#   parameter trained (the recipe) where the card has room (H200).
 # Phase 2 starts when phase 1 ends or at PHASE2_AT seconds, whichever is first (unfinished chains are stopped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,33 +49,19 @@ case "${1:-main}" in
       --decode-tokens 64 --out $R/bench_infer
     ;;
   chain1)
+    job random_teacher 1 python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --out $TEACHER8B
     job warm_8b 1 python3 bench/warmup_kernels.py --hidden 4096 --heads 32 --head-dim 128 --seq 4096 --vocab 128256
     wait_for $R/align.ok
-    job ga_s2_task0 1 select_ select.task_index=0 select.num_tasks=2
-    wait_for $R/ga1.ok
     job ga_s2 1 select_
-    ;;
-  chain2)
-    job warm_smollm2 2 python3 bench/warmup_kernels.py --hidden 576 --heads 9 --head-dim 64 --seq 512 2048 --batch 8 \
-      --vocab 49152
-    wait_for $R/align.ok
-    job ga_s2_task1 2 select_ select.task_index=1 select.num_tasks=2
-    touch $R/ga1.ok
-    for m in proxy mse ppl uniform smart ar ar_multihop; do job "select_$m" 2 select_ select.method=$m; done
-    ;;
-  chain3)
-    job random_teacher 3 python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --out $TEACHER8B
-    wait_for $R/align.ok
-    job halving 3 select_ select.method=halving
+    for m in proxy mse ppl uniform smart ar ar_multihop halving; do job "select_$m" 1 select_ select.method=$m; done
     ;;
   phase2)
     wait_for $TEACHER8B/model.safetensors.index.json
     gib=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
     kl8b() { python3 -m torch.distributed.run --standalone --nproc_per_node "$1" ds_hybrid/train.py --stage kl \
                --config $SCALE "${@:2}"; }
-    job scale_4gpu_lr_rest0 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_lr_rest0 kl.lr_rest=0
     job scale_2gpu_lr_rest0 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_lr_rest0 kl.lr_rest=0
-    job scale_4gpu_all 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_all
+    job scale_1gpu_lr_rest0 0 kl8b 1 out_dir=/tmp/run/s8b_1gpu_lr_rest0 kl.lr_rest=0
     if [ "$gib" -ge 120 ]; then job scale_2gpu_all 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_all; fi
     ;;
   main)
@@ -89,7 +74,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
            fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
     note "campaign starts; phase 2 at the latest at +${PHASE2_AT}s"
     pids=()
-    for c in 0 1 2 3; do setsid "$0" chain$c > $R/logs/chain$c.out 2>&1 < /dev/null & pids+=($!); done
+    for c in 0 1; do setsid "$0" chain$c > $R/logs/chain$c.out 2>&1 < /dev/null & pids+=($!); done
     while :; do
       alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
       [ $alive = 0 ] && break

@@ -67,7 +67,7 @@ case "${1:-main}" in
   main)
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    PHASE2_AT=${PHASE2_AT:-750}
+    PHASE2_AT=${PHASE2_AT:-780}
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
 print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,

@@ -65,6 +65,32 @@ def test_every_ruler_task_builds_offline_and_scores_in_unit_interval(tiny):
         assert 0.0 <= scores[t]["1024"] <= 1.0, (t, scores[t])
 
 
+def test_limited_ruler_runs_draw_only_the_samples_they_keep(tiny, monkeypatch):
+    """lm-eval's wrappers ask their generator for 500 samples per length; with a limit, ours asks for the limit."""
+    import importlib
+
+    from ds_hybrid.evaluation.haystack import haystack_words
+
+    _, _, path = tiny
+    asked: list[int] = []
+    for mod, name in recall.RULER_GENERATORS.items():
+        module = importlib.import_module(f"lm_eval.tasks.ruler.{mod}")
+
+        def spy(*args, _original=getattr(module, name), **kwargs):
+            asked.append(kwargs.get("num_samples", recall.RULER_SAMPLES))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    tasks = recall.SUITES["recall"]
+    for spec in recall.ruler_configs(tasks, [1024], path, haystack_words(), limit=2):
+        test = spec["custom_dataset"](**spec["metadata"])["test"]
+        assert test["max_length"] == [1024, 1024], spec["task"]
+    assert asked and max(asked) <= 2  # every RULER module's generator ran, never for more than the limit
+    assert len(asked) >= len(recall.RULER_TASKS)
+    for mod, name in recall.RULER_GENERATORS.items():  # the caps are undone afterwards
+        assert getattr(importlib.import_module(f"lm_eval.tasks.ruler.{mod}"), name).__name__ == "spy"
+
+
 @pytest.mark.parametrize("name,path", [("swde", "swde_fixture.jsonl"), ("fda", "fda_fixture.json")])
 def test_based_tasks_oracle_scores_one_and_mute_scores_zero(name, path):
     records = recall.load_based_records(FIXTURES / path, f"--{name}")

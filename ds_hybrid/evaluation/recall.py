@@ -11,6 +11,8 @@ scoring functions are lm-eval's (string match over every gold answer).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -34,6 +36,11 @@ ESSAY_TASKS: dict[str, dict[str, Any]] = {
     "niah_essay_single": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=1),
     "niah_essay_multikey": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=4),
 }
+# lm-eval's RULER wrappers draw 500 samples per length whatever --limit says; this is the generator each module's
+# wrapper calls, so a limited run can draw only what it keeps (minutes saved per model at 4k+ tokens)
+RULER_SAMPLES = 500
+RULER_GENERATORS = {"niah_utils": "generate_samples", "cwe_utils": "sys_word_pair_random", "fwe_utils": "sys_kwext",
+                    "vt_utils": "sys_vartrack_w_noise_random"}
 BASED_TASKS = ("swde", "fda")
 BASED_MAX_GEN_TOKS = 48
 SUITES = {
@@ -77,7 +84,7 @@ def _ruler_config(task: str, dataset_fn: Callable, lengths: list[int], tokenizer
     }
 
 
-def _essay_dataset(spec: dict[str, Any], haystack: list[str], **kwargs) -> dict:
+def _essay_dataset(spec: dict[str, Any], haystack: list[str], num_samples: int = RULER_SAMPLES, **kwargs) -> dict:
     from lm_eval.tasks.ruler.common_utils import get_tokenizer, resolve_tokenizer_name
     from lm_eval.tasks.ruler.niah_utils import TEMPLATE, download_dataset
     from lm_eval.tasks.ruler.prepare_niah import generate_samples
@@ -85,16 +92,39 @@ def _essay_dataset(spec: dict[str, Any], haystack: list[str], **kwargs) -> dict:
     lengths = kwargs.pop("max_seq_lengths")
     tok = get_tokenizer(resolve_tokenizer_name(kwargs))
     return download_dataset(
-        generate_samples(haystack, max_seq_length=L, template=TEMPLATE, type_haystack="essay", num_samples=500,
-                         TOKENIZER=tok, **spec)
+        generate_samples(haystack, max_seq_length=L, template=TEMPLATE, type_haystack="essay",
+                         num_samples=min(num_samples, RULER_SAMPLES), TOKENIZER=tok, **spec)
         for L in lengths
     )
 
 
-def _per_length_limit(dataset_fn: Callable, limit: int | None, **kwargs) -> dict:
+@contextlib.contextmanager
+def capped_samples(module_name: str | None, cap: int | None):
+    """While active, the RULER generator of ``lm_eval.tasks.ruler.<module_name>`` draws at most ``cap`` samples
+    per call (its wrappers ask for 500)."""
+    if module_name is None or cap is None:
+        yield
+        return
+    module = importlib.import_module(f"lm_eval.tasks.ruler.{module_name}")
+    name = RULER_GENERATORS[module_name]
+    original = getattr(module, name)
+
+    def capped(*args, **kwargs):
+        kwargs["num_samples"] = min(kwargs.get("num_samples", RULER_SAMPLES), cap)
+        return original(*args, **kwargs)
+
+    setattr(module, name, capped)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _per_length_limit(dataset_fn: Callable, limit: int | None, module_name: str | None = None, **kwargs) -> dict:
     """RULER generators put all samples of one length before the next; lm-eval's limit would then see only the
-    first length. Keep the first ``limit`` samples of every length instead."""
-    data = dataset_fn(**kwargs)
+    first length. Keep the first ``limit`` samples of every length instead (and draw no more than that)."""
+    with capped_samples(module_name, limit):
+        data = dataset_fn(**kwargs)
     if limit is None:
         return data
     test = data["test"]
@@ -110,18 +140,16 @@ def _per_length_limit(dataset_fn: Callable, limit: int | None, **kwargs) -> dict
 def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, haystack: list[str] | None,
                   limit: int | None = None) -> list[dict]:
     """Task configs; ``limit`` = samples per task *and length* (pass no lm-eval limit for these tasks then)."""
-    import importlib
-
     out = []
     for t in tasks:
         if t in RULER_TASKS:
             mod, fn, gen = RULER_TASKS[t]
             f = getattr(importlib.import_module(f"lm_eval.tasks.ruler.{mod}"), fn)
-            out.append(_ruler_config(t, partial(_per_length_limit, f, limit), lengths, tokenizer_path, gen))
+            out.append(_ruler_config(t, partial(_per_length_limit, f, limit, mod), lengths, tokenizer_path, gen))
         elif t in ESSAY_TASKS:
             if haystack is None:
                 raise ValueError("essay tasks need a haystack")
-            f = partial(_essay_dataset, ESSAY_TASKS[t], haystack)
+            f = partial(_essay_dataset, ESSAY_TASKS[t], haystack, limit or RULER_SAMPLES)
             out.append(_ruler_config(t, partial(_per_length_limit, f, limit), lengths, tokenizer_path, 128))
         else:
             raise ConfigError("--tasks", t, f"unknown task; known: {sorted(RULER_TASKS) + sorted(ESSAY_TASKS) + list(BASED_TASKS)}")

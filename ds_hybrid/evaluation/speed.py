@@ -5,7 +5,8 @@ For each context length C and batch size B, on random tokens (speed does not dep
 - decode: ``decode_tokens`` single-token steps with that cache -> tokens/s;
 - cache memory: bytes held by the cache after decoding (KV tensors of softmax layers, recurrent and conv states of
   linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run.
-A size that does not fit is reported as out-of-memory rather than ending the benchmark.
+Every (C, B) is run once untimed before its timed run (kernel compilation and autotuning happen per shape). A
+size that does not fit is reported as out-of-memory rather than ending the benchmark.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tok
     rows = []
     for name, model in models.items():
         model.eval()
-        bench_model(model, min(contexts), min(batches), 2)  # warm-up (kernel compilation, allocator)
         for c in contexts:
             for b in batches:
+                # untimed pass at the same shape first: fla's Triton kernels are compiled and autotuned per shape,
+                # and that must not land in the timed pass (it did, on the first GPU runs: docs/BENCHMARKS.md)
+                bench_model(model, c, b, 2)
                 r = bench_model(model, c, b, decode_tokens)
                 r["model"] = name
                 rows.append(r)

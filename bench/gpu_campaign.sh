@@ -4,7 +4,7 @@
 # tables) gather in /tmp/res; `pack` tars them for the trip back.
 #
 # Phase 1, SmolLM2-135M (runs/smollm2_gpu_select.yaml), one chain per GPU:
-#   GPU0: align -> kl (1/4 uniform) -> eval (teacher vs all-linear vs 1/4) -> bench-infer
+#   GPU0: align -> kl (1/4 uniform) -> bench-infer -> eval (teacher vs all-linear vs 1/4)
 #   GPU1: random Llama-3-8B teacher, 8B-shaped kernel warm-up -> GA-S2 (30 probes + all-linear baseline) -> proxy
 #         -> baselines (mse ppl uniform smart ar ar_multihop) -> successive halving
 # Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), both GPUs to itself:
@@ -41,12 +41,12 @@ case "${1:-main}" in
     job align 0 train --stage align --config $CFG || exit 1
     touch $R/align.ok
     job kl 0 train --stage kl --config $CFG || exit 1
-    job eval 0 python3 -m ds_hybrid.cli eval --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
-      --teacher embedded --suite recall --lengths 2048,4096 --swde tests/fixtures/swde_fixture.jsonl \
-      --fda tests/fixtures/fda_fixture.json --limit 16 --batch-size 16 --heldout-sequences 32 --out $R/eval
     job bench_infer 0 python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$RUN/kl/hf \
       --model all_linear=$RUN/align/hf --teacher embedded --contexts 4096,16384,32768 --batches 1,8 \
       --decode-tokens 64 --out $R/bench_infer
+    job eval 0 python3 -m ds_hybrid.cli eval --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
+      --teacher embedded --suite recall --lengths 2048,4096 --swde tests/fixtures/swde_fixture.jsonl \
+      --fda tests/fixtures/fda_fixture.json --limit 16 --batch-size 16 --heldout-sequences 32 --out $R/eval
     ;;
   chain1)
     job random_teacher 1 python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --out $TEACHER8B

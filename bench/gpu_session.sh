@@ -7,7 +7,8 @@
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   bench/gpu_session.sh start            # bench/gpu_campaign.sh in the background (survives the call)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
-#   OUT=$OUT bench/gpu_session.sh parity|klbench   # single-GPU checks (bench/gpu_parity.py, bench/kl.py)
+#   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
+#                                                      # runs/smollm2_gpu_bench.yaml)
 #
 # Making the parts here: tar -cf bundle.tar wheels/ triton-3.7.1-*.whl SmolLM2-135M-Instruct.Q4_1.gguf corpus.tar.xz
 # && split -b 62000000 -d -a 1 bundle.tar part (docs/BENCHMARKS.md, "Reproducing").
@@ -49,6 +50,12 @@ from ds_hybrid.corpus import embedded_corpus_files; print('corpus documents', le
     ;;
   klbench)
     python3 bench/kl.py --out "$OUT/kl_bench.json"
+    ;;
+  train)  # stage-kl throughput on the embedded teacher (docs/BENCHMARKS.md)
+    for s in align kl; do
+      python3 ds_hybrid/train.py --stage $s --config runs/smollm2_gpu_bench.yaml
+      cp /tmp/gpu_bench/$s/metrics.jsonl "$OUT/${s}_metrics.jsonl"; cp /tmp/gpu_bench/$s/run_info.json "$OUT/${s}_run_info.json"
+    done
     ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

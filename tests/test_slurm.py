@@ -2,7 +2,8 @@
 
 The same script users submit, with CPU overrides (gloo, one rank per node, a tiny teacher): align -> select -> kl ->
 finetune across 2 nodes; then scancel in the middle of kl and resubmit: finished stages are skipped and kl resumes
-from its checkpoint to the same losses as the uninterrupted run.
+from its checkpoint to the same losses as the uninterrupted run; the time-limit signal makes the job checkpoint,
+requeue itself and finish to the same losses; SELECT_ARRAY runs the probes as a job array and continues after it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from trainer_utils import REPO, env, make_corpus, make_tiny_teacher, metrics, write_config
@@ -108,3 +110,86 @@ def test_scancel_mid_kl_then_resubmit_resumes_to_the_same_losses(cluster, conver
     assert sorted(resumed) == sorted(ref) == list(range(1, 9))
     for step in ref:
         assert resumed[step]["loss"] == ref[step]["loss"], step
+
+
+def _copy_finished(conversion, out, stages):
+    out.mkdir(exist_ok=True)
+    for stage in stages:
+        shutil.copytree(conversion["out"] / stage, out / stage)
+
+
+def _job_field(e, job, field):
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=e).stdout
+    for tok in show.split():
+        if tok.startswith(field + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, conversion, tmp_path):
+    """Slurm's time-limit warning (--signal=B:USR1@600) reaches the batch shell as USR1; here it is sent the same way
+    (scancel --batch --signal=USR1) in the middle of kl. The ranks checkpoint and exit, the job requeues itself,
+    the restarted job skips finished stages, resumes kl and ends with the uninterrupted run's losses."""
+    out = tmp_path / "out"
+    _copy_finished(conversion, out, ("align", "select"))
+    sel = str(out / "select" / "ga_s2" / "selection.json")
+    cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
+                       softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 8 * 64, "seq_len": 64, "ckpt_every": 2},
+                       select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
+                               "ratios": [0.25], "eval_sequences": 4})
+    p = submit(cluster, tmp_path / "job.log", f"CONFIG={cfg}", "STAGES=align,select,kl", wait=False)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    marker = out / "kl" / "checkpoints" / "step00000002" / "COMPLETE"
+    deadline = time.time() + 600
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.3)
+    assert marker.exists(), (tmp_path / "job.log").read_text()[-3000:]
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True)
+    deadline = time.time() + 900
+    while not (out / "kl" / "DONE").exists() and time.time() < deadline:
+        time.sleep(1)
+    kl_logs = "".join(f.read_text() for f in sorted((out / "kl").glob("slurm-*.log")))
+    assert (out / "kl" / "DONE").exists(), kl_logs[-3000:]
+    assert "stopped kl at step" in kl_logs and "resumed kl from step" in kl_logs
+    assert _job_field(cluster, job, "Restarts") == "1"
+    resumed, ref = metrics(out / "kl"), metrics(conversion["out"] / "kl")
+    assert sorted(resumed) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+
+
+def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, conversion, tmp_path):
+    """SELECT_ARRAY=2: the job submits the probes as a 2-task array plus a job that collects them and goes on with
+    kl once the array is done; every probe runs once, in one of the two tasks, and the selection equals the one made
+    in a single job."""
+    out = tmp_path / "out"
+    _copy_finished(conversion, out, ("align",))
+    sel = str(out / "select" / "ga_s2" / "selection.json")
+    cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
+                       softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 64, "seq_len": 64},
+                       select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
+                               "ratios": [0.25], "eval_sequences": 4})
+    p = submit(cluster, tmp_path / "job.log", f"CONFIG={cfg}", "STAGES=select,kl", "SELECT_ARRAY=2")
+    log = (tmp_path / "job.log").read_text()
+    assert p.returncode == 0 and "probes in array job" in log, log
+    deadline = time.time() + 900
+    while not (out / "kl" / "DONE").exists() and time.time() < deadline:
+        time.sleep(1)
+    select_logs = sorted((out / "select").glob("slurm-*.log"))
+    assert (out / "kl" / "DONE").exists(), "".join(f.read_text()[-2000:] for f in select_logs)
+    probes = sorted((out / "select" / "ga_s2" / "probes").iterdir())
+    ran_in = {}
+    for log_file in select_logs:  # which job ran which probe
+        for line in log_file.read_text().splitlines():
+            if "] probe " in line and "already done" not in line:
+                ran_in.setdefault(line.split("] probe ")[1].split()[0], []).append(log_file.name)
+    assert len(probes) == 5 and all((d / "kl" / "DONE").is_file() for d in probes)  # 4 layers + baseline
+    assert len({n for names in ran_in.values() for n in names}) >= 2  # spread over the array's tasks
+    assert all(len(v) == 1 for v in ran_in.values()), ran_in  # and none ran twice
+    got = json.loads(Path(sel).read_text())
+    want = json.loads((conversion["out"] / "select" / "ga_s2" / "selection.json").read_text())
+    assert got["ranking"] == want["ranking"]
+    for layer, score in want["scores"].items():
+        assert got["scores"][layer] == pytest.approx(score, rel=1e-6)
+    assert json.loads((out / "kl" / "DONE").read_text())["softmax_layers"] == want["ranking"][:1]

@@ -77,25 +77,31 @@ def test_every_stage_ran_across_both_nodes(conversion):
     assert list((out / "kl").glob("slurm-*.log"))  # per-stage logs under the run dir
 
 
-def test_scancel_mid_kl_then_resubmit_resumes_to_the_same_losses(cluster, conversion, tmp_path):
+def start_kl_job(cluster, conversion, tmp_path, until_step: int):
+    """A job over align,select,kl whose align and select are already done (copied from the conversion: same
+    weights, so the selection's fingerprints agree), left running until kl has checkpointed step ``until_step``."""
     out = tmp_path / "out"
     out.mkdir()
-    for stage in ("align", "select"):  # finished stages, to be skipped
+    for stage in ("align", "select"):
         shutil.copytree(conversion["out"] / stage, out / stage)
     sel = str(out / "select" / "ga_s2" / "selection.json")
     cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
                        softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 8 * 64, "seq_len": 64, "ckpt_every": 2},
                        select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
                                "ratios": [0.25], "eval_sequences": 4})
-    # the selection must name this run's align export: same weights, copied, so the fingerprints agree
     p = submit(cluster, tmp_path / "job1.log", f"CONFIG={cfg}", "STAGES=align,select,kl", wait=False)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip().split(";")[0]
-    marker = out / "kl" / "checkpoints" / "step00000004" / "COMPLETE"
+    marker = out / "kl" / "checkpoints" / f"step{until_step:08d}" / "COMPLETE"
     deadline = time.time() + 600
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.3)
     assert marker.exists(), (tmp_path / "job1.log").read_text()[-3000:]
+    return out, cfg, job
+
+
+def test_scancel_mid_kl_then_resubmit_resumes_to_the_same_losses(cluster, conversion, tmp_path):
+    out, cfg, job = start_kl_job(cluster, conversion, tmp_path, 4)
     subprocess.run(["scancel", job], env=cluster, check=True)
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=cluster).stdout.strip():
         time.sleep(0.5)
@@ -112,12 +118,6 @@ def test_scancel_mid_kl_then_resubmit_resumes_to_the_same_losses(cluster, conver
         assert resumed[step]["loss"] == ref[step]["loss"], step
 
 
-def _copy_finished(conversion, out, stages):
-    out.mkdir(exist_ok=True)
-    for stage in stages:
-        shutil.copytree(conversion["out"] / stage, out / stage)
-
-
 def _job_field(e, job, field):
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=e).stdout
     for tok in show.split():
@@ -130,21 +130,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, conversion,
     """Slurm's time-limit warning (--signal=B:USR1@600) reaches the batch shell as USR1; here it is sent the same way
     (scancel --batch --signal=USR1) in the middle of kl. The ranks checkpoint and exit, the job requeues itself,
     the restarted job skips finished stages, resumes kl and ends with the uninterrupted run's losses."""
-    out = tmp_path / "out"
-    _copy_finished(conversion, out, ("align", "select"))
-    sel = str(out / "select" / "ga_s2" / "selection.json")
-    cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
-                       softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 8 * 64, "seq_len": 64, "ckpt_every": 2},
-                       select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
-                               "ratios": [0.25], "eval_sequences": 4})
-    p = submit(cluster, tmp_path / "job.log", f"CONFIG={cfg}", "STAGES=align,select,kl", wait=False)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.strip().split(";")[0]
-    marker = out / "kl" / "checkpoints" / "step00000002" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.3)
-    assert marker.exists(), (tmp_path / "job.log").read_text()[-3000:]
+    out, _, job = start_kl_job(cluster, conversion, tmp_path, 2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True)
     deadline = time.time() + 900
     while not (out / "kl" / "DONE").exists() and time.time() < deadline:
@@ -164,7 +150,8 @@ def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, convers
     kl once the array is done; every probe runs once, in one of the two tasks, and the selection equals the one made
     in a single job."""
     out = tmp_path / "out"
-    _copy_finished(conversion, out, ("align",))
+    out.mkdir()
+    shutil.copytree(conversion["out"] / "align", out / "align")
     sel = str(out / "select" / "ga_s2" / "selection.json")
     cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
                        softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 64, "seq_len": 64},

@@ -10,8 +10,10 @@
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
 #                                                      # runs/smollm2_gpu_bench.yaml)
 #
-# Making the parts here: tar -cf bundle.tar wheels/ triton-3.7.1-*.whl SmolLM2-135M-Instruct.Q4_1.gguf corpus.tar.xz
-# && split -b 62000000 -d -a 1 bundle.tar part (docs/BENCHMARKS.md, "Reproducing").
+# Making the parts here (docs/BENCHMARKS.md, "A 2-GPU lease"), in a folder holding wheels/ (py3.12 wheels of what
+# the image lacks), triton-3.7.1-*.whl, SmolLM2-135M-Instruct.Q4_1.gguf and corpus.tar.xz (the python3-doc sources):
+#   tar -cf bundle.tar . && split -b 62000000 -d -a 1 bundle.tar part && for i in 0 1 2 3 4 5; do
+#   mkdir -p <repo>/.dev/p$i && mv part$i <repo>/.dev/p$i/; done          # .dev/ is git-ignored
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The 2-GPU campaign behind docs/SELECT.md, docs/RESULTS.md (GPU sections) and docs/SCALE.md (measured), run in the
-# background by `bench/gpu_session.sh start` after `setup`. Results (logs, metrics, run_info, selections, eval
-# tables) gather in /tmp/res; `pack` tars them for the trip back.
+# GPU campaigns behind docs/SELECT.md, docs/RESULTS.md (GPU sections), docs/SCALE.md and docs/BENCHMARKS.md, run in
+# the background by `bench/gpu_session.sh start` after `setup`. Results (logs, metrics, run_info, selections, eval
+# tables, profiles) gather in /tmp/res; `pack` tars them for the trip back. `main` picks the layout by GPU count.
 #
-# Phase 1, SmolLM2-135M (runs/smollm2_gpu_select.yaml), one chain per GPU:
-#   GPU0: align -> kl (1/4 uniform) -> bench-infer -> eval (teacher vs all-linear vs 1/4)
+# 2 GPUs (second session), SmolLM2-135M (runs/smollm2_gpu_select.yaml), one chain per GPU:
+#   GPU0: align -> kl (1/4 uniform) -> bench-infer -> decode profile (third session on) -> eval (teacher vs
+#         all-linear vs 1/4, the whole offline recall suite)
 #   GPU1: random Llama-3-8B teacher, 8B-shaped kernel warm-up -> GA-S2 (30 probes + all-linear baseline) -> proxy
 #         -> baselines (mse ppl uniform smart ar ar_multihop) -> successive halving
-# Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), both GPUs to itself:
-#   2 GPUs and 1 GPU with lr_rest=0 (mixers + softmax attention train: fits 80 GB cards), then 2 GPUs with every
+# 4 GPUs (third session):
+#   GPU0: as with 2 GPUs (chain0)
+#   GPU1: random Llama-3-8B teacher, 8B-shaped kernel warm-up -> successive halving (from the align export)
+#   GPU2: GA-S2 probes, task 0 of 2 -> GA-S2 selection -> proxy and baselines against it -> halving's agreement
+#   GPU3: 8B hybrid (stage 0, bf16, 4 of 32 softmax) -> GA-S2 probes, task 1 of 2 -> 8B bench-infer + decode profile
+# Phase 2, Llama-3-8B shape, stage kl under ZeRO-3 (runs/llama3_8b_scaling.yaml), every GPU to itself:
+#   2 GPUs: 2 and 1 GPU with lr_rest=0 (mixers + softmax attention train: fits 80 GB cards), then 2 GPUs with every
 #   parameter trained (the recipe) where the card has room (H200).
+#   4 GPUs: 4 and 2 GPUs with lr_rest=0, 4 GPUs with every parameter trained, then 2 GPUs with every parameter where
+#   the card has room and time is left.
 # Phase 2 starts when phase 1 ends or at PHASE2_AT seconds, whichever is first (unfinished chains are stopped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +27,9 @@ CFG=runs/smollm2_gpu_select.yaml
 SCALE=runs/llama3_8b_scaling.yaml
 RUN=/tmp/run/smollm2
 TEACHER8B=/tmp/llama3_8b_random
+HYBRID8B=/tmp/llama3_8b_hybrid
+GA=$RUN/select/ga_s2/selection.json
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 mkdir -p $R/logs
 T0=$(cat $R/t0 2>/dev/null || date +%s)
 note() { echo "$(date +%T) +$(( $(date +%s) - T0 ))s $*" | tee -a $R/progress.log; }
@@ -44,6 +55,8 @@ case "${1:-main}" in
     job bench_infer 0 python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$RUN/kl/hf \
       --model all_linear=$RUN/align/hf --teacher embedded --contexts 4096,16384,32768 --batches 1,8 \
       --decode-tokens 64 --out $R/bench_infer
+    job decode_profile 0 python3 bench/decode_profile.py --model hybrid_1_4=$RUN/kl/hf \
+      --model all_linear=$RUN/align/hf --teacher embedded --context 4096 --steps 32 --out $R/decode_profile/smollm2.json
     job eval 0 python3 -m ds_hybrid.cli eval --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
       --teacher embedded --suite recall --lengths 2048,4096 --swde tests/fixtures/swde_fixture.jsonl \
       --fda tests/fixtures/fda_fixture.json --limit 16 --batch-size 16 --heldout-sequences 32 --out $R/eval
@@ -55,26 +68,64 @@ case "${1:-main}" in
     job ga_s2 1 select_
     for m in proxy mse ppl uniform smart ar ar_multihop halving; do job "select_$m" 1 select_ select.method=$m; done
     ;;
+  q1)
+    job random_teacher 1 python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --out $TEACHER8B
+    touch $R/teacher8b.ok
+    job warm_8b 1 python3 bench/warmup_kernels.py --hidden 4096 --heads 32 --head-dim 128 --seq 4096 --vocab 128256
+    wait_for $R/align.ok
+    job select_halving 1 select_ select.method=halving && touch $R/halving.ok
+    ;;
+  q2)
+    wait_for $R/align.ok
+    job ga_s2_task0 2 select_ select.task_index=0 select.num_tasks=2
+    wait_for $R/ga_s2_task1.ok
+    job select_ga_s2 2 select_ || exit 1
+    for m in proxy mse ppl uniform smart ar ar_multihop; do job "select_$m" 2 select_ select.method=$m select.reference=$GA; done
+    wait_for $R/halving.ok
+    # over the finished probes (nothing trains again): the agreement of halving with GA-S2
+    job select_halving_agreement 2 select_ select.method=halving select.reference=$GA --force
+    ;;
+  q3)
+    wait_for $R/teacher8b.ok
+    job convert_8b 3 python3 -m ds_hybrid.cli convert --teacher $TEACHER8B --ratio 0.125 --dtype bf16 --out $HYBRID8B
+    wait_for $R/align.ok
+    job ga_s2_task1 3 select_ select.task_index=1 select.num_tasks=2
+    touch $R/ga_s2_task1.ok
+    job bench_infer_8b 3 python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$HYBRID8B --teacher $TEACHER8B \
+      --contexts 4096,16384,32768 --batches 1,4 --decode-tokens 32 --out $R/bench_infer_8b
+    job decode_profile_8b 3 python3 bench/decode_profile.py --model hybrid_4_of_32=$HYBRID8B --teacher $TEACHER8B \
+      --context 16384 --steps 16 --out $R/decode_profile/llama3_8b_shape.json
+    ;;
   phase2)
     wait_for $TEACHER8B/model.safetensors.index.json
     gib=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
     kl8b() { python3 -m torch.distributed.run --standalone --nproc_per_node "$1" ds_hybrid/train.py --stage kl \
                --config $SCALE "${@:2}"; }
-    job scale_2gpu_lr_rest0 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_lr_rest0 kl.lr_rest=0
-    job scale_1gpu_lr_rest0 0 kl8b 1 out_dir=/tmp/run/s8b_1gpu_lr_rest0 kl.lr_rest=0
-    if [ "$gib" -ge 120 ]; then job scale_2gpu_all 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_all; fi
+    if [ "$NGPU" -ge 4 ]; then
+      job scale_4gpu_lr_rest0 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_lr_rest0 kl.lr_rest=0
+      job scale_2gpu_lr_rest0 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_lr_rest0 kl.lr_rest=0
+      job scale_4gpu_all 0,1,2,3 kl8b 4 out_dir=/tmp/run/s8b_4gpu_all
+      if [ "$gib" -ge 120 ] && [ $(( $(date +%s) - T0 )) -lt "${OPTIONAL_BEFORE:-1300}" ]; then
+        job scale_2gpu_all 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_all
+      fi
+    else
+      job scale_2gpu_lr_rest0 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_lr_rest0 kl.lr_rest=0
+      job scale_1gpu_lr_rest0 0 kl8b 1 out_dir=/tmp/run/s8b_1gpu_lr_rest0 kl.lr_rest=0
+      if [ "$gib" -ge 120 ]; then job scale_2gpu_all 0,1 kl8b 2 out_dir=/tmp/run/s8b_2gpu_all; fi
+    fi
     ;;
   main)
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    PHASE2_AT=${PHASE2_AT:-780}
+    if [ "$NGPU" -ge 4 ]; then PHASE2_AT=${PHASE2_AT:-990}; else PHASE2_AT=${PHASE2_AT:-780}; fi
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
 print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
            fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
-    note "campaign starts; phase 2 at the latest at +${PHASE2_AT}s"
+    note "campaign starts on $NGPU GPUs; phase 2 at the latest at +${PHASE2_AT}s"
     pids=()
-    for c in 0 1; do setsid "$0" chain$c > $R/logs/chain$c.out 2>&1 < /dev/null & pids+=($!); done
+    if [ "$NGPU" -ge 4 ]; then chains="chain0 q1 q2 q3"; else chains="chain0 chain1"; fi
+    for c in $chains; do setsid "$0" $c > $R/logs/$c.out 2>&1 < /dev/null & pids+=($!); done
     while :; do
       alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
       [ $alive = 0 ] && break
@@ -94,7 +145,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     out=${2:-/tmp/out}
     mkdir -p "$out"
     (cd /tmp/run 2>/dev/null && find . \( -name hf -o -name checkpoints \) -prune -o -type f \
-       \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \) \
+       \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \
+       -o -name 'round_*.json' \) \
        -print) > /tmp/res/run_files.txt 2>/dev/null || true
     tar -czf "$out/results.tar.gz" -C /tmp res $(sed 's#^\./#run/#' /tmp/res/run_files.txt) 2>/dev/null || \
       tar -czf "$out/results.tar.gz" -C /tmp res

@@ -96,6 +96,8 @@ class SelectConfig:
                                                  "micro_batch": 1, "schedule": "constant", "ckpt_every": 1_000_000})
     halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 8)
     halving_keep: int | None = None  # halving: stop when this many remain (default: the largest K asked for)
+    # halving: a survivor's next round retrains it from the align export, or continues it from its checkpoint
+    halving_survivors: Literal["retrain", "continue"] = "retrain"
     eval_sequences: int = 16  # held-out sequences for probe scores, proxy and ppl
     ar_prompts: int = 32  # ar / ar_multihop: prompts per layer
     ar_pairs: int = 50

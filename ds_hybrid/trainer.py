@@ -145,6 +145,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
         return run_dir
+    t_start = time.perf_counter()
+    phase_s: dict[str, float] = {}  # where a run's wall time goes (a probe's fixed cost: docs/SELECT.md)
     ctx = make_context(cfg, stage)
     s = ctx.s
     torch.manual_seed(cfg.seed)
@@ -182,8 +184,12 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     tokens_per_step = s.global_batch * s.seq_len
     flops_step = runner.flops_per_token() * tokens_per_step
     peak = peak_tflops(cfg.peak_tflops)
+    phase_s["setup"] = time.perf_counter() - t_start
     if start == 0:  # the starting point, for "did this stage help" at a glance
+        t0 = time.perf_counter()
         monitor.scalars(0, runner.evaluate(val_batches), prefix="val")
+        phase_s["first_eval"] = time.perf_counter() - t0
+    t_train = time.perf_counter()
     signals = _Signals()
     seen = start * tokens_per_step
     peak_gpu = None
@@ -216,24 +222,33 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
             if stop or (s.ckpt_every and (done % s.ckpt_every == 0 or done == total)):
+                t0 = time.perf_counter()
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})
+                phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
             if s.eval_every and done % s.eval_every == 0 and done != total:
                 monitor.scalars(done, runner.evaluate(val_batches), prefix="val")
             if stop:
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
+        phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
+        t0 = time.perf_counter()
         final = runner.evaluate(val_batches)
+        phase_s["final_eval"] = time.perf_counter() - t0
         monitor.scalars(total, final, prefix="val")
         log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))
         for engine in all_engines(runner).values():  # ZeRO-3 may hold prefetched parameters; the export gathers its own
             engine.empty_partition_cache()
         if s.export:
+            t0 = time.perf_counter()
             runner.export(run_dir / "hf")
+            phase_s["export"] = time.perf_counter() - t0
+        phase_s["total"] = time.perf_counter() - t_start
         if D.is_main():
             summary = {"stage": stage, "steps": total, "tokens": seen, "val": final,
                        "memory_plan_total_gib": plan.total / 2**30, "measured_peak_gpu_gib": peak_gpu,
-                       "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf") if s.export else None}
+                       "softmax_layers": ctx.softmax_layers, "export": str(run_dir / "hf") if s.export else None,
+                       "phase_s": {k: round(v, 3) for k, v in phase_s.items()}}
             atomic_write_text(run_dir / DONE, json.dumps(summary, indent=1))
             if s.keep_checkpoints == 0:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

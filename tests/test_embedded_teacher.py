@@ -46,10 +46,17 @@ def test_quarter_hybrid_builds_and_generates(smollm2):
 
 def test_cli_convert_then_generate(tmp_path):
     out = tmp_path / "h"
-    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--ratio", "0.25", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--ratio", "0.25", "--dtype", "bf16",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "softmax layers [0, 3, 7, 11, 15, 18, 22, 26]" in r.stdout
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    assert dtypes == {"BF16"}, dtypes  # --dtype bf16: saved as loaded, half the bytes
     r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "generate", "--model", str(out), "--prompt", "Hello",
                         "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]

@@ -90,9 +90,41 @@ def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, 
     assert PLANTED in h["ranking"][:1]
     assert h["tokens_spent"] < read_selection(ref)["tokens_spent"]
     assert set(h["agreement"]) >= {"kendall_tau", "topk_overlap"}
+    # rerun over the finished probes: nothing trains again, and every round reads its own scores (a survivor's
+    # latest KL, from a later round, must not replace the score it had when the earlier round was decided)
+    probes = planted["out"] / "select" / "halving" / "probes"
+    stamps = {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")}
+    again = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
+                   "select.halving_first_tokens=512", "--force")
+    assert {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")} == stamps
+    assert again["rounds"] == h["rounds"] and again["ranking"] == h["ranking"]
+    assert len(h["rounds"]) >= 2 and h["rounds"][0]["scores"] != h["rounds"][-1]["scores"]
     p = select(planted["cfg"], "proxy", f"select.reference={ref}")
     assert p["ranking"][0] == PLANTED and p["tokens_spent"] == 0
     assert -1 <= p["agreement"]["kendall_tau"] <= 1
+
+
+def test_halving_survivors_continue_equals_retrain(planted, tmp_path):
+    """Continuing survivors from checkpoints is exactly retraining them longer (constant lr), for fewer tokens."""
+    ref = planted["out"] / "select" / "halving" / "selection.json"  # the retrain run of the test above
+    if not ref.is_file():
+        pytest.skip("needs test_halving_and_proxy_keep_the_planted_layer_and_report_agreement")
+    retrain = read_selection(ref)
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"] / "align", out / "align")
+    cfg = write_config(tmp_path / "c.yaml", planted["teacher"], planted["corpus"], out,
+                       select={**SELECT, "halving_survivors": "continue", "halving_keep": 1, "halving_first_tokens": 512})
+    cont = select(cfg, "halving")
+    step = 8 * 64
+    assert [r["steps"] for r in cont["rounds"]] == [r["steps"] for r in retrain["rounds"]] == [1, 2, 3]
+    assert retrain["tokens_spent"] == (4 * 1 + 2 * 2 + 1 * 3) * step  # each round from scratch
+    assert cont["tokens_spent"] == (4 * 1 + 2 * 1 + 1 * 1) * step  # each round only its new steps
+    for a, b in zip(cont["rounds"], retrain["rounds"]):
+        assert a["alive"] == b["alive"]
+        for layer, kl in a["scores"].items():
+            assert kl == pytest.approx(b["scores"][layer], rel=1e-4), (a["round"], layer)
+    assert not list((planted["out"] / "select" / "halving" / "probes").glob("*/kl/checkpoints/*"))  # retrain: none
+    assert list((out / "select" / "halving" / "probes").glob("*/kl/checkpoints/*"))  # continue: the finalist's
 
 
 def test_killed_selection_reruns_only_missing_probes(planted, tmp_path):

@@ -81,6 +81,10 @@ def test_run_records_config_versions_commit(pipeline):
     assert info["versions"]["deepspeed"] and info["versions"]["transformers"]
     assert "git_commit" in info and info["softmax_layers"] == [1]
     assert (d / "config.yaml").is_file() and (d / "DONE").is_file()
+    phases = json.loads((d / "DONE").read_text())["phase_s"]  # where the run's time went
+    assert {"setup", "first_eval", "train", "final_eval", "export", "total"} <= set(phases)
+    parts = sum(v for k, v in phases.items() if k != "total")
+    assert all(v >= 0 for v in phases.values()) and parts <= phases["total"] + 1e-3
 
 
 def test_exports_reload_with_transformers(pipeline):

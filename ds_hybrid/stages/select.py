@@ -8,9 +8,12 @@ Methods (``select.method``):
   measured on the same held-out rows, with no noise from which batch happened to come last), or its mean training
   KL over the last ``window`` steps (the reference code's loss-curve reading). Lower = more important.
 - ``halving``: successive halving over the same probes. Every layer's probe trains for a first slice of tokens;
-  the worse half stops; survivors continue *from their checkpoints* for twice the tokens; until ``halving_keep``
-  remain (default: the largest K asked for). A continued probe is exactly a longer probe (constant learning rate).
-  Scores are the held-out KL at each layer's last round; layers that stopped earlier rank below the survivors.
+  the worse half stops; survivors run again for twice the tokens; until ``halving_keep`` remain (default: the
+  largest K asked for). ``halving_survivors``: ``retrain`` (default) starts each round's probes afresh and keeps no
+  checkpoint; ``continue`` resumes survivors from their checkpoints (fewer tokens, exactly a longer probe under a
+  constant learning rate, but one full training state on disk per live probe: L x 1.9 GB for SmolLM2-135M, L x
+  ~1 TB for a 70B). Scores are the held-out KL at each layer's last round; layers that stopped earlier rank below
+  the survivors.
 - ``proxy``: zero training. Held-out KL of the align checkpoint with layer l alone restored (one forward pass per
   layer over the held-out rows).
 - baselines: ``uniform`` (every L/K-th layer from layer 0, as the reference configs), ``smart`` (Zebra-Llama's even
@@ -42,6 +45,7 @@ from typing import Any
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid.checkpoint import atomic_write_text
 from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio, uniform_layers
@@ -143,13 +147,42 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[
                                "score": cfg.select.score}}
 
 
+def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: int) -> float:
+    """One probe's round of successive halving: train it up to ``steps`` and return its held-out KL there.
+
+    The score of every round is kept (``round_<steps>.json``): a resumed selection reads the scores of the rounds
+    that already ran instead of the probe's latest KL, which a survivor has since improved in later rounds.
+    """
+    record = d / f"round_{steps:07d}.json"
+    if record.is_file():
+        return float(json.loads(record.read_text())["kl"])
+    done = d / "kl" / "DONE"
+    done_steps = json.loads(done.read_text())["steps"] if done.is_file() else 0
+    if done_steps > steps:
+        raise RuntimeError(f"{d} went past round {steps} but holds no score of it ({record.name}): it was written by "
+                           "an older ds-hybrid; delete that selection's probes folder and rerun")
+    if done_steps < steps:
+        run_probe(cfg, d, layer, s, force=done.is_file())
+    kl = probe_score(d, "heldout", cfg.select.window)
+    if D.is_main():
+        atomic_write_text(record, json.dumps({"steps": steps, "kl": kl}))
+    D.barrier()
+    return kl
+
+
 def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
-    if s.schedule != "constant" or s.warmup_steps:
-        raise ConfigError("select.probe.schedule", s.schedule,
-                          "successive halving continues probes from checkpoints: use a constant lr without warmup")
-    s.keep_checkpoints = 1
-    s.ckpt_every = s.ckpt_every or 1_000_000_000  # each round ends in the checkpoint the next continues from
+    cont = cfg.select.halving_survivors == "continue"
+    if cont:
+        if s.schedule != "constant" or s.warmup_steps:
+            raise ConfigError("select.probe.schedule", s.schedule,
+                              "halving_survivors=continue resumes probes from checkpoints: use a constant lr without "
+                              "warmup (or halving_survivors=retrain)")
+        s.keep_checkpoints = 1
+        s.ckpt_every = s.ckpt_every or 1_000_000_000  # each round ends in the checkpoint the next continues from
+    else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
+        s.keep_checkpoints = 0
+        s.ckpt_every = 0
     step_tokens = s.global_batch * s.seq_len
     first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
     first_steps = max(1, first // step_tokens)
@@ -167,13 +200,8 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
         round_scores = {}
         for layer in alive:
             d = out / "probes" / probe_name(layer)
-            done = d / "kl" / "DONE"
-            if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
-                pass  # this round of this probe already ran (a resumed selection)
-            else:
-                run_probe(cfg, d, layer, s_r, force=done.is_file())
-            round_scores[layer] = probe_score(d, "heldout", cfg.select.window)
-        spent += len(alive) * (steps - prev_steps) * step_tokens
+            round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps)
+        spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
         scores.update(round_scores)
         ranked = rank_layers(round_scores, lower_is_better=True)
         rounds.append({"round": r, "steps": steps, "alive": alive, "scores": {str(k): v for k, v in round_scores.items()}})
@@ -193,7 +221,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
     return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},
                      "finalists": sorted(final_round),
                      "budget": {"first_round_tokens": first_steps * step_tokens, "max_probe_tokens": stage_steps(s) * step_tokens,
-                                "keep": keep}}
+                                "keep": keep, "survivors": cfg.select.halving_survivors}}
 
 
 # ---- forward-only scorers (proxy, ppl, ar) ---------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Where a decode step's time goes, hybrid vs teacher: per-step wall time, kernel launches, and time per layer kind.
+
+`ds-hybrid bench-infer` measures decode tokens/s; this explains them. For each model, after a prefill of --context
+tokens (batch --batch), it runs:
+1. --steps timed decode steps (no sync inside): wall ms per token, as bench-infer measures it;
+2. the same steps under torch.profiler: kernel launches per step, the top CPU-side ops by self time and the top
+   device kernels by total time;
+3. the same steps with a device sync around every decoder layer's mixer (softmax attention or linear mixer) and MLP:
+   mean ms per call per kind. Syncing removes the overlap of host and device, so these add up to more than (1);
+   they show where host time is spent when the step is launch bound.
+
+    python bench/decode_profile.py --model hybrid=out/kl/hf --teacher embedded --context 4096 --out prof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _prefill(model, context: int, batch: int, seed: int):
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+def _decode(model, cache, nxt, steps: int):
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return nxt
+
+
+def _layer_kind(model, i: int) -> str:
+    types = getattr(model.config, "layer_types", None)
+    if model.config.model_type == "ds_hybrid" and types is not None:
+        return "linear" if types[i] == "linear_attention" else "softmax"
+    return "softmax"
+
+
+def _timed_layers(model, steps: int, context: int, batch: int, seed: int) -> dict[str, dict[str, float]]:
+    """Mean ms per call of each decoder layer's token mixer and MLP, by kind, with a sync around each."""
+    dev = next(model.parameters()).device
+    times: dict[str, list[float]] = defaultdict(list)
+    handles = []
+    starts: dict[int, float] = {}
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        kind = _layer_kind(model, i)
+        mixer = getattr(layer, "self_attn", None) or getattr(layer, "linear_attn", None)
+        for name, mod in ((f"{kind}_mixer", mixer), (f"{kind}_layer_mlp", layer.mlp)):
+            if mod is None:
+                continue
+
+            def pre(m, args, key=id(mod)):
+                _sync(dev)
+                starts[key] = time.perf_counter()
+
+            def post(m, args, out, key=id(mod), name=name):
+                _sync(dev)
+                times[name].append((time.perf_counter() - starts[key]) * 1e3)
+
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        cache, nxt = _prefill(model, context, batch, seed)
+        times.clear()  # only decode steps count
+        _decode(model, cache, nxt, steps)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: {"mean_ms": sum(v) / len(v), "calls": len(v)} for k, v in sorted(times.items())}
+
+
+@torch.no_grad()
+def profile_model(model, context: int, batch: int, steps: int, seed: int = 0, top: int = 15) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = next(model.parameters()).device
+    cache, nxt = _prefill(model, context, batch, seed)
+    _decode(model, cache, nxt, 2)  # warm: per-shape compilation of the decode kernels
+    cache, nxt = _prefill(model, context, batch, seed)
+    _sync(dev)
+    t0 = time.perf_counter()
+    _decode(model, cache, nxt, steps)
+    _sync(dev)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    cache, nxt = _prefill(model, context, batch, seed)
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        _decode(model, cache, nxt, steps)
+        _sync(dev)
+    events = prof.key_averages()
+    cpu_top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    res: dict = {
+        "context": context, "batch": batch, "steps": steps, "wall_ms_per_token": wall_ms,
+        "top_cpu_ops": [{"op": e.key, "calls_per_step": e.count / steps,
+                         "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in cpu_top],
+    }
+    if dev.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        res["kernels_per_step"] = sum(e.count for e in kernels) / steps
+        res["device_ms_per_step"] = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+        res["top_kernels"] = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
+                               "device_ms_per_step": e.self_device_time_total / 1e3 / steps}
+                              for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]]
+        launches = [e for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")]
+        res["launch_calls_per_step"] = sum(e.count for e in launches) / steps
+    res["per_layer_kind"] = _timed_layers(model, steps, context, batch, seed)
+    return res
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| model | ms / token | kernels / step | device ms / step | softmax mixer ms | linear mixer ms | MLP ms |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        k = r["per_layer_kind"]
+        mlp = [v["mean_ms"] for key, v in k.items() if key.endswith("_mlp")]
+
+        def cell(key: str) -> str:
+            return f"{k[key]['mean_ms']:.3f}" if key in k else "-"
+
+        lines.append(f"| {name} | {r['wall_ms_per_token']:.2f} | {r.get('kernels_per_step', float('nan')):.0f} | "
+                     f"{r.get('device_ms_per_step', float('nan')):.2f} | {cell('softmax_mixer')} | "
+                     f"{cell('linear_mixer')} | {sum(mlp) / max(1, len(mlp)):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", required=True, help="HF folder or name=folder; repeatable")
+    ap.add_argument("--teacher", default=None, help="HF folder or 'embedded'")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--out", required=True, help="JSON file (a .md table is written beside it)")
+    args = ap.parse_args()
+
+    from ds_hybrid.evaluation.run import _device, _dtype, describe, load_model, parse_models
+    from ds_hybrid.monitor import versions
+
+    dev = _device(args.device)
+    dtype = _dtype(args.dtype, dev)
+    results, info = {}, {}
+    for name, path in parse_models(args.model, args.teacher).items():
+        model, _, _ = load_model(path, dev, dtype)
+        info[name] = describe(model)
+        results[name] = profile_model(model, args.context, args.batch, args.steps)
+        print(name, f"{results[name]['wall_ms_per_token']:.2f} ms/token", flush=True)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"versions": versions(), "device": str(dev), "dtype": str(dtype),
+                               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                               "models": info, "results": results}, indent=1))
+    md = markdown(results)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

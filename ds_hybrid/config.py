@@ -77,6 +77,7 @@ class StageConfig:
     keep_checkpoints: int = 2  # 0: delete them once the stage is DONE
     export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
+    eval_at_start: bool = True  # also before the first step ("did this stage help"); selection probes skip it
     eval_sequences: int = 16
 
 

@@ -185,7 +185,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     flops_step = runner.flops_per_token() * tokens_per_step
     peak = peak_tflops(cfg.peak_tflops)
     phase_s["setup"] = time.perf_counter() - t_start
-    if start == 0:  # the starting point, for "did this stage help" at a glance
+    if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
         t0 = time.perf_counter()
         monitor.scalars(0, runner.evaluate(val_batches), prefix="val")
         phase_s["first_eval"] = time.perf_counter() - t0

@@ -77,6 +77,10 @@ def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
     # K from a ratio: round-half-up of ratio x L (L = 4)
     assert sel["chosen"]["ratio=0.25"] == [PLANTED] and len(sel["chosen"]["ratio=0.5"]) == 2
     assert sel["tokens_spent"] == 5 * 3 * 8 * 64  # L + 1 probes
+    probe = planted["out"] / "select" / "ga_s2" / "probes" / f"layer_{PLANTED:03d}" / "kl"
+    val_steps = [r["step"] for r in map(json.loads, (probe / "metrics.jsonl").read_text().splitlines())
+                 if r["split"] == "val"]
+    assert val_steps == [3]  # probes are scored at their end only (no evaluation before the first step)
     assert sel["teacher"]["fingerprint"] and sel["align"]["fingerprint"]
     out = planted["out"] / "select" / "ga_s2"
     assert (out / "selection.png").stat().st_size > 1000

@@ -89,7 +89,7 @@ def profile_model(model, context: int, batch: int, steps: int, seed: int = 0, to
 
     dev = next(model.parameters()).device
     cache, nxt = _prefill(model, context, batch, seed)
-    _decode(model, cache, nxt, 2)  # warm: per-shape compilation of the decode kernels
+    _decode(model, cache, nxt, steps)  # warm: per-shape kernel compilation and cuDNN graphs of every key length
     cache, nxt = _prefill(model, context, batch, seed)
     _sync(dev)
     t0 = time.perf_counter()

@@ -151,7 +151,33 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
 
     teacher = tiny[0]
     hybrid = build_hybrid(teacher, [1], "gdn").eval()
-    rows = bench_pair({"hybrid": hybrid, "teacher": teacher}, contexts=[64, 256], batches=[1], decode_tokens=4)
+    lengths = {"timed": [], "warm": []}  # key lengths that softmax attention saw in decode steps
+
+    def spy(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            lengths["current"].append(kwargs["past_key_values"].get_seq_length())
+
+    handles = [m.register_forward_pre_hook(spy, with_kwargs=True) for m in (hybrid, teacher)]
+    import ds_hybrid.evaluation.speed as speed
+
+    real = speed.bench_model
+    calls = []
+
+    def tracked(model, context, batch, decode_tokens=32, seed=0):
+        calls.append(decode_tokens)
+        lengths["current"] = lengths["warm" if len(calls) % 2 else "timed"]
+        return real(model, context, batch, decode_tokens, seed)
+
+    speed.bench_model = tracked
+    try:
+        rows = bench_pair({"hybrid": hybrid, "teacher": teacher}, contexts=[64, 256], batches=[1], decode_tokens=4)
+    finally:
+        speed.bench_model = real
+        for h in handles:
+            h.remove()
+    # every key length a timed decode step meets was met untimed first (cuDNN attention builds a graph per length)
+    assert calls == [4] * 8 and set(lengths["timed"]) <= set(lengths["warm"]) and len(lengths["timed"]) == 16
     assert {r["model"] for r in rows} == {"hybrid", "teacher"} and len(rows) == 4
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0

@@ -5,8 +5,12 @@ For each context length C and batch size B, on random tokens (speed does not dep
 - decode: ``decode_tokens`` single-token steps with that cache -> tokens/s;
 - cache memory: bytes held by the cache after decoding (KV tensors of softmax layers, recurrent and conv states of
   linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run.
-Every (C, B) is run once untimed before its timed run (kernel compilation and autotuning happen per shape). A
-size that does not fit is reported as out-of-memory rather than ending the benchmark.
+Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
+compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
+key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
+those builds in the timed steps of whichever model ran first and spared the models after it (a 3x error on
+the 2026-11-28 H200 runs, docs/RESULTS.md). A size that does not fit is reported as out-of-memory rather than
+ending the benchmark.
 """
 
 from __future__ import annotations
@@ -76,9 +80,9 @@ def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tok
         model.eval()
         for c in contexts:
             for b in batches:
-                # untimed pass at the same shape first: fla's Triton kernels are compiled and autotuned per shape,
-                # and that must not land in the timed pass (it did, on the first GPU runs: docs/BENCHMARKS.md)
-                bench_model(model, c, b, 2)
+                # untimed pass over exactly the shapes of the timed one (every decode step's key length included):
+                # compilation, autotuning and cuDNN graph builds must not land in the timed pass
+                bench_model(model, c, b, decode_tokens)
                 r = bench_model(model, c, b, decode_tokens)
                 r["model"] = name
                 rows.append(r)

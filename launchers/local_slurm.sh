@@ -54,6 +54,7 @@ JobCompLoc=$DIR/jobcomp.txt
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
+SchedulerParameters=sched_interval=5
 MailProg=/bin/true
 ReturnToService=2
 KillWait=30

@@ -131,6 +131,31 @@ def test_halving_survivors_continue_equals_retrain(planted, tmp_path):
     assert list((out / "select" / "halving" / "probes").glob("*/kl/checkpoints/*"))  # continue: the finalist's
 
 
+def test_halving_split_over_two_concurrent_tasks_equals_one_task(planted, tmp_path):
+    """Two tasks share each round's probes, wait for each other's scores, and decide the same survivors."""
+    ref = planted["out"] / "select" / "halving" / "selection.json"  # the single-task run of the test above
+    if not ref.is_file():
+        pytest.skip("needs test_halving_and_proxy_keep_the_planted_layer_and_report_agreement")
+    single = read_selection(ref)
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"] / "align", out / "align")
+    cfg = write_config(tmp_path / "t.yaml", planted["teacher"], planted["corpus"], out,
+                       select={**SELECT, "halving_keep": 1, "halving_first_tokens": 512})
+    procs = [subprocess.Popen([sys.executable, str(REPO / "ds_hybrid" / "train.py"), "--stage", "select", "--config",
+                               str(cfg), "select.method=halving", f"select.task_index={i}", "select.num_tasks=2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "task 1 of 2 finished its probes" in logs[1]
+    split = read_selection(out / "select" / "halving" / "selection.json")
+    assert [r["alive"] for r in split["rounds"]] == [r["alive"] for r in single["rounds"]]
+    for a, b in zip(split["rounds"], single["rounds"]):
+        for layer, kl in a["scores"].items():
+            assert kl == pytest.approx(b["scores"][layer], rel=1e-5), (a["round"], layer)
+    assert split["ranking"] == single["ranking"] and split["tokens_spent"] == single["tokens_spent"]
+
+
 def test_killed_selection_reruns_only_missing_probes(planted, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(planted["out"] / "align", out / "align")

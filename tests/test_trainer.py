@@ -238,12 +238,14 @@ def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=10)
     vals = {}
-    for world, ds in ((1, "single"), (2, "student_zero3")):
-        out = tmp_path / f"out{world}"
-        cfg = write_config(tmp_path / f"run{world}.yaml", teacher, corpus, out,
+    # (world, micro batch): held-out rows are evaluated micro_batch at a time; one at a time must give the same KL
+    for world, mb, ds in ((1, 2, "single"), (2, 2, "student_zero3"), (1, 1, "single")):
+        out = tmp_path / f"out{world}_{mb}"
+        cfg = write_config(tmp_path / f"run{world}_{mb}.yaml", teacher, corpus, out,
                            kl={"init_from": "teacher", "tokens": 8 * 128, "ckpt_every": 0, "export": False,
-                               "ds_config": f"ds_configs/{ds}.json",
+                               "micro_batch": mb, "ds_config": f"ds_configs/{ds}.json",
                                "teacher_ds_config": f"ds_configs/{'single' if world == 1 else 'teacher_zero3'}.json"})
         train("kl", cfg, nproc=world)
-        vals[world] = metrics(out / "kl", "val")[0]["kl"]
-    assert vals[1] > 0 and vals[2] == pytest.approx(vals[1], rel=1e-4)
+        vals[world, mb] = metrics(out / "kl", "val")[0]["kl"]
+    assert vals[1, 2] > 0 and vals[2, 2] == pytest.approx(vals[1, 2], rel=1e-4)
+    assert vals[1, 1] == pytest.approx(vals[1, 2], rel=1e-5)

@@ -131,7 +131,9 @@ class KLStage(Stage):
     def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # kl sum, kl n, ce sum, ce n
-        for b in batches:
+        mb = max(1, self.ctx.s.micro_batch)  # rows per forward, as in training (one row each was launch bound)
+        for i in range(0, len(batches), mb):
+            b = torch.cat(batches[i:i + mb])
             _, st = self._losses(b.to(self.ctx.device), kl_weight=1.0 if self.teacher else 0.0, ce_weight=1.0)
             if st.kl_per_token is not None:
                 sums[0] += st.kl_per_token.sum().double()

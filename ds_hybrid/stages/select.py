@@ -27,7 +27,8 @@ Methods (``select.method``):
 Probes are independent and resumable: each writes its own DONE marker atomically and is never rerun; a killed
 selection rerun with the same command runs only the probes that have no marker. Across a Slurm array, each task
 runs probes ``i`` with ``i % num_tasks == task_index``; the task that finds every result present writes the
-selection. The proxy, ppl and ar scorers load the teacher whole on every rank (each rank scores a share of the
+selection. Halving splits each round's probes the same way; its tasks must run at the same time (each waits for
+the others' scores of a round before deciding the survivors), and task 0 writes the selection. The proxy, ppl and ar scorers load the teacher whole on every rank (each rank scores a share of the
 prompts / rows); use them up to models that fit one accelerator.
 """
 
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,24 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
     return kl
 
 
+def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int) -> dict[int, float]:
+    """Wait for the other tasks' records of this round (halving across tasks runs them all at once)."""
+    records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
+    deadline = time.monotonic() + 60 * cfg.dist_timeout_minutes
+    missing = [l for l, f in records.items() if not f.is_file()]
+    if missing:
+        log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
+    while missing:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"halving across {cfg.select.num_tasks or 'the array'}'s tasks: probes {missing} of the {steps}-step "
+                f"round did not finish within dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
+                "at the same time (rounds depend on each other); rerun the missing tasks, or run halving as one task")
+        time.sleep(2.0)
+        missing = [l for l, f in records.items() if not f.is_file()]
+    return {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+
+
 def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
@@ -188,6 +208,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
     first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
     first_steps = max(1, first // step_tokens)
     keep = cfg.select.halving_keep or max(requested_ks(cfg, num_layers) or [1])
+    idx, n = task_slot(cfg)
     alive = list(range(num_layers))
     scores: dict[int, float] = {}
     rounds = []
@@ -199,9 +220,12 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tupl
         s_r = copy.deepcopy(s)
         s_r.tokens = steps * step_tokens
         round_scores = {}
-        for layer in alive:
+        mine = [l for i, l in enumerate(alive) if i % n == idx]  # across tasks: this task's share of the round
+        for layer in mine:
             d = out / "probes" / probe_name(layer)
             round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps)
+        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps))
+        round_scores = {l: round_scores[l] for l in alive}
         spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
         scores.update(round_scores)
         ranked = rank_layers(round_scores, lower_is_better=True)
@@ -411,6 +435,10 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
             return None
     elif sc.method == "halving":
         scores, extra = halving(cfg, out, L, align_dir)
+        idx, n = task_slot(cfg)
+        if idx != 0:
+            log.info("halving task %d of %d finished its probes; task 0 writes the selection", idx, n)
+            return None
     elif sc.method in ("uniform", "smart"):
         order = uniform_ranking(L) if sc.method == "uniform" else sorted(range(L), key=lambda l: (-l, l))
         scores = {l: float(i) for i, l in enumerate(order)}

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 def parameter_shapes(config) -> dict[str, torch.Size]:
@@ -33,9 +32,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--shard-gib", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default="embedded", help="a folder with tokenizer files (default: the embedded "
+                    "SmolLM2 one; a folder lets a machine without the SmolLM2 GGUF run this)")
     args = ap.parse_args()
 
-    from ds_hybrid.teacher import embedded_teacher_dir, load_tokenizer
+    from ds_hybrid.teacher import load_tokenizer
 
     out = Path(args.out)
     if (out / "model.safetensors.index.json").is_file():
@@ -43,7 +44,7 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(args.config)
-    tok = load_tokenizer("embedded")
+    tok = load_tokenizer("embedded") if args.tokenizer == "embedded" else AutoTokenizer.from_pretrained(args.tokenizer)
     if len(tok) > config.vocab_size:
         raise SystemExit(f"--config: vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tok)}")
     config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
@@ -91,10 +92,7 @@ def main() -> None:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(out)
-    src = embedded_teacher_dir()
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.name in ("vocab.json", "merges.txt"):
-            shutil.copy(f, out / f.name)
+    tok.save_pretrained(out)
     print(f"wrote {out}: {sum(int(torch.Size(s).numel()) for s in shapes.values()) / 1e9:.2f}B parameters in {n} "
           f"shards, {time.perf_counter() - t0:.0f} s")
 

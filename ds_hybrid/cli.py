@@ -46,7 +46,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     # fp32 by default (exact transfer); bf16 halves host memory and disk for large teachers (8B: 16 GB vs 32 GB)
-    teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+                                device=args.device)
     student = build_hybrid(teacher, layers, args.mixer, {"use_short_conv": args.short_conv})
     student.save_pretrained(args.out)
     tok.save_pretrained(args.out)
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixer", default="gdn", help="gdn (Gated DeltaNet) or gla")
     p.add_argument("--short-conv", action="store_true", help="add fla's short convolution to the mixer")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="load the teacher and save the hybrid in")
+    p.add_argument("--device", default="cpu", help="where the teacher is loaded and the hybrid built (cuda: fast "
+                   "for large teachers that fit one GPU)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_convert)
 

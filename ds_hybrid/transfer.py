@@ -86,7 +86,9 @@ def build_hybrid(
     """Stage 0 in one call: a new hybrid (same dtype and device as the teacher) with transferred weights."""
     config = hybrid_config(teacher.config, softmax_layers, mixer, mixer_options)
     p = next(teacher.parameters())
-    student = HybridForCausalLM(config).to(device=p.device, dtype=p.dtype)
+    with torch.device(p.device):  # built where the teacher is (an 8B student initialises in seconds on a GPU)
+        student = HybridForCausalLM(config)
+    student = student.to(dtype=p.dtype)
     transfer_weights(teacher, student)
     return student
 

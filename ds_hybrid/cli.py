@@ -42,8 +42,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         layers = uniform_layers(L, k_for_ratio(args.ratio if args.ratio is not None else 0.25, L, "--ratio"))
     check_mixer(args.mixer, head_dim(config), "--mixer")
     MixerOptions.from_dict({"use_short_conv": args.short_conv}, "--short-conv")
-
     import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError("--device", args.device, "give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", args.device, "no CUDA device here; use --device cpu")
 
     # fp32 by default (exact transfer); bf16 halves host memory and disk for large teachers (8B: 16 GB vs 32 GB)
     teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],

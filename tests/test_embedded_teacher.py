@@ -62,6 +62,13 @@ def test_cli_convert_then_generate(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]
 
 
+def test_cli_convert_refuses_a_device_it_does_not_have(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--device", "cuda", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--device" in r.stderr and "--device cpu" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_bad_layers_fail_before_loading(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--softmax-layers", "3,30", "--out",
                         str(tmp_path / "x")], capture_output=True, text=True, timeout=300)

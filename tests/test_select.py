@@ -87,10 +87,17 @@ def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
     assert list((out / "tensorboard").glob("events.*"))
 
 
-def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, ga_s2):
+@pytest.fixture(scope="module")
+def halving_one_task(planted, ga_s2):
+    """Successive halving (default: survivors retrained) in one task, with agreement against GA-S2."""
     ref = str(ga_s2[1])
-    h = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
-               "select.halving_first_tokens=512")
+    sel = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
+                 "select.halving_first_tokens=512")
+    return sel, ref
+
+
+def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, halving_one_task):
+    h, ref = halving_one_task
     assert PLANTED in h["ranking"][:1]
     assert h["tokens_spent"] < read_selection(ref)["tokens_spent"]
     assert set(h["agreement"]) >= {"kendall_tau", "topk_overlap"}
@@ -108,12 +115,9 @@ def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, 
     assert -1 <= p["agreement"]["kendall_tau"] <= 1
 
 
-def test_halving_survivors_continue_equals_retrain(planted, tmp_path):
+def test_halving_survivors_continue_equals_retrain(planted, halving_one_task, tmp_path):
     """Continuing survivors from checkpoints is exactly retraining them longer (constant lr), for fewer tokens."""
-    ref = planted["out"] / "select" / "halving" / "selection.json"  # the retrain run of the test above
-    if not ref.is_file():
-        pytest.skip("needs test_halving_and_proxy_keep_the_planted_layer_and_report_agreement")
-    retrain = read_selection(ref)
+    retrain = halving_one_task[0]
     out = tmp_path / "out"
     shutil.copytree(planted["out"] / "align", out / "align")
     cfg = write_config(tmp_path / "c.yaml", planted["teacher"], planted["corpus"], out,
@@ -131,12 +135,9 @@ def test_halving_survivors_continue_equals_retrain(planted, tmp_path):
     assert list((out / "select" / "halving" / "probes").glob("*/kl/checkpoints/*"))  # continue: the finalist's
 
 
-def test_halving_split_over_two_concurrent_tasks_equals_one_task(planted, tmp_path):
+def test_halving_split_over_two_concurrent_tasks_equals_one_task(planted, halving_one_task, tmp_path):
     """Two tasks share each round's probes, wait for each other's scores, and decide the same survivors."""
-    ref = planted["out"] / "select" / "halving" / "selection.json"  # the single-task run of the test above
-    if not ref.is_file():
-        pytest.skip("needs test_halving_and_proxy_keep_the_planted_layer_and_report_agreement")
-    single = read_selection(ref)
+    single = halving_one_task[0]
     out = tmp_path / "out"
     shutil.copytree(planted["out"] / "align", out / "align")
     cfg = write_config(tmp_path / "t.yaml", planted["teacher"], planted["corpus"], out,

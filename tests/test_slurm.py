@@ -157,6 +157,7 @@ def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, convers
                        softmax_layers={"selection": sel, "k": 1}, kl={"tokens": 8 * 64, "seq_len": 64},
                        select={"probe": {"tokens": 2 * 8 * 64, "seq_len": 64, "global_batch": 8, "micro_batch": 4},
                                "ratios": [0.25], "eval_sequences": 4})
+    before = set(REPO.glob("ds-hybrid-*.out"))
     p = submit(cluster, tmp_path / "job.log", f"CONFIG={cfg}", "STAGES=select,kl", "SELECT_ARRAY=2")
     log = (tmp_path / "job.log").read_text()
     assert p.returncode == 0 and "probes in array job" in log, log
@@ -180,3 +181,5 @@ def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, convers
     for layer, score in want["scores"].items():
         assert got["scores"][layer] == pytest.approx(score, rel=1e-6)
     assert json.loads((out / "kl" / "DONE").read_text())["softmax_layers"] == want["ranking"][:1]
+    # the follow-up jobs (2 array tasks, the collector) log next to the submitting job, not in the submit directory
+    assert len(list(tmp_path.glob("ds-hybrid-*.out"))) == 3 and set(REPO.glob("ds-hybrid-*.out")) == before

@@ -183,8 +183,8 @@ def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps:
     while missing:
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"halving across {cfg.select.num_tasks or 'the array'}'s tasks: probes {missing} of the {steps}-step "
-                f"round did not finish within dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
+                f"halving split over several tasks: probes {missing} of the {steps}-step round did not finish "
+                f"within dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
                 "at the same time (rounds depend on each other); rerun the missing tasks, or run halving as one task")
         time.sleep(2.0)
         missing = [l for l, f in records.items() if not f.is_file()]

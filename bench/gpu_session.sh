@@ -9,7 +9,7 @@
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
 #                                                      # runs/smollm2_gpu_bench.yaml)
-#   OUT=$OUT bench/gpu_session.sh infer small|8b   # no parts needed: carry .dev/mini (37 MB: the bundle's
+#   [CONTEXTS=4096,...] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]   # no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
 #       # .dev/mini/ && cp ~/.cache/ds_hybrid/smollm2-135m-instruct/tokenizer*.json .dev/mini/tok/`); bench-infer and
 #       # bench/decode_profile.py on random-init models (speed does not depend on the weights; the image's triton
@@ -67,23 +67,24 @@ from ds_hybrid.corpus import embedded_corpus_files; print('corpus documents', le
     ;;
   infer)
     [ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/mini/*.whl
-    T=/tmp/infer && mkdir -p $T "$OUT"
+    T=/tmp/infer && mkdir -p $T "$OUT" && export PYTHONPATH="$PWD:$PYTHONPATH"   # no editable install here
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$2.txt"
+    prof=${3:-profile}   # "noprofile": bench-infer only (its GPU columns included), no bench/decode_profile.py
     if [ "$2" = small ]; then
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer .dev/mini/tok --out $T/s
       python3 -m ds_hybrid.cli convert --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14
       python3 -m ds_hybrid.cli convert --teacher $T/s --softmax-layers "" --dtype bf16 --device cuda --out $T/s_lin
       python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
-        --contexts 4096,16384,32768 --batches 1,8 --decode-tokens 64 --out "$OUT/smollm2"
-      python3 bench/decode_profile.py --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
-        --context 4096 --steps 32 --out "$OUT/smollm2/decode_profile.json"
+        --contexts ${CONTEXTS:-4096,16384,32768} --batches 1,8 --decode-tokens 64 --out "$OUT/smollm2"
+      [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_1_4=$T/s_h14 \
+        --model all_linear=$T/s_lin --teacher $T/s --context 4096 --steps 32 --out "$OUT/smollm2/decode_profile.json"
     else
       python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer .dev/mini/tok --out $T/l
       python3 -m ds_hybrid.cli convert --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h
-      python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$T/l_h --teacher $T/l --contexts 4096,16384,32768 \
-        --batches 1,4 --decode-tokens 32 --out "$OUT/llama3_8b"
-      python3 bench/decode_profile.py --model hybrid_4_of_32=$T/l_h --teacher $T/l --context 16384 --steps 16 \
-        --out "$OUT/llama3_8b/decode_profile.json"
+      python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$T/l_h --teacher $T/l \
+        --contexts ${CONTEXTS:-4096,16384,32768} --batches 1,4 --decode-tokens 32 --out "$OUT/llama3_8b"
+      [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_4_of_32=$T/l_h --teacher $T/l \
+        --context 16384 --steps 16 --out "$OUT/llama3_8b/decode_profile.json"
     fi
     ;;
   *) echo "unknown step $1"; exit 2 ;;

@@ -181,12 +181,27 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
     assert {r["model"] for r in rows} == {"hybrid", "teacher"} and len(rows) == 4
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert "decode_gpu_ms_per_step" not in r  # profiled on CUDA only: never a made-up number on CPU
     cache = {(r["model"], r["context"]): r["cache_gib"] for r in rows}
     assert cache[("hybrid", 256)] < cache[("teacher", 256)]
     # the teacher's cache grows with context, the hybrid's grows 4x slower (1 softmax layer of 4)
     t_growth = cache[("teacher", 256)] - cache[("teacher", 64)]
     h_growth = cache[("hybrid", 256)] - cache[("hybrid", 64)]
     assert h_growth == pytest.approx(t_growth / 4, rel=0.05)
+
+
+def test_speed_table_and_plot_show_gpu_columns_only_where_measured(tmp_path):
+    from ds_hybrid.evaluation import report
+
+    cpu = {"model": "hybrid", "context": 4096, "batch": 1, "prefill_tokens_per_s": 1e4, "decode_tokens_per_s": 30.0,
+           "cache_gib": 0.1}
+    gpu = dict(cpu, model="teacher", decode_gpu_ms_per_step=8.0, decode_gpu_bound_tokens_per_s=125.0, peak_gib=1.0)
+    lines = report.speed_table([cpu, gpu, {"model": "t", "context": 65536, "batch": 8, "error": "out of memory"}])
+    lines = lines.splitlines()
+    assert len({line.count("|") for line in lines}) == 1  # every row has every column
+    assert "| 30.0 | - | - | 0.1000 |" in lines[2] and "| 30.0 | 8.00 | 125 | 0.1000 | 1.00 |" in lines[3]
+    report.plot_speed([cpu, gpu], tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):

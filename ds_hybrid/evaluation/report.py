@@ -28,13 +28,19 @@ def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[s
 
 
 def speed_table(rows: list[dict]) -> str:
-    lines = ["| model | context | batch | prefill tok/s | decode tok/s | cache GiB | peak GiB |", "|---|---|---|---|---|---|---|"]
+    """Rows of bench-infer side by side. The GPU columns (decode kernel time per step and the tokens/s it allows)
+    are filled on CUDA only; wall-clock decode tokens/s of eager decoding is host-bound there (speed.py)."""
+    lines = ["| model | context | batch | prefill tok/s | decode tok/s | decode GPU ms/step | GPU-bound decode tok/s "
+             "| cache GiB | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | | | |")
             continue
+        gpu = r.get("decode_gpu_ms_per_step")
+        gpu_cells = f"{gpu:.2f} | {r['decode_gpu_bound_tokens_per_s']:.0f}" if gpu is not None else "- | -"
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['cache_gib']:.4f} | {r.get('peak_gib', float('nan')):.2f} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {gpu_cells} | {r['cache_gib']:.4f} | "
+                     f"{r.get('peak_gib', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
@@ -68,13 +74,18 @@ def plot_speed(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    batch = max(r["batch"] for r in rows)  # the largest batch: where the cache matters most
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig.suptitle(f"batch {batch}", fontsize=9)
     for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model and "error" not in r and r["batch"] == min(x["batch"] for x in rows)]
+        rs = [r for r in rows if r["model"] == model and "error" not in r and r["batch"] == batch]
         xs = [r["context"] for r in rs]
-        axes[0].plot(xs, [r["decode_tokens_per_s"] for r in rs], marker="o", label=model)
+        line, = axes[0].plot(xs, [r["decode_tokens_per_s"] for r in rs], marker="o", label=f"{model} (wall)")
+        if all("decode_gpu_bound_tokens_per_s" in r for r in rs) and rs:
+            axes[0].plot(xs, [r["decode_gpu_bound_tokens_per_s"] for r in rs], marker="s", ls="--",
+                         color=line.get_color(), label=f"{model} (GPU-bound)")
         axes[1].plot(xs, [r["cache_gib"] for r in rs], marker="o", label=model)
-    axes[0].set(xlabel="context", ylabel="decode tokens/s", xscale="log")
+    axes[0].set(xlabel="context", ylabel="decode tokens/s", xscale="log", yscale="log")
     axes[1].set(xlabel="context", ylabel="cache GiB", xscale="log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -4,7 +4,12 @@ For each context length C and batch size B, on random tokens (speed does not dep
 - prefill: one forward of [B, C] tokens that fills the cache -> tokens/s;
 - decode: ``decode_tokens`` single-token steps with that cache -> tokens/s;
 - cache memory: bytes held by the cache after decoding (KV tensors of softmax layers, recurrent and conv states of
-  linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run.
+  linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run;
+- on CUDA, decode GPU time: the device time of the kernels of one decode step, from torch.profiler over a third,
+  separate pass. Eager decoding at batch 1-8 is bound by the host (Python and ~1,200-2,000 kernel launches per
+  step take 25-50 ms; the kernels take 2-12 ms), so wall-clock decode tokens/s measures the host and hides what the
+  cache costs. GPU time is what a step costs once launches are hidden (CUDA graphs, as serving engines do); it is
+  where the teacher's growing KV reads show (docs/BENCHMARKS.md).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
@@ -74,6 +79,41 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
     return res
 
 
+def kernel_ms(events) -> tuple[float, int]:
+    """Total device time (ms) and count of the CUDA kernels in a torch.profiler ``key_averages()``."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / 1e3, sum(e.count for e in kernels)
+
+
+@torch.no_grad()
+def decode_gpu_ms(model, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> float | None:
+    """Mean device time of one decode step's kernels (ms) on CUDA, None elsewhere or on out-of-memory.
+
+    Same prefill and decode steps as :func:`bench_model` (so no shape is new here); only the decode steps run under
+    the profiler, and the profiler's host overhead does not change the kernels' device time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = next(model.parameters()).device
+    if dev.type != "cuda":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
+    try:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        _sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(decode_tokens):
+                nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            _sync(dev)
+    except torch.OutOfMemoryError:
+        return None
+    del cache
+    return kernel_ms(prof.key_averages())[0] / decode_tokens
+
+
 def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32) -> list[dict]:
     rows = []
     for name, model in models.items():
@@ -85,5 +125,10 @@ def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tok
                 bench_model(model, c, b, decode_tokens)
                 r = bench_model(model, c, b, decode_tokens)
                 r["model"] = name
+                if "error" not in r:
+                    gpu_ms = decode_gpu_ms(model, c, b, decode_tokens)
+                    if gpu_ms is not None:
+                        r["decode_gpu_ms_per_step"] = gpu_ms
+                        r["decode_gpu_bound_tokens_per_s"] = b * 1e3 / gpu_ms
                 rows.append(r)
     return rows

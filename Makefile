@@ -32,7 +32,7 @@ demo: setup
 	$(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs

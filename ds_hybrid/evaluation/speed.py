@@ -13,7 +13,7 @@ For each context length C and batch size B, on random tokens (speed does not dep
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
-those builds in the timed steps of whichever model ran first and spared the models after it (a 3x error on
+those builds in the timed steps of whichever model ran first and spared the models after it (a 2-3x error on
 the 2026-11-28 H200 runs, docs/RESULTS.md). A size that does not fit is reported as out-of-memory rather than
 ending the benchmark.
 """

@@ -22,25 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ds_hybrid.evaluation.speed import decode, kernel_ms, prefill, random_ids
+
 
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _prefill(model, context: int, batch: int, seed: int):
-    dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-
-def _decode(model, cache, nxt, steps: int):
-    for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-    return nxt
 
 
 def _layer_kind(model, i: int) -> str:
@@ -74,9 +61,9 @@ def _timed_layers(model, steps: int, context: int, batch: int, seed: int) -> dic
 
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     try:
-        cache, nxt = _prefill(model, context, batch, seed)
+        cache, nxt = prefill(model, random_ids(model, context, batch, seed))
         times.clear()  # only decode steps count
-        _decode(model, cache, nxt, steps)
+        decode(model, cache, nxt, steps)
     finally:
         for h in handles:
             h.remove()
@@ -87,23 +74,21 @@ def _timed_layers(model, steps: int, context: int, batch: int, seed: int) -> dic
 def profile_model(model, context: int, batch: int, steps: int, seed: int = 0, top: int = 15) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from ds_hybrid.evaluation.speed import kernel_ms
-
     dev = next(model.parameters()).device
-    cache, nxt = _prefill(model, context, batch, seed)
-    _decode(model, cache, nxt, steps)  # warm: per-shape kernel compilation and cuDNN graphs of every key length
-    cache, nxt = _prefill(model, context, batch, seed)
+    cache, nxt = prefill(model, random_ids(model, context, batch, seed))
+    decode(model, cache, nxt, steps)  # warm: per-shape kernel compilation and cuDNN graphs of every key length
+    cache, nxt = prefill(model, random_ids(model, context, batch, seed))
     _sync(dev)
     t0 = time.perf_counter()
-    _decode(model, cache, nxt, steps)
+    decode(model, cache, nxt, steps)
     _sync(dev)
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    cache, nxt = _prefill(model, context, batch, seed)
+    cache, nxt = prefill(model, random_ids(model, context, batch, seed))
     _sync(dev)
     with profile(activities=acts) as prof:
-        _decode(model, cache, nxt, steps)
+        decode(model, cache, nxt, steps)
         _sync(dev)
     events = prof.key_averages()
     cpu_top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]

@@ -44,12 +44,29 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def random_ids(model, context: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """[batch, context] random token ids on the model's device (speed does not depend on content)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(next(model.parameters()).device)
+
+
+def prefill(model, ids: torch.Tensor):
+    """One forward of ``ids`` into a fresh cache -> (cache, the greedy next token)."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+def decode(model, cache, nxt: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy single-token steps extending ``cache`` in place -> the last token."""
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return nxt
+
+
 @torch.no_grad()
 def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
     dev = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
+    ids = random_ids(model, context, batch, seed)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -57,16 +74,11 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
     try:
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, nxt = prefill(model, ids)
         _sync(dev)
         t_prefill = time.perf_counter() - t0
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(dev)
         t0 = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
+        decode(model, cache, nxt, decode_tokens)
         _sync(dev)
         t_decode = time.perf_counter() - t0
     except torch.OutOfMemoryError:
@@ -75,7 +87,7 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
            "decode_tokens_per_s": batch * decode_tokens / t_decode, "cache_gib": cache_bytes(cache) / 2**30}
     if dev.type == "cuda":
         res["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
-    del cache, out
+    del cache
     return res
 
 
@@ -97,16 +109,11 @@ def decode_gpu_ms(model, context: int, batch: int, decode_tokens: int = 32, seed
     dev = next(model.parameters()).device
     if dev.type != "cuda":
         return None
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
     try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        del out
+        cache, nxt = prefill(model, random_ids(model, context, batch, seed))
         _sync(dev)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(decode_tokens):
-                nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            decode(model, cache, nxt, decode_tokens)
             _sync(dev)
     except torch.OutOfMemoryError:
         return None

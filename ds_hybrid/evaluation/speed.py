@@ -7,8 +7,8 @@ For each context length C and batch size B, on random tokens (speed does not dep
   linear layers), counted from the tensors themselves; on CUDA also the peak allocated memory of the whole run;
 - on CUDA, decode GPU time: the device time of the kernels of one decode step, from torch.profiler over a third,
   separate pass. Eager decoding at batch 1-8 is bound by the host (Python and ~1,200-2,000 kernel launches per
-  step take 25-50 ms; the kernels take 2-12 ms), so wall-clock decode tokens/s measures the host and hides what the
-  cache costs. GPU time is what a step costs once launches are hidden (CUDA graphs, as serving engines do); it is
+  step take 25-66 ms on an H200 host; the kernels take 2-20 ms), so wall-clock decode tokens/s measures the host
+  and hides what the cache costs. GPU time is what a step costs once launches are hidden (CUDA graphs, as serving engines do); it is
   where the teacher's growing KV reads show (docs/BENCHMARKS.md).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every

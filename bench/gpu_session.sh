@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Steps of a GPU lease on a machine with no network (what came out: docs/BENCHMARKS.md, docs/SCALE.md, docs/SELECT.md,
-# docs/RESULTS.md). Everything missing there travels as one tar (wheels incl. triton 3.7.1, the SmolLM2 GGUF, the
-# corpus) split into .dev/p0 .. .dev/p5, one part per call, the calls within the machine's 30 s warm window:
+# docs/RESULTS.md). Everything missing there travels as one tar (bench/make_bundle.sh: wheels, triton 3.7.1, the
+# SmolLM2 GGUF, the corpus, optionally a baseline tree) split into .dev/p0 .. .dev/pN, one part per call, the calls
+# within the machine's 30 s warm window:
 #
 #   bench/gpu_session.sh part N           # copy .dev/pN to /tmp/parts
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
-#   bench/gpu_session.sh start            # bench/gpu_campaign.sh in the background (survives the call)
+#   bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
+#                                         # background (survives the call)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
 #                                                      # runs/smollm2_gpu_bench.yaml)
@@ -16,10 +18,6 @@
 #       # runs fla's forward kernels): SmolLM2 shape (teacher, 1/4 hybrid, all-linear) or Llama-3-8B shape
 #       # (teacher, 4-of-32 hybrid). ~4 minutes each on a fresh H200; two calls within the warm window.
 #
-# Making the parts here (docs/BENCHMARKS.md, "A 2-GPU lease"), in a folder holding wheels/ (py3.12 wheels of what
-# the image lacks), triton-3.7.1-*.whl, SmolLM2-135M-Instruct.Q4_1.gguf and corpus.tar.xz (the python3-doc sources):
-#   tar -cf bundle.tar . && split -b 62000000 -d -a 1 bundle.tar part && for i in 0 1 2 3 4 5; do
-#   mkdir -p <repo>/.dev/p$i && mv part$i <repo>/.dev/p$i/; done          # .dev/ is git-ignored
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -31,26 +29,30 @@ case "$1" in
   setup)
     mkdir -p /tmp/g && cat /tmp/parts/part* | tar -xf - -C /tmp/g
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tsite /tmp/g/triton-3.7.1-*.whl
-    mkdir -p /usr/share/doc/python3/html/_sources && tar -xJf /tmp/g/corpus.tar.xz -C /usr/share/doc/python3/html/_sources
+    mkdir -p /tmp/tsite && tar -xJf /tmp/g/triton.tar.xz -C /tmp/tsite
+    tar -xJf /tmp/g/corpus/corpus.tar.xz -C /
+    if [ -f /tmp/g/old.tar ]; then rm -rf /tmp/old && mkdir -p /tmp/old && tar -xf /tmp/g/old.tar -C /tmp/old; fi
+    # the checkout is laid afresh at every call: background jobs run from a copy
+    rm -rf /tmp/new && mkdir -p /tmp/new && tar --exclude=./.dev -cf - . | tar -xf - -C /tmp/new && cd /tmp/new
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || \
       echo "editable install failed: running from the checkout"
-    python3 -c "import triton, torch, deepspeed, fla, transformers, lm_eval, sklearn, nltk, wonderwords
+    python3 -c "import triton, torch, deepspeed, fla, transformers
 print('triton', triton.__version__, 'torch', torch.__version__, 'ds', deepspeed.__version__, 'fla', fla.__version__,
-      'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, 'gpus', torch.cuda.device_count(),
-      torch.cuda.get_device_name(0))
+      'transformers', transformers.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))
+import ds_hybrid.kernels.fused_kl
 from ds_hybrid.teacher import embedded_teacher_dir; print('teacher', embedded_teacher_dir())
 from ds_hybrid.corpus import embedded_corpus_files; print('corpus documents', len(embedded_corpus_files()))"
     ;;
   start)
-    mkdir -p /tmp/res
-    setsid nohup bench/gpu_campaign.sh main > /tmp/res/campaign.log 2>&1 < /dev/null &
+    mkdir -p /tmp/res && cd /tmp/new
+    setsid nohup "${2:-bench/gpu_campaign.sh}" main > /tmp/res/campaign.log 2>&1 < /dev/null &
     sleep 2 && cat /tmp/res/progress.log 2>/dev/null || true
     ;;
   wait)
     end=$(( $(date +%s) + $2 ))
     while [ ! -f /tmp/res/CAMPAIGN_DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
     bench/gpu_campaign.sh pack "$OUT"
+    ls /tmp/res/tp 2>/dev/null | head -40
     tail -n 60 /tmp/res/progress.log
     ;;
   parity)

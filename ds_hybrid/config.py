@@ -6,7 +6,7 @@
     mixer: gdn
     softmax_layers: {uniform: 0.25}   # or [3, 7, 11], {uniform: 8} (K), {selection: <path>, ratio: 0.25}
     data: {source: embedded}          # or files/folders of text/json/jsonl/parquet, or a hub dataset name
-    align: {tokens: 100_000_000, seq_len: 512, global_batch: 96, micro_batch: 4}
+    align: {tokens: 100_000_000, seq_len: 512, global_batch: 96}       # micro_batch: auto (from the memory plan)
     kl:    {tokens: 600_000_000, seq_len: 4096, global_batch: 32, micro_batch: 1}
 
     >>> cfg = load_config("runs/smollm2.yaml", overrides=["kl.tokens=2e6", "seed=1"])
@@ -52,7 +52,9 @@ class StageConfig:
     tokens: int = 0  # training budget in tokens (steps = tokens / (global_batch * seq_len), rounded down)
     seq_len: int = 512
     global_batch: int = 8  # sequences per optimizer step, summed over ranks and accumulation
-    micro_batch: int = 1  # sequences per rank per forward
+    # sequences per rank per forward; "auto": the largest divisor of global_batch / world_size whose memory plan
+    # (ds_hybrid.plan) fits AUTO_MEMORY_FRACTION of the device, resolved at launch and recorded in run_info
+    micro_batch: int | Literal["auto"] = "auto"
     lr: float = 1e-3  # attention / mixer parameters
     lr_rest: float = 0.0  # everything else (MLPs, norms, embeddings, lm_head); 0 = frozen
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
@@ -71,6 +73,11 @@ class StageConfig:
     init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export);
     # "teacher": stage-0 transfer straight from the teacher, no align (ablations, benchmarks)
     gradient_checkpointing: bool = False
+    # torch.compile each transformer block (student and teacher; the linear-attention kernels stay fla's Triton,
+    # outside the graphs): fuses the norms, gates, activations and residual adds. Blocks of one kind share their
+    # compiled code; the first steps pay the compile (~1 min, cached on disk for later runs). "auto": on CUDA,
+    # off on CPU. ZeRO-3 engines are never compiled (partitioned parameters).
+    compile: bool | Literal["auto"] = "auto"
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
     # killed stage then restarts from its first step)
@@ -94,7 +101,8 @@ class SelectConfig:
     score: Literal["heldout", "train_window"] = "heldout"  # probe score: held-out KL at the end, or mean train KL
     window: int = 10  # train_window: the last this-many probe steps
     probe: dict = field(default_factory=lambda: {"tokens": 2_000_000, "seq_len": 1024, "global_batch": 8,
-                                                 "micro_batch": 1, "schedule": "constant", "ckpt_every": 1_000_000})
+                                                 "micro_batch": "auto", "schedule": "constant",
+                                                 "ckpt_every": 1_000_000})
     halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 8)
     halving_keep: int | None = None  # halving: stop when this many remain (default: the largest K asked for)
     # halving: a survivor's next round retrains it from the align export, or continues it from its checkpoint
@@ -110,11 +118,11 @@ class SelectConfig:
 
 # The paper's recipe (RADLADS stage 1 / stage 2 budgets from the reference configs), scaled by the user's tokens.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "align": dict(tokens=100_000_000, seq_len=512, global_batch=96, micro_batch=4, lr=1e-3, lr_rest=0.0,
+    "align": dict(tokens=100_000_000, seq_len=512, global_batch=96, micro_batch="auto", lr=1e-3, lr_rest=0.0,
                   schedule="cosine", clip=1.0),
-    "kl": dict(tokens=600_000_000, seq_len=4096, global_batch=32, micro_batch=1, lr=1e-4, lr_rest=7e-6,
+    "kl": dict(tokens=600_000_000, seq_len=4096, global_batch=32, micro_batch="auto", lr=1e-4, lr_rest=7e-6,
                schedule="constant", clip=1.0, weight_decay=0.01),
-    "finetune": dict(tokens=50_000_000, seq_len=4096, global_batch=32, micro_batch=1, lr=1e-5, lr_rest=1e-5,
+    "finetune": dict(tokens=50_000_000, seq_len=4096, global_batch=32, micro_batch="auto", lr=1e-5, lr_rest=1e-5,
                      schedule="cosine", warmup_steps=10, clip=1.0),
 }
 
@@ -174,6 +182,19 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def _describe(tp: Any) -> str:
+    """A type as a user reads it: int, "int or 'auto'", "one of 'cosine', 'constant', 'linear'"."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is Literal:
+        args = get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """YAML gives 1e6 as a float and 2_000 as an int: accept integral floats for ints, lists for tuples."""
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -207,7 +228,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> An
             continue
         v = _coerce(v, tp)
         if not _type_ok(v, tp):
-            raise ConfigError(where, v, f"expected {getattr(tp, '__name__', str(tp)).replace('typing.', '')}")
+            raise ConfigError(where, v, f"expected {_describe(tp)}")
         setattr(obj, k, v)
     return obj
 
@@ -290,6 +311,8 @@ def validate_static(cfg: RunConfig) -> None:
     for name in TRAIN_STAGES:
         s: StageConfig = getattr(cfg, name)
         for f in ("seq_len", "global_batch", "micro_batch", "log_every", "loss_chunk_tokens"):
+            if f == "micro_batch" and s.micro_batch == "auto":
+                continue
             if getattr(s, f) < 1:
                 raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
         if s.ckpt_every < 0:
@@ -313,8 +336,13 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
                           f"raise tokens to at least {need} or shrink global_batch/seq_len")
     if s.tokens == 0:
         raise ConfigError(f"{stage}.tokens", 0, "set a token budget for this stage")
-    per_step = s.micro_batch * world_size
-    if s.global_batch % per_step:
+    if s.micro_batch == "auto":
+        if s.global_batch % world_size:
+            raise ConfigError(f"{stage}.global_batch", s.global_batch,
+                              f"must be a multiple of the world size {world_size} (micro_batch: auto picks a divisor "
+                              f"of global_batch / world_size); e.g. global_batch={max(world_size, round(s.global_batch / world_size) * world_size)}")
+    elif s.global_batch % (s.micro_batch * world_size):
+        per_step = s.micro_batch * world_size
         raise ConfigError(f"{stage}.global_batch", s.global_batch,
                           f"must be a multiple of micro_batch x world_size = {s.micro_batch} x {world_size} = "
                           f"{per_step}; e.g. global_batch={max(per_step, round(s.global_batch / per_step) * per_step)}")

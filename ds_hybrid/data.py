@@ -228,6 +228,17 @@ class PackedSequences:
         return torch.from_numpy(out.astype(np.int64))
 
 
+def device_micro_batches(seqs: PackedSequences, micro: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """A step's micro-batches on ``device`` with one host-to-device copy: the rows are gathered into one tensor,
+    pinned and copied without blocking (a copy from pageable memory waits for the GPU to drain first), then split
+    into views. On CPU the rows are simply returned as tensors."""
+    sizes = [len(m) for m in micro]
+    batch = seqs[np.concatenate(micro)] if micro else seqs[np.zeros(0, dtype=np.int64)]
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return list(batch.split(sizes))
+
+
 def step_rows(step: int, n_rows: int, global_batch: int, seed: int) -> np.ndarray:
     """The rows of optimizer step ``step``: a seeded permutation per epoch, consumed in order, wrapping epochs."""
     if n_rows < 1:

@@ -29,12 +29,19 @@ def align_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Te
     return diff.norm(dim=-1).mean() / d**0.5
 
 
+def align_losses(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """:func:`align_loss` of every layer at once: [L, ..., d] stacked outputs -> [L] losses."""
+    d = teacher_out.shape[-1]
+    diff = student_out.float() - teacher_out.float()
+    return diff.norm(dim=-1).flatten(1).mean(1) / d**0.5
+
+
 @dataclass
 class LossStats:
     kl_per_token: torch.Tensor | None  # [N] fp32, 0 where masked (detached)
     ce_per_token: torch.Tensor | None  # [N] fp32, 0 where no label
-    n_kl: int
-    n_ce: int
+    n_kl: torch.Tensor  # 0-d, on the loss's device: tokens in the KL mean (a tensor, so reading it costs no sync)
+    n_ce: torch.Tensor  # 0-d: tokens with a CE label
 
 
 class ChunkedLinearLoss(torch.autograd.Function):
@@ -99,7 +106,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
             loss = loss + ce_weight * ce_tok.sum() / n_ce
         stats["kl_per_token"] = kl_tok
         stats["ce_per_token"] = ce_tok
-        stats["n_kl"], stats["n_ce"] = n_kl, n_ce
+        stats["n_kl"] = torch.tensor(float(n_kl), device=h_s.device)
+        stats["n_ce"] = torch.tensor(float(n_ce), device=h_s.device)
         ctx.save_for_backward(dh.to(h_s.dtype), dw.to(w_s.dtype))
         return loss
 

@@ -10,7 +10,7 @@ model built on the meta device):
 | teacher shards | b P_teacher / W (0 on the GPU with CPU offload) | (teacher is always ZeRO-3 or whole) |
 | teacher working set | gathered layers: 2 x largest teacher layer x b (current + prefetch) | - |
 | student parameters | b P_student / W | b P_student |
-| gradients | b P_trainable / W | b P_trainable / W |
+| gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
 | activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2, mixer alone (align) 28 n h b/2; with checkpointing 2 n h L + one layer's | |
 | KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + C V b (dL/dz) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens | |
@@ -35,6 +35,10 @@ from ds_hybrid.errors import ConfigError
 
 GIB = 2**30
 FRAMEWORK_BYTES = int(1.5 * GIB)
+# micro_batch: auto keeps the plan under this fraction of the device's memory: the activation terms are estimates
+# (measured peaks have come within ~10 % of the plan), and the allocator needs slack for fragmentation.
+AUTO_MEMORY_FRACTION = 0.85
+NOT_TERMS = ("stage", "world", "gpu_gib", "micro_batch")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Plan:
     stage: str
     world: int
     gpu_gib: float
+    micro_batch: int
     teacher_shards: int
     teacher_working_set: int
     student_params: int
@@ -65,15 +70,16 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return sum(v for k, v in asdict(self).items() if k not in ("stage", "world", "gpu_gib"))
+        return sum(v for k, v in asdict(self).items() if k not in NOT_TERMS)
 
     @property
     def fits(self) -> bool:
         return self.total <= self.gpu_gib * GIB
 
     def table(self) -> str:
-        rows = [(k, v) for k, v in asdict(self).items() if k not in ("stage", "world", "gpu_gib")]
-        out = [f"memory plan per GPU: stage {self.stage}, {self.world} GPUs", "| term | GiB |", "|---|---|"]
+        rows = [(k, v) for k, v in asdict(self).items() if k not in NOT_TERMS]
+        out = [f"memory plan per GPU: stage {self.stage}, {self.world} GPUs, micro-batch {self.micro_batch}",
+               "| term | GiB |", "|---|---|"]
         out += [f"| {k.replace('_', ' ')} | {v / GIB:.2f} |" for k, v in rows]
         out.append(f"| **total** | **{self.total / GIB:.2f}** of {self.gpu_gib:g} -> {'fits' if self.fits else 'DOES NOT FIT'} |")
         return "\n".join(out)
@@ -112,10 +118,14 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
 
 
 def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float = 80.0,
-              dtype_bytes: int | None = None) -> Plan:
+              dtype_bytes: int | None = None, micro_batch: int | None = None) -> Plan:
+    """The plan of ``stage`` at ``micro_batch`` (default: the stage's, which must then be resolved, not "auto")."""
     from ds_hybrid.stages.common import zero_stage
 
     s = cfg.stage(stage)
+    micro = micro_batch if micro_batch is not None else s.micro_batch
+    if micro == "auto":
+        micro = auto_micro_batch(cfg, stage, counts, world, gpu_gib, dtype_bytes)
     student_ds = json.loads(resolve_path(s.ds_config).read_text())
     teacher_ds = json.loads(resolve_path(s.teacher_ds_config).read_text())
     from ds_hybrid.stages.common import run_dtype
@@ -129,9 +139,12 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     s_stage = zero_stage(student_ds)
     student = b * counts.student // (world if s_stage == 3 else 1)
     shard = world if s_stage >= 1 else 1
-    grads = b * counts.trainable // (world if s_stage >= 2 else 1)
+    # ZeRO-1 with fp32 gradient accumulation (ds_configs/student_zero1.json: DeepSpeed's BF16_Optimizer) keeps an
+    # fp32 gradient of every trainable parameter; otherwise gradients are in the model dtype
+    g_bytes = 4 if (s_stage == 1 and student_ds.get("data_types", {}).get("grad_accum_dtype") == "fp32") else b
+    grads = g_bytes * counts.trainable // (world if s_stage >= 2 else 1)
     optim = 12 * counts.trainable // shard
-    n = s.micro_batch * s.seq_len
+    n = micro * s.seq_len
     h, i, L, V = counts.hidden, counts.intermediate, counts.layers, counts.vocab
     n_soft = len(counts_softmax(cfg, stage, L))
     # bytes saved for backward per token, in units of b/2 (bf16 = 1x): softmax block 18 h + 6 i (Korthikanti et al.
@@ -148,9 +161,23 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     C = min(s.loss_chunk_tokens, n)
     n_logits = 2 if uses_teacher else 1  # finetune: the student's logits only
     kl = 0 if stage == "align" else n_logits * C * V * 4 + C * V * b + V * h * b + 2 * n * h * b
-    return Plan(stage=stage, world=world, gpu_gib=gpu_gib, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
+    return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
                 student_params=student, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
                 framework=FRAMEWORK_BYTES)
+
+
+def auto_micro_batch(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float,
+                     dtype_bytes: int | None = None) -> int:
+    """``micro_batch: auto``: the largest divisor of global_batch / world whose plan fits AUTO_MEMORY_FRACTION of
+    ``gpu_gib`` (1 if none does; the printed plan then says it does not fit). Larger micro-batches mean fewer,
+    larger kernels and fewer per-micro-batch fixed costs, which is most of what a small model's step spends."""
+    s = cfg.stage(stage)
+    per_rank = max(1, s.global_batch // world)
+    budget = AUTO_MEMORY_FRACTION * gpu_gib * GIB
+    for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        if make_plan(cfg, stage, counts, world, gpu_gib, dtype_bytes, micro_batch=m).total <= budget:
+            return m
+    return 1
 
 
 def counts_softmax(cfg: RunConfig, stage: str, num_layers: int) -> list[int]:

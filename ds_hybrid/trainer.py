@@ -31,9 +31,10 @@ import torch
 from ds_hybrid import distributed as D
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import RunConfig, stage_steps, validate_for_launch
-from ds_hybrid.data import PackedSequences, prepare_streams, rank_micro_batches, step_rows
+from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
+from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.stages.base import StageContext
 
 log = logging.getLogger("ds_hybrid")
@@ -74,6 +75,10 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     L = teacher_config.num_hidden_layers
     layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
     s = cfg.stage(stage)
+    if s.micro_batch == "auto":
+        s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
+                                           if D.is_main() else None)
+        log.info("%s.micro_batch: auto -> %d (largest that the memory plan fits)", stage, s.micro_batch)
     if stage == "kl":
         from ds_hybrid.selection import check_selection_origin
 
@@ -94,12 +99,29 @@ class _Signals:
         log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
 
 
+def device_gib() -> float:
+    """Memory of this rank's device: the GPU's, or on CPU the host's available memory shared by the local ranks."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(D.device()).total_memory / 2**30
+    import psutil
+
+    local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", 1))
+    return psutil.virtual_memory().available / 2**30 / max(1, local)
+
+
+def resolve_auto_micro_batch(cfg: RunConfig, stage: str, teacher_config, softmax_layers: list[int]) -> int:
+    from ds_hybrid.plan import auto_micro_batch, count_models
+
+    counts = count_models(teacher_config, cfg, stage, softmax_layers)
+    return auto_micro_batch(cfg, stage, counts, D.world_size(), device_gib())
+
+
 def stage_plan(ctx: StageContext):
     """The memory plan of this stage on this job (printed before the models are built, kept next to the measured)."""
     from ds_hybrid.plan import count_models, make_plan
 
     counts = count_models(ctx.teacher_config, ctx.cfg, ctx.stage, ctx.softmax_layers)
-    gib = torch.cuda.get_device_properties(D.device()).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+    gib = device_gib() if torch.cuda.is_available() else 80.0
     return make_plan(ctx.cfg, ctx.stage, counts, D.world_size(), gib)
 
 
@@ -147,6 +169,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         return run_dir
     t_start = time.perf_counter()
     phase_s: dict[str, float] = {}  # where a run's wall time goes (a probe's fixed cost: docs/SELECT.md)
+    auto_micro = cfg.stage(stage).micro_batch == "auto"
     ctx = make_context(cfg, stage)
     s = ctx.s
     torch.manual_seed(cfg.seed)
@@ -177,7 +200,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                                        "train_sequences": len(train), "val_sequences": len(val),
                                        "params_per_rank": gather_param_report(runner), "ranks": rank_places(),
                                        "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
-                                                           if isinstance(v, int) and k != "world"}})
+                                                           if k not in NOT_TERMS},
+                                       "micro_batch": s.micro_batch, "micro_batch_auto": auto_micro})
     # every rank evaluates the same number of held-out rows (collectives inside evaluate must line up)
     per_rank = max(1, len(val) // D.world_size())
     val_batches = [val[[(D.rank() * per_rank + i) % len(val)]] for i in range(per_rank)]
@@ -198,7 +222,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
             rows = step_rows(step, len(train), s.global_batch, cfg.seed)
             micro = rank_micro_batches(rows, D.rank(), D.world_size(), s.micro_batch)
             t0 = time.perf_counter()
-            metrics = runner.train_step([train[m] for m in micro])
+            metrics = runner.train_step(device_micro_batches(train, micro, D.device()))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

@@ -35,8 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _row_loss_kernel(
-    zs_ptr, zt_ptr, dz_ptr, kl_ptr, ce_ptr, klw_ptr, labels_ptr,
-    V, stride_z, stride_dz, inv_t, t_sq, grad_kl_scale, ce_scale,
+    zs_ptr, zt_ptr, dz_ptr, kl_ptr, ce_ptr, klw_ptr, labels_ptr, scale_ptr,
+    V, stride_z, stride_dz, inv_t, t_sq,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -84,7 +84,7 @@ def _row_loss_kernel(
         w = tl.load(klw_ptr + row)
         kl = (acc / s_t - lse_t + lse_s) * t_sq * w
         tl.store(kl_ptr + row, kl)
-        kl_coef = grad_kl_scale * w
+        kl_coef = tl.load(scale_ptr) * w
     lse_c = 0.0
     label = -100
     ce_coef = 0.0
@@ -96,7 +96,7 @@ def _row_loss_kernel(
         z_label = tl.load(zs_row + safe).to(tl.float32)
         ce = tl.where(has_label, lse_c - z_label, 0.0)
         tl.store(ce_ptr + row, ce)
-        ce_coef = tl.where(has_label, ce_scale, 0.0)
+        ce_coef = tl.where(has_label, tl.load(scale_ptr + 1), 0.0)
     # pass 2: dL/dz_s
     if not WRITE_GRAD:
         return
@@ -132,9 +132,11 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def run_row_kernel(zs, zt, kl_w, labels, temperature: float, grad_kl_scale: float, ce_scale: float,
-                   dz_dtype: torch.dtype, need_grad: bool = True, block_v: int | None = None):
-    """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). Returns (dz, kl [C], ce [C])."""
+def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tensor, dz_dtype: torch.dtype,
+                   need_grad: bool = True, block_v: int | None = None):
+    """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). ``scales`` (fp32 [2], on the device): the
+    gradient scale of the KL and CE terms, read by the kernel so that no token count has to reach the host.
+    Returns (dz, kl [C], ce [C])."""
     C, V = zs.shape
     has_kl, has_ce = zt is not None, labels is not None
     dz = torch.empty((C, V) if need_grad else (1, 1), dtype=dz_dtype, device=zs.device)
@@ -143,9 +145,8 @@ def run_row_kernel(zs, zt, kl_w, labels, temperature: float, grad_kl_scale: floa
     block, warps = _block_v(block_v)
     _row_loss_kernel[(C,)](
         zs, zt if has_kl else zs, dz, kl, ce,
-        kl_w if has_kl else kl, labels if has_ce else kl,
+        kl_w if has_kl else kl, labels if has_ce else kl, scales,
         V, zs.stride(0), dz.stride(0), 1.0 / temperature, temperature * temperature,
-        grad_kl_scale, ce_scale,
         HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, num_warps=warps,
     )
     return dz, kl, ce
@@ -160,10 +161,11 @@ class FusedLinearLoss(torch.autograd.Function):
         use_kl = kl_weight != 0 and h_t is not None
         use_ce = ce_weight != 0 and labels is not None
         kl_w = kl_mask.to(torch.float32) if use_kl else None
-        n_kl = int(kl_mask.sum()) if use_kl else 0
-        n_ce = int((labels != -100).sum()) if use_ce else 0
-        grad_kl_scale = temperature * kl_weight / max(n_kl, 1)
-        ce_scale = ce_weight / max(n_ce, 1)
+        # token counts stay on the device (no host sync per micro-batch); the kernel reads the gradient scales
+        zero = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        n_kl = kl_mask.sum().float() if use_kl else zero
+        n_ce = (labels != -100).sum().float() if use_ce else zero
+        scales = torch.stack([temperature * kl_weight / n_kl.clamp(min=1), ce_weight / n_ce.clamp(min=1)])
         dz_dtype = h_s.dtype
         dh = torch.empty_like(h_s) if need_grad else None
         dw = torch.zeros_like(w_s) if need_grad else None
@@ -178,7 +180,7 @@ class FusedLinearLoss(torch.autograd.Function):
             zt = _mm32(h_t[a:b].to(w_t.dtype), w_t_t) if use_kl else None
             dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
                                         labels[a:b].contiguous() if use_ce else None, temperature,
-                                        grad_kl_scale, ce_scale, dz_dtype, need_grad, block_v)
+                                        scales, dz_dtype, need_grad, block_v)
             del zs, zt
             if use_kl:
                 kl_tok[a:b] = kl
@@ -189,10 +191,10 @@ class FusedLinearLoss(torch.autograd.Function):
                 dw.addmm_(dz.t(), hs)
             del dz
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        if use_kl and n_kl:
-            loss = loss + kl_weight * kl_tok.sum() / n_kl
-        if use_ce and n_ce:
-            loss = loss + ce_weight * ce_tok.sum() / n_ce
+        if use_kl:  # masked tokens hold 0, so an all-masked chunk adds 0
+            loss = loss + kl_weight * kl_tok.sum() / n_kl.clamp(min=1)
+        if use_ce:
+            loss = loss + ce_weight * ce_tok.sum() / n_ce.clamp(min=1)
         stats.update(kl_per_token=kl_tok, ce_per_token=ce_tok, n_kl=n_kl, n_ce=n_ce)
         if need_grad:
             ctx.save_for_backward(dh, dw)

@@ -35,7 +35,7 @@ def test_types_and_overrides(tmp_path):
     cfg = load_config(cfg_file(tmp_path, {"kl": {"tokens": "2e6"}}), ["seed=3", "kl.lr=2e-4", "align.betas=[0.9, 0.99]"])
     assert cfg.kl.tokens == 2_000_000 and cfg.seed == 3 and cfg.kl.lr == 2e-4 and cfg.align.betas == (0.9, 0.99)
     assert cfg.kl.lr_rest == 7e-6 and cfg.kl.seq_len == 4096  # the paper's stage-2 defaults survive
-    with pytest.raises(ConfigError, match=r"^kl\.micro_batch='two': expected int"):
+    with pytest.raises(ConfigError, match=r"^kl\.micro_batch='two': expected int or 'auto'"):
         load_config(None, ["kl.micro_batch=two"])
     with pytest.raises(ConfigError, match="override"):
         load_config(None, ["kl.tokens"])

@@ -142,8 +142,18 @@ def test_sigkill_then_resume_gives_the_same_losses(pipeline, tmp_path):
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert marker.exists(), "no checkpoint at step 4"
+    # torchrun starts each worker in its own session: kill the agent and every worker, as a lost node would
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(workers, timeout=30)
     run_dir = tmp_path / "out" / "kl"
     assert not (run_dir / "DONE").exists()
     p = train("kl", cfg)

@@ -25,10 +25,10 @@ def heldout_quality(model, rows: list[torch.Tensor], teacher=None, chunk: int = 
         _, st = chunked_linear_loss(h_s, w_s, h_t, w_t, labels=next_token_labels(ids).flatten(),
                                     kl_weight=1.0 if teacher is not None else 0.0, ce_weight=1.0, chunk=chunk)
         sums[0] += st.ce_per_token.sum().double().cpu()
-        sums[1] += st.n_ce
+        sums[1] += st.n_ce.cpu()
         if st.kl_per_token is not None:
             sums[2] += st.kl_per_token.sum().double().cpu()
-            sums[3] += st.n_kl
+            sums[3] += st.n_kl.cpu()
     out = {"ce": float(sums[0] / sums[1]), "ppl": float(torch.exp(sums[0] / sums[1])), "tokens": int(sums[1])}
     if teacher is not None:
         out["kl_to_teacher"] = float(sums[2] / sums[3])

@@ -44,6 +44,7 @@ def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@torch.compiler.disable  # compiled blocks (``compile: true``) break here: fla's kernels are already fused
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,6 +128,7 @@ def chunk_gla_torch(
     return o, (S if output_final_state else None)
 
 
+@torch.compiler.disable
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -143,11 +145,9 @@ def gated_linear_attention(
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
         if T <= RECURRENT_MAX_TOKENS and not torch.is_grad_enabled():
-            return fused_recurrent_gla(
-                q=q, k=k, v=v, gk=gk, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-            )
-        return chunk_gla(
-            q=q, k=k, v=v, g=gk, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
+            return fused_recurrent_gla(q=q, k=k, v=v, gk=gk, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state)
+        return chunk_gla(q=q, k=k, v=v, g=gk, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state)
     o, state = chunk_gla_torch(q, k, v, gk, scale, initial_state, output_final_state)
     return o.to(v.dtype), state

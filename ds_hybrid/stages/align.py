@@ -11,6 +11,7 @@ The export (``<run>/align/hf``) is the all-linear hybrid: the teacher's weights 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,22 +19,31 @@ from torch import nn
 
 from ds_hybrid import distributed as D
 from ds_hybrid.hf_io import SafetensorsReader, export_hf
-from ds_hybrid.losses import align_loss
+from ds_hybrid.losses import align_loss, align_losses
 from ds_hybrid.modeling.mixers import build_mixer
+from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
-from ds_hybrid.stages.common import count_params, grad_norm_before_step, student_engine, zero_stage
+from ds_hybrid.stages.common import (compile_backend, compile_blocks, count_params, grad_norm_before_step,
+                                     student_engine, wants_compile, zero_stage)
 from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
 
 
 class MixerStack(nn.Module):
-    """The L mixers of the all-linear student; forward returns the align loss of each layer."""
+    """The L mixers of the all-linear student; forward returns the align loss of each layer.
+
+    ``stacked`` runs all L mixers as one batched pass: on CUDA where :func:`~ds_hybrid.modeling.stacked.supports_stacked`
+    allows it (not under ZeRO-3, no short convolutions). Otherwise each mixer is called on its own (the reference
+    path). ``DS_HYBRID_ALIGN_STACKED=1`` / ``0`` forces either where supported."""
 
     def __init__(self, mixers: list[nn.Module]):
         super().__init__()
         self.mixers = nn.ModuleList(mixers)
+        self.stacked = False
 
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        if self.stacked:
+            return align_losses(stacked_forward(list(self.mixers), torch.stack(inputs), check=False), torch.stack(targets))
         losses = [align_loss(m(hidden_states=x)[0], t) for m, x, t in zip(self.mixers, inputs, targets)]
         return torch.stack(losses)
 
@@ -58,6 +68,16 @@ class AlignStage(Stage):
             init_mixer_from_reader(m, reader, i, tc.num_key_value_heads)
         if zero_stage(ds) != 3:
             stack = stack.to(device=ctx.device, dtype=ctx.dtype)
+        # the stacked pass pays on GPUs (fewer, larger kernels); on CPU the per-mixer loop is faster
+        mode = os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto")
+        stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))
+        if wants_compile(ctx.s, ds):
+            if stack.stacked:  # one graph around the stacked pass (the fla call is a graph break) and the loss
+                stack.compile(backend=compile_backend(), dynamic=False)
+            else:
+                compile_blocks(stack.mixers)
+        if wants_compile(ctx.s, ctx.ds_config(train=False)):
+            compile_blocks(self.teacher.module.teacher.model.layers)
         self.engine = student_engine(stack, ds, ctx.s, ctx.total_steps)
         self.engines = {"student": self.engine}
         self._teacher_params = count_params(self.teacher.module) - tc.vocab_size * tc.hidden_size
@@ -70,15 +90,15 @@ class AlignStage(Stage):
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         per_layer = []
         for mb in micro_batches:
-            losses = self._forward(mb.to(self.ctx.device))
+            losses = self._forward(mb.to(self.ctx.device, non_blocking=True))
             loss = losses.mean()
             self.engine.backward(loss)
             self.grad_norm = grad_norm_before_step(self.engine)
             self.engine.step()
             per_layer.append(losses.detach().float())
-        layer = D.all_reduce_mean(torch.stack(per_layer).mean(0))
-        out = {"loss": float(layer.mean()), "lr": self.engine.get_lr()[0]}
-        out.update({f"layer{i:02d}": float(v) for i, v in enumerate(layer)})
+        layer = D.all_reduce_mean(torch.stack(per_layer).mean(0)).tolist()  # the step's one device-to-host transfer
+        out = {"loss": sum(layer) / len(layer), "lr": self.engine.get_lr()[0]}
+        out.update({f"layer{i:02d}": v for i, v in enumerate(layer)})
         return out
 
     @torch.no_grad()

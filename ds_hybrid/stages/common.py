@@ -3,7 +3,10 @@
 DeepSpeed JSON files are plain DeepSpeed; fields set to "auto" (or missing) are filled from the run config:
 batch sizes from the stage's global/micro batch and the world size, clipping from ``clip``, bf16 from the run dtype,
 ZeRO-3 bucket sizes from the hidden size H (reduce H^2, prefetch 0.9 H^2, persistence 10 H, as HF's integration).
-A value set in the JSON that contradicts the run config is an error naming both.
+A value set in the JSON that contradicts the run config is an error naming both. DeepSpeed's throughput timer is off
+unless the JSON has a "timers" section: by default it synchronises the GPU at every forward, backward and step of
+every engine (teacher included), which stalls the host behind the GPU several times per micro-batch; the trainer
+measures throughput itself, once per optimizer step.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def deepspeed_config(path: str, s: StageConfig, world: int, dtype: torch.dtype, 
         bf16["enabled"] = dtype == torch.bfloat16
     elif bool(bf16["enabled"]) != (dtype == torch.bfloat16):
         raise ConfigError(field, bf16["enabled"], f"bf16.enabled contradicts the run dtype {dtype}; set it to \"auto\"")
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     z = ds.setdefault("zero_optimization", {"stage": 0})
     auto_sizes = {"reduce_bucket_size": hidden_size * hidden_size,
                   "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
@@ -160,6 +164,31 @@ class TeacherTrunk(nn.Module):
         return out.last_hidden_state, captured
 
 
+def wants_compile(s: StageConfig, ds: dict) -> bool:
+    """Whether a stage compiles the blocks of an engine with DeepSpeed config ``ds`` (``compile``: true/false/auto)."""
+    if zero_stage(ds) >= 3:
+        return False
+    return s.compile is True or (s.compile == "auto" and torch.cuda.is_available())
+
+
+def compile_backend() -> str:
+    import os
+
+    return os.environ.get("DS_HYBRID_COMPILE_BACKEND", "inductor")
+
+
+def compile_blocks(layers: Iterable[nn.Module]) -> int:
+    """``compile: true``: torch.compile every transformer block in place (state-dict keys unchanged). Blocks of one
+    class share compiled code (parameters are graph inputs, not constants), so a 30-layer model compiles each block
+    kind once. ``DS_HYBRID_COMPILE_BACKEND`` picks the backend (default inductor; tests use aot_eager on CPU)."""
+    backend = compile_backend()
+    n = 0
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+        n += 1
+    return n
+
+
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     from ds_hybrid.zero import full_shape
 
@@ -176,10 +205,13 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 def grad_norm_before_step(engine) -> float | None:
     """The global gradient norm at an accumulation boundary, read before ``engine.step()`` clips and clears it.
 
-    ZeRO optimizers compute it themselves (``get_global_grad_norm`` after the step); without ZeRO DeepSpeed clips
-    without keeping the value, so it is computed here from the (already all-reduced) gradients.
+    DeepSpeed's own optimizer wrappers keep it (ZeRO's, and the bf16/fp16 wrapper used without ZeRO: read after the
+    step through ``engine.get_global_grad_norm()``); only a plain optimizer (fp32 without ZeRO) clips without keeping
+    the value, so only then is it computed here from the (already all-reduced) gradients.
     """
     if engine.zero_optimization_stage() > 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
     sq = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0

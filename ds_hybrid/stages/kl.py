@@ -25,7 +25,7 @@ from ds_hybrid.hf_io import export_hf
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import Stage, build_teacher_engine, hybrid_export_groups, load_hybrid
-from ds_hybrid.stages.common import count_params, grad_norm_before_step, student_engine
+from ds_hybrid.stages.common import compile_blocks, count_params, grad_norm_before_step, student_engine, wants_compile
 from ds_hybrid.zero import gathered
 
 
@@ -34,9 +34,14 @@ def loss_function(backend: str):
     if backend == "triton" or (backend == "auto" and torch.cuda.is_available()):
         try:
             from ds_hybrid.kernels.fused_kl import fused_linear_loss
-        except ImportError:
+        except ImportError as e:
             if backend == "triton":
                 raise
+            import logging
+
+            logging.getLogger("ds_hybrid").warning(
+                "kl_backend auto: the fused Triton KL kernel is not importable (%s); using the torch reference, "
+                "several times slower. Install the package (pip install -e .) so that ds_hybrid.kernels exists", e)
         else:
             return fused_linear_loss
     return chunked_linear_loss
@@ -80,6 +85,10 @@ class KLStage(Stage):
         hybrid = load_hybrid(ctx, init_from, f"{self.name}.init_from")
         if s.gradient_checkpointing:
             hybrid.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if wants_compile(s, ctx.ds_config()):
+            compile_blocks(hybrid.model.layers)
+        if self.teacher is not None and wants_compile(s, ctx.ds_config(train=False)):
+            compile_blocks(self.teacher.module.teacher.model.layers)
         kl_w, ce_w = (1.0, s.ce_weight) if self.uses_teacher else (0.0, 1.0)
         module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend))
         self.engine = student_engine(module, ctx.ds_config(), s, ctx.total_steps)
@@ -98,28 +107,33 @@ class KLStage(Stage):
             return self.engine(ids, h_t=h_t, w_t=w_t, **kw)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        # everything stays on the GPU until one transfer at the end of the step: no host sync per micro-batch
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss, kl, ce
         kl_tokens = []
         for mb in micro_batches:
-            loss, stats = self._losses(mb.to(self.ctx.device))
+            loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True))
             self.engine.backward(loss)
             self.grad_norm = grad_norm_before_step(self.engine)
             self.engine.step()
             totals[0] += loss.detach().double()
-            if stats.kl_per_token is not None and stats.n_kl:
-                totals[1] += stats.kl_per_token.sum().double() / stats.n_kl
+            if stats.kl_per_token is not None:
+                totals[1] += stats.kl_per_token.sum().double() / stats.n_kl.clamp(min=1)
                 kl_tokens.append(stats.kl_per_token.detach())
-            if stats.ce_per_token is not None and stats.n_ce:
-                totals[2] += stats.ce_per_token.sum().double() / stats.n_ce
+            if stats.ce_per_token is not None:
+                totals[2] += stats.ce_per_token.sum().double() / stats.n_ce.clamp(min=1)
         totals = D.all_reduce_mean(totals / len(micro_batches))
-        out = {"loss": float(totals[0])}
+        values = totals.float()
+        if self.uses_teacher and kl_tokens:
+            q = torch.quantile(torch.cat(kl_tokens).float(), torch.tensor([0.5, 0.9, 0.99], device=totals.device))
+            values = torch.cat([values, q])
+        values = values.tolist()  # the step's one device-to-host transfer
+        out = {"loss": values[0]}
         if self.uses_teacher:
-            out["kl"] = float(totals[1])
+            out["kl"] = values[1]
             if kl_tokens:
-                q = torch.quantile(torch.cat(kl_tokens).float(), torch.tensor([0.5, 0.9, 0.99], device=totals.device))
-                out.update(kl_p50=float(q[0]), kl_p90=float(q[1]), kl_p99=float(q[2]))
+                out.update(kl_p50=values[3], kl_p90=values[4], kl_p99=values[5])
         if self.ctx.s.ce_weight or not self.uses_teacher:
-            out["ce"] = float(totals[2])
+            out["ce"] = values[2]
         lrs = self.engine.get_lr()
         groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
         out.update({f"lr_{n}": lr for n, lr in zip(groups, lrs)})

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Training-throughput campaign (docs/BENCHMARKS.md, issue: stage kl >= 250k and align >= 400k tokens/s per H200),
+# run in the background by `bench/gpu_session.sh start bench/gpu_throughput.sh` after `setup` (which unpacks the
+# baseline tree to /tmp/old). Each case is `bench/train_throughput.py one`; records gather in /tmp/res/tp,
+# logs in /tmp/res/logs; `bench/gpu_campaign.sh pack` tars them for the trip back.
+#
+# One chain per GPU (kl on GPU 0, align on GPU 1; the random Llama-3-8B teacher is written first on GPU 1), then the
+# 2-GPU cases on both, then stage kl at Llama-3-8B shape under ZeRO-3 on both (WITH_8B_OLD=1: the baseline tree too).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_env.sh
+R=/tmp/res
+TP=$R/tp
+CFG=runs/smollm2_throughput.yaml
+OLD=/tmp/old
+NEW=$PWD
+mkdir -p $R/logs $TP
+T0=$(cat $R/t0 2>/dev/null || date +%s)
+note() { echo "$(date +%T) +$(( $(date +%s) - T0 ))s $*" | tee -a $R/progress.log; }
+case1() {  # case1 GPUS NAME TREE STAGE STEPS [overrides...]: one case on the given GPUs (1 or 2)
+  local gpus=$1 name=$2 tree=$3 stage=$4 steps=$5; shift 5
+  local n; n=$(echo "$gpus" | tr ',' '\n' | wc -l)
+  note "start $name (GPU $gpus)"
+  local launch=(python3)
+  [ "$n" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node "$n")
+  (export CUDA_VISIBLE_DEVICES=$gpus; timeout "${CASE_TIMEOUT:-420}" "${launch[@]}" bench/train_throughput.py one \
+     --tree "$tree" --name "$name" --stage "$stage" --config "$NEW/$CFG" --steps "$steps" --warmup "${WARMUP:-3}" \
+     --profile-steps "${PROFILE_STEPS:-3}" --out "$TP/$name.json" "$@") > $R/logs/$name.log 2>&1
+  note "end $name rc=$?"
+}
+
+NEWKL=(kl.ds_config=ds_configs/student_zero1.json kl.micro_batch=auto)      # the new defaults (runs/*.yaml)
+NEWAL=(align.ds_config=ds_configs/student_zero1.json align.micro_batch=auto)
+S8B=runs/llama3_8b_scaling.yaml
+case "${1:-main}" in
+  kl_chain)
+    case1 0 kl_old_mb8 $OLD kl 44
+    case1 0 kl_new_gb16 $NEW kl 44 "${NEWKL[@]}"
+    case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    ;;
+  align_chain)
+    (export CUDA_VISIBLE_DEVICES=1; python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json \
+       --out /tmp/llama3_8b_random > $R/logs/random_teacher.log 2>&1)
+    case1 1 align_old_mb16 $OLD align 17
+    case1 1 align_new_gb64 $NEW align 17 "${NEWAL[@]}"
+    case1 1 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    ;;
+  two_gpu)
+    case1 0,1 kl_new_gb64_2gpu $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    case1 0,1 align_new_gb96_2gpu $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    ;;
+  8b)
+    CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_new_2gpu $NEW kl 6 kl.micro_batch=auto
+    ;;
+  8b_old)
+    CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_old_2gpu $OLD kl 6
+    ;;
+  main)
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    note "throughput campaign on $(python3 -c 'import torch; print(torch.cuda.device_count())') GPUs"
+    "$0" kl_chain > $R/logs/kl_chain.out 2>&1 &
+    p1=$!
+    "$0" align_chain > $R/logs/align_chain.out 2>&1 &
+    p2=$!
+    wait $p1 $p2
+    "$0" two_gpu > $R/logs/two_gpu.out 2>&1
+    "$0" 8b > $R/logs/8b.out 2>&1
+    [ -n "${WITH_8B_OLD:-}" ] && "$0" 8b_old > $R/logs/8b_old.out 2>&1
+    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+esac

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build what a lent GPU machine lacks (it has no network) as one tar split into parts of <= 60 MB, one part per
+# device call (the working tree that travels is capped at 64 MiB): .dev/p0 .. .dev/pN (git-ignored).
+#
+#   bench/make_bundle.sh [BASELINE_REV]      # e.g. 64742c8: also carry `git archive` of that commit as old.tar
+#
+# Contents (bench/gpu_session.sh setup unpacks them):
+#   wheels/          py3.12 wheels the image lacks: deepspeed (built here, pure Python), flash-linear-attention,
+#                    fla-core, pydantic (+ core, annotated-types, typing-inspection), hjson, gguf, datasets
+#                    (+ dill, multiprocess)
+#   triton.tar.xz    triton 3.7.1 (fla's GDN backward on Hopper needs >= 3.7.1; the image has 3.6.0), without
+#                    CUPTI and ptxas-blackwell (profiler / sm_100 only): 101 MB instead of the 198 MB wheel
+#   SmolLM2-135M-Instruct.Q4_1.gguf   the embedded teacher (98 MB)
+#   corpus/          the embedded corpus's packages, as ds_hybrid.corpus reads them (bench/corpus_bundle.py)
+#   old.tar          the baseline tree, when BASELINE_REV is given (bench/train_throughput.py measures it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+B=${BUNDLE_DIR:-/tmp/dsh_bundle}
+PY=${PYTHON:-.venv/bin/python}
+PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64"
+rm -rf "$B/stage" && mkdir -p "$B/stage/wheels" "$B/cache"
+dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
+         --platform any -d "$1" "${@:2}" 2>&1 | grep -v "^WARNING" || true; }
+dl "$B/stage/wheels" flash-linear-attention==0.6.0 fla-core==0.6.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+   annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 gguf==0.19.0 datasets==5.2.0 dill==0.4.1 \
+   multiprocess==0.70.19
+[ -f "$B/cache/deepspeed-0.19.8-py3-none-any.whl" ] || \
+  DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$B/cache" deepspeed==0.19.8
+cp "$B/cache/deepspeed-0.19.8-py3-none-any.whl" "$B/stage/wheels/"
+if [ ! -f "$B/cache/triton.tar.xz" ]; then
+  dl "$B/cache" triton==3.7.1
+  rm -rf "$B/cache/tx" && mkdir -p "$B/cache/tx" && (cd "$B/cache/tx" && unzip -q ../triton-3.7.1-*.whl)
+  rm -rf "$B/cache/tx/triton/backends/nvidia/lib/cupti" "$B/cache/tx/triton/backends/nvidia/bin/ptxas-blackwell"
+  (cd "$B/cache/tx" && tar -cf - . | xz -T2 -6 > "$B/cache/triton.tar.xz")
+fi
+cp "$B/cache/triton.tar.xz" "$B/stage/"
+cp "$($PY -c 'from ds_hybrid.teacher import embedded_gguf; print(embedded_gguf())')" "$B/stage/"
+$PY bench/corpus_bundle.py --out "$B/stage/corpus"
+if [ -n "${1:-}" ]; then git -C "$REPO" archive --format=tar -o "$B/stage/old.tar" "$1"; fi
+(cd "$B/stage" && du -sh -- * && tar -cf "$B/bundle.tar" .)
+rm -rf "$REPO/.dev"/p[0-9]*
+(cd "$B" && rm -f part* && split -b 60000000 -d -a 1 bundle.tar part)
+for f in "$B"/part*; do i=${f##*part}; mkdir -p "$REPO/.dev/p$i" && mv "$f" "$REPO/.dev/p$i/"; done
+ls -la "$REPO"/.dev/p*/

@@ -1,0 +1,427 @@
+"""Training throughput of stages align and kl: tokens/s, MFU, peak memory and where a step's time goes.
+
+One case = one stage run by the real trainer (``run_stage``) of a given source tree, so an older checkout (the
+shipped defaults of an earlier commit) and this one are measured by the same code in the same lease:
+
+    # one case, in-process (1 GPU), or under torchrun (2 GPUs); writes a JSON record
+    python bench/train_throughput.py one --name kl_new --stage kl --config runs/smollm2_paper.yaml \
+        --steps 30 --out /tmp/tp/kl_new.json kl.init_from=teacher
+    torchrun --nproc_per_node 2 bench/train_throughput.py one --tree /tmp/old --name kl_old_2gpu ...
+    # gather records into one JSON + a markdown table (old vs new per phase)
+    python bench/train_throughput.py report /tmp/tp/*.json --out docs/data/train_throughput_h200
+
+What a record holds (rank 0):
+- tokens/s and step time: median over the steps after ``--warmup`` (the trainer's own per-step timing, which
+  synchronises the GPU at the end of each optimizer step); peak GPU memory and the trainer's memory plan;
+- MFU = FLOPs per token x tokens/s / (GPUs x peak), peak = 989 TFLOP/s (H100/H200 dense bf16), FLOPs per token
+  (:func:`flops_per_token`): student forward+backward 6 x its matmul parameters, teacher forward 2 x its matmul
+  parameters, lm_heads (student 6 H V, teacher 2 H V), causal softmax attention 2 T d_attn per layer forward
+  (x3 with backward), and the chunked linear attention 4 C d + 8 d^2 per head per layer forward (C = 64: intra-chunk
+  scores and outputs, the state read, update and the delta-rule correction; x3 with backward);
+- a per-phase breakdown of the last ``--profile-steps`` steps under torch.profiler: host time in each phase and the
+  GPU kernel time launched from it (kernels attributed by the host timestamp of their launch, so backward kernels
+  launched from autograd's thread land in "backward"), kernel time by category, kernels per step, and host
+  synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize, blocking memcpys).
+
+Phases: data (rows from the token stream), teacher_forward, student_forward (without the loss), loss (the
+vocabulary-wide linear+KL), backward, optimizer (``engine.step``), other (the rest of the stage's step: batch
+transfer, metric reductions), step_end (the trainer between steps: sync, logging). Instrumentation wraps the
+stage's engines and loss from outside, so it needs no support from the tree measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+PEAK_TFLOPS = 989.0
+GDN_CHUNK = 64
+PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "other", "step_end")
+KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/CUTLASS, flash/cuDNN attention, fla and our kernels
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "splitk")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("kl_kernel", ("_row_loss_kernel",)),
+    ("linear_attention", ("chunk_", "fused_recurrent", "recompute_w_u", "solve_tril", "l2norm", "kkt", "wy_",
+                          "cumsum", "merge_16x16", "_fwd_kernel", "_bwd_kernel")),
+    ("optimizer", ("multi_tensor", "adam")),  # (not "lamb": it matches every "lambda" in elementwise kernel names)
+    ("nccl", ("nccl",)),
+    ("copy", ("memcpy", "memset", "copy_kernel", "catarraybatched", "fill")),
+    ("compiled", ("triton_poi", "triton_red", "triton_per")),  # torch.compile's generated kernels
+    ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "norm", "index")),
+)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+              "cuCtxSynchronize", "cuEventSynchronize")
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------------------------
+def flops_per_token(stage: str, teacher_config, softmax_layers: list[int], mixer_params: int, student_params: int,
+                    seq_len: int) -> dict[str, float]:
+    """Model FLOPs per trained token (see the module docstring). ``student_params``/``mixer_params`` exclude the
+    embedding table; the lm_heads are counted separately."""
+    c = teacher_config
+    H, V, L, T = c.hidden_size, c.vocab_size, c.num_hidden_layers, seq_len
+    dh = getattr(c, "head_dim", None) or H // c.num_attention_heads
+    d_attn = c.num_attention_heads * dh
+    heads = c.num_attention_heads
+    n_soft = len(softmax_layers)
+    teacher_matmul = _teacher_matmul_params(c)
+    attn_fwd = 2.0 * T * d_attn  # causal: QK^T and PV over T/2 keys on average, 2 FLOPs per MAC
+    lin_fwd = heads * (4.0 * GDN_CHUNK * dh + 8.0 * dh * dh)
+    out = {"teacher_forward": 2.0 * teacher_matmul + L * attn_fwd}
+    if stage == "align":  # every layer's mixer forward+backward from the teacher's states
+        out["student_fwd_bwd"] = 6.0 * mixer_params + 3.0 * L * lin_fwd
+    else:
+        out["teacher_forward"] += 2.0 * H * V
+        out["student_fwd_bwd"] = 6.0 * student_params + 3.0 * (n_soft * attn_fwd + (L - n_soft) * lin_fwd) + 6.0 * H * V
+    out["total"] = out["teacher_forward"] + out["student_fwd_bwd"]
+    return out
+
+
+def _teacher_matmul_params(c) -> float:
+    H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    dh = getattr(c, "head_dim", None) or H // c.num_attention_heads
+    attn = H * dh * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    return float(L * (attn + 3 * H * I))
+
+
+# ---- instrumentation ---------------------------------------------------------------------------------------------
+class Phases:
+    """Host time per phase (exclusive of nested phases), and ``phase::<name>`` ranges for the profiler trace."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.stack: list[list] = []
+        self.host = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.active = False  # accumulate only in the profiled window
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        self.stack.append([name, 0.0])
+        try:
+            with self.torch.profiler.record_function(f"phase::{name}"):
+                yield
+        finally:
+            dt = time.perf_counter() - t0
+            _, child = self.stack.pop()
+            if self.active:
+                self.host[name] += dt - child
+                self.calls[name] += 1
+            if self.stack:
+                self.stack[-1][1] += dt
+
+    def wrap(self, obj, attr: str, name: str) -> bool:
+        fn = getattr(obj, attr, None)
+        if fn is None or getattr(fn, "_phase_wrapped", False):
+            return False
+
+        def wrapped(*a, **kw):
+            with self.phase(name):
+                return fn(*a, **kw)
+
+        wrapped._phase_wrapped = True
+        setattr(obj, attr, wrapped)
+        return True
+
+
+def instrument(runner, phases: Phases) -> list[str]:
+    """Wrap the stage's teacher, student engine, loss, backward and optimizer step. Returns what was wrapped."""
+    done = []
+    teacher = getattr(runner, "teacher", None)
+    for obj, attr, name in ((teacher, "forward", "teacher_forward"),
+                            (runner, "teacher_forward", "teacher_forward"),
+                            (runner.engine, "forward", "student_forward"),
+                            (getattr(runner.engine, "module", None), "loss_fn", "loss"),
+                            (runner.engine, "backward", "backward"),
+                            (runner.engine, "step", "optimizer")):
+        if obj is not None and phases.wrap(obj, attr, name):
+            done.append(f"{type(obj).__name__}.{attr} -> {name}")
+    return done
+
+
+def analyse_trace(trace_path: Path, steps: int) -> dict:
+    """Kernel time by phase (launch timestamp inside the innermost phase range) and by category; syncs."""
+    ev = json.loads(trace_path.read_text())["traceEvents"]
+    ranges = []  # (start, end, name) on the host
+    launches = {}  # correlation id -> host timestamp of the launch
+    sync = {"count": 0, "host_ms": 0.0}
+    memcpy_blocking = {"count": 0, "host_ms": 0.0}
+    for e in ev:
+        cat, name = e.get("cat", ""), e.get("name", "")
+        if cat == "user_annotation" and name.startswith("phase::"):
+            ranges.append((e["ts"], e["ts"] + e.get("dur", 0), name[7:]))
+        elif cat in ("cuda_runtime", "cuda_driver"):
+            corr = e.get("args", {}).get("correlation")
+            if corr is not None:
+                launches[corr] = e["ts"]
+            if name in SYNC_CALLS:
+                sync["count"] += 1
+                sync["host_ms"] += e.get("dur", 0) / 1e3
+            elif name in ("cudaMemcpy", "cudaMemcpyAsync") and e.get("dur", 0) > 50:  # > 50 us: it waited
+                memcpy_blocking["count"] += 1
+                memcpy_blocking["host_ms"] += e.get("dur", 0) / 1e3
+    ranges.sort()
+    starts = [r[0] for r in ranges]
+    import bisect
+
+    by_phase = defaultdict(float)
+    by_cat = defaultdict(float)
+    top = defaultdict(float)
+    n_kernels = 0
+    gpu_first, gpu_last = None, None
+    for e in ev:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        dur = e.get("dur", 0) / 1e3
+        n_kernels += e.get("cat") == "kernel"
+        gpu_first = e["ts"] if gpu_first is None else min(gpu_first, e["ts"])
+        gpu_last = max(gpu_last or 0, e["ts"] + e.get("dur", 0))
+        name = e.get("name", "")
+        low = name.lower()
+        by_cat[next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")] += dur
+        top[name[:90]] += dur
+        ts = launches.get(e.get("args", {}).get("correlation"))
+        phase = "step_end"
+        if ts is not None:
+            i = bisect.bisect_right(starts, ts) - 1
+            while i >= 0:  # innermost range containing ts: the latest-starting one that has not ended
+                s, t, n = ranges[i]
+                if s <= ts <= t:
+                    phase = n
+                    break
+                i -= 1
+        by_phase[phase] += dur
+    per = max(steps, 1)
+    return {
+        "kernel_ms_per_step_by_phase": {k: round(v / per, 3) for k, v in sorted(by_phase.items())},
+        "kernel_ms_per_step_by_category": {k: round(v / per, 3) for k, v in sorted(by_cat.items(), key=lambda x: -x[1])},
+        "kernel_ms_per_step": round(sum(by_cat.values()) / per, 3),
+        "kernels_per_step": round(n_kernels / per, 1),
+        "host_syncs_per_step": round(sync["count"] / per, 2),
+        "host_sync_ms_per_step": round(sync["host_ms"] / per, 3),
+        "blocking_memcpy_per_step": round(memcpy_blocking["count"] / per, 2),
+        "blocking_memcpy_ms_per_step": round(memcpy_blocking["host_ms"] / per, 3),
+        "gpu_span_ms_per_step": round(((gpu_last or 0) - (gpu_first or 0)) / 1e3 / per, 3),
+        "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]},
+    }
+
+
+# ---- one case ----------------------------------------------------------------------------------------------------
+def run_one(args) -> int:
+    tree = Path(args.tree).resolve()
+    sys.path.insert(0, str(tree))
+    os.chdir(tree)  # relative ds_configs/ and runs/ paths resolve inside the tree measured
+    import importlib.util
+
+    import torch
+
+    import ds_hybrid
+
+    if "ds_hybrid.kernels" not in sys.modules and (tree / "kernels" / "__init__.py").is_file():
+        # a tree that is not pip-installed: map its top-level kernels/ to ds_hybrid.kernels as the install does
+        spec = importlib.util.spec_from_file_location("ds_hybrid.kernels", tree / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(tree / "kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ds_hybrid.kernels"] = mod
+        spec.loader.exec_module(mod)
+        ds_hybrid.kernels = mod
+    from ds_hybrid import data as data_mod
+    from ds_hybrid import distributed as D
+    from ds_hybrid import trainer as trainer_mod
+    from ds_hybrid.config import load_config
+
+    assert Path(data_mod.__file__).resolve().is_relative_to(tree), f"imported {data_mod.__file__}, not {tree}"
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.stage(args.stage)
+    total = args.warmup + args.steps + args.profile_steps
+    s.tokens = total * s.global_batch * s.seq_len
+    s.ckpt_every, s.export, s.eval_sequences, s.log_every = 0, False, 2, 1
+    if hasattr(s, "eval_at_start"):
+        s.eval_at_start = False
+    cfg.out_dir = str(Path(args.workdir) / args.name)
+    if D.is_main() and Path(cfg.out_dir).exists():  # a rerun starts clean (metrics.jsonl is appended to)
+        import shutil
+
+        shutil.rmtree(cfg.out_dir)
+
+    phases = Phases()
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    orig_getitem = data_mod.PackedSequences.__getitem__
+
+    def getitem(self, rows):
+        with phases.phase("data"):
+            return orig_getitem(self, rows)
+
+    data_mod.PackedSequences.__getitem__ = getitem
+    state = {"calls": 0, "prof": None, "wrapped": None, "t_exit": None, "trace": None}
+    orig_stage_class = trainer_mod.stage_class
+    profile_from = args.warmup + args.steps  # 0-based train_step index where profiling starts
+    trace_path = Path(args.workdir) / f"{args.name}.trace.json"
+
+    def start_profile():
+        if not args.profile_steps or not D.is_main():
+            return
+        sync()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=acts)
+        prof.__enter__()
+        state["prof"] = prof
+        phases.active = True
+
+    def stage_class(name):
+        cls = orig_stage_class(name)
+
+        class Measured(cls):
+            def setup(self):
+                super().setup()
+                state["wrapped"] = instrument(self, phases)
+                state["runner"] = self
+
+            def train_step(self, micro_batches):
+                i = state["calls"]
+                if phases.active and state["t_exit"] is not None:
+                    phases.host["step_end"] += time.perf_counter() - state["t_exit"]
+                    phases.calls["step_end"] += 1
+                if i == 0 and profile_from == 0:
+                    start_profile()
+                with phases.phase("other"):
+                    out = super().train_step(micro_batches)
+                state["calls"] = i + 1
+                if state["prof"] is not None and i + 1 == profile_from + args.profile_steps:
+                    sync()
+                    phases.active = False
+                    state["prof"].__exit__(None, None, None)
+                    state["prof"].export_chrome_trace(str(trace_path))
+                    state["trace"] = trace_path
+                    state["prof"] = None
+                elif i + 1 == profile_from:  # the window opens after this step: it holds whole steps, data included
+                    start_profile()
+                state["t_exit"] = time.perf_counter()
+                return out
+
+        Measured.__name__ = cls.__name__
+        return Measured
+
+    trainer_mod.stage_class = stage_class
+    t0 = time.perf_counter()
+    run_dir = trainer_mod.run_stage(cfg, args.stage, force=True)
+    wall = time.perf_counter() - t0
+    if not D.is_main():
+        return 0
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("split") == "train"]
+    timed = [r for r in train if args.warmup < r["step"] <= args.warmup + args.steps]
+    runner = state["runner"]
+    tc = runner.ctx.teacher_config
+    # the stages count the lm_head inside _student_params; flops_per_token adds the lm_heads itself
+    student_params = getattr(runner, "_student_params", 0) - tc.vocab_size * tc.hidden_size
+    mixer_params = getattr(runner, "_mixer_params", 0)
+    fl = flops_per_token(args.stage, tc, runner.ctx.softmax_layers, mixer_params, student_params, s.seq_len)
+    world = D.world_size()
+    tps = statistics.median(r["tokens_per_s"] for r in timed)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    rec = {
+        "name": args.name, "stage": args.stage, "tree": str(tree), "config": args.config, "overrides": args.overrides,
+        "gpus": world, "seq_len": s.seq_len, "global_batch": s.global_batch, "micro_batch": s.micro_batch,
+        "tokens_per_step": s.global_batch * s.seq_len,
+        "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(tps / world, 1),
+        "step_s_median": round(statistics.median(r["step_time_s"] for r in timed), 4),
+        "flops_per_token": fl, "mfu": round(fl["total"] * tps / world / (PEAK_TFLOPS * 1e12), 4),
+        "peak_gpu_gib": round(max(r.get("peak_gpu_gib", 0.0) for r in train), 2),
+        "memory_plan_total_gib": round(sum(v for k, v in info.get("memory_plan_gib", {}).items()), 2),
+        "losses": [r["loss"] for r in train], "wall_s": round(wall, 1), "wrapped": state["wrapped"],
+        "versions": info.get("versions"), "git_commit": info.get("git_commit"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    if state["trace"] is not None:
+        k = args.profile_steps
+        rec["profile"] = analyse_trace(state["trace"], k)
+        rec["profile"]["host_ms_per_step_by_phase"] = {p: round(phases.host[p] / k * 1e3, 3) for p in PHASES
+                                                       if p in phases.host}
+        if not args.keep_trace:
+            state["trace"].unlink()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1))
+    print(json.dumps({k: rec[k] for k in ("name", "tokens_per_s", "mfu", "peak_gpu_gib", "step_s_median")}))
+    return 0
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def report(paths: list[str], out: str | None) -> str:
+    recs = [json.loads(Path(p).read_text()) for p in paths]
+    recs.sort(key=lambda r: (r["stage"], r["name"]))
+    lines = ["| case | stage | GPUs | seq x micro (global) | tokens/s | per GPU | MFU | step s | peak GiB | plan GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['name']} | {r['stage']} | {r['gpus']} | {r['seq_len']} x {r['micro_batch']} "
+                     f"({r['global_batch']}) | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+                     f"{100 * r['mfu']:.1f} % | {r['step_s_median']:.3f} | {r['peak_gpu_gib']:.1f} | "
+                     f"{r['memory_plan_total_gib']:.1f} |")
+    prof = [r for r in recs if "profile" in r]
+    if prof:
+        lines += ["", "Per step, ms: host time in each phase / GPU kernel time launched from it",
+                  "| case | " + " | ".join(PHASES) + " | kernels | kernel ms | syncs |",
+                  "|---|" + "---|" * (len(PHASES) + 3)]
+        for r in prof:
+            p = r["profile"]
+            cells = [f"{p['host_ms_per_step_by_phase'].get(ph, 0):.1f} / "
+                     f"{p['kernel_ms_per_step_by_phase'].get(ph, 0):.1f}" for ph in PHASES]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {p['kernels_per_step']:.0f} | "
+                         f"{p['kernel_ms_per_step']:.1f} | {p['host_syncs_per_step']:.0f} |")
+        cats = sorted({c for r in prof for c in r["profile"]["kernel_ms_per_step_by_category"]})
+        lines += ["", "GPU kernel ms per step by category", "| case | " + " | ".join(cats) + " |",
+                  "|---|" + "---|" * len(cats)]
+        for r in prof:
+            c = r["profile"]["kernel_ms_per_step_by_category"]
+            lines.append(f"| {r['name']} | " + " | ".join(f"{c.get(k, 0):.1f}" for k in cats) + " |")
+    text = "\n".join(lines)
+    if out:
+        Path(out + ".json").write_text(json.dumps(recs, indent=1))
+        Path(out + ".md").write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("one", help="run one case")
+    one.add_argument("--name", required=True)
+    one.add_argument("--stage", required=True, choices=("align", "kl"))
+    one.add_argument("--config", required=True)
+    one.add_argument("--tree", default=str(Path(__file__).resolve().parent.parent),
+                     help="source tree to measure (default: this checkout)")
+    one.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    one.add_argument("--warmup", type=int, default=3)
+    one.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the timed ones (0: none)")
+    one.add_argument("--workdir", default="/tmp/train_throughput")
+    one.add_argument("--out", required=True)
+    one.add_argument("--keep-trace", action="store_true")
+    one.add_argument("overrides", nargs="*")
+    rep = sub.add_parser("report", help="table of records")
+    rep.add_argument("records", nargs="+")
+    rep.add_argument("--out", default=None, help="prefix for .json and .md")
+    args = ap.parse_args(argv)
+    if args.cmd == "one":
+        return run_one(args)
+    print(report(args.records, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Many independent linear mixers in one pass: stage align's fast path.
+
+Stage align trains every layer's mixer on that layer's own teacher input; the L mixers share no data, so their
+forward passes can run as one: the L inputs stacked to [L, B, T, H], every input projection of every layer as one
+batched GEMM ([L, B*T, H] @ [L, H, sum of outputs]), the recurrence as one fla call over L*B sequences, the output
+projection as one more batched GEMM. A 30-layer align step then issues a few dozen kernels per micro-batch instead
+of thousands, and its GEMMs are large enough to run near the GPU's rate.
+
+    out = stacked_forward(mixers, x)        # x: [L, B, T, H] -> [L, B, T, H]; == [m(hidden_states=x[i])[0] ...]
+
+The math is each mixer's own ``mix`` (the reference path, tested against this one on fresh random inputs): same
+projections, activations, gates, normalisation and kernels. Parameters are read through ``torch.stack``, so every
+mixer keeps its own parameters and gradients (checkpoints and exports are unchanged). Not for ZeRO-3 (a parameter
+read outside its module's forward is an empty shard there) nor short convolutions: :func:`supports_stacked` says
+when this path applies, and stage align falls back to calling the mixers one by one otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ds_hybrid.modeling import ops
+from ds_hybrid.modeling.mixers import GatedDeltaNetMixer, GLAMixer, LinearMixer
+
+
+def supports_stacked(mixers: Sequence[LinearMixer]) -> bool:
+    """True when every mixer has the same class and options, no short convolution and unpartitioned parameters."""
+    if not mixers:
+        return False
+    first = mixers[0]
+    if type(first) not in (GatedDeltaNetMixer, GLAMixer) or first.options.use_short_conv:
+        return False
+    same = all(type(m) is type(first) and m.options == first.options and m.num_heads == first.num_heads
+               and m.head_dim == first.head_dim for m in mixers)
+    partitioned = any(hasattr(p, "ds_tensor") for m in mixers for p in m.parameters())
+    return same and not partitioned
+
+
+def _stack_linear(layers: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[L, in, out] weights (transposed for bmm) and [L, 1, out] biases (or None) of one projection of every layer."""
+    w = torch.stack([m.weight for m in layers]).transpose(1, 2)
+    b = torch.stack([m.bias for m in layers]).unsqueeze(1) if layers[0].bias is not None else None
+    return w, b
+
+
+def _projections(mixers: Sequence[LinearMixer], names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every projection in ``names`` of every layer from x [L, N, H] with one batched GEMM: [L, N, out] each."""
+    ws, bs, sizes = [], [], []
+    for name in names:
+        w, b = _stack_linear([_get(m, name) for m in mixers])
+        ws.append(w)
+        sizes.append(w.shape[-1])
+        bs.append(b if b is not None else None)
+    y = torch.bmm(x, torch.cat(ws, dim=2))
+    outs = list(y.split(sizes, dim=2))
+    return [o + b if b is not None else o for o, b in zip(outs, bs)]
+
+
+def _get(m: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    for part in dotted.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None) -> torch.Tensor:
+    """GatedRMSNorm with a per-layer weight: x [L, B, T, nh, hd], weight [L, hd], gate like x or None."""
+    xf = x.float()
+    w = weight.float()[:, None, None, None, :]
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w
+    if gate is not None:
+        y = y * F.silu(gate.float())
+    return y.to(x.dtype)
+
+
+def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """x: [L, B, T, H], layer i's input in x[i] -> [L, B, T, H], mixer i's output in out[i] (no cache, no mask).
+    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup)."""
+    if check and not supports_stacked(mixers):
+        raise ValueError("these mixers cannot run stacked (mixed kinds or options, short convolution, or ZeRO-3 "
+                         "partitioned parameters); call them one by one")
+    L, B, T, H = x.shape
+    m0 = mixers[0]
+    nh, hd, opts = m0.num_heads, m0.head_dim, m0.options
+    xf = x.reshape(L, B * T, H)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # [L, B*T, nh*hd] -> [L*B, T, nh, hd]
+        return t.reshape(L * B, T, nh, hd)
+
+    if isinstance(m0, GatedDeltaNetMixer):
+        names = ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + (["g_proj"] if opts.use_gate else [])
+        parts = _projections(mixers, names, xf)
+        q, k, v = (heads(F.silu(t)) for t in parts[:3])
+        a, b = parts[3], parts[4]
+        beta = b.sigmoid()
+        if opts.allow_neg_eigval:
+            beta = beta * 2.0
+        A_log = torch.stack([m.A_log for m in mixers]).float()[:, None, :]  # [L, 1, nh]
+        dt_bias = torch.stack([m.dt_bias for m in mixers]).float()[:, None, :]
+        g = -A_log.exp() * F.softplus(a.float() + dt_bias)
+        o, _ = ops.gated_delta_rule(q, k, v, g.reshape(L * B, T, nh), beta.reshape(L * B, T, nh).to(q.dtype),
+                                    scale=hd**-0.5, backend=opts.backend)
+        gate = parts[5].reshape(L, B, T, nh, hd) if opts.use_gate else None
+        norm_w = torch.stack([m.o_norm.weight for m in mixers])
+        o = _rmsnorm(o.reshape(L, B, T, nh, hd), norm_w, m0.o_norm.eps, gate)
+    else:  # GLA
+        names = ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + (["g_proj"] if opts.use_gate else [])
+        parts = _projections(mixers, names, xf)
+        q, k, v = (heads(t) for t in parts[:3])
+        w2, b2 = _stack_linear([m.gk_proj[1] for m in mixers])
+        gk = torch.baddbmm(b2, parts[3], w2) if b2 is not None else torch.bmm(parts[3], w2)
+        gk = F.logsigmoid(heads(gk).float()) / opts.gate_logit_normalizer
+        o, _ = ops.gated_linear_attention(q, k, v, gk, scale=hd**-0.5, backend=opts.backend)
+        o = o.reshape(L, B, T, nh, hd)
+        if opts.use_gate:
+            norm = [m.g_norm_swish_gate for m in mixers]
+            o = _rmsnorm(o, torch.stack([n.weight for n in norm]), norm[0].eps, parts[4].reshape(L, B, T, nh, hd))
+        else:
+            norm = [m.g_norm for m in mixers]
+            o = _rmsnorm(o, torch.stack([n.weight for n in norm]), norm[0].eps, None)
+    w_o, _ = _stack_linear([m.o_proj for m in mixers])
+    return torch.bmm(o.reshape(L, B * T, nh * hd), w_o).reshape(L, B, T, H)

@@ -1,0 +1,158 @@
+"""The fast training path against its references (CPU): stacked align mixers vs one by one, compiled blocks vs
+eager, the step's one host-to-device copy, micro_batch: auto from the memory plan, and the throughput benchmark."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, tiny_teacher
+from trainer_utils import REPO, make_corpus, make_tiny_teacher, run, tail, write_config
+
+from ds_hybrid.config import load_config, validate_for_launch
+from ds_hybrid.data import PackedSequences, device_micro_batches, rank_micro_batches, step_rows
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling.mixers import MixerOptions, build_mixer
+from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
+
+
+@pytest.mark.parametrize("mixer,options", [("gdn", {}), ("gdn", {"use_gate": False, "allow_neg_eigval": True,
+                                                                    "qkv_bias": True}),
+                                            ("gla", {}), ("gla", {"use_gate": False, "gate_low_rank_dim": 4})])
+def test_stacked_mixers_equal_one_by_one(mixer, options):
+    torch.manual_seed(len(options) + len(mixer))
+    opts = MixerOptions.from_dict(options)
+    mixers = [build_mixer(mixer, 32, 4, 8, i, opts) for i in range(3)]
+    for m in mixers:  # fresh, distinct weights per layer (the default init leaves biases and norms equal)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    params = [p for m in mixers for p in m.parameters()]
+    x = torch.randn(3, 2, 70, 32, requires_grad=True)  # 70 tokens: chunks of 64 plus a ragged one
+    ref = torch.stack([m(hidden_states=x[i])[0] for i, m in enumerate(mixers)])
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), [x, *params])
+    out = stacked_forward(mixers, x)
+    g = torch.autograd.grad((out * w).sum(), [x, *params])
+    assert supports_stacked(mixers)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_refuses_what_it_cannot_run():
+    opts = MixerOptions.from_dict({"use_short_conv": True})
+    assert not supports_stacked([build_mixer("gdn", 32, 4, 8, i, opts) for i in range(2)])
+    mixed = [build_mixer("gdn", 32, 4, 8, 0, MixerOptions()), build_mixer("gla", 32, 4, 8, 1, MixerOptions())]
+    assert not supports_stacked(mixed)
+    with pytest.raises(ValueError, match="one by one"):
+        stacked_forward(mixed, torch.randn(2, 1, 8, 32))
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(monkeypatch):
+    from ds_hybrid.stages.common import compile_blocks
+    from ds_hybrid.transfer import build_hybrid
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")  # dynamo + autograd tracing, no C++ build
+    torch._dynamo.reset()
+    eager = build_hybrid(tiny_teacher("llama", num_hidden_layers=4), [1], "gdn")
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled.model.layers) == 4
+    ids = torch.randint(0, 100, (2, 70))
+    losses, grads = [], []
+    for m in (eager, compiled):
+        loss = m(ids).logits.float().log_softmax(-1).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in m.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert list(eager.state_dict()) == list(compiled.state_dict())  # compiled in place: checkpoints unchanged
+
+
+def test_a_steps_micro_batches_come_from_one_copy():
+    stream = np.arange(10 * 8, dtype=np.uint32)
+    seqs = PackedSequences(stream, 8)
+    rows = step_rows(3, len(seqs), 8, seed=0)
+    micro = rank_micro_batches(rows, rank=1, world=2, micro_batch=2)
+    got = device_micro_batches(seqs, micro, torch.device("cpu"))
+    assert [b.shape for b in got] == [(2, 8), (2, 8)]
+    for b, m in zip(got, micro):
+        assert torch.equal(b, seqs[m]) and b.dtype == torch.int64
+
+
+def _counts(stage: str = "kl", **cfg_overrides):
+    from ds_hybrid.plan import count_models
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in cfg_overrides.items()])
+    return cfg, count_models(tiny_config("llama", vocab_size=2000), cfg, stage, [1])
+
+
+def test_auto_micro_batch_is_the_largest_divisor_whose_plan_fits():
+    from ds_hybrid.plan import AUTO_MEMORY_FRACTION, GIB, auto_micro_batch, make_plan
+
+    cfg, counts = _counts(**{"kl.global_batch": 24, "kl.seq_len": 4096, "kl.ds_config": "ds_configs/single.json",
+                             "kl.teacher_ds_config": "ds_configs/single.json"})
+    totals = {m: make_plan(cfg, "kl", counts, 1, micro_batch=m).total for m in (1, 2, 3, 4, 6, 8, 12, 24)}
+    assert all(totals[a] < totals[b] for a, b in zip(sorted(totals), sorted(totals)[1:]))  # grows with the batch
+    for want in (1, 4, 12, 24):  # size the device so that exactly `want` fits
+        gib = totals[want] / AUTO_MEMORY_FRACTION / GIB * 1.0001
+        assert auto_micro_batch(cfg, "kl", counts, 1, gib) == want
+    assert auto_micro_batch(cfg, "kl", counts, 1, 1e-6) == 1  # nothing fits: 1 (the plan then says so)
+    assert auto_micro_batch(cfg, "kl", counts, 4, 1e6) == 6  # world 4: a divisor of 24 / 4
+    plan = make_plan(cfg, "kl", counts, 1, gpu_gib=totals[4] / AUTO_MEMORY_FRACTION / GIB * 1.0001)
+    assert cfg.kl.micro_batch == "auto" and plan.micro_batch == 4 and "micro-batch 4" in plan.table()
+
+
+def test_auto_micro_batch_needs_a_global_batch_the_ranks_share():
+    cfg = load_config(None, ["kl.global_batch=10", "kl.tokens=1e6"])
+    validate_for_launch(cfg, "kl", 2)  # 10 = 2 x 5
+    with pytest.raises(ConfigError, match=r"kl\.global_batch=10: must be a multiple of the world size 4"):
+        validate_for_launch(cfg, "kl", 4)
+
+
+def test_zero1_with_fp32_accumulation_plans_fp32_gradients():
+    from ds_hybrid.plan import make_plan
+
+    cfg, counts = _counts(**{"kl.ds_config": "ds_configs/student_zero1.json", "kl.micro_batch": 1})
+    z1 = make_plan(cfg, "kl", counts, 2, dtype_bytes=2)
+    assert z1.gradients == 4 * counts.trainable  # BF16_Optimizer: an fp32 gradient per trainable parameter
+    assert z1.optimizer_states == 12 * counts.trainable // 2  # ZeRO-1 partitions the optimizer states
+    cfg.kl.ds_config = "ds_configs/student_zero2.json"
+    assert make_plan(cfg, "kl", counts, 2, dtype_bytes=2).gradients == 2 * counts.trainable // 2
+
+
+@pytest.mark.slow
+def test_train_throughput_bench_measures_every_phase(tmp_path):
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out",
+                       kl={"init_from": "teacher", "seq_len": 64, "ds_config": "ds_configs/student_zero1.json",
+                           "teacher_ds_config": "ds_configs/single.json"})
+    out = tmp_path / "kl.json"
+    p = run([sys.executable, "bench/train_throughput.py", "one", "--name", "kl_cpu", "--stage", "kl", "--config",
+             str(cfg), "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--workdir", str(tmp_path / "w"),
+             "--out", str(out), "kl.micro_batch=auto"])
+    assert p.returncode == 0, tail(p)
+    rec = json.loads(out.read_text())
+    assert rec["tokens_per_s"] > 0 and rec["micro_batch"] == 8 and len(rec["losses"]) == 4
+    host = rec["profile"]["host_ms_per_step_by_phase"]
+    for phase in ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "other"):
+        assert host[phase] > 0, (phase, host)
+    # FLOPs per token by hand for the tiny Llama (hidden 64, 4 layers, 4 heads of 16, 2 KV heads, MLP 128, softmax
+    # layer 1 of 4, vocab of the SmolLM2 tokenizer, seq 64): teacher forward + student forward/backward
+    V, H, L, T = 49152, 64, 4, 64
+    teacher_mm = L * (64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128)
+    attn = 2 * T * 64
+    lin = 4 * (4 * 64 * 16 + 8 * 16 * 16)
+    fl = rec["flops_per_token"]
+    assert fl["teacher_forward"] == 2 * teacher_mm + L * attn + 2 * H * V
+    student_mm = fl["student_fwd_bwd"] - 3 * (attn + 3 * lin) - 6 * H * V
+    assert student_mm > 6 * teacher_mm  # the mixers carry full-width k/v and gates: more than the teacher
+    rep = run([sys.executable, "bench/train_throughput.py", "report", str(out), "--out", str(tmp_path / "rep")])
+    assert rep.returncode == 0 and "| kl_cpu | kl | 1 |" in rep.stdout, tail(rep)
+    assert (REPO / "bench" / "train_throughput.py").is_file()

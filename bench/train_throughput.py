@@ -397,6 +397,37 @@ def report(paths: list[str], out: str | None) -> str:
     return text
 
 
+def plot_losses(paths: list[str], out: str, labels: list[str] | None = None) -> dict[str, float]:
+    """Loss per step of several records on one plot (same seed and data order: the curves should coincide within
+    bf16 noise); returns the largest relative difference of each record from the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(Path(p).read_text()) for p in paths]
+    labels = labels or [r["name"] for r in recs]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    ref = recs[0]["losses"]
+    diffs = {}
+    for k, (r, lab) in enumerate(zip(recs, labels)):
+        steps = range(1, len(r["losses"]) + 1)
+        color = f"C{k}"
+        ax.plot(steps, r["losses"], color=color, label=f"{lab} ({r['tokens_per_s'] / 1e3:.0f}k tokens/s)")
+        rel = [(b - a) / a for a, b in zip(ref, r["losses"])]
+        if k:
+            ax2.plot(range(1, len(rel) + 1), [100 * x for x in rel], color=color, label=lab)
+            diffs[lab] = max(abs(x) for x in rel)
+    ax.set_ylabel("train loss (KL)")
+    ax.legend()
+    ax2.set_ylabel(f"% vs {labels[0]}")
+    ax2.set_xlabel("optimizer step")
+    ax2.axhline(0, color="k", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return diffs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -413,12 +444,20 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--out", required=True)
     one.add_argument("--keep-trace", action="store_true")
     one.add_argument("overrides", nargs="*")
+    pl = sub.add_parser("losses", help="plot the loss curves of records against the first")
+    pl.add_argument("records", nargs="+")
+    pl.add_argument("--labels", default=None, help="comma-separated labels")
+    pl.add_argument("--out", required=True, help="PNG")
     rep = sub.add_parser("report", help="table of records")
     rep.add_argument("records", nargs="+")
     rep.add_argument("--out", default=None, help="prefix for .json and .md")
     args = ap.parse_args(argv)
     if args.cmd == "one":
         return run_one(args)
+    if args.cmd == "losses":
+        diffs = plot_losses(args.records, args.out, args.labels.split(",") if args.labels else None)
+        print(json.dumps({k: round(v, 5) for k, v in diffs.items()}))
+        return 0
     print(report(args.records, args.out))
     return 0
 

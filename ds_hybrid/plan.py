@@ -12,7 +12,7 @@ model built on the meta device):
 | student parameters | b P_student / W | b P_student |
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
-| activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2, mixer alone (align) 28 n h b/2; with checkpointing 2 n h L + one layer's | |
+| activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's | |
 | KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + C V b (dL/dz) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens | |
 | framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,10 +151,18 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # bytes saved for backward per token, in units of b/2 (bf16 = 1x): softmax block 18 h + 6 i (Korthikanti et al.
     # with SwiGLU and flash attention); linear block 54 h + 6 i; a mixer alone (stage align) 28 h. The linear
     # constants were fitted to one measured H200 run (docs/SCALE.md): GDN keeps fp32 gates, norm and silu copies.
-    soft_layer = n * (18 * h + 6 * i) * b // 2
-    lin_layer = n * (54 * h + 6 * i) * b // 2
+    # Compiled blocks (compile: auto/true, GPUs, ZeRO < 3) keep fewer intermediates: softmax 12 h + 4 i, linear
+    # 36 h + 4 i; stage align's stacked pass 48 h per layer, its stacked copies of the teacher's states included
+    # (both fitted to the H200 runs of docs/BENCHMARKS.md, 2026-11-29: within 7 % at micro-batches 16 to 96).
+    compiled = s.compile is not False and s_stage < 3  # the plan is for GPUs, where compile: auto compiles
+    soft_c, lin_c, i_c = (12, 36, 4) if compiled else (18, 54, 6)
+    soft_layer = n * (soft_c * h + i_c * i) * b // 2
+    lin_layer = n * (lin_c * h + i_c * i) * b // 2
     if stage == "align":
-        acts = L * n * 28 * h * b // 2 + 2 * L * n * h * b  # all mixers at once + the captured teacher in/out
+        stacked = (s_stage < 3 and not cfg.mixer_options.get("use_short_conv", False)
+                   and os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto") != "0")
+        acts = (L * n * 48 * h * b // 2 if stacked  # all mixers as one batched pass (GPUs)
+                else L * n * 28 * h * b // 2 + 2 * L * n * h * b)  # one by one + the captured teacher in/out
     elif s.gradient_checkpointing:
         acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0)
     else:

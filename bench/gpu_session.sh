@@ -30,7 +30,8 @@ case "$1" in
     mkdir -p /tmp/g && cat /tmp/parts/part* | tar -xf - -C /tmp/g
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
     mkdir -p /tmp/tsite && tar -xJf /tmp/g/triton.tar.xz -C /tmp/tsite
-    tar -xJf /tmp/g/corpus/corpus.tar.xz -C /
+    mkdir -p /tmp/dsh/corpus && cat /tmp/g/corpus/corpus.tar.xz.* | tar -xJf - -C /tmp/dsh/corpus   # DS_HYBRID_CACHE=/tmp/dsh
+    [ -f /tmp/g/corpus/pydocs.tar.xz ] && tar -xJf /tmp/g/corpus/pydocs.tar.xz -C /   # the Python docs, as files
     if [ -f /tmp/g/old.tar ]; then rm -rf /tmp/old && mkdir -p /tmp/old && tar -xf /tmp/g/old.tar -C /tmp/old; fi
     # the checkout is laid afresh at every call: background jobs run from a copy
     rm -rf /tmp/new && mkdir -p /tmp/new && tar --exclude=./.dev -cf - . | tar -xf - -C /tmp/new && cd /tmp/new
@@ -41,7 +42,7 @@ print('triton', triton.__version__, 'torch', torch.__version__, 'ds', deepspeed.
       'transformers', transformers.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))
 import ds_hybrid.kernels.fused_kl
 from ds_hybrid.teacher import embedded_teacher_dir; print('teacher', embedded_teacher_dir())
-from ds_hybrid.corpus import embedded_corpus_files; print('corpus documents', len(embedded_corpus_files()))"
+from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['sources']))"
     ;;
   start)
     mkdir -p /tmp/res && cd /tmp/new

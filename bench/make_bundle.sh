@@ -11,7 +11,8 @@
 #   triton.tar.xz    triton 3.7.1 (fla's GDN backward on Hopper needs >= 3.7.1; the image has 3.6.0), without
 #                    CUPTI and ptxas-blackwell (profiler / sm_100 only): 101 MB instead of the 198 MB wheel
 #   SmolLM2-135M-Instruct.Q4_1.gguf   the embedded teacher (98 MB)
-#   corpus/          the embedded corpus's packages, as ds_hybrid.corpus reads them (bench/corpus_bundle.py)
+#   corpus/          the built embedded corpus (ds-hybrid corpus pack: corpus.tar.xz.NN) and the raw Python docs
+#                    (pydocs.tar.xz, bench/corpus_bundle.py)
 #   old.tar          the baseline tree, when BASELINE_REV is given (bench/train_throughput.py measures it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ if [ ! -f "$B/cache/triton.tar.xz" ]; then
 fi
 cp "$B/cache/triton.tar.xz" "$B/stage/"
 cp "$($PY -c 'from ds_hybrid.teacher import embedded_gguf; print(embedded_gguf())')" "$B/stage/"
-$PY bench/corpus_bundle.py --out "$B/stage/corpus"
+$PY -m ds_hybrid.cli corpus build >/dev/null && $PY -m ds_hybrid.cli corpus pack --out "$B/stage/corpus"
+$PY bench/corpus_bundle.py --out "$B/stage/corpus"   # + the raw Python docs (runs/smollm2_throughput.yaml reads them)
 if [ -n "${1:-}" ]; then git -C "$REPO" archive --format=tar -o "$B/stage/old.tar" "$1"; fi
 (cd "$B/stage" && du -sh -- * && tar -cf "$B/bundle.tar" .)
 rm -rf "$REPO/.dev"/p[0-9]*

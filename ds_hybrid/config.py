@@ -37,14 +37,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class DataConfig:
-    source: str | list[str] = "embedded"  # "embedded" = the offline prose corpus; else files/folders or a hub name
+    source: str | list[str] = "embedded"  # "embedded" = the offline mixture (docs/DATA.md), "embedded:<name>,..." some
+    # of its sources (e.g. embedded:python_docs, the corpus before 2026-11-29); else files/folders or a hub name
+    mixture: dict | None = None  # {source: weight}: a source's share of training rows, 1 = its natural share
     text_field: str = "text"  # column holding the text in json/jsonl/parquet sources
     add_eos: bool = False  # the paper concatenates documents without separators
     val_tokens: int = 65536  # held out, by whole documents (never trained on, never used by select)
     split_seed: int = 1234  # fixes the held-out split independently of the run seed
     max_documents: int | None = None  # cap for quick runs
     cache_dir: str | None = None  # tokenized+packed cache (default: $DS_HYBRID_CACHE/data)
-    num_proc: int = 1  # tokenizer processes
+    num_proc: int = 4  # tokenizer processes (one unit each: a file, 256 text files, a hub shard, a corpus source)
 
 
 @dataclass
@@ -306,6 +308,13 @@ def validate_static(cfg: RunConfig) -> None:
     for r in cfg.select.ratios:
         if not 0 <= r <= 1:
             raise ConfigError("select.ratios", cfg.select.ratios, "ratios lie in [0, 1]")
+    for name, w in (cfg.data.mixture or {}).items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"data.mixture.{name}", w, "weights are numbers >= 0 (1 = the source's natural share)")
+    if cfg.data.mixture and not any(w > 0 for w in cfg.data.mixture.values()):
+        raise ConfigError("data.mixture", cfg.data.mixture, "at least one weight must be positive")
+    if cfg.data.num_proc < 1:
+        raise ConfigError("data.num_proc", cfg.data.num_proc, "use 1 or more tokenizer processes")
     if cfg.data.val_tokens < 1:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
     for name in TRAIN_STAGES:

@@ -1,18 +1,21 @@
-"""Data: sources -> tokenized with the teacher's tokenizer -> one token stream -> fixed-length packed sequences.
+"""Data: sources -> units -> token cache (shards) -> packed sequences, mixed over sources.
 
-    streams = prepare_streams(cfg.data, tokenizer)          # cached on disk, built once (rank 0), shared by all
-    train = PackedSequences(streams.train, seq_len=512)     # a view: any seq_len, no re-tokenization
+    streams = prepare_streams(cfg.data, tokenizer, need_tokens=2e8)   # cached on disk (rank 0 builds), shared
+    train = PackedSequences(streams.train, seq_len=512, mixture=cfg.data.mixture, seed=cfg.seed)
     rows = step_rows(step, len(train), global_batch=96, seed=0)
     for micro in rank_micro_batches(rows, rank, world, micro_batch=4): batch = train[micro]
 
-- Sources: "embedded" (see :mod:`ds_hybrid.corpus`), local text/json/jsonl/parquet files or folders (one text file
-  = one document; json/jsonl/parquet rows read ``data.text_field``), or a hub dataset name where a hub is reachable.
-- Documents are concatenated (without separators unless ``data.add_eos``, as the paper) into one stream per split.
-- Held-out split by *document*, fixed by ``data.split_seed`` alone: the same documents are held out for every stage,
-  seq_len and run seed, and are never trained on.
-- Cache: ``<cache_dir>/<key>/{train,val}.bin`` (uint32) + ``meta.json``, keyed by the source files (paths, sizes,
-  mtimes), the tokenizer (its serialized vocabulary/rules) and the split settings; written to a temp folder and
-  renamed, so a crash never leaves a cache that looks complete.
+- Sources: ``embedded`` (the offline mixture, :mod:`ds_hybrid.corpus`; ``embedded:<name>,...`` for some of its
+  sources), local text/json/jsonl/parquet files or folders (one text file = one document; json/jsonl/parquet rows
+  read ``data.text_field``), or a hub dataset name where a hub is reachable (streamed through `datasets`).
+- Tokenization (:mod:`ds_hybrid.tokencache`): one unit per jsonl/parquet file, per 256 text files, per hub shard or
+  per embedded source, by ``data.num_proc`` processes; a run tokenizes only the units its budget needs (plus the
+  held-out set), resumes a killed build, and shares the cache safely with other runs.
+- Held out by *document*, per source, fixed by ``data.split_seed`` alone: every 8th document of a source's first
+  unit until the source's share of ``data.val_tokens``; the same documents for every stage, seq_len and run seed,
+  never trained on.
+- Documents are concatenated (without separators unless ``data.add_eos``, as the paper) and cut into rows of
+  seq_len within each shard; ``data.mixture`` reweights the sources' rows (1 = the source's natural share).
 - Order: the rows of step s are a pure function of (seed, s): resuming at step s continues at the exact position.
 """
 
@@ -20,9 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +34,24 @@ import torch
 
 from ds_hybrid.config import DataConfig
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.tokencache import Unit, build, read_shards, token_dtype, val_share
 
-TOKEN_DTYPE = np.uint32
+log = logging.getLogger("ds_hybrid")
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}
-CACHE_VERSION = 1
+TEXT_FILES_PER_UNIT = 256
+CACHE_VERSION = 2
+DATA_SOURCE = "data"  # the source name of a user corpus (one source)
+
+Shards = list[tuple[str, np.ndarray]]  # (source, token shard)
 
 
 @dataclass
 class TokenStreams:
-    train: np.ndarray
-    val: np.ndarray
+    train: Shards
+    val: Shards
     meta: dict
     path: Path
 
@@ -56,11 +64,7 @@ def _default_cache_dir() -> Path:
 
 def source_files(source: str | list[str]) -> list[Path] | None:
     """Local files a source names (sorted), or None for a hub dataset name."""
-    from ds_hybrid.corpus import embedded_corpus_files
-
     items = [source] if isinstance(source, str) else list(source)
-    if items == ["embedded"]:
-        return embedded_corpus_files()
     files: list[Path] = []
     for item in items:
         p = Path(item).expanduser()
@@ -79,143 +83,141 @@ def source_files(source: str | list[str]) -> list[Path] | None:
     return files
 
 
+def _kind(f: Path) -> str:
+    name = f.name.lower().removesuffix(".gz")
+    suffix = Path(name).suffix
+    return "parquet" if suffix in PARQUET_SUFFIXES else "jsonl" if suffix == ".jsonl" else \
+        "json" if suffix == ".json" else "text"
+
+
+def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None] | None = None) -> dict[str, list[Unit]]:
+    """The units of every source of ``data.source``, in their fixed order."""
+    src = cfg.source
+    if isinstance(src, str) and (src == "embedded" or src.startswith("embedded:")):
+        from ds_hybrid.corpus import ensure_embedded, select_sources
+
+        path = ensure_embedded(is_main, barrier)
+        return {name: [Unit(name, 0, "docs", (str(path / f"{name}.jsonl.gz"),))] for name in select_sources(src, path)}
+    files = source_files(src)
+    if files is None:
+        return {DATA_SOURCE: _hub_units(src, cfg.text_field)}
+    text = [f for f in files if _kind(f) == "text"]
+    units = [Unit(DATA_SOURCE, 0, "text", tuple(str(f) for f in text[i:i + TEXT_FILES_PER_UNIT]))
+             for i in range(0, len(text), TEXT_FILES_PER_UNIT)]
+    units += [Unit(DATA_SOURCE, 0, _kind(f), (str(f),), text_field=cfg.text_field) for f in files if _kind(f) != "text"]
+    return {DATA_SOURCE: [Unit(u.source, i, u.kind, u.paths, u.hub, u.text_field) for i, u in enumerate(units)]}
+
+
+def _hub_units(name: str, text_field: str) -> list[Unit]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline machines and unknown names both land here
+        raise ConfigError("data.source", name, f"not a local file or folder, and the hub dataset could not be opened "
+                          f"({type(e).__name__}: {str(e)[:200]}); give local files or 'embedded'") from None
+    n = max(1, int(getattr(ds, "n_shards", 1) or 1))
+    return [Unit(DATA_SOURCE, i, "hub", (), (name, None, "train", i, n), text_field) for i in range(n)]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_key(cfg: DataConfig, files: list[Path] | None, tokenizer) -> str:
+def cache_key(cfg: DataConfig, units: dict[str, list[Unit]], tokenizer) -> str:
     h = hashlib.sha256()
-    if files is None:
-        h.update(f"hub:{cfg.source}".encode())
-    else:
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}\n".encode())
-    h.update(json.dumps({
-        "v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "field": cfg.text_field, "eos": cfg.add_eos,
-        "val": cfg.val_tokens, "split": cfg.split_seed, "max_docs": cfg.max_documents,
-    }, sort_keys=True).encode())
+    for source, us in units.items():
+        h.update(source.encode())
+        for u in us:
+            h.update(u.fingerprint().encode())
+    h.update(json.dumps({"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "eos": cfg.add_eos,
+                         "val": cfg.val_tokens, "split": cfg.split_seed, "max_docs": cfg.max_documents},
+                        sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
-def _load_documents(cfg: DataConfig, files: list[Path] | None):
-    """A `datasets.Dataset` with one document per row in a `text` column."""
-    import datasets
+def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], None] | None = None,
+                    need_tokens: float = math.inf) -> TokenStreams:
+    """Tokenize what a run needs (rank 0; other ranks wait at ``barrier``), then memory-map it everywhere.
 
-    if files is None:
-        ds = datasets.load_dataset(cfg.source, split="train")
-        parts = [ds]
-    else:
-        groups: dict[str, list[str]] = {}
-        for f in files:
-            suffix = "".join(f.suffixes[-1:]).lower()
-            kind = "json" if suffix in JSON_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
-            groups.setdefault(kind, []).append(str(f))
-        parts = []
-        for kind, paths in groups.items():
-            if kind == "text":
-                ds = datasets.load_dataset("text", data_files=paths, sample_by="document", split="train")
-            else:
-                ds = datasets.load_dataset(kind, data_files=paths, split="train")
-            parts.append(ds)
-    out = []
-    for ds in parts:
-        col = "text" if "text" in ds.column_names and cfg.text_field not in ds.column_names else cfg.text_field
-        if col not in ds.column_names:
-            raise ConfigError("data.text_field", cfg.text_field, f"no such column; the source has {ds.column_names}")
-        ds = ds.select_columns([col])
-        if col != "text":
-            ds = ds.rename_column(col, "text")
-        out.append(ds)
-    docs = datasets.concatenate_datasets(out) if len(out) > 1 else out[0]
-    if cfg.max_documents is not None:
-        docs = docs.select(range(min(cfg.max_documents, len(docs))))
-    return docs
-
-
-def build_streams(cfg: DataConfig, tokenizer, out: Path, files: list[Path] | None) -> None:
-    """Tokenize every document, split documents into train / held-out, write both streams (atomic)."""
-    docs = _load_documents(cfg, files)
-    eos = tokenizer.eos_token_id
-
-    def tok(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        if cfg.add_eos and eos is not None:
-            ids = [x + [eos] for x in ids]
-        return {"ids": ids, "n": [len(x) for x in ids]}
-
-    tokenized = docs.map(tok, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                         remove_columns=["text"], desc="tokenizing")
-    lengths = np.asarray(tokenized["n"], dtype=np.int64)
-    total = int(lengths.sum())
-    if total < 2 * cfg.val_tokens:
-        raise ConfigError("data.val_tokens", cfg.val_tokens,
-                          f"the corpus has only {total} tokens; hold out less than half of it")
-    order = np.random.default_rng(cfg.split_seed).permutation(len(lengths))
-    held = np.zeros(len(lengths), dtype=bool)
-    acc = 0
-    for i in order:  # whole documents, in a seed-fixed order, until val_tokens are held out
-        if acc >= cfg.val_tokens:
-            break
-        held[i] = True
-        acc += int(lengths[i])
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-    try:
-        counts = {"train": 0, "val": 0}
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
-            for start in range(0, len(tokenized), 1000):
-                rows = tokenized[start:start + 1000]["ids"]
-                for j, ids in enumerate(rows):
-                    arr = np.asarray(ids, dtype=TOKEN_DTYPE)
-                    split = "val" if held[start + j] else "train"
-                    (fval if split == "val" else ftrain).write(arr.tobytes())
-                    counts[split] += len(arr)
-        meta = {
-            "version": CACHE_VERSION, "source": cfg.source if isinstance(cfg.source, str) else list(cfg.source),
-            "files": len(files) if files is not None else None, "documents": int(len(lengths)),
-            "val_documents": int(held.sum()), "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "tokenizer": tokenizer_fingerprint(tokenizer), "add_eos": cfg.add_eos, "split_seed": cfg.split_seed,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if not out.exists():
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process finished the same cache first: keep theirs
-                if not (out / "meta.json").is_file():
-                    raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare_streams(
-    cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], None] | None = None
-) -> TokenStreams:
-    """Build the cached streams on the main rank (others wait at ``barrier``), then memory-map them everywhere."""
-    files = source_files(cfg.source)
+    ``need_tokens``: training tokens the run will read; a source made of several units (a large corpus) is tokenized
+    only until its units cover it. The embedded corpus is always tokenized whole (its sources are single units)."""
+    units = units_for(cfg, is_main, barrier)
+    if cfg.mixture:
+        unknown = sorted(set(cfg.mixture) - set(units))
+        if unknown:
+            raise ConfigError(f"data.mixture.{unknown[0]}", cfg.mixture[unknown[0]],
+                              f"not a source of this corpus; its sources: {', '.join(units)}")
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
-    out = root / cache_key(cfg, files, tokenizer)
-    if is_main and not (out / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        build_streams(cfg, tokenizer, out, files)
+    out = root / cache_key(cfg, units, tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    share = need_tokens / len(units) if math.isfinite(need_tokens) else math.inf
+    need = {s: (share if len(us) > 1 else math.inf) for s, us in units.items()}
+    vals = {s: val_share(cfg.val_tokens, len(units)) for s in units}
+    used = None
+    if is_main:
+        used = build(units, tokenizer, out, need, vals, dtype, cfg.add_eos, cfg.split_seed, cfg.num_proc,
+                     cfg.max_documents)
+        (out / "used.json").write_text(json.dumps(used, indent=1))
     if barrier is not None:
         barrier()
-    meta = json.loads((out / "meta.json").read_text())
-    train = np.memmap(out / "train.bin", dtype=TOKEN_DTYPE, mode="r")
-    val = np.memmap(out / "val.bin", dtype=TOKEN_DTYPE, mode="r")
+    if used is None:
+        used = json.loads((out / "used.json").read_text())
+    train = [(s, a) for s in units for a in read_shards(out, used[s], "train", dtype)]
+    val = [(s, a) for s in units for a in read_shards(out, used[s], "val", dtype)]
+    meta = {"version": CACHE_VERSION, "source": cfg.source if isinstance(cfg.source, str) else list(cfg.source),
+            "token_dtype": dtype.name, "tokenizer": tokenizer_fingerprint(tokenizer), "add_eos": cfg.add_eos,
+            "split_seed": cfg.split_seed, "mixture": cfg.mixture,
+            "train_tokens": sum(len(a) for _, a in train), "val_tokens": sum(len(a) for _, a in val),
+            "documents": sum(r["documents"] for rs in used.values() for r in rs),
+            "val_documents": sum(r["val_documents"] for rs in used.values() for r in rs),
+            "sources": {s: {"units": len(rs), "units_available": len(units[s]),
+                            "documents": sum(r["documents"] for r in rs),
+                            "train_tokens": sum(r["train_tokens"] for r in rs),
+                            "val_tokens": sum(r["val_tokens"] for r in rs),
+                            "val_documents": sum(r["val_documents"] for r in rs)} for s, rs in used.items()}}
+    if isinstance(cfg.source, str) and cfg.source.startswith("embedded"):
+        from ds_hybrid.corpus import embedded_dir, manifest
+
+        described = manifest(embedded_dir())["sources"]
+        for s in meta["sources"]:
+            meta["sources"][s].update({k: described[s][k] for k in ("description", "license", "packages")})
     return TokenStreams(train=train, val=val, meta=meta, path=out)
 
 
 class PackedSequences:
-    """A token stream cut into rows of ``seq_len`` (the remainder is dropped). Indexing returns int64 tensors."""
+    """Rows of ``seq_len`` tokens cut from token shards (a row never spans two shards; each shard's remainder is
+    dropped), over one stream or several sources. Indexing returns int64 tensors.
 
-    def __init__(self, stream: np.ndarray, seq_len: int, max_rows: int | None = None):
-        self.stream = stream
+    ``mixture`` ({source: weight}, 1 = natural): a source's rows are repeated or subsampled (seeded) so that it makes
+    up weight x its natural share of the rows. ``max_rows`` (evaluation): the first rows taken round-robin over the
+    sources, so that every source is represented."""
+
+    def __init__(self, streams: np.ndarray | Shards, seq_len: int, max_rows: int | None = None,
+                 mixture: dict[str, float] | None = None, seed: int = 0):
+        if isinstance(streams, np.ndarray):
+            streams = [(DATA_SOURCE, streams)]
+        self.shards = [a for _, a in streams]
         self.seq_len = seq_len
-        n = len(stream) // seq_len
-        self.n = n if max_rows is None else min(n, max_rows)
+        by_source: dict[str, list[np.ndarray]] = {}
+        for k, (s, a) in enumerate(streams):
+            n = len(a) // seq_len
+            rows = np.stack([np.full(n, k, dtype=np.int64), np.arange(n, dtype=np.int64)], axis=1)
+            by_source.setdefault(s, []).append(rows)
+        per = {s: np.concatenate(r) if r else np.zeros((0, 2), np.int64) for s, r in by_source.items()}
+        if mixture:
+            per = _reweighted(per, mixture, seed)
+        if max_rows is not None:
+            order = [r for i in range(max((len(v) for v in per.values()), default=0)) for v in per.values() if i < len(v)
+                     for r in [v[i]]]
+            table = np.array(order[:max_rows], dtype=np.int64).reshape(-1, 2)
+        else:
+            table = np.concatenate(list(per.values())) if per else np.zeros((0, 2), np.int64)
+        self.table = table
+        self.n = len(table)
+        self.source_rows = {s: len(v) for s, v in per.items()}
 
     def __len__(self) -> int:
         return self.n
@@ -224,8 +226,25 @@ class PackedSequences:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"rows out of range 0..{self.n - 1}")
-        out = np.stack([self.stream[r * self.seq_len:(r + 1) * self.seq_len] for r in rows.tolist()])
+        L = self.seq_len
+        out = np.stack([self.shards[k][r * L:(r + 1) * L] for k, r in self.table[rows].tolist()]) if rows.size else \
+            np.zeros((0, L), dtype=np.int64)
         return torch.from_numpy(out.astype(np.int64))
+
+
+def _reweighted(per: dict[str, np.ndarray], mixture: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    total = sum(len(v) for v in per.values())
+    weights = {s: float(mixture.get(s, 1.0)) * len(v) for s, v in per.items()}
+    norm = sum(weights.values())
+    out = {}
+    for s, v in per.items():
+        want = int(round(total * weights[s] / norm)) if norm else 0
+        if want == 0 or len(v) == 0:
+            out[s] = v[:0]
+            continue
+        perm = np.random.default_rng([seed, int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)]).permutation(len(v))
+        out[s] = v[perm[np.arange(want) % len(v)]]
+    return out
 
 
 def device_micro_batches(seqs: PackedSequences, micro: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:

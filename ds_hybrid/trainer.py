@@ -174,8 +174,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     s = ctx.s
     torch.manual_seed(cfg.seed)
 
-    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier)
-    train = PackedSequences(streams.train, s.seq_len)
+    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier, need_tokens=s.tokens)
+    train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
@@ -198,6 +198,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
                                        "data": streams.meta, "data_cache": str(streams.path),
                                        "train_sequences": len(train), "val_sequences": len(val),
+                                       "train_sequences_by_source": train.source_rows,
                                        "params_per_rank": gather_param_report(runner), "ranks": rank_places(),
                                        "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
                                                            if k not in NOT_TERMS},

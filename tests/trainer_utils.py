@@ -35,10 +35,10 @@ def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None
 
 def make_corpus(out: Path, n_files: int = 40) -> Path:
     """Real prose: the first Python library docs (Debian python3-doc, what the embedded corpus reads)."""
-    from ds_hybrid.corpus import embedded_corpus_files
+    from ds_hybrid.corpus import python_docs_files
 
     out.mkdir(parents=True, exist_ok=True)
-    files = [f for f in embedded_corpus_files() if "/library/" in str(f)][:n_files]
+    files = [f for f in python_docs_files() if "/library/" in str(f)][:n_files]
     for f in files:
         shutil.copy(f, out / f.name)
     return out

@@ -1,8 +1,8 @@
 """Offline replacements for what RULER downloads: an essay haystack and NLTK's sentence splitter.
 
 - Haystack: RULER's essay NIAH variants read Paul Graham's essays from the hub. ds-hybrid reads any local prose
-  instead (default: the held-out documents of the embedded corpus, so a model is never tested on text it was
-  distilled on); words are whitespace-separated as in RULER.
+  instead (default: the held-out documents of the embedded corpus's prose sources, so a model is never tested on
+  text it was distilled on); words are whitespace-separated as in RULER.
 - Sentence splitter: RULER's NIAH code imports NLTK's ``punkt_tab`` and downloads it when missing. A Punkt model is
   trained here, once, on the haystack text (unsupervised, as NLTK's own English model was) and saved in the
   ``punkt_tab`` layout under ``$DS_HYBRID_CACHE/nltk_data``; ``NLTK_DATA`` points there before lm-eval is imported.
@@ -24,19 +24,20 @@ def nltk_dir() -> Path:
 
 
 def haystack_text(source: str | list[str] | None = None, max_chars: int = 4_000_000) -> str:
-    """Prose from local files (or, by default, the embedded corpus's held-out documents), whitespace-normalised."""
+    """Prose from local files (or, by default, the embedded corpus's held-out prose documents), whitespace-normalised."""
     from ds_hybrid.data import source_files
 
     if source is None or source == "embedded":
-        files = source_files("embedded")
-        files = held_out_documents(files)
+        from ds_hybrid.corpus import held_out_texts
+
+        texts = held_out_texts()
     else:
         files = source_files(source)
         if files is None:
             raise ConfigError("--haystack", source, "give local text files or folders (no hub download here)")
+        texts = (f.read_text(errors="ignore") for f in files)
     chunks, total = [], 0
-    for f in files:
-        text = f.read_text(errors="ignore")
+    for text in texts:
         chunks.append(text)
         total += len(text)
         if total >= max_chars:
@@ -45,16 +46,6 @@ def haystack_text(source: str | list[str] | None = None, max_chars: int = 4_000_
     if len(text.split(" ")) < 2000:
         raise ConfigError("--haystack", source, "needs at least 2000 words of prose")
     return text
-
-
-def held_out_documents(files: list[Path]) -> list[Path]:
-    """The embedded corpus's files in the order the data split holds them out first (same seed as DataConfig)."""
-    import numpy as np
-
-    from ds_hybrid.config import DataConfig
-
-    order = np.random.default_rng(DataConfig().split_seed).permutation(len(files))
-    return [files[i] for i in order]
 
 
 def haystack_words(source: str | list[str] | None = None) -> list[str]:

@@ -128,7 +128,9 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def _heldout_rows(args, models) -> list[torch.Tensor]:
-    """Held-out rows of the corpus (never trained on) tokenized with the first model's tokenizer."""
+    """Held-out rows of the corpus (never trained on) tokenized with the first model's tokenizer. For the embedded
+    corpus only its held-out documents are read and tokenized (a few hundred thousand tokens, not the corpus)."""
+    import numpy as np
     from transformers import AutoTokenizer
 
     from ds_hybrid.config import DataConfig
@@ -137,8 +139,17 @@ def _heldout_rows(args, models) -> list[torch.Tensor]:
 
     first = next(iter(models.values()))
     tok = AutoTokenizer.from_pretrained(resolve_teacher(None) if is_embedded(first) else first)
-    streams = prepare_streams(DataConfig(source=args.data), tok)
-    val = PackedSequences(streams.val, args.heldout_seq_len, max_rows=args.heldout_sequences)
+    if args.data == "embedded":
+        from ds_hybrid.corpus import held_out_documents
+        from ds_hybrid.tokencache import token_dtype
+
+        per: dict[str, list[int]] = {}
+        for source, text in held_out_documents(tok):
+            per.setdefault(source, []).extend(tok(text, add_special_tokens=False)["input_ids"])
+        shards = [(s, np.asarray(ids, dtype=token_dtype(len(tok)))) for s, ids in per.items()]
+    else:
+        shards = prepare_streams(DataConfig(source=args.data), tok).val
+    val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
     return [val[[i]] for i in range(len(val))]
 
 

@@ -1,0 +1,320 @@
+"""A sharded token cache: documents -> token ids on disk, one shard per unit of input, built by several processes.
+
+A *unit* is a piece of input that one worker tokenizes on its own: one jsonl/parquet file, a group of text files,
+one shard of a hub dataset streamed through `datasets`, or one source of the embedded corpus. Each unit becomes
+``<cache>/<source>/uNNNNN.{train,val}.bin`` plus a done marker ``uNNNNN.json`` written last (temp file + rename),
+so that:
+
+- a run tokenizes only the units its token budget needs (units in order until their training tokens cover it,
+  plus at most one unit per worker of the last wave), plus the held-out set, and a later run with a larger budget
+  extends the same cache;
+- a killed build resumes where it stopped: finished units have their marker, a unit cut short has none and is
+  redone from its start;
+- two runs that share a cache never corrupt it: a unit is claimed with a file lock, its files are renamed into
+  place only when complete, and a run that finds a unit locked waits for its marker;
+- memory stays flat: documents stream in batches (pyarrow / json lines / `datasets` streaming), each batch is
+  tokenized and appended to the shard file, and nothing accumulates.
+
+Held-out documents come from a source's first units: every 8th document (a seeded choice, fixed by
+``data.split_seed`` alone) until the source's share of ``data.val_tokens`` is reached; they are never trained on.
+
+    units = units_for(source_spec)
+    used = build(units, tokenizer, cache_dir, need={"data": 6e8}, val_tokens={"data": 65536}, num_proc=8)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ds_hybrid")
+
+BATCH_DOCS = 256  # documents tokenized per call: bounds memory whatever the unit's size
+VAL_EVERY = 8  # in a source's first unit, every 8th document (seeded) is held out until the source's quota is met
+
+
+@dataclass(frozen=True)
+class Unit:
+    source: str  # the mixture source it belongs to
+    index: int  # position in the source's unit order
+    kind: str  # "jsonl", "json", "parquet", "text", "docs" (the embedded corpus's jsonl.gz), "hub"
+    paths: tuple[str, ...] = ()
+    hub: tuple = ()  # (dataset name, config or None, split, shard index, number of shards[, data_files])
+    text_field: str = "text"
+
+    @property
+    def name(self) -> str:
+        return f"u{self.index:05d}"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.source, self.index, self.kind, self.hub, self.text_field]).encode())
+        for p in self.paths:
+            st = Path(p).stat()
+            h.update(f"{Path(p).resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+        return h.hexdigest()[:16]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (SmolLM2's 49,152, Llama-3's 128,256 does not): half the disk and page cache."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+# ---- reading documents ------------------------------------------------------------------------------------------
+def iter_documents(unit: Unit) -> Iterator[str]:
+    """The unit's documents, streamed (a batch of rows at a time, never the whole file)."""
+    if unit.kind == "text":
+        for p in unit.paths:
+            yield Path(p).read_text(errors="replace")
+    elif unit.kind == "docs":
+        for p in unit.paths:
+            with gzip.open(p, "rt") as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+    elif unit.kind in ("jsonl", "json"):
+        for p in unit.paths:
+            opener = gzip.open if p.endswith(".gz") else open
+            with opener(p, "rt") as f:
+                head = f.read(1)
+                while head and head.isspace():
+                    head = f.read(1)
+                if head == "[":  # one JSON array: it has to be parsed whole
+                    for row in json.loads(head + f.read()):
+                        yield _field(row, unit.text_field, p)
+                    continue
+                for line in ([head + f.readline()] if head else []):
+                    if line.strip():
+                        yield _field(json.loads(line), unit.text_field, p)
+                for line in f:
+                    if line.strip():
+                        yield _field(json.loads(line), unit.text_field, p)
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for p in unit.paths:
+            pf = pq.ParquetFile(p)
+            if unit.text_field not in pf.schema_arrow.names:
+                from ds_hybrid.errors import ConfigError
+
+                raise ConfigError("data.text_field", unit.text_field, f"no such column in {p}; it has "
+                                  f"{pf.schema_arrow.names}")
+            for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[unit.text_field]):
+                yield from (t or "" for t in batch.column(0).to_pylist())
+    elif unit.kind == "hub":
+        import datasets
+
+        name, config, split, shard, n_shards = unit.hub[:5]
+        files = list(unit.hub[5]) if len(unit.hub) > 5 else None
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=files)
+        if n_shards > 1:
+            ds = ds.shard(num_shards=n_shards, index=shard)
+        for row in ds:
+            yield _field(row, unit.text_field, name)
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def _field(row: dict, name: str, where: str) -> str:
+    if name not in row:
+        from ds_hybrid.errors import ConfigError
+
+        raise ConfigError("data.text_field", name, f"no such field in {where}; it has {sorted(row)}")
+    return row[name] or ""
+
+
+# ---- one unit ---------------------------------------------------------------------------------------------------
+@dataclass
+class UnitResult:
+    source: str
+    index: int
+    documents: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    val_documents: int = 0
+    fingerprint: str = ""
+    seconds: float = 0.0
+    worker: int = field(default_factory=os.getpid)
+
+
+def val_share(val_tokens: int, n_sources: int) -> int:
+    """Held-out tokens each source owes: an equal share of data.val_tokens (at least one document each)."""
+    return max(1, math.ceil(val_tokens / max(1, n_sources)))
+
+
+def is_held_out(seed: int, source: str, unit: int, i: int) -> bool:
+    """Whether document i of a unit is a held-out candidate (held out while its source's share is not met)."""
+    digest = hashlib.sha256(f"{seed}|{source}|{unit}|{i}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % VAL_EVERY == 0
+
+
+def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool, val_quota: int, split_seed: int,
+                  max_documents: int | None = None) -> UnitResult:
+    """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last."""
+    t0 = time.perf_counter()
+    d = Path(out_dir) / unit.source
+    d.mkdir(parents=True, exist_ok=True)
+    res = UnitResult(unit.source, unit.index, fingerprint=unit.fingerprint())
+    tmp = {s: d / f".{unit.name}.{s}.bin.{os.getpid()}" for s in ("train", "val")}
+    eos = tokenizer.eos_token_id if add_eos else None
+    try:
+        with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
+            batch: list[str] = []
+
+            def flush() -> None:
+                ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                for x in ids:
+                    if eos is not None:
+                        x = x + [eos]
+                    arr = np.asarray(x, dtype=dtype)
+                    held = val_quota > res.val_tokens and is_held_out(split_seed, unit.source, unit.index, res.documents)
+                    (fval if held else ftrain).write(arr.tobytes())
+                    if held:
+                        res.val_tokens += len(arr)
+                        res.val_documents += 1
+                    else:
+                        res.train_tokens += len(arr)
+                    res.documents += 1
+                batch.clear()
+
+            for text in iter_documents(unit):
+                if max_documents is not None and res.documents + len(batch) >= max_documents:
+                    break
+                batch.append(text)
+                if len(batch) >= BATCH_DOCS:
+                    flush()
+            if batch:
+                flush()
+        for s, p in tmp.items():
+            os.replace(p, d / f"{unit.name}.{s}.bin")
+    finally:
+        for p in tmp.values():
+            if p.exists():
+                p.unlink()
+    res.seconds = round(time.perf_counter() - t0, 3)
+    _atomic_json(d / f"{unit.name}.json", asdict(res))
+    return res
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def done_marker(out_dir: Path, unit: Unit) -> dict | None:
+    p = Path(out_dir) / unit.source / f"{unit.name}.json"
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    return rec if rec.get("fingerprint") == unit.fingerprint() else None
+
+
+def _claim_and_tokenize(args) -> UnitResult | None:
+    """Worker entry: lock the unit (another process may be on it), skip it if done, else tokenize it."""
+    unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents = args
+    d = Path(out_dir) / unit.source
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{unit.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # someone else is tokenizing it: the driver waits for the marker
+        try:
+            for stale in d.glob(f".{unit.name}.*"):  # left by a process killed while writing this unit (we hold its lock)
+                stale.unlink(missing_ok=True)
+            if done_marker(Path(out_dir), unit) is not None:
+                return None
+            return tokenize_unit(unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ---- the driver -------------------------------------------------------------------------------------------------
+def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str, float], val_tokens: dict[str, int],
+          dtype: np.dtype, add_eos: bool = False, split_seed: int = 1234, num_proc: int = 1,
+          max_documents: int | None = None, progress: bool = True) -> dict[str, list[dict]]:
+    """Tokenize, per source, the shortest prefix of its units that holds ``val_tokens[source]`` held-out tokens and
+    ``need[source]`` training tokens (all units for an infinite need). Returns, per source, the done markers of
+    that prefix. Held-out documents come from the first units, one at a time (a unit's share depends on what the
+    units before it held out); the units after them are tokenized ``num_proc`` at a time."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: dict[str, list[dict]] = {}
+
+    def scan(source: str) -> tuple[list[dict], int, int | None]:
+        """(markers of the done prefix, held-out tokens still to find, index of the first unit not done or None
+        when the prefix suffices)."""
+        got, train, val = [], 0, 0
+        for u in units[source]:
+            if train >= need[source] and val >= val_tokens.get(source, 0):
+                return got, 0, None
+            rec = done_marker(out_dir, u)
+            if rec is None:
+                return got, max(0, val_tokens.get(source, 0) - val), u.index
+            got.append(rec)
+            train += rec["train_tokens"]
+            val += rec["val_tokens"]
+        return got, 0, None  # every unit done: as much as the source has
+
+    bar = None
+    try:
+        while True:
+            jobs = []
+            for source in units:
+                got, val_left, first = scan(source)
+                if first is None:
+                    used[source] = got
+                    continue
+                if val_left:  # this unit holds out documents: alone, its share depends on the units before it
+                    wave = [(units[source][first], val_left)]
+                else:
+                    wave = [(u, 0) for u in units[source][first:first + max(1, num_proc)]
+                            if done_marker(out_dir, u) is None]
+                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents) for u, q in wave]
+            if not jobs:
+                break
+            if bar is None and progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc="tokenizing", unit="unit", dynamic_ncols=True)
+            results = _run(jobs, num_proc)
+            if bar is not None:
+                bar.update(sum(r is not None for r in results))
+            if all(r is None for r in results):  # every pending unit belongs to another process: wait for it
+                time.sleep(1.0)
+    finally:
+        if bar is not None:
+            bar.close()
+    return used
+
+
+def _run(jobs: list, num_proc: int) -> list:
+    """The jobs in this process when there is one (or one worker), else in fresh processes (spawn: the caller may
+    hold CUDA and NCCL state that a fork must not copy)."""
+    n = min(num_proc, len(jobs), os.cpu_count() or 1)
+    if n <= 1:
+        return [_claim_and_tokenize(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(n) as pool:
+        return pool.map(_claim_and_tokenize, jobs, chunksize=1)
+
+
+def read_shards(out_dir: Path, markers: list[dict], split: str, dtype: np.dtype) -> list[np.ndarray]:
+    """The memory-mapped token shards of the given units (empty ones skipped)."""
+    shards = []
+    for rec in markers:
+        p = Path(out_dir) / rec["source"] / f"u{rec['index']:05d}.{split}.bin"
+        if p.stat().st_size:
+            shards.append(np.memmap(p, dtype=dtype, mode="r"))
+    return shards

@@ -1,0 +1,280 @@
+"""Data: the sharded token cache (budget, resume after a kill, two builds sharing a cache, flat memory, held-out
+documents), the embedded corpus (sources, markup, duplicates, manifest) and mixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from trainer_utils import REPO, env
+
+from ds_hybrid.config import DataConfig, load_config
+from ds_hybrid.data import DATA_SOURCE, PackedSequences, prepare_streams, units_for
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.tokencache import Unit, done_marker, iter_documents
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
+         "romeo sierra tango uniform victor whiskey xray yankee zulu the of and to in is was for on that").split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from ds_hybrid.teacher import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+def write_jsonl(folder: Path, n_files: int, docs_per_file: int, words_per_doc: int, seed: int = 0) -> Path:
+    """Files of documents of random words, each document opening with a unique id word (doc<file>x<n>)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(n_files):
+        with open(folder / f"shard{f:03d}.jsonl", "w") as out:
+            for d in range(docs_per_file):
+                text = f"doc{f}x{d} " + " ".join(rng.choice(WORDS) for _ in range(words_per_doc))
+                out.write(json.dumps({"text": text, "meta": f}) + "\n")
+    return folder
+
+
+def data_cfg(source, cache: Path, **kw) -> DataConfig:
+    return DataConfig(source=str(source), cache_dir=str(cache), val_tokens=kw.pop("val_tokens", 2000),
+                      num_proc=kw.pop("num_proc", 1), **kw)
+
+
+def test_local_sources_become_units(tmp_path):
+    docs = tmp_path / "texts"
+    docs.mkdir()
+    for i in range(300):
+        (docs / f"d{i}.txt").write_text(f"text {i}")
+    assert [len(u.paths) for u in units_for(data_cfg(docs, tmp_path))[DATA_SOURCE]] == [256, 44]
+    jl = write_jsonl(tmp_path / "jl", 3, 2, 5)
+    units = units_for(data_cfg(jl, tmp_path))[DATA_SOURCE]
+    assert [(u.index, u.kind, Path(u.paths[0]).name) for u in units] == [(i, "jsonl", f"shard00{i}.jsonl") for i in range(3)]
+    assert list(iter_documents(units[1]))[1].startswith("doc1x1 ")
+
+
+def test_parquet_and_hub_style_streams_read_the_same_documents(tmp_path):
+    import datasets
+
+    jl = write_jsonl(tmp_path / "jl", 2, 50, 8)
+    ds = datasets.load_dataset("json", data_files=[str(jl / "shard001.jsonl")], split="train")
+    ds.to_parquet(str(tmp_path / "s.parquet"))
+    want = list(iter_documents(Unit("s", 0, "jsonl", (str(jl / "shard001.jsonl"),))))
+    assert list(iter_documents(Unit("s", 0, "parquet", (str(tmp_path / "s.parquet"),)))) == want
+    files = (str(jl / "shard000.jsonl"), str(jl / "shard001.jsonl"))
+    hub = [list(iter_documents(Unit("s", i, "hub", (), ("json", None, "train", i, 2, files)))) for i in range(2)]
+    assert hub[1] == want and hub[0][0].startswith("doc0x0 ")  # datasets' streaming shards = the files
+
+
+def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_cache(tmp_path, tok):
+    jl = write_jsonl(tmp_path / "jl", 20, 40, 60)
+    cfg = data_cfg(jl, tmp_path / "cache")
+    small = prepare_streams(cfg, tok, need_tokens=25_000)
+    per_unit = small.meta["sources"][DATA_SOURCE]["train_tokens"] / small.meta["sources"][DATA_SOURCE]["units"]
+    assert small.meta["sources"][DATA_SOURCE]["units"] == int(np.ceil(25_000 / per_unit)) < 20
+    assert small.meta["train_tokens"] >= 25_000
+    done = sorted(p.name for p in small.path.glob(f"{DATA_SOURCE}/u*.json"))
+    assert len(done) == small.meta["sources"][DATA_SOURCE]["units"]
+    mtimes = {p: p.stat().st_mtime_ns for p in small.path.glob(f"{DATA_SOURCE}/u*.bin")}
+    big = prepare_streams(cfg, tok, need_tokens=60_000)
+    assert big.path == small.path and big.meta["sources"][DATA_SOURCE]["units"] > len(done)
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # what was there is reused, not redone
+    again = prepare_streams(cfg, tok, need_tokens=25_000)  # a rerun of the small budget sees the same prefix
+    assert again.meta["train_tokens"] == small.meta["train_tokens"]
+    assert np.array_equal(np.concatenate([a for _, a in again.train]), np.concatenate([a for _, a in small.train]))
+
+
+def test_held_out_documents_are_never_trained_on_and_depend_only_on_split_seed(tmp_path, tok):
+    jl = write_jsonl(tmp_path / "jl", 3, 200, 40)  # ~1,500 held-out tokens a file: the first two hold them out
+    a = prepare_streams(data_cfg(jl, tmp_path / "c1"), tok)
+    text = tok.decode(np.concatenate([x for _, x in a.train]).tolist())
+    held = tok.decode(np.concatenate([x for _, x in a.val]).tolist())
+    ids = __import__("re").findall(r"doc\d+x\d+", held)  # documents are concatenated without separators
+    assert 2000 <= a.meta["val_tokens"] and len(ids) == a.meta["val_documents"] >= 2
+    assert all(f"{i} " not in text for i in ids)  # no held-out document in the training stream
+    b = prepare_streams(data_cfg(jl, tmp_path / "c2"), tok, need_tokens=1)  # another budget, another cache
+    assert np.array_equal(np.concatenate([x for _, x in b.val]), np.concatenate([x for _, x in a.val]))
+    c = prepare_streams(data_cfg(jl, tmp_path / "c3", split_seed=7), tok)
+    assert not np.array_equal(np.concatenate([x for _, x in c.val]), np.concatenate([x for _, x in a.val]))
+
+
+BUILD = """
+import sys, json
+from ds_hybrid.config import DataConfig
+from ds_hybrid.data import prepare_streams
+from ds_hybrid.teacher import load_tokenizer
+cfg = DataConfig(source=sys.argv[1], cache_dir=sys.argv[2], val_tokens=2000, num_proc=int(sys.argv[3]))
+s = prepare_streams(cfg, load_tokenizer("embedded"))
+print(json.dumps({"train": s.meta["train_tokens"], "path": str(s.path)}))
+"""
+
+
+def _build_proc(jl: Path, cache: Path, num_proc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BUILD, str(jl), str(cache), str(num_proc)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO, start_new_session=True)
+
+
+def _tokens(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob(f"{DATA_SOURCE}/u*.bin"))}
+
+
+@pytest.mark.slow
+def test_a_killed_build_resumes_and_two_builds_can_share_a_cache(tmp_path):
+    jl = write_jsonl(tmp_path / "jl", 12, 150, 120)
+    proc = _build_proc(jl, tmp_path / "cache")
+    deadline = time.time() + 120
+    markers = []
+    while time.time() < deadline and proc.poll() is None:
+        markers = list((tmp_path / "cache").glob(f"*/{DATA_SOURCE}/u*.json"))
+        if len(markers) >= 3:
+            break
+        time.sleep(0.05)
+    assert 3 <= len(markers) < 12, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob(f"*/{DATA_SOURCE}/u*.json")}
+    procs = [_build_proc(jl, tmp_path / "cache", 2), _build_proc(jl, tmp_path / "cache", 1)]  # resume, twice at once
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    res = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert res[0] == res[1]
+    for p, m in kept.items():
+        assert p.stat().st_mtime_ns == m  # units finished before the kill were not redone
+    path = Path(res[0]["path"])
+    assert not [p for p in path.rglob(".*") if p.is_file()]  # no temp files left behind
+    clean = _build_proc(jl, tmp_path / "clean")
+    out, err = clean.communicate(timeout=300)
+    assert clean.returncode == 0, err
+    assert _tokens(path) == _tokens(Path(json.loads(out.strip().splitlines()[-1])["path"]))
+
+
+MEASURE = """
+import sys, json, threading, time, psutil
+from ds_hybrid.config import DataConfig
+from ds_hybrid.data import prepare_streams
+from ds_hybrid.teacher import load_tokenizer
+tok = load_tokenizer("embedded")
+proc, peak, stop = psutil.Process(), [0], []
+base = proc.memory_info().rss
+def watch():
+    while not stop:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.02)
+t = threading.Thread(target=watch, daemon=True); t.start()
+s = prepare_streams(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2], val_tokens=2000), tok,
+                    need_tokens=float(sys.argv[3]))
+stop.append(1); t.join()
+print(json.dumps({"growth": peak[0] - base, "train": s.meta["train_tokens"], "units": s.meta["sources"]["data"]["units"]}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_while_a_corpus_ten_times_the_budget_streams(tmp_path):
+    jl = write_jsonl(tmp_path / "jl", 4, 2500, 400)  # 4 files of ~1M tokens each: one file is a quarter
+    runs = {}
+    for name, need in (("budget", 4e5), ("whole", float("inf"))):
+        p = subprocess.run([sys.executable, "-c", MEASURE, str(jl), str(tmp_path / name), str(need)],
+                           capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert runs["budget"]["units"] == 1 and runs["whole"]["units"] == 4
+    assert runs["whole"]["train"] >= 10 * 4e5 * 0.9  # the corpus is ~10x the budget, and all of it was tokenized
+    # the whole corpus (~4M tokens, 16 MB as text) costs no more memory than one file of it: batches, not files
+    assert runs["whole"]["growth"] < runs["budget"]["growth"] + 64 * 2**20
+    assert runs["whole"]["growth"] < 256 * 2**20
+
+
+def test_mixture_reweights_sources_and_evaluation_covers_every_source():
+    a = np.arange(100 * 10, dtype=np.uint16)
+    b = np.arange(300 * 10, dtype=np.uint16)
+    shards = [("a", a), ("b", b[:1500]), ("b", b[1500:])]
+    natural = PackedSequences(shards, 10)
+    assert natural.source_rows == {"a": 100, "b": 300} and len(natural) == 400
+    mixed = PackedSequences(shards, 10, mixture={"a": 2.0}, seed=0)
+    assert mixed.source_rows == {"a": 160, "b": 240}  # a's share doubles: 2 x 100 / (2 x 100 + 300) of 400 rows
+    rows = mixed[np.arange(160)]
+    assert len({tuple(r.tolist()) for r in rows}) == 100  # a's 100 rows, 60 of them twice
+    assert PackedSequences(shards, 10, mixture={"b": 0}, seed=0).source_rows == {"a": 400, "b": 0}
+    ev = PackedSequences(shards, 10, max_rows=4)
+    assert [int(ev[[i]][0, 0]) for i in range(4)] == [0, 0, 10, 10]  # a, b, a, b
+    with pytest.raises(ConfigError, match=r"data\.mixture\.x=-1"):
+        load_config(None, ["data.mixture={x: -1}"])
+
+
+def test_unknown_mixture_source_is_named(tmp_path, tok):
+    jl = write_jsonl(tmp_path / "jl", 1, 30, 20)
+    with pytest.raises(ConfigError, match=r"data\.mixture\.poetry.*its sources: data"):
+        prepare_streams(DataConfig(source=str(jl), cache_dir=str(tmp_path), val_tokens=500, mixture={"poetry": 1}),
+                        tok)
+
+
+# ---- the embedded corpus --------------------------------------------------------------------------------------
+def test_duplicates_exact_and_near_are_removed_first_kept():
+    from ds_hybrid.corpus.dedup import dedup
+
+    rng = random.Random(1)
+    base = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 50)) for _ in range(400)) for _ in range(6)]
+    words = base[2].split()
+    near = " ".join(w if i % 150 else "CHANGED" for i, w in enumerate(words))  # 3 of 400 words differ: J ~ 0.93
+    exact = "  " + base[4].upper().replace(" ", "\n ")  # case and whitespace only
+    far = " ".join(words[:200] + base[5].split()[:200])  # half of each of two documents: J ~ 0.33 with each
+    keep, report = dedup(base + [near, exact, far])
+    assert keep == [True] * 6 + [False, False, True]
+    assert report == {"exact": 1, "near": 1}
+
+
+def test_markup_is_removed():
+    from ds_hybrid.corpus.sources import strip_markup, strip_osis, strip_pod
+
+    osis = ('<w lemma="strong:H0430">God</w> <w lemma="x">said</w>, “<w>Let</w> there be light,”<note placement="foot">'
+            '<reference>1:3</reference>a footnote</note> and there was light.<div eID="gen26" type="x-p"/>')
+    assert strip_markup(osis, skip=("note",)) == "God said, “Let there be light,” and there was light."
+    assert strip_osis(osis).strip() == "God said, “Let there be light,” and there was light."
+    assert strip_osis('<w>Yahweh</w><note n="a">note</note><w>called</w> &amp; <title>Psalm 2</title>') == \
+        "Yahweh called & \nPsalm 2\n"
+    pod = "=head1 NAME\n\nperlfoo - B<bold> and C<code> and L<perlsyn|perlsyn/For Loops>\n\n=cut\n\nTail I<x>."
+    assert strip_pod(pod) == "NAME\n\nperlfoo - bold and code and perlsyn\n\nTail x."
+
+
+def test_embedded_corpus_build_records_every_source(tmp_path, monkeypatch):
+    from ds_hybrid.corpus import build_embedded, manifest, select_sources
+    from ds_hybrid.corpus.sources import BY_NAME
+
+    names = [n for n in ("devils_dictionary", "fortunes", "python_docs") if BY_NAME[n].installed()]
+    if len(names) < 2:
+        pytest.skip("needs the Debian packages of `make setup`")
+    path = build_embedded(tmp_path / "corpus", names=names, progress=False)
+    m = manifest(path)
+    assert list(m["sources"]) == names
+    for n in names:
+        s = m["sources"][n]
+        assert s["documents"] > 0 and s["characters"] > 0 and s["license"] and s["register"]
+        assert all(v not in ("", "not installed") for v in s["packages"].values())
+        rows = [json.loads(x) for x in __import__("gzip").open(path / f"{n}.jsonl.gz", "rt")]
+        assert len(rows) == s["documents"] and all(len(r["text"]) >= 200 for r in rows)
+        assert not any("<w " in r["text"] or "=head1" in r["text"] for r in rows)
+    monkeypatch.setenv("DS_HYBRID_CORPUS_DIR", str(path))
+    assert select_sources("embedded", path) == names
+    assert select_sources(f"embedded:{names[0]}", path) == [names[0]]
+    with pytest.raises(ConfigError, match=r"'poetry' is not a corpus source"):
+        select_sources("embedded:poetry", path)
+    units = units_for(DataConfig(source=f"embedded:{names[0]},{names[1]}"))
+    assert list(units) == names[:2] and all(u[0].kind == "docs" for u in units.values())
+    assert done_marker(tmp_path, units[names[0]][0]) is None
+    # the documents a run holds out are the ones the essay haystack reads (never trained on)
+    from ds_hybrid.corpus import held_out_texts
+    from ds_hybrid.teacher import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    streams = prepare_streams(DataConfig(source="embedded", cache_dir=str(tmp_path / "cache")), tok)
+    registers = tuple({m["sources"][n]["register"] for n in names})
+    held = [tok(t, add_special_tokens=False)["input_ids"] for t in held_out_texts(tok, registers=registers)]
+    assert np.array_equal(np.concatenate([a for _, a in streams.val]), np.concatenate(held))

@@ -7,6 +7,7 @@
     ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768
     ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8     # memory per GPU
     ds-hybrid corpus build | stats | pack --out DIR                                  # the embedded corpus
+    ds-hybrid select-compare gdn=a/selection.json gla=b/selection.json --ks 4,8     # top-K overlap, Kendall tau
 
 Training stages run through ``ds_hybrid/train.py`` (under deepspeed / torchrun); see the README.
 """
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plan", help="memory per GPU for a config and cluster shape (see: ds-hybrid plan -h)")
     sub.add_parser("corpus", help="build, count or pack the embedded corpus (see: ds-hybrid corpus -h)")
+    sub.add_parser("select-compare", help="agreement of selection.json files (see: ds-hybrid select-compare -h)")
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)
@@ -129,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["plan"], ["corpus"]):  # their own parsers (plan: key=value overrides after the options)
+    if argv[:1] in (["plan"], ["corpus"], ["select-compare"]):  # their own parsers (plan: key=value overrides)
         from ds_hybrid.corpus.tools import main as corpus_main
         from ds_hybrid.plan import main as plan_main
+        from ds_hybrid.select_compare import main as compare_main
 
         try:
-            return (plan_main if argv[0] == "plan" else corpus_main)(argv[1:])
+            return {"plan": plan_main, "corpus": corpus_main, "select-compare": compare_main}[argv[0]](argv[1:])
         except ConfigError as e:
             print(f"ds-hybrid: error: {e}", file=sys.stderr)
             return 2

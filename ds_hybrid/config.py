@@ -114,6 +114,9 @@ class SelectConfig:
     ar_pairs: int = 50
     ar_seed: int = 0
     reference: str | None = None  # a full-budget selection.json to measure agreement against (top-K, Kendall tau)
+    # > 0: rank greedily by importance (score scaled to [0, 1]) minus distance_reg x 1/distance to the nearest layer
+    # already taken (ds_hybrid.selection.regularized_order); 0 = the method's plain ranking
+    distance_reg: float = 0.0
     task_index: int | None = None  # Slurm array: run probes with index % num_tasks == task_index
     num_tasks: int | None = None  # (default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)
 
@@ -302,6 +305,11 @@ def validate_static(cfg: RunConfig) -> None:
     MixerOptions.from_dict(cfg.mixer_options)
     if cfg.select.method not in SELECT_METHODS:
         raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
+    if cfg.select.distance_reg < 0:
+        raise ConfigError("select.distance_reg", cfg.select.distance_reg, "a penalty weight >= 0 (0: the plain ranking)")
+    if cfg.select.distance_reg and cfg.select.method in ("uniform", "smart"):
+        raise ConfigError("select.distance_reg", cfg.select.distance_reg,
+                          f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
     for k in cfg.select.ks:
         if k < 0:
             raise ConfigError("select.ks", cfg.select.ks, "K values must be >= 0")

@@ -1,8 +1,14 @@
-"""Softmax-layer budgets: K from a ratio, and the parse of a user's layer list."""
+"""Which layers keep softmax attention: budgets (K from a ratio), spacing rules (uniform, smart), a user's layer list,
+the top-K sets of a ranking, and every ``softmax_layers`` spec of the run config turned into a list of layers.
+
+Rankings themselves, their agreement and the selection.json format are :mod:`ds_hybrid.selection`'s (this module
+reads selection files through it; it never imports this one).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ds_hybrid.errors import ConfigError
 
@@ -19,6 +25,34 @@ def uniform_layers(num_layers: int, k: int) -> list[int]:
     if not 0 <= k <= num_layers:
         raise ConfigError("k", k, f"choose between 0 and {num_layers} softmax layers")
     return sorted({math.floor(i * num_layers / k) for i in range(k)}) if k else []
+
+
+def smart_layers(num_layers: int, k: int) -> list[int]:
+    """Zebra-Llama's "smart" spacing: near-even, anchored at the last layer (L-1, L-1-L/K, ...)."""
+    if k <= 0:
+        return []
+    return sorted({max(0, round(num_layers - 1 - i * num_layers / k)) for i in range(k)})
+
+
+def uniform_ranking(num_layers: int) -> list[int]:
+    """An order whose every prefix of length K is as close to uniform_layers(L, K) as a nested order allows:
+    ds-hybrid's uniform selector uses uniform_layers(L, K) itself for each K; this order is for the plot only."""
+    order: list[int] = []
+    for k in range(1, num_layers + 1):
+        for l in uniform_layers(num_layers, k):
+            if l not in order:
+                order.append(l)
+    return order
+
+
+def chosen_sets(ranking: Sequence[int], num_layers: int, ks: Sequence[int] = (), ratios: Sequence[float] = ()) -> dict:
+    """The top-K layers of a ranking for each K and each ratio: {"k=4": [...], "ratio=0.25": [...]}."""
+    out = {}
+    for k in ks:
+        out[f"k={k}"] = sorted(ranking[:k])
+    for r in ratios:
+        out[f"ratio={r:g}"] = sorted(ranking[:k_for_ratio(r, num_layers)])
+    return out
 
 
 def parse_layer_list(text: str, field: str = "softmax_layers") -> list[int]:
@@ -51,8 +85,29 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
             raise ConfigError(f"{field}.uniform", v, f"the teacher has only {num_layers} layers")
         return uniform_layers(num_layers, k)
     if isinstance(spec, dict) and "selection" in spec:
-        from ds_hybrid.selection import layers_from_selection
-
         return layers_from_selection(spec, num_layers, field)
     raise ConfigError(field, spec, "use a list of layer indices, {uniform: <ratio or K>}, or "
                                    "{selection: <path to selection.json>, ratio: <r> | k: <K>}")
+
+
+def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_layers") -> list[int]:
+    """``{selection: path, k: K}`` or ``{selection: path, ratio: r}`` -> the top-K layers of that ranking.
+
+    With method "uniform" or "smart" the spacing rule is applied for K (those are not nested orders)."""
+    from ds_hybrid.selection import read_selection
+
+    extra = set(spec) - {"selection", "k", "ratio"}
+    if extra or ("k" in spec) == ("ratio" in spec):
+        raise ConfigError(field, spec, "write {selection: <path>, k: <K>} or {selection: <path>, ratio: <r>}")
+    sel = read_selection(spec["selection"], f"{field}.selection")
+    if sel["num_layers"] != num_layers:
+        raise ConfigError(f"{field}.selection", spec["selection"],
+                          f"ranks {sel['num_layers']} layers, the teacher has {num_layers}")
+    k = int(spec["k"]) if "k" in spec else k_for_ratio(float(spec["ratio"]), num_layers, f"{field}.ratio")
+    if not 0 <= k <= num_layers:
+        raise ConfigError(f"{field}.k", k, f"choose between 0 and {num_layers}")
+    if sel["method"] == "uniform":
+        return uniform_layers(num_layers, k)
+    if sel["method"] == "smart":
+        return smart_layers(num_layers, k)
+    return sorted(sel["ranking"][:k])

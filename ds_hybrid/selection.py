@@ -1,4 +1,6 @@
-"""Layer selections: the selection.json format, rankings, top-K, agreement between rankings, simple selectors.
+"""Layer selections: rankings (plain and distance-regularized), agreement between rankings, the selection.json format.
+
+Turning a selection (or any other ``softmax_layers`` spec) into a list of layers is :mod:`ds_hybrid.layers`'s job.
 
 selection.json (written by stage select, read by stage kl through ``softmax_layers: {selection: <path>, k: 8}``):
 
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import k_for_ratio, uniform_layers
 
 FORMAT_VERSION = 1
 
@@ -45,22 +46,6 @@ def folder_fingerprint(folder: str | Path) -> str:
 def rank_layers(scores: Mapping[int, float], lower_is_better: bool) -> list[int]:
     """Most important first; ties broken by layer index."""
     return sorted(scores, key=lambda l: ((scores[l] if lower_is_better else -scores[l]), l))
-
-
-def chosen_sets(ranking: Sequence[int], num_layers: int, ks: Sequence[int] = (), ratios: Sequence[float] = ()) -> dict:
-    out = {}
-    for k in ks:
-        out[f"k={k}"] = sorted(ranking[:k])
-    for r in ratios:
-        out[f"ratio={r:g}"] = sorted(ranking[:k_for_ratio(r, num_layers)])
-    return out
-
-
-def smart_layers(num_layers: int, k: int) -> list[int]:
-    """Zebra-Llama's "smart" spacing: near-even, anchored at the last layer (L-1, L-1-L/K, ...)."""
-    if k <= 0:
-        return []
-    return sorted({max(0, round(num_layers - 1 - i * num_layers / k)) for i in range(k)})
 
 
 def topk_overlap(a: Sequence[int], b: Sequence[int], k: int) -> float:
@@ -85,34 +70,50 @@ def kendall_tau(a: Sequence[int], b: Sequence[int]) -> float:
     return (conc - disc) / (n * (n - 1) / 2)
 
 
+def regularized_order(scores: Mapping[int, float], lower_is_better: bool, distance_reg: float) -> list[int]:
+    """The distance-regularized ranking (``select.distance_reg``): greedily, the layer with the highest
+    ``importance(l) - distance_reg * proximity(l, taken)``, where importance is the score rescaled to [0, 1] (1 = the
+    best layer, 0 = the worst) and proximity(l, taken) = max over taken layers t of 1 / |l - t| (1 for a neighbour,
+    1/2 two layers away, 0 before the first pick). Every prefix is that greedy top-K, so one order serves every K;
+    ``distance_reg = 0`` gives the plain ranking (ties by layer index)."""
+    if distance_reg < 0:
+        raise ValueError("distance_reg must be >= 0")
+    plain = rank_layers(scores, lower_is_better)
+    if distance_reg == 0:
+        return plain
+    vals = [scores[l] for l in plain]
+    best, worst = vals[0], vals[-1]
+    span = abs(worst - best) or 1.0
+    importance = {l: abs(worst - scores[l]) / span for l in scores}
+    order: list[int] = []
+    left = list(plain)
+    while left:
+        def value(l: int) -> float:
+            near = max((1.0 / abs(l - t) for t in order), default=0.0)
+            return importance[l] - distance_reg * near
+
+        pick = max(left, key=lambda l: (value(l), -l))
+        order.append(pick)
+        left.remove(pick)
+    return order
+
+
 def make_selection(method: str, scores: Mapping[int, float], lower_is_better: bool, num_layers: int,
-                   ks: Sequence[int], ratios: Sequence[float], **extra: Any) -> dict[str, Any]:
+                   distance_reg: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """A selection record (without ``chosen``: :func:`ds_hybrid.layers.chosen_sets` adds the top-K sets)."""
     for l, v in scores.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v)):
             raise ValueError(f"layer {l} has a non-finite score {v}")
-    ranking = rank_layers(scores, lower_is_better)
-    if sorted(ranking) != list(range(num_layers)):
-        raise ValueError(f"scores cover layers {sorted(ranking)}, expected 0..{num_layers - 1}")
-    return {"format": FORMAT_VERSION, "method": method, "lower_is_better": lower_is_better,
-            "scores": {str(l): float(scores[l]) for l in sorted(scores)}, "ranking": ranking,
-            "chosen": chosen_sets(ranking, num_layers, ks, ratios), "num_layers": num_layers,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
-
-
-def ranking_only_selection(method: str, ranking: Sequence[int], num_layers: int, ks, ratios, **extra) -> dict:
-    """For selectors that give an order rather than scores (uniform, smart): score = position."""
-    return make_selection(method, {l: i for i, l in enumerate(ranking)}, True, num_layers, ks, ratios, **extra)
-
-
-def uniform_ranking(num_layers: int) -> list[int]:
-    """An order whose every prefix of length K is as close to uniform_layers(L, K) as a nested order allows:
-    ds-hybrid's uniform selector uses uniform_layers(L, K) itself for each K; this order is for the plot only."""
-    order: list[int] = []
-    for k in range(1, num_layers + 1):
-        for l in uniform_layers(num_layers, k):
-            if l not in order:
-                order.append(l)
-    return order
+    plain = rank_layers(scores, lower_is_better)
+    if sorted(plain) != list(range(num_layers)):
+        raise ValueError(f"scores cover layers {sorted(plain)}, expected 0..{num_layers - 1}")
+    sel = {"format": FORMAT_VERSION, "method": method, "lower_is_better": lower_is_better,
+           "scores": {str(l): float(scores[l]) for l in sorted(scores)},
+           "ranking": regularized_order(scores, lower_is_better, distance_reg), "num_layers": num_layers,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    if distance_reg:
+        sel.update(distance_reg=float(distance_reg), ranking_plain=plain)
+    return sel
 
 
 def write_selection(path: str | Path, selection: dict[str, Any]) -> None:
@@ -134,27 +135,6 @@ def read_selection(path: str | Path, field: str = "softmax_layers.selection") ->
     if sel.get("format") != FORMAT_VERSION or "ranking" not in sel:
         raise ConfigError(field, str(path), "not a ds-hybrid selection.json (no format/ranking)")
     return sel
-
-
-def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_layers") -> list[int]:
-    """``{selection: path, k: K}`` or ``{selection: path, ratio: r}`` -> the top-K layers of that ranking.
-
-    With method "uniform" or "smart" the spacing rule is applied for K (those are not nested orders)."""
-    extra = set(spec) - {"selection", "k", "ratio"}
-    if extra or ("k" in spec) == ("ratio" in spec):
-        raise ConfigError(field, spec, "write {selection: <path>, k: <K>} or {selection: <path>, ratio: <r>}")
-    sel = read_selection(spec["selection"], f"{field}.selection")
-    if sel["num_layers"] != num_layers:
-        raise ConfigError(f"{field}.selection", spec["selection"],
-                          f"ranks {sel['num_layers']} layers, the teacher has {num_layers}")
-    k = int(spec["k"]) if "k" in spec else k_for_ratio(float(spec["ratio"]), num_layers, f"{field}.ratio")
-    if not 0 <= k <= num_layers:
-        raise ConfigError(f"{field}.k", k, f"choose between 0 and {num_layers}")
-    if sel["method"] == "uniform":
-        return uniform_layers(num_layers, k)
-    if sel["method"] == "smart":
-        return smart_layers(num_layers, k)
-    return sorted(sel["ranking"][:k])
 
 
 def check_selection_origin(spec: Any, teacher_path: str, align_dir: str | Path | None, field: str = "softmax_layers") -> None:

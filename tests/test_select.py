@@ -247,3 +247,17 @@ def test_agreement_measures():
     assert kendall_tau([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
     assert kendall_tau([0, 1, 2, 3], [3, 2, 1, 0]) == -1.0
     assert topk_overlap([5, 1, 2], [1, 5, 9], 2) == 1.0 and topk_overlap([5, 1, 2], [1, 7, 9], 2) == 0.5
+
+
+def test_distance_regularized_selection_reuses_the_probes(planted, ga_s2):
+    """select.distance_reg reranks the GA-S2 probes (no probe runs again) and is written beside the plain selection."""
+    plain, _ = ga_s2
+    p = train("select", planted["cfg"], "select.method=ga_s2", "select.distance_reg=5", nproc=1)
+    assert p.returncode == 0, tail(p)
+    assert not re.findall(r"probe \S+ \(\d+/\d+\)", p.stdout)  # every probe was found done: none trained again
+    assert len(re.findall(r"probe \S+ already done", p.stdout)) == 5  # 4 layers + the all-linear baseline
+    sel = read_selection(planted["out"] / "select" / "ga_s2" / "distance_reg_5" / "selection.json")
+    assert sel["ranking_plain"] == plain["ranking"] and sel["scores"] == plain["scores"]
+    assert sel["ranking"][0] == PLANTED and sel["distance_reg"] == 5
+    # a weight this large makes the two chosen layers of 4 non-adjacent, whatever the scores
+    assert abs(sel["chosen"]["ratio=0.5"][0] - sel["chosen"]["ratio=0.5"][1]) > 1

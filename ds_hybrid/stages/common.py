@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_hybrid import distributed as D
 from ds_hybrid.config import RunConfig, StageConfig, resolve_path
 from ds_hybrid.errors import ConfigError
 

@@ -1,0 +1,76 @@
+"""Checkpoint manifests: every file of a checkpoint with its size and SHA-256, so that a resume can tell a good
+checkpoint from one damaged after it was written (a truncated or corrupted file, a missing one).
+
+    write_manifest(ckpt_dir)            # all ranks, after every rank has saved; rank 0 writes MANIFEST.json
+    problems = verify_manifest(ckpt_dir)  # all ranks; [] when every file is there with its size and checksum
+
+The files are hashed in parallel: rank r hashes files r, r + W, r + 2W, ... (W ranks), and the results are gathered,
+so a checkpoint of many shards costs each rank 1/W of the reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ds_hybrid import distributed as D
+
+MANIFEST = "MANIFEST.json"
+SKIP = {MANIFEST, "COMPLETE"}
+CHUNK = 16 * 2**20
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
+                  if p.is_file() and p.name not in SKIP and not p.name.startswith("."))
+
+
+def _my_share(items: list[str]) -> list[str]:
+    return items[D.rank()::D.world_size()]
+
+
+def write_manifest(ckpt: Path) -> dict:
+    """Hash this rank's share of the checkpoint's files; rank 0 writes the manifest (temp file + rename)."""
+    from ds_hybrid.checkpoint import atomic_write_text
+
+    ckpt = Path(ckpt)
+    files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
+    mine = {rel: {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)} for rel in _my_share(files)}
+    entries: dict[str, dict] = {}
+    for part in D.all_gather(mine):
+        entries.update(part)
+    manifest = {"files": dict(sorted(entries.items())), "bytes": sum(e["size"] for e in entries.values())}
+    if D.is_main():
+        atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(ckpt: Path) -> list[str]:
+    """What is wrong with the checkpoint, as sentences naming the file ([] = every listed file intact)."""
+    ckpt = Path(ckpt)
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return [f"{path} is missing (no file list to check the checkpoint against)"]
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return [f"{path} is unreadable ({e})"]
+    problems = []
+    for rel in _my_share(sorted(files)):
+        want, p = files[rel], ckpt / rel
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{p} is {p.stat().st_size} bytes, the manifest says {want['size']} (truncated or overwritten)")
+        elif file_digest(p) != want["sha256"]:
+            problems.append(f"{p} has the right size but not the recorded SHA-256 (corrupted)")
+    return sorted(x for part in D.all_gather(problems) for x in part)

@@ -1,0 +1,116 @@
+"""``ds-hybrid select-compare``: how far two or more layer selections agree.
+
+    ds-hybrid select-compare gdn=out/gdn/select/ga_s2/selection.json gla=out/gla/select/ga_s2/selection.json \
+        --ks 4,8 --out outputs/compare
+
+For every pair: the top-K overlap at each K (|top-K(A) & top-K(B)| / K) and Kendall's tau between the two rankings
+(1 = same order, -1 = reversed); written as compare.md / compare.json, with compare.png: each selection's rank of
+every layer (rank 1 = most important), the layers of the largest K marked. Any selection.json compares with any
+other of the same teacher depth: two mixers (GDN vs GLA), two seeds, two probe budgets, a method against GA-S2,
+a distance-regularized selection against plain GA-S2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.selection import kendall_tau, read_selection, topk_overlap
+
+
+def load_named(items: list[str]) -> dict[str, dict]:
+    """['name=path' or 'path', ...] -> {name: selection}; every selection must rank the same number of layers."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, path = item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item)
+        sel = read_selection(path, "select-compare")
+        name = name or f"{Path(path).parent.name}:{sel['method']}"
+        while name in out:
+            name += "'"
+        out[name] = sel
+    sizes = {s["num_layers"] for s in out.values()}
+    if len(sizes) > 1:
+        raise ConfigError("select-compare", items, f"the selections rank different numbers of layers ({sorted(sizes)})")
+    if len(out) < 2:
+        raise ConfigError("select-compare", items, "give at least two selection.json files")
+    return out
+
+
+def compare(selections: dict[str, dict], ks: list[int]) -> list[dict]:
+    rows = []
+    for (a, sa), (b, sb) in itertools.combinations(selections.items(), 2):
+        row = {"a": a, "b": b, "kendall_tau": round(kendall_tau(sa["ranking"], sb["ranking"]), 4)}
+        for k in ks:
+            row[f"top{k}"] = round(topk_overlap(sa["ranking"], sb["ranking"], k), 4)
+            row[f"top{k}_layers"] = {"a": sorted(sa["ranking"][:k]), "b": sorted(sb["ranking"][:k])}
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], ks: list[int], selections: dict[str, dict]) -> str:
+    head = "| A | B | " + " | ".join(f"top-{k} overlap" for k in ks) + " | Kendall tau |"
+    lines = [head, "|---|---|" + "---|" * (len(ks) + 1)]
+    for r in rows:
+        cells = " | ".join(f"{r[f'top{k}']:.2f} ({round(r[f'top{k}'] * k)}/{k})" for k in ks)
+        lines.append(f"| {r['a']} | {r['b']} | {cells} | {r['kendall_tau']:.3f} |")
+    lines += ["", "| selection | method | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for name, sel in selections.items():
+        method = sel["method"] + (f", distance_reg {sel['distance_reg']:g}" if sel.get("distance_reg") else "")
+        lines.append(f"| {name} | {method} | " + " | ".join(str(sorted(sel["ranking"][:k])) for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def plot(selections: dict[str, dict], k: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = next(iter(selections.values()))["num_layers"]
+    fig, ax = plt.subplots(figsize=(max(6, L * 0.25), 3.6))
+    for i, (name, sel) in enumerate(selections.items()):
+        rank = {l: r + 1 for r, l in enumerate(sel["ranking"])}
+        ys = [rank[l] for l in range(L)]
+        ax.plot(range(L), ys, marker="o", ms=3, lw=1, color=f"C{i}", label=name)
+        top = sel["ranking"][:k]
+        ax.scatter(top, [rank[l] for l in top], s=60, facecolors="none", edgecolors=f"C{i}")
+    ax.invert_yaxis()
+    ax.set_xlabel("layer")
+    ax.set_ylabel("rank (1 = most important)")
+    ax.set_title(f"layer rankings; circles: top-{k}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ds-hybrid select-compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("selections", nargs="+", help="selection.json files, or name=path")
+    ap.add_argument("--ks", default="4,8", help="comma-separated K values")
+    ap.add_argument("--out", default=None, help="folder for compare.md, compare.json and compare.png")
+    args = ap.parse_args(argv)
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k]
+    except ValueError:
+        raise ConfigError("--ks", args.ks, "comma-separated integers, e.g. 4,8") from None
+    sels = load_named(args.selections)
+    L = next(iter(sels.values()))["num_layers"]
+    bad = [k for k in ks if not 1 <= k <= L]
+    if bad:
+        raise ConfigError("--ks", args.ks, f"K must lie in 1..{L}")
+    rows = compare(sels, ks)
+    md = table(rows, ks, sels)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(md + "\n")
+        (out / "compare.json").write_text(json.dumps({"ks": ks, "pairs": rows,
+                                                      "rankings": {n: s["ranking"] for n, s in sels.items()}},
+                                                     indent=1))
+        plot(sels, max(ks), out / "compare.png")
+    return 0

@@ -1,0 +1,221 @@
+"""Stage select's probes: short stage-kl runs from the align export with one layer restored (GA-S2) and their
+successive-halving schedule. Each probe is a resumable run with its own DONE marker; a Slurm array task runs the
+probes ``i`` with ``i % num_tasks == task_index`` (:func:`task_slot`). The methods are described in
+:mod:`ds_hybrid.stages.select`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ds_hybrid import distributed as D
+from ds_hybrid.checkpoint import atomic_write_text
+from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.layers import k_for_ratio
+from ds_hybrid.selection import rank_layers
+
+log = logging.getLogger("ds_hybrid")
+BASELINE = "baseline"
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
+    base = StageConfig(**STAGE_DEFAULTS["kl"])
+    base = _build(StageConfig, {k: v for k, v in vars(cfg.kl).items()
+                                if k in ("ds_config", "teacher_ds_config", "lr", "lr_rest", "betas", "weight_decay",
+                                         "clip", "loss_chunk_tokens", "kl_backend", "temperature")}, "kl", base)
+    s = _build(StageConfig, dict(cfg.select.probe), "select.probe", base)
+    s.init_from = str(align_dir)
+    s.export = False
+    s.eval_sequences = cfg.select.eval_sequences
+    s.eval_at_start = False  # a probe's score is its held-out KL at the end; the one at step 0 cost 17-25 % of it
+    s.keep_checkpoints = 0
+    s.ce_weight = 0.0
+    return s
+
+
+def probe_run_config(cfg: RunConfig, probe_dir: Path, layers: list[int], s: StageConfig) -> RunConfig:
+    pc = copy.deepcopy(cfg)
+    pc.out_dir = str(probe_dir)
+    pc.softmax_layers = list(layers)
+    pc.kl = s
+    return pc
+
+
+def requested_ks(cfg: RunConfig, num_layers: int) -> list[int]:
+    ks = set(cfg.select.ks) | {k_for_ratio(r, num_layers) for r in cfg.select.ratios}
+    return sorted(ks)
+
+
+def task_slot(cfg: RunConfig) -> tuple[int, int]:
+    sc = cfg.select
+    idx = sc.task_index if sc.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    n = sc.num_tasks if sc.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if not 0 <= idx < n:
+        raise ConfigError("select.task_index", idx, f"must lie in 0..{n - 1} (num_tasks={n})")
+    return idx, n
+
+
+# ---- probes (ga_s2, halving) ----------------------------------------------------------------------------------
+def probe_name(layer: int | None) -> str:
+    return BASELINE if layer is None else f"layer_{layer:03d}"
+
+
+def run_probe(cfg: RunConfig, probe_dir: Path, layer: int | None, s: StageConfig, force: bool = False) -> dict:
+    """One probe: a kl run with only ``layer`` restored (None: all-linear). Returns its DONE summary."""
+    from ds_hybrid.trainer import run_stage
+
+    pc = probe_run_config(cfg, probe_dir, [] if layer is None else [layer], s)
+    run_stage(pc, "kl", force=force)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return json.loads((probe_dir / "kl" / "DONE").read_text())
+
+
+def probe_score(probe_dir: Path, score: str, window: int) -> float:
+    done = json.loads((probe_dir / "kl" / "DONE").read_text())
+    if score == "heldout":
+        return float(done["val"]["kl"])
+    recs = [json.loads(l) for l in (probe_dir / "kl" / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["kl"] for r in recs if r["split"] == "train"}
+    last = sorted(train)[-window:]
+    return float(sum(train[s] for s in last) / len(last))
+
+
+def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
+    s = probe_stage_config(cfg, align_dir)
+    idx, n = task_slot(cfg)
+    items: list[int | None] = [None, *range(num_layers)]
+    for i, layer in enumerate(items):
+        if i % n != idx:
+            continue
+        d = out / "probes" / probe_name(layer)
+        if (d / "kl" / "DONE").is_file():
+            log.info("probe %s already done", probe_name(layer))
+            continue
+        log.info("probe %s (%d/%d)", probe_name(layer), i + 1, len(items))
+        run_probe(cfg, d, layer, s)
+    missing = [probe_name(l) for l in items if not (out / "probes" / probe_name(l) / "kl" / "DONE").is_file()]
+    if missing:
+        return {}, {"missing": missing}
+    scores = {l: probe_score(out / "probes" / probe_name(l), cfg.select.score, cfg.select.window)
+              for l in range(num_layers)}
+    baseline = probe_score(out / "probes" / BASELINE, cfg.select.score, cfg.select.window)
+    tokens = len(items) * stage_steps(s) * s.global_batch * s.seq_len
+    return scores, {"baseline": baseline, "tokens_spent": tokens, "probes": len(items),
+                    "budget": {"probe_tokens": stage_steps(s) * s.global_batch * s.seq_len, "seq_len": s.seq_len,
+                               "global_batch": s.global_batch, "lr": s.lr, "lr_rest": s.lr_rest,
+                               "score": cfg.select.score}}
+
+
+def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: int) -> float:
+    """One probe's round of successive halving: train it up to ``steps`` and return its held-out KL there.
+
+    The score of every round is kept (``round_<steps>.json``): a resumed selection reads the scores of the rounds
+    that already ran instead of the probe's latest KL, which a survivor has since improved in later rounds.
+    """
+    record = d / f"round_{steps:07d}.json"
+    if record.is_file():
+        return float(json.loads(record.read_text())["kl"])
+    done = d / "kl" / "DONE"
+    done_steps = json.loads(done.read_text())["steps"] if done.is_file() else 0
+    if done_steps > steps:
+        raise RuntimeError(f"{d} went past round {steps} but holds no score of it ({record.name}): it was written by "
+                           "an older ds-hybrid; delete that selection's probes folder and rerun")
+    if done_steps < steps:
+        run_probe(cfg, d, layer, s, force=done.is_file())
+    kl = probe_score(d, "heldout", cfg.select.window)
+    if D.is_main():
+        atomic_write_text(record, json.dumps({"steps": steps, "kl": kl}))
+    D.barrier()
+    return kl
+
+
+def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int) -> dict[int, float]:
+    """Wait for the other tasks' records of this round (halving across tasks runs them all at once)."""
+    records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
+    deadline = time.monotonic() + 60 * cfg.dist_timeout_minutes
+    missing = [l for l, f in records.items() if not f.is_file()]
+    if missing:
+        log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
+    while missing:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"halving split over several tasks: probes {missing} of the {steps}-step round did not finish "
+                f"within dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
+                "at the same time (rounds depend on each other); rerun the missing tasks, or run halving as one task")
+        time.sleep(2.0)
+        missing = [l for l, f in records.items() if not f.is_file()]
+    return {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+
+
+def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
+    s = probe_stage_config(cfg, align_dir)
+    cont = cfg.select.halving_survivors == "continue"
+    if cont:
+        if s.schedule != "constant" or s.warmup_steps:
+            raise ConfigError("select.probe.schedule", s.schedule,
+                              "halving_survivors=continue resumes probes from checkpoints: use a constant lr without "
+                              "warmup (or halving_survivors=retrain)")
+        s.keep_checkpoints = 1
+        s.ckpt_every = s.ckpt_every or 1_000_000_000  # each round ends in the checkpoint the next continues from
+    else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
+        s.keep_checkpoints = 0
+        s.ckpt_every = 0
+    step_tokens = s.global_batch * s.seq_len
+    first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
+    first_steps = max(1, first // step_tokens)
+    keep = cfg.select.halving_keep or max(requested_ks(cfg, num_layers) or [1])
+    idx, n = task_slot(cfg)
+    alive = list(range(num_layers))
+    scores: dict[int, float] = {}
+    rounds = []
+    spent = 0
+    steps = first_steps
+    prev_steps = 0
+    r = 0
+    while True:
+        s_r = copy.deepcopy(s)
+        s_r.tokens = steps * step_tokens
+        round_scores = {}
+        mine = [l for i, l in enumerate(alive) if i % n == idx]  # across tasks: this task's share of the round
+        for layer in mine:
+            d = out / "probes" / probe_name(layer)
+            round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps)
+        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps))
+        round_scores = {l: round_scores[l] for l in alive}
+        spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
+        scores.update(round_scores)
+        ranked = rank_layers(round_scores, lower_is_better=True)
+        rounds.append({"round": r, "steps": steps, "alive": alive, "scores": {str(k): v for k, v in round_scores.items()}})
+        if len(alive) <= keep or steps * step_tokens >= stage_steps(s) * step_tokens:
+            break
+        survivors = ranked[:max(keep, len(alive) // 2)]
+        for layer in alive:  # stopped probes no longer need their checkpoints
+            if layer not in survivors and D.is_main():
+                shutil.rmtree(out / "probes" / probe_name(layer) / "kl" / "checkpoints", ignore_errors=True)
+        alive = survivors
+        prev_steps, steps, r = steps, min(steps * 2, stage_steps(s)), r + 1
+    # layers that stopped in an earlier round rank below every layer that went further
+    final_round = {int(l) for l in rounds[-1]["alive"]}
+    offset = max(scores.values()) - min(scores.values()) + 1.0
+    depth = {l: max(i for i, rd in enumerate(rounds) if l in rd["alive"]) for l in range(num_layers)}
+    ordered = {l: scores[l] + offset * (len(rounds) - 1 - depth[l]) for l in range(num_layers)}
+    return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},
+                     "finalists": sorted(final_round),
+                     "budget": {"first_round_tokens": first_steps * step_tokens, "max_probe_tokens": stage_steps(s) * step_tokens,
+                                "keep": keep, "survivors": cfg.select.halving_survivors}}
+
+
+# ---- forward-only scorers (proxy, ppl, ar) ---------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""Stage select's scorers that train nothing: the zero-training proxy (held-out KL with one layer restored), the
+perplexity and associative-recall baselines, over held-out rows of the run's corpus. The methods are described in
+:mod:`ds_hybrid.stages.select`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ds_hybrid import distributed as D
+from ds_hybrid.config import RunConfig
+from ds_hybrid.errors import ConfigError
+
+log = logging.getLogger("ds_hybrid")
+
+
+def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int) -> list[torch.Tensor]:
+    from ds_hybrid.data import PackedSequences, prepare_streams
+
+    streams = prepare_streams(cfg.data, tokenizer, is_main=D.is_main(), barrier=D.barrier)
+    val = PackedSequences(streams.val, seq_len, max_rows=n)
+    if len(val) == 0:
+        raise ConfigError("select.probe.seq_len", seq_len, "the held-out slice is shorter than one sequence")
+    return [val[[i]] for i in range(D.rank(), len(val), D.world_size())]
+
+
+def _sum_reduce(t: torch.Tensor) -> torch.Tensor:
+    if D.world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def proxy_scores(cfg: RunConfig, teacher, student, rows: list[torch.Tensor]) -> tuple[dict[int, float], float]:
+    """Held-out KL(teacher || align student with layer l restored), for every l, and for none (the baseline)."""
+    from ds_hybrid.losses import chunked_linear_loss
+
+    dev = D.device()
+    hs_t = [teacher.model(input_ids=r.to(dev), use_cache=False).last_hidden_state.flatten(0, 1) for r in rows]
+
+    def kl_now() -> float:
+        tot = torch.zeros(2, dtype=torch.float64, device=dev)
+        for r, h_t in zip(rows, hs_t):
+            h_s = student.model(input_ids=r.to(dev), use_cache=False).last_hidden_state.flatten(0, 1)
+            _, st = chunked_linear_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, chunk=1024)
+            tot[0] += st.kl_per_token.sum().double()
+            tot[1] += st.n_kl
+        tot = _sum_reduce(tot)
+        return float(tot[0] / tot[1])
+
+    baseline = kl_now()
+    scores = {}
+    for l, layer in enumerate(student.model.layers):
+        mixer = layer.self_attn
+        layer.self_attn = teacher.model.layers[l].self_attn  # restore l alone, in place
+        try:
+            scores[l] = kl_now()
+        finally:
+            layer.self_attn = mixer
+        log.info("proxy layer %d: KL %.4f (all-linear %.4f)", l, scores[l], baseline)
+    return scores, baseline
+
+
+@torch.no_grad()
+def ppl_scores(teacher, student, rows: list[torch.Tensor]) -> tuple[dict[int, float], float]:
+    """Teacher held-out perplexity with layer l's attention output replaced by its aligned mixer's output."""
+    dev = D.device()
+
+    def ppl_now() -> float:
+        tot = torch.zeros(2, dtype=torch.float64, device=dev)
+        for r in rows:
+            r = r.to(dev)
+            logits = teacher(input_ids=r, use_cache=False).logits.float()
+            ce = torch.nn.functional.cross_entropy(logits[0, :-1], r[0, 1:], reduction="sum")
+            tot[0] += ce.double()
+            tot[1] += r.shape[1] - 1
+        tot = _sum_reduce(tot)
+        return float(torch.exp(tot[0] / tot[1]))
+
+    base = ppl_now()
+    scores = {}
+    for l, layer in enumerate(teacher.model.layers):
+        mixer = student.model.layers[l].self_attn
+
+        def swap(module, args, kwargs, output, mixer=mixer):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return (mixer(hidden_states=x)[0], *output[1:])
+
+        h = layer.self_attn.register_forward_hook(swap, with_kwargs=True)
+        try:
+            scores[l] = ppl_now() - base
+        finally:
+            h.remove()
+        log.info("ppl layer %d: +%.3f (teacher %.3f)", l, scores[l], base)
+    return scores, base
+
+
+@torch.no_grad()
+def ar_scores(cfg: RunConfig, teacher, tokenizer, multihop: bool) -> tuple[dict[int, float], dict]:
+    """Drop in mean log p(answer | prompt) when layer l's attention output is zeroed (teacher ablation)."""
+    from ds_hybrid.recall_tasks import make_prompts
+
+    sc = cfg.select
+    prompts = make_prompts(sc.ar_prompts, seed=sc.ar_seed, pairs=sc.ar_pairs, multihop=multihop)
+    mine = prompts[D.rank()::D.world_size()]
+    dev = D.device()
+    encoded = []
+    for p in mine:
+        ids = tokenizer(p.text, add_special_tokens=False)["input_ids"]
+        ans = tokenizer(p.answer, add_special_tokens=False)["input_ids"]
+        encoded.append((torch.tensor([ids + ans], device=dev), len(ids), len(ans)))
+
+    def score_now() -> tuple[float, float]:
+        tot = torch.zeros(3, dtype=torch.float64, device=dev)  # logp sum, correct, count
+        for ids, n_prompt, n_ans in encoded:
+            logits = teacher(input_ids=ids, use_cache=False).logits[0].float()
+            logp = torch.log_softmax(logits[n_prompt - 1:n_prompt - 1 + n_ans], -1)
+            target = ids[0, n_prompt:n_prompt + n_ans]
+            tot[0] += logp.gather(-1, target[:, None]).sum().double()
+            tot[1] += float(bool((logp.argmax(-1) == target).all()))  # greedy gives the whole answer
+            tot[2] += 1
+        tot = _sum_reduce(tot)
+        return float(tot[0] / tot[2]), float(tot[1] / tot[2])
+
+    base_lp, base_acc = score_now()
+    scores, acc = {}, {}
+    for l, layer in enumerate(teacher.model.layers):
+        def zero(module, args, kwargs, output):
+            return (torch.zeros_like(output[0]), *output[1:])
+
+        h = layer.self_attn.register_forward_hook(zero, with_kwargs=True)
+        try:
+            lp, a = score_now()
+        finally:
+            h.remove()
+        scores[l], acc[str(l)] = base_lp - lp, a
+        log.info("%s layer %d: log-prob drop %.3f, accuracy %.3f (teacher %.3f)", "ar_multihop" if multihop else "ar",
+                 l, scores[l], a, base_acc)
+    return scores, {"teacher_logprob": base_lp, "teacher_accuracy": base_acc, "ablated_accuracy": acc,
+                    "prompts": sc.ar_prompts, "pairs": sc.ar_pairs}
+
+
+# ---- output ----------------------------------------------------------------------------------------------------

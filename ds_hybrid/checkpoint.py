@@ -1,15 +1,28 @@
-"""Training checkpoints: DeepSpeed's own (model, optimizer, scheduler shards), plus per-rank RNG, made atomic.
+"""Training checkpoints: DeepSpeed's own (model, optimizer, scheduler shards), plus per-rank RNG, made atomic and
+verifiable.
 
 A checkpoint is ``<dir>/step00000123/`` written by ``engine.save_checkpoint`` on every rank, then each rank's RNG
-state, then (after a barrier) a ``COMPLETE`` marker written by rank 0 through a temp file and rename. Resume takes
-the newest folder that has the marker, so a crash in the middle of a save never yields a checkpoint that looks
-complete; folders without the marker are deleted at the next resume. The data position needs no state: the rows
-of step s are a pure function of (seed, s) (:func:`ds_hybrid.data.step_rows`).
+state, then (after a barrier) ``MANIFEST.json`` (every file with its size and SHA-256, :mod:`ds_hybrid.manifest`)
+and last a ``COMPLETE`` marker, each written by rank 0 through a temp file and rename. A crash in the middle of a
+save never yields a checkpoint that looks complete; folders without the marker are deleted at the next resume.
+
+Resume checks the newest complete checkpoint against its manifest (``ckpt_verify``, default on) and falls back to
+the newest one that checks out, with a warning naming the damaged file; damaged checkpoints are kept, never
+deleted. With none intact it stops (:class:`CheckpointError`, exit code 4) and says what to do.
+
+A save first checks the free space against the size of the previous checkpoint (or the memory plan's estimate) and
+stops before writing anything when it would not fit; a save that fails anyway (the disk filled meanwhile) removes
+its partial folder and says the disk is full. Either way the previous checkpoint stays the resume point.
+
+The data position needs no state: the rows of step s are a pure function of (seed, s)
+(:func:`ds_hybrid.data.step_rows`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import re
@@ -22,8 +35,16 @@ import numpy as np
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid.manifest import MANIFEST, verify_manifest, write_manifest
 
+log = logging.getLogger("ds_hybrid")
 MARKER = "COMPLETE"
+EXIT_CHECKPOINT = 4
+SPACE_MARGIN = 1.05  # a checkpoint is about the size of the last one; keep 5 % slack
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint to resume from, or a save that could not be written (the message says what to do)."""
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -54,9 +75,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, verify: bool = True, expected_bytes: int | None = None):
         self.dir = Path(directory)
         self.keep = max(1, keep)
+        self.verify = verify
+        self.expected_bytes = expected_bytes  # the plan's estimate, used until a first checkpoint gives the size
 
     def complete_tags(self) -> list[tuple[int, Path]]:
         if not self.dir.is_dir():
@@ -72,16 +95,53 @@ class Checkpointer:
         tags = self.complete_tags()
         return tags[-1] if tags else None
 
+    def _needed_bytes(self) -> int | None:
+        last = self.latest()
+        if last is not None and (last[1] / MANIFEST).is_file():
+            return int(json.loads((last[1] / MANIFEST).read_text()).get("bytes", 0)) or self.expected_bytes
+        return self.expected_bytes
+
+    def _space_error(self, step: int, needed: int | None, cause: BaseException | None) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        last = self.latest()
+        keep = f"the previous checkpoint {last[1]} stays the resume point" if last else "no earlier checkpoint exists"
+        need = f"it needs about {needed / 2**30:.2f} GiB" if needed else "its size is not known yet"
+        why = f" ({type(cause).__name__}: {str(cause)[:160]})" if cause else ""
+        return (f"checkpoint at step {step} not written: the disk holding {self.dir} is full or nearly so "
+                f"({free / 2**30:.2f} GiB free; {need}){why}; {keep}. Free space there, or set out_dir to a larger "
+                "disk, then rerun the same command to resume")
+
     def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any]) -> Path:
         """Save every engine in ``engines`` (name -> DeepSpeedEngine) at optimizer step ``step``."""
         tag = f"step{step:08d}"
         path = self.dir / tag
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(path), tag=name, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), path / f"rng_rank{D.rank()}.pt")
-        D.barrier()
+        needed = self._needed_bytes()
+        short = None
         if D.is_main():
-            info = {"step": step, "time": time.time(), "world_size": D.world_size(), "engines": list(engines)}
+            self.dir.mkdir(parents=True, exist_ok=True)
+            short = bool(needed) and shutil.disk_usage(self.dir).free < needed * SPACE_MARGIN
+        if D.broadcast_object(short):  # stop before writing a byte: nothing partial, the last checkpoint stays
+            raise CheckpointError(self._space_error(step, needed, None))
+        failure: BaseException | None = None
+        try:
+            for name, engine in engines.items():
+                engine.save_checkpoint(str(path), tag=name, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), path / f"rng_rank{D.rank()}.pt")
+        except (OSError, RuntimeError) as e:  # ENOSPC, or torch's "unexpected pos" / "failed writing file"
+            failure = e
+        if D.any_rank(failure is not None):
+            if D.is_main():
+                shutil.rmtree(path, ignore_errors=True)
+            D.barrier()
+            if failure is not None and not _disk_full(failure, self.dir):
+                raise failure
+            raise CheckpointError(self._space_error(step, needed, failure)) from failure
+        D.barrier()
+        manifest = write_manifest(path)
+        if D.is_main():
+            info = {"step": step, "time": time.time(), "world_size": D.world_size(), "engines": list(engines),
+                    "bytes": manifest["bytes"], "files": len(manifest["files"])}
             atomic_write_text(path / MARKER, json.dumps(info))
             for _, old in self.complete_tags()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -89,15 +149,31 @@ class Checkpointer:
         return path
 
     def load(self, engines: dict[str, Any]) -> dict[str, Any] | None:
-        """Restore the newest complete checkpoint into ``engines``; returns its client state, or None if none."""
+        """Restore the newest intact checkpoint into ``engines``; returns its client state, or None if none."""
         if D.is_main() and self.dir.is_dir():  # leftovers of interrupted saves
             for p in self.dir.iterdir():
                 if TAG_RE.match(p.name) and not (p / MARKER).is_file():
                     shutil.rmtree(p, ignore_errors=True)
         D.barrier()
-        found = self.latest()
-        if found is None:
+        tags = self.complete_tags()
+        if not tags:
             return None
+        damaged: list[tuple[Path, list[str]]] = []
+        found = None
+        for step, path in reversed(tags):
+            problems = verify_manifest(path) if self.verify else []
+            if not problems:
+                found = (step, path)
+                break
+            damaged.append((path, problems))
+            log.warning("checkpoint %s is damaged: %s%s; falling back to the one before it", path, problems[0],
+                        f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        if found is None:
+            detail = "; ".join(f"{p.name}: {pr[0]}" for p, pr in damaged)
+            raise CheckpointError(
+                f"every checkpoint in {self.dir} is damaged ({detail}). Nothing was deleted. To start the stage "
+                f"again from step 0, move {self.dir} away; to resume from one anyway (unverified), set "
+                "<stage>.ckpt_verify: false")
         step, path = found
         info = json.loads((path / MARKER).read_text())
         if info["world_size"] != D.world_size():
@@ -112,3 +188,20 @@ class Checkpointer:
             client_state = cs or client_state
         set_rng_state(torch.load(path / f"rng_rank{D.rank()}.pt", weights_only=True))
         return client_state
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed save ran out of space: ENOSPC anywhere in the chain, torch's writer messages, or (almost)
+    no space left where the checkpoint was going."""
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        text = str(cur)
+        if "No space left" in text or "unexpected pos" in text or "failed writing file" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    try:
+        return shutil.disk_usage(where).free < 64 * 2**20
+    except OSError:
+        return False

@@ -84,13 +84,15 @@ class StageConfig:
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
     # killed stage then restarts from its first step)
     keep_checkpoints: int = 2  # 0: delete them once the stage is DONE
+    ckpt_verify: bool = True  # resume checks the checkpoint's files against its manifest (sizes and SHA-256)
     export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
     eval_at_start: bool = True  # also before the first step ("did this stage help"); selection probes skip it
     eval_sequences: int = 16
 
 
-SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "ppl", "mse", "ar", "ar_multihop")
+SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "keep_global", "ppl", "mse", "ar",
+                                   "ar_multihop")
 
 
 @dataclass
@@ -307,7 +309,7 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
     if cfg.select.distance_reg < 0:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg, "a penalty weight >= 0 (0: the plain ranking)")
-    if cfg.select.distance_reg and cfg.select.method in ("uniform", "smart"):
+    if cfg.select.distance_reg and cfg.select.method in ("uniform", "smart", "keep_global"):
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
     for k in cfg.select.ks:

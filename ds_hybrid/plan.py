@@ -39,7 +39,7 @@ FRAMEWORK_BYTES = int(1.5 * GIB)
 # micro_batch: auto keeps the plan under this fraction of the device's memory: the activation terms are estimates
 # (measured peaks have come within ~10 % of the plan), and the allocator needs slack for fragmentation.
 AUTO_MEMORY_FRACTION = 0.85
-NOT_TERMS = ("stage", "world", "gpu_gib", "micro_batch")
+NOT_TERMS = ("stage", "world", "gpu_gib", "micro_batch", "checkpoint_bytes")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Plan:
     activations: int
     kl_workspace: int
     framework: int
+    checkpoint_bytes: int = 0  # on disk, all ranks together (not GPU memory)
 
     @property
     def total(self) -> int:
@@ -83,6 +84,8 @@ class Plan:
                "| term | GiB |", "|---|---|"]
         out += [f"| {k.replace('_', ' ')} | {v / GIB:.2f} |" for k, v in rows]
         out.append(f"| **total** | **{self.total / GIB:.2f}** of {self.gpu_gib:g} -> {'fits' if self.fits else 'DOES NOT FIT'} |")
+        out.append(f"checkpoint on disk: about {self.checkpoint_bytes / GIB:.2f} GiB each (all ranks; keep_checkpoints "
+                   "of them are kept)")
         return "\n".join(out)
 
 
@@ -170,7 +173,9 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     C = min(s.loss_chunk_tokens, n)
     n_logits = 2 if uses_teacher else 1  # finetune: the student's logits only
     kl = 0 if stage == "align" else n_logits * C * V * 4 + C * V * b + V * h * b + 2 * n * h * b
-    return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
+    # a checkpoint: the student's parameters in the run dtype + fp32 master weights and Adam's two moments
+    ckpt = b * counts.student + 12 * counts.trainable
+    return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, checkpoint_bytes=ckpt, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
                 student_params=student, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
                 framework=FRAMEWORK_BYTES)
 

@@ -8,7 +8,8 @@
 
 Stages: align (RADLADS stage 1), select (layer selection), kl (stage 2), finetune (stage 3).
 Anything after the options is a ``key=value`` override of the run config (``seed=1``, ``kl.lr=2e-4``).
-Bad settings are reported (field, value, fix) before any model is built; exit code 2.
+Bad settings are reported (field, value, fix) before any model is built; exit code 2. No intact checkpoint to resume
+from, or a checkpoint that does not fit on the disk: exit code 4 (the message says what to do).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse  # noqa: E402
 
+from ds_hybrid.checkpoint import EXIT_CHECKPOINT, CheckpointError  # noqa: E402
 from ds_hybrid.config import STAGES, load_config  # noqa: E402
 from ds_hybrid.errors import ConfigError  # noqa: E402
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ds-hybrid: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"ds-hybrid: error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     except SystemExit as e:  # StopRequested carries the exit code
         return int(e.code or 0)
     return 0

@@ -187,7 +187,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     log.info("%s", plan.table())
     runner = stage_class(stage)(ctx)
     runner.setup()
-    ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints)
+    ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints, verify=s.ckpt_verify,
+                        expected_bytes=plan.checkpoint_bytes)
     client = ckpt.load(runner.engines)
     start = int(client["step"]) if client else 0
     if client:

@@ -204,6 +204,23 @@ def test_speed_table_and_plot_show_gpu_columns_only_where_measured(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_answer_window_keeps_the_answer_and_the_question_within_the_budget():
+    from ds_hybrid.teacher import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    filler = " ".join(f"row {i} of the table holds nothing of note." for i in range(400))
+    doc = {"context": filler + " The manufacturer of the device is Acme Widgets Ltd. " + filler,
+           "key": "Manufacturer", "value": "Acme Widgets"}
+    prompt, cut = recall.answer_window(doc, tok, 256)
+    assert cut and "Acme Widgets" in prompt and prompt.endswith("\nManufacturer:")
+    assert len(tok(prompt)["input_ids"]) <= 256 < len(tok(recall.based_prompt(doc))["input_ids"])
+    short = {"context": "The maker is Acme.", "key": "Maker", "value": "Acme"}
+    assert recall.answer_window(short, tok, 256) == (recall.based_prompt(short), False)
+    absent = dict(doc, value="Zebra Corp")  # no answer in the text: the window starts at the beginning
+    prompt, cut = recall.answer_window(absent, tok, 256)
+    assert cut and prompt.startswith("row 0 of the table")
+
+
 def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     import subprocess
     import sys
@@ -221,3 +238,12 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     assert res["heldout_quality"]["tiny"]["ppl"] > 1 and res["truncated_prompts"]["swde"]["tiny"] == 0
     assert (out / "eval.md").read_text().startswith("| task | length | tiny |")
     assert (out / "recall_vs_length.png").stat().st_size > 1000
+    # the evaluation length defaults to the model's context, apart from RULER's --lengths
+    assert res["models"]["tiny"]["max_length"] == json.loads((Path(tiny[2]) / "config.json").read_text())[
+        "max_position_embeddings"]
+    # what the model said, prompt by prompt, next to eval.json
+    samples = [json.loads(x) for x in (out / "samples_tiny.jsonl").read_text().splitlines()]
+    assert {s["task"] for s in samples} == {"niah_single_1", "swde_local"} and len(samples) == 4
+    for s in samples:
+        assert set(s) >= {"task", "id", "gold", "generation", "score"} and s["gold"] and isinstance(s["generation"], str)
+        assert s["score"] and all(0 <= v <= 1 for v in s["score"].values())

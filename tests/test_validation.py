@@ -36,8 +36,12 @@ def test_unknown_mixer_option():
 
 
 def test_unsupported_architecture_lists_supported():
-    with pytest.raises(ConfigError, match=r"teacher.*'gpt2'.*llama.*qwen2.*qwen3.*mistral"):
+    with pytest.raises(ConfigError, match=r"teacher.*'gpt2'.*llama.*qwen2.*qwen3.*mistral.*gemma3_text"):
         hybrid_config(GPT2Config(), [0])
+    from transformers import Gemma3Config  # the multimodal one: refused with what to convert instead
+
+    with pytest.raises(ConfigError, match=r"teacher.*'gemma3'.*multimodal.*Gemma3ForCausalLM"):
+        hybrid_config(Gemma3Config(), [0])
 
 
 def test_head_dim_the_mixer_cannot_take():

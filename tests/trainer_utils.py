@@ -17,17 +17,24 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "ds_hybrid" / "train.py"
 
 
-def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None) -> Path:
-    """A 4-layer Llama (hidden 64) with the embedded teacher's tokenizer, saved as a HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None, family: str = "llama") -> Path:
+    """A 4-layer Llama (hidden 64) with the embedded teacher's tokenizer, saved as a HF folder. ``family="gemma3"``:
+    the same sizes as a Gemma 3 text model (layer 2 global, the others sliding with window 32; head_dim 32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig
 
     from ds_hybrid.teacher import embedded_teacher_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    kw = dict(vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if family == "gemma3":
+        cfg = Gemma3TextConfig(**kw, head_dim=32, sliding_window=32, query_pre_attn_scalar=32,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                            "sliding_attention"], pad_token_id=tok.pad_token_id)
+    else:
+        cfg = LlamaConfig(**kw)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out

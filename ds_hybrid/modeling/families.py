@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import PreTrainedConfig
 
 from ds_hybrid.errors import ConfigError
 
-# model_type -> what it is. All four share the decoder layer shape the hybrid relies on: pre-norm residual blocks
-# with `self_attn` (q/k/v/o projections, RoPE, GQA; Qwen2 adds q/k/v bias and per-layer sliding windows; Qwen3 adds
-# q/k RMSNorm; Mistral a global sliding window), `mlp`, `input_layernorm`, `post_attention_layernorm`.
+# model_type -> what it is. All share the decoder layer shape the hybrid relies on: residual blocks whose token
+# mixer is `self_attn` (q/k/v/o projections, RoPE, GQA; Qwen2 adds q/k/v bias and per-layer sliding windows; Qwen3
+# adds q/k RMSNorm; Mistral a global sliding window; Gemma 3 q/k RMSNorm, sliding and global layers with their own
+# RoPE bases, extra pre/post norms around attention and MLP, a scaled embedding), beside the other modules of the
+# layer (`mlp` and the norms), which the hybrid copies as they are.
 SUPPORTED_FAMILIES: dict[str, str] = {
     "llama": "Llama 2/3, SmolLM2",
     "qwen2": "Qwen2 / Qwen2.5",
     "qwen3": "Qwen3 (dense)",
     "mistral": "Mistral",
+    "gemma3_text": "Gemma 3 (text: Gemma3ForCausalLM)",
+}
+# model_type -> why it is refused and what to use instead
+NEAR_MISSES: dict[str, str] = {
+    "gemma3": "this is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); convert its language model: save "
+              "Gemma3ForCausalLM(config.text_config) with the language-model weights, or use a text-only "
+              "checkpoint (gemma-3-270m, gemma-3-1b)",
 }
 
 
 def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
     model_type = getattr(config, "model_type", None)
+    if model_type in NEAR_MISSES:
+        raise ConfigError(field, model_type, NEAR_MISSES[model_type])
     if model_type not in SUPPORTED_FAMILIES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
         raise ConfigError(field, model_type, f"unsupported teacher architecture; supported: {supported}")
@@ -37,3 +49,9 @@ def teacher_layer_types(config: PreTrainedConfig) -> list[str]:
     if getattr(config, "sliding_window", None) is not None:  # Mistral: one window for every layer
         return ["sliding_attention"] * config.num_hidden_layers
     return ["full_attention"] * config.num_hidden_layers
+
+
+def layer_rest(layer: nn.Module) -> dict[str, nn.Module]:
+    """A decoder layer's modules other than its token mixer ``self_attn``: the MLP and every norm (Llama: input and
+    post-attention; Gemma 3 also the pre/post feed-forward norms), in the layer's order."""
+    return {name: m for name, m in layer.named_children() if name != "self_attn"}

@@ -105,6 +105,9 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        # initialised here: transformers' init must leave it alone, because Gemma 3's zeroes every "*RMSNorm" module
+        # (its norms scale by 1 + weight; this one scales by weight)
+        self._is_hf_initialized = True
 
     def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         xf = x.float()
@@ -193,7 +196,7 @@ class LinearMixer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,  # the teacher's 4-D causal mask: not used by linear mixers
         past_key_values: Any = None,
-        use_cache: bool | None = False,
+        use_cache: bool | None = None,  # unused: the cache is updated whenever one is given
         linear_attn_padding_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
@@ -202,10 +205,12 @@ class LinearMixer(nn.Module):
         if linear_attn_padding_mask is not None:
             mask = linear_attn_padding_mask[:, -T:, None].to(hidden_states.dtype)
         state, conv_cache = None, None
-        if past_key_values is not None:
+        # as softmax attention updates its KV cache whenever it is given one (Gemma 3's layers never see use_cache)
+        keep = past_key_values is not None
+        if keep:
             state, conv_cache = past_key_values.get_linear_state(self.layer_idx)
-        o, state, conv_cache = self.mix(hidden_states, mask, state, conv_cache, output_final_state=bool(use_cache))
-        if past_key_values is not None and use_cache:
+        o, state, conv_cache = self.mix(hidden_states, mask, state, conv_cache, output_final_state=keep)
+        if keep:
             past_key_values.set_linear_state(self.layer_idx, state, conv_cache, T)
         return o, None
 

@@ -20,6 +20,7 @@ from torch import nn
 from ds_hybrid import distributed as D
 from ds_hybrid.hf_io import SafetensorsReader, export_hf
 from ds_hybrid.losses import align_loss, align_losses
+from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
 from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
@@ -119,10 +120,8 @@ class AlignStage(Stage):
             head.append(("lm_head.", t.lm_head))
         groups = [head]
         for i, layer in enumerate(t.model.layers):
-            groups.append([(f"model.layers.{i}.input_layernorm.", layer.input_layernorm),
-                           (f"model.layers.{i}.post_attention_layernorm.", layer.post_attention_layernorm),
-                           (f"model.layers.{i}.mlp.", layer.mlp),
-                           (f"model.layers.{i}.self_attn.", mixers[i])])
+            groups.append([(f"model.layers.{i}.{name}.", m) for name, m in layer_rest(layer).items()]
+                          + [(f"model.layers.{i}.self_attn.", mixers[i])])
         export_hf(out_dir, self.hf_config, groups, self.ctx.tokenizer)
 
     def flops_per_token(self) -> float:

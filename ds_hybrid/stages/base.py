@@ -16,6 +16,7 @@ from ds_hybrid.config import RunConfig, StageConfig
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import SafetensorsReader, fill_causal_lm, fill_module
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
+from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import LinearMixer
 from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype, zero_stage
 from ds_hybrid.zero import gathered, is_partitioned, zero3_init
@@ -186,8 +187,8 @@ def _build_student(ctx: StageContext, config: HybridConfig, src: SafetensorsRead
     if not config.tie_word_embeddings:
         fill_module(student.lm_head, "lm_head.", src)
     for i, layer in enumerate(student.model.layers):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
-            fill_module(getattr(layer, name), f"model.layers.{i}.{name}.", src)
+        for name, m in layer_rest(layer).items():
+            fill_module(m, f"model.layers.{i}.{name}.", src)
         fill_mixer(i, layer, student)
     return student if zero_stage(ds) == 3 else student.to(ctx.device)
 

@@ -18,7 +18,8 @@ Methods (``select.method``):
 - ``proxy``: zero training. Held-out KL of the align checkpoint with layer l alone restored (one forward pass per
   layer over the held-out rows).
 - baselines: ``uniform`` (every L/K-th layer from layer 0, as the reference configs), ``smart`` (Zebra-Llama's even
-  spacing anchored at the last layer), ``mse`` (the layer's final held-out align loss; higher = more important),
+  spacing anchored at the last layer), ``keep_global`` (teachers with sliding-window and global layers, Gemma 3: the
+  global layers first, then the sliding ones, each spread evenly), ``mse`` (the layer's final held-out align loss; higher = more important),
   ``ppl`` (the teacher's held-out perplexity when layer l's attention output is replaced by the aligned mixer's;
   larger increase = more important), ``ar`` / ``ar_multihop`` (teacher ablation: layer l's attention output zeroed;
   drop in the log-probability of the right answer on synthetic associative-recall prompts; see
@@ -52,7 +53,9 @@ from typing import Any
 from ds_hybrid import distributed as D
 from ds_hybrid.config import RunConfig
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import chosen_sets, k_for_ratio, smart_layers, uniform_layers, uniform_ranking
+from ds_hybrid.layers import (chosen_sets, global_layers, k_for_ratio, keep_global_layers, keep_global_ranking, smart_layers,
+                              uniform_layers, uniform_ranking)
+from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection, topk_overlap,
                                  write_selection)
@@ -74,13 +77,18 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
     values = [base - v for v in scores] if (base is not None and selection["lower_is_better"]) else scores
     chosen = set(selection["ranking"][:k])
     uniform = set(uniform_layers(L, k))
+    glob = set(global_layers(selection["layer_types"])) if "sliding_attention" in selection.get("layer_types", []) else set()
     fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 3.5))
     colors = ["tab:red" if l in chosen else "tab:gray" for l in range(L)]
-    ax.bar(range(L), values, color=colors)
+    ax.bar(range(L), values, color=colors, hatch=["//" if l in glob else "" for l in range(L)], edgecolor="black",
+           linewidth=0.3)
     for l in uniform:
         ax.plot(l, 0, marker="^", color="tab:blue", markersize=7, clip_on=False)
     ylabel = "KL reduction vs all-linear" if (base is not None and selection["lower_is_better"]) else "score"
-    ax.set(xlabel="layer", ylabel=ylabel, title=f"{selection['method']}: top-{k} in red, uniform-{k} marked ▲")
+    title = f"{selection['method']}: top-{k} in red, uniform-{k} marked ▲"
+    if glob:
+        title += f"; teacher's global layers hatched ({len(glob & chosen)} of {len(glob)} kept)"
+    ax.set(xlabel="layer", ylabel=ylabel, title=title)
     ax.set_xticks(range(0, L, max(1, L // 15)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -126,6 +134,10 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
         if idx != 0:
             log.info("halving task %d of %d finished its probes; task 0 writes the selection", idx, n)
             return None
+    elif sc.method == "keep_global":
+        order = keep_global_ranking(teacher_layer_types(teacher_config))
+        scores = {l: float(i) for i, l in enumerate(order)}
+        extra = {"tokens_spent": 0, "rule": "the teacher's global layers, then its sliding-window layers, each spread"}
     elif sc.method in ("uniform", "smart"):
         order = uniform_ranking(L) if sc.method == "uniform" else sorted(range(L), key=lambda l: (-l, l))
         scores = {l: float(i) for i, l in enumerate(order)}
@@ -169,7 +181,18 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if sc.method == "smart":
         selection["chosen"] = {**{f"k={k}": smart_layers(L, k) for k in sorted(set(sc.ks))},
                                **{f"ratio={r:g}": smart_layers(L, k_for_ratio(r, L)) for r in ratios}}
+    if sc.method == "keep_global":
+        types = teacher_layer_types(teacher_config)
+        selection["chosen"] = {**{f"k={k}": keep_global_layers(types, k) for k in sorted(set(sc.ks))},
+                               **{f"ratio={r:g}": keep_global_layers(types, k_for_ratio(r, L)) for r in ratios}}
     selection["teacher"] = {"path": teacher_path, "fingerprint": folder_fingerprint(teacher_path)}
+    # the teacher's attention kind per layer (full / sliding) and, where it has both, which chosen sets keep its
+    # global layers (Gemma 3: does KL-guided selection keep them?)
+    selection["layer_types"] = teacher_layer_types(teacher_config)
+    glob = global_layers(selection["layer_types"])
+    if len(glob) < L:
+        selection["global_layers"] = glob
+        selection["global_kept"] = {name: sorted(set(v) & set(glob)) for name, v in selection["chosen"].items()}
     if needs_align:
         selection["align"] = {"path": str(align_dir), "fingerprint": folder_fingerprint(align_dir)}
     selection["config_hash"] = _config_hash(cfg)

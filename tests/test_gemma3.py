@@ -1,0 +1,118 @@
+"""Gemma 3 as a teacher family: the keep-global baseline, selection.json marking the teacher's global layers, the
+whole pipeline (align -> select -> kl) on a tiny Gemma 3, and the fused KL kernel at Gemma's 262,144-token vocabulary.
+(Transfer, all-softmax == teacher, cached generation and the HF round trip run for every family in test_model.py.)"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import torch
+from trainer_utils import make_corpus, make_tiny_teacher, tail, train, write_config
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.layers import global_layers, keep_global_layers, keep_global_ranking
+from ds_hybrid.selection import read_selection
+
+# Gemma-3-270M: 18 layers, every sixth global (5, 11, 17), the rest sliding-window
+GEMMA3_270M = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]
+
+
+def test_keep_global_takes_the_global_layers_first():
+    assert global_layers(GEMMA3_270M) == [5, 11, 17]
+    assert keep_global_layers(GEMMA3_270M, 3) == [5, 11, 17]
+    six = keep_global_layers(GEMMA3_270M, 6)
+    assert set(six) > {5, 11, 17} and len(six) == 6
+    sliding = [l for l in six if l not in (5, 11, 17)]
+    assert sliding == [0, 6, 12]  # uniform over the 15 sliding layers (the 0th, 5th and 10th of them)
+    assert keep_global_layers(GEMMA3_270M, 2) == [5, 11]  # K below the global count: uniform among them
+    assert keep_global_layers(GEMMA3_270M, 18) == list(range(18))
+    order = keep_global_ranking(GEMMA3_270M)
+    assert sorted(order[:3]) == [5, 11, 17] and sorted(order) == list(range(18))
+    with pytest.raises(ConfigError, match="keep_global.*sliding-window and global"):
+        keep_global_ranking(["full_attention"] * 8)
+
+
+@pytest.mark.slow
+def test_gemma3_pipeline_align_select_kl(tmp_path):
+    teacher = make_tiny_teacher(tmp_path / "teacher", family="gemma3")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    single = {"ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json", "seq_len": 64}
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out",
+                       align={**single, "tokens": 4 * 8 * 64}, kl={**single, "tokens": 2 * 8 * 64},
+                       select={"ks": [1, 2], "ratios": [], "eval_sequences": 4, "probe": {"seq_len": 64}})
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    for method in ("keep_global", "proxy"):
+        p = train("select", cfg, f"select.method={method}", nproc=1)
+        assert p.returncode == 0, tail(p)
+        sel = read_selection(tmp_path / "out" / "select" / method / "selection.json")
+        assert sel["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        assert sel["global_layers"] == [2]
+        assert sel["global_kept"]["k=1"] == ([2] if 2 in sel["chosen"]["k=1"] else [])
+        assert (tmp_path / "out" / "select" / method / "selection.png").stat().st_size > 0
+    assert read_selection(tmp_path / "out" / "select" / "keep_global" / "selection.json")["chosen"]["k=1"] == [2]
+    spec = json.dumps({"selection": str(tmp_path / "out" / "select" / "keep_global" / "selection.json"), "k": 1})
+    p = train("kl", cfg, f"softmax_layers={spec}", nproc=1)
+    assert p.returncode == 0, tail(p)
+    import ds_hybrid  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "kl" / "hf").eval()
+    assert hybrid.config.teacher_family == "gemma3_text" and hybrid.config.softmax_layers == [2]
+    assert hybrid.config.layer_types == ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(hybrid(ids).logits).all()
+
+
+def test_fused_kl_kernel_at_gemma_vocabulary():
+    """V = 262,144 (Gemma 3): the kernel's vocab tiling and offsets against an fp64 reference, the largest logits
+    planted in the last tile."""
+    from ds_hybrid.kernels import fused_kl
+    from ds_hybrid.losses import reference_kl_ce
+
+    N, H, V = 5, 8, 262_144
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(N, H, generator=g, dtype=torch.float64)
+    ws, wt = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3 for _ in range(2))
+    ws[-3:] *= 8
+    wt[-5:] *= 8
+    mask = torch.ones(N, dtype=torch.bool)
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    r_loss, _ = reference_kl_ce(h, w, ht, wt, mask.double(), None)
+    r_loss.backward()
+    hf, wf = hs.float().requires_grad_(), ws.float().requires_grad_()
+    loss, _ = partial(fused_kl.fused_linear_loss, block_v=16_384)(hf, wf, ht.float(), wt.float(), mask, chunk=4)
+    loss.backward()
+    assert abs(float(loss) - float(r_loss)) <= 1e-5 * abs(float(r_loss))
+    for a, b in ((hf.grad, h.grad), (wf.grad, w.grad)):
+        assert float((a.double() - b).norm() / b.norm()) < 1e-5
+
+
+def gemma3_270m_config(vocab_size: int = 262_144):
+    from transformers import Gemma3TextConfig
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                            query_pre_attn_scalar=256, max_position_embeddings=32768, tie_word_embeddings=True,
+                            rope_parameters=rope)
+
+
+def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary():
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import count_models, make_plan
+
+    cfg = gemma3_270m_config()
+    assert cfg.layer_types == GEMMA3_270M
+    rc = load_config(None, ["kl.micro_batch=8"])
+    counts = count_models(cfg, rc, "kl", [5, 11, 17])
+    assert counts.teacher == 268_098_176  # Gemma-3-270M's published size (170M of it the 262,144 x 640 embedding)
+    assert counts.vocab == 262_144
+    small = count_models(gemma3_270m_config(49_152), rc, "kl", [5, 11, 17])
+    kl_big = make_plan(rc, "kl", counts, 1, 141).kl_workspace
+    kl_small = make_plan(rc, "kl", small, 1, 141).kl_workspace
+    assert 4.5 < kl_big / kl_small < 262_144 / 49_152 + 0.01  # the logits chunks grow with V; the rest does not

@@ -39,7 +39,9 @@ demo: setup
 	$(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	# two workers, a test file at a time each (--dist loadfile: a file's module fixtures, e.g. the local Slurm
+	# cluster, stay on one worker); most tests wait on subprocesses, so 2 cores run two files at once
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs

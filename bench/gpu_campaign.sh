@@ -19,6 +19,14 @@
 #   4 GPUs: 4 and 2 GPUs with lr_rest=0, 4 GPUs with every parameter trained, then 2 GPUs with every parameter where
 #   the card has room and time is left.
 # Phase 2 starts when phase 1 ends or at PHASE2_AT seconds, whichever is first (unfinished chains are stopped).
+#
+# `bench/gpu_session.sh start "bench/gpu_campaign.sh"` runs `main`; other campaigns name their first step with
+# CAMPAIGN=<step> (one GPU is enough for these):
+#   kl_and_mixers: bench/kl.py (every KL implementation incl. Liger and torchtune's algorithm, all shapes) on the GPU
+#                  while bench/tokenize_rate.py measures the token-cache build on the CPUs; then `mixers`
+#   mixers:        issue 20: align + GA-S2 once per student mixer (gdn, gla; runs/smollm2_gpu_mixers.yaml), the two
+#                  chains side by side on GPU 0, distance-regularized selections (lambda 0.1, 0.3) over each
+#                  mixer's probes, then select-compare of all six rankings
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -140,6 +148,36 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     "$0" phase2
     note "campaign done"
     touch $R/CAMPAIGN_DONE
+    ;;
+  kl_and_mixers)
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    note "kl bench on the GPU, tokenization rate on the CPUs"
+    job tokenize_rate "" python3 bench/tokenize_rate.py --num-proc ${TOKENIZE_PROCS:-1,4,8,16} --out $R/tokenize_rate.json &
+    job kl_bench 0 python3 bench/kl.py --out $R/kl_bench.json
+    wait
+    "$0" mixers
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+  mixers)
+    for m in gdn gla; do "$0" mixer_chain $m > $R/logs/mixer_chain_$m.out 2>&1 & done
+    wait
+    sels=()
+    for m in gdn gla; do
+      sels+=("$m=/tmp/run/mixers_$m/select/ga_s2/selection.json")
+      for lam in 0.1 0.3; do sels+=("${m}_reg$lam=/tmp/run/mixers_$m/select/ga_s2/distance_reg_$lam/selection.json"); done
+    done
+    job select_compare "" python3 -m ds_hybrid.cli select-compare "${sels[@]}" --ks 4,8 --out $R/select_compare
+    ;;
+  mixer_chain)  # mixer_chain gdn|gla
+    m=$2 run=/tmp/run/mixers_$m MCFG=runs/smollm2_gpu_mixers.yaml
+    job align_$m 0 train --stage align --config $MCFG mixer=$m out_dir=$run || exit 1
+    job ga_s2_$m 0 train --stage select --config $MCFG mixer=$m out_dir=$run || exit 1
+    for lam in 0.1 0.3; do
+      job "ga_s2_${m}_reg$lam" 0 train --stage select --config $MCFG mixer=$m out_dir=$run select.distance_reg=$lam
+    done
     ;;
   pack)
     out=${2:-/tmp/out}

@@ -6,7 +6,7 @@
 #
 #   bench/gpu_session.sh part N           # copy .dev/pN to /tmp/parts
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
-#   bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
+#   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
 #                                         # background (survives the call)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
@@ -46,7 +46,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     ;;
   start)
     mkdir -p /tmp/res && cd /tmp/new
-    setsid nohup "${2:-bench/gpu_campaign.sh}" main > /tmp/res/campaign.log 2>&1 < /dev/null &
+    setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > /tmp/res/campaign.log 2>&1 < /dev/null &
     sleep 2 && cat /tmp/res/progress.log 2>/dev/null || true
     ;;
   wait)

@@ -7,6 +7,12 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
 - fla: flash-linear-attention's FusedKLDivLoss
 - chunked: ds-hybrid's torch reference (chunks of 1024 tokens, fp32, gradients formed in the forward)
 - ours: ds-hybrid's fused kernel (cuBLAS bf16->fp32 GEMMs + Triton row kernel)
+- liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
+  ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
+- torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
+  pins: it wants torchao): the LM heads applied per chunk of tokens (8 chunks) in bf16, each chunk's loss in fp32 by
+  autograd, so every chunk's logits stay saved for the backward. torchtune's loss is the cross-entropy
+  -sum p_t log p_s; the teacher's entropy (no gradient) is added here so that the loss is the KL and comparable
 Prints the median of 10 timed iterations after 3 warm-ups (CUDA events), effective TFLOP/s (8 N H V / time), extra
 peak memory over the inputs, and the errors against an fp64 reference (chunked, fp64 on the GPU) of the loss
 (relative), dx and dW (relative L2 norm). Also prints the card, versions and the bf16 matmul ceiling measured here.
@@ -30,7 +36,47 @@ SHAPES = {
     "qwen2.5-3b": (8192, 2048, 151936),
     "llama3-70b": (4096, 8192, 128256),
     "smollm2-135m": (16384, 576, 49152),
+    "gemma3-270m": (16384, 640, 262144),  # V = 262,144 (issue 17: the Gemma 3 vocabulary)
 }
+TORCHTUNE_CHUNKS = 8  # torchtune's num_output_chunks default
+
+
+def torchtune_chunked(hs, ws, ht, wt):
+    """torchtune's ForwardKLWithChunkedOutputLoss, plainly: per chunk bf16 logits, fp32 softmax terms, autograd."""
+    total = hs.new_zeros((), dtype=torch.float32)
+    for h_s, h_t in zip(hs.chunk(TORCHTUNE_CHUNKS), ht.chunk(TORCHTUNE_CHUNKS)):
+        zs = h_s @ ws.t()
+        with torch.no_grad():
+            zt = h_t @ wt.t()
+            p_t = F.softmax(zt, -1, dtype=torch.float32)
+            neg_entropy = (p_t * F.log_softmax(zt, -1, dtype=torch.float32)).sum()
+        log_ps = F.log_softmax(zs, -1, dtype=torch.float32)
+        total = total + neg_entropy - (p_t * log_ps).sum()
+    return total / hs.shape[0]
+
+
+def liger_forward_kl():
+    """Liger's fused linear JSD at beta = 0, or (None, why) when it is missing or is not the forward KL."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except Exception as e:  # noqa: BLE001 - an optional baseline
+        return None, f"liger-kernel unavailable: {e}"
+    fn = LigerFusedLinearJSD(jsd_beta=0.0)
+    # the check: a small fp32 case against the materialized forward KL (batchmean), loss and both gradients
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, h, v = 256, 64, 1000
+    hs = torch.randn(n, h, device="cuda", generator=g).requires_grad_()
+    ws = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).requires_grad_()
+    ht, wt = torch.randn(n, h, device="cuda", generator=g), torch.randn(v, h, device="cuda", generator=g) * h**-0.5
+    ref = naive(hs, ws, ht, wt)
+    dref = torch.autograd.grad(ref, (hs, ws))
+    got = fn(hs, ws, ht, wt, None)  # shift_labels = None: no ignored tokens
+    dgot = torch.autograd.grad(got, (hs, ws))
+    errs = [abs(float(got - ref)) / abs(float(ref))] + [float((a - b).norm() / b.norm()) for a, b in zip(dgot, dref)]
+    print(f"liger jsd_beta=0 vs forward KL (fp32, N={n} V={v}): loss/dx/dW rel err {errs}")
+    if max(errs) > 1e-4:
+        return None, f"liger jsd_beta=0 is not the forward KL here: rel errors {errs}"
+    return (lambda hs, ws, ht, wt: fn(hs, ws, ht, wt, None)), None
 
 
 def naive(hs, ws, ht, wt):
@@ -53,6 +99,12 @@ def make_impls():
         print(f"fla FusedKLDivLoss unavailable: {e}")
     impls["chunked"] = lambda hs, ws, ht, wt: chunked_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
     impls["ours"] = lambda hs, ws, ht, wt: fused_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
+    impls["torchtune"] = torchtune_chunked
+    liger, why = liger_forward_kl()
+    if liger is not None:
+        impls["liger"] = liger
+    else:
+        print(why)
     return impls
 
 
@@ -126,18 +178,30 @@ def bench_one(name, fn, hs, ws, ht, wt, ref, iters=10, warmup=3):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
+    ap.add_argument("--impls", default="all", help="all, or comma-separated names (naive, fla, chunked, ours, "
+                    "torchtune, liger)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import triton
 
     import fla
 
+    try:
+        import liger_kernel  # noqa: F401
+
+        from importlib.metadata import version
+
+        liger_version = version("liger-kernel")
+    except Exception:  # noqa: BLE001
+        liger_version = None
     info = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "fla": getattr(fla, "__version__", "?"), "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
-            "bf16_matmul_tflops": matmul_ceiling()}
+            "liger_kernel": liger_version, "bf16_matmul_tflops": matmul_ceiling()}
     print(json.dumps(info))
     names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     impls = make_impls()
+    if args.impls != "all":
+        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
     rows = []
     for shape in names:
         N, H, V = SHAPES[shape]

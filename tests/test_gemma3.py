@@ -116,3 +116,20 @@ def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary
     kl_big = make_plan(rc, "kl", counts, 1, 141).kl_workspace
     kl_small = make_plan(rc, "kl", small, 1, 141).kl_workspace
     assert 4.5 < kl_big / kl_small < 262_144 / 49_152 + 0.01  # the logits chunks grow with V; the rest does not
+
+
+def test_fresh_gemma3_hybrid_keeps_the_mixer_norms_at_one():
+    """Gemma 3's init zeroes every "*RMSNorm" (its norms scale by 1 + weight); the mixers' gated norms scale by weight
+    and must stay 1, or a fresh linear layer would output zeros."""
+    from conftest import tiny_config
+
+    from ds_hybrid.modeling import HybridForCausalLM
+    from ds_hybrid.modeling.mixers import GatedRMSNorm
+    from ds_hybrid.transfer import hybrid_config
+
+    for mixer in ("gdn", "gla"):
+        model = HybridForCausalLM(hybrid_config(tiny_config("gemma3"), [2], mixer))
+        norms = [m for m in model.modules() if isinstance(m, GatedRMSNorm)]
+        assert len(norms) == 3 and all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+        teacher_norm = model.model.layers[0].post_attention_layernorm.weight  # the teacher's own: zero-centred
+        assert torch.equal(teacher_norm, torch.zeros_like(teacher_norm))

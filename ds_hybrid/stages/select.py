@@ -175,20 +175,17 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     ratios = sc.ratios
     selection = make_selection(sc.method, scores, lower, L, distance_reg=sc.distance_reg, **extra)
     selection["chosen"] = chosen_sets(selection["ranking"], L, sorted(set(sc.ks)), ratios)
-    if sc.method == "uniform":
-        selection["chosen"] = {**{f"k={k}": uniform_layers(L, k) for k in sorted(set(sc.ks))},
-                               **{f"ratio={r:g}": uniform_layers(L, k_for_ratio(r, L)) for r in ratios}}
-    if sc.method == "smart":
-        selection["chosen"] = {**{f"k={k}": smart_layers(L, k) for k in sorted(set(sc.ks))},
-                               **{f"ratio={r:g}": smart_layers(L, k_for_ratio(r, L)) for r in ratios}}
-    if sc.method == "keep_global":
-        types = teacher_layer_types(teacher_config)
-        selection["chosen"] = {**{f"k={k}": keep_global_layers(types, k) for k in sorted(set(sc.ks))},
-                               **{f"ratio={r:g}": keep_global_layers(types, k_for_ratio(r, L)) for r in ratios}}
+    # spacing rules are applied per K (their rankings are nested orders for the chart only)
+    types = teacher_layer_types(teacher_config)
+    rule = {"uniform": lambda k: uniform_layers(L, k), "smart": lambda k: smart_layers(L, k),
+            "keep_global": lambda k: keep_global_layers(types, k)}.get(sc.method)
+    if rule is not None:
+        selection["chosen"] = {**{f"k={k}": rule(k) for k in sorted(set(sc.ks))},
+                               **{f"ratio={r:g}": rule(k_for_ratio(r, L)) for r in ratios}}
     selection["teacher"] = {"path": teacher_path, "fingerprint": folder_fingerprint(teacher_path)}
     # the teacher's attention kind per layer (full / sliding) and, where it has both, which chosen sets keep its
     # global layers (Gemma 3: does KL-guided selection keep them?)
-    selection["layer_types"] = teacher_layer_types(teacher_config)
+    selection["layer_types"] = types
     glob = global_layers(selection["layer_types"])
     if len(glob) < L:
         selection["global_layers"] = glob

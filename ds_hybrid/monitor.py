@@ -8,6 +8,7 @@ git commit at start (``run_info.json``), so every number can be traced to what p
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -36,12 +37,13 @@ def setup_logging() -> None:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "deepspeed", "fla", "triton", "datasets"):
+    # from the installed metadata: importing fla alone costs ~9 s of CPU (it loads every layer and model)
+    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("deepspeed", "deepspeed"),
+                       ("fla", "flash-linear-attention"), ("triton", "triton"), ("datasets", "datasets")):
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # noqa: BLE001 - record why a package is missing
-            out[name] = f"unavailable ({type(e).__name__})"
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unavailable (not installed)"
     import ds_hybrid
 
     out["ds_hybrid"] = ds_hybrid.__version__

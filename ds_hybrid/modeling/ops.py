@@ -71,19 +71,64 @@ def gated_delta_rule(
         )
         return o, state
 
-    from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-
-    q, k = l2norm(q), l2norm(k)
-    if T <= RECURRENT_MAX_TOKENS:
-        o, state = naive_recurrent_gated_delta_rule(
-            q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-    else:
-        o, state = naive_chunk_gated_delta_rule(
-            q, k, v, g, beta, chunk_size=64, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state,
-        )
+    o, state = chunk_gated_delta_rule_torch(l2norm(q), l2norm(k), v, g, beta, scale, initial_state,
+                                            output_final_state)
     return o.to(v.dtype), state
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule in plain torch (fp32), the CPU path; q and k already normalised. O(T/C) steps.
+
+    Per chunk with state S (before it), cumulative log decay b_t and written values u_t = beta_t (v_t - (a_t S_{t-1})^T
+    k_t): (I + L) U = beta V - (beta exp(b) K) S with L[t, j] = beta_t exp(b_t - b_j) k_t.k_j (j < t), solved by
+    forward substitution; then O = (exp(b) Q) S + (Q K^T * exp(b_t - b_j), j <= t) U and
+    S' = exp(b_C) S + (exp(b_C - b) K)^T U. Every exponent is <= 0 (gates are log decays), so nothing overflows.
+    Padding at the end has beta = g = 0: it writes nothing and does not decay the state.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    gf, bf = (x.float().transpose(1, 2) for x in (g, beta))  # [B, H, T]
+    if pad:
+        qf, kf, vf = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vf))
+        gf, bf = (torch.nn.functional.pad(x, (0, pad)) for x in (gf, bf))
+    n = (T + pad) // C
+    qf, kf, vf = (x.reshape(B, H, n, C, x.shape[-1]) for x in (qf, kf, vf))
+    gf, bf = gf.reshape(B, H, n, C), bf.reshape(B, H, n, C)
+    qf = qf * scale
+    b = gf.cumsum(-1)  # [B, H, n, C]
+    idx = torch.arange(C, device=q.device)
+    lower = idx[:, None] >= idx[None, :]
+    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # exp(b_t - b_j), j <= t
+    kk = kf @ kf.transpose(-1, -2)
+    eye = torch.eye(C, device=q.device)
+    system = eye + (bf[..., :, None] * kk * decay).masked_fill(lower.logical_not() | (idx[:, None] == idx[None, :]), 0)
+    rhs = torch.cat([vf * bf[..., None], kf * (bf * b.exp())[..., None]], dim=-1)
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u_part, w = solved[..., :V], solved[..., V:]  # U = u_part - w S
+    qk = (qf @ kf.transpose(-1, -2)) * decay
+    q_decayed = qf * b.exp()[..., None]
+    k_to_end = kf * (b[..., -1:] - b).exp()[..., None]
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    outs = []
+    for c in range(n):
+        U = u_part[:, :, c] - w[:, :, c] @ S
+        outs.append(q_decayed[:, :, c] @ S + qk[:, :, c] @ U)
+        S = S * b[:, :, c, -1, None, None].exp() + k_to_end[:, :, c].transpose(-1, -2) @ U
+    o = torch.stack(outs, dim=2).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
+    return o, (S if output_final_state else None)
 
 
 def chunk_gla_torch(

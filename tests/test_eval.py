@@ -12,7 +12,7 @@ from lm_eval.api.model import LM
 from trainer_utils import make_tiny_teacher
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.evaluation import recall
+from ds_hybrid.evaluation import recall, report
 from ds_hybrid.evaluation.speed import bench_pair
 from ds_hybrid.teacher import load_teacher, resolve_teacher
 
@@ -247,3 +247,17 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     for s in samples:
         assert set(s) >= {"task", "id", "gold", "generation", "score"} and s["gold"] and isinstance(s["generation"], str)
         assert s["score"] and all(0 <= v <= 1 for v in s["score"].values())
+    # every score says how many prompts it rests on, with its 95 % interval, in the JSON and the table
+    assert res["prompts"]["tiny"] == {"niah_single_1": {"1024": 2}, "swde_local": {"contains": 2}}
+    for task, row in res["scores"]["tiny"].items():
+        for metric, v in row.items():
+            lo, hi = res["ci95"]["tiny"][task][metric]
+            assert lo <= v <= hi and (lo, hi) == pytest.approx(report.wilson_interval(v, 2))
+    assert "n=2" in (out / "eval.md").read_text()
+
+
+def test_wilson_interval_matches_the_closed_form():
+    # p = 0.5 of 100: 0.5 -/+ 1.96 * sqrt(0.25 / 100 + 1.96**2 / 40000) / (1 + 1.96**2 / 100)
+    assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert report.wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # never a zero-width interval
+    assert report.wilson_interval(1.0, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)

@@ -12,6 +12,7 @@ scoring functions are lm-eval's (string match over every gold answer).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -35,6 +36,7 @@ RULER_TASKS: dict[str, tuple[str, str, int]] = {
 ESSAY_TASKS: dict[str, dict[str, Any]] = {
     "niah_essay_single": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=1),
     "niah_essay_multikey": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=4),
+    "niah_essay_uuid": dict(type_needle_k="words", type_needle_v="uuids", num_needle_k=1),
 }
 # lm-eval's RULER wrappers draw 500 samples per length whatever --limit says; this is the generator each module's
 # wrapper calls, so a limited run can draw only what it keeps (minutes saved per model at 4k+ tokens)
@@ -47,6 +49,10 @@ SUITES = {
     "recall": list(RULER_TASKS) + list(ESSAY_TASKS),
     "ruler": list(RULER_TASKS),
     "niah": ["niah_single_1", "niah_multikey_2", "niah_multikey_3", *ESSAY_TASKS],
+    # RULER's six NIAH variants; the three on Paul Graham's essays (single_2, single_3, multikey_1) on the local
+    # haystack instead: niah_essay_single, niah_essay_uuid, niah_essay_multikey (issue 16's evaluation)
+    "niah6": ["niah_single_1", "niah_essay_single", "niah_essay_uuid", "niah_essay_multikey", "niah_multikey_2",
+              "niah_multikey_3"],
 }
 
 
@@ -268,14 +274,31 @@ def samples_from(results: dict) -> list[dict]:
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
+@functools.cache
+def _task_manager():
+    """lm-eval's task index (it reads ~10k task YAMLs: 8-10 s): built once per process, shared by every model."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def run_tasks(lm, task_specs: list, limit: int | None, seed: int = 0) -> dict[str, Any]:
     """lm: an lm-eval LM (HFLM around an in-process model, or any LM subclass). Returns lm-eval's results dict."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, task_manager=TaskManager(),
+    return lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, task_manager=_task_manager(),
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                    fewshot_random_seed=seed, log_samples=True, bootstrap_iters=0)
+
+
+def sample_counts(samples: list[dict]) -> dict[str, dict[str, int]]:
+    """{task: {length or 'contains': prompts scored}} from :func:`samples_from`'s records (the n behind a score)."""
+    out: dict[str, dict[str, int]] = {}
+    for rec in samples:
+        key = str(rec["length"]) if rec.get("length") is not None else "contains"
+        row = out.setdefault(rec["task"], {})
+        row[key] = row.get(key, 0) + 1
+    return out
 
 
 def scores_from(results: dict, lengths: list[int]) -> dict[str, dict[str, float]]:

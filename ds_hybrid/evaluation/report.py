@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 
-def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[str, dict] | None = None) -> str:
-    """scores: {model: {task: {length|'contains': score}}} -> markdown with models side by side."""
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion p measured on n prompts (scores in [0, 1] taken as successes)."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def intervals(scores: dict[str, dict[str, dict[str, float]]],
+              counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """{model: {task: {metric: [low, high]}}} for every score whose prompt count is known."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for model, tasks in scores.items():
+        for task, row in tasks.items():
+            for metric, v in row.items():
+                n = counts.get(model, {}).get(task, {}).get(metric, 0)
+                if n and v is not None and v >= 0:
+                    out.setdefault(model, {}).setdefault(task, {})[metric] = list(wilson_interval(v, n))
+    return out
+
+
+def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[str, dict] | None = None,
+                 counts: dict[str, dict[str, dict[str, int]]] | None = None) -> str:
+    """scores: {model: {task: {length|'contains': score}}} -> markdown with models side by side; with ``counts``
+    (prompts per score) each cell also shows n and its 95 % Wilson interval."""
     models = list(scores)
     rows = sorted({(t, m) for s in scores.values() for t, d in s.items() for m in d},
                   key=lambda x: (x[0], int(x[1]) if x[1].isdigit() else 10**9))
@@ -17,7 +43,14 @@ def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[s
         cells = []
         for m in models:
             v = scores[m].get(task, {}).get(metric)
-            cells.append("" if v is None or v < 0 else f"{v:.3f}")
+            n = (counts or {}).get(m, {}).get(task, {}).get(metric, 0)
+            if v is None or v < 0:
+                cells.append("")
+            elif n:
+                lo, hi = wilson_interval(v, n)
+                cells.append(f"{v:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
+            else:
+                cells.append(f"{v:.3f}")
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     if quality:
         for key in ("ppl", "kl_to_teacher"):

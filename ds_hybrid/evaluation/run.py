@@ -87,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
     out_dir = Path(args.out)
-    scores, quality, info, truncated = {}, {}, {}, {}
+    scores, quality, info, truncated, counts = {}, {}, {}, {}, {}
     teacher_model = None
     if "teacher" in models and not args.no_quality:
         teacher_model, _, _ = load_model(models["teacher"], dev, dtype)
@@ -112,6 +112,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         res = recall.run_tasks(lm, specs, None, args.seed) if specs else {"results": {}}  # limits applied above
         scores[name] = recall.scores_from(res, lengths)
         samples = recall.samples_from(res)
+        counts[name] = recall.sample_counts(samples)
         if samples:  # what the model said, prompt by prompt, next to eval.json
             out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir / f"samples_{name}.jsonl", "w") as f:
@@ -127,9 +128,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
                "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
                "based_files": based, "window": args.window, "truncated_prompts": truncated, "models": info,
-               "scores": scores,
+               "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                "heldout_quality": quality}
-    md = report.recall_table(scores, quality)
+    md = report.recall_table(scores, quality, counts)
     if truncated:
         what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
         md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
@@ -195,7 +196,7 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, help="HF folder (hybrid or any causal LM), or name=path; repeatable")
     p.add_argument("--teacher", default=None, help="the teacher to compare with: HF folder or 'embedded'")
-    p.add_argument("--suite", default="recall", choices=["recall", "ruler", "niah"])
+    p.add_argument("--suite", default="recall", choices=["recall", "ruler", "niah", "niah6"])
     p.add_argument("--tasks", default=None, help="comma-separated task names instead of a suite ('' for none)")
     p.add_argument("--lengths", default="2048,4096")
     p.add_argument("--swde", default=None, help="local SWDE file (JSON/JSONL/parquet: text+value or context+key+value)")

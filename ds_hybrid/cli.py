@@ -3,8 +3,9 @@
     ds-hybrid convert --out out/hybrid --ratio 0.25                 # stage 0 on the embedded teacher, uniform layers
     ds-hybrid convert --teacher ./Qwen2.5-3B --softmax-layers 3,7,20 --mixer gla --out out/h
     ds-hybrid generate --model out/hybrid --prompt "The capital of France is"
+    ds-hybrid generate --model out/hybrid --prompt "..." --device cuda --cuda-graphs    # static cache + CUDA graph
     ds-hybrid eval --model out/kl/hf --teacher embedded --suite recall --lengths 2048,4096 --swde swde.jsonl
-    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768
+    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768 [--cuda-graphs]
     ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8     # memory per GPU
     ds-hybrid corpus build | stats | pack --out DIR                                  # the embedded corpus
     ds-hybrid select-compare gdn=a/selection.json gla=b/selection.json --ks 4,8     # top-K overlap, Kendall tau
@@ -69,11 +70,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import ds_hybrid  # noqa: F401  (registers the model type)
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError("--device", args.device, "give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", args.device, "no CUDA device here; use --device cpu")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: add --device cuda, or drop --cuda-graphs")
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    ids = tok(args.prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
+    ids = tok(args.prompt, return_tensors="pt").to(device)
+    if args.cuda_graphs:
+        from ds_hybrid.graph_decode import GraphDecoder
+
+        max_len = args.max_len or ids["input_ids"].shape[1] + args.max_new_tokens
+        decoder = GraphDecoder(model, max_len=max_len, cuda_graphs=True)
+        out = decoder.generate(ids["input_ids"], ids["attention_mask"], args.max_new_tokens)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:  # the static decoder does not stop at EOS: cut here
+            new = new[: new.index(tok.eos_token_id) + 1]
+        out = torch.tensor([ids["input_ids"][0].tolist() + new])
+    else:
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0
 
@@ -125,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--cuda-graphs", action="store_true", help="static cache, decode step replayed as a CUDA graph "
+                   "(needs --device cuda; greedy; same tokens as without)")
+    p.add_argument("--max-len", type=int, default=None, help="with --cuda-graphs: static cache length, prompt + new "
+                   "tokens (default: exactly that)")
     p.set_defaults(fn=cmd_generate)
     return parser
 

@@ -177,18 +177,26 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     dtype = _dtype(args.dtype, dev)
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
+    modes = ("eager",)
+    if args.cuda_graphs:  # checked before any model is loaded
+        if dev.type != "cuda":
+            raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: use --device cuda, or drop --cuda-graphs")
+        modes = ("eager", "cuda_graphs")
     loaded, info = {}, {}
     for name, path in models.items():
         m, _, _ = load_model(path, dev, dtype)
         loaded[name], info[name] = m, describe(m)
-    rows = bench_pair(loaded, contexts, batches, args.decode_tokens)
+    rows = bench_pair(loaded, contexts, batches, args.decode_tokens, modes)
     payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
                "dtype": str(dtype), "contexts": contexts, "batches": batches, "decode_tokens": args.decode_tokens,
-               "models": info, "rows": rows}
+               "modes": list(modes), "models": info, "rows": rows}
     out_dir = Path(args.out)
-    md = report.speed_table(rows)
+    shown = rows  # the table and plot name rows by model: with two modes, the mode goes into the name
+    if len(modes) > 1:
+        shown = [{**r, "model": f"{r['model']} ({r['mode']})"} for r in rows]
+    md = report.speed_table(shown)
     report.write(out_dir, "bench_infer", payload, md)
-    report.plot_speed(rows, out_dir / "bench_infer.png")
+    report.plot_speed(shown, out_dir / "bench_infer.png")
     print(md)
     return rows
 
@@ -225,6 +233,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="4096,16384,32768")
     p.add_argument("--batches", default="1")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--cuda-graphs", action="store_true", help="also time decoding with a static cache and the step "
+                   "replayed as a CUDA graph: rows with mode eager and cuda_graphs side by side (CUDA only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", default="outputs/bench_infer")

@@ -10,12 +10,16 @@ For each context length C and batch size B, on random tokens (speed does not dep
   step take 25-66 ms on an H200 host; the kernels take 2-20 ms), so wall-clock decode tokens/s measures the host
   and hides what the cache costs. GPU time is what a step costs once launches are hidden (CUDA graphs, as serving engines do); it is
   where the teacher's growing KV reads show (docs/BENCHMARKS.md).
+Modes (a row's ``mode``): ``eager`` is the dynamic cache and an eager step per token, as above; ``cuda_graphs`` is
+the static cache with the decode step replayed as a CUDA graph (ds_hybrid.graph_decode, CUDA only); ``static`` is
+that static path run eagerly (CPU tests; on CUDA it isolates the cache change from the graph).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
 those builds in the timed steps of whichever model ran first and spared the models after it (a 2-3x error on
-the 2026-11-28 H200 runs, docs/RESULTS.md). A size that does not fit is reported as out-of-memory rather than
-ending the benchmark.
+the 2026-11-28 H200 runs, docs/RESULTS.md). For the static modes the untimed pass also captures the graph (the
+static cache has one key length, max_len, for every step), so timed passes only replay. A size that does not fit
+is reported as out-of-memory rather than ending the benchmark.
 """
 
 from __future__ import annotations
@@ -91,6 +95,37 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
     return res
 
 
+MODES: tuple[str, ...] = ("eager", "static", "cuda_graphs")
+
+
+@torch.no_grad()
+def bench_static(decoder, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
+    """As :func:`bench_model`, through a ds_hybrid.graph_decode.GraphDecoder (static cache, graphs if it uses them).
+
+    The decoder is reused for the untimed and the timed pass, so the timed pass replays the graph captured in the
+    untimed one.
+    """
+    model = decoder.model
+    dev = decoder.device
+    ids = random_ids(model, context, batch, seed)
+    try:
+        _sync(dev)
+        t0 = time.perf_counter()
+        decoder.prefill(ids, None, decode_tokens + 1)
+        _sync(dev)
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decoder.decode(batch, decode_tokens)
+        _sync(dev)
+        t_decode = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        return {"context": context, "batch": batch, "error": "out of memory"}
+    res = {"context": context, "batch": batch, "prefill_tokens_per_s": batch * context / t_prefill,
+           "decode_tokens_per_s": batch * decode_tokens / t_decode, "decode_ms_per_step": 1e3 * t_decode / decode_tokens,
+           "cache_gib": cache_bytes(decoder.cache(batch)) / 2**30}
+    return res
+
+
 def kernel_ms(events) -> tuple[float, int]:
     """Total device time (ms) and count of the CUDA kernels in a torch.profiler ``key_averages()``."""
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -121,21 +156,46 @@ def decode_gpu_ms(model, context: int, batch: int, decode_tokens: int = 32, seed
     return kernel_ms(prof.key_averages())[0] / decode_tokens
 
 
-def bench_pair(models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32) -> list[dict]:
+def bench_pair(
+    models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32, modes: tuple[str, ...] = ("eager",)
+) -> list[dict]:
+    """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens)."""
+    from ds_hybrid.graph_decode import GraphDecoder
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"bench mode {unknown[0]!r} is not one of {MODES}")
     rows = []
     for name, model in models.items():
         model.eval()
         for c in contexts:
             for b in batches:
-                # untimed pass over exactly the shapes of the timed one (every decode step's key length included):
-                # compilation, autotuning and cuDNN graph builds must not land in the timed pass
-                bench_model(model, c, b, decode_tokens)
-                r = bench_model(model, c, b, decode_tokens)
-                r["model"] = name
-                if "error" not in r:
-                    gpu_ms = decode_gpu_ms(model, c, b, decode_tokens)
-                    if gpu_ms is not None:
-                        r["decode_gpu_ms_per_step"] = gpu_ms
-                        r["decode_gpu_bound_tokens_per_s"] = b * 1e3 / gpu_ms
-                rows.append(r)
+                for mode in modes:
+                    if mode == "eager":
+                        # untimed pass over exactly the shapes of the timed one (every decode step's key length
+                        # included): compilation, autotuning and cuDNN graph builds must not land in the timed pass
+                        bench_model(model, c, b, decode_tokens)
+                        r = bench_model(model, c, b, decode_tokens)
+                        if "error" not in r:
+                            gpu_ms = decode_gpu_ms(model, c, b, decode_tokens)
+                            if gpu_ms is not None:
+                                r["decode_gpu_ms_per_step"] = gpu_ms
+                                r["decode_gpu_bound_tokens_per_s"] = b * 1e3 / gpu_ms
+                    else:
+                        dev = next(model.parameters()).device
+                        if dev.type == "cuda":  # peak over the cache, graph pool and activations, as bench_model
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats(dev)
+                            base = torch.cuda.memory_allocated(dev)
+                        graphs = mode == "cuda_graphs"
+                        decoder = GraphDecoder(model, max_len=c + decode_tokens + 1, cuda_graphs=graphs)
+                        if graphs and not decoder.uses_graphs:
+                            raise ValueError("bench mode 'cuda_graphs' needs the model on a CUDA device")
+                        bench_static(decoder, c, b, decode_tokens)  # untimed: compiles, autotunes, captures
+                        r = bench_static(decoder, c, b, decode_tokens)
+                        if dev.type == "cuda" and "error" not in r:
+                            r["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+                        del decoder
+                    r["model"], r["mode"] = name, mode
+                    rows.append(r)
     return rows

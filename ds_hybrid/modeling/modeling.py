@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ds_hybrid.modeling.cache import HybridCache
 from ds_hybrid.modeling.configuration import HybridConfig
 from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
+from ds_hybrid.modeling.static_cache import StaticHybridCache
 
 
 class HybridLMHead(nn.Linear):
@@ -117,7 +118,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             )
         T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         padding_mask = None
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and self.config.linear_layers:
+        # A static cache's decode step (T = 1) reads no padding: its token is real (left padding), its mask spans the
+        # whole static length (so [:, -T:] is not this token), and the check below syncs with the host, which a CUDA
+        # graph capture cannot do. Its prefill goes through the check like any forward.
+        static_decode = isinstance(past_key_values, StaticHybridCache) and T == 1
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and self.config.linear_layers
+                and not static_decode):
             current = attention_mask[:, -T:]
             if not bool(current.all()):
                 padding_mask = current
@@ -152,7 +158,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if generation_config.cache_implementation not in (None, "dynamic", "dynamic_full"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by ds_hybrid "
-                    "models; leave it unset (a HybridCache is used)"
+                    "models; leave it unset (a HybridCache is used). For a static cache and CUDA graphs use "
+                    "ds_hybrid.graph_decode.GraphDecoder (ds-hybrid generate --cuda-graphs)"
                 )
             model_kwargs["past_key_values"] = HybridCache.from_config(self.config)
             return None

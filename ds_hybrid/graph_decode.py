@@ -1,0 +1,200 @@
+"""Greedy decoding with a static cache, its decode step optionally captured in a CUDA graph.
+
+Eager decoding is host bound: a decode step launches 1,500-2,000 kernels, and at batch 1-8 launching them takes
+longer than running them (docs/BENCHMARKS.md). A CUDA graph launches a whole recorded step at once. A graph replays
+fixed addresses, so everything a step reads or writes lives in a buffer allocated once: the static cache
+(:mod:`ds_hybrid.modeling.static_cache` for hybrids, transformers' ``StaticCache`` for plain HF models), the input
+token, the positions and the attention mask.
+
+    decoder = GraphDecoder(model, max_len=4096, cuda_graphs=True)
+    out = decoder.generate(input_ids, attention_mask, max_new_tokens=64)   # [B, prompt + 64]
+
+What is supported:
+- models: a ds_hybrid ``HybridForCausalLM`` (softmax + linear layers, any K including 0) and HF causal LMs whose
+  ``StaticCache`` has no sliding-window layers (Llama, Qwen2/3 without sliding windows, SmolLM2, ...);
+- greedy only, exactly ``max_new_tokens`` tokens per row (no stop at EOS: cut the output afterwards);
+- batch sizes: exact. One static cache, buffer set and graph per batch size met, kept for the next call with that
+  batch size (memory: one cache of [B, max_len] per batch size used);
+- prompts of different lengths: left padding with a [B, T] attention mask (1 = token, 0 = pad). Softmax layers mask
+  the pads; linear layers skip them in the prefill (no write, no decay), so a padded row decodes as it would alone;
+- ``max_len`` bounds prompt + new tokens; a longer request raises a ConfigError naming ``max_len``.
+
+The step is the same code with and without graphs: a model forward of [B, 1] tokens with explicit positions and the
+static [B, max_len] mask, argmax written back into the input buffer and positions advanced in place. The cache
+counters are device tensors advanced inside the forward, so a replay advances them too. On CPU, or with
+``cuda_graphs=False``, the step runs eagerly. With graphs, the first call at a batch size runs ``warmup_steps``
+eager steps on a side stream (kernel compilation and autotuning happen there; they are real decode steps), then
+captures one step (capture records and runs nothing) and replays it for the remaining steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling.static_cache import StaticHybridCache
+
+
+@dataclass
+class _Slot:
+    """What one batch size's decode step reads and writes; addresses fixed for the slot's life."""
+
+    cache: object
+    tokens: torch.Tensor  # [B, 1] long: the step's input, overwritten by its argmax
+    positions: torch.Tensor  # [B, 1] long: the input's position ids, advanced in place
+    mask: torch.Tensor  # [B, max_len] long: the prompt's padding mask, ones after it
+    graph: torch.cuda.CUDAGraph | None = None
+    steps_left: int = 0  # decode steps that still fit in max_len after the last prefill
+
+
+def make_static_cache(model, max_len: int):
+    """A static cache for ``model``: StaticHybridCache for a hybrid, transformers' StaticCache otherwise."""
+    if getattr(model.config, "model_type", None) == "ds_hybrid":
+        return StaticHybridCache.from_config(model.config, max_len)
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    if any(cache.is_sliding):
+        raise ConfigError(
+            "model", model.config.model_type,
+            "this model has sliding-window attention layers, which the static cache does not support (their "
+            "window counter is host-side); decode it with model.generate",
+        )
+    return cache
+
+
+def padding_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch as transformers' generate() makes them: 0.. on real tokens, 0 on pads."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def check_left_padded(mask: torch.Tensor) -> None:
+    if mask.dim() != 2:
+        raise ConfigError("attention_mask", tuple(mask.shape), "give a [batch, prompt_len] mask of 0 (pad) / 1")
+    if not bool((mask[:, -1] == 1).all()):
+        raise ConfigError("attention_mask", "right padding", "pad prompts on the left (tokenizer.padding_side='left')")
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ConfigError("attention_mask", "holes", "each row must be zeros (pads) then ones (tokens), left padded")
+
+
+class GraphDecoder:
+    """Greedy generation through a static cache; see the module docstring for what is supported."""
+
+    def __init__(self, model, max_len: int, cuda_graphs: bool = False, warmup_steps: int = 2):
+        if max_len < 2:
+            raise ConfigError("max_len", max_len, "give the largest prompt + new-token count to serve, at least 2")
+        if warmup_steps < 1:
+            raise ConfigError("warmup_steps", warmup_steps, "use at least 1 eager step before a capture")
+        self.model = model
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        # graphs need CUDA; elsewhere the same static step runs eagerly
+        self.uses_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.warmup_steps = warmup_steps
+        self._slots: dict[int, _Slot] = {}
+
+    # ---- public -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32
+    ) -> torch.Tensor:
+        """[B, T] prompt ids (left padded if ``attention_mask`` has zeros) -> [B, T + max_new_tokens] ids."""
+        first = self.prefill(input_ids, attention_mask, max_new_tokens)
+        rest = self.decode(input_ids.shape[0], max_new_tokens - 1)
+        return torch.cat([input_ids.to(self.device), first, rest], dim=1)
+
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 1
+    ) -> torch.Tensor:
+        """Fill the batch size's static cache with the prompt (eagerly) -> the first new token [B, 1]."""
+        if input_ids.dim() != 2:
+            raise ConfigError("input_ids", tuple(input_ids.shape), "give a [batch, prompt_len] tensor of token ids")
+        B, T = input_ids.shape
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", max_new_tokens, "generate at least 1 token")
+        if T + max_new_tokens > self.max_len:
+            raise ConfigError(
+                "max_len", self.max_len,
+                f"the prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} do not fit; "
+                "raise max_len (--max-len) or shorten the request",
+            )
+        ids = input_ids.to(self.device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device).long()
+        if mask.shape != ids.shape:
+            raise ConfigError("attention_mask", tuple(mask.shape), f"give the shape of input_ids, {tuple(ids.shape)}")
+        check_left_padded(mask)
+        slot = self._slot(B)
+        slot.cache.reset()  # in place: the buffers keep their addresses
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=padding_positions(mask),
+                         past_key_values=slot.cache, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1:].float().argmax(-1)
+        slot.tokens.copy_(first)
+        slot.positions.copy_(mask.sum(-1, keepdim=True))  # the next real position of every row
+        slot.mask.fill_(1)
+        slot.mask[:, :T].copy_(mask)
+        slot.steps_left = self.max_len - T - 1
+        return first.clone()
+
+    @torch.no_grad()
+    def decode(self, batch: int, steps: int) -> torch.Tensor:
+        """``steps`` greedy steps after :meth:`prefill` at this batch size -> their tokens [B, steps]."""
+        if batch not in self._slots:
+            raise ConfigError("batch", batch, "call prefill() with a prompt of this batch size first")
+        slot = self._slots[batch]
+        if steps > slot.steps_left:
+            raise ConfigError("max_len", self.max_len, f"{steps} more steps do not fit; raise max_len (--max-len)")
+        slot.steps_left -= steps
+        out: list[torch.Tensor] = []
+        if self.uses_graphs and slot.graph is None and steps > self.warmup_steps:
+            out += self._capture(slot)
+        while len(out) < steps:
+            if slot.graph is not None:
+                slot.graph.replay()
+            else:
+                self._step(slot)
+            out.append(slot.tokens.clone())
+        if not out:
+            return torch.empty(batch, 0, dtype=torch.long, device=self.device)
+        return torch.cat(out, dim=1)
+
+    def cache(self, batch: int):
+        """The static cache of a batch size (after a prefill at that size)."""
+        return self._slots[batch].cache
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _slot(self, batch: int) -> _Slot:
+        if batch not in self._slots:
+            dev = self.device
+            self._slots[batch] = _Slot(
+                cache=make_static_cache(self.model, self.max_len),
+                tokens=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                positions=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                mask=torch.ones(batch, self.max_len, dtype=torch.long, device=dev),
+            )
+        return self._slots[batch]
+
+    def _step(self, slot: _Slot) -> None:
+        """One decode step reading and writing only the slot's buffers: the region a CUDA graph captures."""
+        logits = self.model(input_ids=slot.tokens, attention_mask=slot.mask, position_ids=slot.positions,
+                            past_key_values=slot.cache, use_cache=True).logits
+        slot.tokens.copy_(logits[:, -1:].float().argmax(-1))
+        slot.positions.add_(1)
+
+    def _capture(self, slot: _Slot) -> list[torch.Tensor]:
+        """Warm up on a side stream (real steps, their tokens returned), then capture one step into slot.graph."""
+        out = []
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                self._step(slot)
+                out.append(slot.tokens.clone())
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step's kernels; nothing runs, so no state advances
+            self._step(slot)
+        slot.graph = graph
+        return out

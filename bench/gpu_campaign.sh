@@ -27,6 +27,9 @@
 #   mixers:        issue 20: align + GA-S2 once per student mixer (gdn, gla; runs/smollm2_gpu_mixers.yaml), the two
 #                  chains side by side on GPU 0, distance-regularized selections (lambda 0.1, 0.3) over each
 #                  mixer's probes, then select-compare of all six rankings
+#   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
+#                  -> niah6 at 2k/4k/8k (100 prompts a task and length), SWDE/FDA fixtures, held-out quality;
+#                  the teacher's eval beside it; bench/graph_decode_check.py (issue 18) on a stage-0 hybrid first
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -178,6 +181,38 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     for lam in 0.1 0.3; do
       job "ga_s2_${m}_reg$lam" 0 train --stage select --config $MCFG mixer=$m out_dir=$run select.distance_reg=$lam
     done
+    ;;
+  compare)  # issue 16, one GPU: seeded align (50M) -> kl (100M) for the softmax layers in $LAYERS (default: the
+            # config's uniform K = 8) -> the eval suite, one length per job so that a lost lease keeps what finished;
+            # the teacher's eval runs beside the hybrid's; the CUDA-graph decode check (issue 18) runs first
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    CCFG=runs/smollm2_compare.yaml RUNC=/tmp/run/compare NAME=${NAME:-uniform8}
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
+print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
+           fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
+    layers=()
+    [ -n "${LAYERS:-}" ] && layers=("softmax_layers=$LAYERS")
+    # issue 18 first (a few minutes; timing does not depend on the weights): graphs vs eager on a stage-0 hybrid
+    job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
+      --dtype bf16 --device cuda --out /tmp/h8_stage0
+    job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
+      --out $R/graph_decode_check.json
+    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
+    job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
+    ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, 100 prompts per task
+      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit 100 --batch-size 64 \
+        --no-quality --out $R/eval_$1_$3 "${@:4}"
+    }
+    (for L in 2048 4096 8192; do job eval_teacher_$L 0 ev teacher embedded $L; done) &
+    job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
+      --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
+      --out $R/eval_${NAME}_quality
+    for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L; done
+    wait
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
     ;;
   pack)
     out=${2:-/tmp/out}

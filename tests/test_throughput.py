@@ -76,6 +76,35 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(monkeypatch):
     assert list(eager.state_dict()) == list(compiled.state_dict())  # compiled in place: checkpoints unchanged
 
 
+@pytest.mark.parametrize("layers", [3, 12])
+def test_compiled_teacher_captures_without_a_compile_per_layer(monkeypatch, layers):
+    """Stage align's capture hooks inside compiled teacher blocks: the graphs compiled do not grow with the number
+    of layers or steps (12 layers with one compile per block would pass dynamo's recompile limit of 8, leaving the
+    rest eager), and the captures equal the eager model's."""
+    from torch._dynamo.utils import counters
+
+    from ds_hybrid.stages.common import TeacherTrunk, compile_blocks
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    teacher = tiny_teacher("llama", num_hidden_layers=layers)
+    ids = torch.randint(0, 100, (2, 24))
+    ref_h, ref_c = TeacherTrunk(copy.deepcopy(teacher))(ids, capture=True)
+    trunk = TeacherTrunk(teacher)
+    compile_blocks(teacher.model.layers)
+    for _ in range(3):
+        h, captured = trunk(ids, capture=True)
+    plain, none = trunk(ids)  # a forward without capture after capturing ones: hooks stay silent
+    assert counters["stats"]["unique_graphs"] <= 4 and not counters["recompiles"]
+    assert len(captured) == layers and none == []
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(plain, ref_h)
+    for (x, y), (rx, ry) in zip(captured, ref_c):
+        torch.testing.assert_close(x, rx)
+        torch.testing.assert_close(y, ry)
+
+
 def test_a_steps_micro_batches_come_from_one_copy():
     stream = np.arange(10 * 8, dtype=np.uint32)
     seqs = PackedSequences(stream, 8)

@@ -134,32 +134,41 @@ def frozen_engine(module: nn.Module, ds: dict):
 
 class TeacherTrunk(nn.Module):
     """The frozen teacher without its lm_head matmul: returns the final hidden states (and, for stage align, each
-    layer's attention input and output, captured by hooks on ``self_attn``)."""
+    layer's attention input and output, captured by hooks on ``self_attn``).
+
+    The hooks are registered once, at the first capturing forward, and are excluded from torch.compile: a hook traced
+    inside a compiled block is a different closure per layer (and per call), so every one of the 30 blocks
+    recompiled until dynamo's limit of 8 sent the rest back to eager (seen on an H200: most of the teacher ran
+    uncompiled in stage align). Now each block compiles once, with a graph break around the hook."""
 
     def __init__(self, teacher: nn.Module):
         super().__init__()
         self.teacher = teacher
+        self._sink: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._hooked = False
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.teacher.lm_head.weight
 
+    @torch.compiler.disable
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._sink is not None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._sink.append((x.detach(), output[0].detach()))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, capture: bool = False):
         captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handles = []
-        if capture:
-            def hook(module, args, kwargs, output):
-                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                captured.append((x.detach(), output[0].detach()))
-
-            handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True)
-                       for layer in self.teacher.model.layers]
+        if capture and not self._hooked:
+            for layer in self.teacher.model.layers:
+                layer.self_attn.register_forward_hook(self._capture, with_kwargs=True)
+            self._hooked = True
+        self._sink = captured if capture else None
         try:
             with torch.no_grad():
                 out = self.teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
-            for h in handles:
-                h.remove()
+            self._sink = None
         return out.last_hidden_state, captured
 
 

@@ -81,16 +81,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     ids = tok(args.prompt, return_tensors="pt").to(device)
-    if args.cuda_graphs:
-        from ds_hybrid.graph_decode import GraphDecoder
+    if args.cuda_graphs:  # any causal LM (a hybrid or its teacher): greedy, as generate() would return it
+        from ds_hybrid.graph_decode import GraphDecoder, generate_static
 
-        max_len = args.max_len or ids["input_ids"].shape[1] + args.max_new_tokens
-        decoder = GraphDecoder(model, max_len=max_len, cuda_graphs=True)
-        out = decoder.generate(ids["input_ids"], ids["attention_mask"], args.max_new_tokens)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
-        if tok.eos_token_id in new:  # the static decoder does not stop at EOS: cut here
-            new = new[: new.index(tok.eos_token_id) + 1]
-        out = torch.tensor([ids["input_ids"][0].tolist() + new])
+        if args.max_len:
+            object.__setattr__(model, "_graph_decoder", GraphDecoder(model, max_len=args.max_len, cuda_graphs=True))
+        with torch.no_grad():
+            out = generate_static(model, ids["input_ids"], model.generation_config,
+                                  attention_mask=ids["attention_mask"], max_new_tokens=args.max_new_tokens)
     else:
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -198,3 +198,57 @@ class GraphDecoder:
             self._step(slot)
         slot.graph = graph
         return out
+
+
+# ---- generate() with cuda_graphs ----------------------------------------------------------------------------------
+#: max_len is rounded up to a multiple of this, so that requests of nearby lengths reuse one decoder and its graphs
+MAX_LEN_BUCKET = 256
+_COUNTS = ("num_beams", "num_return_sequences")  # fine at 1
+_UNSUPPORTED = ("logits_processor", "stopping_criteria", "streamer", "assistant_model", "prefix_allowed_tokens_fn",
+                "negative_prompt_ids", "inputs_embeds")
+
+
+def finish_at_eos(out: torch.Tensor, prompt_len: int, eos_ids: list[int], pad_id: int | None) -> torch.Tensor:
+    """What ``generate`` returns for greedy tokens ``out`` [B, T + N]: after a row's first EOS its tokens become
+    ``pad_id``, and the output ends once every row has ended (or at N new tokens)."""
+    if not eos_ids:
+        return out
+    new = out[:, prompt_len:]
+    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
+    ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS earlier in the row
+    if pad_id is None:
+        pad_id = eos_ids[0]
+    new = new.masked_fill(ended_before, pad_id)
+    ended_by = is_eos.long().cumsum(1) > 0  # [B, N]: the row has produced its EOS at or before this step
+    done = ended_by.all(0).nonzero()
+    n = int(done[0]) + 1 if len(done) else new.shape[1]
+    return torch.cat([out[:, :prompt_len], new[:, :n]], dim=1)
+
+
+def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwargs) -> torch.Tensor:
+    """``model.generate(..., cuda_graphs=True)``: greedy decoding through a :class:`GraphDecoder` kept on the model
+    (CUDA graphs on a GPU, the same static step eagerly elsewhere). Returns what greedy ``generate`` returns: the
+    prompt and the new tokens, pads after each row's EOS, ending when every row has ended."""
+    bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    bad += [k for k in _COUNTS if kwargs.get(k, getattr(generation_config, k, None)) not in (None, 1)]
+    if kwargs.get("do_sample", getattr(generation_config, "do_sample", False)) is True:
+        bad.append("do_sample")
+    if bad:
+        raise ConfigError("cuda_graphs", True, f"graph decoding is greedy only; drop {', '.join(bad)} or cuda_graphs")
+    input_ids = kwargs.pop("input_ids", inputs)
+    if input_ids is None:
+        raise ConfigError("input_ids", None, "give the prompt ids (inputs_embeds are not supported with cuda_graphs)")
+    max_new = kwargs.get("max_new_tokens") or getattr(generation_config, "max_new_tokens", None)
+    if not max_new:
+        raise ConfigError("max_new_tokens", max_new, "give max_new_tokens with cuda_graphs (max_length is not used)")
+    eos = kwargs.get("eos_token_id", getattr(generation_config, "eos_token_id", None))
+    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = kwargs.get("pad_token_id", getattr(generation_config, "pad_token_id", None))
+    T = input_ids.shape[1]
+    need = -(-(T + max_new) // MAX_LEN_BUCKET) * MAX_LEN_BUCKET
+    decoder = getattr(model, "_graph_decoder", None)
+    if decoder is None or decoder.max_len < T + max_new:  # reuse a long enough one (and its graphs), else replace
+        decoder = GraphDecoder(model, max_len=need, cuda_graphs=True)
+        object.__setattr__(model, "_graph_decoder", decoder)
+    out = decoder.generate(input_ids, kwargs.get("attention_mask"), int(max_new))
+    return finish_at_eos(out, T, eos_ids, pad)

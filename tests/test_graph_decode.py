@@ -148,3 +148,38 @@ def test_graph_replay_equals_eager_static_on_cuda(teacher, kind):
     assert torch.equal(graphs.generate(prompt, max_new_tokens=16), eager)
     assert graphs._slots[4].graph is not None
     assert torch.equal(graphs.generate(prompt, max_new_tokens=16), eager)  # replay only, second call
+
+
+@pytest.mark.parametrize("kind", ["gdn", "gla_k0"])
+def test_generate_with_cuda_graphs_returns_what_generate_returns(teacher, kind):
+    """model.generate(cuda_graphs=True) (argument or generation-config attribute): the same ids as greedy generate,
+    EOS handling included (pads after a row's EOS, the output ends when every row has ended)."""
+    model = model_of(teacher, kind)
+    prompt = ids(3, 9, seed=7)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        free = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, cuda_graphs=True), free)
+    # an EOS that row 0 emits early, so that rows end at different steps (or not at all)
+    eos = int(free[0, 9 + 2])
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = model.generate(prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, cuda_graphs=True)
+    assert torch.equal(got, ref)
+    model.generation_config.cuda_graphs = True
+    try:
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=0), ref)
+        with pytest.raises(ConfigError, match="greedy only.*do_sample"):
+            model.generate(prompt, max_new_tokens=4, do_sample=True)
+    finally:
+        model.generation_config.cuda_graphs = False
+
+
+def test_finish_at_eos_pads_after_eos_and_stops_when_every_row_ended():
+    from ds_hybrid.graph_decode import finish_at_eos
+
+    out = torch.tensor([[1, 5, 9, 7, 7, 7], [1, 6, 6, 9, 8, 8]])  # prompt of 1, EOS = 9
+    got = finish_at_eos(out, 1, [9], pad_id=0)
+    assert got.tolist() == [[1, 5, 9, 0], [1, 6, 6, 9]]
+    assert finish_at_eos(out, 1, [], pad_id=0).tolist() == out.tolist()
+    assert finish_at_eos(out, 1, [4], pad_id=0).tolist() == out.tolist()  # no row ends: all new tokens kept

@@ -152,6 +152,21 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         )
 
     # ---- generation ----------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any):
+        """transformers' ``generate``; with ``cuda_graphs=True`` (an argument, or an attribute of the generation
+        config) greedy decoding runs through a static cache with the decode step replayed as a CUDA graph
+        (:func:`ds_hybrid.graph_decode.generate_static`: same tokens, GPU bound; greedy only)."""
+        config = generation_config if generation_config is not None else self.generation_config
+        graphs = kwargs.pop("cuda_graphs", None)
+        if graphs is None:
+            graphs = bool(getattr(config, "cuda_graphs", False))
+        if not graphs:
+            return super().generate(inputs, generation_config, **kwargs)
+        from ds_hybrid.graph_decode import generate_static
+
+        with torch.no_grad():
+            return generate_static(self, inputs, config, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
         """generate() gets a HybridCache (KV for softmax layers, recurrent state for linear ones)."""
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:

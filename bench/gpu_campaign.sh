@@ -194,6 +194,12 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
            fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
     layers=()
     [ -n "${LAYERS:-}" ] && layers=("softmax_layers=$LAYERS")
+    ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, 100 prompts per task
+      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit 100 --batch-size 64 \
+        --no-quality --out $R/eval_$1_$3 "${@:4}"
+    }
+    # the evaluation's whole path on one prompt per task before any training: a missing package fails here
+    job eval_preflight 0 ev teacher embedded 1024 --limit 1 || exit 1
     # issue 18 first (a few minutes; timing does not depend on the weights): graphs vs eager on a stage-0 hybrid
     job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
       --dtype bf16 --device cuda --out /tmp/h8_stage0
@@ -201,10 +207,6 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       --out $R/graph_decode_check.json
     job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
     job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
-    ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, 100 prompts per task
-      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit 100 --batch-size 64 \
-        --no-quality --out $R/eval_$1_$3 "${@:4}"
-    }
     (for L in 2048 4096 8192; do job eval_teacher_$L 0 ev teacher embedded $L; done) &
     job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \

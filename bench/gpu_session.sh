@@ -5,6 +5,7 @@
 # within the machine's 30 s warm window:
 #
 #   bench/gpu_session.sh part N           # copy .dev/pN to /tmp/parts
+#   bench/gpu_session.sh gpart N          # (issue 17) copy .dev/gN, Gemma-3-270M's wheels, to /tmp/gparts
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
 #                                         # background (survives the call)
@@ -26,10 +27,17 @@ case "$1" in
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'
     ;;
+  gpart)  # the Gemma-3-270M wheels (GEMMA=1 bench/make_bundle.sh), installed by setup when present
+    mkdir -p /tmp/gparts && cp ".dev/g$2"/* /tmp/gparts/ && ls -la /tmp/gparts | tail -n +4 | awk '{print $5, $9}'
+    ;;
   setup)
     mkdir -p /tmp/g && cat /tmp/parts/part* | tar -xf - -C /tmp/g
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
     mkdir -p /tmp/tsite && tar -xJf /tmp/g/triton.tar.xz -C /tmp/tsite
+    if [ -d /tmp/gparts ]; then
+      mkdir -p /tmp/g/gemma && cat /tmp/gparts/gpart* | tar -xf - -C /tmp/g/gemma
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/gemma/*
+    fi
     mkdir -p /tmp/dsh/corpus && cat /tmp/g/corpus/corpus.tar.xz.* | tar -xJf - -C /tmp/dsh/corpus   # DS_HYBRID_CACHE=/tmp/dsh
     [ -f /tmp/g/corpus/pydocs.tar.xz ] && tar -xJf /tmp/g/corpus/pydocs.tar.xz -C /   # the Python docs, as files
     if [ -f /tmp/g/old.tar ]; then rm -rf /tmp/old && mkdir -p /tmp/old && tar -xf /tmp/g/old.tar -C /tmp/old; fi

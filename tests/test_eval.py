@@ -272,3 +272,29 @@ def test_demo_recall_prints_both_models_scores_with_intervals(tiny, tmp_path, ca
     out = capsys.readouterr().out
     assert "niah_single_1 at 1024 tokens" in out and "of 2 prompts" in out
     assert (tmp_path / "demo" / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["teacher", "gdn"])
+def test_eval_with_cuda_graphs_generates_what_hflm_generates(tiny, kind):
+    """`ds-hybrid eval --cuda-graphs`: lm-eval's greedy generations through the static-cache decoder (run eagerly on
+    CPU) equal HFLM's own, prompt by prompt, left-padded batches of different lengths included."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ds_hybrid.evaluation.graph_lm import graph_hflm_class
+    from ds_hybrid.evaluation.haystack import haystack_words
+    from ds_hybrid.transfer import build_hybrid
+
+    model, tok, path = tiny
+    if kind == "gdn":
+        model = build_hybrid(model, [1], "gdn").eval()
+    specs = recall.ruler_configs(["niah_single_1", "niah_essay_single"], [1024], path, haystack_words(), limit=2)
+    specs.append(recall.based_config("swde", FIXTURES / "swde_fixture.jsonl", 3))
+    outs = []
+    for cls in (HFLM, graph_hflm_class()):
+        lm = cls(pretrained=model, tokenizer=tok, batch_size=4, max_length=1200, device="cpu")
+        outs.append(recall.samples_from(recall.run_tasks(lm, specs, None)))
+        assert hasattr(model, "_graph_decoder") == (cls is not HFLM)  # the second pass did use the static decoder
+    object.__delattr__(model, "_graph_decoder")
+    assert len(outs[0]) == 7
+    assert [(s["task"], s["id"], s["generation"]) for s in outs[0]] == \
+        [(s["task"], s["id"], s["generation"]) for s in outs[1]]

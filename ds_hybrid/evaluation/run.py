@@ -101,7 +101,13 @@ def run_eval(args: argparse.Namespace) -> dict:
         # the evaluation length: --max-length, else the model's context; RULER's --lengths are separate
         max_length = args.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         info[name]["max_length"] = max_length
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length, device=str(dev))
+        lm_class = HFLM
+        if args.cuda_graphs:  # greedy decoding through the static cache, CUDA graphs on a GPU (same tokens)
+            from ds_hybrid.evaluation.graph_lm import graph_hflm_class
+
+            lm_class = graph_hflm_class()
+        lm = lm_class(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=max_length,
+                      device=str(dev))
         specs = recall.ruler_configs(tasks, lengths, local, haystack, args.limit) if tasks and lengths else []
         budget = max_length - recall.BASED_MAX_GEN_TOKS
         for bname, p in based.items():
@@ -127,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         del model, lm
     payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
                "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
-               "based_files": based, "window": args.window, "truncated_prompts": truncated, "models": info,
+               "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs, "truncated_prompts": truncated, "models": info,
                "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                "heldout_quality": quality}
     md = report.recall_table(scores, quality, counts)
@@ -206,6 +212,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="the teacher to compare with: HF folder or 'embedded'")
     p.add_argument("--suite", default="recall", choices=["recall", "ruler", "niah", "niah6"])
     p.add_argument("--tasks", default=None, help="comma-separated task names instead of a suite ('' for none)")
+    p.add_argument("--cuda-graphs", action="store_true", help="greedy generation with a static cache, each decode "
+                   "step replayed as a CUDA graph (same tokens, GPU bound; on CPU the same static step runs eagerly)")
     p.add_argument("--lengths", default="2048,4096")
     p.add_argument("--swde", default=None, help="local SWDE file (JSON/JSONL/parquet: text+value or context+key+value)")
     p.add_argument("--fda", default=None, help="local FDA file, same layout")

@@ -222,6 +222,15 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${NAME}_quality
     for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}"; done
+    # the all-linear student (the align export: no kl) is a row of the table too
+    (for L in 2048 4096 8192; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    # a second hybrid from the same align (NAME2/LAYERS2, default uniform K = 4) when there is time for it
+    if [ $(( $(date +%s) - T0 )) -lt "${SECOND_BEFORE:-840}" ]; then
+      N2=${NAME2:-uniform4}
+      job kl_$N2 0 train --stage kl --config $CCFG out_dir=$RUNC/kl_runs/$N2 kl.init_from=$RUNC/align/hf \
+        "softmax_layers=${LAYERS2:-{uniform: 4\}}" && \
+        for L in 2048 4096 8192; do job eval_${N2}_$L 0 ev $N2 $RUNC/kl_runs/$N2/kl/hf $L "${EG[@]}"; done
+    fi
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

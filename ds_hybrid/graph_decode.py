@@ -29,6 +29,7 @@ captures one step (capture records and runs nothing) and replays it for the rema
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -250,5 +251,8 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
     if decoder is None or decoder.max_len < T + max_new:  # reuse a long enough one (and its graphs), else replace
         decoder = GraphDecoder(model, max_len=need, cuda_graphs=True)
         object.__setattr__(model, "_graph_decoder", decoder)
+        if not decoder.uses_graphs:
+            warnings.warn("cuda_graphs: the model is not on a CUDA device; the static-cache step runs eagerly (same "
+                          "tokens, no speed-up)", stacklevel=2)
     out = decoder.generate(input_ids, kwargs.get("attention_mask"), int(max_new))
     return finish_at_eos(out, T, eos_ids, pad)

@@ -9,6 +9,7 @@ early in ``generate`` keep generating there too until the whole batch stops. Sam
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ds_hybrid.graph_decode import generate_static
@@ -27,6 +28,8 @@ def graph_hflm_class() -> type:
             do_sample = kwargs.pop("do_sample", None)
             greedy = not do_sample and not temperature
             if not greedy or kwargs:  # sampling or options the static decoder does not take: lm-eval's own path
+                warnings.warn(f"--cuda-graphs: a task asks for {'sampling' if not greedy else sorted(kwargs)}, which "
+                              "the static decoder does not do; lm-eval's own generate runs it", stacklevel=2)
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             return generate_static(self.model, context, self.model.generation_config, attention_mask=attention_mask,
                                    max_new_tokens=max_length - context.shape[1],

@@ -47,12 +47,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     MixerOptions.from_dict({"use_short_conv": args.short_conv}, "--short-conv")
     import torch
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError("--device", args.device, "give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", args.device, "no CUDA device here; use --device cpu")
+    parse_device(args.device)  # checked before the teacher is read
 
     # fp32 by default (exact transfer); bf16 halves host memory and disk for large teachers (8B: 16 GB vs 32 GB)
     teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
@@ -64,18 +59,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_device(name: str):
+    """--device: a torch.device that exists here, or a ConfigError naming the option (before any model is read)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("--device", name, "give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", name, "no CUDA device here; use --device cpu")
+    return device
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ds_hybrid  # noqa: F401  (registers the model type)
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError("--device", args.device, "give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", args.device, "no CUDA device here; use --device cpu")
+    device = parse_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: add --device cuda, or drop --cuda-graphs")
     tok = AutoTokenizer.from_pretrained(args.model)

@@ -173,8 +173,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if generation_config.cache_implementation not in (None, "dynamic", "dynamic_full"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by ds_hybrid "
-                    "models; leave it unset (a HybridCache is used). For a static cache and CUDA graphs use "
-                    "ds_hybrid.graph_decode.GraphDecoder (ds-hybrid generate --cuda-graphs)"
+                    "models; leave it unset (a HybridCache is used). For a static cache and CUDA graphs pass "
+                    "cuda_graphs=True to generate (greedy; ds-hybrid generate --cuda-graphs)"
                 )
             model_kwargs["past_key_values"] = HybridCache.from_config(self.config)
             return None

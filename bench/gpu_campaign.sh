@@ -190,7 +190,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
             # the teacher's eval runs beside the hybrid's; GRAPH_CHECK=1: bench/graph_decode_check.py first
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    CCFG=runs/smollm2_compare.yaml RUNC=/tmp/run/compare NAME=${NAME:-uniform8}
+    CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
+    LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUNC, EVAL_LENGTHS, EVAL_LIMIT smaller)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
 print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
@@ -198,7 +199,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     layers=()
     [ -n "${LAYERS:-}" ] && layers=("softmax_layers=$LAYERS")
     ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, 100 prompts per task
-      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit 100 --batch-size 64 \
+      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
         --no-quality --out $R/eval_$1_$3 "${@:4}"
     }
     # the evaluation's whole path on one prompt per task before any training: a missing package fails here; then
@@ -216,20 +217,20 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
     job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
     # the teacher: every length with the evaluation's decoder, and 2k eagerly too (graphs == eager, 600 prompts)
-    (for L in 2048 4096 8192; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done
-     [ ${#EG[@]} = 0 ] || job eval_teacher_eager_2048 0 ev teacher_eager embedded 2048) &
+    (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done
+     [ ${#EG[@]} = 0 ] || job eval_teacher_eager_${LENGTHS%% *} 0 ev teacher_eager embedded ${LENGTHS%% *}) &
     job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${NAME}_quality
-    for L in 2048 4096 8192; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}"; done
+    for L in $LENGTHS; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}"; done
     # the all-linear student (the align export: no kl) is a row of the table too
-    (for L in 2048 4096 8192; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
     # a second hybrid from the same align (NAME2/LAYERS2, default uniform K = 4) when there is time for it
     if [ $(( $(date +%s) - T0 )) -lt "${SECOND_BEFORE:-840}" ]; then
       N2=${NAME2:-uniform4}
       job kl_$N2 0 train --stage kl --config $CCFG out_dir=$RUNC/kl_runs/$N2 kl.init_from=$RUNC/align/hf \
         "softmax_layers=${LAYERS2:-{uniform: 4\}}" && \
-        for L in 2048 4096 8192; do job eval_${N2}_$L 0 ev $N2 $RUNC/kl_runs/$N2/kl/hf $L "${EG[@]}"; done
+        for L in $LENGTHS; do job eval_${N2}_$L 0 ev $N2 $RUNC/kl_runs/$N2/kl/hf $L "${EG[@]}"; done
     fi
     wait
     note "campaign done"

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="memory per GPU for a config and cluster shape (see: ds-hybrid plan -h)")
     sub.add_parser("corpus", help="build, count or pack the embedded corpus (see: ds-hybrid corpus -h)")
     sub.add_parser("select-compare", help="agreement of selection.json files (see: ds-hybrid select-compare -h)")
+    sub.add_parser("eval-merge", help="one table from several eval outputs (see: ds-hybrid eval-merge -h)")
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)
@@ -157,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["plan"], ["corpus"], ["select-compare"]):  # their own parsers (plan: key=value overrides)
+    if argv[:1] in (["plan"], ["corpus"], ["select-compare"], ["eval-merge"]):  # their own parsers (plan: key=value)
         from ds_hybrid.corpus.tools import main as corpus_main
+        from ds_hybrid.evaluation.merge import main as merge_main
         from ds_hybrid.plan import main as plan_main
         from ds_hybrid.select_compare import main as compare_main
 
         try:
-            return {"plan": plan_main, "corpus": corpus_main, "select-compare": compare_main}[argv[0]](argv[1:])
+            return {"plan": plan_main, "corpus": corpus_main, "select-compare": compare_main,
+                    "eval-merge": merge_main}[argv[0]](argv[1:])
         except ConfigError as e:
             print(f"ds-hybrid: error: {e}", file=sys.stderr)
             return 2

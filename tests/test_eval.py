@@ -256,6 +256,42 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     assert "n=2" in (out / "eval.md").read_text()
 
 
+def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    lengths = sorted({int(k) for s in scores.values() for d in s.values() for k in d if k.isdigit()})
+    (folder / "eval.json").write_text(json.dumps({"date": "d", "device": "cuda", "cuda_graphs": True, "limit": 100,
+                                                  "lengths": lengths, "tasks": sorted({t for s in scores.values() for t in s}),
+                                                  "scores": scores, "prompts": prompts, "heldout_quality": quality or {}}))
+    return folder
+
+
+def test_eval_merge_joins_per_length_jobs_and_refuses_a_score_given_twice(tmp_path):
+    from ds_hybrid.evaluation import merge
+
+    a = _eval_json(tmp_path / "a", {"hyb": {"niah_single_1": {"2048": 0.77}}}, {"hyb": {"niah_single_1": {"2048": 100}}})
+    b = _eval_json(tmp_path / "b", {"hyb": {"niah_single_1": {"4096": 0.53}}, "teacher": {"niah_single_1": {"4096": 0.99}}},
+                   {"hyb": {"niah_single_1": {"4096": 100}}, "teacher": {"niah_single_1": {"4096": 50}}})
+    q = _eval_json(tmp_path / "q", {"hyb": {"swde_local": {"contains": 1.0}}}, {"hyb": {"swde_local": {"contains": 12}}},
+                   {"hyb": {"ppl": 19.8, "kl_to_teacher": 0.15}})
+    assert merge.main([str(a), str(b / "eval.json"), str(q), "--out", str(tmp_path / "m")]) == 0
+    res = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert res["scores"] == {"hyb": {"niah_single_1": {"2048": 0.77, "4096": 0.53}, "swde_local": {"contains": 1.0}},
+                             "teacher": {"niah_single_1": {"4096": 0.99}}}
+    assert res["prompts"]["teacher"]["niah_single_1"]["4096"] == 50 and res["lengths"] == [2048, 4096]
+    assert res["ci95"]["teacher"]["niah_single_1"]["4096"] == pytest.approx(report.wilson_interval(0.99, 50))
+    assert res["heldout_quality"] == {"hyb": {"ppl": 19.8, "kl_to_teacher": 0.15}} and len(res["sources"]) == 3
+    md = (tmp_path / "m" / "eval.md").read_text()
+    assert "| niah_single_1 | 4096 | 0.530 [0.43, 0.62] n=100 | 0.990" in md and "held-out ppl | | 19.800 |" in md
+    assert (tmp_path / "m" / "recall_vs_length.png").stat().st_size > 1000
+    # the same cell with another value: refused, naming both files; renamed on the way in, it is a new column
+    c = _eval_json(tmp_path / "c", {"hyb": {"niah_single_1": {"2048": 0.5}}}, {"hyb": {"niah_single_1": {"2048": 100}}})
+    with pytest.raises(ConfigError, match=r"hyb/niah_single_1/2048 is 0.5 here but 0.77"):
+        merge.merge([str(a), str(c)])
+    assert merge.merge([str(a), f"seed1=hyb@{c}"])["scores"]["seed1"] == {"niah_single_1": {"2048": 0.5}}
+    with pytest.raises(ConfigError, match="no eval.json"):
+        merge.merge([str(tmp_path / "nowhere")])
+
+
 def test_wilson_interval_matches_the_closed_form():
     # p = 0.5 of 100: 0.5 -/+ 1.96 * sqrt(0.25 / 100 + 1.96**2 / 40000) / (1 + 1.96**2 / 100)
     assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 ds_hybrid/train.py --stage kl --config runs/x.yaml kl.tokens=2e8
     srun python ds_hybrid/train.py --stage kl --config runs/x.yaml                  # one task per rank
     python ds_hybrid/train.py --stage align --config runs/smollm2_cpu.yaml          # one process (CPU or GPU)
+    python ds_hybrid/train.py --stage align --config runs/x.yaml --prepare-data     # token cache only (CPU node)
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 ds_hybrid/train.py ...          # 2 CPU ranks, gloo
 
 Stages: align (RADLADS stage 1), select (layer selection), kl (stage 2), finetune (stage 3).
@@ -34,9 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stage", required=True, choices=STAGES)
     ap.add_argument("--config", default=None, help="run YAML (runs/*.yaml); omitted: all defaults")
     ap.add_argument("--force", action="store_true", help="rerun a stage that already has its DONE marker")
+    ap.add_argument("--prepare-data", action="store_true", help="only tokenize what the stage reads into the token "
+                    "cache, print where it is and exit (no model, no GPU: run it on a CPU node before the GPU job)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.stage == "select":
+        if args.prepare_data:
+            import json
+
+            from ds_hybrid.trainer import prepare_data
+
+            print(json.dumps(prepare_data(cfg, args.stage), indent=1))
+        elif args.stage == "select":
             from ds_hybrid.stages.select import run_select
 
             run_select(cfg, force=args.force)

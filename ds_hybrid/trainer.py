@@ -30,7 +30,7 @@ import torch
 
 from ds_hybrid import distributed as D
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
-from ds_hybrid.config import RunConfig, stage_steps, validate_for_launch
+from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
@@ -86,6 +86,17 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
+
+
+def prepare_data(cfg: RunConfig, stage: str) -> dict:
+    """``train.py --prepare-data``: tokenize what ``stage`` reads into the token cache and return its record (cache
+    path, tokens per source), building no model and touching no accelerator: a CPU node can do it before the GPU job,
+    and a later run with the same data settings and teacher reuses the cache."""
+    from ds_hybrid.teacher import load_tokenizer
+
+    need = cfg.stage(stage).tokens if stage in TRAIN_STAGES else math.inf
+    streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=need or math.inf)
+    return {"data_cache": str(streams.path), **streams.meta}
 
 
 class _Signals:

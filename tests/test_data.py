@@ -92,6 +92,23 @@ def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_c
     assert np.array_equal(np.concatenate([a for _, a in again.train]), np.concatenate([a for _, a in small.train]))
 
 
+def test_prepare_data_builds_the_cache_a_stage_then_reuses(tmp_path, tok, capsys):
+    from ds_hybrid import train
+    from ds_hybrid.trainer import prepare_data
+
+    jl = write_jsonl(tmp_path / "jl", 20, 40, 60)
+    over = [f"data.source={jl}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_tokens=2000", "data.num_proc=1",
+            "align.tokens=25000"]
+    assert train.main(["--stage", "align", *over[:2], "--prepare-data", *over[2:]]) == 0  # options after overrides
+    rec = json.loads(capsys.readouterr().out)
+    stage_streams = prepare_streams(load_config(None, over).data, tok, need_tokens=25_000)  # what stage align reads
+    assert rec["data_cache"] == str(stage_streams.path) and rec["train_tokens"] == stage_streams.meta["train_tokens"]
+    assert 25_000 <= rec["train_tokens"] and rec["sources"][DATA_SOURCE]["units"] < 20  # only what the budget needs
+    mtimes = {p: p.stat().st_mtime_ns for p in stage_streams.path.glob(f"{DATA_SOURCE}/u*.bin")}
+    assert prepare_data(load_config(None, over), "align")["train_tokens"] == rec["train_tokens"]
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # reused, not redone
+
+
 def test_held_out_documents_are_never_trained_on_and_depend_only_on_split_seed(tmp_path, tok):
     jl = write_jsonl(tmp_path / "jl", 3, 200, 40)  # ~1,500 held-out tokens a file: the first two hold them out
     a = prepare_streams(data_cfg(jl, tmp_path / "c1"), tok)

@@ -35,7 +35,7 @@ from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_stream
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
-from ds_hybrid.stages.base import StageContext
+from ds_hybrid.stages.base import Stage, StageContext
 
 log = logging.getLogger("ds_hybrid")
 
@@ -86,6 +86,14 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
+
+
+def held_out(runner: Stage, batches: list[torch.Tensor]) -> dict[str, float]:
+    """The stage's held-out evaluation, run eagerly: with compiled blocks, a no-grad forward would compile a second
+    set of graphs for a few dozen sequences (on a fresh H200 the first evaluation took 27 s in stage kl and 68 s in
+    align, mostly compiling; docs/BENCHMARKS.md), more than the evaluation itself costs eagerly."""
+    with torch.compiler.set_stance("force_eager"):
+        return runner.evaluate(batches)
 
 
 def prepare_data(cfg: RunConfig, stage: str) -> dict:
@@ -224,7 +232,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     phase_s["setup"] = time.perf_counter() - t_start
     if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
         t0 = time.perf_counter()
-        monitor.scalars(0, runner.evaluate(val_batches), prefix="val")
+        monitor.scalars(0, held_out(runner, val_batches), prefix="val")
         phase_s["first_eval"] = time.perf_counter() - t0
     t_train = time.perf_counter()
     signals = _Signals()
@@ -263,14 +271,14 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
             if s.eval_every and done % s.eval_every == 0 and done != total:
-                monitor.scalars(done, runner.evaluate(val_batches), prefix="val")
+                monitor.scalars(done, held_out(runner, val_batches), prefix="val")
             if stop:
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
         phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
         t0 = time.perf_counter()
-        final = runner.evaluate(val_batches)
+        final = held_out(runner, val_batches)
         phase_s["final_eval"] = time.perf_counter() - t0
         monitor.scalars(total, final, prefix="val")
         log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))

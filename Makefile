@@ -46,8 +46,11 @@ demo: setup
 
 test: setup
 	# two workers, a test file at a time each (--dist loadfile: a file's module fixtures, e.g. the local Slurm
-	# cluster, stay on one worker); most tests wait on subprocesses, so 2 cores run two files at once
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
+	# cluster, stay on one worker); most tests wait on subprocesses, so 2 cores run two files at once.
+	# --no-loadscope-reorder: files are handed out in collection order, longest first (tests/conftest.py); by
+	# default pytest-xdist >= 3.7 hands them out by number of tests, which left test_slurm.py (4 tests) near the end
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder \
+	  --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -62,32 +62,39 @@ def test_cli_convert_then_generate(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]
 
 
-def test_cli_convert_refuses_a_device_it_does_not_have(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--device", "cuda", "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--device" in r.stderr and "--device cpu" in r.stderr, r.stderr[-2000:]
+# The refusals run the command's main() in this process (`python -m ds_hybrid.cli` is sys.exit(main()); the test
+# above runs it as a process): a Python start of their own would cost ~8 s of CPU each.
+def test_cli_convert_refuses_a_device_it_does_not_have(tmp_path, capsys):
+    from ds_hybrid.cli import main
+
+    code = main(["convert", "--device", "cuda", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--device" in err and "--device cpu" in err, err[-2000:]
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_bad_layers_fail_before_loading(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "convert", "--softmax-layers", "3,30", "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert "--softmax-layers" in r.stderr and "0..29" in r.stderr
+def test_cli_bad_layers_fail_before_loading(tmp_path, capsys):
+    from ds_hybrid.cli import main
+
+    code = main(["convert", "--softmax-layers", "3,30", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--softmax-layers" in err and "0..29" in err
     assert not (tmp_path / "x").exists()
 
 
 def test_short_align_then_kl_on_the_real_teacher_exports_a_hybrid_that_reloads(tmp_path):
     """A few steps of align and kl on SmolLM2 itself (short sequences, one process), then reload the export."""
-    from trainer_utils import make_corpus, tail, train, write_config
+    from trainer_utils import make_corpus, tail, train_in_one_process, write_config
 
     corpus = make_corpus(tmp_path / "corpus", n_files=20)
     short = {"seq_len": 64, "global_batch": 2, "micro_batch": 2, "tokens": 2 * 2 * 64, "eval_sequences": 2,
              "ds_config": "ds_configs/single.json", "teacher_ds_config": "ds_configs/single.json"}
     cfg = write_config(tmp_path / "run.yaml", "embedded", corpus, tmp_path / "out", softmax_layers={"uniform": 0.25},
                        align=short, kl=short)
-    for stage in ("align", "kl"):
-        p = train(stage, cfg, nproc=1, timeout=900)
+    # both stages one after another in one process (tests/train_runs.py), each run by train.py's main()
+    for p in train_in_one_process([["--stage", stage, "--config", str(cfg)] for stage in ("align", "kl")],
+                                  tmp_path / "runs.json", timeout=1200):
         assert p.returncode == 0, tail(p)
     import ds_hybrid  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer

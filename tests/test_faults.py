@@ -121,15 +121,18 @@ def test_a_write_that_fills_the_disk_is_reported_and_leaves_nothing_partial(smal
     assert not (ck.dir / "step00000002").exists()  # the partial folder is gone: a resume cannot pick it
 
 
-def test_plan_states_the_checkpoint_size(tmp_path):
-    import sys
+def test_plan_states_the_checkpoint_size(tmp_path, capsys, monkeypatch):
+    # the command's main() in this process: test_plan.py runs this same `ds-hybrid plan` as a process
+    from trainer_utils import REPO
 
-    from trainer_utils import run, tail
+    from ds_hybrid.cli import main
 
-    p = run([sys.executable, "-m", "ds_hybrid.cli", "plan", "--config", "runs/llama3_70b_gdn.yaml", "--teacher-config",
-             "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
-    assert p.returncode == 0, tail(p)
-    assert "checkpoint on disk: about" in p.stdout
+    monkeypatch.chdir(REPO)
+    code = main(["plan", "--config", "runs/llama3_70b_gdn.yaml", "--teacher-config",
+                 "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
+    out = capsys.readouterr()
+    assert code == 0, out.out[-2000:] + out.err[-2000:]
+    assert "checkpoint on disk: about" in out.out
 
 
 def test_a_teacher_folder_with_its_own_code_is_refused(tmp_path):

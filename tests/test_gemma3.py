@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 import torch
-from trainer_utils import make_corpus, make_tiny_teacher, tail, train, write_config
+from trainer_utils import make_corpus, make_tiny_teacher, tail, train_in_one_process, write_config
 
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import global_layers, keep_global_layers, keep_global_ranking
@@ -42,20 +42,21 @@ def test_gemma3_pipeline_align_select_kl(tmp_path):
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out",
                        align={**single, "tokens": 4 * 8 * 64}, kl={**single, "tokens": 2 * 8 * 64},
                        select={"ks": [1, 2], "ratios": [], "eval_sequences": 4, "probe": {"seq_len": 64}})
-    p = train("align", cfg, nproc=1)
-    assert p.returncode == 0, tail(p)
-    for method in ("keep_global", "proxy"):
-        p = train("select", cfg, f"select.method={method}", nproc=1)
+    spec = json.dumps({"selection": str(tmp_path / "out" / "select" / "keep_global" / "selection.json"), "k": 1})
+    # align, select (keep_global, proxy), kl on the keep_global selection: train.py's runs one after another in one
+    # process (tests/train_runs.py)
+    runs = [("align",), ("select", "select.method=keep_global"), ("select", "select.method=proxy"),
+            ("kl", f"softmax_layers={spec}")]
+    for p in train_in_one_process([["--stage", stage, "--config", str(cfg), *over] for stage, *over in runs],
+                                  tmp_path / "runs.json"):
         assert p.returncode == 0, tail(p)
+    for method in ("keep_global", "proxy"):
         sel = read_selection(tmp_path / "out" / "select" / method / "selection.json")
         assert sel["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
         assert sel["global_layers"] == [2]
         assert sel["global_kept"]["k=1"] == ([2] if 2 in sel["chosen"]["k=1"] else [])
         assert (tmp_path / "out" / "select" / method / "selection.png").stat().st_size > 0
     assert read_selection(tmp_path / "out" / "select" / "keep_global" / "selection.json")["chosen"]["k=1"] == [2]
-    spec = json.dumps({"selection": str(tmp_path / "out" / "select" / "keep_global" / "selection.json"), "k": 1})
-    p = train("kl", cfg, f"softmax_layers={spec}", nproc=1)
-    assert p.returncode == 0, tail(p)
     import ds_hybrid  # noqa: F401
     from transformers import AutoModelForCausalLM
 

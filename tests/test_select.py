@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from trainer_utils import REPO, env, make_corpus, make_tiny_teacher, tail, train, write_config
+from trainer_utils import REPO, env, make_corpus, make_tiny_teacher, tail, train, train_in_one_process, write_config
 
 from ds_hybrid.config import load_config
 from ds_hybrid.errors import ConfigError
@@ -87,6 +87,27 @@ def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
     assert list((out / "tensorboard").glob("events.*"))
 
 
+BASELINES = ["uniform", "smart", "mse", "ppl", "ar", "ar_multihop"]
+
+
+@pytest.fixture(scope="module")
+def quick_selections(planted, ga_s2):
+    """The selections that train nothing (the baselines; the proxy against GA-S2) and GA-S2's distance-regularized
+    reranking of its finished probes, each a run of train.py's main() with the overrides below, one after another
+    in one process: they take a second or two each, a Python start of their own ~8 s of CPU more."""
+    runs = {m: [f"select.method={m}", "select.ar_prompts=4", "select.ar_pairs=10"] for m in BASELINES}
+    runs["proxy"] = ["select.method=proxy", f"select.reference={ga_s2[1]}"]
+    runs["distance_reg"] = ["select.method=ga_s2", "select.distance_reg=5"]
+    argvs = [["--stage", "select", "--config", str(planted["cfg"]), *o] for o in runs.values()]
+    return dict(zip(runs, train_in_one_process(argvs, planted["root"] / "quick_selections.json")))
+
+
+def quick_selection(planted, quick_selections, method: str) -> dict:
+    p = quick_selections[method]
+    assert p.returncode == 0, tail(p)
+    return read_selection(planted["out"] / "select" / method / "selection.json")
+
+
 @pytest.fixture(scope="module")
 def halving_one_task(planted, ga_s2):
     """Successive halving (default: survivors retrained) in one task, with agreement against GA-S2."""
@@ -96,7 +117,7 @@ def halving_one_task(planted, ga_s2):
     return sel, ref
 
 
-def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, halving_one_task):
+def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, halving_one_task, quick_selections):
     h, ref = halving_one_task
     assert PLANTED in h["ranking"][:1]
     assert h["tokens_spent"] < read_selection(ref)["tokens_spent"]
@@ -110,7 +131,8 @@ def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, 
     assert {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")} == stamps
     assert again["rounds"] == h["rounds"] and again["ranking"] == h["ranking"]
     assert len(h["rounds"]) >= 2 and h["rounds"][0]["scores"] != h["rounds"][-1]["scores"]
-    p = select(planted["cfg"], "proxy", f"select.reference={ref}")
+    p = quick_selection(planted, quick_selections, "proxy")  # select.reference = GA-S2's, as ref
+    assert p["agreement"]["reference"] == ref
     assert p["ranking"][0] == PLANTED and p["tokens_spent"] == 0
     assert -1 <= p["agreement"]["kendall_tau"] <= 1
 
@@ -180,9 +202,9 @@ def test_killed_selection_reruns_only_missing_probes(planted, tmp_path):
     assert (out / "select" / "ga_s2" / "selection.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["uniform", "smart", "mse", "ppl", "ar", "ar_multihop"])
-def test_baselines_give_k_distinct_valid_layers(planted, method):
-    sel = select(planted["cfg"], method, "select.ar_prompts=4", "select.ar_pairs=10")
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_give_k_distinct_valid_layers(planted, quick_selections, method):
+    sel = quick_selection(planted, quick_selections, method)  # select.ar_prompts=4, select.ar_pairs=10
     assert sorted(sel["ranking"]) == [0, 1, 2, 3]
     for name, layers in sel["chosen"].items():
         k = int(name[2:]) if name.startswith("k=") else {"ratio=0.25": 1, "ratio=0.5": 2}[name]
@@ -249,10 +271,10 @@ def test_agreement_measures():
     assert topk_overlap([5, 1, 2], [1, 5, 9], 2) == 1.0 and topk_overlap([5, 1, 2], [1, 7, 9], 2) == 0.5
 
 
-def test_distance_regularized_selection_reuses_the_probes(planted, ga_s2):
+def test_distance_regularized_selection_reuses_the_probes(planted, ga_s2, quick_selections):
     """select.distance_reg reranks the GA-S2 probes (no probe runs again) and is written beside the plain selection."""
     plain, _ = ga_s2
-    p = train("select", planted["cfg"], "select.method=ga_s2", "select.distance_reg=5", nproc=1)
+    p = quick_selections["distance_reg"]  # select.method=ga_s2 select.distance_reg=5
     assert p.returncode == 0, tail(p)
     assert not re.findall(r"probe \S+ \(\d+/\d+\)", p.stdout)  # every probe was found done: none trained again
     assert len(re.findall(r"probe \S+ already done", p.stdout)) == 5  # 4 layers + the all-linear baseline

@@ -41,9 +41,24 @@ SBATCH = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--
 
 
 def submit(e, log, *args, wait=True):
-    cmd = [*SBATCH, *(["--wait"] if wait else ["--parsable"]), f"--output={log}", "launchers/distill_70b.slurm",
-           f"PYTHON={sys.executable}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO, timeout=1500)
+    """sbatch the launcher; ``wait``: until the job has ended, then its exit code is the returncode (as sbatch
+    --wait, whose polling backs off to 32 s between looks: up to half a minute idle after a job of a minute or two)."""
+    cmd = [*SBATCH, "--parsable", f"--output={log}", "launchers/distill_70b.slurm", f"PYTHON={sys.executable}", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO, timeout=120)
+    if not wait or p.returncode != 0:
+        return p
+    job = p.stdout.strip().split(";")[0]
+    deadline = time.time() + 1500
+    while (state := _job_field(e, job, "JobState")) not in ENDED:
+        assert time.time() < deadline, f"job {job} still {state}"
+        time.sleep(0.5)
+    code, sig = (int(x) for x in _job_field(e, job, "ExitCode").split(":"))
+    return subprocess.CompletedProcess(cmd, code or (128 + sig if sig else 0), p.stdout,
+                                       p.stderr + f"job {job}: {state}")
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY"}
 
 
 @pytest.fixture(scope="module")

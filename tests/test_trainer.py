@@ -1,7 +1,7 @@
 """The DeepSpeed trainer on CPU: 2 gloo ranks, a tiny teacher with the real SmolLM2 tokenizer, real prose.
 
-One pipeline (align -> kl -> finetune; student ZeRO-2, teacher ZeRO-3) is run once per module and inspected by
-several tests; resume, ZeRO-3 equivalence, failures and bad configs get their own runs.
+One pipeline (align -> kl -> finetune; student ZeRO-2, teacher ZeRO-3; one launch) is run once per module and
+inspected by several tests; resume, ZeRO-3 equivalence, failures and bad configs get their own runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from trainer_utils import (REPO, env, make_corpus, make_tiny_teacher, metrics, tail, torchrun_cmd, train,
-                           write_config)
+                           train_in_one_process, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,9 @@ def pipeline(tmp_path_factory):
     teacher = make_tiny_teacher(root / "teacher")
     corpus = make_corpus(root / "corpus")
     cfg = write_config(root / "run.yaml", teacher, corpus, root / "out")
-    for stage in ("align", "kl", "finetune"):
-        p = train(stage, cfg)
+    # the three stages one after another in one launch of 2 ranks, each run by train.py's main() (tests/train_runs.py)
+    runs = [["--stage", stage, "--config", str(cfg)] for stage in ("align", "kl", "finetune")]
+    for p in train_in_one_process(runs, root / "pipeline.json", nproc=2):
         assert p.returncode == 0, tail(p)
     return {"root": root, "teacher": teacher, "corpus": corpus, "cfg": cfg, "out": root / "out"}
 
@@ -212,16 +213,22 @@ def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
     single-process one (a partitioned build left uninitialised mixer parameters here once: NaN from step 0)."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=10)
-    vals = {}
+    vals, cfgs = {}, {}
     # (world, micro batch): held-out rows are evaluated micro_batch at a time; one at a time must give the same KL
     for world, mb, ds in ((1, 2, "single"), (2, 2, "student_zero3"), (1, 1, "single")):
-        out = tmp_path / f"out{world}_{mb}"
-        cfg = write_config(tmp_path / f"run{world}_{mb}.yaml", teacher, corpus, out,
-                           kl={"init_from": "teacher", "tokens": 8 * 128, "ckpt_every": 0, "export": False,
-                               "micro_batch": mb, "ds_config": f"ds_configs/{ds}.json",
-                               "teacher_ds_config": f"ds_configs/{'single' if world == 1 else 'teacher_zero3'}.json"})
-        train("kl", cfg, nproc=world)
-        vals[world, mb] = metrics(out / "kl", "val")[0]["kl"]
+        cfgs[world, mb] = write_config(
+            tmp_path / f"run{world}_{mb}.yaml", teacher, corpus, tmp_path / f"out{world}_{mb}",
+            kl={"init_from": "teacher", "tokens": 8 * 128, "ckpt_every": 0, "export": False, "micro_batch": mb,
+                "ds_config": f"ds_configs/{ds}.json",
+                "teacher_ds_config": f"ds_configs/{'single' if world == 1 else 'teacher_zero3'}.json"})
+    p = train("kl", cfgs[2, 2], nproc=2)
+    assert p.returncode == 0, tail(p)
+    # the two single-process runs one after another in one process (tests/train_runs.py)
+    for p in train_in_one_process([["--stage", "kl", "--config", str(cfgs[k])] for k in ((1, 2), (1, 1))],
+                                  tmp_path / "single.json"):
+        assert p.returncode == 0, tail(p)
+    for world, mb in cfgs:
+        vals[world, mb] = metrics(tmp_path / f"out{world}_{mb}" / "kl", "val")[0]["kl"]
     assert vals[1, 2] > 0 and vals[2, 2] == pytest.approx(vals[1, 2], rel=1e-4)
     assert vals[1, 1] == pytest.approx(vals[1, 2], rel=1e-5)
 

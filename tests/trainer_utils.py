@@ -104,6 +104,26 @@ def train(stage: str, config: Path, *overrides: str, nproc: int = 2, timeout: in
     return run(cmd, timeout)
 
 
+def train_in_one_process(runs: list[list[str]], out: Path, nproc: int = 1,
+                         timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Runs of train.py (each a list of its arguments) made one after another in one Python process per rank
+    (tests/train_runs.py): for runs of a few seconds, a Python start of their own (torch, transformers, DeepSpeed:
+    ~8 s of CPU) would be most of their cost. Each run gets its own returncode, stdout and stderr; under several
+    ranks, the runs after a failed one are not made (their returncode is None). ``out``: the results file."""
+    script = str(REPO / "tests" / "train_runs.py")
+    if nproc == 1:
+        cmd = [sys.executable, script, str(out), json.dumps(runs)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), script, str(out), json.dumps(runs)]
+    p = run(cmd, timeout)
+    assert out.is_file(), tail(p)
+    results = json.loads(out.read_text())
+    results += [[None, "", "not run: an earlier run failed"]] * (len(runs) - len(results))
+    return [subprocess.CompletedProcess(argv, code, stdout, stderr + (p.stderr if code else ""))
+            for argv, (code, stdout, stderr) in zip(runs, results)]
+
+
 def metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
     """Last record per step (a resumed run appends the steps it redoes)."""
     out: dict[int, dict] = {}

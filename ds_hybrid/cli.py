@@ -9,6 +9,8 @@
     ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8     # memory per GPU
     ds-hybrid corpus build | stats | pack --out DIR                                  # the embedded corpus
     ds-hybrid select-compare gdn=a/selection.json gla=b/selection.json --ks 4,8     # top-K overlap, Kendall tau
+    ds-hybrid eval-merge out/eval_a out/eval_b --out out/merged                     # one table from many evals
+    ds-hybrid recall-vs-k out/merged --selection ga_s2=sel.json --out out/by_k      # selector x K x task, plot
 
 Training stages run through ``ds_hybrid/train.py`` (under deepspeed / torchrun); see the README.
 """
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("corpus", help="build, count or pack the embedded corpus (see: ds-hybrid corpus -h)")
     sub.add_parser("select-compare", help="agreement of selection.json files (see: ds-hybrid select-compare -h)")
     sub.add_parser("eval-merge", help="one table from several eval outputs (see: ds-hybrid eval-merge -h)")
+    sub.add_parser("recall-vs-k", help="selector x K x task table and recall-vs-K plot (see: ds-hybrid recall-vs-k -h)")
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)
@@ -158,15 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["plan"], ["corpus"], ["select-compare"], ["eval-merge"]):  # their own parsers (plan: key=value)
+    if argv[:1] in (["plan"], ["corpus"], ["select-compare"], ["eval-merge"], ["recall-vs-k"]):  # own parsers
         from ds_hybrid.corpus.tools import main as corpus_main
+        from ds_hybrid.evaluation.by_k import main as by_k_main
         from ds_hybrid.evaluation.merge import main as merge_main
         from ds_hybrid.plan import main as plan_main
         from ds_hybrid.select_compare import main as compare_main
 
         try:
             return {"plan": plan_main, "corpus": corpus_main, "select-compare": compare_main,
-                    "eval-merge": merge_main}[argv[0]](argv[1:])
+                    "eval-merge": merge_main, "recall-vs-k": by_k_main}[argv[0]](argv[1:])
         except ConfigError as e:
             print(f"ds-hybrid: error: {e}", file=sys.stderr)
             return 2

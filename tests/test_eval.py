@@ -334,3 +334,42 @@ def test_eval_with_cuda_graphs_generates_what_hflm_generates(tiny, kind):
     assert len(outs[0]) == 7
     assert [(s["task"], s["id"], s["generation"]) for s in outs[0]] == \
         [(s["task"], s["id"], s["generation"]) for s in outs[1]]
+
+
+def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, capsys):
+    """The comparison's table: the teacher at K = L, the all-linear student at 0, each hybrid under the selector
+    whose K layers are its softmax layers (a selection file's top-K, or the uniform/smart rules), seeds kept apart."""
+    from ds_hybrid.evaluation import by_k
+    from ds_hybrid.layers import uniform_layers
+    from ds_hybrid.selection import make_selection, write_selection
+
+    L = 12
+    ga = make_selection("ga_s2", {l: (0.0 if l in (2, 5, 9, 10) else 1.0 + l / 100) for l in range(L)}, True, L)
+    write_selection(tmp_path / "ga" / "selection.json", ga)
+    hyb = lambda layers: {"model_type": "ds_hybrid", "num_layers": L, "softmax_layers": layers}  # noqa: E731
+    models = {"teacher": {"model_type": "llama", "num_layers": L}, "lin": hyb([]),
+              "u4": hyb(uniform_layers(L, 4)), "picked": hyb([2, 5, 9, 10]), "picked_seed1": hyb([10, 9, 5, 2]),
+              "odd": hyb([0, 1])}
+    s = lambda v: {"niah_single_1": {"2048": v}}  # noqa: E731
+    scores = {"teacher": s(1.0), "lin": s(0.0), "u4": s(0.5), "picked": s(0.7), "picked_seed1": s(0.6), "odd": s(0.1)}
+    folder = _eval_json(tmp_path / "e", scores, {m: {"niah_single_1": {"2048": 100}} for m in scores},
+                        {"u4": {"ppl": 20.0, "kl_to_teacher": 0.2}})
+    payload = json.loads((folder / "eval.json").read_text())
+    payload["models"] = models
+    (folder / "eval.json").write_text(json.dumps(payload))
+
+    out = tmp_path / "k"
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--out", str(out)]) == 0
+    placed = {r["model"]: (r["selector"], r["k"]) for r in json.loads((out / "recall_vs_k.json").read_text())["models"]}
+    assert placed == {"teacher": ("teacher", L), "lin": ("all_linear", 0), "u4": ("uniform", 4),
+                      "picked": ("ga_s2", 4), "picked_seed1": ("ga_s2", 4), "odd": ("odd", 2)}
+    md = (out / "recall_vs_k.md").read_text()
+    assert "| ga_s2 | 4 | picked | 0.70 [0.60, 0.78] |" in md and "| uniform | 4 | u4 | 20.000 | 0.200 |" in md
+    assert "no selector explains" in capsys.readouterr().out
+    assert (out / "recall_vs_k.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="no model has a score"):
+        by_k.main([str(folder), "--task", "niah_multikey_3", "--out", str(out)])
+    other = make_selection("ga_s2", {l: float(l) for l in range(L + 1)}, True, L + 1)
+    write_selection(tmp_path / "other" / "selection.json", other)
+    with pytest.raises(ConfigError, match="ranks 13 layers"):
+        by_k.main([str(folder), "--selection", f"x={tmp_path / 'other' / 'selection.json'}", "--out", str(out)])

@@ -31,6 +31,16 @@ def intervals(scores: dict[str, dict[str, dict[str, float]]],
     return out
 
 
+def score_cell(v: float | None, n: int, digits: int = 3, show_n: bool = True) -> str:
+    """A table cell: the score, and with its prompt count n > 0 its 95 % Wilson interval; "" for no score."""
+    if v is None or v < 0:
+        return ""
+    if not n:
+        return f"{v:.{digits}f}"
+    lo, hi = wilson_interval(v, n)
+    return f"{v:.{digits}f} [{lo:.2f}, {hi:.2f}]" + (f" n={n}" if show_n else "")
+
+
 def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[str, dict] | None = None,
                  counts: dict[str, dict[str, dict[str, int]]] | None = None) -> str:
     """scores: {model: {task: {length|'contains': score}}} -> markdown with models side by side; with ``counts``
@@ -42,15 +52,8 @@ def recall_table(scores: dict[str, dict[str, dict[str, float]]], quality: dict[s
     for task, metric in rows:
         cells = []
         for m in models:
-            v = scores[m].get(task, {}).get(metric)
             n = (counts or {}).get(m, {}).get(task, {}).get(metric, 0)
-            if v is None or v < 0:
-                cells.append("")
-            elif n:
-                lo, hi = wilson_interval(v, n)
-                cells.append(f"{v:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
-            else:
-                cells.append(f"{v:.3f}")
+            cells.append(score_cell(scores[m].get(task, {}).get(metric), n))
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     if quality:
         for key in ("ppl", "kl_to_teacher"):

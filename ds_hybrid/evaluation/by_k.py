@@ -1,0 +1,178 @@
+"""``ds-hybrid recall-vs-k``: the comparison's table (selector x K x task) and its plot of recall vs K.
+
+    ds-hybrid recall-vs-k outputs/merged/eval.json \
+        --selection ga_s2=runs/compare/select/ga_s2/selection.json --selection proxy=.../proxy/selection.json \
+        --task niah_single_1 --out outputs/by_k
+
+Each model of an eval.json (one of ``ds-hybrid eval`` or ``ds-hybrid eval-merge``) is placed by what it is, read
+from the eval's own record of the model, not from its name: the teacher (K = its layer count), the all-linear
+student (K = 0), or a hybrid with K softmax layers whose layers are those some selector keeps at that K: a
+``--selection`` file (its top-K; for the spacing rules the rule at K) or the built-in rules uniform and smart. A
+hybrid that no selector explains is listed under its own name. Two models of one selector and K (two seeds) are
+both kept; the plot draws each and the line through their mean.
+
+Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
+interval), recall_vs_k.json and recall_vs_k.png (one panel per length: the task's score vs K for every selector,
+from the all-linear student at K = 0 to the teacher at K = L).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.evaluation.report import score_cell, wilson_interval
+from ds_hybrid.layers import selection_top_k, smart_layers, uniform_layers
+from ds_hybrid.selection import read_selection
+
+TEACHER, ALL_LINEAR = "teacher", "all_linear"
+
+
+def place_models(models: dict[str, dict], selections: dict[str, dict]) -> list[dict]:
+    """[{model, selector, k, layers}] for every model of an eval.json's ``models`` record."""
+    rows = []
+    for name, info in models.items():
+        if "num_layers" not in info:
+            raise ConfigError("recall-vs-k", name, "the eval.json records no layer count for this model: evaluate "
+                              "it again with this version of `ds-hybrid eval`")
+        L = int(info["num_layers"])
+        if info.get("model_type") != "ds_hybrid":
+            rows.append({"model": name, "selector": TEACHER, "k": L, "layers": list(range(L))})
+            continue
+        layers = sorted(int(x) for x in info.get("softmax_layers", []))
+        k = len(layers)
+        if k == 0:
+            rows.append({"model": name, "selector": ALL_LINEAR, "k": 0, "layers": []})
+            continue
+        rules = {"uniform": uniform_layers(L, k), "smart": smart_layers(L, k)}
+        for sel_name, sel in selections.items():
+            if sel["num_layers"] != L:
+                raise ConfigError("recall-vs-k --selection", sel_name,
+                                  f"ranks {sel['num_layers']} layers; model {name} has {L}")
+            rules[sel_name] = selection_top_k(sel, k)
+        matched = [s for s, chosen in rules.items() if chosen == layers]
+        rows.append({"model": name, "selector": "=".join(matched) if matched else name, "k": k, "layers": layers,
+                     "matched": bool(matched)})
+    return rows
+
+
+def _order(rows: list[dict]) -> list[dict]:
+    first = {TEACHER: 0, ALL_LINEAR: 1}
+    return sorted(rows, key=lambda r: (first.get(r["selector"], 2), r["selector"], r["k"], r["model"]))
+
+
+def tables(payload: dict[str, Any], rows: list[dict]) -> str:
+    scores, counts = payload["scores"], payload.get("prompts", {})
+    tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
+    out = []
+    for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
+        present = [t for t in tasks if any(str(length) in scores[r["model"]].get(t, {}) for r in rows)]
+        out += [f"### {length} tokens", "", "| selector | K | model | " + " | ".join(present) + " |",
+                "|---|---|---|" + "---|" * len(present)]
+        for r in _order(rows):
+            cells = [score_cell(scores[r["model"]].get(t, {}).get(str(length)),
+                                counts.get(r["model"], {}).get(t, {}).get(str(length), 0), digits=2, show_n=False)
+                     for t in present]
+            if any(cells):  # a model not evaluated at this length has no row here
+                out.append(f"| {r['selector']} | {r['k']} | {r['model']} | " + " | ".join(cells) + " |")
+        out.append("")
+    quality = payload.get("heldout_quality") or {}
+    if quality:
+        out += ["### held-out quality", "", "| selector | K | model | perplexity | KL to the teacher |", "|---|---|---|---|---|"]
+        for r in _order(rows):
+            q = quality.get(r["model"], {})
+            cell = lambda key: f"{q[key]:.3f}" if key in q else ""  # noqa: E731
+            out.append(f"| {r['selector']} | {r['k']} | {r['model']} | {cell('ppl')} | {cell('kl_to_teacher')} |")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, counts = payload["scores"], payload.get("prompts", {})
+    lengths = sorted({int(m) for r in rows for m in scores[r["model"]].get(task, {}) if m.isdigit()})
+    if not lengths:
+        raise ConfigError("recall-vs-k --task", task, f"no model has a score for it; tasks: {payload.get('tasks')}")
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+    ends = [r for r in rows if r["selector"] in (TEACHER, ALL_LINEAR)]
+    selectors = sorted({r["selector"] for r in rows} - {TEACHER, ALL_LINEAR})
+    for ax, length in zip(axes[0], lengths):
+        def point(r):
+            v = scores[r["model"]].get(task, {}).get(str(length))
+            n = counts.get(r["model"], {}).get(task, {}).get(str(length), 0)
+            if v is None or v < 0:
+                return None
+            lo, hi = wilson_interval(v, n) if n else (v, v)
+            return r["k"], v, v - lo, hi - v
+
+        end_pts = {r["selector"]: p for r in ends if (p := point(r))}
+        for i, s in enumerate(selectors):
+            pts = [p for r in rows if r["selector"] == s and (p := point(r))]
+            if not pts:
+                continue
+            ks = sorted({p[0] for p in pts})
+            mean = [sum(p[1] for p in pts if p[0] == k) / sum(1 for p in pts if p[0] == k) for k in ks]
+            line_x, line_y = ks, mean
+            if ALL_LINEAR in end_pts:
+                line_x, line_y = [0, *line_x], [end_pts[ALL_LINEAR][1], *line_y]
+            ax.plot(line_x, line_y, color=f"C{i}", lw=1.2, label=s)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                        fmt="o", ms=4, color=f"C{i}", capsize=2)
+        for s, ls in ((TEACHER, "--"), (ALL_LINEAR, ":")):
+            if s in end_pts:
+                ax.axhline(end_pts[s][1], color="k", ls=ls, lw=0.8, label=f"{s} (K = {end_pts[s][0]})")
+        L = max(r["k"] for r in rows)
+        ax.set(xlabel="K (softmax layers)", ylabel=f"{task} score", ylim=(-0.02, 1.02), xlim=(-0.5, L + 0.5),
+               title=f"{length} tokens")
+        ax.set_xticks(sorted({0, L, *(r["k"] for r in rows)}))
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"recall vs K ({task}; bars: 95 % Wilson intervals)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ds-hybrid recall-vs-k", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("eval", help="an eval.json (or its folder) of `ds-hybrid eval` or `ds-hybrid eval-merge`")
+    ap.add_argument("--selection", action="append", default=[], metavar="NAME=PATH",
+                    help="a selector's selection.json (repeatable); uniform and smart are built in")
+    ap.add_argument("--task", default=None, help="the task plotted (default: the eval's first)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    src = Path(args.eval)
+    src = src / "eval.json" if src.is_dir() else src
+    if not src.is_file():
+        raise ConfigError("recall-vs-k", args.eval, "no eval.json there: give an output of `ds-hybrid eval` or "
+                          "`ds-hybrid eval-merge`")
+    payload = json.loads(src.read_text())
+    if not payload.get("models") or "scores" not in payload:
+        raise ConfigError("recall-vs-k", str(src), "not an eval.json with a 'models' record and 'scores'")
+    selections = {}
+    for item in args.selection:
+        if "=" not in item:
+            raise ConfigError("recall-vs-k --selection", item, "write NAME=PATH (e.g. ga_s2=out/select/ga_s2/selection.json)")
+        name, path = item.split("=", 1)
+        selections[name] = read_selection(path, "recall-vs-k --selection")
+    rows = place_models(payload["models"], selections)
+    task = args.task or (payload.get("tasks") or [None])[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = tables(payload, rows)
+    (out / "recall_vs_k.md").write_text(md)
+    (out / "recall_vs_k.json").write_text(json.dumps({"source": str(src), "task": task, "models": rows,
+                                                      "selections": {n: p.split("=", 1)[1] for n, p in
+                                                                     zip(selections, args.selection)}}, indent=1))
+    plot(payload, rows, task, out / "recall_vs_k.png")
+    print(md)
+    unmatched = [r["model"] for r in rows if r.get("matched") is False]
+    if unmatched:
+        print(f"hybrids no selector explains (listed under their names): {unmatched}")
+    return 0

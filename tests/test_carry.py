@@ -1,0 +1,88 @@
+"""bench/carry_export.py: a finished stage folder leaves a GPU lease as parts holding only what differs from the
+teacher, and is rebuilt on the next lease tensor for tensor (every tensor checked against its hash)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from trainer_utils import REPO, make_corpus, make_tiny_teacher, tail, train_in_one_process, write_config
+
+spec = importlib.util.spec_from_file_location("carry_export", REPO / "bench" / "carry_export.py")
+carry = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(carry)
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({(f.name, k): sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    short = dict(seq_len=64, global_batch=2, micro_batch=2, tokens=4 * 2 * 64, eval_sequences=2,
+                 ds_config="ds_configs/single.json", teacher_ds_config="ds_configs/single.json")
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", align=short, kl=short)
+    p, = train_in_one_process([["--stage", "align", "--config", str(cfg)]], tmp_path / "runs.json")
+    assert p.returncode == 0, tail(p)
+    align = tmp_path / "out" / "align"
+
+    parts = carry.pack(align, teacher, tmp_path / "parts", part_mib=0.25)
+    assert len(parts) > 1 and all(q.stat().st_size <= 0.25 * 2**20 for q in parts)
+    manifest_delta = {k.split("::")[1] for k, v in carry.read_manifest(parts)["tensors"].items()
+                      if v["source"] == "delta"}
+    # only the trained mixers travel: every other tensor is the teacher's own
+    assert manifest_delta and all(".self_attn." in n for n in manifest_delta), sorted(manifest_delta)
+    before = tensors(align / "hf")
+    assert len(manifest_delta) < len(before)
+
+    # the parts come home over several device calls; gather puts them 3 to a folder for the next lease's calls
+    for i, q in enumerate(parts):
+        call = tmp_path / "calls" / str(i // 4)
+        call.mkdir(parents=True, exist_ok=True)
+        shutil.copy(q, call / q.name)
+    calls = sorted((tmp_path / "calls").iterdir())
+    with pytest.raises(SystemExit, match="parts missing"):
+        carry.gather(calls[1:], "align", str(tmp_path / "dev" / "a"))
+    gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
+    assert len(gathered) == len(parts) and len(list((tmp_path / "dev").iterdir())) == -(-len(parts) // 3)
+    parts = gathered
+
+    back = carry.unpack(parts, teacher, tmp_path / "lease2" / "align")
+    after = tensors(back / "hf")
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    carried = [f for f in align.rglob("*") if f.is_file() and f.suffix != ".safetensors"
+               and "checkpoints" not in f.relative_to(align).parts]  # training states stay behind
+    assert {"DONE", "metrics.jsonl", "config.json"} <= {f.name for f in carried}
+    assert not (back / "checkpoints").exists()
+    for f in carried:
+            assert (back / f.relative_to(align)).read_bytes() == f.read_bytes(), f
+
+    # the next stage starts from the rebuilt folder
+    p, = train_in_one_process([["--stage", "kl", "--config", str(cfg), f"out_dir={tmp_path / 'lease2'}"]],
+                              tmp_path / "runs2.json")
+    assert p.returncode == 0, tail(p)
+    assert (tmp_path / "lease2" / "kl" / "DONE").is_file()
+
+    # another base (a different teacher) is refused, naming a tensor, and leaves nothing behind
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    f = next(other.glob("*.safetensors"))
+    w = load_file(str(f))
+    w["model.norm.weight"] = w["model.norm.weight"] + 1.0
+    save_file(w, str(f), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="model.norm.weight .* does not match its hash"):
+        carry.unpack(parts, other, tmp_path / "lease3" / "align")
+    assert not (tmp_path / "lease3" / "align").exists()
+    with pytest.raises(SystemExit, match="parts missing"):
+        carry.unpack(parts[:1], teacher, tmp_path / "lease4" / "align")

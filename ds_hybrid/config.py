@@ -89,6 +89,11 @@ class StageConfig:
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
     eval_at_start: bool = True  # also before the first step ("did this stage help"); selection probes skip it
     eval_sequences: int = 16
+    # kl, finetune: > 0 also scores this many held-out rows as retrieval tests (a key-value fact planted in the row's
+    # own text, asked for at its end: ds_hybrid.recall_tasks.needle_row): val recall_nll (mean -log p of the
+    # answer's tokens) and, against the teacher, recall_kl. A recall signal during training, and GA-S2's
+    # select.score: recall
+    eval_recall: int = 0
 
 
 SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "keep_global", "ppl", "mse", "ar",
@@ -102,7 +107,9 @@ class SelectConfig:
     method: str = "ga_s2"  # one of SELECT_METHODS
     ks: list[int] = field(default_factory=list)  # K values whose top-K sets are written to selection.json
     ratios: list[float] = field(default_factory=lambda: [0.125, 0.25])  # and ratios (round-half-up of ratio x L)
-    score: Literal["heldout", "train_window"] = "heldout"  # probe score: held-out KL at the end, or mean train KL
+    # probe score: held-out KL at the end, mean train KL over the last `window` steps, or recall: the probe's KL to
+    # the teacher on the answers of `recall_sequences` needle rows (recall_kl of eval_recall); ga_s2 only
+    score: Literal["heldout", "train_window", "recall"] = "heldout"
     window: int = 10  # train_window: the last this-many probe steps
     probe: dict = field(default_factory=lambda: {"tokens": 2_000_000, "seq_len": 1024, "global_batch": 8,
                                                  "micro_batch": "auto", "schedule": "constant",
@@ -112,6 +119,7 @@ class SelectConfig:
     # halving: a survivor's next round retrains it from the align export, or continues it from its checkpoint
     halving_survivors: Literal["retrain", "continue"] = "retrain"
     eval_sequences: int = 16  # held-out sequences for probe scores, proxy and ppl
+    recall_sequences: int = 16  # ga_s2 / halving probes also record recall_nll on this many needle rows (0: none)
     ar_prompts: int = 32  # ar / ar_multihop: prompts per layer
     ar_pairs: int = 50
     ar_seed: int = 0
@@ -312,6 +320,12 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.select.distance_reg and cfg.select.method in ("uniform", "smart", "keep_global"):
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
+    if cfg.select.score != "heldout" and cfg.select.method != "ga_s2":
+        raise ConfigError("select.score", cfg.select.score, f"applies to ga_s2 only ({cfg.select.method} has its own "
+                          "score); leave it at heldout")
+    if cfg.select.score == "recall" and cfg.select.recall_sequences < 1:
+        raise ConfigError("select.recall_sequences", cfg.select.recall_sequences,
+                          "score: recall needs needle rows (e.g. 16)")
     for k in cfg.select.ks:
         if k < 0:
             raise ConfigError("select.ks", cfg.select.ks, "K values must be >= 0")
@@ -339,6 +353,11 @@ def validate_static(cfg: RunConfig) -> None:
         for f in ("tokens", "lr", "lr_rest", "clip"):
             if getattr(s, f) < 0:
                 raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
+        if s.eval_recall < 0:
+            raise ConfigError(f"{name}.eval_recall", s.eval_recall, "a number of held-out rows (0: no recall score)")
+        if s.eval_recall and s.seq_len < 128:
+            raise ConfigError(f"{name}.eval_recall", s.eval_recall, f"needle rows need seq_len >= 128 (this stage's "
+                              f"is {s.seq_len}): raise seq_len or set eval_recall: 0")
         if s.temperature <= 0:
             raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
         if not 0 <= s.min_lr_ratio <= 1:

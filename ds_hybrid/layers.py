@@ -137,10 +137,17 @@ def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_lay
     k = int(spec["k"]) if "k" in spec else k_for_ratio(float(spec["ratio"]), num_layers, f"{field}.ratio")
     if not 0 <= k <= num_layers:
         raise ConfigError(f"{field}.k", k, f"choose between 0 and {num_layers}")
+    return selection_top_k(sel, k, f"{field}.selection")
+
+
+def selection_top_k(sel: dict, k: int, field: str = "selection") -> list[int]:
+    """The K layers a selection (a read selection.json) keeps softmax, sorted: its top-K, or for the spacing rules
+    ("uniform", "smart", "keep_global", whose rankings are not nested) the rule applied for K."""
+    L = sel["num_layers"]
     if sel["method"] == "uniform":
-        return uniform_layers(num_layers, k)
+        return uniform_layers(L, k)
     if sel["method"] == "smart":
-        return smart_layers(num_layers, k)
+        return smart_layers(L, k)
     if sel["method"] == "keep_global":
-        return keep_global_layers(sel["layer_types"], k, f"{field}.selection")
+        return keep_global_layers(sel["layer_types"], k, field)
     return sorted(sel["ranking"][:k])

@@ -66,3 +66,31 @@ def make_prompt(rng: random.Random, pairs: int = 50, multihop: bool = False, n_q
 def make_prompts(n: int, seed: int = 0, pairs: int = 50, multihop: bool = False) -> list[RecallPrompt]:
     rng = random.Random(seed)
     return [make_prompt(rng, pairs, multihop) for _ in range(n)]
+
+
+# ---- needle rows: a recall score inside the held-out evaluation of stages kl and finetune --------------------------
+NEEDLE = " The access code of {key} is {value}."
+MIN_ROW_TOKENS = 128  # a needle, its question and answer take ~50 tokens; the rest is the row's own text
+QUERY = "\nQuestion: what is the access code of {key}? Answer: The access code of {key} is"
+
+
+def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[int], int, int]:
+    """One held-out row turned into a retrieval test of the same length: a key-value fact planted at a random depth
+    of the row's own text, the text cut to make room, and a question about it at the end. Returns (ids, start, end):
+    ``ids[start:end]`` are the answer's tokens (the value, as the tokenizer sees it after "is")."""
+    key = _word(rng).capitalize() + " " + _word(rng).capitalize()
+    value = str(rng.randint(100_000, 999_999))
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    needle, query, answer = enc(NEEDLE.format(key=key, value=value)), enc(QUERY.format(key=key)), enc(" " + value)
+    room = len(filler) - len(needle) - len(query) - len(answer)
+    if room < 16:
+        raise ValueError(f"a needle row needs more than {len(filler) - room + 16} tokens; the rows have {len(filler)}")
+    depth = rng.randint(0, room * 3 // 4)  # the fact lies in the first three quarters of the text
+    ids = filler[:depth] + needle + filler[depth:room] + query + answer
+    return ids, len(ids) - len(answer), len(ids)
+
+
+def needle_rows(rows: list[list[int]], tokenizer, seed: int = 0) -> list[tuple[list[int], int, int]]:
+    """:func:`needle_row` for each held-out row, from one seeded generator (the same facts for every model)."""
+    rng = random.Random(seed)
+    return [needle_row(list(r), tokenizer, rng) for r in rows]

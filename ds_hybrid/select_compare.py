@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.selection import kendall_tau, read_selection, topk_overlap
+from ds_hybrid.layers import selection_top_k
+from ds_hybrid.selection import kendall_tau, read_selection
 
 
 def load_named(items: list[str]) -> dict[str, dict]:
@@ -44,8 +45,9 @@ def compare(selections: dict[str, dict], ks: list[int]) -> list[dict]:
     for (a, sa), (b, sb) in itertools.combinations(selections.items(), 2):
         row = {"a": a, "b": b, "kendall_tau": round(kendall_tau(sa["ranking"], sb["ranking"]), 4)}
         for k in ks:
-            row[f"top{k}"] = round(topk_overlap(sa["ranking"], sb["ranking"], k), 4)
-            row[f"top{k}_layers"] = {"a": sorted(sa["ranking"][:k]), "b": sorted(sb["ranking"][:k])}
+            ta, tb = selection_top_k(sa, k), selection_top_k(sb, k)
+            row[f"top{k}"] = round(len(set(ta) & set(tb)) / k, 4) if k else 1.0
+            row[f"top{k}_layers"] = {"a": ta, "b": tb}
         rows.append(row)
     return rows
 
@@ -59,7 +61,7 @@ def table(rows: list[dict], ks: list[int], selections: dict[str, dict]) -> str:
     lines += ["", "| selection | method | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for name, sel in selections.items():
         method = sel["method"] + (f", distance_reg {sel['distance_reg']:g}" if sel.get("distance_reg") else "")
-        lines.append(f"| {name} | {method} | " + " | ".join(str(sorted(sel["ranking"][:k])) for k in ks) + " |")
+        lines.append(f"| {name} | {method} | " + " | ".join(str(selection_top_k(sel, k)) for k in ks) + " |")
     return "\n".join(lines)
 
 
@@ -75,7 +77,7 @@ def plot(selections: dict[str, dict], k: int, out: Path) -> None:
         rank = {l: r + 1 for r, l in enumerate(sel["ranking"])}
         ys = [rank[l] for l in range(L)]
         ax.plot(range(L), ys, marker="o", ms=3, lw=1, color=f"C{i}", label=name)
-        top = sel["ranking"][:k]
+        top = selection_top_k(sel, k)
         ax.scatter(top, [rank[l] for l in top], s=60, facecolors="none", edgecolors=f"C{i}")
     ax.invert_yaxis()
     ax.set_xlabel("layer")

@@ -283,3 +283,26 @@ def test_distance_regularized_selection_reuses_the_probes(planted, ga_s2, quick_
     assert sel["ranking"][0] == PLANTED and sel["distance_reg"] == 5
     # a weight this large makes the two chosen layers of 4 non-adjacent, whatever the scores
     assert abs(sel["chosen"]["ratio=0.5"][0] - sel["chosen"]["ratio=0.5"][1]) > 1
+
+
+def test_ga_s2_recall_score_reranks_the_same_probes(planted, tmp_path):
+    """With rows long enough for a needle (>= 128 tokens), every probe also records a recall score at its held-out
+    evaluation; select.score=recall then ranks by it from the finished probes, beside the plain selection."""
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"] / "align", out / "align")
+    probe = ["select.method=ga_s2", f"out_dir={out}", "select.probe.seq_len=128", f"select.probe.tokens={3 * 8 * 128}"]
+    runs = [["--stage", "select", "--config", str(planted["cfg"]), *probe],
+            ["--stage", "select", "--config", str(planted["cfg"]), *probe, "select.score=recall"]]
+    for p in train_in_one_process(runs, tmp_path / "runs.json"):
+        assert p.returncode == 0, tail(p)
+    sel_dir = out / "select" / "ga_s2"
+    plain, sel = read_selection(sel_dir / "selection.json"), read_selection(sel_dir / "score_recall" / "selection.json")
+    assert sel["budget"]["score"] == "recall" and sel["ranking"][0] == PLANTED == plain["ranking"][0]
+    done = json.loads((sel_dir / "probes" / f"layer_{PLANTED:03d}" / "kl" / "DONE").read_text())
+    assert done["val"]["recall_nll"] > 0 and done["val"]["recall_kl"] >= 0
+    # the score: KL to the teacher on the answers' tokens (this random teacher retrieves nothing: its -log p of an
+    # answer is ~log V for every probe, recorded as recall_nll)
+    assert sel["scores"][str(PLANTED)] == done["val"]["recall_kl"] != plain["scores"][str(PLANTED)]
+    # no probe ran again for the second selection
+    assert max(f.stat().st_mtime for f in sel_dir.glob("probes/*/kl/DONE")) < \
+        (sel_dir / "score_recall" / "selection.json").stat().st_mtime

@@ -58,6 +58,14 @@ def test_distance_reg_is_checked():
         load_config(None, ["select.distance_reg=-0.1"])
     with pytest.raises(ConfigError, match=r"select\.distance_reg=0\.2.*score"):
         load_config(None, ["select.distance_reg=0.2", "select.method=uniform"])
+    with pytest.raises(ConfigError, match="select.score"):
+        load_config(None, ["select.score=recall", "select.method=proxy"])
+    with pytest.raises(ConfigError, match="select.recall_sequences"):
+        load_config(None, ["select.score=recall", "select.recall_sequences=0"])
+    with pytest.raises(ConfigError, match="kl.eval_recall"):
+        load_config(None, ["kl.eval_recall=-1"])
+    with pytest.raises(ConfigError, match="kl.eval_recall=4.*seq_len >= 128"):
+        load_config(None, ["kl.eval_recall=4", "kl.seq_len=64"])
 
 
 def test_select_compare_table_and_plot(tmp_path, capsys):
@@ -81,8 +89,62 @@ def test_select_compare_table_and_plot(tmp_path, capsys):
     assert "| gdn | gla |" in md and "distance_reg 0.3" in md
     assert (out / "compare.png").stat().st_size > 1000
 
+    # a spacing rule's K layers are the rule applied for K, not a prefix of its (non-nested) ranking
+    from ds_hybrid.layers import uniform_layers, uniform_ranking
+    from ds_hybrid.select_compare import compare
+
+    u = make_selection("uniform", {l: float(i) for i, l in enumerate(uniform_ranking(12))}, True, 12)
+    assert sorted(u["ranking"][:4]) != uniform_layers(12, 4)  # the case that matters: prefix and rule differ
+    g = make_selection("ga_s2", {l: 0.0 if l in uniform_layers(12, 4) else 1.0 + l for l in range(12)}, True, 12)
+    ug = compare({"uniform": u, "ga_s2": g}, [4])[0]
+    assert ug["top4"] == 1.0 and ug["top4_layers"] == {"a": uniform_layers(12, 4), "b": uniform_layers(12, 4)}
+
     from ds_hybrid.cli import main  # the refusal: the command's main() in this process (run as one just above)
 
     code = main(["select-compare", str(tmp_path / "a" / "selection.json"), str(tmp_path / "b" / "selection.json"),
                  "--ks", "13"])
     assert code == 2 and "--ks" in capsys.readouterr().err
+
+
+def test_recall_score_is_the_answer_tokens_nll_and_kl():
+    """Stage kl's recall score (``eval_recall``) against a direct computation from the models' logits: the needle
+    rows' answer tokens only, -log p under the student and KL(teacher || student), summed over the rows."""
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import tiny_teacher
+    from transformers import AutoTokenizer
+
+    from ds_hybrid.losses import chunked_linear_loss
+    from ds_hybrid.recall_tasks import needle_rows
+    from ds_hybrid.stages.kl import KLStage, LMStudent
+    from ds_hybrid.teacher import embedded_teacher_dir
+    from ds_hybrid.transfer import build_hybrid
+
+    tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())
+    teacher = tiny_teacher("llama", vocab_size=len(tok))
+    student = LMStudent(build_hybrid(teacher, [1]), 1.0, 1.0, 0.0, 64, chunked_linear_loss).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(tok), (1, 96), generator=g) for _ in range(4)]
+
+    def losses(ids, kl_weight, ce_weight):
+        h_t = teacher.model(input_ids=ids).last_hidden_state
+        return student(ids, h_t=h_t, w_t=teacher.lm_head.weight, kl_weight=kl_weight, ce_weight=ce_weight)
+
+    stage = SimpleNamespace(ctx=SimpleNamespace(s=SimpleNamespace(eval_recall=3, micro_batch=2), tokenizer=tok,
+                                                cfg=SimpleNamespace(seed=5), device=torch.device("cpu")),
+                            teacher=teacher, _losses=losses)
+    with torch.no_grad():
+        got = KLStage._recall(stage, batches)
+        nll = kl = n = 0.0
+        for ids, start, end in needle_rows([b[0].tolist() for b in batches[:3]], tok, seed=5):
+            x = torch.tensor([ids])
+            log_s = torch.log_softmax(student.hybrid(x).logits[0].double(), -1)
+            log_t = torch.log_softmax(teacher(x).logits[0].double(), -1)
+            for p in range(start - 1, end - 1):  # position p predicts token p + 1
+                nll -= float(log_s[p, ids[p + 1]])
+                kl += float((log_t[p].exp() * (log_t[p] - log_s[p])).sum())
+                n += 1
+    assert got[2] == n > 0
+    assert float(got[0]) == pytest.approx(nll, rel=1e-4) and float(got[1]) == pytest.approx(kl, rel=1e-3, abs=1e-5)
+    assert len(stage._needles) == 3  # built once from the first eval_recall rows, kept for later evaluations

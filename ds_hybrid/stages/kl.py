@@ -154,13 +154,44 @@ class KLStage(Stage):
                 sums[1] += st.n_kl
             sums[2] += st.ce_per_token.sum().double()
             sums[3] += st.n_ce
+        recall = self._recall(batches) if self.ctx.s.eval_recall else None
         self.engine.train()
         if D.world_size() > 1:
             torch.distributed.all_reduce(sums)
         out = {"ce": float(sums[2] / sums[3]), "ppl": float(torch.exp(sums[2] / sums[3]))}
         if self.teacher is not None:
             out["kl"] = float(sums[0] / sums[1])
+        if recall is not None:
+            if D.world_size() > 1:
+                torch.distributed.all_reduce(recall)
+            out["recall_nll"] = float(recall[0] / recall[2])
+            if self.teacher is not None:
+                out["recall_kl"] = float(recall[1] / recall[2])
         return out
+
+    def _recall(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """Sums over the needle rows made from this rank's first ``eval_recall`` held-out rows (the same rows and
+        facts at every evaluation): -log p and KL to the teacher of each answer token, and the token count."""
+        from ds_hybrid.recall_tasks import needle_rows
+
+        if getattr(self, "_needles", None) is None:
+            rows = [r.tolist() for b in batches for r in b][:self.ctx.s.eval_recall]
+            self._needles = needle_rows(rows, self.ctx.tokenizer, seed=self.ctx.cfg.seed + D.rank())
+        sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        mb = max(1, self.ctx.s.micro_batch)
+        for i in range(0, len(self._needles), mb):
+            group = self._needles[i:i + mb]
+            ids = torch.tensor([g[0] for g in group], device=self.ctx.device)
+            _, st = self._losses(ids, kl_weight=1.0 if self.teacher else 0.0, ce_weight=1.0)
+            T = ids.shape[1]
+            # position p's loss is about token p + 1: the answer's tokens start..end-1 are positions start-1..end-2
+            pos = torch.cat([torch.arange(j * T + s - 1, j * T + e - 1) for j, (_, s, e) in enumerate(group)])
+            pos = pos.to(self.ctx.device)
+            sums[0] += st.ce_per_token[pos].sum().double()
+            if st.kl_per_token is not None:
+                sums[1] += st.kl_per_token[pos].sum().double()
+            sums[2] += len(pos)
+        return sums
 
     def export(self, out_dir: Path) -> None:
         hybrid = self.engine.module.hybrid

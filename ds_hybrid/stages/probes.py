@@ -22,6 +22,7 @@ from ds_hybrid.checkpoint import atomic_write_text
 from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
+from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
 from ds_hybrid.selection import rank_layers
 
 log = logging.getLogger("ds_hybrid")
@@ -41,6 +42,11 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
     s.eval_at_start = False  # a probe's score is its held-out KL at the end; the one at step 0 cost 17-25 % of it
     s.keep_checkpoints = 0
     s.ce_weight = 0.0
+    # recorded beside the KL, so that select.score=recall reranks without training (rows long enough for a needle)
+    s.eval_recall = cfg.select.recall_sequences if s.seq_len >= MIN_ROW_TOKENS else 0
+    if cfg.select.score == "recall" and not s.eval_recall:
+        raise ConfigError("select.probe.seq_len", s.seq_len, f"score: recall needs probe rows of >= {MIN_ROW_TOKENS} "
+                          "tokens (a needle, its question and answer fit beside the row's own text)")
     return s
 
 
@@ -87,6 +93,12 @@ def probe_score(probe_dir: Path, score: str, window: int) -> float:
     done = json.loads((probe_dir / "kl" / "DONE").read_text())
     if score == "heldout":
         return float(done["val"]["kl"])
+    if score == "recall":
+        if "recall_kl" not in done["val"]:
+            raise ConfigError("select.score", score, f"probe {probe_dir.name} recorded no recall score (it ran with "
+                              "select.recall_sequences: 0, rows under 128 tokens or an older ds-hybrid): delete its probes folder and rerun, "
+                              "or use score: heldout")
+        return float(done["val"]["recall_kl"])
     recs = [json.loads(l) for l in (probe_dir / "kl" / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r["kl"] for r in recs if r["split"] == "train"}
     last = sorted(train)[-window:]

@@ -53,16 +53,21 @@ from typing import Any
 from ds_hybrid import distributed as D
 from ds_hybrid.config import RunConfig
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import (chosen_sets, global_layers, k_for_ratio, keep_global_layers, keep_global_ranking, smart_layers,
-                              uniform_layers, uniform_ranking)
+from ds_hybrid.layers import (chosen_sets, global_layers, k_for_ratio, keep_global_layers, keep_global_ranking,
+                              selection_top_k, smart_layers, uniform_layers, uniform_ranking)
 from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
-from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection, topk_overlap,
+from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection,
                                  write_selection)
 from ds_hybrid.stages.probes import ga_s2, halving, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores
 
 log = logging.getLogger("ds_hybrid")
+
+
+def _overlap(a: dict, b: dict, k: int) -> float:
+    """|chosen K of a & chosen K of b| / K (the spacing rules' chosen sets are not prefixes of their rankings)."""
+    return len(set(selection_top_k(a, k)) & set(selection_top_k(b, k))) / k if k else 1.0
 
 
 def plot_selection(selection: dict, path: Path, k: int) -> None:
@@ -75,7 +80,7 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
     scores = [selection["scores"][str(l)] for l in range(L)]
     base = selection.get("baseline")
     values = [base - v for v in scores] if (base is not None and selection["lower_is_better"]) else scores
-    chosen = set(selection["ranking"][:k])
+    chosen = set(selection_top_k(selection, k))
     uniform = set(uniform_layers(L, k))
     glob = set(global_layers(selection["layer_types"])) if "sliding_attention" in selection.get("layer_types", []) else set()
     fig, ax = plt.subplots(figsize=(max(6, L * 0.3), 3.5))
@@ -84,7 +89,8 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
            linewidth=0.3)
     for l in uniform:
         ax.plot(l, 0, marker="^", color="tab:blue", markersize=7, clip_on=False)
-    ylabel = "KL reduction vs all-linear" if (base is not None and selection["lower_is_better"]) else "score"
+    what = "answer KL" if selection.get("budget", {}).get("score") == "recall" else "KL"
+    ylabel = f"{what} reduction vs all-linear" if (base is not None and selection["lower_is_better"]) else "score"
     title = f"{selection['method']}: top-{k} in red, uniform-{k} marked ▲"
     if glob:
         title += f"; teacher's global layers hatched ({len(glob & chosen)} of {len(glob)} kept)"
@@ -102,8 +108,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     setup_logging()
     sc = cfg.select
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
-    # a distance-regularized selection reuses the method's probes and is written beside the plain one
-    sel_dir = out / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else out
+    # another probe score or a distance-regularized ranking reuses the method's probes; written beside the plain one
+    sel_dir = out / f"score_{sc.score}" if sc.score != "heldout" else out
+    sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
     target = sel_dir / "selection.json"
     if target.is_file() and not force:
         log.info("selection %s exists; nothing to do", target)
@@ -196,7 +203,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")
         selection["agreement"] = {"reference": sc.reference, "kendall_tau": kendall_tau(selection["ranking"], ref["ranking"]),
-                                  "topk_overlap": {str(k): topk_overlap(selection["ranking"], ref["ranking"], k) for k in ks}}
+                                  "topk_overlap": {str(k): _overlap(selection, ref, k) for k in ks}}
     if D.is_main():
         write_selection(target, selection)
         k_plot = max(ks) if ks else max(1, L // 4)

@@ -40,14 +40,19 @@ def load_named(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def chosen_overlap(a: dict, b: dict, k: int) -> float:
+    """|the K layers a keeps & the K layers b keeps| / K (for the spacing rules: the rule's layers at K, which are not
+    a prefix of their order)."""
+    return len(set(selection_top_k(a, k)) & set(selection_top_k(b, k))) / k if k else 1.0
+
+
 def compare(selections: dict[str, dict], ks: list[int]) -> list[dict]:
     rows = []
     for (a, sa), (b, sb) in itertools.combinations(selections.items(), 2):
         row = {"a": a, "b": b, "kendall_tau": round(kendall_tau(sa["ranking"], sb["ranking"]), 4)}
         for k in ks:
-            ta, tb = selection_top_k(sa, k), selection_top_k(sb, k)
-            row[f"top{k}"] = round(len(set(ta) & set(tb)) / k, 4) if k else 1.0
-            row[f"top{k}_layers"] = {"a": ta, "b": tb}
+            row[f"top{k}"] = round(chosen_overlap(sa, sb, k), 4)
+            row[f"top{k}_layers"] = {"a": selection_top_k(sa, k), "b": selection_top_k(sb, k)}
         rows.append(row)
     return rows
 

@@ -57,17 +57,13 @@ from ds_hybrid.layers import (chosen_sets, global_layers, k_for_ratio, keep_glob
                               selection_top_k, smart_layers, uniform_layers, uniform_ranking)
 from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
+from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection,
                                  write_selection)
 from ds_hybrid.stages.probes import ga_s2, halving, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores
 
 log = logging.getLogger("ds_hybrid")
-
-
-def _overlap(a: dict, b: dict, k: int) -> float:
-    """|chosen K of a & chosen K of b| / K (the spacing rules' chosen sets are not prefixes of their rankings)."""
-    return len(set(selection_top_k(a, k)) & set(selection_top_k(b, k))) / k if k else 1.0
 
 
 def plot_selection(selection: dict, path: Path, k: int) -> None:
@@ -203,7 +199,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")
         selection["agreement"] = {"reference": sc.reference, "kendall_tau": kendall_tau(selection["ranking"], ref["ranking"]),
-                                  "topk_overlap": {str(k): _overlap(selection, ref, k) for k in ks}}
+                                  "topk_overlap": {str(k): chosen_overlap(selection, ref, k) for k in ks}}
     if D.is_main():
         write_selection(target, selection)
         k_plot = max(ks) if ks else max(1, L // 4)

@@ -44,6 +44,9 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
     s.ce_weight = 0.0
     # recorded beside the KL, so that select.score=recall reranks without training (rows long enough for a needle)
     s.eval_recall = cfg.select.recall_sequences if s.seq_len >= MIN_ROW_TOKENS else 0
+    if cfg.select.recall_sequences and not s.eval_recall and cfg.select.score != "recall":
+        log.info("probes record no recall score: their rows (select.probe.seq_len %d) are shorter than the %d tokens "
+                 "a needle row needs", s.seq_len, MIN_ROW_TOKENS)
     if cfg.select.score == "recall" and not s.eval_recall:
         raise ConfigError("select.probe.seq_len", s.seq_len, f"score: recall needs probe rows of >= {MIN_ROW_TOKENS} "
                           "tokens (a needle, its question and answer fit beside the row's own text)")

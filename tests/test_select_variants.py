@@ -148,3 +148,26 @@ def test_recall_score_is_the_answer_tokens_nll_and_kl():
     assert got[2] == n > 0
     assert float(got[0]) == pytest.approx(nll, rel=1e-4) and float(got[1]) == pytest.approx(kl, rel=1e-3, abs=1e-5)
     assert len(stage._needles) == 3  # built once from the first eval_recall rows, kept for later evaluations
+
+
+def test_probe_convergence_reads_the_ranking_a_shorter_probe_gives(tmp_path):
+    """bench/probe_convergence.py: the training KL around step s ranks the layers as an s-step probe would."""
+    import importlib.util
+
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("probe_convergence", REPO / "bench" / "probe_convergence.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    # layer 3 only overtakes layer 0 after step 4 (lower KL = more important)
+    curves = {0: [1.0] * 8, 1: [2.0] * 8, 2: [3.0] * 8, 3: [1.5] * 4 + [0.5] * 4}
+    for layer, c in curves.items():
+        d = tmp_path / "probes" / f"layer_{layer:03d}" / "kl"
+        d.mkdir(parents=True)
+        (d / "DONE").write_text(json.dumps({"softmax_layers": [layer]}))
+        rows = [{"step": s + 1, "split": "train", "kl": v} for s, v in enumerate(c)] + [{"step": 8, "split": "val", "kl": 9}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert pc.train_curves(tmp_path) == curves
+    rows = pc.convergence(curves, reference=[3, 0, 1, 2], ks=[1, 2], window=4)
+    assert [(r["steps"], r["top1"], r["top2"]) for r in rows] == [(4, 0, 2), (8, 1, 2)]
+    assert rows[-1]["kendall_tau"] == 1.0 and rows[-1]["top_layers"] == [0, 3]

@@ -369,6 +369,12 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     assert (out / "recall_vs_k.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="no model has a score"):
         by_k.main([str(folder), "--task", "niah_multikey_3", "--out", str(out)])
+    del payload["models"]["odd"]  # scores without a record of the model's layers: refused, not dropped
+    (folder / "eval.json").write_text(json.dumps(payload))
+    with pytest.raises(ConfigError, match=r"\['odd'\] have scores but no record"):
+        by_k.main([str(folder), "--out", str(out)])
+    payload["models"]["odd"] = hyb([0, 1])
+    (folder / "eval.json").write_text(json.dumps(payload))
     other = make_selection("ga_s2", {l: float(l) for l in range(L + 1)}, True, L + 1)
     write_selection(tmp_path / "other" / "selection.json", other)
     with pytest.raises(ConfigError, match="ranks 13 layers"):

@@ -69,11 +69,11 @@ def tables(payload: dict[str, Any], rows: list[dict]) -> str:
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     out = []
     for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
-        present = [t for t in tasks if any(str(length) in scores[r["model"]].get(t, {}) for r in rows)]
+        present = [t for t in tasks if any(str(length) in scores.get(r["model"], {}).get(t, {}) for r in rows)]
         out += [f"### {length} tokens", "", "| selector | K | model | " + " | ".join(present) + " |",
                 "|---|---|---|" + "---|" * len(present)]
         for r in _order(rows):
-            cells = [score_cell(scores[r["model"]].get(t, {}).get(str(length)),
+            cells = [score_cell(scores.get(r["model"], {}).get(t, {}).get(str(length)),
                                 counts.get(r["model"], {}).get(t, {}).get(str(length), 0), digits=2, show_n=False)
                      for t in present]
             if any(cells):  # a model not evaluated at this length has no row here
@@ -96,7 +96,7 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
     import matplotlib.pyplot as plt
 
     scores, counts = payload["scores"], payload.get("prompts", {})
-    lengths = sorted({int(m) for r in rows for m in scores[r["model"]].get(task, {}) if m.isdigit()})
+    lengths = sorted({int(m) for r in rows for m in scores.get(r["model"], {}).get(task, {}) if m.isdigit()})
     if not lengths:
         raise ConfigError("recall-vs-k --task", task, f"no model has a score for it; tasks: {payload.get('tasks')}")
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
@@ -104,7 +104,7 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
     selectors = sorted({r["selector"] for r in rows} - {TEACHER, ALL_LINEAR})
     for ax, length in zip(axes[0], lengths):
         def point(r):
-            v = scores[r["model"]].get(task, {}).get(str(length))
+            v = scores.get(r["model"], {}).get(task, {}).get(str(length))
             n = counts.get(r["model"], {}).get(task, {}).get(str(length), 0)
             if v is None or v < 0:
                 return None
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("recall-vs-k --selection", item, "write NAME=PATH (e.g. ga_s2=out/select/ga_s2/selection.json)")
         name, path = item.split("=", 1)
         selections[name] = read_selection(path, "recall-vs-k --selection")
+    unrecorded = sorted(set(payload["scores"]) - set(payload["models"]))
+    if unrecorded:
+        raise ConfigError("recall-vs-k", str(src), f"models {unrecorded} have scores but no record of their layers "
+                          "in 'models': evaluate them again with this version of `ds-hybrid eval`")
     rows = place_models(payload["models"], selections)
     task = args.task or (payload.get("tasks") or [None])[0]
     out = Path(args.out)

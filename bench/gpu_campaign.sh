@@ -30,7 +30,8 @@
 #   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
-#                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18)
+#                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
+#                  ALL_LINEAR_EVAL=0: no all-linear rows
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
 #                  ar ar_multihop uniform against it (SELECTORS=...)
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
@@ -244,7 +245,10 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     [ -f $R/preflight_graphs.ok ] && EG=(--cuda-graphs)
     # the all-linear student (the align export: no kl) is a row of the table too; it runs beside kl (kl's tokens/s
     # in this campaign are therefore not a throughput measurement: docs/BENCHMARKS.md has those)
-    (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    # (ALL_LINEAR_EVAL=0 leaves it to a later lease: kl and the selectors get the GPU to themselves)
+    if [ "${ALL_LINEAR_EVAL:-1}" = 1 ]; then
+      (for L in $LENGTHS; do job eval_all_linear_$L 0 ev all_linear $RUNC/align/hf $L "${EG[@]}"; done) &
+    fi
     # SELECTORS="proxy ppl mse": the selectors that need this align, beside kl, against SEL_REF (a committed GA-S2
     # selection.json, e.g. docs/data/ga_s2_h200_2026-12-02c/selection.json)
     if [ -n "${SELECTORS:-}" ]; then

@@ -299,6 +299,14 @@ def test_wilson_interval_matches_the_closed_form():
     assert report.wilson_interval(1.0, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
 
 
+def test_difference_interval_matches_newcombes_worked_examples():
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10: 56/70 - 48/80 and 9/10 - 3/10
+    assert report.difference_interval(56 / 70, 70, 48 / 80, 80) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert report.difference_interval(9 / 10, 10, 3 / 10, 10) == pytest.approx((0.6, 0.1705, 0.8090), abs=1e-4)
+    d, lo, hi = report.difference_interval(0.3, 50, 0.3, 80)  # equal proportions: an interval around 0
+    assert d == 0 and lo < 0 < hi
+
+
 def test_demo_recall_prints_both_models_scores_with_intervals(tiny, tmp_path, capsys):
     """`make demo` on a GPU ends with ds_hybrid.demo's recall line; here the tiny model stands in for both models."""
     from ds_hybrid.demo import recall as demo_recall
@@ -365,6 +373,9 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
                       "picked": ("ga_s2", 4), "picked_seed1": ("ga_s2", 4), "odd": ("odd", 2)}
     md = (out / "recall_vs_k.md").read_text()
     assert "| ga_s2 | 4 | picked | 0.70 [0.60, 0.78] |" in md and "| uniform | 4 | u4 | 20.000 | 0.200 |" in md
+    # each matched selector's hybrid minus uniform's at the same K (two seeds: two rows), the unexplained one left out
+    assert "| ga_s2 - uniform | 4 | picked - u4 | +0.20 [+0.06, +0.33] * |" in md
+    assert "| ga_s2 - uniform | 4 | picked_seed1 - u4 | +0.10 [-0.04, +0.23] |" in md and "odd - u4" not in md
     assert "no selector explains" in capsys.readouterr().out
     assert (out / "recall_vs_k.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="no model has a score"):

@@ -12,7 +12,8 @@ hybrid that no selector explains is listed under its own name. Two models of one
 both kept; the plot draws each and the line through their mean.
 
 Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
-interval), recall_vs_k.json and recall_vs_k.png (one panel per length: the task's score vs K for every selector,
+interval; then every other selector's hybrid minus the uniform hybrid of the same K, with the 95 % interval of the
+difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length: the task's score vs K for every selector,
 from the all-linear student at K = 0 to the teacher at K = L).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.evaluation.report import score_cell, wilson_interval
+from ds_hybrid.evaluation.report import difference_interval, score_cell, wilson_interval
 from ds_hybrid.layers import selection_top_k, smart_layers, uniform_layers
 from ds_hybrid.selection import read_selection
 
@@ -79,6 +80,7 @@ def tables(payload: dict[str, Any], rows: list[dict]) -> str:
             if any(cells):  # a model not evaluated at this length has no row here
                 out.append(f"| {r['selector']} | {r['k']} | {r['model']} | " + " | ".join(cells) + " |")
         out.append("")
+    out += differences(payload, rows)
     quality = payload.get("heldout_quality") or {}
     if quality:
         out += ["### held-out quality", "", "| selector | K | model | perplexity | KL to the teacher |", "|---|---|---|---|---|"]
@@ -87,6 +89,37 @@ def tables(payload: dict[str, Any], rows: list[dict]) -> str:
             cell = lambda key: f"{q[key]:.3f}" if key in q else ""  # noqa: E731
             out.append(f"| {r['selector']} | {r['k']} | {r['model']} | {cell('ppl')} | {cell('kl_to_teacher')} |")
     return "\n".join(out).rstrip() + "\n"
+
+
+def differences(payload: dict[str, Any], rows: list[dict], against: str = "uniform") -> list[str]:
+    """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K, per length and task,
+    with the 95 % interval of the difference (``difference_interval``); [] when no such pair was evaluated."""
+    scores, counts = payload["scores"], payload.get("prompts", {})
+    base = [r for r in rows if r["selector"] == against]
+    pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR, against) and r.get("matched")
+             for b in base if b["k"] == r["k"]]
+    out: list[str] = []
+    tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
+    for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
+        lines = []
+        for r, b in pairs:
+            cells, key = [], str(length)
+            for t in tasks:
+                a, c = scores.get(r["model"], {}).get(t, {}).get(key), scores.get(b["model"], {}).get(t, {}).get(key)
+                na, nc = (counts.get(m, {}).get(t, {}).get(key, 0) for m in (r["model"], b["model"]))
+                if a is None or c is None or not na or not nc:
+                    cells.append("")
+                    continue
+                d, lo, hi = difference_interval(a, na, c, nc)
+                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else ""))
+            if any(cells):
+                lines.append(f"| {r['selector']} - {against} | {r['k']} | {r['model']} - {b['model']} | "
+                             + " | ".join(cells) + " |")
+        if lines:
+            out += [f"### {length} tokens: difference to {against} at the same K (95 % interval; * excludes 0)", "",
+                    "| selectors | K | models | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks),
+                    *lines, ""]
+    return out
 
 
 def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> None:

@@ -18,6 +18,16 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def difference_interval(p1: float, n1: int, p2: float, n2: int, z: float = 1.96) -> tuple[float, float, float]:
+    """p1 - p2 with its 95 % interval for two independent proportions (Newcombe 1998, method 10: from each
+    proportion's Wilson interval) -> (difference, low, high). Scores of one prompt set taken as independent: wider
+    than a paired interval, so a difference whose interval excludes 0 is not an artefact of the pairing."""
+    l1, u1 = wilson_interval(p1, n1, z)
+    l2, u2 = wilson_interval(p2, n2, z)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def intervals(scores: dict[str, dict[str, dict[str, float]]],
               counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{model: {task: {metric: [low, high]}}} for every score whose prompt count is known."""

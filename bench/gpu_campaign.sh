@@ -27,7 +27,8 @@
 #   mixers:        issue 20: align + GA-S2 once per student mixer (gdn, gla; runs/smollm2_gpu_mixers.yaml), the two
 #                  chains side by side on GPU 0, distance-regularized selections (lambda 0.1, 0.3) over each
 #                  mixer's probes, then select-compare of all six rankings
-#   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8)
+#   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8) or
+#                  several, one after the other (HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...", with ALIGN_PARTS)
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
 #                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
@@ -232,8 +233,9 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
     LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUNC, EVAL_LENGTHS, EVAL_LIMIT smaller)
     versions_
-    layers=()
-    [ -n "${LAYERS:-}" ] && layers=("softmax_layers=$LAYERS")
+    # HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...": the hybrids of this lease, trained one after the other from the one align
+    # (each one's evaluation beside the next one's kl); default: one, $NAME with $LAYERS (empty: the config's layers)
+    read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
     # the evaluation's whole path on one prompt per task, eagerly and through CUDA graphs (used below if it runs),
     # beside the token cache and align: a missing package shows within two minutes, and kl does not start without it
     preflight_ &
@@ -261,15 +263,25 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
         --out $R/graph_decode_check.json
     fi
-    job kl_$NAME 0 train --stage kl --config $CCFG out_dir=$RUNC "${layers[@]}" || exit 1
+    last=${hybrids[-1]}
+    for h in "${hybrids[@]}"; do
+      name=${h%%=*} spec=${h#*=} EB=()
+      # an evaluation beside the next hybrid's kl (~90 GiB at micro batch 32) runs at half the batch
+      [ "$h" != "$last" ] && EB=(--batch-size 32)
+      args=(out_dir=$RUNC/kl_runs/$name kl.init_from=$RUNC/align/hf)
+      [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
+      [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
+      job kl_$name 0 train --stage kl --config $CCFG "${args[@]}" || exit 1
+      hf=$RUNC/kl_runs/$name/kl/hf
+      # every length at once (the GPU has room for all; each job is mostly decoding), quality beside them
+      for L in $LENGTHS; do job eval_${name}_$L 0 ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+      job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
+        --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
+        --out $R/eval_${name}_quality &
+    done
     if [ "${TEACHER_EVAL:-0}" = 1 ]; then
       (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
     fi
-    # every length at once (the GPU has room for all; each job is mostly decoding), quality beside them
-    for L in $LENGTHS; do job eval_${NAME}_$L 0 ev $NAME $RUNC/kl/hf $L "${EG[@]}" & done
-    job eval_${NAME}_quality 0 python3 -m ds_hybrid.cli eval --model $NAME=$RUNC/kl/hf --teacher embedded --tasks "" \
-      --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
-      --out $R/eval_${NAME}_quality
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

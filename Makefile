@@ -34,18 +34,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# on a machine with a GPU: issue 16's recipe (align 50M + kl 100M tokens, ~17 minutes of an H200) with the softmax
-# layers GA-S2 chose for this teacher at that budget (docs/SELECT.md, docs/RESULTS.md section 2), then recall at 2k
-DEMO_GPU_LAYERS := [2,5,8,17,18,20,23,24]
+# launchers/demo.sh: on a machine with a GPU, issue 16's recipe (align 50M + kl 100M tokens, ~17 minutes of an H200)
+# with the softmax layers GA-S2 chose for this teacher (docs/RESULTS.md section 2), then recall at 2k; else the CPU
+# quickstart (runs/smollm2_quickstart.yaml)
 demo: setup
-	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  PYTHON=$(PY) launchers/run_local.sh runs/smollm2_compare.yaml align,kl out_dir=outputs/smollm2_demo_gpu \
-	    'softmax_layers=$(DEMO_GPU_LAYERS)' && \
-	  $(PY) -m ds_hybrid.demo --run outputs/smollm2_demo_gpu --recall 2048; \
-	else \
-	  PYTHON=$(PY) launchers/run_local.sh runs/smollm2_quickstart.yaml align,kl && \
-	  $(PY) -m ds_hybrid.demo --run outputs/smollm2_quickstart; \
-	fi
+	PYTHON=$(PY) launchers/demo.sh
 
 test: setup
 	# two workers, a test file at a time each (--dist loadfile: a file's module fixtures, e.g. the local Slurm

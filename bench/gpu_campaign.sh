@@ -33,6 +33,8 @@
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
 #                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
 #                  ALL_LINEAR_EVAL=0: no all-linear rows
+#   demo:          issue 16 item 4: launchers/demo.sh as `make demo` runs it (DEMO_KL_TOKENS), timed, then HYBRIDS
+#                  from its align
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
 #                  ar ar_multihop uniform against it (SELECTORS=...)
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
@@ -96,6 +98,27 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
 preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
     job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && touch $R/preflight_graphs.ok
+}
+hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hybrid of
+  # HYBRIDS="NAME=LAYERS[@KL_TOKENS] ..." (LAYERS without spaces, e.g. [8,17,18,20]; default: one, $NAME with $LAYERS,
+  # empty: the config's layers), one after the other, each one's evaluation (LENGTHS at once, with EG's options, and
+  # its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at micro batch 32)
+  local h name spec hf args EB hybrids last
+  read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
+  last=${hybrids[-1]}
+  for h in "${hybrids[@]}"; do
+    name=${h%%=*} spec=${h#*=} EB=()
+    [ "$h" != "$last" ] && EB=(--batch-size 32)
+    args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf)
+    [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
+    [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
+    job kl_$name 0 train --stage kl --config $1 "${args[@]}" || return 1
+    hf=$2/kl_runs/$name/kl/hf
+    for L in $LENGTHS; do job eval_${name}_$L 0 ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+    job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
+      --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
+      --out $R/eval_${name}_quality &
+  done
 }
 select_() { python3 ds_hybrid/train.py --stage select --config $CFG "$@"; }
 
@@ -233,9 +256,6 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
     LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUNC, EVAL_LENGTHS, EVAL_LIMIT smaller)
     versions_
-    # HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...": the hybrids of this lease, trained one after the other from the one align
-    # (each one's evaluation beside the next one's kl); default: one, $NAME with $LAYERS (empty: the config's layers)
-    read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
     # the evaluation's whole path on one prompt per task, eagerly and through CUDA graphs (used below if it runs),
     # beside the token cache and align: a missing package shows within two minutes, and kl does not start without it
     preflight_ &
@@ -263,24 +283,30 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
         --out $R/graph_decode_check.json
     fi
-    last=${hybrids[-1]}
-    for h in "${hybrids[@]}"; do
-      name=${h%%=*} spec=${h#*=} EB=()
-      # an evaluation beside the next hybrid's kl (~90 GiB at micro batch 32) runs at half the batch
-      [ "$h" != "$last" ] && EB=(--batch-size 32)
-      args=(out_dir=$RUNC/kl_runs/$name kl.init_from=$RUNC/align/hf)
-      [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
-      [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
-      job kl_$name 0 train --stage kl --config $CCFG "${args[@]}" || exit 1
-      hf=$RUNC/kl_runs/$name/kl/hf
-      # every length at once (the GPU has room for all; each job is mostly decoding), quality beside them
-      for L in $LENGTHS; do job eval_${name}_$L 0 ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
-      job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
-        --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
-        --out $R/eval_${name}_quality &
-    done
+    hybrids_ $CCFG $RUNC || exit 1
     if [ "${TEACHER_EVAL:-0}" = 1 ]; then
       (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
+    fi
+    wait
+    note "campaign done"
+    touch $R/CAMPAIGN_DONE
+    ;;
+  demo)  # issue 16 item 4: what `make demo` runs after its install (launchers/demo.sh: align 50M, kl DEMO_KL_TOKENS with
+         # GA-S2's layers, niah_single_1 at 2k for teacher and hybrid), timed alone on the GPU until its kl is done;
+         # then HYBRIDS (as in compare, e.g. "ga_s2_4=[8,17,18,20]") from the demo's align, beside the demo's recall
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    CCFG=${CCFG:-runs/smollm2_compare.yaml} RUND=${RUND:-/tmp/run/demo} NAME=${NAME:-}
+    LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUND, DEMO_KL_TOKENS, DEMO_RECALL_PROMPTS too)
+    versions_
+    (job demo 0 env PYTHON=python3 DEMO_RECIPE=gpu DEMO_OUT=$RUND DEMO_CONFIG=$CCFG launchers/demo.sh
+     cp -r $RUND/demo_recall $R/ 2>/dev/null) &
+    DEMO=$!
+    if [ -n "${HYBRIDS:-}" ]; then
+      while [ ! -f $RUND/kl/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
+      [ -f $RUND/kl/DONE ] || { note "the demo ended before its kl was done (logs/demo.log)"; exit 1; }
+      EG=(--cuda-graphs)  # (no preflight: the demo's own recall run exercises lm-eval; graphs ran in every lease since)
+      hybrids_ $CCFG $RUND || exit 1
     fi
     wait
     note "campaign done"

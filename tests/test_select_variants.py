@@ -171,3 +171,37 @@ def test_probe_convergence_reads_the_ranking_a_shorter_probe_gives(tmp_path):
     rows = pc.convergence(curves, reference=[3, 0, 1, 2], ks=[1, 2], window=4)
     assert [(r["steps"], r["top1"], r["top2"]) for r in rows] == [(4, 0, 2), (8, 1, 2)]
     assert rows[-1]["kendall_tau"] == 1.0 and rows[-1]["top_layers"] == [0, 3]
+
+
+def test_retrieval_layers_reads_each_heads_copy_and_needle_mass_from_the_attention():
+    """bench/retrieval_layers.py: the per-head copy rate and needle mass its hooks read during one forward equal
+    those computed from the attention weights transformers returns (output_attentions=True), and needle_sources
+    finds the planted tokens an answer repeats, a leading token that differs included."""
+    import importlib.util
+    import random
+
+    import torch
+    from conftest import VOCAB, tiny_teacher
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("retrieval_layers", REPO / "bench" / "retrieval_layers.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    rng = random.Random(0)
+    ids = [rng.randrange(10, VOCAB) for _ in range(60)]
+    ids[20:24] = [5, 7, 8, 9]  # the planted value, after a token the answer does not repeat
+    ids += [3, 4, 6, 7, 8, 9]  # the question, then the answer: 6 7 8 9
+    start, end = len(ids) - 4, len(ids)
+    src = rl.needle_sources(ids, start, end)
+    assert src == [-1, 21, 22, 23]
+    assert rl.needle_sources(ids[:20] + [1] * 4 + ids[24:], start, end) == []  # no planted value: no prompt
+    model = tiny_teacher("llama", num_hidden_layers=3)
+    res = rl.score(model, [(ids, start, end, src)])
+    att = model(torch.tensor([ids]), output_attentions=True).attentions
+    pos, tgt = [start, start + 1, start + 2], torch.tensor([21, 22, 23])  # the positions predicting 7, 8, 9
+    assert res["positions"] == 3 and len(res["copy_rate"]) == 3
+    for layer, a in enumerate(att):
+        w = a[0, :, pos, :].float()
+        assert res["copy_rate"][layer] == pytest.approx((w.argmax(-1) == tgt).float().mean(-1).tolist())
+        assert res["needle_mass"][layer] == pytest.approx(w[:, :, [21, 22, 23]].sum(-1).mean(-1).tolist(), rel=1e-5)
+    assert 0.0 <= res["teacher_answer_accuracy"] <= 1.0

@@ -28,7 +28,7 @@
 #                  chains side by side on GPU 0, distance-regularized selections (lambda 0.1, 0.3) over each
 #                  mixer's probes, then select-compare of all six rankings
 #   compare:       issue 16: align 50M -> kl 100M for one hybrid (LAYERS="[..]" NAME=..., default uniform K = 8) or
-#                  several, one after the other (HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...", with ALIGN_PARTS)
+#                  several, one after the other (HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...")
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
 #                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
@@ -107,6 +107,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   last=${hybrids[-1]}
   for h in "${hybrids[@]}"; do
+    [[ "$h" == ?*=* ]] || { note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20])"; return 1; }
     name=${h%%=*} spec=${h#*=} EB=()
     [ "$h" != "$last" ] && EB=(--batch-size 32)
     args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf)

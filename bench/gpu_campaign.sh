@@ -32,7 +32,8 @@
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
 #                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
-#                  ALL_LINEAR_EVAL=0: no all-linear rows
+#                  ALL_LINEAR_EVAL=0: no all-linear rows; SEED=N: align and kl with seed=N (the config's: 0),
+#                  issue 16's second seed (data order, the mixers' init), e.g. SEED=1 HYBRIDS="ga_s2_8_s1=[...] ..."
 #   demo:          issue 16 item 4: launchers/demo.sh as `make demo` runs it (DEMO_KL_TOKENS), timed, then HYBRIDS
 #                  from its align
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
@@ -85,13 +86,17 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
                  # (`bench/gpu_session.sh apart N`) instead of training it again
   local stage=align base
+  if [ -n "${ALIGN_PARTS:-}" ] && [ -n "${SEED:-}" ]; then
+    note "SEED=$SEED with ALIGN_PARTS: the parts hold an align of the seed it was trained with; unset one of them"
+    return 1
+  fi
   [ -n "${ALIGN_PARTS:-}" ] && stage=kl
   job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
   base=$(teacher_dir_ "$1")
   if [ -n "${ALIGN_PARTS:-}" ]; then
     job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align"
   else
-    job align 0 train --stage align --config "$1" out_dir="$2" || return 1
+    job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} || return 1
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
   fi
 }
@@ -110,7 +115,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
     [[ "$h" == ?*=* ]] || { note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20])"; return 1; }
     name=${h%%=*} spec=${h#*=} EB=()
     [ "$h" != "$last" ] && EB=(--batch-size 32)
-    args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf)
+    args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
     [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
     job kl_$name 0 train --stage kl --config $1 "${args[@]}" || return 1

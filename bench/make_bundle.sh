@@ -28,7 +28,7 @@ PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
 PART=${PART_BYTES:-$(( 64 * 1048576 - tree - 2 * 1048576 ))}
 [ "$PART" -gt 10000000 ] || { echo "part size $PART bytes is too small (the tracked files take $tree of a call's" \
-                                   "64 MiB): set PART_BYTES to 10-60 MB or move data out of the repository" >&2; exit 2; }
+  "64 MiB): set PART_BYTES to 10-60 MB or move data out of the repository" >&2; exit 2; }
 rm -rf "$B/stage" && mkdir -p "$B/stage/wheels" "$B/cache"
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
          --platform any -d "$1" "${@:2}" 2>&1 | grep -v "^WARNING" || true; }

@@ -42,15 +42,22 @@ case "$1" in
     mkdir -p /tmp/gparts && cp ".dev/g$2"/* /tmp/gparts/ && ls -la /tmp/gparts | tail -n +4 | awk '{print $5, $9}'
     ;;
   setup)
+    t0=$SECONDS
     mkdir -p /tmp/g && cat /tmp/parts/part* | tar -xf - -C /tmp/g
+    # the xz archives unpack on every core (xz -T0), beside the wheels' install; each one's failure stops the setup
+    mkdir -p /tmp/tsite /tmp/dsh/corpus   # (DS_HYBRID_CACHE=/tmp/dsh)
+    xz -T0 -dc /tmp/g/triton.tar.xz | tar -xf - -C /tmp/tsite & un=($!)
+    cat /tmp/g/corpus/corpus.tar.xz.* | xz -T0 -dc | tar -xf - -C /tmp/dsh/corpus & un+=($!)
+    if [ -f /tmp/g/corpus/pydocs.tar.xz ]; then  # the Python docs, as files
+      xz -T0 -dc /tmp/g/corpus/pydocs.tar.xz | tar -xf - -C / & un+=($!)
+    fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
-    mkdir -p /tmp/tsite && tar -xJf /tmp/g/triton.tar.xz -C /tmp/tsite
     if [ -d /tmp/gparts ]; then
       mkdir -p /tmp/g/gemma && cat /tmp/gparts/gpart* | tar -xf - -C /tmp/g/gemma
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/gemma/*
     fi
-    mkdir -p /tmp/dsh/corpus && cat /tmp/g/corpus/corpus.tar.xz.* | tar -xJf - -C /tmp/dsh/corpus   # DS_HYBRID_CACHE=/tmp/dsh
-    [ -f /tmp/g/corpus/pydocs.tar.xz ] && tar -xJf /tmp/g/corpus/pydocs.tar.xz -C /   # the Python docs, as files
+    for p in "${un[@]}"; do wait "$p" || { echo "setup: unpacking an archive failed (job $p)" >&2; exit 1; }; done
+    echo "setup: joined, unpacked and installed in $(( SECONDS - t0 )) s"
     if [ -f /tmp/g/old.tar ]; then rm -rf /tmp/old && mkdir -p /tmp/old && tar -xf /tmp/g/old.tar -C /tmp/old; fi
     # the checkout is laid afresh at every call: background jobs run from a copy
     rm -rf /tmp/new && mkdir -p /tmp/new && tar --exclude=./.dev -cf - . | tar -xf - -C /tmp/new && cd /tmp/new
@@ -63,6 +70,7 @@ print('triton', triton.__version__, 'torch', torch.__version__, 'ds', deepspeed.
 import ds_hybrid.kernels.fused_kl
 from ds_hybrid.teacher import embedded_teacher_dir; print('teacher', embedded_teacher_dir())
 from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['sources']))"
+    echo "setup: $(( SECONDS - t0 )) s in all"
     ;;
   start)
     mkdir -p /tmp/res && cd /tmp/new

@@ -380,6 +380,10 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
   pack)
     out=${2:-/tmp/out}
     mkdir -p "$out"
+    # the Triton autotuner's choices of this lease (a few KB, not the kernels), for later leases' `setup` to seed
+    # (AUTOTUNE_SEED=1 there: fla's kernels then compile one config each instead of timing every one)
+    (cd "${TRITON_CACHE_DIR:-/tmp/tcache}" 2>/dev/null && mkdir -p /tmp/res/triton_autotune && \
+       find . -name '*.autotune.json' -exec cp --parents {} /tmp/res/triton_autotune/ \;) || true
     (cd /tmp/run 2>/dev/null && find . \( -name hf -o -name checkpoints \) -prune -o -type f \
        \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \
        -o -name 'round_*.json' \) \

@@ -85,7 +85,9 @@ def naive(hs, ws, ht, wt):
     return F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="batchmean")
 
 
-def make_impls():
+def make_impls(chunks: tuple[int, ...] = (1024,)):
+    """The implementations by name; ours at each chunk of ``chunks`` (tokens per chunk: its logit blocks are chunk x V
+    fp32, so the chunk sets its extra memory), named ``ours`` at 1024 and ``ours@C`` at any other C."""
     from ds_hybrid.kernels.fused_kl import fused_linear_loss
     from ds_hybrid.losses import chunked_linear_loss
 
@@ -98,7 +100,9 @@ def make_impls():
     except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
         print(f"fla FusedKLDivLoss unavailable: {e}")
     impls["chunked"] = lambda hs, ws, ht, wt: chunked_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
-    impls["ours"] = lambda hs, ws, ht, wt: fused_linear_loss(hs, ws, ht, wt, chunk=1024)[0]
+    for c in chunks:
+        impls["ours" if c == 1024 else f"ours@{c}"] = \
+            lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c)[0]
     impls["torchtune"] = torchtune_chunked
     liger, why = liger_forward_kl()
     if liger is not None:
@@ -180,8 +184,16 @@ def main() -> None:
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
     ap.add_argument("--impls", default="all", help="all, or comma-separated names (naive, fla, chunked, ours, "
                     "torchtune, liger)")
+    ap.add_argument("--chunks", default="1024", help="our kernel's tokens per chunk, comma-separated (e.g. 256,512,1024: "
+                    "its time and extra memory at each; rows ours@C, ours at 1024)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    try:
+        chunks = tuple(int(c) for c in args.chunks.split(","))
+    except ValueError:
+        ap.error(f"--chunks {args.chunks!r}: give positive integers, comma-separated (e.g. 256,512,1024)")
+    if any(c < 1 for c in chunks):
+        ap.error(f"--chunks {args.chunks!r}: every chunk must be >= 1 token")
     import triton
 
     import fla
@@ -199,9 +211,9 @@ def main() -> None:
             "liger_kernel": liger_version, "bf16_matmul_tflops": matmul_ceiling()}
     print(json.dumps(info))
     names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-    impls = make_impls()
-    if args.impls != "all":
-        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+    impls = make_impls(chunks)
+    if args.impls != "all":  # "ours" selects every chunk of --chunks
+        impls = {k: v for k, v in impls.items() if k.split("@")[0] in args.impls.split(",")}
     rows = []
     for shape in names:
         N, H, V = SHAPES[shape]

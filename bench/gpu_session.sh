@@ -46,10 +46,11 @@ case "$1" in
     mkdir -p /tmp/g && cat /tmp/parts/part* | tar -xf - -C /tmp/g
     # the xz archives unpack on every core (xz -T0), beside the wheels' install; each one's failure stops the setup
     mkdir -p /tmp/tsite /tmp/dsh/corpus   # (DS_HYBRID_CACHE=/tmp/dsh)
-    xz -T0 -dc /tmp/g/triton.tar.xz | tar -xf - -C /tmp/tsite & un=($!)
-    cat /tmp/g/corpus/corpus.tar.xz.* | xz -T0 -dc | tar -xf - -C /tmp/dsh/corpus & un+=($!)
+    xz=(xz -T0); "${xz[@]}" --version >/dev/null 2>&1 || xz=(xz)   # (an xz older than 5.2 has no -T)
+    "${xz[@]}" -dc /tmp/g/triton.tar.xz | tar -xf - -C /tmp/tsite & un=($!)
+    cat /tmp/g/corpus/corpus.tar.xz.* | "${xz[@]}" -dc | tar -xf - -C /tmp/dsh/corpus & un+=($!)
     if [ -f /tmp/g/corpus/pydocs.tar.xz ]; then  # the Python docs, as files
-      xz -T0 -dc /tmp/g/corpus/pydocs.tar.xz | tar -xf - -C / & un+=($!)
+      "${xz[@]}" -dc /tmp/g/corpus/pydocs.tar.xz | tar -xf - -C / & un+=($!)
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
     if [ -d /tmp/gparts ]; then
@@ -61,7 +62,10 @@ case "$1" in
     # image and versions: the cache keys hash those) so that fla's kernels skip timing every config; never for a
     # lease that times `make demo` (a user's first run tunes them)
     if [ "${AUTOTUNE_SEED:-0}" = 1 ]; then
-      [ -d bench/triton_autotune_h200 ] || { echo "setup: AUTOTUNE_SEED=1 but no bench/triton_autotune_h200" >&2; exit 1; }
+      if [ ! -d bench/triton_autotune_h200 ]; then
+        echo "setup: AUTOTUNE_SEED=1 but no bench/triton_autotune_h200 (commit a lease's res/triton_autotune/ there)" >&2
+        exit 1
+      fi
       mkdir -p "$TRITON_CACHE_DIR" && cp -r bench/triton_autotune_h200/. "$TRITON_CACHE_DIR/"
       echo "setup: seeded $(find bench/triton_autotune_h200 -name '*.autotune.json' | wc -l) autotune results"
     fi

@@ -34,9 +34,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# launchers/demo.sh: on a machine with a GPU, issue 16's recipe (align 50M + kl 50M tokens: ~14 minutes of an H200,
-# estimated) with the softmax layers GA-S2 chose for this teacher (docs/RESULTS.md section 2), then recall at 2k; else
-# the CPU quickstart (runs/smollm2_quickstart.yaml)
+# launchers/demo.sh: on a machine with a GPU, issue 16's recipe (align 50M + kl 50M tokens: 763 s on an H200,
+# measured 2026-12-03) with the softmax layers GA-S2 chose for this teacher (docs/RESULTS.md section 2), then recall
+# at 2k; else the CPU quickstart (runs/smollm2_quickstart.yaml)
 demo: setup
 	PYTHON=$(PY) launchers/demo.sh
 

@@ -146,7 +146,7 @@ def test_real_teacher_finds_the_needle_at_1024_tokens():
     assert score >= 0.75
 
 
-def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller(tiny):
+def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller(tiny, capsys):
     from ds_hybrid.transfer import build_hybrid
 
     teacher = tiny[0]
@@ -179,6 +179,10 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
     # every key length a timed decode step meets was met untimed first (cuDNN attention builds a graph per length)
     assert calls == [4] * 8 and set(lengths["timed"]) <= set(lengths["warm"]) and len(lengths["timed"]) == 16
     assert {r["model"] for r in rows} == {"hybrid", "teacher"} and len(rows) == 4
+    # each row is printed as it lands (a run cut short keeps what it measured), the same numbers as returned
+    printed = [json.loads(line.split(" ", 2)[2]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("bench-infer row ")]
+    assert printed == json.loads(json.dumps(rows))
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert "decode_gpu_ms_per_step" not in r  # profiled on CUDA only: never a made-up number on CPU

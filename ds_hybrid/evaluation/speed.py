@@ -24,6 +24,7 @@ is reported as out-of-memory rather than ending the benchmark.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -198,4 +199,6 @@ def bench_pair(
                         del decoder
                     r["model"], r["mode"] = name, mode
                     rows.append(r)
+                    # each row as it lands: a run stopped part way (a lease's time limit) keeps what it measured
+                    print("bench-infer row", json.dumps(r, default=str), flush=True)
     return rows

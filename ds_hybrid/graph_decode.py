@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling.decode_attention import decode_attention, sdpa_configs
 from ds_hybrid.modeling.static_cache import StaticHybridCache
 
 
@@ -95,6 +96,8 @@ class GraphDecoder:
         self.uses_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.warmup_steps = warmup_steps
         self._slots: dict[int, _Slot] = {}
+        # decode steps attend through ds_hybrid.modeling.decode_attention (no KV-head expansion over the static cache)
+        self._sdpa_configs = sdpa_configs(model)
 
     # ---- public -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -179,8 +182,9 @@ class GraphDecoder:
 
     def _step(self, slot: _Slot) -> None:
         """One decode step reading and writing only the slot's buffers: the region a CUDA graph captures."""
-        logits = self.model(input_ids=slot.tokens, attention_mask=slot.mask, position_ids=slot.positions,
-                            past_key_values=slot.cache, use_cache=True).logits
+        with decode_attention(configs=self._sdpa_configs):
+            logits = self.model(input_ids=slot.tokens, attention_mask=slot.mask, position_ids=slot.positions,
+                                past_key_values=slot.cache, use_cache=True).logits
         slot.tokens.copy_(logits[:, -1:].float().argmax(-1))
         slot.positions.add_(1)
 

@@ -44,9 +44,11 @@ from pathlib import Path
 PEAK_TFLOPS = 989.0
 GDN_CHUNK = 64
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "other", "step_end")
-KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/CUTLASS, flash/cuDNN attention, fla and our kernels
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "splitk")),
+KERNEL_CATEGORIES = (  # first match wins; names of flash/cuDNN attention, cuBLAS/CUTLASS, fla and our kernels
+    # (attention first: cuDNN's SDPA kernels are named "cudnn_generated_..._sdpa_sm90_flash_...", which the gemm
+    # keys' "sm90_" also matches; until 2026-12-03 they were counted as gemm)
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "splitk")),
     ("kl_kernel", ("_row_loss_kernel",)),
     ("linear_attention", ("chunk_", "fused_recurrent", "recompute_w_u", "solve_tril", "l2norm", "kkt", "wy_",
                           "cumsum", "merge_16x16", "_fwd_kernel", "_bwd_kernel")),
@@ -56,6 +58,13 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/CUTLASS, flash/cuDNN 
     ("compiled", ("triton_poi", "triton_red", "triton_per")),  # torch.compile's generated kernels
     ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "norm", "index")),
 )
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
               "cuCtxSynchronize", "cuEventSynchronize")
 
@@ -188,7 +197,7 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         gpu_last = max(gpu_last or 0, e["ts"] + e.get("dur", 0))
         name = e.get("name", "")
         low = name.lower()
-        by_cat[next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")] += dur
+        by_cat[kernel_category(low)] += dur
         top[name[:90]] += dur
         ts = launches.get(e.get("args", {}).get("correlation"))
         phase = "step_end"

@@ -36,6 +36,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.stages.base import Stage, StageContext
+from ds_hybrid.stages.common import apply_sdpa_choice, compile_options
 
 log = logging.getLogger("ds_hybrid")
 
@@ -182,6 +183,10 @@ def gather_param_report(runner) -> list[dict[str, int]]:
 def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
+    # throughput knobs read from the environment, checked before any model is built
+    sdpa, compile_opts = apply_sdpa_choice(), compile_options()
+    if sdpa != "auto" or "mode" in compile_opts:
+        log.info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa, compile_opts.get("mode", "default"))
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)

@@ -76,6 +76,35 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(monkeypatch):
     assert list(eager.state_dict()) == list(compiled.state_dict())  # compiled in place: checkpoints unchanged
 
 
+def test_compile_mode_and_sdpa_knobs_are_checked_and_applied(monkeypatch):
+    from ds_hybrid.stages.common import apply_sdpa_choice, compile_options
+
+    assert compile_options() == {"backend": "inductor", "dynamic": False}
+    monkeypatch.setenv("DS_HYBRID_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert compile_options()["mode"] == "max-autotune-no-cudagraphs"
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")  # a mode is Inductor's: not passed elsewhere
+    assert "mode" not in compile_options()
+    monkeypatch.setenv("DS_HYBRID_COMPILE_MODE", "reduce-overhead")  # CUDA graphs: refused, naming the variable
+    with pytest.raises(ConfigError, match="DS_HYBRID_COMPILE_MODE"):
+        compile_options()
+    monkeypatch.setenv("DS_HYBRID_SDPA", "fastest")
+    with pytest.raises(ConfigError, match="DS_HYBRID_SDPA"):
+        apply_sdpa_choice()
+    flags = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+             torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    try:
+        monkeypatch.setenv("DS_HYBRID_SDPA", "flash")
+        assert apply_sdpa_choice() == "flash"
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == (
+                    False, True, False, True)  # the math fallback stays for shapes flash cannot run
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(flags[0])
+        torch.backends.cuda.enable_flash_sdp(flags[1])
+        torch.backends.cuda.enable_mem_efficient_sdp(flags[2])
+        torch.backends.cuda.enable_math_sdp(flags[3])
+
+
 @pytest.mark.parametrize("layers", [3, 12])
 def test_compiled_teacher_captures_without_a_compile_per_layer(monkeypatch, layers):
     """Stage align's capture hooks inside compiled teacher blocks: the graphs compiled do not grow with the number
@@ -218,3 +247,17 @@ def test_train_throughput_bench_measures_every_phase(tmp_path):
     rep = run([sys.executable, "bench/train_throughput.py", "report", str(out), "--out", str(tmp_path / "rep")])
     assert rep.returncode == 0 and "| kl_cpu | kl | 1 |" in rep.stdout, tail(rep)
     assert (REPO / "bench" / "train_throughput.py").is_file()
+
+
+def test_kernel_categories_file_cudnn_attention_as_attention():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_throughput import kernel_category
+    finally:
+        sys.path.pop(0)
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64") == "attention"
+    assert kernel_category("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_category("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN") == "gemm"
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_category("chunk_gated_delta_rule_fwd_kernel_h_blockdim64") == "linear_attention"
+    assert kernel_category("triton_poi_fused__unsafe_view_mul_silu_0") == "compiled"

@@ -24,7 +24,7 @@ from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
 from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
-from ds_hybrid.stages.common import (compile_backend, compile_blocks, count_params, grad_norm_before_step,
+from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
 from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
@@ -74,7 +74,7 @@ class AlignStage(Stage):
         stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))
         if wants_compile(ctx.s, ds):
             if stack.stacked:  # one graph around the stacked pass (the fla call is a graph break) and the loss
-                stack.compile(backend=compile_backend(), dynamic=False)
+                stack.compile(**compile_options())
             else:
                 compile_blocks(stack.mixers)
         if wants_compile(ctx.s, ctx.ds_config(train=False)):

@@ -185,14 +185,53 @@ def compile_backend() -> str:
     return os.environ.get("DS_HYBRID_COMPILE_BACKEND", "inductor")
 
 
+#: Inductor modes that compose with DeepSpeed's engines and fla (the CUDA-graph modes do not: they need static
+#: addresses, which the engines' gradient buffers and fla's autotuned launches do not keep)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_options() -> dict:
+    """torch.compile arguments of the training stages: ``DS_HYBRID_COMPILE_BACKEND`` (default inductor; tests use
+    aot_eager on CPU) and ``DS_HYBRID_COMPILE_MODE`` (default; ``max-autotune-no-cudagraphs`` lets Inductor time
+    Triton GEMM templates with fused epilogues against cuBLAS: minutes more compiling, for throughput experiments)."""
+    import os
+
+    mode = os.environ.get("DS_HYBRID_COMPILE_MODE", "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError("DS_HYBRID_COMPILE_MODE", mode, f"choose one of {', '.join(COMPILE_MODES)}")
+    options: dict = {"backend": compile_backend(), "dynamic": False}
+    if mode != "default" and options["backend"] == "inductor":
+        options["mode"] = mode
+    return options
+
+
+#: which fused attention kernel SDPA may use in training ("auto": torch's own order, cuDNN first on Hopper)
+SDPA_CHOICES = ("auto", "flash", "cudnn", "efficient")
+
+
+def apply_sdpa_choice() -> str:
+    """``DS_HYBRID_SDPA``: restrict SDPA to one fused kernel (plus the math fallback for shapes it cannot run), for
+    throughput experiments; "auto" (default) changes nothing. Checked before any model is built."""
+    import os
+
+    choice = os.environ.get("DS_HYBRID_SDPA", "auto")
+    if choice not in SDPA_CHOICES:
+        raise ConfigError("DS_HYBRID_SDPA", choice, f"choose one of {', '.join(SDPA_CHOICES)}")
+    if choice != "auto":
+        torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(choice == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(choice == "efficient")
+    return choice
+
+
 def compile_blocks(layers: Iterable[nn.Module]) -> int:
     """``compile: true``: torch.compile every transformer block in place (state-dict keys unchanged). Blocks of one
     class share compiled code (parameters are graph inputs, not constants), so a 30-layer model compiles each block
-    kind once. ``DS_HYBRID_COMPILE_BACKEND`` picks the backend (default inductor; tests use aot_eager on CPU)."""
-    backend = compile_backend()
+    kind once. Backend and mode: :func:`compile_options`."""
+    options = compile_options()
     n = 0
     for layer in layers:
-        layer.compile(backend=backend, dynamic=False)
+        layer.compile(**options)
         n += 1
     return n
 

@@ -46,16 +46,27 @@ def _stack_linear(layers: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torc
     return w, b
 
 
+#: each projection's columns in the stacked GEMM's output start at a multiple of this (16 bytes of bf16): GDN's a/b
+#: projections have one column per head (9 at SmolLM2), and unpadded they leave every later slice, and the row
+#: (2,322 columns), misaligned for vector loads, in the GEMM and in the fused backward kernel that gathers the
+#: slices' gradients (the align step's largest non-GEMM kernel on an H200)
+COLUMN_ALIGN = 8
+
+
 def _projections(mixers: Sequence[LinearMixer], names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every projection in ``names`` of every layer from x [L, N, H] with one batched GEMM: [L, N, out] each."""
-    ws, bs, sizes = [], [], []
+    """Every projection in ``names`` of every layer from x [L, N, H] with one batched GEMM: [L, N, out] each.
+    Zero weight columns pad each projection to a multiple of COLUMN_ALIGN; the padding's outputs are dropped."""
+    ws, bs, sizes, padded = [], [], [], []
     for name in names:
         w, b = _stack_linear([_get(m, name) for m in mixers])
-        ws.append(w)
-        sizes.append(w.shape[-1])
-        bs.append(b if b is not None else None)
+        size = w.shape[-1]
+        pad = -size % COLUMN_ALIGN
+        ws.append(F.pad(w, (0, pad)) if pad else w)
+        sizes.append(size)
+        padded.append(size + pad)
+        bs.append(b)
     y = torch.bmm(x, torch.cat(ws, dim=2))
-    outs = list(y.split(sizes, dim=2))
+    outs = [o[..., :size] for o, size in zip(y.split(padded, dim=2), sizes)]
     return [o + b if b is not None else o for o, b in zip(outs, bs)]
 
 

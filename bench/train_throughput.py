@@ -221,7 +221,7 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         "blocking_memcpy_per_step": round(memcpy_blocking["count"] / per, 2),
         "blocking_memcpy_ms_per_step": round(memcpy_blocking["host_ms"] / per, 3),
         "gpu_span_ms_per_step": round(((gpu_last or 0) - (gpu_first or 0)) / 1e3 / per, 3),
-        "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]},
+        "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:30]},
     }
 
 

@@ -196,8 +196,7 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         gpu_first = e["ts"] if gpu_first is None else min(gpu_first, e["ts"])
         gpu_last = max(gpu_last or 0, e["ts"] + e.get("dur", 0))
         name = e.get("name", "")
-        low = name.lower()
-        by_cat[kernel_category(low)] += dur
+        by_cat[kernel_category(name)] += dur
         top[name[:90]] += dur
         ts = launches.get(e.get("args", {}).get("correlation"))
         phase = "step_end"

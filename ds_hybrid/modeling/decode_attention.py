@@ -4,7 +4,7 @@ A static cache (:mod:`ds_hybrid.graph_decode`) hands every softmax layer its who
 keys and values and an explicit mask (the positions not yet written, the left pads). With a mask, transformers'
 ``sdpa`` path copies K and V to all H query heads (``repeat_kv``) and SDPA runs its math or memory-efficient kernel:
 at Llama-3-8B shape (32 query / 8 KV heads), batch 4 and 32k context, that is ~2 GiB written per layer per step,
-and a decode step with CUDA graphs took 100 ms against 19 ms of GPU time in eager decoding (docs/BENCHMARKS.md).
+and a decode step with CUDA graphs took 100 ms against 19 ms of GPU time in eager decoding (docs/SERVING.md).
 
 Here the G = H / H_kv query heads that share a KV head are treated as G queries of that head: one batched matmul
 of [G, D] x [D, S] per (row, KV head) gives the scores (fp32, read from bf16 K without a copy where the GPU's
@@ -15,7 +15,7 @@ or attention sinks); every other call goes to transformers' ``sdpa`` function un
     with decode_attention(model):    # every sub-config on "sdpa" uses it; restored on exit
         model(input_ids=..., attention_mask=..., past_key_values=static_cache)
 
-The reference is transformers' own ``sdpa_attention_forward`` (tests/test_graph_decode.py compares in fp64).
+The reference is transformers' own ``sdpa_attention_forward`` (tests/test_decode_attention.py compares in fp64).
 """
 
 from __future__ import annotations

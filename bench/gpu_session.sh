@@ -138,6 +138,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_4_of_32=$T/l_h --teacher $T/l \
         --context 16384 --steps 16 --out "$OUT/llama3_8b/decode_profile.json"
     fi
+    rm -rf $T   # the 8B pair is 34 GB of a 64 GB disk: a campaign may follow in the same lease
     ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

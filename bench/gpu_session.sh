@@ -13,8 +13,8 @@
 #                                         # background (survives the call)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
 #                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
-#   OUT=$OUT bench/gpu_session.sh parity|klbench|train   # single-GPU runs (bench/gpu_parity.py, bench/kl.py,
-#                                                      # runs/smollm2_gpu_bench.yaml)
+#   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,
+#                                   # bench/kl.py, runs/smollm2_gpu_bench.yaml, bench/graph_decode_check.py)
 #   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
 #       # (GRAPHS=1: also the CUDA-graph rows, issue 18) no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
@@ -106,6 +106,14 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     ;;
   klbench)
     python3 bench/kl.py --out "$OUT/kl_bench.json"
+    ;;
+  graphcheck)  # issue 18, after setup: the embedded teacher and its stage-0 hybrid with 8 of 30 softmax layers (as
+               # on 2026-12-02): greedy tokens with CUDA graphs == eager, and ms per decode step (docs/SERVING.md)
+    T=/tmp/gcheck && mkdir -p $T "$OUT"
+    python3 -m ds_hybrid.cli convert --teacher /tmp/dsh/smollm2-135m-instruct --softmax-layers 0,3,7,11,15,18,22,26 \
+      --dtype bf16 --device cuda --out $T/h
+    python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct \
+      --out "$OUT/graph_decode_check.json"
     ;;
   train)  # stage-kl throughput on the embedded teacher (docs/BENCHMARKS.md)
     for s in align kl; do

@@ -95,13 +95,20 @@ def attention_forward(
     return grouped_decode_attention(query, key, value, attention_mask, scaling), None
 
 
+_REGISTERED = False
+
+
 def register() -> None:
-    """Register ``NAME`` with transformers (attention function, and sdpa's mask format). Idempotent."""
+    """Register ``NAME`` with transformers (attention function, and sdpa's mask format), once per process."""
+    global _REGISTERED
+    if _REGISTERED:  # (called at every decode step through decode_attention)
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _REGISTERED = True
 
 
 def sdpa_configs(model: nn.Module) -> list:

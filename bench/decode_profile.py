@@ -9,7 +9,13 @@ tokens (batch --batch), it runs:
    mean ms per call per kind. Syncing removes the overlap of host and device, so these add up to more than (1);
    they show where host time is spent when the step is launch bound.
 
+With ``--static`` (issue 18) the steps are GraphDecoder's instead (ds_hybrid.graph_decode: static cache, decode
+attention): (1) timed with CUDA graphs and (2) eagerly, then (3) the eager static steps under torch.profiler with the
+GPU time of every aten op by input shapes, which names what a graph replays beyond the dynamic path's kernels.
+
     python bench/decode_profile.py --model hybrid=out/kl/hf --teacher embedded --context 4096 --out prof.json
+    python bench/decode_profile.py --model hybrid=out/kl/hf --teacher embedded --context 32768 --batch 4 --static \
+        --out static_prof.json
 """
 
 from __future__ import annotations
@@ -111,6 +117,51 @@ def profile_model(model, context: int, batch: int, steps: int, seed: int = 0, to
     return res
 
 
+@torch.no_grad()
+def profile_static(model, context: int, batch: int, steps: int, seed: int = 0, top: int = 25) -> dict:
+    """GraphDecoder's decode step: ms per step with graphs and eagerly, and the eager step's GPU time per aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ds_hybrid.graph_decode import GraphDecoder
+
+    dev = next(model.parameters()).device
+    ids = random_ids(model, context, batch, seed)
+    res: dict = {"context": context, "batch": batch, "steps": steps}
+    for mode, graphs in (("cuda_graphs", True), ("eager_static", False)):
+        decoder = GraphDecoder(model, max_len=context + steps + 1, cuda_graphs=graphs)
+        for timed in (False, True):  # untimed: compiles, autotunes, captures
+            decoder.prefill(ids, None, steps + 1)
+            _sync(dev)
+            t0 = time.perf_counter()
+            decoder.decode(batch, steps)
+            _sync(dev)
+        res[f"{mode}_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / steps
+        if not graphs:
+            decoder.prefill(ids, None, steps + 1)
+            _sync(dev)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts, record_shapes=True) as prof:
+                decoder.decode(batch, steps)
+                _sync(dev)
+            ops = [e for e in prof.key_averages(group_by_input_shape=True)
+                   if e.device_type == torch.autograd.DeviceType.CPU]  # aten ops, with the GPU time they launched
+            timed_by = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            res["top_ops"] = [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
+                               "ms_per_step": getattr(e, timed_by) / 1e3 / steps}
+                              for e in sorted(ops, key=lambda e: getattr(e, timed_by), reverse=True)[:top]]
+            if dev.type == "cuda":
+                device_ms, n_kernels = kernel_ms(prof.key_averages())
+                res["device_ms_per_step"] = device_ms / steps
+                res["kernels_per_step"] = n_kernels / steps
+                kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+                res["top_kernels"] = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
+                                       "device_ms_per_step": e.self_device_time_total / 1e3 / steps}
+                                      for e in sorted(kernels, key=lambda e: e.self_device_time_total,
+                                                      reverse=True)[:top]]
+        del decoder
+    return res
+
+
 def markdown(results: dict[str, dict]) -> str:
     lines = ["| model | ms / token | kernels / step | device ms / step | softmax mixer ms | linear mixer ms | MLP ms |",
              "|---|---|---|---|---|---|---|"]
@@ -136,6 +187,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--static", action="store_true", help="profile GraphDecoder's static-cache step instead")
     ap.add_argument("--out", required=True, help="JSON file (a .md table is written beside it)")
     args = ap.parse_args()
 
@@ -148,8 +200,12 @@ def main() -> None:
     for name, path in parse_models(args.model, args.teacher).items():
         model, _, _ = load_model(path, dev, dtype)
         info[name] = describe(model)
-        results[name] = profile_model(model, args.context, args.batch, args.steps)
-        print(name, f"{results[name]['wall_ms_per_token']:.2f} ms/token", flush=True)
+        if args.static:
+            results[name] = r = profile_static(model, args.context, args.batch, args.steps)
+            print(name, json.dumps(r, indent=1), flush=True)
+        else:
+            results[name] = profile_model(model, args.context, args.batch, args.steps)
+            print(name, f"{results[name]['wall_ms_per_token']:.2f} ms/token", flush=True)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,9 +214,10 @@ def main() -> None:
     out.write_text(json.dumps({"versions": versions(), "device": str(dev), "dtype": str(dtype),
                                "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                                "models": info, "results": results}, indent=1))
-    md = markdown(results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    if not args.static:
+        md = markdown(results)
+        out.with_suffix(".md").write_text(md)
+        print(md)
 
 
 if __name__ == "__main__":

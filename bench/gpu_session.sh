@@ -13,6 +13,8 @@
 #                                         # background (survives the call)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
 #                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
+#   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
+#                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,
 #                                   # bench/kl.py, runs/smollm2_gpu_bench.yaml, bench/graph_decode_check.py)
 #   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
@@ -114,6 +116,23 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       --dtype bf16 --device cuda --out $T/h
     python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct \
       --out "$OUT/graph_decode_check.json"
+    ;;
+  attnbench)  # issue 18: decode attention over a static cache, per layer call (no parts needed: carry .dev/mini)
+    [ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/mini/*.whl
+    mkdir -p "$OUT" && PYTHONPATH="$PWD:$PYTHONPATH" python3 bench/decode_attention_bench.py --out "$OUT/decode_attention.json"
+    ;;
+  staticprof)  # issue 18: GraphDecoder's step at Llama-3-8B width, 4 layers (teacher; hybrid with layer 0 softmax),
+              # CONTEXT (32768) x BATCH (4): ms per step with graphs and eagerly, and the GPU time per aten op (carry
+              # .dev/mini; ~2 minutes)
+    [ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/mini/*.whl
+    T=/tmp/sprof && mkdir -p $T "$OUT" && export PYTHONPATH="$PWD:$PYTHONPATH"
+    python3 -c "import json, sys; c = json.load(open('runs/configs/llama3_8b/config.json')); c['num_hidden_layers'] = 4
+json.dump(c, open('$T/config.json', 'w'))"
+    python3 bench/random_teacher.py --config $T/config.json --tokenizer .dev/mini/tok --out $T/l
+    python3 -m ds_hybrid.cli convert --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
+    python3 bench/decode_profile.py --model hybrid_1_of_4=$T/l_h --teacher $T/l --context ${CONTEXT:-32768} \
+      --batch ${BATCH:-4} --steps 16 --static --out "$OUT/static_profile.json"
+    rm -rf $T
     ;;
   train)  # stage-kl throughput on the embedded teacher (docs/BENCHMARKS.md)
     for s in align kl; do

@@ -81,6 +81,12 @@ def check_left_padded(mask: torch.Tensor) -> None:
         raise ConfigError("attention_mask", "holes", "each row must be zeros (pads) then ones (tokens), left padded")
 
 
+#: a static cache's length is rounded up to a multiple of this: decode attention's score rows are then 16-byte
+#: aligned for the GPU's matmuls (an odd length, e.g. 32,801, coincided with a decode step 2-3x its GPU time at
+#: Llama-3-8B shape, docs/SERVING.md) and divide into its key blocks (decode_attention.KEY_BLOCKS)
+CACHE_MULTIPLE = 256
+
+
 class GraphDecoder:
     """Greedy generation through a static cache; see the module docstring for what is supported."""
 
@@ -91,6 +97,8 @@ class GraphDecoder:
             raise ConfigError("warmup_steps", warmup_steps, "use at least 1 eager step before a capture")
         self.model = model
         self.max_len = max_len
+        # the cache holds a multiple of CACHE_MULTIPLE positions (the ones past max_len are never attended to)
+        self.cache_len = -(-max_len // CACHE_MULTIPLE) * CACHE_MULTIPLE
         self.device = next(model.parameters()).device
         # graphs need CUDA; elsewhere the same static step runs eagerly
         self.uses_graphs = bool(cuda_graphs) and self.device.type == "cuda"
@@ -173,10 +181,10 @@ class GraphDecoder:
         if batch not in self._slots:
             dev = self.device
             self._slots[batch] = _Slot(
-                cache=make_static_cache(self.model, self.max_len),
+                cache=make_static_cache(self.model, self.cache_len),
                 tokens=torch.zeros(batch, 1, dtype=torch.long, device=dev),
                 positions=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-                mask=torch.ones(batch, self.max_len, dtype=torch.long, device=dev),
+                mask=torch.ones(batch, self.cache_len, dtype=torch.long, device=dev),
             )
         return self._slots[batch]
 

@@ -50,6 +50,22 @@ def test_grouped_decode_attention_equals_sdpa_in_fp64(H, Hkv, mask_kind):
     torch.testing.assert_close(out2, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_probs_times_values_split_over_key_blocks_only_where_it_pays():
+    assert DA.key_splits(3, 32768) == 32  # few (row, KV head) problems over a long cache: blocks of 1024 keys
+    assert DA.key_splits(3, 16640) == 65  # 65 x 256: the largest block that divides
+    assert DA.key_splits(3, 16641) == 1  # no block divides
+    assert DA.key_splits(3, 8192) == 1  # short cache
+    assert DA.key_splits(32, 32768) == 1  # enough problems for one matmul
+
+
+def test_split_over_key_blocks_equals_sdpa_in_fp64():
+    S = DA.SPLIT_FROM_KEYS + 512
+    assert DA.key_splits(2, S) > 1
+    q, k, v, keep = case(2, 6, 1, S, 4)
+    out = DA.grouped_decode_attention(q, k, v, keep, scaling=0.5)
+    torch.testing.assert_close(out, reference(q, k, v, keep, 0.5), rtol=1e-12, atol=1e-12)
+
+
 def test_half_precision_inputs_stay_within_bf16_rounding_of_fp64():
     q, k, v, keep = case(2, 6, 2, 40, 16, dtype=torch.bfloat16, seed=1)
     out = DA.grouped_decode_attention(q, k, v, keep, scaling=0.25)
@@ -99,8 +115,11 @@ def test_static_decode_steps_attend_through_it_and_match_generate(sdpa_teacher, 
     with torch.no_grad():
         ref = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert calls == []  # dynamic-cache generate is untouched
-    out = GraphDecoder(model, max_len=20).generate(prompt, mask, max_new_tokens=6)
+    decoder = GraphDecoder(model, max_len=20)
+    out = decoder.generate(prompt, mask, max_new_tokens=6)
     assert torch.equal(out, ref)
+    # the cache is allocated at a multiple of CACHE_MULTIPLE positions (aligned score rows), the mask to match
+    assert decoder.cache_len == 256 and decoder._slots[2].mask.shape == (2, 256)
     assert len(calls) == 5 * softmax_layers  # every decode step after the prefill, every softmax layer
     assert {cfg._attn_implementation for cfg in DA.sdpa_configs(model)} == {"sdpa"}  # restored after each step
 

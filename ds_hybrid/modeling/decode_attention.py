@@ -64,8 +64,46 @@ def grouped_decode_attention(
     else:
         scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B * Hkv, G, S)
-    out = _bmm_fp32(probs, value.reshape(B * Hkv, S, value.shape[-1])).to(query.dtype)
+    out = _probs_times_values(probs, value.reshape(B * Hkv, S, value.shape[-1])).to(query.dtype)
     return out.view(B, 1, H, value.shape[-1])
+
+
+#: key-block lengths that probs @ V may be split into (the first that divides S and leaves more than one block)
+KEY_BLOCKS: tuple[int, ...] = (1024, 512, 256)
+#: split only below this many (row, KV head) problems and from this many keys on: measured on an H200
+#: (bench/decode_attention_bench.py, docs/SERVING.md), the split wins with few problems over long caches (3 problems
+#: at 32k: 45 vs 71 us a call) and loses where one matmul already has work for every SM (32 problems at 32k: 219 vs
+#: 193 us; 8 at 4k: 34 vs 27 us)
+SPLIT_BELOW_PROBLEMS = 16
+SPLIT_FROM_KEYS = 16384
+
+
+def key_splits(problems: int, S: int) -> int:
+    """How many blocks of keys :func:`_probs_times_values` sums over for ``problems`` = B x H_kv (1: one matmul)."""
+    if problems >= SPLIT_BELOW_PROBLEMS or S < SPLIT_FROM_KEYS:
+        return 1
+    for block in KEY_BLOCKS:
+        if S % block == 0 and S > block:
+            return S // block
+    return 1
+
+
+def _probs_times_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs [N, G, S] @ value [N, S, Dv] -> fp32 [N, G, Dv], split over blocks of keys (flash-decoding's split).
+
+    As one matmul this is N problems of [G, S] x [S, Dv] with the long dimension as the reduction: with few problems
+    (N = B x H_kv = 3 at batch 1, SmolLM2 shape) a GPU's matmul gives it a handful of thread blocks, each reading
+    megabytes of V in turn. Split into n blocks of keys it is N x n small matmuls (the partial sums added in fp32),
+    enough to occupy every SM; V is viewed, not copied (its rows are contiguous), probs are copied once (G x S per
+    problem). See :data:`SPLIT_BELOW_PROBLEMS` for when.
+    """
+    N, G, S = probs.shape
+    n = key_splits(N, S)
+    if n == 1:
+        return _bmm_fp32(probs, value)
+    blocks = probs.view(N, G, n, S // n).transpose(1, 2).reshape(N * n, G, S // n)
+    partial = _bmm_fp32(blocks, value.reshape(N * n, S // n, value.shape[-1]))
+    return partial.view(N, n, G, value.shape[-1]).sum(1)
 
 
 def attention_forward(

@@ -80,6 +80,11 @@ class StageConfig:
     # compiled code; the first steps pay the compile (~1 min, cached on disk for later runs). "auto": on CUDA,
     # off on CPU. ZeRO-3 engines are never compiled (partitioned parameters).
     compile: bool | Literal["auto"] = "auto"
+    # kl: run the next step's teacher forward on a second CUDA stream as soon as this step's backward has run, so
+    # that the GPU computes it while the host runs DeepSpeed's optimizer step (which waits on the GPU and then leaves
+    # it idle, ~40 ms of a 580 ms SmolLM2 step: docs/BENCHMARKS.md). Same losses; not with a ZeRO-3 teacher. On CPU
+    # the same work runs in order (what the tests check)
+    teacher_overlap: bool = False
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
     # killed stage then restarts from its first step)

@@ -17,6 +17,7 @@ Failure behaviour:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -87,6 +88,12 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
+
+
+def _step_batches(train: PackedSequences, step: int, global_batch: int, micro_batch: int, seed: int):
+    """This rank's micro-batches of ``step``, on the device (one pinned copy)."""
+    rows = step_rows(step, len(train), global_batch, seed)
+    return device_micro_batches(train, rank_micro_batches(rows, D.rank(), D.world_size(), micro_batch), D.device())
 
 
 def held_out(runner: Stage, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -245,10 +252,11 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     peak_gpu = None
     try:
         for step in range(start, total):
-            rows = step_rows(step, len(train), s.global_batch, cfg.seed)
-            micro = rank_micro_batches(rows, D.rank(), D.world_size(), s.micro_batch)
+            # the next step's batches, for a stage that starts on them early (kl's teacher_overlap)
+            runner.next_batches = (step + 1, None if step + 1 >= total else functools.partial(
+                _step_batches, train, step + 1, s.global_batch, s.micro_batch, cfg.seed))
             t0 = time.perf_counter()
-            metrics = runner.train_step(device_micro_batches(train, micro, D.device()))
+            metrics = runner.train_step(_step_batches(train, step, s.global_batch, s.micro_batch, cfg.seed))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

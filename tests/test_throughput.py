@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_teacher
-from trainer_utils import REPO, make_corpus, make_tiny_teacher, run, tail, write_config
+from trainer_utils import (
+    REPO, make_corpus, make_tiny_teacher, metrics, run, tail, train_in_one_process, write_config,
+)
 
 from ds_hybrid.config import load_config, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, rank_micro_batches, step_rows
@@ -43,6 +45,30 @@ def test_stacked_mixers_equal_one_by_one(mixer, options):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-6)
+
+
+@pytest.mark.parametrize("heads", [9, 8])
+def test_gdn_a_b_projections_as_one_padded_gemm_equal_the_modules(heads):
+    torch.manual_seed(heads)
+    m = build_mixer("gdn", 4 * heads, heads, 4, 0, MixerOptions.from_dict({})).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 70, 4 * heads, dtype=torch.float64)
+    calls = []
+    m.a_proj.register_forward_hook(lambda *a: calls.append(1))
+
+    def run(fused: bool):
+        m.fuse_ab = fused
+        xi = x.clone().requires_grad_(True)
+        out = m(hidden_states=xi)[0]
+        return out, torch.autograd.grad((out * x[..., :1]).sum(), [xi, *m.parameters()])
+
+    out, grads = run(True)
+    assert len(calls) == (1 if heads % 8 == 0 else 0)  # 9 heads: one GEMM of 24 columns, not the modules
+    ref, ref_grads = run(False)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_stacked_refuses_what_it_cannot_run():
@@ -247,6 +273,32 @@ def test_train_throughput_bench_measures_every_phase(tmp_path):
     rep = run([sys.executable, "bench/train_throughput.py", "report", str(out), "--out", str(tmp_path / "rep")])
     assert rep.returncode == 0 and "| kl_cpu | kl | 1 |" in rep.stdout, tail(rep)
     assert (REPO / "bench" / "train_throughput.py").is_file()
+
+
+def test_teacher_overlap_gives_the_same_losses(tmp_path):
+    """kl.teacher_overlap: the next step's teacher forward starts inside this step (on CPU in order, on CUDA on a
+    side stream); the losses of every step and the held-out scores are those of the plain path, bit for bit."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    runs = []
+    for overlap in (False, True):
+        cfg = write_config(tmp_path / f"o{overlap}.yaml", teacher, corpus, tmp_path / f"out{overlap}",
+                           kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 5, "global_batch": 4,
+                               "micro_batch": 2, "ckpt_every": 0, "export": False, "teacher_overlap": overlap,
+                               "ds_config": "ds_configs/student_zero1.json",
+                               "teacher_ds_config": "ds_configs/single.json"})
+        runs.append(["--stage", "kl", "--config", str(cfg)])
+    plain, overlapped = train_in_one_process(runs, tmp_path / "runs.json")
+    assert plain.returncode == 0 and overlapped.returncode == 0, tail(plain) + tail(overlapped)
+    logs = overlapped.stdout + overlapped.stderr
+    assert "teacher_overlap: step 2 uses the teacher forward run during step 1" in logs, logs[-3000:]
+    assert "teacher_overlap" not in plain.stdout + plain.stderr
+    for split in ("train", "val"):
+        a, b = metrics(tmp_path / "outFalse" / "kl", split), metrics(tmp_path / "outTrue" / "kl", split)
+        assert sorted(a) == sorted(b) and len(a) >= (5 if split == "train" else 2)
+        for step in a:
+            for key in ("loss", "kl", "kl_p90") if split == "train" else ("kl", "ce"):
+                assert a[step][key] == b[step][key], (split, step, key)
 
 
 def test_kernel_categories_file_cudnn_attention_as_attention():

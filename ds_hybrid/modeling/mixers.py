@@ -32,6 +32,10 @@ from ds_hybrid.modeling import ops
 MIXERS: tuple[str, ...] = ("gdn", "gla")
 # fla's chunk kernels keep a [K, V] state tile per head in shared memory; they are written for head dims <= 256.
 MAX_HEAD_DIM = 256
+#: GDN's a and b projections have one output column per head; with a head count that is not a multiple of this
+#: (SmolLM2: 9) their GEMMs' rows are misaligned and cuBLAS runs its slowest kernels (docs/BENCHMARKS.md, explore
+#: lease), so both run as one GEMM whose output is padded to a multiple of it
+AB_ALIGN = 8
 
 
 @dataclass
@@ -218,6 +222,8 @@ class LinearMixer(nn.Module):
 class GatedDeltaNetMixer(LinearMixer):
     """Gated DeltaNet, fla's ``GatedDeltaNet`` parameters: q/k/v/a/b/g/o projections, A_log, dt_bias, o_norm."""
 
+    fuse_ab: bool = True  # False: a and b through their modules (the reference path of :meth:`_ab`)
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
         super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
@@ -241,15 +247,28 @@ class GatedDeltaNetMixer(LinearMixer):
         dt = dt.clamp(min=dt_floor)
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
+    def _ab(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_proj(x), b_proj(x). Where the head count is not a multiple of AB_ALIGN, one GEMM over both weights and
+        zero rows up to the next multiple (the reference: the two module calls, also used for weights partitioned by
+        ZeRO-3, which are whole only inside their own module's forward)."""
+        H = self.num_heads
+        wa, wb = self.a_proj.weight, self.b_proj.weight
+        if H % AB_ALIGN == 0 or not self.fuse_ab or hasattr(wa, "ds_id"):
+            return self.a_proj(x), self.b_proj(x)
+        pad = wa.new_zeros(-(2 * H) % AB_ALIGN, wa.shape[1])
+        ab = F.linear(x, torch.cat([wa, wb, pad]))
+        return ab[..., :H], ab[..., H:2 * H]
+
     def mix(self, x, mask, state, conv_cache, output_final_state):
         q, k, v, conv_cache = self._qkv(x, mask, conv_cache)
         if not self.options.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        beta = self.b_proj(x).sigmoid()
+        a, b = self._ab(x)
+        beta = b.sigmoid()
         if self.options.allow_neg_eigval:
             beta = beta * 2.0
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if mask is not None:  # padded positions: no write (k = v = beta = 0) and no decay (g = 0)
             k, v = k * mask[..., None], v * mask[..., None]
             beta, g = beta * mask, g * mask.float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,9 @@ class Stage:
     name = "stage"
     engines: dict[str, Any]
     grad_norm: float | None = None  # set by train_step where DeepSpeed does not keep it
+    # set by the trainer before each train_step: (the next step's index, a function that gives that step's
+    # micro-batches on the device, or None after the last step); stages may start work for it early
+    next_batches: tuple[int, Callable[[], list[torch.Tensor]] | None] | None = None
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx

@@ -15,6 +15,7 @@ The loss function is the chunked torch reference (:mod:`ds_hybrid.losses`) or th
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -25,8 +26,12 @@ from ds_hybrid.hf_io import export_hf
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import Stage, build_teacher_engine, hybrid_export_groups, load_hybrid
-from ds_hybrid.stages.common import compile_blocks, count_params, grad_norm_before_step, student_engine, wants_compile
+from ds_hybrid.stages.common import (
+    compile_blocks, count_params, grad_norm_before_step, student_engine, wants_compile, zero_stage,
+)
 from ds_hybrid.zero import gathered
+
+log = logging.getLogger("ds_hybrid")
 
 
 def loss_function(backend: str):
@@ -37,9 +42,7 @@ def loss_function(backend: str):
         except ImportError as e:
             if backend == "triton":
                 raise
-            import logging
-
-            logging.getLogger("ds_hybrid").warning(
+            log.warning(
                 "kl_backend auto: the fused Triton KL kernel is not importable (%s); using the torch reference, "
                 "several times slower. Install the package (pip install -e .) so that ds_hybrid.kernels exists", e)
         else:
@@ -97,11 +100,18 @@ class KLStage(Stage):
         emb = tc.vocab_size * tc.hidden_size
         self._student_params = count_params(hybrid) - (0 if hybrid.config.tie_word_embeddings else emb)
         self._teacher_params = count_params(self.teacher.module) - emb if self.teacher else 0
+        # teacher_overlap: not under ZeRO-3 (its gathers run on DeepSpeed's own streams, in module order)
+        self._overlap = bool(s.teacher_overlap) and self.teacher is not None and zero_stage(
+            ctx.ds_config(train=False)) != 3
+        self._side = torch.cuda.Stream(ctx.device) if self._overlap and ctx.device.type == "cuda" else None
+        self._prefetched: tuple | None = None  # (step index, h_t, event that h_t is ready) from _prefetch_next
+        self._used_prefetch = False
 
-    def _losses(self, ids: torch.Tensor, **kw):
+    def _losses(self, ids: torch.Tensor, h_t: torch.Tensor | None = None, **kw):
         if self.teacher is None:
             return self.engine(ids, **kw)
-        h_t, _ = self.teacher(ids)
+        if h_t is None:
+            h_t, _ = self.teacher(ids)
         w_t = self.teacher.module.lm_head_weight
         with gathered([w_t]):  # the teacher's lm_head, whole, for the duration of the loss (no grad)
             return self.engine(ids, h_t=h_t, w_t=w_t, **kw)
@@ -110,9 +120,13 @@ class KLStage(Stage):
         # everything stays on the GPU until one transfer at the end of the step: no host sync per micro-batch
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss, kl, ce
         kl_tokens = []
-        for mb in micro_batches:
-            loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True))
+        nxt = self.next_batches
+        h_t = self._take_prefetched(None if nxt is None else nxt[0] - 1)
+        for i, mb in enumerate(micro_batches):
+            loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True), h_t=h_t if i == 0 else None)
             self.engine.backward(loss)
+            if i == len(micro_batches) - 1:
+                self._prefetch_next()
             self.grad_norm = grad_norm_before_step(self.engine)
             self.engine.step()
             totals[0] += loss.detach().double()
@@ -140,6 +154,44 @@ class KLStage(Stage):
         out["lr"] = lrs[0]
         self.last_kl_tokens = torch.cat(kl_tokens) if kl_tokens else None
         return out
+
+    def _prefetch_next(self) -> None:
+        """teacher_overlap: the next step's first micro-batch through the teacher, on the side stream once the
+        kernels launched so far (this step's backward) have run; kept for that step's train_step."""
+        self._prefetched = None
+        nxt = self.next_batches
+        if not self._overlap or nxt is None or nxt[1] is None:
+            return
+        ids = nxt[1]()[0].to(self.ctx.device, non_blocking=True)
+        if self._side is None:  # CPU: the same work, in order
+            h_t, _ = self.teacher(ids)
+            self._prefetched = (nxt[0], h_t, None)
+            return
+        backward_launched = torch.cuda.Event()
+        backward_launched.record()
+        with torch.cuda.stream(self._side):
+            self._side.wait_event(backward_launched)
+            h_t, _ = self.teacher(ids)
+            ready = torch.cuda.Event()
+            ready.record(self._side)
+        ids.record_stream(self._side)  # allocated on the main stream, read on the side one
+        self._prefetched = (nxt[0], h_t, ready)
+
+    def _take_prefetched(self, step: int | None) -> torch.Tensor | None:
+        """The teacher's hidden states for ``step``'s first micro-batch if _prefetch_next computed them, else None."""
+        got, self._prefetched = self._prefetched, None
+        if got is None or step is None or got[0] != step:
+            return None
+        _, h_t, ready = got
+        if not self._used_prefetch:
+            self._used_prefetch = True
+            log.info("teacher_overlap: step %d uses the teacher forward run during step %d's optimizer step",
+                     step + 1, step)
+        if ready is not None:
+            main = torch.cuda.current_stream(self.ctx.device)
+            main.wait_event(ready)
+            h_t.record_stream(main)  # allocated on the side stream, read (and freed) on the main one
+        return h_t
 
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:

@@ -257,8 +257,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                 _step_batches, train, step + 1, s.global_batch, s.micro_batch, cfg.seed))
             t0 = time.perf_counter()
             metrics = runner.train_step(_step_batches(train, step, s.global_batch, s.micro_batch, cfg.seed))
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            if torch.cuda.is_available():  # the step's own stream: work a stage started for the next step on
+                torch.cuda.current_stream().synchronize()  # another stream (teacher_overlap) may run past this
             dt = time.perf_counter() - t0
             if D.any_rank(not math.isfinite(metrics["loss"])):
                 raise NonFiniteLoss(

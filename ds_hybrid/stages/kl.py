@@ -61,8 +61,10 @@ class LMStudent(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, input_ids: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
-                kl_weight: float | None = None, ce_weight: float | None = None):
+                kl_weight: float | None = None, ce_weight: float | None = None, h_t_ready=None):
         h_s = self.hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        if h_t_ready is not None:  # h_t computed on another stream (teacher_overlap): the student's forward above
+            torch.cuda.current_stream(h_s.device).wait_event(h_t_ready)  # did not need it, the loss does
         labels = next_token_labels(input_ids).flatten()
         return self.hybrid.lm_head(
             h_s.flatten(0, 1), loss_fn=self.loss_fn,
@@ -107,11 +109,13 @@ class KLStage(Stage):
         self._prefetched: tuple | None = None  # (step index, h_t, event that h_t is ready) from _prefetch_next
         self._used_prefetch = False
 
-    def _losses(self, ids: torch.Tensor, h_t: torch.Tensor | None = None, **kw):
+    def _losses(self, ids: torch.Tensor, h_t: torch.Tensor | None = None, h_t_ready=None, **kw):
         if self.teacher is None:
             return self.engine(ids, **kw)
         if h_t is None:
             h_t, _ = self.teacher(ids)
+        elif h_t_ready is not None:
+            kw["h_t_ready"] = h_t_ready
         w_t = self.teacher.module.lm_head_weight
         with gathered([w_t]):  # the teacher's lm_head, whole, for the duration of the loss (no grad)
             return self.engine(ids, h_t=h_t, w_t=w_t, **kw)
@@ -121,9 +125,10 @@ class KLStage(Stage):
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss, kl, ce
         kl_tokens = []
         nxt = self.next_batches
-        h_t = self._take_prefetched(None if nxt is None else nxt[0] - 1)
+        h_t, ready = self._take_prefetched(None if nxt is None else nxt[0] - 1)
         for i, mb in enumerate(micro_batches):
-            loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True), h_t=h_t if i == 0 else None)
+            loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True), h_t=h_t if i == 0 else None,
+                                       h_t_ready=ready if i == 0 else None)
             self.engine.backward(loss)
             if i == len(micro_batches) - 1:
                 self._prefetch_next()
@@ -177,21 +182,20 @@ class KLStage(Stage):
         ids.record_stream(self._side)  # allocated on the main stream, read on the side one
         self._prefetched = (nxt[0], h_t, ready)
 
-    def _take_prefetched(self, step: int | None) -> torch.Tensor | None:
-        """The teacher's hidden states for ``step``'s first micro-batch if _prefetch_next computed them, else None."""
+    def _take_prefetched(self, step: int | None) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+        """(the teacher's hidden states for ``step``'s first micro-batch, the event that they are ready) if
+        _prefetch_next computed them, else (None, None). The main stream waits for the event only before the loss."""
         got, self._prefetched = self._prefetched, None
         if got is None or step is None or got[0] != step:
-            return None
+            return None, None
         _, h_t, ready = got
         if not self._used_prefetch:
             self._used_prefetch = True
             log.info("teacher_overlap: step %d uses the teacher forward run during step %d's optimizer step",
                      step + 1, step)
         if ready is not None:
-            main = torch.cuda.current_stream(self.ctx.device)
-            main.wait_event(ready)
-            h_t.record_stream(main)  # allocated on the side stream, read (and freed) on the main one
-        return h_t
+            h_t.record_stream(torch.cuda.current_stream(self.ctx.device))  # made on the side stream, read here
+        return h_t, ready
 
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:

@@ -128,7 +128,8 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     T=/tmp/sprof && mkdir -p $T "$OUT" && export PYTHONPATH="$PWD:$PYTHONPATH"
     python3 -c "import json, sys; c = json.load(open('runs/configs/llama3_8b/config.json')); c['num_hidden_layers'] = 4
 json.dump(c, open('$T/config.json', 'w'))"
-    python3 bench/random_teacher.py --config $T/config.json --tokenizer .dev/mini/tok --out $T/l
+    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
+    python3 bench/random_teacher.py --config $T/config.json --tokenizer $TOK --out $T/l
     python3 -m ds_hybrid.cli convert --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
     python3 bench/decode_profile.py --model hybrid_1_of_4=$T/l_h --teacher $T/l --context ${CONTEXT:-32768} \
       --batch ${BATCH:-4} --steps 16 --static --out "$OUT/static_profile.json"

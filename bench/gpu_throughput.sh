@@ -59,7 +59,7 @@ case "${1:-main}" in
              # lease cut short keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~12 minutes.
              # 2026-12-03b measured DS_HYBRID_SDPA=flash (+0.7 %) and max-autotune (+2.4 %, 7 minutes of compiling);
              # now: the defaults (GDN's a/b projections as one padded GEMM since then) and kl.teacher_overlap
-    date +%s > $R/t0
+    [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
@@ -70,6 +70,20 @@ case "${1:-main}" in
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     note "campaign done"
     touch $R/CAMPAIGN_DONE
+    ;;
+  decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): GraphDecoder's step profiled
+            # at Llama-3-8B width, the decode attention per call, then the 8B bench-infer rows with graphs
+    (OUT=$R/decode bench/gpu_session.sh staticprof > $R/logs/staticprof.log 2>&1); note "end staticprof rc=$?"
+    (OUT=$R/decode bench/gpu_session.sh attnbench > $R/logs/attnbench.log 2>&1); note "end attnbench rc=$?"
+    (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-1,4} GRAPHS=1 OUT=$R/decode \
+      bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
+    ;;
+  session)  # one lease, one chain: decode (issue 18; ~10 minutes, estimate), then explore (issue 14; ~12): with
+             # parts and setup (~5) it fills a lease; explore's last case is the first to go when it does not
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    "$0" decode
+    "$0" explore
     ;;
   main)
     date +%s > $R/t0

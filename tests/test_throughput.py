@@ -19,13 +19,15 @@ from ds_hybrid.config import load_config, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, rank_micro_batches, step_rows
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling.mixers import MixerOptions, build_mixer
+from ds_hybrid.modeling import stacked
 from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
 
 
 @pytest.mark.parametrize("mixer,options", [("gdn", {}), ("gdn", {"use_gate": False, "allow_neg_eigval": True,
                                                                     "qkv_bias": True}),
                                             ("gla", {}), ("gla", {"use_gate": False, "gate_low_rank_dim": 4})])
-def test_stacked_mixers_equal_one_by_one(mixer, options):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stacked_mixers_equal_one_by_one(mixer, options, groups, monkeypatch):
     torch.manual_seed(len(options) + len(mixer))
     opts = MixerOptions.from_dict(options)
     # fp64 inputs and weights: the two paths sum in different orders, and in fp32 their gradients differed by 2e-5 on
@@ -39,6 +41,10 @@ def test_stacked_mixers_equal_one_by_one(mixer, options):
     ref = torch.stack([m(hidden_states=x[i])[0] for i, m in enumerate(mixers)])
     w = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * w).sum(), [x, *params])
+    if groups > 1:  # a pass over more elements than the limit runs the layers in groups ([0, 1] and [2] here)
+        width = stacked._width(mixers)
+        monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", 2 * 140 * width)
+        assert stacked.layer_groups(3, 140, width) == [range(0, 2), range(2, 3)]
     out = stacked_forward(mixers, x)
     g = torch.autograd.grad((out * w).sum(), [x, *params])
     assert supports_stacked(mixers)

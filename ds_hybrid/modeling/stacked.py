@@ -86,12 +86,46 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
     return y.to(x.dtype)
 
 
+#: the stacked projections' output of one pass stays below this many elements: past 2^31 Inductor indexes the fused
+#: kernels that read and write it with int64 arithmetic (a 64-bit division per element for the column), and the
+#: backward kernel that gathers the slices' gradients into it took 34 ms of a 150 ms align step on an H200 at 30 x
+#: 49,152 tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md); the layers then run in groups
+MAX_PASS_ELEMENTS = 2**31 - 1
+
+
+def _width(mixers: Sequence[LinearMixer]) -> int:
+    """Columns of the stacked projections' output (:func:`_projections`, padded)."""
+    m0 = mixers[0]
+    if isinstance(m0, GatedDeltaNetMixer):
+        names = ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + (["g_proj"] if m0.options.use_gate else [])
+    else:
+        names = ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + (["g_proj"] if m0.options.use_gate else [])
+    return sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in names)
+
+
+def layer_groups(layers: int, tokens: int, width: int) -> list[range]:
+    """Consecutive, near-equal groups of layers whose stacked output ([group, tokens, width]) fits
+    MAX_PASS_ELEMENTS (a single layer that does not fit is its own group)."""
+    n = max(1, min(layers, -(-layers * tokens * width // MAX_PASS_ELEMENTS)))
+    bounds = [round(i * layers / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True) -> torch.Tensor:
     """x: [L, B, T, H], layer i's input in x[i] -> [L, B, T, H], mixer i's output in out[i] (no cache, no mask).
-    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup)."""
+    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). Layers run in groups
+    where one pass would exceed MAX_PASS_ELEMENTS."""
     if check and not supports_stacked(mixers):
         raise ValueError("these mixers cannot run stacked (mixed kinds or options, short convolution, or ZeRO-3 "
                          "partitioned parameters); call them one by one")
+    L, B, T, _ = x.shape
+    groups = layer_groups(L, B * T, _width(mixers))
+    if len(groups) == 1:
+        return _stacked_pass(mixers, x)
+    return torch.cat([_stacked_pass(mixers[g.start:g.stop], x[g.start:g.stop]) for g in groups])
+
+
+def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tensor:
     L, B, T, H = x.shape
     m0 = mixers[0]
     nh, hd, opts = m0.num_heads, m0.head_dim, m0.options

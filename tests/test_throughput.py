@@ -307,6 +307,39 @@ def test_teacher_overlap_gives_the_same_losses(tmp_path):
                 assert a[step][key] == b[step][key], (split, step, key)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_unpacked_rows_forwards_read_nothing_on_the_host(family, monkeypatch):
+    """Training forwards (no mask, no cache) under unpacked_rows: the same hidden states, and no tensor read back to
+    the host (transformers' packed-sequence check was one per forward: a GPU sync)."""
+    from transformers import masking_utils
+
+    from ds_hybrid.stages.common import unpacked_rows
+    from ds_hybrid.transfer import build_hybrid
+
+    teacher = tiny_teacher(family).eval()
+    models = {"teacher": teacher.model, "hybrid": build_hybrid(teacher, [1], "gdn").eval().model}
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, **k: reads.append(1) or _real(t, *a, **k))
+    found = masking_utils.find_packed_sequence_indices
+    for name, model in models.items():
+        with torch.no_grad():
+            reads.clear()
+            ref = model(input_ids=ids, use_cache=False).last_hidden_state
+            assert reads, name  # the check this removes (if transformers drops it, this test says so)
+            reads.clear()
+            with unpacked_rows():
+                out = model(input_ids=ids, use_cache=False).last_hidden_state
+            assert reads == [], name
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert masking_utils.find_packed_sequence_indices is found
+    with pytest.raises(RuntimeError), unpacked_rows():
+        raise RuntimeError("restored on errors too")
+    assert masking_utils.find_packed_sequence_indices is found
+
+
 def test_kernel_categories_file_cudnn_attention_as_attention():
     sys.path.insert(0, str(REPO / "bench"))
     try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -165,11 +166,35 @@ class TeacherTrunk(nn.Module):
             self._hooked = True
         self._sink = captured if capture else None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), unpacked_rows():
                 out = self.teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self._sink = None
         return out.last_hidden_state, captured
+
+
+def _not_packed(position_ids: torch.Tensor) -> None:
+    return None
+
+
+@contextmanager
+def unpacked_rows() -> Iterator[None]:
+    """Within the block, transformers' masks take every row as one sequence without reading the GPU.
+
+    A forward without an attention mask and without a cache makes transformers look for packed sequences (position
+    ids that restart inside a row: ``masking_utils.find_packed_sequence_indices``) and read the answer on the host:
+    one sync with the GPU per forward, teacher and student, every micro-batch, each of which leaves the GPU idle while
+    the host launches the next kernels. Training rows here never restart their positions (no position ids are
+    passed: the model's own 0..T-1), so the answer is known: not packed. Forwards given a mask or a cache never ask.
+    """
+    from transformers import masking_utils
+
+    found = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = _not_packed
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
 
 
 def wants_compile(s: StageConfig, ds: dict) -> bool:

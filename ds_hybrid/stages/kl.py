@@ -27,7 +27,7 @@ from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import Stage, build_teacher_engine, hybrid_export_groups, load_hybrid
 from ds_hybrid.stages.common import (
-    compile_blocks, count_params, grad_norm_before_step, student_engine, wants_compile, zero_stage,
+    compile_blocks, count_params, grad_norm_before_step, student_engine, unpacked_rows, wants_compile, zero_stage,
 )
 from ds_hybrid.zero import gathered
 
@@ -62,7 +62,8 @@ class LMStudent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
                 kl_weight: float | None = None, ce_weight: float | None = None, h_t_ready=None):
-        h_s = self.hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        with unpacked_rows():
+            h_s = self.hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
         if h_t_ready is not None:  # h_t computed on another stream (teacher_overlap): the student's forward above
             torch.cuda.current_stream(h_s.device).wait_event(h_t_ready)  # did not need it, the loss does
         labels = next_token_labels(input_ids).flatten()

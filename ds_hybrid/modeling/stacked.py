@@ -93,14 +93,18 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
 MAX_PASS_ELEMENTS = 2**31 - 1
 
 
+def _input_projections(m0: LinearMixer) -> list[str]:
+    """The projections of a mixer that the stacked pass runs as one GEMM, in the order of its output's columns."""
+    gate = ["g_proj"] if m0.options.use_gate else []
+    if isinstance(m0, GatedDeltaNetMixer):
+        return ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + gate
+    return ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + gate
+
+
 def _width(mixers: Sequence[LinearMixer]) -> int:
     """Columns of the stacked projections' output (:func:`_projections`, padded)."""
     m0 = mixers[0]
-    if isinstance(m0, GatedDeltaNetMixer):
-        names = ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + (["g_proj"] if m0.options.use_gate else [])
-    else:
-        names = ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + (["g_proj"] if m0.options.use_gate else [])
-    return sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in names)
+    return sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in _input_projections(m0))
 
 
 def layer_groups(layers: int, tokens: int, width: int) -> list[range]:
@@ -135,8 +139,7 @@ def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tenso
         return t.reshape(L * B, T, nh, hd)
 
     if isinstance(m0, GatedDeltaNetMixer):
-        names = ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + (["g_proj"] if opts.use_gate else [])
-        parts = _projections(mixers, names, xf)
+        parts = _projections(mixers, _input_projections(m0), xf)
         q, k, v = (heads(F.silu(t)) for t in parts[:3])
         a, b = parts[3], parts[4]
         beta = b.sigmoid()
@@ -151,8 +154,7 @@ def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tenso
         norm_w = torch.stack([m.o_norm.weight for m in mixers])
         o = _rmsnorm(o.reshape(L, B, T, nh, hd), norm_w, m0.o_norm.eps, gate)
     else:  # GLA
-        names = ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + (["g_proj"] if opts.use_gate else [])
-        parts = _projections(mixers, names, xf)
+        parts = _projections(mixers, _input_projections(m0), xf)
         q, k, v = (heads(t) for t in parts[:3])
         w2, b2 = _stack_linear([m.gk_proj[1] for m in mixers])
         gk = torch.baddbmm(b2, parts[3], w2) if b2 is not None else torch.bmm(parts[3], w2)

@@ -41,10 +41,10 @@ def test_stacked_mixers_equal_one_by_one(mixer, options, groups, monkeypatch):
     ref = torch.stack([m(hidden_states=x[i])[0] for i, m in enumerate(mixers)])
     w = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * w).sum(), [x, *params])
-    if groups > 1:  # a pass over more elements than the limit runs the layers in groups ([0, 1] and [2] here)
-        width = stacked._width(mixers)
-        monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", 2 * 140 * width)
-        assert stacked.layer_groups(3, 140, width) == [range(0, 2), range(2, 3)]
+    if groups > 1:  # a pass over more elements than the limit runs the rows in groups, each through all 3 layers
+        per_row = 3 * 70 * stacked._width(mixers)
+        monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", per_row)
+        assert stacked.row_groups(2, per_row, per_row) == [range(0, 1), range(1, 2)]
     out = stacked_forward(mixers, x)
     g = torch.autograd.grad((out * w).sum(), [x, *params])
     assert supports_stacked(mixers)
@@ -75,6 +75,36 @@ def test_gdn_a_b_projections_as_one_padded_gemm_equal_the_modules(heads):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_stacked_groups_split_rows_and_every_pass_reads_every_layer(monkeypatch):
+    # a compiled pass reused for another group of layers faulted on an H200 (other parameters at other alignments
+    # than Inductor compiled for): the groups must split the micro-batch's rows, never the layers
+    mixers = [build_mixer("gdn", 32, 4, 8, i, MixerOptions()) for i in range(3)]
+    per_row = 3 * 16 * stacked._width(mixers)
+    seen = []
+    real = stacked._stacked_pass
+    monkeypatch.setattr(stacked, "_stacked_pass", lambda ms, x: seen.append((len(ms), tuple(x.shape))) or real(ms, x))
+    x = torch.randn(3, 5, 16, 32)
+    monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", 2 * per_row)
+    out = stacked_forward(mixers, x)
+    assert seen == [(3, (3, 2, 16, 32)), (3, (3, 1, 16, 32)), (3, (3, 2, 16, 32))]  # rows [0, 2), [2, 3), [3, 5)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[:, 2:3], torch.stack([m(hidden_states=x[i, 2:3])[0] for i, m in
+                                                         enumerate(mixers)]), rtol=1e-4, atol=1e-5)
+    assert stacked.row_groups(4, 10, None) == [range(0, 4)]  # off: one pass
+    assert stacked.row_groups(1, 10, 5) == [range(0, 1)]  # a row over the limit is its own group
+
+
+def test_stacked_pass_limit_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DS_HYBRID_ALIGN_PASS_ELEMENTS", "2147483647")
+    assert stacked._env_pass_elements() == 2**31 - 1
+    monkeypatch.delenv("DS_HYBRID_ALIGN_PASS_ELEMENTS")
+    assert stacked._env_pass_elements() is None
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv("DS_HYBRID_ALIGN_PASS_ELEMENTS", bad)
+        with pytest.raises(ConfigError, match="DS_HYBRID_ALIGN_PASS_ELEMENTS"):
+            stacked._env_pass_elements()
 
 
 def test_stacked_refuses_what_it_cannot_run():

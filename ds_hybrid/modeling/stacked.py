@@ -17,11 +17,13 @@ when this path applies, and stage align falls back to calling the mixers one by 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling import ops
 from ds_hybrid.modeling.mixers import GatedDeltaNetMixer, GLAMixer, LinearMixer
 
@@ -86,11 +88,29 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
     return y.to(x.dtype)
 
 
-#: the stacked projections' output of one pass stays below this many elements: past 2^31 Inductor indexes the fused
-#: kernels that read and write it with int64 arithmetic (a 64-bit division per element for the column), and the
-#: backward kernel that gathers the slices' gradients into it took 34 ms of a 150 ms align step on an H200 at 30 x
-#: 49,152 tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md); the layers then run in groups
-MAX_PASS_ELEMENTS = 2**31 - 1
+#: when set, the stacked projections' output of one pass ([L, rows x T, width]) stays below this many elements: the
+#: micro-batch's rows then run in groups, every group through all L layers. Past 2^31 elements Inductor indexes the
+#: fused kernels that read and write that output with int64 arithmetic (a 64-bit division per element), and the
+#: backward kernel that gathers the slices' gradients took 34 ms of a 150 ms align step on an H200 at 30 x 49,152
+#: tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md). Off (None) until a GPU run shows the groups are
+#: faster; ``DS_HYBRID_ALIGN_PASS_ELEMENTS`` sets it (2147483647 for the int32 limit). Groups split rows, never
+#: layers: a compiled pass reused for another group of layers would read other parameters, at other alignments than
+#: the ones Inductor compiled it for (parameters are static inputs it does not re-check), which faulted on an H200
+#: with "misaligned address" (DeepSpeed's flat buffers leave a 9-element A_log or dt_bias at any 2-byte offset).
+MAX_PASS_ELEMENTS: int | None = None
+
+
+def _env_pass_elements() -> int | None:
+    raw = os.environ.get("DS_HYBRID_ALIGN_PASS_ELEMENTS", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError("DS_HYBRID_ALIGN_PASS_ELEMENTS", raw, "a positive element count (e.g. 2147483647) or unset")
+    return value
 
 
 def _input_projections(m0: LinearMixer) -> list[str]:
@@ -107,26 +127,27 @@ def _width(mixers: Sequence[LinearMixer]) -> int:
     return sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in _input_projections(m0))
 
 
-def layer_groups(layers: int, tokens: int, width: int) -> list[range]:
-    """Consecutive, near-equal groups of layers whose stacked output ([group, tokens, width]) fits
-    MAX_PASS_ELEMENTS (a single layer that does not fit is its own group)."""
-    n = max(1, min(layers, -(-layers * tokens * width // MAX_PASS_ELEMENTS)))
-    bounds = [round(i * layers / n) for i in range(n + 1)]
+def row_groups(rows: int, elements_per_row: int, limit: int | None) -> list[range]:
+    """Consecutive, near-equal groups of the micro-batch's rows whose stacked output (``elements_per_row`` each)
+    fits ``limit`` (None: one group; a single row that does not fit is its own group)."""
+    n = 1 if limit is None else max(1, min(rows, -(-rows * elements_per_row // limit)))
+    bounds = [round(i * rows / n) for i in range(n + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True) -> torch.Tensor:
     """x: [L, B, T, H], layer i's input in x[i] -> [L, B, T, H], mixer i's output in out[i] (no cache, no mask).
-    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). Layers run in groups
-    where one pass would exceed MAX_PASS_ELEMENTS."""
+    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). The rows run in groups
+    where one pass would exceed MAX_PASS_ELEMENTS (when set)."""
     if check and not supports_stacked(mixers):
         raise ValueError("these mixers cannot run stacked (mixed kinds or options, short convolution, or ZeRO-3 "
                          "partitioned parameters); call them one by one")
     L, B, T, _ = x.shape
-    groups = layer_groups(L, B * T, _width(mixers))
+    limit = MAX_PASS_ELEMENTS if MAX_PASS_ELEMENTS is not None else _env_pass_elements()
+    groups = row_groups(B, L * T * _width(mixers), limit)
     if len(groups) == 1:
         return _stacked_pass(mixers, x)
-    return torch.cat([_stacked_pass(mixers[g.start:g.stop], x[g.start:g.stop]) for g in groups])
+    return torch.cat([_stacked_pass(mixers, x[:, g.start:g.stop]) for g in groups], dim=1)
 
 
 def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tensor:

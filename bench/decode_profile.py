@@ -118,17 +118,21 @@ def profile_model(model, context: int, batch: int, steps: int, seed: int = 0, to
 
 
 @torch.no_grad()
-def profile_static(model, context: int, batch: int, steps: int, seed: int = 0, top: int = 25) -> dict:
-    """GraphDecoder's decode step: ms per step with graphs and eagerly, and the eager step's GPU time per aten op."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_static(model, context: int, batch: int, steps: int, seed: int = 0, top: int = 25,
+                   compiled: bool = False) -> dict:
+    """GraphDecoder's decode step: ms per step with graphs and eagerly, and the eager step's GPU time per aten op
+    (top level). ``compiled``: also the step compiled by torch.compile, with graphs and without; the latter profiled
+    under ``compiled_static_profile`` (its kernels per step: what Inductor's fusion left)."""
     from ds_hybrid.graph_decode import GraphDecoder
 
     dev = next(model.parameters()).device
     ids = random_ids(model, context, batch, seed)
     res: dict = {"context": context, "batch": batch, "steps": steps}
-    for mode, graphs in (("cuda_graphs", True), ("eager_static", False)):
-        decoder = GraphDecoder(model, max_len=context + steps + 1, cuda_graphs=graphs)
+    modes = [("cuda_graphs", True, False), ("eager_static", False, False)]
+    if compiled:
+        modes += [("cuda_graphs_compiled", True, True), ("compiled_static", False, True)]
+    for mode, graphs, comp in modes:
+        decoder = GraphDecoder(model, max_len=context + steps + 1, cuda_graphs=graphs, compile=comp)
         for timed in (False, True):  # untimed: compiles, autotunes, captures
             decoder.prefill(ids, None, steps + 1)
             _sync(dev)
@@ -137,28 +141,39 @@ def profile_static(model, context: int, batch: int, steps: int, seed: int = 0, t
             _sync(dev)
         res[f"{mode}_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / steps
         if not graphs:
-            decoder.prefill(ids, None, steps + 1)
-            _sync(dev)
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=acts, record_shapes=True) as prof:
-                decoder.decode(batch, steps)
-                _sync(dev)
-            ops = [e for e in prof.key_averages(group_by_input_shape=True)
-                   if e.device_type == torch.autograd.DeviceType.CPU]  # aten ops, with the GPU time they launched
-            timed_by = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            res["top_ops"] = [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
-                               "ms_per_step": getattr(e, timed_by) / 1e3 / steps}
-                              for e in sorted(ops, key=lambda e: getattr(e, timed_by), reverse=True)[:top]]
-            if dev.type == "cuda":
-                device_ms, n_kernels = kernel_ms(prof.key_averages())
-                res["device_ms_per_step"] = device_ms / steps
-                res["kernels_per_step"] = n_kernels / steps
-                kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-                res["top_kernels"] = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
-                                       "device_ms_per_step": e.self_device_time_total / 1e3 / steps}
-                                      for e in sorted(kernels, key=lambda e: e.self_device_time_total,
-                                                      reverse=True)[:top]]
+            prof = _profile_steps(decoder, ids, batch, steps, dev, top)
+            if comp:
+                res["compiled_static_profile"] = prof
+            else:
+                res.update(prof)
         del decoder
+    return res
+
+
+def _profile_steps(decoder, ids: torch.Tensor, batch: int, steps: int, dev: torch.device, top: int) -> dict:
+    """``steps`` decode steps of ``decoder`` under torch.profiler: per aten op (with shapes) and per kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.prefill(ids, None, steps + 1)
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        decoder.decode(batch, steps)
+        _sync(dev)
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == torch.autograd.DeviceType.CPU]  # aten ops, with the GPU time they launched
+    timed_by = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    res: dict = {"top_ops": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
+                              "ms_per_step": getattr(e, timed_by) / 1e3 / steps}
+                             for e in sorted(ops, key=lambda e: getattr(e, timed_by), reverse=True)[:top]]}
+    if dev.type == "cuda":
+        device_ms, n_kernels = kernel_ms(prof.key_averages())
+        res["device_ms_per_step"] = device_ms / steps
+        res["kernels_per_step"] = n_kernels / steps
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        res["top_kernels"] = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
+                               "device_ms_per_step": e.self_device_time_total / 1e3 / steps}
+                              for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]]
     return res
 
 
@@ -188,6 +203,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--static", action="store_true", help="profile GraphDecoder's static-cache step instead")
+    ap.add_argument("--compile", action="store_true", help="with --static: also the step compiled by torch.compile")
     ap.add_argument("--out", required=True, help="JSON file (a .md table is written beside it)")
     args = ap.parse_args()
 
@@ -201,7 +217,7 @@ def main() -> None:
         model, _, _ = load_model(path, dev, dtype)
         info[name] = describe(model)
         if args.static:
-            results[name] = r = profile_static(model, args.context, args.batch, args.steps)
+            results[name] = r = profile_static(model, args.context, args.batch, args.steps, compiled=args.compile)
             print(name, json.dumps(r, indent=1), flush=True)
         else:
             results[name] = profile_model(model, args.context, args.batch, args.steps)

@@ -114,8 +114,9 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     T=/tmp/gcheck && mkdir -p $T "$OUT"
     python3 -m ds_hybrid.cli convert --teacher /tmp/dsh/smollm2-135m-instruct --softmax-layers 0,3,7,11,15,18,22,26 \
       --dtype bf16 --device cuda --out $T/h
+    comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
     python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct \
-      --out "$OUT/graph_decode_check.json"
+      --contexts "${CONTEXTS-4096,16384}" --batches "${BATCHES:-1,4}" "${comp[@]}" --out "$OUT/graph_decode_check.json"
     ;;
   attnbench)  # issue 18: decode attention over a static cache, per layer call (no parts needed: carry .dev/mini)
     [ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/mini/*.whl
@@ -131,8 +132,9 @@ json.dump(c, open('$T/config.json', 'w'))"
     TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
     python3 bench/random_teacher.py --config $T/config.json --tokenizer $TOK --out $T/l
     python3 -m ds_hybrid.cli convert --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
+    comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
     python3 bench/decode_profile.py --model hybrid_1_of_4=$T/l_h --teacher $T/l --context ${CONTEXT:-32768} \
-      --batch ${BATCH:-4} --steps 16 --static --out "$OUT/static_profile.json"
+      --batch ${BATCH:-4} --steps 16 --static "${comp[@]}" --out "$OUT/static_profile.json"
     rm -rf $T
     ;;
   train)  # stage-kl throughput on the embedded teacher (docs/BENCHMARKS.md)
@@ -147,6 +149,7 @@ json.dump(c, open('$T/config.json', 'w'))"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$2.txt"
     prof=${3:-profile}   # "noprofile": bench-infer only (its GPU columns included), no bench/decode_profile.py
     graphs=(); [ "${GRAPHS:-0}" = 1 ] && graphs=(--cuda-graphs)   # GRAPHS=1: eager and CUDA-graph rows (issue 18)
+    [ "${GRAPHS:-0}" = 1 ] && [ "${COMPILE:-0}" = 1 ] && graphs+=(--compile)  # COMPILE=1: and compiled-graph rows
     TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
     if [ "$2" = small ]; then
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s

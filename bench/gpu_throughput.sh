@@ -56,34 +56,43 @@ case "${1:-main}" in
     CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_old_2gpu $OLD kl 6
     ;;
   explore)  # one GPU, issue 14's open targets: the defaults against one knob at a time, cheapest first, so that a
-             # lease cut short keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~12 minutes.
-             # 2026-12-03b measured DS_HYBRID_SDPA=flash (+0.7 %) and max-autotune (+2.4 %, 7 minutes of compiling);
-             # now: the defaults (GDN's a/b projections as one padded GEMM since then) and kl.teacher_overlap
+             # lease cut short keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~6 minutes.
+             # 2026-12-03c measured the a/b GEMM (+3.8 % kl), the teacher overlap (+0.4 %) and found the layer-grouped
+             # align pass faulting; now: align's stacked pass as one pass (the default) against row groups
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
-    case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
-    case1 0 kl_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.teacher_overlap=true
     case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
-    DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \
-      case1 0 kl_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.teacher_overlap=true
+    DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 \
+      case1 0 align_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    [ "${EXPLORE_KL:-1}" = 1 ] && case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
+    note "explore done"
+    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    ;;
+  decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the compiled decode step
+            # (GraphDecoder(compile=True)) profiled at Llama-3-8B width, 4 layers, then the 8B bench-infer rows at
+            # batch 4 with compiled graphs, its tokens against eager on SmolLM2, and SmolLM2's batch 8 / 16 rows
+    (COMPILE=1 OUT=$R/decode bench/gpu_session.sh staticprof > $R/logs/staticprof.log 2>&1)
+    note "end staticprof rc=$?"
+    (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-4} GRAPHS=1 COMPILE=1 OUT=$R/decode \
+      bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
+    (COMPILE=1 CONTEXTS= BATCHES=1,4 OUT=$R/decode bench/gpu_session.sh graphcheck > $R/logs/graphcheck.log 2>&1)
+    note "end graphcheck rc=$?"
+    (CONTEXTS=32768 BATCHES=8,16 GRAPHS=1 OUT=$R/decode \
+      bench/gpu_session.sh infer small noprofile > $R/logs/infersmall.log 2>&1); note "end infer small rc=$?"
+    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    ;;
+  session)  # one lease, one chain: explore's align cases (issue 14; ~4 minutes), decode (issue 18; ~15, an
+             # estimate: the compiles at 8B are unmeasured), then explore's kl baseline
+    date +%s > $R/t0
+    T0=$(cat $R/t0)
+    IN_SESSION=1 EXPLORE_KL=0 "$0" explore
+    IN_SESSION=1 "$0" decode
+    case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     note "campaign done"
     touch $R/CAMPAIGN_DONE
-    ;;
-  decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): GraphDecoder's step profiled
-            # at Llama-3-8B width, the decode attention per call, then the 8B bench-infer rows with graphs
-    (OUT=$R/decode bench/gpu_session.sh staticprof > $R/logs/staticprof.log 2>&1); note "end staticprof rc=$?"
-    (OUT=$R/decode bench/gpu_session.sh attnbench > $R/logs/attnbench.log 2>&1); note "end attnbench rc=$?"
-    (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-1,4} GRAPHS=1 OUT=$R/decode \
-      bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
-    ;;
-  session)  # one lease, one chain: decode (issue 18; ~10 minutes, estimate), then explore (issue 14; ~12): with
-             # parts and setup (~5) it fills a lease; explore's last case is the first to go when it does not
-    date +%s > $R/t0
-    T0=$(cat $R/t0)
-    "$0" decode
-    "$0" explore
     ;;
   main)
     date +%s > $R/t0

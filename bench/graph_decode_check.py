@@ -6,7 +6,7 @@ For the teacher (default: the embedded SmolLM2) and a hybrid folder, on random p
    - graphs vs the dynamic-cache path (``model.generate``, what bench-infer's eager rows time): must be equal;
    the first differing (row, token) is reported; any difference makes the script exit 1;
 2. timing, per model, context and batch: ms per decode step of eager/dynamic (today's path), eager/static and
-   cuda_graphs, each after an untimed pass over the same shapes (compilation, autotuning, capture); ``host_ms`` is
+   cuda_graphs (and with ``--compile`` cuda_graphs_compiled), each after an untimed pass over the same shapes (compilation, autotuning, capture); ``host_ms`` is
    the time until Python has issued all the steps (before the final sync): close to the wall time when the step is
    host bound, small when the GPU is the bottleneck.
 
@@ -70,7 +70,7 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> dict | None:
 
 @torch.no_grad()
 def check_model(
-    model, name: str, prompt_len: int, new_tokens: int, batches: list[int], dev: torch.device
+    model, name: str, prompt_len: int, new_tokens: int, batches: list[int], dev: torch.device, compiled: bool = False
 ) -> list[dict]:
     from ds_hybrid.graph_decode import GraphDecoder
 
@@ -78,6 +78,7 @@ def check_model(
     max_len = prompt_len + new_tokens
     graphs = GraphDecoder(model, max_len=max_len, cuda_graphs=True)
     static = GraphDecoder(model, max_len=max_len, cuda_graphs=False)
+    fused = GraphDecoder(model, max_len=max_len, cuda_graphs=True, compile=True) if compiled else None
     cases = [(f"batch{b}", b, False) for b in batches] + [("batch4_left_padded", 4, True)]
     rows = []
     for case, b, padded in cases:
@@ -93,6 +94,10 @@ def check_model(
              "graphs_vs_dynamic_eager": first_difference(got, dynamic)}
         r["ok"] = all(r[k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first",
                                              "graphs_vs_dynamic_eager"))
+        if fused is not None:  # reported, not part of "ok": Inductor's fused kernels round differently, so a
+            # near-tie between two tokens may go the other way (then every later token differs too)
+            r["compiled_graphs_vs_static_eager"] = first_difference(fused.generate(ids, mask, new_tokens),
+                                                                    eager_static)
         print(f"{name:>8} {case:<20} {'OK' if r['ok'] else 'MISMATCH'}"
               + ("" if r["ok"] else f"  {json.dumps({k: v for k, v in r.items() if k.startswith('graphs_v')})}"),
               flush=True)
@@ -112,7 +117,8 @@ def _time(run, dev: torch.device, steps: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def time_model(model, name: str, context: int, batch: int, steps: int, dev: torch.device) -> list[dict]:
+def time_model(model, name: str, context: int, batch: int, steps: int, dev: torch.device,
+               compiled: bool = False) -> list[dict]:
     from ds_hybrid.evaluation.speed import decode, prefill, random_ids
     from ds_hybrid.graph_decode import GraphDecoder
 
@@ -123,8 +129,9 @@ def time_model(model, name: str, context: int, batch: int, steps: int, dev: torc
             cache, nxt = prefill(model, ids)
             wall, host = _time(lambda c=cache, n=nxt: decode(model, c, n, steps), dev, steps)
         rows.append({"mode": "eager", "ms_per_step": wall, "host_ms_per_step": host})
-        for mode in ("static", "cuda_graphs"):
-            decoder = GraphDecoder(model, max_len=context + steps + 1, cuda_graphs=mode == "cuda_graphs")
+        for mode in ("static", "cuda_graphs") + (("cuda_graphs_compiled",) if compiled else ()):
+            decoder = GraphDecoder(model, max_len=context + steps + 1, cuda_graphs=mode.startswith("cuda_graphs"),
+                                   compile=mode.endswith("_compiled"))
             for _ in range(2):  # untimed pass compiles, autotunes and captures; the timed one replays
                 decoder.prefill(ids, None, steps + 1)
                 wall, host = _time(lambda d=decoder: d.decode(batch, steps), dev, steps)
@@ -142,7 +149,7 @@ def time_model(model, name: str, context: int, batch: int, steps: int, dev: torc
             r["speedup_vs_eager"] = base / r["ms_per_step"]
             r["host_fraction"] = min(1.0, r["host_ms_per_step"] / r["ms_per_step"])
         if "ms_per_step" in r:
-            print(f"{name:>8} ctx {context:>6} batch {batch:>3} {r['mode']:<12} {r['ms_per_step']:8.2f} ms/step "
+            print(f"{name:>8} ctx {context:>6} batch {batch:>3} {r['mode']:<20} {r['ms_per_step']:8.2f} ms/step "
                   f"(host {r['host_ms_per_step']:.2f})", flush=True)
     return rows
 
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (no graphs on cpu)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     ap.add_argument("--out", required=True, help="JSON file")
+    ap.add_argument("--compile", action="store_true", help="also the step compiled by torch.compile before capture "
+                    "(its tokens vs the eager static step reported as compiled_graphs_vs_static_eager)")
     args = ap.parse_args(argv)
 
     from ds_hybrid.monitor import versions
@@ -177,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     checks, timings = [], []
     for name, path in paths.items():
         model = load(path, dev, dtype)
-        checks += check_model(model, name, args.prompt_len, args.new_tokens, batches, dev)
+        checks += check_model(model, name, args.prompt_len, args.new_tokens, batches, dev, args.compile)
         for c in contexts:
             for b in batches:
-                timings += time_model(model, name, c, b, args.steps, dev)
+                timings += time_model(model, name, c, b, args.steps, dev, args.compile)
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()

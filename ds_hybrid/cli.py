@@ -3,9 +3,9 @@
     ds-hybrid convert --out out/hybrid --ratio 0.25                 # stage 0 on the embedded teacher, uniform layers
     ds-hybrid convert --teacher ./Qwen2.5-3B --softmax-layers 3,7,20 --mixer gla --out out/h
     ds-hybrid generate --model out/hybrid --prompt "The capital of France is"
-    ds-hybrid generate --model out/hybrid --prompt "..." --device cuda --cuda-graphs    # static cache + CUDA graph
+    ds-hybrid generate --model out/hybrid --prompt "..." --device cuda --cuda-graphs [--compile]  # static cache, graph
     ds-hybrid eval --model out/kl/hf --teacher embedded --suite recall --lengths 2048,4096 --swde swde.jsonl
-    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768 [--cuda-graphs]
+    ds-hybrid bench-infer --model out/kl/hf --teacher embedded --contexts 4096,16384,32768 [--cuda-graphs [--compile]]
     ds-hybrid plan --config runs/llama3_70b_gdn.yaml --nodes 4 --gpus-per-node 8     # memory per GPU
     ds-hybrid corpus build | stats | pack --out DIR                                  # the embedded corpus
     ds-hybrid select-compare gdn=a/selection.json gla=b/selection.json --ks 4,8     # top-K overlap, Kendall tau
@@ -83,14 +83,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: add --device cuda, or drop --cuda-graphs")
+    if args.compile and not args.cuda_graphs:
+        raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     ids = tok(args.prompt, return_tensors="pt").to(device)
     if args.cuda_graphs:  # any causal LM (a hybrid or its teacher): greedy, as generate() would return it
         from ds_hybrid.graph_decode import GraphDecoder, generate_static
 
-        if args.max_len:
-            object.__setattr__(model, "_graph_decoder", GraphDecoder(model, max_len=args.max_len, cuda_graphs=True))
+        if args.max_len or args.compile:
+            max_len = args.max_len or ids["input_ids"].shape[1] + args.max_new_tokens
+            object.__setattr__(model, "_graph_decoder",
+                               GraphDecoder(model, max_len=max_len, cuda_graphs=True, compile=args.compile))
         with torch.no_grad():
             out = generate_static(model, ids["input_ids"], model.generation_config,
                                   attention_mask=ids["attention_mask"], max_new_tokens=args.max_new_tokens)
@@ -155,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs --device cuda; greedy; same tokens as without)")
     p.add_argument("--max-len", type=int, default=None, help="with --cuda-graphs: static cache length, prompt + new "
                    "tokens (default: exactly that)")
+    p.add_argument("--compile", action="store_true", help="with --cuda-graphs: torch.compile the decode step before "
+                   "capturing it (fewer, fused kernels; compiling takes a minute or more; same tokens)")
     p.set_defaults(fn=cmd_generate)
     return parser
 

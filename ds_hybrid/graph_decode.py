@@ -25,6 +25,14 @@ counters are device tensors advanced inside the forward, so a replay advances th
 ``cuda_graphs=False``, the step runs eagerly. With graphs, the first call at a batch size runs ``warmup_steps``
 eager steps on a side stream (kernel compilation and autotuning happen there; they are real decode steps), then
 captures one step (capture records and runs nothing) and replays it for the remaining steps.
+
+``compile=True`` hands the step to torch.compile first (backend ``DS_HYBRID_COMPILE_BACKEND``, default inductor,
+static shapes), then captures the compiled step: a decode step is ~60 small kernels a layer (norms, activations,
+casts, copies) that Inductor fuses into a few. The whole step is one graph (the linear layers' recurrent ops are
+custom ops, ``ds_hybrid::gated_delta_rule_step`` and ``ds_hybrid::gated_linear_attention_step``, opaque to the
+tracer), compiled once per decoder and batch size during the warm-up steps (a minute or more at 8B). Fused kernels
+round differently from the eager ones, so greedy tokens may part from the eager path's at a near-tie; they are
+checked equal on CPU, and ``bench/graph_decode_check.py --compile`` reports where they part on a GPU.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from dataclasses import dataclass
 import torch
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.modeling.decode_attention import decode_attention, sdpa_configs
+from ds_hybrid.modeling.decode_attention import decode_attention, fp32_out_bmm, sdpa_configs
 from ds_hybrid.modeling.static_cache import StaticHybridCache
+from ds_hybrid.stages.common import compile_backend
 
 
 @dataclass
@@ -87,10 +96,15 @@ def check_left_padded(mask: torch.Tensor) -> None:
 CACHE_MULTIPLE = 256
 
 
+#: with ``compile=True``: dynamo's recompile limit is raised to at least this many compiled decode steps per process
+COMPILED_STEPS_LIMIT = 64
+
+
 class GraphDecoder:
     """Greedy generation through a static cache; see the module docstring for what is supported."""
 
-    def __init__(self, model, max_len: int, cuda_graphs: bool = False, warmup_steps: int = 2):
+    def __init__(self, model, max_len: int, cuda_graphs: bool = False, warmup_steps: int = 2,
+                 compile: bool = False):
         if max_len < 2:
             raise ConfigError("max_len", max_len, "give the largest prompt + new-token count to serve, at least 2")
         if warmup_steps < 1:
@@ -106,6 +120,15 @@ class GraphDecoder:
         self._slots: dict[int, _Slot] = {}
         # decode steps attend through ds_hybrid.modeling.decode_attention (no KV-head expansion over the static cache)
         self._sdpa_configs = sdpa_configs(model)
+        self.compiled = bool(compile)
+        self._forward = self._forward_step
+        if self.compiled:
+            fp32_out_bmm(self.device)  # decided eagerly: the probe's try/except is not traced
+            # one compiled step per (decoder, batch size): past dynamo's default of 8 for the step's code, later
+            # decoders would silently run eagerly (bench-infer meets models x contexts x batches of them)
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_STEPS_LIMIT)
+            self._forward = torch.compile(self._forward_step, backend=compile_backend(), dynamic=False)
 
     # ---- public -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,10 +214,14 @@ class GraphDecoder:
     def _step(self, slot: _Slot) -> None:
         """One decode step reading and writing only the slot's buffers: the region a CUDA graph captures."""
         with decode_attention(configs=self._sdpa_configs):
-            logits = self.model(input_ids=slot.tokens, attention_mask=slot.mask, position_ids=slot.positions,
-                                past_key_values=slot.cache, use_cache=True).logits
-        slot.tokens.copy_(logits[:, -1:].float().argmax(-1))
-        slot.positions.add_(1)
+            self._forward(slot.tokens, slot.mask, slot.positions, slot.cache)
+
+    def _forward_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
+        """The step's work, in place: what ``compile=True`` hands to torch.compile (the same code either way)."""
+        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True).logits
+        tokens.copy_(logits[:, -1:].float().argmax(-1))
+        positions.add_(1)
 
     def _capture(self, slot: _Slot) -> list[torch.Tensor]:
         """Warm up on a side stream (real steps, their tokens returned), then capture one step into slot.graph."""

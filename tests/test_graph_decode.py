@@ -118,12 +118,58 @@ def test_decode_step_reads_no_tensor_value_on_host(teacher, kind, monkeypatch):
     assert reads == []
 
 
-def test_bench_pair_puts_static_rows_next_to_eager(teacher):
+@pytest.mark.parametrize("kind,backend", [("teacher", "aot_eager"), ("gdn", "aot_eager"), ("gla_k0", "aot_eager"),
+                                          ("gdn", "inductor")])
+def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, backend, monkeypatch):
+    """compile=True: the decode step traced whole (the linear ops as opaque custom ops: no graph break, so no
+    per-layer recompiles past dynamo's limit) and the same greedy tokens as the eager static step; inductor once,
+    for its fused kernels writing the cache buffers in place."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", backend)
+    model = model_of(teacher, kind)
+    prompts = [ids(2, 11, seed=3), ids(2, 6, seed=4)]
+    refs = [GraphDecoder(model, max_len=24).generate(p, max_new_tokens=9) for p in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = GraphDecoder(model, max_len=24, compile=True)
+    for p, ref in zip(prompts, refs):  # the second prompt: same batch size, cache reset in place, no recompile
+        assert torch.equal(decoder.generate(p, max_new_tokens=9), ref)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1
+    torch._dynamo.reset()
+
+
+def test_decode_ops_as_custom_ops_match_the_implementations():
+    """The custom ops a compiled step calls: their fake (shape) functions agree with the real outputs, and the real
+    outputs are the implementations' (CPU torch path)."""
+    from ds_hybrid.modeling import ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 3, 4, generator=g), torch.randn(2, 3, 3, 4, generator=g)
+    v = torch.randn(2, 3, 3, 5, generator=g)
+    gate, beta, gk = -torch.rand(2, 3, 3, generator=g), torch.rand(2, 3, 3, generator=g), -torch.rand(2, 3, 3, 4)
+    for s0 in (torch.randn(2, 3, 4, 5, generator=g), None):
+        gdn = (q, k, v, gate, beta, 0.5, s0, "auto")
+        gla = (q, k, v, gk, 0.5, s0, "auto")
+        torch.library.opcheck(torch.ops.ds_hybrid.gated_delta_rule_step, gdn)
+        torch.library.opcheck(torch.ops.ds_hybrid.gated_linear_attention_step, gla)
+        for op, impl, args in ((torch.ops.ds_hybrid.gated_delta_rule_step, ops._gated_delta_rule, gdn),
+                               (torch.ops.ds_hybrid.gated_linear_attention_step, ops._gated_linear_attention, gla)):
+            with torch.no_grad():
+                got, want = op(*args), impl(*args[:-1], True, "auto")
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bench_pair_puts_static_rows_next_to_eager(teacher, monkeypatch):
     from ds_hybrid.evaluation.speed import bench_pair
 
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")
     hybrid = model_of(teacher, "gdn")
-    rows = bench_pair({"hybrid": hybrid}, contexts=[32], batches=[2], decode_tokens=3, modes=("eager", "static"))
-    assert [r["mode"] for r in rows] == ["eager", "static"]
+    rows = bench_pair({"hybrid": hybrid}, contexts=[32], batches=[2], decode_tokens=3,
+                      modes=("eager", "static", "static_compiled"))
+    assert [r["mode"] for r in rows] == ["eager", "static", "static_compiled"]
     assert all(r["decode_tokens_per_s"] > 0 and r["model"] == "hybrid" for r in rows)
     # the static cache holds max_len = 32 + 3 + 1 positions for its 2 softmax layers; the dynamic one what it saw
     assert rows[1]["cache_gib"] >= rows[0]["cache_gib"]
@@ -135,15 +181,20 @@ def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):
     # checked before the model is read (tmp_path holds none)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cpu", "--cuda-graphs"]) == 2
     assert "--cuda-graphs=True: CUDA graphs need a GPU" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--compile"]) == 2
+    assert "--compile=True: it compiles the CUDA-graph decode step: add --cuda-graphs" in capsys.readouterr().err
+    assert main(["bench-infer", "--model", str(tmp_path), "--device", "cpu", "--compile"]) == 2
+    assert "--compile=True: it compiles the CUDA-graph decode step: add --cuda-graphs" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0"])
-def test_graph_replay_equals_eager_static_on_cuda(teacher, kind):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graph_replay_equals_eager_static_on_cuda(teacher, kind, compiled):
     model = model_of(teacher, kind).cuda()
     prompt = ids(4, 13, seed=11).cuda()
     eager = GraphDecoder(model, max_len=40).generate(prompt, max_new_tokens=16)
-    graphs = GraphDecoder(model, max_len=40, cuda_graphs=True)
+    graphs = GraphDecoder(model, max_len=40, cuda_graphs=True, compile=compiled)
     assert graphs.uses_graphs
     assert torch.equal(graphs.generate(prompt, max_new_tokens=16), eager)
     assert graphs._slots[4].graph is not None

@@ -187,7 +187,9 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.cuda_graphs:  # checked before any model is loaded
         if dev.type != "cuda":
             raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: use --device cuda, or drop --cuda-graphs")
-        modes = ("eager", "cuda_graphs")
+        modes = ("eager", "cuda_graphs") + (("cuda_graphs_compiled",) if args.compile else ())
+    elif args.compile:
+        raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     loaded, info = {}, {}
     for name, path in models.items():
         m, _, _ = load_model(path, dev, dtype)
@@ -243,6 +245,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--cuda-graphs", action="store_true", help="also time decoding with a static cache and the step "
                    "replayed as a CUDA graph: rows with mode eager and cuda_graphs side by side (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="with --cuda-graphs: also rows of the step compiled by "
+                   "torch.compile before its capture (mode cuda_graphs_compiled; compiles once per shape)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", default="outputs/bench_infer")

@@ -12,7 +12,9 @@ For each context length C and batch size B, on random tokens (speed does not dep
   where the teacher's growing KV reads show (docs/BENCHMARKS.md).
 Modes (a row's ``mode``): ``eager`` is the dynamic cache and an eager step per token, as above; ``cuda_graphs`` is
 the static cache with the decode step replayed as a CUDA graph (ds_hybrid.graph_decode, CUDA only); ``static`` is
-that static path run eagerly (CPU tests; on CUDA it isolates the cache change from the graph).
+that static path run eagerly (CPU tests; on CUDA it isolates the cache change from the graph); the ``_compiled``
+variants compile the static step with torch.compile first (``GraphDecoder(compile=True)``: its small kernels fused;
+the untimed pass compiles it once per shape).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
@@ -96,7 +98,7 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
     return res
 
 
-MODES: tuple[str, ...] = ("eager", "static", "cuda_graphs")
+MODES: tuple[str, ...] = ("eager", "static", "cuda_graphs", "static_compiled", "cuda_graphs_compiled")
 
 
 @torch.no_grad()
@@ -188,10 +190,11 @@ def bench_pair(
                             torch.cuda.empty_cache()
                             torch.cuda.reset_peak_memory_stats(dev)
                             base = torch.cuda.memory_allocated(dev)
-                        graphs = mode == "cuda_graphs"
-                        decoder = GraphDecoder(model, max_len=c + decode_tokens + 1, cuda_graphs=graphs)
+                        graphs = mode.startswith("cuda_graphs")
+                        decoder = GraphDecoder(model, max_len=c + decode_tokens + 1, cuda_graphs=graphs,
+                                               compile=mode.endswith("_compiled"))
                         if graphs and not decoder.uses_graphs:
-                            raise ValueError("bench mode 'cuda_graphs' needs the model on a CUDA device")
+                            raise ValueError(f"bench mode {mode!r} needs the model on a CUDA device")
                         bench_static(decoder, c, b, decode_tokens)  # untimed: compiles, autotunes, captures
                         r = bench_static(decoder, c, b, decode_tokens)
                         if dev.type == "cuda" and "error" not in r:

@@ -35,16 +35,23 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result; from half-precision inputs without converting them where the backend allows."""
     if a.dtype == torch.float32 or a.dtype == torch.float64:
         return torch.bmm(a, b)
-    kind = a.device.type
+    if fp32_out_bmm(a.device):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def fp32_out_bmm(device: torch.device) -> bool:
+    """Whether ``bmm(bf16, bf16, out_dtype=float32)`` runs on ``device``'s kind, tried once per process. A compiled
+    decode step calls this eagerly first (graph_decode), so that the try is never traced."""
+    kind = device.type
     if kind not in _FP32_OUT_BMM:
+        a = torch.zeros(1, 1, 1, dtype=torch.bfloat16, device=device)
         try:
-            torch.bmm(a[:1, :1], b[:1, :, :1], out_dtype=torch.float32)
+            torch.bmm(a, a, out_dtype=torch.float32)
             _FP32_OUT_BMM[kind] = True
         except (RuntimeError, NotImplementedError, TypeError):
             _FP32_OUT_BMM[kind] = False
-    if _FP32_OUT_BMM[kind]:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
+    return _FP32_OUT_BMM[kind]
 
 
 def grouped_decode_attention(

@@ -44,7 +44,14 @@ def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-@torch.compiler.disable  # compiled blocks (``compile: true``) break here: fla's kernels are already fused
+def _traced_decode(q: torch.Tensor) -> bool:
+    """A compiled no-grad call over a few tokens (a compiled decode step, ``GraphDecoder(compile=True)``): the ops
+    then go through the opaque custom ops below, so torch.compile traces the whole step as one graph. Elsewhere
+    compiled code breaks its graph at these ops (compiled training blocks: fla's kernels are already fused), and
+    eager calls go straight to the implementations."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and q.shape[1] <= RECURRENT_MAX_TOKENS
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -57,6 +64,16 @@ def gated_delta_rule(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule with q/k L2-normalised inside. g: log decay (<= 0), beta in (0, 1). Returns (o, state)."""
+    if _traced_decode(q):
+        o, state = torch.ops.ds_hybrid.gated_delta_rule_step(q, k, v, g, beta, scale, initial_state, backend)
+        return o, (state if output_final_state else None)
+    return _gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, backend)
+
+
+@torch.compiler.disable  # compiled blocks (``compile: true``) break here: fla's kernels are already fused
+def _gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                      scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     T = q.shape[1]
     if resolve_backend(backend, q) == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -173,7 +190,6 @@ def chunk_gla_torch(
     return o, (S if output_final_state else None)
 
 
-@torch.compiler.disable
 def gated_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,6 +201,16 @@ def gated_linear_attention(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GLA with a per-key-channel log gate gk (<= 0). Returns (o, state)."""
+    if _traced_decode(q):
+        o, state = torch.ops.ds_hybrid.gated_linear_attention_step(q, k, v, gk, scale, initial_state, backend)
+        return o, (state if output_final_state else None)
+    return _gated_linear_attention(q, k, v, gk, scale, initial_state, output_final_state, backend)
+
+
+@torch.compiler.disable
+def _gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float,
+                            initial_state: torch.Tensor | None, output_final_state: bool,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     T = q.shape[1]
     if resolve_backend(backend, q) == "fla":
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
@@ -196,3 +222,35 @@ def gated_linear_attention(
                          output_final_state=output_final_state)
     o, state = chunk_gla_torch(q, k, v, gk, scale, initial_state, output_final_state)
     return o.to(v.dtype), state
+
+
+# ---- the decode-step ops as custom ops: opaque to torch.compile, so a compiled decode step has no graph break ----
+# (fresh outputs, no input mutated; the state is fp32 [B, H, K, V] on both paths, o has v's dtype and shape)
+
+
+@torch.library.custom_op("ds_hybrid::gated_delta_rule_step", mutates_args=())
+def gated_delta_rule_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, state = _gated_delta_rule(q, k, v, g, beta, scale, initial_state, True, backend)
+    return o.to(v.dtype).contiguous(), state.float().contiguous()
+
+
+@gated_delta_rule_step.register_fake
+def _(q, k, v, g, beta, scale, initial_state, backend):
+    return v.new_empty(v.shape), v.new_empty((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ds_hybrid::gated_linear_attention_step", mutates_args=())
+def gated_linear_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, state = _gated_linear_attention(q, k, v, gk, scale, initial_state, True, backend)
+    return o.to(v.dtype).contiguous(), state.float().contiguous()
+
+
+@gated_linear_attention_step.register_fake
+def _(q, k, v, gk, scale, initial_state, backend):
+    return v.new_empty(v.shape), v.new_empty((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)

@@ -205,6 +205,8 @@ def wants_compile(s: StageConfig, ds: dict) -> bool:
 
 
 def compile_backend() -> str:
+    """``DS_HYBRID_COMPILE_BACKEND`` (default inductor; tests use aot_eager on CPU): training stages' compiled blocks
+    and ``GraphDecoder(compile=True)``'s decode step."""
     import os
 
     return os.environ.get("DS_HYBRID_COMPILE_BACKEND", "inductor")

@@ -72,25 +72,23 @@ case "${1:-main}" in
     ;;
   decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the compiled decode step
             # (GraphDecoder(compile=True)) profiled at Llama-3-8B width, 4 layers, then the 8B bench-infer rows at
-            # batch 4 with compiled graphs, its tokens against eager on SmolLM2, and SmolLM2's batch 8 / 16 rows
+            # batch 4 with compiled graphs, SmolLM2's batch 8 / 16 rows, the compiled step's tokens on SmolLM2
     (COMPILE=1 OUT=$R/decode bench/gpu_session.sh staticprof > $R/logs/staticprof.log 2>&1)
     note "end staticprof rc=$?"
     (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-4} GRAPHS=1 COMPILE=1 OUT=$R/decode \
       bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
-    (COMPILE=1 CONTEXTS= BATCHES=1,4 OUT=$R/decode bench/gpu_session.sh graphcheck > $R/logs/graphcheck.log 2>&1)
-    note "end graphcheck rc=$?"
     (CONTEXTS=32768 BATCHES=8,16 GRAPHS=1 OUT=$R/decode \
       bench/gpu_session.sh infer small noprofile > $R/logs/infersmall.log 2>&1); note "end infer small rc=$?"
+    (COMPILE=1 CONTEXTS= BATCHES=1,4 OUT=$R/decode bench/gpu_session.sh graphcheck > $R/logs/graphcheck.log 2>&1)
+    note "end graphcheck rc=$?"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
-  session)  # one lease, one chain: explore's align cases (issue 14; ~4 minutes), decode (issue 18; ~15, an
-             # estimate: the compiles at 8B are unmeasured), then explore's kl baseline
+  session)  # one lease, one chain: explore's align cases (issue 14; ~4 minutes), then decode (issue 18; ~20, an
+             # estimate: the compiles at 8B are unmeasured; graphcheck, last, is the first to go)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     IN_SESSION=1 EXPLORE_KL=0 "$0" explore
     IN_SESSION=1 "$0" decode
-    case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
-    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;

@@ -11,6 +11,8 @@
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
 #                                         # background (survives the call)
+#   bench/gpu_session.sh sh 'CMD'         # after setup: CMD in the campaigns' environment (e.g. one train_throughput
+#                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
 #                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
 #   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
@@ -30,6 +32,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 case "$1" in
+  sh)  # an ad-hoc command after setup, in the campaigns' environment (gpu_env.sh: carried wheels and triton 3.7.1 on
+       # PYTHONPATH, the embedded teacher's GGUF, caches) plus this tree: bench/gpu_session.sh sh 'python3 ...'
+    export PYTHONPATH="$PWD:$PYTHONPATH"
+    bash -c "$2"
+    ;;
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'
     ;;

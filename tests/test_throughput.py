@@ -27,7 +27,7 @@ from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
                                                                     "qkv_bias": True}),
                                             ("gla", {}), ("gla", {"use_gate": False, "gate_low_rank_dim": 4})])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_stacked_mixers_equal_one_by_one(mixer, options, groups, monkeypatch):
+def test_stacked_mixers_equal_one_by_one(mixer, options, groups):
     torch.manual_seed(len(options) + len(mixer))
     opts = MixerOptions.from_dict(options)
     # fp64 inputs and weights: the two paths sum in different orders, and in fp32 their gradients differed by 2e-5 on
@@ -41,11 +41,11 @@ def test_stacked_mixers_equal_one_by_one(mixer, options, groups, monkeypatch):
     ref = torch.stack([m(hidden_states=x[i])[0] for i, m in enumerate(mixers)])
     w = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * w).sum(), [x, *params])
+    limit = None
     if groups > 1:  # a pass over more elements than the limit runs the rows in groups, each through all 3 layers
-        per_row = 3 * 70 * stacked._width(mixers)
-        monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", per_row)
-        assert stacked.row_groups(2, per_row, per_row) == [range(0, 1), range(1, 2)]
-    out = stacked_forward(mixers, x)
+        limit = 3 * 70 * stacked._width(mixers)
+        assert stacked.row_groups(2, limit, limit) == [range(0, 1), range(1, 2)]
+    out = stacked_forward(mixers, x, max_elements=limit)
     g = torch.autograd.grad((out * w).sum(), [x, *params])
     assert supports_stacked(mixers)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
@@ -86,8 +86,7 @@ def test_stacked_groups_split_rows_and_every_pass_reads_every_layer(monkeypatch)
     real = stacked._stacked_pass
     monkeypatch.setattr(stacked, "_stacked_pass", lambda ms, x: seen.append((len(ms), tuple(x.shape))) or real(ms, x))
     x = torch.randn(3, 5, 16, 32)
-    monkeypatch.setattr(stacked, "MAX_PASS_ELEMENTS", 2 * per_row)
-    out = stacked_forward(mixers, x)
+    out = stacked_forward(mixers, x, max_elements=2 * per_row)
     assert seen == [(3, (3, 2, 16, 32)), (3, (3, 1, 16, 32)), (3, (3, 2, 16, 32))]  # rows [0, 2), [2, 3), [3, 5)
     assert out.shape == x.shape
     torch.testing.assert_close(out[:, 2:3], torch.stack([m(hidden_states=x[i, 2:3])[0] for i, m in
@@ -96,15 +95,30 @@ def test_stacked_groups_split_rows_and_every_pass_reads_every_layer(monkeypatch)
     assert stacked.row_groups(1, 10, 5) == [range(0, 1)]  # a row over the limit is its own group
 
 
+def test_align_stack_passes_its_row_limit_to_the_stacked_pass(monkeypatch):
+    from ds_hybrid.stages.align import MixerStack
+
+    torch.manual_seed(0)
+    stack = MixerStack([build_mixer("gdn", 32, 4, 8, i, MixerOptions()) for i in range(3)])
+    inputs, targets = [torch.randn(4, 16, 32) for _ in range(3)], [torch.randn(4, 16, 32) for _ in range(3)]
+    ref = stack(inputs, targets)  # one by one
+    seen = []
+    real = stacked.row_groups
+    monkeypatch.setattr(stacked, "row_groups", lambda *a: seen.append(a[2]) or real(*a))
+    stack.stacked, stack.pass_elements = True, 3 * 16 * stacked._width(list(stack.mixers))  # one row a pass
+    torch.testing.assert_close(stack(inputs, targets), ref, rtol=1e-4, atol=1e-6)
+    assert seen == [stack.pass_elements]
+
+
 def test_stacked_pass_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("DS_HYBRID_ALIGN_PASS_ELEMENTS", "2147483647")
-    assert stacked._env_pass_elements() == 2**31 - 1
+    assert stacked.pass_elements_from_env() == 2**31 - 1
     monkeypatch.delenv("DS_HYBRID_ALIGN_PASS_ELEMENTS")
-    assert stacked._env_pass_elements() is None
+    assert stacked.pass_elements_from_env() is None
     for bad in ("lots", "0", "-5"):
         monkeypatch.setenv("DS_HYBRID_ALIGN_PASS_ELEMENTS", bad)
         with pytest.raises(ConfigError, match="DS_HYBRID_ALIGN_PASS_ELEMENTS"):
-            stacked._env_pass_elements()
+            stacked.pass_elements_from_env()
 
 
 def test_stacked_refuses_what_it_cannot_run():

@@ -88,19 +88,18 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
     return y.to(x.dtype)
 
 
-#: when set, the stacked projections' output of one pass ([L, rows x T, width]) stays below this many elements: the
-#: micro-batch's rows then run in groups, every group through all L layers. Past 2^31 elements Inductor indexes the
-#: fused kernels that read and write that output with int64 arithmetic (a 64-bit division per element), and the
-#: backward kernel that gathers the slices' gradients took 34 ms of a 150 ms align step on an H200 at 30 x 49,152
-#: tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md). Off (None) until a GPU run shows the groups are
-#: faster; ``DS_HYBRID_ALIGN_PASS_ELEMENTS`` sets it (2147483647 for the int32 limit). Groups split rows, never
-#: layers: a compiled pass reused for another group of layers would read other parameters, at other alignments than
-#: the ones Inductor compiled it for (parameters are static inputs it does not re-check), which faulted on an H200
-#: with "misaligned address" (DeepSpeed's flat buffers leave a 9-element A_log or dt_bias at any 2-byte offset).
-MAX_PASS_ELEMENTS: int | None = None
+def pass_elements_from_env() -> int | None:
+    """``DS_HYBRID_ALIGN_PASS_ELEMENTS``: :func:`stacked_forward`'s ``max_elements`` for stage align (unset: None).
 
-
-def _env_pass_elements() -> int | None:
+    When set, the stacked projections' output of one pass ([L, rows x T, width]) stays below that many elements:
+    the micro-batch's rows run in groups, every group through all L layers. Past 2^31 elements Inductor indexes the
+    fused kernels that read and write that output with int64 arithmetic (a 64-bit division per element), and the
+    backward kernel that gathers the slices' gradients took 34 ms of a 150 ms align step on an H200 at 30 x 49,152
+    tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md). Off until a GPU run shows the groups are faster
+    (2147483647 for the int32 limit). Groups split rows, never layers: a compiled pass reused for another group of
+    layers reads other parameters, at other alignments than the ones Inductor compiled it for (parameters are
+    static inputs it does not re-check), which faulted on an H200 with "misaligned address" (DeepSpeed's flat
+    buffers leave a 9-element A_log or dt_bias at any 2-byte offset)."""
     raw = os.environ.get("DS_HYBRID_ALIGN_PASS_ELEMENTS", "").strip()
     if not raw:
         return None
@@ -135,16 +134,16 @@ def row_groups(rows: int, elements_per_row: int, limit: int | None) -> list[rang
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True) -> torch.Tensor:
+def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True,
+                    max_elements: int | None = None) -> torch.Tensor:
     """x: [L, B, T, H], layer i's input in x[i] -> [L, B, T, H], mixer i's output in out[i] (no cache, no mask).
-    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). The rows run in groups
-    where one pass would exceed MAX_PASS_ELEMENTS (when set)."""
+    ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). With ``max_elements``
+    the rows run in groups where one pass would exceed it (:func:`pass_elements_from_env`)."""
     if check and not supports_stacked(mixers):
         raise ValueError("these mixers cannot run stacked (mixed kinds or options, short convolution, or ZeRO-3 "
                          "partitioned parameters); call them one by one")
     L, B, T, _ = x.shape
-    limit = MAX_PASS_ELEMENTS if MAX_PASS_ELEMENTS is not None else _env_pass_elements()
-    groups = row_groups(B, L * T * _width(mixers), limit)
+    groups = row_groups(B, L * T * _width(mixers), max_elements)
     if len(groups) == 1:
         return _stacked_pass(mixers, x)
     return torch.cat([_stacked_pass(mixers, x[:, g.start:g.stop]) for g in groups], dim=1)

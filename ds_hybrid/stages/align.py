@@ -22,7 +22,7 @@ from ds_hybrid.hf_io import SafetensorsReader, export_hf
 from ds_hybrid.losses import align_loss, align_losses
 from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
-from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
+from ds_hybrid.modeling.stacked import pass_elements_from_env, stacked_forward, supports_stacked
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
@@ -41,10 +41,12 @@ class MixerStack(nn.Module):
         super().__init__()
         self.mixers = nn.ModuleList(mixers)
         self.stacked = False
+        self.pass_elements: int | None = None  # the stacked pass's row groups (stacked.pass_elements_from_env)
 
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         if self.stacked:
-            return align_losses(stacked_forward(list(self.mixers), torch.stack(inputs), check=False), torch.stack(targets))
+            out = stacked_forward(list(self.mixers), torch.stack(inputs), check=False, max_elements=self.pass_elements)
+            return align_losses(out, torch.stack(targets))
         losses = [align_loss(m(hidden_states=x)[0], t) for m, x, t in zip(self.mixers, inputs, targets)]
         return torch.stack(losses)
 
@@ -72,6 +74,7 @@ class AlignStage(Stage):
         # the stacked pass pays on GPUs (fewer, larger kernels); on CPU the per-mixer loop is faster
         mode = os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto")
         stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))
+        stack.pass_elements = pass_elements_from_env()
         if wants_compile(ctx.s, ds):
             if stack.stacked:  # one graph around the stacked pass (the fla call is a graph break) and the loss
                 stack.compile(**compile_options())

@@ -19,8 +19,9 @@
 #                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,
 #                                   # bench/kl.py, runs/smollm2_gpu_bench.yaml, bench/graph_decode_check.py)
-#   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
-#       # (GRAPHS=1: also the CUDA-graph rows, issue 18) no parts needed: carry .dev/mini (37 MB: the bundle's
+#   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1 [COMPILE=1]] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
+#       # (GRAPHS=1: also the CUDA-graph rows, issue 18; COMPILE=1: and the torch.compile'd step's rows, as for
+#       # staticprof and graphcheck) no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
 #       # .dev/mini/ && cp ~/.cache/ds_hybrid/smollm2-135m-instruct/tokenizer*.json .dev/mini/tok/`); bench-infer and
 #       # bench/decode_profile.py on random-init models (speed does not depend on the weights; the image's triton

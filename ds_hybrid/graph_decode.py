@@ -195,6 +195,30 @@ class GraphDecoder:
             return torch.empty(batch, 0, dtype=torch.long, device=self.device)
         return torch.cat(out, dim=1)
 
+    @torch.no_grad()
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, continuation: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher forcing through the static step: prefill the prompt, then feed ``continuation`` [B, S] one token a
+        step (eagerly, no graph) -> fp32 logits [B, S, V], row s predicting the token after ``continuation[:, s]``.
+
+        The same forward as a decode step, so its logits can be set beside another path's on one token sequence
+        (``bench/graph_decode_check.py`` compares them with the dynamic cache's and an fp32 reference's)."""
+        if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0]:
+            raise ConfigError("continuation", tuple(continuation.shape),
+                              f"give [batch, steps] token ids with the prompt's batch size {input_ids.shape[0]}")
+        S = continuation.shape[1]
+        self.prefill(input_ids, attention_mask, max(S, 1))
+        slot = self._slots[input_ids.shape[0]]
+        slot.steps_left -= S
+        out = []
+        with decode_attention(configs=self._sdpa_configs):
+            for s in range(S):
+                slot.tokens.copy_(continuation[:, s : s + 1])
+                out.append(self._step_logits(slot.tokens, slot.mask, slot.positions, slot.cache).float())
+                slot.positions.add_(1)
+        return torch.stack(out, dim=1)
+
     def cache(self, batch: int):
         """The static cache of a batch size (after a prefill at that size)."""
         return self._slots[batch].cache
@@ -218,10 +242,14 @@ class GraphDecoder:
 
     def _forward_step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> None:
         """The step's work, in place: what ``compile=True`` hands to torch.compile (the same code either way)."""
-        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True).logits
-        tokens.copy_(logits[:, -1:].float().argmax(-1))
+        logits = self._step_logits(tokens, mask, positions, cache)
+        tokens.copy_(logits.float().argmax(-1, keepdim=True))
         positions.add_(1)
+
+    def _step_logits(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """[B, V] logits of one decode step (the cache advances by one token)."""
+        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True).logits[:, -1]
 
     def _capture(self, slot: _Slot) -> list[torch.Tensor]:
         """Warm up on a side stream (real steps, their tokens returned), then capture one step into slot.graph."""

@@ -61,6 +61,45 @@ def test_left_padded_rows_decode_as_alone(teacher, kind):
     assert torch.equal(both[1, pad:], decoder.generate(b, max_new_tokens=7)[0])
 
 
+def _forced_dynamic(model, ids, mask, continuation):
+    """Reference: the dynamic cache fed ``continuation`` one token a step after the prompt -> logits [B, S, V]."""
+    pos = mask.sum(-1, keepdim=True)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True)
+        cache, rows = out.past_key_values, []
+        for s in range(continuation.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            rows.append(model(input_ids=continuation[:, s : s + 1], attention_mask=mask, position_ids=pos + s,
+                              past_key_values=cache, use_cache=True).logits[:, -1].float())
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla"])
+def test_score_gives_the_dynamic_paths_logits_under_teacher_forcing(teacher, kind):
+    """score() feeds given tokens through the static step: its logits equal the dynamic cache's on the same tokens
+    (left-padded rows included), and fed its own greedy tokens it reproduces generate()'s choices."""
+    model = model_of(teacher, kind)
+    batch, pad = ids(3, 10, seed=11), 4
+    mask = torch.ones_like(batch)
+    mask[2, :pad] = 0
+    batch = batch.masked_fill(mask == 0, 0)
+    cont = ids(3, 6, seed=12)
+    decoder = GraphDecoder(model, max_len=20)
+    got = decoder.score(batch, mask, cont)
+    assert got.shape == (3, 6, VOCAB) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _forced_dynamic(model, batch, mask, cont), rtol=1e-5, atol=1e-5)
+    # the teacher-forced step is not the reference's copy: a wrong input token changes the logits that follow it
+    other = cont.clone()
+    other[:, 2] = (other[:, 2] + 1) % VOCAB
+    assert not torch.allclose(decoder.score(batch, mask, other)[:, 3:], got[:, 3:], atol=1e-3)
+    greedy = decoder.generate(batch, mask, max_new_tokens=6)[:, 10:]
+    chosen = decoder.score(batch, mask, greedy[:, :-1]).argmax(-1)
+    assert torch.equal(chosen, greedy[:, 1:])
+    with pytest.raises(ConfigError, match="continuation"):
+        decoder.score(batch, mask, cont[:2])
+
+
 def test_limits_and_bad_masks_raise_what_to_fix(teacher):
     decoder = GraphDecoder(teacher, max_len=16)
     with pytest.raises(ConfigError, match=r"max_len=16.*raise max_len \(--max-len\)"):
@@ -234,3 +273,43 @@ def test_finish_at_eos_pads_after_eos_and_stops_when_every_row_ended():
     assert got.tolist() == [[1, 5, 9, 0], [1, 6, 6, 9]]
     assert finish_at_eos(out, 1, [], pad_id=0).tolist() == out.tolist()
     assert finish_at_eos(out, 1, [4], pad_id=0).tolist() == out.tolist()  # no row ends: all new tokens kept
+
+
+def test_graph_decode_check_passes_a_correct_step_and_fails_a_wrong_state(teacher, tmp_path, monkeypatch):
+    """bench/graph_decode_check.py on CPU (no graphs: the static step runs eagerly): a correct hybrid passes its fp32
+    exactness and bf16 checks; a recurrent state that loses 10 % a step is caught."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ds_hybrid.modeling import static_cache
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import graph_decode_check
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    model_of(teacher, "gdn").save_pretrained(tmp_path / "h")
+    args = ["--model", str(tmp_path / "h"), "--teacher", "none", "--device", "cpu", "--contexts", "", "--batches",
+            "2", "--prompt-len", "9", "--new-tokens", "6", "--out", str(tmp_path / "ok.json")]
+    assert graph_decode_check.main(args) == 0
+    report = json.loads((tmp_path / "ok.json").read_text())
+    assert [c["case"] for c in report["checks"]] == ["batch2", "batch4_left_padded"]
+    for c in report["checks"]:
+        assert c["ok"] and c["fp32"]["graphs_vs_dynamic_eager"] is None
+        assert c["bf16"]["graphs_vs_static_eager"] is None
+        assert c["bf16_numerics"]["rms_static_vs_fp32"] > 0  # bf16 rounding is there to compare
+        assert c["bf16_numerics"]["well_conditioned"] and c["bf16_numerics"]["within_bf16_noise"]
+
+    write = static_cache.StaticRecurrentLayer.write
+
+    def leaky(self, state, conv_cache, n_tokens):
+        write(self, state * 0.9 if self.holds_state else state, conv_cache, n_tokens)
+
+    monkeypatch.setattr(static_cache.StaticRecurrentLayer, "write", leaky)
+    assert graph_decode_check.main(args[:-1] + [str(tmp_path / "bad.json")]) == 1
+    bad = json.loads((tmp_path / "bad.json").read_text())["checks"]
+    assert not any(c["ok"] for c in bad)
+    # the tiny model is well conditioned in bf16, so the teacher-forced logits show the leak on their own
+    assert all(c["bf16_numerics"]["well_conditioned"] and not c["bf16_numerics"]["within_bf16_noise"] for c in bad)

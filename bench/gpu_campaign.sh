@@ -283,11 +283,14 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       (for m in $SELECTORS; do job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m \
          ${SEL_REF:+select.reference=$SEL_REF}; done) &
     fi
-    if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid (timing needs no training)
-      job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
-        --dtype bf16 --device cuda --out /tmp/h8_stage0
-      job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
-        --out $R/graph_decode_check.json
+    if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid and the teacher, in the
+      # background beside align and kl (~4 minutes; no timings unless GRAPH_CHECK_CONTEXTS: bench-infer has those;
+      # COMPILE=1: the compiled step's tokens too)
+      (job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
+         --dtype bf16 --device cuda --out /tmp/h8_stage0 && \
+       job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
+         --contexts "${GRAPH_CHECK_CONTEXTS-}" $([ "${COMPILE:-0}" = 1 ] && echo --compile) \
+         --out $R/graph_decode_check.json) &
     fi
     hybrids_ $CCFG $RUNC || exit 1
     if [ "${TEACHER_EVAL:-0}" = 1 ]; then

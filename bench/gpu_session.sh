@@ -19,7 +19,8 @@
 #                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,
 #                                   # bench/kl.py, runs/smollm2_gpu_bench.yaml, bench/graph_decode_check.py)
-#   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1 [COMPILE=1]] OUT=$OUT bench/gpu_session.sh infer small|8b [noprofile]
+#   [CONTEXTS=4096,...] [BATCHES=1,4,16] [GRAPHS=1 [COMPILE=1]] [FUSE=1] OUT=$OUT \
+#       bench/gpu_session.sh infer small|8b [noprofile]
 #       # (GRAPHS=1: also the CUDA-graph rows, issue 18; COMPILE=1: and the torch.compile'd step's rows, as for
 #       # staticprof and graphcheck) no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
@@ -158,6 +159,7 @@ json.dump(c, open('$T/config.json', 'w'))"
     prof=${3:-profile}   # "noprofile": bench-infer only (its GPU columns included), no bench/decode_profile.py
     graphs=(); [ "${GRAPHS:-0}" = 1 ] && graphs=(--cuda-graphs)   # GRAPHS=1: eager and CUDA-graph rows (issue 18)
     [ "${GRAPHS:-0}" = 1 ] && [ "${COMPILE:-0}" = 1 ] && graphs+=(--compile)  # COMPILE=1: and compiled-graph rows
+    [ "${FUSE:-0}" = 1 ] && graphs+=(--fuse-projections)  # FUSE=1: the last mode again, hybrids' projections fused
     TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
     if [ "$2" = small ]; then
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s

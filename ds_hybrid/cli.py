@@ -87,6 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
+    if args.fuse_projections and hasattr(model, "fuse_input_projections"):
+        model.fuse_input_projections()
     ids = tok(args.prompt, return_tensors="pt").to(device)
     if args.cuda_graphs:  # any causal LM (a hybrid or its teacher): greedy, as generate() would return it
         from ds_hybrid.graph_decode import GraphDecoder, generate_static
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens (default: exactly that)")
     p.add_argument("--compile", action="store_true", help="with --cuda-graphs: torch.compile the decode step before "
                    "capturing it (fewer, fused kernels; compiling takes a minute or more; same tokens)")
+    p.add_argument("--fuse-projections", action="store_true", help="a hybrid's linear layers read their input "
+                   "projections as one GEMM (faster decode steps; same math, bf16 rounding may differ)")
     p.set_defaults(fn=cmd_generate)
     return parser
 

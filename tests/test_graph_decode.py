@@ -158,7 +158,7 @@ def test_decode_step_reads_no_tensor_value_on_host(teacher, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind,backend", [("teacher", "aot_eager"), ("gdn", "aot_eager"), ("gla_k0", "aot_eager"),
-                                          ("gdn", "inductor")])
+                                          ("gdn", "inductor"), ("gdn_fused", "aot_eager")])
 def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, backend, monkeypatch):
     """compile=True: the decode step traced whole (the linear ops as opaque custom ops: no graph break, so no
     per-layer recompiles past dynamo's limit) and the same greedy tokens as the eager static step; inductor once,
@@ -166,9 +166,11 @@ def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, b
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", backend)
-    model = model_of(teacher, kind)
+    model = model_of(teacher, kind.removesuffix("_fused"))
     prompts = [ids(2, 11, seed=3), ids(2, 6, seed=4)]
     refs = [GraphDecoder(model, max_len=24).generate(p, max_new_tokens=9) for p in prompts]
+    if kind.endswith("_fused"):  # the input projections as one GEMM: still one graph, the same tokens
+        model.fuse_input_projections()
     torch._dynamo.reset()
     counters.clear()
     decoder = GraphDecoder(model, max_len=24, compile=True)
@@ -212,6 +214,14 @@ def test_bench_pair_puts_static_rows_next_to_eager(teacher, monkeypatch):
     assert all(r["decode_tokens_per_s"] > 0 and r["model"] == "hybrid" for r in rows)
     # the static cache holds max_len = 32 + 3 + 1 positions for its 2 softmax layers; the dynamic one what it saw
     assert rows[1]["cache_gib"] >= rows[0]["cache_gib"]
+    # "_fused" rows: hybrids only, fused for their row and unfused after it
+    rows = bench_pair({"hybrid": hybrid, "teacher": teacher}, contexts=[32], batches=[2], decode_tokens=3,
+                      modes=("static", "static_fused"))
+    assert [(r["model"], r["mode"]) for r in rows] == [("hybrid", "static"), ("hybrid", "static_fused"),
+                                                       ("teacher", "static")]
+    assert all(m._fused is None for m in hybrid.modules() if hasattr(m, "_fused"))
+    with pytest.raises(ValueError, match="_fused"):
+        bench_pair({"hybrid": hybrid}, contexts=[32], batches=[2], modes=("warp",))
 
 
 def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):
@@ -313,3 +323,59 @@ def test_graph_decode_check_passes_a_correct_step_and_fails_a_wrong_state(teache
     assert not any(c["ok"] for c in bad)
     # the tiny model is well conditioned in bf16, so the teacher-forced logits show the leak on their own
     assert all(c["bf16_numerics"]["well_conditioned"] and not c["bf16_numerics"]["within_bf16_noise"] for c in bad)
+
+
+@pytest.mark.parametrize("kind,opts", [("gdn", {}), ("gdn", {"qkv_bias": True, "use_gate": False}),
+                                       ("gla", {"use_short_conv": True}), ("gla", {"use_gate": False})])
+def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, kind, opts, tmp_path):
+    """fuse_input_projections: the projections of x become views of one weight, read with one GEMM when autograd is
+    off; logits, greedy tokens, state dict, training gradients and saved checkpoints are those of the unfused model."""
+    torch.manual_seed(0)
+    model = build_hybrid(teacher, [1, 3], kind, opts).eval()
+    if opts.get("qkv_bias"):
+        with torch.no_grad():
+            for m in model.modules():
+                if getattr(m, "bias", None) is not None and m.bias.dim() == 1:
+                    m.bias.normal_()
+    prompt = ids(2, 9, seed=21)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref_logits = model(prompt, attention_mask=mask).logits
+        ref_tokens = GraphDecoder(model, max_len=20).generate(prompt, mask, max_new_tokens=6)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 5, model.config.hidden_size)
+    mixer = model.mixer(0)
+    mixer.zero_grad()
+    mixer(x)[0].square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
+
+    assert model.fuse_input_projections() == 2
+    weight, _, sizes = mixer._fused
+    for (name, lin), n in zip(mixer.input_linears(), sizes):
+        assert lin.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr(), name
+        assert lin.out_features == n
+    calls = []
+    for _, lin in mixer.input_linears():  # the fused path must not call the modules
+        lin.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt, attention_mask=mask).logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(GraphDecoder(model, max_len=20).generate(prompt, mask, max_new_tokens=6), ref_tokens)
+    assert calls == []
+    assert list(model.state_dict()) == keys
+    mixer.zero_grad()
+    mixer(x)[0].square().sum().backward()  # autograd on: the modules, whose weights are the views
+    assert calls
+    for n, p in mixer.named_parameters():
+        if n in ref_grads:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "h")  # undoes the fusion first: every tensor saved with its own storage
+    assert mixer._fused is None
+    from transformers import AutoModelForCausalLM
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt, attention_mask=mask).logits, ref_logits, rtol=1e-5, atol=1e-5)
+    model.fuse_input_projections()
+    model.to(torch.float64)  # moving or casting undoes it too (a cast view would not be a view of the fused weight)
+    assert mixer._fused is None and mixer.q_proj.weight.dtype == torch.float64

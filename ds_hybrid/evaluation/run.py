@@ -190,6 +190,8 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
         modes = ("eager", "cuda_graphs") + (("cuda_graphs_compiled",) if args.compile else ())
     elif args.compile:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
+    if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
+        modes = modes + (modes[-1] + "_fused",)
     loaded, info = {}, {}
     for name, path in models.items():
         m, _, _ = load_model(path, dev, dtype)
@@ -247,6 +249,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "replayed as a CUDA graph: rows with mode eager and cuda_graphs side by side (CUDA only)")
     p.add_argument("--compile", action="store_true", help="with --cuda-graphs: also rows of the step compiled by "
                    "torch.compile before its capture (mode cuda_graphs_compiled; compiles once per shape)")
+    p.add_argument("--fuse-projections", action="store_true", help="also rows of the last mode with each linear "
+                   "layer's input projections read as one GEMM (mode <last>_fused; hybrids only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", default="outputs/bench_infer")

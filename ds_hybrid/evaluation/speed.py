@@ -14,7 +14,9 @@ Modes (a row's ``mode``): ``eager`` is the dynamic cache and an eager step per t
 the static cache with the decode step replayed as a CUDA graph (ds_hybrid.graph_decode, CUDA only); ``static`` is
 that static path run eagerly (CPU tests; on CUDA it isolates the cache change from the graph); the ``_compiled``
 variants compile the static step with torch.compile first (``GraphDecoder(compile=True)``: its small kernels fused;
-the untimed pass compiles it once per shape).
+the untimed pass compiles it once per shape). Any mode + ``_fused`` runs it with the hybrid's input projections fused
+into one GEMM a layer (``HybridForCausalLM.fuse_input_projections``; hybrids only: models without linear mixers
+have no such rows).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
@@ -99,6 +101,7 @@ def bench_model(model, context: int, batch: int, decode_tokens: int = 32, seed: 
 
 
 MODES: tuple[str, ...] = ("eager", "static", "cuda_graphs", "static_compiled", "cuda_graphs_compiled")
+FUSED = "_fused"
 
 
 @torch.no_grad()
@@ -165,16 +168,22 @@ def bench_pair(
     """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens)."""
     from ds_hybrid.graph_decode import GraphDecoder
 
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m.removesuffix(FUSED) not in MODES]
     if unknown:
-        raise ValueError(f"bench mode {unknown[0]!r} is not one of {MODES}")
+        raise ValueError(f"bench mode {unknown[0]!r} is not one of {MODES} (each optionally + {FUSED!r})")
     rows = []
     for name, model in models.items():
         model.eval()
+        fusable = hasattr(model, "fuse_input_projections")
         for c in contexts:
             for b in batches:
                 for mode in modes:
-                    if mode == "eager":
+                    fused = mode.endswith(FUSED)
+                    if fused and not fusable:
+                        continue
+                    if fusable:
+                        model.fuse_input_projections(enabled=fused)
+                    if mode.removesuffix(FUSED) == "eager":
                         # untimed pass over exactly the shapes of the timed one (every decode step's key length
                         # included): compilation, autotuning and cuDNN graph builds must not land in the timed pass
                         bench_model(model, c, b, decode_tokens)
@@ -192,7 +201,7 @@ def bench_pair(
                             base = torch.cuda.memory_allocated(dev)
                         graphs = mode.startswith("cuda_graphs")
                         decoder = GraphDecoder(model, max_len=c + decode_tokens + 1, cuda_graphs=graphs,
-                                               compile=mode.endswith("_compiled"))
+                                               compile=mode.removesuffix(FUSED).endswith("_compiled"))
                         if graphs and not decoder.uses_graphs:
                             raise ValueError(f"bench mode {mode!r} needs the model on a CUDA device")
                         bench_static(decoder, c, b, decode_tokens)  # untimed: compiles, autotunes, captures
@@ -202,6 +211,8 @@ def bench_pair(
                         del decoder
                     r["model"], r["mode"] = name, mode
                     rows.append(r)
+                    if fusable:
+                        model.fuse_input_projections(enabled=False)
                     # each row as it lands: a run stopped part way (a lease's time limit) keeps what it measured
                     print("bench-infer row", json.dumps(r, default=str), flush=True)
     return rows

@@ -175,9 +175,73 @@ class LinearMixer(nn.Module):
     def reset_parameters(self) -> None:  # overridden: fresh mixer-only parameters
         pass
 
+    # ---- inference: the projections of x as one GEMM ----------------------------------------------------------
+    #: besides q/k/v, the Linear modules (dotted names) that read the layer input x; subclasses extend
+    extra_input_linears: tuple[str, ...] = ()
+    _fused: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+
+    def input_linears(self) -> list[tuple[str, nn.Linear]]:
+        """The projections of the layer input x, in the order of the fused weight's rows."""
+        names = ("q_proj", "k_proj", "v_proj") + self.extra_input_linears
+        return [(n, self.get_submodule(n)) for n in names if hasattr(self, n.split(".")[0])]
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> None:
+        """Inference: the projections of x (q, k, v and the gates' inputs) become row blocks of one weight, so that
+        a step without autograd reads them with one GEMM. At decode (a few rows of x) each projection alone is a
+        small, memory-bound GEMM that cuBLAS runs with split-K and a reduce kernel; one taller weight runs nearer the
+        memory bandwidth (docs/SERVING.md). The modules' weights become views of the fused one (no copy is kept),
+        so state dicts, training (which calls the modules) and results are unchanged; moving the module (``to``,
+        ``cuda``, ``half``) or saving the model undoes the fusion first (:meth:`unfuse_input_projections`)."""
+        if self._fused is not None:
+            return
+        mods = self.input_linears()
+        if any(hasattr(m.weight, "ds_id") for _, m in mods):
+            return  # ZeRO-3 partitions: a shard is not a weight (the modules gather theirs in their own forward)
+        weight = torch.cat([m.weight for _, m in mods])
+        bias = None
+        if any(m.bias is not None for _, m in mods):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for _, m in mods])
+        sizes, start = [], 0
+        for _, m in mods:
+            n = m.out_features
+            m.weight = nn.Parameter(weight[start : start + n], requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(bias[start : start + n], requires_grad=m.bias.requires_grad)
+            sizes.append(n)
+            start += n
+        self._fused = (weight, bias, sizes)
+
+    @torch.no_grad()
+    def unfuse_input_projections(self) -> None:
+        """Give every projection its own storage again (what :meth:`fuse_input_projections` shared)."""
+        if self._fused is None:
+            return
+        for _, m in self.input_linears():
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+        self._fused = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self.unfuse_input_projections()  # a moved or cast view would no longer be a view of the fused weight
+        return super()._apply(fn, recurse)
+
+    def _fused_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The fused projections of x by name, or None where the modules are to be called (autograd on, unfused)."""
+        if self._fused is None or torch.is_grad_enabled():
+            return None
+        weight, bias, sizes = self._fused
+        outs = F.linear(x, weight, bias).split(sizes, dim=-1)
+        return {name: out for (name, _), out in zip(self.input_linears(), outs)}
+
     # ---- forward plumbing -----------------------------------------------------------------------------------
-    def _qkv(self, x: torch.Tensor, mask: torch.Tensor | None, conv_cache: tuple | None):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def _qkv(self, x: torch.Tensor, mask: torch.Tensor | None, conv_cache: tuple | None,
+             fused: dict[str, torch.Tensor] | None = None):
+        if fused is not None:
+            q, k, v = fused["q_proj"], fused["k_proj"], fused["v_proj"]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new_conv = None
         if self.options.use_short_conv:
             if mask is not None:  # padded inputs must not leak into real tokens through the conv window
@@ -223,6 +287,7 @@ class GatedDeltaNetMixer(LinearMixer):
     """Gated DeltaNet, fla's ``GatedDeltaNet`` parameters: q/k/v/a/b/g/o projections, A_log, dt_bias, o_norm."""
 
     fuse_ab: bool = True  # False: a and b through their modules (the reference path of :meth:`_ab`)
+    extra_input_linears = ("a_proj", "b_proj", "g_proj")
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
         super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
@@ -260,11 +325,12 @@ class GatedDeltaNetMixer(LinearMixer):
         return ab[..., :H], ab[..., H:2 * H]
 
     def mix(self, x, mask, state, conv_cache, output_final_state):
-        q, k, v, conv_cache = self._qkv(x, mask, conv_cache)
+        fused = self._fused_inputs(x)
+        q, k, v, conv_cache = self._qkv(x, mask, conv_cache, fused)
         if not self.options.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        a, b = self._ab(x)
+        a, b = (fused["a_proj"], fused["b_proj"]) if fused is not None else self._ab(x)
         beta = b.sigmoid()
         if self.options.allow_neg_eigval:
             beta = beta * 2.0
@@ -276,13 +342,17 @@ class GatedDeltaNetMixer(LinearMixer):
             q, k, v, g, beta.to(q.dtype), scale=self.head_dim**-0.5, initial_state=state,
             output_final_state=output_final_state, backend=self.options.backend,
         )
-        gate = self._heads(self.g_proj(x)) if self.options.use_gate else None
+        gate = None
+        if self.options.use_gate:
+            gate = self._heads(fused["g_proj"] if fused is not None else self.g_proj(x))
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(*x.shape[:2], -1)), state, conv_cache
 
 
 class GLAMixer(LinearMixer):
     """Gated Linear Attention, fla's ``GatedLinearAttention`` parameters (expand_k = expand_v = 1)."""
+
+    extra_input_linears = ("gk_proj.0", "g_proj")
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
         super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
@@ -298,9 +368,11 @@ class GLAMixer(LinearMixer):
             self.g_norm = GatedRMSNorm(head_dim, eps=options.norm_eps)
 
     def mix(self, x, mask, state, conv_cache, output_final_state):
-        q, k, v, conv_cache = self._qkv(x, mask, conv_cache)
+        fused = self._fused_inputs(x)
+        q, k, v, conv_cache = self._qkv(x, mask, conv_cache, fused)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        gk = F.logsigmoid(self._heads(self.gk_proj(x)).float()) / self.options.gate_logit_normalizer
+        gk = self.gk_proj[1](fused["gk_proj.0"]) if fused is not None else self.gk_proj(x)
+        gk = F.logsigmoid(self._heads(gk).float()) / self.options.gate_logit_normalizer
         if mask is not None:
             k, v, gk = k * mask[..., None], v * mask[..., None], gk * mask[..., None].float()
         o, state = ops.gated_linear_attention(
@@ -308,7 +380,7 @@ class GLAMixer(LinearMixer):
             output_final_state=output_final_state, backend=self.options.backend,
         )
         if self.options.use_gate:
-            o = self.g_norm_swish_gate(o, self._heads(self.g_proj(x)))
+            o = self.g_norm_swish_gate(o, self._heads(fused["g_proj"] if fused is not None else self.g_proj(x)))
         else:
             o = self.g_norm(o)
         return self.o_proj(o.reshape(*x.shape[:2], -1)), state, conv_cache

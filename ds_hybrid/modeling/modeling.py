@@ -94,6 +94,21 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    def fuse_input_projections(self, enabled: bool = True) -> int:
+        """Inference: each linear mixer's projections of x read as one GEMM (``LinearMixer.fuse_input_projections``;
+        ``enabled=False`` undoes it). Returns the number of mixers changed."""
+        mixers = [m for m in self.modules() if isinstance(m, LinearMixer)]
+        for m in mixers:
+            if enabled:
+                m.fuse_input_projections()
+            else:
+                m.unfuse_input_projections()
+        return len(mixers)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any):  # fused weights share storage: give each its own first
+        self.fuse_input_projections(enabled=False)
+        return super().save_pretrained(*args, **kwargs)
+
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(
         self,

@@ -6,7 +6,8 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
 - naive: torch with materialized fp32 logits (log_softmax + kl_div, batchmean), autograd
 - fla: flash-linear-attention's FusedKLDivLoss
 - chunked: ds-hybrid's torch reference (chunks of 1024 tokens, fp32, gradients formed in the forward)
-- ours: ds-hybrid's fused kernel (cuBLAS bf16->fp32 GEMMs + Triton row kernel)
+- ours: ds-hybrid's fused kernel (cuBLAS bf16->fp32 GEMMs + Triton row kernel); ours_inplace: the same with dL/dz
+  written over the student logits (``in_place=True``: 8 bytes a logit of extra memory instead of 10)
 - liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
   ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
 - torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
@@ -103,6 +104,8 @@ def make_impls(chunks: tuple[int, ...] = (1024,)):
     for c in chunks:
         impls["ours" if c == 1024 else f"ours@{c}"] = \
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c)[0]
+        impls["ours_inplace" if c == 1024 else f"ours_inplace@{c}"] = \
+            lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, in_place=True)[0]
     impls["torchtune"] = torchtune_chunked
     liger, why = liger_forward_kl()
     if liger is not None:
@@ -183,7 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
     ap.add_argument("--impls", default="all", help="all, or comma-separated names (naive, fla, chunked, ours, "
-                    "torchtune, liger)")
+                    "ours_inplace, torchtune, liger)")
     ap.add_argument("--chunks", default="1024", help="our kernel's tokens per chunk, comma-separated (e.g. 256,512,1024: "
                     "its time and extra memory at each; rows ours@C, ours at 1024)")
     ap.add_argument("--out", default=None)

@@ -16,8 +16,9 @@ Per chunk of C tokens:
 3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (dW accumulated in W's dtype by addmm, fp32 inside each GEMM).
 
 Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel. Extra memory:
-2 x C x V fp32 logits + C x V dz + dW. The row kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET=1):
-one BLOCK_V, no autotuning, plain ``range`` loops, so tests check it against an fp64 reference on CPU.
+2 x C x V fp32 logits + C x V dz + dW (``in_place=True``: dz written over z_s, no buffer of its own). The row
+kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET=1): one BLOCK_V, no autotuning, plain ``range`` loops,
+so tests check it against an fp64 reference on CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _row_loss_kernel(
     zs_ptr, zt_ptr, dz_ptr, kl_ptr, ce_ptr, klw_ptr, labels_ptr, scale_ptr,
     V, stride_z, stride_dz, inv_t, t_sq,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HALF_IN_PLACE: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     zs_row = zs_ptr + row * stride_z
@@ -113,6 +115,11 @@ def _row_loss_kernel(
         if HAS_CE:
             p = tl.exp(zs - lse_c)
             g += tl.where(cols == label, p - 1.0, p) * ce_coef
+        if HALF_IN_PLACE:
+            # dz (2 bytes) is written over the row's fp32 z_s: dz column c sits in the bytes of z_s column c // 2,
+            # read by this tile or an earlier one, possibly by another warp: every warp's loads of this tile come
+            # before any warp's stores (later tiles' columns are never written before they are read)
+            tl.debug_barrier()
         tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
@@ -133,13 +140,25 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tensor, dz_dtype: torch.dtype,
-                   need_grad: bool = True, block_v: int | None = None):
+                   need_grad: bool = True, block_v: int | None = None, in_place: bool = False):
     """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). ``scales`` (fp32 [2], on the device): the
     gradient scale of the KL and CE terms, read by the kernel so that no token count has to reach the host.
-    Returns (dz, kl [C], ce [C])."""
+    ``in_place``: dz is written into z_s's memory (a [C, V] view with z_s's row pitch; z_s is overwritten), saving
+    the C x V dz buffer. Returns (dz, kl [C], ce [C])."""
     C, V = zs.shape
     has_kl, has_ce = zt is not None, labels is not None
-    dz = torch.empty((C, V) if need_grad else (1, 1), dtype=dz_dtype, device=zs.device)
+    half = False
+    if need_grad and in_place:
+        if not zs.is_contiguous():
+            raise ValueError("in_place needs contiguous logits")
+        if dz_dtype == zs.dtype:
+            dz = zs
+        elif dz_dtype.itemsize * 2 == zs.dtype.itemsize:  # bf16/fp16 dz in the first half of each fp32 row's bytes
+            dz, half = zs.view(dz_dtype)[:, :V], True
+        else:
+            raise ValueError(f"in_place: dz of {dz_dtype} does not fit in logits of {zs.dtype}")
+    else:
+        dz = torch.empty((C, V) if need_grad else (1, 1), dtype=dz_dtype, device=zs.device)
     kl = torch.zeros(C, dtype=torch.float32, device=zs.device)
     ce = torch.zeros(C, dtype=torch.float32, device=zs.device)
     block, warps = _block_v(block_v)
@@ -147,7 +166,7 @@ def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tenso
         zs, zt if has_kl else zs, dz, kl, ce,
         kl_w if has_kl else kl, labels if has_ce else kl, scales,
         V, zs.stride(0), dz.stride(0), 1.0 / temperature, temperature * temperature,
-        HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, num_warps=warps,
+        HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, HALF_IN_PLACE=half, num_warps=warps,
     )
     return dz, kl, ce
 
@@ -158,6 +177,7 @@ class FusedLinearLoss(torch.autograd.Function):
         N = h_s.shape[0]
         block_v = stats.get("block_v")
         need_grad = stats.get("need_grad", True)
+        in_place = stats.get("in_place", False)
         use_kl = kl_weight != 0 and h_t is not None
         use_ce = ce_weight != 0 and labels is not None
         kl_w = kl_mask.to(torch.float32) if use_kl else None
@@ -180,7 +200,7 @@ class FusedLinearLoss(torch.autograd.Function):
             zt = _mm32(h_t[a:b].to(w_t.dtype), w_t_t) if use_kl else None
             dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
                                         labels[a:b].contiguous() if use_ce else None, temperature,
-                                        scales, dz_dtype, need_grad, block_v)
+                                        scales, dz_dtype, need_grad, block_v, in_place)
             del zs, zt
             if use_kl:
                 kl_tok[a:b] = kl
@@ -214,15 +234,18 @@ def fused_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
     kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, block_v: int | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, LossStats]:
     """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring.
 
-    ``block_v`` overrides the vocab tile of the row kernel (tests use small tiles to exercise the online softmax)."""
+    ``block_v`` overrides the vocab tile of the row kernel (tests use small tiles to exercise the online softmax).
+    ``in_place`` writes each chunk's dL/dz over its student logits instead of a buffer of its own: 8 bytes a logit
+    of extra memory instead of 10 (not yet the default: its timing and its barrier are to be checked on a GPU)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
-                   "block_v": block_v}
+                   "block_v": block_v, "in_place": in_place}
     loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)
     return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

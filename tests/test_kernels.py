@@ -93,6 +93,36 @@ def test_bf16_inputs_within_bf16_tolerance():
     assert rel(h.grad.float(), r_dh) < 1e-2 and rel(w.grad.float(), r_dw) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ce_w", [0.0, 0.5])
+def test_in_place_dz_gives_the_same_loss_and_gradients(dtype, ce_w):
+    """in_place=True writes dL/dz over the student logits (bf16 dz: into the first half of each fp32 row's bytes):
+    the loss and gradients equal the separate buffer's, and the returned dz is a view of the logits' memory."""
+    hs, ws, ht, wt, mask, lab = inputs(37, 24, 333, seed=9)
+    lab = lab if ce_w else None
+    out = []
+    for in_place in (False, True):
+        h, w = hs.to(dtype).requires_grad_(), ws.to(dtype).requires_grad_()
+        loss, st = fused_linear_loss(h, w, ht.to(dtype), wt.to(dtype), mask, lab, 1.7, 1.0, ce_w, chunk=16,
+                                     in_place=in_place)
+        loss.backward()
+        out.append((loss.detach(), st.kl_per_token, h.grad, w.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # the kernel's own output: dz shares z_s's storage, with z_s's row pitch
+    zs = torch.randn(5, 333) * 3
+    zt = torch.randn(5, 333) * 3
+    scales = torch.tensor([0.2, 0.0])
+    ref, _, _ = fused_kl.run_row_kernel(zs.clone(), zt, torch.ones(5), None, 1.0, scales, dtype, block_v=128)
+    dz, _, _ = fused_kl.run_row_kernel(zs, zt, torch.ones(5), None, 1.0, scales, dtype, block_v=128, in_place=True)
+    assert dz.untyped_storage().data_ptr() == zs.untyped_storage().data_ptr() and dz.shape == (5, 333)
+    assert dz.stride(0) == 333 * zs.element_size() // dz.element_size()
+    assert torch.equal(dz, ref)
+    with pytest.raises(ValueError, match="in_place"):
+        fused_kl.run_row_kernel(zs.half().float()[:, :300], zt[:, :300], torch.ones(5), None, 1.0, scales, dtype,
+                                in_place=True)
+
+
 def test_backend_switch():
     assert loss_function("torch") is chunked_linear_loss
     assert loss_function("triton") is fused_kl.fused_linear_loss

@@ -89,13 +89,16 @@ case "${1:-main}" in
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
   session)  # one lease, one chain: issue 18's decode items (~16 minutes, an estimate; 2026-12-03d ran the explore
-             # cases first, whose knobs are measured now: docs/BENCHMARKS.md), then issue 21's in-place dz
+             # cases first, whose knobs are measured now: docs/BENCHMARKS.md), after issue 21's in-place dz
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    IN_SESSION=1 "$0" decode
-    # issue 21: the KL kernel with dz written over the student logits against the default, all four shapes (~40 s)
+    # issue 21 first (short): the KL kernel's in-place dz bit for bit against its buffer (compiled kernel, where
+    # warps could race), then its time and memory against the default at all four shapes (~40 s)
+    python3 bench/kl_inplace_check.py --out $R/kl_inplace_check.json > $R/logs/kl_inplace_check.log 2>&1
+    note "end kl_inplace_check rc=$?"
     python3 bench/kl.py --impls ours,ours_inplace --out $R/kl_inplace.json > $R/logs/kl_inplace.log 2>&1
     note "end kl_inplace rc=$?"
+    IN_SESSION=1 "$0" decode
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;

@@ -6,8 +6,8 @@ For the teacher (default: the embedded SmolLM2) and a hybrid folder, on random p
      (``model.generate``, what bench-infer's eager rows time), and a second call == the first;
    - in bf16 (the rounding): graphs == the static step run eagerly (same kernels, only the launch differs), and
      teacher-forced on the fp32 greedy tokens, the static step's logits are as close to the fp32 reference as the
-     dynamic path's are (RMS within ``NOISE_FACTOR``; required where the model is well conditioned in bf16, see
-     ``WELL_CONDITIONED``, reported everywhere). bf16 greedy tokens of the two paths are reported, not
+     dynamic path's are (RMS within ``NOISE_FACTOR`` where the model is well conditioned in bf16, see
+     ``WELL_CONDITIONED``; within ``LOOSE_FACTOR`` elsewhere). bf16 greedy tokens of the two paths are reported, not
      required equal: their attention kernels round differently (the static cache's decode attention keeps fp32
      scores), and a near-tie in bf16 logits may go either way, more often the less trained the model (a stage-0
      hybrid's logits move by several bf16 steps between the paths, all layers within a few ulps);
@@ -85,6 +85,9 @@ NOISE_FACTOR = 1.5
 #: untrained stage-0 hybrid is far from it (bf16 moves its logits by 20-70 % RMS, as much as a state scaled by 0.9 or a
 #: position off by one, tried on CPU): there bf16 cannot tell a bug from rounding and the fp32 check decides alone
 WELL_CONDITIONED = 0.05
+#: where it is not, a looser bound still holds the static step to the dynamic path's distance from fp32: on the
+#: stage-0 hybrid (CPU, three prompts) the ratio was 0.8-1.5, a state scaled by 0.9 a step 1.3-3.9
+LOOSE_FACTOR = 3.0
 
 
 @torch.no_grad()
@@ -119,7 +122,7 @@ def numerics(ref: torch.Tensor, dynamic: torch.Tensor, static: torch.Tensor) -> 
     }
     out["within_bf16_noise"] = dev <= NOISE_FACTOR * noise + 1e-6 * out["logit_rms"]
     out["well_conditioned"] = noise <= WELL_CONDITIONED * out["logit_rms"]
-    out["ok"] = out["within_bf16_noise"] or not out["well_conditioned"]
+    out["ok"] = out["within_bf16_noise"] or (not out["well_conditioned"] and dev <= LOOSE_FACTOR * noise)
     return out
 
 
@@ -137,7 +140,7 @@ def check_model(
     max_len = prompt_len + new_tokens
     dec = {dt: (GraphDecoder(m, max_len=max_len, cuda_graphs=True), GraphDecoder(m, max_len=max_len))
            for dt, m in (("fp32", m32), ("bf16", m16))}
-    fused = GraphDecoder(m16, max_len=max_len, cuda_graphs=True, compile=True) if compiled else None
+    compiled_dec = GraphDecoder(m16, max_len=max_len, cuda_graphs=True, compile=True) if compiled else None
     cases = [(f"batch{b}", b, False) for b in batches] + [("batch4_left_padded", 4, True)]
     rows = []
     for case, b, padded in cases:
@@ -155,9 +158,9 @@ def check_model(
                      "graphs_vs_dynamic_eager": first_difference(got, dynamic)}
             if dt == "fp32":
                 cont = dynamic[:, prompt_len:-1]  # the fp32 greedy tokens, fed back one a step
-            elif fused is not None:  # reported, not part of "ok": Inductor's kernels round differently again
-                r[dt]["compiled_graphs_vs_static_eager"] = first_difference(fused.generate(ids, mask, new_tokens),
-                                                                            eager_static)
+            elif compiled_dec is not None:  # reported, not part of "ok": Inductor's kernels round differently
+                r[dt]["compiled_graphs_vs_static_eager"] = first_difference(
+                    compiled_dec.generate(ids, mask, new_tokens), eager_static)
         r["bf16_numerics"] = numerics(forced_dynamic(m32, ids, mask, cont), forced_dynamic(m16, ids, mask, cont),
                                       dec["bf16"][1].score(ids, mask, cont))
         exact32 = all(r["fp32"][k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first",
@@ -170,7 +173,7 @@ def check_model(
               f"fp32: static {nm['rms_static_vs_fp32']:.3g}, dynamic {nm['rms_dynamic_vs_fp32']:.3g}; bf16 tokens vs "
               f"dynamic: {r['bf16']['graphs_vs_dynamic_eager'] or 'equal'}", flush=True)
         rows.append(r)
-    del dec, fused, m32
+    del dec, compiled_dec, m32
     return rows
 
 
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also the step compiled by torch.compile before capture "
                     "(its tokens vs the eager static step reported as compiled_graphs_vs_static_eager)")
     args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens: give at least 2 (the first comes from the prefill; the checks need decode steps)")
 
     from ds_hybrid.monitor import versions
 
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "models": paths, "ok": ok,
         "checks": checks, "timings": timings,
     }, indent=1))
-    print(f"{'all greedy tokens equal' if ok else 'MISMATCH: see checks in'} -> {out}")
+    print(f"{'all checks passed' if ok else 'MISMATCH: see checks in'} -> {out}")
     return 0 if ok else 1
 
 

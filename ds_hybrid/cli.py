@@ -87,8 +87,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
-    if args.fuse_projections and hasattr(model, "fuse_input_projections"):
-        model.fuse_input_projections()
+    if args.fuse_projections:
+        if hasattr(model, "fuse_input_projections"):
+            model.fuse_input_projections()
+        else:
+            print(f"note: --fuse-projections: {args.model} is not a ds_hybrid hybrid; nothing to fuse", file=sys.stderr)
     ids = tok(args.prompt, return_tensors="pt").to(device)
     if args.cuda_graphs:  # any causal LM (a hybrid or its teacher): greedy, as generate() would return it
         from ds_hybrid.graph_decode import GraphDecoder, generate_static

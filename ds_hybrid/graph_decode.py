@@ -203,20 +203,23 @@ class GraphDecoder:
         step (eagerly, no graph) -> fp32 logits [B, S, V], row s predicting the token after ``continuation[:, s]``.
 
         The same forward as a decode step, so its logits can be set beside another path's on one token sequence
-        (``bench/graph_decode_check.py`` compares them with the dynamic cache's and an fp32 reference's)."""
+        (``bench/graph_decode_check.py`` compares them with the dynamic cache's and an fp32 reference's). The batch
+        size's cache then holds the forced tokens: decode() after score() is refused until the next prefill."""
         if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0]:
             raise ConfigError("continuation", tuple(continuation.shape),
                               f"give [batch, steps] token ids with the prompt's batch size {input_ids.shape[0]}")
-        S = continuation.shape[1]
+        B, S = continuation.shape
         self.prefill(input_ids, attention_mask, max(S, 1))
-        slot = self._slots[input_ids.shape[0]]
-        slot.steps_left -= S
+        slot = self._slots[B]
+        slot.steps_left = 0  # the input buffer holds the last forced token, not a greedy choice
         out = []
         with decode_attention(configs=self._sdpa_configs):
             for s in range(S):
                 slot.tokens.copy_(continuation[:, s : s + 1])
                 out.append(self._step_logits(slot.tokens, slot.mask, slot.positions, slot.cache).float())
                 slot.positions.add_(1)
+        if not out:
+            return torch.empty(B, 0, self.model.config.vocab_size, device=self.device)
         return torch.stack(out, dim=1)
 
     def cache(self, batch: int):

@@ -98,6 +98,9 @@ def test_score_gives_the_dynamic_paths_logits_under_teacher_forcing(teacher, kin
     assert torch.equal(chosen, greedy[:, 1:])
     with pytest.raises(ConfigError, match="continuation"):
         decoder.score(batch, mask, cont[:2])
+    assert decoder.score(batch, mask, cont[:, :0]).shape == (3, 0, VOCAB)
+    with pytest.raises(ConfigError, match="max_len"):  # the cache holds forced tokens: no greedy decode from there
+        decoder.decode(3, 1)
 
 
 def test_limits_and_bad_masks_raise_what_to_fix(teacher):
@@ -350,9 +353,16 @@ def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, ki
     mixer(x)[0].square().sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
 
-    assert model.fuse_input_projections() == 2
-    weight, _, sizes = mixer._fused
-    for (name, lin), n in zip(mixer.input_linears(), sizes):
+    params = [p for _, p in model.named_parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)  # made before fusing: it must still hold the live weights
+    object.__setattr__(model, "_graph_decoder", "a decoder captured before fusing")
+    assert model.fuse_input_projections() == 2 and model.fuse_input_projections() == 0
+    assert "_graph_decoder" not in model.__dict__  # its graphs would replay the freed, unfused weights
+    assert all(a is b for (_, a), b in zip(model.named_parameters(), params))  # the same Parameter objects
+    weight, _, rows, names = mixer._fused
+    assert weight.shape[0] % 8 == 0 and names[:3] == ["q_proj", "k_proj", "v_proj"]  # aligned rows, wide ones first
+    assert "g_proj" not in names or names[3] == "g_proj"
+    for (name, lin), n in zip(mixer.input_linears(), rows):
         assert lin.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr(), name
         assert lin.out_features == n
     calls = []
@@ -361,7 +371,10 @@ def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, ki
     with torch.no_grad():
         torch.testing.assert_close(model(prompt, attention_mask=mask).logits, ref_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(GraphDecoder(model, max_len=20).generate(prompt, mask, max_new_tokens=6), ref_tokens)
-    assert calls == []
+        assert calls == []
+        model(ids(2, 20, seed=22))  # a prefill longer than a decode step's tokens: the modules (no fused copy)
+        assert calls
+    calls.clear()
     assert list(model.state_dict()) == keys
     mixer.zero_grad()
     mixer(x)[0].square().sum().backward()  # autograd on: the modules, whose weights are the views
@@ -369,13 +382,28 @@ def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, ki
     for n, p in mixer.named_parameters():
         if n in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6)
+    optimizer.step()  # updates the views, so the fused weight: the fused path and the modules still agree
+    xs = x[:, :3]
+    with torch.no_grad():
+        fused_out = mixer(xs)[0]
+    torch.testing.assert_close(fused_out, mixer(xs)[0].detach(), rtol=1e-5, atol=1e-5)
+    # weights rebound elsewhere (assign=True): the fusion is dropped and the modules, holding the new weights, used
+    new_state = {k: v + 0.01 for k, v in model.state_dict().items()}
+    model.load_state_dict(new_state, assign=True)
+    with torch.no_grad():
+        rebound = mixer(xs)[0]
+    assert mixer._fused is None
+    torch.testing.assert_close(rebound, mixer(xs)[0].detach(), rtol=1e-5, atol=1e-5)
+    model.fuse_input_projections()
+    with torch.no_grad():
+        now = model(prompt, attention_mask=mask).logits
 
     model.save_pretrained(tmp_path / "h")  # undoes the fusion first: every tensor saved with its own storage
     assert mixer._fused is None
     from transformers import AutoModelForCausalLM
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(prompt, attention_mask=mask).logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(prompt, attention_mask=mask).logits, now, rtol=1e-5, atol=1e-5)
     model.fuse_input_projections()
     model.to(torch.float64)  # moving or casting undoes it too (a cast view would not be a view of the fused weight)
     assert mixer._fused is None and mixer.q_proj.weight.dtype == torch.float64

@@ -121,6 +121,8 @@ def test_in_place_dz_gives_the_same_loss_and_gradients(dtype, ce_w):
     with pytest.raises(ValueError, match="in_place"):
         fused_kl.run_row_kernel(zs.half().float()[:, :300], zt[:, :300], torch.ones(5), None, 1.0, scales, dtype,
                                 in_place=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_kl.run_row_kernel(zs, zt, torch.ones(5), None, 1.0, scales, torch.float64, in_place=True)
 
 
 def test_backend_switch():

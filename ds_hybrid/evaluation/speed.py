@@ -15,8 +15,8 @@ the static cache with the decode step replayed as a CUDA graph (ds_hybrid.graph_
 that static path run eagerly (CPU tests; on CUDA it isolates the cache change from the graph); the ``_compiled``
 variants compile the static step with torch.compile first (``GraphDecoder(compile=True)``: its small kernels fused;
 the untimed pass compiles it once per shape). Any mode + ``_fused`` runs it with the hybrid's input projections fused
-into one GEMM a layer (``HybridForCausalLM.fuse_input_projections``; hybrids only: models without linear mixers
-have no such rows).
+into one GEMM a layer at decode (``HybridForCausalLM.fuse_input_projections``; hybrids with linear layers only:
+other models have no such rows).
 Every (C, B) is run once untimed, prefill and all ``decode_tokens`` steps, before its timed run: kernels are
 compiled and autotuned per shape, and on Hopper PyTorch's cuDNN attention builds a new graph (tens of ms) for every
 key length it has not seen, which a decode step meets at every token. A warm-up shorter than the timed decode left
@@ -174,15 +174,15 @@ def bench_pair(
     rows = []
     for name, model in models.items():
         model.eval()
-        fusable = hasattr(model, "fuse_input_projections")
+        fusable = hasattr(model, "fuse_input_projections") and bool(getattr(model.config, "linear_layers", ()))
         for c in contexts:
             for b in batches:
                 for mode in modes:
                     fused = mode.endswith(FUSED)
                     if fused and not fusable:
                         continue
-                    if fusable:
-                        model.fuse_input_projections(enabled=fused)
+                    if fused:
+                        model.fuse_input_projections()
                     if mode.removesuffix(FUSED) == "eager":
                         # untimed pass over exactly the shapes of the timed one (every decode step's key length
                         # included): compilation, autotuning and cuDNN graph builds must not land in the timed pass
@@ -211,8 +211,8 @@ def bench_pair(
                         del decoder
                     r["model"], r["mode"] = name, mode
                     rows.append(r)
-                    if fusable:
-                        model.fuse_input_projections(enabled=False)
+                    if fused:
+                        model.unfuse_input_projections()
                     # each row as it lands: a run stopped part way (a lease's time limit) keeps what it measured
                     print("bench-infer row", json.dumps(r, default=str), flush=True)
     return rows

@@ -121,6 +121,11 @@ class GatedRMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def _shares(p: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``p`` lies in ``base``'s memory (a view made by fuse_input_projections)."""
+    return p.device == base.device and p.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
 def repeat_kv_weight(w: torch.Tensor, num_kv_heads: int, groups: int) -> torch.Tensor:
     """[n_kv * d, ...] -> [n_kv * groups * d, ...]: KV head j serves query heads j*groups .. j*groups+groups-1.
 
@@ -176,9 +181,10 @@ class LinearMixer(nn.Module):
         pass
 
     # ---- inference: the projections of x as one GEMM ----------------------------------------------------------
-    #: besides q/k/v, the Linear modules (dotted names) that read the layer input x; subclasses extend
+    #: besides q/k/v, the Linear modules (dotted names) that read the layer input x, wide ones first; subclasses extend
     extra_input_linears: tuple[str, ...] = ()
-    _fused: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+    #: (fused weight, fused bias or None, row counts, module names), set by fuse_input_projections
+    _fused: tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]] | None = None
 
     def input_linears(self) -> list[tuple[str, nn.Linear]]:
         """The projections of the layer input x, in the order of the fused weight's rows."""
@@ -186,54 +192,74 @@ class LinearMixer(nn.Module):
         return [(n, self.get_submodule(n)) for n in names if hasattr(self, n.split(".")[0])]
 
     @torch.no_grad()
-    def fuse_input_projections(self) -> None:
+    def fuse_input_projections(self) -> bool:
         """Inference: the projections of x (q, k, v and the gates' inputs) become row blocks of one weight, so that
-        a step without autograd reads them with one GEMM. At decode (a few rows of x) each projection alone is a
-        small, memory-bound GEMM that cuBLAS runs with split-K and a reduce kernel; one taller weight runs nearer the
-        memory bandwidth (docs/SERVING.md). The modules' weights become views of the fused one (no copy is kept),
-        so state dicts, training (which calls the modules) and results are unchanged; moving the module (``to``,
-        ``cuda``, ``half``) or saving the model undoes the fusion first (:meth:`unfuse_input_projections`)."""
+        a decode step (autograd off, at most ``ops.RECURRENT_MAX_TOKENS`` tokens) reads them with one GEMM. At
+        decode, x has a few rows and each projection alone is a small, memory-bound GEMM that cuBLAS runs with
+        split-K and a reduce kernel; one taller weight runs nearer the memory bandwidth (docs/SERVING.md). The rows
+        are padded with zeros to a multiple of AB_ALIGN (aligned output rows).
+
+        Each module keeps its Parameter object, whose data becomes a view of the fused weight (no copy is kept), so
+        optimizers and hooks still hold the live weights and a state dict is unchanged. Where a weight stops being
+        that view (``load_state_dict(assign=True)``, a cast or a move, DeepSpeed flattening), the fusion is dropped
+        and the modules are called. A CUDA graph captured before fusing (or unfusing) replays freed addresses:
+        build a new GraphDecoder after either. Returns whether this call fused."""
         if self._fused is not None:
-            return
+            return False
         mods = self.input_linears()
         if any(hasattr(m.weight, "ds_id") for _, m in mods):
-            return  # ZeRO-3 partitions: a shard is not a weight (the modules gather theirs in their own forward)
-        weight = torch.cat([m.weight for _, m in mods])
+            return False  # ZeRO-3 partitions: a shard is not a weight (the modules gather theirs in their own forward)
+        rows = [m.out_features for _, m in mods]
+        pad = -sum(rows) % AB_ALIGN
+        first = mods[0][1].weight
+        weight = torch.cat([m.weight for _, m in mods] + [first.new_zeros(pad, first.shape[1])])
         bias = None
         if any(m.bias is not None for _, m in mods):
-            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for _, m in mods])
-        sizes, start = [], 0
-        for _, m in mods:
-            n = m.out_features
-            m.weight = nn.Parameter(weight[start : start + n], requires_grad=m.weight.requires_grad)
+            parts = [m.bias if m.bias is not None else first.new_zeros(m.out_features) for _, m in mods]
+            bias = torch.cat(parts + [first.new_zeros(pad)])
+        start = 0
+        for (_, m), n in zip(mods, rows):
+            m.weight.data = weight[start : start + n]
             if m.bias is not None:
-                m.bias = nn.Parameter(bias[start : start + n], requires_grad=m.bias.requires_grad)
-            sizes.append(n)
+                m.bias.data = bias[start : start + n]
             start += n
-        self._fused = (weight, bias, sizes)
+        self._fused = (weight, bias, rows + ([pad] if pad else []), [name for name, _ in mods])
+        return True
 
     @torch.no_grad()
-    def unfuse_input_projections(self) -> None:
-        """Give every projection its own storage again (what :meth:`fuse_input_projections` shared)."""
+    def unfuse_input_projections(self) -> bool:
+        """Give every projection its own storage again (what :meth:`fuse_input_projections` shared). Returns whether
+        this call unfused."""
         if self._fused is None:
-            return
+            return False
+        weight = self._fused[0]
         for _, m in self.input_linears():
-            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
-            if m.bias is not None:
-                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+            for p in (m.weight, m.bias):
+                if p is not None and _shares(p, weight):
+                    p.data = p.data.clone()
         self._fused = None
+        return True
 
     def _apply(self, fn, recurse: bool = True):
-        self.unfuse_input_projections()  # a moved or cast view would no longer be a view of the fused weight
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self._fused is not None and not self._fused_intact():  # cast or moved: the weights have their own memory
+            self._fused = None
+        return out
+
+    def _fused_intact(self) -> bool:
+        weight = self._fused[0]
+        return all(_shares(m.weight, weight) for _, m in self.input_linears())
 
     def _fused_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The fused projections of x by name, or None where the modules are to be called (autograd on, unfused)."""
-        if self._fused is None or torch.is_grad_enabled():
+        """The fused projections of x by name, or None where the modules are to be called (autograd on, more than
+        a decode step's tokens, not fused, or a weight no longer the fused one's view)."""
+        if self._fused is None or torch.is_grad_enabled() or x.shape[1] > ops.RECURRENT_MAX_TOKENS:
             return None
-        weight, bias, sizes = self._fused
-        outs = F.linear(x, weight, bias).split(sizes, dim=-1)
-        return {name: out for (name, _), out in zip(self.input_linears(), outs)}
+        if not torch.compiler.is_compiling() and not self._fused_intact():  # rebound: the modules hold the truth
+            self._fused = None
+            return None
+        weight, bias, rows, names = self._fused
+        return dict(zip(names, F.linear(x, weight, bias).split(rows, dim=-1)))
 
     # ---- forward plumbing -----------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor, mask: torch.Tensor | None, conv_cache: tuple | None,
@@ -287,7 +313,7 @@ class GatedDeltaNetMixer(LinearMixer):
     """Gated DeltaNet, fla's ``GatedDeltaNet`` parameters: q/k/v/a/b/g/o projections, A_log, dt_bias, o_norm."""
 
     fuse_ab: bool = True  # False: a and b through their modules (the reference path of :meth:`_ab`)
-    extra_input_linears = ("a_proj", "b_proj", "g_proj")
+    extra_input_linears = ("g_proj", "a_proj", "b_proj")
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
         super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
@@ -352,7 +378,7 @@ class GatedDeltaNetMixer(LinearMixer):
 class GLAMixer(LinearMixer):
     """Gated Linear Attention, fla's ``GatedLinearAttention`` parameters (expand_k = expand_v = 1)."""
 
-    extra_input_linears = ("gk_proj.0", "g_proj")
+    extra_input_linears = ("g_proj", "gk_proj.0")
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
         super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)

@@ -95,18 +95,23 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def fuse_input_projections(self, enabled: bool = True) -> int:
-        """Inference: each linear mixer's projections of x read as one GEMM (``LinearMixer.fuse_input_projections``;
-        ``enabled=False`` undoes it). Returns the number of mixers changed."""
-        mixers = [m for m in self.modules() if isinstance(m, LinearMixer)]
-        for m in mixers:
-            if enabled:
-                m.fuse_input_projections()
-            else:
-                m.unfuse_input_projections()
-        return len(mixers)
+        """Inference: each linear mixer's projections of x read as one GEMM at decode steps
+        (``LinearMixer.fuse_input_projections``; ``enabled=False`` undoes it). Weights move in memory, so a CUDA graph
+        decoder kept by ``generate(cuda_graphs=True)`` is dropped (rebuilt on the next call). Returns the number of
+        mixers changed."""
+        changed = 0
+        for m in self.modules():
+            if isinstance(m, LinearMixer):
+                changed += m.fuse_input_projections() if enabled else m.unfuse_input_projections()
+        if changed and "_graph_decoder" in self.__dict__:
+            object.__delattr__(self, "_graph_decoder")
+        return changed
+
+    def unfuse_input_projections(self) -> int:
+        return self.fuse_input_projections(enabled=False)
 
     def save_pretrained(self, *args: Any, **kwargs: Any):  # fused weights share storage: give each its own first
-        self.fuse_input_projections(enabled=False)
+        self.unfuse_input_projections()
         return super().save_pretrained(*args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------------------

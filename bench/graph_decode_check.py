@@ -161,8 +161,14 @@ def check_model(
             elif compiled_dec is not None:  # reported, not part of "ok": Inductor's kernels round differently
                 r[dt]["compiled_graphs_vs_static_eager"] = first_difference(
                     compiled_dec.generate(ids, mask, new_tokens), eager_static)
-        r["bf16_numerics"] = numerics(forced_dynamic(m32, ids, mask, cont), forced_dynamic(m16, ids, mask, cont),
-                                      dec["bf16"][1].score(ids, mask, cont))
+        ref = forced_dynamic(m32, ids, mask, cont)
+        r["bf16_numerics"] = numerics(ref, forced_dynamic(m16, ids, mask, cont), dec["bf16"][1].score(ids, mask, cont))
+        diff = r["fp32"]["graphs_vs_dynamic_eager"]
+        if diff and "token" in diff and diff["token"] > prompt_len:  # a near-tie in fp32, or a bug: the gap tells
+            step = diff["token"] - prompt_len - 1  # ref[:, step] predicts token prompt_len + 1 + step
+            row = ref[diff["row"], step]
+            diff["fp32_logit_gap"] = float(row[diff["expected"]] - row[diff["got"]])
+            diff["logit_rms"] = _rms(row)
         exact32 = all(r["fp32"][k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first",
                                                       "graphs_vs_dynamic_eager"))
         exact16 = all(r["bf16"][k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first"))

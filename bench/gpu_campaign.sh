@@ -31,7 +31,8 @@
 #                  several, one after the other (HYBRIDS="NAME=LAYERS[@KL_TOKENS] ...")
 #                  -> niah6 at 2k/4k/8k (100 prompts a task and length, through CUDA graphs when the preflight
 #                  passes), SWDE/FDA fixtures, held-out quality; the all-linear student's niah6 beside kl;
-#                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py (issue 18);
+#                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py on the stage-0
+#                  hybrid and the teacher, and on each trained hybrid (issue 18);
 #                  ALL_LINEAR_EVAL=0: no all-linear rows; SEED=N: align and kl with seed=N (the config's: 0),
 #                  issue 16's second seed (data order, the mixers' init), e.g. SEED=1 HYBRIDS="ga_s2_8_s1=[...] ..."
 #   demo:          issue 16 item 4: launchers/demo.sh as `make demo` runs it (DEMO_KL_TOKENS), timed, then HYBRIDS
@@ -121,6 +122,11 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
     job kl_$name 0 train --stage kl --config $1 "${args[@]}" || return 1
     hf=$2/kl_runs/$name/kl/hf
     for L in $LENGTHS; do job eval_${name}_$L 0 ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+    if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
+      # not, docs/SERVING.md): its bf16 logits are held to the dynamic path's distance from fp32
+      job graph_decode_check_$name 0 python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \
+        --out $R/graph_decode_check_$name.json &
+    fi
     job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${name}_quality &

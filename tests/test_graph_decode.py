@@ -411,3 +411,32 @@ def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, ki
     model.fuse_input_projections()
     model.to(torch.float64)  # moving or casting undoes it too (a cast view would not be a view of the fused weight)
     assert mixer._fused is None and mixer.q_proj.weight.dtype == torch.float64
+
+
+def test_compiled_step_reads_the_fused_projections_with_one_gemm(teacher, monkeypatch):
+    """The traced decode step of a fused hybrid holds fewer linear ops: one per mixer for q, k, v, g, a, b instead of
+    one each (the fused path is what the compiled step runs, not the modules)."""
+    import ds_hybrid.graph_decode as graph_decode
+
+    counts: list[int] = []
+
+    def count_linears(gm, example_inputs):  # a dynamo backend: count, then run the traced graph as it is
+        counts.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(graph_decode, "compile_backend", lambda: count_linears)
+    model = model_of(teacher, "gdn")
+    prompt = ids(2, 11, seed=3)
+    torch._dynamo.reset()
+    GraphDecoder(model, max_len=24, compile=True).generate(prompt, max_new_tokens=4)
+    model.fuse_input_projections()
+    torch._dynamo.reset()
+    GraphDecoder(model, max_len=24, compile=True).generate(prompt, max_new_tokens=4)
+    torch._dynamo.reset()
+    model.unfuse_input_projections()
+    from ds_hybrid.modeling.mixers import AB_ALIGN
+
+    mixer = model.mixer(0)
+    # unfused: one linear per projection, a and b as one where the head count is not a multiple of AB_ALIGN
+    unfused = len(mixer.input_linears()) - (mixer.num_heads % AB_ALIGN != 0)
+    assert len(counts) == 2 and counts[0] - counts[1] == len(model.config.linear_layers) * (unfused - 1), counts

@@ -363,7 +363,8 @@ def test_fused_input_projections_same_logits_one_gemm_shared_storage(teacher, ki
     assert model.fuse_input_projections() == 2 and model.fuse_input_projections() == 0
     assert "_graph_decoder" not in model.__dict__  # its graphs would replay the freed, unfused weights
     assert all(a is b for (_, a), b in zip(model.named_parameters(), params))  # the same Parameter objects
-    weight, _, rows, names = mixer._fused
+    weight, _, rows, mods = mixer._fused
+    names = [name for name, _ in mods]
     assert weight.shape[0] % 8 == 0 and names[:3] == ["q_proj", "k_proj", "v_proj"]  # aligned rows, wide ones first
     assert "g_proj" not in names or names[3] == "g_proj"
     for (name, lin), n in zip(mixer.input_linears(), rows):

@@ -183,8 +183,8 @@ class LinearMixer(nn.Module):
     # ---- inference: the projections of x as one GEMM ----------------------------------------------------------
     #: besides q/k/v, the Linear modules (dotted names) that read the layer input x, wide ones first; subclasses extend
     extra_input_linears: tuple[str, ...] = ()
-    #: (fused weight, fused bias or None, row counts, module names), set by fuse_input_projections
-    _fused: tuple[torch.Tensor, torch.Tensor | None, list[int], list[str]] | None = None
+    #: (fused weight, fused bias or None, row counts, (name, module) pairs), set by fuse_input_projections
+    _fused: tuple[torch.Tensor, torch.Tensor | None, list[int], list[tuple[str, nn.Linear]]] | None = None
 
     def input_linears(self) -> list[tuple[str, nn.Linear]]:
         """The projections of the layer input x, in the order of the fused weight's rows."""
@@ -223,7 +223,7 @@ class LinearMixer(nn.Module):
             if m.bias is not None:
                 m.bias.data = bias[start : start + n]
             start += n
-        self._fused = (weight, bias, rows + ([pad] if pad else []), [name for name, _ in mods])
+        self._fused = (weight, bias, rows + ([pad] if pad else []), mods)
         return True
 
     @torch.no_grad()
@@ -246,9 +246,9 @@ class LinearMixer(nn.Module):
             self._fused = None
         return out
 
-    def _fused_intact(self) -> bool:
-        weight = self._fused[0]
-        return all(_shares(m.weight, weight) for _, m in self.input_linears())
+    def _fused_intact(self) -> bool:  # (per eager decode step and layer: the modules are kept, not looked up)
+        weight, _, _, mods = self._fused
+        return all(_shares(m.weight, weight) for _, m in mods)
 
     def _fused_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The fused projections of x by name, or None where the modules are to be called (autograd on, more than
@@ -258,8 +258,8 @@ class LinearMixer(nn.Module):
         if not torch.compiler.is_compiling() and not self._fused_intact():  # rebound: the modules hold the truth
             self._fused = None
             return None
-        weight, bias, rows, names = self._fused
-        return dict(zip(names, F.linear(x, weight, bias).split(rows, dim=-1)))
+        weight, bias, rows, mods = self._fused
+        return {name: out for (name, _), out in zip(mods, F.linear(x, weight, bias).split(rows, dim=-1))}
 
     # ---- forward plumbing -----------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor, mask: torch.Tensor | None, conv_cache: tuple | None,

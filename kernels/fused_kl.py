@@ -16,7 +16,7 @@ Per chunk of C tokens:
 3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (dW accumulated in W's dtype by addmm, fp32 inside each GEMM).
 
 Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel. Extra memory:
-2 x C x V fp32 logits + C x V dz + dW (``in_place=True``: dz written over z_s, no buffer of its own). The row
+2 x C x V fp32 logits + dW, dz written over z_s (the default; ``in_place=False``: a C x V dz buffer of its own). The row
 kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET=1): one BLOCK_V, no autotuning, plain ``range`` loops,
 so tests check it against an fp64 reference on CPU.
 """
@@ -177,7 +177,9 @@ class FusedLinearLoss(torch.autograd.Function):
         N = h_s.shape[0]
         block_v = stats.get("block_v")
         need_grad = stats.get("need_grad", True)
-        in_place = stats.get("in_place", False)
+        in_place = stats.get("in_place")
+        if in_place is None:  # wherever dz fits in the fp32 logits' bytes: bf16, fp16 and fp32 inputs (not fp64)
+            in_place = h_s.dtype.itemsize <= 4
         use_kl = kl_weight != 0 and h_t is not None
         use_ce = ce_weight != 0 and labels is not None
         kl_w = kl_mask.to(torch.float32) if use_kl else None
@@ -234,13 +236,15 @@ def fused_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
     kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, block_v: int | None = None,
-    in_place: bool = False,
+    in_place: bool | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring.
 
     ``block_v`` overrides the vocab tile of the row kernel (tests use small tiles to exercise the online softmax).
     ``in_place`` writes each chunk's dL/dz over its student logits instead of a buffer of its own: 8 bytes a logit
-    of extra memory instead of 10 (not yet the default: its timing and its barrier are to be checked on a GPU)."""
+    of extra memory instead of 10, at the same speed and bit for bit the same dz on an H200 (docs/BENCHMARKS.md).
+    None (default): in place wherever dz fits in the logits (bf16, fp16 and fp32 inputs; fp64 ones use a buffer);
+    True: in place or an error; False: the separate buffer (the reference the in-place path is checked against)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if w_s.dtype != h_s.dtype:

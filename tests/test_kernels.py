@@ -125,6 +125,28 @@ def test_in_place_dz_gives_the_same_loss_and_gradients(dtype, ce_w):
         fused_kl.run_row_kernel(zs, zt, torch.ones(5), None, 1.0, scales, torch.float64, in_place=True)
 
 
+
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, True), (torch.float32, True), (torch.float64, False)])
+def test_in_place_is_the_default_where_dz_fits(monkeypatch, dtype, expected):
+    """By default each chunk's dz goes over its logits wherever it fits (bf16/fp32 inputs, the training path) and into
+    a buffer of its own for fp64 inputs (whose dz cannot fit in fp32 logits); no-grad calls write no dz at all."""
+    seen = []
+    real = fused_kl.run_row_kernel
+
+    def spy(*args):
+        seen.append((args[7], args[9]))  # (need_grad, in_place)
+        return real(*args)
+
+    monkeypatch.setattr(fused_kl, "run_row_kernel", spy)
+    hs, ws, ht, wt, mask, _ = inputs(20, 8, 200, seed=3)
+    h, w = hs.to(dtype).requires_grad_(), ws.to(dtype).requires_grad_()
+    loss, _ = fused_linear_loss(h, w, ht.to(dtype), wt.to(dtype), mask, chunk=8)
+    loss.backward()
+    assert seen == [(True, expected)] * 3
+    with torch.no_grad():
+        fused_linear_loss(hs.to(dtype), ws.to(dtype), ht.to(dtype), wt.to(dtype), mask, chunk=8)
+    assert seen[3:] == [(False, expected)] * 3
+
 def test_backend_switch():
     assert loss_function("torch") is chunked_linear_loss
     assert loss_function("triton") is fused_kl.fused_linear_loss

@@ -125,7 +125,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
       # not, docs/SERVING.md): its bf16 logits are held to the dynamic path's distance from fp32
       job graph_decode_check_$name 0 python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \
-        --out $R/graph_decode_check_$name.json &
+        $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out $R/graph_decode_check_$name.json &
     fi
     job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \

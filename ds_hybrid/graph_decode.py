@@ -122,6 +122,7 @@ class GraphDecoder:
         self._sdpa_configs = sdpa_configs(model)
         self.compiled = bool(compile)
         self._forward = self._forward_step
+        self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)
         if self.compiled:
             fp32_out_bmm(self.device)  # decided eagerly: the probe's try/except is not traced
             # one compiled step per (decoder, batch size): past dynamo's default of 8 for the step's code, later
@@ -200,11 +201,14 @@ class GraphDecoder:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, continuation: torch.Tensor
     ) -> torch.Tensor:
         """Teacher forcing through the static step: prefill the prompt, then feed ``continuation`` [B, S] one token a
-        step (eagerly, no graph) -> fp32 logits [B, S, V], row s predicting the token after ``continuation[:, s]``.
+        step (no CUDA graph) -> fp32 logits [B, S, V], row s predicting the token after ``continuation[:, s]``.
 
         The same forward as a decode step, so its logits can be set beside another path's on one token sequence
         (``bench/graph_decode_check.py`` compares them with the dynamic cache's and an fp32 reference's). The batch
-        size's cache then holds the forced tokens: decode() after score() is refused until the next prefill."""
+        size's cache then holds the forced tokens: decode() after score() is refused until the next prefill.
+        With ``compile=True`` the step's logits come from the same code compiled the same way (torch.compile, static
+        shapes; without the argmax, so one more compile per batch size on first use): what the compiled step's
+        rounding does to the logits is measured, not only where its greedy tokens part."""
         if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0]:
             raise ConfigError("continuation", tuple(continuation.shape),
                               f"give [batch, steps] token ids with the prompt's batch size {input_ids.shape[0]}")
@@ -212,11 +216,13 @@ class GraphDecoder:
         self.prefill(input_ids, attention_mask, max(S, 1))
         slot = self._slots[B]
         slot.steps_left = 0  # the input buffer holds the last forced token, not a greedy choice
+        if self.compiled and self._logits == self._step_logits:
+            self._logits = torch.compile(self._step_logits, backend=compile_backend(), dynamic=False)
         out = []
         with decode_attention(configs=self._sdpa_configs):
             for s in range(S):
                 slot.tokens.copy_(continuation[:, s : s + 1])
-                out.append(self._step_logits(slot.tokens, slot.mask, slot.positions, slot.cache).float())
+                out.append(self._logits(slot.tokens, slot.mask, slot.positions, slot.cache).float())
                 slot.positions.add_(1)
         if not out:
             return torch.empty(B, 0, self.model.config.vocab_size, device=self.device)

@@ -103,6 +103,25 @@ def test_score_gives_the_dynamic_paths_logits_under_teacher_forcing(teacher, kin
         decoder.decode(3, 1)
 
 
+def test_score_of_a_compiled_decoder_runs_the_compiled_logits(teacher, monkeypatch):
+    """compile=True: score() compiles the step's logits (once per batch size, beside the greedy step) and gives the
+    eager step's logits (aot_eager here: the same ops traced, so equal to rounding)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")
+    model = model_of(teacher, "gdn")
+    batch, mask, cont = ids(2, 7, seed=5), torch.ones(2, 7, dtype=torch.long), ids(2, 4, seed=6)
+    want = GraphDecoder(model, max_len=16).score(batch, mask, cont)
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = GraphDecoder(model, max_len=16, compile=True)
+    torch.testing.assert_close(decoder.score(batch, mask, cont), want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(decoder.score(batch, mask, cont), want, rtol=1e-5, atol=1e-5)  # no recompile
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_limits_and_bad_masks_raise_what_to_fix(teacher):
     decoder = GraphDecoder(teacher, max_len=16)
     with pytest.raises(ConfigError, match=r"max_len=16.*raise max_len \(--max-len\)"):
@@ -314,6 +333,13 @@ def test_graph_decode_check_passes_a_correct_step_and_fails_a_wrong_state(teache
         assert c["bf16"]["graphs_vs_static_eager"] is None
         assert c["bf16_numerics"]["rms_static_vs_fp32"] > 0  # bf16 rounding is there to compare
         assert c["bf16_numerics"]["well_conditioned"] and c["bf16_numerics"]["within_bf16_noise"]
+    # --compile: the compiled step's tokens reported, its teacher-forced logits held to the same bound
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")
+    assert graph_decode_check.main(args[:-1] + [str(tmp_path / "compiled.json"), "--compile"]) == 0
+    for c in json.loads((tmp_path / "compiled.json").read_text())["checks"]:
+        assert c["ok"] and c["bf16_numerics_compiled"]["within_bf16_noise"]
+        assert "compiled_graphs_vs_static_eager" in c["bf16"]
+    torch._dynamo.reset()
 
     write = static_cache.StaticRecurrentLayer.write
 

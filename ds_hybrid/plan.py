@@ -13,7 +13,7 @@ model built on the meta device):
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
 | activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's | |
-| KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + C V b (dL/dz) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens | |
+| KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens; + C V b (dL/dz) with kl_backend torch (the Triton kernel writes it over the student logits) | |
 | framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
 
 The activation and framework terms are estimates (Korthikanti et al.'s per-layer count adapted to SwiGLU MLPs and
@@ -172,7 +172,8 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
         acts = n_soft * soft_layer + (L - n_soft) * lin_layer
     C = min(s.loss_chunk_tokens, n)
     n_logits = 2 if uses_teacher else 1  # finetune: the student's logits only
-    kl = 0 if stage == "align" else n_logits * C * V * 4 + C * V * b + V * h * b + 2 * n * h * b
+    dz = C * V * b if s.kl_backend == "torch" or b > 4 else 0  # the Triton kernel: dz over the fp32 student logits
+    kl = 0 if stage == "align" else n_logits * C * V * 4 + dz + V * h * b + 2 * n * h * b
     # a checkpoint: the student's parameters in the run dtype + fp32 master weights and Adam's two moments
     ckpt = b * counts.student + 12 * counts.trainable
     return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, checkpoint_bytes=ckpt, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,

@@ -101,6 +101,8 @@ class StageConfig:
     eval_recall: int = 0
 
 
+#: selection methods that are spacing rules, not scores (their selection.json "scores" encode an order only)
+SPACING_METHODS: tuple[str, ...] = ("uniform", "smart", "keep_global")
 SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "keep_global", "ppl", "mse", "ar",
                                    "ar_multihop")
 
@@ -322,7 +324,7 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
     if cfg.select.distance_reg < 0:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg, "a penalty weight >= 0 (0: the plain ranking)")
-    if cfg.select.distance_reg and cfg.select.method in ("uniform", "smart", "keep_global"):
+    if cfg.select.distance_reg and cfg.select.method in SPACING_METHODS:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
     if cfg.select.score != "heldout" and cfg.select.method != "ga_s2":

@@ -8,6 +8,11 @@ For every pair: the top-K overlap at each K (|top-K(A) & top-K(B)| / K) and Kend
 every layer (rank 1 = most important), the layers of the largest K marked. Any selection.json compares with any
 other of the same teacher depth: two mixers (GDN vs GLA), two seeds, two probe budgets, a method against GA-S2,
 a distance-regularized selection against plain GA-S2.
+
+``--distance-reg 0.1,0.3`` adds each score-based selection re-ranked from its own scores with ``select.distance_reg``
+at each lambda (the ranking stage select writes for that lambda, without its probes: for a selection.json brought
+back from a cluster), compared beside the others and written to ``--out/<name>_reg<lambda>/selection.json``, usable
+as ``softmax_layers.selection``.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import itertools
 import json
 from pathlib import Path
 
+from ds_hybrid.config import SPACING_METHODS
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import selection_top_k
-from ds_hybrid.selection import kendall_tau, read_selection
+from ds_hybrid.layers import chosen_sets, selection_top_k
+from ds_hybrid.selection import kendall_tau, make_selection, read_selection, write_selection
+
+#: what a re-ranked selection keeps of its source's record (the probes' provenance; the ranking and choices are new)
+PROVENANCE = ("teacher", "align", "budget", "probes", "tokens_spent", "baseline", "layer_types", "config_hash")
 
 
-def load_named(items: list[str]) -> dict[str, dict]:
+def load_named(items: list[str], at_least: int = 2) -> dict[str, dict]:
     """['name=path' or 'path', ...] -> {name: selection}; every selection must rank the same number of layers."""
     out: dict[str, dict] = {}
     for item in items:
@@ -35,8 +44,21 @@ def load_named(items: list[str]) -> dict[str, dict]:
     sizes = {s["num_layers"] for s in out.values()}
     if len(sizes) > 1:
         raise ConfigError("select-compare", items, f"the selections rank different numbers of layers ({sorted(sizes)})")
-    if len(out) < 2:
-        raise ConfigError("select-compare", items, "give at least two selection.json files")
+    if len(out) < at_least:
+        raise ConfigError("select-compare", items, "give at least two selection.json files (or one with --distance-reg)")
+    return out
+
+
+def regularized(name: str, sel: dict, distance_reg: float, ks: list[int]) -> dict:
+    """``sel`` re-ranked from its own scores with ``select.distance_reg = distance_reg``."""
+    scores = sel.get("scores") or {}
+    if sel["method"] in SPACING_METHODS or len(scores) != sel["num_layers"]:
+        raise ConfigError("--distance-reg", distance_reg, f"{name} ({sel['method']}) has no score for every layer: "
+                          "the regularizer re-ranks scores (uniform, smart and keep_global are spacing rules)")
+    out = make_selection(sel["method"], {int(l): v for l, v in scores.items()}, sel["lower_is_better"],
+                         sel["num_layers"], distance_reg=distance_reg, derived_from=name,
+                         **{k: sel[k] for k in PROVENANCE if k in sel})
+    out["chosen"] = chosen_sets(out["ranking"], sel["num_layers"], ks)
     return out
 
 
@@ -99,12 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("selections", nargs="+", help="selection.json files, or name=path")
     ap.add_argument("--ks", default="4,8", help="comma-separated K values")
     ap.add_argument("--out", default=None, help="folder for compare.md, compare.json and compare.png")
+    ap.add_argument("--distance-reg", default="", help="comma-separated lambdas: each selection re-ranked from its "
+                    "scores with select.distance_reg = lambda too (written to --out/<name>_reg<lambda>/)")
     args = ap.parse_args(argv)
     try:
         ks = [int(k) for k in args.ks.split(",") if k]
     except ValueError:
         raise ConfigError("--ks", args.ks, "comma-separated integers, e.g. 4,8") from None
-    sels = load_named(args.selections)
+    try:
+        lambdas = [float(x) for x in args.distance_reg.split(",") if x]
+    except ValueError:
+        raise ConfigError("--distance-reg", args.distance_reg, "comma-separated penalty weights, e.g. 0.1,0.3") from None
+    if any(lam <= 0 for lam in lambdas):
+        raise ConfigError("--distance-reg", args.distance_reg, "penalty weights > 0 (0 is the selection itself)")
+    sels = load_named(args.selections, at_least=1 if lambdas else 2)
+    for name, sel in list(sels.items()):
+        for lam in lambdas:
+            sels[f"{name}_reg{lam:g}"] = regularized(name, sel, lam, ks)
     L = next(iter(sels.values()))["num_layers"]
     bad = [k for k in ks if not 1 <= k <= L]
     if bad:
@@ -120,4 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "rankings": {n: s["ranking"] for n, s in sels.items()}},
                                                      indent=1))
         plot(sels, max(ks), out / "compare.png")
+        for name, sel in sels.items():
+            if "derived_from" in sel:
+                write_selection(out / name.replace(":", "_").replace("/", "_") / "selection.json", sel)
     return 0

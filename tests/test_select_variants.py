@@ -106,6 +106,38 @@ def test_select_compare_table_and_plot(tmp_path, capsys):
     assert code == 2 and "--ks" in capsys.readouterr().err
 
 
+def test_select_compare_re_ranks_a_selection_with_the_distance_regularizer(tmp_path, capsys):
+    """--distance-reg: one selection's scores re-ranked at each lambda (what stage select writes for that lambda),
+    compared beside it and written as a selection.json that stage kl reads; spacing rules are refused."""
+    from ds_hybrid.cli import main
+    from ds_hybrid.layers import resolve_softmax_layers, uniform_ranking
+    from ds_hybrid.selection import regularized_order
+
+    # layers 4 and 5 score best, neighbours: a penalty must trade 5 for the distant third best, 9
+    scores = {l: {4: 1.0, 5: 0.95, 9: 0.9}.get(l, 0.1 + 0.01 * l) for l in range(12)}
+    sel = make_selection("ga_s2", scores, False, 12, budget={"probe_tokens": 1}, probes=13)
+    write_selection(tmp_path / "a" / "selection.json", sel)
+    out = tmp_path / "cmp"
+    assert main(["select-compare", f"gdn={tmp_path / 'a' / 'selection.json'}", "--ks", "2,4", "--distance-reg",
+                 "0.5", "--out", str(out)]) == 0
+    reg = json.loads((out / "gdn_reg0.5" / "selection.json").read_text())
+    assert reg["ranking"] == regularized_order(scores, False, 0.5) and reg["ranking_plain"] == sel["ranking"]
+    assert sorted(sel["ranking"][:2]) == [4, 5]
+    assert reg["chosen"]["k=2"] == [4, 9]
+    assert (reg["distance_reg"], reg["derived_from"], reg["probes"], reg["method"]) == (0.5, "gdn", 13, "ga_s2")
+    pair = json.loads((out / "compare.json").read_text())["pairs"][0]
+    assert (pair["a"], pair["b"]) == ("gdn", "gdn_reg0.5") and pair["top2"] == 0.5
+    spec = {"selection": str(out / "gdn_reg0.5" / "selection.json"), "k": 2}
+    assert resolve_softmax_layers(spec, 12) == reg["chosen"]["k=2"]
+    u = make_selection("uniform", {l: float(i) for i, l in enumerate(uniform_ranking(12))}, True, 12)
+    write_selection(tmp_path / "u" / "selection.json", u)
+    capsys.readouterr()
+    assert main(["select-compare", str(tmp_path / "u" / "selection.json"), "--distance-reg", "0.3"]) == 2
+    assert "spacing rules" in capsys.readouterr().err
+    assert main(["select-compare", str(tmp_path / "a" / "selection.json"), "--distance-reg", "0"]) == 2
+    assert "--distance-reg" in capsys.readouterr().err
+
+
 def test_recall_score_is_the_answer_tokens_nll_and_kl():
     """Stage kl's recall score (``eval_recall``) against a direct computation from the models' logits: the needle
     rows' answer tokens only, -log p under the student and KL(teacher || student), summed over the rows."""

@@ -178,7 +178,8 @@ def check_model(
         exact32 = all(r["fp32"][k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first",
                                                       "graphs_vs_dynamic_eager"))
         exact16 = all(r["bf16"][k] is None for k in ("graphs_vs_static_eager", "graphs_second_call_vs_first"))
-        r["ok"] = exact32 and exact16 and r["bf16_numerics"]["ok"] and r.get("bf16_numerics_compiled", {"ok": 1})["ok"]
+        compiled_ok = r.get("bf16_numerics_compiled", {}).get("ok", True)
+        r["ok"] = exact32 and exact16 and r["bf16_numerics"]["ok"] and compiled_ok
         nm = r["bf16_numerics"]
         comp = (f", compiled {r['bf16_numerics_compiled']['rms_static_vs_fp32']:.3g}"
                 if "bf16_numerics_compiled" in r else "")

@@ -45,7 +45,8 @@ def load_named(items: list[str], at_least: int = 2) -> dict[str, dict]:
     if len(sizes) > 1:
         raise ConfigError("select-compare", items, f"the selections rank different numbers of layers ({sorted(sizes)})")
     if len(out) < at_least:
-        raise ConfigError("select-compare", items, "give at least two selection.json files (or one with --distance-reg)")
+        raise ConfigError("select-compare", items,
+                          "give at least two selection.json files (or one with --distance-reg)")
     return out
 
 
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lambdas = [float(x) for x in args.distance_reg.split(",") if x]
     except ValueError:
-        raise ConfigError("--distance-reg", args.distance_reg, "comma-separated penalty weights, e.g. 0.1,0.3") from None
+        raise ConfigError("--distance-reg", args.distance_reg,
+                          "comma-separated penalty weights, e.g. 0.1,0.3") from None
     if any(lam <= 0 for lam in lambdas):
         raise ConfigError("--distance-reg", args.distance_reg, "penalty weights > 0 (0 is the selection itself)")
     sels = load_named(args.selections, at_least=1 if lambdas else 2)

@@ -13,6 +13,7 @@ from trainer_utils import make_tiny_teacher
 
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.evaluation import recall, report
+from ds_hybrid.evaluation.decode_floor import decode_step_bytes
 from ds_hybrid.evaluation.speed import bench_pair
 from ds_hybrid.teacher import load_teacher, resolve_teacher
 
@@ -186,6 +187,9 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert "decode_gpu_ms_per_step" not in r  # profiled on CUDA only: never a made-up number on CPU
+        model = hybrid if r["model"] == "hybrid" else teacher  # the bytes a step moves, and at what rate
+        assert r["decode_step_gb"] == decode_step_bytes(model, 1, r["context"], 4).total / 1e9
+        assert r["decode_gb_per_s"] == pytest.approx(r["decode_step_gb"] * r["decode_tokens_per_s"])
     cache = {(r["model"], r["context"]): r["cache_gib"] for r in rows}
     assert cache[("hybrid", 256)] < cache[("teacher", 256)]
     # the teacher's cache grows with context, the hybrid's grows 4x slower (1 softmax layer of 4)
@@ -203,7 +207,9 @@ def test_speed_table_and_plot_show_gpu_columns_only_where_measured(tmp_path):
     lines = report.speed_table([cpu, gpu, {"model": "t", "context": 65536, "batch": 8, "error": "out of memory"}])
     lines = lines.splitlines()
     assert len({line.count("|") for line in lines}) == 1  # every row has every column
-    assert "| 30.0 | - | - | 0.1000 |" in lines[2] and "| 30.0 | 8.00 | 125 | 0.1000 | 1.00 |" in lines[3]
+    assert "| 30.0 | - | - | 0.1000 |" in lines[2] and "| 30.0 | 8.00 | 125 | 0.1000 | 1.00 | - | - |" in lines[3]
+    moved = report.speed_table([dict(gpu, decode_step_gb=0.5, decode_gb_per_s=1875.0)]).splitlines()[2]
+    assert moved.endswith("| 1.00 | 0.500 | 1875 |")
     report.plot_speed([cpu, gpu], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
 

@@ -77,16 +77,17 @@ def speed_table(rows: list[dict]) -> str:
     """Rows of bench-infer side by side. The GPU columns (decode kernel time per step and the tokens/s it allows)
     are filled on CUDA only; wall-clock decode tokens/s of eager decoding is host-bound there (speed.py)."""
     lines = ["| model | context | batch | prefill tok/s | decode tok/s | decode GPU ms/step | GPU-bound decode tok/s "
-             "| cache GiB | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| cache GiB | peak GiB | GB a step | GB/s reached |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | | |")
             continue
+        moved = (f"{r['decode_step_gb']:.3f} | {r['decode_gb_per_s']:.0f}" if "decode_step_gb" in r else "- | -")
         gpu = r.get("decode_gpu_ms_per_step")
         gpu_cells = f"{gpu:.2f} | {r['decode_gpu_bound_tokens_per_s']:.0f}" if gpu is not None else "- | -"
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['decode_tokens_per_s']:.1f} | {gpu_cells} | {r['cache_gib']:.4f} | "
-                     f"{r.get('peak_gib', float('nan')):.2f} |")
+                     f"{r.get('peak_gib', float('nan')):.2f} | {moved} |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,10 @@ key length it has not seen, which a decode step meets at every token. A warm-up 
 those builds in the timed steps of whichever model ran first and spared the models after it (a 2-3x error on
 the 2026-11-28 H200 runs, docs/RESULTS.md). For the static modes the untimed pass also captures the graph (the
 static cache has one key length, max_len, for every step), so timed passes only replay. A size that does not fit
-is reported as out-of-memory rather than ending the benchmark.
+is reported as out-of-memory rather than ending the benchmark. Every row also gives the bytes one decode step must
+move (``decode_step_gb``: weights, KV cache, recurrent states; ds_hybrid.evaluation.decode_floor) and the bandwidth
+its measured wall-clock step reached with them (``decode_gb_per_s``): near the HBM's, a step is bandwidth bound and
+only fewer bytes make it faster; far below, launches and small kernels are the lever.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ def bench_pair(
     models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32, modes: tuple[str, ...] = ("eager",)
 ) -> list[dict]:
     """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens)."""
+    from ds_hybrid.evaluation.decode_floor import decode_step_bytes
     from ds_hybrid.graph_decode import GraphDecoder
 
     unknown = [m for m in modes if m.removesuffix(FUSED) not in MODES]
@@ -209,6 +213,10 @@ def bench_pair(
                         if dev.type == "cuda" and "error" not in r:
                             r["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
                         del decoder
+                    if "error" not in r:  # the bytes a step must move, and the bandwidth the measured step reached
+                        step = decode_step_bytes(model, b, c, next(model.parameters()).element_size()).total
+                        r["decode_step_gb"] = step / 1e9
+                        r["decode_gb_per_s"] = step * r["decode_tokens_per_s"] / b / 1e9
                     r["model"], r["mode"] = name, mode
                     rows.append(r)
                     if fused:

@@ -5,10 +5,9 @@
 
 Builds both models on the meta device from a teacher config (no weights), counts what one decode step reads and
 writes (ds_hybrid.evaluation.decode_floor: weights, KV cache, recurrent state) and prints per (context, batch) the
-teacher / hybrid byte ratio: the hybrid's best decode speed-up where both are bandwidth bound. Rows for mixer
-variants show what a leaner mixer would allow: without the output gate (``mixer_options.use_gate: false``, an
-option today) and with k/v projections at the teacher's KV-head count (grouped like GQA; not an option today,
-counted by arithmetic). ``--measured``: a ``ds-hybrid bench-infer`` JSON whose measured decode tokens/s ratios
+teacher / hybrid byte ratio: the hybrid's best decode speed-up where both are bandwidth bound. Columns for mixer
+variants show what leaner mixers allow: without the output gate (``mixer_options.use_gate: false``), with k/v
+projections at the teacher's KV-head count (``mixer_options.grouped_kv: true``), and both. ``--measured``: a ``ds-hybrid bench-infer`` JSON whose measured decode tokens/s ratios
 (the model with these softmax layers and mixer / the teacher, per mode) are printed beside the floors, with the
 bandwidth each model's step reached (in the JSON).
 """
@@ -38,16 +37,6 @@ def build(config_dir: str, layers: list[int], mixer: str, options: dict):
     return teacher, hybrid
 
 
-def grouped_kv_saving(hybrid, dtype_bytes: int) -> int:
-    """Weight bytes saved per step if every linear layer's k/v projections had the teacher's KV-head count."""
-    from ds_hybrid.modeling.mixers import LinearMixer
-
-    cfg = hybrid.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return sum(2 * (m.num_heads - kv_heads) * m.head_dim * cfg.hidden_size * dtype_bytes
-               for m in (layer.self_attn for layer in hybrid.model.layers) if isinstance(m, LinearMixer))
-
-
 def main(argv: list[str] | None = None) -> int:
     from ds_hybrid.evaluation.decode_floor import decode_step_bytes
     from ds_hybrid.layers import parse_layer_list
@@ -65,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     layers = parse_layer_list(args.softmax_layers, "--softmax-layers")
     b = args.dtype_bytes
     teacher, hybrid = build(args.config, layers, args.mixer, {})
-    _, no_gate = build(args.config, layers, args.mixer, {"use_gate": False})
-    saving = grouped_kv_saving(hybrid, b)
+    variants = {name: build(args.config, layers, args.mixer, opts)[1] for name, opts in (
+        ("no_gate", {"use_gate": False}), ("grouped_kv", {"grouped_kv": True}),
+        ("grouped_kv_no_gate", {"grouped_kv": True, "use_gate": False}))}
     measured = {}
     if args.measured:
         bench = json.loads(Path(args.measured).read_text())
@@ -77,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             if "decode_tokens_per_s" in r and r["model"] in names:
                 measured[(names[r["model"]], r["mode"], r["context"], r["batch"])] = r["decode_tokens_per_s"]
     out = []
-    print("| context | batch | teacher GB | hybrid GB | floor ratio | no output gate | + grouped k/v | measured |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| context | batch | teacher GB | hybrid GB | floor ratio | no output gate | grouped k/v | both | measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for T in [int(x) for x in args.contexts.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
             t = decode_step_bytes(teacher, B, T, b)
             h = decode_step_bytes(hybrid, B, T, b)
-            g = decode_step_bytes(no_gate, B, T, b)
             row = {"context": T, "batch": B, "teacher": t.to_dict(), "hybrid": h.to_dict(),
-                   "hybrid_no_gate": g.to_dict(), "grouped_kv_saving": saving,
-                   "floor_ratio": t.total / h.total, "floor_ratio_no_gate": t.total / g.total,
-                   "floor_ratio_no_gate_grouped_kv": t.total / (g.total - saving), "measured": {}}
+                   "floor_ratio": t.total / h.total, "measured": {}}
+            for name, model in variants.items():
+                v = decode_step_bytes(model, B, T, b)
+                row[f"hybrid_{name}"] = v.to_dict()
+                row[f"floor_ratio_{name}"] = t.total / v.total
             for mode in sorted({k[1] for k in measured}):
                 ht, tt = measured.get(("hybrid", mode, T, B)), measured.get(("teacher", mode, T, B))
                 if ht and tt:  # tokens/s -> ms a step -> GB/s reached
@@ -96,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             out.append(row)
             meas = ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in row["measured"].items()) or "-"
             print(f"| {T} | {B} | {t.total / 1e9:.2f} | {h.total / 1e9:.2f} | {row['floor_ratio']:.2f}x | "
-                  f"{row['floor_ratio_no_gate']:.2f}x | {row['floor_ratio_no_gate_grouped_kv']:.2f}x | {meas} |")
+                  f"{row['floor_ratio_no_gate']:.2f}x | {row['floor_ratio_grouped_kv']:.2f}x | "
+                  f"{row['floor_ratio_grouped_kv_no_gate']:.2f}x | {meas} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "softmax_layers": layers, "mixer": args.mixer,
                                               "dtype_bytes": b, "rows": out}, indent=1))

@@ -74,7 +74,7 @@ def test_floor_ratio_grows_with_context_and_the_state_is_fp32():
 
 
 def test_bench_script_sets_floors_beside_measured_ratios(tmp_path):
-    """bench/decode_floor.py on a tiny teacher's config: the floors are decode_floor's, the grouped-k/v saving is
+    """bench/decode_floor.py on a tiny teacher's config: the floors are decode_floor's, the grouped-k/v variant saves
     the k/v rows above the teacher's KV heads, and a bench-infer JSON's hybrid (matched by its softmax layers, not the
     all-linear model beside it) and teacher rows give the measured ratio."""
     import json
@@ -100,7 +100,7 @@ def test_bench_script_sets_floors_beside_measured_ratios(tmp_path):
     assert row["floor_ratio"] == pytest.approx(floor_ratio(teacher, hybrid, 2, 64))
     cfg = teacher.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    assert row["grouped_kv_saving"] == 3 * 2 * (cfg.num_attention_heads - cfg.num_key_value_heads) * head_dim \
-        * cfg.hidden_size * 2  # three linear layers, k and v, bf16
-    assert row["floor_ratio_no_gate"] > row["floor_ratio"]  # no g_proj: fewer weight bytes
+    saved = 3 * 2 * (cfg.num_attention_heads - cfg.num_key_value_heads) * head_dim * cfg.hidden_size * 2
+    assert row["hybrid"]["weights"] - row["hybrid_grouped_kv"]["weights"] == saved  # 3 linear layers, k and v, bf16
+    assert row["floor_ratio_grouped_kv_no_gate"] > row["floor_ratio_no_gate"] > row["floor_ratio"]
     assert row["measured"]["cuda_graphs"]["ratio"] == pytest.approx(1.5)

@@ -53,6 +53,10 @@ class MixerOptions:
     # qkv_bias=True keeps them (k/v biases repeated over query groups like the weights).
     qkv_bias: bool = False
     backend: str = "auto"  # "auto" (fla kernels on CUDA, torch references elsewhere), "fla" or "torch"
+    # k/v projections at the teacher's KV-head count, repeated over the query heads of each group at run time (GQA
+    # for linear attention): the same function at stage 0, k and v tied within a group afterwards, and fewer weight
+    # bytes a decode step (docs/SERVING.md, the bandwidth floor). False: one k/v row block per query head (the paper)
+    grouped_kv: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, field_prefix: str = "mixer_options") -> "MixerOptions":
@@ -138,30 +142,41 @@ def repeat_kv_weight(w: torch.Tensor, num_kv_heads: int, groups: int) -> torch.T
 
 
 class LinearMixer(nn.Module):
-    """Shared plumbing: projections q/k/v/o shaped like the teacher's (after the GQA repeat), cache I/O, padding."""
+    """Shared plumbing: projections q/k/v/o shaped like the teacher's (after the GQA repeat, or with
+    ``grouped_kv`` before it), cache I/O, padding."""
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions,
+                 num_kv_heads: int | None = None):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.layer_idx = layer_idx
         self.options = options
-        inner = num_heads * head_dim
+        # the k/v heads the projections hold: the teacher's KV heads with grouped_kv, else one per query head
+        self.num_kv_heads = (num_kv_heads or num_heads) if options.grouped_kv else num_heads
+        if num_heads % self.num_kv_heads:
+            raise ConfigError("mixer_options.grouped_kv", True,
+                              f"{num_heads} query heads do not split into groups of {self.num_kv_heads} KV heads")
+        inner, kv_inner = num_heads * head_dim, self.num_kv_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, inner, bias=options.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_inner, bias=options.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_inner, bias=options.qkv_bias)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
         if options.use_short_conv:
             self.q_conv1d = ShortConvolution(inner, options.conv_size)
-            self.k_conv1d = ShortConvolution(inner, options.conv_size)
-            self.v_conv1d = ShortConvolution(inner, options.conv_size)
+            self.k_conv1d = ShortConvolution(kv_inner, options.conv_size)
+            self.v_conv1d = ShortConvolution(kv_inner, options.conv_size)
 
     # ---- stage 0: RADLADS weight transfer -------------------------------------------------------------------
     @torch.no_grad()
     def init_from_teacher(self, attn: nn.Module, num_kv_heads: int) -> None:
-        """Copy W_q and W_o; repeat W_k and W_v over the query-head groups. Fresh parameters keep their init."""
-        groups = self.num_heads // num_kv_heads
+        """Copy W_q and W_o; repeat W_k and W_v over the query-head groups (with ``grouped_kv``: copy them, the
+        repeat happens at run time). Fresh parameters keep their init."""
+        if self.options.grouped_kv and num_kv_heads != self.num_kv_heads:
+            raise ConfigError("mixer_options.grouped_kv", True, f"the teacher has {num_kv_heads} KV heads, this mixer "
+                              f"was built for {self.num_kv_heads}: build it from the same teacher config")
+        groups = self.num_heads // num_kv_heads if self.num_kv_heads == self.num_heads else 1
         self.q_proj.weight.copy_(attn.q_proj.weight)
         self.o_proj.weight.copy_(attn.o_proj.weight)
         self.k_proj.weight.copy_(repeat_kv_weight(attn.k_proj.weight, num_kv_heads, groups))
@@ -282,6 +297,13 @@ class LinearMixer(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:2], self.num_heads, self.head_dim)
 
+    def _kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """k or v [B, T, kv_heads * D] -> [B, T, H, D], each KV head serving its group of query heads (as HF's
+        ``repeat_kv``; the identity without ``grouped_kv``)."""
+        x = x.reshape(*x.shape[:2], self.num_kv_heads, self.head_dim)
+        groups = self.num_heads // self.num_kv_heads
+        return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
     def mix(self, x: torch.Tensor, mask: torch.Tensor | None, state, conv_cache, output_final_state: bool):
         raise NotImplementedError
 
@@ -315,8 +337,9 @@ class GatedDeltaNetMixer(LinearMixer):
     fuse_ab: bool = True  # False: a and b through their modules (the reference path of :meth:`_ab`)
     extra_input_linears = ("g_proj", "a_proj", "b_proj")
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
-        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions,
+                 num_kv_heads: int | None = None):
+        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options, num_kv_heads)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads))
@@ -355,7 +378,7 @@ class GatedDeltaNetMixer(LinearMixer):
         q, k, v, conv_cache = self._qkv(x, mask, conv_cache, fused)
         if not self.options.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        q, k, v = self._heads(q), self._kv_heads(k), self._kv_heads(v)
         a, b = (fused["a_proj"], fused["b_proj"]) if fused is not None else self._ab(x)
         beta = b.sigmoid()
         if self.options.allow_neg_eigval:
@@ -380,8 +403,9 @@ class GLAMixer(LinearMixer):
 
     extra_input_linears = ("g_proj", "gk_proj.0")
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions):
-        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options)
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions,
+                 num_kv_heads: int | None = None):
+        super().__init__(hidden_size, num_heads, head_dim, layer_idx, options, num_kv_heads)
         inner = num_heads * head_dim
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, options.gate_low_rank_dim, bias=False),
@@ -396,7 +420,7 @@ class GLAMixer(LinearMixer):
     def mix(self, x, mask, state, conv_cache, output_final_state):
         fused = self._fused_inputs(x)
         q, k, v, conv_cache = self._qkv(x, mask, conv_cache, fused)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        q, k, v = self._heads(q), self._kv_heads(k), self._kv_heads(v)
         gk = self.gk_proj[1](fused["gk_proj.0"]) if fused is not None else self.gk_proj(x)
         gk = F.logsigmoid(self._heads(gk).float()) / self.options.gate_logit_normalizer
         if mask is not None:
@@ -416,6 +440,8 @@ MIXER_CLASSES: dict[str, type[LinearMixer]] = {"gdn": GatedDeltaNetMixer, "gla":
 
 
 def build_mixer(
-    mixer: str, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions
+    mixer: str, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int, options: MixerOptions,
+    num_kv_heads: int | None = None,
 ) -> LinearMixer:
-    return MIXER_CLASSES[mixer](hidden_size, num_heads, head_dim, layer_idx, options)
+    """``num_kv_heads``: the teacher's KV heads (used with ``options.grouped_kv``)."""
+    return MIXER_CLASSES[mixer](hidden_size, num_heads, head_dim, layer_idx, options, num_kv_heads)

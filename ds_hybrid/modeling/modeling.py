@@ -68,7 +68,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         options = config.options
         for i in config.linear_layers:
             self.model.layers[i].self_attn = build_mixer(
-                config.mixer, config.hidden_size, config.num_attention_heads, config.head_dim, i, options
+                config.mixer, config.hidden_size, config.num_attention_heads, config.head_dim, i, options,
+                config.num_key_value_heads,
             )
         self.lm_head = HybridLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

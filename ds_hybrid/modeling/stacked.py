@@ -33,8 +33,8 @@ def supports_stacked(mixers: Sequence[LinearMixer]) -> bool:
     if not mixers:
         return False
     first = mixers[0]
-    if type(first) not in (GatedDeltaNetMixer, GLAMixer) or first.options.use_short_conv:
-        return False
+    if type(first) not in (GatedDeltaNetMixer, GLAMixer) or first.options.use_short_conv or first.options.grouped_kv:
+        return False  # (the stacked pass reshapes k and v by query heads)
     same = all(type(m) is type(first) and m.options == first.options and m.num_heads == first.num_heads
                and m.head_dim == first.head_dim for m in mixers)
     partitioned = any(hasattr(p, "ds_tensor") for m in mixers for p in m.parameters())

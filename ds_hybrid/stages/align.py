@@ -64,7 +64,7 @@ class AlignStage(Stage):
         ds = ctx.ds_config()
         with zero3_init(ds, ctx.dtype):  # ZeRO-3: each mixer is partitioned as soon as it is built
             mixers = [build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
-                                  options) for i in range(tc.num_hidden_layers)]
+                                  options, tc.num_key_value_heads) for i in range(tc.num_hidden_layers)]
             stack = MixerStack(mixers)
         reader = SafetensorsReader(ctx.teacher_path)
         for i, m in enumerate(mixers):

@@ -87,8 +87,8 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
                  # (`bench/gpu_session.sh apart N`) instead of training it again
   local stage=align base
-  if [ -n "${ALIGN_PARTS:-}" ] && [ -n "${SEED:-}" ]; then
-    note "SEED=$SEED with ALIGN_PARTS: the parts hold an align of the seed it was trained with; unset one of them"
+  if [ -n "${ALIGN_PARTS:-}" ] && [ -n "${SEED:-}${OVERRIDES:-}" ]; then
+    note "SEED/OVERRIDES with ALIGN_PARTS: the parts hold an align of the seed and mixer it was trained with; unset one"
     return 1
   fi
   [ -n "${ALIGN_PARTS:-}" ] && stage=kl
@@ -97,7 +97,7 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
   if [ -n "${ALIGN_PARTS:-}" ]; then
     job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align"
   else
-    job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} || return 1
+    job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} ${OVERRIDES:-} || return 1
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
   fi
 }
@@ -116,7 +116,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
     [[ "$h" == ?*=* ]] || { note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20])"; return 1; }
     name=${h%%=*} spec=${h#*=} EB=()
     [ "$h" != "$last" ] && EB=(--batch-size 32)
-    args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED})
+    args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED} ${OVERRIDES:-})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
     [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
     job kl_$name 0 train --stage kl --config $1 "${args[@]}" || return 1
@@ -262,7 +262,9 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
             # config's uniform K = 8) -> the eval suite, one job per length so that a lost lease keeps what finished
             # (joined afterwards with `ds-hybrid eval-merge`); TEACHER_EVAL=1: the teacher's rows too (measured on
             # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py;
-            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here)
+            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here);
+            # OVERRIDES="mixer_options.grouped_kv=true mixer_options.use_gate=false": config overrides of align and
+            # kl (issue 18's leaner mixers; NAME/HYBRIDS names should say so)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}

@@ -79,3 +79,24 @@ def test_grouped_kv_refuses_a_teacher_of_other_kv_heads():
     with pytest.raises(ConfigError, match="2 KV heads|built for 2"):
         mixer.init_from_teacher(attn, 1)
     assert build_mixer("gdn", 64, 4, 16, 0, MixerOptions(), num_kv_heads=2).num_kv_heads == 4  # default: per head
+
+
+def test_align_then_kl_train_a_grouped_kv_student(tmp_path):
+    """Stages align and kl with ``mixer_options.grouped_kv`` (align layer by layer: the stacked pass declines it):
+    both finish, the exported hybrid keeps the teacher's KV-head count in its k/v projections and reloads."""
+    from trainer_utils import make_corpus, make_tiny_teacher, tail, train_in_one_process, write_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    short = dict(seq_len=64, global_batch=2, micro_batch=2, tokens=3 * 2 * 64, eval_sequences=2,
+                 ds_config="ds_configs/single.json", teacher_ds_config="ds_configs/single.json")
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", align=short, kl=short,
+                       mixer_options={"grouped_kv": True})
+    runs = train_in_one_process([["--stage", s, "--config", str(cfg)] for s in ("align", "kl")], tmp_path / "r.json")
+    for p in runs:
+        assert p.returncode == 0, tail(p)
+    model = HybridForCausalLM.from_pretrained(tmp_path / "out" / "kl" / "hf")
+    cfg = model.config
+    m = model.model.layers[model.config.linear_layers[0]].self_attn
+    assert cfg.options.grouped_kv and m.num_kv_heads == cfg.num_key_value_heads < cfg.num_attention_heads
+    assert m.k_proj.weight.shape[0] == cfg.num_key_value_heads * cfg.head_dim

@@ -28,11 +28,12 @@ def _cache_parts(model, batch: int, max_len: int) -> tuple[int, int]:
     return kv, state
 
 
-@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_conv"])
+@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_conv", "gla_conv_grouped"])
 def test_step_bytes_match_the_static_cache_and_the_parameters(kind):
     teacher = tiny_teacher("llama")  # untied embeddings, 2 KV heads of 4 query heads
+    mixer, *opts = kind.split("_")
     model = teacher if kind == "teacher" else build_hybrid(
-        teacher, [1], kind.removesuffix("_conv"), {"use_short_conv": kind.endswith("_conv")}).eval()
+        teacher, [1], mixer, {"use_short_conv": "conv" in opts, "grouped_kv": "grouped" in opts}).eval()
     batch = 3
     max_len = GraphDecoder(model, max_len=20).cache_len  # the cache's keys span its whole length
     kv, state = _cache_parts(model, batch, max_len)

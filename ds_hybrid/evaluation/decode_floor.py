@@ -77,8 +77,8 @@ def decode_step_bytes(model: nn.Module, batch: int, context: int, dtype_bytes: i
         if _is_linear_mixer(attn):
             state += 2 * batch * attn.num_heads * attn.head_dim * attn.head_dim * STATE_BYTES  # read + write
             if attn.options.use_short_conv:  # q, k, v windows of conv_size - 1 inputs, read + write
-                inner = attn.num_heads * attn.head_dim
-                state += 2 * 3 * batch * inner * (attn.options.conv_size - 1) * dtype_bytes
+                channels = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim  # k, v: grouped_kv's heads
+                state += 2 * batch * channels * (attn.options.conv_size - 1) * dtype_bytes
         else:
             seen = min(context, window) if kind == "sliding_attention" and window else context
             kv += 2 * batch * kv_heads * head_dim * seen * dtype_bytes  # keys and values

@@ -88,16 +88,11 @@ case "${1:-main}" in
       bench/gpu_session.sh infer small noprofile > $R/logs/infersmall.log 2>&1); note "end infer small rc=$?"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
-  session)  # one lease, one chain: a KL chunk row, then issue 18's decode items (~16 minutes, an estimate;
-             # 2026-12-03d ran the explore cases first, whose knobs are measured now: docs/BENCHMARKS.md; issue 21's
-             # in-place dz was checked and timed by hand on 2026-12-03e: `bench/kl_inplace_check.py`, `bench/kl.py`)
+  session)  # one lease, one chain: issue 18's decode items (~15 minutes, an estimate; 2026-12-03d ran the explore
+             # cases first, whose knobs are measured now: docs/BENCHMARKS.md; issue 21's kernel rows ran by hand on
+             # 2026-12-03e and 2026-12-03f: `bench/kl_inplace_check.py`, `bench/kl.py --chunks 256,512,1024`)
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    # issue 21 (~1 min): the in-place default at Liger's memory (chunk 512 at Qwen2.5-3B's vocabulary, 256 at
-    # Gemma's) and the buffer rows' memory measured without the gradients (bench/kl.py's fix of 2026-12-03e)
-    python3 bench/kl.py --impls ours,ours_buffer --chunks 256,512,1024 --out $R/kl_chunks.json \
-      > $R/logs/kl_chunks.log 2>&1
-    note "end kl_chunks rc=$?"
     IN_SESSION=1 "$0" decode
     note "campaign done"
     touch $R/CAMPAIGN_DONE

@@ -307,6 +307,9 @@ def test_wilson_interval_matches_the_closed_form():
     assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert report.wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # never a zero-width interval
     assert report.wilson_interval(1.0, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
+    for n in (1, 7, 50, 100, 1000):  # ends exactly at p = 0 and 1 (a plot's error bars are p - lo and hi - p)
+        assert report.wilson_interval(1.0, n)[1] == 1.0 and report.wilson_interval(0.0, n)[0] == 0.0
+        assert all(lo <= k / n <= hi for k in range(n + 1) for lo, hi in [report.wilson_interval(k / n, n)])
 
 
 def test_difference_interval_matches_newcombes_worked_examples():

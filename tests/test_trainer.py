@@ -172,6 +172,55 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path
     assert good and good[-1] == bad - 1  # every good step was saved (ckpt_every=1); the bad one was not
 
 
+def test_kl_init_from_must_have_the_runs_mixer_options(tmp_path, monkeypatch):
+    """init_from's mixers were trained with its options, so a run asking for others (a leaner mixer after an align
+    with the default one) is refused by name before any model is built, where it used to run silently with
+    init_from's; the kernels' backend is not a property of the weights and is the run's own."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.errors import ConfigError
+    from ds_hybrid.stages import kl as kl_stage
+    from ds_hybrid.stages.base import check_init_from, load_hybrid
+    from ds_hybrid.trainer import make_context
+    from ds_hybrid.transfer import build_hybrid
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    export = tmp_path / "align_hf"  # an all-linear export with the default options, as stage align writes
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), [], "gdn").save_pretrained(export)
+
+    def ctx(*overrides: str):
+        cfg = load_config(None, [f"teacher={teacher}", "softmax_layers=[2]", "dtype=fp32", f"kl.init_from={export}",
+                                 "kl.ds_config=ds_configs/single.json", "kl.global_batch=1", "kl.seq_len=64",
+                                 "kl.tokens=64", *overrides])
+        return make_context(cfg, "kl")
+
+    for option, asked, had in (("use_gate", "false", True), ("grouped_kv", "true", False),
+                               ("use_short_conv", "true", False), ("norm_eps", "1e-6", 1e-5)):
+        with pytest.raises(ConfigError, match=rf"^mixer_options\.{option}=.*was trained with {option}={had!r}"):
+            check_init_from(ctx(f"mixer_options.{option}={asked}"), export, "kl.init_from")
+    # the stage refuses in its setup before it builds the teacher
+    monkeypatch.setattr(kl_stage, "build_teacher_engine", lambda c: pytest.fail("the teacher was built"))
+    with pytest.raises(ConfigError, match=r"^mixer_options\.use_gate="):
+        kl_stage.KLStage(ctx("mixer_options.use_gate=false")).setup()
+    with pytest.raises(ConfigError, match=r"^softmax_layers=.*layer 2 is softmax in"):  # removing one: refused too
+        check_init_from(ctx("softmax_layers=[1]"), _softmax_export(teacher, tmp_path), "kl.init_from")
+    # the same options, spelled out or not, and another backend: accepted; the model takes the run's backend
+    assert check_init_from(ctx("mixer_options.use_gate=true"), export, "kl.init_from").mixer == "gdn"
+    student = load_hybrid(ctx("mixer_options.backend=torch"), export, "kl.init_from")
+    assert student.config.options.backend == "torch" and student.config.softmax_layers == [2]
+
+
+def _softmax_export(teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.transfer import build_hybrid
+
+    out = tmp_path / "softmax2_hf"
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), [2], "gdn").save_pretrained(out)
+    return out
+
+
 def test_kl_from_teacher_is_stage0_transfer(tmp_path):
     """kl.init_from=teacher (no align): every transferred weight of the student built from the teacher's safetensors
     equals the in-memory stage-0 transfer (transfer.build_hybrid); fresh mixer parameters are initialised (finite,

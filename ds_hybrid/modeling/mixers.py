@@ -77,6 +77,11 @@ class MixerOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def differences(self, other: "MixerOptions") -> list[str]:
+        """The options that make ``other``'s mixers a different function or a different set of weights (every one
+        but ``backend``, which only picks the kernels), where the two differ."""
+        return [f.name for f in fields(self) if f.name != "backend" and getattr(self, f.name) != getattr(other, f.name)]
+
 
 def check_mixer(mixer: str, head_dim: int, field: str = "mixer") -> None:
     if mixer not in MIXERS:

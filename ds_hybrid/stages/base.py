@@ -18,7 +18,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import SafetensorsReader, fill_causal_lm, fill_module
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
 from ds_hybrid.modeling.families import layer_rest
-from ds_hybrid.modeling.mixers import LinearMixer
+from ds_hybrid.modeling.mixers import LinearMixer, MixerOptions
 from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype, zero_stage
 from ds_hybrid.zero import gathered, is_partitioned, zero3_init
 
@@ -123,12 +123,12 @@ def init_mixer_from_reader(mixer: LinearMixer, reader: SafetensorsReader, layer:
 FROM_TEACHER = "teacher"  # init_from value: start from RADLADS stage 0 (the teacher's weights), skipping align
 
 
-def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridForCausalLM:
-    """A hybrid with ``ctx.softmax_layers``, filled from ``init_from`` (a previous stage's HF export); a layer that
-    is softmax here but linear there takes the teacher's attention (the selected layers "restored").
-    ``init_from="teacher"`` builds it by stage-0 transfer straight from the teacher's safetensors instead."""
+def check_init_from(ctx: StageContext, init_from: str | Path, field: str) -> HybridConfig | None:
+    """``init_from``'s hybrid config after the checks that need no model (called before the teacher is built): an HF
+    export of a hybrid of this teacher, with the run's mixer and mixer options, none of whose softmax layers the run
+    makes linear. None for ``init_from="teacher"``."""
     if str(init_from) == FROM_TEACHER:
-        return _hybrid_from_teacher(ctx)
+        return None
     init_from = Path(init_from)
     if not (init_from / "config.json").is_file():
         raise ConfigError(field, str(init_from), "no HF export there: run the previous stage first, or point at "
@@ -140,14 +140,36 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
         raise ConfigError("mixer", ctx.cfg.mixer, f"{init_from} was trained with mixer {src_cfg.mixer!r}; use the same")
     if src_cfg.vocab_size != ctx.teacher_config.vocab_size or src_cfg.num_hidden_layers != ctx.teacher_config.num_hidden_layers:
         raise ConfigError(field, str(init_from), "was made from a different teacher (vocab or layer count differ)")
+    # the mixers' weights come from init_from, so its options are the ones they were trained with: a run that asks
+    # for others (e.g. mixer_options.use_gate: false after an align with the gate) is refused, not silently ignored;
+    # `backend` only picks the kernels and is the run's own
+    run_opts, src_opts = MixerOptions.from_dict(ctx.cfg.mixer_options), src_cfg.options
+    if differ := run_opts.differences(src_opts):
+        name = differ[0]
+        raise ConfigError(f"mixer_options.{name}", getattr(run_opts, name),
+                          f"{init_from} was trained with {name}={getattr(src_opts, name)!r}; set the same, or run "
+                          "the earlier stages again with these options")
+    if removed := sorted(set(src_cfg.softmax_layers) - set(ctx.softmax_layers)):
+        raise ConfigError("softmax_layers", ctx.softmax_layers,
+                          f"layer {removed[0]} is softmax in {init_from} and would become linear here; a stage can "
+                          "only restore softmax layers, not remove them (start from the align export)")
+    return src_cfg
+
+
+def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridForCausalLM:
+    """A hybrid with ``ctx.softmax_layers``, filled from ``init_from`` (a previous stage's HF export, checked by
+    :func:`check_init_from`); a layer that is softmax here but linear there takes the teacher's attention (the
+    selected layers "restored"). ``init_from="teacher"`` builds it by stage-0 transfer straight from the teacher's
+    safetensors instead."""
     from ds_hybrid.transfer import hybrid_config
 
-    config = hybrid_config(ctx.teacher_config, ctx.softmax_layers, src_cfg.mixer, src_cfg.mixer_options)
-    for i in config.linear_layers:
-        if i in src_cfg.softmax_layers:
-            raise ConfigError("softmax_layers", ctx.softmax_layers,
-                              f"layer {i} is softmax in {init_from} and would become linear here; a stage can only "
-                              "restore softmax layers, not remove them (start from the align export)")
+    src_cfg = check_init_from(ctx, init_from, field)
+    if src_cfg is None:
+        return _hybrid_from_teacher(ctx)
+    init_from = Path(init_from)
+    # mixer options: init_from's (equal to the run's but for the kernels' backend, which is the run's)
+    options = {**src_cfg.options.to_dict(), "backend": MixerOptions.from_dict(ctx.cfg.mixer_options).backend}
+    config = hybrid_config(ctx.teacher_config, ctx.softmax_layers, src_cfg.mixer, options)
     src, teacher = SafetensorsReader(init_from), SafetensorsReader(ctx.teacher_path)
 
     def mixer(i: int, layer: nn.Module, student: HybridForCausalLM) -> None:

@@ -25,7 +25,7 @@ from ds_hybrid import distributed as D
 from ds_hybrid.hf_io import export_hf
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
-from ds_hybrid.stages.base import Stage, build_teacher_engine, hybrid_export_groups, load_hybrid
+from ds_hybrid.stages.base import Stage, build_teacher_engine, check_init_from, hybrid_export_groups, load_hybrid
 from ds_hybrid.stages.common import (
     compile_blocks, count_params, grad_norm_before_step, student_engine, unpacked_rows, wants_compile, zero_stage,
 )
@@ -87,6 +87,7 @@ class KLStage(Stage):
         ctx = self.ctx
         s = ctx.s
         init_from = s.init_from or self.default_init()
+        check_init_from(ctx, init_from, f"{self.name}.init_from")  # before any model is built
         self.teacher = build_teacher_engine(ctx) if self.uses_teacher else None
         hybrid = load_hybrid(ctx, init_from, f"{self.name}.init_from")
         if s.gradient_checkpointing:

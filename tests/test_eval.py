@@ -391,6 +391,14 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     assert "| ga_s2 - uniform | 4 | picked_seed1 - u4 | +0.10 [-0.04, +0.23] |" in md and "odd - u4" not in md
     assert "no selector explains" in capsys.readouterr().out
     assert (out / "recall_vs_k.png").stat().st_size > 1000
+    # --against: every selector against KL-guided selection too (one table per reference)
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--out", str(out),
+                      "--against", "uniform,ga_s2"]) == 0
+    md = (out / "recall_vs_k.md").read_text()
+    assert "| ga_s2 - uniform | 4 | picked - u4 | +0.20 [+0.06, +0.33] * |" in md
+    assert "| uniform - ga_s2 | 4 | u4 - picked | -0.20 [-0.33, -0.06] * |" in md and "difference to ga_s2" in md
+    with pytest.raises(ConfigError, match=r"^recall-vs-k --against='proxy': no such selector"):
+        by_k.main([str(folder), "--against", "uniform,proxy", "--out", str(out)])
     with pytest.raises(ConfigError, match="no model has a score"):
         by_k.main([str(folder), "--task", "niah_multikey_3", "--out", str(out)])
     del payload["models"]["odd"]  # scores without a record of the model's layers: refused, not dropped

@@ -12,8 +12,8 @@ hybrid that no selector explains is listed under its own name. Two models of one
 both kept; the plot draws each and the line through their mean.
 
 Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
-interval; then every other selector's hybrid minus the uniform hybrid of the same K, with the 95 % interval of the
-difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length:
+interval; then every other selector's hybrid minus the uniform hybrid of the same K, or of each ``--against``
+selector, with the 95 % interval of the difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length:
 the task's score vs K for every selector, from the all-linear student at K = 0 to the teacher at K = L).
 """
 
@@ -65,7 +65,7 @@ def _order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (first.get(r["selector"], 2), r["selector"], r["k"], r["model"]))
 
 
-def tables(payload: dict[str, Any], rows: list[dict]) -> str:
+def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] = ("uniform",)) -> str:
     scores, counts = payload["scores"], payload.get("prompts", {})
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     out = []
@@ -80,7 +80,8 @@ def tables(payload: dict[str, Any], rows: list[dict]) -> str:
             if any(cells):  # a model not evaluated at this length has no row here
                 out.append(f"| {r['selector']} | {r['k']} | {r['model']} | " + " | ".join(cells) + " |")
         out.append("")
-    out += differences(payload, rows)
+    for base in against:
+        out += differences(payload, rows, base)
     quality = payload.get("heldout_quality") or {}
     if quality:
         out += ["### held-out quality", "", "| selector | K | model | perplexity | KL to the teacher |", "|---|---|---|---|---|"]
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection", action="append", default=[], metavar="NAME=PATH",
                     help="a selector's selection.json (repeatable); uniform and smart are built in")
     ap.add_argument("--task", default=None, help="the task plotted (default: the eval's first)")
+    ap.add_argument("--against", default="uniform", metavar="SELECTOR[,SELECTOR]",
+                    help="the selectors every other one is compared with at the same K (default: uniform; e.g. "
+                         "uniform,ga_s2 for the baselines against KL-guided selection too)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     src = Path(args.eval)
@@ -202,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     task = args.task or (payload.get("tasks") or [None])[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = tables(payload, rows)
+    against = tuple(a for a in args.against.split(",") if a)
+    known = {r["selector"] for r in rows} | {"uniform", "smart", *selections}
+    if unknown := [a for a in against if a not in known]:
+        raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
+    md = tables(payload, rows, against)
     (out / "recall_vs_k.md").write_text(md)
     (out / "recall_vs_k.json").write_text(json.dumps({"source": str(src), "task": task, "models": rows,
                                                       "selections": {n: p.split("=", 1)[1] for n, p in

@@ -13,7 +13,8 @@ Per chunk of C tokens:
 2. one Triton program per token row streams its logits in vocab tiles of BLOCK_V: pass 1 keeps online (max, sum)
    for z_s/T, z_t/T (and z_s at T=1 for CE) plus the running sum of p_t (z_t - z_s)/T, which give both
    log-normalisers and the token's KL in fp32; pass 2 writes dL/dz = T (p_s - p_t) w_kl + (softmax(z_s) - onehot) w_ce;
-3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (dW accumulated in W's dtype by addmm, fp32 inside each GEMM).
+3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (the first chunk's GEMM writes dW, the others accumulate in W's dtype
+   by addmm, fp32 inside each GEMM).
 
 Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel. Extra memory:
 2 x C x V fp32 logits + dW, dz written over z_s (the default; ``in_place=False``: a C x V dz buffer of its own). The row
@@ -190,7 +191,8 @@ class FusedLinearLoss(torch.autograd.Function):
         scales = torch.stack([temperature * kl_weight / n_kl.clamp(min=1), ce_weight / n_ce.clamp(min=1)])
         dz_dtype = h_s.dtype
         dh = torch.empty_like(h_s) if need_grad else None
-        dw = torch.zeros_like(w_s) if need_grad else None
+        # dW: the first chunk's GEMM writes it (no [V, H] zero fill, no read of zeros), the others accumulate
+        dw = (torch.empty_like(w_s) if N else torch.zeros_like(w_s)) if need_grad else None
         kl_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_kl else None
         ce_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_ce else None
         w_s_t = w_s.t()
@@ -209,8 +211,11 @@ class FusedLinearLoss(torch.autograd.Function):
             if use_ce:
                 ce_tok[a:b] = ce
             if need_grad:
-                dh[a:b] = dz @ w_s
-                dw.addmm_(dz.t(), hs)
+                torch.mm(dz, w_s, out=dh[a:b])
+                if a == 0:
+                    torch.mm(dz.t(), hs, out=dw)
+                else:
+                    dw.addmm_(dz.t(), hs)
             del dz
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         if use_kl:  # masked tokens hold 0, so an all-masked chunk adds 0

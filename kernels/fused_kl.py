@@ -252,6 +252,8 @@ def fused_linear_loss(
     True: in place or an error; False: the separate buffer (the reference the in-place path is checked against)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: give the tokens per chunk as a positive number (1024 is the default)")
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),

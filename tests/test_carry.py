@@ -54,6 +54,13 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
         carry.gather(calls[1:], "align", str(tmp_path / "dev" / "a"))
     gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
     assert len(gathered) == len(parts) and len(list((tmp_path / "dev").iterdir())) == -(-len(parts) // 3)
+    # a prefix whose folders hold something else (the bundle's .dev/p0...) is refused, not emptied
+    (tmp_path / "dev" / "p0").mkdir()
+    (tmp_path / "dev" / "p0" / "part0").write_bytes(b"bundle")
+    with pytest.raises(SystemExit, match="holds other files than parts of align"):
+        carry.gather(calls, "align", str(tmp_path / "dev" / "p"))
+    assert (tmp_path / "dev" / "p0" / "part0").read_bytes() == b"bundle"
+    shutil.rmtree(tmp_path / "dev" / "p0")
     parts = gathered
 
     back = carry.unpack(parts, teacher, tmp_path / "lease2" / "align")

@@ -43,6 +43,26 @@ def test_types_and_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_mixer_options_take_their_types():
+    """mixer_options values take the option's type (YAML reads 1e-5 as a string), or are refused naming the option;
+    the options a mixer never reads do not count as a difference between two mixers."""
+    from ds_hybrid.config import validate_static
+    from ds_hybrid.modeling.mixers import MixerOptions
+
+    opts = MixerOptions.from_dict({"norm_eps": "1e-6", "conv_size": "3", "use_gate": False})
+    assert opts.norm_eps == 1e-6 and isinstance(opts.norm_eps, float) and opts.conv_size == 3
+    for option, bad, kind in (("use_gate", "sure", "a bool"), ("conv_size", 2.5, "an int"), ("norm_eps", "small", "a float"),
+                              ("qkv_bias", 1, "a bool")):
+        with pytest.raises(ConfigError, match=rf"^mixer_options\.{option}=.*expected {kind}"):
+            validate_static(load_config(None, [f"mixer_options.{option}={bad}"]))
+    base = MixerOptions()
+    assert base.differences(MixerOptions(gate_low_rank_dim=8, allow_neg_eigval=True), "gdn") == ["allow_neg_eigval"]
+    assert base.differences(MixerOptions(gate_low_rank_dim=8, allow_neg_eigval=True), "gla") == ["gate_low_rank_dim"]
+    assert base.differences(MixerOptions(conv_size=3), "gdn") == []  # no short convolution: its size is unused
+    assert base.differences(MixerOptions(conv_size=3, use_short_conv=True), "gdn") == ["use_short_conv", "conv_size"]
+    assert base.differences(MixerOptions(backend="torch"), "gla") == []  # the kernels, not the function
+
+
 def test_zero_steps_budget():
     cfg = load_config(None, ["kl.tokens=1000", "kl.seq_len=512", "kl.global_batch=4"])
     with pytest.raises(ConfigError, match=r"^kl\.tokens=1000: gives zero optimizer steps.*2048"):

@@ -399,6 +399,14 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     assert "| uniform - ga_s2 | 4 | u4 - picked | -0.20 [-0.33, -0.06] * |" in md and "difference to ga_s2" in md
     with pytest.raises(ConfigError, match=r"^recall-vs-k --against='proxy': no such selector"):
         by_k.main([str(folder), "--against", "uniform,proxy", "--out", str(out)])
+    # a selector whose top-4 is uniform's: u4 is both ("uniform=same"), the base of either, compared with neither
+    same = make_selection("same", {l: (0.0 if l in uniform_layers(L, 4) else 1.0) for l in range(L)}, True, L)
+    write_selection(tmp_path / "same" / "selection.json", same)
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--selection",
+                      f"same={tmp_path / 'same' / 'selection.json'}", "--against", "same", "--out", str(out)]) == 0
+    md = (out / "recall_vs_k.md").read_text()
+    assert "| uniform=same | 4 | u4 |" in md and "| ga_s2 - same | 4 | picked - u4 | +0.20 [+0.06, +0.33] * |" in md
+    assert "- u4 | +0.00" not in md and "uniform=same - same" not in md
     with pytest.raises(ConfigError, match="no model has a score"):
         by_k.main([str(folder), "--task", "niah_multikey_3", "--out", str(out)])
     del payload["models"]["odd"]  # scores without a record of the model's layers: refused, not dropped

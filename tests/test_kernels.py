@@ -66,6 +66,8 @@ def test_no_tokens_give_zero_loss_and_zero_gradients():
     loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, chunk=8)
     loss.backward()
     assert float(loss) == 0 and h.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+    with pytest.raises(ValueError, match="chunk=0"):
+        fused_linear_loss(h, w, ht.float(), wt.float(), mask, chunk=0)
 
 
 def test_masked_tokens_contribute_nothing():

@@ -205,8 +205,10 @@ def test_kl_init_from_must_have_the_runs_mixer_options(tmp_path, monkeypatch):
         kl_stage.KLStage(ctx("mixer_options.use_gate=false")).setup()
     with pytest.raises(ConfigError, match=r"^softmax_layers=.*layer 2 is softmax in"):  # removing one: refused too
         check_init_from(ctx("softmax_layers=[1]"), _softmax_export(teacher, tmp_path), "kl.init_from")
-    # the same options, spelled out or not, and another backend: accepted; the model takes the run's backend
-    assert check_init_from(ctx("mixer_options.use_gate=true"), export, "kl.init_from").mixer == "gdn"
+    # the same options, spelled out or not (1e-5: a string to YAML), one GDN never reads, and another backend:
+    # accepted; the model takes the run's backend
+    for same in ("mixer_options.use_gate=true", "mixer_options.norm_eps=1e-5", "mixer_options.gate_low_rank_dim=8"):
+        assert check_init_from(ctx(same), export, "kl.init_from").mixer == "gdn"
     student = load_hybrid(ctx("mixer_options.backend=torch"), export, "kl.init_from")
     assert student.config.options.backend == "torch" and student.config.softmax_layers == [2]
 

@@ -96,9 +96,10 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
     """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K, per length and task,
     with the 95 % interval of the difference (``difference_interval``); [] when no such pair was evaluated."""
     scores, counts = payload["scores"], payload.get("prompts", {})
-    base = [r for r in rows if r["selector"] == against]
-    pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR, against) and r.get("matched")
-             for b in base if b["k"] == r["k"]]
+    # a hybrid two rules explain (selector "uniform=ga_s2") is the base of both, and compared with neither
+    base = [r for r in rows if against in r["selector"].split("=")]
+    pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR) and r.get("matched")
+             and against not in r["selector"].split("=") for b in base if b["k"] == r["k"]]
     out: list[str] = []
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
@@ -206,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     task = args.task or (payload.get("tasks") or [None])[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    against = tuple(a for a in args.against.split(",") if a)
-    known = {r["selector"] for r in rows} | {"uniform", "smart", *selections}
+    against = tuple(dict.fromkeys(a for a in args.against.split(",") if a))
+    if not against:
+        raise ConfigError("recall-vs-k --against", args.against, "name at least one selector (e.g. uniform)")
+    known = {s for r in rows for s in r["selector"].split("=")} | {"uniform", "smart", *selections}
     if unknown := [a for a in against if a not in known]:
         raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
     md = tables(payload, rows, against)

@@ -65,6 +65,9 @@ class MixerOptions:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{field_prefix}.{unknown[0]}", d[unknown[0]], f"unknown option; known: {sorted(known)}")
+        types = {f.name: f.type for f in fields(cls)}
+        for name, value in d.items():  # YAML reads 1e-5 as a string (1.0e-5 as a float): values take the option's type
+            d[name] = _typed(value, types[name], f"{field_prefix}.{name}")
         opts = cls(**d)
         if opts.conv_size < 2:
             raise ConfigError(f"{field_prefix}.conv_size", opts.conv_size, "use a kernel size of at least 2")
@@ -77,10 +80,33 @@ class MixerOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def differences(self, other: "MixerOptions") -> list[str]:
-        """The options that make ``other``'s mixers a different function or a different set of weights (every one
-        but ``backend``, which only picks the kernels), where the two differ."""
-        return [f.name for f in fields(self) if f.name != "backend" and getattr(self, f.name) != getattr(other, f.name)]
+    def differences(self, other: "MixerOptions", mixer: str) -> list[str]:
+        """The options where ``other``'s ``mixer`` mixers would be a different function or hold other weights: every
+        option the mixer uses but ``backend`` (it only picks the kernels), where the two differ."""
+        unused = {"backend", *UNUSED_OPTIONS.get(mixer, ())}
+        if not (self.use_short_conv or other.use_short_conv):
+            unused.add("conv_size")
+        return [f.name for f in fields(self) if f.name not in unused and getattr(self, f.name) != getattr(other, f.name)]
+
+
+# options a mixer never reads (a difference in them changes nothing)
+UNUSED_OPTIONS: dict[str, tuple[str, ...]] = {"gdn": ("gate_low_rank_dim", "gate_logit_normalizer"),
+                                              "gla": ("allow_neg_eigval",)}
+
+
+def _typed(value: Any, kind: str, field: str) -> Any:
+    """``value`` as the option type ``kind`` ("bool", "int", "float" or "str"), or a ConfigError naming the field."""
+    want = {"bool": bool, "int": int, "float": float, "str": str}[kind]
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    if want is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if want is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ConfigError(field, value, f"expected {'an' if kind == 'int' else 'a'} {kind}")
 
 
 def check_mixer(mixer: str, head_dim: int, field: str = "mixer") -> None:

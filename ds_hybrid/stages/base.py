@@ -144,7 +144,7 @@ def check_init_from(ctx: StageContext, init_from: str | Path, field: str) -> Hyb
     # for others (e.g. mixer_options.use_gate: false after an align with the gate) is refused, not silently ignored;
     # `backend` only picks the kernels and is the run's own
     run_opts, src_opts = MixerOptions.from_dict(ctx.cfg.mixer_options), src_cfg.options
-    if differ := run_opts.differences(src_opts):
+    if differ := run_opts.differences(src_opts, src_cfg.mixer):
         name = differ[0]
         raise ConfigError(f"mixer_options.{name}", getattr(run_opts, name),
                           f"{init_from} was trained with {name}={getattr(src_opts, name)!r}; set the same, or run "

@@ -25,26 +25,10 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 from ds_hybrid.layers import selection_top_k, uniform_layers
 from ds_hybrid.recall_tasks import needle_row
+from ds_hybrid.retrieval_heads import copy_counts, needle_sources
 from ds_hybrid.selection import kendall_tau, rank_layers, read_selection
-
-
-def needle_sources(ids: list[int], start: int, end: int) -> list[int]:
-    """For each answer token ids[start + j], the position of the token it repeats in the planted fact: the last
-    place before the question where the answer's tokens occur in a row ([] if the fact's tokens differ, e.g. the
-    tokenizer merged the value with the text around it)."""
-    answer = ids[start:end]
-    for skip in range(len(answer)):  # the answer's leading space may be its own token, or merged differently
-        tail = answer[skip:]
-        for p in range(start - len(tail), -1, -1):
-            if ids[p:p + len(tail)] == tail:
-                return [-1] * skip + list(range(p, p + len(tail)))
-        if len(tail) <= 3:
-            break
-    return []
 
 
 def make_prompts(tokenizer, n: int, length: int, seed: int) -> list[tuple[list[int], int, int, list[int]]]:
@@ -63,43 +47,11 @@ def make_prompts(tokenizer, n: int, length: int, seed: int) -> list[tuple[list[i
     return out
 
 
-@torch.no_grad()
 def score(model, prompts) -> dict:
-    """Per layer and head: copy hits, needle mass and the count of answer positions; the teacher's answer accuracy."""
-    layers = model.model.layers
-    L, H = len(layers), model.config.num_attention_heads
-    hits, mass, count = torch.zeros(L, H), torch.zeros(L, H), 0
-    correct = total = 0
-    rows: dict[int, torch.Tensor] = {}
-    want: list[int] = []
-
-    def hook(i):
-        def fn(_module, _args, output):
-            weights = output[1]  # eager attention: [B, H, T, T]
-            rows[i] = weights[0, :, want, :].float()
-        return fn
-
-    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        for ids, start, end, src in prompts:
-            pos = [start + j - 1 for j in range(end - start) if src[j] >= 0]  # positions that predict answer tokens
-            tgt = [src[j] for j in range(end - start) if src[j] >= 0]
-            want[:] = pos
-            logits = model(torch.tensor([ids[:end]])).logits[0]
-            pred = logits[[start + j - 1 for j in range(end - start)]].argmax(-1).tolist()
-            correct += sum(int(p == t) for p, t in zip(pred, ids[start:end]))
-            total += end - start
-            value = sorted(set(tgt))
-            for i in range(L):
-                w = rows.pop(i)  # [H, len(pos), T]
-                hits[i] += (w.argmax(-1) == torch.tensor(tgt)).float().sum(-1)
-                mass[i] += w[:, :, value].sum(-1).sum(-1)
-            count += len(pos)
-    finally:
-        for h in handles:
-            h.remove()
-    return {"copy_rate": (hits / count).tolist(), "needle_mass": (mass / count).tolist(), "positions": count,
-            "teacher_answer_accuracy": correct / max(total, 1), "prompts": len(prompts)}
+    """Per layer and head: copy rate and needle mass (ds_hybrid.retrieval_heads); the teacher's answer accuracy."""
+    c = copy_counts(model, prompts)
+    return {"copy_rate": c.copy_rate().tolist(), "needle_mass": (c.mass / max(c.positions, 1)).tolist(),
+            "positions": c.positions, "teacher_answer_accuracy": c.correct / max(c.total, 1), "prompts": len(prompts)}
 
 
 def report(res: dict, selections: dict[str, dict], ks: list[int]) -> tuple[str, list[int]]:

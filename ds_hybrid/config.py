@@ -104,7 +104,7 @@ class StageConfig:
 #: selection methods that are spacing rules, not scores (their selection.json "scores" encode an order only)
 SPACING_METHODS: tuple[str, ...] = ("uniform", "smart", "keep_global")
 SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smart", "keep_global", "ppl", "mse", "ar",
-                                   "ar_multihop")
+                                   "ar_multihop", "retrieval")
 
 
 @dataclass
@@ -130,6 +130,10 @@ class SelectConfig:
     ar_prompts: int = 32  # ar / ar_multihop: prompts per layer
     ar_pairs: int = 50
     ar_seed: int = 0
+    # retrieval: this many held-out rows of retrieval_seq_len tokens turned into needle prompts (the teacher's copy
+    # rate per head is measured on them)
+    retrieval_prompts: int = 32
+    retrieval_seq_len: int = 1024
     reference: str | None = None  # a full-budget selection.json to measure agreement against (top-K, Kendall tau)
     # > 0: rank greedily by importance (score scaled to [0, 1]) minus distance_reg x 1/distance to the nearest layer
     # already taken (ds_hybrid.selection.regularized_order); 0 = the method's plain ranking
@@ -333,6 +337,12 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.select.score == "recall" and cfg.select.recall_sequences < 1:
         raise ConfigError("select.recall_sequences", cfg.select.recall_sequences,
                           "score: recall needs needle rows (e.g. 16)")
+    if cfg.select.method == "retrieval" and cfg.select.retrieval_prompts < 1:
+        raise ConfigError("select.retrieval_prompts", cfg.select.retrieval_prompts,
+                          "the retrieval ranking needs at least one needle prompt")
+    if cfg.select.method == "retrieval" and cfg.select.retrieval_seq_len < 128:
+        raise ConfigError("select.retrieval_seq_len", cfg.select.retrieval_seq_len,
+                          "a needle prompt needs room for its text, the fact and the question: use >= 128 tokens")
     for k in cfg.select.ks:
         if k < 0:
             raise ConfigError("select.ks", cfg.select.ks, "K values must be >= 0")

@@ -63,6 +63,16 @@ def test_mixer_options_take_their_types():
     assert base.differences(MixerOptions(backend="torch"), "gla") == []  # the kernels, not the function
 
 
+def test_retrieval_selection_needs_room_for_a_needle():
+    from ds_hybrid.config import validate_static
+
+    with pytest.raises(ConfigError, match=r"^select\.retrieval_seq_len=64: .*>= 128 tokens"):
+        validate_static(load_config(None, ["select.method=retrieval", "select.retrieval_seq_len=64"]))
+    with pytest.raises(ConfigError, match=r"^select\.retrieval_prompts=0"):
+        validate_static(load_config(None, ["select.method=retrieval", "select.retrieval_prompts=0"]))
+    validate_static(load_config(None, ["select.method=retrieval"]))
+
+
 def test_zero_steps_budget():
     cfg = load_config(None, ["kl.tokens=1000", "kl.seq_len=512", "kl.global_batch=4"])
     with pytest.raises(ConfigError, match=r"^kl\.tokens=1000: gives zero optimizer steps.*2048"):

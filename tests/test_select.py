@@ -87,7 +87,7 @@ def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
     assert list((out / "tensorboard").glob("events.*"))
 
 
-BASELINES = ["uniform", "smart", "mse", "ppl", "ar", "ar_multihop"]
+BASELINES = ["uniform", "smart", "mse", "ppl", "ar", "ar_multihop", "retrieval"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def quick_selections(planted, ga_s2):
     """The selections that train nothing (the baselines; the proxy against GA-S2) and GA-S2's distance-regularized
     reranking of its finished probes, each a run of train.py's main() with the overrides below, one after another
     in one process: they take a second or two each, a Python start of their own ~8 s of CPU more."""
-    runs = {m: [f"select.method={m}", "select.ar_prompts=4", "select.ar_pairs=10"] for m in BASELINES}
+    runs = {m: [f"select.method={m}", "select.ar_prompts=4", "select.ar_pairs=10", "select.retrieval_prompts=6",
+                "select.retrieval_seq_len=128"] for m in BASELINES}
     runs["proxy"] = ["select.method=proxy", f"select.reference={ga_s2[1]}"]
     runs["distance_reg"] = ["select.method=ga_s2", "select.distance_reg=5"]
     argvs = [["--stage", "select", "--config", str(planted["cfg"]), *o] for o in runs.values()]
@@ -218,6 +219,11 @@ def test_baselines_give_k_distinct_valid_layers(planted, quick_selections, metho
         assert sel["ranking"] == sorted(range(4), key=lambda l: -val[f"layer{l:02d}"])
     if method == "ppl":  # replacing the teacher's layer 2 by the broken mixer hurts perplexity most
         assert sel["ranking"][0] == PLANTED
+    if method == "retrieval":  # each layer scores its best head's copy rate, the highest first; no align read
+        rates = sel["copy_rate"]
+        assert sel["prompts"] >= 1 and sel["answer_positions"] >= sel["prompts"] and "align" not in sel
+        assert [sel["scores"][str(l)] for l in range(4)] == pytest.approx([max(r) for r in rates])
+        assert sel["ranking"] == sorted(range(4), key=lambda l: (-max(rates[l]), l))
 
 
 def solve(text: str) -> int:

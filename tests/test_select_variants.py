@@ -237,3 +237,45 @@ def test_retrieval_layers_reads_each_heads_copy_and_needle_mass_from_the_attenti
         assert res["copy_rate"][layer] == pytest.approx((w.argmax(-1) == tgt).float().mean(-1).tolist())
         assert res["needle_mass"][layer] == pytest.approx(w[:, :, [21, 22, 23]].sum(-1).mean(-1).tolist(), rel=1e-5)
     assert 0.0 <= res["teacher_answer_accuracy"] <= 1.0
+
+
+def test_retrieval_ranks_first_the_layer_whose_heads_copy_the_needle():
+    """ds_hybrid.retrieval_heads on a planted case: one layer's attention made to put its weight on the needle's
+    token that each answer token repeats (a retrieval head) gets copy rate 1 and the top of the ranking; the
+    prompts come from rows of text with a fact planted (needle_row), each answer token traced to its source."""
+    import torch
+    from conftest import tiny_teacher
+    from transformers import AutoTokenizer
+
+    from ds_hybrid.retrieval_heads import copy_counts, retrieval_prompts
+    from ds_hybrid.teacher import embedded_teacher_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())
+    text = tok(" the quick brown fox jumps over the lazy dog and runs far away" * 12, add_special_tokens=False)
+    prompts = retrieval_prompts([text["input_ids"][:120]] * 3, tok, seed=1)
+    assert len(prompts) == 3
+    for ids, start, end, src in prompts:
+        assert all(ids[s] == ids[start + j] for j, s in enumerate(src) if s >= 0) and sum(s >= 0 for s in src) >= 2
+    model = tiny_teacher("llama", num_hidden_layers=4, vocab_size=len(tok))
+    planted, current = 2, {}
+    attn = model.model.layers[planted].self_attn
+    forward = attn.forward
+
+    def copying(*args, **kwargs):  # the planted head(s): all weight on the repeated token at every answer position
+        out, weights = forward(*args, **kwargs)
+        weights = torch.zeros_like(weights)
+        for p, s in current["pairs"]:
+            weights[0, :, p, s] = 1.0
+        return out, weights
+
+    attn.forward = copying
+    counts = None
+    for prompt in prompts:
+        ids, start, end, src = prompt
+        current["pairs"] = [(start + j - 1, s) for j, s in enumerate(src) if s >= 0]
+        c = copy_counts(model, [prompt])
+        counts = c if counts is None else type(c)(counts.hits + c.hits, counts.mass + c.mass,
+                                                   counts.positions + c.positions, 0, 0)
+    scores = counts.layer_scores()
+    assert scores[planted] == 1.0 and max(s for l, s in enumerate(scores) if l != planted) < 1.0
+    assert sorted(range(4), key=lambda l: -scores[l])[0] == planted

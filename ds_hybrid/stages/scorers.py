@@ -16,14 +16,19 @@ from ds_hybrid.errors import ConfigError
 log = logging.getLogger("ds_hybrid")
 
 
-def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int) -> list[torch.Tensor]:
+def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int, shard: bool = True,
+                   len_field: str | None = None) -> list[torch.Tensor]:
+    """The first ``n`` held-out rows of ``seq_len`` tokens ([1, seq_len] each): this rank's share, or all of them
+    (``len_field``: the setting that gave seq_len, named if the held-out text is shorter)."""
     from ds_hybrid.data import PackedSequences, prepare_streams
 
     streams = prepare_streams(cfg.data, tokenizer, is_main=D.is_main(), barrier=D.barrier)
     val = PackedSequences(streams.val, seq_len, max_rows=n)
     if len(val) == 0:
-        raise ConfigError("select.probe.seq_len", seq_len, "the held-out slice is shorter than one sequence")
-    return [val[[i]] for i in range(D.rank(), len(val), D.world_size())]
+        raise ConfigError("select.probe.seq_len" if len_field is None else len_field, seq_len,
+                          "the held-out slice is shorter than one sequence of this length")
+    step = D.world_size() if shard else 1
+    return [val[[i]] for i in range(D.rank() if shard else 0, len(val), step)]
 
 
 def _sum_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +145,37 @@ def ar_scores(cfg: RunConfig, teacher, tokenizer, multihop: bool) -> tuple[dict[
                  l, scores[l], a, base_acc)
     return scores, {"teacher_logprob": base_lp, "teacher_accuracy": base_acc, "ablated_accuracy": acc,
                     "prompts": sc.ar_prompts, "pairs": sc.ar_pairs}
+
+
+@torch.no_grad()
+def retrieval_scores(cfg: RunConfig, teacher, tokenizer) -> tuple[dict[int, float], dict]:
+    """Each layer's best head's copy rate on needle prompts made from held-out rows (ds_hybrid.retrieval_heads):
+    how often, at a position that predicts an answer token, a head's largest attention weight falls on the needle's
+    token that the answer repeats. ``teacher`` must return attention weights (eager attention)."""
+    from ds_hybrid.retrieval_heads import copy_counts, retrieval_prompts
+
+    sc = cfg.select
+    seq_len = sc.retrieval_seq_len
+    rows = _held_out_rows(cfg, tokenizer, seq_len, sc.retrieval_prompts, shard=False,
+                          len_field="select.retrieval_seq_len")
+    prompts = retrieval_prompts([r[0].tolist() for r in rows], tokenizer, seed=sc.ar_seed)  # the same on every rank
+    if not prompts:
+        raise ConfigError("select.retrieval_prompts", sc.retrieval_prompts, "no held-out row gave a needle prompt "
+                          "whose answer tokens occur in its fact; use more rows")
+    c = copy_counts(teacher, prompts[D.rank()::D.world_size()])
+    dev = D.device()
+    sums = _sum_reduce(torch.cat([c.hits.flatten(), c.mass.flatten(),
+                                  torch.tensor([c.positions, c.correct, c.total], dtype=torch.float64)]).to(dev))
+    n = c.hits.numel()
+    hits, mass = sums[:n].view_as(c.hits).cpu(), sums[n:2 * n].view_as(c.mass).cpu()
+    positions, correct, total = (int(x) for x in sums[2 * n:].tolist())
+    copy = hits / max(positions, 1)
+    scores = {l: float(v) for l, v in enumerate(copy.max(dim=1).values.tolist())}
+    for l, v in scores.items():
+        log.info("retrieval layer %d: best head's copy rate %.3f", l, v)
+    return scores, {"tokens_spent": 0, "prompts": len(prompts), "answer_positions": positions, "seq_len": seq_len,
+                    "teacher_answer_accuracy": correct / max(total, 1), "copy_rate": copy.tolist(),
+                    "needle_mass": (mass / max(positions, 1)).tolist()}
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

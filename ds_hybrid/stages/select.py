@@ -24,7 +24,10 @@ Methods (``select.method``):
   larger increase = more important), ``ar`` / ``ar_multihop`` (teacher ablation: layer l's attention output zeroed;
   drop in the log-probability of the right answer on synthetic associative-recall prompts; see
   :mod:`ds_hybrid.recall_tasks`. Log-probability, not accuracy, because a 135M teacher sums three numbers rarely:
-  accuracy would be 0 with or without any layer. Accuracy is reported beside it).
+  accuracy would be 0 with or without any layer. Accuracy is reported beside it), ``retrieval`` (not in the paper:
+  the teacher's retrieval heads, Wu et al. 2024: on held-out rows with a planted key-value fact, how often a head's
+  largest attention weight at an answer position falls on the fact's token being repeated; a layer scores its best
+  head's rate, higher = more important; teacher only, no align: :mod:`ds_hybrid.retrieval_heads`).
 
 Any score-based method takes ``select.distance_reg`` (lambda >= 0): the ranking becomes the greedy order of
 importance (the score rescaled to [0, 1]) minus lambda x proximity to the layers already taken (1 / distance to the
@@ -61,7 +64,7 @@ from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection,
                                  write_selection)
 from ds_hybrid.stages.probes import ga_s2, halving, requested_ks, task_slot
-from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores
+from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
 log = logging.getLogger("ds_hybrid")
 
@@ -156,8 +159,13 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
         from ds_hybrid.stages.common import run_dtype
 
         dtype, dev = run_dtype(cfg), D.device()
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(dev).eval()
-        if sc.method in ("ar", "ar_multihop"):
+        # retrieval reads the attention weights: eager attention (the others keep the fast default)
+        attn = {"attn_implementation": "eager"} if sc.method == "retrieval" else {}
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **attn).to(dev).eval()
+        if sc.method == "retrieval":
+            scores, extra = retrieval_scores(cfg, teacher, tokenizer)
+            lower = False
+        elif sc.method in ("ar", "ar_multihop"):
             scores, extra = ar_scores(cfg, teacher, tokenizer, multihop=sc.method == "ar_multihop")
             lower = False
         else:

@@ -152,7 +152,7 @@ def retrieval_scores(cfg: RunConfig, teacher, tokenizer) -> tuple[dict[int, floa
     """Each layer's best head's copy rate on needle prompts made from held-out rows (ds_hybrid.retrieval_heads):
     how often, at a position that predicts an answer token, a head's largest attention weight falls on the needle's
     token that the answer repeats. ``teacher`` must return attention weights (eager attention)."""
-    from ds_hybrid.retrieval_heads import copy_counts, retrieval_prompts
+    from ds_hybrid.retrieval_heads import CopyCounts, copy_counts, retrieval_prompts
 
     sc = cfg.select
     seq_len = sc.retrieval_seq_len
@@ -167,15 +167,14 @@ def retrieval_scores(cfg: RunConfig, teacher, tokenizer) -> tuple[dict[int, floa
     sums = _sum_reduce(torch.cat([c.hits.flatten(), c.mass.flatten(),
                                   torch.tensor([c.positions, c.correct, c.total], dtype=torch.float64)]).to(dev))
     n = c.hits.numel()
-    hits, mass = sums[:n].view_as(c.hits).cpu(), sums[n:2 * n].view_as(c.mass).cpu()
     positions, correct, total = (int(x) for x in sums[2 * n:].tolist())
-    copy = hits / max(positions, 1)
-    scores = {l: float(v) for l, v in enumerate(copy.max(dim=1).values.tolist())}
+    c = CopyCounts(sums[:n].view_as(c.hits).cpu(), sums[n:2 * n].view_as(c.mass).cpu(), positions, correct, total)
+    scores = dict(enumerate(c.layer_scores()))
     for l, v in scores.items():
         log.info("retrieval layer %d: best head's copy rate %.3f", l, v)
     return scores, {"tokens_spent": 0, "prompts": len(prompts), "answer_positions": positions, "seq_len": seq_len,
-                    "teacher_answer_accuracy": correct / max(total, 1), "copy_rate": copy.tolist(),
-                    "needle_mass": (mass / max(positions, 1)).tolist()}
+                    "teacher_answer_accuracy": correct / max(total, 1), "copy_rate": c.copy_rate().tolist(),
+                    "needle_mass": (c.mass / max(positions, 1)).tolist()}
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ def test_loss_kl_and_grads_match_fp64(fn, T, kl_w, ce_w):
     assert rel(h.grad, r_dh) < 1e-5 and rel(w.grad, r_dw) < 1e-5
 
 
-def test_no_tokens_give_zero_loss_and_zero_gradients():
-    """dW is written by the first chunk's GEMM (no zero fill); with no chunk at all it must still be zeros."""
+def test_no_tokens_give_zero_loss_and_zero_gradients(monkeypatch):
+    """dW is written by the first chunk's GEMM (no zero fill); with no chunk at all it must still be zeros (fresh
+    tensors filled with NaN here, so that an unwritten dW cannot pass by holding zeros by chance)."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     hs, ws, ht, wt, mask, _ = inputs(0, 8, 150, seed=5)
     h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
     loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, chunk=8)

@@ -15,6 +15,8 @@
 #                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
 #                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
+#   (HERE, after the lease: `bench/import_lease.py FILES_AT/results.tar.gz docs/data/NAME [--merge MERGED]` lays the
+#   last tarball out as a docs/data folder, prints each hybrid's training summary and recall, and merges its evals)
 #   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
 #                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,

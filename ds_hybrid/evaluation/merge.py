@@ -73,7 +73,7 @@ def merge(items: list[str]) -> dict[str, Any]:
         versions = versions or p.get("versions")
         sources.append({"file": str(src), **{k: p.get(k) for k in ("date", "device", "dtype", "cuda_graphs", "limit",
                                                                     "seed", "lengths", "window")},
-                        "models": [name(m) for m in p["scores"]]})
+                        "models": [name(m) for m in p["scores"]], **({"renames": renames} if renames else {})})
         lengths.update(int(x) for x in p.get("lengths", []))
         tasks += [t for t in p.get("tasks", []) if t not in tasks]
         for m, per_task in p["scores"].items():

@@ -1,0 +1,149 @@
+"""bench/import_lease.py: a lease's results.tar.gz laid out as a docs/data folder, summarized, merged."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ds_hybrid.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("import_lease", ROOT / "bench" / "import_lease.py")
+import_lease = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(import_lease)
+
+TASKS = ["niah_single_1", "niah_essay_single"]
+
+
+def eval_payload(model: str, length: int, scores: list[float], n: int) -> dict:
+    return {"date": "2026-12-03", "device": "cuda", "lengths": [length], "tasks": TASKS, "limit": n,
+            "scores": {model: {t: {str(length): s} for t, s in zip(TASKS, scores)}},
+            "prompts": {model: {t: {str(length): n} for t in TASKS}}, "heldout_quality": {}, "models": {}}
+
+
+def metrics_rows() -> list[dict]:
+    rows = [{"step": 0, "split": "val", "kl": 0.4, "ppl": 27.0, "recall_kl": 2.2}]
+    rows += [{"step": s, "tokens": 131072 * s, "tokens_per_s": tps, "peak_gpu_gib": 90.0 + s / 10}
+             for s, tps in ((1, 100.0), (2, 300.0), (3, 200.0))]
+    rows += [{"step": 3, "split": "val", "kl": 0.15, "ppl": 21.4, "recall_kl": 0.37}]
+    return rows
+
+
+def make_tarball(path: Path, *, unpacked: bool = False, extra: dict[str, bytes] | None = None) -> Path:
+    files: dict[str, bytes] = {
+        "res/t0": b"1700000000\n",
+        "res/CAMPAIGN_DONE": b"",
+        "res/preflight.ok": b"",
+        "res/progress.log": b"21:32:49 +17s start eval_preflight (GPU 0)\n21:55:10 +1358s campaign done\n",
+        "res/campaign.log": b"same as progress\n",
+        "res/versions.txt": b"triton 3.7.1 torch 2.11.0\n",
+        "res/gpus.csv": b"index, name\n0, NVIDIA H200\n",
+        "res/graph_decode_check.json": b'{"passed": true}',
+        "res/logs/kl_a.log": b"start\n\rstep 1/3\rstep 2/3\rstep 3/3\ndone\n",
+        "res/eval_teacher_1024/eval.json": json.dumps(eval_payload("teacher", 1024, [1.0, 1.0], 1)).encode(),
+        "res/eval_a_2048/eval.json": json.dumps(eval_payload("a", 2048, [0.99, 0.59], 100)).encode(),
+        "res/eval_a_2048/eval.md": b"| task |\n",
+        "res/eval_a_2048/samples_a.jsonl": b'{"prompt": "p", "answer": "1"}\n' * 3,
+        "res/triton_autotune/X/k.autotune.json": b"{}",
+        "run/compare/align/metrics.jsonl": b'{"step": 0, "split": "val", "loss": 1.85}\n',
+        "run/compare/align/run_info.json": b'{"stage": "align"}',
+        "run/compare/align/config.yaml": b"seed: 0\n",
+        "run/compare/kl_runs/a/kl/metrics.jsonl": "".join(json.dumps(r) + "\n" for r in metrics_rows()).encode(),
+        "run/compare/kl_runs/a/kl/run_info.json": b'{"stage": "kl", "softmax_layers": [0, 18, 20, 23]}',
+        "run/compare/kl_runs/a/kl/config.yaml": b"kl: {}\n",
+        "run/compare/kl_runs/a/kl/DONE": b"{}",
+        "run/compare/select/ppl/selection.json": b'{"ranking": [18, 20]}',
+    }
+    if unpacked:
+        files["res/logs/align_unpack.log"] = b"unpacked\n"
+    files.update(extra or {})
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_layout_and_summary(tmp_path):
+    tb = make_tarball(tmp_path / "results.tar.gz")
+    out = tmp_path / "docs" / "lease"
+    summary = import_lease.import_lease(tb, out)
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert names == {
+        "versions.txt", "gpus.csv", "graph_decode_check.json", "campaign_progress.log", "logs/kl_a.log",
+        "eval_a_2048/eval.json", "eval_a_2048/eval.md", "eval_a_2048/samples_a.jsonl.gz",
+        "align_metrics.jsonl.gz", "align_run_info.json", "align_config.yaml",
+        "a_kl_metrics.jsonl.gz", "a_kl_run_info.json", "a_kl_config.yaml", "selectors/ppl/selection.json"}
+    # the preflight (one prompt per task), the markers and the autotune cache stay out; samples round-trip
+    assert gzip.decompress((out / "eval_a_2048/samples_a.jsonl.gz").read_bytes()) == b'{"prompt": "p", "answer": "1"}\n' * 3
+    assert (out / "logs/kl_a.log").read_text() == "start\nstep 3/3\ndone\n"
+    rows = [json.loads(x) for x in gzip.decompress((out / "a_kl_metrics.jsonl.gz").read_bytes()).splitlines()]
+    assert rows == metrics_rows()
+    assert summary["align"] == "trained in this lease"
+    (kl,) = summary["kl"]
+    assert kl["name"] == "a" and kl["softmax_layers"] == [0, 18, 20, 23]
+    assert kl["tokens_per_s_median"] == 200.0 and kl["tokens"] == 3 * 131072
+    assert kl["peak_gpu_gib"] == pytest.approx(90.3)
+    assert kl["first_val"] == {"step": 0, "kl": 0.4, "ppl": 27.0, "recall_kl": 2.2}
+    assert kl["last_val"] == {"step": 3, "kl": 0.15, "ppl": 21.4, "recall_kl": 0.37}
+    assert import_lease.needle_rows(summary["evals"]) == ["eval_a_2048: a niah_single_1 2048: 0.99"]
+
+
+def test_unpacked_align_keeps_no_metrics(tmp_path):
+    out = tmp_path / "lease"
+    summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", unpacked=True), out)
+    assert summary["align"] == "unpacked from an earlier lease's parts"
+    assert (out / "align_run_info.json").is_file() and not (out / "align_metrics.jsonl.gz").exists()
+
+
+def test_refusals(tmp_path):
+    tb = make_tarball(tmp_path / "r.tar.gz")
+    out = tmp_path / "lease"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        import_lease.import_lease(tb, out)
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    bare = tmp_path / "bare.tar.gz"
+    with tarfile.open(bare, "w:gz") as tf:
+        info = tarfile.TarInfo("something/else.txt")
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ConfigError, match="no res/"):
+        import_lease.import_lease(bare, tmp_path / "new")
+    with pytest.raises(ConfigError, match="--campaign"):
+        import_lease.import_lease(tb, tmp_path / "new2", campaign="gemma")
+    assert not (tmp_path / "new2").exists()
+    evil = make_tarball(tmp_path / "evil.tar.gz", extra={"../escaped.txt": b"x"})
+    with pytest.raises(tarfile.TarError):
+        import_lease.import_lease(evil, tmp_path / "new3")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_merge_keeps_sources_and_renames(tmp_path):
+    from ds_hybrid.evaluation.merge import main as merge_main
+
+    old = tmp_path / "old_eval"
+    old.mkdir()
+    (old / "eval.json").write_text(json.dumps(eval_payload("hybrid", 2048, [0.5, 0.25], 100)))
+    merged = tmp_path / "merged"
+    assert merge_main([f"uniform8=hybrid@{old}", "--out", str(merged)]) == 0
+    out = tmp_path / "lease"
+    assert import_lease.main([str(make_tarball(tmp_path / "r.tar.gz")), str(out), "--merge", str(merged)]) == 0
+    payload = json.loads((merged / "eval.json").read_text())
+    assert payload["scores"]["uniform8"]["niah_single_1"] == {"2048": 0.5}  # the earlier rename kept
+    assert payload["scores"]["a"]["niah_single_1"] == {"2048": 0.99}
+    assert "teacher" not in payload["scores"]  # the preflight is not a result
+    # the same lease imported again into the same (emptied) folder is one source, not two
+    for f in sorted(out.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    assert import_lease.main([str(make_tarball(tmp_path / "r2.tar.gz")), str(out), "--merge", str(merged)]) == 0
+    files = [Path(s["file"]).parent.name for s in json.loads((merged / "eval.json").read_text())["sources"]]
+    assert files == ["old_eval", "eval_a_2048"]
+    assert json.loads((merged / "eval.json").read_text())["scores"]["uniform8"]["niah_single_1"] == {"2048": 0.5}

@@ -18,6 +18,7 @@ Failure behaviour:
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -169,6 +170,27 @@ def all_engines(runner) -> dict:
     return engines
 
 
+def release_engines(runner) -> None:
+    """Tear down the stage's DeepSpeed engines (``destroy``: their gradient hooks removed) and drop them, so that a
+    process that runs several stages frees each one's memory: stage select runs one kl stage per probe, and an engine
+    whose hooks still hold it through autograd is out of the garbage collector's reach (19 probes of Gemma-3-270M
+    grew a CPU run by ~4 GiB a probe until it was killed)."""
+    for name, engine in all_engines(runner).items():
+        destroy = getattr(engine, "destroy", None)
+        if callable(destroy):
+            try:
+                destroy()
+            except Exception as e:  # (in a `finally`: an error here must not hide the stage's own)
+                log.warning("could not tear down the %s engine: %s", name, e)
+    runner.engines = {}
+    for attr in ("engine", "teacher"):
+        if getattr(runner, attr, None) is not None:
+            setattr(runner, attr, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def gather_param_report(runner) -> list[dict[str, int]]:
     """Per rank: parameters held locally vs in full, for each engine (shows ZeRO-3 partitioning at work)."""
     from ds_hybrid.zero import full_shape
@@ -313,4 +335,5 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         D.barrier()
     finally:
         monitor.close()
+        release_engines(runner)
     return run_dir

@@ -180,6 +180,31 @@ def test_halving_split_over_two_concurrent_tasks_equals_one_task(planted, halvin
     assert split["ranking"] == single["ranking"] and split["tokens_spent"] == single["tokens_spent"]
 
 
+PROBES_IN_ONE_PROCESS = """
+import gc, sys
+from pathlib import Path
+from ds_hybrid.config import load_config
+from ds_hybrid.stages import probes
+cfg = load_config(sys.argv[1], ["select.probe.ds_config=ds_configs/student_zero1.json"])
+s = probes.probe_stage_config(cfg, Path(cfg.out_dir) / "align" / "hf")
+for layer in (0, 1):
+    probes.run_probe(cfg, Path(sys.argv[2]) / str(layer), layer, s)
+gc.collect()
+print("live engines", sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects()))
+"""
+
+
+def test_probes_in_one_process_leave_no_engine_alive(planted, tmp_path):
+    """Stage select runs one kl stage per probe in one process: each must free its engines. A ZeRO-1 engine (the
+    probes' usual ds_config) is held by its own gradient hooks out of the garbage collector's reach unless the stage
+    destroys it (a Gemma-3-270M selection on CPU grew ~4 GiB a probe until it was killed)."""
+    p = subprocess.run([sys.executable, "-c", PROBES_IN_ONE_PROCESS, str(planted["cfg"]), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+    assert p.returncode == 0, tail(p)
+    assert "live engines 0" in p.stdout, p.stdout[-500:]
+    assert all((tmp_path / str(layer) / "kl" / "DONE").is_file() for layer in (0, 1))
+
+
 def test_killed_selection_reruns_only_missing_probes(planted, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(planted["out"] / "align", out / "align")

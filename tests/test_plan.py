@@ -77,3 +77,30 @@ def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
             assert abs(plan.total / 2**30 - r["peak_gpu_gib"]) <= 0.10 * r["peak_gpu_gib"], (r["name"], plan.table())
             checked += 1
     assert checked == 9
+
+
+def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent():
+    """Attention width 1024 over hidden 640, head dim 256, four norms a layer: the plan against Gemma-3-270M's stacked
+    align (micro-batch 96 x 512) and every GA-S2 probe (eager kl, 16 x 2048, one softmax layer or none) of the
+    2026-12-04 H200 lease. The plan before the d, norm and state terms said 28.3 and 34.4 GiB for 49.2 and 49.3."""
+    import gzip
+
+    from trainer_utils import REPO
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    data = REPO / "docs" / "data" / "gemma3_270m_h200_2026-12-04"
+    teacher = str(REPO / "runs" / "configs" / "gemma3_270m" / "config.json")
+    config = REPO / "runs" / "gemma3_270m_select.yaml"
+    with gzip.open(data / "align_metrics.jsonl.gz", "rt") as f:
+        align_peak = max(json.loads(line).get("peak_gpu_gib", 0) for line in f)
+    plan = plan_for(load_config(config, ["align.micro_batch=96"]), "align", 1, 139.8, teacher)
+    assert abs(plan.total / 2**30 - align_peak) <= 0.10 * align_peak, plan.table()
+    probes = [json.loads(line) for line in (data / "probes.jsonl").read_text().splitlines()]
+    for p in probes:
+        cfg = load_config(config, ["kl.seq_len=2048", "kl.micro_batch=16", "kl.compile=false",
+                                   f"softmax_layers={p['softmax_layers']}"])
+        plan = plan_for(cfg, "kl", 1, 139.8, teacher)
+        assert abs(plan.total / 2**30 - p["peak_gpu_gib"]) <= 0.10 * p["peak_gpu_gib"], (p["probe"], plan.table())
+    assert len(probes) == 18

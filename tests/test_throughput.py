@@ -130,13 +130,14 @@ def test_stacked_refuses_what_it_cannot_run():
         stacked_forward(mixed, torch.randn(2, 1, 8, 32))
 
 
-def test_compiled_blocks_give_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])  # gemma3: sliding + global, four norms a layer
+def test_compiled_blocks_give_the_same_loss_and_gradients(monkeypatch, family):
     from ds_hybrid.stages.common import compile_blocks
     from ds_hybrid.transfer import build_hybrid
 
     monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")  # dynamo + autograd tracing, no C++ build
     torch._dynamo.reset()
-    eager = build_hybrid(tiny_teacher("llama", num_hidden_layers=4), [1], "gdn")
+    eager = build_hybrid(tiny_teacher(family, num_hidden_layers=4), [1], "gdn")
     compiled = copy.deepcopy(eager)
     assert compile_blocks(compiled.model.layers) == 4
     ids = torch.randint(0, 100, (2, 70))

@@ -394,11 +394,11 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
     # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
-    # overlaps the other's training); micro-batch PROBE_MB each (16: ~25 GiB planned per task on an H200)
+    # overlaps the other's training); micro-batch PROBE_MB each (16: 49-50 GiB per task measured on an H200)
     for t in 0 1; do
       job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
         select.probe.micro_batch=${PROBE_MB:-16} &
-      sleep 20  # the two tasks' first compiles share the cache instead of racing
+      [ $t = 0 ] && sleep 20  # the two tasks' first compiles share the cache instead of racing
     done
     wait
     [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
@@ -407,8 +407,9 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
         select.reference=$SELG/ga_s2/selection.json
     done
-    [ "${GEMMA_KL:-1}" = 1 ] || { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
+    [ "${GEMMA_KL:-1}" = 0 ] && { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
+      # (a failed kl skips its own evaluation only: the other hybrid still runs)
       job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
         "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" || return 1
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &

@@ -27,14 +27,17 @@ GLOBAL = {int(x) for x in args.global_layers.split(",") if x}
 rows = []
 for d in sorted(p for p in src.iterdir() if (p / "kl" / "DONE").is_file()):  # finished probes only
     m = [json.loads(line) for line in (d / "kl/metrics.jsonl").read_text().splitlines()]
-    val = [r for r in m if r.get("split") == "val"][-1]
+    vals = [r for r in m if r.get("split") == "val"]
     train = [r for r in m if r.get("split") == "train"]
     info = json.loads((d / "kl/run_info.json").read_text())
+    if not vals or len(info["softmax_layers"]) > 1:  # no held-out score, or not a single-layer probe
+        continue
+    val = vals[-1]
     rows.append(dict(probe=d.name, softmax_layers=info["softmax_layers"], steps=val["step"],
-                     tokens=train[-1]["tokens"],
-                     val={k: val[k] for k in ("ce", "ppl", "kl", "recall_nll", "recall_kl")},
-                     peak_gpu_gib=max(r.get("peak_gpu_gib", 0) for r in train),
-                     tokens_per_s=train[-1].get("tokens_per_s")))
+                     tokens=train[-1]["tokens"] if train else None,
+                     val={k: val.get(k) for k in ("ce", "ppl", "kl", "recall_nll", "recall_kl")},
+                     peak_gpu_gib=max((r.get("peak_gpu_gib", 0) for r in train), default=None),
+                     tokens_per_s=train[-1].get("tokens_per_s") if train else None))
 with open(out / "probes.jsonl", "w") as f:
     for r in rows:
         f.write(json.dumps(r) + "\n")
@@ -43,20 +46,29 @@ if base is None:
     raise SystemExit(f"{src}: no finished all-linear probe (baseline/kl/DONE): the ranking needs it")
 layers = sorted((r for r in rows if r["softmax_layers"]), key=lambda r: r["val"]["kl"])
 kind = (lambda x: "global" if x in GLOBAL else "sliding") if GLOBAL else (lambda x: "")
+
+
+def fmt(v: float | None, spec: str) -> str:  # recall scores are absent where the probes recorded none
+    return "-" if v is None else format(v, spec)
+
+
 lines = ["| rank | layer | kind | held-out KL | vs all-linear | recall_kl | ce |", "|---|---|---|---|---|---|---|"]
 for i, r in enumerate(layers, 1):
     layer = r["softmax_layers"][0]
     lines.append(f"| {i} | {layer} | {kind(layer)} | {r['val']['kl']:.3f} | "
-                 f"{r['val']['kl'] - base['kl']:+.3f} | {r['val']['recall_kl']:.2f} | {r['val']['ce']:.3f} |")
+                 f"{r['val']['kl'] - base['kl']:+.3f} | {fmt(r['val']['recall_kl'], '.2f')} | {r['val']['ce']:.3f} |")
 measured = {r["softmax_layers"][0] for r in layers}
 for x in range(L):
     if x not in measured:
         lines.append(f"| - | {x} | {kind(x)} | not measured (no finished probe) | | | |")
-lines.append(f"| - | none (all-linear) | | {base['kl']:.3f} | 0 | {base['recall_kl']:.2f} | {base['ce']:.3f} |")
+lines.append(f"| - | none (all-linear) | | {base['kl']:.3f} | 0 | {fmt(base['recall_kl'], '.2f')} | {base['ce']:.3f} |")
 (out / "probes.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-for ax, key, title in ((axes[0], "kl", "held-out KL after the probe"), (axes[1], "recall_kl", "recall KL after the probe")):
+panels = [("kl", "held-out KL after the probe")]
+if base["recall_kl"] is not None and all(r["val"]["recall_kl"] is not None for r in layers):
+    panels.append(("recall_kl", "recall KL after the probe"))
+fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+for ax, (key, title) in zip(axes[0], panels):
     xs = list(range(L))
     by = {r["softmax_layers"][0]: r["val"][key] for r in layers}
     vals = [by.get(x, 0) for x in xs]

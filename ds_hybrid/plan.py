@@ -121,8 +121,11 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
 
     largest = max(n(layer.parameters()) for layer in teacher.model.layers)
     h, hd = teacher_config.hidden_size, head_dim(teacher_config)
-    norms = sum(1 for m in teacher.model.layers[0].modules()
-                if "norm" in type(m).__name__.lower() and tuple(getattr(m, "weight", torch.empty(0)).shape) == (h,))
+    # hidden-size norms of a decoder layer, not the attention's own q/k norms (which are hidden-sized where
+    # head_dim == hidden)
+    norms = sum(1 for name, m in teacher.model.layers[0].named_modules()
+                if not name.startswith("self_attn") and "norm" in type(m).__name__.lower()
+                and getattr(m, "weight", None) is not None and tuple(m.weight.shape) == (h,))
     return ModelCounts(teacher=n(teacher.parameters()), student=n_student, trainable=n_train,
                        largest_teacher_layer=largest, hidden=h,
                        intermediate=teacher_config.intermediate_size, layers=teacher_config.num_hidden_layers,
@@ -166,12 +169,14 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # Compiled blocks (compile: auto/true, GPUs, ZeRO < 3) keep fewer intermediates: softmax 12 h + 4 i, linear
     # 36 h + 4 i; stage align's stacked pass 48 h per layer, its stacked copies of the teacher's states included
     # (both fitted to the H200 runs of docs/BENCHMARKS.md, 2026-11-29: within 7 % at micro-batches 16 to 96).
-    # Those teachers have attention width d (query heads x head dim) = h, head dim 64 or 128 and two norms a layer.
+    # Those fits are SmolLM2's (head dim 64) and Llama-3-8B's (kl, head dim 128): attention width d (query heads x
+    # head dim) = h and two norms a layer.
     # Where d != h (Gemma 3, Qwen3), the mixer's own tensors scale with d: 46 (eager) / 32 (compiled) of a linear
     # block's h, 10 / 8 of a softmax block's, 42 of the stacked align's, 26 of a mixer alone; each norm beyond two
     # (Gemma 3: four, computed in fp32) keeps 7 h; fla's chunk states (one K x V state per head and 64 tokens,
     # S = d x head_dim / 64 a token) are recomputed in a layer's backward with their fp32 gradient: 6 (S - d)
-    # bytes beyond the fitted constants for one layer, 2 (S - d) for every layer of the stacked align. Checked
+    # bytes beyond the fitted constants for one layer (head dim 128: +6 n d, under 0.5 % of Llama-3-8B's kl plan),
+    # 2 (S - d) for every layer of the stacked align (fitted at head dim 64; no head-dim-128 align measured). Checked
     # against the Gemma-3-270M H200 peaks of 2026-12-04 (docs/data/gemma3_270m_h200_2026-12-04; tests/test_plan.py).
     compiled = s.compile is not False and s_stage < 3  # the plan is for GPUs, where compile: auto compiles
     soft_c, lin_c, i_c = (12, 36, 4) if compiled else (18, 54, 6)
@@ -185,7 +190,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     if stage == "align":
         stacked = (s_stage < 3 and not cfg.mixer_options.get("use_short_conv", False)
                    and os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto") != "0")
-        acts = (L * n * (48 * h + 42 * (d - h) + 2 * (S - d)) * b // 2 if stacked  # all mixers as one batched pass
+        acts = (L * n * (48 * h + 42 * (d - h) + 2 * max(0, S - d)) * b // 2 if stacked  # all mixers as one batched pass
                 else L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states)  # one by one + the
         # captured teacher in/out
     elif s.gradient_checkpointing:

@@ -79,7 +79,7 @@ def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
     assert checked == 9
 
 
-def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent():
+def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent(monkeypatch):
     """Attention width 1024 over hidden 640, head dim 256, four norms a layer: the plan against Gemma-3-270M's stacked
     align (micro-batch 96 x 512) and every GA-S2 probe (eager kl, 16 x 2048, one softmax layer or none) of the
     2026-12-04 H200 lease. The plan before the d, norm and state terms said 28.3 and 34.4 GiB for 49.2 and 49.3."""
@@ -90,6 +90,7 @@ def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent():
     from ds_hybrid.config import load_config
     from ds_hybrid.plan import plan_for
 
+    monkeypatch.setenv("DS_HYBRID_ALIGN_STACKED", "auto")
     data = REPO / "docs" / "data" / "gemma3_270m_h200_2026-12-04"
     teacher = str(REPO / "runs" / "configs" / "gemma3_270m" / "config.json")
     config = REPO / "runs" / "gemma3_270m_select.yaml"
@@ -98,9 +99,26 @@ def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent():
     plan = plan_for(load_config(config, ["align.micro_batch=96"]), "align", 1, 139.8, teacher)
     assert abs(plan.total / 2**30 - align_peak) <= 0.10 * align_peak, plan.table()
     probes = [json.loads(line) for line in (data / "probes.jsonl").read_text().splitlines()]
-    for p in probes:
-        cfg = load_config(config, ["kl.seq_len=2048", "kl.micro_batch=16", "kl.compile=false",
-                                   f"softmax_layers={p['softmax_layers']}"])
+    for p in probes:  # each probe as it ran: its recorded config (a kl stage), its softmax layer
+        cfg = load_config(data / "probe_config.yaml", [f"softmax_layers={p['softmax_layers']}"])
         plan = plan_for(cfg, "kl", 1, 139.8, teacher)
         assert abs(plan.total / 2**30 - p["peak_gpu_gib"]) <= 0.10 * p["peak_gpu_gib"], (p["probe"], plan.table())
     assert len(probes) == 18
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3"])
+def test_plan_counts_the_layer_norms_and_attention_width_of_each_family(family):
+    """Two hidden-size norms a layer (Gemma 3: four), never the attention's q/k norms, even where head_dim equals
+    hidden_size and they have the same shape."""
+    from conftest import tiny_config
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import count_models
+
+    from trainer_utils import REPO
+
+    cfg = load_config(REPO / "runs" / "smollm2_compare.yaml", [])
+    for overrides in ({}, {"head_dim": 64}):  # hidden 64: q/k norms of hidden's shape
+        counts = count_models(tiny_config(family, **overrides), cfg, "kl", [1])
+        assert counts.norms_per_layer == (4 if family == "gemma3" else 2), overrides
+        assert counts.attn_width == 4 * counts.head_dim

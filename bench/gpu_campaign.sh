@@ -46,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
-R=/tmp/res
+R=${CAMPAIGN_RES:-/tmp/res}  # (tests/test_campaign.py runs the control flow elsewhere, with stubs; `pack` reads /tmp/res)
 CFG=runs/smollm2_gpu_select.yaml
 SCALE=runs/llama3_8b_scaling.yaml
 RUN=/tmp/run/smollm2
@@ -83,7 +83,7 @@ teacher_dir_() {  # teacher_dir_ CONFIG: the folder of the config's teacher on t
   python3 -c "import sys; from ds_hybrid.config import load_config; from ds_hybrid.teacher import resolve_teacher
 print(resolve_teacher(load_config(sys.argv[1], []).teacher))" "$1" | tail -n 1
 }
-CARRY_OUT=/tmp/carry_out  # parts for the trip home, outside /tmp/res (`wait` sends 3 a call beside the results)
+CARRY_OUT=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out}  # parts for the trip home, outside /tmp/res (`wait` sends 3 a call beside the results)
 prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align, packed for the
                  # trip home in 15 MiB parts (bench/carry_export.py: the mixers, the rest is the teacher's);
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home
@@ -399,15 +399,17 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     for t in 0 1; do
       job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
         select.probe.micro_batch=${PROBE_MB:-16} &
-      [ $t = 0 ] && sleep 20  # the two tasks' first compiles share the cache instead of racing
+      [ $t = 0 ] && sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache, not racing
     done
     wait
     [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
     (job eval_teacher 0 evg teacher $GT) &  # beside the selectors and the kl runs (a few GiB)
-    for m in keep_global uniform proxy retrieval; do
-      job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
-        select.reference=$SELG/ga_s2/selection.json
-    done
+    # the other selectors (keep_global first: the second kl run needs it) beside GA-S2's kl run
+    (for m in keep_global uniform proxy retrieval; do
+       job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
+         select.reference=$SELG/ga_s2/selection.json
+       [ $m = keep_global ] && touch $R/keep_global.tried
+     done) &
     [ "${GEMMA_KL:-1}" = 0 ] && { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       # (a failed kl skips its own evaluation only: the other hybrid still runs)
@@ -416,7 +418,9 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
     }
     kl_eval_ ga_s2
-    kl_eval_ keep_global
+    wait_for $R/keep_global.tried
+    if [ -f $SELG/keep_global/selection.json ]; then kl_eval_ keep_global
+    else note "no keep_global selection (logs/select_keep_global.log)"; fi
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

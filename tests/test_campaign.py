@@ -1,0 +1,69 @@
+"""bench/gpu_campaign.sh's control flow on a CPU, with a stub python3 (tests/fixtures/campaign_stub): which steps
+run, in what order, beside what, and what a failed step skips. A GPU lease is too dear a place to find a shell bug."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = ROOT / "tests" / "fixtures" / "campaign_stub"
+
+
+def campaign(tmp_path: Path, name: str, **env: str) -> list[str]:
+    """Runs `bench/gpu_campaign.sh NAME`; returns progress.log's events without their timestamps."""
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "t0").write_text("0")
+    full = dict(os.environ, PATH=f"{STUB}:{os.environ['PATH']}", CAMPAIGN_RES=str(res),
+                CAMPAIGN_CARRY_OUT=str(tmp_path / "carry"), STUB_LOG=str(tmp_path / "calls.log"),
+                RG=str(tmp_path / "run"), TASK_STAGGER_S="0.2", HOME=str(tmp_path), **env)  # (gpu_env.sh puts
+    # $HOME/.local/bin first on PATH)
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_campaign.sh"), name], cwd=ROOT, env=full,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
+
+
+def at(events: list[str], event: str) -> int:
+    assert event in events, (event, events)
+    return events.index(event)
+
+
+def test_gemma_campaign_order_and_overlaps(tmp_path):
+    ev = campaign(tmp_path, "gemma")
+    assert ev[-1] == "campaign done"
+    for job in ("gemma_teacher", "data_cache", "align", "carry_pack", "eval_preflight", "ga_s2_task0", "ga_s2_task1",
+                "select_keep_global", "select_uniform", "select_proxy", "select_retrieval", "eval_teacher",
+                "kl_ga_s2_3", "kl_keep_global_3", "eval_ga_s2_3", "eval_keep_global_3"):
+        assert at(ev, f"start {job} (GPU 0)") < at(ev, f"end {job} rc=0")
+    # GA-S2 before everything that reads its selection; its two tasks side by side
+    assert at(ev, "start ga_s2_task1 (GPU 0)") < at(ev, "end ga_s2_task0 rc=0")
+    first_after = min(at(ev, f"start {j} (GPU 0)") for j in ("select_keep_global", "kl_ga_s2_3", "eval_teacher"))
+    assert first_after > at(ev, "end ga_s2_task1 rc=0")
+    # the selectors beside GA-S2's kl; keep_global's kl only once its selection exists; each evaluation after its kl
+    assert at(ev, "start kl_ga_s2_3 (GPU 0)") < at(ev, "end select_keep_global rc=0")
+    assert at(ev, "end select_keep_global rc=0") < at(ev, "start kl_keep_global_3 (GPU 0)")
+    assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
+    assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3 (GPU 0)")
+    calls = (tmp_path / "calls.log").read_text()
+    for m in ("ga_s2", "keep_global"):
+        assert f"softmax_layers={{selection: {tmp_path}/run/select/{m}/selection.json, k: 3}}" in calls
+
+
+def test_gemma_campaign_without_keep_global_still_trains_ga_s2(tmp_path):
+    ev = campaign(tmp_path, "gemma", STUB_FAIL="keep_global")
+    assert "end select_keep_global rc=1" in ev and "no keep_global selection (logs/select_keep_global.log)" in ev
+    assert "end eval_ga_s2_3 rc=0" in ev and not any("kl_keep_global" in e for e in ev)
+    assert ev[-1] == "campaign done"
+
+
+@pytest.mark.parametrize("value,kl", [("0", False), ("1", True)])
+def test_gemma_kl_switch(tmp_path, value, kl):
+    ev = campaign(tmp_path, "gemma", GEMMA_KL=value)
+    assert any(e.startswith("start kl_") for e in ev) == kl
+    assert ev[-1] == ("campaign done" if kl else "campaign done (GEMMA_KL=0: selections only)")
+    assert "end select_retrieval rc=0" in ev and "end eval_teacher rc=0" in ev

@@ -1,5 +1,6 @@
-"""bench/gpu_campaign.sh's control flow on a CPU, with a stub python3 (tests/fixtures/campaign_stub): which steps
-run, in what order, beside what, and what a failed step skips. A GPU lease is too dear a place to find a shell bug."""
+"""bench/gpu_campaign.sh's control flow on a CPU, with a stub python3 (tests/fixtures/campaign_stub), for the gemma
+and compare campaigns: which steps run, in what order, beside what, on which GPU, and what a failed step skips. A
+GPU lease is too dear a place to find a shell bug."""
 
 from __future__ import annotations
 
@@ -67,3 +68,24 @@ def test_gemma_kl_switch(tmp_path, value, kl):
     assert any(e.startswith("start kl_") for e in ev) == kl
     assert ev[-1] == ("campaign done" if kl else "campaign done (GEMMA_KL=0: selections only)")
     assert "end select_retrieval rc=0" in ev and "end eval_teacher rc=0" in ev
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(tmp_path, gpus):
+    ev = campaign(tmp_path, "compare", STUB_GPUS=str(gpus), RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8] c_8=[1,2,3,4,5,6,7,8]")
+    assert ev[-1] == "campaign done"
+    assert not any(e.startswith("start align (") for e in ev)  # the carried align, unpacked and its seed checked
+    assert at(ev, "end align_seed rc=0") < at(ev, "end data_cache rc=0") < min(
+        i for i, e in enumerate(ev) if e.startswith("start kl_"))
+    chains = {0: ["a_4", "c_8"], 1: ["b_4"]} if gpus == 2 else {0: ["a_4", "b_4", "c_8"]}
+    for gpu, names in chains.items():
+        for n in names:
+            assert f"start kl_{n} (GPU {gpu})" in ev
+            for part in ("2048", "4096", "8192", "quality"):  # every evaluation after its own kl, on its chain's GPU
+                assert at(ev, f"end kl_{n} rc=0") < at(ev, f"start eval_{n}_{part} (GPU {gpu})")
+        for first, second in zip(names, names[1:]):  # one chain: kl runs one after the other, evaluations beside
+            assert at(ev, f"end kl_{first} rc=0") < at(ev, f"start kl_{second} (GPU {gpu})")
+    calls = (tmp_path / "calls.log").read_text()
+    assert f"out_dir={tmp_path}/run/kl_runs/c_8 kl.init_from={tmp_path}/run/align/hf softmax_layers=[1,2,3,4,5,6,7,8]" \
+        in calls

@@ -83,7 +83,7 @@ teacher_dir_() {  # teacher_dir_ CONFIG: the folder of the config's teacher on t
   python3 -c "import sys; from ds_hybrid.config import load_config; from ds_hybrid.teacher import resolve_teacher
 print(resolve_teacher(load_config(sys.argv[1], []).teacher))" "$1" | tail -n 1
 }
-CARRY_OUT=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out}  # parts for the trip home, outside /tmp/res (`wait` sends 3 a call beside the results)
+CARRY_OUT=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out}  # parts for the trip home, outside /tmp/res (`wait` sends what fits beside the results)
 prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), then the seeded align, packed for the
                  # trip home in 15 MiB parts (bench/carry_export.py: the mixers, the rest is the teacher's);
                  # ALIGN_PARTS=DIR: rebuild the align folder from the parts an earlier lease brought home

@@ -109,10 +109,16 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     end=$(( $(date +%s) + $2 ))
     while [ ! -f /tmp/res/CAMPAIGN_DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
     bench/gpu_campaign.sh pack "$OUT"
-    # carry parts (an align folder for the next lease) ride along, 3 a call: 45 MiB + the results < 64 MiB
+    # carry parts (an align folder for the next lease) ride along, as many as the trip home takes beside the
+    # results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the results are small
     touch /tmp/carry_out.sent
-    for f in $(ls /tmp/carry_out/* 2>/dev/null | grep -vxF -f /tmp/carry_out.sent | head -n 3); do
+    room=$(( 63 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))
+    files=$(ls "$OUT" | wc -l)
+    for f in $(ls /tmp/carry_out/* 2>/dev/null | grep -vxF -f /tmp/carry_out.sent); do
+      size=$(stat -c %s "$f")
+      [ "$size" -le "$room" ] && [ "$files" -lt 8 ] || break
       cp "$f" "$OUT/" && echo "$f" >> /tmp/carry_out.sent && echo "carried home: $(basename $f)"
+      room=$(( room - size )); files=$(( files + 1 ))
     done
     ls /tmp/res/tp 2>/dev/null | head -40 || true   # (no tp/: not a failure; with pipefail this line ended `wait`
     tail -n 60 /tmp/res/progress.log || true       #  with rc 2 before the progress tail until 2026-12-02)

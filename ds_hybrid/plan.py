@@ -190,9 +190,9 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     if stage == "align":
         stacked = (s_stage < 3 and not cfg.mixer_options.get("use_short_conv", False)
                    and os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto") != "0")
-        acts = (L * n * (48 * h + 42 * (d - h) + 2 * max(0, S - d)) * b // 2 if stacked  # all mixers as one batched pass
-                else L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states)  # one by one + the
-        # captured teacher in/out
+        batched = L * n * (48 * h + 42 * (d - h) + 2 * max(0, S - d)) * b // 2  # all mixers as one pass (GPUs)
+        one_by_one = L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states  # + the captured in/out
+        acts = batched if stacked else one_by_one
     elif s.gradient_checkpointing:
         acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0) + states
     else:

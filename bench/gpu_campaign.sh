@@ -408,9 +408,13 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     (for m in keep_global uniform proxy retrieval; do
        job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
          select.reference=$SELG/ga_s2/selection.json
-       [ $m = keep_global ] && touch $R/keep_global.tried
+       touch $R/$m.tried
      done) &
     [ "${GEMMA_KL:-1}" = 0 ] && { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
+    same_k3_() {  # same_k3_ A B: selections A and B choose the same layers at K = 3
+      python3 -c "import json, sys; c = [json.load(open(f'$SELG/{m}/selection.json'))['chosen']['k=3'] for m in sys.argv[1:]]
+sys.exit(0 if sorted(c[0]) == sorted(c[1]) else 1)" "$1" "$2"
+    }
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       # (a failed kl skips its own evaluation only: the other hybrid still runs)
       job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
@@ -418,9 +422,16 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
     }
     kl_eval_ ga_s2
+    # the baseline: keep_global's layers; where GA-S2 chose those same layers, uniform's instead (no run twice)
+    B=keep_global
     wait_for $R/keep_global.tried
-    if [ -f $SELG/keep_global/selection.json ]; then kl_eval_ keep_global
-    else note "no keep_global selection (logs/select_keep_global.log)"; fi
+    if [ -f $SELG/keep_global/selection.json ] && same_k3_ ga_s2 keep_global; then
+      note "GA-S2 keeps the global layers at K = 3: the baseline is uniform"
+      B=uniform
+      wait_for $R/uniform.tried
+    fi
+    if [ -f $SELG/$B/selection.json ]; then kl_eval_ $B
+    else note "no $B selection (logs/select_$B.log)"; fi
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

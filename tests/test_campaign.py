@@ -62,6 +62,17 @@ def test_gemma_campaign_without_keep_global_still_trains_ga_s2(tmp_path):
     assert ev[-1] == "campaign done"
 
 
+def test_gemma_campaign_baseline_is_uniform_where_ga_s2_keeps_the_global_layers(tmp_path):
+    ev = campaign(tmp_path, "gemma", STUB_KEEP_GLOBAL_K3="[12, 5, 11]")
+    assert "GA-S2 keeps the global layers at K = 3: the baseline is uniform" in ev
+    assert not any("kl_keep_global" in e for e in ev)
+    assert at(ev, "end select_uniform rc=0") < at(ev, "start kl_uniform_3 (GPU 0)")
+    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3 (GPU 0)")
+    assert ev[-1] == "campaign done"
+    assert f"softmax_layers={{selection: {tmp_path}/run/select/uniform/selection.json, k: 3}}" in (
+        tmp_path / "calls.log").read_text()
+
+
 @pytest.mark.parametrize("value,kl", [("0", False), ("1", True)])
 def test_gemma_kl_switch(tmp_path, value, kl):
     ev = campaign(tmp_path, "gemma", GEMMA_KL=value)

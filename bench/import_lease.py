@@ -13,6 +13,8 @@ stages' metrics, run_info and config). This lays it out the way docs/data keeps 
                                                     samples gzipped
     logs/                                           the job logs, progress bars reduced to their last state
     *.json, *.md, *.png at res/'s top               other records (graph checks, benchmark rows)
+    selectors/METHOD/probe_runs.tar.gz, probes.*    a selection's probe runs (GA-S2's, finished or not) and their
+                                                    ranking table and chart (bench/probes_table.py)
 
 then prints each hybrid's training summary (tokens, median tokens/s, peak GiB, held-out KL, perplexity and
 recall_kl at its first and last validation) and its single-needle recall. `--merge DIR` adds the lease's evaluations
@@ -29,6 +31,7 @@ import gzip
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -106,11 +109,32 @@ def summarize_kl(name: str, kl_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "softmax_layers": info.get("softmax_layers"),
                            "tokens": max((r.get("tokens", 0) for r in rows), default=0),
                            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in train) if train else None,
-                           "peak_gpu_gib": max((r.get("peak_gpu_gib", 0) for r in rows), default=0)}
+                           "peak_gpu_gib": max((r.get("peak_gpu_gib", 0) for r in rows), default=0),
+                           "finished": (kl_dir / "DONE").is_file()}
     for tag, r in (("first_val", val[0] if val else None), ("last_val", val[-1] if val else None)):
         if r:
             out[tag] = {k: r[k] for k in ("step", "kl", "ppl", "recall_kl") if k in r}
     return out
+
+
+def copy_probes(probes: Path, dst: Path) -> str:
+    """A selection's probe runs as probe_runs.tar.gz in DST, with their ranking table and chart; returns what it did.
+    The layer count and global layers come from the selection.json beside them, or (a selection that did not finish)
+    from the probe folders started."""
+    sel = probes.parent / "selection.json"
+    info = json.loads(sel.read_text()) if sel.is_file() else {}
+    started = [int(p.name.split("_", 1)[1]) for p in probes.glob("layer_*") if p.name.split("_", 1)[1].isdigit()]
+    layers = info.get("num_layers") or (max(started) + 1 if started else 0)
+    dst.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dst / "probe_runs.tar.gz", "w:gz") as tf:
+        tf.add(probes, arcname="probes")
+    cmd = [sys.executable, str(Path(__file__).with_name("probes_table.py")), str(probes), str(dst),
+           "--layers", str(layers), "--global-layers", ",".join(str(g) for g in info.get("global_layers") or []),
+           "--title", f"{probes.parent.name} single-layer probes ({dst.parent.parent.name})"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:  # e.g. the all-linear probe unfinished: the runs are kept, the table is not made
+        return f"{dst.name}: probe runs kept, no table ({(p.stderr or p.stdout).strip().splitlines()[-1]})"
+    return f"{dst.name}: probe runs and their table" + ("" if sel.is_file() else " (selection unfinished)")
 
 
 def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[str, Any]:
@@ -155,6 +179,8 @@ def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[
                 for f in sel.parent.iterdir():
                     if f.is_file() and f.suffix in {".json", ".md", ".png"}:
                         shutil.copy2(f, dst / f.name)
+            summary["probes"] = [copy_probes(p, out / "selectors" / p.parent.name)
+                                 for p in sorted(root.glob("select/*/probes")) if p.is_dir()]
     return summary
 
 
@@ -205,10 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         first, last = k.get("first_val", {}), k.get("last_val", {})
         tps = k["tokens_per_s_median"]
         print(f"{k['name']} {k['softmax_layers']}: {k['tokens'] / 1e6:.1f}M tokens, "
-              f"{tps:,.0f} tokens/s median, peak {k['peak_gpu_gib']:.1f} GiB" if tps else f"{k['name']}: no train rows")
+              f"{tps:,.0f} tokens/s median, peak {k['peak_gpu_gib']:.1f} GiB" if tps else f"{k['name']}: no train rows",
+              "" if k["finished"] else "(unfinished: no DONE)")
         for key in ("kl", "ppl", "recall_kl"):
             if key in last:
                 print(f"  {key}: {first.get(key, float('nan')):.3f} -> {last[key]:.3f}")
+    for line in summary.get("probes", []):
+        print(line)
     for line in needle_rows(summary["evals"]):
         print(line)
     return 0

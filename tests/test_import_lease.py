@@ -88,7 +88,7 @@ def test_layout_and_summary(tmp_path):
     assert rows == metrics_rows()
     assert summary["align"] == "trained in this lease"
     (kl,) = summary["kl"]
-    assert kl["name"] == "a" and kl["softmax_layers"] == [0, 18, 20, 23]
+    assert kl["name"] == "a" and kl["softmax_layers"] == [0, 18, 20, 23] and kl["finished"]
     assert kl["tokens_per_s_median"] == 200.0 and kl["tokens"] == 3 * 131072
     assert kl["peak_gpu_gib"] == pytest.approx(90.3)
     assert kl["first_val"] == {"step": 0, "kl": 0.4, "ppl": 27.0, "recall_kl": 2.2}
@@ -101,6 +101,51 @@ def test_unpacked_align_keeps_no_metrics(tmp_path):
     summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", unpacked=True), out)
     assert summary["align"] == "unpacked from an earlier lease's parts"
     assert (out / "align_run_info.json").is_file() and not (out / "align_metrics.jsonl.gz").exists()
+
+
+def probe_files(root: str, probes: dict[str, tuple[list[int], float, bool]]) -> dict[str, bytes]:
+    """Probe run folders: NAME -> (softmax layers, held-out KL, finished)."""
+    files = {}
+    for name, (layers, kl, done) in probes.items():
+        d = f"{root}/probes/{name}/kl"
+        rows = [{"step": 4, "split": "train", "tokens": 1048576, "tokens_per_s": 7.0e4, "peak_gpu_gib": 49.0}]
+        if done:
+            rows.append({"step": 4, "split": "val", "kl": kl, "ce": 3.7, "ppl": 40.0, "recall_kl": 3.0})
+            files[f"{d}/DONE"] = b"{}"
+        files[f"{d}/metrics.jsonl"] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        files[f"{d}/run_info.json"] = json.dumps({"softmax_layers": layers}).encode()
+    return files
+
+
+def test_probes_become_a_table_beside_their_selection(tmp_path):
+    root = "run/compare/select/ga_s2"
+    files = probe_files(root, {"baseline": ([], 0.93, True), "layer_000": ([0], 0.84, True),
+                               "layer_001": ([1], 0.60, True), "layer_002": ([2], 0.91, True)})
+    files[f"{root}/selection.json"] = json.dumps({"ranking": [1, 0, 2], "num_layers": 3, "global_layers": [1]}).encode()
+    out = tmp_path / "lease"
+    summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", extra=files), out)
+    dst = out / "selectors" / "ga_s2"
+    assert summary["probes"] == ["ga_s2: probe runs and their table"]
+    table = (dst / "probes.md").read_text().splitlines()
+    assert [line.split(" | ")[1:3] for line in table[2:5]] == [["1", "global"], ["0", "sliding"], ["2", "sliding"]]
+    assert (dst / "probes.png").is_file() and (dst / "selection.json").is_file()
+    with tarfile.open(dst / "probe_runs.tar.gz") as tf:
+        assert "probes/layer_001/kl/metrics.jsonl" in tf.getnames()
+
+
+def test_unfinished_probes_are_kept_and_named(tmp_path):
+    root = "run/compare/select/ga_s2"
+    files = probe_files(root, {"baseline": ([], 0.93, True), "layer_000": ([0], 0.84, True),
+                               "layer_001": ([1], 0.60, False)})
+    out = tmp_path / "lease"
+    summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", extra=files), out)
+    assert summary["probes"] == ["ga_s2: probe runs and their table (selection unfinished)"]
+    md = (out / "selectors/ga_s2/probes.md").read_text()
+    assert "| 1 | 0 |" in md and "| - | 1 |  | not measured (no finished probe) |" in md
+    files = probe_files(root, {"layer_000": ([0], 0.84, True)})  # no all-linear probe: runs kept, no table
+    summary = import_lease.import_lease(make_tarball(tmp_path / "s.tar.gz", extra=files), tmp_path / "lease2")
+    assert summary["probes"][0].startswith("ga_s2: probe runs kept, no table (")
+    assert (tmp_path / "lease2/selectors/ga_s2/probe_runs.tar.gz").is_file()
 
 
 def test_refusals(tmp_path):

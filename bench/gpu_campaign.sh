@@ -44,7 +44,8 @@
 #                  the teacher's PyPI wheels as parts .dev/gN)
 #                  GEMMA_KL=0: stop after the selections (a lease with less than ~24 minutes left);
 #                  GA_S2_FROM=docs/data/gemma3_270m_h200_2026-12-04b/selectors/ga_s2/selection.json: that selection
-#                  instead of the probes (the same align recipe), GEMMA_BASELINES="keep_global uniform": more kl runs
+#                  instead of the probes (the same align recipe), GEMMA_BASELINES="keep_global uniform proxy":
+#                  more kl runs (a baseline with layers already trained is skipped)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -432,22 +433,17 @@ sys.exit(0 if sorted(c[0]) == sorted(c[1]) else 1)" "$1" "$2"
     }
     kl_eval_ ga_s2
     # the baselines (GEMMA_BASELINES, default keep_global; any of keep_global uniform proxy retrieval), in order;
-    # one that chose GA-S2's layers is not trained twice (keep_global's place then goes to uniform)
-    done_=" ga_s2 "
+    # one whose K = 3 layers a trained hybrid already has is not trained again (keep_global's place then goes to
+    # uniform: where GA-S2 keeps the global layers, the comparison is against uniform spacing)
+    trained_=(ga_s2)
     for B in ${GEMMA_BASELINES:-keep_global}; do
-      wait_for $R/$B.tried
-      if [ ! -f $SELG/$B/selection.json ]; then note "no $B selection (logs/select_$B.log)"; continue; fi
-      if same_k3_ ga_s2 $B; then
-        [ $B = keep_global ] && note "GA-S2 keeps the global layers at K = 3: the baseline is uniform" || \
-          note "$B chose GA-S2's layers at K = 3: not trained again"
-        [ $B = keep_global ] || continue
-        B=uniform; wait_for $R/uniform.tried
-        [ -f $SELG/uniform/selection.json ] || { note "no uniform selection (logs/select_uniform.log)"; continue; }
-        same_k3_ ga_s2 uniform && continue
-      fi
-      case "$done_" in *" $B "*) continue;; esac
-      kl_eval_ $B
-      done_="$done_$B "
+      for C in $B $([ $B = keep_global ] && echo uniform); do
+        wait_for $R/$C.tried
+        if [ ! -f $SELG/$C/selection.json ]; then note "no $C selection (logs/select_$C.log)"; break; fi
+        twin=""; for T in "${trained_[@]}"; do same_k3_ $T $C && { twin=$T; break; }; done
+        if [ -z "$twin" ]; then kl_eval_ $C; trained_+=($C); break; fi
+        note "$C chose ${twin}'s layers at K = 3: not trained again"
+      done
     done
     wait
     note "campaign done"

@@ -64,7 +64,7 @@ def test_gemma_campaign_without_keep_global_still_trains_ga_s2(tmp_path):
 
 def test_gemma_campaign_baseline_is_uniform_where_ga_s2_keeps_the_global_layers(tmp_path):
     ev = campaign(tmp_path, "gemma", STUB_KEEP_GLOBAL_K3="[12, 5, 11]")
-    assert "GA-S2 keeps the global layers at K = 3: the baseline is uniform" in ev
+    assert "keep_global chose ga_s2's layers at K = 3: not trained again" in ev
     assert not any("kl_keep_global" in e for e in ev)
     assert at(ev, "end select_uniform rc=0") < at(ev, "start kl_uniform_3 (GPU 0)")
     assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3 (GPU 0)")
@@ -81,15 +81,22 @@ def test_gemma_campaign_from_an_earlier_selection_trains_every_baseline_once(tmp
     assert not any("ga_s2_task" in e for e in ev) and f"GA-S2 from {earlier}" in ev
     assert (tmp_path / "run" / "select" / "ga_s2" / "selection.json").read_text() == earlier.read_text()
     order = [e.split()[1] for e in ev if e.startswith("start kl_")]
-    assert order == ["kl_ga_s2_3", "kl_keep_global_3", "kl_uniform_3", "kl_proxy_3"]
-    assert at(ev, "end kl_proxy_3 rc=0") < at(ev, "start eval_proxy_3 (GPU 0)")
+    assert order == ["kl_ga_s2_3", "kl_keep_global_3", "kl_uniform_3"]  # the stub's proxy = its uniform
+    assert "proxy chose uniform's layers at K = 3: not trained again" in ev
+    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3 (GPU 0)")
     assert ev[-1] == "campaign done"
 
 
-def test_gemma_campaign_baseline_agreeing_with_ga_s2_is_not_trained_twice(tmp_path):
-    ev = campaign(tmp_path, "gemma", GEMMA_BASELINES="keep_global uniform", STUB_KEEP_GLOBAL_K3="[12, 11, 5]")
+@pytest.mark.parametrize("keep_global,baselines,trained", [
+    ("[12, 11, 5]", "keep_global uniform", ["uniform"]),  # keep_global = GA-S2: uniform once
+    ("[5, 11, 17]", "keep_global retrieval", ["keep_global", "retrieval"]),  # retrieval (stub: [0, 8, 16]) differs
+    ("[0, 16, 8]", "keep_global retrieval uniform", ["keep_global"]),  # = keep_global = uniform: once
+])
+def test_gemma_campaign_never_trains_the_same_layers_twice(tmp_path, keep_global, baselines, trained):
+    ev = campaign(tmp_path, "gemma", GEMMA_BASELINES=baselines, STUB_KEEP_GLOBAL_K3=keep_global)
     order = [e.split()[1] for e in ev if e.startswith("start kl_")]
-    assert order == ["kl_ga_s2_3", "kl_uniform_3"]
+    assert order == ["kl_ga_s2_3"] + [f"kl_{m}_3" for m in trained]
+    assert ev[-1] == "campaign done"
 
 
 @pytest.mark.parametrize("value,kl", [("0", False), ("1", True)])

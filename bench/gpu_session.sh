@@ -14,7 +14,9 @@
 #   bench/gpu_session.sh sh 'CMD'         # after setup: CMD in the campaigns' environment (e.g. one train_throughput
 #                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
-#                                         # up to 3 parts of the lease's align folder (/tmp/carry_out) not yet sent
+#                                         # the parts of the lease's align folder (/tmp/carry_out) not yet sent that
+#                                         # fit; returns at once when the campaign process has ended, and with rc 3
+#                                         # on a machine where no campaign was started (a lost lease's fresh one)
 #   (HERE, after the lease: `bench/import_lease.py FILES_AT/results.tar.gz docs/data/NAME [--merge MERGED]` lays the
 #   last tarball out as a docs/data folder, prints each hybrid's training summary and recall, and merges its evals)
 #   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
@@ -103,11 +105,24 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
   start)
     mkdir -p /tmp/res && cd /tmp/new
     setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > /tmp/res/campaign.log 2>&1 < /dev/null &
+    echo $! > /tmp/res/campaign.pid
     sleep 2 && cat /tmp/res/progress.log 2>/dev/null || true
     ;;
   wait)
-    end=$(( $(date +%s) + $2 ))
-    while [ ! -f /tmp/res/CAMPAIGN_DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+    # (CAMPAIGN_RES: another results folder, for tests/test_gpu_session.py; the tarball is always /tmp/res's)
+    res=${CAMPAIGN_RES:-/tmp/res}
+    if [ ! -f "$res/campaign.pid" ]; then  # a fresh machine: do not spend the lease's minutes waiting on nothing
+      echo "wait: no campaign was started on this machine: the lease's machine was lost (or taken back) and this is"
+      echo "a fresh one; what earlier polls brought home is all there is"
+      exit 3
+    fi
+    end=$(( $(date +%s) + $2 )) pid=$(cat "$res/campaign.pid")
+    while [ ! -f "$res/CAMPAIGN_DONE" ] && [ "$(date +%s)" -lt "$end" ]; do
+      # alive while its process or any of its process group (its background jobs: `start` runs it under setsid) is
+      kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || { echo "wait: the campaign ended without"\
+        "CAMPAIGN_DONE (a step failed: see the progress log and logs/)"; break; }
+      sleep ${WAIT_TICK_S:-10}
+    done
     bench/gpu_campaign.sh pack "$OUT"
     # carry parts (an align folder for the next lease) ride along, as many as the trip home takes beside the
     # results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the results are small

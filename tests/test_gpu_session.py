@@ -1,0 +1,62 @@
+"""bench/gpu_session.sh wait: how a poll ends. A lease's minutes are the dearest thing a session has: a poll must not
+sleep its whole span on a machine where nothing runs (a fresh one after the lease's machine was lost) or after the
+campaign died."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait(res: Path, out: Path, seconds: int = 60) -> tuple[int, str, float]:
+    env = dict(os.environ, CAMPAIGN_RES=str(res), OUT=str(out), WAIT_TICK_S="0.2")
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "wait", str(seconds)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+
+
+def campaign(res: Path, script: str) -> subprocess.Popen:
+    """A stand-in campaign in its own session, as `start` runs one; its pid where `start` writes it."""
+    res.mkdir(exist_ok=True)
+    proc = subprocess.Popen(["setsid", "bash", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (res / "campaign.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def test_a_fresh_machine_answers_at_once(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    rc, text, took = wait(res, tmp_path / "out")
+    assert rc == 3 and "no campaign was started on this machine" in text and took < 20
+
+
+def test_a_finished_campaign_returns_on_its_marker(tmp_path):
+    res = tmp_path / "res"
+    proc = campaign(res, "sleep 30")
+    threading.Timer(1.0, lambda: (res / "CAMPAIGN_DONE").touch()).start()
+    try:
+        rc, text, took = wait(res, tmp_path / "out")
+    finally:
+        proc.kill()
+    assert rc == 0 and "ended without" not in text and took < 20
+    assert (tmp_path / "out").is_dir()  # the results packed either way
+
+
+def test_a_dead_campaign_ends_the_poll_but_its_background_jobs_are_waited_for(tmp_path):
+    res = tmp_path / "res"
+    proc = campaign(res, "exit 1")
+    proc.wait()
+    rc, text, took = wait(res, tmp_path / "out")
+    assert rc == 0 and "the campaign ended without CAMPAIGN_DONE" in text and took < 20
+    # the campaign's own process gone, one of its jobs still running (an evaluation in the background): keep waiting
+    res2 = tmp_path / "res2"
+    proc = campaign(res2, "sleep 3 & exit 1")
+    proc.wait()
+    rc, text, took = wait(res2, tmp_path / "out2")
+    assert "the campaign ended without CAMPAIGN_DONE" in text and took >= 2.5

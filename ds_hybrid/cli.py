@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("select-compare", help="agreement of selection.json files (see: ds-hybrid select-compare -h)")
     sub.add_parser("eval-merge", help="one table from several eval outputs (see: ds-hybrid eval-merge -h)")
     sub.add_parser("recall-vs-k", help="selector x K x task table and recall-vs-K plot (see: ds-hybrid recall-vs-k -h)")
+    sub.add_parser("extract-text", help="a multimodal Gemma 3 checkpoint's language model as a teacher folder (see: "
+                   "ds-hybrid extract-text -h)")
 
     p = sub.add_parser("generate", help="greedy generation from a saved model")
     p.add_argument("--model", required=True)
@@ -174,16 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["plan"], ["corpus"], ["select-compare"], ["eval-merge"], ["recall-vs-k"]):  # own parsers
+    if argv[:1] in (["plan"], ["corpus"], ["select-compare"], ["eval-merge"], ["recall-vs-k"], ["extract-text"]):
         from ds_hybrid.corpus.tools import main as corpus_main
         from ds_hybrid.evaluation.by_k import main as by_k_main
         from ds_hybrid.evaluation.merge import main as merge_main
         from ds_hybrid.plan import main as plan_main
         from ds_hybrid.select_compare import main as compare_main
+        from ds_hybrid.text_extract import main as extract_main
 
         try:
             return {"plan": plan_main, "corpus": corpus_main, "select-compare": compare_main,
-                    "eval-merge": merge_main, "recall-vs-k": by_k_main}[argv[0]](argv[1:])
+                    "eval-merge": merge_main, "recall-vs-k": by_k_main, "extract-text": extract_main}[argv[0]](argv[1:])
         except ConfigError as e:
             print(f"ds-hybrid: error: {e}", file=sys.stderr)
             return 2

@@ -40,7 +40,7 @@ def test_unsupported_architecture_lists_supported():
         hybrid_config(GPT2Config(), [0])
     from transformers import Gemma3Config  # the multimodal one: refused with what to convert instead
 
-    with pytest.raises(ConfigError, match=r"teacher.*'gemma3'.*multimodal.*Gemma3ForCausalLM"):
+    with pytest.raises(ConfigError, match=r"teacher.*'gemma3'.*multimodal.*ds-hybrid extract-text --model"):
         hybrid_config(Gemma3Config(), [0])
 
 

@@ -21,9 +21,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 # model_type -> why it is refused and what to use instead
 NEAR_MISSES: dict[str, str] = {
-    "gemma3": "this is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); convert its language model: save "
-              "Gemma3ForCausalLM(config.text_config) with the language-model weights, or use a text-only "
-              "checkpoint (gemma-3-270m, gemma-3-1b)",
+    "gemma3": "this is the multimodal Gemma 3 (Gemma3ForConditionalGeneration: the 4B, 12B and 27B checkpoints); "
+              "take its language model out once with `ds-hybrid extract-text --model <this folder> --out <new "
+              "folder>` and use the new folder as the teacher",
 }
 
 

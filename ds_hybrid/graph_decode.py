@@ -10,8 +10,9 @@ token, the positions and the attention mask.
     out = decoder.generate(input_ids, attention_mask, max_new_tokens=64)   # [B, prompt + 64]
 
 What is supported:
-- models: a ds_hybrid ``HybridForCausalLM`` (softmax + linear layers, any K including 0) and HF causal LMs whose
-  ``StaticCache`` has no sliding-window layers (Llama, Qwen2/3 without sliding windows, SmolLM2, ...);
+- models: a ds_hybrid ``HybridForCausalLM`` (softmax + linear layers, any K including 0) and the HF causal LMs of
+  the supported families, sliding-window layers included (Gemma 3, Mistral, Qwen2: such a layer's static KV holds
+  ``max_len`` positions and the mask applies the window, so it takes a global layer's memory);
 - greedy only, exactly ``max_new_tokens`` tokens per row (no stop at EOS: cut the output afterwards);
 - batch sizes: exact. One static cache, buffer set and graph per batch size met, kept for the next call with that
   batch size (memory: one cache of [B, max_len] per batch size used);
@@ -65,14 +66,12 @@ def make_static_cache(model, max_len: int):
     if getattr(model.config, "model_type", None) == "ds_hybrid":
         return StaticHybridCache.from_config(model.config, max_len)
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    if any(cache.is_sliding):
-        raise ConfigError(
-            "model", model.config.model_type,
-            "this model has sliding-window attention layers, which the static cache does not support (their "
-            "window counter is host-side); decode it with model.generate",
-        )
+    # sliding-window layers as full-length ones, the window applied by the mask (as in StaticHybridCache): their
+    # own static layer keeps a Python-side counter, which a replayed graph would not advance
+    cache.layers = [StaticLayer(max_len) if getattr(layer, "is_sliding", False) else layer for layer in cache.layers]
     return cache
 
 

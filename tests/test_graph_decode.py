@@ -132,10 +132,39 @@ def test_limits_and_bad_masks_raise_what_to_fix(teacher):
     right = torch.tensor([[1, 1, 1, 0]])
     with pytest.raises(ConfigError, match="pad prompts on the left"):
         decoder.generate(ids(1, 4, seed=1), right, max_new_tokens=2)
-    with pytest.raises(ConfigError, match="sliding-window"):
-        make_static_cache(tiny_teacher("mistral"), 32)
-    with pytest.raises(ConfigError, match="sliding-window"):
-        make_static_cache(build_hybrid(tiny_teacher("qwen2"), [3], "gdn"), 32)
+
+
+@pytest.mark.parametrize("family,softmax", [("gemma3", None), ("gemma3", [0, 2]), ("mistral", None),
+                                            ("mistral", [1]), ("qwen2", None), ("qwen2", [3])])
+def test_sliding_window_layers_decode_as_the_dynamic_cache(family, softmax):
+    """Sliding-window softmax layers (window 8 here) in the static cache: full-length KV, the window applied by the
+    mask. Prompts longer than the window, decoding past it, a left-padded row: the same greedy tokens as generate()
+    and the same logits as the dynamic cache under teacher forcing. softmax None: the teacher itself; else a GDN
+    hybrid keeping those layers (gemma3 [0, 2]: a sliding and the global layer)."""
+    teacher = tiny_teacher(family)
+    model = teacher if softmax is None else build_hybrid(teacher, softmax, "gdn").eval()
+    model.generation_config.eos_token_id = None
+    cache = make_static_cache(model, 32)
+    assert not any(cache.is_sliding) and len(cache.layers) == 4
+    prompt = ids(2, 13, seed=21)
+    with torch.no_grad():  # (the mask given: generate() would take the prompt's token 0 for padding)
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(GraphDecoder(model, max_len=32).generate(prompt, max_new_tokens=10), ref)
+    batch, pad = ids(2, 12, seed=22), 3
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    batch = batch.masked_fill(mask == 0, 0)
+    cont = ids(2, 9, seed=23)
+    got = GraphDecoder(model, max_len=32).score(batch, mask, cont)
+    torch.testing.assert_close(got, _forced_dynamic(model, batch, mask, cont), rtol=1e-5, atol=1e-5)
+    # the window matters here: with a window longer than the sequences the logits differ
+    wide = tiny_teacher(family)
+    wide.config.sliding_window = 64
+    wide = wide if softmax is None else build_hybrid(wide, softmax, "gdn").eval()
+    if softmax is not None:
+        wide.load_state_dict(model.state_dict())
+    assert not torch.allclose(GraphDecoder(wide, max_len=32).score(batch, mask, cont), got, atol=1e-3)
 
 
 def test_cache_addresses_fixed_and_counters_on_device(teacher):
@@ -157,11 +186,16 @@ def test_cache_addresses_fixed_and_counters_on_device(teacher):
     assert all(int(layer.cumulative_length) == 5 for layer in cache.layers)
 
 
-@pytest.mark.parametrize("kind", ["teacher", "gdn"])
+@pytest.mark.parametrize("kind", ["teacher", "gdn", "gemma3_teacher", "gemma3_gdn"])
 def test_decode_step_reads_no_tensor_value_on_host(teacher, kind, monkeypatch):
     """CPU stand-in for 'capturable': a step that turns a tensor into a Python value (.item(), bool(t), ...) would
-    sync with the device, which a CUDA graph capture refuses, and would freeze that branch into the graph."""
-    model = model_of(teacher, kind)
+    sync with the device, which a CUDA graph capture refuses, and would freeze that branch into the graph. gemma3_*:
+    sliding-window layers, their mask built in the step (decoding past the window of 8)."""
+    if kind.startswith("gemma3"):
+        gemma = tiny_teacher("gemma3")
+        model = gemma if kind == "gemma3_teacher" else build_hybrid(gemma, [0, 2], "gdn").eval()
+    else:
+        model = model_of(teacher, kind)
     decoder = GraphDecoder(model, max_len=24)
     batch = torch.cat([ids(1, 8, seed=9), torch.cat([torch.zeros(1, 3, dtype=torch.long), ids(1, 5, seed=1)], 1)])
     mask = torch.ones_like(batch)
@@ -180,7 +214,8 @@ def test_decode_step_reads_no_tensor_value_on_host(teacher, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind,backend", [("teacher", "aot_eager"), ("gdn", "aot_eager"), ("gla_k0", "aot_eager"),
-                                          ("gdn", "inductor"), ("gdn_fused", "aot_eager")])
+                                          ("gdn", "inductor"), ("gdn_fused", "aot_eager"),
+                                          ("gemma3_gdn", "aot_eager")])
 def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, backend, monkeypatch):
     """compile=True: the decode step traced whole (the linear ops as opaque custom ops: no graph break, so no
     per-layer recompiles past dynamo's limit) and the same greedy tokens as the eager static step; inductor once,
@@ -188,7 +223,10 @@ def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, b
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", backend)
-    model = model_of(teacher, kind.removesuffix("_fused"))
+    if kind == "gemma3_gdn":  # a sliding layer (window 8), the global one, GDN elsewhere: masks built in the step
+        model = build_hybrid(tiny_teacher("gemma3"), [0, 2], "gdn").eval()
+    else:
+        model = model_of(teacher, kind.removesuffix("_fused"))
     prompts = [ids(2, 11, seed=3), ids(2, 6, seed=4)]
     refs = [GraphDecoder(model, max_len=24).generate(p, max_new_tokens=9) for p in prompts]
     if kind.endswith("_fused"):  # the input projections as one GEMM: still one graph, the same tokens

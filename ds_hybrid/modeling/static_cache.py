@@ -2,8 +2,12 @@
 
 Layout, one cache layer per decoder layer:
 
-- softmax (full attention) layers: transformers' ``StaticLayer``, keys and values [B, H_kv, max_len, D] written
-  with ``index_copy_`` at a device-side counter (``cumulative_length``, a tensor advanced with ``add_``);
+- softmax layers: transformers' ``StaticLayer``, keys and values [B, H_kv, max_len, D] written with ``index_copy_``
+  at a device-side counter (``cumulative_length``, a tensor advanced with ``add_``). Sliding-window layers (Gemma 3's
+  local layers, Mistral, Qwen2's upper layers) get the same full-length layer: the window is applied by the mask
+  (transformers' sliding-window causal mask over absolute positions, as for any layer of this cache), not by a ring
+  buffer, so they hold max_len positions like a global layer (transformers' ``StaticSlidingWindowLayer`` keeps only
+  the window, but branches on a Python counter, which a replayed graph cannot advance);
 - linear layers: :class:`StaticRecurrentLayer`, the recurrent state [B, H, K, V] (fp32, as the kernels return it)
   and, with a short convolution, the last ``conv_size - 1`` inputs of q, k, v ([B, D, conv_size - 1] each), also
   with a device-side token counter.
@@ -14,8 +18,7 @@ next prompt of the same batch size. Counters are tensors, so a captured decode s
 Python-side count is kept. Positions and mask sizes do not depend on Python state either: ``get_mask_sizes`` is
 (max_len, 0) for every layer and ``get_seq_length`` returns the counter tensor.
 
-Not supported: sliding-window softmax layers (transformers' ``StaticSlidingWindowLayer`` branches on a Python
-counter, which a replayed graph cannot advance); beam search and cropping.
+Not supported: beam search and cropping.
 """
 
 from __future__ import annotations
@@ -112,13 +115,7 @@ class StaticHybridCache(HybridCache):
     def __init__(self, layer_types: list[str], max_cache_len: int):
         if max_cache_len < 1:
             raise ConfigError("max_len", max_cache_len, "give the largest prompt + generated length, at least 1")
-        if "sliding_attention" in layer_types:
-            raise ConfigError(
-                "layer_types", layer_types,
-                "sliding-window softmax layers are not supported by the static cache (their window counter is "
-                "host-side); decode this model with the dynamic cache (model.generate)",
-            )
-        layers: list = [
+        layers: list = [  # sliding layers too: full length, their window applied by the mask (module docstring)
             StaticRecurrentLayer(max_cache_len) if t == "linear_attention" else StaticLayer(max_cache_len)
             for t in layer_types
         ]

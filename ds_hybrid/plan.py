@@ -237,6 +237,8 @@ def plan_for(cfg: RunConfig, stage: str, world: int, gpu_gib: float, teacher_con
         if not p.is_file():
             raise ConfigError("--teacher-config", teacher_config_path, "no such config.json")
         teacher_config = AutoConfig.from_pretrained(p.parent if p.name == "config.json" else p)
+        if getattr(teacher_config, "model_type", None) == "gemma3":  # multimodal Gemma 3: what `ds-hybrid
+            teacher_config = teacher_config.text_config              # extract-text` makes of it is the teacher
     else:
         teacher_config = load_teacher_config(cfg.teacher)
     layers = [] if stage == "align" else _layers_or_uniform(cfg, teacher_config.num_hidden_layers)

@@ -103,3 +103,16 @@ def test_refusals_before_anything_is_written(multimodal, tmp_path):
     with pytest.raises(ConfigError, match=r"audio_tower.w.*neither the language model's"):
         extract_text(odd, tmp_path / "y")
     assert not (tmp_path / "y").exists() and not any(p.name.startswith(".y-") for p in tmp_path.iterdir())
+
+
+def test_plan_reads_a_multimodal_config_as_its_language_model(multimodal, tmp_path):
+    """`ds-hybrid plan --teacher-config` on a multimodal Gemma 3 config.json plans what extract-text makes of it."""
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    folder, _ = multimodal
+    text = extract_text(folder, tmp_path / "text")
+    cfg = load_config(None, ["kl.micro_batch=2", "kl.seq_len=64", "softmax_layers=[3]"])
+    want = plan_for(cfg, "kl", 1, 80, str(text / "config.json"))
+    got = plan_for(cfg, "kl", 1, 80, str(folder / "config.json"))
+    assert got == want and got.total > 0

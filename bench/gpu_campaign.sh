@@ -381,6 +381,17 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
   gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh);
           # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB; KL_TOKENS: each kl run's
           # tokens; GA_S2_FROM: an earlier lease's selection.json (no probes); GEMMA_BASELINES: the kl baselines
+    GSELECTORS="keep_global uniform proxy retrieval"  # run after GA-S2, in this order; the baselines come from them
+    for B in ${GEMMA_BASELINES:-keep_global}; do
+      case " $GSELECTORS " in
+        *" $B "*) ;;
+        *) note "GEMMA_BASELINES: $B is not one of $GSELECTORS: stopping"; exit 1;;
+      esac
+    done
+    if [ -n "${GA_S2_FROM:-}" ] && [ ! -f "$GA_S2_FROM" ]; then
+      note "GA_S2_FROM: no file $GA_S2_FROM: stopping"; exit 1
+    fi
+    rm -f $R/*.tried  # (markers of an earlier run on this machine would be read as this run's)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     G=${GCFG:-runs/gemma3_270m_select.yaml} RG=${RG:-/tmp/run/gemma3}
@@ -415,15 +426,16 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     [ -f $SELG/ga_s2/selection.json ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
     (job eval_teacher 0 evg teacher $GT) &  # beside the selectors and the kl runs (a few GiB)
     # the other selectors (keep_global first: the second kl run needs it) beside GA-S2's kl run
-    (for m in keep_global uniform proxy retrieval; do
+    (for m in $GSELECTORS; do
        job "select_$m" 0 train --stage select --config $G out_dir=$RG select.method=$m \
          select.reference=$SELG/ga_s2/selection.json
        touch $R/$m.tried
      done) &
     [ "${GEMMA_KL:-1}" = 0 ] && { wait; note "campaign done (GEMMA_KL=0: selections only)"; touch $R/CAMPAIGN_DONE; exit 0; }
-    same_k3_() {  # same_k3_ A B: selections A and B choose the same layers at K = 3
-      python3 -c "import json, sys; c = [json.load(open(f'$SELG/{m}/selection.json'))['chosen']['k=3'] for m in sys.argv[1:]]
-sys.exit(0 if sorted(c[0]) == sorted(c[1]) else 1)" "$1" "$2"
+    same_k3_() {  # same_k3_ A B: selections A and B choose the same layers at K = 3 (rc 2: one has no K = 3)
+      python3 -c "import json, sys; c = [json.load(open(f)).get('chosen', {}).get('k=3') for f in sys.argv[1:]]
+sys.exit(2 if None in c else 0 if sorted(c[0]) == sorted(c[1]) else 1)" "$SELG/$1/selection.json" \
+        "$SELG/$2/selection.json"
     }
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       # (a failed kl skips its own evaluation only: the other hybrid still runs)

@@ -103,13 +103,14 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     echo "setup: $(( SECONDS - t0 )) s in all"
     ;;
   start)
-    mkdir -p /tmp/res && cd /tmp/new
+    # (an earlier campaign's CAMPAIGN_DONE on this machine would end every later wait at once)
+    mkdir -p /tmp/res && rm -f /tmp/res/CAMPAIGN_DONE && cd /tmp/new
     setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > /tmp/res/campaign.log 2>&1 < /dev/null &
     echo $! > /tmp/res/campaign.pid
     sleep 2 && cat /tmp/res/progress.log 2>/dev/null || true
     ;;
   wait)
-    # (CAMPAIGN_RES: another results folder, for tests/test_gpu_session.py; the tarball is always /tmp/res's)
+    # (CAMPAIGN_RES, CAMPAIGN_CARRY_OUT: other folders, for tests/test_gpu_session.py; the tarball is /tmp/res's)
     res=${CAMPAIGN_RES:-/tmp/res}
     if [ ! -f "$res/campaign.pid" ]; then  # a fresh machine: do not spend the lease's minutes waiting on nothing
       echo "wait: no campaign was started on this machine: the lease's machine was lost (or taken back) and this is"
@@ -119,20 +120,23 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     end=$(( $(date +%s) + $2 )) pid=$(cat "$res/campaign.pid")
     while [ ! -f "$res/CAMPAIGN_DONE" ] && [ "$(date +%s)" -lt "$end" ]; do
       # alive while its process or any of its process group (its background jobs: `start` runs it under setsid) is
-      kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || { echo "wait: the campaign ended without"\
-        "CAMPAIGN_DONE (a step failed: see the progress log and logs/)"; break; }
+      kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || {
+        [ -f "$res/CAMPAIGN_DONE" ] || echo "wait: the campaign ended without CAMPAIGN_DONE (a step failed: see the"\
+          "progress log and logs/)"
+        break; }
       sleep ${WAIT_TICK_S:-10}
     done
     bench/gpu_campaign.sh pack "$OUT"
     # carry parts (an align folder for the next lease) ride along, as many as the trip home takes beside the
     # results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the results are small
-    touch /tmp/carry_out.sent
+    carry=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out}
+    touch $carry.sent
     room=$(( 63 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))
     files=$(ls "$OUT" | wc -l)
-    for f in $(ls /tmp/carry_out/* 2>/dev/null | grep -vxF -f /tmp/carry_out.sent); do
+    for f in $(ls $carry/* 2>/dev/null | grep -vxF -f $carry.sent); do
       size=$(stat -c %s "$f")
       [ "$size" -le "$room" ] && [ "$files" -lt 8 ] || break
-      cp "$f" "$OUT/" && echo "$f" >> /tmp/carry_out.sent && echo "carried home: $(basename $f)"
+      cp "$f" "$OUT/" && echo "$f" >> $carry.sent && echo "carried home: $(basename $f)"
       room=$(( room - size )); files=$(( files + 1 ))
     done
     ls /tmp/res/tp 2>/dev/null | head -40 || true   # (no tp/: not a failure; with pipefail this line ended `wait`

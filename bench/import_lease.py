@@ -133,7 +133,8 @@ def copy_probes(probes: Path, dst: Path) -> str:
            "--title", f"{probes.parent.name} single-layer probes ({dst.parent.parent.name})"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:  # e.g. the all-linear probe unfinished: the runs are kept, the table is not made
-        return f"{dst.name}: probe runs kept, no table ({(p.stderr or p.stdout).strip().splitlines()[-1]})"
+        lines = (p.stderr or p.stdout).strip().splitlines() or [f"probes_table.py rc={p.returncode}"]
+        return f"{dst.name}: probe runs kept, no table ({lines[-1]})"
     return f"{dst.name}: probe runs and their table" + ("" if sel.is_file() else " (selection unfinished)")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -67,6 +68,9 @@ def text_config(src: Path):
     dtype = getattr(config, "dtype", None) or raw.get("torch_dtype")
     if dtype is not None:
         text.dtype = dtype
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the -it checkpoints' eos [1, 106] sits at the
+        if raw.get(key) is not None:                                # top level: a hybrid copies the teacher's ids
+            setattr(text, key, raw[key])
     return text
 
 
@@ -83,7 +87,7 @@ def shard_plan(reader: SafetensorsReader, keys: Sequence[str], shard_bytes: int)
         with safe_open(reader.folder / fname, "pt") as f:
             for k in ks:
                 sl = f.get_slice(k)
-                sizes[k] = math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
+                sizes[k] = math.prod(sl.get_shape()) * DTYPE_BYTES.get(sl.get_dtype(), 8)  # (unknown: planned large)
     plan: list[list[str]] = [[]]
     size = 0
     for k in keys:
@@ -138,6 +142,9 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         for name in TEXT_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700): a teacher folder is shared as usual
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "tests" / "fixtures" / "campaign_stub"
 
 
-def campaign(tmp_path: Path, name: str, **env: str) -> list[str]:
-    """Runs `bench/gpu_campaign.sh NAME`; returns progress.log's events without their timestamps."""
+def campaign(tmp_path: Path, name: str, rc: int = 0, **env: str) -> list[str]:
+    """Runs `bench/gpu_campaign.sh NAME` (its exit status must be RC); returns progress.log's events without their
+    timestamps."""
     res = tmp_path / "res"
-    res.mkdir()
+    res.mkdir(exist_ok=True)
     (res / "t0").write_text("0")
     full = dict(os.environ, PATH=f"{STUB}:{os.environ['PATH']}", CAMPAIGN_RES=str(res),
                 CAMPAIGN_CARRY_OUT=str(tmp_path / "carry"), STUB_LOG=str(tmp_path / "calls.log"),
-                RG=str(tmp_path / "run"), TASK_STAGGER_S="0.2", HOME=str(tmp_path), **env)  # (gpu_env.sh puts
+                RG=str(tmp_path / "run"), TASK_STAGGER_S="0.2", HOME=str(tmp_path), REAL_PYTHON=sys.executable,
+                **env)  # (gpu_env.sh puts
     # $HOME/.local/bin first on PATH)
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_campaign.sh"), name], cwd=ROOT, env=full,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == rc, p.stdout + p.stderr
     return [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
 
 
@@ -97,6 +100,25 @@ def test_gemma_campaign_never_trains_the_same_layers_twice(tmp_path, keep_global
     order = [e.split()[1] for e in ev if e.startswith("start kl_")]
     assert order == ["kl_ga_s2_3"] + [f"kl_{m}_3" for m in trained]
     assert ev[-1] == "campaign done"
+
+
+def test_gemma_campaign_refuses_what_it_would_wait_on_forever(tmp_path):
+    """A baseline no selector makes (a typo, ppl) would be waited for without end; a missing GA_S2_FROM would stop
+    the campaign after align: both stop it before anything runs."""
+    (tmp_path / "a").mkdir()
+    ev = campaign(tmp_path / "a", "gemma", rc=1, GEMMA_BASELINES="keep_global ppl")
+    assert ev == ["GEMMA_BASELINES: ppl is not one of keep_global uniform proxy retrieval: stopping"]
+    (tmp_path / "b").mkdir()
+    ev = campaign(tmp_path / "b", "gemma", rc=1, GA_S2_FROM=str(tmp_path / "nowhere.json"))
+    assert ev == [f"GA_S2_FROM: no file {tmp_path / 'nowhere.json'}: stopping"]
+
+
+def test_gemma_campaign_forgets_an_earlier_runs_markers(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "keep_global.tried").touch()  # from an earlier campaign on this machine: not this run's
+    ev = campaign(tmp_path, "gemma")
+    assert at(ev, "end select_keep_global rc=0") < at(ev, "start kl_keep_global_3 (GPU 0)")
 
 
 @pytest.mark.parametrize("value,kl", [("0", False), ("1", True)])

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait(res: Path, out: Path, seconds: int = 60) -> tuple[int, str, float]:
-    env = dict(os.environ, CAMPAIGN_RES=str(res), OUT=str(out), WAIT_TICK_S="0.2")
+    env = dict(os.environ, CAMPAIGN_RES=str(res), OUT=str(out), WAIT_TICK_S="0.2",
+               CAMPAIGN_CARRY_OUT=str(res.parent / "carry"))
     t0 = time.monotonic()
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "wait", str(seconds)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -60,3 +61,19 @@ def test_a_dead_campaign_ends_the_poll_but_its_background_jobs_are_waited_for(tm
     proc.wait()
     rc, text, took = wait(res2, tmp_path / "out2")
     assert "the campaign ended without CAMPAIGN_DONE" in text and took >= 2.5
+
+
+def test_carry_parts_ride_home_once_each(tmp_path):
+    res = tmp_path / "res"
+    proc = campaign(res, "exit 0")
+    proc.wait()
+    (res / "CAMPAIGN_DONE").touch()
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    for i in range(2):
+        (carry / f"align.part0{i}-of-02").write_bytes(bytes([i]) * 1000)
+    rc, text, _ = wait(res, tmp_path / "out1")
+    assert rc == 0 and text.count("carried home: align.part0") == 2
+    assert (tmp_path / "out1" / "align.part01-of-02").read_bytes() == b"\x01" * 1000
+    rc, text, _ = wait(res, tmp_path / "out2")
+    assert "carried home" not in text and not list((tmp_path / "out2").glob("align.part*"))

@@ -4,6 +4,7 @@ Gemma3ForCausalLM folder, checked against the multimodal model's own logits on t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 def multimodal(tmp_path_factory) -> tuple[Path, Gemma3ForConditionalGeneration]:
     torch.manual_seed(0)
     cfg = Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4, image_token_index=299,
-                       boi_token_index=297, eoi_token_index=298)
+                       boi_token_index=297, eoi_token_index=298, eos_token_id=[1, 106])  # as the -it models
     model = Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # non-trivial norms (fresh Gemma norms are zeros, i.e. scale 1)
         for name, p in model.named_parameters():
@@ -52,6 +53,10 @@ def test_the_language_model_comes_out_whole(multimodal, tmp_path, shard_bytes):
     assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
     assert cfg["layer_types"] == TEXT["layer_types"] and cfg["sliding_window"] == 16
     assert cfg["rope_parameters"]["full_attention"]["rope_type"] == "linear"  # global layers' scaling kept
+    assert cfg["eos_token_id"] == [1, 106]  # from the top level, where the -it checkpoints keep it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     assert (out / "tokenizer_config.json").is_file() and (out / "generation_config.json").is_file()
     text = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(text).__name__ == "Gemma3ForCausalLM"

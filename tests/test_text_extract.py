@@ -121,3 +121,38 @@ def test_plan_reads_a_multimodal_config_as_its_language_model(multimodal, tmp_pa
     want = plan_for(cfg, "kl", 1, 80, str(text / "config.json"))
     got = plan_for(cfg, "kl", 1, 80, str(folder / "config.json"))
     assert got == want and got.total > 0
+
+
+def test_a_hub_shaped_config(tmp_path):
+    """config.json as the hub's gemma-3-4b-it writes it (transformers 4.50: no layer_types, sliding_window_pattern,
+    rope_local_base_freq, linear RoPE scaling, torch_dtype at the top level; tiny sizes): the extracted teacher has
+    every sixth layer global, the local RoPE base on the sliding layers, the scaling on the global ones, and the
+    multimodal model's logits on text."""
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 297, "eoi_token_index": 298,
+           "eos_token_id": [1, 106], "image_token_index": 299, "initializer_range": 0.02, "mm_tokens_per_image": 4,
+           "model_type": "gemma3", "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+           "text_config": {"hidden_size": 64, "intermediate_size": 128, "model_type": "gemma3_text",
+                           "num_hidden_layers": 7, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                           "vocab_size": 300, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 8, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0,
+                           "rope_theta": 1000000.0, "cache_implementation": "hybrid"},
+           "vision_config": {"hidden_size": 32, "image_size": 28, "intermediate_size": 64,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 2, "num_hidden_layers": 1,
+                             "patch_size": 14, "vision_use_head": False}}
+    src = tmp_path / "hub"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(hub))
+    torch.manual_seed(1)
+    mm = Gemma3ForConditionalGeneration(Gemma3Config.from_pretrained(src)).eval()
+    mm.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(hub))  # the hub's file, not transformers 5's
+    mm = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    out = extract_text(tmp_path / "saved", tmp_path / "text")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert cfg["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert cfg["rope_parameters"]["full_attention"] == {"factor": 8.0, "rope_theta": 1000000.0, "rope_type": "linear"}
+    assert cfg["dtype"] == "bfloat16" and cfg["eos_token_id"] == [1, 106]
+    text = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 290, (2, 30), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits_of(text, ids), logits_of(mm, ids), rtol=0, atol=1e-5)

@@ -75,6 +75,16 @@ def make_static_cache(model, max_len: int):
     return cache
 
 
+def full_kv_sliding_layers(model) -> int:
+    """How many of the model's softmax layers are sliding-window layers, which the static cache holds at full length
+    (their window applied by the mask): a step reads max_len keys there, not the window."""
+    from ds_hybrid.modeling.families import teacher_layer_types
+
+    cfg = model.config
+    types = list(cfg.layer_types) if getattr(cfg, "model_type", None) == "ds_hybrid" else teacher_layer_types(cfg)
+    return sum(t == "sliding_attention" for t in types)
+
+
 def padding_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch as transformers' generate() makes them: 0.. on real tokens, 0 on pads."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

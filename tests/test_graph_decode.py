@@ -282,6 +282,14 @@ def test_bench_pair_puts_static_rows_next_to_eager(teacher, monkeypatch):
     assert all(m._fused is None for m in hybrid.modules() if hasattr(m, "_fused"))
     with pytest.raises(ValueError, match="_fused"):
         bench_pair({"hybrid": hybrid}, contexts=[32], batches=[2], modes=("warp",))
+    # static rows say how many sliding-window layers they read at full length (tiny Gemma 3: 3 of 4 layers sliding;
+    # its hybrid keeping layers 0 and 2: one sliding, one global)
+    gemma = tiny_teacher("gemma3")
+    rows = bench_pair({"teacher": gemma, "hybrid": build_hybrid(gemma, [0, 2], "gdn").eval()}, contexts=[16],
+                      batches=[1], decode_tokens=2, modes=("eager", "static"))
+    assert [r.get("static_full_kv_sliding_layers") for r in rows] == [None, 3, None, 1]
+    assert all(r["static_full_kv_sliding_layers"] == 0 for r in bench_pair(
+        {"hybrid": hybrid}, contexts=[16], batches=[1], decode_tokens=2, modes=("static",)))
 
 
 def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):

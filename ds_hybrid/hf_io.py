@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ds_hybrid import distributed as D
+from ds_hybrid.folders import usual_mode
 from ds_hybrid.zero import gathered, is_partitioned
 
 SINGLE = "model.safetensors"
@@ -140,6 +141,7 @@ def export_hf(
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        usual_mode(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import usual_mode
 from ds_hybrid.modeling.families import SUPPORTED_FAMILIES, check_family
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
@@ -78,6 +79,7 @@ def embedded_teacher_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         save_dequantized(model, tok, tmp)
+        usual_mode(tmp)  # (a shared DS_HYBRID_CACHE: every user of the cluster reads the converted teacher)
         try:
             tmp.rename(out)
         except OSError:  # another rank/process won the race: keep theirs

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import usual_mode
 from ds_hybrid.hf_io import SafetensorsReader
 
 # checkpoint name prefix -> Gemma3ForCausalLM's (the hub's layout as transformers writes it, and the in-memory one)
@@ -142,9 +142,7 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         for name in TEXT_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700): a teacher folder is shared as usual
+        usual_mode(tmp)  # mkdtemp's folder is private (0700): a teacher folder is shared as usual
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)

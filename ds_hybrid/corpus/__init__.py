@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ds_hybrid.corpus.sources import BY_NAME, PYTHON_DOCS, SOURCES, Source
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import usual_mode
 
 CORPUS_VERSION = 1
 MIN_CHARS = 200
@@ -99,6 +100,7 @@ def build_embedded(out: Path | None = None, names: list[str] | None = None, prog
         meta = {"version": CORPUS_VERSION, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "build_seconds": round(time.perf_counter() - t0, 1), "sources": sources, "missing": missing}
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
+        usual_mode(tmp)
         if (out / "manifest.json").is_file():  # built by another process meanwhile (or a rebuild): replace it whole
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)

@@ -379,7 +379,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     touch $R/CAMPAIGN_DONE
     ;;
   gemma)  # issue 17 item 5, one GPU (runs/gemma3_270m_select.yaml; needs the Gemma parts: GEMMA=1 make_bundle.sh);
-          # CPU dry runs: GCFG, RG, EVAL_LENGTHS (comma-separated), EVAL_LIMIT, PROBE_MB; KL_TOKENS: each kl run's
+          # CPU dry runs: GCFG, RG, EVAL_LENGTHS, EVAL_LIMIT, HELDOUT_SEQUENCES, PROBE_MB; KL_TOKENS: each kl run's
           # tokens; GA_S2_FROM: an earlier lease's selection.json (no probes); GEMMA_BASELINES: the kl baselines
     GSELECTORS="keep_global uniform proxy retrieval"  # run after GA-S2, in this order; the baselines come from them
     for B in ${GEMMA_BASELINES:-keep_global}; do
@@ -400,11 +400,21 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     job gemma_teacher 0 python3 -c "from ds_hybrid.gemma3_teacher import gemma3_teacher_dir; print(gemma3_teacher_dir())" \
       || exit 1
     GT=$(tail -n 1 $R/logs/gemma_teacher.log)
-    evg() {  # evg NAME MODEL [extra]: niah6 at 2k and 4k, 50 prompts per task and length
-      python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths ${EVAL_LENGTHS:-2048,4096} \
-        --limit ${EVAL_LIMIT:-50} --batch-size 32 --no-quality --out $R/eval_$1 "${@:3}"
+    evg() {  # evg NAME MODEL: evaluated as in docs/RESULTS.md, one job per length side by side: niah6 at 2k/4k/8k
+      # (EVAL_LIMIT, 100, prompts per task and length), and the SWDE/FDA fixtures with the held-out perplexity and
+      # (a hybrid) KL to the teacher on text never trained on
+      local L
+      for L in ${EVAL_LENGTHS:-2048 4096 8192}; do
+        job eval_$1_$L 0 python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths $L \
+          --limit ${EVAL_LIMIT:-100} --batch-size 32 --no-quality --out $R/eval_$1_$L &
+      done
+      job eval_$1_quality 0 python3 -m ds_hybrid.cli eval --model "$1=$2" $([ "$2" != "$GT" ] && echo --teacher $GT) \
+        --tasks "" --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json \
+        --heldout-sequences ${HELDOUT_SEQUENCES:-64} --out $R/eval_$1_quality &
+      wait
     }
-    (job eval_preflight 0 evg preflight $GT --lengths 1024 --limit 1 && touch $R/preflight.ok) &
+    (job eval_preflight 0 python3 -m ds_hybrid.cli eval --model "preflight=$GT" --suite niah6 --lengths 1024 \
+       --limit 1 --batch-size 32 --no-quality --out $R/eval_preflight && touch $R/preflight.ok) &
     PRE=$!
     prep_align_ $G $RG || exit 1
     wait $PRE

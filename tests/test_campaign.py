@@ -41,19 +41,26 @@ def test_gemma_campaign_order_and_overlaps(tmp_path):
     ev = campaign(tmp_path, "gemma")
     assert ev[-1] == "campaign done"
     for job in ("gemma_teacher", "data_cache", "align", "carry_pack", "eval_preflight", "ga_s2_task0", "ga_s2_task1",
-                "select_keep_global", "select_uniform", "select_proxy", "select_retrieval", "eval_teacher",
-                "kl_ga_s2_3", "kl_keep_global_3", "eval_ga_s2_3", "eval_keep_global_3"):
+                "select_keep_global", "select_uniform", "select_proxy", "select_retrieval", "kl_ga_s2_3",
+                "kl_keep_global_3", *(f"eval_{m}_{part}" for m in ("teacher", "ga_s2_3", "keep_global_3")
+                                      for part in ("2048", "4096", "8192", "quality"))):
         assert at(ev, f"start {job} (GPU 0)") < at(ev, f"end {job} rc=0")
     # GA-S2 before everything that reads its selection; its two tasks side by side
     assert at(ev, "start ga_s2_task1 (GPU 0)") < at(ev, "end ga_s2_task0 rc=0")
-    first_after = min(at(ev, f"start {j} (GPU 0)") for j in ("select_keep_global", "kl_ga_s2_3", "eval_teacher"))
+    first_after = min(at(ev, f"start {j} (GPU 0)") for j in ("select_keep_global", "kl_ga_s2_3", "eval_teacher_2048"))
     assert first_after > at(ev, "end ga_s2_task1 rc=0")
     # the selectors beside GA-S2's kl; keep_global's kl only once its selection exists; each evaluation after its kl
     assert at(ev, "start kl_ga_s2_3 (GPU 0)") < at(ev, "end select_keep_global rc=0")
     assert at(ev, "end select_keep_global rc=0") < at(ev, "start kl_keep_global_3 (GPU 0)")
-    assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
-    assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3 (GPU 0)")
+    assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3_8192 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
+    assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3_quality (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
+    # evaluated as in docs/RESULTS.md: 100 prompts a task and length; a hybrid's held-out KL against the teacher
+    evals = [c for c in calls.splitlines() if "ds_hybrid.cli eval" in c]
+    assert any("--model ga_s2_3=" in c and "--lengths 8192 --limit 100" in c for c in evals)
+    quality = {c.split("--model ")[1].split("=")[0]: c for c in evals if "--heldout-sequences 64" in c}
+    assert set(quality) == {"teacher", "ga_s2_3", "keep_global_3"}
+    assert "--teacher /tmp/stub_teacher" in quality["ga_s2_3"] and "--teacher" not in quality["teacher"]
     for m in ("ga_s2", "keep_global"):
         assert f"softmax_layers={{selection: {tmp_path}/run/select/{m}/selection.json, k: 3}}" in calls
 
@@ -61,7 +68,7 @@ def test_gemma_campaign_order_and_overlaps(tmp_path):
 def test_gemma_campaign_without_keep_global_still_trains_ga_s2(tmp_path):
     ev = campaign(tmp_path, "gemma", STUB_FAIL="keep_global")
     assert "end select_keep_global rc=1" in ev and "no keep_global selection (logs/select_keep_global.log)" in ev
-    assert "end eval_ga_s2_3 rc=0" in ev and not any("kl_keep_global" in e for e in ev)
+    assert "end eval_ga_s2_3_quality rc=0" in ev and not any("kl_keep_global" in e for e in ev)
     assert ev[-1] == "campaign done"
 
 
@@ -70,7 +77,7 @@ def test_gemma_campaign_baseline_is_uniform_where_ga_s2_keeps_the_global_layers(
     assert "keep_global chose ga_s2's layers at K = 3: not trained again" in ev
     assert not any("kl_keep_global" in e for e in ev)
     assert at(ev, "end select_uniform rc=0") < at(ev, "start kl_uniform_3 (GPU 0)")
-    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3 (GPU 0)")
+    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3_2048 (GPU 0)")
     assert ev[-1] == "campaign done"
     assert f"softmax_layers={{selection: {tmp_path}/run/select/uniform/selection.json, k: 3}}" in (
         tmp_path / "calls.log").read_text()
@@ -86,7 +93,7 @@ def test_gemma_campaign_from_an_earlier_selection_trains_every_baseline_once(tmp
     order = [e.split()[1] for e in ev if e.startswith("start kl_")]
     assert order == ["kl_ga_s2_3", "kl_keep_global_3", "kl_uniform_3"]  # the stub's proxy = its uniform
     assert "proxy chose uniform's layers at K = 3: not trained again" in ev
-    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3 (GPU 0)")
+    assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3_2048 (GPU 0)")
     assert ev[-1] == "campaign done"
 
 
@@ -126,7 +133,7 @@ def test_gemma_kl_switch(tmp_path, value, kl):
     ev = campaign(tmp_path, "gemma", GEMMA_KL=value)
     assert any(e.startswith("start kl_") for e in ev) == kl
     assert ev[-1] == ("campaign done" if kl else "campaign done (GEMMA_KL=0: selections only)")
-    assert "end select_retrieval rc=0" in ev and "end eval_teacher rc=0" in ev
+    assert "end select_retrieval rc=0" in ev and "end eval_teacher_quality rc=0" in ev
 
 
 @pytest.mark.parametrize("gpus", [1, 2])

@@ -34,7 +34,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ds_hybrid.layers import k_for_ratio, parse_layer_list, uniform_layers
     from ds_hybrid.modeling.mixers import MixerOptions, check_mixer
     from ds_hybrid.modeling.families import head_dim
-    from ds_hybrid.teacher import load_teacher, load_teacher_config
+    from ds_hybrid.teacher import load_teacher, load_teacher_config, resolve_teacher, teacher_generation_config
     from ds_hybrid.transfer import build_hybrid
     from ds_hybrid.modeling.configuration import check_softmax_layers
 
@@ -55,6 +55,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                 device=args.device)
     student = build_hybrid(teacher, layers, args.mixer, {"use_short_conv": args.short_conv})
+    generation = teacher_generation_config(resolve_teacher(args.teacher))
+    if generation is not None:  # the teacher's stop tokens and sampling defaults, not HF's default from the config
+        student.generation_config = generation
     student.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     print(f"saved {args.mixer} hybrid with softmax layers {layers} of {L} to {args.out}")

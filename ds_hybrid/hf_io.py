@@ -102,11 +102,13 @@ def export_hf(
     tokenizer=None,
     skip: Iterable[str] = (),
     dtype: torch.dtype | None = None,
+    generation_config=None,
 ) -> Path:
     """Write a sharded safetensors HF folder, one shard per group of (prefix, module), atomically (temp + rename).
 
     Every rank must call it (gathers are collective); only rank 0 writes. ``skip`` names tensors left out (tied
-    weights, which HF re-ties from the config).
+    weights, which HF re-ties from the config). ``generation_config`` (the teacher's, ``teacher_generation_config``)
+    is written beside the config: the model then stops and samples as its teacher does.
     """
     out = Path(out_dir)
     skip = set(skip)
@@ -141,6 +143,8 @@ def export_hf(
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         usual_mode(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -121,6 +121,19 @@ def load_teacher_config(spec: str | None, field: str = "teacher"):
     return config
 
 
+def teacher_generation_config(path: str | Path):
+    """The teacher folder's generation_config.json (its stop tokens, e.g. Gemma 3's end-of-turn beside its EOS, and
+    its sampling defaults), or None where it has none. A hybrid exported with it generates as its teacher does: the
+    default one HF derives from a config knows only the config's single EOS."""
+    from transformers import GenerationConfig
+
+    if not (Path(path) / "generation_config.json").is_file():
+        return None
+    config = GenerationConfig.from_pretrained(path)
+    config.cache_implementation = None  # (Gemma 3's "hybrid" is the teacher's cache: a hybrid model brings its own)
+    return config
+
+
 def check_no_remote_code(path: str, field: str = "teacher") -> None:
     """A model folder that ships its own Python (``auto_map`` in config.json or tokenizer_config.json) is refused:
     ds-hybrid loads teachers only through transformers' built-in classes (the supported families) and never runs

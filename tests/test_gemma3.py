@@ -139,3 +139,24 @@ def test_fresh_gemma3_hybrid_keeps_the_mixer_norms_at_one():
         assert len(norms) == 3 and all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
         teacher_norm = model.model.layers[0].post_attention_layernorm.weight  # the teacher's own: zero-centred
         assert torch.equal(teacher_norm, torch.zeros_like(teacher_norm))
+
+
+def test_convert_keeps_the_teachers_stop_tokens_and_generates(tmp_path, capsys):
+    """Gemma 3 ships a generation_config with two stop tokens and its own "hybrid" cache: the stage-0 hybrid keeps
+    the stop tokens (HF's default from the config would know one) and generates with its own cache."""
+    import ds_hybrid  # noqa: F401
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ds_hybrid.cli import main
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", family="gemma3")
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0, do_sample=True, top_k=64, top_p=0.95,
+                     cache_implementation="hybrid").save_pretrained(teacher)
+    assert main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", "--out", str(tmp_path / "h")]) == 0
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    gen = hybrid.generation_config
+    assert (gen.eos_token_id, gen.top_k, gen.top_p, gen.cache_implementation) == ([2, 7], 64, 0.95, None)
+    ids = torch.randint(10, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = hybrid.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 9)

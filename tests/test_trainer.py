@@ -102,6 +102,10 @@ def test_exports_reload_with_transformers(pipeline):
     assert kl.lm_head.weight.data_ptr() == kl.model.embed_tokens.weight.data_ptr()  # tied, as the teacher
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert kl.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    # both exports stop where the teacher stops (its generation_config, not one derived from the config)
+    assert len(teacher.generation_config.eos_token_id) == 2
+    for model in (align, kl):
+        assert model.generation_config.eos_token_id == teacher.generation_config.eos_token_id
 
 
 def test_zero3_student_with_kernel_equals_single_process(pipeline, tmp_path):

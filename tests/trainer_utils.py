@@ -35,7 +35,10 @@ def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None
                                             "sliding_attention"], pad_token_id=tok.pad_token_id)
     else:
         cfg = LlamaConfig(**kw)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # a second stop token, as real teachers have (Gemma 3's end of turn, SmolLM2-Instruct's): exports must keep it
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.eos_token_id + 1]
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

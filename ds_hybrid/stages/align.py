@@ -26,6 +26,7 @@ from ds_hybrid.modeling.stacked import pass_elements_from_env, stacked_forward, 
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
+from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
 
@@ -125,7 +126,8 @@ class AlignStage(Stage):
         for i, layer in enumerate(t.model.layers):
             groups.append([(f"model.layers.{i}.{name}.", m) for name, m in layer_rest(layer).items()]
                           + [(f"model.layers.{i}.self_attn.", mixers[i])])
-        export_hf(out_dir, self.hf_config, groups, self.ctx.tokenizer)
+        export_hf(out_dir, self.hf_config, groups, self.ctx.tokenizer,
+                  generation_config=teacher_generation_config(self.ctx.teacher_path))
 
     def flops_per_token(self) -> float:
         # teacher forward 2N (embedding rows do no matmul work) + mixers forward/backward 6N

@@ -29,6 +29,7 @@ from ds_hybrid.stages.base import Stage, build_teacher_engine, check_init_from, 
 from ds_hybrid.stages.common import (
     compile_blocks, count_params, grad_norm_before_step, student_engine, unpacked_rows, wants_compile, zero_stage,
 )
+from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import gathered
 
 log = logging.getLogger("ds_hybrid")
@@ -254,7 +255,8 @@ class KLStage(Stage):
     def export(self, out_dir: Path) -> None:
         hybrid = self.engine.module.hybrid
         skip = ["lm_head.weight"] if hybrid.config.tie_word_embeddings else []
-        export_hf(out_dir, hybrid.config, hybrid_export_groups(hybrid), self.ctx.tokenizer, skip=skip)
+        export_hf(out_dir, hybrid.config, hybrid_export_groups(hybrid), self.ctx.tokenizer, skip=skip,
+                  generation_config=teacher_generation_config(self.ctx.teacher_path))
 
     def flops_per_token(self) -> float:
         return 6.0 * self._student_params + 2.0 * self._teacher_params

@@ -50,6 +50,14 @@ def global_layers(layer_types: Sequence[str]) -> list[int]:
     return [l for l, t in enumerate(layer_types) if t == "full_attention"]
 
 
+def global_layers_left_linear(chosen: dict[str, Sequence[int]], glob: Sequence[int]) -> dict[str, list[int]]:
+    """For each chosen set ({"k=3": [5, 11, 12], ...}) with room for every global layer (K >= their number) that
+    leaves some of them linear: those global layers. On Gemma-3-270M, GA-S2's K = 3 [5, 11, 12] leaves 17 linear, and
+    the hybrid that kept all three recalled more at the same KL (docs/SELECT.md), so stage select says so."""
+    return {name: sorted(set(glob) - set(layers)) for name, layers in chosen.items()
+            if len(layers) >= len(glob) and set(glob) - set(layers)}
+
+
 def _global_and_rest(layer_types: Sequence[str], field: str) -> tuple[list[int], list[int]]:
     glob = global_layers(layer_types)
     if not glob or len(glob) == len(layer_types):

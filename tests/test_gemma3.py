@@ -12,7 +12,7 @@ import torch
 from trainer_utils import make_corpus, make_tiny_teacher, tail, train_in_one_process, write_config
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import global_layers, keep_global_layers, keep_global_ranking
+from ds_hybrid.layers import global_layers, global_layers_left_linear, keep_global_layers, keep_global_ranking
 from ds_hybrid.selection import read_selection
 
 # Gemma-3-270M: 18 layers, every sixth global (5, 11, 17), the rest sliding-window
@@ -34,6 +34,14 @@ def test_keep_global_takes_the_global_layers_first():
         keep_global_ranking(["full_attention"] * 8)
 
 
+def test_sets_with_room_for_the_global_layers_that_leave_some_linear_are_named():
+    chosen = {"k=2": [5, 11], "k=3": [5, 11, 12], "k=6": [0, 3, 5, 9, 11, 12], "ratio=0.167": [5, 11, 17],
+              "k=4": [0, 5, 11, 17]}
+    # K = 2 has no room for all three; K = 3 and 6 leave layer 17 linear; the others keep all three
+    assert global_layers_left_linear(chosen, [5, 11, 17]) == {"k=3": [17], "k=6": [17]}
+    assert global_layers_left_linear({"k=3": [0, 6, 12]}, [5, 11, 17]) == {"k=3": [5, 11, 17]}
+
+
 @pytest.mark.slow
 def test_gemma3_pipeline_align_select_kl(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "teacher", family="gemma3")
@@ -47,8 +55,9 @@ def test_gemma3_pipeline_align_select_kl(tmp_path):
     # process (tests/train_runs.py)
     runs = [("align",), ("select", "select.method=keep_global"), ("select", "select.method=proxy"),
             ("kl", f"softmax_layers={spec}")]
-    for p in train_in_one_process([["--stage", stage, "--config", str(cfg), *over] for stage, *over in runs],
-                                  tmp_path / "runs.json"):
+    done = train_in_one_process([["--stage", stage, "--config", str(cfg), *over] for stage, *over in runs],
+                                tmp_path / "runs.json")
+    for p in done:
         assert p.returncode == 0, tail(p)
     for method in ("keep_global", "proxy"):
         sel = read_selection(tmp_path / "out" / "select" / method / "selection.json")
@@ -57,6 +66,12 @@ def test_gemma3_pipeline_align_select_kl(tmp_path):
         assert sel["global_kept"]["k=1"] == ([2] if 2 in sel["chosen"]["k=1"] else [])
         assert (tmp_path / "out" / "select" / method / "selection.png").stat().st_size > 0
     assert read_selection(tmp_path / "out" / "select" / "keep_global" / "selection.json")["chosen"]["k=1"] == [2]
+    # the proxy's log names the sets that leave the global layer linear (keep_global's never)
+    for p, method in zip(done[1:3], ("keep_global", "proxy")):
+        left = global_layers_left_linear(read_selection(tmp_path / "out" / "select" / method / "selection.json")
+                                         ["chosen"], [2])
+        warned = "leave the teacher's global layers [2] linear" in p.stdout + p.stderr
+        assert warned == (method == "proxy" and bool(left)), (method, left)
     import ds_hybrid  # noqa: F401
     from transformers import AutoModelForCausalLM
 

@@ -56,8 +56,8 @@ from typing import Any
 from ds_hybrid import distributed as D
 from ds_hybrid.config import RunConfig
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.layers import (chosen_sets, global_layers, k_for_ratio, keep_global_layers, keep_global_ranking,
-                              selection_top_k, smart_layers, uniform_layers, uniform_ranking)
+from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_linear, k_for_ratio, keep_global_layers,
+                              keep_global_ranking, selection_top_k, smart_layers, uniform_layers, uniform_ranking)
 from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
@@ -204,6 +204,12 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if len(glob) < L:
         selection["global_layers"] = glob
         selection["global_kept"] = {name: sorted(set(v) & set(glob)) for name, v in selection["chosen"].items()}
+        left = global_layers_left_linear(selection["chosen"], glob) if sc.method != "keep_global" else {}
+        if left and D.is_main():
+            log.warning("select %s: %s leave the teacher's global layers %s linear; on Gemma-3-270M the hybrid "
+                        "that kept all of them found more needles at the same KL (docs/SELECT.md): select.method "
+                        "keep_global or retrieval keeps them", sc.method, ", ".join(left),
+                        sorted({l for v in left.values() for l in v}))
     if needs_align:
         selection["align"] = {"path": str(align_dir), "fingerprint": folder_fingerprint(align_dir)}
     selection["config_hash"] = _config_hash(cfg)

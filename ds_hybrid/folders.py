@@ -1,10 +1,16 @@
-"""Folders written atomically (built under a temporary name by ``tempfile.mkdtemp``, then renamed) get the mode of a
-plain ``mkdir``: mkdtemp makes them private (0700), and a model folder, a converted teacher in a shared cache or the
-embedded corpus is read by other users and jobs of a cluster."""
+"""Folders written atomically: built under a temporary name beside their place, then renamed into it, so a reader
+(another rank, a job of the cluster, a rerun after a crash) sees the whole folder or none of it. Model exports,
+converted teachers in a shared cache, extract-text's teachers and the embedded corpus are all written this way
+(:func:`atomic_folder`), and end with the mode of a plain ``mkdir``: ``tempfile.mkdtemp`` makes them private (0700),
+and they are read by other users and jobs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,3 +19,32 @@ def usual_mode(folder: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
+
+
+@contextmanager
+def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iterator[Path]:
+    """Yields an empty temporary folder ``.<prefix>-*`` beside ``out``; when the block ends without an error, the
+    folder gets :func:`usual_mode` and takes ``out``'s place, an existing ``out`` swapped out and removed (readers
+    never see a half folder). ``keep``: a file name that marks a complete folder; an ``out`` holding it (another
+    process's, e.g. ranks racing to convert one teacher) is kept and this one dropped. On an error, or when kept, the
+    temporary folder is removed and ``out`` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=out.parent))
+    try:
+        yield tmp
+        usual_mode(tmp)
+        if keep is not None and (out / keep).exists():
+            return
+        try:
+            os.replace(tmp, out)  # out absent, or an empty folder
+        except OSError:  # out holds something
+            if keep is not None and (out / keep).exists():  # (put there meanwhile)
+                return
+            old = out.with_name(f".old-{out.name}-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import atomic_folder
 from ds_hybrid.teacher import cache_dir, save_dequantized
 
 GEMMA3 = "gemma3-270m"
@@ -322,16 +323,11 @@ def gemma3_teacher_dir() -> Path:
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
-        gguf = gemma3_gguf(tmp / "gguf")
-        convert_gemma3(gguf, tmp / "hf", tmp / "gguf")
-        print(f"ds-hybrid: converted {GEMMA3} into {out}. {LICENSE_NOTICE}", file=sys.stderr, flush=True)
-        try:
-            (tmp / "hf").rename(out)
-        except OSError:  # another rank/process won the race: keep theirs
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # the joined GGUF in a scratch folder beside it (removed after); another rank or process may convert it too: the
+    # first complete folder is kept
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as scratch, \
+            atomic_folder(out, "convert", keep="config.json") as hf:
+        gguf = gemma3_gguf(Path(scratch))
+        convert_gemma3(gguf, hf, Path(scratch))
+    print(f"ds-hybrid: converted {GEMMA3} into {out}. {LICENSE_NOTICE}", file=sys.stderr, flush=True)
     return out

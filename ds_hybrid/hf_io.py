@@ -11,10 +11,8 @@ export writes one shard per group of modules from rank 0, so peak memory is one 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ds_hybrid import distributed as D
-from ds_hybrid.folders import usual_mode
+from ds_hybrid.folders import atomic_folder
 from ds_hybrid.zero import gathered, is_partitioned
 
 SINGLE = "model.safetensors"
@@ -113,41 +111,36 @@ def export_hf(
     out = Path(out_dir)
     skip = set(skip)
     groups = list(groups)
-    tmp = None
-    if D.is_main():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    weight_map: dict[str, str] = {}
-    total = 0
-    n = len(groups)
-    for i, group in enumerate(groups):
-        tensors: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for prefix, module in group:
-            for k, v in module_tensors(module, prefix).items():
-                if k in skip:
-                    continue
-                tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-        if D.is_main() and tensors:
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            # safetensors refuses tensors sharing storage; copies made above never share
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            for k, v in tensors.items():
-                weight_map[k] = fname
-                if id(v) not in seen:
-                    total += v.numel() * v.element_size()
-                    seen.add(id(v))
-        del tensors
-    if D.is_main():
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        usual_mode(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+    # rank 0 writes into a temporary folder that takes out's place once complete; the other ranks only gather
+    with atomic_folder(out, out.name) if D.is_main() else nullcontext() as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        n = len(groups)
+        for i, group in enumerate(groups):
+            tensors: dict[str, torch.Tensor] = {}
+            seen: set[int] = set()
+            for prefix, module in group:
+                for k, v in module_tensors(module, prefix).items():
+                    if k in skip:
+                        continue
+                    tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            if tmp is not None and tensors:
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                # safetensors refuses tensors sharing storage; copies made above never share
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                for k, v in tensors.items():
+                    weight_map[k] = fname
+                    if id(v) not in seen:
+                        total += v.numel() * v.element_size()
+                        seen.add(id(v))
+            del tensors
+        if tmp is not None:
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=1))
+            config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if generation_config is not None:
+                generation_config.save_pretrained(tmp)
     D.barrier()
     return out

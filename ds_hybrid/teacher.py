@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.folders import usual_mode
+from ds_hybrid.folders import atomic_folder
 from ds_hybrid.modeling.families import SUPPORTED_FAMILIES, check_family
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
@@ -73,21 +71,12 @@ def embedded_teacher_dir() -> Path:
     if (out / "config.json").is_file():
         return out
     gguf = embedded_gguf()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    # (a shared DS_HYBRID_CACHE: every user of the cluster reads it; another rank or process may convert it too: the
+    # first complete folder is kept)
+    with atomic_folder(out, "convert", keep="config.json") as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         save_dequantized(model, tok, tmp)
-        usual_mode(tmp)  # (a shared DS_HYBRID_CACHE: every user of the cluster reads the converted teacher)
-        try:
-            tmp.rename(out)
-        except OSError:  # another rank/process won the race: keep theirs
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

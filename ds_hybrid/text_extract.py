@@ -17,14 +17,13 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.folders import usual_mode
+from ds_hybrid.folders import atomic_folder
 from ds_hybrid.hf_io import SafetensorsReader
 
 # checkpoint name prefix -> Gemma3ForCausalLM's (the hub's layout as transformers writes it, and the in-memory one)
@@ -120,9 +119,7 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         raise ConfigError("--model", str(src), f"holds the language model's {twice[:3]} under two names each")
     if "model.embed_tokens.weight" not in kept.values() or not any(".layers." in n for n in kept.values()):
         raise ConfigError("--model", str(src), "holds no language-model embedding or layers")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out, out.name) as tmp:  # (out is absent or empty: checked above)
         plan = shard_plan(reader, sorted(kept, key=lambda k: kept[k]), shard_bytes)
         files = ["model.safetensors"] if len(plan) == 1 else \
             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
@@ -142,13 +139,6 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         for name in TEXT_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        usual_mode(tmp)  # mkdtemp's folder is private (0700): a teacher folder is shared as usual
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

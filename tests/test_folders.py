@@ -1,5 +1,6 @@
-"""Folders written atomically (mkdtemp, then a rename) end with a plain mkdir's mode, not mkdtemp's private 0700:
-exported models, converted teachers and the corpus are read by other users and jobs of a cluster."""
+"""Folders written atomically (ds_hybrid.folders.atomic_folder: a temporary folder, then a rename) appear whole or
+not at all, and end with a plain mkdir's mode, not mkdtemp's private 0700: exported models, converted teachers and the
+corpus are read by other users and jobs of a cluster."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from torch import nn
 
-from ds_hybrid.folders import usual_mode
+from ds_hybrid.folders import atomic_folder, usual_mode
 from ds_hybrid.hf_io import export_hf
 
 
@@ -35,3 +37,45 @@ def test_an_exported_model_folder_is_readable_by_others(tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert (out / "config.json").is_file()
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_folder_appears_whole_and_replaces_an_older_one(tmp_path):
+    out = tmp_path / "model"
+    with atomic_folder(out, "w") as tmp:
+        (tmp / "a").write_text("1")
+        assert not out.exists()  # nothing at out until the block ends
+    assert entries(out) == ["a"] and entries(tmp_path) == ["model"]
+    assert out.stat().st_mode & 0o777 == mkdir_mode(tmp_path)
+    with atomic_folder(out, "w") as tmp:
+        (tmp / "b").write_text("2")
+    assert entries(out) == ["b"] and entries(tmp_path) == ["model", "plain"]  # (plain: mkdir_mode's) no leftovers
+
+
+def test_atomic_folder_leaves_out_untouched_on_an_error(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old").write_text("kept")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(out, "w") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert entries(out) == ["old"] and entries(tmp_path) == ["model"]
+
+
+def test_atomic_folder_keeps_a_complete_folder_and_replaces_an_interrupted_one(tmp_path):
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "config.json").write_text("theirs")
+    with atomic_folder(out, "convert", keep="config.json") as tmp:  # another rank converted it meanwhile
+        (tmp / "config.json").write_text("ours")
+    assert (out / "config.json").read_text() == "theirs" and entries(tmp_path) == ["teacher"]
+    (out / "config.json").unlink()
+    (out / "model.safetensors").write_text("half")  # an interrupted conversion: no config.json
+    with atomic_folder(out, "convert", keep="config.json") as tmp:
+        (tmp / "config.json").write_text("ours")
+    assert entries(out) == ["config.json"] and (out / "config.json").read_text() == "ours"
+    assert entries(tmp_path) == ["teacher"]

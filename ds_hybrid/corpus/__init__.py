@@ -25,15 +25,13 @@ import glob
 import gzip
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ds_hybrid.corpus.sources import BY_NAME, PYTHON_DOCS, SOURCES, Source
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.folders import usual_mode
+from ds_hybrid.folders import atomic_folder
 
 CORPUS_VERSION = 1
 MIN_CHARS = 200
@@ -76,9 +74,9 @@ def build_embedded(out: Path | None = None, names: list[str] | None = None, prog
     from ds_hybrid.corpus.dedup import dedup
 
     keep, _ = dedup(texts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-    try:
+    # (a rebuild, or another process's build meanwhile, is replaced whole; a folder without a manifest is an
+    # interrupted build)
+    with atomic_folder(out, "build") as tmp:
         files = {s.name: gzip.open(tmp / f"{s.name}.jsonl.gz", "wt", compresslevel=6) for s in present}
         for i, (doc_id, text, src) in enumerate(zip(ids, texts, owner)):
             st = stats[src]
@@ -100,18 +98,6 @@ def build_embedded(out: Path | None = None, names: list[str] | None = None, prog
         meta = {"version": CORPUS_VERSION, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "build_seconds": round(time.perf_counter() - t0, 1), "sources": sources, "missing": missing}
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
-        usual_mode(tmp)
-        if (out / "manifest.json").is_file():  # built by another process meanwhile (or a rebuild): replace it whole
-            old = out.with_name(f".old-{out.name}-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            shutil.rmtree(out, ignore_errors=True)  # a folder without a manifest: an interrupted build
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -171,19 +171,23 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # (both fitted to the H200 runs of docs/BENCHMARKS.md, 2026-11-29: within 7 % at micro-batches 16 to 96).
     # Those fits are SmolLM2's (head dim 64) and Llama-3-8B's (kl, head dim 128): attention width d (query heads x
     # head dim) = h and two norms a layer.
-    # Where d != h (Gemma 3, Qwen3), the mixer's own tensors scale with d: 46 (eager) / 32 (compiled) of a linear
-    # block's h, 10 / 8 of a softmax block's, 42 of the stacked align's, 26 of a mixer alone; each norm beyond two
-    # (Gemma 3: four, computed in fp32) keeps 7 h; fla's chunk states (one K x V state per head and 64 tokens,
-    # S = d x head_dim / 64 a token) are recomputed in a layer's backward with their fp32 gradient: 6 (S - d)
-    # bytes beyond the fitted constants for one layer (head dim 128: +6 n d, under 0.5 % of Llama-3-8B's kl plan),
-    # 2 (S - d) for every layer of the stacked align (fitted at head dim 64; no head-dim-128 align measured). Checked
-    # against the Gemma-3-270M H200 peaks of 2026-12-04 (docs/data/gemma3_270m_h200_2026-12-04; tests/test_plan.py).
+    # Where d != h (Gemma 3, Qwen3), the mixer's own tensors scale with d: 46 (eager) / 12 (compiled) of a linear
+    # block's h, 10 / 3 of a softmax block's, 42 of the stacked align's, 26 of a mixer alone; each norm beyond two
+    # (Gemma 3: four, computed in fp32) keeps 7 h eagerly, 2 h compiled (its bf16 input; Inductor recomputes the
+    # rest); fla's chunk states (one K x V state per head and 64 tokens, S = d x head_dim / 64 a token) are
+    # recomputed in a layer's backward with their fp32 gradient: 6 (S - d) bytes beyond the fitted constants for one
+    # layer (head dim 128: +6 n d, under 0.5 % of Llama-3-8B's kl plan), 2 (S - d) for every layer of the stacked
+    # align (fitted at head dim 64; no head-dim-128 align measured). The eager and align terms were checked against
+    # Gemma-3-270M's H200 align and GA-S2 probes of 2026-12-04 (docs/data/gemma3_270m_h200_2026-12-04); the compiled
+    # ones (d - h and extra norms, which the SmolLM2 and Llama fits never see) were fitted to its three compiled kl
+    # runs of the third lease that day (16 x 4096, K = 3: 48.3-49.8 GiB; docs/data/gemma3_270m_h200_2026-12-04c),
+    # one shape only: the eager values scaled by one factor (0.26) and rounded. tests/test_plan.py holds both.
     compiled = s.compile is not False and s_stage < 3  # the plan is for GPUs, where compile: auto compiles
     soft_c, lin_c, i_c = (12, 36, 4) if compiled else (18, 54, 6)
-    soft_d, lin_d = (8, 32) if compiled else (10, 46)
+    soft_d, lin_d, norm_c = (3, 12, 2) if compiled else (10, 46, 7)
     d = counts.attn_width or h
     S = d * (counts.head_dim or 64) // 64
-    norms = 7 * max(0, counts.norms_per_layer - 2) * h
+    norms = norm_c * max(0, counts.norms_per_layer - 2) * h
     soft_layer = n * (soft_c * h + soft_d * (d - h) + norms + i_c * i) * b // 2
     lin_layer = n * (lin_c * h + lin_d * (d - h) + norms + i_c * i) * b // 2
     states = 6 * n * max(0, S - d) if n_soft < L else 0  # one linear layer's backward, beyond the fit

@@ -11,8 +11,9 @@ token, the positions and the attention mask.
 
 What is supported:
 - models: a ds_hybrid ``HybridForCausalLM`` (softmax + linear layers, any K including 0) and the HF causal LMs of
-  the supported families, sliding-window layers included (Gemma 3, Mistral, Qwen2: such a layer's static KV holds
-  ``max_len`` positions and the mask applies the window, so it takes a global layer's memory);
+  the supported families, sliding-window layers included (Gemma 3, Mistral, Qwen2: such a layer's static KV is a
+  ring of its window, so a step reads the window, not max_len; with attention other than sdpa or eager it holds
+  max_len positions and the mask applies the window, as a global layer's memory and reads);
 - greedy only, exactly ``max_new_tokens`` tokens per row (no stop at EOS: cut the output afterwards);
 - batch sizes: exact. One static cache, buffer set and graph per batch size met, kept for the next call with that
   batch size (memory: one cache of [B, max_len] per batch size used);
@@ -45,7 +46,7 @@ import torch
 
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling.decode_attention import decode_attention, fp32_out_bmm, sdpa_configs
-from ds_hybrid.modeling.static_cache import StaticHybridCache
+from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, decode_masks, static_softmax_layer
 from ds_hybrid.stages.common import compile_backend
 
 
@@ -61,23 +62,43 @@ class _Slot:
     steps_left: int = 0  # decode steps that still fit in max_len after the last prefill
 
 
-def make_static_cache(model, max_len: int):
-    """A static cache for ``model``: StaticHybridCache for a hybrid, transformers' StaticCache otherwise."""
+#: attention implementations whose decode step takes the 4-D masks of a ring cache (decode_masks): bool masks for
+#: sdpa (and ds_hybrid's decode attention, which replaces it in a step), additive float masks for eager
+RING_MASKS = {"sdpa": "bool", "eager": "float"}
+
+
+def attention_implementations(model) -> set[str]:
+    """The attention implementations the model's (sub-)configs name."""
+    impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
+    return {i for i in impls if i is not None}
+
+
+def ring_mask_format(model) -> str | None:
+    """'bool' / 'float': the model's sliding-window layers get ring caches in the static path, their decode masks in
+    that format; None: full-length layers, their window applied by transformers' own masks (flash attention and
+    other implementations, which read no 4-D mask, or a mix of sdpa and eager)."""
+    formats = {RING_MASKS.get(i) for i in attention_implementations(model)}
+    return formats.pop() if len(formats) == 1 and None not in formats else None
+
+
+def make_static_cache(model, max_len: int, rings: bool = True):
+    """A static cache for ``model``: StaticHybridCache for a hybrid, transformers' StaticCache otherwise; its
+    sliding-window layers as rings of the window (``rings`` and the window shorter than max_len) or full length."""
     if getattr(model.config, "model_type", None) == "ds_hybrid":
-        return StaticHybridCache.from_config(model.config, max_len)
+        return StaticHybridCache.from_config(model.config, max_len, rings=rings)
     from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    # sliding-window layers as full-length ones, the window applied by the mask (as in StaticHybridCache): their
-    # own static layer keeps a Python-side counter, which a replayed graph would not advance
-    cache.layers = [StaticLayer(max_len) if getattr(layer, "is_sliding", False) else layer for layer in cache.layers]
+    # transformers' own sliding layer keeps a Python-side counter, which a replayed graph would not advance
+    window = getattr(model.config, "sliding_window", None) if rings else None
+    cache.layers = [static_softmax_layer("sliding_attention", max_len, window) if getattr(layer, "is_sliding", False)
+                    else layer for layer in cache.layers]
     return cache
 
 
 def full_kv_sliding_layers(model) -> int:
     """How many of the model's softmax layers are sliding-window layers, which the static cache holds at full length
-    (their window applied by the mask): a step reads max_len keys there, not the window."""
+    when it keeps no rings (their window applied by the mask): a step reads max_len keys there, not the window."""
     from ds_hybrid.modeling.families import teacher_layer_types
 
     cfg = model.config
@@ -129,6 +150,9 @@ class GraphDecoder:
         self._slots: dict[int, _Slot] = {}
         # decode steps attend through ds_hybrid.modeling.decode_attention (no KV-head expansion over the static cache)
         self._sdpa_configs = sdpa_configs(model)
+        # sliding-window layers as rings of their window, their decode masks built in the step (None: full length)
+        self._ring_format = ring_mask_format(model)
+        self._mask_dtype = next(model.parameters()).dtype if self._ring_format == "float" else None
         self.compiled = bool(compile)
         self._forward = self._forward_step
         self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)
@@ -241,12 +265,17 @@ class GraphDecoder:
         """The static cache of a batch size (after a prefill at that size)."""
         return self._slots[batch].cache
 
+    @property
+    def full_kv_sliding_layers(self) -> int:
+        """Sliding-window layers this decoder's caches hold at full length (no rings: see ring_mask_format)."""
+        return 0 if self._ring_format is not None else full_kv_sliding_layers(self.model)
+
     # ---- internals ----------------------------------------------------------------------------------------
     def _slot(self, batch: int) -> _Slot:
         if batch not in self._slots:
             dev = self.device
             self._slots[batch] = _Slot(
-                cache=make_static_cache(self.model, self.cache_len),
+                cache=make_static_cache(self.model, self.cache_len, rings=self._ring_format is not None),
                 tokens=torch.zeros(batch, 1, dtype=torch.long, device=dev),
                 positions=torch.zeros(batch, 1, dtype=torch.long, device=dev),
                 mask=torch.ones(batch, self.cache_len, dtype=torch.long, device=dev),
@@ -266,8 +295,14 @@ class GraphDecoder:
 
     def _step_logits(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """[B, V] logits of one decode step (the cache advances by one token)."""
-        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True).logits[:, -1]
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] = mask
+        if any(isinstance(layer, RingSlidingLayer) for layer in cache.layers):
+            # transformers' masks index keys by position, a ring's slots are not in that order: the step's 4-D
+            # masks by kind (a model of one kind of softmax layer takes its 4-D mask as such: Llama, Mistral)
+            masks = decode_masks(cache, mask, self._mask_dtype)
+            attention_mask = masks if len(masks) > 1 else next(iter(masks.values()))
+        return self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True).logits[:, -1]
 
     def _capture(self, slot: _Slot) -> list[torch.Tensor]:
         """Warm up on a side stream (real steps, their tokens returned), then capture one step into slot.graph."""

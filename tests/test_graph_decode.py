@@ -9,8 +9,8 @@ import torch
 from conftest import VOCAB, tiny_teacher
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.graph_decode import GraphDecoder, make_static_cache
-from ds_hybrid.modeling.static_cache import StaticHybridCache, static_tensors
+from ds_hybrid.graph_decode import GraphDecoder, full_kv_sliding_layers
+from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, static_tensors
 from ds_hybrid.transfer import build_hybrid
 
 
@@ -134,23 +134,38 @@ def test_limits_and_bad_masks_raise_what_to_fix(teacher):
         decoder.generate(ids(1, 4, seed=1), right, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("rings", [True, False])
 @pytest.mark.parametrize("family,softmax", [("gemma3", None), ("gemma3", [0, 2]), ("mistral", None),
                                             ("mistral", [1]), ("qwen2", None), ("qwen2", [3])])
-def test_sliding_window_layers_decode_as_the_dynamic_cache(family, softmax):
-    """Sliding-window softmax layers (window 8 here) in the static cache: full-length KV, the window applied by the
-    mask. Prompts longer than the window, decoding past it, a left-padded row: the same greedy tokens as generate()
-    and the same logits as the dynamic cache under teacher forcing. softmax None: the teacher itself; else a GDN
-    hybrid keeping those layers (gemma3 [0, 2]: a sliding and the global layer)."""
+def test_sliding_window_layers_decode_as_the_dynamic_cache(family, softmax, rings, monkeypatch):
+    """Sliding-window softmax layers (window 8 here) in the static cache. rings: each one's KV a ring of 8 slots, its
+    decode mask built in the step (bool for sdpa, additive for eager: the tiny teachers run eager, their hybrids
+    sdpa); no rings (attention that takes no 4-D mask): full-length KV, the window applied by transformers' mask.
+    Prompts shorter and longer than the window, decoding past it, a left-padded row whose pads leave the window:
+    the same greedy tokens as generate() and the same logits as the dynamic cache under teacher forcing. softmax
+    None: the teacher itself; else a GDN hybrid keeping those layers (gemma3 [0, 2]: a sliding and the global
+    layer)."""
+    import ds_hybrid.graph_decode as graph_decode
+
+    if not rings:
+        monkeypatch.setattr(graph_decode, "ring_mask_format", lambda model: None)
     teacher = tiny_teacher(family)
     model = teacher if softmax is None else build_hybrid(teacher, softmax, "gdn").eval()
     model.generation_config.eos_token_id = None
-    cache = make_static_cache(model, 32)
-    assert not any(cache.is_sliding) and len(cache.layers) == 4
-    prompt = ids(2, 13, seed=21)
-    with torch.no_grad():  # (the mask given: generate() would take the prompt's token 0 for padding)
-        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
-                             pad_token_id=0)
-    assert torch.equal(GraphDecoder(model, max_len=32).generate(prompt, max_new_tokens=10), ref)
+    decoder = GraphDecoder(model, max_len=32)
+    for T in (13, 5):
+        prompt = ids(2, T, seed=21 + T)
+        with torch.no_grad():  # (the mask given: generate() would take the prompt's token 0 for padding)
+            ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0)
+        assert torch.equal(decoder.generate(prompt, max_new_tokens=10), ref)
+    # the layout: a ring of the window per sliding layer, or every softmax layer at the cache's full length
+    sliding = full_kv_sliding_layers(model)
+    assert sliding > 0 and decoder.full_kv_sliding_layers == (0 if rings else sliding)
+    cache = decoder.cache(2)
+    ring_layers = [layer for layer in cache.layers if isinstance(layer, RingSlidingLayer)]
+    assert len(ring_layers) == (sliding if rings else 0)
+    assert all(layer.keys.shape[-2] == 8 for layer in ring_layers)
     batch, pad = ids(2, 12, seed=22), 3
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
@@ -165,6 +180,34 @@ def test_sliding_window_layers_decode_as_the_dynamic_cache(family, softmax):
     if softmax is not None:
         wide.load_state_dict(model.state_dict())
     assert not torch.allclose(GraphDecoder(wide, max_len=32).score(batch, mask, cont), got, atol=1e-3)
+
+
+def test_decode_masks_of_a_ring_against_positions():
+    """decode_masks on a planted cache: a ring of 4 slots after positions 0..9 (the query at 9 written into slot 1)
+    holds 6, 7, 8, 9 in slots 2, 3, 0, 1; with the row's positions 0..6 padding, only 7, 8, 9 are attended; the full
+    layer's mask is the written, unpadded positions up to 9. Before the ring has wrapped (the query at 2), slot 3
+    holds nothing. Additive form: 0 / the dtype's minimum at the same places."""
+    from ds_hybrid.modeling.static_cache import decode_masks
+
+    cache = StaticHybridCache(["sliding_attention", "full_attention", "linear_attention"], 16, window=4)
+    assert isinstance(cache.layers[0], RingSlidingLayer) and not isinstance(cache.layers[1], RingSlidingLayer)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :7] = 0
+    for layer in cache.layers[:2]:
+        layer.cumulative_length = torch.tensor(9)
+    m = decode_masks(cache, mask)
+    assert m["sliding_attention"].shape == (2, 1, 1, 4) and m["full_attention"].shape == (2, 1, 1, 16)
+    assert m["sliding_attention"][:, 0, 0].tolist() == [[True] * 4, [True, True, False, True]]
+    assert m["full_attention"][0, 0, 0].tolist() == [True] * 10 + [False] * 6
+    assert m["full_attention"][1, 0, 0].tolist() == [False] * 7 + [True] * 3 + [False] * 6
+    for layer in cache.layers[:2]:
+        layer.cumulative_length = torch.tensor(2)
+    assert decode_masks(cache, mask)["sliding_attention"][0, 0, 0].tolist() == [True, True, True, False]
+    add = decode_masks(cache, mask, torch.float32)["sliding_attention"][0, 0, 0]
+    assert add.tolist() == [0.0, 0.0, 0.0, torch.finfo(torch.float32).min]
+    # a window as long as the cache: a full-length layer (the mask applies the window)
+    assert not any(isinstance(layer, RingSlidingLayer)
+                   for layer in StaticHybridCache(["sliding_attention"], 8, window=8).layers)
 
 
 def test_cache_addresses_fixed_and_counters_on_device(teacher):
@@ -215,7 +258,7 @@ def test_decode_step_reads_no_tensor_value_on_host(teacher, kind, monkeypatch):
 
 @pytest.mark.parametrize("kind,backend", [("teacher", "aot_eager"), ("gdn", "aot_eager"), ("gla_k0", "aot_eager"),
                                           ("gdn", "inductor"), ("gdn_fused", "aot_eager"),
-                                          ("gemma3_gdn", "aot_eager")])
+                                          ("gemma3_gdn", "aot_eager"), ("gemma3_teacher", "aot_eager")])
 def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, backend, monkeypatch):
     """compile=True: the decode step traced whole (the linear ops as opaque custom ops: no graph break, so no
     per-layer recompiles past dynamo's limit) and the same greedy tokens as the eager static step; inductor once,
@@ -225,6 +268,8 @@ def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, b
     monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", backend)
     if kind == "gemma3_gdn":  # a sliding layer (window 8), the global one, GDN elsewhere: masks built in the step
         model = build_hybrid(tiny_teacher("gemma3"), [0, 2], "gdn").eval()
+    elif kind == "gemma3_teacher":  # three rings of 8 slots and a global layer, eager attention: additive masks
+        model = tiny_teacher("gemma3")
     else:
         model = model_of(teacher, kind.removesuffix("_fused"))
     prompts = [ids(2, 11, seed=3), ids(2, 6, seed=4)]
@@ -283,11 +328,16 @@ def test_bench_pair_puts_static_rows_next_to_eager(teacher, monkeypatch):
     with pytest.raises(ValueError, match="_fused"):
         bench_pair({"hybrid": hybrid}, contexts=[32], batches=[2], modes=("warp",))
     # static rows say how many sliding-window layers they read at full length (tiny Gemma 3: 3 of 4 layers sliding;
-    # its hybrid keeping layers 0 and 2: one sliding, one global)
+    # its hybrid keeping layers 0 and 2: one sliding, one global): none with rings, all without
+    import ds_hybrid.graph_decode as graph_decode
+
     gemma = tiny_teacher("gemma3")
-    rows = bench_pair({"teacher": gemma, "hybrid": build_hybrid(gemma, [0, 2], "gdn").eval()}, contexts=[16],
-                      batches=[1], decode_tokens=2, modes=("eager", "static"))
-    assert [r.get("static_full_kv_sliding_layers") for r in rows] == [None, 3, None, 1]
+    pair = {"teacher": gemma, "hybrid": build_hybrid(gemma, [0, 2], "gdn").eval()}
+    rows = bench_pair(pair, contexts=[16], batches=[1], decode_tokens=2, modes=("eager", "static"))
+    assert [r.get("static_full_kv_sliding_layers") for r in rows] == [None, 0, None, 0]
+    monkeypatch.setattr(graph_decode, "ring_mask_format", lambda model: None)
+    rows = bench_pair(pair, contexts=[16], batches=[1], decode_tokens=2, modes=("static",))
+    assert [r.get("static_full_kv_sliding_layers") for r in rows] == [3, 1]
     assert all(r["static_full_kv_sliding_layers"] == 0 for r in bench_pair(
         {"hybrid": hybrid}, contexts=[16], batches=[1], decode_tokens=2, modes=("static",)))
 

@@ -170,7 +170,7 @@ def bench_pair(
 ) -> list[dict]:
     """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens)."""
     from ds_hybrid.evaluation.decode_floor import decode_step_bytes
-    from ds_hybrid.graph_decode import GraphDecoder, full_kv_sliding_layers
+    from ds_hybrid.graph_decode import GraphDecoder
 
     unknown = [m for m in modes if m.removesuffix(FUSED) not in MODES]
     if unknown:
@@ -212,9 +212,9 @@ def bench_pair(
                         r = bench_static(decoder, c, b, decode_tokens)
                         if dev.type == "cuda" and "error" not in r:
                             r["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
-                        # sliding-window layers read all max_len keys in the static path (masked), the window in
-                        # the dynamic one: such rows understate what a windowed static cache would do
-                        r["static_full_kv_sliding_layers"] = full_kv_sliding_layers(model)
+                        # sliding-window layers held at full length (no rings: attention other than sdpa/eager)
+                        # read all max_len keys (masked): such rows overstate what a windowed cache would cost
+                        r["static_full_kv_sliding_layers"] = decoder.full_kv_sliding_layers
                         del decoder
                     if "error" not in r:  # the bytes a step must move, and the bandwidth the measured step reached
                         step = decode_step_bytes(model, b, c, next(model.parameters()).element_size()).total

@@ -55,6 +55,43 @@ class SafetensorsReader:
         return self._handles[fname].get_tensor(name)
 
 
+class ShardWriter:
+    """The safetensors shards of a HF folder, written one at a time, then their index.
+
+        writer = ShardWriter(folder, n_shards)
+        for i, tensors in enumerate(shards):
+            writer.write(i, tensors)       # model-0000i-of-0000n.safetensors (one shard: model.safetensors)
+        writer.finish()                    # model.safetensors.index.json when there are several shards
+
+    ``single_file=False``: numbered shards and an index even for one shard (the stages' exports: their folders'
+    fingerprints, which selections record, hash the index as it has always been written)."""
+
+    def __init__(self, folder: Path, n_shards: int, single_file: bool = True):
+        if n_shards < 1:
+            raise ValueError(f"a HF folder needs at least one shard, got {n_shards}")
+        self.folder, self.n, self.single_file = Path(folder), n_shards, single_file
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def file_name(self, i: int) -> str:
+        return SINGLE if self.n == 1 and self.single_file else f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Shard ``i`` (0-based) holding ``tensors`` (contiguous, none sharing storage: safetensors refuses those)."""
+        if not tensors:
+            return
+        fname = self.file_name(i)
+        save_file(tensors, str(self.folder / fname), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            self.weight_map[k] = fname
+            self.total += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        if self.n > 1 or not self.single_file:  # (the weight map in the order written)
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
 @torch.no_grad()
 def fill_module(module: nn.Module, prefix: str, reader: SafetensorsReader, tied: dict[str, str] | None = None) -> None:
     """Copy ``prefix + name`` tensors of ``reader`` into the module's parameters and persistent buffers."""
@@ -113,30 +150,19 @@ def export_hf(
     groups = list(groups)
     # rank 0 writes into a temporary folder that takes out's place once complete; the other ranks only gather
     with atomic_folder(out, out.name) if D.is_main() else nullcontext() as tmp:
-        weight_map: dict[str, str] = {}
-        total = 0
-        n = len(groups)
+        writer = ShardWriter(tmp, len(groups), single_file=False) if tmp is not None else None
         for i, group in enumerate(groups):
             tensors: dict[str, torch.Tensor] = {}
-            seen: set[int] = set()
             for prefix, module in group:
                 for k, v in module_tensors(module, prefix).items():
                     if k in skip:
                         continue
                     tensors[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-            if tmp is not None and tensors:
-                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                # safetensors refuses tensors sharing storage; copies made above never share
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                for k, v in tensors.items():
-                    weight_map[k] = fname
-                    if id(v) not in seen:
-                        total += v.numel() * v.element_size()
-                        seen.add(id(v))
+            if writer is not None:
+                writer.write(i, tensors)  # (copies made above never share storage)
             del tensors
-        if tmp is not None:
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=1))
+        if writer is not None:
+            writer.finish()
             config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -20,11 +20,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.folders import atomic_folder
-from ds_hybrid.hf_io import SafetensorsReader
+from ds_hybrid.hf_io import SafetensorsReader, ShardWriter
 
 # checkpoint name prefix -> Gemma3ForCausalLM's (the hub's layout as transformers writes it, and the in-memory one)
 RENAMES: tuple[tuple[str, str], ...] = (
@@ -121,20 +119,10 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         raise ConfigError("--model", str(src), "holds no language-model embedding or layers")
     with atomic_folder(out, out.name) as tmp:  # (out is absent or empty: checked above)
         plan = shard_plan(reader, sorted(kept, key=lambda k: kept[k]), shard_bytes)
-        files = ["model.safetensors"] if len(plan) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-        weight_map: dict[str, str] = {}
-        total = 0
-        for fname, keys in zip(files, plan):  # one shard in memory at a time
-            shard = {kept[k]: reader.get(k).contiguous() for k in keys}
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            for name, t in shard.items():
-                weight_map[name] = fname
-                total += t.numel() * t.element_size()
-            del shard
-        if len(plan) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        writer = ShardWriter(tmp, len(plan))
+        for i, keys in enumerate(plan):  # one shard in memory at a time
+            writer.write(i, {kept[k]: reader.get(k).contiguous() for k in keys})
+        writer.finish()
         config.save_pretrained(tmp)
         for name in TEXT_FILES:
             if (src / name).is_file():

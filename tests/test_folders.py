@@ -79,3 +79,37 @@ def test_atomic_folder_keeps_a_complete_folder_and_replaces_an_interrupted_one(t
         (tmp / "config.json").write_text("ours")
     assert entries(out) == ["config.json"] and (out / "config.json").read_text() == "ours"
     assert entries(tmp_path) == ["teacher"]
+
+
+def test_shard_writer_names_indexes_and_reads_back(tmp_path):
+    """ShardWriter (export_hf and extract-text): one shard is model.safetensors without an index, unless numbered
+    shards are asked for (the stages' exports); several get numbered names and an index whose weight map lists every
+    tensor in the order written, with their total size."""
+    import json
+
+    import torch
+
+    from ds_hybrid.hf_io import INDEX, SafetensorsReader, ShardWriter
+
+    a, b = torch.arange(6.0).view(2, 3), torch.ones(4, dtype=torch.bfloat16)
+    one = tmp_path / "one"
+    one.mkdir()
+    w = ShardWriter(one, 1)
+    w.write(0, {"a": a})
+    w.finish()
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    assert torch.equal(SafetensorsReader(one).get("a"), a)
+    for name, single_file, n in (("numbered", False, 1), ("two", True, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        w = ShardWriter(folder, n, single_file=single_file)
+        w.write(0, {"a": a, "c": a.clone()})
+        if n == 2:
+            w.write(1, {"b": b})
+        w.finish()
+        index = json.loads((folder / INDEX).read_text())
+        assert list(index["weight_map"]) == ["a", "c", "b"][: 2 + (n == 2)]
+        assert index["metadata"]["total_size"] == 48 + 8 * (n == 2)
+        assert index["weight_map"]["a"] == f"model-00001-of-0000{n}.safetensors"
+        reader = SafetensorsReader(folder)
+        assert torch.equal(reader.get("c"), a) and (n == 1 or torch.equal(reader.get("b"), b))

@@ -9,7 +9,8 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
 - ours: ds-hybrid's fused kernel (cuBLAS bf16->fp32 GEMMs + Triton row kernel) as training calls it, dL/dz written
   over the student logits (8 bytes a logit of extra memory); ours_buffer: the same with dL/dz in a buffer of its own
   (``in_place=False``: 10 bytes a logit; the default until 2026-12-03, whose rows called the in-place one
-  ours_inplace)
+  ours_inplace); ours_bf16: the same with bf16 logits (``fp32_logits=False``, ``kl.fp32_logits: false``: 10 bytes a
+  logit in the row kernel instead of 18, each logit rounded to bf16 once, so its errors are bf16 logits' own)
 - liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
   ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
 - torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
@@ -109,6 +110,8 @@ def make_impls(chunks: tuple[int, ...] = (1024,)):
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c)[0]
         impls["ours_buffer" if c == 1024 else f"ours_buffer@{c}"] = \
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, in_place=False)[0]
+        impls["ours_bf16" if c == 1024 else f"ours_bf16@{c}"] = \
+            lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False)[0]
     impls["torchtune"] = torchtune_chunked
     liger, why = liger_forward_kl()
     if liger is not None:

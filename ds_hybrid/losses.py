@@ -62,6 +62,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
         ce_valid = labels != -100 if use_ce else None
         n_ce = int(ce_valid.sum()) if use_ce else 0
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32  # fp64 in, fp64 reference
+        # fp32_logits=False with 16-bit inputs: each logit rounded to the inputs' dtype, as the kernel's GEMM does
+        round_to = h_s.dtype if not stats.get("fp32_logits", True) and h_s.dtype.itemsize < 4 else None
         ws = w_s.to(acc)
         wt = w_t.to(acc) if use_kl else None
         dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=acc, device=h_s.device)
@@ -83,12 +85,17 @@ class ChunkedLinearLoss(torch.autograd.Function):
             b = min(N, a + chunk)
             hs = h_s[a:b].to(acc)
             zs = torch.matmul(hs, ws.t(), out=zbuf[:b - a])  # [C, V] student logits
+            if round_to is not None:  # fp32_logits=False: the logits as a 16-bit GEMM writes them
+                zs.copy_(zs.to(round_to))
             g = gbuf[:b - a].zero_() if need_grad else None  # d loss / d zs
             if kl_on:
                 m = kl_mask[a:b].to(acc)
                 scratch = (abuf if ce_on else zbuf)[:b - a]  # without CE, zs is not needed after zs / T
                 log_ps = torch.log_softmax(torch.div(zs, T, out=scratch), -1, out=bbuf[:b - a])
-                zt = torch.matmul(h_t[a:b].to(acc), wt.t(), out=scratch).div_(T)
+                zt = torch.matmul(h_t[a:b].to(acc), wt.t(), out=scratch)
+                if round_to is not None:
+                    zt.copy_(zt.to(round_to))
+                zt = zt.div_(T)
                 log_pt = torch.log_softmax(zt, -1, out=pbuf[:b - a])
                 pt = torch.exp(log_pt, out=scratch)
                 kl = log_pt.sub_(log_ps).mul_(pt).sum(-1) * (T * T) * m  # (pt * (log_pt - log_ps)).sum(-1) ...
@@ -131,12 +138,15 @@ class ChunkedLinearLoss(torch.autograd.Function):
 def chunked_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
-    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
+    kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, fp32_logits: bool = True,
 ) -> tuple[torch.Tensor, LossStats]:
-    """Flattened [N, D] hidden states -> (scalar loss, per-token stats). See :class:`ChunkedLinearLoss`."""
+    """Flattened [N, D] hidden states -> (scalar loss, per-token stats). See :class:`ChunkedLinearLoss`.
+    ``fp32_logits=False``: with 16-bit inputs, each logit is first rounded to their dtype (the fused kernel's
+    16-bit logits, computed the same way); the loss and gradients are then computed in fp32 as usual."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
-    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad)}
+    stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
+                   "fp32_logits": fp32_logits}
     loss = ChunkedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk,
                                    stats)
     return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

@@ -10,14 +10,18 @@ only dh [N, H] and dW [V, H].
 
 Per chunk of C tokens:
 1. logits z_s, z_t = h @ W^T by cuBLAS with bf16 inputs and fp32 outputs (``torch.mm(..., out_dtype=float32)``);
+   ``fp32_logits=False``: in the inputs' 16-bit dtype (each logit rounded once, fp32 accumulation inside the GEMM),
+   half the logits' bytes for the GEMM to write and the row kernel to read, dz then written over z_s element for
+   element;
 2. one Triton program per token row streams its logits in vocab tiles of BLOCK_V: pass 1 keeps online (max, sum)
    for z_s/T, z_t/T (and z_s at T=1 for CE) plus the running sum of p_t (z_t - z_s)/T, which give both
    log-normalisers and the token's KL in fp32; pass 2 writes dL/dz = T (p_s - p_t) w_kl + (softmax(z_s) - onehot) w_ce;
 3. dh = dz @ W_s and dW += dz^T @ h_s by cuBLAS (the first chunk's GEMM writes dW, the others accumulate in W's dtype
    by addmm, fp32 inside each GEMM).
 
-Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel. Extra memory:
-2 x C x V fp32 logits + dW, dz written over z_s (the default; ``in_place=False``: a C x V dz buffer of its own). The row
+Work: 8 N H V FLOPs in GEMMs (the floor) plus a memory-bound 18 bytes per logit in the row kernel (10 with 16-bit
+logits). Extra memory: 2 x C x V fp32 logits (16-bit: half) + dW, dz written over z_s (the default; ``in_place=False``:
+a C x V dz buffer of its own). The row
 kernel runs in Triton's interpreter on CPU (TRITON_INTERPRET=1): one BLOCK_V, no autotuning, plain ``range`` loops,
 so tests check it against an fp64 reference on CPU.
 """
@@ -140,6 +144,14 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def _mm_logits(a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """The logits a @ b: fp32 (``fp32``, or inputs of 32 bits or more), else in the inputs' 16-bit dtype, rounded
+    once from fp32 accumulation (cuBLAS's bf16 GEMM; on CPU the fp32 product rounded, the same rounding)."""
+    if fp32 or a.dtype.itemsize >= 4:
+        return _mm32(a, b)
+    return a @ b if a.is_cuda else (a.float() @ b.float()).to(a.dtype)
+
+
 def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tensor, dz_dtype: torch.dtype,
                    need_grad: bool = True, block_v: int | None = None, in_place: bool = False):
     """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). ``scales`` (fp32 [2], on the device): the
@@ -177,6 +189,7 @@ class FusedLinearLoss(torch.autograd.Function):
     def forward(ctx, h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats):
         N = h_s.shape[0]
         block_v = stats.get("block_v")
+        fp32 = stats.get("fp32_logits", True)
         need_grad = stats.get("need_grad", True)
         in_place = stats.get("in_place")
         if in_place is None:  # wherever dz fits in the fp32 logits' bytes: bf16, fp16 and fp32 inputs (not fp64)
@@ -200,8 +213,8 @@ class FusedLinearLoss(torch.autograd.Function):
         for a in range(0, N, chunk):
             b = min(N, a + chunk)
             hs = h_s[a:b]
-            zs = _mm32(hs, w_s_t)
-            zt = _mm32(h_t[a:b].to(w_t.dtype), w_t_t) if use_kl else None
+            zs = _mm_logits(hs, w_s_t, fp32)
+            zt = _mm_logits(h_t[a:b].to(w_t.dtype), w_t_t, fp32) if use_kl else None
             dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
                                         labels[a:b].contiguous() if use_ce else None, temperature,
                                         scales, dz_dtype, need_grad, block_v, in_place)
@@ -241,7 +254,7 @@ def fused_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
     kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, block_v: int | None = None,
-    in_place: bool | None = None,
+    in_place: bool | None = None, fp32_logits: bool = True,
 ) -> tuple[torch.Tensor, LossStats]:
     """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring.
 
@@ -249,7 +262,9 @@ def fused_linear_loss(
     ``in_place`` writes each chunk's dL/dz over its student logits instead of a buffer of its own: 8 bytes a logit
     of extra memory instead of 10, at the same speed and bit for bit the same dz on an H200 (docs/BENCHMARKS.md).
     None (default): in place wherever dz fits in the logits (bf16, fp16 and fp32 inputs; fp64 ones use a buffer);
-    True: in place or an error; False: the separate buffer (the reference the in-place path is checked against)."""
+    True: in place or an error; False: the separate buffer (the reference the in-place path is checked against).
+    ``fp32_logits=False``: 16-bit inputs give 16-bit logits (module docstring; the loss and dz are computed in fp32
+    from the rounded logits, as :func:`ds_hybrid.losses.chunked_linear_loss` with the same option)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if chunk < 1:
@@ -257,6 +272,6 @@ def fused_linear_loss(
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
-                   "block_v": block_v, "in_place": in_place}
+                   "block_v": block_v, "in_place": in_place, "fp32_logits": fp32_logits}
     loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)
     return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

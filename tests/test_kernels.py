@@ -166,3 +166,43 @@ def test_backend_switch():
     assert loss_function("triton") is fused_kl.fused_linear_loss
     expected = fused_kl.fused_linear_loss if torch.cuda.is_available() else chunked_linear_loss
     assert loss_function("auto") is expected
+
+
+@pytest.mark.parametrize("fn", [fused_linear_loss, chunked_linear_loss], ids=["triton", "torch"])
+@pytest.mark.parametrize("ce_w", [0.0, 0.5])
+def test_16bit_logits_match_fp64_from_the_rounded_logits(fn, ce_w):
+    """fp32_logits=False (kl.fp32_logits: false): bf16 inputs give bf16 logits, each rounded once from the fp32
+    product. The loss and per-token KL then equal fp64 math on exactly those rounded logits (2e-6), the gradients
+    within bf16 tolerance; the rounding is visible (the fp32-logits loss is 5x further from that reference)."""
+    hs, ws, ht, wt, mask, lab = inputs(45, 32, 333, seed=11)
+    lab = lab if ce_w else None
+    hb, wb, htb, wtb = hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16()
+    zs = (hb.float() @ wb.float().t()).bfloat16().double().requires_grad_()
+    zt = (htb.float() @ wtb.float().t()).bfloat16().double()
+    eye = torch.eye(333, dtype=torch.float64)  # the rounded logits through an identity head: fp64 reference math
+    r_loss, r_kl = reference_kl_ce(zs, eye, zt, eye, mask.double(), lab, 1.3, 1.0, ce_w)
+    r_loss.backward()
+    r_dh, r_dw = zs.grad @ wb.double(), zs.grad.t() @ hb.double()
+    h, w = hb.clone().requires_grad_(), wb.clone().requires_grad_()
+    loss, st = fn(h, w, htb, wtb, mask, lab, 1.3, 1.0, ce_w, chunk=16, fp32_logits=False)
+    loss.backward()
+    assert abs(float(loss) - float(r_loss)) <= 2e-6 * abs(float(r_loss))
+    assert (st.kl_per_token.double() - r_kl).abs().max() < 1e-5
+    assert rel(h.grad.float(), r_dh) < 1e-2 and rel(w.grad.float(), r_dw) < 1e-2
+    fp32_loss, _ = fn(hb, wb, htb, wtb, mask, lab, 1.3, 1.0, ce_w, chunk=16)
+    assert abs(float(fp32_loss) - float(r_loss)) > 1e-5 * abs(float(r_loss))  # (2e-5 to 4e-5 here)
+    # fp32 inputs: the option changes nothing (their logits are fp32 either way)
+    a, _ = fn(hs.float(), ws.float(), ht.float(), wt.float(), mask, lab, 1.3, 1.0, ce_w, chunk=16, fp32_logits=False)
+    b, _ = fn(hs.float(), ws.float(), ht.float(), wt.float(), mask, lab, 1.3, 1.0, ce_w, chunk=16)
+    assert float(a) == float(b)
+
+
+def test_kl_fp32_logits_reaches_the_loss_function():
+    """kl.fp32_logits: false gives the stage a loss function that computes 16-bit logits, for either backend."""
+    hs, ws, ht, wt, mask, _ = inputs(20, 16, 140, seed=12)
+    args = (hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16(), mask)
+    for backend in ("torch", "triton"):
+        got, _ = loss_function(backend, fp32_logits=False)(*args, chunk=8)
+        want, _ = loss_function(backend)(*args, chunk=8)
+        ref, _ = chunked_linear_loss(*args, chunk=8, fp32_logits=False)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5) and float(got) != float(want)

@@ -146,3 +146,23 @@ def test_plan_counts_the_layer_norms_and_attention_width_of_each_family(family):
         counts = count_models(tiny_config(family, **overrides), cfg, "kl", [1])
         assert counts.norms_per_layer == (4 if family == "gemma3" else 2), overrides
         assert counts.attn_width == 4 * counts.head_dim
+
+
+def test_plan_counts_16bit_logits_with_kl_fp32_logits_false():
+    """kl.fp32_logits: false halves the fused kernel's two logit blocks of loss_chunk_tokens x V (bf16 runs); the torch
+    reference still computes fp32 logits, so its plan is unchanged."""
+    from trainer_utils import REPO
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    teacher = str(REPO / "runs" / "configs" / "smollm2_135m" / "config.json")
+    run = REPO / "runs" / "smollm2_compare.yaml"
+    plans = {}
+    for backend in ("triton", "torch"):
+        for fp32 in ("true", "false"):
+            cfg = load_config(run, [f"kl.kl_backend={backend}", f"kl.fp32_logits={fp32}", "kl.micro_batch=16"])
+            plans[backend, fp32] = plan_for(cfg, "kl", 1, 139.8, teacher).kl_workspace
+    C, V = 1024, 49152
+    assert plans["triton", "true"] - plans["triton", "false"] == 2 * C * V * 2
+    assert plans["torch", "true"] == plans["torch", "false"]

@@ -16,6 +16,7 @@ The loss function is the chunked torch reference (:mod:`ds_hybrid.losses`) or th
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +36,14 @@ from ds_hybrid.zero import gathered
 log = logging.getLogger("ds_hybrid")
 
 
-def loss_function(backend: str):
-    """The linear+loss implementation for ``kl_backend``: the Triton kernel or the torch reference."""
+def loss_function(backend: str, fp32_logits: bool = True):
+    """The linear+loss implementation for ``kl_backend``: the Triton kernel or the torch reference; with
+    ``fp32_logits=False`` one that computes 16-bit logits (``kl.fp32_logits``)."""
+    fn = _loss_function(backend)
+    return fn if fp32_logits else partial(fn, fp32_logits=False)
+
+
+def _loss_function(backend: str):
     if backend == "triton" or (backend == "auto" and torch.cuda.is_available()):
         try:
             from ds_hybrid.kernels.fused_kl import fused_linear_loss
@@ -98,7 +105,7 @@ class KLStage(Stage):
         if self.teacher is not None and wants_compile(s, ctx.ds_config(train=False)):
             compile_blocks(self.teacher.module.teacher.model.layers)
         kl_w, ce_w = (1.0, s.ce_weight) if self.uses_teacher else (0.0, 1.0)
-        module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend))
+        module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend, s.fp32_logits))
         self.engine = student_engine(module, ctx.ds_config(), s, ctx.total_steps)
         self.engines = {"student": self.engine}
         tc = ctx.teacher_config

@@ -34,7 +34,7 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
     base = StageConfig(**STAGE_DEFAULTS["kl"])
     base = _build(StageConfig, {k: v for k, v in vars(cfg.kl).items()
                                 if k in ("ds_config", "teacher_ds_config", "lr", "lr_rest", "betas", "weight_decay",
-                                         "clip", "loss_chunk_tokens", "kl_backend", "temperature")}, "kl", base)
+                                         "clip", "loss_chunk_tokens", "kl_backend", "fp32_logits", "temperature")}, "kl", base)
     s = _build(StageConfig, dict(cfg.select.probe), "select.probe", base)
     s.init_from = str(align_dir)
     s.export = False

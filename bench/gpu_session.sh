@@ -200,6 +200,19 @@ json.dump(c, open('$T/config.json', 'w'))"
         --out "$OUT/smollm2"
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_1_4=$T/s_h14 \
         --model all_linear=$T/s_lin --teacher $T/s --context 4096 --steps 32 --out "$OUT/smollm2/decode_profile.json"
+    elif [ "$2" = gemma ]; then  # sliding-window layers as rings of the window (the default) against full-length
+      # ones (DS_HYBRID_STATIC_RINGS=0), on a random Gemma-3-270M-shaped teacher (15 of 18 layers sliding, window
+      # 512) and its stage-0 GDN hybrid keeping 5, 11 (global) and 12 (sliding); first the exactness check with
+      # prompts of twice the window
+      python3 bench/random_teacher.py --config runs/configs/gemma3_270m/config.json --tokenizer $TOK --out $T/g
+      python3 -m ds_hybrid.cli convert --teacher $T/g --softmax-layers 5,11,12 --dtype bf16 --device cuda --out $T/g_h
+      python3 bench/graph_decode_check.py --model $T/g_h --teacher $T/g --prompt-len 1024 --contexts "" \
+        $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$OUT/gemma_graph_decode_check.json"
+      for rings in 1 0; do
+        DS_HYBRID_STATIC_RINGS=$rings python3 -m ds_hybrid.cli bench-infer --model hybrid_3_of_18=$T/g_h \
+          --teacher $T/g --contexts ${CONTEXTS:-8192,32768} --batches ${BATCHES:-1,8} --decode-tokens 32 \
+          "${graphs[@]}" --out "$OUT/gemma3_rings$rings"
+      done
     else
       python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer $TOK --out $T/l
       python3 -m ds_hybrid.cli convert --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h

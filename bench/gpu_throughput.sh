@@ -57,19 +57,18 @@ case "${1:-main}" in
     ;;
   explore)  # one GPU, issue 14's open targets: the defaults against one knob at a time, cheapest first, so that a
              # lease cut short keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~7 minutes.
-             # 2026-12-03c measured the a/b GEMM (+3.8 % kl), the teacher overlap (+0.4 %) and found the layer-grouped
-             # align pass faulting; now: align's stacked pass as one pass (the default) against row groups, and kl's
-             # loss chunk of 4096 tokens against the default 1024
+             # 2026-12-03c measured the a/b GEMM (+3.8 % kl), the teacher overlap (+0.4 %); 2026-12-03d align's row
+             # groups (+0.3 %) and kl's 4096-token loss chunk (+0.6 %); now: kl with 16-bit logits (kl.fp32_logits:
+             # false: the LM heads' GEMMs write bf16, the row kernel reads 10 bytes a logit instead of 18), alone and
+             # with the 4096-token chunk, against the defaults of the same run (their 17 losses side by side in the
+             # records: the numerics check of the knob)
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
-    case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
-    DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 \
-      case1 0 align_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
-    # the fused KL's chunk: 4096 tokens instead of 1024 (fewer, larger GEMMs: M = 1024 fills 6 rows of cuBLAS's
-    # 192-row tiles for 5.3 rows of work; dW read and written 32 times a step instead of 128; +1.6 GB of logits)
-    case1 0 kl_chunk4096_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096
+    case1 0 kl_bf16logits_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.fp32_logits=false
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    case1 0 kl_bf16logits_chunk4096_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.fp32_logits=false \
+      kl.loss_chunk_tokens=4096
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     note "explore done"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
@@ -82,18 +81,28 @@ case "${1:-main}" in
     T0=$(cat $R/t0)
     (COMPILE=1 CONTEXTS= BATCHES=1,4 OUT=$R/decode bench/gpu_session.sh graphcheck > $R/logs/graphcheck.log 2>&1)
     note "end graphcheck rc=$?"
-    (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-4} GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \
-      bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
+    if [ "${DECODE_8B:-1}" = 1 ]; then  # (~7 minutes; `session` leaves them out unless DECODE_8B=1)
+      (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-4} GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \
+        bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
+    fi
     (CONTEXTS=32768 BATCHES=8 GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \
       bench/gpu_session.sh infer small noprofile > $R/logs/infersmall.log 2>&1); note "end infer small rc=$?"
+    (CONTEXTS=8192,32768 BATCHES=1,8 GRAPHS=1 COMPILE=1 OUT=$R/decode \
+      bench/gpu_session.sh infer gemma noprofile > $R/logs/infergemma.log 2>&1); note "end infer gemma rc=$?"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
-  session)  # one lease, one chain: issue 18's decode items (~15 minutes, an estimate; 2026-12-03d ran the explore
-             # cases first, whose knobs are measured now: docs/BENCHMARKS.md; issue 21's kernel rows ran by hand on
-             # 2026-12-03e and 2026-12-03f: `bench/kl_inplace_check.py`, `bench/kl.py --chunks 256,512,1024`)
+  session)  # one lease, one chain, ~20 minutes (an estimate): issue 14's explore cases (kl with 16-bit logits),
+             # issue 21's kernel rows (the same knob: `bench/kl.py --impls naive,ours,ours_bf16`), then issue 18's
+             # decode items (SmolLM2's 32k batch-8 rows of all three models compiled, the teacher's included; the
+             # Gemma-shaped pair with and without rings)
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    IN_SESSION=1 "$0" decode
+    IN_SESSION=1 "$0" explore
+    note "start kl_bench"
+    python3 bench/kl.py --impls naive,ours,ours_bf16 --chunks 1024,4096 --out $R/kl_bench.json \
+      > $R/logs/kl_bench.log 2>&1
+    note "end kl_bench rc=$?"
+    IN_SESSION=1 DECODE_8B=${DECODE_8B:-0} "$0" decode
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;

@@ -39,6 +39,7 @@ checked equal on CPU, and ``bench/graph_decode_check.py --compile`` reports wher
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -76,7 +77,9 @@ def attention_implementations(model) -> set[str]:
 def ring_mask_format(model) -> str | None:
     """'bool' / 'float': the model's sliding-window layers get ring caches in the static path, their decode masks in
     that format; None: full-length layers, their window applied by transformers' own masks (flash attention and
-    other implementations, which read no 4-D mask, or a mix of sdpa and eager)."""
+    other implementations, which read no 4-D mask, or a mix of sdpa and eager; or DS_HYBRID_STATIC_RINGS=0)."""
+    if os.environ.get("DS_HYBRID_STATIC_RINGS", "1") == "0":  # full-length sliding layers (to measure the rings)
+        return None
     formats = {RING_MASKS.get(i) for i in attention_implementations(model)}
     return formats.pop() if len(formats) == 1 and None not in formats else None
 

@@ -98,6 +98,9 @@ case "${1:-main}" in
     date +%s > $R/t0
     T0=$(cat $R/t0)
     IN_SESSION=1 "$0" explore
+    note "start kl_inplace_check"   # the compiled row kernel's in-place dz (fp32 and 16-bit logits) against a buffer
+    python3 bench/kl_inplace_check.py --out $R/kl_inplace_check.json > $R/logs/kl_inplace_check.log 2>&1
+    note "end kl_inplace_check rc=$?"
     note "start kl_bench"
     python3 bench/kl.py --impls naive,ours,ours_bf16 --chunks 1024,4096 --out $R/kl_bench.json \
       > $R/logs/kl_bench.log 2>&1

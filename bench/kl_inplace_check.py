@@ -6,8 +6,9 @@ bit for bit, dz written to a buffer of its own, at vocabularies and tiles where 
 ``in_place=True`` stores bf16 dz column c in the bytes of fp32 z_s column c // 2, columns an earlier tile (or this
 one, read by another warp) has read; a barrier orders each tile's loads before its stores. Triton's interpreter runs
 a tile at once and cannot show a race, so this runs the compiled kernel: for each vocabulary (the project's shapes
-and an odd one) and vocab tile, with and without the CE term, both placements on the same logits. Exit 1 on any
-difference.
+and an odd one) and vocab tile, with and without the CE term, fp32 logits (bf16 dz in half of their bytes) and bf16
+logits (``kl.fp32_logits: false``: dz over them element for element, the CE's label logit read before any store by a
+barrier), both placements on the same logits; dz, the per-token KL and CE must be equal. Exit 1 on any difference.
 """
 
 from __future__ import annotations
@@ -23,21 +24,24 @@ VOCABS = (49_152, 128_256, 151_936, 262_144, 50_257)
 TILES = (1024, 2048, 4096)
 
 
-def check(V: int, block_v: int, with_ce: bool, rows: int = 256, seed: int = 0, device: str = "cuda") -> dict:
+def check(V: int, block_v: int, with_ce: bool, logits: torch.dtype = torch.float32, rows: int = 256, seed: int = 0,
+          device: str = "cuda") -> dict:
     from ds_hybrid.kernels.fused_kl import run_row_kernel
 
     g = torch.Generator(device=device).manual_seed(seed)
-    zs = torch.randn(rows, V, device=device, generator=g) * 4
-    zt = torch.randn(rows, V, device=device, generator=g) * 4
+    zs = (torch.randn(rows, V, device=device, generator=g) * 4).to(logits)
+    zt = (torch.randn(rows, V, device=device, generator=g) * 4).to(logits)
     kl_w = torch.ones(rows, device=device)
     labels = torch.randint(0, V, (rows,), device=device, generator=g) if with_ce else None
     scales = torch.tensor([0.3, 0.7 if with_ce else 0.0], device=device)
-    ref, kl_ref, _ = run_row_kernel(zs.clone(), zt, kl_w, labels, 1.0, scales, torch.bfloat16, block_v=block_v)
-    got, kl_got, _ = run_row_kernel(zs, zt, kl_w, labels, 1.0, scales, torch.bfloat16, block_v=block_v,
-                                    in_place=True)
+    ref, kl_ref, ce_ref = run_row_kernel(zs.clone(), zt, kl_w, labels, 1.0, scales, torch.bfloat16, block_v=block_v)
+    got, kl_got, ce_got = run_row_kernel(zs, zt, kl_w, labels, 1.0, scales, torch.bfloat16, block_v=block_v,
+                                         in_place=True)
     diff = (got.float() - ref.float()).abs()
     bad = (got != ref).nonzero()
-    return {"V": V, "block_v": block_v, "ce": with_ce, "equal": bool(len(bad) == 0 and torch.equal(kl_got, kl_ref)),
+    same = len(bad) == 0 and torch.equal(kl_got, kl_ref) and torch.equal(ce_got, ce_ref)
+    return {"V": V, "block_v": block_v, "ce": with_ce, "logits": str(logits).removeprefix("torch."),
+            "equal": bool(same),
             "differing": int(len(bad)), "first": bad[0].tolist() if len(bad) else None,
             "max_abs_diff": float(diff.max())}
 
@@ -51,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for V in VOCABS:
         for block_v in TILES:
-            for with_ce in (False, True):
-                r = check(V, block_v, with_ce)
+            for with_ce, logits in ((c, d) for c in (False, True) for d in (torch.float32, torch.bfloat16)):
+                r = check(V, block_v, with_ce, logits)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     ok = all(r["equal"] for r in rows)

@@ -62,8 +62,10 @@ class ChunkedLinearLoss(torch.autograd.Function):
         ce_valid = labels != -100 if use_ce else None
         n_ce = int(ce_valid.sum()) if use_ce else 0
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32  # fp64 in, fp64 reference
-        # fp32_logits=False with 16-bit inputs: each logit rounded to the inputs' dtype, as the kernel's GEMM does
-        round_to = h_s.dtype if not stats.get("fp32_logits", True) and h_s.dtype.itemsize < 4 else None
+        # fp32_logits=False with 16-bit weights: each logit rounded to the LM head's dtype, as the kernel's GEMM does
+        half = not stats.get("fp32_logits", True)
+        round_to = w_s.dtype if half and w_s.dtype.itemsize < 4 else None
+        round_t = w_t.dtype if half and w_t is not None and w_t.dtype.itemsize < 4 else None
         ws = w_s.to(acc)
         wt = w_t.to(acc) if use_kl else None
         dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=acc, device=h_s.device)
@@ -93,8 +95,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 scratch = (abuf if ce_on else zbuf)[:b - a]  # without CE, zs is not needed after zs / T
                 log_ps = torch.log_softmax(torch.div(zs, T, out=scratch), -1, out=bbuf[:b - a])
                 zt = torch.matmul(h_t[a:b].to(acc), wt.t(), out=scratch)
-                if round_to is not None:
-                    zt.copy_(zt.to(round_to))
+                if round_t is not None:
+                    zt.copy_(zt.to(round_t))
                 zt = zt.div_(T)
                 log_pt = torch.log_softmax(zt, -1, out=pbuf[:b - a])
                 pt = torch.exp(log_pt, out=scratch)

@@ -44,7 +44,7 @@ def _row_loss_kernel(
     zs_ptr, zt_ptr, dz_ptr, kl_ptr, ce_ptr, klw_ptr, labels_ptr, scale_ptr,
     V, stride_z, stride_dz, inv_t, t_sq,
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    HALF_IN_PLACE: tl.constexpr = False,
+    HALF_IN_PLACE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     zs_row = zs_ptr + row * stride_z
@@ -107,6 +107,9 @@ def _row_loss_kernel(
     # pass 2: dL/dz_s
     if not WRITE_GRAD:
         return
+    if IN_PLACE:
+        # dz is stored over z_s: every thread's load of z_label (a column another warp may own) before any store
+        tl.debug_barrier()
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         valid = cols < V
@@ -145,8 +148,10 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _mm_logits(a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
-    """The logits a @ b: fp32 (``fp32``, or inputs of 32 bits or more), else in the inputs' 16-bit dtype, rounded
-    once from fp32 accumulation (cuBLAS's bf16 GEMM; on CPU the fp32 product rounded, the same rounding)."""
+    """The logits a @ b: fp32 (``fp32``, or inputs of 32 bits or more), else in the inputs' 16-bit dtype: on CUDA
+    cuBLAS's 16-bit GEMM (fp32 accumulation; its split-K partial sums may be reduced in 16 bits where PyTorch allows
+    it, ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``, on by default), on CPU the fp32
+    product rounded once."""
     if fp32 or a.dtype.itemsize >= 4:
         return _mm32(a, b)
     return a @ b if a.is_cuda else (a.float() @ b.float()).to(a.dtype)
@@ -179,7 +184,8 @@ def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tenso
         zs, zt if has_kl else zs, dz, kl, ce,
         kl_w if has_kl else kl, labels if has_ce else kl, scales,
         V, zs.stride(0), dz.stride(0), 1.0 / temperature, temperature * temperature,
-        HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, HALF_IN_PLACE=half, num_warps=warps,
+        HAS_KL=has_kl, HAS_CE=has_ce, WRITE_GRAD=need_grad, BLOCK_V=block, HALF_IN_PLACE=half,
+        IN_PLACE=need_grad and in_place, num_warps=warps,
     )
     return dz, kl, ce
 

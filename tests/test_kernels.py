@@ -206,3 +206,8 @@ def test_kl_fp32_logits_reaches_the_loss_function():
         want, _ = loss_function(backend)(*args, chunk=8)
         ref, _ = chunked_linear_loss(*args, chunk=8, fp32_logits=False)
         assert float(got) == pytest.approx(float(ref), rel=1e-5) and float(got) != float(want)
+    # an fp32 teacher head beside a bf16 student: the teacher's logits stay fp32 in both backends
+    mixed = (hs.bfloat16(), ws.bfloat16(), ht.float(), wt.float(), mask)
+    a, _ = loss_function("triton", fp32_logits=False)(*mixed, chunk=8)
+    b, _ = loss_function("torch", fp32_logits=False)(*mixed, chunk=8)
+    assert float(a) == pytest.approx(float(b), rel=1e-5)

@@ -132,11 +132,12 @@ def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary
     kl_big = make_plan(rc, "kl", counts, 1, 141).kl_workspace
     kl_small = make_plan(rc, "kl", small, 1, 141).kl_workspace
     assert 4.0 < kl_big / kl_small < 262_144 / 49_152 + 0.01  # the logits chunks grow with V; the rest does not
-    # the Triton kernel writes dL/dz over the student logits; the torch reference keeps a [C, V] buffer for it
+    # the Triton kernel: two fp32 logit blocks, dL/dz written over the student's; the torch reference: four fp32
+    # [C, V] workspaces (the logits, log p_s, p_t, dL/dz), whatever the run's dtype
     rt = load_config(None, ["kl.micro_batch=8", "kl.kl_backend=torch"])
     for b in (2, 4):  # bf16 and fp32 runs
         base = make_plan(rc, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace
-        assert make_plan(rt, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace - base == 1024 * 262_144 * b
+        assert make_plan(rt, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace - base == 2 * 1024 * 262_144 * 4
 
 
 def test_fresh_gemma3_hybrid_keeps_the_mixer_norms_at_one():

@@ -70,9 +70,10 @@ class StageConfig:
     ce_weight: float = 0.0  # kl: loss = kl + ce_weight * next-token CE
     loss_chunk_tokens: int = 1024  # tokens per chunk of the vocab-wide losses (never [tokens x vocab] at once)
     kl_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton kernel on CUDA, torch reference on CPU
-    # the LM heads' logits in the vocab-wide losses: fp32 GEMM outputs (true), or in the run's 16-bit dtype, rounded
-    # once (false: half the logits' bytes to write and read; the loss and gradients still computed in fp32)
-    fp32_logits: bool = True
+    # the LM heads' logits in the vocab-wide losses: in the run's 16-bit dtype, rounded once, as a plain bf16 lm_head
+    # writes them (false, the default: half the logits' bytes to write and read; the loss and gradients still computed
+    # in fp32 from them), or fp32 GEMM outputs (true: the path before 2026-12-04; docs/BENCHMARKS.md measured both)
+    fp32_logits: bool = False
     ds_config: str = "ds_configs/student_zero2.json"
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
     init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export);

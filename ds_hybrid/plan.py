@@ -13,7 +13,7 @@ model built on the meta device):
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
 | activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's. For attention width d = h and two norms a layer; other shapes (Gemma 3, Qwen3): terms in d - h, extra norms and fla's chunk states, in make_plan | |
-| KL workspace | 2 C V x 4 (fp32 logits, student and teacher; x b with kl.fp32_logits false) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens (the Triton kernel writes dL/dz over the student logits); kl_backend torch: 4 fp32 C V workspaces (5 with CE) instead of the logits | |
+| KL workspace | 2 C V b (16-bit logits, student and teacher; x 4 with kl.fp32_logits true) + V h b (dW) + 2 n h b (hidden states), C = loss_chunk_tokens (the Triton kernel writes dL/dz over the student logits); kl_backend torch: 4 fp32 C V workspaces (5 with CE) instead of the logits | |
 | framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
 
 The activation and framework terms are estimates (Korthikanti et al.'s per-layer count adapted to SwiGLU MLPs and

@@ -53,18 +53,21 @@ def test_plan_cli_for_the_70b_config():
 
 def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
     """The plan against every run of the H200 throughput campaign (docs/data, bench/train_throughput.py): the old
-    and the new path, align and kl, micro-batches 4 to 96, compiled and eager, ZeRO-0, 1 and 3, 1 and 2 GPUs."""
+    and the new path, align and kl, micro-batches 4 to 96, compiled and eager, ZeRO-0, 1 and 3, 1 and 2 GPUs; and the
+    2026-12-04e explore lease's kl cases with fp32 and 16-bit logits."""
     from trainer_utils import REPO
 
     from ds_hybrid.config import load_config
     from ds_hybrid.plan import plan_for
 
     checked = 0
-    for name in ("train_throughput_h200x2_2026-11-29.json",):
+    for name in ("train_throughput_h200x2_2026-11-29.json", "explore_h200_2026-12-04e/train_throughput.json"):
         for r in json.loads((REPO / "docs" / "data" / name).read_text()):
             stage = r["stage"]
             overrides = list(r["overrides"]) + [f"{stage}.micro_batch={r['micro_batch']}",
                                                 f"{stage}.global_batch={r['global_batch']}"]
+            if not any(".fp32_logits=" in o for o in overrides):  # these ran when fp32 logits were the default
+                overrides.append(f"{stage}.fp32_logits=true")
             old = r["tree"].endswith("/old")  # the baseline tree compiled nothing and ran align's mixers one by one
             if old:
                 overrides.append(f"{stage}.compile=false")
@@ -76,7 +79,7 @@ def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
             plan = plan_for(cfg, stage, r["gpus"], 141.0, teacher_config)
             assert abs(plan.total / 2**30 - r["peak_gpu_gib"]) <= 0.10 * r["peak_gpu_gib"], (r["name"], plan.table())
             checked += 1
-    assert checked == 9
+    assert checked == 13
 
 
 def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent(monkeypatch):
@@ -100,7 +103,7 @@ def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent(monkeypatch):
     assert abs(plan.total / 2**30 - align_peak) <= 0.10 * align_peak, plan.table()
     probes = [json.loads(line) for line in (data / "probes.jsonl").read_text().splitlines()]
     for p in probes:  # each probe as it ran: its recorded config (a kl stage), its softmax layer
-        cfg = load_config(data / "probe_config.yaml", [f"softmax_layers={p['softmax_layers']}"])
+        cfg = load_config(data / "probe_config.yaml", [f"softmax_layers={p['softmax_layers']}", "kl.fp32_logits=true"])
         plan = plan_for(cfg, "kl", 1, 139.8, teacher)
         assert abs(plan.total / 2**30 - p["peak_gpu_gib"]) <= 0.10 * p["peak_gpu_gib"], (p["probe"], plan.table())
     assert len(probes) == 18
@@ -124,7 +127,7 @@ def test_plan_predicts_the_gemma3_compiled_kl_peaks_within_10_percent():
         with gzip.open(data / f"{name}_kl_metrics.jsonl.gz", "rt") as f:
             peak = max(json.loads(line).get("peak_gpu_gib", 0) for line in f)
         # the run's recorded config, its selection (a path on the GPU machine) as the layers it chose
-        cfg = load_config(data / f"{name}_kl_config.yaml", [f"softmax_layers={layers}"])
+        cfg = load_config(data / f"{name}_kl_config.yaml", [f"softmax_layers={layers}", "kl.fp32_logits=true"])
         assert cfg.kl.compile != False and cfg.kl.micro_batch == 16 and cfg.kl.seq_len == 4096  # noqa: E712
         plan = plan_for(cfg, "kl", 1, 139.8, teacher)
         assert abs(plan.total / 2**30 - peak) <= 0.10 * peak, (name, peak, plan.table())

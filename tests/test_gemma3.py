@@ -124,7 +124,7 @@ def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary
 
     cfg = gemma3_270m_config()
     assert cfg.layer_types == GEMMA3_270M
-    rc = load_config(None, ["kl.micro_batch=8"])
+    rc = load_config(None, ["kl.micro_batch=8", "kl.fp32_logits=true"])  # (16-bit logits: tests/test_plan.py)
     counts = count_models(cfg, rc, "kl", [5, 11, 17])
     assert counts.teacher == 268_098_176  # Gemma-3-270M's published size (170M of it the 262,144 x 640 embedding)
     assert counts.vocab == 262_144
@@ -134,7 +134,7 @@ def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary
     assert 4.0 < kl_big / kl_small < 262_144 / 49_152 + 0.01  # the logits chunks grow with V; the rest does not
     # the Triton kernel: two fp32 logit blocks, dL/dz written over the student's; the torch reference: four fp32
     # [C, V] workspaces (the logits, log p_s, p_t, dL/dz), whatever the run's dtype
-    rt = load_config(None, ["kl.micro_batch=8", "kl.kl_backend=torch"])
+    rt = load_config(None, ["kl.micro_batch=8", "kl.kl_backend=torch", "kl.fp32_logits=true"])
     for b in (2, 4):  # bf16 and fp32 runs
         base = make_plan(rc, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace
         assert make_plan(rt, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace - base == 2 * 1024 * 262_144 * 4

@@ -18,6 +18,10 @@ What a record holds (rank 0):
   parameters, lm_heads (student 6 H V, teacher 2 H V), causal softmax attention 2 T d_attn per layer forward
   (x3 with backward), and the chunked linear attention 4 C d + 8 d^2 per head per layer forward (C = 64: intra-chunk
   scores and outputs, the state read, update and the delta-rule correction; x3 with backward);
+- where the timed steps' GPU time went, without the profiler's host slowdown: a CUDA event at every phase boundary
+  of those steps, and each interval between two events (the GPU running what the host launched in between, and
+  waiting for it) charged to the phase the host was in (:func:`span_by_phase`): "GPU span" per phase, whose sum is
+  the step; span minus the kernel time launched from the phase (next item) is the GPU's idle time in it;
 - a per-phase breakdown of the last ``--profile-steps`` steps under torch.profiler: host time in each phase and the
   GPU kernel time launched from it (kernels attributed by the host timestamp of their launch, so backward kernels
   launched from autograd's thread land in "backward"), kernel time by category, kernels per step, and host
@@ -101,10 +105,15 @@ def _teacher_matmul_params(c) -> float:
 
 
 # ---- instrumentation ---------------------------------------------------------------------------------------------
-class Phases:
-    """Host time per phase (exclusive of nested phases), and ``phase::<name>`` ranges for the profiler trace."""
+BETWEEN_STEPS = "between_steps"  # the trainer between two stage steps (its sync, metrics, logging): outside dt
 
-    def __init__(self) -> None:
+
+class Phases:
+    """Host time per phase (exclusive of nested phases), and ``phase::<name>`` ranges for the profiler trace; with
+    ``events`` a list, a timing event recorded on the current CUDA stream at every phase boundary, labelled with the
+    phase the host is in from there on (the innermost open one)."""
+
+    def __init__(self, event_factory=None) -> None:
         import torch
 
         self.torch = torch
@@ -112,17 +121,27 @@ class Phases:
         self.host = defaultdict(float)
         self.calls = defaultdict(int)
         self.active = False  # accumulate only in the profiled window
+        self.events: list[tuple[object, str]] | None = None  # (event, label) while the timed steps run
+        self.event_factory = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+
+    def mark(self) -> None:
+        if self.events is not None:
+            ev = self.event_factory()
+            ev.record()
+            self.events.append((ev, self.stack[-1][0] if self.stack else BETWEEN_STEPS))
 
     @contextmanager
     def phase(self, name: str):
         t0 = time.perf_counter()
         self.stack.append([name, 0.0])
+        self.mark()
         try:
             with self.torch.profiler.record_function(f"phase::{name}"):
                 yield
         finally:
             dt = time.perf_counter() - t0
             _, child = self.stack.pop()
+            self.mark()
             if self.active:
                 self.host[name] += dt - child
                 self.calls[name] += 1
@@ -141,6 +160,16 @@ class Phases:
         wrapped._phase_wrapped = True
         setattr(obj, attr, wrapped)
         return True
+
+
+def span_by_phase(times_ms: list[float], labels: list[str], steps: int) -> dict[str, float]:
+    """GPU ms per step by phase from events at phase boundaries: event i's label is the phase the host was in after
+    recording it, so the GPU time up to event i + 1 (the work launched in between, and any wait for it) is that
+    phase's. The last interval of every step (to the next step's first event) is ``between_steps``."""
+    out: dict[str, float] = defaultdict(float)
+    for i in range(len(times_ms) - 1):
+        out[labels[i]] += times_ms[i + 1] - times_ms[i]
+    return {k: round(v / max(steps, 1), 3) for k, v in sorted(out.items())}
 
 
 def instrument(runner, phases: Phases) -> list[str]:
@@ -275,7 +304,7 @@ def run_one(args) -> int:
             return orig_getitem(self, rows)
 
     data_mod.PackedSequences.__getitem__ = getitem
-    state = {"calls": 0, "prof": None, "wrapped": None, "t_exit": None, "trace": None}
+    state = {"calls": 0, "prof": None, "wrapped": None, "t_exit": None, "trace": None, "events": None}
     orig_stage_class = trainer_mod.stage_class
     profile_from = args.warmup + args.steps  # 0-based train_step index where profiling starts
     trace_path = Path(args.workdir) / f"{args.name}.trace.json"
@@ -308,9 +337,13 @@ def run_one(args) -> int:
                     phases.calls["step_end"] += 1
                 if i == 0 and profile_from == 0:
                     start_profile()
+                if i == args.warmup and torch.cuda.is_available() and D.is_main() and args.steps:
+                    phases.events = []  # the timed steps: an event at each phase boundary, and one after the last
                 with phases.phase("other"):
                     out = super().train_step(micro_batches)
                 state["calls"] = i + 1
+                if phases.events is not None and i + 1 == args.warmup + args.steps:
+                    state["events"], phases.events = phases.events, None
                 if state["prof"] is not None and i + 1 == profile_from + args.profile_steps:
                     sync()
                     phases.active = False
@@ -357,6 +390,11 @@ def run_one(args) -> int:
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+    if state["events"]:  # (the last event closed the last timed step: no between_steps after it)
+        evs = state["events"]
+        evs[-1][0].synchronize()
+        times = [0.0] + [evs[0][0].elapsed_time(e) for e, _ in evs[1:]]
+        rec["gpu_span_ms_per_step_by_phase"] = span_by_phase(times, [lab for _, lab in evs], args.steps)
     if state["trace"] is not None:
         k = args.profile_steps
         rec["profile"] = analyse_trace(state["trace"], k)
@@ -392,6 +430,17 @@ def report(paths: list[str], out: str | None) -> str:
                      f"{p['kernel_ms_per_step_by_phase'].get(ph, 0):.1f}" for ph in PHASES]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {p['kernels_per_step']:.0f} | "
                          f"{p['kernel_ms_per_step']:.1f} | {p['host_syncs_per_step']:.0f} |")
+        spans = [r for r in prof if r.get("gpu_span_ms_per_step_by_phase")]
+        if spans:
+            cols = PHASES[:-1] + (BETWEEN_STEPS,)  # (kernels launched between steps are the profile's step_end)
+            lines += ["", "GPU ms per step by phase, timed steps (CUDA events): span / idle (span less the profiled "
+                      "steps' kernel time launched from the phase)",
+                      "| case | " + " | ".join(cols) + " | span | idle |", "|---|" + "---|" * (len(cols) + 2)]
+            for r in spans:
+                sp, kern = r["gpu_span_ms_per_step_by_phase"], r["profile"]["kernel_ms_per_step_by_phase"]
+                idle = {c: sp.get(c, 0) - kern.get("step_end" if c == BETWEEN_STEPS else c, 0) for c in cols}
+                lines.append(f"| {r['name']} | " + " | ".join(f"{sp.get(c, 0):.1f} / {idle[c]:.1f}" for c in cols)
+                             + f" | {sum(sp.values()):.1f} | {sum(idle.values()):.1f} |")
         cats = sorted({c for r in prof for c in r["profile"]["kernel_ms_per_step_by_category"]})
         lines += ["", "GPU kernel ms per step by category", "| case | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats)]

@@ -397,3 +397,44 @@ def test_kernel_categories_file_cudnn_attention_as_attention():
     assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
     assert kernel_category("chunk_gated_delta_rule_fwd_kernel_h_blockdim64") == "linear_attention"
     assert kernel_category("triton_poi_fused__unsafe_view_mul_silu_0") == "compiled"
+
+
+def test_phase_events_charge_each_gpu_interval_to_the_phase_the_host_was_in():
+    """bench/train_throughput.py's CUDA-event spans: an event at every phase boundary, labelled with the innermost
+    open phase after it, and each interval to the next event charged to that label (nested phases exclusive)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_throughput import BETWEEN_STEPS, Phases, span_by_phase
+    finally:
+        sys.path.pop(0)
+
+    clock = iter(range(100))
+
+    class FakeEvent:  # an event's "GPU time": when it was recorded, in ticks of 1 ms
+        def record(self):
+            self.t = float(next(clock))
+
+    ph = Phases(event_factory=FakeEvent)
+    with ph.phase("other"):
+        pass  # no events: not in the timed steps
+    assert ph.events is None
+    ph.events = []
+    for _ in range(2):  # two steps: other { teacher_forward, student_forward { loss }, backward }
+        with ph.phase("other"):
+            with ph.phase("teacher_forward"):
+                pass
+            with ph.phase("student_forward"):
+                with ph.phase("loss"):
+                    pass
+            with ph.phase("backward"):
+                pass
+    labels = [lab for _, lab in ph.events]
+    assert labels[:11] == ["other", "teacher_forward", "other", "student_forward", "loss", "student_forward",
+                           "other", "backward", "other", BETWEEN_STEPS, "other"]
+    times = [e.t - ph.events[0][0].t for e, _ in ph.events]
+    span = span_by_phase(times, labels, steps=2)
+    # per step: 1 tick each in teacher_forward, loss and backward, 2 in student_forward (before and after loss),
+    # 4 in other (before teacher, between teacher and student, between student and backward, after backward)
+    assert span == {"backward": 1.0, BETWEEN_STEPS: 0.5, "loss": 1.0, "other": 4.0, "student_forward": 2.0,
+                    "teacher_forward": 1.0}
+    assert sum(span.values()) * 2 == times[-1]  # the intervals tile the timed window

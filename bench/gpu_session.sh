@@ -203,10 +203,10 @@ json.dump(c, open('$T/config.json', 'w'))"
     elif [ "$2" = gemma ]; then  # sliding-window layers as rings of the window (the default) against full-length
       # ones (DS_HYBRID_STATIC_RINGS=0), on a random Gemma-3-270M-shaped teacher (15 of 18 layers sliding, window
       # 512) and its stage-0 GDN hybrid keeping 5, 11 (global) and 12 (sliding); first the exactness check with
-      # prompts of twice the window
+      # prompts of twice the window (GEMMA_CHECK=0 skips it: passed on an H200 on 2026-12-04e, ~7 minutes compiled)
       python3 bench/random_teacher.py --config runs/configs/gemma3_270m/config.json --tokenizer $TOK --out $T/g
       python3 -m ds_hybrid.cli convert --teacher $T/g --softmax-layers 5,11,12 --dtype bf16 --device cuda --out $T/g_h
-      python3 bench/graph_decode_check.py --model $T/g_h --teacher $T/g --prompt-len 1024 --contexts "" \
+      [ "${GEMMA_CHECK:-1}" = 0 ] || python3 bench/graph_decode_check.py --model $T/g_h --teacher $T/g --prompt-len 1024 --contexts "" \
         $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$OUT/gemma_graph_decode_check.json"
       for rings in 1 0; do
         DS_HYBRID_STATIC_RINGS=$rings python3 -m ds_hybrid.cli bench-infer --model hybrid_3_of_18=$T/g_h \

@@ -55,22 +55,23 @@ case "${1:-main}" in
   8b_old)
     CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_old_2gpu $OLD kl 6
     ;;
-  explore)  # one GPU, issue 14's open targets: the defaults against one knob at a time, cheapest first, so that a
-             # lease cut short keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~7 minutes.
-             # 2026-12-03c measured the a/b GEMM (+3.8 % kl), the teacher overlap (+0.4 %); 2026-12-03d align's row
-             # groups (+0.3 %) and kl's 4096-token loss chunk (+0.6 %); now: kl with 16-bit logits (kl.fp32_logits:
-             # false: the LM heads' GEMMs write bf16, the row kernel reads 10 bytes a logit instead of 18), alone and
-             # with the 4096-token chunk, against the defaults of the same run (their 17 losses side by side in the
-             # records: the numerics check of the knob)
+  explore)  # one GPU, issue 14's open targets: the defaults against knobs, cheapest first, so that a lease cut short
+             # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~6 minutes (+ ~5 compiling
+             # max-autotune). Measured so far: a/b GEMM +3.8 % (2026-12-03c), teacher overlap +0.4 % (12-03c) and
+             # +1.2 % (12-04e), align's row groups +0.3 % (12-03d), kl's 4096-token chunk +0.6 % (12-03d) and +1.3 %
+             # (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +1.0 % (12-03c). Now: the
+             # defaults with every record's CUDA-event spans (where the GPU idles, per phase), the three per-run
+             # knobs together, then with max-autotune; align's defaults with spans.
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
-    case1 0 kl_bf16logits_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.fp32_logits=false
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
-    case1 0 kl_bf16logits_chunk4096_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.fp32_logits=false \
-      kl.loss_chunk_tokens=4096
-    case1 0 kl_bf16logits_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.fp32_logits=false \
-      kl.teacher_overlap=true   # (overlap measured +0.4 % alone, 2026-12-03c: does it add to the 16-bit logits?)
+    case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096 \
+      kl.teacher_overlap=true
+    case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \
+      case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
+      kl.loss_chunk_tokens=4096 kl.teacher_overlap=true
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     note "explore done"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
@@ -93,21 +94,21 @@ case "${1:-main}" in
       bench/gpu_session.sh infer gemma noprofile > $R/logs/infergemma.log 2>&1); note "end infer gemma rc=$?"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
-  session)  # one lease, one chain, ~20 minutes (an estimate): issue 14's explore cases (kl with 16-bit logits),
-             # issue 21's kernel rows (the same knob: `bench/kl.py --impls naive,ours,ours_bf16`), then issue 18's
-             # decode items (SmolLM2's 32k batch-8 rows of all three models compiled, the teacher's included; the
-             # Gemma-shaped pair with and without rings)
+  session)  # one lease, one chain, ~25 minutes (an estimate): issue 14's explore cases (spans, the knobs together),
+             # issue 21's Llama-3-70B row at the chunk whose 16-bit logits fit Liger's memory (2048), then issue 18's
+             # decode rows not yet run: the Gemma-shaped teacher with rings and without, the 8B fused rows
+             # (2026-12-04e ran the graph checks, kl_inplace_check, every kl.py shape and SmolLM2's compiled rows)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     IN_SESSION=1 "$0" explore
-    note "start kl_inplace_check"   # the compiled row kernel's in-place dz (fp32 and 16-bit logits) against a buffer
-    python3 bench/kl_inplace_check.py --out $R/kl_inplace_check.json > $R/logs/kl_inplace_check.log 2>&1
-    note "end kl_inplace_check rc=$?"
     note "start kl_bench"
-    python3 bench/kl.py --impls naive,ours,ours_bf16 --chunks 1024,4096 --out $R/kl_bench.json \
+    python3 bench/kl.py --shapes llama3-70b --impls ours,ours_bf16 --chunks 1024,2048 --out $R/kl_bench.json \
       > $R/logs/kl_bench.log 2>&1
     note "end kl_bench rc=$?"
-    IN_SESSION=1 DECODE_8B=${DECODE_8B:-0} "$0" decode
+    (GEMMA_CHECK=0 CONTEXTS=32768 BATCHES=8 GRAPHS=1 COMPILE=1 OUT=$R/decode \
+      bench/gpu_session.sh infer gemma noprofile > $R/logs/infergemma.log 2>&1); note "end infer gemma rc=$?"
+    (CONTEXTS=4096,32768 BATCHES=4 GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \
+      bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;

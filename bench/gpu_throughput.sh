@@ -84,7 +84,7 @@ case "${1:-main}" in
     T0=$(cat $R/t0)
     (COMPILE=1 CONTEXTS= BATCHES=1,4 OUT=$R/decode bench/gpu_session.sh graphcheck > $R/logs/graphcheck.log 2>&1)
     note "end graphcheck rc=$?"
-    if [ "${DECODE_8B:-1}" = 1 ]; then  # (~7 minutes; `session` leaves them out unless DECODE_8B=1)
+    if [ "${DECODE_8B:-1}" = 1 ]; then  # (~7 minutes; DECODE_8B=0 leaves them out)
       (CONTEXTS=${CONTEXTS:-4096,32768} BATCHES=${BATCHES:-4} GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \
         bench/gpu_session.sh infer 8b noprofile > $R/logs/infer8b.log 2>&1); note "end infer 8b rc=$?"
     fi

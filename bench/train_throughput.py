@@ -121,14 +121,15 @@ class Phases:
         self.host = defaultdict(float)
         self.calls = defaultdict(int)
         self.active = False  # accumulate only in the profiled window
-        self.events: list[tuple[object, str]] | None = None  # (event, label) while the timed steps run
+        self.events: list[tuple[object, str, int]] | None = None  # (event, label, step) while the timed steps run
+        self.step = 0  # the stage steps begun (the measuring script counts them)
         self.event_factory = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
 
     def mark(self) -> None:
         if self.events is not None:
             ev = self.event_factory()
             ev.record()
-            self.events.append((ev, self.stack[-1][0] if self.stack else BETWEEN_STEPS))
+            self.events.append((ev, self.stack[-1][0] if self.stack else BETWEEN_STEPS, self.step))
 
     @contextmanager
     def phase(self, name: str):
@@ -162,14 +163,18 @@ class Phases:
         return True
 
 
-def span_by_phase(times_ms: list[float], labels: list[str], steps: int) -> dict[str, float]:
+def span_by_phase(times_ms: list[float], labels: list[str], steps: list[int]) -> dict[str, float]:
     """GPU ms per step by phase from events at phase boundaries: event i's label is the phase the host was in after
     recording it, so the GPU time up to event i + 1 (the work launched in between, and any wait for it) is that
-    phase's. The last interval of every step (to the next step's first event) is ``between_steps``."""
+    phase's. The last interval of every step (to the next step's first event) is ``between_steps``, charged with the
+    next step's data to the step it follows. Each phase is averaged over the steps it occurs in (``steps[i]``: event
+    i's step), so that ``between_steps`` and data, which the last timed step does not reach, are not diluted."""
     out: dict[str, float] = defaultdict(float)
+    seen: dict[str, set[int]] = defaultdict(set)
     for i in range(len(times_ms) - 1):
         out[labels[i]] += times_ms[i + 1] - times_ms[i]
-    return {k: round(v / max(steps, 1), 3) for k, v in sorted(out.items())}
+        seen[labels[i]].add(steps[i])
+    return {k: round(v / len(seen[k]), 3) for k, v in sorted(out.items())}
 
 
 def instrument(runner, phases: Phases) -> list[str]:
@@ -337,6 +342,7 @@ def run_one(args) -> int:
                     phases.calls["step_end"] += 1
                 if i == 0 and profile_from == 0:
                     start_profile()
+                phases.step = i
                 if i == args.warmup and torch.cuda.is_available() and D.is_main() and args.steps:
                     phases.events = []  # the timed steps: an event at each phase boundary, and one after the last
                 with phases.phase("other"):
@@ -393,8 +399,8 @@ def run_one(args) -> int:
     if state["events"]:  # (the last event closed the last timed step: no between_steps after it)
         evs = state["events"]
         evs[-1][0].synchronize()
-        times = [0.0] + [evs[0][0].elapsed_time(e) for e, _ in evs[1:]]
-        rec["gpu_span_ms_per_step_by_phase"] = span_by_phase(times, [lab for _, lab in evs], args.steps)
+        times = [0.0] + [evs[0][0].elapsed_time(e) for e, _, _ in evs[1:]]
+        rec["gpu_span_ms_per_step_by_phase"] = span_by_phase(times, [e[1] for e in evs], [e[2] for e in evs])
     if state["trace"] is not None:
         k = args.profile_steps
         rec["profile"] = analyse_trace(state["trace"], k)
@@ -420,6 +426,20 @@ def report(paths: list[str], out: str | None) -> str:
                      f"{100 * r['mfu']:.1f} % | {r['step_s_median']:.3f} | {r['peak_gpu_gib']:.1f} | "
                      f"{r['memory_plan_total_gib']:.1f} |")
     prof = [r for r in recs if "profile" in r]
+    spans = [r for r in recs if r.get("gpu_span_ms_per_step_by_phase")]
+    if spans:  # (idle: "-" for a record without a profile; negative where a side stream's kernels, e.g. the teacher
+        # overlap's, count as kernel time but run outside the events' stream)
+        cols = PHASES[:-1] + (BETWEEN_STEPS,)  # (kernels launched between steps are the profile's step_end)
+        lines += ["", "GPU ms per step by phase, timed steps (CUDA events on the step's stream): span / idle (span "
+                  "less the profiled steps' kernel time launched from the phase)",
+                  "| case | " + " | ".join(cols) + " | span | idle |", "|---|" + "---|" * (len(cols) + 2)]
+        for r in spans:
+            sp, kern = r["gpu_span_ms_per_step_by_phase"], r.get("profile", {}).get("kernel_ms_per_step_by_phase")
+            idle = {c: sp.get(c, 0) - kern.get("step_end" if c == BETWEEN_STEPS else c, 0) for c in cols} if kern \
+                else None
+            cell = (lambda c: f"{sp.get(c, 0):.1f} / {idle[c]:.1f}") if idle else (lambda c: f"{sp.get(c, 0):.1f} / -")
+            lines.append(f"| {r['name']} | " + " | ".join(cell(c) for c in cols) + f" | {sum(sp.values()):.1f} | "
+                         + (f"{sum(idle.values()):.1f} |" if idle else "- |"))
     if prof:
         lines += ["", "Per step, ms: host time in each phase / GPU kernel time launched from it",
                   "| case | " + " | ".join(PHASES) + " | kernels | kernel ms | syncs |",
@@ -430,17 +450,6 @@ def report(paths: list[str], out: str | None) -> str:
                      f"{p['kernel_ms_per_step_by_phase'].get(ph, 0):.1f}" for ph in PHASES]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {p['kernels_per_step']:.0f} | "
                          f"{p['kernel_ms_per_step']:.1f} | {p['host_syncs_per_step']:.0f} |")
-        spans = [r for r in prof if r.get("gpu_span_ms_per_step_by_phase")]
-        if spans:
-            cols = PHASES[:-1] + (BETWEEN_STEPS,)  # (kernels launched between steps are the profile's step_end)
-            lines += ["", "GPU ms per step by phase, timed steps (CUDA events): span / idle (span less the profiled "
-                      "steps' kernel time launched from the phase)",
-                      "| case | " + " | ".join(cols) + " | span | idle |", "|---|" + "---|" * (len(cols) + 2)]
-            for r in spans:
-                sp, kern = r["gpu_span_ms_per_step_by_phase"], r["profile"]["kernel_ms_per_step_by_phase"]
-                idle = {c: sp.get(c, 0) - kern.get("step_end" if c == BETWEEN_STEPS else c, 0) for c in cols}
-                lines.append(f"| {r['name']} | " + " | ".join(f"{sp.get(c, 0):.1f} / {idle[c]:.1f}" for c in cols)
-                             + f" | {sum(sp.values()):.1f} | {sum(idle.values()):.1f} |")
         cats = sorted({c for r in prof for c in r["profile"]["kernel_ms_per_step_by_category"]})
         lines += ["", "GPU kernel ms per step by category", "| case | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats)]

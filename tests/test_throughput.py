@@ -419,7 +419,11 @@ def test_phase_events_charge_each_gpu_interval_to_the_phase_the_host_was_in():
         pass  # no events: not in the timed steps
     assert ph.events is None
     ph.events = []
-    for _ in range(2):  # two steps: other { teacher_forward, student_forward { loss }, backward }
+    for step in range(2):  # two steps: data, then other { teacher_forward, student_forward { loss }, backward }
+        if step:  # (the trainer fetches a step's rows before the step: the first one's before the events began)
+            with ph.phase("data"):
+                pass
+        ph.step = step
         with ph.phase("other"):
             with ph.phase("teacher_forward"):
                 pass
@@ -428,13 +432,14 @@ def test_phase_events_charge_each_gpu_interval_to_the_phase_the_host_was_in():
                     pass
             with ph.phase("backward"):
                 pass
-    labels = [lab for _, lab in ph.events]
-    assert labels[:11] == ["other", "teacher_forward", "other", "student_forward", "loss", "student_forward",
-                           "other", "backward", "other", BETWEEN_STEPS, "other"]
-    times = [e.t - ph.events[0][0].t for e, _ in ph.events]
-    span = span_by_phase(times, labels, steps=2)
+    labels = [lab for _, lab, _ in ph.events]
+    assert labels[:13] == ["other", "teacher_forward", "other", "student_forward", "loss", "student_forward",
+                           "other", "backward", "other", BETWEEN_STEPS, "data", BETWEEN_STEPS, "other"]
+    times = [e.t - ph.events[0][0].t for e, _, _ in ph.events]
+    span = span_by_phase(times, labels, [s for _, _, s in ph.events])
     # per step: 1 tick each in teacher_forward, loss and backward, 2 in student_forward (before and after loss),
-    # 4 in other (before teacher, between teacher and student, between student and backward, after backward)
-    assert span == {"backward": 1.0, BETWEEN_STEPS: 0.5, "loss": 1.0, "other": 4.0, "student_forward": 2.0,
-                    "teacher_forward": 1.0}
-    assert sum(span.values()) * 2 == times[-1]  # the intervals tile the timed window
+    # 4 in other (before teacher, between teacher and student, between student and backward, after backward); data
+    # and the two ticks between the steps occur after the first step only: averaged over that one step, not two
+    assert span == {"backward": 1.0, BETWEEN_STEPS: 2.0, "data": 1.0, "loss": 1.0, "other": 4.0,
+                    "student_forward": 2.0, "teacher_forward": 1.0}
+    assert times[-1] == 2 * (1 + 1 + 1 + 2 + 4) + 2 + 1  # the intervals tile the timed window

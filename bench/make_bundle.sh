@@ -6,6 +6,8 @@
 #
 #   bench/make_bundle.sh [BASELINE_REV]      # e.g. 64742c8: also carry `git archive` of that commit as old.tar
 #   GEMMA=1 bench/make_bundle.sh             # also Gemma-3-270M's wheels as a second tar in .dev/g0 .. .dev/gN
+#   bench/make_bundle.sh resplit             # only re-split the parts already built (.dev/pN, .dev/gN) to today's
+#                                            # part size, e.g. when the tracked files grew past the margin (seconds)
 #
 # Contents (bench/gpu_session.sh setup unpacks them):
 #   wheels/          py3.12 wheels the image lacks: deepspeed (built here, pure Python), flash-linear-attention,
@@ -29,6 +31,23 @@ tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {p
 PART=${PART_BYTES:-$(( 64 * 1048576 - tree - 10 * 1048576 ))}
 [ "$PART" -gt 10000000 ] || { echo "part size $PART bytes is too small (the tracked files take $tree of a call's" \
   "64 MiB): set PART_BYTES to 10-60 MB or move data out of the repository" >&2; exit 2; }
+if [ "${1:-}" = resplit ]; then  # join each tar's parts in order, split again at $PART, same bytes (checked)
+  for kind in p g; do
+    parts=$(ls -d .dev/$kind[0-9]* 2>/dev/null | sort -V) || true
+    [ -n "$parts" ] || continue
+    tmp=$(mktemp -d)
+    for d in $parts; do cat "$d"/*; done > "$tmp/all.tar"
+    sum=$(md5sum < "$tmp/all.tar")
+    name=$([ $kind = p ] && echo part || echo gpart)
+    (cd "$tmp" && split -b "$PART" -d -a 1 all.tar "$name")
+    [ "$(cat "$tmp/$name"* | md5sum)" = "$sum" ] || { echo "resplit: $kind parts changed bytes" >&2; exit 1; }
+    rm -rf $parts
+    for f in "$tmp/$name"*; do i=${f##*"$name"}; mkdir -p ".dev/$kind$i" && mv "$f" ".dev/$kind$i/"; done
+    rm -rf "$tmp"
+    echo "resplit: .dev/${kind}0 .. .dev/$kind$i, $PART-byte parts"
+  done
+  exit 0
+fi
 rm -rf "$B/stage" && mkdir -p "$B/stage/wheels" "$B/cache"
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
          --platform any -d "$1" "${@:2}" 2>&1 | grep -v "^WARNING" || true; }

@@ -352,6 +352,28 @@ def test_teacher_overlap_gives_the_same_losses(tmp_path):
                 assert a[step][key] == b[step][key], (split, step, key)
 
 
+def test_kl_fp32_logits_default_reaches_a_bf16_stage(tmp_path):
+    """kl.fp32_logits is false by default: a bf16 stage's losses come from 16-bit logits, so they differ from those of
+    `kl.fp32_logits: true` (the knob reaches the stage) but only by bf16 rounding of the logits (the same math)."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    runs = []
+    for name, extra in (("default", {}), ("fp32", {"fp32_logits": True})):
+        cfg = write_config(tmp_path / f"{name}.yaml", teacher, corpus, tmp_path / name, dtype="bf16",
+                           kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 4, "global_batch": 4,
+                               "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
+                               "ds_config": "ds_configs/student_zero1.json",
+                               "teacher_ds_config": "ds_configs/single.json", **extra})
+        runs.append(["--stage", "kl", "--config", str(cfg)])
+    default, fp32 = train_in_one_process(runs, tmp_path / "runs.json")
+    assert default.returncode == 0 and fp32.returncode == 0, tail(default) + tail(fp32)
+    a, b = metrics(tmp_path / "default" / "kl"), metrics(tmp_path / "fp32" / "kl")
+    assert sorted(a) == sorted(b) and len(a) == 4
+    diffs = [abs(a[s]["loss"] - b[s]["loss"]) / abs(b[s]["loss"]) for s in a]
+    assert max(diffs) > 0, "kl.fp32_logits changed nothing in a bf16 run"
+    assert max(diffs) < 2e-3, diffs
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_unpacked_rows_forwards_read_nothing_on_the_host(family, monkeypatch):
     """Training forwards (no mask, no cache) under unpacked_rows: the same hidden states, and no tensor read back to

@@ -59,22 +59,32 @@ case "${1:-main}" in
              # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; ~6 minutes (+ ~5 compiling
              # max-autotune). Measured so far: a/b GEMM +3.8 % (2026-12-03c), teacher overlap +0.4 % (12-03c) and
              # +1.2 % (12-04e), align's row groups +0.3 % (12-03d), kl's 4096-token chunk +0.6 % (12-03d) and +1.3 %
-             # (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +1.0 % (12-03c). Now: the
-             # defaults with every record's CUDA-event spans (where the GPU idles, per phase), the three per-run
-             # knobs together, then with max-autotune; align's defaults with spans.
+             # (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +1.0 % (12-03c). Now: align's
+             # defaults against DS_HYBRID_ALIGN_CAT=concat (the gradient of the stacked projections as a kernel per
+             # slice, not one kernel evaluating all six slices' math at every element: 32-35 ms of a 150 ms step),
+             # kl's defaults with every record's CUDA-event spans (where the GPU idles, per phase), kl's three per-run
+             # knobs together; concat with align's row groups (int32 indexing); then (`autotune`) kl's knobs with
+             # max-autotune.
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    DS_HYBRID_ALIGN_CAT=pointwise case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_ALIGN_CAT=concat case1 0 align_concat_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096 \
       kl.teacher_overlap=true
-    case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_ALIGN_CAT=concat DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 \
+      case1 0 align_concat_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
+    if [ "${EXPLORE_AUTOTUNE:-1}" = 1 ]; then "$0" autotune; fi
+    note "explore done"
+    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    ;;
+  autotune)  # kl's knobs with max-autotune (~8 minutes with its autotuning on a fresh machine)
     DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \
       case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
       kl.loss_chunk_tokens=4096 kl.teacher_overlap=true
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
-    note "explore done"
-    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
   decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the exactness check with its
             # fp32/bf16 criteria and the compiled step's tokens (first: short and decisive), then the 8B rows at
@@ -100,11 +110,12 @@ case "${1:-main}" in
              # (2026-12-04e ran the graph checks, kl_inplace_check, every kl.py shape and SmolLM2's compiled rows)
     date +%s > $R/t0
     T0=$(cat $R/t0)
-    IN_SESSION=1 "$0" explore
+    IN_SESSION=1 EXPLORE_AUTOTUNE=0 "$0" explore
     note "start kl_bench"
     python3 bench/kl.py --shapes llama3-70b --impls ours,ours_bf16 --chunks 1024,2048 --out $R/kl_bench.json \
       > $R/logs/kl_bench.log 2>&1
     note "end kl_bench rc=$?"
+    "$0" autotune
     (GEMMA_CHECK=0 CONTEXTS=32768 BATCHES=8 GRAPHS=1 COMPILE=1 OUT=$R/decode \
       bench/gpu_session.sh infer gemma noprofile > $R/logs/infergemma.log 2>&1); note "end infer gemma rc=$?"
     (CONTEXTS=4096,32768 BATCHES=4 GRAPHS=1 COMPILE=1 FUSE=1 OUT=$R/decode \

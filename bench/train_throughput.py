@@ -25,7 +25,9 @@ What a record holds (rank 0):
 - a per-phase breakdown of the last ``--profile-steps`` steps under torch.profiler: host time in each phase and the
   GPU kernel time launched from it (kernels attributed by the host timestamp of their launch, so backward kernels
   launched from autograd's thread land in "backward"), kernel time by category, kernels per step, and host
-  synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize, blocking memcpys).
+  synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize, blocking memcpys);
+- where the last warm-up step reads the GPU back on the host (:class:`SyncSites`: torch's sync-debug warnings by
+  phase and calling line), and the case's ``DS_HYBRID_*`` environment knobs.
 
 Phases: data (rows from the token stream), teacher_forward, student_forward (without the loss), loss (the
 vocabulary-wide linear+KL), backward, optimizer (``engine.step``), other (the rest of the stage's step: batch
@@ -42,7 +44,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 PEAK_TFLOPS = 989.0
@@ -163,6 +165,58 @@ class Phases:
         return True
 
 
+SYNC_WARNING = "synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
+
+
+class SyncSites:
+    """Where a step reads the GPU back on the host: with ``torch.cuda.set_sync_debug_mode("warn")`` on, torch warns
+    at every synchronizing CUDA operation (``.item()``, ``bool()``, a blocking device-to-host or pageable
+    host-to-device copy, ``nonzero``...); each warning is charged to the Python line that called the operation (the
+    innermost frame outside torch and this script, with its caller) and to the phase the host was in. Syncs inside
+    extensions that do not go through an ATen operation (a library calling ``cudaStreamSynchronize`` itself) are not
+    seen; the profiler's counts are."""
+
+    def __init__(self, phases: "Phases", skip: tuple[str, ...] = ("/torch/", "/warnings.py", "train_throughput.py",
+                                                                   "/contextlib.py")) -> None:
+        self.phases, self.skip = phases, skip
+        self.sites: dict[str, int] = defaultdict(int)
+
+    def site(self, frames) -> str:
+        own = [f for f in frames if not any(k in f.filename for k in self.skip)]
+        if not own:
+            return "?"
+        names = [f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in own[-2:]]
+        return " < ".join(reversed(names))
+
+    def warned(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if SYNC_WARNING not in str(message):
+            return self._shown(message, category, filename, lineno, file, line)
+        import traceback
+
+        phase = self.phases.stack[-1][0] if self.phases.stack else BETWEEN_STEPS
+        self.sites[f"{phase}: {self.site(traceback.extract_stack()[:-1])}"] += 1
+
+    @contextmanager
+    def recording(self, set_mode=None):
+        """Record within the block. ``set_mode``: torch.cuda.set_sync_debug_mode (None: the caller warns itself)."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            self._shown, warnings.showwarning = warnings.showwarning, self.warned
+            if set_mode:
+                set_mode("warn")
+            try:
+                yield self
+            finally:
+                if set_mode:
+                    set_mode("default")
+                warnings.showwarning = self._shown
+
+    def summary(self) -> dict[str, int]:
+        return dict(sorted(self.sites.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def span_by_phase(times_ms: list[float], labels: list[str], steps: list[int]) -> dict[str, float]:
     """GPU ms per step by phase from events at phase boundaries: event i's label is the phase the host was in after
     recording it, so the GPU time up to event i + 1 (the work launched in between, and any wait for it) is that
@@ -255,7 +309,75 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         "blocking_memcpy_ms_per_step": round(memcpy_blocking["host_ms"] / per, 3),
         "gpu_span_ms_per_step": round(((gpu_last or 0) - (gpu_first or 0)) / 1e3 / per, 3),
         "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:30]},
+        "matmuls_by_shape": matmuls_by_shape(ev, steps),
     }
+
+
+#: ATen's leaf matmul operators (they do not nest in one another); their input shapes give their FLOPs
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+              "aten::_scaled_mm")
+
+
+def matmul_flops(op: str, dims: list) -> float | None:
+    """2 x the multiply-adds of one call from its input shapes (the profiler's "Input Dims"), or None."""
+    try:
+        shapes = [d for d in dims if isinstance(d, list) and len(d) >= 2]
+        if op in ("aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"):
+            shapes = shapes[1:]  # (self or bias first)
+        a, b = shapes[0], shapes[1]
+        batch = a[0] if len(a) == 3 else 1
+        return 2.0 * batch * a[-2] * a[-1] * b[-1]
+    except (IndexError, TypeError):
+        return None
+
+
+def matmuls_by_shape(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
+    """GPU time per step of every matmul by operator and input shapes (the profiler's ``record_shapes``): each kernel
+    charged to the leaf matmul operator that launched it (the innermost on its host thread at the launch, cuBLAS's
+    split-K reductions included), with its TFLOP/s. Shows which GEMMs run below the GPU's rate, e.g. the loss's
+    [chunk x hidden] x [hidden x vocab] logits or a mixer's narrow projections. Empty without shapes."""
+    import bisect
+
+    ops: dict[object, list[tuple[float, float, str, str]]] = defaultdict(list)
+    for e in ev:
+        if e.get("cat") == "cpu_op" and e.get("name") in MATMUL_OPS:
+            dims = e.get("args", {}).get("Input Dims")
+            ops[e.get("tid")].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"], json.dumps(dims)))
+    if not ops:
+        return []
+    for v in ops.values():
+        v.sort()
+    starts = {t: [o[0] for o in v] for t, v in ops.items()}
+    launch = {}
+    for e in ev:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            corr = e.get("args", {}).get("correlation")
+            if corr is not None:
+                launch[corr] = (e.get("tid"), e["ts"])
+    ms: dict[tuple[str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str], set] = defaultdict(set)
+    for e in ev:
+        if e.get("cat") != "kernel":
+            continue
+        at = launch.get(e.get("args", {}).get("correlation"))
+        if at is None or at[0] not in ops:
+            continue
+        i = bisect.bisect_right(starts[at[0]], at[1]) - 1
+        if i < 0:
+            continue
+        t0, t1, name, dims = ops[at[0]][i]
+        if t0 <= at[1] <= t1:
+            ms[(name, dims)] += e.get("dur", 0) / 1e3
+            calls[(name, dims)].add((at[0], t0))
+    per = max(steps, 1)
+    rows = []
+    for key, total in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        n = len(calls[key])
+        flops = matmul_flops(key[0], json.loads(key[1]) or [])
+        rows.append({"op": key[0], "input_dims": json.loads(key[1]), "ms_per_step": round(total / per, 3),
+                     "calls_per_step": round(n / per, 2),
+                     "tflops": round(flops * n / (total * 1e-3) / 1e12, 1) if flops and total else None})
+    return rows
 
 
 # ---- one case ----------------------------------------------------------------------------------------------------
@@ -309,7 +431,8 @@ def run_one(args) -> int:
             return orig_getitem(self, rows)
 
     data_mod.PackedSequences.__getitem__ = getitem
-    state = {"calls": 0, "prof": None, "wrapped": None, "t_exit": None, "trace": None, "events": None}
+    state = {"calls": 0, "prof": None, "wrapped": None, "t_exit": None, "trace": None, "events": None,
+             "sync_sites": None}
     orig_stage_class = trainer_mod.stage_class
     profile_from = args.warmup + args.steps  # 0-based train_step index where profiling starts
     trace_path = Path(args.workdir) / f"{args.name}.trace.json"
@@ -321,7 +444,7 @@ def run_one(args) -> int:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(activities=acts)
+        prof = torch.profiler.profile(activities=acts, record_shapes=True)  # (matmuls_by_shape)
         prof.__enter__()
         state["prof"] = prof
         phases.active = True
@@ -345,8 +468,14 @@ def run_one(args) -> int:
                 phases.step = i
                 if i == args.warmup and torch.cuda.is_available() and D.is_main() and args.steps:
                     phases.events = []  # the timed steps: an event at each phase boundary, and one after the last
-                with phases.phase("other"):
+                # the last warm-up step: where it reads the GPU back on the host (SyncSites)
+                sites = SyncSites(phases) if i == args.warmup - 1 and torch.cuda.is_available() and D.is_main() \
+                    else None
+                with sites.recording(torch.cuda.set_sync_debug_mode) if sites else nullcontext(), \
+                        phases.phase("other"):
                     out = super().train_step(micro_batches)
+                if sites:
+                    state["sync_sites"] = sites.summary()
                 state["calls"] = i + 1
                 if phases.events is not None and i + 1 == args.warmup + args.steps:
                     state["events"], phases.events = phases.events, None
@@ -395,7 +524,10 @@ def run_one(args) -> int:
         "losses": [r["loss"] for r in train], "wall_s": round(wall, 1), "wrapped": state["wrapped"],
         "versions": info.get("versions"), "git_commit": info.get("git_commit"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DS_HYBRID_")},  # the knobs of the case
     }
+    if state["sync_sites"] is not None:  # the last warm-up step's host reads of the GPU, by phase and call site
+        rec["sync_sites_last_warmup_step"] = state["sync_sites"]
     if state["events"]:  # (the last event closed the last timed step: no between_steps after it)
         evs = state["events"]
         evs[-1][0].synchronize()
@@ -456,6 +588,21 @@ def report(paths: list[str], out: str | None) -> str:
         for r in prof:
             c = r["profile"]["kernel_ms_per_step_by_category"]
             lines.append(f"| {r['name']} | " + " | ".join(f"{c.get(k, 0):.1f}" for k in cats) + " |")
+    mms = [r for r in prof if r["profile"].get("matmuls_by_shape")]
+    if mms:
+        lines += ["", "Matmuls by operator and input shapes (profiled steps; kernels charged to the op that launched "
+                  "them): the 12 longest a case", "| case | op | input dims | calls / step | ms / step | TFLOP/s |",
+                  "|---|---|---|---|---|---|"]
+        for r in mms:
+            lines += [f"| {r['name']} | {m['op']} | `{m['input_dims']}` | {m['calls_per_step']:g} | "
+                      f"{m['ms_per_step']:.1f} | {m['tflops'] if m['tflops'] is not None else '-'} |"
+                      for m in r["profile"]["matmuls_by_shape"][:12]]
+    reads = [r for r in recs if r.get("sync_sites_last_warmup_step")]
+    if reads:
+        lines += ["", "Host reads of the GPU in the last warm-up step (torch's sync-debug warnings): phase: calling "
+                  "line < its caller", "| case | reads | phase: site |", "|---|---|---|"]
+        for r in reads:
+            lines += [f"| {r['name']} | {n} | `{site}` |" for site, n in r["sync_sites_last_warmup_step"].items()]
     text = "\n".join(lines)
     if out:
         Path(out + ".json").write_text(json.dumps(recs, indent=1))

@@ -35,6 +35,7 @@ from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.modeling import stacked
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.stages.base import Stage, StageContext
@@ -216,6 +217,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     sdpa, compile_opts = apply_sdpa_choice(), compile_options()
     if sdpa != "auto" or "mode" in compile_opts:
         log.info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa, compile_opts.get("mode", "default"))
+    if stage == "align":  # stage align's stacked pass (ds_hybrid.modeling.stacked)
+        stacked.pass_elements_from_env(), stacked.cat_options_from_env()
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)

@@ -121,6 +121,40 @@ def test_stacked_pass_limit_from_the_environment(monkeypatch):
             stacked.pass_elements_from_env()
 
 
+def test_align_cat_knob_reaches_the_stacked_compile_only(monkeypatch):
+    """DS_HYBRID_ALIGN_CAT=concat: stage align compiles its stacked pass with Inductor's pointwise concatenation
+    limited to plain reads (each slice's gradient its own kernel); the default and the per-mixer path pass no option;
+    torch.compile accepts the options (it checks their names when called); a bad value names the variable."""
+    from ds_hybrid.stages import align
+    from ds_hybrid.stages.common import compile_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: seen.append(kw) or fn)
+    stack = align.MixerStack([build_mixer("gdn", 32, 4, 8, i, MixerOptions()) for i in range(3)])
+    stack.stacked = True
+    for value in ("", "pointwise", "concat"):
+        monkeypatch.setenv("DS_HYBRID_ALIGN_CAT", value)
+        align.compile_stack(stack)
+    assert [kw.get("options") for kw in seen] == [None, None, {"max_complex_pointwise_cat_inputs": 0}]
+    assert all(kw["backend"] == "inductor" and "mode" not in kw for kw in seen)
+    seen.clear()
+    stack.stacked = False  # one mixer at a time: no concatenation of slices, no option
+    align.compile_stack(stack)
+    assert len(seen) == 3 and all("options" not in kw for kw in seen)
+    monkeypatch.undo()
+
+    monkeypatch.setenv("DS_HYBRID_COMPILE_MODE", "max-autotune-no-cudagraphs")  # a mode and options together
+    opts = compile_options({"max_complex_pointwise_cat_inputs": 0})
+    assert "mode" not in opts and opts["options"]["max_autotune"] and opts["options"][
+        "max_complex_pointwise_cat_inputs"] == 0
+    torch.compile(lambda x: x, **opts)  # unknown option names raise here
+    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")  # Inductor's options go to Inductor only
+    assert compile_options({"max_complex_pointwise_cat_inputs": 0}) == {"backend": "aot_eager", "dynamic": False}
+    monkeypatch.setenv("DS_HYBRID_ALIGN_CAT", "fused")
+    with pytest.raises(ConfigError, match="DS_HYBRID_ALIGN_CAT"):
+        stacked.cat_options_from_env()
+
+
 def test_stacked_refuses_what_it_cannot_run():
     opts = MixerOptions.from_dict({"use_short_conv": True})
     assert not supports_stacked([build_mixer("gdn", 32, 4, 8, i, opts) for i in range(2)])
@@ -295,7 +329,8 @@ def test_zero1_with_fp32_accumulation_plans_fp32_gradients():
 
 
 @pytest.mark.slow
-def test_train_throughput_bench_measures_every_phase(tmp_path):
+def test_train_throughput_bench_measures_every_phase(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_HYBRID_SDPA", "auto")  # a knob of the case: in its record
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out",
@@ -308,6 +343,7 @@ def test_train_throughput_bench_measures_every_phase(tmp_path):
     assert p.returncode == 0, tail(p)
     rec = json.loads(out.read_text())
     assert rec["tokens_per_s"] > 0 and rec["micro_batch"] == 8 and len(rec["losses"]) == 4
+    assert rec["env"]["DS_HYBRID_SDPA"] == "auto"
     host = rec["profile"]["host_ms_per_step_by_phase"]
     for phase in ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "other"):
         assert host[phase] > 0, (phase, host)
@@ -465,3 +501,78 @@ def test_phase_events_charge_each_gpu_interval_to_the_phase_the_host_was_in():
     assert span == {"backward": 1.0, BETWEEN_STEPS: 2.0, "data": 1.0, "loss": 1.0, "other": 4.0,
                     "student_forward": 2.0, "teacher_forward": 1.0}
     assert times[-1] == 2 * (1 + 1 + 1 + 2 + 4) + 2 + 1  # the intervals tile the timed window
+
+
+def test_sync_sites_charge_each_host_read_to_its_caller_and_phase():
+    """bench/train_throughput.py's SyncSites: torch's sync-debug warnings (here warned by hand: set_sync_debug_mode
+    needs CUDA) are counted by the calling line and its caller and by phase; other warnings still reach the user."""
+    import warnings
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_throughput import BETWEEN_STEPS, SYNC_WARNING, Phases, SyncSites
+    finally:
+        sys.path.pop(0)
+
+    def read_back():  # what torch does at .item() under set_sync_debug_mode("warn")
+        warnings.warn(f"called a {SYNC_WARNING}", UserWarning)
+
+    def optimizer_step():
+        for _ in range(2):  # one call site, twice
+            read_back()
+
+    ph = Phases()
+    shown = []
+    real = warnings.showwarning
+    warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
+    try:
+        with SyncSites(ph).recording() as sites:
+            with ph.phase("optimizer"):
+                optimizer_step()
+            read_back()  # between steps
+            warnings.warn("an unrelated warning")
+    finally:
+        warnings.showwarning = real
+    got = sites.summary()
+    assert list(got.values()) == [2, 1] and shown == ["an unrelated warning"]
+    key, between = list(got)
+    assert key.startswith("optimizer: tests/test_throughput.py:") and key.endswith(" optimizer_step"), key
+    assert " read_back < tests/test_throughput.py:" in key
+    assert between.startswith(f"{BETWEEN_STEPS}: ") and " read_back < " in between, between
+
+
+def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
+    """bench/train_throughput.py's matmul breakdown on a synthetic trace: kernels (a GEMM and its split-K reduction)
+    go to the leaf matmul op whose host range holds their launch, on the launching thread; FLOPs from the shapes."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_throughput import matmul_flops, matmuls_by_shape
+    finally:
+        sys.path.pop(0)
+
+    def op(name, tid, ts, dur, dims):
+        return {"cat": "cpu_op", "name": name, "tid": tid, "ts": ts, "dur": dur, "args": {"Input Dims": dims}}
+
+    def launch(tid, ts, corr):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": tid, "ts": ts, "args": {"correlation": corr}}
+
+    def kernel(corr, dur):
+        return {"cat": "kernel", "name": f"k{corr}", "ts": 0, "dur": dur, "args": {"correlation": corr}}
+
+    logits = [[1024, 576], [576, 49152]]
+    dw = [[49152, 576], [49152, 1024], [1024, 576], [], []]  # addmm_(self, dz^T, h)
+    ev = [op("aten::linear", 1, 0, 1000, [[1024, 576]]), op("aten::mm", 1, 100, 100, logits),  # two steps of each
+          op("aten::mm", 1, 300, 100, logits), launch(1, 150, 1), launch(1, 160, 2), launch(1, 350, 3),
+          kernel(1, 900), kernel(2, 100), kernel(3, 1000),  # a GEMM and its reduction, then a second call
+          op("aten::addmm_", 2, 100, 50, dw), op("aten::addmm_", 2, 500, 50, dw), launch(2, 120, 4),
+          launch(2, 520, 5), kernel(4, 2000), kernel(5, 2000),
+          launch(1, 700, 6), kernel(6, 5000)]  # launched outside any matmul: not charged
+    rows = matmuls_by_shape(ev, steps=2)
+    assert [(r["op"], r["ms_per_step"], r["calls_per_step"]) for r in rows] == [
+        ("aten::addmm_", 2.0, 1.0), ("aten::mm", 1.0, 1.0)]
+    assert rows[1]["input_dims"] == logits
+    assert rows[1]["tflops"] == round(2 * 1024 * 576 * 49152 / 1e-3 / 1e12, 1)
+    assert rows[0]["tflops"] == round(2 * 49152 * 1024 * 576 / 2e-3 / 1e12, 1)
+    assert matmul_flops("aten::bmm", [[30, 512, 576], [30, 576, 2328]]) == 2.0 * 30 * 512 * 576 * 2328
+    assert matmul_flops("aten::baddbmm", [[30, 1, 64], [30, 512, 16], [30, 16, 64], [], []]) == 2.0 * 30 * 512 * 16 * 64
+    assert matmuls_by_shape([kernel(1, 5)], steps=1) == []  # no shapes recorded: nothing

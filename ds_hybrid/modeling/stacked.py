@@ -112,6 +112,32 @@ def pass_elements_from_env() -> int | None:
     return value
 
 
+#: ``DS_HYBRID_ALIGN_CAT`` values: how Inductor builds the gradient of the stacked projections' output
+ALIGN_CAT_CHOICES = ("pointwise", "concat")
+
+
+def cat_options_from_env() -> dict[str, int]:
+    """``DS_HYBRID_ALIGN_CAT``: Inductor options for compiling stage align's stacked pass ({} for ``pointwise``, the
+    default; checked before any model is built).
+
+    The backward of :func:`_projections` concatenates the gradients of its slices (q, k, v through SiLU, a through
+    the decay gate, b through the sigmoid, the output gate; each padded) into the GEMM's [L, rows x T, width]
+    gradient. With up to 8 inputs Inductor lowers that concatenation as one pointwise kernel that evaluates every
+    slice's math at every element, keeping one result by a chain of masks (``pointwise_cat``): six slices' loads,
+    exponentials and index math per element over 3.4e9 elements at SmolLM2's 30 x 49,152 tokens, the align step's
+    largest kernel on an H200 (32-35 ms of a 150 ms step; docs/BENCHMARKS.md). ``concat`` makes Inductor build it
+    as a ``ConcatKernel`` instead: each slice's gradient computed by its own kernel, written into its columns of the
+    output. Same values (it changes which kernel computes each element, not the math); its speed is for a GPU run
+    to show, until then opt-in."""
+    raw = os.environ.get("DS_HYBRID_ALIGN_CAT", "pointwise").strip() or "pointwise"
+    if raw not in ALIGN_CAT_CHOICES:
+        raise ConfigError("DS_HYBRID_ALIGN_CAT", raw, f"choose one of {', '.join(ALIGN_CAT_CHOICES)}")
+    if raw == "pointwise":
+        return {}
+    # pointwise_cat stays for concatenations of plain reads (<= 2 ops an input), never for computed slices
+    return {"max_complex_pointwise_cat_inputs": 0}
+
+
 def _input_projections(m0: LinearMixer) -> list[str]:
     """The projections of a mixer that the stacked pass runs as one GEMM, in the order of its output's columns."""
     gate = ["g_proj"] if m0.options.use_gate else []

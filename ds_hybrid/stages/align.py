@@ -22,7 +22,8 @@ from ds_hybrid.hf_io import SafetensorsReader, export_hf
 from ds_hybrid.losses import align_loss, align_losses
 from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
-from ds_hybrid.modeling.stacked import pass_elements_from_env, stacked_forward, supports_stacked
+from ds_hybrid.modeling.stacked import (cat_options_from_env, pass_elements_from_env, stacked_forward,
+                                        supports_stacked)
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
@@ -52,6 +53,16 @@ class MixerStack(nn.Module):
         return torch.stack(losses)
 
 
+def compile_stack(stack: MixerStack) -> None:
+    """``compile``: one graph around the stacked pass (the fla call is a graph break) and the loss, with
+    ``DS_HYBRID_ALIGN_CAT``'s Inductor options (:func:`~ds_hybrid.modeling.stacked.cat_options_from_env`); without
+    the stacked pass, each mixer on its own."""
+    if stack.stacked:
+        stack.compile(**compile_options(cat_options_from_env()))
+    else:
+        compile_blocks(stack.mixers)
+
+
 class AlignStage(Stage):
     name = "align"
 
@@ -77,10 +88,7 @@ class AlignStage(Stage):
         stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))
         stack.pass_elements = pass_elements_from_env()
         if wants_compile(ctx.s, ds):
-            if stack.stacked:  # one graph around the stacked pass (the fla call is a graph break) and the loss
-                stack.compile(**compile_options())
-            else:
-                compile_blocks(stack.mixers)
+            compile_stack(stack)
         if wants_compile(ctx.s, ctx.ds_config(train=False)):
             compile_blocks(self.teacher.module.teacher.model.layers)
         self.engine = student_engine(stack, ds, ctx.s, ctx.total_steps)

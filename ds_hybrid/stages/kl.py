@@ -117,6 +117,8 @@ class KLStage(Stage):
             ctx.ds_config(train=False)) != 3
         self._side = torch.cuda.Stream(ctx.device) if self._overlap and ctx.device.type == "cuda" else None
         self._prefetched: tuple | None = None  # (step index, h_t, event that h_t is ready) from _prefetch_next
+        # the logged KL quantiles' levels, on the device once (a tensor built from a list each step is a blocking copy)
+        self._levels = torch.tensor([0.5, 0.9, 0.99], device=ctx.device)
         self._used_prefetch = False
 
     def _losses(self, ids: torch.Tensor, h_t: torch.Tensor | None = None, h_t_ready=None, **kw):
@@ -153,7 +155,7 @@ class KLStage(Stage):
         totals = D.all_reduce_mean(totals / len(micro_batches))
         values = totals.float()
         if self.uses_teacher and kl_tokens:
-            q = torch.quantile(torch.cat(kl_tokens).float(), torch.tensor([0.5, 0.9, 0.99], device=totals.device))
+            q = torch.quantile(torch.cat(kl_tokens).float(), self._levels)
             values = torch.cat([values, q])
         values = values.tolist()  # the step's one device-to-host transfer
         out = {"loss": values[0]}

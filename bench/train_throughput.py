@@ -310,6 +310,7 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         "gpu_span_ms_per_step": round(((gpu_last or 0) - (gpu_first or 0)) / 1e3 / per, 3),
         "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:30]},
         "matmuls_by_shape": matmuls_by_shape(ev, steps),
+        "top_kernels_by_launching_op": kernels_by_launching_op(ev, steps),
     }
 
 
@@ -333,51 +334,92 @@ def matmul_flops(op: str, dims: list) -> float | None:
 
 def matmuls_by_shape(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
     """GPU time per step of every matmul by operator and input shapes (the profiler's ``record_shapes``): each kernel
-    charged to the leaf matmul operator that launched it (the innermost on its host thread at the launch, cuBLAS's
-    split-K reductions included), with its TFLOP/s. Shows which GEMMs run below the GPU's rate, e.g. the loss's
-    [chunk x hidden] x [hidden x vocab] logits or a mixer's narrow projections. Empty without shapes."""
-    import bisect
+    charged to the leaf matmul operator that launched it (:func:`innermost_ops`; cuBLAS's split-K reductions
+    included), with its TFLOP/s. Shows which GEMMs run below the GPU's rate, e.g. the loss's [chunk x hidden] x
+    [hidden x vocab] logits or a mixer's narrow projections. Empty without shapes."""
+    find = innermost_ops(ev)
+    ms: dict[tuple[str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str], set] = defaultdict(set)
+    for e, at in _launched(ev):
+        op = find(*at) if at is not None else None
+        dims = op.get("args", {}).get("Input Dims") if op else None
+        if op is None or op.get("name") not in MATMUL_OPS or dims is None:
+            continue
+        key = (op["name"], json.dumps(dims))
+        ms[key] += e.get("dur", 0) / 1e3
+        calls[key].add((at[0], op["ts"]))
+    per = max(steps, 1)
+    rows = []
+    for key, total in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        n = len(calls[key])
+        flops = matmul_flops(key[0], json.loads(key[1]))
+        rows.append({"op": key[0], "input_dims": json.loads(key[1]), "ms_per_step": round(total / per, 3),
+                     "calls_per_step": round(n / per, 2),
+                     "tflops": round(flops * n / (total * 1e-3) / 1e12, 1) if flops and total else None})
+    return rows
 
-    ops: dict[object, list[tuple[float, float, str, str]]] = defaultdict(list)
-    for e in ev:
-        if e.get("cat") == "cpu_op" and e.get("name") in MATMUL_OPS:
-            dims = e.get("args", {}).get("Input Dims")
-            ops[e.get("tid")].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"], json.dumps(dims)))
-    if not ops:
-        return []
-    for v in ops.values():
-        v.sort()
-    starts = {t: [o[0] for o in v] for t, v in ops.items()}
+
+def _launched(ev: list[dict]):
+    """(kernel event, (host thread, launch timestamp) or None) for every kernel of a trace."""
     launch = {}
     for e in ev:
         if e.get("cat") in ("cuda_runtime", "cuda_driver"):
             corr = e.get("args", {}).get("correlation")
             if corr is not None:
                 launch[corr] = (e.get("tid"), e["ts"])
-    ms: dict[tuple[str, str], float] = defaultdict(float)
-    calls: dict[tuple[str, str], set] = defaultdict(set)
     for e in ev:
-        if e.get("cat") != "kernel":
-            continue
-        at = launch.get(e.get("args", {}).get("correlation"))
-        if at is None or at[0] not in ops:
-            continue
-        i = bisect.bisect_right(starts[at[0]], at[1]) - 1
-        if i < 0:
-            continue
-        t0, t1, name, dims = ops[at[0]][i]
-        if t0 <= at[1] <= t1:
-            ms[(name, dims)] += e.get("dur", 0) / 1e3
-            calls[(name, dims)].add((at[0], t0))
+        if e.get("cat") == "kernel":
+            yield e, launch.get(e.get("args", {}).get("correlation"))
+
+
+def innermost_ops(ev: list[dict]):
+    """A lookup (tid, ts) -> the innermost ``cpu_op`` event on that host thread whose range holds ts, or None. The
+    ranges of one thread nest; each keeps its parent, so a lookup is a bisection and a short walk up."""
+    import bisect
+
+    by_tid: dict[object, list[dict]] = defaultdict(list)
+    for e in ev:
+        if e.get("cat") == "cpu_op":
+            by_tid[e.get("tid")].append(e)
+    index = {}
+    for tid, evs in by_tid.items():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))  # a parent before a child that starts with it
+        parent, stack = [], []
+        for j, e in enumerate(evs):
+            while stack and evs[stack[-1]]["ts"] + evs[stack[-1]].get("dur", 0) < e["ts"]:
+                stack.pop()
+            parent.append(stack[-1] if stack else -1)
+            stack.append(j)
+        index[tid] = ([e["ts"] for e in evs], evs, parent)
+
+    def find(tid, ts):
+        if tid not in index:
+            return None
+        starts, evs, parent = index[tid]
+        i = bisect.bisect_right(starts, ts) - 1
+        while i >= 0 and evs[i]["ts"] + evs[i].get("dur", 0) < ts:
+            i = parent[i]
+        return evs[i] if i >= 0 else None
+
+    return find
+
+
+def kernels_by_launching_op(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
+    """The longest kernels (by name, ms per step) with the operator that launched them (:func:`innermost_ops`) and
+    its input shapes: names a kernel's source where its own name does not (a cuBLAS tile, a fill, a copy)."""
+    find = innermost_ops(ev)
+    ms: dict[tuple[str, str, str], float] = defaultdict(float)
+    n: dict[tuple[str, str, str], int] = defaultdict(int)
+    for e, at in _launched(ev):
+        op = find(*at) if at is not None else None
+        key = (e.get("name", "")[:90], op["name"] if op else "-",
+               json.dumps(op.get("args", {}).get("Input Dims")) if op else "null")
+        ms[key] += e.get("dur", 0) / 1e3
+        n[key] += 1
     per = max(steps, 1)
-    rows = []
-    for key, total in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
-        n = len(calls[key])
-        flops = matmul_flops(key[0], json.loads(key[1]) or [])
-        rows.append({"op": key[0], "input_dims": json.loads(key[1]), "ms_per_step": round(total / per, 3),
-                     "calls_per_step": round(n / per, 2),
-                     "tflops": round(flops * n / (total * 1e-3) / 1e12, 1) if flops and total else None})
-    return rows
+    return [{"kernel": k[0], "op": k[1], "input_dims": json.loads(k[2]), "ms_per_step": round(v / per, 3),
+             "launches_per_step": round(n[k] / per, 2)}
+            for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]]
 
 
 # ---- one case ----------------------------------------------------------------------------------------------------
@@ -597,6 +639,15 @@ def report(paths: list[str], out: str | None) -> str:
             lines += [f"| {r['name']} | {m['op']} | `{m['input_dims']}` | {m['calls_per_step']:g} | "
                       f"{m['ms_per_step']:.1f} | {m['tflops'] if m['tflops'] is not None else '-'} |"
                       for m in r["profile"]["matmuls_by_shape"][:12]]
+    launched = [r for r in prof if r["profile"].get("top_kernels_by_launching_op")]
+    if launched:
+        lines += ["", "The longest kernels and the operator that launched them (profiled steps): the 12 longest a case",
+                  "| case | kernel | launched from | input dims | launches / step | ms / step |",
+                  "|---|---|---|---|---|---|"]
+        for r in launched:
+            lines += [f"| {r['name']} | `{k['kernel'][:60]}` | {k['op']} | `{k['input_dims']}` | "
+                      f"{k['launches_per_step']:g} | {k['ms_per_step']:.1f} |"
+                      for k in r["profile"]["top_kernels_by_launching_op"][:12]]
     reads = [r for r in recs if r.get("sync_sites_last_warmup_step")]
     if reads:
         lines += ["", "Host reads of the GPU in the last warm-up step (torch's sync-debug warnings): phase: calling "

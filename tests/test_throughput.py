@@ -576,3 +576,27 @@ def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
     assert matmul_flops("aten::bmm", [[30, 512, 576], [30, 576, 2328]]) == 2.0 * 30 * 512 * 576 * 2328
     assert matmul_flops("aten::baddbmm", [[30, 1, 64], [30, 512, 16], [30, 16, 64], [], []]) == 2.0 * 30 * 512 * 16 * 64
     assert matmuls_by_shape([kernel(1, 5)], steps=1) == []  # no shapes recorded: nothing
+
+
+def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
+    """The launching-op lookup walks nested host ranges: a launch inside a leaf op is that op's, a launch after a
+    sibling ended is the enclosing op's, a launch outside every op is '-'."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_throughput import kernels_by_launching_op
+    finally:
+        sys.path.pop(0)
+
+    def op(name, ts, dur, dims=None):
+        return {"cat": "cpu_op", "name": name, "tid": 7, "ts": ts, "dur": dur, "args": {"Input Dims": dims}}
+
+    ev = [op("aten::zeros", 0, 100, [[4, 8]]), op("aten::zero_", 10, 80, [[4, 8]]), op("aten::fill_", 20, 60, [[4, 8]]),
+          op("MyBlock", 200, 500), op("aten::mul", 210, 10, [[4], [4]]), op("aten::add", 230, 10, [[4], [4]])]
+    for corr, ts in ((1, 50), (2, 300), (3, 900), (4, 215)):
+        ev.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 7, "ts": ts, "args": {"correlation": corr}})
+    ev += [{"cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"correlation": corr}}
+           for corr, name, dur in ((1, "FillFunctor", 3000), (2, "triton_poi_fused", 2000), (3, "stray", 1000),
+                                   (4, "mul_kernel", 500))]
+    rows = {r["kernel"]: (r["op"], r["input_dims"], r["ms_per_step"]) for r in kernels_by_launching_op(ev, steps=1)}
+    assert rows == {"FillFunctor": ("aten::fill_", [[4, 8]], 3.0), "triton_poi_fused": ("MyBlock", None, 2.0),
+                    "stray": ("-", None, 1.0), "mul_kernel": ("aten::mul", [[4], [4]], 0.5)}

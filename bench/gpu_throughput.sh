@@ -62,17 +62,21 @@ case "${1:-main}" in
              # (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +1.0 % (12-03c). Now: align's
              # defaults against DS_HYBRID_ALIGN_CAT=concat (the gradient of the stacked projections as a kernel per
              # slice, not one kernel evaluating all six slices' math at every element: 32-35 ms of a 150 ms step),
-             # kl's defaults with every record's CUDA-event spans (where the GPU idles, per phase), kl's three per-run
-             # knobs together; concat with align's row groups (int32 indexing); then (`autotune`) kl's knobs with
-             # max-autotune.
+             # kl's defaults with every record's CUDA-event spans (where the GPU idles, per phase) and with
+             # DS_HYBRID_OPTIMIZER_STEP=sync_free (no host read in the optimizer step), kl's per-run knobs together,
+             # without and with it; concat with align's row groups (int32 indexing); then (`autotune`) kl's knobs
+             # with max-autotune.
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     DS_HYBRID_ALIGN_CAT=pointwise case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     DS_HYBRID_ALIGN_CAT=concat case1 0 align_concat_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096 \
       kl.teacher_overlap=true
+    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_chunk4096_overlap_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" \
+      kl.global_batch=64 kl.loss_chunk_tokens=4096 kl.teacher_overlap=true
     DS_HYBRID_ALIGN_CAT=concat DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 \
       case1 0 align_concat_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
@@ -217,8 +218,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     sdpa, compile_opts = apply_sdpa_choice(), compile_options()
     if sdpa != "auto" or "mode" in compile_opts:
         log.info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa, compile_opts.get("mode", "default"))
-    if stage == "align":  # stage align's stacked pass (ds_hybrid.modeling.stacked)
-        stacked.pass_elements_from_env(), stacked.cat_options_from_env()
+    stacked.pass_elements_from_env()  # stage align's stacked pass (a typo is refused whatever the stage)
+    stacked.cat_options_from_env()
+    sync_free.step_choice_from_env()
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_teacher
 from trainer_utils import (
-    REPO, make_corpus, make_tiny_teacher, metrics, run, tail, train_in_one_process, write_config,
+    REPO, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process, write_config,
 )
 
 from ds_hybrid.config import load_config, validate_for_launch
@@ -600,3 +600,47 @@ def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
     rows = {r["kernel"]: (r["op"], r["input_dims"], r["ms_per_step"]) for r in kernels_by_launching_op(ev, steps=1)}
     assert rows == {"FillFunctor": ("aten::fill_", [[4, 8]], 3.0), "triton_poi_fused": ("MyBlock", None, 2.0),
                     "stray": ("-", None, 1.0), "mul_kernel": ("aten::mul", [[4], [4]], 0.5)}
+
+
+def test_sync_free_optimizer_step_equals_deepspeeds_and_reads_nothing(tmp_path):
+    """DS_HYBRID_OPTIMIZER_STEP=sync_free against DeepSpeed's BF16_Optimizer step (tests/optimizer_step_check.py):
+    the same losses and weights bit for bit when no step is clipped and when every step is (the norm within fp32
+    rounding), no host read of device data by DeepSpeed or ds_hybrid code in the step (DeepSpeed's: 2 a step), and
+    a NaN gradient leaves the weights finite (DeepSpeed skips the step; this zeroes its gradients)."""
+    out = tmp_path / "steps.json"
+    p = run([sys.executable, "tests/optimizer_step_check.py", str(out)])
+    assert p.returncode == 0, tail(p)
+    res = json.loads(out.read_text())
+    for case in ("noclip", "clip"):
+        ds, sf = res[case]["deepspeed"], res[case]["sync_free"]
+        assert not ds["replaced"] and sf["replaced"]
+        assert sf["losses"] == ds["losses"] and sf["weights"] == ds["weights"], case
+        np.testing.assert_allclose(sf["norms"], ds["norms"], rtol=1e-5)
+        assert ds["reads_per_step"] >= 2 and sf["reads_per_step"] == 0, case
+    ds, sf = res["nonfinite"]["deepspeed"], res["nonfinite"]["sync_free"]
+    assert ds["finite"] and sf["finite"]
+    assert sf["losses"][:3] == ds["losses"][:3] and not np.isfinite(sf["norms"][2])
+    assert sf["weights"] != ds["weights"]  # DeepSpeed skipped the step, this one ran AdamW on zero gradients
+
+
+def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
+    """The knob reaches stage kl's engine (ZeRO-1, bf16): the run says so and its losses equal the default's bit for
+    bit (the tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
+                       kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 4, "global_batch": 4,
+                           "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
+                           "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
+    runs = {}
+    for choice in ("deepspeed", "sync_free"):
+        monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
+        runs[choice] = train("kl", cfg, f"out_dir={tmp_path / choice}", nproc=1)
+        assert runs[choice].returncode == 0, tail(runs[choice])
+    assert "the optimizer step reads nothing on the host" in runs["sync_free"].stderr + runs["sync_free"].stdout
+    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "sync_free" / "kl")
+    assert len(a) == 4 and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", "fast")
+    bad = train("kl", cfg, f"out_dir={tmp_path / 'bad'}", nproc=1)
+    assert bad.returncode != 0 and "DS_HYBRID_OPTIMIZER_STEP" in bad.stderr + bad.stdout
+    assert "kl step" not in bad.stderr + bad.stdout and "bf16_optimizer" not in bad.stderr + bad.stdout

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ds_hybrid.config import RunConfig, StageConfig, resolve_path
+from ds_hybrid import sync_free
 from ds_hybrid.errors import ConfigError
 
 
@@ -119,6 +120,7 @@ def student_engine(module: nn.Module, ds: dict, s: StageConfig, total_steps: int
         model=module, optimizer=opt, config=ds,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn),
     )
+    sync_free.apply_step_choice(engine, sync_free.step_choice_from_env())
     return engine
 
 

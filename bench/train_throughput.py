@@ -322,13 +322,11 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::bad
 def matmul_flops(op: str, dims: list) -> float | None:
     """2 x the multiply-adds of one call from its input shapes (the profiler's "Input Dims"), or None."""
     try:
-        shapes = [d for d in dims if isinstance(d, list) and len(d) >= 2]
-        if op in ("aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"):
-            shapes = shapes[1:]  # (self or bias first)
-        a, b = shapes[0], shapes[1]
+        first = 1 if op in ("aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::baddbmm_") else 0  # (self first)
+        a, b = dims[first], dims[first + 1]
         batch = a[0] if len(a) == 3 else 1
         return 2.0 * batch * a[-2] * a[-1] * b[-1]
-    except (IndexError, TypeError):
+    except (IndexError, TypeError, KeyError):
         return None
 
 
@@ -383,7 +381,8 @@ def innermost_ops(ev: list[dict]):
             by_tid[e.get("tid")].append(e)
     index = {}
     for tid, evs in by_tid.items():
-        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))  # a parent before a child that starts with it
+        # a parent before a child that starts with it (same start and length: the one created first, the parent)
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0), e.get("args", {}).get("External id", 0)))
         parent, stack = [], []
         for j, e in enumerate(evs):
             while stack and evs[stack[-1]]["ts"] + evs[stack[-1]].get("dur", 0) < e["ts"]:

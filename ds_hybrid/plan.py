@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -192,8 +191,10 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     lin_layer = n * (lin_c * h + lin_d * (d - h) + norms + i_c * i) * b // 2
     states = 6 * n * max(0, S - d) if n_soft < L else 0  # one linear layer's backward, beyond the fit
     if stage == "align":
+        from ds_hybrid.modeling.stacked import stacked_choice_from_env
+
         stacked = (s_stage < 3 and not cfg.mixer_options.get("use_short_conv", False)
-                   and os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto") != "0")
+                   and stacked_choice_from_env() != "0")
         batched = L * n * (48 * h + 42 * (d - h) + 2 * max(0, S - d)) * b // 2  # all mixers as one pass (GPUs)
         one_by_one = L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states  # + the captured in/out
         acts = batched if stacked else one_by_one

@@ -9,10 +9,13 @@ parameter's gradient, zeros elsewhere, instead of one norm per parameter), alway
 min(1, clip / (norm + 1e-6)) (exactly 1 where DeepSpeed would not clip), and runs the rest of DeepSpeed's step as it
 is: the host reads nothing, and goes on queueing work.
 
-One difference: where the norm is not finite DeepSpeed skips the step; here the gradients are zeroed instead and
-AdamW's step runs on zeros (no gradient enters the weights; its momentum moves them once more, and weight decay
-applies). The logged ``grad_norm`` shows the non-finite value. Opt-in until a GPU run measures it
-(docs/BENCHMARKS.md); DeepSpeed's own step is the reference path (tests compare the two).
+Where the norm is not finite the two differ: DeepSpeed skips the step (weights, AdamW's state and the learning-rate
+schedule stay; the engine counts a skipped step); here the gradients are zeroed and the step runs on them: no
+gradient enters the weights, but AdamW's momentum moves them once more, weight decay applies, its step count and
+the schedule advance, and nothing is counted as skipped. The logged ``grad_norm`` shows the non-finite value (NaN
+or inf where DeepSpeed logs inf). The step is DeepSpeed 0.19.8's (``supports_sync_free`` checks the version).
+Opt-in until a GPU run measures it (docs/BENCHMARKS.md); DeepSpeed's own step is the reference path (tests compare
+the two).
 """
 
 from __future__ import annotations
@@ -38,14 +41,21 @@ def step_choice_from_env() -> str:
     return value
 
 
+#: the DeepSpeed release whose ``BF16_Optimizer.step`` :func:`sync_free_step` reproduces
+DEEPSPEED_VERSION = "0.19.8"
+
+
 def supports_sync_free(opt: object) -> bool:
-    """A DeepSpeed ``BF16_Optimizer`` whose step this module reproduces: no MoE, no Muon, no model parallelism."""
+    """A DeepSpeed ``BF16_Optimizer`` of :data:`DEEPSPEED_VERSION` with gradients to step, no MoE, no Muon, no model
+    parallelism: the step this module reproduces."""
     try:
+        import deepspeed
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     except ImportError:
         return False
-    return (isinstance(opt, BF16_Optimizer) and not opt.has_moe_layers and not getattr(opt, "_uses_muon", False)
-            and opt.mpu is None and opt.norm_type == 2)
+    return (deepspeed.__version__ == DEEPSPEED_VERSION and isinstance(opt, BF16_Optimizer)
+            and len(opt.fp32_groups_gradients_flat) > 0 and not opt.has_moe_layers
+            and not getattr(opt, "_uses_muon", False) and opt.mpu is None and opt.norm_type == 2)
 
 
 @torch.no_grad()
@@ -54,14 +64,15 @@ def sync_free_step(self, closure=None) -> None:
     if closure is not None:
         raise NotImplementedError(f"{type(self).__name__} does not support closure.")
     self.overflow = False
-    grads = list(self.fp32_groups_gradients_flat)  # every rank holds the reduced gradients of all its parameters
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # every rank holds the reduced gradients of all parameters (the norm's input); its optimizer steps its partition
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(self.fp32_groups_gradients_flat))))
     self._global_grad_norm = norm
     finite = torch.isfinite(norm)
     scale = torch.where(finite, torch.clamp(self.clip_grad / (norm + 1e-6), max=1.0) if self.clip_grad > 0.0
                         else torch.ones_like(norm), torch.zeros_like(norm))
-    torch._foreach_mul_(grads, scale)
-    for g in grads:  # a non-finite norm: 0 x inf or NaN is NaN, so zero those too
+    parts = list(self.fp32_groups_gradient_flat_partition)
+    torch._foreach_mul_(parts, scale)
+    for g in parts:  # a non-finite norm: 0 x inf or NaN is NaN, so zero those too
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     for param_part, grad_part in zip(self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition):
         param_part.grad = grad_part.to(param_part.dtype) if grad_part.dtype != param_part.dtype else grad_part

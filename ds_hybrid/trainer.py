@@ -218,9 +218,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     sdpa, compile_opts = apply_sdpa_choice(), compile_options()
     if sdpa != "auto" or "mode" in compile_opts:
         log.info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa, compile_opts.get("mode", "default"))
-    stacked.pass_elements_from_env()  # stage align's stacked pass (a typo is refused whatever the stage)
-    stacked.cat_options_from_env()
-    sync_free.step_choice_from_env()
+    for check in (stacked.stacked_choice_from_env, stacked.pass_elements_from_env, stacked.layout_from_env,
+                  sync_free.step_choice_from_env):  # (stage align's stacked pass: a typo is refused whatever the stage)
+        check()
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)

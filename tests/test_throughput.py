@@ -27,7 +27,8 @@ from ds_hybrid.modeling.stacked import stacked_forward, supports_stacked
                                                                     "qkv_bias": True}),
                                             ("gla", {}), ("gla", {"use_gate": False, "gate_low_rank_dim": 4})])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_stacked_mixers_equal_one_by_one(mixer, options, groups):
+@pytest.mark.parametrize("layout", stacked.ALIGN_LAYOUTS)
+def test_stacked_mixers_equal_one_by_one(mixer, options, groups, layout):
     torch.manual_seed(len(options) + len(mixer))
     opts = MixerOptions.from_dict(options)
     # fp64 inputs and weights: the two paths sum in different orders, and in fp32 their gradients differed by 2e-5 on
@@ -43,9 +44,9 @@ def test_stacked_mixers_equal_one_by_one(mixer, options, groups):
     g_ref = torch.autograd.grad((ref * w).sum(), [x, *params])
     limit = None
     if groups > 1:  # a pass over more elements than the limit runs the rows in groups, each through all 3 layers
-        limit = 3 * 70 * stacked._width(mixers)
+        limit = 3 * 70 * stacked._width(mixers, layout)
         assert stacked.row_groups(2, limit, limit) == [range(0, 1), range(1, 2)]
-    out = stacked_forward(mixers, x, max_elements=limit)
+    out = stacked_forward(mixers, x, max_elements=limit, layout=layout)
     g = torch.autograd.grad((out * w).sum(), [x, *params])
     assert supports_stacked(mixers)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
@@ -84,7 +85,8 @@ def test_stacked_groups_split_rows_and_every_pass_reads_every_layer(monkeypatch)
     per_row = 3 * 16 * stacked._width(mixers)
     seen = []
     real = stacked._stacked_pass
-    monkeypatch.setattr(stacked, "_stacked_pass", lambda ms, x: seen.append((len(ms), tuple(x.shape))) or real(ms, x))
+    monkeypatch.setattr(stacked, "_stacked_pass",
+                        lambda ms, x, *a: seen.append((len(ms), tuple(x.shape))) or real(ms, x, *a))
     x = torch.randn(3, 5, 16, 32)
     out = stacked_forward(mixers, x, max_elements=2 * per_row)
     assert seen == [(3, (3, 2, 16, 32)), (3, (3, 1, 16, 32)), (3, (3, 2, 16, 32))]  # rows [0, 2), [2, 3), [3, 5)
@@ -119,40 +121,49 @@ def test_stacked_pass_limit_from_the_environment(monkeypatch):
         monkeypatch.setenv("DS_HYBRID_ALIGN_PASS_ELEMENTS", bad)
         with pytest.raises(ConfigError, match="DS_HYBRID_ALIGN_PASS_ELEMENTS"):
             stacked.pass_elements_from_env()
+    # the stacked pass's other two knobs: defaults, values, and a typo refused by name
+    for var, read, default, other in (("DS_HYBRID_ALIGN_LAYOUT", stacked.layout_from_env, "split", "one_gemm"),
+                                      ("DS_HYBRID_ALIGN_STACKED", stacked.stacked_choice_from_env, "auto", "0")):
+        monkeypatch.delenv(var, raising=False)
+        assert read() == default
+        monkeypatch.setenv(var, other)
+        assert read() == other
+        monkeypatch.setenv(var, "yes")
+        with pytest.raises(ConfigError, match=var):
+            read()
 
 
-def test_align_cat_knob_reaches_the_stacked_compile_only(monkeypatch):
-    """DS_HYBRID_ALIGN_CAT=concat: stage align compiles its stacked pass with Inductor's pointwise concatenation
-    limited to plain reads (each slice's gradient its own kernel); the default and the per-mixer path pass no option;
-    torch.compile accepts the options (it checks their names when called); a bad value names the variable."""
-    from ds_hybrid.stages import align
-    from ds_hybrid.stages.common import compile_options
+def test_split_layout_takes_one_silu_gradient_for_q_k_v():
+    """The stacked pass's backward graph (dynamo + AOT autograd, as torch.compile sees it): with one GEMM, the
+    gradient of its output concatenates q's, k's and v's SiLU gradients (three expressions that Inductor's pointwise
+    concatenation evaluates at every element); with the split layout the three slices' gradients are concatenated as
+    they are and go through one SiLU gradient, and a/b's gates have a GEMM (and a concatenation) of their own."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
-    seen = []
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: seen.append(kw) or fn)
-    stack = align.MixerStack([build_mixer("gdn", 32, 4, 8, i, MixerOptions()) for i in range(3)])
-    stack.stacked = True
-    for value in ("", "pointwise", "concat"):
-        monkeypatch.setenv("DS_HYBRID_ALIGN_CAT", value)
-        align.compile_stack(stack)
-    assert [kw.get("options") for kw in seen] == [None, None, {"max_complex_pointwise_cat_inputs": 0}]
-    assert all(kw["backend"] == "inductor" and "mode" not in kw for kw in seen)
-    seen.clear()
-    stack.stacked = False  # one mixer at a time: no concatenation of slices, no option
-    align.compile_stack(stack)
-    assert len(seen) == 3 and all("options" not in kw for kw in seen)
-    monkeypatch.undo()
+    torch.manual_seed(0)
+    mixers = [build_mixer("gdn", 32, 4, 8, i, MixerOptions()) for i in range(3)]
+    found = {}
+    for layout in stacked.ALIGN_LAYOUTS:
+        torch._dynamo.reset()
+        graphs = []
 
-    monkeypatch.setenv("DS_HYBRID_COMPILE_MODE", "max-autotune-no-cudagraphs")  # a mode and options together
-    opts = compile_options({"max_complex_pointwise_cat_inputs": 0})
-    assert "mode" not in opts and opts["options"]["max_autotune"] and opts["options"][
-        "max_complex_pointwise_cat_inputs"] == 0
-    torch.compile(lambda x: x, **opts)  # unknown option names raise here
-    monkeypatch.setenv("DS_HYBRID_COMPILE_BACKEND", "aot_eager")  # Inductor's options go to Inductor only
-    assert compile_options({"max_complex_pointwise_cat_inputs": 0}) == {"backend": "aot_eager", "dynamic": False}
-    monkeypatch.setenv("DS_HYBRID_ALIGN_CAT", "fused")
-    with pytest.raises(ConfigError, match="DS_HYBRID_ALIGN_CAT"):
-        stacked.cat_options_from_env()
+        def keep(gm, inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        fn = torch.compile(lambda x: stacked.stacked_forward(mixers, x, layout=layout),
+                           backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                                bw_compiler=keep))
+        fn(torch.randn(3, 2, 16, 32, requires_grad=True)).sum().backward()
+        nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        cats = [[str(getattr(a, "target", "")) for a in n.args[0]] for n in nodes if "aten.cat" in str(n.target)]
+        found[layout] = (sum("silu_backward" in str(n.target) for n in nodes),
+                         max(sum("silu_backward" in a for a in c) for c in cats),
+                         sum("bmm" in str(n.target) for n in nodes))
+    torch._dynamo.reset()
+    # (SiLU gradients: q|k|v and the output gate's norm; most SiLU gradients in one concatenation; batched GEMMs)
+    assert found == {"one_gemm": (4, 3, 4), "split": (2, 0, 6)}, found
 
 
 def test_stacked_refuses_what_it_cannot_run():
@@ -575,6 +586,9 @@ def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
     assert rows[0]["tflops"] == round(2 * 49152 * 1024 * 576 / 2e-3 / 1e12, 1)
     assert matmul_flops("aten::bmm", [[30, 512, 576], [30, 576, 2328]]) == 2.0 * 30 * 512 * 576 * 2328
     assert matmul_flops("aten::baddbmm", [[30, 1, 64], [30, 512, 16], [30, 16, 64], [], []]) == 2.0 * 30 * 512 * 16 * 64
+    assert matmul_flops("aten::addmm", [[64], [8, 32], [32, 64], [], []]) == 2.0 * 8 * 32 * 64  # a 1-D bias first
+    assert matmul_flops("aten::addmm", [[64], [8, 32], [32, 64], [], [], [8, 64]]) == 2.0 * 8 * 32 * 64  # out=
+    assert matmul_flops("aten::mm", [[8, 32]]) is None
     assert matmuls_by_shape([kernel(1, 5)], steps=1) == []  # no shapes recorded: nothing
 
 
@@ -644,3 +658,29 @@ def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
     bad = train("kl", cfg, f"out_dir={tmp_path / 'bad'}", nproc=1)
     assert bad.returncode != 0 and "DS_HYBRID_OPTIMIZER_STEP" in bad.stderr + bad.stdout
     assert "kl step" not in bad.stderr + bad.stdout and "bf16_optimizer" not in bad.stderr + bad.stdout
+
+
+def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monkeypatch):
+    """Stage align with its stacked pass forced on CPU (fp32, ZeRO-1): DS_HYBRID_ALIGN_LAYOUT reaches the stack (its
+    log line says which) and both layouts give the same training losses as the mixers one by one."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align={"seq_len": 64, "tokens": 64 * 4 * 3, "global_batch": 4, "micro_batch": 4,
+                              "ckpt_every": 0, "export": False, "eval_sequences": 2,
+                              "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
+    losses = {}
+    for stacked_mode, layout in (("0", "split"), ("1", "one_gemm"), ("1", "split")):
+        monkeypatch.setenv("DS_HYBRID_ALIGN_STACKED", stacked_mode)
+        monkeypatch.setenv("DS_HYBRID_ALIGN_LAYOUT", layout)
+        name = f"{stacked_mode}_{layout}"
+        p = train("align", cfg, f"out_dir={tmp_path / name}", nproc=1)
+        assert p.returncode == 0, tail(p)
+        said = "one by one" if stacked_mode == "0" else f"in one stacked pass (layout {layout}"
+        assert f"align: 4 mixers {said}" in p.stdout + p.stderr
+        m = metrics(tmp_path / name / "align")
+        losses[name] = [m[s]["loss"] for s in sorted(m)]
+    ref = losses.pop("0_split")
+    assert len(ref) == 3
+    for name, got in losses.items():
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=name)

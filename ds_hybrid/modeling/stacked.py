@@ -55,9 +55,11 @@ def _stack_linear(layers: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torc
 COLUMN_ALIGN = 8
 
 
-def _projections(mixers: Sequence[LinearMixer], names: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every projection in ``names`` of every layer from x [L, N, H] with one batched GEMM: [L, N, out] each.
-    Zero weight columns pad each projection to a multiple of COLUMN_ALIGN; the padding's outputs are dropped."""
+def _projections(mixers: Sequence[LinearMixer], names: Sequence[str],
+                 x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every projection in ``names`` of every layer from x [L, N, H] with one batched GEMM: (the GEMM's output, each
+    projection's [L, N, out]). Zero weight columns pad each projection to a multiple of COLUMN_ALIGN; the padding's
+    outputs are dropped."""
     ws, bs, sizes, padded = [], [], [], []
     for name in names:
         w, b = _stack_linear([_get(m, name) for m in mixers])
@@ -69,7 +71,7 @@ def _projections(mixers: Sequence[LinearMixer], names: Sequence[str], x: torch.T
         bs.append(b)
     y = torch.bmm(x, torch.cat(ws, dim=2))
     outs = [o[..., :size] for o, size in zip(y.split(padded, dim=2), sizes)]
-    return [o + b if b is not None else o for o, b in zip(outs, bs)]
+    return y, [o + b if b is not None else o for o, b in zip(outs, bs)]
 
 
 def _get(m: torch.nn.Module, dotted: str) -> torch.nn.Module:
@@ -93,10 +95,9 @@ def pass_elements_from_env() -> int | None:
 
     When set, the stacked projections' output of one pass ([L, rows x T, width]) stays below that many elements:
     the micro-batch's rows run in groups, every group through all L layers. Past 2^31 elements Inductor indexes the
-    fused kernels that read and write that output with int64 arithmetic (a 64-bit division per element), and the
-    backward kernel that gathers the slices' gradients took 34 ms of a 150 ms align step on an H200 at 30 x 49,152
-    tokens x 2,328 columns (3.4e9 elements; docs/BENCHMARKS.md). Off until a GPU run shows the groups are faster
-    (2147483647 for the int32 limit). Groups split rows, never layers: a compiled pass reused for another group of
+    fused kernels that read and write that output with int64 arithmetic; groups under the int32 limit (2147483647)
+    ran at the one pass's speed on an H200 and held 7 GiB less at SmolLM2's 96 x 512 (docs/BENCHMARKS.md): a memory
+    option, off by default. Groups split rows, never layers: a compiled pass reused for another group of
     layers reads other parameters, at other alignments than the ones Inductor compiled it for (parameters are
     static inputs it does not re-check), which faulted on an H200 with "misaligned address" (DeepSpeed's flat
     buffers leave a 9-element A_log or dt_bias at any 2-byte offset)."""
@@ -112,44 +113,70 @@ def pass_elements_from_env() -> int | None:
     return value
 
 
-#: ``DS_HYBRID_ALIGN_CAT`` values: how Inductor builds the gradient of the stacked projections' output
-ALIGN_CAT_CHOICES = ("pointwise", "concat")
+#: ``DS_HYBRID_ALIGN_STACKED`` values: ``auto`` (the stacked pass on CUDA), ``1`` (wherever supported), ``0`` (never)
+STACKED_CHOICES = ("auto", "1", "0")
 
 
-def cat_options_from_env() -> dict[str, int]:
-    """``DS_HYBRID_ALIGN_CAT``: Inductor options for compiling stage align's stacked pass ({} for ``pointwise``, the
-    default; checked before any model is built).
-
-    The backward of :func:`_projections` concatenates the gradients of its slices (q, k, v through SiLU, a through
-    the decay gate, b through the sigmoid, the output gate; each padded) into the GEMM's [L, rows x T, width]
-    gradient. With up to 8 inputs Inductor lowers that concatenation as one pointwise kernel that evaluates every
-    slice's math at every element, keeping one result by a chain of masks (``pointwise_cat``): six slices' loads,
-    exponentials and index math per element over 3.4e9 elements at SmolLM2's 30 x 49,152 tokens, the align step's
-    largest kernel on an H200 (32-35 ms of a 150 ms step; docs/BENCHMARKS.md). ``concat`` makes Inductor build it
-    as a ``ConcatKernel`` instead: each slice's gradient computed by its own kernel, written into its columns of the
-    output. Same values (it changes which kernel computes each element, not the math); its speed is for a GPU run
-    to show, until then opt-in."""
-    raw = os.environ.get("DS_HYBRID_ALIGN_CAT", "pointwise").strip() or "pointwise"
-    if raw not in ALIGN_CAT_CHOICES:
-        raise ConfigError("DS_HYBRID_ALIGN_CAT", raw, f"choose one of {', '.join(ALIGN_CAT_CHOICES)}")
-    if raw == "pointwise":
-        return {}
-    # pointwise_cat stays for concatenations of plain reads (<= 2 ops an input), never for computed slices
-    return {"max_complex_pointwise_cat_inputs": 0}
+def stacked_choice_from_env() -> str:
+    """``DS_HYBRID_ALIGN_STACKED`` (default ``auto``), checked before any model is built."""
+    value = os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto").strip() or "auto"
+    if value not in STACKED_CHOICES:
+        raise ConfigError("DS_HYBRID_ALIGN_STACKED", value, f"choose one of {', '.join(STACKED_CHOICES)}")
+    return value
 
 
-def _input_projections(m0: LinearMixer) -> list[str]:
-    """The projections of a mixer that the stacked pass runs as one GEMM, in the order of its output's columns."""
+#: ``DS_HYBRID_ALIGN_LAYOUT`` values: how the stacked pass groups a GDN mixer's input projections into GEMMs
+ALIGN_LAYOUTS = ("split", "one_gemm")
+
+
+def layout_from_env() -> str:
+    """``DS_HYBRID_ALIGN_LAYOUT``: ``split`` (the default) or ``one_gemm`` (the layout before 2026-12-04, to measure
+    against); checked before any model is built.
+
+    The backward of a GEMM whose output is sliced concatenates the slices' gradients, and Inductor builds a
+    concatenation of up to 8 inputs (torch 2.11: a constant) as one pointwise kernel that evaluates every slice's
+    gradient expression at every element and keeps one by a chain of masks (``pointwise_cat``). With ``one_gemm``
+    (q, k, v, a, b and the output gate in one GEMM) that is six expressions per element over [L, rows x T, 2,328]:
+    q, k and v each through SiLU, a through the decay gate (two exponentials), b through the sigmoid; align's
+    largest kernel on an H200, 32-35 ms of a 150 ms step (docs/BENCHMARKS.md). ``split``: q, k, v and the output
+    gate in one GEMM whose q|k|v block goes through one SiLU (its gradient: one expression over the three slices'
+    gradients, read as they are), a and b in a GEMM of their own (two 16-column slices): the large concatenation
+    evaluates one SiLU gradient per element. The same math (tests compare both with the mixers one by one in fp64),
+    for one more GEMM of 32 columns and the sum of the two GEMMs' input gradients (GLA's projections have no
+    activation before the kernel: one GEMM in both layouts)."""
+    value = os.environ.get("DS_HYBRID_ALIGN_LAYOUT", "split").strip() or "split"
+    if value not in ALIGN_LAYOUTS:
+        raise ConfigError("DS_HYBRID_ALIGN_LAYOUT", value, f"choose one of {', '.join(ALIGN_LAYOUTS)}")
+    return value
+
+
+def _gemm_groups(m0: LinearMixer, layout: str = "split") -> list[list[str]]:
+    """The projections of a mixer that the stacked pass runs together, one batched GEMM per group, each group in the
+    order of its output's columns."""
     gate = ["g_proj"] if m0.options.use_gate else []
-    if isinstance(m0, GatedDeltaNetMixer):
-        return ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + gate
-    return ["q_proj", "k_proj", "v_proj", "gk_proj.0"] + gate
+    if not isinstance(m0, GatedDeltaNetMixer):
+        return [["q_proj", "k_proj", "v_proj", "gk_proj.0"] + gate]
+    if layout == "one_gemm":
+        return [["q_proj", "k_proj", "v_proj", "a_proj", "b_proj"] + gate]
+    return [["q_proj", "k_proj", "v_proj"] + gate, ["a_proj", "b_proj"]]
 
 
-def _width(mixers: Sequence[LinearMixer]) -> int:
-    """Columns of the stacked projections' output (:func:`_projections`, padded)."""
+def _width(mixers: Sequence[LinearMixer], layout: str = "split") -> int:
+    """Columns of the widest GEMM output of the stacked pass (:func:`_projections`, padded)."""
     m0 = mixers[0]
-    return sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in _input_projections(m0))
+    return max(sum(-(-_get(m0, n).weight.shape[0] // COLUMN_ALIGN) * COLUMN_ALIGN for n in group)
+               for group in _gemm_groups(m0, layout))
+
+
+def _silu_heads(m0: LinearMixer, y: torch.Tensor, parts: list[torch.Tensor], heads) -> list[torch.Tensor]:
+    """q, k, v (``parts``, the first columns of the GEMM output ``y``) through SiLU, in heads. Where they are
+    adjacent (no bias, no padding), one SiLU over the block and a contiguous copy of each slice for the kernel: the
+    block's gradient is one expression over the three slices' gradients; otherwise a SiLU per slice."""
+    names = ("q_proj", "k_proj", "v_proj")
+    if not all(_get(m0, n).bias is None and _get(m0, n).weight.shape[0] % COLUMN_ALIGN == 0 for n in names):
+        return [heads(F.silu(t)) for t in parts]
+    widths = [t.shape[-1] for t in parts]
+    return [heads(t.contiguous()) for t in F.silu(y[..., :sum(widths)]).split(widths, dim=-1)]
 
 
 def row_groups(rows: int, elements_per_row: int, limit: int | None) -> list[range]:
@@ -161,21 +188,24 @@ def row_groups(rows: int, elements_per_row: int, limit: int | None) -> list[rang
 
 
 def stacked_forward(mixers: Sequence[LinearMixer], x: torch.Tensor, check: bool = True,
-                    max_elements: int | None = None) -> torch.Tensor:
+                    max_elements: int | None = None, layout: str = "split") -> torch.Tensor:
     """x: [L, B, T, H], layer i's input in x[i] -> [L, B, T, H], mixer i's output in out[i] (no cache, no mask).
     ``check=False`` skips :func:`supports_stacked` (a caller that checked once at setup). With ``max_elements``
-    the rows run in groups where one pass would exceed it (:func:`pass_elements_from_env`)."""
+    the rows run in groups where one pass would exceed it (:func:`pass_elements_from_env`). ``layout``: the GEMMs
+    of GDN's input projections (:func:`layout_from_env`)."""
     if check and not supports_stacked(mixers):
         raise ValueError("these mixers cannot run stacked (mixed kinds or options, short convolution, or ZeRO-3 "
                          "partitioned parameters); call them one by one")
+    if layout not in ALIGN_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: one of {ALIGN_LAYOUTS}")
     L, B, T, _ = x.shape
-    groups = row_groups(B, L * T * _width(mixers), max_elements)
+    groups = row_groups(B, L * T * _width(mixers, layout), max_elements)
     if len(groups) == 1:
-        return _stacked_pass(mixers, x)
-    return torch.cat([_stacked_pass(mixers, x[:, g.start:g.stop]) for g in groups], dim=1)
+        return _stacked_pass(mixers, x, layout)
+    return torch.cat([_stacked_pass(mixers, x[:, g.start:g.stop], layout) for g in groups], dim=1)
 
 
-def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tensor:
+def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor, layout: str = "split") -> torch.Tensor:
     L, B, T, H = x.shape
     m0 = mixers[0]
     nh, hd, opts = m0.num_heads, m0.head_dim, m0.options
@@ -185,9 +215,16 @@ def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tenso
         return t.reshape(L * B, T, nh, hd)
 
     if isinstance(m0, GatedDeltaNetMixer):
-        parts = _projections(mixers, _input_projections(m0), xf)
-        q, k, v = (heads(F.silu(t)) for t in parts[:3])
-        a, b = parts[3], parts[4]
+        groups = _gemm_groups(m0, layout)
+        y, parts = _projections(mixers, groups[0], xf)
+        if layout == "one_gemm":  # q, k, v, a, b, gate
+            q, k, v = (heads(F.silu(t)) for t in parts[:3])
+            a, b = parts[3], parts[4]
+            gate_in = parts[5] if opts.use_gate else None
+        else:  # q, k, v, gate; then a, b
+            q, k, v = _silu_heads(m0, y, parts[:3], heads)
+            gate_in = parts[3] if opts.use_gate else None
+            _, (a, b) = _projections(mixers, groups[1], xf)
         beta = b.sigmoid()
         if opts.allow_neg_eigval:
             beta = beta * 2.0
@@ -196,11 +233,11 @@ def _stacked_pass(mixers: Sequence[LinearMixer], x: torch.Tensor) -> torch.Tenso
         g = -A_log.exp() * F.softplus(a.float() + dt_bias)
         o, _ = ops.gated_delta_rule(q, k, v, g.reshape(L * B, T, nh), beta.reshape(L * B, T, nh).to(q.dtype),
                                     scale=hd**-0.5, backend=opts.backend)
-        gate = parts[5].reshape(L, B, T, nh, hd) if opts.use_gate else None
+        gate = gate_in.reshape(L, B, T, nh, hd) if gate_in is not None else None
         norm_w = torch.stack([m.o_norm.weight for m in mixers])
         o = _rmsnorm(o.reshape(L, B, T, nh, hd), norm_w, m0.o_norm.eps, gate)
     else:  # GLA
-        parts = _projections(mixers, _input_projections(m0), xf)
+        _, parts = _projections(mixers, _gemm_groups(m0)[0], xf)
         q, k, v = (heads(t) for t in parts[:3])
         w2, b2 = _stack_linear([m.gk_proj[1] for m in mixers])
         gk = torch.baddbmm(b2, parts[3], w2) if b2 is not None else torch.bmm(parts[3], w2)

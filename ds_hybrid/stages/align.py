@@ -11,7 +11,7 @@ The export (``<run>/align/hf``) is the all-linear hybrid: the teacher's weights 
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import torch
@@ -22,14 +22,16 @@ from ds_hybrid.hf_io import SafetensorsReader, export_hf
 from ds_hybrid.losses import align_loss, align_losses
 from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
-from ds_hybrid.modeling.stacked import (cat_options_from_env, pass_elements_from_env, stacked_forward,
-                                        supports_stacked)
+from ds_hybrid.modeling.stacked import (layout_from_env, pass_elements_from_env, stacked_choice_from_env,
+                                        stacked_forward, supports_stacked)
 from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
 from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
+
+log = logging.getLogger("ds_hybrid")
 
 
 class MixerStack(nn.Module):
@@ -44,23 +46,15 @@ class MixerStack(nn.Module):
         self.mixers = nn.ModuleList(mixers)
         self.stacked = False
         self.pass_elements: int | None = None  # the stacked pass's row groups (stacked.pass_elements_from_env)
+        self.layout = "split"  # its GEMMs of GDN's input projections (stacked.layout_from_env)
 
     def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         if self.stacked:
-            out = stacked_forward(list(self.mixers), torch.stack(inputs), check=False, max_elements=self.pass_elements)
+            out = stacked_forward(list(self.mixers), torch.stack(inputs), check=False, max_elements=self.pass_elements,
+                                  layout=self.layout)
             return align_losses(out, torch.stack(targets))
         losses = [align_loss(m(hidden_states=x)[0], t) for m, x, t in zip(self.mixers, inputs, targets)]
         return torch.stack(losses)
-
-
-def compile_stack(stack: MixerStack) -> None:
-    """``compile``: one graph around the stacked pass (the fla call is a graph break) and the loss, with
-    ``DS_HYBRID_ALIGN_CAT``'s Inductor options (:func:`~ds_hybrid.modeling.stacked.cat_options_from_env`); without
-    the stacked pass, each mixer on its own."""
-    if stack.stacked:
-        stack.compile(**compile_options(cat_options_from_env()))
-    else:
-        compile_blocks(stack.mixers)
 
 
 class AlignStage(Stage):
@@ -84,11 +78,16 @@ class AlignStage(Stage):
         if zero_stage(ds) != 3:
             stack = stack.to(device=ctx.device, dtype=ctx.dtype)
         # the stacked pass pays on GPUs (fewer, larger kernels); on CPU the per-mixer loop is faster
-        mode = os.environ.get("DS_HYBRID_ALIGN_STACKED", "auto")
+        mode = stacked_choice_from_env()
         stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))
-        stack.pass_elements = pass_elements_from_env()
+        stack.pass_elements, stack.layout = pass_elements_from_env(), layout_from_env()
+        log.info("align: %d mixers %s", len(mixers), f"in one stacked pass (layout {stack.layout}, row limit "
+                 f"{stack.pass_elements})" if stack.stacked else "one by one")
         if wants_compile(ctx.s, ds):
-            compile_stack(stack)
+            if stack.stacked:  # one graph around the stacked pass (the fla call is a graph break) and the loss
+                stack.compile(**compile_options())
+            else:
+                compile_blocks(stack.mixers)
         if wants_compile(ctx.s, ctx.ds_config(train=False)):
             compile_blocks(self.teacher.module.teacher.model.layers)
         self.engine = student_engine(stack, ds, ctx.s, ctx.total_steps)

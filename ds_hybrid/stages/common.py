@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -219,25 +219,17 @@ def compile_backend() -> str:
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def compile_options(inductor: Mapping[str, object] | None = None) -> dict:
+def compile_options() -> dict:
     """torch.compile arguments of the training stages: ``DS_HYBRID_COMPILE_BACKEND`` (default inductor; tests use
     aot_eager on CPU) and ``DS_HYBRID_COMPILE_MODE`` (default; ``max-autotune-no-cudagraphs`` lets Inductor time
-    Triton GEMM templates with fused epilogues against cuBLAS: minutes more compiling, for throughput experiments).
-    ``inductor``: Inductor config options for this compile only (torch.compile takes a mode or options, not both:
-    with options, the mode's own options are merged in); ignored by other backends."""
+    Triton GEMM templates with fused epilogues against cuBLAS: minutes more compiling, for throughput experiments)."""
     import os
 
     mode = os.environ.get("DS_HYBRID_COMPILE_MODE", "default")
     if mode not in COMPILE_MODES:
         raise ConfigError("DS_HYBRID_COMPILE_MODE", mode, f"choose one of {', '.join(COMPILE_MODES)}")
     options: dict = {"backend": compile_backend(), "dynamic": False}
-    if options["backend"] != "inductor":
-        return options
-    if inductor:
-        from torch._inductor import list_mode_options
-
-        options["options"] = {**list_mode_options(mode), **inductor}
-    elif mode != "default":
+    if mode != "default" and options["backend"] == "inductor":
         options["mode"] = mode
     return options
 

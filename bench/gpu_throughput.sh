@@ -56,21 +56,22 @@ case "${1:-main}" in
     CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_old_2gpu $OLD kl 6
     ;;
   explore)  # one GPU, issue 14's open targets: the defaults against knobs, cheapest first, so that a lease cut short
-             # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; 7 cases, ~12 minutes (an
+             # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; 8 cases, ~14 minutes (an
              # estimate; + ~8 for `autotune`). Measured so far: a/b GEMM +3.8 % (2026-12-03c), teacher overlap +0.4 %
              # (12-03c) and +1.2 % (12-04e), align's row groups +0.3 % (12-03d), kl's 4096-token chunk +0.6 %
              # (12-03d) and +1.3 % (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +2.4 %
              # (12-03b) and +1.0 % (12-03c). Now: align's split layout (the default since 2026-12-04: GDN's q|k|v
              # block through one SiLU, a/b in a GEMM of their own) against the one-GEMM layout whose backward
-             # concatenation evaluated six gradient expressions an element (32-35 ms of a 150 ms step); kl's
-             # defaults with every record's CUDA-event spans and sync sites, and with
-             # DS_HYBRID_OPTIMIZER_STEP=sync_free (no host read in the optimizer step); kl's per-run knobs together,
-             # without and with it; align's row groups; then (`autotune`) kl's knobs with max-autotune.
+             # concatenation evaluated six gradient expressions an element (32-35 ms of a 150 ms step), and with
+             # DS_HYBRID_OPTIMIZER_STEP=sync_free (no host read in the optimizer step); kl's defaults with every
+             # record's CUDA-event spans and sync sites, and with sync_free; kl's per-run knobs together, without and
+             # with it; align's row groups; then (`autotune`) kl's knobs with max-autotune.
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
     DS_HYBRID_ALIGN_LAYOUT=one_gemm case1 0 align_onegemm_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 align_syncfree_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096 \

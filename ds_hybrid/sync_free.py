@@ -3,9 +3,9 @@
 DeepSpeed 0.19's ``BF16_Optimizer.step`` (what ``ds_configs/student_zero1.json`` selects: ZeRO-1, bf16, fp32
 gradient accumulation) reads the gradient norm on the host twice a step: ``is_invalid_grad_norm`` (a non-finite norm
 skips the step) and ``clip_coef < 1`` (clip or not). The first read waits for the whole backward; the GPU then idles
-while the host launches the rest of the step, the stage's metrics and the next step's first kernels. This step
-computes the same norm on the device (a foreach norm over the flat fp32 gradient buffers, which hold every
-parameter's gradient, zeros elsewhere, instead of one norm per parameter), always scales the gradients by
+while the host launches the rest of the optimizer step. This step computes the same norm on the device (a foreach
+norm over the flat fp32 gradient buffers, which hold every parameter's gradient, zeros elsewhere, instead of one norm
+per parameter), always scales the rank's partition of the gradients (what its optimizer steps) by
 min(1, clip / (norm + 1e-6)) (exactly 1 where DeepSpeed would not clip), and runs the rest of DeepSpeed's step as it
 is: the host reads nothing, and goes on queueing work.
 
@@ -86,16 +86,19 @@ def sync_free_step(self, closure=None) -> None:
 
 
 def apply_step_choice(engine, choice: str) -> bool:
-    """``sync_free``: replace the engine's optimizer step (this instance only) where :func:`supports_sync_free`;
-    otherwise DeepSpeed's step stays, said in the log. Returns whether the step was replaced."""
+    """``sync_free``: replace the engine's optimizer step (this instance only); a ConfigError where
+    :func:`supports_sync_free` says no. Returns whether the step was replaced."""
     if choice != "sync_free":
         return False
     opt = engine.optimizer
     if not supports_sync_free(opt):
-        log.warning("DS_HYBRID_OPTIMIZER_STEP=sync_free needs DeepSpeed's BF16_Optimizer (ds_configs/student_zero1"
-                    ".json: ZeRO-1, bf16, fp32 gradient accumulation; no MoE or model parallelism); this engine's "
-                    "optimizer is %s: DeepSpeed's own step runs", type(opt).__name__)
-        return False
+        import deepspeed
+
+        raise ConfigError("DS_HYBRID_OPTIMIZER_STEP", choice,
+                          f"sync_free reproduces DeepSpeed {DEEPSPEED_VERSION}'s BF16_Optimizer step (ZeRO-1, bf16, "
+                          f"fp32 gradient accumulation: ds_configs/student_zero1.json; no MoE or model parallelism); "
+                          f"this engine's optimizer is {type(opt).__name__} under DeepSpeed {deepspeed.__version__}: "
+                          f"unset the variable or use that config")
     opt.step = types.MethodType(sync_free_step, opt)
     log.info("DS_HYBRID_OPTIMIZER_STEP=sync_free: the optimizer step reads nothing on the host")
     return True

@@ -637,6 +637,17 @@ def test_sync_free_optimizer_step_equals_deepspeeds_and_reads_nothing(tmp_path):
     assert sf["weights"] != ds["weights"]  # DeepSpeed skipped the step, this one ran AdamW on zero gradients
 
 
+def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():
+    from types import SimpleNamespace
+
+    from ds_hybrid import sync_free
+
+    engine = SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))
+    assert sync_free.apply_step_choice(engine, "deepspeed") is False
+    with pytest.raises(ConfigError, match=r"DS_HYBRID_OPTIMIZER_STEP.*student_zero1.*optimizer is AdamW"):
+        sync_free.apply_step_choice(engine, "sync_free")
+
+
 def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
     """The knob reaches stage kl's engine (ZeRO-1, bf16): the run says so and its losses equal the default's bit for
     bit (the tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""

@@ -298,6 +298,7 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
                 i -= 1
         by_phase[phase] += dur
     per = max(steps, 1)
+    launched = kernel_ops(ev)
     return {
         "kernel_ms_per_step_by_phase": {k: round(v / per, 3) for k, v in sorted(by_phase.items())},
         "kernel_ms_per_step_by_category": {k: round(v / per, 3) for k, v in sorted(by_cat.items(), key=lambda x: -x[1])},
@@ -309,8 +310,8 @@ def analyse_trace(trace_path: Path, steps: int) -> dict:
         "blocking_memcpy_ms_per_step": round(memcpy_blocking["host_ms"] / per, 3),
         "gpu_span_ms_per_step": round(((gpu_last or 0) - (gpu_first or 0)) / 1e3 / per, 3),
         "top_kernels_ms_per_step": {k: round(v / per, 3) for k, v in sorted(top.items(), key=lambda x: -x[1])[:30]},
-        "matmuls_by_shape": matmuls_by_shape(ev, steps),
-        "top_kernels_by_launching_op": kernels_by_launching_op(ev, steps),
+        "matmuls_by_shape": matmuls_by_shape(launched, steps),
+        "top_kernels_by_launching_op": kernels_by_launching_op(launched, steps),
     }
 
 
@@ -330,22 +331,21 @@ def matmul_flops(op: str, dims: list) -> float | None:
         return None
 
 
-def matmuls_by_shape(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
+def matmuls_by_shape(launched: list[tuple[dict, dict | None, object]], steps: int, top: int = 30) -> list[dict]:
     """GPU time per step of every matmul by operator and input shapes (the profiler's ``record_shapes``): each kernel
     charged to the leaf matmul operator that launched it (:func:`innermost_ops`; cuBLAS's split-K reductions
     included), with its TFLOP/s. Shows which GEMMs run below the GPU's rate, e.g. the loss's [chunk x hidden] x
-    [hidden x vocab] logits or a mixer's narrow projections. Empty without shapes."""
-    find = innermost_ops(ev)
+    [hidden x vocab] logits or a mixer's narrow projections. ``launched``: :func:`kernel_ops`. Empty without
+    shapes."""
     ms: dict[tuple[str, str], float] = defaultdict(float)
     calls: dict[tuple[str, str], set] = defaultdict(set)
-    for e, at in _launched(ev):
-        op = find(*at) if at is not None else None
+    for e, op, tid in launched:
         dims = op.get("args", {}).get("Input Dims") if op else None
         if op is None or op.get("name") not in MATMUL_OPS or dims is None:
             continue
         key = (op["name"], json.dumps(dims))
         ms[key] += e.get("dur", 0) / 1e3
-        calls[key].add((at[0], op["ts"]))
+        calls[key].add((tid, op["ts"]))
     per = max(steps, 1)
     rows = []
     for key, total in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
@@ -357,17 +357,22 @@ def matmuls_by_shape(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
     return rows
 
 
-def _launched(ev: list[dict]):
-    """(kernel event, (host thread, launch timestamp) or None) for every kernel of a trace."""
+def kernel_ops(ev: list[dict]) -> list[tuple[dict, dict | None, object]]:
+    """(kernel event, the operator that launched it or None, the launching host thread) for every kernel of a trace:
+    the innermost ``cpu_op`` on that thread whose range holds the launch (:func:`innermost_ops`)."""
+    find = innermost_ops(ev)
     launch = {}
     for e in ev:
         if e.get("cat") in ("cuda_runtime", "cuda_driver"):
             corr = e.get("args", {}).get("correlation")
             if corr is not None:
                 launch[corr] = (e.get("tid"), e["ts"])
+    out = []
     for e in ev:
         if e.get("cat") == "kernel":
-            yield e, launch.get(e.get("args", {}).get("correlation"))
+            at = launch.get(e.get("args", {}).get("correlation"))
+            out.append((e, find(*at) if at is not None else None, at[0] if at is not None else None))
+    return out
 
 
 def innermost_ops(ev: list[dict]):
@@ -403,14 +408,14 @@ def innermost_ops(ev: list[dict]):
     return find
 
 
-def kernels_by_launching_op(ev: list[dict], steps: int, top: int = 30) -> list[dict]:
-    """The longest kernels (by name, ms per step) with the operator that launched them (:func:`innermost_ops`) and
-    its input shapes: names a kernel's source where its own name does not (a cuBLAS tile, a fill, a copy)."""
-    find = innermost_ops(ev)
+def kernels_by_launching_op(launched: list[tuple[dict, dict | None, object]], steps: int,
+                            top: int = 30) -> list[dict]:
+    """The longest kernels (by name, ms per step) with the operator that launched them (``launched``:
+    :func:`kernel_ops`) and its input shapes: names a kernel's source where its own name does not (a cuBLAS tile, a
+    fill, a copy)."""
     ms: dict[tuple[str, str, str], float] = defaultdict(float)
     n: dict[tuple[str, str, str], int] = defaultdict(int)
-    for e, at in _launched(ev):
-        op = find(*at) if at is not None else None
+    for e, op, _ in launched:
         key = (e.get("name", "")[:90], op["name"] if op else "-",
                json.dumps(op.get("args", {}).get("Input Dims")) if op else "null")
         ms[key] += e.get("dur", 0) / 1e3

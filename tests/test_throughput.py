@@ -557,7 +557,7 @@ def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
     go to the leaf matmul op whose host range holds their launch, on the launching thread; FLOPs from the shapes."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from train_throughput import matmul_flops, matmuls_by_shape
+        from train_throughput import kernel_ops, matmul_flops, matmuls_by_shape
     finally:
         sys.path.pop(0)
 
@@ -578,7 +578,7 @@ def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
           op("aten::addmm_", 2, 100, 50, dw), op("aten::addmm_", 2, 500, 50, dw), launch(2, 120, 4),
           launch(2, 520, 5), kernel(4, 2000), kernel(5, 2000),
           launch(1, 700, 6), kernel(6, 5000)]  # launched outside any matmul: not charged
-    rows = matmuls_by_shape(ev, steps=2)
+    rows = matmuls_by_shape(kernel_ops(ev), steps=2)
     assert [(r["op"], r["ms_per_step"], r["calls_per_step"]) for r in rows] == [
         ("aten::addmm_", 2.0, 1.0), ("aten::mm", 1.0, 1.0)]
     assert rows[1]["input_dims"] == logits
@@ -589,7 +589,7 @@ def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
     assert matmul_flops("aten::addmm", [[64], [8, 32], [32, 64], [], []]) == 2.0 * 8 * 32 * 64  # a 1-D bias first
     assert matmul_flops("aten::addmm", [[64], [8, 32], [32, 64], [], [], [8, 64]]) == 2.0 * 8 * 32 * 64  # out=
     assert matmul_flops("aten::mm", [[8, 32]]) is None
-    assert matmuls_by_shape([kernel(1, 5)], steps=1) == []  # no shapes recorded: nothing
+    assert matmuls_by_shape(kernel_ops([kernel(1, 5)]), steps=1) == []  # no shapes recorded: nothing
 
 
 def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
@@ -597,7 +597,7 @@ def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
     sibling ended is the enclosing op's, a launch outside every op is '-'."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from train_throughput import kernels_by_launching_op
+        from train_throughput import kernel_ops, kernels_by_launching_op
     finally:
         sys.path.pop(0)
 
@@ -607,11 +607,13 @@ def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
     ev = [op("aten::zeros", 0, 100, [[4, 8]]), op("aten::zero_", 10, 80, [[4, 8]]), op("aten::fill_", 20, 60, [[4, 8]]),
           op("MyBlock", 200, 500), op("aten::mul", 210, 10, [[4], [4]]), op("aten::add", 230, 10, [[4], [4]])]
     for corr, ts in ((1, 50), (2, 300), (3, 900), (4, 215)):
-        ev.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 7, "ts": ts, "args": {"correlation": corr}})
+        ev.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 7, "ts": ts,
+                   "args": {"correlation": corr}})
     ev += [{"cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"correlation": corr}}
            for corr, name, dur in ((1, "FillFunctor", 3000), (2, "triton_poi_fused", 2000), (3, "stray", 1000),
                                    (4, "mul_kernel", 500))]
-    rows = {r["kernel"]: (r["op"], r["input_dims"], r["ms_per_step"]) for r in kernels_by_launching_op(ev, steps=1)}
+    rows = {r["kernel"]: (r["op"], r["input_dims"], r["ms_per_step"])
+            for r in kernels_by_launching_op(kernel_ops(ev), steps=1)}
     assert rows == {"FillFunctor": ("aten::fill_", [[4, 8]], 3.0), "triton_poi_fused": ("MyBlock", None, 2.0),
                     "stray": ("-", None, 1.0), "mul_kernel": ("aten::mul", [[4], [4]], 0.5)}
 
@@ -679,7 +681,8 @@ def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monk
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
                        align={"seq_len": 64, "tokens": 64 * 4 * 3, "global_batch": 4, "micro_batch": 4,
                               "ckpt_every": 0, "export": False, "eval_sequences": 2,
-                              "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
+                              "ds_config": "ds_configs/student_zero1.json",
+                              "teacher_ds_config": "ds_configs/single.json"})
     losses = {}
     for stacked_mode, layout in (("0", "split"), ("1", "one_gemm"), ("1", "split")):
         monkeypatch.setenv("DS_HYBRID_ALIGN_STACKED", stacked_mode)

@@ -457,7 +457,7 @@ def test_unpacked_rows_forwards_read_nothing_on_the_host(family, monkeypatch):
 def test_kernel_categories_file_cudnn_attention_as_attention():
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from train_throughput import kernel_category
+        from trace_analysis import kernel_category
     finally:
         sys.path.pop(0)
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64") == "attention"
@@ -553,11 +553,11 @@ def test_sync_sites_charge_each_host_read_to_its_caller_and_phase():
 
 
 def test_matmuls_by_shape_charge_kernels_to_the_op_that_launched_them():
-    """bench/train_throughput.py's matmul breakdown on a synthetic trace: kernels (a GEMM and its split-K reduction)
+    """bench/trace_analysis.py's matmul breakdown on a synthetic trace: kernels (a GEMM and its split-K reduction)
     go to the leaf matmul op whose host range holds their launch, on the launching thread; FLOPs from the shapes."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from train_throughput import kernel_ops, matmul_flops, matmuls_by_shape
+        from trace_analysis import kernel_ops, matmul_flops, matmuls_by_shape
     finally:
         sys.path.pop(0)
 
@@ -597,7 +597,7 @@ def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
     sibling ended is the enclosing op's, a launch outside every op is '-'."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from train_throughput import kernel_ops, kernels_by_launching_op
+        from trace_analysis import kernel_ops, kernels_by_launching_op
     finally:
         sys.path.pop(0)
 

@@ -54,6 +54,20 @@ def tiny_teacher(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+@torch.no_grad()
+def greedy_by_reforward(model, ids: torch.Tensor, n: int, never: int | list[int] | None = None) -> torch.Tensor:
+    """Greedy decoding by a full forward per token (no cache), the ``never`` ids (e.g. a generation config's
+    ``eos_token_id``) excluded: what a cached ``generate(do_sample=False, min_new_tokens=n)`` must equal."""
+    never = [] if never is None else [never] if isinstance(never, int) else list(never)
+    seq = ids
+    for _ in range(n):
+        logits = model(seq, use_cache=False).logits[:, -1].float()
+        if never:
+            logits[:, list(never)] = float("-inf")
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

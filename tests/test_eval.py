@@ -1,5 +1,6 @@
-"""Evaluation on CPU: RULER tasks build offline and score in [0, 1]; SWDE/FDA from local files with an oracle and
-a mute model; the real SmolLM2 teacher finds a needle at 1024 tokens; the inference benchmark reports both models."""
+"""Evaluation on CPU: RULER tasks build offline, hold their answers, and score an oracle 1 and a mute model 0;
+SWDE/FDA from local files with an oracle and a mute model; the real SmolLM2 teacher finds a needle at 1024 tokens; the
+inference benchmark reports both models."""
 
 from __future__ import annotations
 
@@ -51,15 +52,38 @@ def tiny(tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d), str(d)
 
 
-def test_every_ruler_task_builds_offline_and_scores_in_unit_interval(tiny):
+class OracleLM(FixedLM):
+    """Answers every request with its document's expected outputs; records whether the prompt holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer_in_prompt: list[tuple[str, bool]] = []
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        for r in requests:
+            self.answer_in_prompt.append((r.task_name, all(o in r.args[0] for o in r.doc["outputs"])))
+        return [" " + ", ".join(r.doc["outputs"]) + "." for r in requests]
+
+
+def test_every_ruler_task_builds_offline_and_scores_an_oracle_one_and_a_mute_model_zero(tiny):
+    """Every task of the recall suite (RULER's and the essay haystacks) builds offline; each prompt holds its answers
+    (the needles, the variables, the frequent words); an oracle scores 1, a model that answers nothing useful 0, and
+    a real HF model runs through lm-eval's HFLM to a score in [0, 1]."""
     from lm_eval.models.huggingface import HFLM
 
     from ds_hybrid.evaluation.haystack import haystack_words
 
     model, tok, path = tiny
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=1024, device="cpu")
     tasks = recall.SUITES["recall"]
     specs = recall.ruler_configs(tasks, [1024], path, haystack_words(), limit=2)
+    oracle = OracleLM()
+    scores = recall.scores_from(recall.run_tasks(oracle, specs, None), [1024])
+    assert scores == {t: {"1024": 1.0} for t in tasks}
+    assert sorted({t for t, _ in oracle.answer_in_prompt}) == sorted(tasks)
+    assert all(ok for _, ok in oracle.answer_in_prompt), oracle.answer_in_prompt
+    mute = recall.scores_from(recall.run_tasks(FixedLM(constant=" I do not know."), specs, None), [1024])
+    assert mute == {t: {"1024": 0.0} for t in tasks}
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, max_length=1024, device="cpu")
     scores = recall.scores_from(recall.run_tasks(lm, specs, None), [1024])
     assert set(scores) == set(tasks)
     for t in tasks:

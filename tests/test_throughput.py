@@ -370,7 +370,6 @@ def test_train_throughput_bench_measures_every_phase(tmp_path, monkeypatch):
     assert student_mm > 6 * teacher_mm  # the mixers carry full-width k/v and gates: more than the teacher
     rep = run([sys.executable, "bench/train_throughput.py", "report", str(out), "--out", str(tmp_path / "rep")])
     assert rep.returncode == 0 and "| kl_cpu | kl | 1 |" in rep.stdout, tail(rep)
-    assert (REPO / "bench" / "train_throughput.py").is_file()
 
 
 def test_teacher_overlap_gives_the_same_losses(tmp_path):

@@ -154,9 +154,16 @@ def test_sigterm_checkpoints_and_exits_then_resumes(pipeline, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     ckpts = sorted((run_dir / "checkpoints").glob("step*/COMPLETE"))
     assert len(ckpts) == 1 and not (run_dir / "DONE").exists()  # a checkpoint though ckpt_every=100
+    saved = int(ckpts[0].parent.name.removeprefix("step"))
     p = train("kl", cfg, nproc=1)
     assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
+    assert f"resumed kl from step {saved}" in p.stdout, tail(p)
+    # the rerun starts after the checkpoint: steps up to it are logged once (by the interrupted run), none is redone
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    assert all(logged.count(s) == 1 for s in range(1, saved + 1)), logged
     resumed, ref = metrics(run_dir), metrics(pipeline["out"] / "kl")
+    assert sorted(resumed) == sorted(ref)
     for step in ref:  # one process here, two ranks in the reference: equal up to fp32 reduction order
         assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
 

@@ -49,6 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     MixerOptions.from_dict({"use_short_conv": args.short_conv}, "--short-conv")
     import torch
 
+    from ds_hybrid.distributed import parse_device
+
     parse_device(args.device)  # checked before the teacher is read
 
     # fp32 by default (exact transfer); bf16 halves host memory and disk for large teachers (8B: 16 GB vs 32 GB)
@@ -64,32 +66,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_device(name: str):
-    """--device: a torch.device that exists here, or a ConfigError naming the option (before any model is read)."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("--device", name, "give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", name, "no CUDA device here; use --device cpu")
-    return device
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ds_hybrid  # noqa: F401  (registers the model type)
+    from ds_hybrid.distributed import parse_device
 
     device = parse_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: add --device cuda, or drop --cuda-graphs")
     if args.compile and not args.cuda_graphs:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", args.max_new_tokens, "generate at least 1 token")
+    from ds_hybrid.teacher import resolve_teacher
+
+    path = resolve_teacher(args.model, "--model")  # a folder, 'embedded', or a hub id where the hub is reachable
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError("--model", args.model, f"no model there ({str(e).splitlines()[0][:200]}); give an HF model "
+                                                 "folder (a stage's hf/ export) or 'embedded'") from None
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     if args.fuse_projections:
         if hasattr(model, "fuse_input_projections"):
             model.fuse_input_projections()

@@ -86,7 +86,7 @@ class StageConfig:
     compile: bool | Literal["auto"] = "auto"
     # kl: run the next step's teacher forward on a second CUDA stream as soon as this step's backward has run, so
     # that the GPU computes it while the host runs DeepSpeed's optimizer step (which waits on the GPU and then leaves
-    # it idle, ~40 ms of a 580 ms SmolLM2 step: docs/BENCHMARKS.md). Same losses; not with a ZeRO-3 teacher. On CPU
+    # it idle, ~40 ms of a 580 ms SmolLM2 step: docs/BENCHMARKS.md). Same losses; refused with a ZeRO-3 teacher. On CPU
     # the same work runs in order (what the tests check)
     teacher_overlap: bool = False
     log_every: int = 10
@@ -178,7 +178,7 @@ class RunConfig:
 
     def stage(self, name: str) -> StageConfig:
         if name not in TRAIN_STAGES:
-            raise ConfigError("--stage", name, f"choose one of {STAGES}")
+            raise ConfigError("--stage", name, f"choose one of the training stages {TRAIN_STAGES}")
         return getattr(self, name)
 
     def stage_dir(self, name: str) -> Path:
@@ -272,13 +272,27 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what and where (line and column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:  # (e.g. a ReaderError: a character YAML does not take; its text says where)
+        return str(e).replace("\n", " ")
+    return f"{getattr(e, 'problem', None) or e} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError("override", item, "write overrides as key=value, e.g. kl.tokens=2000000")
         key, raw = item.split("=", 1)
-        _set_path(out, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(key.strip(), raw, f"not a YAML value ({_yaml_problem(e)}); close its brackets or "
+                              "braces, e.g. 'key=[1, 2]', or quote text for YAML inside the shell's quotes, e.g. "
+                              "\"key='[1'\"") from None
+        _set_path(out, key.strip(), value)
     return out
 
 
@@ -302,7 +316,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError("--config", str(path), "no such file; give the path of a run YAML (see runs/)")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", str(path), f"not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError("--config", str(path), "the YAML must be a mapping of settings")
     data = _merge(data, parse_overrides(overrides or []))
@@ -362,27 +379,64 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("data.num_proc", cfg.data.num_proc, "use 1 or more tokenizer processes")
     if cfg.data.val_tokens < 1:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
+    if cfg.data.max_documents is not None and cfg.data.max_documents < 1:
+        raise ConfigError("data.max_documents", cfg.data.max_documents, "a cap of 1 or more documents, or null for all")
+    if cfg.dist_timeout_minutes <= 0:
+        raise ConfigError("dist_timeout_minutes", cfg.dist_timeout_minutes,
+                          "minutes a rank may wait in a collective before the job ends: a positive number (e.g. 30)")
+    for f in ("eval_sequences", "window"):
+        if getattr(cfg.select, f) < 1:
+            raise ConfigError(f"select.{f}", getattr(cfg.select, f), "must be a positive integer")
+    if cfg.select.recall_sequences < 0:
+        raise ConfigError("select.recall_sequences", cfg.select.recall_sequences, "needle rows: 0 (none) or more")
+    if cfg.select.ar_prompts < 1:
+        raise ConfigError("select.ar_prompts", cfg.select.ar_prompts, "prompts per layer: 1 or more (e.g. 32)")
+    if cfg.select.ar_pairs < 3:
+        raise ConfigError("select.ar_pairs", cfg.select.ar_pairs,
+                          "key-value pairs per prompt: 3 or more (a prompt asks for 3 of them; e.g. 50)")
     for name in TRAIN_STAGES:
-        s: StageConfig = getattr(cfg, name)
-        for f in ("seq_len", "global_batch", "micro_batch", "log_every", "loss_chunk_tokens"):
-            if f == "micro_batch" and s.micro_batch == "auto":
-                continue
-            if getattr(s, f) < 1:
-                raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
-        if s.ckpt_every < 0:
-            raise ConfigError(f"{name}.ckpt_every", s.ckpt_every, "a step count (0: no checkpoints at all)")
-        for f in ("tokens", "lr", "lr_rest", "clip"):
-            if getattr(s, f) < 0:
-                raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
-        if s.eval_recall < 0:
-            raise ConfigError(f"{name}.eval_recall", s.eval_recall, "a number of held-out rows (0: no recall score)")
-        if s.eval_recall and s.seq_len < 128:
-            raise ConfigError(f"{name}.eval_recall", s.eval_recall, f"needle rows need seq_len >= 128 (this stage's "
-                              f"is {s.seq_len}): raise seq_len or set eval_recall: 0")
-        if s.temperature <= 0:
-            raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
-        if not 0 <= s.min_lr_ratio <= 1:
-            raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
+        check_stage(getattr(cfg, name), name)
+    if cfg.select.method in ("ga_s2", "halving"):  # its probes: short kl runs, settings of select.probe over kl's
+        check_stage(_build(StageConfig, dict(cfg.select.probe), "select.probe", StageConfig(**STAGE_DEFAULTS["kl"])),
+                    "select.probe")
+
+
+def check_stage(s: StageConfig, name: str) -> None:
+    """One stage section's values (``name``: align, kl, finetune or select.probe), each refused by its field."""
+    for f in ("seq_len", "global_batch", "micro_batch", "log_every", "loss_chunk_tokens"):
+        if f == "micro_batch" and s.micro_batch == "auto":
+            continue
+        if getattr(s, f) < 1:
+            raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a positive integer")
+    if s.ckpt_every < 0:
+        raise ConfigError(f"{name}.ckpt_every", s.ckpt_every, "a step count (0: no checkpoints at all)")
+    if s.eval_sequences < 1:
+        raise ConfigError(f"{name}.eval_sequences", s.eval_sequences,
+                          "held-out sequences scored at each evaluation: 1 or more (e.g. 16)")
+    for f in ("warmup_steps", "eval_every", "keep_checkpoints"):
+        if getattr(s, f) < 0:
+            raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
+    if len(s.betas) != 2 or not all(0 <= b < 1 for b in s.betas):
+        raise ConfigError(f"{name}.betas", list(s.betas), "AdamW's two betas, each in [0, 1), e.g. [0.9, 0.95]")
+    if not s.eps > 0:
+        raise ConfigError(f"{name}.eps", s.eps, "AdamW's epsilon must be positive (e.g. 1e-8)")
+    if not s.weight_decay >= 0:
+        raise ConfigError(f"{name}.weight_decay", s.weight_decay, "must not be negative (0: no decay)")
+    for f in ("tokens", "lr", "lr_rest", "clip"):
+        if getattr(s, f) < 0:
+            raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
+    if s.eval_recall < 0:
+        raise ConfigError(f"{name}.eval_recall", s.eval_recall, "a number of held-out rows (0: no recall score)")
+    if s.eval_recall and s.seq_len < 128:
+        raise ConfigError(f"{name}.eval_recall", s.eval_recall, f"needle rows need seq_len >= 128 (this stage's "
+                          f"is {s.seq_len}): raise seq_len or set eval_recall: 0")
+    if s.temperature <= 0:
+        raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
+    if s.teacher_overlap and name in ("align", "finetune"):
+        raise ConfigError(f"{name}.teacher_overlap", s.teacher_overlap, "applies to stage kl only (the teacher forward "
+                          f"of the next step); stage {name} has nothing to overlap: remove it")
 
 
 def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:

@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ds_hybrid.errors import ConfigError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -77,6 +79,17 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def parse_device(name: str) -> torch.device:
+    """--device: a torch.device that exists here, or a ConfigError naming the option (before any model is read)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("--device", name, "give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", name, "no CUDA device here; use --device cpu")
+    return device
 
 
 def device() -> torch.device:

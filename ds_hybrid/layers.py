@@ -125,6 +125,10 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
         return uniform_layers(num_layers, k)
     if isinstance(spec, dict) and "selection" in spec:
         return layers_from_selection(spec, num_layers, field)
+    if isinstance(spec, dict) and (set(spec) - {"uniform", "selection", "k", "ratio"}):
+        unknown = sorted(set(spec) - {"uniform", "selection", "k", "ratio"})
+        raise ConfigError(field, spec, f"unknown key(s) {unknown}: use a list of layer indices, {{uniform: <ratio or "
+                                       "K>}, or {selection: <path to selection.json>, ratio: <r> | k: <K>}")
     raise ConfigError(field, spec, "use a list of layer indices, {uniform: <ratio or K>}, or "
                                    "{selection: <path to selection.json>, ratio: <r> | k: <K>}")
 
@@ -142,10 +146,23 @@ def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_lay
     if sel["num_layers"] != num_layers:
         raise ConfigError(f"{field}.selection", spec["selection"],
                           f"ranks {sel['num_layers']} layers, the teacher has {num_layers}")
-    k = int(spec["k"]) if "k" in spec else k_for_ratio(float(spec["ratio"]), num_layers, f"{field}.ratio")
+    return selection_top_k(sel, selection_k(spec, num_layers, field), f"{field}.selection")
+
+
+def selection_k(spec: dict, num_layers: int, field: str = "softmax_layers") -> int:
+    """K of ``{selection: ..., k: K}`` or ``{selection: ..., ratio: r}`` (round-half-up of r x L), checked."""
+    if "k" in spec:
+        k = spec["k"]
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigError(f"{field}.k", k, "a whole number of softmax layers, e.g. k: 8 (or give ratio: 0.25)")
+    else:
+        r = spec["ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise ConfigError(f"{field}.ratio", r, "a fraction of the layers in [0, 1], e.g. ratio: 0.25")
+        k = k_for_ratio(float(r), num_layers, f"{field}.ratio")
     if not 0 <= k <= num_layers:
         raise ConfigError(f"{field}.k", k, f"choose between 0 and {num_layers}")
-    return selection_top_k(sel, k, f"{field}.selection")
+    return k
 
 
 def selection_top_k(sel: dict, k: int, field: str = "selection") -> list[int]:

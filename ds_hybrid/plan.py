@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ds_hybrid.config import RunConfig, load_config, resolve_path
+from ds_hybrid.config import TRAIN_STAGES, RunConfig, load_config, resolve_path
 from ds_hybrid.errors import ConfigError
 
 GIB = 2**30
@@ -261,15 +261,14 @@ def plan_for(cfg: RunConfig, stage: str, world: int, gpu_gib: float, teacher_con
 
 
 def _layers_or_uniform(cfg: RunConfig, L: int) -> list[int]:
-    from ds_hybrid.layers import k_for_ratio, resolve_softmax_layers, uniform_layers
+    from ds_hybrid.layers import resolve_softmax_layers, selection_k, uniform_layers
 
-    try:
-        return resolve_softmax_layers(cfg.softmax_layers, L)
-    except ConfigError:  # a selection not computed yet: plan with the same count, spaced uniformly
-        spec = cfg.softmax_layers
-        k = spec.get("k") if isinstance(spec, dict) else None
-        k = k if k is not None else k_for_ratio(float(spec.get("ratio", 0.25)) if isinstance(spec, dict) else 0.25, L)
-        return uniform_layers(L, int(k))
+    spec = cfg.softmax_layers
+    if (isinstance(spec, dict) and "selection" in spec and ("k" in spec) != ("ratio" in spec)
+            and not Path(str(spec["selection"])).expanduser().is_file()):
+        # a selection not computed yet: plan with as many layers, spaced uniformly (its k or ratio checked as in a run)
+        return uniform_layers(L, selection_k(spec, L))
+    return resolve_softmax_layers(spec, L)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype-bytes", type=int, default=2, help="bytes per parameter/activation (2: bf16)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.stage is not None and args.stage not in TRAIN_STAGES:
+        raise ConfigError("--stage", args.stage, f"choose one of the training stages {TRAIN_STAGES} (stage select's "
+                                                 "probes are kl runs: plan them with --stage kl and the probe's sizes)")
+    for name, v in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if v < 1:
+            raise ConfigError(name, v, "plan for at least 1")
+    if not args.gpu_gib > 0:
+        raise ConfigError("--gpu-gib", args.gpu_gib, "one GPU's memory in GiB, e.g. 80 (H100) or 141 (H200)")
+    if args.dtype_bytes not in (2, 4, 8):
+        raise ConfigError("--dtype-bytes", args.dtype_bytes, "2 (bf16, the GPU default), 4 (fp32) or 8 (fp64)")
     cfg = load_config(args.config, args.overrides)
     world = args.nodes * args.gpus_per_node
     for stage in [args.stage] if args.stage else ["align", "kl", "finetune"]:

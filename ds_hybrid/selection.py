@@ -127,7 +127,8 @@ def write_selection(path: str | Path, selection: dict[str, Any]) -> None:
 def read_selection(path: str | Path, field: str = "softmax_layers.selection") -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(field, str(path), "no such file; run stage select first (it writes <out_dir>/select/selection.json)")
+        raise ConfigError(field, str(path), "no such file; run stage select first (it writes "
+                                            "<out_dir>/select/<method>/selection.json)")
     try:
         sel = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -97,15 +97,25 @@ def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(field, spec, "this folder has no config.json; point at a HF model folder (save_pretrained output)")
         return str(path)
-    if spec.startswith((".", "/", "~")):
-        raise ConfigError(field, spec, "no such folder; give a local HF model folder, a hub id, or 'embedded'")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:  # a path, not a hub id ("org/name")
+        where = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise ConfigError(field, spec, f"no such folder{where}; give a local HF model folder, a hub id, or "
+                                       "'embedded'")
     return spec  # a hub id: works where the hub is reachable
 
 
 def load_teacher_config(spec: str | None, field: str = "teacher"):
     path = resolve_teacher(spec, field)
     check_no_remote_code(path, field)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if Path(path).is_dir():
+            raise ConfigError(field, spec, f"its config.json could not be read ({why})") from None
+        # not a local folder: tried as a hub id, which the hub did not give
+        raise ConfigError(field, spec, f"not a folder here (relative paths start at {Path.cwd()}) and not a model "
+                                       f"the hub gave ({why}); give a local HF model folder or 'embedded'") from None
     check_family(config, field)
     return config
 

@@ -31,16 +31,14 @@ from typing import Any
 import torch
 
 from ds_hybrid import distributed as D
-from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.modeling import stacked
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.stages.base import Stage, StageContext
-from ds_hybrid.stages.common import apply_sdpa_choice, compile_options
+from ds_hybrid.stages.common import check_env_knobs
 
 log = logging.getLogger("ds_hybrid")
 
@@ -214,13 +212,7 @@ def gather_param_report(runner) -> list[dict[str, int]]:
 def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
-    # throughput knobs read from the environment, checked before any model is built
-    sdpa, compile_opts = apply_sdpa_choice(), compile_options()
-    if sdpa != "auto" or "mode" in compile_opts:
-        log.info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa, compile_opts.get("mode", "default"))
-    for check in (stacked.stacked_choice_from_env, stacked.pass_elements_from_env, stacked.layout_from_env,
-                  sync_free.step_choice_from_env):  # (stage align's stacked pass: a typo is refused whatever the stage)
-        check()
+    check_env_knobs()
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
@@ -230,6 +222,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
     auto_micro = cfg.stage(stage).micro_batch == "auto"
     ctx = make_context(cfg, stage)
     s = ctx.s
+    runner = stage_class(stage)(ctx)
+    runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     torch.manual_seed(cfg.seed)
 
     streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier, need_tokens=s.tokens)
@@ -243,7 +237,6 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
 
     plan = stage_plan(ctx)
     log.info("%s", plan.table())
-    runner = stage_class(stage)(ctx)
     runner.setup()
     ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints, verify=s.ckpt_verify,
                         expected_bytes=plan.checkpoint_bytes)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import yaml
-from trainer_utils import make_tiny_teacher, run
+from trainer_utils import REPO, make_tiny_teacher, run
 
 from ds_hybrid.config import load_config, validate_for_launch
 from ds_hybrid.data import source_files
@@ -139,3 +140,214 @@ def test_train_script_reports_and_exits_2_before_building_anything(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "kl.tokens=100: gives zero optimizer steps" in p.stderr
     assert not out.exists()
+
+
+def test_malformed_yaml_names_the_file_or_the_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kl:\n  tokens: 1\n   lr: 2\n")
+    with pytest.raises(ConfigError, match=rf"^--config='{bad}': not valid YAML: .* at line 3"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^kl\.tokens='\[1': not a YAML value .*quote"):
+        load_config(None, ["kl.tokens=[1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("kl.betas=[0.9]", r"^kl\.betas=\[0\.9\]: AdamW's two betas"),
+    ("kl.betas=[0.9, 1.5]", r"^kl\.betas=\[0\.9, 1\.5\]: AdamW's two betas"),
+    ("align.eps=0", r"^align\.eps=0: AdamW's epsilon must be positive"),
+    ("kl.weight_decay=-0.1", r"^kl\.weight_decay=-0\.1: must not be negative"),
+    ("finetune.warmup_steps=-1", r"^finetune\.warmup_steps=-1: must not be negative"),
+    ("kl.eval_every=-5", r"^kl\.eval_every=-5: must not be negative"),
+    ("kl.keep_checkpoints=-1", r"^kl\.keep_checkpoints=-1: must not be negative"),
+    ("kl.eval_sequences=0", r"^kl\.eval_sequences=0: held-out sequences"),
+    ("kl.eval_sequences=-3", r"^kl\.eval_sequences=-3: held-out sequences"),
+    ("data.max_documents=0", r"^data\.max_documents=0: a cap of 1 or more"),
+    ("dist_timeout_minutes=0", r"^dist_timeout_minutes=0: minutes a rank may wait"),
+    ("select.eval_sequences=0", r"^select\.eval_sequences=0: must be a positive integer"),
+    ("select.window=0", r"^select\.window=0: must be a positive integer"),
+    ("select.recall_sequences=-1", r"^select\.recall_sequences=-1: needle rows: 0 \(none\) or more"),
+    ("select.ar_prompts=0", r"^select\.ar_prompts=0: prompts per layer"),
+    ("select.ar_pairs=2", r"^select\.ar_pairs=2: key-value pairs per prompt: 3 or more"),
+    ("select.probe={tokens: 1000, betas: [0.9]}", r"^select\.probe\.betas=\[0\.9\]: AdamW's two betas"),
+    ("select.probe={warmup_steps: -1}", r"^select\.probe\.warmup_steps=-1"),
+    ("select.probe={lr_mixer: 1}", r"^select\.probe\.lr_mixer=1: unknown setting"),
+    ("finetune.teacher_overlap=true", r"^finetune\.teacher_overlap=True: applies to stage kl only"),
+    ("align.teacher_overlap=true", r"^align\.teacher_overlap=True: applies to stage kl only"),
+])
+def test_optimizer_evaluation_and_job_settings_are_checked(override, message):
+    """Settings torch or the trainer would otherwise take until a model is built (a one-beta AdamW fails inside
+    torch; a negative eval_sequences meant "all held-out rows but N"; a zero timeout failed the first collective)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_selection_specs_take_whole_k_and_numeric_ratio(tmp_path):
+    from ds_hybrid.selection import make_selection, write_selection
+
+    path = tmp_path / "selection.json"
+    write_selection(path, make_selection("ga_s2", {0: 0.1, 1: 0.4, 2: 0.3, 3: 0.2}, False, 4))  # ranking 1, 2, 3, 0
+    assert resolve_softmax_layers({"selection": str(path), "k": 2}, 4) == [1, 2]
+    assert resolve_softmax_layers({"selection": str(path), "ratio": 0.25}, 4) == [1]
+    for spec, field in (({"k": 2.7}, "k"), ({"k": "abc"}, "k"), ({"k": True}, "k"), ({"ratio": "abc"}, "ratio")):
+        with pytest.raises(ConfigError, match=rf"^softmax_layers\.{field}="):
+            resolve_softmax_layers({"selection": str(path), **spec}, 4)
+    with pytest.raises(ConfigError, match=r"^softmax_layers=.*unknown key\(s\) \['foo'\]"):
+        resolve_softmax_layers({"uniform": 0.25, "foo": 1}, 4)
+    with pytest.raises(ConfigError, match=r"run stage select first \(it writes <out_dir>/select/<method>/selection"):
+        resolve_softmax_layers({"selection": str(tmp_path / "none.json"), "k": 1}, 4)
+
+
+def test_a_missing_teacher_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """A path-shaped teacher that does not exist is refused at once (relative ones too); an org/name that no folder
+    and no hub gives is refused naming the field, not with the hub client's traceback."""
+    from ds_hybrid.teacher import load_teacher_config, resolve_teacher
+
+    import ds_hybrid.teacher as teacher_module
+
+    monkeypatch.chdir(tmp_path)
+    for spec in ("models/qwen/7b", "./qwen", "C:\\models\\qwen"):
+        with pytest.raises(ConfigError, match=rf"^teacher=.*no such folder \(relative paths start at "
+                                              rf"{re.escape(str(tmp_path))}\)"):
+            resolve_teacher(spec)
+    with pytest.raises(ConfigError, match=r"^teacher='~/nope/x': no such folder; give a local HF model folder"):
+        resolve_teacher("~/nope/x")
+
+    def no_hub(*args, **kwargs):  # what transformers raises when neither a folder nor the hub has the model
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(teacher_module.AutoConfig, "from_pretrained", no_hub)
+    with pytest.raises(ConfigError, match=r"^teacher='nobody/nothing': not a folder here .* not a model the hub gave "
+                                          r"\(We couldn't connect"):
+        load_teacher_config("nobody/nothing")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^teacher='broken': its config.json could not be read"):
+        load_teacher_config("broken")
+
+
+def test_plan_refuses_an_empty_cluster_and_names_the_training_stages(monkeypatch):
+    from ds_hybrid.plan import main
+
+    monkeypatch.setattr("ds_hybrid.plan.plan_for", lambda *a, **k: pytest.fail("planned"))  # refused before
+    config = str(REPO / "runs" / "smollm2_quickstart.yaml")
+    for argv, message in ((["--nodes", "0"], r"^--nodes=0: plan for at least 1"),
+                          (["--gpus-per-node", "-1"], r"^--gpus-per-node=-1"),
+                          (["--gpu-gib", "0"], r"^--gpu-gib=0\.0: one GPU's memory"),
+                          (["--dtype-bytes", "3"], r"^--dtype-bytes=3: 2 \(bf16")):
+        with pytest.raises(ConfigError, match=message):
+            main(["--config", config, *argv])
+    with pytest.raises(ConfigError, match=r"^--stage='select': choose one of the training stages \('align', 'kl', "
+                                          r"'finetune'\)"):
+        main(["--config", config, "--stage", "select"])
+
+
+def in_this_process(monkeypatch) -> None:
+    """run_stage / run_select inside pytest's process: no process group (it would set RANK and MASTER_PORT for the
+    worker's later subprocesses) and pytest's log capture left in place."""
+    from ds_hybrid import distributed, trainer
+    from ds_hybrid.stages import select
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(select, "setup_logging", lambda *a, **k: None)
+
+
+def test_kl_stage_refusals_come_before_the_data_and_the_models(tmp_path, monkeypatch):
+    """The previous stage's missing export, the Triton kernel without a GPU (or its interpreter) and the teacher
+    overlap with a ZeRO-3 teacher: refused by run_stage before the corpus is tokenized or a model is built."""
+    from ds_hybrid import trainer
+    from ds_hybrid.stages import kl as kl_stage
+
+    in_this_process(monkeypatch)
+    teacher = make_tiny_teacher(tmp_path / "t")
+    monkeypatch.setattr(trainer, "prepare_streams", lambda *a, **k: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(kl_stage, "build_teacher_engine", lambda *a, **k: pytest.fail("the teacher was built"))
+    base = [f"teacher={teacher}", f"out_dir={tmp_path / 'out'}", "kl.tokens=64", "kl.seq_len=32", "kl.global_batch=2",
+            "kl.micro_batch=1", "kl.ds_config=ds_configs/single.json", "kl.teacher_ds_config=ds_configs/single.json"]
+    with pytest.raises(ConfigError, match=r"^kl\.init_from='.*/out/align/hf': no HF export there: run the previous"):
+        trainer.run_stage(load_config(None, base), "kl")
+    export = tmp_path / "export"
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.transfer import build_hybrid
+
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher), [], "gdn").save_pretrained(export)
+    base.append(f"kl.init_from={export}")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^kl\.kl_backend='triton': the Triton kernel needs a CUDA GPU"):
+        trainer.run_stage(load_config(None, [*base, "kl.kl_backend=triton"]), "kl")
+    with pytest.raises(ConfigError, match=r"^kl\.teacher_overlap=True: not with a ZeRO-3 teacher"):
+        trainer.run_stage(load_config(None, [*base, "kl.teacher_overlap=true",
+                                             "kl.teacher_ds_config=ds_configs/teacher_zero3.json"]), "kl")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernel on CPU: accepted (the tests' way)
+    with pytest.raises(pytest.fail.Exception, match="the corpus was read"):
+        trainer.run_stage(load_config(None, [*base, "kl.kl_backend=triton"]), "kl")
+
+
+def test_generate_eval_and_bench_infer_check_their_arguments_before_loading(tmp_path, capsys, monkeypatch):
+    """A missing model folder, a bad length list or count: exit 2 with the option named, before any model is read
+    (the loaders are made to fail if called)."""
+    import transformers
+
+    from ds_hybrid.cli import main
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    model = make_tiny_teacher(tmp_path / "m")
+    capsys.readouterr()  # (the save's progress bar)
+    cases = [
+        (["generate", "--model", str(tmp_path / "none"), "--prompt", "hi"], r"--model='.*none': no such folder"),
+        (["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "0"], r"--max-new-tokens=0"),
+        (["eval", "--model", str(tmp_path / "none"), "--teacher", "embedded"], r"--model='.*none': no such folder"),
+        (["eval", "--model", str(model), "--teacher", str(tmp_path / "t")], r"--teacher='.*t': no such folder"),
+        (["eval", "--model", str(tmp_path)], r"--model='.*': this folder has no config.json"),
+        (["eval", "--model", "nobody/nothing"], r"--model='nobody/nothing': not an HF model folder"),
+        (["eval", "--model", str(model), "--lengths", "2048,abc"], r"--lengths='2048,abc': give comma-separated"),
+        (["eval", "--model", str(model), "--lengths", "-5"], r"--lengths='-5'"),
+        (["eval", "--model", str(model), "--limit", "0"], r"--limit=0: must be a positive integer"),
+        (["bench-infer", "--model", str(model), "--contexts", "0"], r"--contexts='0'"),
+        (["bench-infer", "--model", str(model), "--decode-tokens", "0"], r"--decode-tokens=0"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(r"^ds-hybrid: error: " + message, err, re.M), (argv, err)
+
+
+def test_stage_select_checks_the_throughput_knobs(tmp_path, monkeypatch):
+    from ds_hybrid.stages.select import run_select
+
+    in_this_process(monkeypatch)
+    monkeypatch.setenv("DS_HYBRID_SDPA", "flashh")
+    with pytest.raises(ConfigError, match=r"^DS_HYBRID_SDPA='flashh': choose one of"):
+        run_select(load_config(None, [f"out_dir={tmp_path}", "select.method=uniform"]))
+
+
+def test_plan_takes_a_selection_not_made_yet_as_uniform_with_its_k(tmp_path):
+    """`ds-hybrid plan` before stage select: a missing selection plans its K layers spaced uniformly; a bad k or
+    ratio is refused as a run would refuse it (not planned as some other count)."""
+    from ds_hybrid.plan import _layers_or_uniform
+
+    missing = str(tmp_path / "select" / "ga_s2" / "selection.json")
+    assert _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, k: 4}}"]), 30) == [0, 7, 15, 22]
+    assert _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, ratio: 0.25}}"]), 30) == \
+        [0, 3, 7, 11, 15, 18, 22, 26]
+    for bad, field in (("k: 2.7", "k"), ("k: abc", "k"), ("ratio: 2", "ratio")):
+        with pytest.raises(ConfigError, match=rf"^softmax_layers\.{field}="):
+            _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, {bad}}}"]), 30)
+    with pytest.raises(ConfigError, match=r"^softmax_layers=.*write \{selection: <path>, k: <K>\}"):
+        _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}}}"]), 30)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_passes_the_checks(path):
+    """What the checks refuse, no shipped run config holds: each loads, and each stage it budgets passes the launch
+    checks on one GPU (its DeepSpeed files found, its batch split, its init_from a folder where one is named)."""
+    cfg = load_config(path)
+    for stage in ("align", "kl", "finetune"):
+        s = cfg.stage(stage)
+        if s.tokens and (s.init_from is None or s.init_from == "teacher"):
+            validate_for_launch(cfg, stage, 1)

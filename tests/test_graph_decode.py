@@ -289,7 +289,8 @@ def test_compiled_step_is_one_graph_and_decodes_the_same_tokens(teacher, kind, b
 def test_decode_ops_as_custom_ops_match_fp64_recurrences():
     """The custom ops a compiled step calls: their fake (shape) functions agree with the real outputs (opcheck), and
     the real outputs (CPU torch path) are the recurrences': GDN against an fp64 delta rule one token at a time (on
-    l2-normalised q and k, as the mixer's op normalises them), GLA against fla's naive recurrence."""
+    l2-normalised q and k, as the mixer's op normalises them), GLA against fla's naive recurrence (token by token, in
+    fp32)."""
     from fla.ops.gla.naive import naive_recurrent_gla
     from test_mixer_ops import gdn_fp64_recurrence
 

@@ -19,7 +19,41 @@ from ds_hybrid.errors import ConfigError
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from ds_hybrid.distributed import parse_device
+
+    return parse_device(name)
+
+
+def positive_ints(text: str, field: str) -> list[int]:
+    """'2048,4096' -> [2048, 4096], or a ConfigError naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(field, text, "give comma-separated positive integers, e.g. 2048,4096")
+    return values
+
+
+def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, str]:
+    """Every count positive and every model an HF folder ('embedded' and 'gemma3-270m' resolved), before the first
+    model is loaded: {name: its local folder}."""
+    for name in ("limit", "max_length", "heldout_sequences", "heldout_seq_len", "batch_size", "decode_tokens"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", v, "must be a positive integer")
+    return {name: model_folder(path, "--teacher" if name == "teacher" else "--model") for name, path in models.items()}
+
+
+def model_folder(spec: str, field: str = "--model") -> str:
+    """A model spec (a folder, 'embedded', 'gemma3-270m') -> its local HF folder, or a ConfigError naming ``field``."""
+    from ds_hybrid.teacher import resolve_teacher
+
+    local = resolve_teacher(spec, field)
+    if not (Path(local) / "config.json").is_file():
+        raise ConfigError(field, spec, "not an HF model folder (no config.json): give a stage's hf/ export, a "
+                                       "model folder, or 'embedded'")
+    return local
 
 
 def _dtype(name: str, dev: torch.device) -> torch.dtype:
@@ -44,9 +78,7 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
 def _tokenizer_and_path(path: str):
     from transformers import AutoTokenizer
 
-    from ds_hybrid.teacher import is_embedded, resolve_teacher
-
-    local = resolve_teacher(None) if is_embedded(path) else path
+    local = model_folder(path)
     return AutoTokenizer.from_pretrained(local), local
 
 
@@ -55,8 +87,6 @@ def load_model(path: str, dev: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     tok, local = _tokenizer_and_path(path)
-    if not (Path(local) / "config.json").is_file():
-        raise ConfigError("--model", path, "not an HF model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(dev).eval()
     return model, tok, local
 
@@ -73,11 +103,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     from ds_hybrid.evaluation import recall, report
     from ds_hybrid.monitor import versions
 
-    lengths = [int(x) for x in args.lengths.split(",") if x]
+    lengths = positive_ints(args.lengths, "--lengths")
     tasks = recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t]
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     models = parse_models(args.model, args.teacher)
+    folders = check_args(args, models)
     dev = _device(args.device)
     dtype = _dtype(args.dtype, dev)
     recall.prepare_offline()
@@ -90,13 +121,13 @@ def run_eval(args: argparse.Namespace) -> dict:
     scores, quality, info, truncated, counts = {}, {}, {}, {}, {}
     teacher_model = None
     if "teacher" in models and not args.no_quality:
-        teacher_model, _, _ = load_model(models["teacher"], dev, dtype)
-    rows = _heldout_rows(args, models) if not args.no_quality else []
+        teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
+    rows = _heldout_rows(args, folders) if not args.no_quality else []
     for name, path in models.items():
         if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
-            model, tok, local = teacher_model, *_tokenizer_and_path(path)
+            model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
         else:
-            model, tok, local = load_model(path, dev, dtype)
+            model, tok, local = load_model(folders[name], dev, dtype)
         info[name] = {"path": path, **describe(model)}
         # the evaluation length: --max-length, else the model's context; RULER's --lengths are separate
         max_length = args.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
@@ -155,10 +186,8 @@ def _heldout_rows(args, models) -> list[torch.Tensor]:
 
     from ds_hybrid.config import DataConfig
     from ds_hybrid.data import PackedSequences, prepare_streams
-    from ds_hybrid.teacher import is_embedded, resolve_teacher
 
-    first = next(iter(models.values()))
-    tok = AutoTokenizer.from_pretrained(resolve_teacher(None) if is_embedded(first) else first)
+    tok = AutoTokenizer.from_pretrained(next(iter(models.values())))  # (local folders: check_args)
     if args.data == "embedded":
         from ds_hybrid.corpus import held_out_documents
         from ds_hybrid.tokencache import token_dtype
@@ -181,8 +210,8 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     models = parse_models(args.model, args.teacher)
     dev = _device(args.device)
     dtype = _dtype(args.dtype, dev)
-    contexts = [int(x) for x in args.contexts.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
+    contexts = positive_ints(args.contexts, "--contexts")
+    batches = positive_ints(args.batches, "--batches")
     modes = ("eager",)
     if args.cuda_graphs:  # checked before any model is loaded
         if dev.type != "cuda":
@@ -192,9 +221,10 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
         modes = modes + (modes[-1] + "_fused",)
+    folders = check_args(args, models)
     loaded, info = {}, {}
-    for name, path in models.items():
-        m, _, _ = load_model(path, dev, dtype)
+    for name in models:
+        m, _, _ = load_model(folders[name], dev, dtype)
         loaded[name], info[name] = m, describe(m)
     rows = bench_pair(loaded, contexts, batches, args.decode_tokens, modes)
     payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),

@@ -63,6 +63,10 @@ class Stage:
         self.ctx = ctx
         self.engines = {}
 
+    def check(self) -> None:
+        """What the stage can refuse from config files alone, before the data is tokenized or a model is built
+        (the trainer calls it first; stages that need nothing more leave it empty)."""
+
     def setup(self) -> None:
         raise NotImplementedError
 

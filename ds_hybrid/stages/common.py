@@ -12,6 +12,7 @@ measures throughput itself, once per optimizer step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -291,3 +292,17 @@ def grad_norm_before_step(engine) -> float | None:
         return None
     sq = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+
+def check_env_knobs() -> None:
+    """The throughput knobs read from the environment (docs/TRAINING.md), checked before any model is built, whatever
+    the stage (a typo in stage align's knobs is refused in stage kl too; stage select's probes are kl runs)."""
+    from ds_hybrid.modeling import stacked
+
+    sdpa, compile_opts = apply_sdpa_choice(), compile_options()
+    if sdpa != "auto" or "mode" in compile_opts:
+        logging.getLogger("ds_hybrid").info("DS_HYBRID_SDPA=%s, torch.compile mode %s", sdpa,
+                                            compile_opts.get("mode", "default"))
+    for check in (stacked.stacked_choice_from_env, stacked.pass_elements_from_env, stacked.layout_from_env,
+                  sync_free.step_choice_from_env):
+        check()

@@ -16,6 +16,7 @@ The loss function is the chunked torch reference (:mod:`ds_hybrid.losses`) or th
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ds_hybrid import distributed as D
+from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import export_hf
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
@@ -91,11 +93,25 @@ class KLStage(Stage):
     def default_init(self) -> Path:
         return self.ctx.cfg.stage_dir("align") / "hf"
 
+    def check(self) -> None:
+        ctx, s = self.ctx, self.ctx.s
+        check_init_from(ctx, s.init_from or self.default_init(), f"{self.name}.init_from")
+        interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")  # (as Triton reads it)
+        if s.kl_backend == "triton" and not torch.cuda.is_available() and not interpreted:
+            raise ConfigError(f"{self.name}.kl_backend", s.kl_backend,
+                              "the Triton kernel needs a CUDA GPU and none is visible: use auto (the torch reference "
+                              "on CPU) or torch; TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, slowly")
+        if s.teacher_overlap and self.uses_teacher and zero_stage(ctx.ds_config(train=False)) == 3:
+            raise ConfigError(f"{self.name}.teacher_overlap", s.teacher_overlap,
+                              f"not with a ZeRO-3 teacher ({s.teacher_ds_config}: its parameter gathers run on "
+                              "DeepSpeed's own streams): set it false, or give the teacher a ZeRO-0 config "
+                              "(kl.teacher_ds_config: ds_configs/single.json) where it fits on one GPU")
+
     def setup(self) -> None:
         ctx = self.ctx
         s = ctx.s
         init_from = s.init_from or self.default_init()
-        check_init_from(ctx, init_from, f"{self.name}.init_from")  # before any model is built
+        self.check()  # before any model is built (again, for callers that skip the trainer's early call)
         self.teacher = build_teacher_engine(ctx) if self.uses_teacher else None
         hybrid = load_hybrid(ctx, init_from, f"{self.name}.init_from")
         if s.gradient_checkpointing:
@@ -112,9 +128,7 @@ class KLStage(Stage):
         emb = tc.vocab_size * tc.hidden_size
         self._student_params = count_params(hybrid) - (0 if hybrid.config.tie_word_embeddings else emb)
         self._teacher_params = count_params(self.teacher.module) - emb if self.teacher else 0
-        # teacher_overlap: not under ZeRO-3 (its gathers run on DeepSpeed's own streams, in module order)
-        self._overlap = bool(s.teacher_overlap) and self.teacher is not None and zero_stage(
-            ctx.ds_config(train=False)) != 3
+        self._overlap = bool(s.teacher_overlap) and self.teacher is not None  # (never with ZeRO-3: check refuses it)
         self._side = torch.cuda.Stream(ctx.device) if self._overlap and ctx.device.type == "cuda" else None
         self._prefetched: tuple | None = None  # (step index, h_t, event that h_t is ready) from _prefetch_next
         # the logged KL quantiles' levels, on the device once (a tensor built from a list each step is a blocking copy)

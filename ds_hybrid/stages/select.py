@@ -106,8 +106,11 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
 def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
 
+    from ds_hybrid.stages.common import check_env_knobs
+
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
+    check_env_knobs()
     sc = cfg.select
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
     # another probe score or a distance-regularized ranking reuses the method's probes; written beside the plain one

@@ -113,7 +113,8 @@ SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smar
 
 @dataclass
 class SelectConfig:
-    """Stage select. Probes are short stage-kl runs from the align export (``probe`` overrides the kl section)."""
+    """Stage select. Probes are short stage-kl runs from the align export (``probe``: their settings over
+    the kl defaults; a few of the run's kl section carry over: stages.probes.probe_stage_config)."""
 
     method: str = "ga_s2"  # one of SELECT_METHODS
     ks: list[int] = field(default_factory=list)  # K values whose top-K sets are written to selection.json

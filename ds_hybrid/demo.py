@@ -31,6 +31,11 @@ def main() -> None:
     ap.add_argument("--recall-prompts", type=int, default=100)
     args = ap.parse_args()
     run = Path(args.run)
+    if args.recall < 0 or args.recall_prompts < 1 or args.max_new_tokens < 1:
+        ap.error("--recall takes a length >= 0 (0: none), --recall-prompts and --max-new-tokens 1 or more")
+    if not (run / args.stage / "hf" / "config.json").is_file():
+        ap.error(f"--run {run} --stage {args.stage}: no export at {run / args.stage / 'hf'}; run the stages first "
+                 "(launchers/run_local.sh <config> align,kl) or point --run at the run's out_dir")
     for stage in ("align", "kl", "finetune"):
         done = run / stage / "DONE"
         if done.is_file():

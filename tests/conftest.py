@@ -76,8 +76,8 @@ def family(request) -> str:
 # `make test` runs two xdist workers, a file at a time each, handed out in collection order: the files that take
 # longest go first (measured on 2 cores, 2026-12-01), so that no long file starts last and runs alone at the end.
 LONGEST_FIRST = ("test_slurm.py", "test_select.py", "test_trainer.py", "test_eval.py", "test_embedded_teacher.py",
-                 "test_plan.py", "test_data.py", "test_gemma3.py", "test_model.py", "test_gemma3_teacher.py",
-                 "test_scale.py", "test_faults.py", "test_throughput.py")
+                 "test_demo.py", "test_plan.py", "test_data.py", "test_gemma3.py", "test_model.py",
+                 "test_gemma3_teacher.py", "test_scale.py", "test_faults.py", "test_throughput.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

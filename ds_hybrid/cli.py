@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ds_hybrid.errors import ConfigError
+from ds_hybrid.errors import ConfigError, out_folder
 
 
 def _add_layer_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ds_hybrid.modeling.configuration import check_softmax_layers
 
     # Validate everything before the teacher's weights are loaded.
+    out_folder(args.out)
     config = load_teacher_config(args.teacher)
     L = config.num_hidden_layers
     if args.softmax_layers is not None:

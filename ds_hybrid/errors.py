@@ -6,6 +6,7 @@ is built or any accelerator memory is taken.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -17,3 +18,13 @@ class ConfigError(ValueError):
         self.value = value
         self.fix = fix
         super().__init__(f"{field}={value!r}: {fix}")
+
+
+def out_folder(path: str | Path, field: str = "--out") -> Path:
+    """An output folder a command may write into: refused (before any work) where it, or a folder above it, is a
+    file."""
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise ConfigError(field, str(path), f"{q} is a file, not a folder: give a folder to write into")
+    return p

@@ -13,12 +13,28 @@ STAGES=${2:-align,kl}
 shift $(( $# >= 2 ? 2 : 1 ))
 PYTHON=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+for stage in ${STAGES//,/ }; do  # every stage name checked before the first one runs
+  case "$stage" in align|select|kl|finetune) ;;
+    *) echo "ds-hybrid: error: STAGES='$STAGES': no stage '$stage'; use align, select, kl, finetune (comma-separated)" >&2
+       exit 2 ;;
+  esac
+done
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
+elif ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "ds-hybrid: error: NPROC='$NPROC': the number of ranks on this machine, 1 or more (unset: one per GPU)" >&2
+  exit 2
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export TOKENIZERS_PARALLELISM=false
-OUT_DIR=$("$PYTHON" -c "import sys; from ds_hybrid.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).out_dir)" "$CONFIG" "$@")
+OUT_DIR=$("$PYTHON" -c "
+import sys
+from ds_hybrid.config import load_config
+from ds_hybrid.errors import ConfigError
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).out_dir)
+except ConfigError as e:
+    sys.exit(f'ds-hybrid: error: {e}')" "$CONFIG" "$@") || exit 2
 for stage in ${STAGES//,/ }; do
   mkdir -p "$OUT_DIR/$stage"
   echo "== stage $stage ($NPROC rank(s)) -> $OUT_DIR/$stage"

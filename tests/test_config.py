@@ -351,3 +351,76 @@ def test_every_shipped_run_config_passes_the_checks(path):
         s = cfg.stage(stage)
         if s.tokens and (s.init_from is None or s.init_from == "teacher"):
             validate_for_launch(cfg, stage, 1)
+
+
+def test_the_tools_refuse_bad_outputs_and_inputs_before_writing(tmp_path, monkeypatch):
+    """convert, eval-merge, recall-vs-k: an --out that is a file, a malformed eval.json, a rename of a model the file
+    lacks, two different models under one name, a merge onto its own input, a task no model scored, a selection named
+    twice: each refused with the option named, nothing written."""
+    from ds_hybrid.cli import build_parser
+    from ds_hybrid.evaluation import by_k, merge
+
+    monkeypatch.setattr("ds_hybrid.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(ConfigError, match=rf"^--out='{re.escape(str(out))}': .*afile is a file, not a folder"):
+            args = build_parser().parse_args(["convert", "--ratio", "0.25", "--out", str(out)])
+            args.fn(args)  # (ds-hybrid's main prints the error and returns 2)
+
+    def evaluation(folder, model, layers, score, length=2048):
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({
+            "lengths": [length], "tasks": ["niah_single_1"], "scores": {model: {"niah_single_1": {str(length): score}}},
+            "prompts": {model: {"niah_single_1": {str(length): 100}}}, "heldout_quality": {},
+            "models": {model: {"model_type": "ds_hybrid", "num_layers": 30, "softmax_layers": layers, "mixer": "gdn"}}}))
+        return folder
+
+    a = evaluation(tmp_path / "a", "hyb", [0, 3], 0.5)
+    b = evaluation(tmp_path / "b", "hyb", [2, 5], 0.7, 4096)  # another length: only the layers tell them apart
+    with pytest.raises(ConfigError, match=r"model hyb here is not the hyb of an earlier file"):
+        merge.merge([str(a), str(b)])
+    assert merge.merge([str(a), f"other=hyb@{b}"])["scores"]["other"]["niah_single_1"]["4096"] == 0.7
+    with pytest.raises(ConfigError, match=r"renames \['nosuch'\], which .* does not hold"):
+        merge.merge([str(a), f"x=nosuch@{b}"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "eval.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"not valid JSON"):
+        merge.merge([str(bad)])
+    (bad / "eval.json").write_text(json.dumps({"scores": [1]}))
+    with pytest.raises(ConfigError, match=r"its 'scores' are not"):
+        merge.merge([str(bad)])
+    with pytest.raises(ConfigError, match=r"^--out=.*afile is a file"):
+        merge.main([str(a), "--out", str(afile)])
+    with pytest.raises(ConfigError, match=r"^--out=.*is one of the evals being merged"):
+        merge.main([str(a), "--out", str(a)])
+    (bad / "eval.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^recall-vs-k=.*not valid JSON"):
+        by_k.main([str(bad), "--out", str(tmp_path / "k")])
+    with pytest.raises(ConfigError, match=r"^recall-vs-k --task='nosuch': no model has a score for it"):
+        by_k.main([str(a), "--task", "nosuch", "--out", str(tmp_path / "k")])
+    sel = REPO / "docs" / "data" / "gpu_select_ga_s2_h200.json"
+    with pytest.raises(ConfigError, match=r"^recall-vs-k --selection=.*a name of its own"):
+        by_k.main([str(a), "--selection", f"g={sel}", "--selection", f"g={sel}", "--out", str(tmp_path / "k")])
+    assert not (tmp_path / "k").exists()  # refused before writing anything
+
+
+def test_run_local_checks_its_stages_ranks_and_config_before_running(tmp_path):
+    script = str(REPO / "launchers" / "run_local.sh")
+    env = {**__import__("os").environ, "PYTHON": sys.executable}
+    for extra, args, message in (({"NPROC": "0"}, [], "NPROC='0': the number of ranks"),
+                                 ({"NPROC": "1"}, ["align,kll"], "STAGES='align,kll': no stage 'kll'"),
+                                 ({"NPROC": "1"}, ["kl", "kl.tokens=abc"], "kl.tokens='abc': expected int")):
+        p = subprocess_run(["bash", script, str(REPO / "runs" / "smollm2_quickstart.yaml"), *args], {**env, **extra},
+                           tmp_path)
+        assert p.returncode == 2 and f"ds-hybrid: error: {message}" in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+    p = subprocess_run(["bash", script, str(tmp_path / "none.yaml")], {**env, "NPROC": "1"}, tmp_path)
+    assert p.returncode == 2 and "--config=" in p.stderr and "no such file" in p.stderr, p.stderr[-2000:]
+
+
+def subprocess_run(argv, env, cwd):
+    import subprocess
+
+    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ds_hybrid.errors import ConfigError
+from ds_hybrid.errors import ConfigError, out_folder
 from ds_hybrid.evaluation.report import difference_interval, score_cell, wilson_interval
 from ds_hybrid.layers import selection_top_k, smart_layers, uniform_layers
 from ds_hybrid.selection import read_selection
@@ -190,14 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_file():
         raise ConfigError("recall-vs-k", args.eval, "no eval.json there: give an output of `ds-hybrid eval` or "
                           "`ds-hybrid eval-merge`")
-    payload = json.loads(src.read_text())
-    if not payload.get("models") or "scores" not in payload:
+    out = out_folder(args.out)
+    try:
+        payload = json.loads(src.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("recall-vs-k", str(src), f"not valid JSON ({e})") from None
+    if not isinstance(payload, dict) or not payload.get("models") or "scores" not in payload:
         raise ConfigError("recall-vs-k", str(src), "not an eval.json with a 'models' record and 'scores'")
     selections = {}
     for item in args.selection:
         if "=" not in item:
             raise ConfigError("recall-vs-k --selection", item, "write NAME=PATH (e.g. ga_s2=out/select/ga_s2/selection.json)")
         name, path = item.split("=", 1)
+        if not name or name in selections or name in ("uniform", "smart"):
+            raise ConfigError("recall-vs-k --selection", item, "give each selection a name of its own (not empty, "
+                              "not twice, not uniform or smart: those are the built-in spacing rules)")
         selections[name] = read_selection(path, "recall-vs-k --selection")
     unrecorded = sorted(set(payload["scores"]) - set(payload["models"]))
     if unrecorded:
@@ -205,14 +212,16 @@ def main(argv: list[str] | None = None) -> int:
                           "in 'models': evaluate them again with this version of `ds-hybrid eval`")
     rows = place_models(payload["models"], selections)
     task = args.task or (payload.get("tasks") or [None])[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not any(str(k).isdigit() for r in rows for k in payload["scores"].get(r["model"], {}).get(task, {})):
+        raise ConfigError("recall-vs-k --task", task, f"no model has a score for it by length; tasks: "
+                          f"{payload.get('tasks')}")
     against = tuple(dict.fromkeys(a for a in args.against.split(",") if a))
     if not against:
         raise ConfigError("recall-vs-k --against", args.against, "name at least one selector (e.g. uniform)")
     known = {s for r in rows for s in r["selector"].split("=")} | {"uniform", "smart", *selections}
     if unknown := [a for a in against if a not in known]:
         raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
+    out.mkdir(parents=True, exist_ok=True)
     md = tables(payload, rows, against)
     (out / "recall_vs_k.md").write_text(md)
     (out / "recall_vs_k.json").write_text(json.dumps({"source": str(src), "task": task, "models": rows,

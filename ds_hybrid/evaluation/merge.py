@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ds_hybrid.errors import ConfigError
+from ds_hybrid.errors import ConfigError, out_folder
 from ds_hybrid.evaluation import report
 
 
@@ -30,6 +30,8 @@ def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
         if "=" not in rename:
             raise ConfigError("eval-merge", item, "write a rename as NEW=OLD@path (e.g. hybrid=uniform8@out/eval)")
         new, old = rename.split("=", 1)
+        if not new or not old:
+            raise ConfigError("eval-merge", item, "write a rename as NEW=OLD@path, both names given")
         renames[old] = new
     path = Path(spec)
     if path.is_dir():
@@ -37,9 +39,18 @@ def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError("eval-merge", item, "no eval.json there: give an output folder of `ds-hybrid eval` or its "
                           "eval.json")
-    payload = json.loads(path.read_text())
-    if "scores" not in payload:
-        raise ConfigError("eval-merge", str(path), "not an eval.json of `ds-hybrid eval` (no 'scores')")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("eval-merge", str(path), f"not valid JSON ({e})") from None
+    scores = payload.get("scores") if isinstance(payload, dict) else None
+    if not isinstance(scores, dict) or not all(isinstance(t, dict) and all(isinstance(r, dict) for r in t.values())
+                                               for t in scores.values()):
+        raise ConfigError("eval-merge", str(path), "not an eval.json of `ds-hybrid eval` (its 'scores' are not "
+                          "{model: {task: {length or metric: value}}})")
+    if unknown := sorted(set(renames) - set(scores)):
+        raise ConfigError("eval-merge", item, f"renames {unknown}, which {path} does not hold (it holds "
+                          f"{sorted(scores)})")
     return renames, path, payload
 
 
@@ -50,6 +61,11 @@ def _put(table: dict, model: str, task: str, metric: str, value: Any, where: dic
                           f"{cell[metric]} in {where[(model, task, metric)]}: rename one model (NEW=OLD@path)")
     cell[metric] = value
     where[(model, task, metric)] = src
+
+
+def _model_record(info: dict) -> dict:
+    """What makes two eval records the same model: its kind, layers, softmax layers and mixer."""
+    return {k: info.get(k) for k in ("model_type", "num_layers", "softmax_layers", "mixer")}
 
 
 def merge(items: list[str]) -> dict[str, Any]:
@@ -89,6 +105,10 @@ def merge(items: list[str]) -> dict[str, Any]:
                                   "file's: rename one model (NEW=OLD@path)")
             quality[name(m)] = q
         for m, info in (p.get("models") or {}).items():
+            if name(m) in models and _model_record(models[name(m)]) != _model_record(info):
+                raise ConfigError("eval-merge", str(src), f"model {name(m)} here is not the {name(m)} of an earlier file "
+                                  f"({_model_record(info)} against {_model_record(models[name(m)])}): rename one "
+                                  "(NEW=OLD@path)")
             models.setdefault(name(m), info)
         for task, per_model in (p.get("truncated_prompts") or {}).items():
             for m, k in per_model.items():
@@ -105,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                     "NEW=OLD@folder renames model OLD")
     ap.add_argument("--out", required=True, help="folder for eval.json, eval.md and recall_vs_length.png")
     args = ap.parse_args(argv)
+    out = out_folder(args.out)
+    if any(Path(i.split("@", 1)[-1]).expanduser().resolve() in (out.resolve(), out.resolve() / "eval.json")
+           for i in args.evals):
+        raise ConfigError("--out", args.out, "is one of the evals being merged: write the merge to another folder")
     payload = merge(args.evals)
     md = report.recall_table(payload["scores"], payload["heldout_quality"], payload["prompts"])
     if any(k for d in payload["truncated_prompts"].values() for k in d.values()):
         md += "\n\nprompts longer than the evaluation length: " + json.dumps(payload["truncated_prompts"])
-    out = Path(args.out)
     report.write(out, "eval", payload, md)
     if any(k.isdigit() for s in payload["scores"].values() for d in s.values() for k in d):
         report.plot_recall(payload["scores"], out / "recall_vs_length.png")

@@ -54,9 +54,13 @@ def text_config(src: Path):
     """The language model's config (Gemma3TextConfig) of a multimodal Gemma 3 folder."""
     from transformers import Gemma3Config
 
-    raw = json.loads((src / "config.json").read_text())
-    if raw.get("model_type") != "gemma3":
-        raise ConfigError("--model", str(src), f"model_type is {raw.get('model_type')!r}, not the multimodal 'gemma3'; "
+    try:
+        raw = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("--model", str(src), f"its config.json is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "gemma3":
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ConfigError("--model", str(src), f"model_type is {kind!r}, not the multimodal 'gemma3'; "
                           "a text-only checkpoint (gemma3_text, llama, qwen2, ...) is a teacher as it is")
     config = Gemma3Config.from_pretrained(src)
     text = config.text_config
@@ -136,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="a new folder for the text-only Gemma3ForCausalLM")
     ap.add_argument("--shard-gib", type=float, default=SHARD_BYTES / 1024**3, help="largest safetensors shard")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.shard_gib) and args.shard_gib * 1024**3 >= 1):
+        raise ConfigError("--shard-gib", args.shard_gib, "the largest shard in GiB: a positive number (e.g. 2)")
     out = extract_text(args.model, args.out, int(args.shard_gib * 1024**3))
     print(f"{out}: the language model as Gemma3ForCausalLM; use it as the teacher (teacher: {out})")
     return 0

@@ -424,3 +424,34 @@ def subprocess_run(argv, env, cwd):
     import subprocess
 
     return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_corpus_and_extract_text_check_their_options_first(tmp_path, monkeypatch):
+    """corpus build/stats/pack and extract-text: an unknown source, zero processes or part size, an --out under a file,
+    a NaN shard size, a malformed config.json: refused before the corpus is built, tokenized or packed (pack no
+    longer deletes the old parts first) and before a tensor is read."""
+    from ds_hybrid.corpus import tools
+    from ds_hybrid.text_extract import main as extract_main
+
+    for name in ("build_embedded", "ensure_embedded", "stats", "pack"):
+        monkeypatch.setattr(f"ds_hybrid.corpus.{'tools.' if name in ('stats', 'pack') else ''}{name}",
+                            lambda *a, **k: pytest.fail("the corpus was touched"), raising=True)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    old = tmp_path / "parts"
+    old.mkdir()
+    (old / "corpus.tar.xz.00").write_text("keep")
+    for argv, message in ((["build", "--force", "--sources", "gcide,nosuch"], r"^--sources=.*no source\(s\) \['nosuch'\]"),
+                          (["stats", "--num-proc", "0"], r"^--num-proc=0"),
+                          (["stats", "--out", str(afile / "t.md")], r"^--out=.*afile is a file"),
+                          (["pack", "--out", str(old), "--part-mb", "-1"], r"^--part-mb=-1"),
+                          (["pack", "--out", str(afile)], r"^--out=.*afile is a file")):
+        with pytest.raises(ConfigError, match=message):
+            tools.main(argv)
+    assert (old / "corpus.tar.xz.00").read_text() == "keep"
+    for bad in ("nan", "inf", "0"):
+        with pytest.raises(ConfigError, match=r"^--shard-gib="):
+            extract_main(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--shard-gib", bad])
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^--model=.*its config.json is not valid JSON"):
+        extract_main(["--model", str(tmp_path), "--out", str(tmp_path / "o")])

@@ -77,7 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--part-mb", type=int, default=60)
     args = ap.parse_args(argv)
-    from ds_hybrid.corpus import build_embedded, embedded_dir, ensure_embedded, manifest
+    from ds_hybrid.corpus import BY_NAME, build_embedded, embedded_dir, ensure_embedded, manifest
+    from ds_hybrid.errors import ConfigError, out_folder
+
+    # every option checked before the corpus is built, tokenized or packed (and before old parts are deleted)
+    if args.cmd == "build" and args.sources and (unknown := sorted(set(args.sources.split(",")) - set(BY_NAME))):
+        raise ConfigError("--sources", args.sources, f"no source(s) {unknown}; choose among {sorted(BY_NAME)}")
+    if args.cmd == "stats" and args.num_proc < 1:
+        raise ConfigError("--num-proc", args.num_proc, "use 1 or more tokenizer processes")
+    if args.cmd == "stats" and args.out:
+        out_folder(Path(args.out).parent, "--out")
+    if args.cmd == "pack" and args.part_mb < 1:
+        raise ConfigError("--part-mb", args.part_mb, "the largest part in MB: 1 or more (e.g. 60)")
+    if args.cmd == "pack":
+        out_folder(args.out)
 
     if args.cmd == "build":
         if args.force or not (embedded_dir() / "manifest.json").is_file():

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
@@ -290,6 +291,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
             gn = runner.grad_norm if runner.grad_norm is not None else runner.engine.get_global_grad_norm()
             metrics.update(grad_norm=float(gn) if gn is not None else float("nan"), step_time_s=dt,
                            tokens_per_s=tokens_per_step / dt, tokens=float(seen), **memory_stats())
+            if sync_free.settle(runner.engine, None if gn is None else metrics["grad_norm"]):
+                metrics.update(runner.lr_metrics())  # skipped on the device: the schedule put back, as DeepSpeed's
             if peak:
                 metrics["mfu"] = flops_step / dt / D.world_size() / (peak * 1e12)
             peak_gpu = max(peak_gpu or 0.0, metrics.get("peak_gpu_gib", 0.0)) if torch.cuda.is_available() else None

@@ -1,12 +1,16 @@
 """DeepSpeed's BF16_Optimizer step against ds_hybrid.sync_free's, on CPU in one process (tests/test_throughput.py).
 
-    python tests/optimizer_step_check.py <out.json>
+    python tests/optimizer_step_check.py <out.json> <workdir>
 
-Two engines from the same weights (ZeRO-1, bf16, fp32 gradient accumulation, AdamW with weight decay), the same data;
-per case and step path: the losses, the final weights, the grad norms, and the host reads of device data made by
-DeepSpeed or ds_hybrid code inside ``engine.step()`` (``.item()``, ``bool()``...: on a GPU each is a sync; reads
-inside torch itself, e.g. AdamW's step counters, which are CPU tensors there, are not counted). Cases: "noclip"
-(the norm stays under the clip), "clip" (a clip of 1e-3: every step clipped), "nonfinite" (a NaN gradient at step 2).
+Engines from the same weights (ZeRO-1, bf16, fp32 gradient accumulation, AdamW with weight decay, a decaying
+LambdaLR schedule as stage kl builds), the same data; per case and step path: the losses, the final weights (bf16
+and the fp32 master copy), the grad norms, the learning rate, AdamW's step count and first moment, the skipped steps,
+and the host reads of device data made by DeepSpeed or ds_hybrid code inside ``engine.step()`` (``.item()``,
+``bool()``...: on a GPU each is a sync; reads inside torch itself are not counted). Step paths: "deepspeed"
+(DeepSpeed's step over torch's default AdamW), "deepspeed_fused" (DeepSpeed's step over the fused AdamW that the
+sync-free step switches to), "sync_free", "auto" (the default). Cases: "noclip" (the norm stays under the clip),
+"clip" (a clip of 1e-3: every step clipped), "nonfinite" (a NaN gradient at step 2), and "resume": two steps of
+DeepSpeed's, a checkpoint, two more under "auto" from it, against four of DeepSpeed's in one run.
 """
 
 from __future__ import annotations
@@ -19,30 +23,35 @@ import torch
 from torch import nn
 
 READS = ("__bool__", "item", "tolist", "__float__", "__int__", "cpu")
+STEPS = 4
 
 
-def engine_for(clip: float, seed: int = 0):
+def engine_for(clip: float, fused: bool = False, seed: int = 0):
     import deepspeed
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)).to(torch.bfloat16)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2,
+                            fused=fused or None)
     cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "gradient_clipping": clip, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
            "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=cfg,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.8**step))
     return engine
 
 
-def run(choice: str, clip: float, nan_at: int | None, steps: int = 4) -> dict:
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 16, generator=g).to(torch.bfloat16), torch.randn(4, 8, generator=g)) for _ in range(STEPS)]
+
+
+def steps(engine, batches, nan_at: int | None = None, first: int = 0) -> dict:
     from ds_hybrid import sync_free
 
-    engine = engine_for(clip)
-    replaced = sync_free.apply_step_choice(engine, choice)
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 16, generator=g).to(torch.bfloat16), torch.randn(4, 8, generator=g)) for _ in range(steps)]
     reads = [0]
     real = {name: getattr(torch.Tensor, name) for name in READS}
 
@@ -54,8 +63,8 @@ def run(choice: str, clip: float, nan_at: int | None, steps: int = 4) -> dict:
             return real[name](t, *a, **k)
         return read
 
-    losses, norms = [], []
-    for i, (x, y) in enumerate(data):
+    losses, norms, skipped = [], [], []
+    for i, (x, y) in enumerate(batches[first:], start=first):
         loss = (engine(x).float() - y).pow(2).mean()
         engine.backward(loss)
         if nan_at == i:
@@ -69,10 +78,41 @@ def run(choice: str, clip: float, nan_at: int | None, steps: int = 4) -> dict:
                 setattr(torch.Tensor, name, real[name])
         losses.append(loss.item())
         norms.append(float(engine.get_global_grad_norm()))
-    weights = [p.detach().float().flatten().tolist() for p in engine.module.parameters()]
-    return {"replaced": replaced, "losses": losses, "norms": norms, "weights": weights,
-            "reads_per_step": reads[0] / steps, "finite": all(torch.isfinite(p).all().item()
-                                                              for p in engine.module.parameters())}
+        skipped.append(sync_free.settle(engine, norms[-1]))  # (what the trainer calls after every step)
+    return {"losses": losses, "norms": norms, "settled_skips": skipped, "reads_per_step": reads[0] / len(losses)}
+
+
+def record(engine, out: dict) -> dict:
+    inner = engine.optimizer.optimizer
+    state = [inner.state[p] for g in inner.param_groups for p in g["params"]]
+    return {**out, "weights": [p.detach().float().flatten().tolist() for p in engine.module.parameters()],
+            "master": [p.detach().flatten().tolist() for p in engine.optimizer.fp32_groups_flat_partition],
+            "lr": [g["lr"] for g in inner.param_groups], "skipped_steps": engine.skipped_steps,
+            "adam_steps": [float(s["step"]) for s in state], "exp_avg": [s["exp_avg"].flatten().tolist() for s in state],
+            "exp_avg_sq": [s["exp_avg_sq"].flatten().tolist() for s in state],
+            "fused": [bool(g.get("fused")) for g in inner.param_groups],
+            "finite": all(torch.isfinite(p).all().item() for p in engine.module.parameters())}
+
+
+def run(choice: str, clip: float, nan_at: int | None) -> dict:
+    from ds_hybrid import sync_free
+
+    engine = engine_for(clip, fused=choice == "deepspeed_fused")
+    replaced = sync_free.apply_step_choice(engine, "deepspeed" if choice == "deepspeed_fused" else choice)
+    return record(engine, {"replaced": replaced, **steps(engine, data(), nan_at)})
+
+
+def resume(workdir: str) -> dict:
+    from ds_hybrid import sync_free
+
+    batches = data()
+    first = engine_for(1e9)
+    steps(first, batches[:2])
+    first.save_checkpoint(workdir, tag="two")
+    engine = engine_for(1e9, seed=1)  # other weights: the checkpoint's must come back
+    replaced = sync_free.apply_step_choice(engine, "auto")
+    engine.load_checkpoint(workdir, tag="two")
+    return record(engine, {"replaced": replaced, **steps(engine, batches, first=2)})
 
 
 def main() -> int:
@@ -81,7 +121,9 @@ def main() -> int:
     D.init_distributed()
     out = {}
     for case, clip, nan_at in (("noclip", 1e9, None), ("clip", 1e-3, None), ("nonfinite", 1.0, 2)):
-        out[case] = {choice: run(choice, clip, nan_at) for choice in ("deepspeed", "sync_free")}
+        out[case] = {choice: run(choice, clip, nan_at) for choice in ("deepspeed", "deepspeed_fused", "sync_free",
+                                                                      "auto")}
+    out["resume"] = {"auto": resume(sys.argv[2]), "deepspeed": out["noclip"]["deepspeed"]}
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
     return 0

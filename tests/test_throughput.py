@@ -618,24 +618,45 @@ def test_kernels_by_launching_op_find_the_innermost_enclosing_op():
 
 
 def test_sync_free_optimizer_step_equals_deepspeeds_and_reads_nothing(tmp_path):
-    """DS_HYBRID_OPTIMIZER_STEP=sync_free against DeepSpeed's BF16_Optimizer step (tests/optimizer_step_check.py):
-    the same losses and weights bit for bit when no step is clipped and when every step is (the norm within fp32
-    rounding), no host read of device data by DeepSpeed or ds_hybrid code in the step (DeepSpeed's: 2 a step), and
-    a NaN gradient leaves the weights finite (DeepSpeed skips the step; this zeroes its gradients)."""
+    """DS_HYBRID_OPTIMIZER_STEP=sync_free (and auto, the default) against DeepSpeed's BF16_Optimizer step
+    (tests/optimizer_step_check.py): over the same fused AdamW, the same losses, weights, moments and learning rate
+    bit for bit when no step is clipped and when every step is (the norm within fp32 rounding); over torch's default
+    AdamW (DeepSpeed's reference path) within fp32 rounding; no host read of device data by DeepSpeed or ds_hybrid
+    code in the step (DeepSpeed's: 2 a step); a NaN gradient skipped as DeepSpeed skips it (weights, moments, AdamW's
+    step count, the schedule and the skipped count); a checkpoint of DeepSpeed's step resumed under the default."""
     out = tmp_path / "steps.json"
-    p = run([sys.executable, "tests/optimizer_step_check.py", str(out)])
+    p = run([sys.executable, "tests/optimizer_step_check.py", str(out), str(tmp_path / "ckpt")])
     assert p.returncode == 0, tail(p)
     res = json.loads(out.read_text())
+    same = ("losses", "weights", "master", "exp_avg", "exp_avg_sq", "adam_steps", "lr", "skipped_steps")
     for case in ("noclip", "clip"):
-        ds, sf = res[case]["deepspeed"], res[case]["sync_free"]
-        assert not ds["replaced"] and sf["replaced"]
-        assert sf["losses"] == ds["losses"] and sf["weights"] == ds["weights"], case
-        np.testing.assert_allclose(sf["norms"], ds["norms"], rtol=1e-5)
-        assert ds["reads_per_step"] >= 2 and sf["reads_per_step"] == 0, case
-    ds, sf = res["nonfinite"]["deepspeed"], res["nonfinite"]["sync_free"]
-    assert ds["finite"] and sf["finite"]
-    assert sf["losses"][:3] == ds["losses"][:3] and not np.isfinite(sf["norms"][2])
-    assert sf["weights"] != ds["weights"]  # DeepSpeed skipped the step, this one ran AdamW on zero gradients
+        ds, fu, sf, auto = (res[case][c] for c in ("deepspeed", "deepspeed_fused", "sync_free", "auto"))
+        assert not ds["replaced"] and not fu["replaced"] and sf["replaced"] and auto["replaced"]
+        assert not ds["fused"][0] and fu["fused"] == sf["fused"] == [True, True]
+        for key in same if case == "noclip" else ("losses", "weights", "adam_steps", "lr", "skipped_steps"):
+            assert sf[key] == fu[key] == auto[key], (case, key)
+        for key in ("master", "exp_avg", "exp_avg_sq"):  # clipped: by a coefficient from a norm equal within fp32
+            np.testing.assert_allclose(np.concatenate(sf[key]), np.concatenate(fu[key]), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(sf["norms"], fu["norms"], rtol=1e-5)
+        np.testing.assert_allclose(np.concatenate(sf["master"]), np.concatenate(ds["master"]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(sf["losses"], ds["losses"], rtol=1e-5)
+        assert ds["reads_per_step"] >= 2 and fu["reads_per_step"] >= 2 and sf["reads_per_step"] == 0, case
+        assert sf["lr"] == pytest.approx([1e-2 * 0.8**4] * 2) and sf["skipped_steps"] == 0
+    fu = res["nonfinite"]["deepspeed_fused"]
+    for sf in (res["nonfinite"]["sync_free"], res["nonfinite"]["auto"]):
+        assert sf["finite"] and not np.isfinite(sf["norms"][2]) and sf["settled_skips"] == [False, False, True, False]
+        for key in ("losses", "weights", "adam_steps", "lr", "skipped_steps"):  # (its last step is clipped: as above)
+            assert sf[key] == fu[key], ("nonfinite", key)
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(np.concatenate(sf[key]), np.concatenate(fu[key]), rtol=1e-5, atol=1e-8)
+    assert not any(res["nonfinite"]["deepspeed"]["settled_skips"])  # (DeepSpeed's own step counted its skip)
+    assert fu["skipped_steps"] == 1 and fu["adam_steps"] == [3.0, 3.0] and fu["lr"] == pytest.approx([1e-2 * 0.8**3] * 2)
+    assert res["noclip"]["sync_free"]["weights"] != sf["weights"]  # (the NaN step did change the run)
+    resumed, ds = res["resume"]["auto"], res["resume"]["deepspeed"]
+    assert resumed["replaced"] and resumed["fused"] == [True, True] and resumed["adam_steps"] == ds["adam_steps"]
+    np.testing.assert_allclose(resumed["losses"], ds["losses"][2:], rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(resumed["master"]), np.concatenate(ds["master"]), rtol=1e-5, atol=1e-7)
+    assert resumed["lr"] == ds["lr"]
 
 
 def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():
@@ -647,11 +668,13 @@ def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():
     assert sync_free.apply_step_choice(engine, "deepspeed") is False
     with pytest.raises(ConfigError, match=r"DS_HYBRID_OPTIMIZER_STEP.*student_zero1.*optimizer is AdamW"):
         sync_free.apply_step_choice(engine, "sync_free")
+    assert sync_free.apply_step_choice(engine, "auto") is False  # the default: DeepSpeed's step where this is not
 
 
 def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
-    """The knob reaches stage kl's engine (ZeRO-1, bf16): the run says so and its losses equal the default's bit for
-    bit (the tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""
+    """The default (auto) reaches stage kl's engine (ZeRO-1, bf16) with the sync-free step: the run says so and its
+    losses and learning rates equal those of DeepSpeed's step (over torch's default AdamW: within fp32 rounding; the
+    tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
@@ -659,13 +682,20 @@ def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
                            "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
                            "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
     runs = {}
-    for choice in ("deepspeed", "sync_free"):
-        monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
+    for choice in ("deepspeed", "default"):
+        if choice == "default":
+            monkeypatch.delenv("DS_HYBRID_OPTIMIZER_STEP", raising=False)
+        else:
+            monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
         runs[choice] = train("kl", cfg, f"out_dir={tmp_path / choice}", nproc=1)
         assert runs[choice].returncode == 0, tail(runs[choice])
-    assert "the optimizer step reads nothing on the host" in runs["sync_free"].stderr + runs["sync_free"].stdout
-    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "sync_free" / "kl")
-    assert len(a) == 4 and [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    said = {c: r.stderr + r.stdout for c, r in runs.items()}
+    assert "DS_HYBRID_OPTIMIZER_STEP=auto: the optimizer step reads nothing on the host" in said["default"]
+    assert "reads nothing on the host" not in said["deepspeed"]
+    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
+    assert len(a) == 4 and list(a) == list(b)
+    np.testing.assert_allclose([b[s]["loss"] for s in a], [a[s]["loss"] for s in a], rtol=1e-5)
+    assert [b[s]["lr"] for s in a] == [a[s]["lr"] for s in a]
     monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", "fast")
     bad = train("kl", cfg, f"out_dir={tmp_path / 'bad'}", nproc=1)
     assert bad.returncode != 0 and "DS_HYBRID_OPTIMIZER_STEP" in bad.stderr + bad.stdout

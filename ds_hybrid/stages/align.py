@@ -109,7 +109,7 @@ class AlignStage(Stage):
             self.engine.step()
             per_layer.append(losses.detach().float())
         layer = D.all_reduce_mean(torch.stack(per_layer).mean(0)).tolist()  # the step's one device-to-host transfer
-        out = {"loss": sum(layer) / len(layer), "lr": self.engine.get_lr()[0]}
+        out = {"loss": sum(layer) / len(layer), **self.lr_metrics()}
         out.update({f"layer{i:02d}": v for i, v in enumerate(layer)})
         return out
 

@@ -82,6 +82,11 @@ class Stage:
     def flops_per_token(self) -> float:
         return 0.0
 
+    def lr_metrics(self) -> dict[str, float]:
+        """The learning rate as a step logs it (the trainer logs it again after undoing the schedule's advance on a
+        skipped step: ``sync_free.settle``)."""
+        return {"lr": self.engine.get_lr()[0]}
+
 
 # ---- models ------------------------------------------------------------------------------------------------------
 def build_teacher_engine(ctx: StageContext):

@@ -179,12 +179,15 @@ class KLStage(Stage):
                 out.update(kl_p50=values[3], kl_p90=values[4], kl_p99=values[5])
         if self.ctx.s.ce_weight or not self.uses_teacher:
             out["ce"] = values[2]
-        lrs = self.engine.get_lr()
-        groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
-        out.update({f"lr_{n}": lr for n, lr in zip(groups, lrs)})
-        out["lr"] = lrs[0]
+        out.update(self.lr_metrics())
         self.last_kl_tokens = torch.cat(kl_tokens) if kl_tokens else None
         return out
+
+    def lr_metrics(self) -> dict[str, float]:
+        """Each parameter group's learning rate (``lr_<name>``: attention/mixers and the rest) and the first's."""
+        lrs = self.engine.get_lr()
+        groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
+        return {**{f"lr_{n}": lr for n, lr in zip(groups, lrs)}, "lr": lrs[0]}
 
     def _prefetch_next(self) -> None:
         """teacher_overlap: the next step's first micro-batch through the teacher, on the side stream once the

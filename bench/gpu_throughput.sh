@@ -29,7 +29,8 @@ case1() {  # case1 GPUS NAME TREE STAGE STEPS [overrides...]: one case on the gi
   note "end $name rc=$?"
 }
 
-NEWKL=(kl.ds_config=ds_configs/student_zero1.json kl.micro_batch=auto)      # the new defaults (runs/*.yaml)
+# the new defaults (runs/*.yaml; DS_HYBRID_OPTIMIZER_STEP's default, auto, takes the sync-free step with ZeRO-1)
+NEWKL=(kl.ds_config=ds_configs/student_zero1.json kl.micro_batch=auto kl.loss_chunk_tokens=4096 kl.teacher_overlap=true)
 NEWAL=(align.ds_config=ds_configs/student_zero1.json align.micro_batch=auto)
 S8B=runs/llama3_8b_scaling.yaml
 case "${1:-main}" in
@@ -45,9 +46,13 @@ case "${1:-main}" in
     case1 1 align_new_gb64 $NEW align 17 "${NEWAL[@]}"
     case1 1 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     ;;
-  two_gpu)
+  two_gpu)  # the same global batch (half the rows per GPU) and the same rows per GPU (twice the global batch); the
+            # one-GPU rows they are read against: main's kl_new_gb64 and align_new_gb96 of the same lease (its chains
+            # run first; explore's rows of those names hold other knobs)
     case1 0,1 kl_new_gb64_2gpu $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+    case1 0,1 kl_new_gb128_2gpu $NEW kl 17 "${NEWKL[@]}" kl.global_batch=128
     case1 0,1 align_new_gb96_2gpu $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    case1 0,1 align_new_gb192_2gpu $NEW align 17 "${NEWAL[@]}" align.global_batch=192
     ;;
   8b)
     CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_new_2gpu $NEW kl 6 kl.micro_batch=auto
@@ -60,24 +65,27 @@ case "${1:-main}" in
              # estimate; + ~8 for `autotune`). Measured so far: a/b GEMM +3.8 % (2026-12-03c), teacher overlap +0.4 %
              # (12-03c) and +1.2 % (12-04e), align's row groups +0.3 % (12-03d), kl's 4096-token chunk +0.6 %
              # (12-03d) and +1.3 % (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +2.4 %
-             # (12-03b) and +1.0 % (12-03c). Now: align's split layout (the default since 2026-12-04: GDN's q|k|v
-             # block through one SiLU, a/b in a GEMM of their own) against the one-GEMM layout whose backward
-             # concatenation evaluated six gradient expressions an element (32-35 ms of a 150 ms step), and with
-             # DS_HYBRID_OPTIMIZER_STEP=sync_free (no host read in the optimizer step); kl's defaults with every
-             # record's CUDA-event spans and sync sites, and with sync_free; kl's per-run knobs together, without and
-             # with it; align's row groups; then (`autotune`) kl's knobs with max-autotune.
+             # (12-03b) and +1.0 % (12-03c); 2026-12-05: align's split layout +15.4 % over the one-GEMM layout,
+             # sync_free +1.2 % (kl alone) and +1.5 % (with the knobs), +0.0 % on align, kl's chunk 4096 and overlap
+             # +2.3 %, max-autotune -0.1 % (the defaults since: split, sync_free via `auto`, chunk 4096 and overlap
+             # in runs/*.yaml). The cases: align one-GEMM and split under DeepSpeed's step, split with sync_free;
+             # kl's earlier defaults (chunk 1024, no overlap) without and with sync_free, the knobs without and with
+             # it; align's row groups; then (`autotune`) kl's defaults with max-autotune. Each case names the values
+             # it measures, so the rows keep their meaning whatever the defaults.
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
-    DS_HYBRID_ALIGN_LAYOUT=one_gemm case1 0 align_onegemm_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
-    case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_ALIGN_LAYOUT=one_gemm DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 align_onegemm_gb96 $NEW align 17 \
+      "${NEWAL[@]}" align.global_batch=96
+    DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 align_syncfree_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
-    case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
-    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
-    case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.loss_chunk_tokens=4096 \
-      kl.teacher_overlap=true
+    DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
+      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false
+    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
+      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false
+    DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_chunk4096_overlap_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" \
-      kl.global_batch=64 kl.loss_chunk_tokens=4096 kl.teacher_overlap=true
+      kl.global_batch=64
     DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 case1 0 align_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" \
       align.global_batch=96
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
@@ -87,8 +95,7 @@ case "${1:-main}" in
     ;;
   autotune)  # kl's knobs with max-autotune (~8 minutes with its autotuning on a fresh machine)
     DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \
-      case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
-      kl.loss_chunk_tokens=4096 kl.teacher_overlap=true
+      case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     ;;
   decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the exactness check with its

@@ -702,6 +702,38 @@ def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
     assert "kl step" not in bad.stderr + bad.stdout and "bf16_optimizer" not in bad.stderr + bad.stdout
 
 
+def test_a_non_finite_gradient_norm_skips_the_step_as_deepspeed_does_in_a_kl_stage(tmp_path, monkeypatch):
+    """A NaN in the reduced gradients of the second optimizer step (tests/skip_step_check.py), a cosine schedule
+    that changes the lr every step: under the default (the sync-free step) the trainer logs what DeepSpeed's step gives: the same losses
+    (within fp32 rounding: foreach against fused AdamW), a non-finite norm at that step, the schedule held there (its lr
+    logged equals the step before's, and every later step's equals DeepSpeed's run), and the run says it skipped."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
+                       kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 5, "global_batch": 4,
+                           "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
+                           "schedule": "cosine", "warmup_steps": 0,
+                           "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
+    runs = {}
+    for choice in ("deepspeed", "default"):
+        if choice == "default":
+            monkeypatch.delenv("DS_HYBRID_OPTIMIZER_STEP", raising=False)
+        else:
+            monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
+        runs[choice] = run([sys.executable, "tests/skip_step_check.py", "2", "--stage", "kl", "--config", str(cfg),
+                            f"out_dir={tmp_path / choice}"])
+        assert runs[choice].returncode == 0, tail(runs[choice])
+    said = runs["default"].stderr + runs["default"].stdout
+    assert "reads nothing on the host" in said and "skipped an optimizer step" in said
+    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]
+    assert not np.isfinite(a[2]["grad_norm"]) and not np.isfinite(b[2]["grad_norm"])
+    assert all(np.isfinite(b[s]["grad_norm"]) for s in (1, 3, 4, 5))
+    np.testing.assert_allclose([b[s]["loss"] for s in b], [a[s]["loss"] for s in a], rtol=1e-5)
+    assert [b[s]["lr"] for s in b] == [a[s]["lr"] for s in a] and b[2]["lr"] == b[1]["lr"] != b[3]["lr"]
+    assert {k: v for k, v in b[2].items() if k.startswith("lr")} == {k: v for k, v in a[2].items() if k.startswith("lr")}
+
+
 def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monkeypatch):
     """Stage align with its stacked pass forced on CPU (fp32, ZeRO-1): DS_HYBRID_ALIGN_LAYOUT reaches the stack (its
     log line says which) and both layouts give the same training losses as the mixers one by one."""

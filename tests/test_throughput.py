@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_teacher
 from trainer_utils import (
-    REPO, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process, write_config,
+    REPO, TRAIN, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process, write_config,
 )
 
 from ds_hybrid.config import load_config, validate_for_launch
@@ -671,28 +671,37 @@ def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():
     assert sync_free.apply_step_choice(engine, "auto") is False  # the default: DeepSpeed's step where this is not
 
 
-def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
-    """The default (auto) reaches stage kl's engine (ZeRO-1, bf16) with the sync-free step: the run says so and its
-    losses and learning rates equal those of DeepSpeed's step (over torch's default AdamW: within fp32 rounding; the
-    tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""
+def _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps: int, spoil_at: int | None = None, **kl) -> tuple:
+    """A tiny kl stage (ZeRO-1, bf16) under DeepSpeed's optimizer step and under the default: (its config, what each
+    said, each's metrics); ``spoil_at``: a NaN in that optimizer step's gradients (tests/skip_step_check.py)."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
-                       kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 4, "global_batch": 4,
+                       kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * steps, "global_batch": 4,
                            "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
-                           "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
-    runs = {}
+                           "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json",
+                           **kl})
+    said = {}
     for choice in ("deepspeed", "default"):
         if choice == "default":
             monkeypatch.delenv("DS_HYBRID_OPTIMIZER_STEP", raising=False)
         else:
             monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
-        runs[choice] = train("kl", cfg, f"out_dir={tmp_path / choice}", nproc=1)
-        assert runs[choice].returncode == 0, tail(runs[choice])
-    said = {c: r.stderr + r.stdout for c, r in runs.items()}
+        args = ["--stage", "kl", "--config", str(cfg), f"out_dir={tmp_path / choice}"]
+        p = run([sys.executable, str(TRAIN), *args] if spoil_at is None else
+                [sys.executable, "tests/skip_step_check.py", str(spoil_at), *args])
+        assert p.returncode == 0, tail(p)
+        said[choice] = p.stderr + p.stdout
+    return cfg, said, metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
+
+
+def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
+    """The default (auto) reaches stage kl's engine (ZeRO-1, bf16) with the sync-free step: the run says so and its
+    losses and learning rates equal those of DeepSpeed's step (over torch's default AdamW: within fp32 rounding; the
+    tiny student's gradient norm stays under the clip); a bad value is refused by name before any model."""
+    cfg, said, a, b = _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps=4)
     assert "DS_HYBRID_OPTIMIZER_STEP=auto: the optimizer step reads nothing on the host" in said["default"]
     assert "reads nothing on the host" not in said["deepspeed"]
-    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
     assert len(a) == 4 and list(a) == list(b)
     np.testing.assert_allclose([b[s]["loss"] for s in a], [a[s]["loss"] for s in a], rtol=1e-5)
     assert [b[s]["lr"] for s in a] == [a[s]["lr"] for s in a]
@@ -704,28 +713,13 @@ def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
 
 def test_a_non_finite_gradient_norm_skips_the_step_as_deepspeed_does_in_a_kl_stage(tmp_path, monkeypatch):
     """A NaN in the reduced gradients of the second optimizer step (tests/skip_step_check.py), a cosine schedule
-    that changes the lr every step: under the default (the sync-free step) the trainer logs what DeepSpeed's step gives: the same losses
-    (within fp32 rounding: foreach against fused AdamW), a non-finite norm at that step, the schedule held there (its lr
-    logged equals the step before's, and every later step's equals DeepSpeed's run), and the run says it skipped."""
-    teacher = make_tiny_teacher(tmp_path / "teacher")
-    corpus = make_corpus(tmp_path / "corpus", n_files=12)
-    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
-                       kl={"init_from": "teacher", "seq_len": 64, "tokens": 64 * 4 * 5, "global_batch": 4,
-                           "micro_batch": 2, "ckpt_every": 0, "export": False, "eval_sequences": 2,
-                           "schedule": "cosine", "warmup_steps": 0,
-                           "ds_config": "ds_configs/student_zero1.json", "teacher_ds_config": "ds_configs/single.json"})
-    runs = {}
-    for choice in ("deepspeed", "default"):
-        if choice == "default":
-            monkeypatch.delenv("DS_HYBRID_OPTIMIZER_STEP", raising=False)
-        else:
-            monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
-        runs[choice] = run([sys.executable, "tests/skip_step_check.py", "2", "--stage", "kl", "--config", str(cfg),
-                            f"out_dir={tmp_path / choice}"])
-        assert runs[choice].returncode == 0, tail(runs[choice])
-    said = runs["default"].stderr + runs["default"].stdout
-    assert "reads nothing on the host" in said and "skipped an optimizer step" in said
-    a, b = metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
+    that changes the lr every step: under the default (the sync-free step) the trainer logs what DeepSpeed's step
+    gives: the same losses (within fp32 rounding: foreach against fused AdamW), a non-finite norm at that step, the
+    schedule held there (its lr logged equals the step before's, every lr equals DeepSpeed's run's), and the run says
+    it skipped."""
+    _, said, a, b = _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps=5, spoil_at=2, schedule="cosine",
+                                               warmup_steps=0)
+    assert "reads nothing on the host" in said["default"] and "skipped an optimizer step" in said["default"]
     assert list(a) == list(b) == [1, 2, 3, 4, 5]
     assert not np.isfinite(a[2]["grad_norm"]) and not np.isfinite(b[2]["grad_norm"])
     assert all(np.isfinite(b[s]["grad_norm"]) for s in (1, 3, 4, 5))

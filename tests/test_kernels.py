@@ -59,6 +59,44 @@ def test_loss_kl_and_grads_match_fp64(fn, T, kl_w, ce_w):
     assert rel(h.grad, r_dh) < 1e-5 and rel(w.grad, r_dw) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_scale_leaves_gradients_untouched_at_one_and_scales_otherwise(dtype):
+    """The backward's gradients dh and dW are formed in the forward and scaled by the gradient the loss receives
+    (fused_kl.scale_unless_one_, g read on the device): a g of exactly 1 leaves them bit for bit (that it also skips
+    the pass over them is a GPU time, for bench/kl.py); 0.3 gives x * 0.3
+    (fp32 product, one rounding: exact in fp32; bf16 within one unit in the last place: the interpreter rounds toward
+    zero); NaN spreads as torch's multiply would; a non-contiguous tensor takes torch's multiply."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5000, generator=g).to(dtype)  # 15,000 elements: 4 programs, the last one partial
+    y = x.clone()
+    assert fused_kl.scale_unless_one_(y, torch.tensor(1.0)) is y and torch.equal(y, x)
+    fused_kl.scale_unless_one_(y, torch.tensor(0.3))
+    want = x.float() * torch.tensor(0.3)
+    if dtype == torch.float32:
+        assert torch.equal(y, want)
+    else:
+        assert ((y.float() - want).abs() <= want.abs() * 2.0**-7).all() and not torch.equal(y, x)
+    y = x.clone()
+    assert fused_kl.scale_unless_one_(y, torch.tensor([float("nan")])).isnan().all()
+    t = x.clone().t()
+    assert torch.equal(fused_kl.scale_unless_one_(t, torch.tensor(0.5)), x.t() * 0.5)
+    with pytest.raises(ValueError, match="one"):
+        fused_kl.scale_unless_one_(x.clone(), torch.ones(2))
+
+
+def test_a_scaled_loss_scales_the_gradients():
+    """(loss x 0.25).backward(), as DeepSpeed's accumulation over 4 micro-batches calls it: the gradients are the fp64
+    reference's x 0.25; x 1 against the same reference."""
+    N, H, V = 45, 24, 333
+    hs, ws, ht, wt, mask, lab = inputs(N, H, V, seed=11)
+    _, _, r_dh, r_dw = reference(hs, ws, ht, wt, mask, None, 1.0, 1.0, 0.0)
+    for s in (1.0, 0.25):
+        h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
+        loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, None, 1.0, 1.0, 0.0, chunk=16)
+        (loss * s).backward()
+        assert rel(h.grad, r_dh * s) < 1e-5 and rel(w.grad, r_dw * s) < 1e-5
+
+
 def test_no_tokens_give_zero_loss_and_zero_gradients(monkeypatch):
     """dW is written by the first chunk's GEMM (no zero fill); with no chunk at all it must still be zeros (fresh
     tensors filled with NaN here, so that an unwritten dW cannot pass by holding zeros by chance)."""

@@ -98,6 +98,18 @@ case "${1:-main}" in
       case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     ;;
+  kl21)  # issue 21 in one run (~5 minutes, an estimate): every implementation at every shape, ours with fp32 and 16-bit
+         # logits at chunks 512, 1024 and 2048 (the clause "beats every one at every shape at no more extra memory
+         # than the leanest": the chunk that fits under Liger's memory at each shape; the 70B row after the backward
+         # that skips its pass over dW where the loss's gradient is 1)
+    [ -f $R/t0 ] || date +%s > $R/t0
+    T0=$(cat $R/t0)
+    note "start kl_bench_all"
+    python3 bench/kl.py --shapes all --impls naive,fla,torchtune,liger,ours,ours_bf16 --chunks 512,1024,2048 \
+      --out $R/kl_bench_all.json > $R/logs/kl_bench_all.log 2>&1
+    note "end kl_bench_all rc=$?"
+    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    ;;
   decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the exactness check with its
             # fp32/bf16 criteria and the compiled step's tokens (first: short and decisive), then the 8B rows at
             # batch 4 with compiled graphs and fused input projections (FUSE=1: mode cuda_graphs_compiled_fused),

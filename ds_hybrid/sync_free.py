@@ -106,9 +106,7 @@ def sync_free_step(self, closure=None) -> None:
     scale = torch.where(finite, torch.clamp(self.clip_grad / (norm + 1e-6), max=1.0) if self.clip_grad > 0.0
                         else torch.ones_like(norm), torch.zeros_like(norm))
     parts = list(self.fp32_groups_gradient_flat_partition)
-    torch._foreach_mul_(parts, scale)
-    for g in parts:  # a non-finite norm: 0 x inf or NaN is NaN; zeroed, whatever the fused step does with found_inf
-        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    torch._foreach_mul_(parts, scale)  # (a non-finite norm leaves NaNs: the fused step below reads none of them)
     for param_part, grad_part in zip(self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition):
         param_part.grad = grad_part.to(param_part.dtype) if grad_part.dtype != param_part.dtype else grad_part
     if not all(g.get("fused") for g in self.optimizer.param_groups):  # (a checkpoint of DeepSpeed's step loaded since)
@@ -132,6 +130,8 @@ def apply_step_choice(engine, choice: str) -> bool:
     opt = engine.optimizer
     if not supports_sync_free(opt):
         if choice == "auto":
+            log.info("DS_HYBRID_OPTIMIZER_STEP=auto: DeepSpeed's own optimizer step (%s; the sync-free one reproduces "
+                     "ZeRO-1's BF16_Optimizer)", type(opt).__name__)
             return False
         import deepspeed
 

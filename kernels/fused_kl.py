@@ -28,6 +28,7 @@ so tests check it against an fp64 reference on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -150,14 +151,17 @@ def scale_unless_one_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     8,192 in bf16, ~1 ms on an H200) for nothing. The product is taken in fp32 and rounded once (torch's
     ``x.mul_(g.to(x.dtype))``, the reference, rounds g to x's dtype first; Triton's interpreter rounds a 16-bit
     result toward zero, a GPU to nearest). Tensors Triton cannot address (not
-    contiguous, or on CPU outside the interpreter) take the reference."""
+    contiguous, fp64, or on CPU outside the interpreter) take the reference. Like ``mul_``, it counts as an in-place
+    change of ``x`` for autograd (a second backward through tensors saved as ``x`` fails as it did with ``mul_``)."""
     if g.numel() != 1:
         raise ValueError(f"scale_unless_one_: g has {g.numel()} elements, a loss's gradient has one")
-    if not x.is_contiguous() or not (x.is_cuda or INTERPRET) or x.numel() == 0:
+    if not x.is_contiguous() or not (x.is_cuda or INTERPRET) or x.numel() == 0 or x.dtype == torch.float64:
         return x.mul_(g.to(x.dtype))
     block = 4096
-    _scale_unless_one_kernel[(triton.cdiv(x.numel(), block),)](x, g.reshape(()).contiguous(), x.numel(),
-                                                              BLOCK=block, num_warps=4)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _scale_unless_one_kernel[(triton.cdiv(x.numel(), block),)](x, g.reshape(()).contiguous(), x.numel(),
+                                                                  BLOCK=block, num_warps=4)
+    torch.autograd.graph.increment_version(x)  # (written behind autograd's back: say so, as mul_ would)
     return x
 
 
@@ -278,6 +282,7 @@ class FusedLinearLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         if not ctx.need_grad:
             return (None,) * 11

@@ -84,17 +84,26 @@ def test_backward_scale_leaves_gradients_untouched_at_one_and_scales_otherwise(d
         fused_kl.scale_unless_one_(x.clone(), torch.ones(2))
 
 
-def test_a_scaled_loss_scales_the_gradients():
-    """(loss x 0.25).backward(), as DeepSpeed's accumulation over 4 micro-batches calls it: the gradients are the fp64
-    reference's x 0.25; x 1 against the same reference."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_scaled_loss_scales_the_gradients(dtype):
+    """(loss x 0.25).backward(), as DeepSpeed's accumulation over 4 micro-batches calls it, and x 0.3: the gradients
+    are those of loss.backward() x s to the last bit (s as the fp32 loss hands it on; one rounding in the inputs'
+    dtype: fp64 ones are not cut to fp32) and the fp64 reference's x s; a second backward through the same graph (retain_graph) is refused as it was
+    with torch's in-place multiply, not answered with gradients scaled twice."""
     N, H, V = 45, 24, 333
     hs, ws, ht, wt, mask, lab = inputs(N, H, V, seed=11)
     _, _, r_dh, r_dw = reference(hs, ws, ht, wt, mask, None, 1.0, 1.0, 0.0)
-    for s in (1.0, 0.25):
-        h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
-        loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, None, 1.0, 1.0, 0.0, chunk=16)
-        (loss * s).backward()
+    grads = {}
+    for s in (1.0, 0.25, 0.3):
+        h, w = hs.to(dtype, copy=True).requires_grad_(), ws.to(dtype, copy=True).requires_grad_()
+        loss, _ = fused_linear_loss(h, w, ht.to(dtype), wt.to(dtype), mask, None, 1.0, 1.0, 0.0, chunk=16)
+        (loss * s).backward(retain_graph=True)
+        grads[s] = h.grad.clone(), w.grad.clone()
         assert rel(h.grad, r_dh * s) < 1e-5 and rel(w.grad, r_dw * s) < 1e-5
+        g = torch.tensor(s, dtype=loss.dtype).to(dtype)  # (what the fp32 loss hands its backward)
+        assert torch.equal(h.grad, grads[1.0][0] * g) and torch.equal(w.grad, grads[1.0][1] * g)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (loss * s).backward()
 
 
 def test_no_tokens_give_zero_loss_and_zero_gradients(monkeypatch):

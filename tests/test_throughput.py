@@ -372,9 +372,12 @@ def test_train_throughput_bench_measures_every_phase(tmp_path, monkeypatch):
     assert rep.returncode == 0 and "| kl_cpu | kl | 1 |" in rep.stdout, tail(rep)
 
 
-def test_teacher_overlap_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_teacher_overlap_gives_the_same_losses(tmp_path, nproc):
     """kl.teacher_overlap: the next step's teacher forward starts inside this step (on CPU in order, on CUDA on a
-    side stream); the losses of every step and the held-out scores are those of the plain path, bit for bit."""
+    side stream); the losses of every step and the held-out scores are those of the plain path, bit for bit, on one
+    rank and on two (each rank prefetches its own rows of the next step: the SmolLM2 configs' default since
+    2026-12-05)."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     runs = []
@@ -385,7 +388,7 @@ def test_teacher_overlap_gives_the_same_losses(tmp_path):
                                "ds_config": "ds_configs/student_zero1.json",
                                "teacher_ds_config": "ds_configs/single.json"})
         runs.append(["--stage", "kl", "--config", str(cfg)])
-    plain, overlapped = train_in_one_process(runs, tmp_path / "runs.json")
+    plain, overlapped = train_in_one_process(runs, tmp_path / "runs.json", nproc=nproc)
     assert plain.returncode == 0 and overlapped.returncode == 0, tail(plain) + tail(overlapped)
     logs = overlapped.stdout + overlapped.stderr
     assert "teacher_overlap: step 2 uses the teacher forward run during step 1" in logs, logs[-3000:]

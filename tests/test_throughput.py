@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_teacher
 from trainer_utils import (
-    REPO, TRAIN, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process, write_config,
+    REPO, TRAIN, free_port, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process,
+    write_config,
 )
 
 from ds_hybrid.config import load_config, validate_for_launch
@@ -674,9 +675,11 @@ def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():
     assert sync_free.apply_step_choice(engine, "auto") is False  # the default: DeepSpeed's step where this is not
 
 
-def _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps: int, spoil_at: int | None = None, **kl) -> tuple:
+def _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps: int, spoil_at: int | None = None, nproc: int = 1,
+                               **kl) -> tuple:
     """A tiny kl stage (ZeRO-1, bf16) under DeepSpeed's optimizer step and under the default: (its config, what each
-    said, each's metrics); ``spoil_at``: a NaN in that optimizer step's gradients (tests/skip_step_check.py)."""
+    said, each's metrics); ``spoil_at``: a NaN in that optimizer step's gradients (tests/skip_step_check.py, on
+    every rank); ``nproc``: ranks (gloo)."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="bf16",
@@ -691,8 +694,10 @@ def _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps: int, spoil_at: int 
         else:
             monkeypatch.setenv("DS_HYBRID_OPTIMIZER_STEP", choice)
         args = ["--stage", "kl", "--config", str(cfg), f"out_dir={tmp_path / choice}"]
-        p = run([sys.executable, str(TRAIN), *args] if spoil_at is None else
-                [sys.executable, "tests/skip_step_check.py", str(spoil_at), *args])
+        script = [str(TRAIN)] if spoil_at is None else ["tests/skip_step_check.py", str(spoil_at)]
+        launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                      str(nproc), "--master_port", str(free_port())]
+        p = run([*launch, *script, *args])
         assert p.returncode == 0, tail(p)
         said[choice] = p.stderr + p.stdout
     return cfg, said, metrics(tmp_path / "deepspeed" / "kl"), metrics(tmp_path / "default" / "kl")
@@ -714,14 +719,15 @@ def test_sync_free_step_reaches_a_kl_stage(tmp_path, monkeypatch):
     assert "kl step" not in bad.stderr + bad.stdout and "bf16_optimizer" not in bad.stderr + bad.stdout
 
 
-def test_a_non_finite_gradient_norm_skips_the_step_as_deepspeed_does_in_a_kl_stage(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_non_finite_gradient_norm_skips_the_step_as_deepspeed_does_in_a_kl_stage(tmp_path, monkeypatch, nproc):
     """A NaN in the reduced gradients of the second optimizer step (tests/skip_step_check.py), a cosine schedule
     that changes the lr every step: under the default (the sync-free step) the trainer logs what DeepSpeed's step
     gives: the same losses (within fp32 rounding: foreach against fused AdamW), a non-finite norm at that step, the
     schedule held there (its lr logged equals the step before's, every lr equals DeepSpeed's run's), and the run says
-    it skipped."""
-    _, said, a, b = _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps=5, spoil_at=2, schedule="cosine",
-                                               warmup_steps=0)
+    it skipped. On two ranks too (each holds the reduced gradients and takes the same decision from them)."""
+    _, said, a, b = _kl_runs_by_optimizer_step(tmp_path, monkeypatch, steps=5, spoil_at=2, nproc=nproc,
+                                               schedule="cosine", warmup_steps=0)
     assert "reads nothing on the host" in said["default"] and "skipped an optimizer step" in said["default"]
     assert list(a) == list(b) == [1, 2, 3, 4, 5]
     assert not np.isfinite(a[2]["grad_norm"]) and not np.isfinite(b[2]["grad_norm"])

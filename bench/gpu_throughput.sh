@@ -108,6 +108,7 @@ case "${1:-main}" in
     python3 bench/kl.py --shapes all --impls naive,fla,torchtune,liger,ours,ours_bf16 --chunks 512,1024,2048 \
       --out $R/kl_bench_all.json > $R/logs/kl_bench_all.log 2>&1
     note "end kl_bench_all rc=$?"
+    python3 bench/kl.py --report $R/kl_bench_all.json > $R/kl_bench_verdict.md 2>&1  # (issue 21's clause per shape)
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
   decode)  # issue 18 after a full setup, in the background (no 10-minute call limit): the exactness check with its

@@ -1,6 +1,7 @@
 """Benchmark of the vocabulary-wide KL loss (forward + backward), every implementation in ONE run on one card.
 
     python bench/kl.py [--shapes all|small] [--out results.json]
+    python bench/kl.py --report results.json   # issue 21's verdict per shape from a run's JSON (no GPU)
 
 For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
 - naive: torch with materialized fp32 logits (log_softmax + kl_div, batchmean), autograd
@@ -193,6 +194,55 @@ def bench_one(name, fn, hs, ws, ht, wt, ref, iters=10, warmup=3):
     return {"impl": name, "median_ms": statistics.median(times), "extra_peak_gib": peak / 2**30, **err}
 
 
+BASELINES = ("naive", "fla", "torchtune", "liger")
+
+
+def verdict(rows: list[dict], target_ms: dict[str, float] | None = None) -> list[dict]:
+    """Per shape of one run: the baselines' time and extra memory, and our fastest row (any chunk, fp32 or 16-bit
+    logits) whose extra memory is at most the leanest baseline's (issue 21: "beats every one in time at every shape,
+    at no more extra memory than the leanest"); ``beats_all`` is False where no row of ours fits or one baseline is
+    at least as fast. A baseline that failed (OOM, mismatch) is left out of both the time and the memory bar."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape and "median_ms" in r]
+        base = {r["impl"]: r for r in mine if r["impl"] in BASELINES}
+        ours = [r for r in mine if r["impl"].startswith("ours")]
+        if not base or not ours:
+            out.append({"shape": shape, "error": "no baseline row" if not base else "no row of ours"})
+            continue
+        leanest = min(base.values(), key=lambda r: r["extra_peak_gib"])
+        fits = [r for r in ours if r["extra_peak_gib"] <= leanest["extra_peak_gib"] + 1e-9]
+        best = min(fits, key=lambda r: r["median_ms"]) if fits else None
+        fastest_base = min(base.values(), key=lambda r: r["median_ms"])
+        v = {"shape": shape, "leanest": leanest["impl"], "leanest_gib": leanest["extra_peak_gib"],
+             "fastest_baseline": fastest_base["impl"], "fastest_baseline_ms": fastest_base["median_ms"],
+             "ours": best["impl"] if best else None, "ours_ms": best["median_ms"] if best else None,
+             "ours_gib": best["extra_peak_gib"] if best else None,
+             "ours_fastest": min(ours, key=lambda r: r["median_ms"])["impl"],
+             "ours_fastest_ms": min(r["median_ms"] for r in ours),
+             "beats_all": best is not None and best["median_ms"] < fastest_base["median_ms"]}
+        if target_ms and shape in target_ms:
+            v["target_ms"] = target_ms[shape]
+            v["target_met"] = best is not None and best["median_ms"] <= target_ms[shape]
+        out.append(v)
+    return out
+
+
+def report(path: str) -> None:
+    rows = json.loads(Path(path).read_text())["rows"]
+    print("| shape | fastest baseline (ms) | leanest baseline (extra GiB) | ours under the leanest's memory (ms / GiB) "
+          "| beats every baseline | ours fastest at any memory (ms) | target |\n|---|---|---|---|---|---|---|")
+    for v in verdict(rows, {"llama3-70b": 55.0}):
+        if "error" in v:
+            print(f"| {v['shape']} | {v['error']} |")
+            continue
+        ours = f"{v['ours']} {v['ours_ms']:.1f} / {v['ours_gib']:.2f}" if v["ours"] else "none fits"
+        target = (f"<= {v['target_ms']:g}: {'met' if v['target_met'] else 'missed'}" if "target_ms" in v else "")
+        print(f"| {v['shape']} | {v['fastest_baseline']} {v['fastest_baseline_ms']:.1f} | {v['leanest']} "
+              f"{v['leanest_gib']:.2f} | {ours} | {'yes' if v['beats_all'] else 'no'} | {v['ours_fastest']} "
+              f"{v['ours_fastest_ms']:.1f} | {target} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
@@ -201,7 +251,12 @@ def main() -> None:
     ap.add_argument("--chunks", default="1024", help="our kernel's tokens per chunk, comma-separated (e.g. 256,512,1024: "
                     "its time and extra memory at each; rows ours@C, ours at 1024)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report", default=None, metavar="JSON", help="print the verdict table of an earlier run's --out "
+                    "and exit (no GPU)")
     args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return
     try:
         chunks = tuple(int(c) for c in args.chunks.split(","))
     except ValueError:

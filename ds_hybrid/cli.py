@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--cuda-graphs", action="store_true", help="static cache, decode step replayed as a CUDA graph "
                    "(needs --device cuda; greedy; same tokens as without)")
-    p.add_argument("--max-len", type=int, default=None, help="with --cuda-graphs: static cache length, prompt + new "
-                   "tokens (default: exactly that)")
+    p.add_argument("--max-len", type=int, default=None, help="with --cuda-graphs: static cache length (default: prompt "
+                   "+ new tokens, rounded up to a multiple of 256 so that nearby lengths share a graph; exactly that "
+                   "with --compile)")
     p.add_argument("--compile", action="store_true", help="with --cuda-graphs: torch.compile the decode step before "
                    "capturing it (fewer, fused kernels; compiling takes a minute or more; same tokens)")
     p.add_argument("--fuse-projections", action="store_true", help="a hybrid's linear layers read their input "

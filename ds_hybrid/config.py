@@ -9,7 +9,7 @@
     align: {tokens: 100_000_000, seq_len: 512, global_batch: 96}       # micro_batch: auto (from the memory plan)
     kl:    {tokens: 600_000_000, seq_len: 4096, global_batch: 32, micro_batch: 1}
 
-    >>> cfg = load_config("runs/smollm2.yaml", overrides=["kl.tokens=2e6", "seed=1"])
+    >>> cfg = load_config("runs/smollm2_quickstart.yaml", overrides=["kl.tokens=2e6", "seed=1"])
 
 Each stage section is a :class:`StageConfig`; unset fields take the stage's defaults (:data:`STAGE_DEFAULTS`, the
 paper's recipe). Every problem is a :class:`~ds_hybrid.errors.ConfigError` naming the field and the fix.
@@ -85,9 +85,10 @@ class StageConfig:
     # off on CPU. ZeRO-3 engines are never compiled (partitioned parameters).
     compile: bool | Literal["auto"] = "auto"
     # kl: run the next step's teacher forward on a second CUDA stream as soon as this step's backward has run, so
-    # that the GPU computes it while the host runs DeepSpeed's optimizer step (which waits on the GPU and then leaves
-    # it idle, ~40 ms of a 580 ms SmolLM2 step: docs/BENCHMARKS.md). Same losses; refused with a ZeRO-3 teacher. On CPU
-    # the same work runs in order (what the tests check)
+    # that the GPU computes it while the host runs the optimizer step (DeepSpeed's waits on the GPU and then leaves it
+    # idle, ~40 ms of a 580 ms SmolLM2 step: docs/BENCHMARKS.md; the sync-free step of DS_HYBRID_OPTIMIZER_STEP=auto
+    # under ZeRO-1 does not wait, and the overlap still fills the host's time in it: +1-2 % on an H200, 2026-12-05).
+    # Same losses; refused with a ZeRO-3 teacher. On CPU the same work runs in order (what the tests check)
     teacher_overlap: bool = False
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a

@@ -1,9 +1,9 @@
 """Run one stage of a conversion.
 
-    deepspeed ds_hybrid/train.py --stage align --config runs/smollm2.yaml          # GPUs of this node
+    deepspeed ds_hybrid/train.py --stage align --config runs/smollm2_paper.yaml    # GPUs of this node
     torchrun --nproc_per_node 8 ds_hybrid/train.py --stage kl --config runs/x.yaml kl.tokens=2e8
     srun python ds_hybrid/train.py --stage kl --config runs/x.yaml                  # one task per rank
-    python ds_hybrid/train.py --stage align --config runs/smollm2_cpu.yaml          # one process (CPU or GPU)
+    python ds_hybrid/train.py --stage align --config runs/smollm2_quickstart.yaml   # one process (CPU or GPU)
     python ds_hybrid/train.py --stage align --config runs/x.yaml --prepare-data     # token cache only (CPU node)
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 ds_hybrid/train.py ...          # 2 CPU ranks, gloo
 

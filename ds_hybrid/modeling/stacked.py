@@ -96,8 +96,9 @@ def pass_elements_from_env() -> int | None:
     When set, the stacked projections' output of one pass ([L, rows x T, width]) stays below that many elements:
     the micro-batch's rows run in groups, every group through all L layers. Past 2^31 elements Inductor indexes the
     fused kernels that read and write that output with int64 arithmetic; groups under the int32 limit (2147483647)
-    ran at the one pass's speed on an H200 and held 7 GiB less at SmolLM2's 96 x 512 (docs/BENCHMARKS.md): a memory
-    option, off by default. Groups split rows, never layers: a compiled pass reused for another group of
+    ran at the one pass's speed on an H200 under the one-GEMM layout and held 7 GiB less at SmolLM2's 96 x 512
+    (docs/BENCHMARKS.md; under the split layout, the default since 2026-12-04, ~7 % slower: 379k against 407k
+    tokens/s on 2026-12-05): a memory option, off by default. Groups split rows, never layers: a compiled pass reused for another group of
     layers reads other parameters, at other alignments than the ones Inductor compiled it for (parameters are
     static inputs it does not re-check), which faulted on an H200 with "misaligned address" (DeepSpeed's flat
     buffers leave a 9-element A_log or dt_bias at any 2-byte offset)."""

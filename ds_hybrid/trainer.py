@@ -293,6 +293,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
                            tokens_per_s=tokens_per_step / dt, tokens=float(seen), **memory_stats())
             if sync_free.settle(runner.engine, None if gn is None else metrics["grad_norm"]):
                 metrics.update(runner.lr_metrics())  # skipped on the device: the schedule put back, as DeepSpeed's
+            # optimizer steps skipped so far (a non-finite gradient norm), by either step: DeepSpeed's count
+            metrics["skipped_steps"] = float(getattr(runner.engine, "skipped_steps", 0))
             if peak:
                 metrics["mfu"] = flops_step / dt / D.world_size() / (peak * 1e12)
             peak_gpu = max(peak_gpu or 0.0, metrics.get("peak_gpu_gib", 0.0)) if torch.cuda.is_available() else None

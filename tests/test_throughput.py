@@ -735,6 +735,8 @@ def test_a_non_finite_gradient_norm_skips_the_step_as_deepspeed_does_in_a_kl_sta
     np.testing.assert_allclose([b[s]["loss"] for s in b], [a[s]["loss"] for s in a], rtol=1e-5)
     assert [b[s]["lr"] for s in b] == [a[s]["lr"] for s in a] and b[2]["lr"] == b[1]["lr"] != b[3]["lr"]
     assert {k: v for k, v in b[2].items() if k.startswith("lr")} == {k: v for k, v in a[2].items() if k.startswith("lr")}
+    # the count is logged by both steps alike: 0 before the spoiled step, 1 from it on
+    assert [a[s]["skipped_steps"] for s in a] == [b[s]["skipped_steps"] for s in b] == [0, 1, 1, 1, 1]
 
 
 def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monkeypatch):

@@ -119,7 +119,8 @@ class Monitor:
         self.bar.update(1)
         if step % self.log_every == 0:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "kl", "ce", "lr")})
-            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("layer"))
+            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items()
+                             if not k.startswith("layer") and not (k == "skipped_steps" and v == 0))
             log.info("%s step %d %s", self.stage, step, shown)
 
     def close(self) -> None:

@@ -108,7 +108,7 @@ case "${1:-main}" in
     python3 bench/kl.py --shapes all --impls naive,fla,torchtune,liger,ours,ours_bf16 --chunks 512,1024,2048 \
       --out $R/kl_bench_all.json > $R/logs/kl_bench_all.log 2>&1
     note "end kl_bench_all rc=$?"
-    python3 bench/kl.py --report $R/kl_bench_all.json > $R/kl_bench_verdict.md 2>&1  # (issue 21's clause per shape)
+    python3 bench/kl.py --report $R/kl_bench_all.json --plot $R/kl_bench_all.png > $R/kl_bench_verdict.md 2>&1  # (issue 21's clause per shape)
     if [ "${KL21_DEFAULTS:-1}" = 1 ]; then  # issue 14: both stages at today's defaults (auto: the sync-free step with
       # torch's fused AdamW since 2026-12-05, measured on the GPU before only with DeepSpeed's foreach one), ~2 minutes
       case1 0 kl_defaults_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64

@@ -228,8 +228,45 @@ def verdict(rows: list[dict], target_ms: dict[str, float] | None = None) -> list
     return out
 
 
-def report(path: str) -> None:
+def plot(rows: list[dict], out: str) -> None:
+    """Time (bars) of each baseline and of our fastest row under the leanest baseline's memory (hatched: our fastest
+    row, where none fits), per shape, each bar labelled with its extra GiB; one run's rows, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    verdicts = [v for v in verdict(rows) if "error" not in v]
+    fig, ax = plt.subplots(figsize=(2.6 * max(len(verdicts), 1) + 2, 4.2))
+    n = len(BASELINES) + 1
+    width = 0.8 / n
+    for i, v in enumerate(verdicts):
+        by_impl = {r["impl"]: r for r in rows if r["shape"] == v["shape"] and "median_ms" in r}
+        bars = [(name, by_impl[name], f"C{j}", None) for j, name in enumerate(BASELINES) if name in by_impl]
+        if v["ours"]:
+            bars.append(("ours, under the leanest's memory", by_impl[v["ours"]], f"C{n - 1}", None))
+        else:
+            bars.append(("ours, fastest (over the leanest's memory)", by_impl[v["ours_fastest"]], f"C{n - 1}", "//"))
+        for j, (label, r, color, hatch) in enumerate(bars):
+            x = i + (j - (len(bars) - 1) / 2) * width
+            ax.bar(x, r["median_ms"], width, color=color, hatch=hatch, label=label)
+            ax.text(x, r["median_ms"], f"{r['extra_peak_gib']:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(range(len(verdicts)), [v["shape"] for v in verdicts])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms, forward + backward (label: extra GiB)")
+    ax.set_title("Fused linear + KL loss, one run (bench/kl.py)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one entry per label
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def report(path: str, plot_out: str | None = None) -> None:
     rows = json.loads(Path(path).read_text())["rows"]
+    if plot_out:
+        plot(rows, plot_out)
     print("| shape | fastest baseline (ms) | leanest baseline (extra GiB) | ours under the leanest's memory (ms / GiB) "
           "| beats every baseline | ours fastest at any memory (ms) | target |\n|---|---|---|---|---|---|---|")
     for v in verdict(rows, {"llama3-70b": 55.0}):
@@ -253,9 +290,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", default=None, metavar="JSON", help="print the verdict table of an earlier run's --out "
                     "and exit (no GPU)")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="with --report: a bar chart of the same (time and "
+                    "extra memory of each baseline and of our row under the leanest's memory, per shape)")
     args = ap.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, args.plot)
         return
     try:
         chunks = tuple(int(c) for c in args.chunks.split(","))

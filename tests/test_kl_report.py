@@ -56,9 +56,11 @@ def test_verdict_picks_our_fastest_row_under_the_leanest_baselines_memory():
 def test_report_prints_the_table_from_a_runs_json(tmp_path):
     p = tmp_path / "run.json"
     p.write_text(json.dumps({"info": {}, "rows": ROWS + [row("d", "ours", 1.0, 0.1)]}))
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kl.py"), "--report", str(p)], capture_output=True,
-                       text=True)
+    png = tmp_path / "kl.png"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kl.py"), "--report", str(p), "--plot", str(png)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in r.stdout.splitlines() if ln.startswith("| ")}
     assert "ours_bf16 42.0 / 0.58 | yes" in lines["a"]
     assert "none fits | no" in lines["c"]

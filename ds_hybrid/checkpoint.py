@@ -49,9 +49,24 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename, both on disk before return (fsync of the file and of its folder): after a node's crash the
+    file holds the old text or the new, never an empty one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a file system without directory handles: the rename is what it promises
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,7 +113,10 @@ class Checkpointer:
     def _needed_bytes(self) -> int | None:
         last = self.latest()
         if last is not None and (last[1] / MANIFEST).is_file():
-            return int(json.loads((last[1] / MANIFEST).read_text()).get("bytes", 0)) or self.expected_bytes
+            try:
+                return int(json.loads((last[1] / MANIFEST).read_text()).get("bytes", 0)) or self.expected_bytes
+            except (OSError, ValueError, AttributeError):  # a damaged manifest: the plan's estimate instead
+                return self.expected_bytes
         return self.expected_bytes
 
     def _space_error(self, step: int, needed: int | None, cause: BaseException | None) -> str:
@@ -123,27 +141,30 @@ class Checkpointer:
             short = bool(needed) and shutil.disk_usage(self.dir).free < needed * SPACE_MARGIN
         if D.broadcast_object(short):  # stop before writing a byte: nothing partial, the last checkpoint stays
             raise CheckpointError(self._space_error(step, needed, None))
-        failure: BaseException | None = None
         try:
             for name, engine in engines.items():
                 engine.save_checkpoint(str(path), tag=name, client_state=client_state, save_latest=False)
             torch.save(rng_state(), path / f"rng_rank{D.rank()}.pt")
         except (OSError, RuntimeError) as e:  # ENOSPC, or torch's "unexpected pos" / "failed writing file"
-            failure = e
-        if D.any_rank(failure is not None):
-            if D.is_main():
+            # No collective from here on: the other ranks may be inside DeepSpeed's own barriers of this save, where
+            # an agreement call would pair with the wrong collective and hang the job. This rank's error ends the job
+            # (the launcher stops the others); the folder has no marker, so the next resume removes it and takes the
+            # previous checkpoint.
+            if D.world_size() == 1:
                 shutil.rmtree(path, ignore_errors=True)
-            D.barrier()
-            if failure is not None and not _disk_full(failure, self.dir):
-                raise failure
-            raise CheckpointError(self._space_error(step, needed, failure)) from failure
+            if not _disk_full(e, self.dir):
+                raise
+            raise CheckpointError(self._space_error(step, needed, e)) from e
         D.barrier()
         manifest = write_manifest(path)
         if D.is_main():
             info = {"step": step, "time": time.time(), "world_size": D.world_size(), "engines": list(engines),
                     "bytes": manifest["bytes"], "files": len(manifest["files"])}
             atomic_write_text(path / MARKER, json.dumps(info))
-            for _, old in self.complete_tags()[:-self.keep]:
+            # keep this one and the newest keep - 1 before it; never one of a later step (none should exist: resume
+            # sets damaged later ones aside, _set_aside)
+            older = [p for s_, p in self.complete_tags() if s_ < step]
+            for old in older[:max(0, len(older) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier()
         return path
@@ -162,6 +183,10 @@ class Checkpointer:
         found = None
         for step, path in reversed(tags):
             problems = verify_manifest(path) if self.verify else []
+            try:
+                json.loads((path / MARKER).read_text())["world_size"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems = [f"unreadable {MARKER} marker ({type(e).__name__})", *problems]
             if not problems:
                 found = (step, path)
                 break
@@ -175,6 +200,10 @@ class Checkpointer:
                 f"again from step 0, move {self.dir} away; to resume from one anyway (unverified), set "
                 "<stage>.ckpt_verify: false")
         step, path = found
+        D.barrier()  # every rank has read the tags before any is renamed
+        if damaged and D.is_main():
+            self._set_aside([p for p, _ in damaged])
+        D.barrier()
         info = json.loads((path / MARKER).read_text())
         if info["world_size"] != D.world_size():
             raise RuntimeError(
@@ -188,6 +217,21 @@ class Checkpointer:
             client_state = cs or client_state
         set_rng_state(torch.load(path / f"rng_rank{D.rank()}.pt", weights_only=True))
         return client_state
+
+
+    @staticmethod
+    def _set_aside(paths: list[Path]) -> None:
+        """Rename damaged checkpoints newer than the one resumed out of the tag namespace (``<tag>.damaged``, kept for
+        inspection, nothing deleted): otherwise they would stay the newest "complete" tags, and the next saves would
+        size themselves from their manifests and prune the good checkpoints before them."""
+        for p in paths:
+            dest = p.with_name(f"{p.name}.damaged")
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = p.with_name(f"{p.name}.damaged{n}")
+            os.replace(p, dest)
+            log.warning("set the damaged checkpoint aside as %s (not deleted; remove it when inspected)", dest)
 
 
 def _disk_full(e: BaseException, where: Path) -> bool:

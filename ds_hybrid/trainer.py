@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -118,14 +119,23 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
 
 
 class _Signals:
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint at the end of the current step, then
+    exit. One record per process, installed when a stage starts: a signal that arrives while no step runs (a stage's
+    setup, between stage select's probes) is kept for the next step of whichever stage runs next, never dropped."""
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        log.warning("received signal %d: checkpointing at the end of this step, then exiting", signum)
+    received: int | None = None
+
+    @classmethod
+    def install(cls) -> type[_Signals]:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            if signal.getsignal(sig) != cls._handle:
+                signal.signal(sig, cls._handle)
+        return cls
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        cls.received = signum
+        log.warning("received signal %d: checkpointing at the end of the current (or next) step, then exiting", signum)
 
 
 def device_gib() -> float:
@@ -210,14 +220,39 @@ def gather_param_report(runner) -> list[dict[str, int]]:
     return D.all_gather(mine)
 
 
-def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
+def set_aside_finished_run(run_dir: Path) -> Path:
+    """Move a finished stage's DONE, checkpoints, metrics and TensorBoard files into ``run_dir/previous/<time>/`` (a
+    rerun with ``--force`` starts at step 0 and logs afresh; nothing written is deleted; its ``hf/`` export is
+    replaced by the rerun's, as before)."""
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for name in (DONE, "checkpoints", "metrics.jsonl", "tensorboard", "run_info.json"):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    log.warning("--force: the finished run's DONE, checkpoints and logs moved to %s; rerunning from step 0", dest)
+    return dest
+
+
+def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = True) -> Path:
+    """Run (or resume) one training stage. ``force``: also when it has finished (DONE); then ``restart`` sets the
+    finished run aside and starts at step 0 (`train.py --force`), ``restart=False`` resumes from its last checkpoint
+    with the config as it is now (successive halving's survivors, continued with more tokens)."""
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
+    signals = _Signals.install()  # before the setup: a signal during it is honoured at the first step
     check_env_knobs()
     run_dir = cfg.stage_dir(stage)
     if (run_dir / DONE).is_file() and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
         return run_dir
+    if (run_dir / DONE).is_file() and restart:  # --force: a fresh run, not a resume from the finished one's end
+        if D.is_main():
+            set_aside_finished_run(run_dir)
+        D.barrier()
     t_start = time.perf_counter()
     phase_s: dict[str, float] = {}  # where a run's wall time goes (a probe's fixed cost: docs/SELECT.md)
     auto_micro = cfg.stage(stage).micro_batch == "auto"
@@ -268,7 +303,6 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> Path:
         monitor.scalars(0, held_out(runner, val_batches), prefix="val")
         phase_s["first_eval"] = time.perf_counter() - t0
     t_train = time.perf_counter()
-    signals = _Signals()
     seen = start * tokens_per_step
     peak_gpu = None
     try:

@@ -74,7 +74,46 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how, c
         state = ck.load({"student": eng})
     assert state == {"step": 2} and eng.loaded == 2
     assert any(named in r.message and "damaged" in r.message for r in caplog.records), caplog.text
-    assert newest.is_dir()  # kept: nothing written is deleted
+    aside = newest.with_name(newest.name + ".damaged")  # kept, nothing written is deleted, but no longer a tag
+    assert not newest.exists() and aside.is_dir() and (aside / MARKER).is_file()
+    assert [s for s, _ in ck.complete_tags()] == [2] and any("set the damaged checkpoint aside" in r.message
+                                                             for r in caplog.records)
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_saves_after_a_fallback_past_a_damaged_manifest_keep_the_good_checkpoints(tmp_path, keep):
+    """Resumed from step 2 past a step-4 checkpoint whose manifest is garbage: the next saves size themselves (no
+    crash on the manifest), prune only what is older than themselves, and the next resume finds the newest save."""
+    ck = two_checkpoints(tmp_path)
+    (ck.latest()[1] / MANIFEST).write_text("{not json")
+    assert ck.load({"student": FakeEngine()}) == {"step": 2}
+    ck = Checkpointer(ck.dir, keep=keep)
+    for step in (3, 4, 5):
+        ck.save({"student": FakeEngine()}, step, {"step": step})
+    assert [s for s, _ in ck.complete_tags()] == [5, 4, 3, 2][:keep][::-1]
+    eng = FakeEngine()
+    assert ck.load({"student": eng}) == {"step": 5} and eng.loaded == 5
+    assert (ck.dir / "step00000004.damaged").is_dir()  # the first step-4 checkpoint, set aside before step 4 was saved
+
+
+def test_an_unreadable_marker_is_damage_not_a_crash(tmp_path, caplog):
+    ck = two_checkpoints(tmp_path)
+    (ck.latest()[1] / MARKER).write_text("")  # a node crash before the marker reached the disk
+    eng = FakeEngine()
+    with caplog.at_level("WARNING", logger="ds_hybrid"):
+        assert ck.load({"student": eng}) == {"step": 2} and eng.loaded == 2
+    assert any("unreadable COMPLETE marker" in r.message for r in caplog.records), caplog.text
+    unchecked = Checkpointer(ck.dir, keep=3, verify=False)  # unverified resumes refuse it too
+    assert unchecked.load({"student": FakeEngine()}) == {"step": 2}
+
+
+def test_a_save_never_prunes_a_later_checkpoint(tmp_path):
+    """A save at a step below an existing checkpoint (one resumed unverified past nothing, or copied in) keeps the
+    later one: pruning takes only older steps."""
+    ck = two_checkpoints(tmp_path)  # steps 2 and 4
+    ck = Checkpointer(ck.dir, keep=1)
+    ck.save({"student": FakeEngine()}, 3, {"step": 3})
+    assert [s for s, _ in ck.complete_tags()] == [3, 4]
 
 
 def test_all_checkpoints_damaged_stops_and_says_what_to_do(tmp_path):
@@ -194,3 +233,50 @@ def test_a_real_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(tmp_pat
     resumed = metrics(run_dir)
     for step in (3, 4):
         assert resumed[step]["loss"] == ref[step]["loss"], step
+
+
+def test_a_signal_between_two_stages_is_kept_for_the_next_ones_first_step():
+    """Stage select runs its probes one after the other in one process: SIGUSR1 (Slurm's warning) arriving after
+    one probe's steps, during the next one's setup, must still stop the next one at its first step, not be dropped
+    by a fresh handler (trainer.run_stage installs them before the setup)."""
+    import signal
+
+    from ds_hybrid.trainer import _Signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        first = _Signals.install()  # probe N's stage
+        assert first.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # after its last step, before probe N + 1's loop
+        second = _Signals.install()  # probe N + 1's stage
+        assert second.received == signal.SIGUSR1
+    finally:
+        _Signals.received = None
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_force_reruns_a_finished_stage_from_step_0_and_keeps_the_first_run(tmp_path):
+    """`train.py --force` on a finished stage trains again from step 0 (it used to resume from the finished run's
+    final checkpoint and train nothing); the first run's DONE, checkpoints and metrics move to previous/<time>/."""
+    from trainer_utils import make_corpus, make_tiny_teacher, metrics, tail, train_in_one_process, write_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align={"seq_len": 64, "tokens": 64 * 4 * 2, "global_batch": 4, "micro_batch": 4,
+                              "ckpt_every": 1, "export": False, "eval_sequences": 2,
+                              "ds_config": "ds_configs/student_zero1.json",
+                              "teacher_ds_config": "ds_configs/single.json"})
+    args = ["--stage", "align", "--config", str(cfg)]
+    first, again, forced = train_in_one_process([args, args, [*args, "--force"]], tmp_path / "runs.json")
+    assert first.returncode == again.returncode == forced.returncode == 0, tail(forced)
+    assert "already finished" in again.stdout + again.stderr
+    said = forced.stdout + forced.stderr
+    assert "rerunning from step 0" in said and "resumed align" not in said
+    run_dir = tmp_path / "out" / "align"
+    assert sorted(metrics(run_dir)) == [1, 2]  # the rerun's own steps, in a fresh metrics.jsonl
+    (previous,) = (run_dir / "previous").iterdir()
+    assert (previous / "DONE").is_file() and sorted(metrics(previous)) == [1, 2]
+    assert [p.name for p in sorted((previous / "checkpoints").iterdir())] == ["step00000001", "step00000002"]
+    assert (run_dir / "DONE").is_file()

@@ -85,7 +85,7 @@ def run_probe(cfg: RunConfig, probe_dir: Path, layer: int | None, s: StageConfig
     from ds_hybrid.trainer import run_stage
 
     pc = probe_run_config(cfg, probe_dir, [] if layer is None else [layer], s)
-    run_stage(pc, "kl", force=force)
+    run_stage(pc, "kl", force=force, restart=False)  # force: a survivor continues from its checkpoint
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -259,15 +259,13 @@ def test_a_signal_between_two_stages_is_kept_for_the_next_ones_first_step():
 def test_force_reruns_a_finished_stage_from_step_0_and_keeps_the_first_run(tmp_path):
     """`train.py --force` on a finished stage trains again from step 0 (it used to resume from the finished run's
     final checkpoint and train nothing); the first run's DONE, checkpoints and metrics move to previous/<time>/."""
-    from trainer_utils import make_corpus, make_tiny_teacher, metrics, tail, train_in_one_process, write_config
+    from trainer_utils import (make_corpus, make_tiny_teacher, metrics, one_process_stage, tail, train_in_one_process,
+                                write_config)
 
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
-                       align={"seq_len": 64, "tokens": 64 * 4 * 2, "global_batch": 4, "micro_batch": 4,
-                              "ckpt_every": 1, "export": False, "eval_sequences": 2,
-                              "ds_config": "ds_configs/student_zero1.json",
-                              "teacher_ds_config": "ds_configs/single.json"})
+                       align=one_process_stage(2, ckpt_every=1))
     args = ["--stage", "align", "--config", str(cfg)]
     first, again, forced = train_in_one_process([args, args, [*args, "--force"]], tmp_path / "runs.json")
     assert first.returncode == again.returncode == forced.returncode == 0, tail(forced)

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config, tiny_teacher
 from trainer_utils import (
     REPO, TRAIN, free_port, make_corpus, make_tiny_teacher, metrics, run, tail, train, train_in_one_process,
-    write_config,
+    one_process_stage, write_config,
 )
 
 from ds_hybrid.config import load_config, validate_for_launch
@@ -745,10 +745,7 @@ def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monk
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
-                       align={"seq_len": 64, "tokens": 64 * 4 * 3, "global_batch": 4, "micro_batch": 4,
-                              "ckpt_every": 0, "export": False, "eval_sequences": 2,
-                              "ds_config": "ds_configs/student_zero1.json",
-                              "teacher_ds_config": "ds_configs/single.json"})
+                       align=one_process_stage(3))
     losses = {}
     for stacked_mode, layout in (("0", "split"), ("1", "one_gemm"), ("1", "split")):
         monkeypatch.setenv("DS_HYBRID_ALIGN_STACKED", stacked_mode)

@@ -61,6 +61,14 @@ def stage_section(**kw) -> dict:
     return base
 
 
+def one_process_stage(steps: int, **kw) -> dict:
+    """A stage section for one CPU process: steps of 4 x 64 tokens, ZeRO-1 student, plain teacher, no export."""
+    base = {"seq_len": 64, "tokens": 64 * 4 * steps, "global_batch": 4, "micro_batch": 4, "ckpt_every": 0,
+            "export": False, "eval_sequences": 2, "ds_config": "ds_configs/student_zero1.json",
+            "teacher_ds_config": "ds_configs/single.json"}
+    return {**base, **kw}
+
+
 def write_config(path: Path, teacher: Path, corpus: Path, out_dir: Path, **sections) -> Path:
     cfg = {
         "run_name": "t", "out_dir": str(out_dir), "teacher": str(teacher), "softmax_layers": [1],

@@ -325,8 +325,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
             gn = runner.grad_norm if runner.grad_norm is not None else runner.engine.get_global_grad_norm()
             metrics.update(grad_norm=float(gn) if gn is not None else float("nan"), step_time_s=dt,
                            tokens_per_s=tokens_per_step / dt, tokens=float(seen), **memory_stats())
-            if sync_free.settle(runner.engine, None if gn is None else metrics["grad_norm"]):
-                metrics.update(runner.lr_metrics())  # skipped on the device: the schedule put back, as DeepSpeed's
+            # a step skipped on the device: counted, the schedule put back, as DeepSpeed's (its logged lr, read
+            # before the step, is the one it would have used)
+            sync_free.settle(runner.engine, None if gn is None else metrics["grad_norm"])
             # optimizer steps skipped so far (a non-finite gradient norm), by either step: DeepSpeed's count
             metrics["skipped_steps"] = float(getattr(runner.engine, "skipped_steps", 0))
             if peak:

@@ -101,6 +101,7 @@ class AlignStage(Stage):
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         per_layer = []
+        lr = self.lr_metrics()  # the step's own (engine.step() at the boundary advances the schedule to the next)
         for mb in micro_batches:
             losses = self._forward(mb.to(self.ctx.device, non_blocking=True))
             loss = losses.mean()
@@ -109,7 +110,7 @@ class AlignStage(Stage):
             self.engine.step()
             per_layer.append(losses.detach().float())
         layer = D.all_reduce_mean(torch.stack(per_layer).mean(0)).tolist()  # the step's one device-to-host transfer
-        out = {"loss": sum(layer) / len(layer), **self.lr_metrics()}
+        out = {"loss": sum(layer) / len(layer), **lr}
         out.update({f"layer{i:02d}": v for i, v in enumerate(layer)})
         return out
 

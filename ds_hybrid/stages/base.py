@@ -83,8 +83,8 @@ class Stage:
         return 0.0
 
     def lr_metrics(self) -> dict[str, float]:
-        """The learning rate as a step logs it (the trainer logs it again after undoing the schedule's advance on a
-        skipped step: ``sync_free.settle``)."""
+        """The learning rate the next optimizer step will use (a stage's train_step reads it before that step, so
+        that each step logs its own)."""
         return {"lr": self.engine.get_lr()[0]}
 
 

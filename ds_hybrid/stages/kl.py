@@ -152,6 +152,7 @@ class KLStage(Stage):
         kl_tokens = []
         nxt = self.next_batches
         h_t, ready = self._take_prefetched(None if nxt is None else nxt[0] - 1)
+        lr = self.lr_metrics()  # the step's own (engine.step() at the boundary advances the schedule to the next)
         for i, mb in enumerate(micro_batches):
             loss, stats = self._losses(mb.to(self.ctx.device, non_blocking=True), h_t=h_t if i == 0 else None,
                                        h_t_ready=ready if i == 0 else None)
@@ -179,7 +180,7 @@ class KLStage(Stage):
                 out.update(kl_p50=values[3], kl_p90=values[4], kl_p99=values[5])
         if self.ctx.s.ce_weight or not self.uses_teacher:
             out["ce"] = values[2]
-        out.update(self.lr_metrics())
+        out.update(lr)
         self.last_kl_tokens = torch.cat(kl_tokens) if kl_tokens else None
         return out
 

@@ -34,7 +34,7 @@ import torch
 
 from ds_hybrid.config import DataConfig
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.tokencache import Unit, build, read_shards, token_dtype, val_share
+from ds_hybrid.tokencache import Unit, build, done_prefixes, read_shards, token_dtype, val_share
 
 log = logging.getLogger("ds_hybrid")
 
@@ -69,7 +69,9 @@ def source_files(source: str | list[str]) -> list[Path] | None:
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            # (hidden files and folders skipped: e.g. the .cache/ of `hf download --local-dir`)
+            found = sorted(f for f in p.rglob("*")
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise ConfigError("data.source", item, "this folder holds no files")
             files.extend(found)
@@ -83,11 +85,26 @@ def source_files(source: str | list[str]) -> list[Path] | None:
     return files
 
 
-def _kind(f: Path) -> str:
-    name = f.name.lower().removesuffix(".gz")
-    suffix = Path(name).suffix
-    return "parquet" if suffix in PARQUET_SUFFIXES else "jsonl" if suffix == ".jsonl" else \
-        "json" if suffix == ".json" else "text"
+def _kind(f: Path) -> str | None:
+    """The reader of a corpus file, from its name: text (.txt, .md, .rst, .text or no suffix), jsonl, json (each
+    optionally .gz) or parquet; None for anything else (.zst, .xz, .arrow, ...), which is refused, not read as text."""
+    name = f.name.lower()
+    base = name.removesuffix(".gz")
+    suffix = Path(base).suffix
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet" if base == name else None
+    if suffix in (".jsonl", ".json"):
+        return suffix[1:]
+    return "text" if suffix in TEXT_SUFFIXES or suffix == "" else None
+
+
+def _check_kinds(files: list[Path]) -> None:
+    bad = [f for f in files if _kind(f) is None]
+    if bad:
+        shown = ", ".join(str(f) for f in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ConfigError("data.source", shown, "files of a kind ds-hybrid does not read (it reads .txt/.md/.rst/.text "
+                          "and suffix-less text, .json/.jsonl, each optionally .gz, and .parquet): decompress them "
+                          "(e.g. `zstd -d` for DCLM's .jsonl.zst) or move them out of the folder")
 
 
 def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None] | None = None) -> dict[str, list[Unit]]:
@@ -101,6 +118,7 @@ def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None]
     files = source_files(src)
     if files is None:
         return {DATA_SOURCE: _hub_units(src, cfg.text_field)}
+    _check_kinds(files)
     text = [f for f in files if _kind(f) == "text"]
     units = [Unit(DATA_SOURCE, 0, "text", tuple(str(f) for f in text[i:i + TEXT_FILES_PER_UNIT]))
              for i in range(0, len(text), TEXT_FILES_PER_UNIT)]
@@ -132,7 +150,9 @@ def cache_key(cfg: DataConfig, units: dict[str, list[Unit]], tokenizer) -> str:
         h.update(source.encode())
         for u in us:
             h.update(u.fingerprint().encode())
-    h.update(json.dumps({"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "eos": cfg.add_eos,
+    # add_eos: which token separates the documents is part of the cached tokens (the fingerprint omits it)
+    eos = tokenizer.eos_token_id if cfg.add_eos else False
+    h.update(json.dumps({"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tokenizer), "eos": eos,
                          "val": cfg.val_tokens, "split": cfg.split_seed, "max_docs": cfg.max_documents},
                         sort_keys=True).encode())
     return h.hexdigest()[:20]
@@ -160,11 +180,10 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     if is_main:
         used = build(units, tokenizer, out, need, vals, dtype, cfg.add_eos, cfg.split_seed, cfg.num_proc,
                      cfg.max_documents)
-        (out / "used.json").write_text(json.dumps(used, indent=1))
     if barrier is not None:
         barrier()
-    if used is None:
-        used = json.loads((out / "used.json").read_text())
+    if used is None:  # the same prefix from the markers (a file written by rank 0 could be another job's by now)
+        used = done_prefixes(units, out, need, vals)
     train = [(s, a) for s in units for a in read_shards(out, used[s], "train", dtype)]
     val = [(s, a) for s in units for a in read_shards(out, used[s], "val", dtype)]
     meta = {"version": CACHE_VERSION, "source": cfg.source if isinstance(cfg.source, str) else list(cfg.source),
@@ -191,8 +210,8 @@ class PackedSequences:
     """Rows of ``seq_len`` tokens cut from token shards (a row never spans two shards; each shard's remainder is
     dropped), over one stream or several sources. Indexing returns int64 tensors.
 
-    ``mixture`` ({source: weight}, 1 = natural): a source's rows are repeated or subsampled (seeded) so that it makes
-    up weight x its natural share of the rows. ``max_rows`` (evaluation): the first rows taken round-robin over the
+    ``mixture`` ({source: weight}, 1 = natural): a source's rows are repeated or subsampled (seeded) to weight x its
+    row count; the shares are then those weighted counts over their sum (weights are relative). ``max_rows`` (evaluation): the first rows taken round-robin over the
     sources, so that every source is represented."""
 
     def __init__(self, streams: np.ndarray | Shards, seq_len: int, max_rows: int | None = None,

@@ -75,7 +75,8 @@ def iter_documents(unit: Unit) -> Iterator[str]:
     """The unit's documents, streamed (a batch of rows at a time, never the whole file)."""
     if unit.kind == "text":
         for p in unit.paths:
-            yield Path(p).read_text(errors="replace")
+            with (gzip.open(p, "rt", errors="replace") if p.endswith(".gz") else open(p, errors="replace")) as f:
+                yield f.read()
     elif unit.kind == "docs":
         for p in unit.paths:
             with gzip.open(p, "rt") as f:
@@ -240,6 +241,36 @@ def _claim_and_tokenize(args) -> UnitResult | None:
 
 
 # ---- the driver -------------------------------------------------------------------------------------------------
+def scan_prefix(units: list[Unit], out_dir: Path, need: float, val_tokens: int) -> tuple[list[dict], int, int | None]:
+    """One source's done prefix, read-only: (markers of the done prefix, held-out tokens still to find, index of the
+    first unit not done, or None when the prefix suffices). A function of the markers alone (they never change once
+    written), so every rank, and every job sharing the cache, finds the same prefix for the same need."""
+    got, train, val = [], 0, 0
+    for u in units:
+        if train >= need and val >= val_tokens:
+            return got, 0, None
+        rec = done_marker(out_dir, u)
+        if rec is None:
+            return got, max(0, val_tokens - val), u.index
+        got.append(rec)
+        train += rec["train_tokens"]
+        val += rec["val_tokens"]
+    return got, 0, None  # every unit done: as much as the source has
+
+
+def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, float],
+                  val_tokens: dict[str, int]) -> dict[str, list[dict]]:
+    """What :func:`build` returned on the rank that built (the other ranks' copy, read from the markers)."""
+    used = {}
+    for source, us in units.items():
+        got, _, first = scan_prefix(us, Path(out_dir), need[source], val_tokens.get(source, 0))
+        if first is not None:
+            raise RuntimeError(f"token cache {out_dir}: unit {first} of {source} is not tokenized after the build "
+                               "(its marker is missing): was the cache folder changed during the run?")
+        used[source] = got
+    return used
+
+
 def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str, float], val_tokens: dict[str, int],
           dtype: np.dtype, add_eos: bool = False, split_seed: int = 1234, num_proc: int = 1,
           max_documents: int | None = None, progress: bool = True) -> dict[str, list[dict]]:
@@ -252,19 +283,7 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     used: dict[str, list[dict]] = {}
 
     def scan(source: str) -> tuple[list[dict], int, int | None]:
-        """(markers of the done prefix, held-out tokens still to find, index of the first unit not done or None
-        when the prefix suffices)."""
-        got, train, val = [], 0, 0
-        for u in units[source]:
-            if train >= need[source] and val >= val_tokens.get(source, 0):
-                return got, 0, None
-            rec = done_marker(out_dir, u)
-            if rec is None:
-                return got, max(0, val_tokens.get(source, 0) - val), u.index
-            got.append(rec)
-            train += rec["train_tokens"]
-            val += rec["val_tokens"]
-        return got, 0, None  # every unit done: as much as the source has
+        return scan_prefix(units[source], out_dir, need[source], val_tokens.get(source, 0))
 
     bar = None
     try:

@@ -3,6 +3,7 @@ documents), the embedded corpus (sources, markup, duplicates, manifest) and mixt
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from trainer_utils import REPO, env
 
 from ds_hybrid.config import DataConfig, load_config
@@ -295,3 +297,79 @@ def test_embedded_corpus_build_records_every_source(tmp_path, monkeypatch):
     registers = tuple({m["sources"][n]["register"] for n in names})
     held = [tok(t, add_special_tokens=False)["input_ids"] for t in held_out_texts(tok, registers=registers)]
     assert np.array_equal(np.concatenate([a for _, a in streams.val]), np.concatenate(held))
+
+
+def test_files_of_unknown_kinds_are_refused_by_name_and_hidden_folders_skipped(tmp_path):
+    """A compressed corpus (DCLM ships .jsonl.zst) used to be read as text, its compressed bytes tokenized; now the
+    files are named with the fix before anything is tokenized. Hidden folders (`hf download`'s .cache/) are skipped;
+    suffix-less files stay text."""
+    docs = tmp_path / "texts"
+    (docs / ".cache" / "huggingface").mkdir(parents=True)
+    (docs / ".cache" / "huggingface" / "a.metadata").write_text("x")
+    (docs / "a.txt").write_text("text a")
+    (docs / "README").write_text("text b")
+    assert [Path(p).name for u in units_for(data_cfg(docs, tmp_path))[DATA_SOURCE] for p in u.paths] == ["README", "a.txt"]
+    (docs / "shard_00.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd binary")
+    with pytest.raises(ConfigError, match=r"data\.source.*shard_00\.jsonl\.zst.*zstd -d"):
+        units_for(data_cfg(docs, tmp_path))
+
+
+def test_gzipped_text_is_read_through_gzip(tmp_path):
+    import gzip
+
+    docs = tmp_path / "texts"
+    docs.mkdir()
+    with gzip.open(docs / "a.txt.gz", "wt") as f:
+        f.write("the quick brown fox")
+    (unit,) = units_for(data_cfg(docs, tmp_path))[DATA_SOURCE]
+    assert unit.kind == "text" and list(iter_documents(unit)) == ["the quick brown fox"]
+
+
+def test_other_ranks_read_the_prefix_from_the_markers_not_a_shared_file(tmp_path, tok):
+    """Rank 0 builds; the others take the same prefix from the done markers (no used.json, which another job on the
+    same cache with another budget could rewrite between the barrier and the read)."""
+    jl = write_jsonl(tmp_path / "jl", 20, 40, 60)
+    cfg = data_cfg(jl, tmp_path / "cache")
+    main = prepare_streams(cfg, tok, need_tokens=25_000)
+    prepare_streams(cfg, tok, need_tokens=60_000)  # another job extends the cache meanwhile
+    other = prepare_streams(cfg, tok, is_main=False, need_tokens=25_000)
+    assert not (main.path / "used.json").exists()
+    assert other.meta == main.meta
+    assert np.array_equal(np.concatenate([a for _, a in other.train]), np.concatenate([a for _, a in main.train]))
+    assert np.array_equal(np.concatenate([a for _, a in other.val]), np.concatenate([a for _, a in main.val]))
+
+
+def test_the_cache_key_follows_the_document_separator_under_add_eos(tmp_path, tok):
+    from ds_hybrid.data import cache_key
+
+    jl = write_jsonl(tmp_path / "jl", 2, 4, 10)
+    cfg, sep = data_cfg(jl, tmp_path / "cache"), data_cfg(jl, tmp_path / "cache", add_eos=True)
+    units = units_for(cfg)
+    other = copy.deepcopy(tok)
+    other.eos_token = tok.convert_ids_to_tokens(2 if tok.eos_token_id != 2 else 1)
+    assert other.eos_token_id != tok.eos_token_id
+    assert cache_key(cfg, units, tok) == cache_key(cfg, units, other)  # no separator: the same tokens
+    assert cache_key(sep, units, tok) != cache_key(sep, units, other) != cache_key(cfg, units, other)
+
+
+def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok):
+    """`eval --run-config RUN.yaml` takes the run's data section (here split_seed 7, val_tokens 3000), so the held-out
+    rows are those the run never trained on; without it, the default split's (other documents here)."""
+    from argparse import Namespace
+
+    import yaml
+    from trainer_utils import make_tiny_teacher
+
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    jl = write_jsonl(tmp_path / "jl", 6, 40, 60)
+    data = {"source": str(jl), "val_tokens": 3000, "split_seed": 7, "cache_dir": str(tmp_path / "cache"), "num_proc": 1}
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"data": data}))
+    args = Namespace(data=str(jl), run_config=str(run_yaml), heldout_seq_len=64, heldout_sequences=4)
+    got = torch.cat(_heldout_rows(args, {"m": str(teacher)}))
+    want = PackedSequences(prepare_streams(DataConfig(**data), tok, need_tokens=0).val, 64, max_rows=4)
+    assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
+    default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}), {"m": str(teacher)}))
+    assert not torch.equal(default, got)

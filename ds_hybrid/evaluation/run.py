@@ -188,16 +188,21 @@ def _heldout_rows(args, models) -> list[torch.Tensor]:
     from ds_hybrid.data import PackedSequences, prepare_streams
 
     tok = AutoTokenizer.from_pretrained(next(iter(models.values())))  # (local folders: check_args)
-    if args.data == "embedded":
+    data = DataConfig(source=args.data)
+    if getattr(args, "run_config", None):  # the split the models were trained with: their held-out documents
+        from ds_hybrid.config import load_config
+
+        data = load_config(args.run_config).data
+    if data.source == "embedded" and not data.add_eos and data.max_documents is None:
         from ds_hybrid.corpus import held_out_documents
         from ds_hybrid.tokencache import token_dtype
 
         per: dict[str, list[int]] = {}
-        for source, text in held_out_documents(tok):
+        for source, text in held_out_documents(tok, data.val_tokens, data.split_seed):
             per.setdefault(source, []).extend(tok(text, add_special_tokens=False)["input_ids"])
         shards = [(s, np.asarray(ids, dtype=token_dtype(len(tok)))) for s, ids in per.items()]
-    else:
-        shards = prepare_streams(DataConfig(source=args.data), tok).val
+    else:  # the token cache's held-out slice (only the units that hold it are tokenized)
+        shards = prepare_streams(data, tok, need_tokens=0).val
     val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
     return [val[[i]] for i in range(len(val))]
 
@@ -258,7 +263,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    "--max-length: left-truncated by lm-eval (none), or cut to a window centred on the answer (answer, "
                    "JRT-style)")
     p.add_argument("--haystack", default=None, help="prose files/folders for the essay NIAH (default: embedded held-out)")
-    p.add_argument("--data", default="embedded", help="corpus for held-out perplexity / KL (its held-out documents)")
+    p.add_argument("--data", default="embedded", help="corpus for held-out perplexity / KL (its held-out documents "
+                   "under the default split: data.val_tokens 65,536, data.split_seed; see --run-config)")
+    p.add_argument("--run-config", default=None, metavar="RUN.yaml", help="the run config the models were trained "
+                   "with: its data section (source, val_tokens, split_seed, ...) picks the held-out documents, so "
+                   "that a run with other data settings is scored on text it never trained on (overrides --data)")
     p.add_argument("--heldout-sequences", type=int, default=16)
     p.add_argument("--heldout-seq-len", type=int, default=1024)
     p.add_argument("--no-quality", action="store_true", help="skip held-out perplexity and KL")

@@ -211,7 +211,8 @@ class PackedSequences:
     dropped), over one stream or several sources. Indexing returns int64 tensors.
 
     ``mixture`` ({source: weight}, 1 = natural): a source's rows are repeated or subsampled (seeded) to weight x its
-    row count; the shares are then those weighted counts over their sum (weights are relative). ``max_rows`` (evaluation): the first rows taken round-robin over the
+    row count; the shares are then those weighted counts over their sum (weights are relative). ``max_rows``
+    (evaluation): the first rows taken round-robin over the
     sources, so that every source is represented."""
 
     def __init__(self, streams: np.ndarray | Shards, seq_len: int, max_rows: int | None = None,

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid.folders import atomic_write_text
 from ds_hybrid.manifest import MANIFEST, verify_manifest, write_manifest
 
 log = logging.getLogger("ds_hybrid")
@@ -45,28 +46,9 @@ SPACE_MARGIN = 1.05  # a checkpoint is about the size of the last one; keep 5 % 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint to resume from, or a save that could not be written (the message says what to do)."""
+
+
 TAG_RE = re.compile(r"^step(\d{8})$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, both on disk before return (fsync of the file and of its folder): after a node's crash the
-    file holds the old text or the new, never an empty one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a file system without directory handles: the rename is what it promises
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

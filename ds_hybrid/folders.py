@@ -1,8 +1,14 @@
-"""Folders written atomically: built under a temporary name beside their place, then renamed into it, so a reader
+"""Files and folders written atomically.
+
+Folders are built under a temporary name beside their place, then renamed into it, so a reader
 (another rank, a job of the cluster, a rerun after a crash) sees the whole folder or none of it. Model exports,
 converted teachers in a shared cache, extract-text's teachers and the embedded corpus are all written this way
 (:func:`atomic_folder`), and end with the mode of a plain ``mkdir``: ``tempfile.mkdtemp`` makes them private (0700),
-and they are read by other users and jobs."""
+and they are read by other users and jobs.
+
+Files (markers, ``DONE``, selections, token-cache shards) go through :func:`atomic_write_text` or
+:func:`fsync_file` + rename + :func:`fsync_dir`: after a node's crash a reader finds the old file or the whole new
+one, never an empty or short one under the final name."""
 
 from __future__ import annotations
 
@@ -12,6 +18,42 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def fsync_file(path: str | Path) -> None:
+    """Force ``path``'s data to disk (before it is renamed into place or a marker vouches for it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Force ``folder``'s entries (renames into it) to disk; a no-op where the file system has no directory handles."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # the rename is what such a file system promises
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write then rename, both on disk before return (fsync of the file and of its folder): after a node's crash the
+    file holds the old text or the new, never an empty one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def usual_mode(folder: str | Path) -> None:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from ds_hybrid import distributed as D
+from ds_hybrid.folders import atomic_write_text
 
 MANIFEST = "MANIFEST.json"
 SKIP = {MANIFEST, "COMPLETE"}
@@ -40,8 +41,6 @@ def _my_share(items: list[str]) -> list[str]:
 
 def write_manifest(ckpt: Path) -> dict:
     """Hash this rank's share of the checkpoint's files; rank 0 writes the manifest (temp file + rename)."""
-    from ds_hybrid.checkpoint import atomic_write_text
-
     ckpt = Path(ckpt)
     files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
     mine = {rel: {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)} for rel in _my_share(files)}

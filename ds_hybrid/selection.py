@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -117,8 +118,6 @@ def make_selection(method: str, scores: Mapping[int, float], lower_is_better: bo
 
 
 def write_selection(path: str | Path, selection: dict[str, Any]) -> None:
-    from ds_hybrid.checkpoint import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(selection, indent=1))

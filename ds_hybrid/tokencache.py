@@ -2,14 +2,15 @@
 
 A *unit* is a piece of input that one worker tokenizes on its own: one jsonl/parquet file, a group of text files,
 one shard of a hub dataset streamed through `datasets`, or one source of the embedded corpus. Each unit becomes
-``<cache>/<source>/uNNNNN.{train,val}.bin`` plus a done marker ``uNNNNN.json`` written last (temp file + rename),
-so that:
+``<cache>/<source>/uNNNNN.{train,val}.bin`` plus a done marker ``uNNNNN.json`` written last (temp file + rename,
+the shards on disk before the marker is), so that:
 
 - a run tokenizes only the units its token budget needs (units in order until their training tokens cover it,
   plus at most one unit per worker of the last wave), plus the held-out set, and a later run with a larger budget
   extends the same cache;
 - a killed build resumes where it stopped: finished units have their marker, a unit cut short has none and is
-  redone from its start;
+  redone from its start; so is a unit whose marker is unreadable or whose shards are not the size it records (a
+  node's crash can leave either);
 - two runs that share a cache never corrupt it: a unit is claimed with a file lock, its files are renamed into
   place only when complete, and a run that finds a unit locked waits for its marker;
 - memory stays flat: documents stream in batches (pyarrow / json lines / `datasets` streaming), each batch is
@@ -37,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ds_hybrid.folders import atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger("ds_hybrid")
 
@@ -145,6 +148,7 @@ class UnitResult:
     fingerprint: str = ""
     seconds: float = 0.0
     worker: int = field(default_factory=os.getpid)
+    itemsize: int = 0  # bytes per token id in the shards (0 in markers written before it was recorded: not checked)
 
 
 def val_share(val_tokens: int, n_sources: int) -> int:
@@ -164,7 +168,7 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
     t0 = time.perf_counter()
     d = Path(out_dir) / unit.source
     d.mkdir(parents=True, exist_ok=True)
-    res = UnitResult(unit.source, unit.index, fingerprint=unit.fingerprint())
+    res = UnitResult(unit.source, unit.index, fingerprint=unit.fingerprint(), itemsize=np.dtype(dtype).itemsize)
     tmp = {s: d / f".{unit.name}.{s}.bin.{os.getpid()}" for s in ("train", "val")}
     eos = tokenizer.eos_token_id if add_eos else None
     try:
@@ -195,29 +199,43 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
                     flush()
             if batch:
                 flush()
-        for s, p in tmp.items():
+        for s, p in tmp.items():  # on disk before they are renamed into place and the marker vouches for them
+            fsync_file(p)
             os.replace(p, d / f"{unit.name}.{s}.bin")
+        fsync_dir(d)
     finally:
         for p in tmp.values():
             if p.exists():
                 p.unlink()
     res.seconds = round(time.perf_counter() - t0, 3)
-    _atomic_json(d / f"{unit.name}.json", asdict(res))
+    atomic_write_text(d / f"{unit.name}.json", json.dumps(asdict(res), indent=1))
     return res
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def done_marker(out_dir: Path, unit: Unit) -> dict | None:
-    p = Path(out_dir) / unit.source / f"{unit.name}.json"
+    """The unit's marker when it vouches for this input and for the shards on disk, else None (the unit is redone):
+    no marker, one for other input (a changed file), an unreadable one, or shards of another size than it records."""
+    d = Path(out_dir) / unit.source
+    p = d / f"{unit.name}.json"
     if not p.is_file():
         return None
-    rec = json.loads(p.read_text())
-    return rec if rec.get("fingerprint") == unit.fingerprint() else None
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        log.warning("token cache: the marker %s is unreadable; unit %s of %s will be tokenized again", p, unit.index,
+                    unit.source)
+        return None
+    if not isinstance(rec, dict) or rec.get("fingerprint") != unit.fingerprint():
+        return None
+    if rec.get("itemsize"):
+        for split in ("train", "val"):
+            shard = d / f"{unit.name}.{split}.bin"
+            want = rec[f"{split}_tokens"] * rec["itemsize"]
+            if (shard.stat().st_size if shard.is_file() else -1) != want:
+                log.warning("token cache: %s is not the %d bytes its marker records; unit %s of %s will be tokenized "
+                            "again", shard, want, unit.index, unit.source)
+                return None
+    return rec
 
 
 def _claim_and_tokenize(args) -> UnitResult | None:

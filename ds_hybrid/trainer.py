@@ -39,7 +39,7 @@ from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_stream
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
-from ds_hybrid.stages.base import Stage, StageContext
+from ds_hybrid.stages.base import HeldOut, Stage, StageContext
 from ds_hybrid.stages.common import check_env_knobs
 
 log = logging.getLogger("ds_hybrid")
@@ -99,12 +99,12 @@ def _step_batches(train: PackedSequences, step: int, global_batch: int, micro_ba
     return device_micro_batches(train, rank_micro_batches(rows, D.rank(), D.world_size(), micro_batch), D.device())
 
 
-def held_out(runner: Stage, batches: list[torch.Tensor]) -> dict[str, float]:
+def held_out(runner: Stage, held: HeldOut) -> dict[str, float]:
     """The stage's held-out evaluation, run eagerly: with compiled blocks, a no-grad forward would compile a second
     set of graphs for a few dozen sequences (on a fresh H200 the first evaluation took 27 s in stage kl and 68 s in
     align, mostly compiling; docs/BENCHMARKS.md), more than the evaluation itself costs eagerly."""
     with torch.compiler.set_stance("force_eager"):
-        return runner.evaluate(batches)
+        return runner.evaluate(held)
 
 
 def prepare_data(cfg: RunConfig, stage: str) -> dict:
@@ -291,16 +291,14 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                                        "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
                                                            if k not in NOT_TERMS},
                                        "micro_batch": s.micro_batch, "micro_batch_auto": auto_micro})
-    # every rank evaluates the same number of held-out rows (collectives inside evaluate must line up)
-    per_rank = max(1, len(val) // D.world_size())
-    val_batches = [val[[(D.rank() * per_rank + i) % len(val)]] for i in range(per_rank)]
+    val_rows = HeldOut.share(val, D.rank(), D.world_size())  # the same rows scored at any world size
     tokens_per_step = s.global_batch * s.seq_len
     flops_step = runner.flops_per_token() * tokens_per_step
     peak = peak_tflops(cfg.peak_tflops)
     phase_s["setup"] = time.perf_counter() - t_start
     if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
         t0 = time.perf_counter()
-        monitor.scalars(0, held_out(runner, val_batches), prefix="val")
+        monitor.scalars(0, held_out(runner, val_rows), prefix="val")
         phase_s["first_eval"] = time.perf_counter() - t0
     t_train = time.perf_counter()
     seen = start * tokens_per_step
@@ -344,14 +342,14 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
             if s.eval_every and done % s.eval_every == 0 and done != total:
-                monitor.scalars(done, held_out(runner, val_batches), prefix="val")
+                monitor.scalars(done, held_out(runner, val_rows), prefix="val")
             if stop:
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
         phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
         t0 = time.perf_counter()
-        final = held_out(runner, val_batches)
+        final = held_out(runner, val_rows)
         phase_s["final_eval"] = time.perf_counter() - t0
         monitor.scalars(total, final, prefix="val")
         log.info("%s held-out: %s", stage, " ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("layer")))

@@ -339,6 +339,40 @@ def test_other_ranks_read_the_prefix_from_the_markers_not_a_shared_file(tmp_path
     assert np.array_equal(np.concatenate([a for _, a in other.val]), np.concatenate([a for _, a in main.val]))
 
 
+def test_units_a_crash_left_unvouched_are_tokenized_again_and_shards_reach_the_disk_first(tmp_path, tok, monkeypatch):
+    """A node's crash can leave an empty marker, or a marker over shards that never reached the disk (short files):
+    such units are redone, the others kept; and a unit's shards are fsynced before its marker exists."""
+    from ds_hybrid import tokencache
+
+    synced: list[tuple[str, bool]] = []
+    real = tokencache.fsync_file
+
+    def record(path):
+        p = Path(path)
+        marker = p.parent / (p.name.split(".")[1] + ".json")  # .uNNNNN.train.bin.<pid> -> uNNNNN.json
+        synced.append((p.name.split(".")[2], marker.exists()))
+        real(path)
+
+    monkeypatch.setattr(tokencache, "fsync_file", record)
+    jl = write_jsonl(tmp_path / "jl", 6, 30, 60)
+    cfg = data_cfg(jl, tmp_path / "cache")
+    first = prepare_streams(cfg, tok, need_tokens=float("inf"))
+    units = first.meta["sources"][DATA_SOURCE]["units"]
+    assert units == 6 and sorted(synced) == sorted([("train", False), ("val", False)] * units)
+    clean = _tokens(first.path)
+    d = first.path / DATA_SOURCE
+    (d / "u00002.json").write_text("")  # the crash came before the marker's data reached the disk
+    short = d / "u00004.train.bin"
+    short.write_bytes(short.read_bytes()[: short.stat().st_size // 2])  # ... or before the shard's did
+    kept = {p: p.stat().st_mtime_ns for p in d.glob("u*.json") if p.name not in ("u00002.json", "u00004.json")}
+    for u in units_for(cfg)[DATA_SOURCE]:
+        assert (done_marker(first.path, u) is None) == (u.index in (2, 4))
+    again = prepare_streams(cfg, tok, need_tokens=float("inf"))
+    assert _tokens(again.path) == clean  # redone to the same tokens
+    assert all(p.stat().st_mtime_ns == m for p, m in kept.items())  # the intact units were not redone
+    assert again.meta == first.meta
+
+
 def test_the_cache_key_follows_the_document_separator_under_add_eos(tmp_path, tok):
     from ds_hybrid.data import cache_key
 

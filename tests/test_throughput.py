@@ -262,6 +262,7 @@ def test_held_out_evaluation_compiles_nothing(monkeypatch):
     compile a second set of graphs (checked here too, so that the test can fail), and its result is the eager one."""
     from torch._dynamo.utils import counters
 
+    from ds_hybrid.stages.base import HeldOut
     from ds_hybrid.stages.common import compile_blocks
     from ds_hybrid.trainer import held_out
 
@@ -276,16 +277,31 @@ def test_held_out_evaluation_compiles_nothing(monkeypatch):
     trained = counters["stats"]["unique_graphs"]
 
     class Runner:
-        def evaluate(self, batches):
+        def evaluate(self, held):
             with torch.no_grad():
-                return {"logit_sum": float(sum(model(b).logits.double().sum() for b in batches))}
+                return {"logit_sum": float(sum(model(b).logits.double().sum() for b in held.rows[:held.real]))}
 
-    got = held_out(Runner(), [ids])
+    rows = HeldOut([ids], [ids], 1)
+    got = held_out(Runner(), rows)
     assert counters["stats"]["unique_graphs"] == trained
     with torch.no_grad():
         assert got["logit_sum"] == pytest.approx(float(ref(ids).logits.double().sum()), rel=1e-6)
-    Runner().evaluate([ids])  # the same evaluation outside held_out compiles more
+    Runner().evaluate(rows)  # the same evaluation outside held_out compiles more
     assert counters["stats"]["unique_graphs"] > trained
+
+
+@pytest.mark.parametrize("n,world", [(16, 1), (16, 2), (3, 2), (16, 3), (16, 24), (1, 8)])
+def test_held_out_rows_are_dealt_so_every_world_size_scores_the_same_rows(n, world):
+    """Every row once, no row twice (the old split scored len // world rows a rank, dropping the rest or, over more
+    ranks than rows, some rows twice), and every rank as many forwards (pads last, not counted)."""
+    from ds_hybrid.stages.base import HeldOut, strided_share
+
+    shares = [strided_share(n, r, world) for r in range(world)]
+    assert len({len(idx) for idx, _ in shares}) == 1
+    assert sorted(i for idx, real in shares for i in idx[:real]) == list(range(n))
+    rows = HeldOut.share(PackedSequences(np.arange(n * 4, dtype=np.uint32), 4), 1 % world, world)
+    idx, real = shares[1 % world]
+    assert rows.real == real and [int(r[0, 0]) // 4 for r in rows.rows] == idx
 
 
 def test_a_steps_micro_batches_come_from_one_copy():

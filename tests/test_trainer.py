@@ -272,7 +272,10 @@ def test_kl_from_teacher_is_stage0_transfer(tmp_path):
 
 def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
     """The same student built into ZeRO-3 partitions over 2 ranks: the held-out KL before any step equals the
-    single-process one (a partitioned build left uninitialised mixer parameters here once: NaN from step 0)."""
+    single-process one (a partitioned build left uninitialised mixer parameters here once: NaN from step 0). Three
+    held-out rows over two ranks: the scores are over the same three rows at any world size (one rank runs a pad it
+    does not count; each rank once scored len // world rows of its own, here two of the three), the recall rows
+    too."""
     teacher = make_tiny_teacher(tmp_path / "teacher")
     corpus = make_corpus(tmp_path / "corpus", n_files=10)
     vals, cfgs = {}, {}
@@ -281,7 +284,7 @@ def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
         cfgs[world, mb] = write_config(
             tmp_path / f"run{world}_{mb}.yaml", teacher, corpus, tmp_path / f"out{world}_{mb}",
             kl={"init_from": "teacher", "tokens": 8 * 128, "ckpt_every": 0, "export": False, "micro_batch": mb,
-                "ds_config": f"ds_configs/{ds}.json",
+                "eval_sequences": 3, "eval_recall": 3, "ds_config": f"ds_configs/{ds}.json",
                 "teacher_ds_config": f"ds_configs/{'single' if world == 1 else 'teacher_zero3'}.json"})
     p = train("kl", cfgs[2, 2], nproc=2)
     assert p.returncode == 0, tail(p)
@@ -290,9 +293,10 @@ def test_kl_from_teacher_zero3_matches_single_process(tmp_path):
                                   tmp_path / "single.json"):
         assert p.returncode == 0, tail(p)
     for world, mb in cfgs:
-        vals[world, mb] = metrics(tmp_path / f"out{world}_{mb}" / "kl", "val")[0]["kl"]
-    assert vals[1, 2] > 0 and vals[2, 2] == pytest.approx(vals[1, 2], rel=1e-4)
-    assert vals[1, 1] == pytest.approx(vals[1, 2], rel=1e-5)
+        vals[world, mb] = metrics(tmp_path / f"out{world}_{mb}" / "kl", "val")[0]
+    for key in ("kl", "ce", "recall_kl", "recall_nll"):
+        assert vals[1, 2][key] > 0 and vals[2, 2][key] == pytest.approx(vals[1, 2][key], rel=1e-4), key
+        assert vals[1, 1][key] == pytest.approx(vals[1, 2][key], rel=1e-5), key
 
 
 def test_one_rank_killed_mid_step_ends_the_job_then_it_resumes_to_the_same_losses(pipeline, tmp_path):

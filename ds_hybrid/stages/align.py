@@ -24,7 +24,7 @@ from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import build_mixer
 from ds_hybrid.modeling.stacked import (layout_from_env, pass_elements_from_env, stacked_choice_from_env,
                                         stacked_forward, supports_stacked)
-from ds_hybrid.stages.base import Stage, build_teacher_engine, init_mixer_from_reader
+from ds_hybrid.stages.base import HeldOut, Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      student_engine, wants_compile, zero_stage)
 from ds_hybrid.teacher import teacher_generation_config
@@ -115,11 +115,15 @@ class AlignStage(Stage):
         return out
 
     @torch.no_grad()
-    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, held: HeldOut) -> dict[str, float]:
         self.engine.eval()
-        layer = torch.stack([self._forward(b.to(self.ctx.device)).float() for b in batches]).mean(0)
+        per_row = [self._forward(b.to(self.ctx.device)).double() for b in held.rows]  # every rank: the same forwards
         self.engine.train()
-        layer = D.all_reduce_mean(layer)
+        sums = torch.cat([torch.stack(per_row[:held.real]).sum(0) if held.real else torch.zeros_like(per_row[0]),
+                          torch.tensor([held.real], dtype=torch.float64, device=per_row[0].device)])
+        if D.world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        layer = sums[:-1] / sums[-1]  # per layer, the mean over the held-out rows (each row's loss a token mean)
         out = {"loss": float(layer.mean())}
         out.update({f"layer{i:02d}": float(v) for i, v in enumerate(layer)})
         return out

@@ -49,6 +49,32 @@ class StageContext:
                                 self.dtype, self.teacher_config.hidden_size, field, train=train)
 
 
+def strided_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Rank ``rank``'s share of ``n`` items dealt round-robin: (indices, how many are real). Every rank gets
+    ceil(n / world) indices so that per-item work with collectives inside (ZeRO-3's gathers) lines up; a rank short
+    of items is padded with index 0 at the end, to run and not count."""
+    mine = list(range(rank, n, world))
+    per_rank = max(1, -(-n // world))
+    return mine + [0] * (per_rank - len(mine)), len(mine)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out rows a stage scores. ``every``: all n of them, the same on every rank (stage kl's recall rows are
+    made from its first ones); ``rows``: this rank's :func:`strided_share` ([1, seq_len] each), of which only
+    ``rows[:real]`` count. A stage's scores are means over the n rows whatever the world size: one GPU and eight
+    report the same held-out numbers for the same run, up to summation order."""
+
+    every: Any  # indexable by a list of row indices, as PackedSequences is
+    rows: list[torch.Tensor]
+    real: int
+
+    @classmethod
+    def share(cls, every, rank: int, world: int) -> HeldOut:
+        idx, real = strided_share(len(every), rank, world)
+        return cls(every, [every[[i]] for i in idx], real)
+
+
 class Stage:
     """One training stage. The trainer calls setup, then train_step per optimizer step, evaluate, export."""
 
@@ -73,7 +99,7 @@ class Stage:
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
-    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, held: HeldOut) -> dict[str, float]:
         raise NotImplementedError
 
     def export(self, out_dir: Path) -> None:

@@ -28,7 +28,8 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import export_hf
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
-from ds_hybrid.stages.base import Stage, build_teacher_engine, check_init_from, hybrid_export_groups, load_hybrid
+from ds_hybrid.stages.base import (HeldOut, Stage, build_teacher_engine, check_init_from, hybrid_export_groups,
+                                   load_hybrid, strided_share)
 from ds_hybrid.stages.common import (
     compile_blocks, count_params, grad_norm_before_step, student_engine, unpacked_rows, wants_compile, zero_stage,
 )
@@ -84,6 +85,11 @@ class LMStudent(nn.Module):
             kl_weight=self.kl_weight if kl_weight is None else kl_weight,
             ce_weight=self.ce_weight if ce_weight is None else ce_weight,
         )
+
+
+def _rows_sum(per_token: torch.Tensor, rows: int, real: int) -> torch.Tensor:
+    """The sum of a [rows * T] per-token loss over its first ``real`` rows, in fp64."""
+    return per_token.view(rows, -1)[:real].sum().double()
 
 
 class KLStage(Stage):
@@ -228,19 +234,20 @@ class KLStage(Stage):
         return h_t, ready
 
     @torch.no_grad()
-    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, held: HeldOut) -> dict[str, float]:
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # kl sum, kl n, ce sum, ce n
         mb = max(1, self.ctx.s.micro_batch)  # rows per forward, as in training (one row each was launch bound)
-        for i in range(0, len(batches), mb):
-            b = torch.cat(batches[i:i + mb])
+        for i in range(0, len(held.rows), mb):
+            b = torch.cat(held.rows[i:i + mb])
             _, st = self._losses(b.to(self.ctx.device), kl_weight=1.0 if self.teacher else 0.0, ce_weight=1.0)
+            real = max(0, min(len(b), held.real - i))  # a rank's last row may be a pad: run, not counted
             if st.kl_per_token is not None:
-                sums[0] += st.kl_per_token.sum().double()
-                sums[1] += st.n_kl
-            sums[2] += st.ce_per_token.sum().double()
-            sums[3] += st.n_ce
-        recall = self._recall(batches) if self.ctx.s.eval_recall else None
+                sums[0] += _rows_sum(st.kl_per_token, len(b), real)
+                sums[1] += st.n_kl.double() * real / len(b)  # packed rows: every row has as many scored tokens
+            sums[2] += _rows_sum(st.ce_per_token, len(b), real)
+            sums[3] += st.n_ce.double() * real / len(b)
+        recall = self._recall(held) if self.ctx.s.eval_recall else None
         self.engine.train()
         if D.world_size() > 1:
             torch.distributed.all_reduce(sums)
@@ -255,20 +262,28 @@ class KLStage(Stage):
                 out["recall_kl"] = float(recall[1] / recall[2])
         return out
 
-    def _recall(self, batches: list[torch.Tensor]) -> torch.Tensor:
-        """Sums over the needle rows made from this rank's first ``eval_recall`` held-out rows (the same rows and
-        facts at every evaluation): -log p and KL to the teacher of each answer token, and the token count."""
+    def _recall(self, held: HeldOut) -> torch.Tensor:
+        """Sums over this rank's share of the needle rows made from the first ``eval_recall`` held-out rows (the
+        same rows and facts at every evaluation and world size): -log p and KL to the teacher of each answer token,
+        and the token count."""
         from ds_hybrid.recall_tasks import needle_rows
 
         if getattr(self, "_needles", None) is None:
-            rows = [r.tolist() for b in batches for r in b][:self.ctx.s.eval_recall]
-            self._needles = needle_rows(rows, self.ctx.tokenizer, seed=self.ctx.cfg.seed + D.rank())
+            n = min(self.ctx.s.eval_recall, len(held.every))
+            every = needle_rows([held.every[[i]][0].tolist() for i in range(n)], self.ctx.tokenizer,
+                                seed=self.ctx.cfg.seed)
+            idx, real = strided_share(n, D.rank(), D.world_size())
+            self._needles = ([every[i] for i in idx], real)
+        needles, real = self._needles
         sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
         mb = max(1, self.ctx.s.micro_batch)
-        for i in range(0, len(self._needles), mb):
-            group = self._needles[i:i + mb]
+        for i in range(0, len(needles), mb):
+            group = needles[i:i + mb]
             ids = torch.tensor([g[0] for g in group], device=self.ctx.device)
             _, st = self._losses(ids, kl_weight=1.0 if self.teacher else 0.0, ce_weight=1.0)
+            group = group[:max(0, real - i)]  # pads (the share's last row on some ranks) ran for the collectives
+            if not group:
+                continue
             T = ids.shape[1]
             # position p's loss is about token p + 1: the answer's tokens start..end-1 are positions start-1..end-2
             pos = torch.cat([torch.arange(j * T + s - 1, j * T + e - 1) for j, (_, s, e) in enumerate(group)])

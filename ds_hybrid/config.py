@@ -93,7 +93,7 @@ class StageConfig:
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
     # killed stage then restarts from its first step)
-    keep_checkpoints: int = 2  # 0: delete them once the stage is DONE
+    keep_checkpoints: int = 2  # 0: delete them once the stage is DONE (and no save at the last step)
     ckpt_verify: bool = True  # resume checks the checkpoint's files against its manifest (sizes and SHA-256)
     export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end
@@ -399,8 +399,17 @@ def validate_static(cfg: RunConfig) -> None:
     for name in TRAIN_STAGES:
         check_stage(getattr(cfg, name), name)
     if cfg.select.method in ("ga_s2", "halving"):  # its probes: short kl runs, settings of select.probe over kl's
-        check_stage(_build(StageConfig, dict(cfg.select.probe), "select.probe", StageConfig(**STAGE_DEFAULTS["kl"])),
-                    "select.probe")
+        probe = _build(StageConfig, dict(cfg.select.probe), "select.probe", StageConfig(**STAGE_DEFAULTS["kl"]))
+        check_stage(probe, "select.probe")
+        if stage_steps(probe) < 1:
+            need = probe.global_batch * probe.seq_len
+            raise ConfigError("select.probe.tokens", probe.tokens,
+                              f"gives a probe zero optimizer steps: one step takes select.probe.global_batch x seq_len "
+                              f"= {need} tokens; raise it to at least {need} or shrink those")
+    for f in ("halving_first_tokens", "halving_keep"):
+        v = getattr(cfg.select, f)
+        if v is not None and v < 1:
+            raise ConfigError(f"select.{f}", v, "a positive number, or null for the default")
 
 
 def check_stage(s: StageConfig, name: str) -> None:

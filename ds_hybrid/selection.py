@@ -9,10 +9,12 @@ selection.json (written by stage select, read by stage kl through ``softmax_laye
      "ranking": [20, 4, ...],                                # most important first
      "chosen": {"k=4": [...], "ratio=0.25": [...]},
      "budget": {...}, "tokens_spent": 123456,
-     "teacher": {"path": ..., "fingerprint": ...}, "align": {"path": ..., "fingerprint": ...},
+     "teacher": {"path": ..., "fingerprint": ..., "content": ...}, "align": {...},
      "config_hash": ..., "created": ...}
 
-Stage kl refuses a selection whose teacher or align-checkpoint fingerprint differs from its own run.
+Stage kl refuses a selection whose teacher or align checkpoint differs from its own run's: by ``content`` (samples of
+every tensor's bytes: a retrained align export of the same shapes differs) where the selection records it, else by
+``fingerprint`` (config and file sizes: selections written before ``content`` existed).
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ def folder_fingerprint(folder: str | Path) -> str:
         elif name in ("config.json", "model.safetensors.index.json"):
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def content_fingerprint(folder: str | Path, sample: int = 64) -> str:
+    """Identity of an HF folder's weights: :func:`folder_fingerprint` plus, for every tensor of its safetensors
+    files, its name, dtype, shape and ``sample`` bytes at its start, middle and end. A retrained export of the same
+    shapes differs (its trained tensors do; sampling every tensor, not the files, catches one whose copied layers
+    are most of the file), a copy does not; it reads a few hundred bytes a tensor, seconds for a 70B folder."""
+    folder = Path(folder)
+    h = hashlib.sha256(folder_fingerprint(folder).encode())
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            base = 8 + n
+            for name in sorted(k for k in header if k != "__metadata__"):
+                t = header[name]
+                lo, hi = t["data_offsets"]
+                h.update(f"{name}|{t['dtype']}|{t['shape']}".encode())
+                for at in sorted({lo, max(lo, (lo + hi) // 2 - sample // 2), max(lo, hi - sample)}):
+                    f.seek(base + at)
+                    h.update(f.read(min(sample, hi - at)))
+    return h.hexdigest()[:16]
+
+
+def folder_identity(folder: str | Path) -> dict[str, str]:
+    """What a selection records of a folder it depends on (the teacher, the align export)."""
+    return {"path": str(folder), "fingerprint": folder_fingerprint(folder), "content": content_fingerprint(folder)}
 
 
 def rank_layers(scores: Mapping[int, float], lower_is_better: bool) -> list[int]:
@@ -137,21 +166,27 @@ def read_selection(path: str | Path, field: str = "softmax_layers.selection") ->
     return sel
 
 
+def _recorded_vs_now(rec: dict, folder: str | Path) -> tuple[str | None, str]:
+    """(the identity a selection recorded of a folder, the folder's now), by content where it was recorded."""
+    if rec.get("content") is not None:
+        return rec["content"], content_fingerprint(folder)
+    return rec.get("fingerprint"), folder_fingerprint(folder)
+
+
 def check_selection_origin(spec: Any, teacher_path: str, align_dir: str | Path | None, field: str = "softmax_layers") -> None:
     """Refuse a selection computed from another teacher or another align checkpoint than this run's."""
     if not (isinstance(spec, dict) and "selection" in spec):
         return
     sel = read_selection(spec["selection"], f"{field}.selection")
-    teacher_fp = folder_fingerprint(teacher_path)
-    if sel.get("teacher", {}).get("fingerprint") not in (None, teacher_fp):
+    rec = sel.get("teacher", {})
+    want, have = _recorded_vs_now(rec, teacher_path)
+    if want is not None and want != have:
         raise ConfigError(f"{field}.selection", spec["selection"],
-                          f"was computed for teacher {sel['teacher'].get('path')} (fingerprint "
-                          f"{sel['teacher']['fingerprint']}), this run's teacher {teacher_path} is {teacher_fp}; "
-                          "run stage select for this teacher")
-    want = sel.get("align", {}).get("fingerprint")
-    if want is not None and align_dir is not None and Path(align_dir).is_dir():
-        have = folder_fingerprint(align_dir)
-        if want != have:
+                          f"was computed for teacher {rec.get('path')} ({want}), this run's teacher {teacher_path} "
+                          f"is {have}; run stage select for this teacher")
+    if align_dir is not None and Path(align_dir).is_dir():
+        want, have = _recorded_vs_now(sel.get("align", {}), align_dir)
+        if want is not None and want != have:
             raise ConfigError(f"{field}.selection", spec["selection"],
                               f"was computed from align checkpoint {sel['align'].get('path')} ({want}), this run "
                               f"starts from {align_dir} ({have}); rerun stage select on this align checkpoint")

@@ -337,7 +337,10 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 monitor.histogram(done, "train/kl_per_token", kl_tokens)
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
-            if stop or (s.ckpt_every and (done % s.ckpt_every == 0 or done == total)):
+            # the save at the last step guards the final evaluation and export; with keep_checkpoints 0 it would be
+            # deleted with the DONE marker moments later (select's probes: a full training state each), so none
+            last = done == total and s.keep_checkpoints != 0
+            if stop or (s.ckpt_every and (done % s.ckpt_every == 0 and done != total or last)):
                 t0 = time.perf_counter()
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0

@@ -171,6 +171,10 @@ def test_malformed_yaml_names_the_file_or_the_override(tmp_path):
     ("select.probe={tokens: 1000, betas: [0.9]}", r"^select\.probe\.betas=\[0\.9\]: AdamW's two betas"),
     ("select.probe={warmup_steps: -1}", r"^select\.probe\.warmup_steps=-1"),
     ("select.probe={lr_mixer: 1}", r"^select\.probe\.lr_mixer=1: unknown setting"),
+    ("select.probe={tokens: 1000, seq_len: 1024, global_batch: 8}",
+     r"^select\.probe\.tokens=1000: gives a probe zero optimizer steps.* 8192 tokens"),
+    ("select.halving_keep=0", r"^select\.halving_keep=0: a positive number"),
+    ("select.halving_first_tokens=-5", r"^select\.halving_first_tokens=-5: a positive number"),
     ("finetune.teacher_overlap=true", r"^finetune\.teacher_overlap=True: applies to stage kl only"),
     ("align.teacher_overlap=true", r"^align\.teacher_overlap=True: applies to stage kl only"),
 ])

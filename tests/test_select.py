@@ -82,6 +82,7 @@ def test_ga_s2_ranks_the_planted_layer_first(planted, ga_s2):
                  if r["split"] == "val"]
     assert val_steps == [3]  # probes are scored at their end only (no evaluation before the first step)
     assert sel["teacher"]["fingerprint"] and sel["align"]["fingerprint"]
+    assert sel["teacher"]["content"] and sel["align"]["content"]
     out = planted["out"] / "select" / "ga_s2"
     assert (out / "selection.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.*"))
@@ -291,14 +292,14 @@ def test_kl_consumes_selection_and_rejects_foreign_ones(planted, ga_s2, tmp_path
     assert ctx.softmax_layers == [PLANTED]
     # another teacher
     sel = json.loads(path.read_text())
-    sel["teacher"]["fingerprint"] = "0" * 16
+    sel["teacher"]["content"] = "0" * 16
     other = tmp_path / "other_teacher.json"
     other.write_text(json.dumps(sel))
     with pytest.raises(ConfigError, match=r"softmax_layers\.selection.*computed for teacher"):
         make_context(load_config(planted["cfg"], [f"softmax_layers={{selection: {other}, k: 1}}"]), "kl")
     # another align checkpoint
     sel = json.loads(path.read_text())
-    sel["align"]["fingerprint"] = "1" * 16
+    sel["align"]["content"] = "1" * 16
     other.write_text(json.dumps(sel))
     with pytest.raises(ConfigError, match=r"softmax_layers\.selection.*align checkpoint"):
         make_context(load_config(planted["cfg"], [f"softmax_layers={{selection: {other}, k: 1}}"]), "kl")

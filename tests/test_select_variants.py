@@ -149,6 +149,7 @@ def test_recall_score_is_the_answer_tokens_nll_and_kl():
 
     from ds_hybrid.losses import chunked_linear_loss
     from ds_hybrid.recall_tasks import needle_rows
+    from ds_hybrid.stages.base import HeldOut
     from ds_hybrid.stages.kl import KLStage, LMStudent
     from ds_hybrid.teacher import embedded_teacher_dir
     from ds_hybrid.transfer import build_hybrid
@@ -167,7 +168,7 @@ def test_recall_score_is_the_answer_tokens_nll_and_kl():
                                                 cfg=SimpleNamespace(seed=5), device=torch.device("cpu")),
                             teacher=teacher, _losses=losses)
     with torch.no_grad():
-        got = KLStage._recall(stage, batches)
+        got = KLStage._recall(stage, HeldOut(torch.cat(batches), batches, len(batches)))
         nll = kl = n = 0.0
         for ids, start, end in needle_rows([b[0].tolist() for b in batches[:3]], tok, seed=5):
             x = torch.tensor([ids])
@@ -179,7 +180,7 @@ def test_recall_score_is_the_answer_tokens_nll_and_kl():
                 n += 1
     assert got[2] == n > 0
     assert float(got[0]) == pytest.approx(nll, rel=1e-4) and float(got[1]) == pytest.approx(kl, rel=1e-3, abs=1e-5)
-    assert len(stage._needles) == 3  # built once from the first eval_recall rows, kept for later evaluations
+    assert len(stage._needles[0]) == 3  # built once from the first eval_recall rows, kept for later evaluations
 
 
 def test_probe_convergence_reads_the_ranking_a_shorter_probe_gives(tmp_path):
@@ -279,3 +280,98 @@ def test_retrieval_ranks_first_the_layer_whose_heads_copy_the_needle():
     scores = counts.layer_scores()
     assert scores[planted] == 1.0 and max(s for l, s in enumerate(scores) if l != planted) < 1.0
     assert sorted(range(4), key=lambda l: -scores[l])[0] == planted
+
+
+def _tiny_folder(path, scale: float = 1.0, big: bool = True):
+    """An HF-like folder: config.json and one safetensors file holding a large copied tensor and a small one."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"embed.weight": torch.randn(4096, 64, generator=g) if big else torch.zeros(1),
+               "mixer.weight": torch.randn(8, 8, generator=g) * scale}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_content_fingerprint_tells_retrained_weights_from_a_copy(tmp_path):
+    """A retrained align export of the same shapes: the size-based fingerprint cannot tell it apart, the content one
+    does, even when the trained tensor is 0.02 % of the file (a sample of the file's bytes would miss it); a copy is
+    the same folder."""
+    import shutil
+
+    from ds_hybrid.selection import content_fingerprint, folder_fingerprint
+
+    a = _tiny_folder(tmp_path / "a")
+    b = _tiny_folder(tmp_path / "b", scale=1.001)
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    assert folder_fingerprint(a) == folder_fingerprint(b) == folder_fingerprint(c)
+    assert content_fingerprint(a) != content_fingerprint(b)
+    assert content_fingerprint(a) == content_fingerprint(c)
+
+
+def test_kl_refuses_a_selection_of_a_retrained_align_and_reads_old_ones_by_size(tmp_path):
+    from ds_hybrid.selection import check_selection_origin, folder_identity
+
+    teacher, align, retrained = (_tiny_folder(tmp_path / n, scale=s) for n, s in
+                                 (("teacher", 1.0), ("align", 2.0), ("retrained", 3.0)))
+    sel = make_selection("ga_s2", {0: 1.0, 1: 2.0}, True, 2)
+    sel.update(teacher=folder_identity(teacher), align=folder_identity(align))
+    path = tmp_path / "selection.json"
+    write_selection(path, sel)
+    spec = {"selection": str(path), "k": 1}
+    check_selection_origin(spec, str(teacher), align)
+    with pytest.raises(ConfigError, match=r"softmax_layers\.selection=.*align checkpoint"):
+        check_selection_origin(spec, str(teacher), retrained)
+    with pytest.raises(ConfigError, match=r"softmax_layers\.selection=.*computed for teacher"):
+        check_selection_origin(spec, str(retrained), align)
+    for rec in (sel["teacher"], sel["align"]):  # a selection written before the content fingerprint
+        del rec["content"]
+    write_selection(path, sel)
+    check_selection_origin(spec, str(teacher), retrained)  # same sizes: what it can check passes
+    with pytest.raises(ConfigError, match=r"align checkpoint"):
+        check_selection_origin(spec, str(teacher), _tiny_folder(tmp_path / "other_shape", big=False))
+
+
+@pytest.mark.parametrize("env, want", [({}, 0), ({"SLURM_ARRAY_TASK_ID": "3"}, 3),
+                                       ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"}, 3),
+                                       ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0",
+                                         "SLURM_ARRAY_TASK_STEP": "2"}, 3)])
+def test_probe_tasks_count_from_the_arrays_first_id(monkeypatch, env, want):
+    """sbatch --array=1-4 gave task 4 an index of 4 of 4 (refused) and left slot 0's probes to nobody."""
+    from ds_hybrid.stages.probes import task_slot
+
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert task_slot(load_config(None, [])) == (want, 4)
+
+
+def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_path):
+    from ds_hybrid.stages.probes import PROBES_KEY, claim_probes, probe_identity, probe_stage_config
+
+    align = _tiny_folder(tmp_path / "align")
+    out = tmp_path / "select" / "ga_s2"
+    cfg = load_config(None, [])
+    ident = probe_identity(cfg, probe_stage_config(cfg, align), align)
+    claim_probes(out, ident, force=False)
+    (out / "probes" / "layer_000" / "kl").mkdir(parents=True)
+    (out / "probes" / "layer_000" / "kl" / "DONE").write_text("{}")
+    claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)  # the same: reused
+    other = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, lr: 5e-4}"])
+    with pytest.raises(ConfigError, match=r"^select\.probe\.lr=0\.0005: .* other settings \(select\.probe\.lr: 0\.0001 -> 0\.0005\).*--force"):
+        claim_probes(out, probe_identity(other, probe_stage_config(other, align), align), force=False)
+    _tiny_folder(align, scale=2.0)  # the align export retrained, same shapes
+    with pytest.raises(ConfigError, match=r"^align \(its export's content fingerprint\)="):
+        claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)
+    assert (out / "probes" / "layer_000" / "kl" / "DONE").is_file()  # refusing touched nothing
+    new = probe_identity(cfg, probe_stage_config(cfg, align), align)
+    claim_probes(out, new, force=True)
+    aside = list((out / "previous").glob("*/probes/layer_000/kl/DONE"))
+    assert len(aside) == 1 and not (out / "probes" / "layer_000").exists()
+    assert json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(new, sort_keys=True))

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from ds_hybrid import distributed as D
-from ds_hybrid.checkpoint import atomic_write_text
+from ds_hybrid.folders import atomic_write_text
 from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
 from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
-from ds_hybrid.selection import rank_layers
+from ds_hybrid.selection import content_fingerprint, rank_layers
 
 log = logging.getLogger("ds_hybrid")
 BASELINE = "baseline"
@@ -53,6 +53,79 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
     return s
 
 
+# what a probe's score depends on, besides the align export, the data and the seed (logging, checkpoint cadence,
+# micro-batching and kernels are left out: they change the work's cost, not its result beyond rounding)
+PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps", "min_lr_ratio",
+                "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall")
+PROBES_KEY = "PROBES.json"
+
+
+def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: bool = False) -> dict:
+    """What the probes of a selection folder were run from. ``per_round``: halving, whose rounds are kept by their
+    step count, so the longest probe's tokens are not part of it."""
+    d = cfg.to_dict()
+    probe = {f: getattr(s, f) for f in PROBE_FIELDS if not (per_round and f == "tokens")}
+    probe["betas"] = list(probe["betas"])
+    data = {k: d["data"][k] for k in ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed",
+                                      "max_documents")}
+    return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
+            "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir)}
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(setting, old value, new value) for each setting of a probe identity that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and k in ("probe", "data"):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+# a probe identity's keys as the run config names them
+_FIELD = {"probe": "select.probe", "align": "align (its export's content fingerprint)",
+          "survivors": "select.halving_survivors"}
+
+
+def claim_probes(out: Path, identity: dict, force: bool) -> None:
+    """Bind the probes folder of ``out`` to the settings they are run from. Probes run from other settings (another
+    probe budget or lr, another align export of the same shapes, other data) are never reused: refused by name, or,
+    with ``force``, set aside to ``out/previous/<time>/probes`` (kept, nothing deleted) before new ones run."""
+    probes, key = out / "probes", out / "probes" / PROBES_KEY
+    refusal = None
+    if D.is_main():
+        changed = []
+        if key.is_file():
+            try:
+                old = json.loads(key.read_text())
+            except ValueError:
+                old = {}
+            changed = [(_FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
+                       for k, a, b in _changed(old, identity)]
+        elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
+            log.warning("select: %s holds probes from before ds-hybrid recorded their settings; they are reused as if "
+                        "run from the current ones (delete the folder to rerun them)", probes)
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+        if changed and not force:
+            refusal = (changed[0][0], changed[0][2], f"{probes} holds probes run from other settings ({what}); rerun "
+                       f"with --force to set them aside (kept in {out / 'previous'}) and run new ones, or delete "
+                       f"{probes}")
+        elif changed:
+            aside = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(probes, aside / "probes")
+            log.warning("select: probes run from other settings (%s) set aside to %s", what, aside)
+        if refusal is None:
+            probes.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(key, json.dumps(identity, indent=1, sort_keys=True))
+    refusal = D.broadcast_object(refusal)
+    if refusal is not None:
+        raise ConfigError(*refusal)
+    D.barrier()
+
+
 def probe_run_config(cfg: RunConfig, probe_dir: Path, layers: list[int], s: StageConfig) -> RunConfig:
     pc = copy.deepcopy(cfg)
     pc.out_dir = str(probe_dir)
@@ -68,11 +141,25 @@ def requested_ks(cfg: RunConfig, num_layers: int) -> list[int]:
 
 def task_slot(cfg: RunConfig) -> tuple[int, int]:
     sc = cfg.select
-    idx = sc.task_index if sc.task_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    idx = sc.task_index if sc.task_index is not None else _slurm_array_index()
     n = sc.num_tasks if sc.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
     if not 0 <= idx < n:
         raise ConfigError("select.task_index", idx, f"must lie in 0..{n - 1} (num_tasks={n})")
     return idx, n
+
+
+def _slurm_array_index() -> int:
+    """This Slurm array task's position in its array (``--array=1-4`` and ``--array=0-6:2`` count from 0 too)."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0
+    task, first = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+    if step < 1 or (task - first) % step:
+        raise ConfigError("SLURM_ARRAY_TASK_ID", task, f"is not in the array {first}-...:{step} Slurm describes "
+                          "(SLURM_ARRAY_TASK_MIN / _STEP); submit stage select as one range, e.g. --array=0-7, or set "
+                          "select.task_index and select.num_tasks")
+    return (task - first) // step
 
 
 # ---- probes (ga_s2, halving) ----------------------------------------------------------------------------------
@@ -108,8 +195,10 @@ def probe_score(probe_dir: Path, score: str, window: int) -> float:
     return float(sum(train[s] for s in last) / len(last))
 
 
-def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
+def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
+          force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
+    claim_probes(out, probe_identity(cfg, s, align_dir), force)
     idx, n = task_slot(cfg)
     items: list[int | None] = [None, *range(num_layers)]
     for i, layer in enumerate(items):
@@ -146,8 +235,10 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
     done = d / "kl" / "DONE"
     done_steps = json.loads(done.read_text())["steps"] if done.is_file() else 0
     if done_steps > steps:
-        raise RuntimeError(f"{d} went past round {steps} but holds no score of it ({record.name}): it was written by "
-                           "an older ds-hybrid; delete that selection's probes folder and rerun")
+        raise ConfigError("select.halving_first_tokens", cfg.select.halving_first_tokens,
+                          f"{d} trained past this run's {steps}-step round ({done_steps} steps) and holds no score of "
+                          f"it ({record.name}): its rounds were other lengths (another halving_first_tokens, or an "
+                          "older ds-hybrid). Set it back, or rerun with --force to set the old probes aside")
     if done_steps < steps:
         run_probe(cfg, d, layer, s, force=done.is_file())
     kl = probe_score(d, "heldout", cfg.select.window)
@@ -175,9 +266,12 @@ def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps:
     return {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
 
 
-def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path) -> tuple[dict[int, float], dict]:
+def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
+            force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
+    claim_probes(out, {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors},
+                 force)
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,

@@ -61,9 +61,8 @@ from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_lin
 from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
-from ds_hybrid.selection import (folder_fingerprint, kendall_tau, make_selection, read_selection,
-                                 write_selection)
-from ds_hybrid.stages.probes import ga_s2, halving, requested_ks, task_slot
+from ds_hybrid.selection import folder_identity, kendall_tau, make_selection, read_selection, write_selection
+from ds_hybrid.stages.probes import ga_s2, halving, probe_stage_config, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
 log = logging.getLogger("ds_hybrid")
@@ -118,30 +117,44 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
     target = sel_dir / "selection.json"
     if target.is_file() and not force:
-        log.info("selection %s exists; nothing to do", target)
-        return target
+        try:
+            same = json.loads(target.read_text()).get("config_hash") == _config_hash(cfg)
+        except ValueError:
+            same = False
+        if same:
+            log.info("selection %s exists, from these settings; nothing to do", target)
+            return target
+        log.info("selection %s was made from other settings; selecting again (probes are reused only where their "
+                 "own settings are unchanged)", target)
     teacher_path = D.broadcast_object(resolve_teacher(cfg.teacher) if D.is_main() else None)
     teacher_config = load_teacher_config(teacher_path)
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)
     L = teacher_config.num_hidden_layers
     ks = requested_ks(cfg, L)
+    if any(k > L for k in sc.ks):
+        raise ConfigError("select.ks", sc.ks, f"the teacher has {L} layers: K values lie in 0..{L}")
+    if sc.method == "halving" and sc.halving_keep is not None and sc.halving_keep > L:
+        raise ConfigError("select.halving_keep", sc.halving_keep, f"the teacher has {L} layers: keep at most {L}")
     align_dir = cfg.stage_dir("align") / "hf"
     needs_align = sc.method in ("ga_s2", "halving", "proxy", "ppl", "mse")
     if needs_align and not (align_dir / "config.json").is_file():
         raise ConfigError("select.method", sc.method, f"needs the align export {align_dir}: run stage align first")
     if sc.reference is not None:
-        read_selection(sc.reference, "select.reference")
+        ref = read_selection(sc.reference, "select.reference")
+        if ref.get("num_layers") != L:
+            raise ConfigError("select.reference", sc.reference, f"ranks {ref.get('num_layers')} layers, this teacher "
+                              f"has {L}: compare selections of the same teacher")
 
     extra: dict[str, Any] = {}
     lower = True
     if sc.method == "ga_s2":
-        scores, extra = ga_s2(cfg, out, L, align_dir)
+        scores, extra = ga_s2(cfg, out, L, align_dir, force)
         if not scores:
             log.info("this task's probes are done; still missing: %s", ", ".join(extra["missing"]))
             return None
     elif sc.method == "halving":
-        scores, extra = halving(cfg, out, L, align_dir)
+        scores, extra = halving(cfg, out, L, align_dir, force)
         idx, n = task_slot(cfg)
         if idx != 0:
             log.info("halving task %d of %d finished its probes; task 0 writes the selection", idx, n)
@@ -178,7 +191,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
             import ds_hybrid  # noqa: F401
 
             student = AutoModelForCausalLM.from_pretrained(align_dir, dtype=dtype).to(dev).eval()
-            seq_len = int(sc.probe.get("seq_len", 1024))
+            seq_len = probe_stage_config(cfg, align_dir).seq_len  # the probes' held-out rows (GA-S2 is compared)
             rows = _held_out_rows(cfg, tokenizer, seq_len, sc.eval_sequences)
             n_tok = sum(r.numel() for r in rows) * D.world_size()
             if sc.method == "proxy":
@@ -199,7 +212,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if rule is not None:
         selection["chosen"] = {**{f"k={k}": rule(k) for k in sorted(set(sc.ks))},
                                **{f"ratio={r:g}": rule(k_for_ratio(r, L)) for r in ratios}}
-    selection["teacher"] = {"path": teacher_path, "fingerprint": folder_fingerprint(teacher_path)}
+    selection["teacher"] = folder_identity(teacher_path)
     # the teacher's attention kind per layer (full / sliding) and, where it has both, which chosen sets keep its
     # global layers (Gemma 3: does KL-guided selection keep them?)
     selection["layer_types"] = types
@@ -214,7 +227,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
                         "keep_global or retrieval keeps them", sc.method, ", ".join(left),
                         sorted({l for v in left.values() for l in v}))
     if needs_align:
-        selection["align"] = {"path": str(align_dir), "fingerprint": folder_fingerprint(align_dir)}
+        selection["align"] = folder_identity(align_dir)
     selection["config_hash"] = _config_hash(cfg)
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")

@@ -5,7 +5,7 @@ Multi-hop: some keys are aliases of other keys (``zuta = bemo`` means zuta has b
 hops, so answering needs the model to follow references through the context.
 
     >>> p = make_prompt(random.Random(0), pairs=50, multihop=False)
-    >>> p.text.endswith("Answer:"), p.answer      # (True, ' 143')
+    >>> p.text.endswith("Answer:"), p.answer      # (True, ' 178')
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[i
     needle, query, answer = enc(NEEDLE.format(key=key, value=value)), enc(QUERY.format(key=key)), enc(" " + value)
     room = len(filler) - len(needle) - len(query) - len(answer)
     if room < 16:
-        raise ValueError(f"a needle row needs more than {len(filler) - room + 16} tokens; the rows have {len(filler)}")
+        raise ValueError(f"a needle row needs at least {len(filler) - room + 16} tokens; the rows have {len(filler)}")
     depth = rng.randint(0, room * 3 // 4)  # the fact lies in the first three quarters of the text
     ids = filler[:depth] + needle + filler[depth:room] + query + answer
     return ids, len(ids) - len(answer), len(ids)

@@ -5,6 +5,7 @@ inference benchmark reports both models."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,12 @@ def test_bad_based_files_are_refused(tmp_path):
     bad.write_text(json.dumps({"text": "doc\nkey:"}) + "\n")
     with pytest.raises(ConfigError, match="record 0 needs 'value'"):
         recall.load_based_records(bad, "--swde")
+    bad.write_text(json.dumps({"text": "doc\nkey:", "value": "  "}) + "\n")  # an empty answer matches everything
+    with pytest.raises(ConfigError, match="record 0 has the value '  ': the answer must be non-empty text"):
+        recall.load_based_records(bad, "--swde")
+    num = tmp_path / "num.jsonl"
+    num.write_text(json.dumps({"text": "the year\nyear:", "value": 1448}) + "\n")
+    assert recall.load_based_records(num, "--swde")[0]["value"] == "1448"  # a number in the file: its text
 
 
 def test_real_teacher_finds_the_needle_at_1024_tokens():
@@ -288,6 +295,92 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
             lo, hi = res["ci95"]["tiny"][task][metric]
             assert lo <= v <= hi and (lo, hi) == pytest.approx(report.wilson_interval(v, 2))
     assert "n=2" in (out / "eval.md").read_text()
+    # beside RULER's string match, the strict score; which prompts the scores come from; the held-out settings
+    strict = res["strict_scores"]["tiny"]["niah_single_1"]["1024"]
+    assert strict == sum(recall.strict_score(s["gold"], s["generation"]) for s in samples[:2]) / 2
+    assert set(res["prompt_digests"]["tiny"]["niah_single_1"]["1024"]) == {"golds", "prompts"}
+    assert res["prompt_digests"]["tiny"]["niah_single_1"]["1024"] == \
+        recall.prompt_digests(samples)["niah_single_1"]["1024"]
+    assert res["heldout"]["sequences"] == 2 and res["heldout"]["seq_len"] == 128
+
+
+def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loads(tiny, monkeypatch, capsys):
+    """lm-eval would cut such prompts from the left (the needle with them) and score them under the length asked."""
+    from ds_hybrid import cli
+
+    monkeypatch.setattr("ds_hybrid.evaluation.run.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "niah_single_1", "--lengths", "1024,2048",
+                     "--no-quality", "--out", "/nonexistent/never"]) == 2
+    assert re.search(r"error: --lengths='1024,2048': tiny is evaluated at 1024 tokens.*raise --max-length to 2048",
+                     capsys.readouterr().err)
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "niah_essay_single", "--lengths", "4096",
+                     "--max-length", "2048", "--no-quality", "--out", "/nonexistent/never"]) == 2
+    assert "error: --lengths='4096': tiny is evaluated at 2048 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gold, generation, want", [
+    (["6057437"], " 6057437.", 1.0),
+    (["6057437"], " 12.\nThe special magic number is 6057437.", 0.0),  # a wrong answer first: RULER's match says 1
+    (["1363000"], " 13630000.", 0.0),  # inside a longer number
+    (["1363000"], " The number is 1363000, as said.", 1.0),
+    (["3a1e9c2d-0b4f-4c5e-9a7b-1c2d3e4f5a6b"], " 3a1e9c2d-0b4f-4c5e-9a7b-1c2d3e4f5a6b", 1.0),
+    (["3a1e9c2d-0b4f-4c5e-9a7b-1c2d3e4f5a6b"], " 0a1e9c2d-0b4f-4c5e-9a7b-1c2d3e4f5a6b 3a1e9c2d-0b4f-4c5e-9a7b-1c2d3e4f5a6b",
+     0.0),
+    (["12", "34"], " 12 and 345", 0.5),  # several golds: each whole
+    (["Apple"], " the apple.", 1.0),
+    (["6057437"], None, 0.0),
+])
+def test_strict_score_wants_the_first_answer_whole(gold, generation, want):
+    from lm_eval.tasks.ruler.common_utils import string_match_all
+
+    assert recall.strict_score(gold, generation) == want
+    if generation is not None and want == 0.0 and len(gold) == 1:  # where RULER's metric is lenient
+        assert string_match_all([generation], [gold]) in (0.0, 1.0)
+
+
+def _with_samples(folder: Path, model: str, golds: list[str], gz: bool = False) -> None:
+    import gzip
+
+    lines = "".join(json.dumps({"task": "niah_single_1", "id": i, "length": 2048, "gold": [g],
+                                "generation": f" {g}" if i else " 1. " + g, "score": {"2048": 1.0}}) + "\n"
+                    for i, g in enumerate(golds))
+    if gz:
+        with gzip.open(folder / f"samples_{model}.jsonl.gz", "wt") as f:
+            f.write(lines)
+    else:
+        (folder / f"samples_{model}.jsonl").write_text(lines)
+
+
+def test_eval_merge_refuses_scores_from_other_prompts_and_carries_strict_scores(tmp_path):
+    """A task's prompts depend on the tasks, lengths, limit and haystack of a run (lm-eval's generators share one
+    seeded stream): two models' scores of one task and length side by side must come from the same prompts."""
+    from ds_hybrid.evaluation import merge
+
+    score = lambda m: {m: {"niah_single_1": {"2048": 1.0}}}  # noqa: E731
+    count = lambda m: {m: {"niah_single_1": {"2048": 3}}}  # noqa: E731
+    a = _eval_json(tmp_path / "a", score("teacher"), count("teacher"))
+    b = _eval_json(tmp_path / "b", score("hyb"), count("hyb"))
+    c = _eval_json(tmp_path / "c", score("other"), count("other"))
+    _with_samples(a, "teacher", ["111", "222", "333"])
+    _with_samples(b, "hyb", ["111", "222", "333"], gz=True)  # as bench/import_lease.py keeps them
+    _with_samples(c, "other", ["111", "222", "999"])
+    res = merge.merge([str(a), str(b)])
+    assert res["prompt_digests"]["teacher"] == res["prompt_digests"]["hyb"] and "prompts_differ" not in res
+    # computed from the samples: the first prompt's answer came after a wrong one
+    assert res["strict_scores"]["hyb"]["niah_single_1"]["2048"] == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match=r"other's niah_single_1 at 2048 comes from other prompts .* than teacher's"):
+        merge.merge([str(a), str(b), str(c)])
+    res = merge.merge([str(a), str(c)], allow_other_prompts=True)
+    assert [(d["model"], d["differs_from"]["model"]) for d in res["prompts_differ"]] == [("other", "teacher")]
+    # held-out quality of other held-out settings: refused
+    q1 = _eval_json(tmp_path / "q1", {}, {}, {"hyb": {"ppl": 20.0}})
+    q2 = _eval_json(tmp_path / "q2", {}, {}, {"teacher": {"ppl": 19.0}})
+    for folder, n in ((q1, 64), (q2, 32)):
+        rec = json.loads((folder / "eval.json").read_text())
+        rec["heldout"] = {"sequences": n, "seq_len": 1024, "data": "embedded", "run_config": None}
+        (folder / "eval.json").write_text(json.dumps(rec))
+    with pytest.raises(ConfigError, match=r"held-out quality rows come from .*'sequences': 32"):
+        merge.merge([str(q1), str(q2)])
 
 
 def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
@@ -423,6 +516,14 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     assert "| uniform - ga_s2 | 4 | u4 - picked | -0.20 [-0.33, -0.06] * |" in md and "difference to ga_s2" in md
     with pytest.raises(ConfigError, match=r"^recall-vs-k --against='proxy': no such selector"):
         by_k.main([str(folder), "--against", "uniform,proxy", "--out", str(out)])
+    # --strict: the same tables from the strict scores (eval-merge's), refused where there are none
+    with pytest.raises(ConfigError, match=r"^recall-vs-k --strict=.*holds no strict scores"):
+        by_k.main([str(folder), "--strict", "--out", str(out)])
+    payload["strict_scores"] = {**scores, "picked": s(0.5)}
+    (folder / "eval.json").write_text(json.dumps(payload))
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--strict",
+                      "--out", str(out)]) == 0
+    assert "| ga_s2 - uniform | 4 | picked - u4 | +0.00 [" in (out / "recall_vs_k.md").read_text()
     # a selector whose top-4 is uniform's: u4 is both ("uniform=same"), the base of either, compared with neither
     same = make_selection("same", {l: (0.0 if l in uniform_layers(L, 4) else 1.0) for l in range(L)}, True, L)
     write_selection(tmp_path / "same" / "selection.json", same)

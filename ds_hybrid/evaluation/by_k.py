@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default="uniform", metavar="SELECTOR[,SELECTOR]",
                     help="the selectors every other one is compared with at the same K (default: uniform; e.g. "
                          "uniform,ga_s2 for the baselines against KL-guided selection too)")
+    ap.add_argument("--strict", action="store_true",
+                    help="use the strict scores (the first answer given must be the gold, whole) instead of RULER's "
+                         "string match")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     src = Path(args.eval)
@@ -197,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("recall-vs-k", str(src), f"not valid JSON ({e})") from None
     if not isinstance(payload, dict) or not payload.get("models") or "scores" not in payload:
         raise ConfigError("recall-vs-k", str(src), "not an eval.json with a 'models' record and 'scores'")
+    if args.strict:
+        if not payload.get("strict_scores"):
+            raise ConfigError("recall-vs-k --strict", str(src), "holds no strict scores: merge the evals again with "
+                              "this version of `ds-hybrid eval-merge` (it computes them from the samples files)")
+        payload = {**payload, "scores": payload["strict_scores"]}
     selections = {}
     for item in args.selection:
         if "=" not in item:

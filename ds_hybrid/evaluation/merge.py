@@ -8,17 +8,25 @@ pieces: the scores, prompt counts, 95 % intervals and held-out quality of every 
 recall_vs_length.png, and the sources (file, date, device, CUDA graphs or not, limit) listed in eval.json. A model
 may appear in several files as long as no score is given twice with different values; ``NEW=OLD@path`` renames
 model OLD of that file on the way in (two seeds of one recipe evaluated under the same name, say).
+
+Scores are set side by side only where they come from the same prompts: every model's scores of a task and length
+must have the same prompt digests (eval.json's ``prompt_digests``; for an eval.json written before them, the answers
+of its ``samples_<model>.jsonl[.gz]`` beside it), else the merge is refused, naming the two sources
+(``--allow-other-prompts`` merges them anyway and lists the cells in eval.json's ``prompts_differ``). Held-out
+quality rows must come from the same held-out settings. The strict scores (the first answer must be the gold) are
+carried, or computed from the samples files where an eval.json predates them.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError, out_folder
-from ds_hybrid.evaluation import report
+from ds_hybrid.evaluation import recall, report
 
 
 def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
@@ -68,7 +76,39 @@ def _model_record(info: dict) -> dict:
     return {k: info.get(k) for k in ("model_type", "num_layers", "softmax_layers", "mixer")}
 
 
-def merge(items: list[str]) -> dict[str, Any]:
+def _samples(src: Path, model: str) -> list[dict] | None:
+    """The per-prompt records of ``model`` beside an eval.json (samples_<model>.jsonl, or .jsonl.gz), if kept."""
+    for name in (f"samples_{model}.jsonl", f"samples_{model}.jsonl.gz"):
+        p = src.parent / name
+        if p.is_file():
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(p, "rt") as f:
+                return [json.loads(line) for line in f if line.strip()]
+    return None
+
+
+def _check_prompts(digests: dict, model: str, per_task: dict, src: Path, allow: bool, differ: list) -> None:
+    """Every model's scores of a (task, length) come from one set of prompts: compare with what came before."""
+    for task, row in per_task.items():
+        for key, d in row.items():
+            cell = digests.setdefault((task, key), {})
+            for kind in ("golds", "prompts"):
+                if kind not in d:
+                    continue
+                if kind not in cell:
+                    cell[kind] = (d[kind], model, src)
+                elif cell[kind][0] != d[kind]:
+                    other = cell[kind]
+                    if not allow:
+                        raise ConfigError("eval-merge", str(src), f"{model}'s {task} at {key} comes from other prompts "
+                                          f"({kind} digest {d[kind]}) than {other[1]}'s in {other[2]} ({other[0]}): "
+                                          "their scores are not comparable. Evaluate both in one run of the same "
+                                          "tasks, lengths, limit and haystack, or pass --allow-other-prompts")
+                    differ.append({"task": task, "length": key, "model": model, "file": str(src),
+                                   "differs_from": {"model": other[1], "file": str(other[2])}, "kind": kind})
+
+
+def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]:
     """The merged payload (same keys as eval.json, plus 'sources')."""
     if not items:
         raise ConfigError("eval-merge", items, "give at least one eval output folder or eval.json")
@@ -80,12 +120,41 @@ def merge(items: list[str]) -> dict[str, Any]:
     sources: list[dict[str, Any]] = []
     seen: dict = {}
     seen_n: dict = {}
+    seen_strict: dict = {}
     lengths: set[int] = set()
     tasks: list[str] = []
     versions = None
+    strict: dict = {}
+    digests: dict = {}
+    all_digests: dict = {}
+    differ: list = []
+    heldout = None
     for item in items:
         renames, src, p = _load(item)
         name = lambda m: renames.get(m, m)  # noqa: E731
+        for m in p["scores"]:
+            samples = None
+            d = (p.get("prompt_digests") or {}).get(m)
+            st = (p.get("strict_scores") or {}).get(m)
+            if d is None or st is None:
+                samples = _samples(src, m)
+            if d is None and samples:
+                d = recall.prompt_digests(samples)
+            if st is None and samples:
+                st = recall.strict_scores(samples)
+            if d:
+                _check_prompts(digests, name(m), d, src, allow_other_prompts, differ)
+                all_digests.setdefault(name(m), {}).update(d)
+            for task, row in (st or {}).items():
+                for metric, v in row.items():
+                    _put(strict, name(m), task, metric, v, seen_strict, src, "the strict score")
+        if p.get("heldout_quality"):
+            h = p.get("heldout")
+            if h is not None and heldout is not None and h != heldout[0]:
+                raise ConfigError("eval-merge", str(src), f"its held-out quality rows come from {h}, those of "
+                                  f"{heldout[1]} from {heldout[0]}: evaluate them on the same held-out settings")
+            if h is not None and heldout is None:
+                heldout = (h, src)
         versions = versions or p.get("versions")
         sources.append({"file": str(src), **{k: p.get(k) for k in ("date", "device", "dtype", "cuda_graphs", "limit",
                                                                     "seed", "lengths", "window")},
@@ -113,9 +182,13 @@ def merge(items: list[str]) -> dict[str, Any]:
         for task, per_model in (p.get("truncated_prompts") or {}).items():
             for m, k in per_model.items():
                 truncated.setdefault(task, {})[name(m)] = k
-    return {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
-            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "heldout_quality": quality,
-            "truncated_prompts": truncated}
+    out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
+           "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
+           "prompt_digests": all_digests, "heldout_quality": quality, "heldout": heldout[0] if heldout else None,
+           "truncated_prompts": truncated}
+    if differ:
+        out["prompts_differ"] = differ
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("evals", nargs="+", help="output folders of `ds-hybrid eval` (or their eval.json); "
                     "NEW=OLD@folder renames model OLD")
     ap.add_argument("--out", required=True, help="folder for eval.json, eval.md and recall_vs_length.png")
+    ap.add_argument("--allow-other-prompts", action="store_true",
+                    help="merge scores of one task and length that come from other prompts (listed in prompts_differ)")
     args = ap.parse_args(argv)
     out = out_folder(args.out)
     if any(Path(i.split("@", 1)[-1]).expanduser().resolve() in (out.resolve(), out.resolve() / "eval.json")
            for i in args.evals):
         raise ConfigError("--out", args.out, "is one of the evals being merged: write the merge to another folder")
-    payload = merge(args.evals)
+    payload = merge(args.evals, args.allow_other_prompts)
     md = report.recall_table(payload["scores"], payload["heldout_quality"], payload["prompts"])
+    if any(payload["strict_scores"].values()):
+        md += ("\n\nstrict (the first answer given must be the gold, whole):\n\n"
+               + report.recall_table(payload["strict_scores"], {}, payload["prompts"]))
+    if payload.get("prompts_differ"):
+        md += "\n\n**scores from other prompts set side by side** (--allow-other-prompts): " + json.dumps(
+            payload["prompts_differ"])
     if any(k for d in payload["truncated_prompts"].values() for k in d.values()):
         md += "\n\nprompts longer than the evaluation length: " + json.dumps(payload["truncated_prompts"])
     report.write(out, "eval", payload, md)

@@ -6,13 +6,20 @@ variants (``niah_essay_single``, ``niah_essay_multikey``) use lm-eval's generato
 (:mod:`ds_hybrid.evaluation.haystack`). SWDE and FDA ("based" recall tasks) read local JSON/JSONL/parquet files.
 
 Each RULER task is given as a task config (not by name) so that any list of lengths gets its own metric; the
-scoring functions are lm-eval's (string match over every gold answer).
+scoring functions are lm-eval's (string match over every gold answer anywhere in the 128 generated tokens). Beside
+them, :func:`strict_score` (the first answer the model gives must be the gold, matched whole) is kept per prompt and
+reported as ``strict_scores``: RULER's metric credits a right value said after a wrong one, or inside a longer one.
+
+Which prompts a score comes from is recorded (:func:`prompt_digests`): lm-eval's generators draw from one seeded
+stream, so a task's prompts depend on the tasks, lengths, limit and haystack of the run; ``ds-hybrid eval-merge``
+refuses to set side by side scores of one task and length that come from other prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -195,6 +202,11 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
     for i, r in enumerate(rows):
         if "value" not in r or not ("text" in r or ("context" in r and "key" in r)):
             raise ConfigError(field, str(path), f"record {i} needs 'value' and either 'text' or 'context'+'key'")
+        if isinstance(r["value"], (int, float)) and not isinstance(r["value"], bool):
+            r["value"] = str(r["value"])  # a number in JSON or parquet: scored as its text
+        if not isinstance(r["value"], str) or not r["value"].strip():
+            raise ConfigError(field, str(path), f"record {i} has the value {r['value']!r}: the answer must be "
+                              "non-empty text (an empty one would match every generation)")
     return rows
 
 
@@ -258,7 +270,8 @@ def count_truncated(records: list[dict], tokenizer, max_length: int, limit: int 
 
 
 def samples_from(results: dict) -> list[dict]:
-    """One record per prompt from lm-eval's logged samples: task, id, gold, generation, score."""
+    """One record per prompt from lm-eval's logged samples: task, id, gold, generation, score, the strict score
+    (RULER tasks) and ``doc_sha``, a digest of the whole document (prompt and answers)."""
     out = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
@@ -268,8 +281,73 @@ def samples_from(results: dict) -> list[dict]:
             while isinstance(gen, list) and gen:
                 gen = gen[0]
             metrics = {k: v for k, v in s.items() if isinstance(v, (int, float)) and k not in ("doc_id",)}
-            out.append({"task": task, "id": doc.get("id", s.get("doc_id")), "length": doc.get("max_length"),
-                        "gold": gold, "generation": gen, "score": metrics})
+            rec = {"task": task, "id": doc.get("id", s.get("doc_id")), "length": doc.get("max_length"),
+                   "gold": gold, "generation": gen, "score": metrics,
+                   "doc_sha": _digest(json.dumps(doc, sort_keys=True, default=str))}
+            if rec["length"] is not None:
+                rec["strict"] = strict_score(gold, gen)
+            out.append(rec)
+    return out
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def strict_score(golds: list[str] | str, generation: str | None) -> float:
+    """The share of gold values the generation states as themselves: each matched whole (no letter or digit joined
+    to either side: "1363000" is not in "13630000"), and with one gold, the first value of its shape the model gives
+    (the first number for a number, the first UUID for a UUID) must be it: "12. No, 6057437" scores 0, where RULER's
+    string match scores 1."""
+    golds = [golds] if isinstance(golds, str) else list(golds)
+    text = (generation or "").lower()
+    if not golds:
+        return 0.0
+
+    def whole(g: str) -> bool:
+        return re.search(rf"(?<![0-9a-z]){re.escape(g.strip().lower())}(?![0-9a-z])", text) is not None
+
+    if len(golds) == 1:
+        g = golds[0].strip().lower()
+        shape = _UUID if re.fullmatch(_UUID, g) else r"\d+" if g.isdigit() else None
+        if shape is not None:
+            first = re.search(rf"(?<![0-9a-z]){shape}(?![0-9a-z])" if shape == _UUID else rf"(?<![0-9]){shape}", text)
+            return float(first is not None and first.group(0) == g)
+        return float(whole(g))
+    return sum(whole(g) for g in golds) / len(golds)
+
+
+def strict_scores(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """{task: {length: mean strict score}} over the RULER records of :func:`samples_from` (recomputed from gold and
+    generation, so records written before the strict score existed are scored the same way)."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for rec in samples:
+        if rec.get("length") is None:
+            continue
+        cell = sums.setdefault(rec["task"], {}).setdefault(str(rec["length"]), [0.0, 0.0])
+        cell[0] += strict_score(rec["gold"], rec["generation"])
+        cell[1] += 1
+    return {t: {L: v[0] / v[1] for L, v in row.items()} for t, row in sums.items()}
+
+
+def prompt_digests(samples: list[dict]) -> dict[str, dict[str, dict[str, str]]]:
+    """{task: {length or 'contains': {"golds": digest, "prompts": digest}}}: which prompts a score comes from.
+    ``golds`` hashes each prompt's id and answers (computable from any samples file), ``prompts`` the whole
+    documents (records with ``doc_sha`` only)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rec in samples:
+        key = str(rec["length"]) if rec.get("length") is not None else "contains"
+        groups.setdefault((rec["task"], key), []).append(rec)
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for (task, key), recs in groups.items():
+        recs = sorted(recs, key=lambda r: str(r.get("id")))
+        d = {"golds": _digest(json.dumps([[str(r.get("id")), r.get("gold")] for r in recs], default=str))}
+        if all("doc_sha" in r for r in recs):
+            d["prompts"] = _digest(json.dumps([[str(r.get("id")), r["doc_sha"]] for r in recs]))
+        out.setdefault(task, {})[key] = d
     return out
 
 

@@ -109,6 +109,15 @@ def run_eval(args: argparse.Namespace) -> dict:
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     models = parse_models(args.model, args.teacher)
     folders = check_args(args, models)
+    ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
+    for name, folder in folders.items():  # before any model is loaded
+        if ruler and lengths and max(lengths) > eval_length(folder, args.max_length):
+            raise ConfigError("--lengths", args.lengths,
+                              f"{name} is evaluated at {eval_length(folder, args.max_length)} tokens (--max-length, "
+                              f"else its context), shorter than the longest RULER length, whose prompts lm-eval would "
+                              f"cut from the left (the needle with them) and score under the length asked: drop the "
+                              f"longer lengths, or raise --max-length to {max(lengths)} (past the model's context, the "
+                              "scores measure extrapolation)")
     dev = _device(args.device)
     dtype = _dtype(args.dtype, dev)
     recall.prepare_offline()
@@ -118,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
     out_dir = Path(args.out)
-    scores, quality, info, truncated, counts = {}, {}, {}, {}, {}
+    scores, quality, info, truncated, counts, strict, digests = {}, {}, {}, {}, {}, {}, {}
     teacher_model = None
     if "teacher" in models and not args.no_quality:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
@@ -129,8 +138,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         else:
             model, tok, local = load_model(folders[name], dev, dtype)
         info[name] = {"path": path, **describe(model)}
-        # the evaluation length: --max-length, else the model's context; RULER's --lengths are separate
-        max_length = args.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        # the evaluation length: --max-length, else the model's context (at least RULER's longest length: checked)
+        max_length = eval_length(folders[name], args.max_length)
         info[name]["max_length"] = max_length
         lm_class = HFLM
         if args.cuda_graphs:  # greedy decoding through the static cache, CUDA graphs on a GPU (same tokens)
@@ -146,10 +155,19 @@ def run_eval(args: argparse.Namespace) -> dict:
             specs.append(recall.based_config(bname, p, args.limit, window))
             truncated.setdefault(bname, {})[name] = recall.count_truncated(records[bname], tok, max_length, args.limit)
         t0 = time.time()
-        res = recall.run_tasks(lm, specs, None, args.seed) if specs else {"results": {}}  # limits applied above
+        try:
+            res = recall.run_tasks(lm, specs, None, args.seed) if specs else {"results": {}}  # limits applied above
+        except ValueError as e:
+            if "max_seq_lengths" not in str(e):
+                raise
+            raise ConfigError("--lengths", args.lengths, f"too short for a RULER prompt ({e}); use longer lengths "
+                              "(1024 and up)") from None
         scores[name] = recall.scores_from(res, lengths)
         samples = recall.samples_from(res)
         counts[name] = recall.sample_counts(samples)
+        if samples:
+            strict[name] = recall.strict_scores(samples)
+            digests[name] = recall.prompt_digests(samples)
         if samples:  # what the model said, prompt by prompt, next to eval.json
             out_dir.mkdir(parents=True, exist_ok=True)
             with open(out_dir / f"samples_{name}.jsonl", "w") as f:
@@ -166,8 +184,11 @@ def run_eval(args: argparse.Namespace) -> dict:
                "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
                "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs, "truncated_prompts": truncated, "models": info,
                "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
-               "heldout_quality": quality}
+               "strict_scores": strict, "prompt_digests": digests, "heldout_quality": quality,
+               "heldout": heldout_settings(args) if quality else None}
     md = report.recall_table(scores, quality, counts)
+    if any(strict.values()):
+        md += "\n\nstrict (the first answer given must be the gold, whole):\n\n" + report.recall_table(strict, {}, counts)
     if truncated:
         what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
         md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
@@ -176,6 +197,21 @@ def run_eval(args: argparse.Namespace) -> dict:
         report.plot_recall(scores, out_dir / "recall_vs_length.png")
     print(md)
     return payload
+
+
+def eval_length(folder: str, max_length: int | None) -> int:
+    """The length a model is evaluated at: ``--max-length``, else its context (max_position_embeddings)."""
+    if max_length:
+        return max_length
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("max_position_embeddings") or 4096)
+
+
+def heldout_settings(args) -> dict:
+    """What the held-out quality rows are (``eval-merge`` sets only rows of the same ones side by side)."""
+    return {"sequences": args.heldout_sequences, "seq_len": args.heldout_seq_len, "data": args.data,
+            "run_config": getattr(args, "run_config", None)}
 
 
 def _heldout_rows(args, models) -> list[torch.Tensor]:

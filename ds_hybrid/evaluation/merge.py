@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,11 @@ def _samples(src: Path, model: str) -> list[dict] | None:
         if p.is_file():
             opener = gzip.open if name.endswith(".gz") else open
             with opener(p, "rt") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                recs = [json.loads(line) for line in f if line.strip()]
+            if all(isinstance(r, dict) and {"task", "id", "gold", "generation"} <= set(r) for r in recs):
+                return recs
+            print(f"eval-merge: {p} is not a samples file of `ds-hybrid eval` (records without task, id, gold, "
+                  "generation): its prompts are not compared, no strict score is computed from it", file=sys.stderr)
     return None
 
 

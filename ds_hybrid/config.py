@@ -93,7 +93,7 @@ class StageConfig:
     log_every: int = 10
     ckpt_every: int = 200  # optimizer steps between checkpoints (and one at the end); 0: none (benchmarks: a
     # killed stage then restarts from its first step)
-    keep_checkpoints: int = 2  # 0: delete them once the stage is DONE (and no save at the last step)
+    keep_checkpoints: int = 2  # 0: delete them once the stage is DONE (with export false: no save at the last step)
     ckpt_verify: bool = True  # resume checks the checkpoint's files against its manifest (sizes and SHA-256)
     export: bool = True  # write <stage>/hf at the end (selection probes skip it)
     eval_every: int = 0  # 0: evaluate on the held-out slice only at the end

@@ -28,7 +28,8 @@ from ds_hybrid.layers import chosen_sets, selection_top_k
 from ds_hybrid.selection import kendall_tau, make_selection, read_selection, write_selection
 
 #: what a re-ranked selection keeps of its source's record (the probes' provenance; the ranking and choices are new)
-PROVENANCE = ("teacher", "align", "budget", "probes", "tokens_spent", "baseline", "layer_types", "config_hash")
+PROVENANCE = ("teacher", "align", "budget", "probes", "tokens_spent", "baseline", "layer_types", "settings",
+              "config_hash")
 
 
 def load_named(items: list[str], at_least: int = 2) -> dict[str, dict]:

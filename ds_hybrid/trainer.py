@@ -84,10 +84,19 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
         s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
                                            if D.is_main() else None)
         log.info("%s.micro_batch: auto -> %d (largest that the memory plan fits)", stage, s.micro_batch)
-    if stage == "kl":
+    if stage == "kl":  # on the main rank (it reads samples of every tensor of two folders), its verdict for all
         from ds_hybrid.selection import check_selection_origin
 
-        check_selection_origin(cfg.softmax_layers, teacher_path, s.init_from or cfg.stage_dir("align") / "hf")
+        align = s.init_from or cfg.stage_dir("align") / "hf"
+        error = None
+        if D.is_main():
+            try:
+                check_selection_origin(cfg.softmax_layers, teacher_path, align)
+            except ConfigError as e:
+                error = (e.field, e.value, e.fix)
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise ConfigError(*error)
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
@@ -337,9 +346,10 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 monitor.histogram(done, "train/kl_per_token", kl_tokens)
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
-            # the save at the last step guards the final evaluation and export; with keep_checkpoints 0 it would be
-            # deleted with the DONE marker moments later (select's probes: a full training state each), so none
-            last = done == total and s.keep_checkpoints != 0
+            # the save at the last step guards the final evaluation and export; with keep_checkpoints 0 and no
+            # export (select's probes) it would be deleted with the DONE marker moments later, a full training state
+            # written for nothing each time
+            last = done == total and (s.keep_checkpoints != 0 or s.export)
             if stop or (s.ckpt_every and (done % s.ckpt_every == 0 and done != total or last)):
                 t0 = time.perf_counter()
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage})

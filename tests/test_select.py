@@ -350,3 +350,19 @@ def test_ga_s2_recall_score_reranks_the_same_probes(planted, tmp_path):
     # no probe ran again for the second selection
     assert max(f.stat().st_mtime for f in sel_dir.glob("probes/*/kl/DONE")) < \
         (sel_dir / "score_recall" / "selection.json").stat().st_mtime
+
+
+def test_a_selection_made_from_other_settings_is_kept_with_what_changed_and_force_makes_it_again(planted, tmp_path):
+    """A rerun keeps an existing selection.json (a later, unrelated change must not block a pipeline), says which
+    settings changed since, and --force makes it again from the new ones."""
+    out = tmp_path / "out"
+    base = ["--stage", "select", "--config", str(planted["cfg"]), f"out_dir={out}", "select.method=uniform"]
+    runs = [[*base, "select.ks=[1]"], [*base, "select.ks=[2]", "data.num_proc=2"], [*base, "select.ks=[2]", "--force"]]
+    first, kept, forced = train_in_one_process(runs, tmp_path / "runs.json")
+    target = out / "select" / "uniform" / "selection.json"
+    assert first.returncode == 0, tail(first)
+    assert kept.returncode == 0 and "made from other settings (select.ks changed since): kept" in kept.stdout + \
+        kept.stderr, tail(kept)  # data.num_proc is not a setting a selection depends on
+    assert forced.returncode == 0, tail(forced)
+    sel = read_selection(target)
+    assert "k=2" in sel["chosen"] and sel["settings"]["select.ks"] == [2]

@@ -193,7 +193,8 @@ def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, convers
         time.sleep(1)
     select_logs = sorted((out / "select").glob("slurm-*.log"))
     assert (out / "kl" / "DONE").exists(), "".join(f.read_text()[-2000:] for f in select_logs)
-    probes = sorted((out / "select" / "ga_s2" / "probes").iterdir())
+    probes = sorted(d for d in (out / "select" / "ga_s2" / "probes").iterdir() if d.is_dir())
+    assert (out / "select" / "ga_s2" / "probes" / "PROBES.json").is_file()  # the settings they all ran from
     ran_in = {}
     for log_file in select_logs:  # which job ran which probe
         for line in log_file.read_text().splitlines():

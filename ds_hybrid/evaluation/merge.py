@@ -92,25 +92,32 @@ def _samples(src: Path, model: str) -> list[dict] | None:
     return None
 
 
-def _check_prompts(digests: dict, model: str, per_task: dict, src: Path, allow: bool, differ: list) -> None:
-    """Every model's scores of a (task, length) come from one set of prompts: compare with what came before."""
+def _check_prompts(digests: dict, model: str, tokenizer: str | None, per_task: dict, src: Path, allow: bool,
+                   differ: list) -> None:
+    """Every model's scores of a (task, length) come from one set of prompts: compare with what came before. RULER
+    sizes its prompts with each model's tokenizer (and draws while sizing), so models of other tokenizers get other
+    prompts by design: those are not compared (a model recorded without its tokenizer is compared with all)."""
     for task, row in per_task.items():
         for key, d in row.items():
-            cell = digests.setdefault((task, key), {})
+            seen = digests.setdefault((task, key), [])
             for kind in ("golds", "prompts"):
                 if kind not in d:
                     continue
-                if kind not in cell:
-                    cell[kind] = (d[kind], model, src)
-                elif cell[kind][0] != d[kind]:
-                    other = cell[kind]
+                for other in seen:
+                    same_tok = tokenizer is None or other["tokenizer"] is None or tokenizer == other["tokenizer"]
+                    if not same_tok or kind not in other["d"] or other["d"][kind] == d[kind]:
+                        continue
                     if not allow:
                         raise ConfigError("eval-merge", str(src), f"{model}'s {task} at {key} comes from other prompts "
-                                          f"({kind} digest {d[kind]}) than {other[1]}'s in {other[2]} ({other[0]}): "
-                                          "their scores are not comparable. Evaluate both in one run of the same "
-                                          "tasks, lengths, limit and haystack, or pass --allow-other-prompts")
+                                          f"({kind} digest {d[kind]}) than {other['model']}'s in {other['src']} "
+                                          f"({other['d'][kind]}): their scores are not comparable. Evaluate both in "
+                                          "one run of the same tasks, lengths, limit and haystack, or pass "
+                                          "--allow-other-prompts")
                     differ.append({"task": task, "length": key, "model": model, "file": str(src),
-                                   "differs_from": {"model": other[1], "file": str(other[2])}, "kind": kind})
+                                   "differs_from": {"model": other["model"], "file": str(other["src"])},
+                                   "kind": kind})
+                    break
+            seen.append({"d": d, "model": model, "src": src, "tokenizer": tokenizer})
 
 
 def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]:
@@ -148,8 +155,10 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             if st is None and samples:
                 st = recall.strict_scores(samples)
             if d:
-                _check_prompts(digests, name(m), d, src, allow_other_prompts, differ)
-                all_digests.setdefault(name(m), {}).update(d)
+                tok = ((p.get("models") or {}).get(m) or {}).get("tokenizer")
+                _check_prompts(digests, name(m), tok, d, src, allow_other_prompts, differ)
+                for task, row in d.items():  # every length of every file (a file holds one length, say)
+                    all_digests.setdefault(name(m), {}).setdefault(task, {}).update(row)
             for task, row in (st or {}).items():
                 for metric, v in row.items():
                     _put(strict, name(m), task, metric, v, seen_strict, src, "the strict score")

@@ -301,7 +301,7 @@ def strict_score(golds: list[str] | str, generation: str | None) -> float:
     """The share of gold values the generation states as themselves: each matched whole (no letter or digit joined
     to either side: "1363000" is not in "13630000"), and with one gold, the first value of its shape the model gives
     (the first number for a number, the first UUID for a UUID) must be it: "12. No, 6057437" scores 0, where RULER's
-    string match scores 1."""
+    string match scores 1. A model that restates a UUID key before its value (niah_multikey_3) scores 0 too."""
     golds = [golds] if isinstance(golds, str) else list(golds)
     text = (generation or "").lower()
     if not golds:
@@ -313,8 +313,8 @@ def strict_score(golds: list[str] | str, generation: str | None) -> float:
     if len(golds) == 1:
         g = golds[0].strip().lower()
         shape = _UUID if re.fullmatch(_UUID, g) else r"\d+" if g.isdigit() else None
-        if shape is not None:
-            first = re.search(rf"(?<![0-9a-z]){shape}(?![0-9a-z])" if shape == _UUID else rf"(?<![0-9]){shape}", text)
+        if shape is not None:  # the first value of that shape standing alone ("key2" holds no number)
+            first = re.search(rf"(?<![0-9a-z]){shape}(?![0-9a-z])", text)
             return float(first is not None and first.group(0) == g)
         return float(whole(g))
     return sum(whole(g) for g in golds) / len(golds)

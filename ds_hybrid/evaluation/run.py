@@ -100,6 +100,7 @@ def describe(model) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    from ds_hybrid.data import tokenizer_fingerprint
     from ds_hybrid.evaluation import recall, report
     from ds_hybrid.monitor import versions
 
@@ -137,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
         else:
             model, tok, local = load_model(folders[name], dev, dtype)
-        info[name] = {"path": path, **describe(model)}
+        info[name] = {"path": path, **describe(model), "tokenizer": tokenizer_fingerprint(tok)}
         # the evaluation length: --max-length, else the model's context (at least RULER's longest length: checked)
         max_length = eval_length(folders[name], args.max_length)
         info[name]["max_length"] = max_length

@@ -7,6 +7,7 @@ probes ``i`` with ``i % num_tasks == task_index`` (:func:`task_slot`). The metho
 from __future__ import annotations
 
 import copy
+import fcntl
 import gc
 import json
 import logging
@@ -86,7 +87,7 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, 
 
 # a probe identity's keys as the run config names them
 _FIELD = {"probe": "select.probe", "align": "align (its export's content fingerprint)",
-          "survivors": "select.halving_survivors"}
+          "survivors": "select.halving_survivors", "first_round_steps": "select.halving_first_tokens (in steps)"}
 
 
 def claim_probes(out: Path, identity: dict, force: bool) -> None:
@@ -96,34 +97,47 @@ def claim_probes(out: Path, identity: dict, force: bool) -> None:
     probes, key = out / "probes", out / "probes" / PROBES_KEY
     refusal = None
     if D.is_main():
-        changed = []
-        if key.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".probes.lock", "w") as lock:  # Slurm array tasks started together: one at a time here
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                old = json.loads(key.read_text())
-            except ValueError:
-                old = {}
-            changed = [(_FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
-                       for k, a, b in _changed(old, identity)]
-        elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
-            log.warning("select: %s holds probes from before ds-hybrid recorded their settings; they are reused as if "
-                        "run from the current ones (delete the folder to rerun them)", probes)
-        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
-        if changed and not force:
-            refusal = (changed[0][0], changed[0][2], f"{probes} holds probes run from other settings ({what}); rerun "
-                       f"with --force to set them aside (kept in {out / 'previous'}) and run new ones, or delete "
-                       f"{probes}")
-        elif changed:
-            aside = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
-            aside.mkdir(parents=True, exist_ok=True)
-            os.replace(probes, aside / "probes")
-            log.warning("select: probes run from other settings (%s) set aside to %s", what, aside)
-        if refusal is None:
-            probes.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(key, json.dumps(identity, indent=1, sort_keys=True))
+                refusal = _claim(out, probes, key, identity, force)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     refusal = D.broadcast_object(refusal)
     if refusal is not None:
         raise ConfigError(*refusal)
     D.barrier()
+
+
+def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool) -> tuple | None:
+    """:func:`claim_probes` on the main rank, under the lock: the refusal (field, value, message), or None."""
+    refusal = None
+    changed = []
+    if key.is_file():
+        try:
+            old = json.loads(key.read_text())
+        except ValueError:
+            old = {}
+        changed = [(_FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
+                   for k, a, b in _changed(old, identity)]
+    elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
+        log.warning("select: %s holds probes from before ds-hybrid recorded their settings; they are reused as if "
+                    "run from the current ones (delete the folder to rerun them)", probes)
+    what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+    if changed and not force:
+        refusal = (changed[0][0], changed[0][2], f"{probes} holds probes run from other settings ({what}); rerun "
+                   f"with --force to set them aside (kept in {out / 'previous'}) and run new ones, or delete "
+                   f"{probes}")
+    elif changed:
+        aside = out / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir(parents=True, exist_ok=True)
+        os.replace(probes, aside / "probes")
+        log.warning("select: probes run from other settings (%s) set aside to %s", what, aside)
+    if refusal is None:
+        probes.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(key, json.dumps(identity, indent=1, sort_keys=True))
+    return refusal
 
 
 def probe_run_config(cfg: RunConfig, probe_dir: Path, layers: list[int], s: StageConfig) -> RunConfig:
@@ -198,7 +212,8 @@ def probe_score(probe_dir: Path, score: str, window: int) -> float:
 def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
           force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
-    claim_probes(out, probe_identity(cfg, s, align_dir), force)
+    # the identity reads samples of every tensor of the align export: on the main rank only
+    claim_probes(out, probe_identity(cfg, s, align_dir) if D.is_main() else {}, force)
     idx, n = task_slot(cfg)
     items: list[int | None] = [None, *range(num_layers)]
     for i, layer in enumerate(items):
@@ -270,8 +285,13 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
             force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
-    claim_probes(out, {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors},
-                 force)
+    step_tokens = s.global_batch * s.seq_len
+    first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
+    first_steps = max(1, first // step_tokens)
+    # rounds are kept by their step counts: the first round's length decides which those are
+    ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
+             "first_round_steps": first_steps} if D.is_main() else {}
+    claim_probes(out, ident, force)
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,
@@ -282,9 +302,6 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
         s.keep_checkpoints = 0
         s.ckpt_every = 0
-    step_tokens = s.global_batch * s.seq_len
-    first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
-    first_steps = max(1, first // step_tokens)
     keep = cfg.select.halving_keep or max(requested_ks(cfg, num_layers) or [1])
     idx, n = task_slot(cfg)
     alive = list(range(num_layers))

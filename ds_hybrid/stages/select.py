@@ -116,16 +116,23 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     sel_dir = out / f"score_{sc.score}" if sc.score != "heldout" else out
     sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
     target = sel_dir / "selection.json"
-    if target.is_file() and not force:
-        try:
-            same = json.loads(target.read_text()).get("config_hash") == _config_hash(cfg)
+    if target.is_file() and not force:  # kept; what changed since is said (a benign kl.lr change must not block a
+        try:                             # pipeline's later steps: --force makes it again)
+            made = json.loads(target.read_text()).get("settings")
         except ValueError:
-            same = False
-        if same:
+            made = None
+        now = selection_settings(cfg)
+        if made == now:
             log.info("selection %s exists, from these settings; nothing to do", target)
-            return target
-        log.info("selection %s was made from other settings; selecting again (probes are reused only where their "
-                 "own settings are unchanged)", target)
+        elif made is None:
+            log.warning("selection %s exists (made by an older ds-hybrid, which did not record its settings): kept; "
+                        "--force makes it again", target)
+        else:
+            changed = [k for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
+            log.warning("selection %s exists, made from other settings (%s changed since): kept; --force makes it "
+                        "again (its probes are reused only where their own settings are unchanged)", target,
+                        ", ".join(changed))
+        return target
     teacher_path = D.broadcast_object(resolve_teacher(cfg.teacher) if D.is_main() else None)
     teacher_config = load_teacher_config(teacher_path)
     tokenizer = load_tokenizer(teacher_path)
@@ -212,7 +219,8 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if rule is not None:
         selection["chosen"] = {**{f"k={k}": rule(k) for k in sorted(set(sc.ks))},
                                **{f"ratio={r:g}": rule(k_for_ratio(r, L)) for r in ratios}}
-    selection["teacher"] = folder_identity(teacher_path)
+    # (these read samples of every tensor: on the main rank, which writes the file)
+    selection["teacher"] = folder_identity(teacher_path) if D.is_main() else None
     # the teacher's attention kind per layer (full / sliding) and, where it has both, which chosen sets keep its
     # global layers (Gemma 3: does KL-guided selection keep them?)
     selection["layer_types"] = types
@@ -227,7 +235,8 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
                         "keep_global or retrieval keeps them", sc.method, ", ".join(left),
                         sorted({l for v in left.values() for l in v}))
     if needs_align:
-        selection["align"] = folder_identity(align_dir)
+        selection["align"] = folder_identity(align_dir) if D.is_main() else None
+    selection["settings"] = selection_settings(cfg)
     selection["config_hash"] = _config_hash(cfg)
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")
@@ -245,13 +254,24 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     return target
 
 
+def selection_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What a selection depends on, flattened to one level (``select.ks``, ``data.source``, ``kl.lr``...): the
+    teacher, mixer, seed, the data's identity, the select section but the task split, and the kl settings its probes
+    take over (stages.probes.probe_stage_config). Not: logging, processes, caches, kernels."""
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    out: dict[str, Any] = {k: d.get(k) for k in ("teacher", "mixer", "mixer_options", "seed")}
+    out.update({f"data.{k}": d["data"].get(k) for k in ("source", "mixture", "text_field", "add_eos", "val_tokens",
+                                                         "split_seed", "max_documents")})
+    out.update({f"select.{k}": v for k, v in d["select"].items() if k not in ("task_index", "num_tasks")})
+    out.update({f"kl.{k}": d["kl"].get(k) for k in ("lr", "lr_rest", "betas", "weight_decay", "clip", "temperature",
+                                                     "fp32_logits")})
+    return out
+
+
 def _config_hash(cfg: RunConfig) -> str:
     import hashlib
 
-    d = cfg.to_dict()
-    keep = {k: d[k] for k in ("teacher", "mixer", "mixer_options", "seed", "data", "select")}
-    keep["kl"] = d["kl"]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(selection_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _to_tensorboard(out: Path, selection: dict, k: int) -> None:

@@ -98,14 +98,15 @@ case "${1:-main}" in
       case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
     ;;
-  kl21)  # issue 21 in one run (~5 minutes, an estimate; then issue 14's two default cases, ~2 minutes, unless
-         # KL21_DEFAULTS=0): every implementation at every shape, ours with fp32 and 16-bit logits at chunks 512, 1024 and 2048 (the clause "beats every one at every shape at no more extra memory
+  kl21)  # issue 21 in one run (~7 minutes, an estimate; then issue 14's two default cases, ~2 minutes, unless
+         # KL21_DEFAULTS=0): every implementation at every shape, ours with fp32 and 16-bit logits, and with dW's GEMM
+         # over 2 and 4 chunks, at chunks 512, 1024 and 2048 (the clause "beats every one at every shape at no more extra memory
          # than the leanest": the chunk that fits under Liger's memory at each shape; the 70B row after the backward
          # that skips its pass over dW where the loss's gradient is 1)
     [ -f $R/t0 ] || date +%s > $R/t0
     T0=$(cat $R/t0)
     note "start kl_bench_all"
-    python3 bench/kl.py --shapes all --impls naive,fla,torchtune,liger,ours,ours_bf16 --chunks 512,1024,2048 \
+    python3 bench/kl.py --shapes all --impls naive,fla,torchtune,liger,ours,ours_bf16,ours_bf16_dw2,ours_bf16_dw4 --chunks 512,1024,2048 \
       --out $R/kl_bench_all.json > $R/logs/kl_bench_all.log 2>&1
     note "end kl_bench_all rc=$?"
     python3 bench/kl.py --report $R/kl_bench_all.json --plot $R/kl_bench_all.png > $R/kl_bench_verdict.md 2>&1  # (issue 21's clause per shape)

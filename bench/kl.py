@@ -11,7 +11,9 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
   over the student logits (8 bytes a logit of extra memory); ours_buffer: the same with dL/dz in a buffer of its own
   (``in_place=False``: 10 bytes a logit; the default until 2026-12-03, whose rows called the in-place one
   ours_inplace); ours_bf16: the same with bf16 logits (``fp32_logits=False``, ``kl.fp32_logits: false``: 10 bytes a
-  logit in the row kernel instead of 18, each logit rounded to bf16 once, so its errors are bf16 logits' own)
+  logit in the row kernel instead of 18, each logit rounded to bf16 once, so its errors are bf16 logits' own);
+  ours_bf16_dw2, ours_bf16_dw4: the same with dW's GEMM over 2 or 4 chunks at once (``dw_chunk``: their dz kept in
+  one logit buffer, 1 or 3 chunks' logits more memory, the [V, H] dW read and written once per group)
 - liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
   ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
 - torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
@@ -113,6 +115,10 @@ def make_impls(chunks: tuple[int, ...] = (1024,)):
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, in_place=False)[0]
         impls["ours_bf16" if c == 1024 else f"ours_bf16@{c}"] = \
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False)[0]
+        for g in (2, 4):  # dW's GEMM over g chunks (their dz kept): g - 1 passes over the [V, H] dW fewer a group
+            impls[f"ours_bf16_dw{g}" if c == 1024 else f"ours_bf16_dw{g}@{c}"] = \
+                lambda hs, ws, ht, wt, c=c, g=g: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False,
+                                                                   dw_chunk=g * c)[0]
     impls["torchtune"] = torchtune_chunked
     liger, why = liger_forward_kl()
     if liger is not None:

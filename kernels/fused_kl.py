@@ -191,6 +191,14 @@ def _mm_logits(a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
     return a @ b if a.is_cuda else (a.float() @ b.float()).to(a.dtype)
 
 
+def _mm_logits_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_mm_logits` written into ``out`` (a row block of a group's logit buffer), of ``out``'s dtype: the
+    inputs' own (16-bit logits, or fp32 inputs). The same values as :func:`_mm_logits` gives."""
+    if a.is_cuda or a.dtype.itemsize >= 4:
+        return torch.mm(a, b, out=out)
+    return out.copy_(a.float() @ b.float())  # CPU 16-bit: the fp32 product rounded once, as _mm_logits
+
+
 def run_row_kernel(zs, zt, kl_w, labels, temperature: float, scales: torch.Tensor, dz_dtype: torch.dtype,
                    need_grad: bool = True, block_v: int | None = None, in_place: bool = False):
     """Per-token KL / CE and dL/dz for a chunk of logits (fp32 [C, V]). ``scales`` (fp32 [2], on the device): the
@@ -243,6 +251,16 @@ class FusedLinearLoss(torch.autograd.Function):
         n_ce = (labels != -100).sum().float() if use_ce else zero
         scales = torch.stack([temperature * kl_weight / n_kl.clamp(min=1), ce_weight / n_ce.clamp(min=1)])
         dz_dtype = h_s.dtype
+        # dW's GEMM over `group` chunks at once (dw_chunk tokens): the chunks' dz stay in one logit buffer until it
+        # runs, so dW is read and written once per group instead of once per chunk (group - 1 passes over [V, H] fewer)
+        group = max(1, (stats.get("dw_chunk") or chunk) // chunk) if need_grad else 1
+        logit_dtype = torch.float32 if (fp32 or h_s.dtype.itemsize >= 4) else h_s.dtype
+        if group > 1 and not (in_place and logit_dtype == dz_dtype):
+            raise ValueError(f"dw_chunk > chunk keeps each chunk's dz in its logits' place: it needs dz of the logits' "
+                             f"dtype written in place (16-bit logits, fp32_logits=False, or fp32 inputs); these are "
+                             f"{h_s.dtype} inputs with {logit_dtype} logits (in_place={in_place})")
+        zs_group = (torch.empty((min(N, group * chunk), w_s.shape[0]), dtype=logit_dtype, device=h_s.device)
+                    if group > 1 else None)
         dh = torch.empty_like(h_s) if need_grad else None
         # dW: the first chunk's GEMM writes it (no [V, H] zero fill, no read of zeros), the others accumulate
         dw = (torch.empty_like(w_s) if N else torch.zeros_like(w_s)) if need_grad else None
@@ -253,7 +271,11 @@ class FusedLinearLoss(torch.autograd.Function):
         for a in range(0, N, chunk):
             b = min(N, a + chunk)
             hs = h_s[a:b]
-            zs = _mm_logits(hs, w_s_t, fp32)
+            g0 = a - a % (group * chunk)  # the first token of this chunk's group
+            if zs_group is not None:
+                zs = _mm_logits_into(hs, w_s_t, zs_group[a - g0:b - g0])
+            else:
+                zs = _mm_logits(hs, w_s_t, fp32)
             zt = _mm_logits(h_t[a:b].to(w_t.dtype), w_t_t, fp32) if use_kl else None
             dz, kl, ce = run_row_kernel(zs, zt, kl_w[a:b] if use_kl else None,
                                         labels[a:b].contiguous() if use_ce else None, temperature,
@@ -263,7 +285,15 @@ class FusedLinearLoss(torch.autograd.Function):
                 kl_tok[a:b] = kl
             if use_ce:
                 ce_tok[a:b] = ce
-            if need_grad:
+            if need_grad and zs_group is not None:
+                if b == N or (b - g0) == group * chunk:  # the group's last chunk: its dz are all in the buffer
+                    dz_g, hs_g = zs_group[:b - g0], h_s[g0:b]
+                    torch.mm(dz_g, w_s, out=dh[g0:b])
+                    if g0 == 0:
+                        torch.mm(dz_g.t(), hs_g, out=dw)
+                    else:
+                        dw.addmm_(dz_g.t(), hs_g)
+            elif need_grad:
                 torch.mm(dz, w_s, out=dh[a:b])
                 if a == 0:
                     torch.mm(dz.t(), hs, out=dw)
@@ -296,7 +326,7 @@ def fused_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
     kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024, block_v: int | None = None,
-    in_place: bool | None = None, fp32_logits: bool = True,
+    in_place: bool | None = None, fp32_logits: bool = True, dw_chunk: int | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """[N, H] hidden states + lm_head weights -> (scalar loss, per-token stats). See the module docstring.
 
@@ -306,14 +336,21 @@ def fused_linear_loss(
     None (default): in place wherever dz fits in the logits (bf16, fp16 and fp32 inputs; fp64 ones use a buffer);
     True: in place or an error; False: the separate buffer (the reference the in-place path is checked against).
     ``fp32_logits=False``: 16-bit inputs give 16-bit logits (module docstring; the loss and dz are computed in fp32
-    from the rounded logits, as :func:`ds_hybrid.losses.chunked_linear_loss` with the same option)."""
+    from the rounded logits, as :func:`ds_hybrid.losses.chunked_linear_loss` with the same option).
+    ``dw_chunk``: tokens per dW GEMM, a multiple of ``chunk`` (None: ``chunk``). Each chunk's dz stays in a logit
+    buffer of dw_chunk rows until the group's GEMMs (dh, dW) run, so the [V, H] dW is read and written once per
+    group: (dw_chunk / chunk - 1) x V x chunk x 2 bytes more extra memory (16-bit logits), V x H x 4 bytes of traffic
+    fewer per chunk saved. Needs dz written in place over logits of its dtype (16-bit logits or fp32 inputs)."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: give the tokens per chunk as a positive number (1024 is the default)")
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
+    if dw_chunk is not None and (dw_chunk < chunk or dw_chunk % chunk):
+        raise ValueError(f"dw_chunk={dw_chunk}: tokens per dW GEMM must be a multiple of chunk={chunk} (e.g. "
+                         f"{2 * chunk}), or None")
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
-                   "block_v": block_v, "in_place": in_place, "fp32_logits": fp32_logits}
+                   "block_v": block_v, "in_place": in_place, "fp32_logits": fp32_logits, "dw_chunk": dw_chunk}
     loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)
     return loss, LossStats(stats["kl_per_token"], stats["ce_per_token"], stats["n_kl"], stats["n_ce"])

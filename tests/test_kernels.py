@@ -187,6 +187,44 @@ def test_in_place_dz_gives_the_same_loss_and_gradients(dtype, ce_w):
 
 
 
+@pytest.mark.parametrize("dw_chunk", [32, 48, 64])
+@pytest.mark.parametrize("ce_w", [0.0, 0.5])
+def test_dw_over_several_chunks_matches_fp64(dw_chunk, ce_w):
+    """dw_chunk: dh and dW formed once per group of chunks from their dz kept in one logit buffer (45 tokens, chunks
+    of 16: groups of 2, 3 and 4 chunks, the last one short). fp32 inputs: the loss equals the per-chunk path's
+    exactly, the gradients fp64's within 1e-5; bf16 with 16-bit logits: within bf16 tolerance of fp64 on the rounded
+    logits, the loss and per-token KL bit for bit the per-chunk path's (the logits are the same)."""
+    hs, ws, ht, wt, mask, lab = inputs(45, 24, 333, seed=21)
+    lab = lab if ce_w else None
+    r_loss, _, r_dh, r_dw = reference(hs, ws, ht, wt, mask, lab, 1.4, 1.0, ce_w)
+    out = {}
+    for name, kw in (("per_chunk", {}), ("grouped", {"dw_chunk": dw_chunk})):
+        h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
+        loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, lab, 1.4, 1.0, ce_w, chunk=16, **kw)
+        loss.backward()
+        out[name] = (loss.detach(), h.grad, w.grad)
+    assert float(out["grouped"][0]) == float(out["per_chunk"][0])
+    assert rel(out["grouped"][1], r_dh) < 1e-5 and rel(out["grouped"][2], r_dw) < 1e-5
+    hb, wb, htb, wtb = hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16()
+    got = {}
+    for name, kw in (("per_chunk", {}), ("grouped", {"dw_chunk": dw_chunk})):
+        h, w = hb.clone().requires_grad_(), wb.clone().requires_grad_()
+        loss, st = fused_linear_loss(h, w, htb, wtb, mask, lab, 1.4, 1.0, ce_w, chunk=16, fp32_logits=False, **kw)
+        loss.backward()
+        got[name] = (loss.detach(), st.kl_per_token, h.grad, w.grad)
+    assert torch.equal(got["grouped"][0], got["per_chunk"][0]) and torch.equal(got["grouped"][1], got["per_chunk"][1])
+    assert rel(got["grouped"][2].float(), r_dh) < 2e-2 and rel(got["grouped"][3].float(), r_dw) < 2e-2
+
+
+def test_dw_chunk_is_checked():
+    hs, ws, ht, wt, mask, _ = inputs(20, 8, 200, seed=3)
+    h, w = hs.bfloat16().requires_grad_(), ws.bfloat16().requires_grad_()
+    with pytest.raises(ValueError, match=r"dw_chunk=24: .* multiple of chunk=16"):
+        fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, chunk=16, dw_chunk=24)
+    with pytest.raises(ValueError, match=r"dw_chunk > chunk .*\(16-bit logits"):  # bf16 dz cannot stay in fp32 logits
+        fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, chunk=8, dw_chunk=16, fp32_logits=True)
+
+
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, True), (torch.float32, True), (torch.float64, False)])
 def test_in_place_is_the_default_where_dz_fits(monkeypatch, dtype, expected):
     """By default each chunk's dz goes over its logits wherever it fits (bf16/fp32 inputs, the training path) and into

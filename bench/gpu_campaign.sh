@@ -420,8 +420,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     wait $PRE
     [ -f $R/preflight.ok ] || { note "the evaluation's preflight failed (logs/eval_preflight.log): stopping"; exit 1; }
     if [ -n "${GA_S2_FROM:-}" ]; then
-      # an earlier lease's GA-S2 selection of the same align recipe (its fingerprint: the config and file sizes;
-      # stage kl refuses it if this align differs): the probes are not run again
+      # an earlier lease's GA-S2 selection of the same align recipe: the probes are not run again (this lease's
+      # align is the same recipe, not the same bytes: its kl run says check_origin: false)
       mkdir -p $SELG/ga_s2 && cp "$GA_S2_FROM" $SELG/ga_s2/selection.json && note "GA-S2 from $GA_S2_FROM"
     else
       # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
@@ -450,7 +450,8 @@ sys.exit(2 if None in c else 0 if sorted(c[0]) == sorted(c[1]) else 1)" "$SELG/$
     kl_eval_() {  # kl_eval_ M: kl at K = 3 on selection M's layers, then its evaluation beside the next kl run
       # (a failed kl skips its own evaluation only: the other hybrid still runs)
       job "kl_$1_3" 0 train --stage kl --config $G out_dir=$RG/kl_runs/$1_3 kl.init_from=$RG/align/hf \
-        "softmax_layers={selection: $SELG/$1/selection.json, k: 3}" ${KL_TOKENS:+kl.tokens=$KL_TOKENS} || return 1
+        "softmax_layers={selection: $SELG/$1/selection.json, k: 3$([ "$1" = ga_s2 ] && [ -n "${GA_S2_FROM:-}" ] \
+          && echo ', check_origin: false')}" ${KL_TOKENS:+kl.tokens=$KL_TOKENS} || return 1
       (job "eval_$1_3" 0 evg $1_3 $RG/kl_runs/$1_3/kl/hf) &
     }
     kl_eval_ ga_s2

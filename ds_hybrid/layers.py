@@ -109,7 +109,8 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
     """The run config's softmax_layers -> a sorted list of layer indices.
 
     Forms: ``[3, 7, 11]``; ``{uniform: 0.25}`` (a ratio, round-half-up) or ``{uniform: 8}`` (K layers), spaced by
-    :func:`uniform_layers`; ``{selection: <selection.json>, ratio: 0.25}`` or ``{..., k: 8}`` (stage select's ranking).
+    :func:`uniform_layers`; ``{selection: <selection.json>, ratio: 0.25}`` or ``{..., k: 8}`` (stage select's ranking;
+    ``check_origin: false`` uses it though it was made from another teacher or align checkpoint).
     """
     from ds_hybrid.modeling.configuration import check_softmax_layers
 
@@ -139,9 +140,12 @@ def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_lay
     With method "uniform", "smart" or "keep_global" the spacing rule is applied for K (those are not nested orders)."""
     from ds_hybrid.selection import read_selection
 
-    extra = set(spec) - {"selection", "k", "ratio"}
+    extra = set(spec) - {"selection", "k", "ratio", "check_origin"}
     if extra or ("k" in spec) == ("ratio" in spec):
-        raise ConfigError(field, spec, "write {selection: <path>, k: <K>} or {selection: <path>, ratio: <r>}")
+        raise ConfigError(field, spec, "write {selection: <path>, k: <K>} or {selection: <path>, ratio: <r>} (and "
+                                       "check_origin: false to use it from another teacher or align checkpoint)")
+    if not isinstance(spec.get("check_origin", True), bool):
+        raise ConfigError(f"{field}.check_origin", spec["check_origin"], "true (the default) or false")
     sel = read_selection(spec["selection"], f"{field}.selection")
     if sel["num_layers"] != num_layers:
         raise ConfigError(f"{field}.selection", spec["selection"],

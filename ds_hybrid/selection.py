@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.folders import atomic_write_text
 
 FORMAT_VERSION = 1
+log = logging.getLogger("ds_hybrid")
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -176,6 +178,10 @@ def _recorded_vs_now(rec: dict, folder: str | Path) -> tuple[str | None, str]:
 def check_selection_origin(spec: Any, teacher_path: str, align_dir: str | Path | None, field: str = "softmax_layers") -> None:
     """Refuse a selection computed from another teacher or another align checkpoint than this run's."""
     if not (isinstance(spec, dict) and "selection" in spec):
+        return
+    if spec.get("check_origin", True) is False:  # the user knows: e.g. a selection of an earlier run of the recipe
+        log.warning("%s.selection %s: its teacher and align checkpoint are not checked (check_origin: false)", field,
+                    spec["selection"])
         return
     sel = read_selection(spec["selection"], f"{field}.selection")
     rec = sel.get("teacher", {})

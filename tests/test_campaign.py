@@ -95,6 +95,11 @@ def test_gemma_campaign_from_an_earlier_selection_trains_every_baseline_once(tmp
     assert "proxy chose uniform's layers at K = 3: not trained again" in ev
     assert at(ev, "end kl_uniform_3 rc=0") < at(ev, "start eval_uniform_3_2048 (GPU 0)")
     assert ev[-1] == "campaign done"
+    # this lease's align is the same recipe, not the same bytes: the earlier selection is used knowingly
+    calls = (tmp_path / "calls.log").read_text()
+    assert f"softmax_layers={{selection: {tmp_path}/run/select/ga_s2/selection.json, k: 3, check_origin: false}}" \
+        in calls
+    assert f"softmax_layers={{selection: {tmp_path}/run/select/uniform/selection.json, k: 3}}" in calls
 
 
 @pytest.mark.parametrize("keep_global,baselines,trained", [

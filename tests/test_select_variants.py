@@ -334,6 +334,13 @@ def test_kl_refuses_a_selection_of_a_retrained_align_and_reads_old_ones_by_size(
     check_selection_origin(spec, str(teacher), retrained)  # same sizes: what it can check passes
     with pytest.raises(ConfigError, match=r"align checkpoint"):
         check_selection_origin(spec, str(teacher), _tiny_folder(tmp_path / "other_shape", big=False))
+    # used on purpose from another run of the recipe: not checked, and the spec takes the key
+    check_selection_origin({**spec, "check_origin": False}, str(teacher), _tiny_folder(tmp_path / "o2", big=False))
+    from ds_hybrid.layers import layers_from_selection
+
+    assert layers_from_selection({**spec, "check_origin": False}, 2) == layers_from_selection(spec, 2)
+    with pytest.raises(ConfigError, match=r"softmax_layers\.check_origin='no': true"):
+        layers_from_selection({**spec, "check_origin": "no"}, 2)
 
 
 @pytest.mark.parametrize("env, want", [({}, 0), ({"SLURM_ARRAY_TASK_ID": "3"}, 3),

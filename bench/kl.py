@@ -13,7 +13,8 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
   ours_inplace); ours_bf16: the same with bf16 logits (``fp32_logits=False``, ``kl.fp32_logits: false``: 10 bytes a
   logit in the row kernel instead of 18, each logit rounded to bf16 once, so its errors are bf16 logits' own);
   ours_bf16_dw2, ours_bf16_dw4: the same with dW's GEMM over 2 or 4 chunks at once (``dw_chunk``: their dz kept in
-  one logit buffer, 1 or 3 chunks' logits more memory, the [V, H] dW read and written once per group)
+  one logit buffer, up to 1 or 3 chunks' logits more memory (fewer where N is shorter than the group: dw4 at
+  2 x chunk >= N is dw2), the [V, H] dW read and written once per group)
 - liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
   ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
 - torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
@@ -290,7 +291,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
     ap.add_argument("--impls", default="all", help="all, or comma-separated names (naive, fla, chunked, ours, "
-                    "ours_buffer, torchtune, liger)")
+                    "ours_buffer, ours_bf16, ours_bf16_dw2, ours_bf16_dw4, torchtune, liger)")
     ap.add_argument("--chunks", default="1024", help="our kernel's tokens per chunk, comma-separated (e.g. 256,512,1024: "
                     "its time and extra memory at each; rows ours@C, ours at 1024)")
     ap.add_argument("--out", default=None)

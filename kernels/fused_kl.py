@@ -338,9 +338,10 @@ def fused_linear_loss(
     ``fp32_logits=False``: 16-bit inputs give 16-bit logits (module docstring; the loss and dz are computed in fp32
     from the rounded logits, as :func:`ds_hybrid.losses.chunked_linear_loss` with the same option).
     ``dw_chunk``: tokens per dW GEMM, a multiple of ``chunk`` (None: ``chunk``). Each chunk's dz stays in a logit
-    buffer of dw_chunk rows until the group's GEMMs (dh, dW) run, so the [V, H] dW is read and written once per
-    group: (dw_chunk / chunk - 1) x V x chunk x 2 bytes more extra memory (16-bit logits), V x H x 4 bytes of traffic
-    fewer per chunk saved. Needs dz written in place over logits of its dtype (16-bit logits or fp32 inputs)."""
+    buffer of min(N, dw_chunk) rows until the group's GEMMs (dh, dW) run, so the [V, H] dW is read and written once
+    per group: (min(N, dw_chunk) / chunk - 1) x chunk x V logits more extra memory, a read and a write of dW fewer
+    for each chunk folded into a group. Needs dz written in place over logits of its dtype (16-bit logits,
+    ``fp32_logits=False``, or fp32 inputs): checked here, with or without gradients."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     if chunk < 1:
@@ -350,6 +351,12 @@ def fused_linear_loss(
     if dw_chunk is not None and (dw_chunk < chunk or dw_chunk % chunk):
         raise ValueError(f"dw_chunk={dw_chunk}: tokens per dW GEMM must be a multiple of chunk={chunk} (e.g. "
                          f"{2 * chunk}), or None")
+    if dw_chunk is not None and dw_chunk > chunk:  # (the forward checks it too, where it resolves the dtypes)
+        logits = torch.float32 if (fp32_logits or h_s.dtype.itemsize >= 4) else h_s.dtype
+        if logits != h_s.dtype or in_place is False:
+            raise ValueError(f"dw_chunk > chunk keeps each chunk's dz in its logits' place: it needs dz of the "
+                             f"logits' dtype written in place (16-bit logits, fp32_logits=False, or fp32 inputs); "
+                             f"these are {h_s.dtype} inputs with {logits} logits (in_place={in_place})")
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
                    "block_v": block_v, "in_place": in_place, "fp32_logits": fp32_logits, "dw_chunk": dw_chunk}
     loss = FusedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk, stats)

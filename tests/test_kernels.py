@@ -191,7 +191,7 @@ def test_in_place_dz_gives_the_same_loss_and_gradients(dtype, ce_w):
 @pytest.mark.parametrize("ce_w", [0.0, 0.5])
 def test_dw_over_several_chunks_matches_fp64(dw_chunk, ce_w):
     """dw_chunk: dh and dW formed once per group of chunks from their dz kept in one logit buffer (45 tokens, chunks
-    of 16: groups of 2, 3 and 4 chunks, the last one short). fp32 inputs: the loss equals the per-chunk path's
+    of 16: groups of 2 chunks and a short last one, and one group of all three, the last chunk short). fp32 inputs: the loss equals the per-chunk path's
     exactly, the gradients fp64's within 1e-5; bf16 with 16-bit logits: within bf16 tolerance of fp64 on the rounded
     logits, the loss and per-token KL bit for bit the per-chunk path's (the logits are the same)."""
     hs, ws, ht, wt, mask, lab = inputs(45, 24, 333, seed=21)
@@ -216,6 +216,28 @@ def test_dw_over_several_chunks_matches_fp64(dw_chunk, ce_w):
     assert rel(got["grouped"][2].float(), r_dh) < 2e-2 and rel(got["grouped"][3].float(), r_dw) < 2e-2
 
 
+@pytest.mark.parametrize("N", [0, 5, 64])
+def test_dw_over_several_chunks_at_the_edges(N):
+    """N = 0, N shorter than a chunk, and four whole chunks in one group: the same loss and dh as the per-chunk path,
+    dW within rounding; without gradients no buffer and the same loss."""
+    hs, ws, ht, wt, mask, lab = inputs(max(N, 1), 16, 150, seed=5)
+    hs, ht, mask, lab = hs[:N], ht[:N], mask[:N], lab[:N]
+    out = []
+    for kw in ({}, {"dw_chunk": 64}):
+        h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
+        loss, _ = fused_linear_loss(h, w, ht.float(), wt.float(), mask, lab, 1.0, 1.0, 0.5, chunk=16, **kw)
+        loss.backward()
+        out.append((loss.detach(), h.grad, w.grad))
+        with torch.no_grad():
+            again, _ = fused_linear_loss(hs.float(), ws.float(), ht.float(), wt.float(), mask, lab, 1.0, 1.0, 0.5,
+                                         chunk=16, **kw)
+        assert float(again) == float(loss)
+    assert float(out[0][0]) == float(out[1][0]) and torch.equal(out[0][1], out[1][1])
+    torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-6, atol=1e-7)
+    if N == 0:
+        assert not out[1][2].any()
+
+
 def test_dw_chunk_is_checked():
     hs, ws, ht, wt, mask, _ = inputs(20, 8, 200, seed=3)
     h, w = hs.bfloat16().requires_grad_(), ws.bfloat16().requires_grad_()
@@ -223,6 +245,10 @@ def test_dw_chunk_is_checked():
         fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, chunk=16, dw_chunk=24)
     with pytest.raises(ValueError, match=r"dw_chunk > chunk .*\(16-bit logits"):  # bf16 dz cannot stay in fp32 logits
         fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, chunk=8, dw_chunk=16, fp32_logits=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"dw_chunk > chunk"):  # refused without gradients too
+        fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, chunk=8, dw_chunk=16, fp32_logits=True)
+    with pytest.raises(ValueError, match=r"dw_chunk > chunk .*in_place=False"):
+        fused_linear_loss(hs.float(), ws.float(), ht.float(), wt.float(), mask, chunk=8, dw_chunk=16, in_place=False)
 
 
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, True), (torch.float32, True), (torch.float64, False)])

@@ -7,8 +7,8 @@ teacher), every other file of the folder as it is, and a SHA-256 of every tensor
 from the base and the parts and checks every tensor against its hash, so a wrong or changed base stops it with the
 tensor's name instead of giving a silently different model.
 
-    python bench/carry_export.py pack /tmp/run/compare/align --base /tmp/dsh/smollm2-135m-instruct --out /tmp/res/carry
-    python bench/carry_export.py unpack '/tmp/carry/align.part*' --base /tmp/dsh/smollm2-135m-instruct \
+    python bench/carry_export.py pack /tmp/run/compare/align --base /tmp/dsh/smollm2-135m-instruct-v2 --out /tmp/res/carry
+    python bench/carry_export.py unpack '/tmp/carry/align.part*' --base /tmp/dsh/smollm2-135m-instruct-v2 \
         --out /tmp/run/compare/align
 
 On SmolLM2-135M -> GDN the align folder (316 MB of weights) packs to ~100 MB: the mixers.

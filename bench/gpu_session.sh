@@ -28,7 +28,7 @@
 #       # (GRAPHS=1: also the CUDA-graph rows, issue 18; COMPILE=1: and the torch.compile'd step's rows, as for
 #       # staticprof and graphcheck) no parts needed: carry .dev/mini (37 MB: the bundle's
 #       # wheels/ + einops, and tok/ = the SmolLM2 tokenizer files: `mkdir -p .dev/mini/tok && cp wheels/*.whl
-#       # .dev/mini/ && cp ~/.cache/ds_hybrid/smollm2-135m-instruct/tokenizer*.json .dev/mini/tok/`); bench-infer and
+#       # .dev/mini/ && cp ~/.cache/ds_hybrid/smollm2-135m-instruct-v2/tokenizer*.json .dev/mini/tok/`); bench-infer and
 #       # bench/decode_profile.py on random-init models (speed does not depend on the weights; the image's triton
 #       # runs fla's forward kernels): SmolLM2 shape (teacher, 1/4 hybrid, all-linear) or Llama-3-8B shape
 #       # (teacher, 4-of-32 hybrid). ~4 minutes each on a fresh H200; two calls within the warm window.
@@ -151,10 +151,10 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
   graphcheck)  # issue 18, after setup: the embedded teacher and its stage-0 hybrid with 8 of 30 softmax layers (as
                # on 2026-12-02): greedy tokens with CUDA graphs == eager, and ms per decode step (docs/SERVING.md)
     T=/tmp/gcheck && mkdir -p $T "$OUT"
-    python3 -m ds_hybrid.cli convert --teacher /tmp/dsh/smollm2-135m-instruct --softmax-layers 0,3,7,11,15,18,22,26 \
+    python3 -m ds_hybrid.cli convert --teacher /tmp/dsh/smollm2-135m-instruct-v2 --softmax-layers 0,3,7,11,15,18,22,26 \
       --dtype bf16 --device cuda --out $T/h
     comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
-    python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct \
+    python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct-v2 \
       --contexts "${CONTEXTS-4096,16384}" --batches "${BATCHES:-1,4}" "${comp[@]}" --out "$OUT/graph_decode_check.json"
     ;;
   attnbench)  # issue 18: decode attention over a static cache, per layer call (no parts needed: carry .dev/mini)
@@ -168,7 +168,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     T=/tmp/sprof && mkdir -p $T "$OUT" && export PYTHONPATH="$PWD:$PYTHONPATH"
     python3 -c "import json, sys; c = json.load(open('runs/configs/llama3_8b/config.json')); c['num_hidden_layers'] = 4
 json.dump(c, open('$T/config.json', 'w'))"
-    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
+    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct-v2   # after a full setup: the teacher's
     python3 bench/random_teacher.py --config $T/config.json --tokenizer $TOK --out $T/l
     python3 -m ds_hybrid.cli convert --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
     comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
@@ -190,7 +190,7 @@ json.dump(c, open('$T/config.json', 'w'))"
     graphs=(); [ "${GRAPHS:-0}" = 1 ] && graphs=(--cuda-graphs)   # GRAPHS=1: eager and CUDA-graph rows (issue 18)
     [ "${GRAPHS:-0}" = 1 ] && [ "${COMPILE:-0}" = 1 ] && graphs+=(--compile)  # COMPILE=1: and compiled-graph rows
     [ "${FUSE:-0}" = 1 ] && graphs+=(--fuse-projections)  # FUSE=1: the last mode again, hybrids' projections fused
-    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct   # after a full setup: the teacher's
+    TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct-v2   # after a full setup: the teacher's
     if [ "$2" = small ]; then
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s
       python3 -m ds_hybrid.cli convert --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14

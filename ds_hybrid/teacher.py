@@ -65,9 +65,21 @@ def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     tokenizer.save_pretrained(out)
 
 
+def match_special_tokens(tokenizer: PreTrainedTokenizerBase, config) -> None:
+    """Give the tokenizer the model's special tokens (bos, eos, pad, unk ids of its config). transformers' GGUF
+    tokenizer for SmolLM2 says eos is <|im_start|> (id 1) where the model's config and generation stop at
+    <|im_end|> (id 2), and has no pad: documents separated with add_eos, lm-eval's stop string and an export's
+    tokenizer would take the wrong token."""
+    for name in ("bos", "eos", "pad", "unk"):
+        want = getattr(config, f"{name}_token_id", None)
+        if isinstance(want, int) and getattr(tokenizer, f"{name}_token_id") != want:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(want))
+
+
 def embedded_teacher_dir() -> Path:
-    """The embedded teacher as an HF folder, converted from GGUF on first use (atomic: temp folder + rename)."""
-    out = cache_dir() / "smollm2-135m-instruct"
+    """The embedded teacher as an HF folder, converted from GGUF on first use (atomic: temp folder + rename). The
+    folder's name has a version: v2 since its tokenizer takes the model's special tokens (a v1 folder is left)."""
+    out = cache_dir() / "smollm2-135m-instruct-v2"
     if (out / "config.json").is_file():
         return out
     gguf = embedded_gguf()
@@ -76,6 +88,7 @@ def embedded_teacher_dir() -> Path:
     with atomic_folder(out, "convert", keep="config.json") as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        match_special_tokens(tok, model.config)
         save_dequantized(model, tok, tmp)
     return out
 

@@ -287,7 +287,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     cont = cfg.select.halving_survivors == "continue"
     step_tokens = s.global_batch * s.seq_len
     first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
-    first_steps = max(1, first // step_tokens)
+    first_steps = max(1, min(first // step_tokens, stage_steps(s)))  # (never past the longest probe)
     # rounds are kept by their step counts: the first round's length decides which those are
     ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
              "first_round_steps": first_steps} if D.is_main() else {}

@@ -41,10 +41,6 @@ def test_quarter_hybrid_builds_and_generates(smollm2):
     layers = uniform_layers(30, k_for_ratio(0.25, 30))
     assert layers == [0, 3, 7, 11, 15, 18, 22, 26]
     hybrid = build_hybrid(model, layers, "gdn").eval()
-    # the special tokens the model's config and generation use (the GGUF tokenizer said eos = <|im_start|>, no pad)
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (cfg.bos_token_id, cfg.eos_token_id,
-                                                                      cfg.pad_token_id) == (1, 2, 2)
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = hybrid.generate(**ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)

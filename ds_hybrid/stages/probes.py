@@ -59,6 +59,8 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
 PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps", "min_lr_ratio",
                 "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall")
 PROBES_KEY = "PROBES.json"
+# what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
+DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents")
 
 
 def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: bool = False) -> dict:
@@ -67,8 +69,7 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
     d = cfg.to_dict()
     probe = {f: getattr(s, f) for f in PROBE_FIELDS if not (per_round and f == "tokens")}
     probe["betas"] = list(probe["betas"])
-    data = {k: d["data"][k] for k in ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed",
-                                      "max_documents")}
+    data = {k: d["data"][k] for k in DATA_FIELDS}
     return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
             "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir)}
 

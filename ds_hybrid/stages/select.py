@@ -62,7 +62,7 @@ from ds_hybrid.modeling.families import teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import folder_identity, kendall_tau, make_selection, read_selection, write_selection
-from ds_hybrid.stages.probes import ga_s2, halving, probe_stage_config, requested_ks, task_slot
+from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
 log = logging.getLogger("ds_hybrid")
@@ -260,8 +260,7 @@ def selection_settings(cfg: RunConfig) -> dict[str, Any]:
     take over (stages.probes.probe_stage_config). Not: logging, processes, caches, kernels."""
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
     out: dict[str, Any] = {k: d.get(k) for k in ("teacher", "mixer", "mixer_options", "seed")}
-    out.update({f"data.{k}": d["data"].get(k) for k in ("source", "mixture", "text_field", "add_eos", "val_tokens",
-                                                         "split_seed", "max_documents")})
+    out.update({f"data.{k}": d["data"].get(k) for k in DATA_FIELDS})
     out.update({f"select.{k}": v for k, v in d["select"].items() if k not in ("task_index", "num_tasks")})
     out.update({f"kl.{k}": d["kl"].get(k) for k in ("lr", "lr_rest", "betas", "weight_decay", "clip", "temperature",
                                                      "fp32_logits")})

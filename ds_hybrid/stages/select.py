@@ -75,7 +75,9 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
     import matplotlib.pyplot as plt
 
     L = selection["num_layers"]
-    scores = [selection["scores"][str(l)] for l in range(L)]
+    # halving's scores carry the offsets that rank a layer stopped early below the finalists; its bars are its KLs
+    raw = selection.get("raw_scores") or selection["scores"]
+    scores = [raw[str(l)] for l in range(L)]
     base = selection.get("baseline")
     values = [base - v for v in scores] if (base is not None and selection["lower_is_better"]) else scores
     chosen = set(selection_top_k(selection, k))

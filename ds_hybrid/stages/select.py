@@ -227,7 +227,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     # global layers (Gemma 3: does KL-guided selection keep them?)
     selection["layer_types"] = types
     glob = global_layers(selection["layer_types"])
-    if len(glob) < L:
+    if 0 < len(glob) < L:  # both kinds (a teacher all of sliding-window layers has no global ones to keep)
         selection["global_layers"] = glob
         selection["global_kept"] = {name: sorted(set(v) & set(glob)) for name, v in selection["chosen"].items()}
         left = global_layers_left_linear(selection["chosen"], glob) if sc.method != "keep_global" else {}

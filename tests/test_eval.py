@@ -559,3 +559,29 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     write_selection(tmp_path / "other" / "selection.json", other)
     with pytest.raises(ConfigError, match="ranks 13 layers"):
         by_k.main([str(folder), "--selection", f"x={tmp_path / 'other' / 'selection.json'}", "--out", str(out)])
+
+
+def test_prompts_check_tells_a_published_samples_file_whose_prompts_today_differ(tmp_path, capsys):
+    """bench/prompts_check.py rebuilds a campaign's prompts on the CPU (a model that answers nothing) and compares
+    them with a samples file: its own rebuild agrees, a file with one answer changed does not (exit 1)."""
+    import importlib.util
+    import sys
+
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("prompts_check", REPO / "bench" / "prompts_check.py")
+    pc = importlib.util.module_from_spec(spec)
+    sys.modules["prompts_check"] = pc
+    spec.loader.exec_module(pc)
+    rebuilt = pc.rebuilt_samples(["niah_single_1", "niah_multikey_2"], 1024, 2, None, "embedded")
+    assert len(rebuilt) == 4
+    path = tmp_path / "samples_x.jsonl"
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rebuilt))
+    # run inside niah6, niah_multikey_2 comes after the essay tasks: other prompts (the stream moved on)
+    assert pc.main([str(path), "--length", "1024", "--suite", "niah6", "--limit", "2"]) == 1
+    assert "niah_single_1 at 1024: the same prompts" in capsys.readouterr().out
+    changed = [dict(r) for r in rebuilt]
+    changed[-1]["gold"] = ["0000000"]
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in changed))
+    assert pc.compare(rebuilt, rebuilt) == {"niah_single_1": True, "niah_multikey_2": True}
+    assert pc.compare(changed, rebuilt) == {"niah_single_1": True, "niah_multikey_2": False}

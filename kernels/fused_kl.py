@@ -255,10 +255,7 @@ class FusedLinearLoss(torch.autograd.Function):
         # runs, so dW is read and written once per group instead of once per chunk (group - 1 passes over [V, H] fewer)
         group = max(1, (stats.get("dw_chunk") or chunk) // chunk) if need_grad else 1
         logit_dtype = torch.float32 if (fp32 or h_s.dtype.itemsize >= 4) else h_s.dtype
-        if group > 1 and not (in_place and logit_dtype == dz_dtype):
-            raise ValueError(f"dw_chunk > chunk keeps each chunk's dz in its logits' place: it needs dz of the logits' "
-                             f"dtype written in place (16-bit logits, fp32_logits=False, or fp32 inputs); these are "
-                             f"{h_s.dtype} inputs with {logit_dtype} logits (in_place={in_place})")
+        # (group > 1 only where dz lands in place over logits of its dtype: fused_linear_loss refuses the rest)
         zs_group = (torch.empty((min(N, group * chunk), w_s.shape[0]), dtype=logit_dtype, device=h_s.device)
                     if group > 1 else None)
         dh = torch.empty_like(h_s) if need_grad else None
@@ -351,7 +348,7 @@ def fused_linear_loss(
     if dw_chunk is not None and (dw_chunk < chunk or dw_chunk % chunk):
         raise ValueError(f"dw_chunk={dw_chunk}: tokens per dW GEMM must be a multiple of chunk={chunk} (e.g. "
                          f"{2 * chunk}), or None")
-    if dw_chunk is not None and dw_chunk > chunk:  # (the forward checks it too, where it resolves the dtypes)
+    if dw_chunk is not None and dw_chunk > chunk:  # before any work, with or without gradients
         logits = torch.float32 if (fp32_logits or h_s.dtype.itemsize >= 4) else h_s.dtype
         if logits != h_s.dtype or in_place is False:
             raise ValueError(f"dw_chunk > chunk keeps each chunk's dz in its logits' place: it needs dz of the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
@@ -29,6 +30,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ds_hybrid.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("align", "select", "kl", "finetune")
 TRAIN_STAGES: tuple[str, ...] = ("align", "kl", "finetune")
@@ -42,7 +45,9 @@ class DataConfig:
     mixture: dict | None = None  # {source: weight}: a source's share of training rows, 1 = its natural share
     text_field: str = "text"  # column holding the text in json/jsonl/parquet sources
     add_eos: bool = False  # the paper concatenates documents without separators
-    val_tokens: int = 65536  # held out, by whole documents (never trained on, never used by select)
+    val_tokens: int = 65536  # held out, by whole documents (never trained on). Every stage scores its first rows:
+    # stage select's probes, proxy and ppl rank layers by them too, so a KL-guided selection has seen the text that kl's
+    # (and `ds-hybrid eval`'s) held-out KL is measured on: docs/SELECT.md
     split_seed: int = 1234  # fixes the held-out split independently of the run seed
     max_documents: int | None = None  # cap for quick runs
     cache_dir: str | None = None  # tokenized+packed cache (default: $DS_HYBRID_CACHE/data)
@@ -433,9 +438,18 @@ def check_stage(s: StageConfig, name: str) -> None:
         raise ConfigError(f"{name}.eps", s.eps, "AdamW's epsilon must be positive (e.g. 1e-8)")
     if not s.weight_decay >= 0:
         raise ConfigError(f"{name}.weight_decay", s.weight_decay, "must not be negative (0: no decay)")
-    for f in ("tokens", "lr", "lr_rest", "clip"):
+    for f in ("lr", "lr_rest", "clip", "temperature", "ce_weight", "min_lr_ratio", "eps", "weight_decay"):
+        if not math.isfinite(getattr(s, f)):  # (NaN passes every comparison below)
+            raise ConfigError(f"{name}.{f}", getattr(s, f), "must be a finite number" +
+                              (" (0 turns gradient clipping off)" if f == "clip" else ""))
+    for f in ("tokens", "lr", "lr_rest", "clip", "ce_weight"):
         if getattr(s, f) < 0:
-            raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative")
+            raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative" +
+                              (" (a negative weight would train the student to raise the CE)" if f == "ce_weight" else ""))
+    if name == "finetune" and (s.ce_weight != 0 or s.temperature != 1):
+        f = "ce_weight" if s.ce_weight != 0 else "temperature"
+        raise ConfigError(f"finetune.{f}", getattr(s, f), "stage finetune trains on the next-token CE alone (no "
+                          "teacher): ce_weight and temperature are stage kl's; remove it from the finetune section")
     if s.eval_recall < 0:
         raise ConfigError(f"{name}.eval_recall", s.eval_recall, "a number of held-out rows (0: no recall score)")
     if s.eval_recall and s.seq_len < 128:
@@ -490,3 +504,10 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
         raise ConfigError("align.lr_rest", s.lr_rest, "stage align trains only the mixers; set lr_rest: 0")
     if math.isnan(s.lr):
         raise ConfigError(f"{stage}.lr", s.lr, "not a number")
+    steps = stage_steps(s)
+    if s.warmup_steps >= steps and s.warmup_steps > 0:  # (finetune's default warmup is 10 steps)
+        log.warning("%s.warmup_steps=%d >= the stage's %d steps: the learning rate %s and its %s schedule never "
+                    "runs; lower warmup_steps (e.g. to %d) or raise %s.tokens", stage, s.warmup_steps, steps,
+                    "peaks at the last step" if s.warmup_steps == steps else
+                    f"never reaches {s.lr:g} (at most {s.lr * steps / s.warmup_steps:g})", s.schedule,
+                    max(steps // 10, 0), stage)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ds_hybrid import distributed as D
-from ds_hybrid.folders import atomic_write_text
+from ds_hybrid.folders import atomic_write_text, fsync_dir, fsync_file
 
 MANIFEST = "MANIFEST.json"
 SKIP = {MANIFEST, "COMPLETE"}
@@ -40,10 +40,17 @@ def _my_share(items: list[str]) -> list[str]:
 
 
 def write_manifest(ckpt: Path) -> dict:
-    """Hash this rank's share of the checkpoint's files; rank 0 writes the manifest (temp file + rename)."""
+    """Hash this rank's share of the checkpoint's files, each forced to disk first (DeepSpeed's writes are not: the
+    COMPLETE marker written after this vouches for them, and older checkpoints are pruned on its word); rank 0 writes
+    the manifest (temp file + rename)."""
     ckpt = Path(ckpt)
     files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
-    mine = {rel: {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)} for rel in _my_share(files)}
+    mine = {}
+    for rel in _my_share(files):
+        fsync_file(ckpt / rel)
+        mine[rel] = {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)}
+    for folder in sorted({(ckpt / rel).parent for rel in _my_share(files)}):
+        fsync_dir(folder)
     entries: dict[str, dict] = {}
     for part in D.all_gather(mine):
         entries.update(part)

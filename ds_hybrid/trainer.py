@@ -80,6 +80,11 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     L = teacher_config.num_hidden_layers
     layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
     s = cfg.stage(stage)
+    context = getattr(teacher_config, "max_position_embeddings", None)
+    if context and s.seq_len > context:
+        raise ConfigError(f"{stage}.seq_len", s.seq_len,
+                          f"longer than the teacher's context ({context} tokens: max_position_embeddings); its "
+                          f"targets past that are positions it never trained on: use seq_len <= {context}")
     if s.micro_batch == "auto":
         s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
                                            if D.is_main() else None)
@@ -246,6 +251,13 @@ def set_aside_finished_run(run_dir: Path) -> Path:
     return dest
 
 
+def finished_on_main(run_dir: Path) -> bool:
+    """Whether the stage in ``run_dir`` has finished (its DONE exists), as the main rank sees it, on every rank: one
+    verdict for all. A rank that looked for itself after `--force` had moved DONE away would skip the barrier that the
+    others wait at and meet them in another collective: a hang until the timeout."""
+    return bool(D.broadcast_object((run_dir / DONE).is_file()))
+
+
 def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = True) -> Path:
     """Run (or resume) one training stage. ``force``: also when it has finished (DONE); then ``restart`` sets the
     finished run aside and starts at step 0 (`train.py --force`), ``restart=False`` resumes from its last checkpoint
@@ -255,10 +267,11 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     signals = _Signals.install()  # before the setup: a signal during it is honoured at the first step
     check_env_knobs()
     run_dir = cfg.stage_dir(stage)
-    if (run_dir / DONE).is_file() and not force:
+    finished = finished_on_main(run_dir)
+    if finished and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
         return run_dir
-    if (run_dir / DONE).is_file() and restart:  # --force: a fresh run, not a resume from the finished one's end
+    if finished and restart:  # --force: a fresh run, not a resume from the finished one's end
         if D.is_main():
             set_aside_finished_run(run_dir)
         D.barrier()

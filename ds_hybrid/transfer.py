@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
 from ds_hybrid.modeling.families import check_family, layer_rest
 from ds_hybrid.modeling.mixers import LinearMixer
+from ds_hybrid.modeling.precision import cast
 from ds_hybrid.zero import gathered
 
 
@@ -97,7 +98,7 @@ def build_hybrid(
     p = next(teacher.parameters())
     with torch.device(p.device):  # built where the teacher is (an 8B student initialises in seconds on a GPU)
         student = HybridForCausalLM(config)
-    student = student.to(dtype=p.dtype)
+    student = cast(student, p.dtype)  # RoPE's buffers stay fp32, as the teacher's (modeling/precision.py)
     transfer_weights(teacher, student)
     return student
 
@@ -111,7 +112,7 @@ def restore_softmax_layers(student: HybridForCausalLM, teacher: PreTrainedModel,
     keep = sorted(set(student.config.softmax_layers) | set(layers))
     config = hybrid_config(teacher.config, keep, student.config.mixer, student.config.mixer_options)
     p = next(student.parameters())
-    new = HybridForCausalLM(config).to(device=p.device, dtype=p.dtype)
+    new = cast(HybridForCausalLM(config), p.dtype, p.device)
     copy_module(new.model.embed_tokens, student.model.embed_tokens)
     copy_module(new.model.norm, student.model.norm)
     if not new.config.tie_word_embeddings:

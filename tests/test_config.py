@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 
@@ -132,6 +133,9 @@ def test_vocab_mismatch_and_layers_checked_against_the_teacher(tmp_path):
         make_context(cfg, "kl")
     with pytest.raises(ConfigError, match=r"^teacher=.*no such folder"):
         make_context(load_config(None, [f"teacher={tmp_path / 'none'}"]), "kl")
+    cfg = load_config(None, [f"teacher={ok}", "kl.seq_len=2048"])  # the tiny teacher's context: 1024 positions
+    with pytest.raises(ConfigError, match=r"^kl\.seq_len=2048: longer than the teacher's context \(1024 tokens"):
+        make_context(cfg, "kl")
 
 
 def test_train_script_reports_and_exits_2_before_building_anything(tmp_path):
@@ -177,6 +181,12 @@ def test_malformed_yaml_names_the_file_or_the_override(tmp_path):
     ("select.halving_first_tokens=-5", r"^select\.halving_first_tokens=-5: a positive number"),
     ("finetune.teacher_overlap=true", r"^finetune\.teacher_overlap=True: applies to stage kl only"),
     ("align.teacher_overlap=true", r"^align\.teacher_overlap=True: applies to stage kl only"),
+    ("kl.lr_rest=.nan", r"^kl\.lr_rest=nan: must be a finite number"),  # (NaN passed the >= 0 checks)
+    ("kl.clip=.inf", r"^kl\.clip=inf: must be a finite number \(0 turns gradient clipping off\)"),
+    ("kl.temperature=.inf", r"^kl\.temperature=inf: must be a finite number"),
+    ("kl.ce_weight=-1", r"^kl\.ce_weight=-1(\.0)?: must not be negative .*raise the CE"),
+    ("finetune.ce_weight=0.5", r"^finetune\.ce_weight=0\.5: stage finetune trains on the next-token CE alone"),
+    ("finetune.temperature=2", r"^finetune\.temperature=2(\.0)?: stage finetune trains on the next-token CE alone"),
 ])
 def test_optimizer_evaluation_and_job_settings_are_checked(override, message):
     """Settings torch or the trainer would otherwise take until a model is built (a one-beta AdamW fails inside
@@ -347,14 +357,25 @@ def test_plan_takes_a_selection_not_made_yet_as_uniform_with_its_k(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "runs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_run_config_passes_the_checks(path):
+def test_every_shipped_run_config_passes_the_checks(path, caplog):
     """What the checks refuse, no shipped run config holds: each loads, and each stage it budgets passes the launch
-    checks on one GPU (its DeepSpeed files found, its batch split, its init_from a folder where one is named)."""
+    checks on one GPU (its DeepSpeed files found, its batch split, its init_from a folder where one is named), and
+    none is warned of (a warmup as long as the stage: the quickstart's finetune had 10 steps of 10 warmup steps)."""
     cfg = load_config(path)
     for stage in ("align", "kl", "finetune"):
         s = cfg.stage(stage)
         if s.tokens and (s.init_from is None or s.init_from == "teacher"):
-            validate_for_launch(cfg, stage, 1)
+            with caplog.at_level(logging.WARNING, logger="ds_hybrid.config"):
+                validate_for_launch(cfg, stage, 1)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_warmup_as_long_as_the_stage_is_warned_of(caplog):
+    cfg = load_config(None, ["finetune.tokens=262144", "finetune.seq_len=4096", "finetune.global_batch=32"])
+    with caplog.at_level(logging.WARNING, logger="ds_hybrid.config"):
+        validate_for_launch(cfg, "finetune", 1)  # 2 steps, the default 10 warmup steps
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "finetune.warmup_steps=10 >= the stage's 2 steps" in said and "never reaches 1e-05 (at most 2e-06)" in said
 
 
 def test_the_tools_refuse_bad_outputs_and_inputs_before_writing(tmp_path, monkeypatch):

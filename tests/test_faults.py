@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,26 @@ def damage(path: Path, how: str) -> str:
         (path / MANIFEST).unlink()
         return MANIFEST
     return "model_states.pt"
+
+
+def test_every_checkpoint_file_is_forced_to_disk_before_the_marker_vouches_for_it(tmp_path, monkeypatch):
+    """DeepSpeed's writes are not fsynced: after a node's crash a COMPLETE marker on disk could vouch for files still in
+    the page cache (and the older checkpoints would already be pruned). Each file is fsynced, and its folder, before
+    the marker is written."""
+    import ds_hybrid.checkpoint as checkpoint
+    import ds_hybrid.manifest as manifest
+
+    events = []
+    monkeypatch.setattr(manifest, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(manifest, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    real_write = checkpoint.atomic_write_text
+    monkeypatch.setattr(checkpoint, "atomic_write_text",
+                        lambda p, text: (events.append(("marker", Path(p).name)), real_write(p, text)))
+    Checkpointer(tmp_path / "checkpoints", keep=2).save({"student": FakeEngine()}, 2, {"step": 2})
+    marker = events.index(("marker", MARKER))
+    synced = {name for kind, name in events[:marker] if kind == "file"}
+    assert synced == {"model_states.pt", "optim_states.pt", "rng_rank0.pt"}
+    assert {name for kind, name in events[:marker] if kind == "dir"} == {"step00000002", "student"}
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_file", "missing_manifest"])
@@ -278,3 +299,33 @@ def test_force_reruns_a_finished_stage_from_step_0_and_keeps_the_first_run(tmp_p
     assert (previous / "DONE").is_file() and sorted(metrics(previous)) == [1, 2]
     assert [p.name for p in sorted((previous / "checkpoints").iterdir())] == ["step00000001", "step00000002"]
     assert (run_dir / "DONE").is_file()
+
+
+FINISHED_SCRIPT = """
+import json, sys
+from pathlib import Path
+from ds_hybrid import distributed as D
+from ds_hybrid.trainer import finished_on_main
+D.init_distributed(1)
+run_dir = Path(sys.argv[1]) / f"rank{D.rank()}"   # each rank's own view of the run folder
+Path(sys.argv[1], f"verdict{D.rank()}.json").write_text(json.dumps(finished_on_main(run_dir)))
+"""
+
+
+def test_every_rank_takes_the_main_ranks_look_at_done(tmp_path):
+    """`train.py --force` on several ranks: the main rank moves DONE away and waits at a barrier; a rank that looked
+    for DONE itself after the move skipped that barrier and met the others in another collective (a hang until the
+    timeout). Every rank now takes the main rank's look: here rank 0 sees DONE and rank 1 does not (its own view,
+    as after the move), and both are told the stage has finished."""
+    from trainer_utils import env, free_port, tail
+
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank0" / "DONE").write_text("{}")
+    (tmp_path / "rank1").mkdir()
+    script = tmp_path / "finished.py"
+    script.write_text(FINISHED_SCRIPT)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script), str(tmp_path)], env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, tail(p)
+    assert [json.loads((tmp_path / f"verdict{r}.json").read_text()) for r in (0, 1)] == [True, True]

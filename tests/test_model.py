@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from conftest import VOCAB, tiny_teacher
+from transformers import AutoModelForCausalLM
 
 from ds_hybrid import HybridForCausalLM
 from ds_hybrid.modeling.mixers import GatedDeltaNetMixer, GLAMixer, LinearMixer
@@ -164,3 +165,40 @@ def test_restore_softmax_layers_takes_teacher_attention():
     assert isinstance(restored.layers[1].self_attn, GatedDeltaNetMixer)
     assert torch.equal(restored.layers[1].self_attn.q_proj.weight, student.layers[1].self_attn.q_proj.weight)
     assert torch.equal(restored.layers[2].self_attn.q_proj.weight, teacher.model.layers[2].self_attn.q_proj.weight)
+
+
+def test_a_bf16_hybrid_keeps_the_teachers_fp32_rope_and_equals_it(family, tmp_path):
+    """A teacher loaded in bf16 (from_pretrained) computes RoPE's inverse frequencies in fp32; `Module.to(bf16)`
+    rounded the hybrid's to bf16, so its softmax layers attended with other positions than the layers they copy (a
+    rotation off by up to p * inv_freq * 2^-9 radians at position p). Stage 0 and restore_softmax_layers keep them
+    fp32 (modeling/precision.py): the all-softmax hybrid equals its bf16 teacher to the last bit."""
+    tiny_teacher(family).save_pretrained(tmp_path)
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    hybrid = build_hybrid(teacher, softmax_layers=range(4)).eval()
+    linear = build_hybrid(teacher, softmax_layers=[])
+    restored = restore_softmax_layers(linear, teacher, range(4)).eval()
+    freqs = {n: b for n, b in teacher.named_buffers() if n.endswith("inv_freq")}
+    assert freqs and all(b.dtype == torch.float32 for b in freqs.values())
+    x = ids(T=250)  # far enough for bf16-rounded frequencies to turn the fast components by radians
+    with torch.no_grad():
+        want = teacher(x).logits
+        for model in (hybrid, restored):
+            assert next(model.parameters()).dtype == torch.bfloat16
+            mine = dict(model.named_buffers())
+            for name, b in freqs.items():
+                assert mine[name].dtype == torch.float32 and torch.equal(mine[name], b), name
+            assert torch.equal(model(x).logits, want)
+
+
+def test_a_resized_hybrid_and_its_set_pad_token_survive_save_and_reload(tmp_path):
+    """The hybrid is built from its teacher config: a mirrored field set on the hybrid's config (resize_token_embeddings
+    sets vocab_size; a user sets pad_token_id) reaches the teacher config, so the saved model reloads as it was (a
+    resized one failed to load: embeddings of 120 rows against a model built for 101)."""
+    hybrid = build_hybrid(tiny_teacher("gemma3"), softmax_layers=[1])
+    hybrid.resize_token_embeddings(VOCAB + 19)
+    hybrid.config.pad_token_id = 7
+    hybrid.save_pretrained(tmp_path)
+    again = HybridForCausalLM.from_pretrained(tmp_path)
+    assert again.config.vocab_size == again.config.teacher_config.vocab_size == VOCAB + 19
+    assert again.config.pad_token_id == again.config.teacher_config.pad_token_id == 7
+    assert torch.equal(again.model.embed_tokens.weight, hybrid.model.embed_tokens.weight)

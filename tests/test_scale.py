@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from trainer_utils import REPO, env, run
+from trainer_utils import REPO, env
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +59,30 @@ def test_zero3_construction_stays_under_the_per_rank_bound(tmp_path):
         bound = 4 * (r["local_teacher"] + r["local_student"]) + 2 * 4 * sizes["largest_module"] + 64 * 2**20
         assert r["growth"] <= bound, (r["growth"] / 2**20, bound / 2**20)
         assert r["growth"] < 0.8 * whole  # holding both models whole would take `whole`
+
+
+@pytest.mark.parametrize("family,zero", [("llama", "zero2"), ("gemma3", "zero3")])
+def test_bf16_stage_models_keep_ropes_fp32_inverse_frequencies(tmp_path, family, zero):
+    """The teacher engine and the student that stage kl builds in bf16: under ZeRO-3 zero.Init turned every RoPE
+    inverse frequency into bf16 (teacher and student), and below ZeRO-3 the student's `.to(bf16)` did; both now hold
+    the fp32 values that the model class computes (and that from_pretrained gives a bf16 teacher)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+    from trainer_utils import free_port, make_tiny_teacher
+
+    teacher_dir = make_tiny_teacher(tmp_path / "teacher", family=family)
+    out = tmp_path / "freqs.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                        str(free_port()), "tests/rope_build.py", str(teacher_dir), zero, str(out)],
+                       capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["student_weights"] == ["torch.bfloat16"]
+    ref = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16)
+    want = {n.split("rotary_emb.")[-1]: b.double().tolist() for n, b in ref.named_buffers() if n.endswith("inv_freq")}
+    assert want and all(b.dtype == torch.float32 for n, b in ref.named_buffers() if n.endswith("inv_freq"))
+    for model in ("teacher", "student"):
+        assert {n: v["dtype"] for n, v in got[model].items()} == {n: "torch.float32" for n in want}, model
+        assert {n: v["values"] for n, v in got[model].items()} == want, model

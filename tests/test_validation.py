@@ -44,6 +44,25 @@ def test_unsupported_architecture_lists_supported():
         hybrid_config(Gemma3Config(), [0])
 
 
+def test_teacher_attention_biases_and_a_logit_soft_cap_are_refused_by_name():
+    """A Llama (or Qwen3, Gemma 3) teacher with attention_bias has an o_proj bias, which a linear mixer's output
+    projection cannot hold: it was refused by a plain ValueError after the teacher's weights had loaded. A final logit
+    soft cap is applied by neither the hybrid nor the fused KL loss: it was ignored."""
+    for family in ("llama", "qwen3", "gemma3"):
+        with pytest.raises(ConfigError, match=r"teacher\.attention_bias=True.*o_proj"):
+            hybrid_config(tiny_config(family, attention_bias=True), [0])
+    with pytest.raises(ConfigError, match=r"teacher\.final_logit_softcapping=30\.0.*not supported"):
+        hybrid_config(tiny_config("gemma3", final_logit_softcapping=30.0), [0])
+    hybrid_config(tiny_config("gemma3", attn_logit_softcapping=50.0), [0])  # applied in the copied attention: fine
+
+
+@pytest.mark.parametrize("option,value", [("gate_logit_normalizer", 0.0), ("gate_logit_normalizer", -1.0),
+                                          ("norm_eps", -1.0), ("norm_eps", float("nan"))])
+def test_mixer_options_that_give_nan_or_growth_are_refused(option, value):
+    with pytest.raises(ConfigError, match=rf"mixer_options\.{option}=.*positive, finite"):
+        hybrid_config(tiny_config("llama"), [0], mixer="gla", mixer_options={option: value})
+
+
 def test_head_dim_the_mixer_cannot_take():
     with pytest.raises(ConfigError, match=r"teacher\.head_dim=512"):
         hybrid_config(tiny_config("qwen3", head_dim=512), [0])

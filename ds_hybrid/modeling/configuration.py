@@ -90,6 +90,15 @@ class HybridConfig(PreTrainedConfig):
             self.architectures = ["HybridForCausalLM"]
         super().__post_init__(**kwargs)
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        """A mirrored field set on the hybrid's config (``resize_token_embeddings`` sets ``vocab_size``, a user a
+        ``pad_token_id``) is set on the teacher config too: the model is built from the teacher config, so a saved
+        hybrid would otherwise reload with the old value (a resized one not at all)."""
+        super().__setattr__(key, value)
+        teacher = self.__dict__.get("teacher_config")
+        if key in MIRRORED and isinstance(teacher, PreTrainedConfig) and getattr(teacher, key, None) != value:
+            setattr(teacher, key, value)
+
     @property
     def linear_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]

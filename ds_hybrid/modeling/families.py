@@ -34,6 +34,16 @@ def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
     if model_type not in SUPPORTED_FAMILIES:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
         raise ConfigError(field, model_type, f"unsupported teacher architecture; supported: {supported}")
+    prefix = field.rsplit(".", 1)[0] if field.endswith(".model_type") else field
+    if getattr(config, "attention_bias", False):  # Llama/Qwen3/Gemma 3 put it on o_proj too
+        raise ConfigError(f"{prefix}.attention_bias", True,
+                          "this teacher's attention has biases, o_proj's included; a linear mixer's output "
+                          "projection has none, so the transfer would drop them: not supported (Qwen2's q/k/v "
+                          "biases, kept with mixer_options.qkv_bias, are)")
+    if getattr(config, "final_logit_softcapping", None):
+        raise ConfigError(f"{prefix}.final_logit_softcapping", config.final_logit_softcapping,
+                          "a soft cap on the logits (tanh(z / c) * c) is not applied by the hybrid or the fused KL "
+                          "loss: not supported (Gemma 3's published configs have none)")
     return model_type
 
 

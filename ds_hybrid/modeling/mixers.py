@@ -75,6 +75,9 @@ class MixerOptions:
             raise ConfigError(f"{field_prefix}.backend", opts.backend, f"choose one of {ops.BACKENDS}")
         if opts.gate_low_rank_dim < 1:
             raise ConfigError(f"{field_prefix}.gate_low_rank_dim", opts.gate_low_rank_dim, "use a positive rank")
+        for name in ("gate_logit_normalizer", "norm_eps"):  # 0 or below: NaN logits, or GLA's decay turned growth
+            if not (math.isfinite(getattr(opts, name)) and getattr(opts, name) > 0):
+                raise ConfigError(f"{field_prefix}.{name}", getattr(opts, name), "use a positive, finite number")
         return opts
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ds_hybrid.hf_io import SafetensorsReader, fill_causal_lm, fill_module
 from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
 from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import LinearMixer, MixerOptions
+from ds_hybrid.modeling.precision import cast, fp32_rotary_buffers
 from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype, zero_stage
 from ds_hybrid.zero import gathered, is_partitioned, zero3_init
 
@@ -123,6 +124,7 @@ def build_teacher_engine(ctx: StageContext):
         config = AutoConfig.from_pretrained(ctx.teacher_path, **_attn_kw(ctx.cfg.attn_implementation))
         with zero3_init(ds, ctx.dtype):
             teacher = AutoModelForCausalLM.from_config(config, dtype=ctx.dtype)
+        fp32_rotary_buffers(teacher)  # zero.Init made them bf16 (modeling/precision.py)
         teacher.tie_weights()
         fill_causal_lm(teacher, SafetensorsReader(ctx.teacher_path))
     else:
@@ -240,9 +242,10 @@ def _build_student(ctx: StageContext, config: HybridConfig, src: SafetensorsRead
     with zero3_init(ds, ctx.dtype):
         student = HybridForCausalLM(config)
     if zero_stage(ds) == 3:
+        fp32_rotary_buffers(student)  # as the teacher's (modeling/precision.py)
         student.tie_weights()
     else:
-        student = student.to(dtype=ctx.dtype)
+        student = cast(student, ctx.dtype)
     fill_module(student.model.embed_tokens, "model.embed_tokens.", src)
     fill_module(student.model.norm, "model.norm.", src)
     if not config.tie_word_embeddings:

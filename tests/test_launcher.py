@@ -1,0 +1,80 @@
+"""launchers/distill_70b.slurm's control flow with stand-ins for Slurm's commands and the trainer (no cluster): the
+time-limit warning (SIGUSR1) requeues the job whenever it comes, not only when it stops a stage with an error.
+tests/test_slurm.py runs the same script on a real two-node Slurm cluster."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from trainer_utils import REPO
+
+# the trainer's stand-in: the config reader prints out_dir, select method, teacher; a stage appends its name to
+# stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit) if it is $WARN_IN, notes
+# the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the warning comes after its
+# last step (in its final evaluation or export)
+PYTHON = """#!/bin/bash
+if [ "$1" = -c ]; then printf '%s\\nga_s2\\nembedded\\n' "$OUT"; exit 0; fi
+while [ $# -gt 0 ]; do [ "$1" = --stage ] && stage=$2; shift; done
+echo "$stage" >> "$OUT/stages.log"
+trap 'echo "$stage" >> "$OUT/stage_warned.log"' USR1  # past its last step the trainer only notes it
+[ "$stage" = "${WARN_IN:-}" ] && kill -USR1 "$BATCH_PID" && sleep 0.5
+mkdir -p "$OUT/$stage" && touch "$OUT/$stage/DONE"
+"""
+SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo node1 ;;
+  "show node") echo "NodeName=node1 NodeAddr=127.0.0.1" ;;
+  "requeue "*) echo "$2" >> "$OUT/requeued.log" ;;
+esac
+"""
+SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+exec "$@"
+"""
+
+
+def run_launcher(tmp_path: Path, warn_in: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    for name, text in (("python", PYTHON), ("scontrol", SCONTROL), ("srun", SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    # the batch script tells the stand-in its PID through a wrapper that execs it (so $$ there is the script's)
+    wrapper = tmp_path / "job.sh"
+    wrapper.write_text(f'#!/bin/bash\nexport BATCH_PID=$$\nexec bash {REPO / "launchers" / "distill_70b.slurm"} "$@"\n')
+    e = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), SLURM_JOB_ID="42",
+             SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1", SLURM_NTASKS="1",
+             SLURM_SUBMIT_DIR=str(REPO))
+    if warn_in:
+        e["WARN_IN"] = warn_in
+    p = subprocess.run(["bash", str(wrapper), f"PYTHON={bin_dir / 'python'}", "STAGES=align,kl,finetune"],
+                       capture_output=True, text=True, env=e, timeout=60)
+    return p, out
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_warning_in_a_stages_last_moments_requeues_before_the_next_stage(tmp_path):
+    """The warning during align's final evaluation or export: align finishes (DONE, exit 0), and the job requeues
+    instead of starting kl, which the time limit would kill (the job then ended TIMEOUT, never requeued)."""
+    p, out = run_launcher(tmp_path, warn_in="align")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["align"]
+    assert lines(out / "requeued.log") == ["42"]
+    assert lines(out / "stage_warned.log") == ["align"]  # passed on to the stage, which finished anyway
+    assert "time limit near" in (out / "align" / "slurm-42.log").read_text()  # (said inside the stage's step)
+    assert "requeued during align (before kl)" in p.stdout
+
+
+def test_without_a_warning_every_stage_runs_and_nothing_is_requeued(tmp_path):
+    p, out = run_launcher(tmp_path, warn_in=None)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["align", "kl", "finetune"]
+    assert lines(out / "requeued.log") == []
+    assert "all stages done" in p.stdout

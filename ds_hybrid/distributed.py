@@ -60,6 +60,14 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def shutdown() -> None:
+    """Destroy the process group before the interpreter exits. Left to the exit, gloo's worker threads are torn down
+    while still joinable and abort the process now and then ("terminate called without an active exception", exit
+    -6) after the work has finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

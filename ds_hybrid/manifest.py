@@ -42,7 +42,8 @@ def _my_share(items: list[str]) -> list[str]:
 def write_manifest(ckpt: Path) -> dict:
     """Hash this rank's share of the checkpoint's files, each forced to disk first (DeepSpeed's writes are not: the
     COMPLETE marker written after this vouches for them, and older checkpoints are pruned on its word); rank 0 writes
-    the manifest (temp file + rename)."""
+    the manifest (temp file + rename). (On a shared file system a rank fsyncs files another node wrote: what that
+    reaches is the file system's to say; NFS and Lustre send a file's data to the server on close.)"""
     ckpt = Path(ckpt)
     files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
     mine = {}
@@ -51,6 +52,8 @@ def write_manifest(ckpt: Path) -> dict:
         mine[rel] = {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)}
     for folder in sorted({(ckpt / rel).parent for rel in _my_share(files)}):
         fsync_dir(folder)
+    if D.is_main():
+        fsync_dir(ckpt.parent)  # the checkpoint folder's own entry
     entries: dict[str, dict] = {}
     for part in D.all_gather(mine):
         entries.update(part)

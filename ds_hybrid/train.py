@@ -84,4 +84,8 @@ if __name__ == "__main__":
             code = EXIT_NONFINITE
         else:
             raise
+    if code == 0:  # (after a failure a peer may be stuck in a collective: no teardown that could wait on it)
+        from ds_hybrid.distributed import shutdown
+
+        shutdown()
     sys.exit(code)

@@ -66,7 +66,7 @@ def stage_class(name: str):
 def make_context(cfg: RunConfig, stage: str) -> StageContext:
     """Everything a stage needs that can be checked without building a model (cheap: config files only)."""
     from ds_hybrid.layers import resolve_softmax_layers
-    from ds_hybrid.modeling.families import head_dim
+    from ds_hybrid.modeling.families import head_dim, trained_context
     from ds_hybrid.modeling.mixers import check_mixer
     from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
 
@@ -80,11 +80,12 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     L = teacher_config.num_hidden_layers
     layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
     s = cfg.stage(stage)
-    context = getattr(teacher_config, "max_position_embeddings", None)
+    context = trained_context(teacher_config)
     if context and s.seq_len > context:
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
-                          f"longer than the teacher's context ({context} tokens: max_position_embeddings); its "
-                          f"targets past that are positions it never trained on: use seq_len <= {context}")
+                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, times its "
+                          f"RoPE scaling factor if any); its targets past that are positions it never trained on: use "
+                          f"seq_len <= {context}, or give the teacher's config the RoPE scaling it supports")
     if s.micro_batch == "auto":
         s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
                                            if D.is_main() else None)
@@ -302,6 +303,11 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     start = int(client["step"]) if client else 0
     if client:
         log.info("resumed %s from step %d", stage, start)
+        was = client.get("micro_batch")
+        if was is not None and was != s.micro_batch:  # e.g. `auto` resolved again after a requeue onto other GPUs
+            log.warning("%s.micro_batch is %d here, %d in the run that wrote this checkpoint: the same global batch "
+                        "split into other micro-batches, so the resumed losses are not bit for bit the uninterrupted "
+                        "run's; set %s.micro_batch: %d to resume exactly", stage, s.micro_batch, was, stage, was)
 
     total = ctx.total_steps
     monitor = Monitor(run_dir, total, start, s.log_every, stage)
@@ -365,7 +371,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
             last = done == total and (s.keep_checkpoints != 0 or s.export)
             if stop or (s.ckpt_every and (done % s.ckpt_every == 0 and done != total or last)):
                 t0 = time.perf_counter()
-                ckpt.save(runner.engines, done, {"step": done, "stage": stage})
+                ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch})
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
             if s.eval_every and done % s.eval_every == 0 and done != total:
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")

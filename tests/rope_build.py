@@ -36,6 +36,7 @@ def main() -> None:
     weights = {str(p.dtype) for p in student.parameters()}
     with open(out, "w") as f:
         json.dump({"teacher": freqs(teacher.module), "student": freqs(student), "student_weights": sorted(weights)}, f)
+    D.shutdown()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def main() -> None:
     from trainer_utils import write_rank_reports
 
     write_rank_reports(mine, out)
+    D.shutdown()
 
 
 if __name__ == "__main__":

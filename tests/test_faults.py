@@ -80,7 +80,7 @@ def test_every_checkpoint_file_is_forced_to_disk_before_the_marker_vouches_for_i
     marker = events.index(("marker", MARKER))
     synced = {name for kind, name in events[:marker] if kind == "file"}
     assert synced == {"model_states.pt", "optim_states.pt", "rng_rank0.pt"}
-    assert {name for kind, name in events[:marker] if kind == "dir"} == {"step00000002", "student"}
+    assert {name for kind, name in events[:marker] if kind == "dir"} == {"checkpoints", "step00000002", "student"}
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_file", "missing_manifest"])
@@ -251,9 +251,16 @@ def test_a_real_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(tmp_pat
     p = train("kl", cfg, nproc=1)
     assert p.returncode == 0, tail(p)
     assert "is damaged" in p.stdout and f.name in p.stdout and "resumed kl from step 2" in p.stdout
+    assert "in the run that wrote this checkpoint" not in p.stdout  # the same micro-batch: an exact resume
     resumed = metrics(run_dir)
     for step in (3, 4):
         assert resumed[step]["loss"] == ref[step]["loss"], step
+    # a resume whose micro-batch differs (`auto` resolved again on other GPUs after a requeue) says it is not exact
+    (run_dir / "DONE").unlink()
+    was = json.loads((run_dir / "run_info.json").read_text())["micro_batch"]
+    p = train("kl", cfg, "kl.micro_batch=1", nproc=1)
+    assert p.returncode == 0, tail(p)
+    assert was != 1 and f"kl.micro_batch is 1 here, {was} in the run that wrote this checkpoint" in p.stdout
 
 
 def test_a_signal_between_two_stages_is_kept_for_the_next_ones_first_step():
@@ -309,6 +316,7 @@ from ds_hybrid.trainer import finished_on_main
 D.init_distributed(1)
 run_dir = Path(sys.argv[1]) / f"rank{D.rank()}"   # each rank's own view of the run folder
 Path(sys.argv[1], f"verdict{D.rank()}.json").write_text(json.dumps(finished_on_main(run_dir)))
+D.shutdown()
 """
 
 

@@ -20,7 +20,10 @@ if [ "$1" = -c ]; then printf '%s\\nga_s2\\nembedded\\n' "$OUT"; exit 0; fi
 while [ $# -gt 0 ]; do [ "$1" = --stage ] && stage=$2; shift; done
 echo "$stage" >> "$OUT/stages.log"
 trap 'echo "$stage" >> "$OUT/stage_warned.log"' USR1  # past its last step the trainer only notes it
-[ "$stage" = "${WARN_IN:-}" ] && kill -USR1 "$BATCH_PID" && sleep 0.5
+if [ "$stage" = "${WARN_IN:-}" ]; then  # then wait (up to 30 s) until the script has passed the signal on
+  kill -USR1 "$BATCH_PID"
+  for _ in $(seq 300); do [ -s "$OUT/stage_warned.log" ] && break; sleep 0.1; done
+fi
 mkdir -p "$OUT/$stage" && touch "$OUT/$stage/DONE"
 """
 SCONTROL = """#!/bin/bash

@@ -170,7 +170,7 @@ def test_restore_softmax_layers_takes_teacher_attention():
 def test_a_bf16_hybrid_keeps_the_teachers_fp32_rope_and_equals_it(family, tmp_path):
     """A teacher loaded in bf16 (from_pretrained) computes RoPE's inverse frequencies in fp32; `Module.to(bf16)`
     rounded the hybrid's to bf16, so its softmax layers attended with other positions than the layers they copy (a
-    rotation off by up to p * inv_freq * 2^-9 radians at position p). Stage 0 and restore_softmax_layers keep them
+    rotation off by up to p * inv_freq * 2^-8 radians at position p). Stage 0 and restore_softmax_layers keep them
     fp32 (modeling/precision.py): the all-softmax hybrid equals its bf16 teacher to the last bit."""
     tiny_teacher(family).save_pretrained(tmp_path)
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
@@ -202,3 +202,18 @@ def test_a_resized_hybrid_and_its_set_pad_token_survive_save_and_reload(tmp_path
     assert again.config.vocab_size == again.config.teacher_config.vocab_size == VOCAB + 19
     assert again.config.pad_token_id == again.config.teacher_config.pad_token_id == 7
     assert torch.equal(again.model.embed_tokens.weight, hybrid.model.embed_tokens.weight)
+
+
+def test_a_config_object_as_teacher_config_is_copied_and_left_as_it_was():
+    """HybridConfig(teacher_config=teacher.config, ...) (its docstring's form): transformers sets the fields one by one
+    before __post_init__, and the mirrored ones (None then) must not be written into the caller's config (a strict
+    LlamaConfig refused vocab_size=None); later edits of the hybrid's config stay the hybrid's."""
+    from ds_hybrid.modeling import HybridConfig
+
+    teacher = tiny_teacher("llama")
+    before = teacher.config.to_dict()
+    config = HybridConfig(teacher_config=teacher.config, softmax_layers=[1], mixer="gdn")
+    assert config.vocab_size == VOCAB and config.teacher_config is not teacher.config
+    config.vocab_size = VOCAB + 3
+    assert config.teacher_config.vocab_size == VOCAB + 3 and teacher.config.to_dict() == before
+    assert "_mirror_to_teacher" not in config.to_dict()

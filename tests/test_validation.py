@@ -104,3 +104,20 @@ def test_config_records_family_mixer_and_layers():
     assert cfg.layer_types == ["linear_attention", "sliding_attention", "linear_attention", "sliding_attention"]
     again = HybridConfig.from_dict(cfg.to_dict())
     assert again.layer_types == cfg.layer_types and again.teacher_config.sliding_window == 8
+
+
+def test_a_teachers_trained_context_counts_its_rope_scaling():
+    """seq_len is refused past the teacher's context (trainer.make_context): max_position_embeddings, times the RoPE
+    scaling factor where one extends it (Qwen2.5 ships 32,768 positions with YaRN x 4 documented; Gemma 3 scales its
+    global layers only), so a long-context distillation the teacher supports is not refused."""
+    from transformers import Gemma3TextConfig, Qwen2Config
+
+    from ds_hybrid.modeling.families import trained_context
+
+    assert trained_context(tiny_config("llama", max_position_embeddings=2048)) == 2048
+    yarn = Qwen2Config(max_position_embeddings=32768, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                     "original_max_position_embeddings": 32768})
+    assert trained_context(yarn) == 131072
+    gemma = Gemma3TextConfig(max_position_embeddings=32768, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    assert trained_context(gemma) == 8 * 32768
+    assert trained_context(Gemma3TextConfig(max_position_embeddings=32768)) == 32768

@@ -43,4 +43,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:  # as ds_hybrid/train.py does (gloo's threads torn down at exit abort now and then)
+        from ds_hybrid.distributed import shutdown
+
+        shutdown()
+    sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -71,6 +72,8 @@ class HybridConfig(PreTrainedConfig):
         if self.teacher_config is None:  # transformers builds a default config for some utilities
             self.teacher_config = CONFIG_MAPPING["llama"](num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                                           num_attention_heads=2, vocab_size=128)
+        elif isinstance(self.teacher_config, PreTrainedConfig):  # a copy: the hybrid's edits stay the hybrid's
+            self.teacher_config = copy.deepcopy(self.teacher_config)
         elif isinstance(self.teacher_config, dict):
             d = dict(self.teacher_config)
             if "model_type" not in d:
@@ -89,6 +92,7 @@ class HybridConfig(PreTrainedConfig):
         if not self.architectures:
             self.architectures = ["HybridForCausalLM"]
         super().__post_init__(**kwargs)
+        self._mirror_to_teacher = True  # from now on (not while transformers sets the fields one by one in __init__)
 
     def __setattr__(self, key: str, value: Any) -> None:
         """A mirrored field set on the hybrid's config (``resize_token_embeddings`` sets ``vocab_size``, a user a
@@ -96,8 +100,13 @@ class HybridConfig(PreTrainedConfig):
         hybrid would otherwise reload with the old value (a resized one not at all)."""
         super().__setattr__(key, value)
         teacher = self.__dict__.get("teacher_config")
-        if key in MIRRORED and isinstance(teacher, PreTrainedConfig) and getattr(teacher, key, None) != value:
+        if (key in MIRRORED and self.__dict__.get("_mirror_to_teacher") and isinstance(teacher, PreTrainedConfig)
+                and getattr(teacher, key, None) != value):
             setattr(teacher, key, value)
+
+    def _remove_keys_not_serialized(self, d: dict[str, Any]) -> None:
+        super()._remove_keys_not_serialized(d)
+        d.pop("_mirror_to_teacher", None)
 
     @property
     def linear_layers(self) -> list[int]:

@@ -27,6 +27,11 @@ NEAR_MISSES: dict[str, str] = {
 }
 
 
+# families whose `attention_bias` puts a bias on o_proj too (Qwen2's q/k/v biases are fixed, Mistral has none: both
+# ignore the field)
+O_PROJ_BIAS_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gemma3_text")
+
+
 def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
     model_type = getattr(config, "model_type", None)
     if model_type in NEAR_MISSES:
@@ -35,7 +40,7 @@ def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
         raise ConfigError(field, model_type, f"unsupported teacher architecture; supported: {supported}")
     prefix = field.rsplit(".", 1)[0] if field.endswith(".model_type") else field
-    if getattr(config, "attention_bias", False):  # Llama/Qwen3/Gemma 3 put it on o_proj too
+    if model_type in O_PROJ_BIAS_FAMILIES and getattr(config, "attention_bias", False):
         raise ConfigError(f"{prefix}.attention_bias", True,
                           "this teacher's attention has biases, o_proj's included; a linear mixer's output "
                           "projection has none, so the transfer would drop them: not supported (Qwen2's q/k/v "
@@ -45,6 +50,21 @@ def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
                           "a soft cap on the logits (tanh(z / c) * c) is not applied by the hybrid or the fused KL "
                           "loss: not supported (Gemma 3's published configs have none)")
     return model_type
+
+
+def trained_context(config: PreTrainedConfig) -> int | None:
+    """The longest sequence the teacher's positions are meant for: ``max_position_embeddings``, times the largest
+    RoPE scaling factor where a rope type other than the default extends it (YaRN, dynamic, linear, longrope, llama3:
+    Qwen2.5 ships 32,768 positions and documents YaRN x 4 for 131,072); None where the config does not say."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not n:
+        return None
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    # one set of parameters, or one per layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
+    sets = [params] if "rope_type" in params or "type" in params else [v for v in params.values() if isinstance(v, dict)]
+    factor = max((float(p.get("factor") or 1.0) for p in sets
+                  if p.get("rope_type", p.get("type", "default")) != "default"), default=1.0)
+    return int(n * max(factor, 1.0))
 
 
 def head_dim(config: PreTrainedConfig) -> int:

@@ -8,9 +8,9 @@ dtype, and its rotary forward works in fp32. Two ways of building a model round 
 - under ZeRO-3's ``zero.Init`` every floating tensor made during ``__init__`` is turned into the training dtype
   (DeepSpeed's ``keep_in_fp32_modules`` converts named buffers back to fp32 afterwards, which keeps the rounding).
 
-bf16 keeps 8 bits of mantissa: an inverse frequency off by up to 2^-9 of itself turns the rotation at position p by
-p * inv_freq * 2^-9 radians more or less than the teacher's, over a radian for the fast components beyond ~500
-tokens. A hybrid's softmax layers would then attend with other positions than the teacher's layers they copy (and
+bf16 keeps 8 significant bits: an inverse frequency rounded to it is off by up to 2^-8 of itself, which turns the
+rotation at position p by up to p * inv_freq * 2^-8 radians more or less than the teacher's: over a radian for the
+fast components within the first thousand tokens. A hybrid's softmax layers would then attend with other positions than the teacher's layers they copy (and
 than the same hybrid reloaded from its export, whose buffers are fp32 again). ``cast`` casts a model and gives its
 rotary embeddings their fp32 buffers back; ``fp32_rotary_buffers`` recomputes them in place (after ``zero.Init``).
 """
@@ -22,8 +22,10 @@ from torch import nn
 
 
 def _is_rotary(module: nn.Module) -> bool:
-    """A transformers rotary embedding: a module with its config whose own buffers include an ``*inv_freq``."""
-    return hasattr(module, "config") and any(name.endswith("inv_freq") for name in module._buffers)
+    """A transformers rotary embedding (``<Family>RotaryEmbedding(config, device=None)``, transformers' own naming)
+    whose own buffers include an ``*inv_freq``."""
+    return (type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config")
+            and any(name.endswith("inv_freq") for name in module._buffers))
 
 
 @torch.no_grad()

@@ -779,3 +779,19 @@ def test_align_stage_runs_both_stacked_layouts_to_the_same_losses(tmp_path, monk
     assert len(ref) == 3
     for name, got in losses.items():
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_logged_mfu_counts_the_lm_heads_that_run(tie):
+    """MFU's matmul parameters (stages' flops_per_token): never the embedding rows (a lookup); the LM head where it
+    runs: kl's teacher computes its logits in the loss (a tied head was dropped with the embedding: ~5 % low on
+    SmolLM2), align's teacher trunk has no head (an untied one was counted)."""
+    from ds_hybrid.stages.common import count_params, matmul_params
+
+    model = tiny_teacher("llama", tie_word_embeddings=tie)
+    cfg = model.config
+    emb = cfg.vocab_size * cfg.hidden_size
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    assert count_params(model) == body + emb * (1 if tie else 2)
+    assert matmul_params(model, cfg, lm_head_runs=True) == body + emb
+    assert matmul_params(model, cfg, lm_head_runs=False) == body

@@ -26,7 +26,7 @@ from ds_hybrid.modeling.stacked import (layout_from_env, pass_elements_from_env,
                                         stacked_forward, supports_stacked)
 from ds_hybrid.stages.base import HeldOut, Stage, build_teacher_engine, init_mixer_from_reader
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
-                                     student_engine, wants_compile, zero_stage)
+                                     matmul_params, student_engine, wants_compile, zero_stage)
 from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import zero3_init
 from ds_hybrid.transfer import hybrid_config
@@ -92,7 +92,7 @@ class AlignStage(Stage):
             compile_blocks(self.teacher.module.teacher.model.layers)
         self.engine = student_engine(stack, ds, ctx.s, ctx.total_steps)
         self.engines = {"student": self.engine}
-        self._teacher_params = count_params(self.teacher.module) - tc.vocab_size * tc.hidden_size
+        self._teacher_params = matmul_params(self.teacher.module, tc, lm_head_runs=False)  # (a trunk: no head)
         self._mixer_params = count_params(stack)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:

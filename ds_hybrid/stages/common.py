@@ -279,6 +279,16 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return n
 
 
+def matmul_params(model: nn.Module, config, lm_head_runs: bool) -> int:
+    """The parameters a forward of ``model`` multiplies by (MFU's 2N per token): all but the embedding rows (a
+    lookup), the LM head's only where it runs (``lm_head_runs``; a tied head is the embedding matrix, counted once)."""
+    emb = config.vocab_size * config.hidden_size
+    n = count_params(model) - emb
+    if config.tie_word_embeddings:
+        return n + (emb if lm_head_runs else 0)
+    return n - (0 if lm_head_runs else emb)
+
+
 def grad_norm_before_step(engine) -> float | None:
     """The global gradient norm at an accumulation boundary, read before ``engine.step()`` clips and clears it.
 

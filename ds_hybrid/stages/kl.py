@@ -31,7 +31,7 @@ from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import (HeldOut, Stage, build_teacher_engine, check_init_from, hybrid_export_groups,
                                    load_hybrid, strided_share)
 from ds_hybrid.stages.common import (
-    compile_blocks, count_params, grad_norm_before_step, student_engine, unpacked_rows, wants_compile, zero_stage,
+    compile_blocks, grad_norm_before_step, matmul_params, student_engine, unpacked_rows, wants_compile, zero_stage,
 )
 from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import gathered
@@ -130,10 +130,9 @@ class KLStage(Stage):
         module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend, s.fp32_logits))
         self.engine = student_engine(module, ctx.ds_config(), s, ctx.total_steps)
         self.engines = {"student": self.engine}
-        tc = ctx.teacher_config
-        emb = tc.vocab_size * tc.hidden_size
-        self._student_params = count_params(hybrid) - (0 if hybrid.config.tie_word_embeddings else emb)
-        self._teacher_params = count_params(self.teacher.module) - emb if self.teacher else 0
+        # both LM heads run (the teacher's in the loss, on its final hidden states)
+        self._student_params = matmul_params(hybrid, hybrid.config, lm_head_runs=True)
+        self._teacher_params = matmul_params(self.teacher.module, ctx.teacher_config, True) if self.teacher else 0
         self._overlap = bool(s.teacher_overlap) and self.teacher is not None  # (never with ZeRO-3: check refuses it)
         self._side = torch.cuda.Stream(ctx.device) if self._overlap and ctx.device.type == "cuda" else None
         self._prefetched: tuple | None = None  # (step index, h_t, event that h_t is ready) from _prefetch_next

@@ -10,9 +10,10 @@ dtype, and its rotary forward works in fp32. Two ways of building a model round 
 
 bf16 keeps 8 significant bits: an inverse frequency rounded to it is off by up to 2^-8 of itself, which turns the
 rotation at position p by up to p * inv_freq * 2^-8 radians more or less than the teacher's: over a radian for the
-fast components within the first thousand tokens. A hybrid's softmax layers would then attend with other positions than the teacher's layers they copy (and
-than the same hybrid reloaded from its export, whose buffers are fp32 again). ``cast`` casts a model and gives its
-rotary embeddings their fp32 buffers back; ``fp32_rotary_buffers`` recomputes them in place (after ``zero.Init``).
+fast components within the first thousand tokens. A hybrid's softmax layers would then attend with other positions
+than the teacher's layers they copy (and than the same hybrid reloaded from its export, whose buffers are fp32
+again). ``cast`` casts a model and gives its rotary embeddings their fp32 buffers back; ``fp32_rotary_buffers``
+recomputes them in place (after ``zero.Init``).
 """
 
 from __future__ import annotations

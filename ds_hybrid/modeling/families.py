@@ -61,7 +61,8 @@ def trained_context(config: PreTrainedConfig) -> int | None:
         return None
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     # one set of parameters, or one per layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
-    sets = [params] if "rope_type" in params or "type" in params else [v for v in params.values() if isinstance(v, dict)]
+    one = "rope_type" in params or "type" in params
+    sets = [params] if one else [v for v in params.values() if isinstance(v, dict)]
     factor = max((float(p.get("factor") or 1.0) for p in sets
                   if p.get("rope_type", p.get("type", "default")) != "default"), default=1.0)
     return int(n * max(factor, 1.0))

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -505,7 +506,8 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
     if math.isnan(s.lr):
         raise ConfigError(f"{stage}.lr", s.lr, "not a number")
     steps = stage_steps(s)
-    if s.warmup_steps >= steps and s.warmup_steps > 0:  # (finetune's default warmup is 10 steps)
+    # (finetune's default warmup is 10 steps); said once, by the main process (every rank loads the config)
+    if s.warmup_steps >= steps and s.warmup_steps > 0 and os.environ.get("RANK", "0") in ("0", ""):
         log.warning("%s.warmup_steps=%d >= the stage's %d steps: the learning rate %s and its %s schedule never "
                     "runs; lower warmup_steps (e.g. to %d) or raise %s.tokens", stage, s.warmup_steps, steps,
                     "peaks at the last step" if s.warmup_steps == steps else

@@ -66,7 +66,7 @@ def stage_class(name: str):
 def make_context(cfg: RunConfig, stage: str) -> StageContext:
     """Everything a stage needs that can be checked without building a model (cheap: config files only)."""
     from ds_hybrid.layers import resolve_softmax_layers
-    from ds_hybrid.modeling.families import head_dim, trained_context
+    from ds_hybrid.modeling.families import check_context, head_dim
     from ds_hybrid.modeling.mixers import check_mixer
     from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
 
@@ -80,12 +80,7 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     L = teacher_config.num_hidden_layers
     layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
     s = cfg.stage(stage)
-    context = trained_context(teacher_config)
-    if context and s.seq_len > context:
-        raise ConfigError(f"{stage}.seq_len", s.seq_len,
-                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, times its "
-                          f"RoPE scaling factor if any); its targets past that are positions it never trained on: use "
-                          f"seq_len <= {context}, or give the teacher's config the RoPE scaling it supports")
+    check_context(f"{stage}.seq_len", s.seq_len, teacher_config)
     if s.micro_batch == "auto":
         s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
                                            if D.is_main() else None)

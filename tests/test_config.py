@@ -138,6 +138,26 @@ def test_vocab_mismatch_and_layers_checked_against_the_teacher(tmp_path):
         make_context(cfg, "kl")
 
 
+def test_select_rows_longer_than_the_teachers_context_are_refused_before_any_model(tmp_path, monkeypatch):
+    """select's own rows (retrieval's needle rows, the probes' and proxy's held-out rows) are checked against the
+    teacher's context like a stage's seq_len, before a model or the data is touched."""
+    from ds_hybrid.stages import select
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(select, "_held_out_rows", no_model)
+    teacher = make_tiny_teacher(tmp_path / "t")  # 1024 positions
+    cases = {"select.retrieval_seq_len=2048": ["select.method=retrieval", "select.retrieval_seq_len=2048"],
+             "select.probe.seq_len=4096": ["select.method=proxy", "select.probe={seq_len: 4096, tokens: 65536}"]}
+    for field, overrides in cases.items():
+        cfg = load_config(None, [f"teacher={teacher}", f"out_dir={tmp_path / 'out'}", *overrides])
+        with pytest.raises(ConfigError, match=rf"^{field.replace('.', '[.]')}: longer than the teacher's context "
+                                              rf"\(1024 tokens"):
+            select.run_select(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_script_reports_and_exits_2_before_building_anything(tmp_path):
     out = tmp_path / "out"
     p = run([sys.executable, "ds_hybrid/train.py", "--stage", "kl", f"out_dir={out}", "kl.tokens=100"], timeout=300)
@@ -370,10 +390,12 @@ def test_every_shipped_run_config_passes_the_checks(path, caplog):
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
-def test_a_warmup_as_long_as_the_stage_is_warned_of(caplog):
+def test_a_warmup_as_long_as_the_stage_is_warned_of_once(caplog, monkeypatch):
     cfg = load_config(None, ["finetune.tokens=262144", "finetune.seq_len=4096", "finetune.global_batch=32"])
     with caplog.at_level(logging.WARNING, logger="ds_hybrid.config"):
         validate_for_launch(cfg, "finetune", 1)  # 2 steps, the default 10 warmup steps
+        monkeypatch.setenv("RANK", "1")  # the other ranks validate the same config in silence
+        validate_for_launch(cfg, "finetune", 2)
     (said,) = [r.getMessage() for r in caplog.records]
     assert "finetune.warmup_steps=10 >= the stage's 2 steps" in said and "never reaches 1e-05 (at most 2e-06)" in said
 

@@ -86,3 +86,15 @@ def layer_rest(layer: nn.Module) -> dict[str, nn.Module]:
     """A decoder layer's modules other than its token mixer ``self_attn``: the MLP and every norm (Llama: input and
     post-attention; Gemma 3 also the pre/post feed-forward norms), in the layer's order."""
     return {name: m for name, m in layer.named_children() if name != "self_attn"}
+
+
+def check_context(field: str, seq_len: int, config: PreTrainedConfig) -> None:
+    """Refuse ``seq_len`` (the setting ``field``) beyond the teacher's :func:`trained_context`: its targets there are
+    positions the teacher never trained on."""
+    context = trained_context(config)
+    if context and seq_len > context:
+        raise ConfigError(field, seq_len,
+                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, times its "
+                          f"RoPE scaling factor if any); its targets past that are positions it never trained on: use "
+                          f"{field.rsplit('.', 1)[-1]} <= {context}, or give the teacher's config the RoPE scaling it "
+                          f"supports")

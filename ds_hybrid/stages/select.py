@@ -58,7 +58,7 @@ from ds_hybrid.config import RunConfig
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_linear, k_for_ratio, keep_global_layers,
                               keep_global_ranking, selection_top_k, smart_layers, uniform_layers, uniform_ranking)
-from ds_hybrid.modeling.families import teacher_layer_types
+from ds_hybrid.modeling.families import check_context, teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import folder_identity, kendall_tau, make_selection, read_selection, write_selection
@@ -140,6 +140,11 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)
     L = teacher_config.num_hidden_layers
+    # the rows the method reads, checked before any model is built
+    if sc.method == "retrieval":
+        check_context("select.retrieval_seq_len", sc.retrieval_seq_len, teacher_config)
+    elif sc.method in ("ga_s2", "halving", "proxy", "ppl"):
+        check_context("select.probe.seq_len", probe_stage_config(cfg, Path()).seq_len, teacher_config)
     ks = requested_ks(cfg, L)
     if any(k > L for k in sc.ks):
         raise ConfigError("select.ks", sc.ks, f"the teacher has {L} layers: K values lie in 0..{L}")

@@ -4,14 +4,18 @@ checkpoint from one damaged after it was written (a truncated or corrupted file,
     write_manifest(ckpt_dir)            # all ranks, after every rank has saved; rank 0 writes MANIFEST.json
     problems = verify_manifest(ckpt_dir)  # all ranks; [] when every file is there with its size and checksum
 
-The files are hashed in parallel: rank r hashes files r, r + W, r + 2W, ... (W ranks), and the results are gathered,
-so a checkpoint of many shards costs each rank 1/W of the reading.
+The files are hashed in parallel, each by the rank that wrote it (``owner``): DeepSpeed's per-rank shards
+(``zero_pp_rank_<r>_...``) and our RNG states (``rng_rank<r>.pt``) by rank r, the rest (rank 0 writes those) by rank 0.
+So a rank reads back what is still in its own node's page cache, and it fsyncs its own writes: on a shared file system
+an fsync flushes only the calling node's cached data, so another node's fsync would not vouch for them. At a resume
+each rank checks the shards it is about to load (its page cache then serves the load).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from ds_hybrid import distributed as D
@@ -35,15 +39,26 @@ def checkpoint_files(ckpt: Path) -> list[str]:
                   if p.is_file() and p.name not in SKIP and not p.name.startswith("."))
 
 
+_RANKED = re.compile(r"(?:^|_)(?:zero_pp_rank_|rng_rank)(\d+)(?:_|\.pt$)")
+
+
+def owner(rel: str, world_size: int) -> int:
+    """The rank that wrote (and so hashes and fsyncs) a checkpoint file: the rank in its name where it has one,
+    else 0 (modulo ``world_size``, for a checkpoint checked by fewer ranks than wrote it)."""
+    m = _RANKED.search(Path(rel).name)
+    return int(m.group(1)) % world_size if m else 0
+
+
 def _my_share(items: list[str]) -> list[str]:
-    return items[D.rank()::D.world_size()]
+    me, n = D.rank(), D.world_size()
+    return [rel for rel in items if owner(rel, n) == me]
 
 
 def write_manifest(ckpt: Path) -> dict:
     """Hash this rank's share of the checkpoint's files, each forced to disk first (DeepSpeed's writes are not: the
     COMPLETE marker written after this vouches for them, and older checkpoints are pruned on its word); rank 0 writes
-    the manifest (temp file + rename). (On a shared file system a rank fsyncs files another node wrote: what that
-    reaches is the file system's to say; NFS and Lustre send a file's data to the server on close.)"""
+    the manifest (temp file + rename). A rank's share is the files it wrote (``owner``), so its fsync flushes its
+    own node's cache."""
     ckpt = Path(ckpt)
     files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
     mine = {}

@@ -83,6 +83,27 @@ def test_every_checkpoint_file_is_forced_to_disk_before_the_marker_vouches_for_i
     assert {name for kind, name in events[:marker] if kind == "dir"} == {"checkpoints", "step00000002", "student"}
 
 
+def test_each_checkpoint_file_is_hashed_and_fsynced_by_the_rank_that_wrote_it(monkeypatch):
+    """On a shared file system an fsync flushes only the calling node's cached writes: a rank's own shards are
+    hashed and fsynced by that rank, the files rank 0 writes by rank 0, and every file by exactly one rank."""
+    import ds_hybrid.manifest as manifest
+
+    files = ["student/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "student/zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "student/zero_pp_rank_0_mp_rank_00_model_states.pt", "student/zero_pp_rank_12_mp_rank_00_model_states.pt",
+             "student/mp_rank_00_model_states.pt", "student/zero_to_fp32.py", "rng_rank1.pt", "rng_rank0.pt",
+             "rng_rank12.pt", "student/mp_rank_01_model_states.pt"]
+    shares = {}
+    for r in range(2):
+        monkeypatch.setattr(manifest.D, "rank", lambda r=r: r)
+        monkeypatch.setattr(manifest.D, "world_size", lambda: 2)
+        shares[r] = manifest._my_share(files)
+    assert shares[1] == ["student/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                         "student/zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.pt"]
+    assert sorted(shares[0] + shares[1]) == sorted(files)  # rank 12 of a larger world: modulo 2 -> 0
+    assert [manifest.owner(f, 16) for f in files] == [1, 1, 0, 12, 0, 0, 1, 0, 12, 0]
+    assert {manifest.owner(f, 1) for f in files} == {0}
+
+
 @pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_file", "missing_manifest"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how, caplog):
     ck = two_checkpoints(tmp_path)

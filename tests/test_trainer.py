@@ -58,6 +58,19 @@ def test_teacher_is_partitioned_under_zero3(pipeline):
         assert r["student"]["local"] == r["student"]["full"]  # ZeRO-2: parameters whole
 
 
+def test_each_rank_owns_the_checkpoint_shards_it_wrote(pipeline):
+    """DeepSpeed's file names carry the rank that wrote them (ds_hybrid.manifest.owner hashes and fsyncs by them): in
+    a real 2-rank checkpoint each rank owns its ZeRO shard and its RNG state."""
+    from ds_hybrid.manifest import MANIFEST, owner
+
+    (manifest,) = sorted((pipeline["out"] / "kl" / "checkpoints").glob(f"*/{MANIFEST}"))[-1:]
+    files = json.loads(manifest.read_text())["files"]
+    mine = {r: sorted(f for f in files if owner(f, 2) == r) for r in range(2)}
+    assert any("zero_pp_rank_1_" in f for f in mine[1]) and "rng_rank1.pt" in mine[1], mine
+    assert all("rank1" in f.replace("_", "") for f in mine[1]), mine
+    assert any("zero_pp_rank_0_" in f for f in mine[0]) and "rng_rank0.pt" in mine[0], mine
+
+
 def test_tensorboard_events_have_the_scalars(pipeline):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -399,9 +399,12 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("select.recall_sequences", cfg.select.recall_sequences, "needle rows: 0 (none) or more")
     if cfg.select.ar_prompts < 1:
         raise ConfigError("select.ar_prompts", cfg.select.ar_prompts, "prompts per layer: 1 or more (e.g. 32)")
-    if cfg.select.ar_pairs < 3:
+    from ds_hybrid.recall_tasks import MAX_PAIRS
+
+    if not 3 <= cfg.select.ar_pairs <= MAX_PAIRS:
         raise ConfigError("select.ar_pairs", cfg.select.ar_pairs,
-                          "key-value pairs per prompt: 3 or more (a prompt asks for 3 of them; e.g. 50)")
+                          f"key-value pairs per prompt: 3 or more (a prompt asks for 3 of them; e.g. 50), at most "
+                          f"{MAX_PAIRS} (the distinct two-syllable keys)")
     for name in TRAIN_STAGES:
         check_stage(getattr(cfg, name), name)
     if cfg.select.method in ("ga_s2", "halving"):  # its probes: short kl runs, settings of select.probe over kl's

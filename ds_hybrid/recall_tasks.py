@@ -25,15 +25,23 @@ class RecallPrompt:
     values: dict[str, int]  # resolved value of every key
 
 
+MAX_PAIRS = (len(CONSONANTS) * len(VOWELS)) ** 2  # distinct two-syllable keys: 4,900
+
+
 def _word(rng: random.Random) -> str:
     return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2))
 
 
 def make_prompt(rng: random.Random, pairs: int = 50, multihop: bool = False, n_query: int = 3) -> RecallPrompt:
+    if not 1 <= n_query <= pairs <= MAX_PAIRS:
+        raise ValueError(f"pairs={pairs}, n_query={n_query}: need n_query <= pairs <= {MAX_PAIRS} (the distinct "
+                         "two-syllable keys)")
     keys: list[str] = []
+    seen: set[str] = set()
     while len(keys) < pairs:
         w = _word(rng)
-        if w not in keys:
+        if w not in seen:
+            seen.add(w)
             keys.append(w)
     lines: list[str] = []
     values: dict[str, int] = {}

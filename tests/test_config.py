@@ -192,6 +192,7 @@ def test_malformed_yaml_names_the_file_or_the_override(tmp_path):
     ("select.recall_sequences=-1", r"^select\.recall_sequences=-1: needle rows: 0 \(none\) or more"),
     ("select.ar_prompts=0", r"^select\.ar_prompts=0: prompts per layer"),
     ("select.ar_pairs=2", r"^select\.ar_pairs=2: key-value pairs per prompt: 3 or more"),
+    ("select.ar_pairs=4901", r"^select\.ar_pairs=4901: .* at most 4900 \(the distinct two-syllable keys\)"),
     ("select.probe={tokens: 1000, betas: [0.9]}", r"^select\.probe\.betas=\[0\.9\]: AdamW's two betas"),
     ("select.probe={warmup_steps: -1}", r"^select\.probe\.warmup_steps=-1"),
     ("select.probe={lr_mixer: 1}", r"^select\.probe\.lr_mixer=1: unknown setting"),

@@ -283,6 +283,17 @@ def test_recall_prompts_are_answerable(multihop):
         assert all(any(not re.search(rf"^{k} = \d+$", p.text, flags=re.M) for k in p.query) for p in prompts)
 
 
+def test_recall_prompts_take_every_distinct_key_and_refuse_more():
+    import random
+
+    from ds_hybrid.recall_tasks import MAX_PAIRS, make_prompt
+
+    p = make_prompt(random.Random(0), pairs=MAX_PAIRS)  # every key there is, once (it used to loop past this)
+    assert len(p.values) == MAX_PAIRS == 4900 and solve(p.text) == int(p.answer)
+    with pytest.raises(ValueError, match="pairs=4901"):
+        make_prompt(random.Random(0), pairs=MAX_PAIRS + 1)
+
+
 def test_kl_consumes_selection_and_rejects_foreign_ones(planted, ga_s2, tmp_path):
     from ds_hybrid.trainer import make_context
 

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
         self.fix = fix
         super().__init__(f"{field}={value!r}: {fix}")
 
+    def __reduce__(self):  # rebuilt from its three fields in another process (a tokenizer worker's error)
+        return type(self), (self.field, self.value, self.fix)
+
 
 def out_folder(path: str | Path, field: str = "--out") -> Path:
     """An output folder a command may write into: refused (before any work) where it, or a folder above it, is a

@@ -350,9 +350,12 @@ def _run(jobs: list, num_proc: int) -> list:
     if n <= 1:
         return [_claim_and_tokenize(j) for j in jobs]
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    with mp.get_context("spawn").Pool(n, initializer=_worker_init) as pool:
-        return pool.map(_claim_and_tokenize, jobs, chunksize=1)
+    # an executor, not a Pool: a worker that dies (killed for memory) raises BrokenProcessPool here instead of
+    # leaving the build waiting forever; a worker's error (a ConfigError naming a field) is raised as itself
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        return list(pool.map(_claim_and_tokenize, jobs))
 
 
 def read_shards(out_dir: Path, markers: list[dict], split: str, dtype: np.dtype) -> list[np.ndarray]:

@@ -175,6 +175,37 @@ def test_a_killed_build_resumes_and_two_builds_can_share_a_cache(tmp_path):
     assert _tokens(path) == _tokens(Path(json.loads(out.strip().splitlines()[-1])["path"]))
 
 
+BAD_FIELD = """
+import sys
+from ds_hybrid.config import DataConfig
+from ds_hybrid.data import prepare_streams
+from ds_hybrid.errors import ConfigError
+from ds_hybrid.teacher import load_tokenizer
+try:
+    prepare_streams(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2], val_tokens=200, num_proc=2),
+                    load_tokenizer("embedded"))
+except ConfigError as e:
+    print("ConfigError", e.field)
+"""
+
+
+@pytest.mark.slow
+def test_a_workers_config_error_reaches_the_user_by_name(tmp_path):
+    """A later file without the text field fails in a tokenizer worker: its ConfigError comes back as itself (it
+    pickles by its fields) instead of killing the pool's result thread and leaving the build waiting forever."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ConfigError("data.text_field", "text", "fix it")))
+    assert (type(e), e.field, e.value, e.fix, str(e)) == (ConfigError, "data.text_field", "text", "fix it",
+                                                          "data.text_field='text': fix it")
+    jl = write_jsonl(tmp_path / "jl", 3, 40, 50)
+    lines = (jl / "shard002.jsonl").read_text().replace('"text"', '"content"')
+    (jl / "shard002.jsonl").write_text(lines)
+    p = subprocess.run([sys.executable, "-c", BAD_FIELD, str(jl), str(tmp_path / "cache")], capture_output=True,
+                       text=True, env=env(), cwd=REPO, timeout=240)
+    assert p.stdout.strip().splitlines()[-1:] == ["ConfigError data.text_field"], (p.stdout, p.stderr[-2000:])
+
+
 MEASURE = """
 import sys, json, threading, time, psutil
 from ds_hybrid.config import DataConfig

@@ -159,11 +159,12 @@ def cache_key(cfg: DataConfig, units: dict[str, list[Unit]], tokenizer) -> str:
 
 
 def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], None] | None = None,
-                    need_tokens: float = math.inf) -> TokenStreams:
+                    need_tokens: float = math.inf, seq_len: int = 1) -> TokenStreams:
     """Tokenize what a run needs (rank 0; other ranks wait at ``barrier``), then memory-map it everywhere.
 
     ``need_tokens``: training tokens the run will read; a source made of several units (a large corpus) is tokenized
-    only until its units cover it. The embedded corpus is always tokenized whole (its sources are single units)."""
+    only until its units cover it, counted in whole rows of ``seq_len`` tokens (a row never spans two units). The
+    embedded corpus is always tokenized whole (its sources are single units)."""
     units = units_for(cfg, is_main, barrier)
     if cfg.mixture:
         unknown = sorted(set(cfg.mixture) - set(units))
@@ -179,11 +180,11 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     used = None
     if is_main:
         used = build(units, tokenizer, out, need, vals, dtype, cfg.add_eos, cfg.split_seed, cfg.num_proc,
-                     cfg.max_documents)
+                     cfg.max_documents, row_tokens=seq_len)
     if barrier is not None:
         barrier()
     if used is None:  # the same prefix from the markers (a file written by rank 0 could be another job's by now)
-        used = done_prefixes(units, out, need, vals)
+        used = done_prefixes(units, out, need, vals, seq_len)
     train = [(s, a) for s in units for a in read_shards(out, used[s], "train", dtype)]
     val = [(s, a) for s in units for a in read_shards(out, used[s], "val", dtype)]
     meta = {"version": CACHE_VERSION, "source": cfg.source if isinstance(cfg.source, str) else list(cfg.source),

@@ -259,10 +259,13 @@ def _claim_and_tokenize(args) -> UnitResult | None:
 
 
 # ---- the driver -------------------------------------------------------------------------------------------------
-def scan_prefix(units: list[Unit], out_dir: Path, need: float, val_tokens: int) -> tuple[list[dict], int, int | None]:
+def scan_prefix(units: list[Unit], out_dir: Path, need: float, val_tokens: int,
+                row_tokens: int = 1) -> tuple[list[dict], int, int | None]:
     """One source's done prefix, read-only: (markers of the done prefix, held-out tokens still to find, index of the
     first unit not done, or None when the prefix suffices). A function of the markers alone (they never change once
-    written), so every rank, and every job sharing the cache, finds the same prefix for the same need."""
+    written), so every rank, and every job sharing the cache, finds the same prefix for the same need.
+    ``row_tokens``: the rows' length; a unit counts only the training tokens of its whole rows (a row never spans two
+    units), so a corpus of many small files covers the need in rows, not in tokens that are then dropped."""
     got, train, val = [], 0, 0
     for u in units:
         if train >= need and val >= val_tokens:
@@ -271,17 +274,17 @@ def scan_prefix(units: list[Unit], out_dir: Path, need: float, val_tokens: int) 
         if rec is None:
             return got, max(0, val_tokens - val), u.index
         got.append(rec)
-        train += rec["train_tokens"]
+        train += rec["train_tokens"] // row_tokens * row_tokens
         val += rec["val_tokens"]
     return got, 0, None  # every unit done: as much as the source has
 
 
 def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, float],
-                  val_tokens: dict[str, int]) -> dict[str, list[dict]]:
+                  val_tokens: dict[str, int], row_tokens: int = 1) -> dict[str, list[dict]]:
     """What :func:`build` returned on the rank that built (the other ranks' copy, read from the markers)."""
     used = {}
     for source, us in units.items():
-        got, _, first = scan_prefix(us, Path(out_dir), need[source], val_tokens.get(source, 0))
+        got, _, first = scan_prefix(us, Path(out_dir), need[source], val_tokens.get(source, 0), row_tokens)
         if first is not None:
             raise RuntimeError(f"token cache {out_dir}: unit {first} of {source} is not tokenized after the build "
                                "(its marker is missing): was the cache folder changed during the run?")
@@ -291,9 +294,9 @@ def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, f
 
 def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str, float], val_tokens: dict[str, int],
           dtype: np.dtype, add_eos: bool = False, split_seed: int = 1234, num_proc: int = 1,
-          max_documents: int | None = None, progress: bool = True) -> dict[str, list[dict]]:
+          max_documents: int | None = None, progress: bool = True, row_tokens: int = 1) -> dict[str, list[dict]]:
     """Tokenize, per source, the shortest prefix of its units that holds ``val_tokens[source]`` held-out tokens and
-    ``need[source]`` training tokens (all units for an infinite need). Returns, per source, the done markers of
+    ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per source, the done markers of
     that prefix. Held-out documents come from the first units, one at a time (a unit's share depends on what the
     units before it held out); the units after them are tokenized ``num_proc`` at a time."""
     out_dir = Path(out_dir)
@@ -301,7 +304,7 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     used: dict[str, list[dict]] = {}
 
     def scan(source: str) -> tuple[list[dict], int, int | None]:
-        return scan_prefix(units[source], out_dir, need[source], val_tokens.get(source, 0))
+        return scan_prefix(units[source], out_dir, need[source], val_tokens.get(source, 0), row_tokens)
 
     bar = None
     try:

@@ -123,8 +123,9 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
     and a later run with the same data settings and teacher reuses the cache."""
     from ds_hybrid.teacher import load_tokenizer
 
-    need = cfg.stage(stage).tokens if stage in TRAIN_STAGES else math.inf
-    streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=need or math.inf)
+    s = cfg.stage(stage) if stage in TRAIN_STAGES else None
+    streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=(s.tokens if s else 0) or math.inf,
+                              seq_len=s.seq_len if s else 1)
     return {"data_cache": str(streams.path), **streams.meta}
 
 
@@ -254,10 +255,13 @@ def finished_on_main(run_dir: Path) -> bool:
     return bool(D.broadcast_object((run_dir / DONE).is_file()))
 
 
-def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = True) -> Path:
+def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = True,
+              data_tokens: int | None = None) -> Path:
     """Run (or resume) one training stage. ``force``: also when it has finished (DONE); then ``restart`` sets the
     finished run aside and starts at step 0 (`train.py --force`), ``restart=False`` resumes from its last checkpoint
-    with the config as it is now (successive halving's survivors, continued with more tokens)."""
+    with the config as it is now (successive halving's survivors, continued with more tokens). ``data_tokens``: the
+    budget the corpus prefix is sized for (default: the stage's tokens; halving's rounds all take the longest
+    round's, so that their rows, and their order, are those of one longer probe)."""
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
     signals = _Signals.install()  # before the setup: a signal during it is honoured at the first step
@@ -280,14 +284,16 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     torch.manual_seed(cfg.seed)
 
-    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier, need_tokens=s.tokens)
+    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier,
+                              need_tokens=data_tokens or s.tokens, seq_len=s.seq_len)
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
                           f"the corpus gives {len(train)} training and {len(val)} held-out sequences at this length "
-                          f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens); shorten seq_len or "
-                          "raise data.val_tokens")
+                          f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens; a row never spans "
+                          "two files of the corpus, whose remainders are dropped); shorten seq_len or raise "
+                          "data.val_tokens")
 
     plan = stage_plan(ctx)
     log.info("%s", plan.table())

@@ -94,6 +94,19 @@ def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_c
     assert np.array_equal(np.concatenate([a for _, a in again.train]), np.concatenate([a for _, a in small.train]))
 
 
+def test_the_budget_is_met_in_whole_rows_when_each_file_leaves_a_remainder(tmp_path, tok):
+    """A row never spans two files (units): the prefix is sized by the rows it gives, not by tokens that are then
+    dropped, so a corpus of many small files does not wrap into a second epoch while unread files remain."""
+    jl = write_jsonl(tmp_path / "jl", 40, 10, 100)  # ~1,500 tokens a file: one 1,024-token row each, ~500 dropped
+    cfg = data_cfg(jl, tmp_path / "cache")
+    s = prepare_streams(cfg, tok, need_tokens=25_000, seq_len=1024)
+    rows = len(PackedSequences(s.train, 1024))
+    units = s.meta["sources"][DATA_SOURCE]["units"]
+    assert rows * 1024 >= 25_000 and units < 40
+    by_tokens = prepare_streams(cfg, tok, need_tokens=25_000)  # counted in tokens: too few rows
+    assert len(PackedSequences(by_tokens.train, 1024)) * 1024 < 25_000
+
+
 def test_prepare_data_builds_the_cache_a_stage_then_reuses(tmp_path, tok, capsys):
     from ds_hybrid import train
     from ds_hybrid.trainer import prepare_data
@@ -103,7 +116,8 @@ def test_prepare_data_builds_the_cache_a_stage_then_reuses(tmp_path, tok, capsys
             "align.tokens=25000"]
     assert train.main(["--stage", "align", *over[:2], "--prepare-data", *over[2:]]) == 0  # options after overrides
     rec = json.loads(capsys.readouterr().out)
-    stage_streams = prepare_streams(load_config(None, over).data, tok, need_tokens=25_000)  # what stage align reads
+    cfg = load_config(None, over)
+    stage_streams = prepare_streams(cfg.data, tok, need_tokens=25_000, seq_len=cfg.align.seq_len)  # what align reads
     assert rec["data_cache"] == str(stage_streams.path) and rec["train_tokens"] == stage_streams.meta["train_tokens"]
     assert 25_000 <= rec["train_tokens"] and rec["sources"][DATA_SOURCE]["units"] < 20  # only what the budget needs
     mtimes = {p: p.stat().st_mtime_ns for p in stage_streams.path.glob(f"{DATA_SOURCE}/u*.bin")}

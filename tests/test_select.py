@@ -167,6 +167,30 @@ def test_halving_survivors_continue_equals_retrain(planted, halving_one_task, tm
     assert list((out / "select" / "halving" / "probes").glob("*/kl/checkpoints/*"))  # continue: the finalist's
 
 
+def test_every_halving_round_reads_the_longest_rounds_corpus_prefix(tmp_path, monkeypatch):
+    """The corpus prefix (so the number of rows, so their order) is sized by the longest round's budget in every
+    round: on a corpus of many files a shorter budget gives fewer rows, and a survivor continued into the next round
+    would see another order than the one longer probe it stands for."""
+    from ds_hybrid.stages import probes
+
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "config.json").write_text("{}")
+    cfg = load_config(None, [f"out_dir={tmp_path / 'out'}", "select.method=halving", "select.halving_keep=1",
+                             "select.probe={tokens: 32768, seq_len: 1024, global_batch: 4}",
+                             "select.halving_first_tokens=4096"])
+    seen = []
+
+    def round_(cfg, d, layer, s, steps, data_tokens):
+        seen.append((steps, s.tokens, data_tokens))
+        return float(layer)
+
+    monkeypatch.setattr(probes, "_halving_round", round_)
+    scores, extra = probes.halving(cfg, tmp_path / "out" / "select" / "halving", 4, tmp_path / "align")
+    assert [r["steps"] for r in extra["rounds"]] == [1, 2, 4]
+    assert sorted({(st, t) for st, t, _ in seen}) == [(1, 4096), (2, 8192), (4, 16384)]
+    assert {d for _, _, d in seen} == {32768}  # the longest probe's, in every round
+
+
 def test_halving_split_over_two_concurrent_tasks_equals_one_task(planted, halving_one_task, tmp_path):
     """Two tasks share each round's probes, wait for each other's scores, and decide the same survivors."""
     single = halving_one_task[0]

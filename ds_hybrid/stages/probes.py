@@ -182,12 +182,14 @@ def probe_name(layer: int | None) -> str:
     return BASELINE if layer is None else f"layer_{layer:03d}"
 
 
-def run_probe(cfg: RunConfig, probe_dir: Path, layer: int | None, s: StageConfig, force: bool = False) -> dict:
-    """One probe: a kl run with only ``layer`` restored (None: all-linear). Returns its DONE summary."""
+def run_probe(cfg: RunConfig, probe_dir: Path, layer: int | None, s: StageConfig, force: bool = False,
+              data_tokens: int | None = None) -> dict:
+    """One probe: a kl run with only ``layer`` restored (None: all-linear). Returns its DONE summary.
+    ``data_tokens``: the budget its corpus prefix is sized for (run_stage; default the probe's tokens)."""
     from ds_hybrid.trainer import run_stage
 
     pc = probe_run_config(cfg, probe_dir, [] if layer is None else [layer], s)
-    run_stage(pc, "kl", force=force, restart=False)  # force: a survivor continues from its checkpoint
+    run_stage(pc, "kl", force=force, restart=False, data_tokens=data_tokens)  # force: a survivor continues
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -239,8 +241,10 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
                                "score": cfg.select.score}}
 
 
-def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: int) -> float:
-    """One probe's round of successive halving: train it up to ``steps`` and return its held-out KL there.
+def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: int, data_tokens: int) -> float:
+    """One probe's round of successive halving: train it up to ``steps`` and return its held-out KL there, on rows
+    drawn from the corpus prefix of ``data_tokens`` (the longest round's: every round sees the same rows in the same
+    order, so a survivor continued over rounds trains exactly as one longer probe would).
 
     The score of every round is kept (``round_<steps>.json``): a resumed selection reads the scores of the rounds
     that already ran instead of the probe's latest KL, which a survivor has since improved in later rounds.
@@ -256,7 +260,7 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
                           f"it ({record.name}): its rounds were other lengths (another halving_first_tokens, or an "
                           "older ds-hybrid). Set it back, or rerun with --force to set the old probes aside")
     if done_steps < steps:
-        run_probe(cfg, d, layer, s, force=done.is_file())
+        run_probe(cfg, d, layer, s, force=done.is_file(), data_tokens=data_tokens)
     kl = probe_score(d, "heldout", cfg.select.window)
     if D.is_main():
         atomic_write_text(record, json.dumps({"steps": steps, "kl": kl}))
@@ -319,7 +323,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
         mine = [l for i, l in enumerate(alive) if i % n == idx]  # across tasks: this task's share of the round
         for layer in mine:
             d = out / "probes" / probe_name(layer)
-            round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps)
+            round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps, stage_steps(s) * step_tokens)
         round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps))
         round_scores = {l: round_scores[l] for l in alive}
         spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens

@@ -25,6 +25,7 @@ Held-out documents come from a source's first units: every 8th document (a seede
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_hybrid.errors import ConfigError
 from ds_hybrid.folders import atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger("ds_hybrid")
@@ -108,8 +110,6 @@ def iter_documents(unit: Unit) -> Iterator[str]:
         for p in unit.paths:
             pf = pq.ParquetFile(p)
             if unit.text_field not in pf.schema_arrow.names:
-                from ds_hybrid.errors import ConfigError
-
                 raise ConfigError("data.text_field", unit.text_field, f"no such column in {p}; it has "
                                   f"{pf.schema_arrow.names}")
             for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[unit.text_field]):
@@ -130,8 +130,6 @@ def iter_documents(unit: Unit) -> Iterator[str]:
 
 def _field(row: dict, name: str, where: str) -> str:
     if name not in row:
-        from ds_hybrid.errors import ConfigError
-
         raise ConfigError("data.text_field", name, f"no such field in {where}; it has {sorted(row)}")
     return row[name] or ""
 
@@ -361,11 +359,34 @@ def _run(jobs: list, num_proc: int) -> list:
         return list(pool.map(_claim_and_tokenize, jobs))
 
 
+def _open_file_room(n: int) -> None:
+    """Each memory map holds a file descriptor: raise the soft limit on open files toward the hard one (Slurm jobs
+    often inherit 1,024) so that ``n`` more fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 def read_shards(out_dir: Path, markers: list[dict], split: str, dtype: np.dtype) -> list[np.ndarray]:
     """The memory-mapped token shards of the given units (empty ones skipped)."""
+    _open_file_room(len(markers))
     shards = []
     for rec in markers:
         p = Path(out_dir) / rec["source"] / f"u{rec['index']:05d}.{split}.bin"
         if p.stat().st_size:
-            shards.append(np.memmap(p, dtype=dtype, mode="r"))
+            try:
+                shards.append(np.memmap(p, dtype=dtype, mode="r"))
+            except OSError as e:
+                if e.errno != errno.EMFILE:
+                    raise
+                import resource
+
+                raise ConfigError("data.source", str(out_dir), f"{len(markers)} token shards to map, more than the "
+                                  f"open-file limit ({resource.getrlimit(resource.RLIMIT_NOFILE)}) allows: raise it "
+                                  "(ulimit -n in the job script), or merge the corpus into fewer, larger files") from None
     return shards

@@ -220,6 +220,33 @@ def test_a_workers_config_error_reaches_the_user_by_name(tmp_path):
     assert p.stdout.strip().splitlines()[-1:] == ["ConfigError data.text_field"], (p.stdout, p.stderr[-2000:])
 
 
+MANY_SHARDS = """
+import resource, sys
+import numpy as np
+from ds_hybrid.tokencache import read_shards
+root = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+shards = read_shards(root, [{"source": "data", "index": i} for i in range(300)], "train", np.dtype("uint16"))
+print(len(shards), sum(int(a[0]) for a in shards))
+"""
+
+
+def test_a_prefix_of_more_files_than_the_open_file_limit_maps(tmp_path):
+    """Each memory-mapped shard holds a file descriptor: 300 shards under a soft limit of 128 still map (the limit
+    is raised toward the hard one)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] not in (resource.RLIM_INFINITY,) and \
+            resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("the hard open-file limit is too low to raise")
+    (tmp_path / "data").mkdir()
+    for i in range(300):
+        np.full(4, i, dtype=np.uint16).tofile(tmp_path / "data" / f"u{i:05d}.train.bin")
+    p = subprocess.run([sys.executable, "-c", MANY_SHARDS, str(tmp_path), "128"], capture_output=True, text=True,
+                       env=env(), cwd=REPO, timeout=120)
+    assert p.returncode == 0 and p.stdout.split() == ["300", str(sum(range(300)))], p.stderr[-2000:]
+
+
 MEASURE = """
 import sys, json, threading, time, psutil
 from ds_hybrid.config import DataConfig

@@ -62,8 +62,9 @@ def _default_cache_dir() -> Path:
     return cache_dir() / "data"
 
 
-def source_files(source: str | list[str]) -> list[Path] | None:
-    """Local files a source names (sorted), or None for a hub dataset name."""
+def source_files(source: str | list[str], field: str = "data.source") -> list[Path] | None:
+    """Local files a source names (sorted), or None for a hub dataset name; a file named twice (a folder and a file
+    in it) is refused: its documents would be read twice, held out in one place and trained on in the other."""
     items = [source] if isinstance(source, str) else list(source)
     files: list[Path] = []
     for item in items:
@@ -73,7 +74,7 @@ def source_files(source: str | list[str]) -> list[Path] | None:
             found = sorted(f for f in p.rglob("*")
                            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise ConfigError("data.source", item, "this folder holds no files")
+                raise ConfigError(field, item, "this folder holds no files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -81,7 +82,14 @@ def source_files(source: str | list[str]) -> list[Path] | None:
                 TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES):
             return None  # a hub dataset name, e.g. "mlfoundations/dclm-baseline-1.0"
         else:
-            raise ConfigError("data.source", item, "no such file or folder (give local files/folders, 'embedded', or a hub dataset name)")
+            raise ConfigError(field, item, "no such file or folder (give local files/folders, 'embedded', or a hub dataset name)")
+    resolved: dict[Path, Path] = {}
+    for f in files:
+        r = f.resolve()
+        if r in resolved:
+            raise ConfigError(field, source, f"names {f} twice (as {resolved[r]} too): a folder and a file in it, or "
+                              "one file twice; name each file once")
+        resolved[r] = f
     return files
 
 
@@ -139,7 +147,16 @@ def _hub_units(name: str, text_field: str) -> list[Unit]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of what turns text into ids: the fast tokenizer's definition without its truncation and padding
+    settings, which a call with ``truncation=True`` or ``padding=...`` changes in place (and which leave the ids of a
+    document alone), so a tokenizer keys the same cache before and after use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
     blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

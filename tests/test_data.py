@@ -371,6 +371,30 @@ def test_embedded_corpus_build_records_every_source(tmp_path, monkeypatch):
     assert np.array_equal(np.concatenate([a for _, a in streams.val]), np.concatenate(held))
 
 
+def test_a_file_named_twice_is_refused(tmp_path):
+    """A folder and a file in it: the file would be unit 0 (its documents held out) and, again, a training unit."""
+    jl = write_jsonl(tmp_path / "jl", 2, 3, 10)
+    with pytest.raises(ConfigError, match=r"^data\.source=.*names .*shard000\.jsonl twice"):
+        units_for(DataConfig(source=[str(jl / "shard000.jsonl"), str(jl)]))
+    assert len(units_for(DataConfig(source=[str(jl / "shard000.jsonl"), str(jl / "shard001.jsonl")]))[DATA_SOURCE]) == 2
+
+
+def test_the_tokenizer_keys_the_same_cache_before_and_after_a_truncating_call(tok):
+    """A call with truncation or padding changes the fast tokenizer's settings in place (not a document's ids)."""
+    import copy
+
+    from ds_hybrid.data import tokenizer_fingerprint
+
+    t = copy.deepcopy(tok)
+    before = tokenizer_fingerprint(t)
+    t("some words " * 20, truncation=True, max_length=8)
+    t(["a", "b c d"], padding="max_length", max_length=6)
+    assert tokenizer_fingerprint(t) == before
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<new_token_here>"])
+    assert tokenizer_fingerprint(other) != before
+
+
 def test_files_of_unknown_kinds_are_refused_by_name_and_hidden_folders_skipped(tmp_path):
     """A compressed corpus (DCLM ships .jsonl.zst) used to be read as text, its compressed bytes tokenized; now the
     files are named with the fix before anything is tokenized. Hidden folders (`hf download`'s .cache/) are skipped;

@@ -91,6 +91,28 @@ def test_every_ruler_task_builds_offline_and_scores_an_oracle_one_and_a_mute_mod
         assert 0.0 <= scores[t]["1024"] <= 1.0, (t, scores[t])
 
 
+def test_ruler_task_configs_carry_lm_evals_target_delimiters(tiny):
+    """The text between a RULER question and its answer prefix is lm-eval's own (cwe.yaml: a blank line), so the
+    prompts are lm-eval's and the scores comparable with published ones."""
+    import lm_eval
+    import yaml
+
+    ruler = Path(lm_eval.__file__).parent / "tasks" / "ruler"
+    yamls = {"niah_single_1": "niah_single_1", "niah_multikey_2": "niah_multikey_2", "niah_multikey_3": "niah_multikey_3",
+             "ruler_vt": "vt", "ruler_cwe": "cwe", "ruler_fwe": "fwe"}
+
+    def delimiter(name: str) -> str:
+        text = (ruler / f"{name}.yaml").read_text()
+        line = re.search(r"^target_delimiter:.*$", text, flags=re.M)
+        if line:
+            return yaml.safe_load(line.group(0))["target_delimiter"]
+        return delimiter(re.search(r"^include: (\S+)\.yaml$", text, flags=re.M).group(1))
+
+    specs = recall.ruler_configs(list(yamls), [1024], tiny[2], None, limit=1)
+    got = {spec["task"]: spec["target_delimiter"] for spec in specs}
+    assert got == {t: delimiter(y) for t, y in yamls.items()} and got["ruler_cwe"] == "\n\n"
+
+
 def test_limited_ruler_runs_draw_only_the_samples_they_keep(tiny, monkeypatch):
     """lm-eval's wrappers ask their generator for 500 samples per length; with a limit, ours asks for the limit."""
     import importlib
@@ -161,6 +183,11 @@ def test_bad_based_files_are_refused(tmp_path):
     bad.write_text(json.dumps({"text": "doc\nkey:", "value": "  "}) + "\n")  # an empty answer matches everything
     with pytest.raises(ConfigError, match="record 0 has the value '  ': the answer must be non-empty text"):
         recall.load_based_records(bad, "--swde")
+    for name, text in (("empty.jsonl", ""), ("rows.json", json.dumps({"rows": [{"text": "a\nb:", "value": "x"}]})),
+                       ("list.json", "[]")):  # no records: refused here, not as an IndexError inside lm-eval
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=r"^--fda=.*holds no records"):
+            recall.load_based_records(tmp_path / name, "--fda")
     num = tmp_path / "num.jsonl"
     num.write_text(json.dumps({"text": "the year\nyear:", "value": 1448}) + "\n")
     assert recall.load_based_records(num, "--swde")[0]["value"] == "1448"  # a number in the file: its text
@@ -260,6 +287,14 @@ def test_answer_window_keeps_the_answer_and_the_question_within_the_budget():
     absent = dict(doc, value="Zebra Corp")  # no answer in the text: the window starts at the beginning
     prompt, cut = recall.answer_window(absent, tok, 256)
     assert cut and prompt.startswith("row 0 of the table")
+    # a single text without a newline, and one whose last line (the question) is longer than the budget: both fit,
+    # the answer kept and the text's end kept as the question
+    one_line = {"text": doc["context"] + " Manufacturer:", "value": "Acme Widgets"}
+    long_question = {"text": filler + "\n" + doc["context"] + " Manufacturer:", "value": "Acme Widgets"}
+    for d in (one_line, long_question):
+        prompt, cut = recall.answer_window(d, tok, 256)
+        assert cut and prompt.endswith("Manufacturer:") and "Acme Widgets" in prompt
+        assert len(tok(prompt)["input_ids"]) <= 256
 
 
 def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
@@ -303,6 +338,35 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
         recall.prompt_digests(samples)["niah_single_1"]["1024"]
     assert res["heldout"]["sequences"] == 2 and res["heldout"]["seq_len"] == 128
     assert res["models"]["tiny"]["tokenizer"]  # merges compare prompts within one tokenizer
+    # how much of its length each RULER prompt fills (RULER's size: prompt + generation tokens), per prompt and mean
+    assert res["complete"] is True
+    sizes = [s["ruler_length"] for s in samples if s["task"] == "niah_single_1"]
+    assert len(sizes) == 2 and all(512 < n <= 1024 for n in sizes)
+    assert res["ruler_fill"]["tiny"] == {"niah_single_1": {"1024": round(sum(sizes) / 2 / 1024, 4)}}
+
+
+def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch):
+    """eval.json is rewritten after each model: the second model's crash leaves the first one's scores, marked
+    partial, and its samples."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+
+    real, calls = run_mod.load_model, []
+
+    def load(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "load_model", load)
+    out = tmp_path / "ev"
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "niah_single_1",
+                  "--lengths", "1024", "--limit", "1", "--no-quality", "--out", str(out)])
+    res = json.loads((out / "eval.json").read_text())
+    assert res["complete"] is False and set(res["scores"]) == {"first"} and res["prompts"]["first"]["niah_single_1"]
+    assert (out / "samples_first.jsonl").is_file() and "partial: 1 of 2 models" in (out / "eval.md").read_text()
 
 
 def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loads(tiny, monkeypatch, capsys):
@@ -317,6 +381,32 @@ def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loa
     assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "niah_essay_single", "--lengths", "4096",
                      "--max-length", "2048", "--no-quality", "--out", "/nonexistent/never"]) == 2
     assert "error: --lengths='4096': tiny is evaluated at 2048 tokens" in capsys.readouterr().err
+
+
+def test_bad_tasks_names_and_haystacks_are_refused_before_a_model_loads(tiny, tmp_path, monkeypatch, capsys):
+    from ds_hybrid import cli
+
+    monkeypatch.setattr("ds_hybrid.evaluation.run.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = ["eval", "--model", f"tiny={tiny[2]}", "--lengths", "1024", "--no-quality", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--tasks", "niah_single_1,swde"], r"--tasks='swde': swde reads a local file: pass --swde FILE"),
+        (["--tasks", "niah_single_9"], r"--tasks='niah_single_9': unknown task"),
+        (["--tasks", "niah_single_1", "--model", f"a/b={tiny[2]}"], r"--model='a/b': a model's name goes into file"),
+        (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "none.txt")],
+         r"--haystack='.*none\.txt': no such file"),
+        (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "hay.jsonl")],
+         r"--haystack='.*hay\.jsonl': not a plain-text file"),
+        (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "short.txt"), "--lengths", "8192",
+          "--max-length", "8192"],
+         r"--haystack='.*short\.txt': holds \d+ tokens \(2400 words\) with tiny's tokenizer, fewer than the longest of "
+         r"--lengths \(8192\)"),
+    ]
+    (tmp_path / "hay.jsonl").write_text(json.dumps({"text": "x " * 3000}) + "\n")
+    (tmp_path / "short.txt").write_text("Words. " * 2400)  # the 2,000 words a haystack needs, ~4,800 tokens
+    for extra, want in cases:
+        assert cli.main(base + extra) == 2, extra
+        assert re.search(rf"error: {want}", capsys.readouterr().err), extra
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("gold, generation, want", [
@@ -405,6 +495,27 @@ def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None =
                                                   "lengths": lengths, "tasks": sorted({t for s in scores.values() for t in s}),
                                                   "scores": scores, "prompts": prompts, "heldout_quality": quality or {}}))
     return folder
+
+
+def test_eval_merge_refuses_swde_scores_of_prompts_cut_at_another_length(tiny, tmp_path):
+    """Two runs of one SWDE file, one at an evaluation length that cuts some prompts: what the models read differs,
+    so their scores are not set side by side; two runs whose prompts all fit are."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import merge
+
+    _, tok, path = tiny
+    records = recall.load_based_records(FIXTURES / "swde_fixture.jsonl", "--swde")[:4]
+    sizes = sorted(len(tok(recall.based_prompt(r))["input_ids"]) for r in records)
+    short = sizes[1] + recall.BASED_MAX_GEN_TOKS  # cuts the two longest of the four
+    for name, length in (("cut", short), ("whole", 1024), ("whole2", 1000)):
+        assert cli.main(["eval", "--model", f"{name}={path}", "--swde", str(FIXTURES / "swde_fixture.jsonl"), "--tasks",
+                         "", "--limit", "4", "--no-quality", "--max-length", str(length),
+                         "--out", str(tmp_path / name)]) == 0
+    res = json.loads((tmp_path / "cut" / "eval.json").read_text())
+    assert res["truncated_prompts"]["swde"]["cut"] == 2
+    assert merge.merge([str(tmp_path / "whole"), str(tmp_path / "whole2")])["scores"].keys() == {"whole", "whole2"}
+    with pytest.raises(ConfigError, match=r"cut's swde_local at contains comes from other prompts"):
+        merge.merge([str(tmp_path / "whole"), str(tmp_path / "cut")])
 
 
 def test_eval_merge_joins_per_length_jobs_and_refuses_a_score_given_twice(tmp_path):

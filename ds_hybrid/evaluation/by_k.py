@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError, out_folder
+from ds_hybrid.folders import atomic_write_text
 from ds_hybrid.evaluation.report import difference_interval, score_cell, wilson_interval
 from ds_hybrid.layers import selection_top_k, smart_layers, uniform_layers
 from ds_hybrid.selection import read_selection
@@ -231,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
     out.mkdir(parents=True, exist_ok=True)
     md = tables(payload, rows, against)
-    (out / "recall_vs_k.md").write_text(md)
-    (out / "recall_vs_k.json").write_text(json.dumps({"source": str(src), "task": task, "models": rows,
-                                                      "selections": {n: p.split("=", 1)[1] for n, p in
-                                                                     zip(selections, args.selection)}}, indent=1))
+    atomic_write_text(out / "recall_vs_k.md", md)
+    atomic_write_text(out / "recall_vs_k.json", json.dumps({"source": str(src), "task": task, "models": rows,
+                                                            "selections": {n: p.split("=", 1)[1] for n, p in
+                                                                           zip(selections, args.selection)}}, indent=1))
     plot(payload, rows, task, out / "recall_vs_k.png")
     print(md)
     unmatched = [r["model"] for r in rows if r.get("matched") is False]

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import shutil
 from pathlib import Path
 
 from ds_hybrid.errors import ConfigError
@@ -23,19 +25,28 @@ def nltk_dir() -> Path:
     return cache_dir() / "nltk_data"
 
 
+def _read_text(f: Path) -> str:
+    with (gzip.open(f, "rt", errors="ignore") if f.name.lower().endswith(".gz") else open(f, errors="ignore")) as h:
+        return h.read()
+
+
 def haystack_text(source: str | list[str] | None = None, max_chars: int = 4_000_000) -> str:
     """Prose from local files (or, by default, the embedded corpus's held-out prose documents), whitespace-normalised."""
-    from ds_hybrid.data import source_files
+    from ds_hybrid.data import _kind, source_files
 
     if source is None or source == "embedded":
         from ds_hybrid.corpus import held_out_texts
 
         texts = held_out_texts()
     else:
-        files = source_files(source)
+        files = source_files(source, "--haystack")
         if files is None:
             raise ConfigError("--haystack", source, "give local text files or folders (no hub download here)")
-        texts = (f.read_text(errors="ignore") for f in files)
+        other = [f for f in files if _kind(f) != "text"]
+        if other:
+            raise ConfigError("--haystack", str(other[0]), "not a plain-text file (.txt/.md/.rst/.text or no suffix, "
+                              "optionally .gz): the haystack is prose read as it is, not JSON or parquet records")
+        texts = (_read_text(f) for f in files)
     chunks, total = [], 0
     for text in texts:
         chunks.append(text)
@@ -52,24 +63,47 @@ def haystack_words(source: str | list[str] | None = None) -> list[str]:
     return haystack_text(source).split(" ")
 
 
+def check_haystack_tokens(words: list[str], tokenizer, need: int, source: str | list[str] | None, model: str,
+                          chunk: int = 20_000) -> int:
+    """Refuse a haystack of fewer than ``need`` tokens with ``tokenizer``: lm-eval's essay generator stops growing
+    a prompt where the haystack ends, and its score would be filed under a length the prompt never reached.
+    Returns the tokens counted (tokenized a chunk of words at a time, only until ``need`` is reached)."""
+    n = 0
+    for i in range(0, len(words), chunk):
+        n += len(tokenizer(" ".join(words[i:i + chunk]), add_special_tokens=False)["input_ids"])
+        if n >= need:
+            return n
+    raise ConfigError("--haystack", source or "embedded", f"holds {n} tokens ({len(words)} words) with {model}'s "
+                      f"tokenizer, fewer than the longest of --lengths ({need}): the essay prompts would stop short "
+                      "of the length their scores are filed under; give more prose, or drop the longer lengths")
+
+
 def ensure_punkt(train_text: str | None = None) -> Path:
     """A Punkt sentence splitter in NLTK's punkt_tab layout; trained on local prose the first time."""
     root = nltk_dir()
     target = root / "tokenizers" / "punkt_tab" / "english"
     os.environ["NLTK_DATA"] = str(root)
-    if not (target / "sent_starters.txt").is_file():
+    files = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+    if target.is_dir() and not all((target / f).is_file() for f in files):  # a partial one (older ds-hybrid)
+        shutil.rmtree(target, ignore_errors=True)
+    if not target.is_dir():  # written whole into a temp folder, then renamed: never a partial model
         from nltk.tokenize.punkt import PunktTrainer, TabEncoder
 
         trainer = PunktTrainer()
         trainer.INCLUDE_ALL_COLLOCS = True
         trainer.train(train_text or haystack_text(None, max_chars=2_000_000), finalize=True)
         params = trainer.get_params()
-        target.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
         enc = TabEncoder()
-        (target / "collocations.tab").write_text(enc.tups2tab(params.collocations))
-        (target / "sent_starters.txt").write_text(enc.set2txt(params.sent_starters))
-        (target / "abbrev_types.txt").write_text(enc.set2txt(params.abbrev_types))
-        (target / "ortho_context.tab").write_text(enc.ivdict2tab(params.ortho_context))
+        (tmp / "collocations.tab").write_text(enc.tups2tab(params.collocations))
+        (tmp / "sent_starters.txt").write_text(enc.set2txt(params.sent_starters))
+        (tmp / "abbrev_types.txt").write_text(enc.set2txt(params.abbrev_types))
+        (tmp / "ortho_context.tab").write_text(enc.ivdict2tab(params.ortho_context))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its own first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
     import nltk
 
     if str(root) not in nltk.data.path:

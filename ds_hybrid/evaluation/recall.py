@@ -40,6 +40,8 @@ RULER_TASKS: dict[str, tuple[str, str, int]] = {
     "ruler_cwe": ("cwe_utils", "get_cw_dataset", 120),
     "ruler_fwe": ("fwe_utils", "fwe_download", 50),
 }
+# the text between a RULER question and its gen_prefix: " " in lm-eval's YAMLs, but for cwe (cwe.yaml)
+TARGET_DELIMITERS = {"ruler_cwe": "\n\n"}
 ESSAY_TASKS: dict[str, dict[str, Any]] = {
     "niah_essay_single": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=1),
     "niah_essay_multikey": dict(type_needle_k="words", type_needle_v="numbers", num_needle_k=4),
@@ -89,7 +91,7 @@ def _ruler_config(task: str, dataset_fn: Callable, lengths: list[int], tokenizer
         "custom_dataset": dataset_fn,
         "metadata": {"max_seq_lengths": list(lengths), "tokenizer": tokenizer_path, "version": 1.0},
         "doc_to_text": "{{input}}", "doc_to_target": "{{outputs}}", "gen_prefix": "{{gen_prefix}}",
-        "target_delimiter": " ", "process_results": partial(_process_results, list(lengths)),
+        "target_delimiter": TARGET_DELIMITERS.get(task, " "), "process_results": partial(_process_results, list(lengths)),
         "metric_list": [{"metric": str(L), "aggregation": aggregate_metrics, "higher_is_better": True}
                         for L in lengths],
         "generation_kwargs": {"do_sample": False, "temperature": 0.0, "max_gen_toks": max_gen_toks, "until": []},
@@ -150,6 +152,17 @@ def _per_length_limit(dataset_fn: Callable, limit: int | None, module_name: str 
     return {"test": test.select(keep)}
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Every name a RULER or essay task, before any model is loaded (SWDE and FDA come from files: --swde, --fda)."""
+    for t in tasks:
+        if t in BASED_TASKS:
+            raise ConfigError("--tasks", t, f"{t} reads a local file: pass --{t} FILE (JSON, JSONL or parquet in the "
+                              "based-* layout) instead of naming it in --tasks")
+        if t not in RULER_TASKS and t not in ESSAY_TASKS:
+            raise ConfigError("--tasks", t, f"unknown task; known: {sorted(RULER_TASKS) + sorted(ESSAY_TASKS)} "
+                              f"(and --swde / --fda FILE), or --suite {'/'.join(SUITES)}")
+
+
 def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, haystack: list[str] | None,
                   limit: int | None = None) -> list[dict]:
     """Task configs; ``limit`` = samples per task *and length* (pass no lm-eval limit for these tasks then)."""
@@ -165,7 +178,7 @@ def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, hay
             f = partial(_essay_dataset, ESSAY_TASKS[t], haystack, limit or RULER_SAMPLES)
             out.append(_ruler_config(t, partial(_per_length_limit, f, limit), lengths, tokenizer_path, 128))
         else:
-            raise ConfigError("--tasks", t, f"unknown task; known: {sorted(RULER_TASKS) + sorted(ESSAY_TASKS) + list(BASED_TASKS)}")
+            check_tasks([t])
     return out
 
 
@@ -198,7 +211,10 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
         rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
     else:
         data = json.loads(p.read_text())
-        rows = data if isinstance(data, list) else data.get("data", [])
+        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    if not rows:
+        raise ConfigError(field, str(path), "holds no records: give a JSON list, JSONL (a record a line), "
+                          "{\"data\": [...]} or parquet, each record with 'value' and 'text' or 'context'+'key'")
     for i, r in enumerate(rows):
         if "value" not in r or not ("text" in r or ("context" in r and "key" in r)):
             raise ConfigError(field, str(path), f"record {i} needs 'value' and either 'text' or 'context'+'key'")
@@ -213,6 +229,8 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
 def answer_window(doc: dict, tokenizer, budget: int) -> tuple[str, bool]:
     """The prompt of a SWDE/FDA record cut to ``budget`` tokens around the answer (JRT-style): the context tokens
     centred on the first occurrence of the gold value (the start when it does not occur), then the question line.
+    A single text without a question line short enough (no newline, or a last line of more than half the budget)
+    keeps its last ``budget // 4`` tokens as the question. The result fits the budget.
     Returns (prompt, whether it was cut)."""
     prompt = based_prompt(doc)
     if len(tokenizer(prompt)["input_ids"]) <= budget:
@@ -222,14 +240,23 @@ def answer_window(doc: dict, tokenizer, budget: int) -> tuple[str, bool]:
     else:  # a single text: its last line is the question
         context, _, last = prompt.rpartition("\n")
         question = "\n" + last
-    room = max(16, budget - len(tokenizer(question)["input_ids"]))
+    if not context.strip() or len(tokenizer(question)["input_ids"]) > budget // 2:
+        enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
+        cut = enc["offset_mapping"][len(enc["input_ids"]) - max(1, budget // 4)][0]
+        context, question = prompt[:cut], prompt[cut:]
     enc = tokenizer(context, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     at = context.lower().find(doc["value"].strip().lower())
     centre = next((i for i, (a, b) in enumerate(offsets) if b > at), 0) if at >= 0 else 0
-    start = max(0, min(centre - room // 2, len(ids) - room))
-    window = context[offsets[start][0]:offsets[min(len(ids), start + room) - 1][1]]
-    return window + question, True
+    room = budget - len(tokenizer(question)["input_ids"])
+    while True:  # (tokens may merge across the join: shrink until the whole fits)
+        room = max(1, min(room, len(ids)))
+        start = max(0, min(centre - room // 2, len(ids) - room))
+        window = context[offsets[start][0]:offsets[start + room - 1][1]]
+        over = len(tokenizer(window + question)["input_ids"]) - budget
+        if over <= 0 or room == 1:
+            return window + question, True
+        room -= over
 
 
 def based_config(name: str, path: str | Path, limit: int | None = None, window: tuple | None = None) -> dict:
@@ -284,6 +311,8 @@ def samples_from(results: dict) -> list[dict]:
             rec = {"task": task, "id": doc.get("id", s.get("doc_id")), "length": doc.get("max_length"),
                    "gold": gold, "generation": gen, "score": metrics,
                    "doc_sha": _digest(json.dumps(doc, sort_keys=True, default=str))}
+            if isinstance(doc.get("length"), int):  # RULER's size of the prompt: its tokens + the generation's
+                rec["ruler_length"] = doc["length"]
             if rec["length"] is not None:
                 rec["strict"] = strict_score(gold, gen)
             out.append(rec)
@@ -351,6 +380,15 @@ def prompt_digests(samples: list[dict]) -> dict[str, dict[str, dict[str, str]]]:
     return out
 
 
+def cut_prompts_digest(cell: dict[str, str], window: str | None, max_length: int) -> dict[str, str]:
+    """A SWDE/FDA ``contains`` digest of a run in which some prompts did not fit: what the model read depends on the
+    evaluation length (and on the window), so they join the ``prompts`` digest, and eval-merge refuses to set side
+    by side scores of prompts cut otherwise. (A run whose prompts all fit keeps the document digest.)"""
+    if "prompts" not in cell:
+        return cell
+    return {**cell, "prompts": _digest(json.dumps([cell["prompts"], window, int(max_length)]))}
+
+
 # ---- running -----------------------------------------------------------------------------------------------------
 @functools.cache
 def _task_manager():
@@ -367,6 +405,20 @@ def run_tasks(lm, task_specs: list, limit: int | None, seed: int = 0) -> dict[st
     return lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, task_manager=_task_manager(),
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                    fewshot_random_seed=seed, log_samples=True, bootstrap_iters=0)
+
+
+def prompt_fill(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """{task: {length: mean RULER length / length}} over the RULER records that carry their size (prompt tokens plus
+    the generation's budget, as RULER sizes them): how much of the length asked for the prompts fill (lm-eval's generators stop short where the haystack runs out, or in steps:
+    niah_multikey_3 grows its haystack 25 UUID lines at a time)."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for rec in samples:
+        if rec.get("length") is None or not isinstance(rec.get("ruler_length"), int):
+            continue
+        cell = sums.setdefault(rec["task"], {}).setdefault(str(rec["length"]), [0.0, 0])
+        cell[0] += rec["ruler_length"] / int(rec["length"])
+        cell[1] += 1
+    return {t: {L: round(v[0] / v[1], 4) for L, v in row.items()} for t, row in sums.items()}
 
 
 def sample_counts(samples: list[dict]) -> dict[str, dict[str, int]]:

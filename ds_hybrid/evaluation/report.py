@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ds_hybrid.folders import atomic_write_text
+
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion p measured on n prompts (scores in [0, 1] taken as successes)."""
@@ -142,6 +144,7 @@ def plot_speed(rows: list[dict], path: Path) -> None:
 
 
 def write(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``out_dir``, each replaced whole (an interrupted write leaves the old one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out_dir / f"{name}.md").write_text(markdown + "\n")
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=1, default=str))
+    atomic_write_text(out_dir / f"{name}.md", markdown + "\n")

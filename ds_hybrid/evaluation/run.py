@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.folders import atomic_write_text
+
+log = logging.getLogger("ds_hybrid")
+SHORT_FILL = 0.9  # RULER prompts filling less of their length than this, on average, are warned of
 
 
 def _device(name: str) -> torch.device:
@@ -36,12 +42,16 @@ def positive_ints(text: str, field: str) -> list[int]:
 
 
 def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, str]:
-    """Every count positive and every model an HF folder ('embedded' and 'gemma3-270m' resolved), before the first
-    model is loaded: {name: its local folder}."""
+    """Every count positive, every model name usable in a file name, and every model an HF folder ('embedded' and
+    'gemma3-270m' resolved), before the first model is loaded: {name: its local folder}."""
     for name in ("limit", "max_length", "heldout_sequences", "heldout_seq_len", "batch_size", "decode_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", v, "must be a positive integer")
+    for name in models:
+        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
+            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
+                              "letters, digits and _ . + = - (name=path)")
     return {name: model_folder(path, "--teacher" if name == "teacher" else "--model") for name, path in models.items()}
 
 
@@ -106,6 +116,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     lengths = positive_ints(args.lengths, "--lengths")
     tasks = recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    recall.check_tasks(tasks)
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     models = parse_models(args.model, args.teacher)
@@ -124,11 +135,43 @@ def run_eval(args: argparse.Namespace) -> dict:
     recall.prepare_offline()
     from lm_eval.models.huggingface import HFLM
 
-    from ds_hybrid.evaluation.haystack import haystack_words
+    from transformers import AutoTokenizer
+
+    from ds_hybrid.evaluation.haystack import check_haystack_tokens, haystack_words
 
     haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
+    if haystack is not None and lengths:  # still before any model: each model's tokenizer sizes its prompts
+        for name, folder in folders.items():
+            check_haystack_tokens(haystack, AutoTokenizer.from_pretrained(folder), max(lengths), args.haystack, name)
     out_dir = Path(args.out)
-    scores, quality, info, truncated, counts, strict, digests = {}, {}, {}, {}, {}, {}, {}
+    scores, quality, info, truncated, counts, strict, digests, fill = {}, {}, {}, {}, {}, {}, {}, {}
+
+    def write_report(complete: bool) -> tuple[dict, str]:
+        """eval.json and eval.md of the models done so far (rewritten after each: a crash keeps what finished)."""
+        payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
+                   "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
+                   "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
+                   "truncated_prompts": truncated, "models": info, "complete": complete,
+                   "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
+                   "strict_scores": strict, "prompt_digests": digests, "ruler_fill": fill,
+                   "heldout_quality": quality, "heldout": heldout_settings(args) if quality else None}
+        md = report.recall_table(scores, quality, counts)
+        if any(strict.values()):
+            md += ("\n\nstrict (the first answer given must be the gold, whole):\n\n" +
+                   report.recall_table(strict, {}, counts))
+        if truncated:
+            what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
+            md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
+        short = {m: {t: {L: f for L, f in row.items() if f < SHORT_FILL} for t, row in per.items()}
+                 for m, per in fill.items()}
+        short = {m: {t: row for t, row in per.items() if row} for m, per in short.items()}
+        if any(short.values()):
+            md += (f"\n\nRULER prompts filling less than {SHORT_FILL:.0%} of their length on average (prompt + "
+                   "generation tokens / length): " + json.dumps({m: per for m, per in short.items() if per}))
+        if not complete:
+            md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
+        report.write(out_dir, "eval", payload, md)
+        return payload, md
     teacher_model = None
     if "teacher" in models and not args.no_quality:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
@@ -169,11 +212,22 @@ def run_eval(args: argparse.Namespace) -> dict:
         if samples:
             strict[name] = recall.strict_scores(samples)
             digests[name] = recall.prompt_digests(samples)
+            for bname in based:  # prompts cut to the evaluation length: which length is part of what was read
+                cell = digests[name].get(f"{bname}_local", {}).get("contains")
+                if cell and truncated[bname][name]:
+                    digests[name][f"{bname}_local"]["contains"] = recall.cut_prompts_digest(cell, args.window,
+                                                                                              max_length)
+            fill[name] = recall.prompt_fill(samples)
+            for task, row in fill[name].items():
+                for L, f in row.items():
+                    if f < SHORT_FILL:
+                        log.warning("%s: %s's prompts at %s tokens fill %.0f %% of it on average (lm-eval's "
+                                    "generator stopped short): its score there is of shorter prompts", name, task,
+                                    L, 100 * f)
         if samples:  # what the model said, prompt by prompt, next to eval.json
             out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / f"samples_{name}.jsonl", "w") as f:
-                for rec in samples:
-                    f.write(json.dumps(rec, default=str) + "\n")
+            atomic_write_text(out_dir / f"samples_{name}.jsonl",
+                              "".join(json.dumps(rec, default=str) + "\n" for rec in samples))
             info[name]["samples"] = str(out_dir / f"samples_{name}.jsonl")
         info[name]["eval_seconds"] = time.time() - t0
         if rows:
@@ -181,19 +235,9 @@ def run_eval(args: argparse.Namespace) -> dict:
 
             quality[name] = heldout_quality(model, rows, teacher_model if name != "teacher" else None)
         del model, lm
-    payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
-               "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
-               "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs, "truncated_prompts": truncated, "models": info,
-               "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
-               "strict_scores": strict, "prompt_digests": digests, "heldout_quality": quality,
-               "heldout": heldout_settings(args) if quality else None}
-    md = report.recall_table(scores, quality, counts)
-    if any(strict.values()):
-        md += "\n\nstrict (the first answer given must be the gold, whole):\n\n" + report.recall_table(strict, {}, counts)
-    if truncated:
-        what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
-        md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
-    report.write(out_dir, "eval", payload, md)
+        if len(info) < len(models):
+            write_report(complete=False)
+    payload, md = write_report(complete=True)
     if any(any(k.isdigit() for d in s.values() for k in d) for s in scores.values()):
         report.plot_recall(scores, out_dir / "recall_vs_length.png")
     print(md)

@@ -54,6 +54,7 @@ class ModelCounts:
     attn_width: int = 0  # query heads x head dim (the mixers' q/k/v/o width); 0: = hidden
     head_dim: int = 0  # 0: 64
     norms_per_layer: int = 2  # hidden-size norms in a decoder layer (Llama 2, Gemma 3 4)
+    largest_student_layer: int = 0  # the student engine's largest layer (align: mixer); 0: the teacher's
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Plan:
     teacher_shards: int
     teacher_working_set: int
     student_params: int
+    student_working_set: int
     gradients: int
     optimizer_states: int
     activations: int
@@ -112,10 +114,12 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
         mixers = [layer.self_attn for layer in student.model.layers]
         n_student = n(p for m in mixers for p in m.parameters())
         n_train = n_student
+        largest_student = max(n(m.parameters()) for m in mixers)
     else:
         n_student = n(student.parameters())
         groups = param_groups(student.named_parameters(), s)
         n_train = n(p for g in groups for p in g["params"])
+        largest_student = max(n(layer.parameters()) for layer in student.model.layers)
     from ds_hybrid.modeling.families import head_dim
 
     largest = max(n(layer.parameters()) for layer in teacher.model.layers)
@@ -129,7 +133,7 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
                        largest_teacher_layer=largest, hidden=h,
                        intermediate=teacher_config.intermediate_size, layers=teacher_config.num_hidden_layers,
                        vocab=teacher_config.vocab_size, attn_width=teacher_config.num_attention_heads * hd,
-                       head_dim=hd, norms_per_layer=norms)
+                       head_dim=hd, norms_per_layer=norms, largest_student_layer=largest_student)
 
 
 def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float = 80.0,
@@ -153,6 +157,9 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     teacher_ws = 2 * counts.largest_teacher_layer * b if (uses_teacher and t_stage3) else 0
     s_stage = zero_stage(student_ds)
     student = b * counts.student // (world if s_stage == 3 else 1)
+    # ZeRO-3 gathers a layer's parameters for its forward and backward and prefetches the next: two layers whole,
+    # as for the teacher (the LM head, gathered for the loss, is in the kl workspace)
+    student_ws = 2 * (counts.largest_student_layer or counts.largest_teacher_layer) * b if s_stage == 3 else 0
     shard = world if s_stage >= 1 else 1
     # ZeRO-1 with fp32 gradient accumulation (ds_configs/student_zero1.json: DeepSpeed's BF16_Optimizer) keeps an
     # fp32 gradient of every trainable parameter; otherwise gradients are in the model dtype
@@ -199,7 +206,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
         one_by_one = L * n * (28 * h + 26 * (d - h)) * b // 2 + 2 * L * n * h * b + states  # + the captured in/out
         acts = batched if stacked else one_by_one
     elif s.gradient_checkpointing:
-        acts = 2 * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0) + states
+        acts = b * n * h * L + max(soft_layer, lin_layer if n_soft < L else 0) + states  # (each layer's input kept)
     else:
         acts = n_soft * soft_layer + (L - n_soft) * lin_layer + states
     C = min(s.loss_chunk_tokens, n)
@@ -218,7 +225,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # a checkpoint: the student's parameters in the run dtype + fp32 master weights and Adam's two moments
     ckpt = b * counts.student + 12 * counts.trainable
     return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, checkpoint_bytes=ckpt, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
-                student_params=student, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
+                student_params=student, student_working_set=student_ws, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
                 framework=FRAMEWORK_BYTES)
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,18 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
         for s in meta["sources"]:
             meta["sources"][s].update({k: described[s][k] for k in ("description", "license", "packages")})
     return TokenStreams(train=train, val=val, meta=meta, path=out)
+
+
+def warn_unrepresented(streams: TokenStreams, val: PackedSequences, field: str) -> list[str]:
+    """Warn (main process) of the sources whose held-out share is shorter than one row: at a long seq_len the
+    held-out score then comes from the other sources only. Returns those sources."""
+    held = {s for s, a in streams.val if len(a)}
+    empty = sorted(s for s in held if not val.source_rows.get(s))
+    if empty and os.environ.get("RANK", "0") in ("0", ""):
+        log.warning("%s=%d: %d of %d sources hold out less than one row of text (%s), so the held-out score leaves "
+                    "them out; raise data.val_tokens (each source holds out an equal share of it) for every source "
+                    "to count", field, val.seq_len, len(empty), len(held), ", ".join(empty))
+    return empty
 
 
 class PackedSequences:

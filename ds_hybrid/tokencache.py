@@ -284,8 +284,10 @@ def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, f
     for source, us in units.items():
         got, _, first = scan_prefix(us, Path(out_dir), need[source], val_tokens.get(source, 0), row_tokens)
         if first is not None:
-            raise RuntimeError(f"token cache {out_dir}: unit {first} of {source} is not tokenized after the build "
-                               "(its marker is missing): was the cache folder changed during the run?")
+            raise ConfigError("data.cache_dir", str(out_dir), f"unit {first} of {source} is not tokenized here after "
+                              "the main rank's build (its marker is missing): the cache must be one folder every rank "
+                              "sees (a shared file system, not a node-local disk; data.cache_dir or $DS_HYBRID_CACHE), "
+                              "and not changed during the run")
         used[source] = got
     return used
 

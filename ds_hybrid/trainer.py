@@ -35,7 +35,8 @@ from ds_hybrid import distributed as D
 from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
-from ds_hybrid.data import PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows
+from ds_hybrid.data import (PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows,
+                            warn_unrepresented)
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
@@ -294,6 +295,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                           f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens; a row never spans "
                           "two files of the corpus, whose remainders are dropped); shorten seq_len or raise "
                           "data.val_tokens")
+    warn_unrepresented(streams, val, f"{stage}.seq_len")
 
     plan = stage_plan(ctx)
     log.info("%s", plan.table())

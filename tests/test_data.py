@@ -300,6 +300,34 @@ def test_mixture_reweights_sources_and_evaluation_covers_every_source():
         load_config(None, ["data.mixture={x: -1}"])
 
 
+def test_sources_whose_held_out_share_is_shorter_than_a_row_are_warned_of(caplog, monkeypatch):
+    """At a long seq_len a source's held-out share may hold no whole row: its text then drops out of the held-out
+    score; the main process says which sources, with the fix."""
+    import logging
+
+    from ds_hybrid.data import TokenStreams, warn_unrepresented
+
+    val = [("poetry", np.zeros(3000, np.uint16)), ("code", np.zeros(9000, np.uint16)), ("empty", np.zeros(0, np.uint16))]
+    streams = TokenStreams(train=[], val=val, meta={}, path=Path("."))
+    with caplog.at_level(logging.WARNING, logger="ds_hybrid"):
+        assert warn_unrepresented(streams, PackedSequences(val, 2048, max_rows=16), "kl.seq_len") == []
+        assert warn_unrepresented(streams, PackedSequences(val, 4096, max_rows=16), "kl.seq_len") == ["poetry"]
+        monkeypatch.setenv("RANK", "1")
+        assert warn_unrepresented(streams, PackedSequences(val, 4096, max_rows=16), "kl.seq_len") == ["poetry"]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("kl.seq_len=4096: 1 of 2 sources hold out less than one row of text (poetry)")
+    assert "raise data.val_tokens" in said
+
+
+def test_a_rank_that_cannot_see_the_main_ranks_cache_says_it_must_be_shared(tmp_path):
+    """Another node's rank reading a node-local cache folder finds no markers: named as data.cache_dir, with why."""
+    from ds_hybrid.tokencache import done_prefixes
+
+    units = {DATA_SOURCE: [Unit(DATA_SOURCE, 0, "jsonl", (str(tmp_path / "a.jsonl"),))]}
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir=.*unit 0 of data is not tokenized here.*shared file system"):
+        done_prefixes(units, tmp_path / "cache", {DATA_SOURCE: 100.0}, {DATA_SOURCE: 10})
+
+
 def test_unknown_mixture_source_is_named(tmp_path, tok):
     jl = write_jsonl(tmp_path / "jl", 1, 30, 20)
     with pytest.raises(ConfigError, match=r"data\.mixture\.poetry.*its sources: data"):

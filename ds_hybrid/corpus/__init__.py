@@ -125,7 +125,9 @@ def ensure_embedded(is_main: bool = True, barrier=None) -> Path:
     if barrier is not None:
         barrier()
     if not (path / "manifest.json").is_file():
-        raise ConfigError("data.source", "embedded", f"the corpus is not built at {path}; {INSTALL_HINT}")
+        where = ("" if is_main else " (the main rank built it: is this node's $DS_HYBRID_CACHE another disk? every "
+                 "node must see the same cache folder, on a shared file system)")
+        raise ConfigError("data.source", "embedded", f"the corpus is not built at {path}{where}; {INSTALL_HINT}")
     return path
 
 

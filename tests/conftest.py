@@ -83,3 +83,15 @@ LONGEST_FIRST = ("test_slurm.py", "test_select.py", "test_trainer.py", "test_eva
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A test that initialises a process group in the test process leaves RANK / MASTER_PORT in its environment:
+    every training subprocess the worker launches later inherits them and tries to listen on that port (which the
+    test process still holds: EADDRINUSE). Fail the test that did it, not the ones after it."""
+    keys = ("RANK", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    leaked = {k: os.environ[k] for k in keys if os.environ.get(k) != before[k]}
+    assert not leaked, f"the test left {leaked} in the environment (a process group in the test process?)"

@@ -147,6 +147,8 @@ def test_select_rows_longer_than_the_teachers_context_are_refused_before_any_mod
         raise AssertionError("a model was built")
 
     monkeypatch.setattr(select, "_held_out_rows", no_model)
+    # no process group in the test process: its MASTER_PORT would leak into the subprocesses launched after it
+    monkeypatch.setattr(select.D, "init_distributed", lambda *a, **k: None)
     teacher = make_tiny_teacher(tmp_path / "t")  # 1024 positions
     cases = {"select.retrieval_seq_len=2048": ["select.method=retrieval", "select.retrieval_seq_len=2048"],
              "select.probe.seq_len=4096": ["select.method=proxy", "select.probe={seq_len: 4096, tokens: 65536}"]}

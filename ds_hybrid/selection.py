@@ -168,7 +168,7 @@ def read_selection(path: str | Path, field: str = "softmax_layers.selection") ->
     return sel
 
 
-def _recorded_vs_now(rec: dict, folder: str | Path) -> tuple[str | None, str]:
+def recorded_vs_now(rec: dict, folder: str | Path) -> tuple[str | None, str]:
     """(the identity a selection recorded of a folder, the folder's now), by content where it was recorded."""
     if rec.get("content") is not None:
         return rec["content"], content_fingerprint(folder)
@@ -185,14 +185,15 @@ def check_selection_origin(spec: Any, teacher_path: str, align_dir: str | Path |
         return
     sel = read_selection(spec["selection"], f"{field}.selection")
     rec = sel.get("teacher", {})
-    want, have = _recorded_vs_now(rec, teacher_path)
+    want, have = recorded_vs_now(rec, teacher_path)
     if want is not None and want != have:
         raise ConfigError(f"{field}.selection", spec["selection"],
                           f"was computed for teacher {rec.get('path')} ({want}), this run's teacher {teacher_path} "
                           f"is {have}; run stage select for this teacher")
     if align_dir is not None and Path(align_dir).is_dir():
-        want, have = _recorded_vs_now(sel.get("align", {}), align_dir)
+        want, have = recorded_vs_now(sel.get("align", {}), align_dir)
         if want is not None and want != have:
             raise ConfigError(f"{field}.selection", spec["selection"],
                               f"was computed from align checkpoint {sel['align'].get('path')} ({want}), this run "
-                              f"starts from {align_dir} ({have}); rerun stage select on this align checkpoint")
+                              f"starts from {align_dir} ({have}); rerun stage select on this align checkpoint "
+                              "(with --force: the selection file is kept otherwise)")

@@ -387,6 +387,30 @@ def test_ga_s2_recall_score_reranks_the_same_probes(planted, tmp_path):
         (sel_dir / "score_recall" / "selection.json").stat().st_mtime
 
 
+def test_a_selection_of_an_align_export_retrained_since_is_named_stale(planted, tmp_path):
+    """A retrained align export: the kept selection is said to be stale (stage kl would refuse it), and the fix is
+    --force, which ranks the new export's layers."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"] / "align", out / "align")
+    base = ["--stage", "select", "--config", str(planted["cfg"]), f"out_dir={out}", "select.method=mse", "select.ks=[1]"]
+    (first,) = train_in_one_process([base], tmp_path / "r1.json")
+    assert first.returncode == 0, tail(first)
+    weights = next(w for w in sorted((out / "align" / "hf").glob("*.safetensors"))
+                   if any("self_attn" in n for n in load_file(w)))
+    tensors = load_file(weights)
+    name = next(n for n in tensors if "self_attn" in n)
+    tensors[name] = tensors[name] + 1.0  # "retrained"
+    save_file(tensors, weights, metadata={"format": "pt"})
+    kept, forced = train_in_one_process([base, [*base, "--force"]], tmp_path / "r2.json")
+    said = kept.stdout + kept.stderr
+    assert kept.returncode == 0 and "computed from an align export that has changed since" in said, tail(kept)
+    assert "rerun stage select with --force" in said
+    assert forced.returncode == 0, tail(forced)
+    assert "changed since" not in forced.stdout + forced.stderr
+
+
 def test_a_selection_made_from_other_settings_is_kept_with_what_changed_and_force_makes_it_again(planted, tmp_path):
     """A rerun keeps an existing selection.json (a later, unrelated change must not block a pipeline), says which
     settings changed since, and --force makes it again from the new ones."""

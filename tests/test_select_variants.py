@@ -359,6 +359,64 @@ def test_probe_tasks_count_from_the_arrays_first_id(monkeypatch, env, want):
     assert task_slot(load_config(None, [])) == (want, 4)
 
 
+def test_halving_waits_for_another_tasks_probe_while_it_still_writes(tmp_path, monkeypatch):
+    """A task waiting for another task's probe of a long round waits as long as that probe keeps writing, and gives
+    up after dist_timeout_minutes of silence."""
+    import os
+
+    from ds_hybrid.stages import probes
+
+    cfg = load_config(None, ["dist_timeout_minutes=1"])
+    out = tmp_path / "halving"
+    work = out / "probes" / probes.probe_name(3) / "kl"
+    work.mkdir(parents=True)
+    (work / "metrics.jsonl").write_text("{}")
+    import time
+
+    clock = [1000.0]
+    start = time.time() + 1e5  # file times ahead of the folders' real ones: the file's writes are the newest
+    mtime = [start]
+    os.utime(work / "metrics.jsonl", (mtime[0], mtime[0]))
+
+    def sleep(seconds, writes_until=300.0):  # the other task writes every 50 s for 300 s of a 60 s timeout
+        clock[0] += 50.0
+        if clock[0] - 1000.0 <= writes_until:
+            mtime[0] += 50.0
+            os.utime(work / "metrics.jsonl", (mtime[0], mtime[0]))
+        elif clock[0] - 1000.0 >= 400.0 and finish[0]:
+            (out / "probes" / probes.probe_name(3) / "round_0000004.json").write_text('{"steps": 4, "kl": 0.5}')
+
+    monkeypatch.setattr(probes.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(probes.time, "sleep", sleep)
+    finish = [False]  # silent after 300 s and never done: refused once 60 s passed without a write
+    with pytest.raises(RuntimeError, match=r"probes \[3\] of the 4-step round wrote nothing for dist_timeout_minutes=1"):
+        probes._round_scores_of_others(cfg, out, [3], 4)
+    assert 300.0 < clock[0] - 1000.0 <= 400.0  # it had waited through the five minutes of writes
+    clock[0], finish[0] = 1000.0, True
+    mtime[0] = start
+    os.utime(work / "metrics.jsonl", (mtime[0], mtime[0]))
+    monkeypatch.setattr(probes.time, "sleep", lambda s: sleep(s, writes_until=1e9) if clock[0] < 1400 else
+                        (out / "probes" / probes.probe_name(3) / "round_0000004.json").write_text('{"steps": 4, "kl": 0.5}'))
+    assert probes._round_scores_of_others(cfg, out, [3], 4) == {3: 0.5}
+
+
+def test_an_array_split_is_said_and_num_tasks_checked(monkeypatch, caplog):
+    """Any Slurm job array splits the probes: said at warning level with the opt-out; num_tasks 0 named as itself."""
+    import logging
+
+    from ds_hybrid.stages.probes import task_slot
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    with caplog.at_level(logging.WARNING, logger="ds_hybrid"):
+        assert task_slot(load_config(None, [])) == (1, 3)
+        assert task_slot(load_config(None, ["select.num_tasks=1", "select.task_index=0"])) == (0, 1)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "task 1 of a 3-task Slurm array" in said and "set select.num_tasks: 1" in said
+    with pytest.raises(ConfigError, match=r"^select\.num_tasks=0: tasks sharing the probes: 1 or more"):
+        task_slot(load_config(None, ["select.num_tasks=0", "select.task_index=0"]))
+
+
 def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_path):
     from ds_hybrid.stages.probes import PROBES_KEY, claim_probes, probe_identity, probe_stage_config
 
@@ -373,6 +431,14 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     other = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, lr: 5e-4}"])
     with pytest.raises(ConfigError, match=r"^select\.probe\.lr=0\.0005: .* other settings \(select\.probe\.lr: 0\.0001 -> 0\.0005\).*--force"):
         claim_probes(out, probe_identity(other, probe_stage_config(other, align), align), force=False)
+    # a later kl.lr, which the probes took over (select.probe sets none): named as kl.lr, with the value to pin
+    from ds_hybrid.stages.probes import inherited_names
+
+    tuned = load_config(None, ["kl.lr=2e-4"])
+    assert "lr" not in tuned.select.probe
+    with pytest.raises(ConfigError, match=r"^kl\.lr=0\.0002: .*\(kl\.lr: 0\.0001 -> 0\.0002\).*set select\.probe\.lr: "
+                                          r"0\.0001, the values they ran with"):
+        claim_probes(out, probe_identity(tuned, probe_stage_config(tuned, align), align), False, inherited_names(tuned))
     _tiny_folder(align, scale=2.0)  # the align export retrained, same shapes
     with pytest.raises(ConfigError, match=r"^align \(its export's content fingerprint\)="):
         claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)

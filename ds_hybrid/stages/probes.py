@@ -31,11 +31,14 @@ BASELINE = "baseline"
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
+# what a probe takes over from the kl section unless select.probe sets it
+FROM_KL = ("ds_config", "teacher_ds_config", "lr", "lr_rest", "betas", "weight_decay", "clip", "loss_chunk_tokens",
+           "kl_backend", "fp32_logits", "temperature")
+
+
 def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
     base = StageConfig(**STAGE_DEFAULTS["kl"])
-    base = _build(StageConfig, {k: v for k, v in vars(cfg.kl).items()
-                                if k in ("ds_config", "teacher_ds_config", "lr", "lr_rest", "betas", "weight_decay",
-                                         "clip", "loss_chunk_tokens", "kl_backend", "fp32_logits", "temperature")}, "kl", base)
+    base = _build(StageConfig, {k: v for k, v in vars(cfg.kl).items() if k in FROM_KL}, "kl", base)
     s = _build(StageConfig, dict(cfg.select.probe), "select.probe", base)
     s.init_from = str(align_dir)
     s.export = False
@@ -88,10 +91,17 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, 
 
 # a probe identity's keys as the run config names them
 _FIELD = {"probe": "select.probe", "align": "align (its export's content fingerprint)",
-          "survivors": "select.halving_survivors", "first_round_steps": "select.halving_first_tokens (in steps)"}
+          "survivors": "select.halving_survivors", "first_round_steps": "select.halving_first_tokens (in steps)",
+          "data_tokens": "select.probe.tokens (the corpus prefix every round reads)"}
 
 
-def claim_probes(out: Path, identity: dict, force: bool) -> None:
+def inherited_names(cfg: RunConfig) -> dict[str, str]:
+    """Probe identity keys whose value came from the kl section (select.probe leaves them unset), as the run config
+    names them: a changed kl.lr is what changed, not a select.probe.lr the user never wrote."""
+    return {f"probe.{f}": f"kl.{f}" for f in FROM_KL if f not in cfg.select.probe}
+
+
+def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] | None = None) -> None:
     """Bind the probes folder of ``out`` to the settings they are run from. Probes run from other settings (another
     probe budget or lr, another align export of the same shapes, other data) are never reused: refused by name, or,
     with ``force``, set aside to ``out/previous/<time>/probes`` (kept, nothing deleted) before new ones run."""
@@ -102,7 +112,7 @@ def claim_probes(out: Path, identity: dict, force: bool) -> None:
         with open(out / ".probes.lock", "w") as lock:  # Slurm array tasks started together: one at a time here
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                refusal = _claim(out, probes, key, identity, force)
+                refusal = _claim(out, probes, key, identity, force, names or {})
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     refusal = D.broadcast_object(refusal)
@@ -111,7 +121,7 @@ def claim_probes(out: Path, identity: dict, force: bool) -> None:
     D.barrier()
 
 
-def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool) -> tuple | None:
+def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, names: dict[str, str]) -> tuple | None:
     """:func:`claim_probes` on the main rank, under the lock: the refusal (field, value, message), or None."""
     refusal = None
     changed = []
@@ -120,16 +130,19 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool) -> t
             old = json.loads(key.read_text())
         except ValueError:
             old = {}
-        changed = [(_FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
+        changed = [(names.get(k) or _FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
                    for k, a, b in _changed(old, identity)]
     elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
         log.warning("select: %s holds probes from before ds-hybrid recorded their settings; they are reused as if "
                     "run from the current ones (delete the folder to rerun them)", probes)
     what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
     if changed and not force:
-        refusal = (changed[0][0], changed[0][2], f"{probes} holds probes run from other settings ({what}); rerun "
-                   f"with --force to set them aside (kept in {out / 'previous'}) and run new ones, or delete "
-                   f"{probes}")
+        field, _, now = changed[0]
+        pins = [f"select.probe.{k[3:]}: {a!r}" for k, a, _ in changed if k in names.values()]
+        keep = (f"; the kl settings the probes take over (select.probe leaves them unset) changed: to keep them, set "
+                f"{', '.join(pins)}, the values they ran with" if pins else "")
+        refusal = (field, now, f"{probes} holds probes run from other settings ({what}); rerun with --force to set "
+                   f"them aside (kept in {out / 'previous'}) and run new ones, or delete {probes}{keep}")
     elif changed:
         aside = out / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         aside.mkdir(parents=True, exist_ok=True)
@@ -158,8 +171,13 @@ def task_slot(cfg: RunConfig) -> tuple[int, int]:
     sc = cfg.select
     idx = sc.task_index if sc.task_index is not None else _slurm_array_index()
     n = sc.num_tasks if sc.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if n < 1:
+        raise ConfigError("select.num_tasks", n, "tasks sharing the probes: 1 or more (1: this task runs them all)")
     if not 0 <= idx < n:
         raise ConfigError("select.task_index", idx, f"must lie in 0..{n - 1} (num_tasks={n})")
+    if sc.num_tasks is None and n > 1:
+        log.warning("select: this is task %d of a %d-task Slurm array, so it runs every %d-th probe only (the others "
+                    "are the other tasks'); a job array that is not a probe split: set select.num_tasks: 1", idx, n, n)
     return idx, n
 
 
@@ -216,24 +234,32 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
           force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     # the identity reads samples of every tensor of the align export: on the main rank only
-    claim_probes(out, probe_identity(cfg, s, align_dir) if D.is_main() else {}, force)
+    claim_probes(out, probe_identity(cfg, s, align_dir) if D.is_main() else {}, force, inherited_names(cfg))
     idx, n = task_slot(cfg)
     items: list[int | None] = [None, *range(num_layers)]
     for i, layer in enumerate(items):
         if i % n != idx:
             continue
         d = out / "probes" / probe_name(layer)
-        if (d / "kl" / "DONE").is_file():
+        # what is done is the main rank's word, for every rank: on a shared file system another node may see a
+        # DONE marker a moment later, and ranks that parted here would wait in different collectives
+        if D.broadcast_object((d / "kl" / "DONE").is_file() if D.is_main() else None):
             log.info("probe %s already done", probe_name(layer))
             continue
         log.info("probe %s (%d/%d)", probe_name(layer), i + 1, len(items))
         run_probe(cfg, d, layer, s)
-    missing = [probe_name(l) for l in items if not (out / "probes" / probe_name(l) / "kl" / "DONE").is_file()]
+
+    def read_scores():
+        missing = [probe_name(l) for l in items if not (out / "probes" / probe_name(l) / "kl" / "DONE").is_file()]
+        if missing:
+            return missing, {}, None
+        return [], {l: probe_score(out / "probes" / probe_name(l), cfg.select.score, cfg.select.window)
+                    for l in range(num_layers)}, probe_score(out / "probes" / BASELINE, cfg.select.score,
+                                                             cfg.select.window)
+
+    missing, scores, baseline = D.broadcast_object(read_scores() if D.is_main() else None)
     if missing:
         return {}, {"missing": missing}
-    scores = {l: probe_score(out / "probes" / probe_name(l), cfg.select.score, cfg.select.window)
-              for l in range(num_layers)}
-    baseline = probe_score(out / "probes" / BASELINE, cfg.select.score, cfg.select.window)
     tokens = len(items) * stage_steps(s) * s.global_batch * s.seq_len
     return scores, {"baseline": baseline, "tokens_spent": tokens, "probes": len(items),
                     "budget": {"probe_tokens": stage_steps(s) * s.global_batch * s.seq_len, "seq_len": s.seq_len,
@@ -250,18 +276,24 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
     that already ran instead of the probe's latest KL, which a survivor has since improved in later rounds.
     """
     record = d / f"round_{steps:07d}.json"
-    if record.is_file():
-        return float(json.loads(record.read_text())["kl"])
     done = d / "kl" / "DONE"
-    done_steps = json.loads(done.read_text())["steps"] if done.is_file() else 0
+
+    def look() -> tuple[float | None, int, bool]:
+        kl = float(json.loads(record.read_text())["kl"]) if record.is_file() else None
+        return kl, json.loads(done.read_text())["steps"] if done.is_file() else 0, done.is_file()
+
+    # the main rank's look, for every rank (another node may see the files a moment later: ranks must not part)
+    recorded, done_steps, was_done = D.broadcast_object(look() if D.is_main() else None)
+    if recorded is not None:
+        return recorded
     if done_steps > steps:
         raise ConfigError("select.halving_first_tokens", cfg.select.halving_first_tokens,
                           f"{d} trained past this run's {steps}-step round ({done_steps} steps) and holds no score of "
                           f"it ({record.name}): its rounds were other lengths (another halving_first_tokens, or an "
                           "older ds-hybrid). Set it back, or rerun with --force to set the old probes aside")
     if done_steps < steps:
-        run_probe(cfg, d, layer, s, force=done.is_file(), data_tokens=data_tokens)
-    kl = probe_score(d, "heldout", cfg.select.window)
+        run_probe(cfg, d, layer, s, force=was_done, data_tokens=data_tokens)
+    kl = D.broadcast_object(probe_score(d, "heldout", cfg.select.window) if D.is_main() else None)
     if D.is_main():
         atomic_write_text(record, json.dumps({"steps": steps, "kl": kl}))
     D.barrier()
@@ -271,19 +303,38 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
 def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int) -> dict[int, float]:
     """Wait for the other tasks' records of this round (halving across tasks runs them all at once)."""
     records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
-    deadline = time.monotonic() + 60 * cfg.dist_timeout_minutes
+    wait = 60 * cfg.dist_timeout_minutes
+    deadline = time.monotonic() + wait
     missing = [l for l, f in records.items() if not f.is_file()]
     if missing:
         log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
+    seen = _latest_write(out, missing)
     while missing:
+        now = _latest_write(out, missing)
+        if now > seen:  # a probe still at work (its metrics, checkpoints): a long round is not a dead task
+            seen, deadline = now, time.monotonic() + wait
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"halving split over several tasks: probes {missing} of the {steps}-step round did not finish "
-                f"within dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
+                f"halving split over several tasks: probes {missing} of the {steps}-step round wrote nothing for "
+                f"dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
                 "at the same time (rounds depend on each other); rerun the missing tasks, or run halving as one task")
         time.sleep(2.0)
         missing = [l for l, f in records.items() if not f.is_file()]
     return {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+
+
+def _latest_write(out: Path, layers: list[int]) -> float:
+    """The newest modification time of anything in these probes' folders (0 when none exist yet)."""
+    newest = 0.0
+    for l in layers:
+        d = out / "probes" / probe_name(l)
+        if d.is_dir():
+            for p in d.rglob("*"):
+                try:
+                    newest = max(newest, p.stat().st_mtime)
+                except OSError:  # removed meanwhile (a checkpoint pruned)
+                    pass
+    return newest
 
 
 def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
@@ -295,8 +346,8 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     first_steps = max(1, min(first // step_tokens, stage_steps(s)))  # (never past the longest probe)
     # rounds are kept by their step counts: the first round's length decides which those are
     ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
-             "first_round_steps": first_steps} if D.is_main() else {}
-    claim_probes(out, ident, force)
+             "first_round_steps": first_steps, "data_tokens": stage_steps(s) * step_tokens} if D.is_main() else {}
+    claim_probes(out, ident, force, inherited_names(cfg))
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,

@@ -61,7 +61,8 @@ from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_lin
 from ds_hybrid.modeling.families import check_context, teacher_layer_types
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
-from ds_hybrid.selection import folder_identity, kendall_tau, make_selection, read_selection, write_selection
+from ds_hybrid.selection import (recorded_vs_now, folder_identity, kendall_tau, make_selection, read_selection,
+                                 write_selection)
 from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
@@ -118,13 +119,16 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     sel_dir = out / f"score_{sc.score}" if sc.score != "heldout" else out
     sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
     target = sel_dir / "selection.json"
-    if target.is_file() and not force:  # kept; what changed since is said (a benign kl.lr change must not block a
-        try:                             # pipeline's later steps: --force makes it again)
-            made = json.loads(target.read_text()).get("settings")
-        except ValueError:
-            made = None
+    # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
+    existing = D.broadcast_object(_existing_selection(target, cfg) if D.is_main() else None)
+    if existing is not None and not force:  # kept; what changed since is said (a benign kl.lr change must not block
+        made, stale_align = existing        # a pipeline's later steps: --force makes it again)
         now = selection_settings(cfg)
-        if made == now:
+        if stale_align:
+            log.warning("selection %s exists, computed from an align export that has changed since (%s): kept, and "
+                        "stage kl will refuse it; rerun stage select with --force to rank this align export's layers",
+                        target, stale_align)
+        elif made == now:
             log.info("selection %s exists, from these settings; nothing to do", target)
         elif made is None:
             log.warning("selection %s exists (made by an older ds-hybrid, which did not record its settings): kept; "
@@ -259,6 +263,25 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
                  chosen, selection.get("tokens_spent"))
     D.barrier()
     return target
+
+
+def _existing_selection(target: Path, cfg: RunConfig) -> tuple[dict | None, str | None] | None:
+    """None where ``target`` is not there; else (its recorded settings or None, and, where the align export it was
+    computed from has since changed, what changed)."""
+    if not target.is_file():
+        return None
+    try:
+        sel = json.loads(target.read_text())
+    except ValueError:
+        return None, None
+    align = cfg.stage_dir("align") / "hf"
+    rec = sel.get("align") or {}
+    stale = None
+    if rec and (align / "config.json").is_file():
+        want, have = recorded_vs_now(rec, align)
+        if want is not None and want != have:
+            stale = f"{want} -> {have}"
+    return sel.get("settings"), stale
 
 
 def selection_settings(cfg: RunConfig) -> dict[str, Any]:

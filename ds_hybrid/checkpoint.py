@@ -44,6 +44,14 @@ EXIT_CHECKPOINT = 4
 SPACE_MARGIN = 1.05  # a checkpoint is about the size of the last one; keep 5 % slack
 
 
+def _marker_problem(path: Path) -> str | None:
+    try:
+        json.loads((path / MARKER).read_text())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MARKER} marker ({type(e).__name__})"
+    return None
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint to resume from, or a save that could not be written (the message says what to do)."""
 
@@ -158,17 +166,18 @@ class Checkpointer:
                 if TAG_RE.match(p.name) and not (p / MARKER).is_file():
                     shutil.rmtree(p, ignore_errors=True)
         D.barrier()
-        tags = self.complete_tags()
+        # the tags and their markers as the main rank reads them, for every rank: ranks that saw different ones (a
+        # directory listing cached on another node, a read error on one) would part in the collectives below
+        tags = D.broadcast_object(self.complete_tags() if D.is_main() else None)
         if not tags:
             return None
         damaged: list[tuple[Path, list[str]]] = []
         found = None
         for step, path in reversed(tags):
             problems = verify_manifest(path) if self.verify else []
-            try:
-                json.loads((path / MARKER).read_text())["world_size"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                problems = [f"unreadable {MARKER} marker ({type(e).__name__})", *problems]
+            marker = D.broadcast_object(_marker_problem(path) if D.is_main() else None)
+            if marker:
+                problems = [marker, *problems]
             if not problems:
                 found = (step, path)
                 break
@@ -186,7 +195,7 @@ class Checkpointer:
         if damaged and D.is_main():
             self._set_aside([p for p, _ in damaged])
         D.barrier()
-        info = json.loads((path / MARKER).read_text())
+        info = D.broadcast_object(json.loads((path / MARKER).read_text()) if D.is_main() else None)
         if info["world_size"] != D.world_size():
             raise RuntimeError(
                 f"checkpoint {path} was written by {info['world_size']} ranks, this job has {D.world_size()}; "

@@ -501,6 +501,11 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
                 raise ConfigError(f"{stage}.{f}", str(p),
                                   f"remove the '{key}' section: ds-hybrid builds the optimizer (two learning rates) "
                                   f"and the schedule from the run config's {stage} section")
+        if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("writer") is not None:
+            raise ConfigError(f"{stage}.{f}", str(p),
+                              "remove checkpoint.writer: ds-hybrid hashes a checkpoint's files and vouches for them "
+                              "(COMPLETE, then older ones pruned) as soon as save_checkpoint returns, and a "
+                              "decoupled or fast writer may still be writing them then")
     if s.init_from is not None and s.init_from != "teacher" and not Path(s.init_from).expanduser().is_dir():
         raise ConfigError(f"{stage}.init_from", s.init_from,
                           "no such folder; point at a stage's hf/ export (or 'teacher' for stage 0 without align)")

@@ -8,7 +8,8 @@ The files are hashed in parallel, each by the rank that wrote it (``owner``): De
 (``zero_pp_rank_<r>_...``) and our RNG states (``rng_rank<r>.pt``) by rank r, the rest (rank 0 writes those) by rank 0.
 So a rank reads back what is still in its own node's page cache, and it fsyncs its own writes: on a shared file system
 an fsync flushes only the calling node's cached data, so another node's fsync would not vouch for them. At a resume
-each rank checks the shards it is about to load (its page cache then serves the load).
+each rank checks its own shards (the optimizer's, and ZeRO-3's parameters), which it then loads; the files every
+rank loads (ZeRO 0-2's model states) are checked by rank 0.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def checkpoint_files(ckpt: Path) -> list[str]:
 
 
 _RANKED = re.compile(r"(?:^|_)(?:zero_pp_rank_|rng_rank)(\d+)(?:_|\.pt$)")
+_RANK_DIR = re.compile(r"^rank(\d+)$")  # DeepSpeed's NVMe-offloaded tensors: offloaded_tensors/rank<NN>/...
 
 
 def owner(rel: str, world_size: int) -> int:
-    """The rank that wrote (and so hashes and fsyncs) a checkpoint file: the rank in its name where it has one,
-    else 0 (modulo ``world_size``, for a checkpoint checked by fewer ranks than wrote it)."""
-    m = _RANKED.search(Path(rel).name)
+    """The rank that wrote (and so hashes and fsyncs) a checkpoint file: the rank in its name (or in a ``rank<N>``
+    folder of its path) where it has one, else 0 (modulo ``world_size``, for a checkpoint checked by fewer ranks
+    than wrote it)."""
+    p = Path(rel)
+    m = _RANKED.search(p.name) or next((d for d in map(_RANK_DIR.match, p.parent.parts) if d), None)
     return int(m.group(1)) % world_size if m else 0
 
 
@@ -60,41 +64,62 @@ def write_manifest(ckpt: Path) -> dict:
     the manifest (temp file + rename). A rank's share is the files it wrote (``owner``), so its fsync flushes its
     own node's cache."""
     ckpt = Path(ckpt)
-    files = D.broadcast_object(checkpoint_files(ckpt) if D.is_main() else None)
-    mine = {}
-    for rel in _my_share(files):
-        fsync_file(ckpt / rel)
-        mine[rel] = {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)}
-    for folder in sorted({(ckpt / rel).parent for rel in _my_share(files)}):
-        fsync_dir(folder)
-    if D.is_main():
-        fsync_dir(ckpt.parent)  # the checkpoint folder's own entry
+    # each rank lists the folder itself and takes the files it owns: a listing from another node (NFS caches
+    # directories for up to a minute) could miss this rank's shards, which would then go unhashed and unvouched
+    mine: dict[str, dict] = {}
+    error = None
+    try:  # (an error here is gathered, so that every rank raises it instead of the others waiting for this one)
+        files = _my_share(checkpoint_files(ckpt))
+        for rel in files:
+            fsync_file(ckpt / rel)
+            mine[rel] = {"size": (ckpt / rel).stat().st_size, "sha256": file_digest(ckpt / rel)}
+        for folder in sorted({(ckpt / rel).parent for rel in files}):
+            fsync_dir(folder)
+        if D.is_main():
+            fsync_dir(ckpt.parent)  # the checkpoint folder's own entry
+    except OSError as e:
+        error = f"rank {D.rank()}: {type(e).__name__}: {e}"
     entries: dict[str, dict] = {}
-    for part in D.all_gather(mine):
+    errors = []
+    for part, err in D.all_gather((mine, error)):
         entries.update(part)
+        errors += [err] if err else []
+    if errors:
+        raise OSError(f"checkpoint {ckpt}: its files could not be read back and forced to disk ({'; '.join(errors)})")
     manifest = {"files": dict(sorted(entries.items())), "bytes": sum(e["size"] for e in entries.values())}
     if D.is_main():
         atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def verify_manifest(ckpt: Path) -> list[str]:
-    """What is wrong with the checkpoint, as sentences naming the file ([] = every listed file intact)."""
-    ckpt = Path(ckpt)
-    path = ckpt / MANIFEST
+def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
     if not path.is_file():
-        return [f"{path} is missing (no file list to check the checkpoint against)"]
+        return None, f"{path} is missing (no file list to check the checkpoint against)"
     try:
-        files = json.loads(path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return [f"{path} is unreadable ({e})"]
+        return json.loads(path.read_text())["files"], None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__}: {e})"
+
+
+def verify_manifest(ckpt: Path) -> list[str]:
+    """What is wrong with the checkpoint, as sentences naming the file ([] = every listed file intact). Every rank
+    returns the same list: the manifest is the main rank's reading, and each rank's check of its own files is
+    gathered (a file it cannot read is a problem named, never an exception that would leave the others waiting)."""
+    ckpt = Path(ckpt)
+    files, problem = D.broadcast_object(_read_manifest(ckpt / MANIFEST) if D.is_main() else None)
+    if files is None:
+        return [problem]
     problems = []
     for rel in _my_share(sorted(files)):
         want, p = files[rel], ckpt / rel
-        if not p.is_file():
-            problems.append(f"{p} is missing")
-        elif p.stat().st_size != want["size"]:
-            problems.append(f"{p} is {p.stat().st_size} bytes, the manifest says {want['size']} (truncated or overwritten)")
-        elif file_digest(p) != want["sha256"]:
-            problems.append(f"{p} has the right size but not the recorded SHA-256 (corrupted)")
+        try:
+            if not p.is_file():
+                problems.append(f"{p} is missing")
+            elif p.stat().st_size != want["size"]:
+                problems.append(f"{p} is {p.stat().st_size} bytes, the manifest says {want['size']} (truncated or "
+                                "overwritten)")
+            elif file_digest(p) != want["sha256"]:
+                problems.append(f"{p} has the right size but not the recorded SHA-256 (corrupted)")
+        except OSError as e:
+            problems.append(f"{p} could not be read on rank {D.rank()} ({type(e).__name__}: {e})")
     return sorted(x for part in D.all_gather(problems) for x in part)

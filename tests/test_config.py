@@ -97,6 +97,9 @@ def test_missing_and_bad_deepspeed_files(tmp_path):
     cfg = load_config(None, [f"kl.ds_config={bad}"])
     with pytest.raises(ConfigError, match=r"kl\.ds_config.*remove the 'optimizer' section"):
         validate_for_launch(cfg, "kl", 1)
+    bad.write_text(json.dumps({"checkpoint": {"writer": {"type": "fast"}}}))  # files still written after save returns
+    with pytest.raises(ConfigError, match=r"kl\.ds_config.*remove checkpoint\.writer"):
+        validate_for_launch(cfg, "kl", 1)
     cfg = load_config(None, [f"kl.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match=r"^kl\.init_from=.*no such folder"):
         validate_for_launch(cfg, "kl", 1)

@@ -102,6 +102,28 @@ def test_each_checkpoint_file_is_hashed_and_fsynced_by_the_rank_that_wrote_it(mo
     assert sorted(shares[0] + shares[1]) == sorted(files)  # rank 12 of a larger world: modulo 2 -> 0
     assert [manifest.owner(f, 16) for f in files] == [1, 1, 0, 12, 0, 0, 1, 0, 12, 0]
     assert {manifest.owner(f, 1) for f in files} == {0}
+    assert manifest.owner("student/offloaded_tensors/rank3/param_7.tensor.swp", 4) == 3  # NVMe offload's folders
+
+
+def test_a_file_that_cannot_be_read_back_is_a_problem_named_not_an_exception(tmp_path, monkeypatch, caplog):
+    """An I/O error while checking one file (ESTALE, EIO on one node) is reported as damage, so every rank reaches
+    the gather with its findings instead of one rank raising while the others wait; the resume falls back."""
+    import ds_hybrid.manifest as manifest
+
+    ck = two_checkpoints(tmp_path)
+    real = manifest.file_digest
+
+    def flaky(p):
+        if "step00000004" in str(p) and p.name == "optim_states.pt":
+            raise OSError(5, "Input/output error")
+        return real(p)
+
+    monkeypatch.setattr(manifest, "file_digest", flaky)
+    problems = manifest.verify_manifest(ck.latest()[1])
+    assert len(problems) == 1 and "optim_states.pt could not be read on rank 0 (OSError" in problems[0]
+    eng = FakeEngine()
+    with caplog.at_level("WARNING", logger="ds_hybrid"):
+        assert ck.load({"student": eng}) == {"step": 2} and eng.loaded == 2
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_file", "missing_manifest"])

@@ -86,7 +86,7 @@ def source_files(source: str | list[str], field: str = "data.source") -> list[Pa
             raise ConfigError(field, item, "no such file or folder (give local files/folders, 'embedded', or a hub dataset name)")
     resolved: dict[Path, Path] = {}
     for f in files:
-        r = f.resolve()
+        r = Path(os.path.abspath(f))  # (not resolve(): a hub snapshot's files are links, two of them to one blob)
         if r in resolved:
             raise ConfigError(field, source, f"names {f} twice (as {resolved[r]} too): a folder and a file in it, or "
                               "one file twice; name each file once")

@@ -154,11 +154,12 @@ def test_select_rows_longer_than_the_teachers_context_are_refused_before_any_mod
     monkeypatch.setattr(select.D, "init_distributed", lambda *a, **k: None)
     teacher = make_tiny_teacher(tmp_path / "t")  # 1024 positions
     cases = {"select.retrieval_seq_len=2048": ["select.method=retrieval", "select.retrieval_seq_len=2048"],
-             "select.probe.seq_len=4096": ["select.method=proxy", "select.probe={seq_len: 4096, tokens: 65536}"]}
+             "select.probe.seq_len=4096": ["select.method=proxy", "select.probe={seq_len: 4096, tokens: 65536}"],
+             "select.ar_pairs=400": ["select.method=ar", "select.ar_pairs=400"]}  # ~2,900 tokens a prompt
     for field, overrides in cases.items():
         cfg = load_config(None, [f"teacher={teacher}", f"out_dir={tmp_path / 'out'}", *overrides])
-        with pytest.raises(ConfigError, match=rf"^{field.replace('.', '[.]')}: longer than the teacher's context "
-                                              rf"\(1024 tokens"):
+        with pytest.raises(ConfigError, match=rf"^{field.replace('.', '[.]')}: (makes prompts of up to \d+ tokens, )?"
+                                              rf"longer than the teacher's context \(1024"):
             select.run_select(cfg)
     assert not (tmp_path / "out").exists()
 

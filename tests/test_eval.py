@@ -367,6 +367,11 @@ def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch
     res = json.loads((out / "eval.json").read_text())
     assert res["complete"] is False and set(res["scores"]) == {"first"} and res["prompts"]["first"]["niah_single_1"]
     assert (out / "samples_first.jsonl").is_file() and "partial: 1 of 2 models" in (out / "eval.md").read_text()
+    from ds_hybrid.evaluation import merge  # merged as it is, said to be partial, its prompts' fill carried
+
+    merged = merge.merge([str(out)])
+    assert merged["partial_sources"] == [str(out / "eval.json")] and set(merged["scores"]) == {"first"}
+    assert merged["ruler_fill"] == res["ruler_fill"] and res["ruler_fill"]["first"]["niah_single_1"]["1024"] > 0.5
 
 
 def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loads(tiny, monkeypatch, capsys):
@@ -398,8 +403,8 @@ def test_bad_tasks_names_and_haystacks_are_refused_before_a_model_loads(tiny, tm
          r"--haystack='.*hay\.jsonl': not a plain-text file"),
         (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "short.txt"), "--lengths", "8192",
           "--max-length", "8192"],
-         r"--haystack='.*short\.txt': holds \d+ tokens \(2400 words\) with tiny's tokenizer, fewer than the longest of "
-         r"--lengths \(8192\)"),
+         r"--haystack='.*short\.txt': holds \d+ tokens \(2400 words\) with tiny's tokenizer, fewer than the 8064 the "
+         r"longest of --lengths needs"),
     ]
     (tmp_path / "hay.jsonl").write_text(json.dumps({"text": "x " * 3000}) + "\n")
     (tmp_path / "short.txt").write_text("Words. " * 2400)  # the 2,000 words a haystack needs, ~4,800 tokens

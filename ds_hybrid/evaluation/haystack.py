@@ -65,8 +65,9 @@ def haystack_words(source: str | list[str] | None = None) -> list[str]:
 
 def check_haystack_tokens(words: list[str], tokenizer, need: int, source: str | list[str] | None, model: str,
                           chunk: int = 20_000) -> int:
-    """Refuse a haystack of fewer than ``need`` tokens with ``tokenizer``: lm-eval's essay generator stops growing
-    a prompt where the haystack ends, and its score would be filed under a length the prompt never reached.
+    """Refuse a haystack of fewer than ``need`` tokens with ``tokenizer`` (the caller passes the longest length less
+    RULER's 128 generated tokens): lm-eval's essay generator stops growing a prompt where the haystack ends, and its
+    score would be filed under a length the prompt never reached.
     Returns the tokens counted (tokenized a chunk of words at a time, only until ``need`` is reached)."""
     n = 0
     for i in range(0, len(words), chunk):
@@ -74,7 +75,7 @@ def check_haystack_tokens(words: list[str], tokenizer, need: int, source: str | 
         if n >= need:
             return n
     raise ConfigError("--haystack", source or "embedded", f"holds {n} tokens ({len(words)} words) with {model}'s "
-                      f"tokenizer, fewer than the longest of --lengths ({need}): the essay prompts would stop short "
+                      f"tokenizer, fewer than the {need} the longest of --lengths needs: the essay prompts would stop short "
                       "of the length their scores are filed under; give more prose, or drop the longer lengths")
 
 

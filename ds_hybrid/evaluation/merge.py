@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from ds_hybrid.errors import ConfigError, out_folder
 from ds_hybrid.evaluation import recall, report
+
+log = logging.getLogger("ds_hybrid")
 
 
 def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
@@ -121,7 +124,8 @@ def _check_prompts(digests: dict, model: str, tokenizer: str | None, per_task: d
 
 
 def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]:
-    """The merged payload (same keys as eval.json, plus 'sources')."""
+    """The merged payload (eval.json's keys, less ``complete``; plus ``sources``, and ``partial_sources`` where an
+    input was a partial evaluation)."""
     if not items:
         raise ConfigError("eval-merge", items, "give at least one eval output folder or eval.json")
     scores: dict = {}
@@ -141,9 +145,18 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     all_digests: dict = {}
     differ: list = []
     heldout = None
+    fill: dict = {}
+    partial: list[str] = []
     for item in items:
         renames, src, p = _load(item)
         name = lambda m: renames.get(m, m)  # noqa: E731
+        if p.get("complete") is False:  # a run that died after some of its models: theirs are whole, kept
+            partial.append(str(src))
+            log.warning("%s is a partial evaluation (its run stopped after %s): those models' scores are merged",
+                        src, ", ".join(p["scores"]) or "no model")
+        for m, per_task in (p.get("ruler_fill") or {}).items():
+            for task, row in per_task.items():
+                fill.setdefault(name(m), {}).setdefault(task, {}).update(row)
         for m in p["scores"]:
             samples = None
             d = (p.get("prompt_digests") or {}).get(m)
@@ -199,7 +212,9 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
            "prompt_digests": all_digests, "heldout_quality": quality, "heldout": heldout[0] if heldout else None,
-           "truncated_prompts": truncated}
+           "truncated_prompts": truncated, "ruler_fill": fill}
+    if partial:
+        out["partial_sources"] = partial
     if differ:
         out["prompts_differ"] = differ
     return out

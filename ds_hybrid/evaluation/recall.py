@@ -310,7 +310,8 @@ def samples_from(results: dict) -> list[dict]:
             metrics = {k: v for k, v in s.items() if isinstance(v, (int, float)) and k not in ("doc_id",)}
             rec = {"task": task, "id": doc.get("id", s.get("doc_id")), "length": doc.get("max_length"),
                    "gold": gold, "generation": gen, "score": metrics,
-                   "doc_sha": _digest(json.dumps(doc, sort_keys=True, default=str))}
+                   "doc_sha": _digest(json.dumps(doc, sort_keys=True, default=str)
+                                      + TARGET_DELIMITERS.get(task, ""))}  # (cwe's prompts: their delimiter too)
             if isinstance(doc.get("length"), int):  # RULER's size of the prompt: its tokens + the generation's
                 rec["ruler_length"] = doc["length"]
             if rec["length"] is not None:

@@ -19,6 +19,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.folders import atomic_write_text
 
 log = logging.getLogger("ds_hybrid")
+ESSAY_GEN_TOKENS = 128  # what RULER's essay prompts leave of a length for the answer
 SHORT_FILL = 0.9  # RULER prompts filling less of their length than this, on average, are warned of
 
 
@@ -42,16 +43,12 @@ def positive_ints(text: str, field: str) -> list[int]:
 
 
 def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, str]:
-    """Every count positive, every model name usable in a file name, and every model an HF folder ('embedded' and
-    'gemma3-270m' resolved), before the first model is loaded: {name: its local folder}."""
+    """Every count positive and every model an HF folder ('embedded' and 'gemma3-270m' resolved), before the first
+    model is loaded: {name: its local folder}."""
     for name in ("limit", "max_length", "heldout_sequences", "heldout_seq_len", "batch_size", "decode_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", v, "must be a positive integer")
-    for name in models:
-        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
-            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
-                              "letters, digits and _ . + = - (name=path)")
     return {name: model_folder(path, "--teacher" if name == "teacher" else "--model") for name, path in models.items()}
 
 
@@ -76,7 +73,7 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
     """['name=path', 'path', ...] (+ the teacher) -> {name: path or 'embedded'}."""
     out: dict[str, str] = {}
     for m in model_args:
-        name, path = m.split("=", 1) if "=" in m and not Path(m).exists() else (Path(m).name or m, m)
+        name, path = m.split("=", 1) if "=" in m and not Path(m).exists() else (Path(m).resolve().name or m, m)
         if name in out:
             name = f"{name}_{len(out)}"
         out[name] = path
@@ -120,6 +117,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     models = parse_models(args.model, args.teacher)
+    for name in models:
+        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
+            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
+                              "letters, digits and _ . + = - (name=path)")
     folders = check_args(args, models)
     ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
     for name, folder in folders.items():  # before any model is loaded
@@ -142,7 +143,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
     if haystack is not None and lengths:  # still before any model: each model's tokenizer sizes its prompts
         for name, folder in folders.items():
-            check_haystack_tokens(haystack, AutoTokenizer.from_pretrained(folder), max(lengths), args.haystack, name)
+            check_haystack_tokens(haystack, AutoTokenizer.from_pretrained(folder), max(lengths) - ESSAY_GEN_TOKENS,
+                                  args.haystack, name)
     out_dir = Path(args.out)
     scores, quality, info, truncated, counts, strict, digests, fill = {}, {}, {}, {}, {}, {}, {}, {}
 

@@ -58,7 +58,7 @@ from ds_hybrid.config import RunConfig
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_linear, k_for_ratio, keep_global_layers,
                               keep_global_ranking, selection_top_k, smart_layers, uniform_layers, uniform_ranking)
-from ds_hybrid.modeling.families import check_context, teacher_layer_types
+from ds_hybrid.modeling.families import check_context, teacher_layer_types, trained_context
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (recorded_vs_now, folder_identity, kendall_tau, make_selection, read_selection,
@@ -149,6 +149,17 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
         check_context("select.retrieval_seq_len", sc.retrieval_seq_len, teacher_config)
     elif sc.method in ("ga_s2", "halving", "proxy", "ppl"):
         check_context("select.probe.seq_len", probe_stage_config(cfg, Path()).seq_len, teacher_config)
+    elif sc.method in ("ar", "ar_multihop"):  # the longest prompt of the ones the scorer will make
+        from ds_hybrid.recall_tasks import make_prompts
+
+        longest = max(len(tokenizer(p.text + p.answer, add_special_tokens=False)["input_ids"])
+                      for p in make_prompts(sc.ar_prompts, seed=sc.ar_seed, pairs=sc.ar_pairs,
+                                            multihop=sc.method == "ar_multihop"))
+        context = trained_context(teacher_config)
+        if context and longest > context:
+            raise ConfigError("select.ar_pairs", sc.ar_pairs, f"makes prompts of up to {longest} tokens, longer than "
+                              f"the teacher's context ({context}): use fewer pairs (about "
+                              f"{max(3, sc.ar_pairs * context // longest)})")
     ks = requested_ks(cfg, L)
     if any(k > L for k in sc.ks):
         raise ConfigError("select.ks", sc.ks, f"the teacher has {L} layers: K values lie in 0..{L}")

@@ -428,6 +428,9 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     (out / "probes" / "layer_000" / "kl").mkdir(parents=True)
     (out / "probes" / "layer_000" / "kl" / "DONE").write_text("{}")
     claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)  # the same: reused
+    from ds_hybrid.stages.probes import still_claimed
+
+    still_claimed(out, ident)  # a task checks before each probe that the folder still holds its settings
     other = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, lr: 5e-4}"])
     with pytest.raises(ConfigError, match=r"^select\.probe\.lr=0\.0005: .* other settings \(select\.probe\.lr: 0\.0001 -> 0\.0005\).*--force"):
         claim_probes(out, probe_identity(other, probe_stage_config(other, align), align), force=False)
@@ -445,6 +448,9 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     assert (out / "probes" / "layer_000" / "kl" / "DONE").is_file()  # refusing touched nothing
     new = probe_identity(cfg, probe_stage_config(cfg, align), align)
     claim_probes(out, new, force=True)
+    with pytest.raises(ConfigError, match=r"no longer holds the settings this task started from"):
+        still_claimed(out, ident)  # an older task, still running, stops instead of mixing its probes in
+    still_claimed(out, new)
     aside = list((out / "previous").glob("*/probes/layer_000/kl/DONE"))
     assert len(aside) == 1 and not (out / "probes" / "layer_000").exists()
     assert json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(new, sort_keys=True))

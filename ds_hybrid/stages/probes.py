@@ -121,6 +121,22 @@ def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] |
     D.barrier()
 
 
+def still_claimed(out: Path, identity: dict) -> None:
+    """Before each probe: stop if the probes folder now holds another run's settings (a --force run of other
+    settings set this task's probes aside since it started), instead of mixing probes of two settings."""
+    key = out / "probes" / PROBES_KEY
+    ours = None
+    if D.is_main():
+        try:
+            ours = json.loads(key.read_text()) == json.loads(json.dumps(identity, sort_keys=True))
+        except (OSError, ValueError):
+            ours = False
+    if not D.broadcast_object(ours):
+        raise ConfigError("select", str(out / "probes"), f"{key} no longer holds the settings this task started "
+                          "from (another run claimed the folder, e.g. with --force, since): this task stops; rerun "
+                          "it with the settings now in use")
+
+
 def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, names: dict[str, str]) -> tuple | None:
     """:func:`claim_probes` on the main rank, under the lock: the refusal (field, value, message), or None."""
     refusal = None
@@ -234,7 +250,8 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
           force: bool = False) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     # the identity reads samples of every tensor of the align export: on the main rank only
-    claim_probes(out, probe_identity(cfg, s, align_dir) if D.is_main() else {}, force, inherited_names(cfg))
+    ident = probe_identity(cfg, s, align_dir) if D.is_main() else {}
+    claim_probes(out, ident, force, inherited_names(cfg))
     idx, n = task_slot(cfg)
     items: list[int | None] = [None, *range(num_layers)]
     for i, layer in enumerate(items):
@@ -246,6 +263,7 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
         if D.broadcast_object((d / "kl" / "DONE").is_file() if D.is_main() else None):
             log.info("probe %s already done", probe_name(layer))
             continue
+        still_claimed(out, ident)
         log.info("probe %s (%d/%d)", probe_name(layer), i + 1, len(items))
         run_probe(cfg, d, layer, s)
 
@@ -374,6 +392,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
         mine = [l for i, l in enumerate(alive) if i % n == idx]  # across tasks: this task's share of the round
         for layer in mine:
             d = out / "probes" / probe_name(layer)
+            still_claimed(out, ident)
             round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps, stage_steps(s) * step_tokens)
         round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps))
         round_scores = {l: round_scores[l] for l in alive}

@@ -168,14 +168,14 @@ class Checkpointer:
         D.barrier()
         # the tags and their markers as the main rank reads them, for every rank: ranks that saw different ones (a
         # directory listing cached on another node, a read error on one) would part in the collectives below
-        tags = D.broadcast_object(self.complete_tags() if D.is_main() else None)
+        tags = D.main_reads(self.complete_tags)
         if not tags:
             return None
         damaged: list[tuple[Path, list[str]]] = []
         found = None
         for step, path in reversed(tags):
             problems = verify_manifest(path) if self.verify else []
-            marker = D.broadcast_object(_marker_problem(path) if D.is_main() else None)
+            marker = D.main_reads(lambda: _marker_problem(path))
             if marker:
                 problems = [marker, *problems]
             if not problems:
@@ -195,7 +195,7 @@ class Checkpointer:
         if damaged and D.is_main():
             self._set_aside([p for p, _ in damaged])
         D.barrier()
-        info = D.broadcast_object(json.loads((path / MARKER).read_text()) if D.is_main() else None)
+        info = D.main_reads(lambda: json.loads((path / MARKER).read_text()))
         if info["world_size"] != D.world_size():
             raise RuntimeError(
                 f"checkpoint {path} was written by {info['world_size']} ranks, this job has {D.world_size()}; "

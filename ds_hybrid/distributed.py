@@ -129,6 +129,12 @@ def broadcast_object(obj):
     return box[0]
 
 
+def main_reads(read):
+    """``read()`` run on the main rank only, its result on every rank: what the ranks decide on together (a marker
+    seen, a file's contents) must not differ where another node sees the file system a moment later."""
+    return broadcast_object(read() if is_main() else None)
+
+
 def all_gather(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not (dist.is_initialized() and world_size() > 1):

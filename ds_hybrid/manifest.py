@@ -106,7 +106,7 @@ def verify_manifest(ckpt: Path) -> list[str]:
     returns the same list: the manifest is the main rank's reading, and each rank's check of its own files is
     gathered (a file it cannot read is a problem named, never an exception that would leave the others waiting)."""
     ckpt = Path(ckpt)
-    files, problem = D.broadcast_object(_read_manifest(ckpt / MANIFEST) if D.is_main() else None)
+    files, problem = D.main_reads(lambda: _read_manifest(ckpt / MANIFEST))
     if files is None:
         return [problem]
     problems = []

@@ -260,7 +260,7 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
         d = out / "probes" / probe_name(layer)
         # what is done is the main rank's word, for every rank: on a shared file system another node may see a
         # DONE marker a moment later, and ranks that parted here would wait in different collectives
-        if D.broadcast_object((d / "kl" / "DONE").is_file() if D.is_main() else None):
+        if D.main_reads(lambda: (d / "kl" / "DONE").is_file()):
             log.info("probe %s already done", probe_name(layer))
             continue
         still_claimed(out, ident)
@@ -275,7 +275,7 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
                     for l in range(num_layers)}, probe_score(out / "probes" / BASELINE, cfg.select.score,
                                                              cfg.select.window)
 
-    missing, scores, baseline = D.broadcast_object(read_scores() if D.is_main() else None)
+    missing, scores, baseline = D.main_reads(read_scores)
     if missing:
         return {}, {"missing": missing}
     tokens = len(items) * stage_steps(s) * s.global_batch * s.seq_len
@@ -301,7 +301,7 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
         return kl, json.loads(done.read_text())["steps"] if done.is_file() else 0, done.is_file()
 
     # the main rank's look, for every rank (another node may see the files a moment later: ranks must not part)
-    recorded, done_steps, was_done = D.broadcast_object(look() if D.is_main() else None)
+    recorded, done_steps, was_done = D.main_reads(look)
     if recorded is not None:
         return recorded
     if done_steps > steps:
@@ -311,7 +311,7 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
                           "older ds-hybrid). Set it back, or rerun with --force to set the old probes aside")
     if done_steps < steps:
         run_probe(cfg, d, layer, s, force=was_done, data_tokens=data_tokens)
-    kl = D.broadcast_object(probe_score(d, "heldout", cfg.select.window) if D.is_main() else None)
+    kl = D.main_reads(lambda: probe_score(d, "heldout", cfg.select.window))
     if D.is_main():
         atomic_write_text(record, json.dumps({"steps": steps, "kl": kl}))
     D.barrier()

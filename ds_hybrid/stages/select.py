@@ -120,7 +120,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
     target = sel_dir / "selection.json"
     # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
-    existing = D.broadcast_object(_existing_selection(target, cfg) if D.is_main() else None)
+    existing = D.main_reads(lambda: _existing_selection(target, cfg))
     if existing is not None and not force:  # kept; what changed since is said (a benign kl.lr change must not block
         made, stale_align = existing        # a pipeline's later steps: --force makes it again)
         now = selection_settings(cfg)
@@ -139,7 +139,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
                         "again (its probes are reused only where their own settings are unchanged)", target,
                         ", ".join(changed))
         return target
-    teacher_path = D.broadcast_object(resolve_teacher(cfg.teacher) if D.is_main() else None)
+    teacher_path = D.main_reads(lambda: resolve_teacher(cfg.teacher))
     teacher_config = load_teacher_config(teacher_path)
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)

@@ -34,6 +34,26 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+@torch.no_grad()
+def copy_into_partitions(dst: nn.Module, src: nn.Module) -> None:
+    """Every parameter and buffer of the whole module ``src`` into ``dst``, a module of the same structure that may
+    be ZeRO-3 partitioned (rank 0's values are scattered; buffers, never partitioned, are copied on every rank)."""
+    params = dict(dst.named_parameters())
+    whole = dict(src.named_parameters())
+    if params.keys() != whole.keys():
+        raise ValueError(f"copy_into_partitions: parameters differ: {sorted(params.keys() ^ whole.keys())}")
+    with gathered(params.values(), modifier_rank=0):
+        if any(is_partitioned(p) for p in params.values()) and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            pass  # rank 0's copy is broadcast when the block ends
+        else:
+            for name, p in params.items():
+                p.copy_(whole[name].to(p.dtype))
+    bufs = dict(src.named_buffers())
+    for name, b in dst.named_buffers():
+        b.copy_(bufs[name].to(b.dtype))
+
+
 def full_shape(p: torch.Tensor) -> torch.Size:
     return p.ds_shape if is_partitioned(p) else p.shape
 

@@ -28,7 +28,7 @@ from ds_hybrid.stages.base import HeldOut, Stage, build_teacher_engine, init_mix
 from ds_hybrid.stages.common import (compile_blocks, compile_options, count_params, grad_norm_before_step,
                                      matmul_params, student_engine, wants_compile, zero_stage)
 from ds_hybrid.teacher import teacher_generation_config
-from ds_hybrid.zero import zero3_init
+from ds_hybrid.zero import copy_into_partitions, zero3_init
 from ds_hybrid.transfer import hybrid_config
 
 log = logging.getLogger("ds_hybrid")
@@ -65,18 +65,34 @@ class AlignStage(Stage):
         tc = ctx.teacher_config
         self.hf_config = hybrid_config(tc, [], ctx.cfg.mixer, ctx.cfg.mixer_options)
         self.teacher = build_teacher_engine(ctx)
-        torch.manual_seed(ctx.cfg.seed)  # identical fresh gates/decays on every rank
         options = self.hf_config.options
         ds = ctx.ds_config()
-        with zero3_init(ds, ctx.dtype):  # ZeRO-3: each mixer is partitioned as soon as it is built
-            mixers = [build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
-                                  options, tc.num_key_value_heads) for i in range(tc.num_hidden_layers)]
-            stack = MixerStack(mixers)
         reader = SafetensorsReader(ctx.teacher_path)
-        for i, m in enumerate(mixers):
+
+        def whole(i: int) -> nn.Module:
+            """Layer i's mixer: fresh gates/decays drawn from the seeded stream, q/k/v/o from the teacher."""
+            m = build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
+                            options, tc.num_key_value_heads)
             init_mixer_from_reader(m, reader, i, tc.num_key_value_heads)
+            return m
+
+        torch.manual_seed(ctx.cfg.seed)  # identical fresh gates/decays on every rank and at any ZeRO stage
         if zero_stage(ds) != 3:
-            stack = stack.to(device=ctx.device, dtype=ctx.dtype)
+            stack = MixerStack([whole(i) for i in range(tc.num_hidden_layers)]).to(device=ctx.device, dtype=ctx.dtype)
+        else:
+            # each mixer is partitioned as soon as it is built, and zero.Init skips weight init (its parameters would
+            # hold uninitialised memory): one layer at a time, the mixer a run without ZeRO-3 gets (same stream)
+            # is built whole and copied into the partitions, then dropped
+            mixers = []
+            for i in range(tc.num_hidden_layers):
+                src = whole(i)
+                with torch.random.fork_rng(devices=[]), zero3_init(ds, ctx.dtype):
+                    mixers.append(build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads,
+                                              self.hf_config.head_dim, i, options, tc.num_key_value_heads))
+                copy_into_partitions(mixers[-1], src)
+                del src
+            stack = MixerStack(mixers)
+        mixers = list(stack.mixers)
         # the stacked pass pays on GPUs (fewer, larger kernels); on CPU the per-mixer loop is faster
         mode = stacked_choice_from_env()
         stack.stacked = supports_stacked(mixers) and (mode == "1" or (mode == "auto" and torch.cuda.is_available()))

@@ -24,6 +24,7 @@ from torch import nn
 from ds_hybrid.config import RunConfig, StageConfig, resolve_path
 from ds_hybrid import sync_free
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.zero import full_shape
 
 
 def run_dtype(cfg: RunConfig) -> torch.dtype:
@@ -100,7 +101,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], s: StageConfig) -> l
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        decay = p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+        decay = len(full_shape(p)) >= 2 and not getattr(p, "_no_weight_decay", False)
         groups.setdefault(("attn" if is_attn else "rest", decay), []).append(p)
     out = []
     for (kind, decay), params in sorted(groups.items()):

@@ -107,9 +107,10 @@ def test_config_records_family_mixer_and_layers():
 
 
 def test_a_teachers_trained_context_counts_its_rope_scaling():
-    """seq_len is refused past the teacher's context (trainer.make_context): max_position_embeddings, times the RoPE
-    scaling factor where one extends it (Qwen2.5 ships 32,768 positions with YaRN x 4 documented; Gemma 3 scales its
-    global layers only), so a long-context distillation the teacher supports is not refused."""
+    """seq_len is refused past the teacher's context (trainer.make_context): max_position_embeddings, or the original
+    length times the RoPE factor where a run-time scaling extends it (Qwen2.5 ships 32,768 positions with YaRN x 4
+    documented), so a long-context distillation the teacher supports is not refused, and one past a llama3 or linear
+    config's stated length (already the extended one) is."""
     from transformers import Gemma3TextConfig, Qwen2Config
 
     from ds_hybrid.modeling.families import trained_context
@@ -118,6 +119,19 @@ def test_a_teachers_trained_context_counts_its_rope_scaling():
     yarn = Qwen2Config(max_position_embeddings=32768, rope_scaling={"type": "yarn", "factor": 4.0,
                                                                      "original_max_position_embeddings": 32768})
     assert trained_context(yarn) == 131072
-    gemma = Gemma3TextConfig(max_position_embeddings=32768, rope_scaling={"rope_type": "linear", "factor": 8.0})
-    assert trained_context(gemma) == 8 * 32768
+    qwen3 = Qwen2Config(max_position_embeddings=40960, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                      "original_max_position_embeddings": 32768})
+    assert trained_context(qwen3) == 131072
+    # (no original length: YaRN and dynamic NTK scale max_position_embeddings)
+    dynamic = Qwen2Config(max_position_embeddings=4096, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert trained_context(dynamic) == 8192
+    # linear and llama3 configs state the extended length themselves (Gemma-3-4B: 131,072 with linear x 8; Llama
+    # 3.1: 131,072 over an original 8,192 with llama3 x 8; Llama 3.2: the same with x 32)
+    gemma = Gemma3TextConfig(max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    assert trained_context(gemma) == 131072
+    for factor in (8.0, 32.0):
+        llama31 = tiny_config("llama", max_position_embeddings=131072, rope_scaling={
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192})
+        assert trained_context(llama31) == 131072
     assert trained_context(Gemma3TextConfig(max_position_embeddings=32768)) == 32768

@@ -52,10 +52,17 @@ def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
     return model_type
 
 
+# rope types whose published configs already give the extended length as max_position_embeddings (Llama 3.1/3.2's
+# llama3 with 131,072 positions over an original 8,192; Gemma 3 4B+'s linear x 8 with 131,072; Phi-3's longrope)
+_EXTENDED_IN_PLACE = {"linear", "llama3", "longrope"}
+
+
 def trained_context(config: PreTrainedConfig) -> int | None:
-    """The longest sequence the teacher's positions are meant for: ``max_position_embeddings``, times the largest
-    RoPE scaling factor where a rope type other than the default extends it (YaRN, dynamic, linear, longrope, llama3:
-    Qwen2.5 ships 32,768 positions and documents YaRN x 4 for 131,072); None where the config does not say."""
+    """The longest sequence the teacher's positions are meant for: ``max_position_embeddings``; for a RoPE type that
+    extends past it at run time (YaRN, dynamic NTK), the original length (``original_max_position_embeddings``, else
+    ``max_position_embeddings``) times the factor where that is longer (Qwen2.5 ships 32,768 positions and documents
+    YaRN x 4 for 131,072; Qwen3 40,960 with YaRN x 4 over 32,768). linear, llama3 and longrope configs already state
+    the extended length as ``max_position_embeddings``. None where the config does not say."""
     n = getattr(config, "max_position_embeddings", None)
     if not n:
         return None
@@ -63,9 +70,15 @@ def trained_context(config: PreTrainedConfig) -> int | None:
     # one set of parameters, or one per layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}})
     one = "rope_type" in params or "type" in params
     sets = [params] if one else [v for v in params.values() if isinstance(v, dict)]
-    factor = max((float(p.get("factor") or 1.0) for p in sets
-                  if p.get("rope_type", p.get("type", "default")) != "default"), default=1.0)
-    return int(n * max(factor, 1.0))
+    context = int(n)
+    for p in sets:
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind == "default" or kind in _EXTENDED_IN_PLACE:
+            continue
+        original = p.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                         None) or n
+        context = max(context, int(original * float(p.get("factor") or 1.0)))
+    return context
 
 
 def head_dim(config: PreTrainedConfig) -> int:
@@ -94,7 +107,7 @@ def check_context(field: str, seq_len: int, config: PreTrainedConfig) -> None:
     context = trained_context(config)
     if context and seq_len > context:
         raise ConfigError(field, seq_len,
-                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, times its "
-                          f"RoPE scaling factor if any); its targets past that are positions it never trained on: use "
+                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, or the original "
+                          f"length times its YaRN/dynamic RoPE factor); its targets past that are positions it never trained on: use "
                           f"{field.rsplit('.', 1)[-1]} <= {context}, or give the teacher's config the RoPE scaling it "
                           f"supports")

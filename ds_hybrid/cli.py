@@ -104,7 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             object.__setattr__(model, "_graph_decoder",
                                GraphDecoder(model, max_len=max_len, cuda_graphs=True, compile=args.compile))
         with torch.no_grad():
-            out = generate_static(model, ids["input_ids"], model.generation_config,
+            # (greedy as the eager path below: a teacher's generation config may ask for sampling)
+            out = generate_static(model, ids["input_ids"], model.generation_config, do_sample=False,
                                   attention_mask=ids["attention_mask"], max_new_tokens=args.max_new_tokens)
     else:
         with torch.no_grad():

@@ -330,6 +330,26 @@ MAX_LEN_BUCKET = 256
 _COUNTS = ("num_beams", "num_return_sequences")  # fine at 1
 _UNSUPPORTED = ("logits_processor", "stopping_criteria", "streamer", "assistant_model", "prefix_allowed_tokens_fn",
                 "negative_prompt_ids", "inputs_embeds")
+# generation settings that change greedy tokens (logits processors, stop strings), with the values that leave them
+# off: the static step takes the argmax of the raw logits, so any other value is refused, not ignored
+_NEUTRAL: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "stop_strings": (None,),
+}
+
+
+def active_settings(generation_config, kwargs: dict) -> list[str]:
+    """The settings of ``generation_config`` (or ``kwargs``, which win) that greedy decoding through the static step
+    would ignore: each named as ``name=value``."""
+    out = []
+    for name, neutral in _NEUTRAL.items():
+        value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+        if value is not None and not (isinstance(value, (list, tuple, dict)) and not value) and value not in neutral:
+            out.append(f"{name}={value!r}")
+    return out
 
 
 def finish_at_eos(out: torch.Tensor, prompt_len: int, eos_ids: list[int], pad_id: int | None) -> torch.Tensor:
@@ -359,6 +379,10 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
         bad.append("do_sample")
     if bad:
         raise ConfigError("cuda_graphs", True, f"graph decoding is greedy only; drop {', '.join(bad)} or cuda_graphs")
+    if active := active_settings(generation_config, kwargs):
+        raise ConfigError("cuda_graphs", True, f"graph decoding takes the argmax of the raw logits and would ignore "
+                          f"{', '.join(active)} (the generation config's or the call's): pass each as its neutral "
+                          "value to generate(), or drop cuda_graphs")
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
         raise ConfigError("input_ids", None, "give the prompt ids (inputs_embeds are not supported with cuda_graphs)")

@@ -398,8 +398,23 @@ def test_generate_with_cuda_graphs_returns_what_generate_returns(teacher, kind):
         assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=0), ref)
         with pytest.raises(ConfigError, match="greedy only.*do_sample"):
             model.generate(prompt, max_new_tokens=4, do_sample=True)
+        # settings that change greedy tokens are refused by name, from the call or the generation config (an
+        # instruct teacher's config copied onto its hybrid), not ignored; their neutral values pass, and a config's
+        # do_sample gives way to the call's do_sample=False (what `ds-hybrid generate --cuda-graphs` passes)
+        with pytest.raises(ConfigError, match=r"ignore repetition_penalty=1\.3"):
+            model.generate(prompt, max_new_tokens=4, repetition_penalty=1.3)
+        model.generation_config.min_new_tokens = 5
+        model.generation_config.do_sample = True
+        with pytest.raises(ConfigError, match="min_new_tokens=5"):
+            model.generate(prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, do_sample=False)
+        model.generation_config.min_new_tokens = None
+        got = model.generate(prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, do_sample=False,
+                             repetition_penalty=1.0, suppress_tokens=[])
+        assert torch.equal(got, ref)
     finally:
         model.generation_config.cuda_graphs = False
+        model.generation_config.do_sample = False
+        model.generation_config.min_new_tokens = None
 
 
 def test_finish_at_eos_pads_after_eos_and_stops_when_every_row_ended():

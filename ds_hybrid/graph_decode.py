@@ -133,6 +133,13 @@ CACHE_MULTIPLE = 256
 COMPILED_STEPS_LIMIT = 64
 
 
+def weights_key(model: torch.nn.Module) -> int:
+    """Where and how the model's weights are held (each parameter's device, dtype and storage address): a decoder's
+    static buffers and captured graphs are for one such layout; ``.to()``, ``.half()``, fusing projections or
+    ``load_state_dict(assign=True)`` make another (an in-place load keeps it, and the graphs read the new values)."""
+    return hash(tuple((p.device, p.dtype, p.data_ptr()) for p in model.parameters()))
+
+
 class GraphDecoder:
     """Greedy generation through a static cache; see the module docstring for what is supported."""
 
@@ -144,6 +151,7 @@ class GraphDecoder:
             raise ConfigError("warmup_steps", warmup_steps, "use at least 1 eager step before a capture")
         self.model = model
         self.max_len = max_len
+        self.weights = weights_key(model)
         # the cache holds a multiple of CACHE_MULTIPLE positions (the ones past max_len are never attended to)
         self.cache_len = -(-max_len // CACHE_MULTIPLE) * CACHE_MULTIPLE
         self.device = next(model.parameters()).device
@@ -395,7 +403,8 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
     T = input_ids.shape[1]
     need = -(-(T + max_new) // MAX_LEN_BUCKET) * MAX_LEN_BUCKET
     decoder = getattr(model, "_graph_decoder", None)
-    if decoder is None or decoder.max_len < T + max_new:  # reuse a long enough one (and its graphs), else replace
+    # reuse a long enough one (and its graphs) made for these weights where they are now, else replace it
+    if decoder is None or decoder.max_len < T + max_new or decoder.weights != weights_key(model):
         decoder = GraphDecoder(model, max_len=need, cuda_graphs=True)
         object.__setattr__(model, "_graph_decoder", decoder)
         if not decoder.uses_graphs:

@@ -417,6 +417,28 @@ def test_generate_with_cuda_graphs_returns_what_generate_returns(teacher, kind):
         model.generation_config.min_new_tokens = None
 
 
+def test_a_kept_decoder_is_rebuilt_after_the_weights_move(teacher):
+    """generate(cuda_graphs=True) keeps its decoder (static buffers, graphs) on the model: after a cast its buffers
+    and graphs are of the old weights, so the next call builds another and gives what greedy generate gives (it
+    failed on a dtype mismatch before); an in-place load keeps it."""
+    model = model_of(teacher, "gdn")
+    prompt = ids(2, 9, seed=3)
+    model.generation_config.eos_token_id = None
+    model.generate(prompt, max_new_tokens=6, cuda_graphs=True, pad_token_id=0)
+    kept = model._graph_decoder
+    model.load_state_dict(model.state_dict())  # in place: the same storage
+    model.generate(prompt, max_new_tokens=6, cuda_graphs=True, pad_token_id=0)
+    assert model._graph_decoder is kept
+    model.to(torch.float64)
+    try:
+        with torch.no_grad():
+            ref = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, cuda_graphs=True, pad_token_id=0), ref)
+        assert model._graph_decoder is not kept
+    finally:
+        model.to(torch.float32)
+
+
 def test_finish_at_eos_pads_after_eos_and_stops_when_every_row_ended():
     from ds_hybrid.graph_decode import finish_at_eos
 

@@ -120,8 +120,24 @@ class Checkpointer:
                 f"({free / 2**30:.2f} GiB free; {need}){why}; {keep}. Free space there, or set out_dir to a larger "
                 "disk, then rerun the same command to resume")
 
-    def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any]) -> Path:
-        """Save every engine in ``engines`` (name -> DeepSpeedEngine) at optimizer step ``step``."""
+    def latest_marker(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint and its marker as the main rank reads them (every rank gets the same), for
+        checks before any model is built; None where there is none or its marker is unreadable (load() then says
+        what it finds)."""
+        def read() -> tuple[Path, dict[str, Any]] | None:
+            last = self.latest()
+            if last is None:
+                return None
+            try:
+                return last[1], json.loads((last[1] / MARKER).read_text())
+            except (OSError, ValueError):
+                return None
+        return D.main_reads(read)
+
+    def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any],
+             settings: dict[str, Any] | None = None) -> Path:
+        """Save every engine in ``engines`` (name -> DeepSpeedEngine) at optimizer step ``step``; ``settings`` (what
+        a resume must match: :func:`ds_hybrid.trainer.check_resume`) go into the marker."""
         tag = f"step{step:08d}"
         path = self.dir / tag
         needed = self._needed_bytes()
@@ -149,7 +165,7 @@ class Checkpointer:
         manifest = write_manifest(path)
         if D.is_main():
             info = {"step": step, "time": time.time(), "world_size": D.world_size(), "engines": list(engines),
-                    "bytes": manifest["bytes"], "files": len(manifest["files"])}
+                    "bytes": manifest["bytes"], "files": len(manifest["files"]), "settings": settings or {}}
             atomic_write_text(path / MARKER, json.dumps(info))
             # keep this one and the newest keep - 1 before it; never one of a later step (none should exist: resume
             # sets damaged later ones aside, _set_aside)
@@ -197,7 +213,7 @@ class Checkpointer:
         D.barrier()
         info = D.main_reads(lambda: json.loads((path / MARKER).read_text()))
         if info["world_size"] != D.world_size():
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by {info['world_size']} ranks, this job has {D.world_size()}; "
                 "resume with the same number of ranks (or export with zero_to_fp32 and start a new stage)"
             )

@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from ds_hybrid import distributed as D
+from ds_hybrid.folders import atomic_write_text
 
 log = logging.getLogger("ds_hybrid")
 
@@ -73,6 +74,23 @@ def peak_tflops(configured: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file ``path`` (atomically) without its rows of steps after ``step``."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, TypeError, AttributeError):
+            later = False  # (a torn last line of a killed run is kept as it was: readers skip it)
+        if not later:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
+
+
 class Monitor:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, stage: str):
         self.run_dir = run_dir
@@ -86,7 +104,12 @@ class Monitor:
             from tqdm import tqdm
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # a resume from step k: what the interrupted run logged after k is dropped (TensorBoard's purge_step,
+            # the jsonl's later rows), since the resumed run logs those steps again
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step
+                                        else None)
+            if start_step:
+                drop_rows_after(run_dir / "metrics.jsonl", start_step)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
                             disable=not sys.stderr.isatty() and os.environ.get("DS_HYBRID_PROGRESS") != "1")

@@ -33,7 +33,7 @@ import torch
 
 from ds_hybrid import distributed as D
 from ds_hybrid import sync_free
-from ds_hybrid.checkpoint import Checkpointer, atomic_write_text
+from ds_hybrid.checkpoint import CheckpointError, Checkpointer, atomic_write_text
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import (PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows,
                             warn_unrepresented)
@@ -128,6 +128,38 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
     streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=(s.tokens if s else 0) or math.inf,
                               seq_len=s.seq_len if s else 1)
     return {"data_cache": str(streams.path), **streams.meta}
+
+
+def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: dict[str, Any]) -> None:
+    """Refuse a resume whose steps would mean other rows or another schedule than the run that wrote the checkpoint
+    (``latest``: its path and marker): the rows of step k are a function of the seed, the global batch, the row
+    length and the corpus's rows, and the learning rate of step k of the stage's total steps. Checkpoints written
+    before these settings were recorded are not checked."""
+    if latest is None:
+        return
+    path, marker = latest
+    if marker.get("world_size") not in (None, D.world_size()):
+        raise CheckpointError(f"checkpoint {path} was written by {marker['world_size']} ranks, this job has "
+                              f"{D.world_size()}; resume with the same number of ranks (or export with zero_to_fp32 "
+                              "and start a new stage)")
+    was = marker.get("settings") or {}
+    again = f"set it back to resume, or move {path.parent} away to start the stage again"
+    for key, field in (("global_batch", f"{stage}.global_batch"), ("seq_len", f"{stage}.seq_len"), ("seed", "seed"),
+                       ("mixture", "data.mixture")):
+        if key in was and was[key] != now[key]:
+            raise ConfigError(field, now[key], f"the checkpoint {path} was written with {was[key]!r}: its steps "
+                              f"stand for other rows of the corpus; {again}")
+    if ("train_sequences" in was and was["train_sequences"] != now["train_sequences"]) or \
+            ("data_cache" in was and was["data_cache"] != now["data_cache"]):
+        raise ConfigError("data", f"{now['train_sequences']} rows (token cache {now['data_cache']})",
+                          f"the checkpoint {path} was written over {was.get('train_sequences')} rows (token cache "
+                          f"{was.get('data_cache')}): the data settings, the corpus or {stage}.tokens changed, so its "
+                          f"steps stand for other rows; restore them to resume, or move {path.parent} away to start "
+                          "the stage again")
+    if "total_steps" in was and was["total_steps"] != now["total_steps"]:
+        log.warning("%s: the checkpoint %s was written in a run of %d steps, this one has %d (%s.tokens changed): the "
+                    "learning-rate schedule is stretched from here on, so the resumed steps are not the ones either "
+                    "run alone would take", stage, path, was["total_steps"], now["total_steps"], stage)
 
 
 class _Signals:
@@ -299,9 +331,12 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
 
     plan = stage_plan(ctx)
     log.info("%s", plan.table())
-    runner.setup()
     ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints, verify=s.ckpt_verify,
                         expected_bytes=plan.checkpoint_bytes)
+    settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
+                "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture}
+    check_resume(stage, ckpt.latest_marker(), settings)  # before any model is built
+    runner.setup()
     client = ckpt.load(runner.engines)
     start = int(client["step"]) if client else 0
     if client:
@@ -374,7 +409,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
             last = done == total and (s.keep_checkpoints != 0 or s.export)
             if stop or (s.ckpt_every and (done % s.ckpt_every == 0 and done != total or last)):
                 t0 = time.perf_counter()
-                ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch})
+                ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch},
+                          settings)
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
             if s.eval_every and done % s.eval_every == 0 and done != total:
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")

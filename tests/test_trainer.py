@@ -168,13 +168,26 @@ def test_sigterm_checkpoints_and_exits_then_resumes(pipeline, tmp_path):
     ckpts = sorted((run_dir / "checkpoints").glob("step*/COMPLETE"))
     assert len(ckpts) == 1 and not (run_dir / "DONE").exists()  # a checkpoint though ckpt_every=100
     saved = int(ckpts[0].parent.name.removeprefix("step"))
+    # settings that would make the checkpoint's steps stand for other rows are refused before any model is built
+    p = train("kl", cfg, "kl.global_batch=4", nproc=1)
+    assert p.returncode == 2 and "kl.global_batch" in p.stderr and "was written with 8" in p.stderr, tail(p)
+    # rows logged after the checkpoint by the interrupted run (a step logged, then killed before its checkpoint) are
+    # dropped on resume, as TensorBoard's events of those steps (purge_step): the resumed run logs them again
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": saved + 1, "split": "train", "loss": -1.0}) + "\n")
     p = train("kl", cfg, nproc=1)
     assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
     assert f"resumed kl from step {saved}" in p.stdout, tail(p)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == max(metrics(run_dir)), steps
     # the rerun starts after the checkpoint: steps up to it are logged once (by the interrupted run), none is redone
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "train"]
-    assert all(logged.count(s) == 1 for s in range(1, saved + 1)), logged
+    assert all(logged.count(s) == 1 for s in range(1, max(logged) + 1)), logged
     resumed, ref = metrics(run_dir), metrics(pipeline["out"] / "kl")
     assert sorted(resumed) == sorted(ref)
     for step in ref:  # one process here, two ranks in the reference: equal up to fp32 reduction order

@@ -47,7 +47,7 @@ def _row_loss_kernel(
     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     HALF_IN_PLACE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 where C x V (x2 in place) does
     zs_row = zs_ptr + row * stride_z
     zt_row = zt_ptr + row * stride_z
     dz_row = dz_ptr + row * stride_dz

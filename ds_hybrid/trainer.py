@@ -336,39 +336,47 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
                 "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture}
     check_resume(stage, ckpt.latest_marker(), settings)  # before any model is built
-    runner.setup()
-    client = ckpt.load(runner.engines)
-    start = int(client["step"]) if client else 0
-    if client:
-        log.info("resumed %s from step %d", stage, start)
-        was = client.get("micro_batch")
-        if was is not None and was != s.micro_batch:  # e.g. `auto` resolved again after a requeue onto other GPUs
-            log.warning("%s.micro_batch is %d here, %d in the run that wrote this checkpoint: the same global batch "
-                        "split into other micro-batches, so the resumed losses are not bit for bit the uninterrupted "
-                        "run's; set %s.micro_batch: %d to resume exactly", stage, s.micro_batch, was, stage, was)
+    monitor = None
+    try:  # what setup built is released if the set-up fails too (a selection's next probe runs in this process)
+        runner.setup()
+        client = ckpt.load(runner.engines)
+        start = int(client["step"]) if client else 0
+        if client:
+            log.info("resumed %s from step %d", stage, start)
+            was = client.get("micro_batch")
+            if was is not None and was != s.micro_batch:  # e.g. `auto` resolved again after a requeue onto other GPUs
+                log.warning("%s.micro_batch is %d here, %d in the run that wrote this checkpoint: the same global "
+                            "batch split into other micro-batches, so the resumed losses are not bit for bit the "
+                            "uninterrupted run's; set %s.micro_batch: %d to resume exactly", stage, s.micro_batch, was,
+                            stage, was)
 
-    total = ctx.total_steps
-    monitor = Monitor(run_dir, total, start, s.log_every, stage)
-    monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
-                                       "data": streams.meta, "data_cache": str(streams.path),
-                                       "train_sequences": len(train), "val_sequences": len(val),
-                                       "train_sequences_by_source": train.source_rows,
-                                       "params_per_rank": gather_param_report(runner), "ranks": rank_places(),
-                                       "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
-                                                           if k not in NOT_TERMS},
-                                       "micro_batch": s.micro_batch, "micro_batch_auto": auto_micro})
-    val_rows = HeldOut.share(val, D.rank(), D.world_size())  # the same rows scored at any world size
-    tokens_per_step = s.global_batch * s.seq_len
-    flops_step = runner.flops_per_token() * tokens_per_step
-    peak = peak_tflops(cfg.peak_tflops)
-    phase_s["setup"] = time.perf_counter() - t_start
-    if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
-        t0 = time.perf_counter()
-        monitor.scalars(0, held_out(runner, val_rows), prefix="val")
-        phase_s["first_eval"] = time.perf_counter() - t0
-    t_train = time.perf_counter()
-    seen = start * tokens_per_step
-    peak_gpu = None
+        total = ctx.total_steps
+        monitor = Monitor(run_dir, total, start, s.log_every, stage)
+        monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
+                                           "data": streams.meta, "data_cache": str(streams.path),
+                                           "train_sequences": len(train), "val_sequences": len(val),
+                                           "train_sequences_by_source": train.source_rows,
+                                           "params_per_rank": gather_param_report(runner), "ranks": rank_places(),
+                                           "memory_plan_gib": {k: v / 2**30 for k, v in vars(plan).items()
+                                                               if k not in NOT_TERMS},
+                                           "micro_batch": s.micro_batch, "micro_batch_auto": auto_micro})
+        val_rows = HeldOut.share(val, D.rank(), D.world_size())  # the same rows scored at any world size
+        tokens_per_step = s.global_batch * s.seq_len
+        flops_step = runner.flops_per_token() * tokens_per_step
+        peak = peak_tflops(cfg.peak_tflops)
+        phase_s["setup"] = time.perf_counter() - t_start
+        if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
+            t0 = time.perf_counter()
+            monitor.scalars(0, held_out(runner, val_rows), prefix="val")
+            phase_s["first_eval"] = time.perf_counter() - t0
+        t_train = time.perf_counter()
+        seen = start * tokens_per_step
+        peak_gpu = None
+    except BaseException:
+        if monitor is not None:
+            monitor.close()
+        release_engines(runner)
+        raise
     try:
         for step in range(start, total):
             # the next step's batches, for a stage that starts on them early (kl's teacher_overlap)
@@ -412,7 +420,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch},
                           settings)
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
-            if s.eval_every and done % s.eval_every == 0 and done != total:
+            # (not on a stop: Slurm's grace period is for the checkpoint; the resumed run goes on from this step)
+            if s.eval_every and done % s.eval_every == 0 and done != total and not stop:
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")
             if stop:
                 code = 128 + int(signals.received or signal.SIGTERM)

@@ -36,6 +36,7 @@ from ds_hybrid.stages.common import (
 from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import gathered
 
+QUANTILE_MAX = 1 << 24  # torch.quantile's input limit (a rank's tokens of a step; 4096 rows of 4096 tokens)
 log = logging.getLogger("ds_hybrid")
 
 
@@ -175,7 +176,10 @@ class KLStage(Stage):
         totals = D.all_reduce_mean(totals / len(micro_batches))
         values = totals.float()
         if self.uses_teacher and kl_tokens:
-            q = torch.quantile(torch.cat(kl_tokens).float(), self._levels)
+            per_token = torch.cat(kl_tokens).float()
+            if per_token.numel() > QUANTILE_MAX:  # torch.quantile refuses more; every k-th token estimates them
+                per_token = per_token[::-(-per_token.numel() // QUANTILE_MAX)]
+            q = torch.quantile(per_token, self._levels)
             values = torch.cat([values, q])
         values = values.tolist()  # the step's one device-to-host transfer
         out = {"loss": values[0]}

@@ -204,6 +204,32 @@ def test_a_resized_hybrid_and_its_set_pad_token_survive_save_and_reload(tmp_path
     assert torch.equal(again.model.embed_tokens.weight, hybrid.model.embed_tokens.weight)
 
 
+def test_a_hybrid_configs_own_token_ids_win_and_its_shapes_must_agree(tmp_path):
+    """Mirrored fields given to HybridConfig or edited in a saved config.json: token ids and the context length are
+    the hybrid's (written into its teacher config, which the model is built from; they were silently replaced by the
+    teacher's before), a shape that disagrees with the teacher config is refused by name."""
+    import json
+
+    from ds_hybrid.errors import ConfigError
+    from ds_hybrid.modeling import HybridConfig
+
+    teacher = tiny_teacher("llama")
+    config = HybridConfig(teacher_config=teacher.config, softmax_layers=[1], eos_token_id=7,
+                          max_position_embeddings=99)
+    assert config.eos_token_id == config.teacher_config.eos_token_id == 7
+    assert config.max_position_embeddings == config.teacher_config.max_position_embeddings == 99
+    assert teacher.config.eos_token_id != 7  # the caller's config is left as it was
+    hybrid = build_hybrid(teacher, softmax_layers=[1])
+    hybrid.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["eos_token_id"] = 5  # a hand edit of the top-level field only
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    again = HybridForCausalLM.from_pretrained(tmp_path)
+    assert again.config.eos_token_id == again.config.teacher_config.eos_token_id == 5
+    with pytest.raises(ConfigError, match="hidden_size.*teacher_config.hidden_size"):
+        HybridConfig(teacher_config=teacher.config, softmax_layers=[1], hidden_size=teacher.config.hidden_size * 2)
+
+
 def test_a_config_object_as_teacher_config_is_copied_and_left_as_it_was():
     """HybridConfig(teacher_config=teacher.config, ...) (its docstring's form): transformers sets the fields one by one
     before __post_init__, and the mirrored ones (None then) must not be written into the caller's config (a strict

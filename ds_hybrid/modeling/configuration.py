@@ -19,6 +19,10 @@ MIRRORED = (
     "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window",
 )
 
+# mirrored fields a hybrid's config may set apart from its teacher's (given to HybridConfig or edited in its
+# config.json, they are written into teacher_config too); the others are the model's shapes and must agree
+SETTABLE = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
 
 def check_softmax_layers(softmax_layers: list[int], num_layers: int, field: str = "softmax_layers") -> list[int]:
     layers = list(softmax_layers)
@@ -82,7 +86,15 @@ class HybridConfig(PreTrainedConfig):
         t = self.teacher_config
         self.teacher_family = check_family(t, "teacher_config.model_type")
         for name in MIRRORED:
-            setattr(self, name, getattr(t, name, None) if name != "tie_word_embeddings" else bool(t.tie_word_embeddings))
+            theirs = getattr(t, name, None) if name != "tie_word_embeddings" else bool(t.tie_word_embeddings)
+            mine = getattr(self, name, None)  # given to the constructor (a hand-edited config.json), else the default
+            if mine is not None and mine != getattr(type(self), name, None) and mine != theirs:
+                if name not in SETTABLE:
+                    raise ConfigError(name, mine, f"differs from teacher_config.{name} ({theirs!r}), which the model "
+                                      f"is built from: set teacher_config.{name} to it as well, or drop {name}")
+                setattr(t, name, mine)  # (the model is built from the teacher config: it must say the same)
+                theirs = mine
+            setattr(self, name, theirs)
         self.head_dim = head_dim(t)
         check_mixer(self.mixer, self.head_dim)
         self.mixer_options = MixerOptions.from_dict(self.mixer_options).to_dict()

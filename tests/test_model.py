@@ -230,6 +230,26 @@ def test_a_hybrid_configs_own_token_ids_win_and_its_shapes_must_agree(tmp_path):
         HybridConfig(teacher_config=teacher.config, softmax_layers=[1], hidden_size=teacher.config.hidden_size * 2)
 
 
+def test_mixer_parameters_missing_from_a_checkpoint_get_their_init(tmp_path):
+    """A checkpoint without a mixer's A_log (an older export, a hand-pruned file): from_pretrained reports it newly
+    initialised, and it now is (fla's A ~ U(0, 16)); it kept uninitialised memory before. The loaded ones stay."""
+    from safetensors.torch import load_file, save_file
+
+    hybrid = build_hybrid(tiny_teacher("llama"), softmax_layers=[1])
+    hybrid.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith("layers.0.self_attn.A_log")}
+    save_file(tensors, path, metadata={"format": "pt"})
+    for _ in range(2):  # (memory that held large values before, as a reused allocation would)
+        torch.full((1 << 16,), 3e38).sum()
+        again = HybridForCausalLM.from_pretrained(tmp_path)
+        mixer = again.model.layers[0].self_attn
+        A = mixer.A_log.detach().exp()
+        assert torch.isfinite(mixer.A_log).all() and (A > 0).all() and (A <= 16).all(), mixer.A_log
+        assert torch.equal(mixer.dt_bias, hybrid.model.layers[0].self_attn.dt_bias)
+        assert torch.equal(mixer.q_proj.weight, hybrid.model.layers[0].self_attn.q_proj.weight)
+
+
 def test_a_config_object_as_teacher_config_is_copied_and_left_as_it_was():
     """HybridConfig(teacher_config=teacher.config, ...) (its docstring's form): transformers sets the fields one by one
     before __post_init__, and the mirrored ones (None then) must not be written into the caller's config (a strict

@@ -25,6 +25,7 @@ from ds_hybrid.modeling.cache import HybridCache
 from ds_hybrid.modeling.configuration import HybridConfig
 from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
 from ds_hybrid.modeling.static_cache import StaticHybridCache
+from ds_hybrid.zero import gathered
 
 
 class HybridLMHead(nn.Linear):
@@ -56,6 +57,19 @@ class HybridPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LinearMixer):
             module.reset_parameters()  # fla's init for A_log / dt_bias; projections got the std-0.02 normal above
+
+    def _initialize_missing_keys(self, is_quantized: bool) -> None:
+        """Parameters a checkpoint lacks get their init. transformers hands the modules under ``self.model`` (a
+        model of its own) to the teacher model's ``_init_weights``, which knows no mixer: a mixer's own parameters
+        (A_log, dt_bias) missing from a checkpoint kept uninitialised memory. Loaded ones are left as loaded (the
+        ``init`` functions skip them)."""
+        super()._initialize_missing_keys(is_quantized)
+        for m in self.modules():
+            if isinstance(m, LinearMixer):
+                own = list(m.parameters(recurse=False))
+                if any(not getattr(p, "_is_hf_initialized", False) for p in own):
+                    with gathered(own, modifier_rank=0):
+                        m.reset_parameters()
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):

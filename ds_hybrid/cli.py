@@ -100,7 +100,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ds_hybrid.graph_decode import GraphDecoder, generate_static
 
         if args.max_len or args.compile:
-            max_len = args.max_len or ids["input_ids"].shape[1] + args.max_new_tokens
+            need = ids["input_ids"].shape[1] + args.max_new_tokens
+            if args.max_len and args.max_len < need:  # (generate_static would replace the decoder: no --compile)
+                raise ConfigError("--max-len", args.max_len, f"shorter than the prompt's {ids['input_ids'].shape[1]} "
+                                  f"tokens + --max-new-tokens {args.max_new_tokens}; use --max-len >= {need}")
+            max_len = args.max_len or need
             object.__setattr__(model, "_graph_decoder",
                                GraphDecoder(model, max_len=max_len, cuda_graphs=True, compile=args.compile))
         with torch.no_grad():

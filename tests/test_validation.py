@@ -54,6 +54,14 @@ def test_teacher_attention_biases_and_a_logit_soft_cap_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"teacher\.final_logit_softcapping=30\.0.*not supported"):
         hybrid_config(tiny_config("gemma3", final_logit_softcapping=30.0), [0])
     hybrid_config(tiny_config("gemma3", attn_logit_softcapping=50.0), [0])  # applied in the copied attention: fine
+    # a saved hybrid config whose teacher model type this transformers does not know (a KeyError before)
+    from ds_hybrid.modeling import HybridConfig
+
+    with pytest.raises(ConfigError, match=r"teacher_config\.model_type='mamba2x'.*supported: llama"):
+        HybridConfig(teacher_config={"model_type": "mamba2x"}, softmax_layers=[0])
+    # an encoder-style Gemma 3 (EmbeddingGemma) attends both ways, the mixers causally
+    with pytest.raises(ConfigError, match=r"teacher\.use_bidirectional_attention=True.*causal"):
+        hybrid_config(tiny_config("gemma3", use_bidirectional_attention=True), [0])
 
 
 @pytest.mark.parametrize("option,value", [("gate_logit_normalizer", 0.0), ("gate_logit_normalizer", -1.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -82,6 +83,8 @@ class HybridConfig(PreTrainedConfig):
             d = dict(self.teacher_config)
             if "model_type" not in d:
                 raise ConfigError("teacher_config.model_type", None, "the saved teacher config lost its model_type")
+            if d["model_type"] not in CONFIG_MAPPING:  # (a KeyError before): the supported families, by name
+                check_family(types.SimpleNamespace(model_type=d["model_type"]), "teacher_config.model_type")
             self.teacher_config = CONFIG_MAPPING[d["model_type"]](**d)
         t = self.teacher_config
         self.teacher_family = check_family(t, "teacher_config.model_type")

@@ -45,6 +45,10 @@ def check_family(config: PreTrainedConfig, field: str = "teacher") -> str:
                           "this teacher's attention has biases, o_proj's included; a linear mixer's output "
                           "projection has none, so the transfer would drop them: not supported (Qwen2's q/k/v "
                           "biases, kept with mixer_options.qkv_bias, are)")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ConfigError(f"{prefix}.use_bidirectional_attention", True,
+                          "an encoder-style teacher (EmbeddingGemma) attends both ways; the linear mixers are causal, "
+                          "so its hybrid would be a different model: use a causal language model as the teacher")
     if getattr(config, "final_logit_softcapping", None):
         raise ConfigError(f"{prefix}.final_logit_softcapping", config.final_logit_softcapping,
                           "a soft cap on the logits (tanh(z / c) * c) is not applied by the hybrid or the fused KL "

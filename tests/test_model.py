@@ -127,6 +127,20 @@ def test_left_padding_is_exact(mixer, short_conv):
     assert torch.equal(g_both[1, pad:], g_alone[0])
 
 
+def test_a_qwen2_teachers_dropped_qkv_biases_are_warned_about():
+    """Qwen2's q/k/v biases (large on k) are dropped by the transfer unless mixer_options.qkv_bias keeps them: said,
+    not silent; kept, no warning and the biases copied."""
+    import warnings
+
+    teacher = tiny_teacher("qwen2")
+    with pytest.warns(UserWarning, match="mixer_options.qkv_bias: true keeps them"):
+        build_hybrid(teacher, softmax_layers=[0], mixer="gdn")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*q/k/v projections have biases")
+        kept = build_hybrid(teacher, softmax_layers=[0], mixer="gdn", mixer_options={"qkv_bias": True})
+    assert torch.equal(kept.model.layers[1].self_attn.q_proj.bias, teacher.model.layers[1].self_attn.q_proj.bias)
+
+
 @pytest.mark.parametrize("fam", ["qwen2", "gemma3"])  # gemma3: tied head, scaled embedding, per-type RoPE, 4 norms
 def test_save_load_in_fresh_process_gives_identical_logits(tmp_path, fam):
     teacher = tiny_teacher(fam)

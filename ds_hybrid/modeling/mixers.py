@@ -18,6 +18,7 @@ a padded position leaves the recurrent state untouched (k = v = 0, no decay).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -223,6 +224,10 @@ class LinearMixer(nn.Module):
                     dst.zero_()
                 else:
                     dst.copy_(src if name == "q_proj" else repeat_kv_weight(src, num_kv_heads, groups))
+        elif any(getattr(getattr(attn, n), "bias", None) is not None for n in ("q_proj", "k_proj", "v_proj")):
+            warnings.warn("the teacher's q/k/v projections have biases (Qwen2's): the linear mixers drop them, so "
+                          "their stage-0 start is further from the teacher; mixer_options.qkv_bias: true keeps them",
+                          stacklevel=2)
         if getattr(attn.o_proj, "bias", None) is not None:
             raise ValueError("teacher o_proj has a bias; linear mixers have none (no supported family has one)")
 

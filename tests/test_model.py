@@ -127,6 +127,29 @@ def test_left_padding_is_exact(mixer, short_conv):
     assert torch.equal(g_both[1, pad:], g_alone[0])
 
 
+def test_packed_sequences_are_refused_by_a_hybrid_with_linear_layers():
+    """Two documents in one row (position ids restarting, or a flattened batch's cu_seq_lens): the softmax layers
+    would keep them apart, the linear layers' state would flow across; refused by name instead of a silent leak.
+    Ordinary rows, left-padded rows and an all-softmax model pass."""
+    from ds_hybrid.errors import ConfigError
+
+    teacher = tiny_teacher("llama")
+    hybrid = build_hybrid(teacher, softmax_layers=[1]).eval()
+    x = ids(batch=2, T=8)
+    restart = torch.cat([torch.arange(4), torch.arange(4)]).expand(2, 8)
+    with torch.no_grad():
+        hybrid(x, position_ids=torch.arange(8).expand(2, 8))
+        with pytest.raises(ConfigError, match="position_ids.*one sequence per row"):
+            hybrid(x, position_ids=restart)
+        with pytest.raises(ConfigError, match="cu_seq_lens_q"):
+            hybrid(x, cu_seq_lens_q=torch.tensor([0, 4, 8]))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, :3] = 0
+        hybrid.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        all_softmax = build_hybrid(teacher, softmax_layers=list(range(teacher.config.num_hidden_layers))).eval()
+        all_softmax(x, position_ids=restart)
+
+
 def test_a_qwen2_teachers_dropped_qkv_biases_are_warned_about():
     """Qwen2's q/k/v biases (large on k) are dropped by the transfer unless mixer_options.qkv_bias keeps them: said,
     not silent; kept, no warning and the biases copied."""

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling.cache import HybridCache
 from ds_hybrid.modeling.configuration import HybridConfig
 from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
@@ -40,6 +41,21 @@ class HybridLMHead(nn.Linear):
         if loss_fn is None:
             return super().forward(x)
         return loss_fn(x, self.weight, **kwargs)
+
+
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")  # transformers' flattened-batch arguments
+
+
+def check_not_packed(kwargs: dict, position_ids: torch.Tensor | None) -> None:
+    """Refuse packed sequences (several documents in one row: flash-attention's ``cu_seq_lens_*`` arguments of
+    DataCollatorWithFlattening, or position ids that restart inside a row). The softmax layers would keep the
+    documents apart, the linear layers' recurrent and convolution state would flow from one into the next."""
+    given = [k for k in PACKED_KWARGS if kwargs.get(k) is not None]
+    restart = position_ids is not None and bool((position_ids[..., 1:] < position_ids[..., :-1]).any())
+    if given or restart:
+        raise ConfigError(given[0] if given else "position_ids", "packed sequences",
+                          "a hybrid's linear layers carry their state along the row, across document boundaries; give "
+                          "one sequence per row (padded, with an attention mask) instead of a flattened batch")
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -162,6 +178,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             current = attention_mask[:, -T:]
             if not bool(current.all()):
                 padding_mask = current
+        if self.config.linear_layers and not static_decode:
+            check_not_packed(kwargs, position_ids if T > 1 and padding_mask is None else None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -345,6 +345,11 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     (job demo 0 env PYTHON=python3 DEMO_RECIPE=gpu DEMO_OUT=$RUND DEMO_CONFIG=$CCFG launchers/demo.sh
      cp -r $RUND/demo_recall $R/ 2>/dev/null) &
     DEMO=$!
+    # the demo's align is the comparison's seeded align (same config and seed; an align has no softmax layers):
+    # packed for the trip home once done, as compare packs its own, so that a later lease can skip it (ALIGN_PARTS)
+    (while [ ! -f $RUND/align/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
+     [ -f $RUND/align/DONE ] && job carry_pack 0 python3 bench/carry_export.py pack "$RUND/align" \
+       --base "$(teacher_dir_ $CCFG)" --out $CARRY_OUT --name align) &
     if [ -n "${HYBRIDS:-}" ]; then
       while [ ! -f $RUND/kl/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
       [ -f $RUND/kl/DONE ] || { note "the demo ended before its kl was done (logs/demo.log)"; exit 1; }

@@ -26,8 +26,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list in its compressed form ("gpu[007-012,020],cpu3" -> "gpu007"), as
+    ``scontrol show hostnames`` would list it first."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first entry: up to a comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end]
+    while "[" in entry:  # each bracket group's first value ("a[1-2]-ib[3-4]" -> "a1-ib3")
+        head, rest = entry.split("[", 1)
+        group, tail = rest.split("]", 1)
+        entry = head + group.split(",")[0].split("-")[0] + tail
+    return entry
+
+
+def node_address(host: str) -> str:
+    """A Slurm node's NodeAddr (``scontrol show node``: the address its name may not resolve to), else the name."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        try:
+            shown = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True,
+                                   timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            shown = ""
+        for token in shown.split():
+            if token.startswith("NodeAddr=") and len(token) > len("NodeAddr="):
+                return token.split("=", 1)[1]
+    return host
+
+
+def _tasks_per_node(value: str) -> str:
+    """SLURM_TASKS_PER_NODE's count on this job's first nodes ("8(x4)" or "8,4(x2)" -> "8")."""
+    return value.split(",")[0].split("(")[0]
+
+
 def _env_from_slurm() -> None:
-    """Under `srun` (one task per rank) translate Slurm's variables into torch's."""
+    """Under `srun` (one task per rank) translate Slurm's variables into torch's, the rendezvous included (the first
+    node of the job, a port derived from the job id, as launchers/distill_70b.slurm sets them) where the launch did
+    not set it: ``srun python ds_hybrid/train.py ...`` from any batch script."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
         return
     if int(os.environ["SLURM_NTASKS"]) <= 1 and "MASTER_ADDR" not in os.environ:
@@ -35,6 +76,15 @@ def _env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if per_node:  # (what torchrun sets: the memory plan shares a node's host memory among its ranks)
+        os.environ.setdefault("LOCAL_WORLD_SIZE", _tasks_per_node(per_node))
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or \
+        os.environ.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in os.environ and nodes:
+        os.environ["MASTER_ADDR"] = node_address(first_host(nodes))
+    if "MASTER_PORT" not in os.environ and os.environ.get("SLURM_JOB_ID", "").isdigit():
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
@@ -55,8 +105,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         if comm_torch is None:
             import deepspeed.comm.torch as comm_torch
         comm_torch.build_shm_op = lambda: None  # no JIT compile of the CPU shm op; plain gloo collectives
-    else:
-        torch.cuda.set_device(local_rank())
+    else:  # (a cluster that binds one GPU per task shows each rank one device: its own, device 0)
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
@@ -101,7 +151,8 @@ def parse_device(name: str) -> torch.device:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count()) if torch.cuda.is_available() \
+        else torch.device("cpu")
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

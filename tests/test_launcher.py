@@ -81,3 +81,34 @@ def test_without_a_warning_every_stage_runs_and_nothing_is_requeued(tmp_path):
     assert lines(out / "stages.log") == ["align", "kl", "finetune"]
     assert lines(out / "requeued.log") == []
     assert "all stages done" in p.stdout
+
+
+def test_slurm_variables_give_torch_its_rank_and_rendezvous(monkeypatch):
+    """Under srun without a launcher's exports: rank, world, local rank and ranks per node from Slurm's variables,
+    the rendezvous at the job's first node on a port from the job id; what the launch exported is kept."""
+    from ds_hybrid import distributed as D
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.setenv(k, "")  # (recorded, so that what the code sets is undone after the test)
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(D, "node_address", lambda host: f"addr-of-{host}")
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[007-008,020],cpu3")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    D._env_from_slurm()
+    import os
+
+    got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                      "MASTER_PORT")}
+    assert got == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "addr-of-gpu007", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # exported by the launch: kept
+    D._env_from_slurm()
+    assert os.environ["MASTER_ADDR"] == "10.0.0.1"
+    assert D.first_host("a[1-2]-ib[3-4],b") == "a1-ib3" and D.first_host("node01,node02") == "node01"

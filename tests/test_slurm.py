@@ -211,3 +211,29 @@ def test_select_array_runs_probes_as_array_tasks_then_continues(cluster, convers
     assert json.loads((out / "kl" / "DONE").read_text())["softmax_layers"] == want["ranking"][:1]
     # the follow-up jobs (2 array tasks, the collector) log next to the submitting job, not in the submit directory
     assert len(list(tmp_path.glob("ds-hybrid-*.out"))) == 3 and set(REPO.glob("ds-hybrid-*.out")) == before
+
+
+def test_a_plain_srun_of_train_finds_its_rendezvous_from_slurm(cluster, conversion, tmp_path):
+    """A batch script of the user's own (not the launcher): `srun python -m ds_hybrid.train ...` from another
+    directory, no MASTER_ADDR / MASTER_PORT exported. The ranks take the rendezvous from Slurm (the first node's
+    address, a port from the job id); before, DeepSpeed fell back to MPI discovery and every rank failed on a missing
+    mpi4py."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "run.yaml", conversion["teacher"], conversion["corpus"], out,
+                       kl={"tokens": 2 * 8 * 64, "seq_len": 64, "ckpt_every": 0, "eval_sequences": 2,
+                           "init_from": str(conversion["out"] / "align" / "hf")})
+    script = tmp_path / "mine.sbatch"
+    script.write_text("#!/bin/bash\nunset MASTER_ADDR MASTER_PORT\n"
+                      f"srun --kill-on-bad-exit=1 {sys.executable} -m ds_hybrid.train --stage kl --config {cfg}\n")
+    log = tmp_path / "mine.log"
+    p = subprocess.run([*SBATCH, "--parsable", f"--output={log}", str(script)], capture_output=True, text=True,
+                       env=cluster, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    deadline = time.time() + 600
+    while _job_field(cluster, job, "JobState") not in ENDED:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert (out / "kl" / "DONE").is_file(), log.read_text()[-3000:]
+    ranks = json.loads((out / "kl" / "run_info.json").read_text())["ranks"]
+    assert sorted(r["slurm_node"] for r in ranks) == ["n1", "n2"], ranks

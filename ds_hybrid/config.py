@@ -17,6 +17,7 @@ paper's recipe). Every problem is a :class:`~ds_hybrid.errors.ConfigError` namin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -118,10 +119,16 @@ SELECT_METHODS: tuple[str, ...] = ("ga_s2", "halving", "proxy", "uniform", "smar
                                    "ar_multihop", "retrieval")
 
 
+# a probe's settings where select.probe leaves them unset (select.probe is laid over these, then over the kl
+# defaults): short constant-rate runs that write no checkpoint
+DEFAULT_PROBE: dict[str, Any] = {"tokens": 2_000_000, "seq_len": 1024, "global_batch": 8, "micro_batch": "auto",
+                                 "schedule": "constant", "ckpt_every": 1_000_000}
+
+
 @dataclass
 class SelectConfig:
     """Stage select. Probes are short stage-kl runs from the align export (``probe``: their settings over
-    the kl defaults; a few of the run's kl section carry over: stages.probes.probe_stage_config)."""
+    DEFAULT_PROBE, over the kl defaults; a few of the run's kl section carry over: stages.probes.probe_stage_config)."""
 
     method: str = "ga_s2"  # one of SELECT_METHODS
     ks: list[int] = field(default_factory=list)  # K values whose top-K sets are written to selection.json
@@ -130,9 +137,7 @@ class SelectConfig:
     # the teacher on the answers of `recall_sequences` needle rows (recall_kl of eval_recall); ga_s2 only
     score: Literal["heldout", "train_window", "recall"] = "heldout"
     window: int = 10  # train_window: the last this-many probe steps
-    probe: dict = field(default_factory=lambda: {"tokens": 2_000_000, "seq_len": 1024, "global_batch": 8,
-                                                 "micro_batch": "auto", "schedule": "constant",
-                                                 "ckpt_every": 1_000_000})
+    probe: dict = field(default_factory=lambda: dict(DEFAULT_PROBE))
     halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 8)
     halving_keep: int | None = None  # halving: stop when this many remain (default: the largest K asked for)
     # halving: a survivor's next round retrains it from the align export, or continues it from its checkpoint
@@ -271,15 +276,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> An
     return obj
 
 
-def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-        if not isinstance(d, dict):
-            raise ConfigError(dotted, value, f"{k} is not a section")
-    d[keys[-1]] = value
-
-
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML parse error in one line: what and where (line and column, 1-based)."""
     mark = getattr(e, "problem_mark", None)
@@ -288,32 +284,56 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or e} at line {mark.line + 1}, column {mark.column + 1}"
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError("override", item, "write overrides as key=value, e.g. kl.tokens=2000000")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(key.strip(), raw, f"not a YAML value ({_yaml_problem(e)}); close its brackets or "
+                          "braces, e.g. 'key=[1, 2]', or quote text for YAML inside the shell's quotes, e.g. "
+                          "\"key='[1'\"") from None
+
+
+NOT_MERGED = ("softmax_layers", "mixer_options")  # a whole value given for these replaces the YAML's
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` (a run YAML's mapping) with ``key=value`` overrides applied in order. A dotted key sets one entry
+    inside its section (``mixer_options.use_short_conv=true`` keeps the YAML's other mixer options); a mapping given
+    for a section merges into it, except for softmax_layers and mixer_options, which it replaces."""
+    out = copy.deepcopy(data)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError("override", item, "write overrides as key=value, e.g. kl.tokens=2000000")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(key.strip(), raw, f"not a YAML value ({_yaml_problem(e)}); close its brackets or "
-                              "braces, e.g. 'key=[1, 2]', or quote text for YAML inside the shell's quotes, e.g. "
-                              "\"key='[1'\"") from None
-        _set_path(out, key.strip(), value)
+        dotted, value = _parse_override(item)
+        keys = dotted.split(".")
+        d = out
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise ConfigError(dotted, value, f"{k} is not a section")
+        leaf = keys[-1]
+        merge = isinstance(value, dict) and isinstance(d.get(leaf), dict) and leaf not in NOT_MERGED
+        d[leaf] = _merge(d[leaf], value) if merge else value
     return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    return apply_overrides({}, overrides)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
-            "softmax_layers", "mixer_options") else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in NOT_MERGED \
+            else v
     return out
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = _build(RunConfig, data, "")
+    if isinstance(cfg.select.probe, dict):  # (a probe setting given keeps the others' probe defaults)
+        cfg.select.probe = {**DEFAULT_PROBE, **cfg.select.probe}
     validate_static(cfg)
     return cfg
 
@@ -330,7 +350,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError("--config", str(path), f"not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError("--config", str(path), "the YAML must be a mapping of settings")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
 

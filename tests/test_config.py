@@ -45,6 +45,22 @@ def test_types_and_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_dotted_override_sets_one_entry_and_a_probe_setting_keeps_the_probe_defaults(tmp_path):
+    """mixer_options.x=... keeps the YAML's other mixer options (it replaced the whole mapping: a Qwen2 run lost
+    qkv_bias); mixer_options={...} still replaces it. One select.probe setting keeps the other probe defaults (it
+    dropped them for the kl defaults: 4096-token rows, a checkpoint every 200 steps)."""
+    from ds_hybrid.config import DEFAULT_PROBE
+
+    path = cfg_file(tmp_path, {"mixer_options": {"qkv_bias": True, "conv_size": 3}})
+    cfg = load_config(path, ["mixer_options.use_short_conv=true"])
+    assert cfg.mixer_options == {"qkv_bias": True, "conv_size": 3, "use_short_conv": True}
+    assert load_config(path, ["mixer_options={use_gate: false}"]).mixer_options == {"use_gate": False}
+    probe = load_config(None, ["select.probe.tokens=5e6"]).select.probe
+    assert probe == {**DEFAULT_PROBE, "tokens": "5e6"}
+    probe = load_config(cfg_file(tmp_path, {"select": {"probe": {"seq_len": 2048}}})).select.probe
+    assert probe["seq_len"] == 2048 and probe["ckpt_every"] == DEFAULT_PROBE["ckpt_every"]
+
+
 def test_mixer_options_take_their_types():
     """mixer_options values take the option's type (YAML reads 1e-5 as a string), or are refused naming the option;
     the options a mixer never reads do not count as a difference between two mixers."""

@@ -488,8 +488,9 @@ def check_stage(s: StageConfig, name: str) -> None:
                           f"of the next step); stage {name} has nothing to overlap: remove it")
 
 
-def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
-    """Checks that depend on the stage and the job shape; still before any model is built."""
+def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_from: bool = True) -> None:
+    """Checks that depend on the stage and the job shape; still before any model is built. ``check_init_from``:
+    False for a job's check of its later stages up front (an init_from an earlier stage writes)."""
     s = cfg.stage(stage)
     if s.tokens > 0 and stage_steps(s) == 0:
         need = s.global_batch * s.seq_len
@@ -526,7 +527,8 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int) -> None:
                               "remove checkpoint.writer: ds-hybrid hashes a checkpoint's files and vouches for them "
                               "(COMPLETE, then older ones pruned) as soon as save_checkpoint returns, and a "
                               "decoupled or fast writer may still be writing them then")
-    if s.init_from is not None and s.init_from != "teacher" and not Path(s.init_from).expanduser().is_dir():
+    if check_init_from and s.init_from is not None and s.init_from != "teacher" and \
+            not Path(s.init_from).expanduser().is_dir():
         raise ConfigError(f"{stage}.init_from", s.init_from,
                           "no such folder; point at a stage's hf/ export (or 'teacher' for stage 0 without align)")
     if stage == "align" and s.lr_rest != 0:

@@ -30,7 +30,7 @@ SCONTROL = """#!/bin/bash
 case "$1 $2" in
   "show hostnames") echo node1 ;;
   "show node") echo "NodeName=node1 NodeAddr=127.0.0.1" ;;
-  "requeue "*) echo "$2" >> "$OUT/requeued.log" ;;
+  "requeue "*) [ -n "${REQUEUE_FAILS:-}" ] && exit 1; echo "$2" >> "$OUT/requeued.log" ;;
 esac
 """
 SRUN = """#!/bin/bash
@@ -39,9 +39,10 @@ exec "$@"
 """
 
 
-def run_launcher(tmp_path: Path, warn_in: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+def run_launcher(tmp_path: Path, warn_in: str | None, *args: str, python: str | None = None,
+                 **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     out.mkdir()
     for name, text in (("python", PYTHON), ("scontrol", SCONTROL), ("srun", SRUN)):
         (bin_dir / name).write_text(text)
@@ -54,8 +55,9 @@ def run_launcher(tmp_path: Path, warn_in: str | None) -> tuple[subprocess.Comple
              SLURM_SUBMIT_DIR=str(REPO))
     if warn_in:
         e["WARN_IN"] = warn_in
-    p = subprocess.run(["bash", str(wrapper), f"PYTHON={bin_dir / 'python'}", "STAGES=align,kl,finetune"],
-                       capture_output=True, text=True, env=e, timeout=60)
+    e.update(env)
+    p = subprocess.run(["bash", str(wrapper), f"PYTHON={python or bin_dir / 'python'}", "STAGES=align,kl,finetune",
+                        *args], capture_output=True, text=True, env=e, timeout=120)
     return p, out
 
 
@@ -112,3 +114,25 @@ def test_slurm_variables_give_torch_its_rank_and_rendezvous(monkeypatch):
     D._env_from_slurm()
     assert os.environ["MASTER_ADDR"] == "10.0.0.1"
     assert D.first_host("a[1-2]-ib[3-4],b") == "a1-ib3" and D.first_host("node01,node02") == "node01"
+
+
+def test_a_mistyped_launcher_setting_or_a_bad_stage_setting_stops_the_job_before_any_stage(tmp_path):
+    """STAGE=kl (for STAGES) was declared and ignored: the whole pipeline ran. A kl setting that the job's ranks
+    cannot run (global batch 33 over 2 ranks) was found only when kl started, after align; now the job checks every
+    training stage it will run before the first (with the real config reader)."""
+    import sys
+
+    p, out = run_launcher(tmp_path / "a", None, "STAGE=kl")
+    assert p.returncode == 2 and "STAGE: not a launcher setting" in p.stdout, p.stdout + p.stderr
+    assert not (out / "stages.log").exists()
+    p, out = run_launcher(tmp_path / "b", None, "kl.global_batch=33", python=sys.executable, SLURM_NTASKS="2")
+    assert p.returncode == 2 and "kl.global_batch=33" in p.stderr, p.stdout + p.stderr
+    assert not (out / "stages.log").exists() and not list(out.glob("*/slurm-42.log"))
+
+
+def test_a_failed_requeue_fails_the_job(tmp_path):
+    """scontrol requeue refused (e.g. a job submitted with --no-requeue): the job exits 1, not 0 (it showed
+    COMPLETED with its stages unfinished)."""
+    p, out = run_launcher(tmp_path, warn_in="align", REQUEUE_FAILS="1")
+    assert p.returncode == 1 and "requeue failed during align" in p.stdout, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["align"]

@@ -373,6 +373,9 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.mixer not in MIXERS:
         raise ConfigError("mixer", cfg.mixer, f"choose one of {MIXERS}")
     MixerOptions.from_dict(cfg.mixer_options)
+    for name, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
+        if seed < 0:
+            raise ConfigError(name, seed, "a seed is an integer >= 0 (numpy's generators take no negative seed)")
     if cfg.select.method not in SELECT_METHODS:
         raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
     if cfg.select.distance_reg < 0:
@@ -522,6 +525,10 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_
                 raise ConfigError(f"{stage}.{f}", str(p),
                                   f"remove the '{key}' section: ds-hybrid builds the optimizer (two learning rates) "
                                   f"and the schedule from the run config's {stage} section")
+        fp16 = ds.get("fp16")
+        if isinstance(fp16, dict) and fp16.get("enabled", False) not in (False, "auto"):
+            raise ConfigError(f"{stage}.{f}", str(p), "remove the enabled fp16 section: ds-hybrid runs in bf16 (fp32 on "
+                              "CPU) and sets DeepSpeed's bf16 section itself")
         if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("writer") is not None:
             raise ConfigError(f"{stage}.{f}", str(p),
                               "remove checkpoint.writer: ds-hybrid hashes a checkpoint's files and vouches for them "

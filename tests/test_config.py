@@ -116,9 +116,16 @@ def test_missing_and_bad_deepspeed_files(tmp_path):
     bad.write_text(json.dumps({"checkpoint": {"writer": {"type": "fast"}}}))  # files still written after save returns
     with pytest.raises(ConfigError, match=r"kl\.ds_config.*remove checkpoint\.writer"):
         validate_for_launch(cfg, "kl", 1)
+    bad.write_text(json.dumps({"fp16": {"enabled": True}}))  # (DeepSpeed's own assertion, after the models were built)
+    with pytest.raises(ConfigError, match=r"kl\.ds_config.*remove the enabled fp16 section"):
+        validate_for_launch(cfg, "kl", 1)
     cfg = load_config(None, [f"kl.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match=r"^kl\.init_from=.*no such folder"):
         validate_for_launch(cfg, "kl", 1)
+    validate_for_launch(cfg, "kl", 1, check_init_from=False)  # (a job's up-front check: an earlier stage writes it)
+    for field in ("seed", "data.split_seed"):  # (numpy's generators refused it at step 0, exit 1)
+        with pytest.raises(ConfigError, match=rf"^{field}=-1: a seed is an integer >= 0"):
+            load_config(None, [f"{field}=-1"])
     with pytest.raises(ConfigError, match=r"^align\.lr_rest"):
         validate_for_launch(load_config(None, ["align.lr_rest=1e-5"]), "align", 1)
 

@@ -125,6 +125,13 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
     from ds_hybrid.teacher import load_tokenizer
 
     s = cfg.stage(stage) if stage in TRAIN_STAGES else None
+    if stage == "select" and cfg.select.method in ("ga_s2", "halving"):  # its probes read what a probe's kl reads
+        from ds_hybrid.stages.probes import probe_stage_config
+
+        s = probe_stage_config(cfg, Path("."))
+    elif stage == "select":  # the other selectors read held-out rows only (stages.scorers)
+        streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=0)
+        return {"data_cache": str(streams.path), **streams.meta}
     streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=(s.tokens if s else 0) or math.inf,
                               seq_len=s.seq_len if s else 1)
     return {"data_cache": str(streams.path), **streams.meta}
@@ -328,6 +335,10 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                           "two files of the corpus, whose remainders are dropped); shorten seq_len or raise "
                           "data.val_tokens")
     warn_unrepresented(streams, val, f"{stage}.seq_len")
+    if len(val) < s.eval_sequences and D.is_main():
+        log.warning("%s.eval_sequences=%d, but the held-out text gives %d rows of %d tokens: every held-out score is "
+                    "over those %d; raise data.val_tokens (a new token cache) or lower eval_sequences", stage,
+                    s.eval_sequences, len(val), s.seq_len, len(val))
 
     plan = stage_plan(ctx)
     log.info("%s", plan.table())

@@ -123,6 +123,9 @@ def test_prepare_data_builds_the_cache_a_stage_then_reuses(tmp_path, tok, capsys
     mtimes = {p: p.stat().st_mtime_ns for p in stage_streams.path.glob(f"{DATA_SOURCE}/u*.bin")}
     assert prepare_data(load_config(None, over), "align")["train_tokens"] == rec["train_tokens"]
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # reused, not redone
+    # stage select: what its probes read (select.probe.tokens at their row length), not the whole corpus
+    probes = prepare_data(load_config(None, [*over, "select.probe.tokens=25000", "select.probe.seq_len=1024"]), "select")
+    assert probes["train_tokens"] == rec["train_tokens"] and probes["sources"][DATA_SOURCE]["units"] < 20
 
 
 def test_held_out_documents_are_never_trained_on_and_depend_only_on_split_seed(tmp_path, tok):

@@ -17,8 +17,11 @@ PIP := $(PY) -m pip
 .PHONY: setup demo test clean FORCE
 
 # the torch build the venv was made with: another TORCH (a GPU build after a CPU `make test`) installs again
+# (a venv made before the stamp existed is taken as made with this TORCH: stamped as old as it)
 $(VENV)/.torch: FORCE
-	@mkdir -p $(VENV); [ "$$(cat $@ 2>/dev/null)" = "$(TORCH)" ] || echo "$(TORCH)" > $@
+	@mkdir -p $(VENV); if [ ! -f $@ ] && [ -f $(VENV)/.installed ]; then \
+	  echo "$(TORCH)" > $@ && touch -r $(VENV)/.installed $@; fi
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TORCH)" ] || echo "$(TORCH)" > $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	# Debian packages, where apt and root are available: python3-venv (Debian's python3 has no venv without it),
@@ -26,7 +29,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	# data.source to your own files.
 	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1 || \
-	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null); fi
+	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null) || \
+	  apt-get install -y -q --no-install-recommends python3-venv >/dev/null; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
@@ -35,7 +39,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	grep -v '^triton==' constraints.txt > $(VENV)/constraints.txt
 	if [ "$(TORCH)" = "$(DEFAULT_TORCH)" ]; then cp constraints.txt $(VENV)/constraints.txt; fi
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test,eval]"
-	# fla's Gated DeltaNet backward on Hopper needs triton >= 3.7.1 (docs/PLATFORM.md; torch 2.11 pins 3.6.0, which
+	# fla's Gated DeltaNet backward on Hopper needs triton >= 3.7.1 (fla issue 640; torch 2.11 pins 3.6.0, which
 	# fla refuses there): raised past the torch pin (pip says the pin is not met; torch runs with it)
 	$(PY) -c 'import sys, triton; from packaging.version import Version; sys.exit(Version(triton.__version__) < Version("3.7.1"))' || \
 	  $(PIP) install -q --no-deps "triton==3.7.1"

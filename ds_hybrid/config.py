@@ -302,11 +302,22 @@ NOT_MERGED = ("softmax_layers", "mixer_options")  # a whole value given for thes
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` (a run YAML's mapping) with ``key=value`` overrides applied in order. A dotted key sets one entry
     inside its section (``mixer_options.use_short_conv=true`` keeps the YAML's other mixer options); a mapping given
-    for a section merges into it, except for softmax_layers and mixer_options, which it replaces."""
+    for a section merges into it, except for softmax_layers and mixer_options, which it replaces. softmax_layers
+    takes one form at a time: ``softmax_layers.uniform=0.125`` replaces a list or a selection; ``.k`` / ``.ratio``
+    keep the selection file they choose from, ``.selection`` the k or ratio."""
     out = copy.deepcopy(data)
     for item in overrides:
         dotted, value = _parse_override(item)
         keys = dotted.split(".")
+        if len(keys) == 2 and keys[0] == "softmax_layers":
+            # one form replaces another ({uniform: 0.125} for a list or {selection, ratio}); k and ratio choose
+            # from the same selection file, which stays
+            was = out.get("softmax_layers")
+            was = was if isinstance(was, dict) and "selection" in was else {}
+            keep = {"selection": was["selection"]} if was and keys[1] in ("k", "ratio") else \
+                {k: v for k, v in was.items() if k in ("k", "ratio")} if keys[1] == "selection" else {}
+            out["softmax_layers"] = {**keep, keys[1]: value}
+            continue
         d = out
         for k in keys[:-1]:
             d = d.setdefault(k, {})

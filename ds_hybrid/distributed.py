@@ -87,6 +87,22 @@ def _env_from_slurm() -> None:
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
 
 
+def bind_local_gpu() -> None:
+    """A cluster that binds one GPU per task (``--gpus-per-task=1``, ``--gpu-bind``) shows each rank one device,
+    its own: LOCAL_RANK becomes 0 for DeepSpeed and torch (the node-local index stays in DS_HYBRID_LOCAL_INDEX).
+    More ranks on a node than GPUs it shows is refused by name (two ranks would share a GPU)."""
+    n, lr = torch.cuda.device_count(), local_rank()
+    if lr < n:
+        return
+    if n == 1:
+        os.environ["DS_HYBRID_LOCAL_INDEX"] = str(lr)
+        os.environ["LOCAL_RANK"] = "0"
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError("LOCAL_RANK", lr, f"this rank sees {n} GPUs (CUDA_VISIBLE_DEVICES={visible!r}); start one task "
+                      "per GPU (e.g. srun --ntasks-per-node equal to the GPUs per node)")
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     if dist.is_available() and dist.is_initialized():
         return
@@ -105,8 +121,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         if comm_torch is None:
             import deepspeed.comm.torch as comm_torch
         comm_torch.build_shm_op = lambda: None  # no JIT compile of the CPU shm op; plain gloo collectives
-    else:  # (a cluster that binds one GPU per task shows each rank one device: its own, device 0)
-        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+    else:
+        bind_local_gpu()
+        torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
@@ -151,8 +168,7 @@ def parse_device(name: str) -> torch.device:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank() % torch.cuda.device_count()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

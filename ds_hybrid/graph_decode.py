@@ -390,7 +390,8 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
     if active := active_settings(generation_config, kwargs):
         raise ConfigError("cuda_graphs", True, f"graph decoding takes the argmax of the raw logits and would ignore "
                           f"{', '.join(active)} (the generation config's or the call's): pass each as its neutral "
-                          "value to generate(), or drop cuda_graphs")
+                          "value to generate() or set it so in the model's generation_config.json, or drop "
+                          "cuda_graphs")
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
         raise ConfigError("input_ids", None, "give the prompt ids (inputs_embeds are not supported with cuda_graphs)")

@@ -137,11 +137,13 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
     return {"data_cache": str(streams.path), **streams.meta}
 
 
-def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: dict[str, Any]) -> None:
+def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: dict[str, Any],
+                 longer: bool = False) -> None:
     """Refuse a resume whose steps would mean other rows or another schedule than the run that wrote the checkpoint
     (``latest``: its path and marker): the rows of step k are a function of the seed, the global batch, the row
     length and the corpus's rows, and the learning rate of step k of the stage's total steps. Checkpoints written
-    before these settings were recorded are not checked."""
+    before these settings were recorded are not checked. ``longer``: a run continued on purpose with more steps
+    (successive halving's survivors): its new step count is not warned about."""
     if latest is None:
         return
     path, marker = latest
@@ -163,7 +165,7 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
                           f"{was.get('data_cache')}): the data settings, the corpus or {stage}.tokens changed, so its "
                           f"steps stand for other rows; restore them to resume, or move {path.parent} away to start "
                           "the stage again")
-    if "total_steps" in was and was["total_steps"] != now["total_steps"]:
+    if "total_steps" in was and was["total_steps"] != now["total_steps"] and not longer and D.is_main():
         log.warning("%s: the checkpoint %s was written in a run of %d steps, this one has %d (%s.tokens changed): the "
                     "learning-rate schedule is stretched from here on, so the resumed steps are not the ones either "
                     "run alone would take", stage, path, was["total_steps"], now["total_steps"], stage)
@@ -346,7 +348,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                         expected_bytes=plan.checkpoint_bytes)
     settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
                 "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture}
-    check_resume(stage, ckpt.latest_marker(), settings)  # before any model is built
+    check_resume(stage, ckpt.latest_marker(), settings, longer=not restart)  # before any model is built
     monitor = None
     try:  # what setup built is released if the set-up fails too (a selection's next probe runs in this process)
         runner.setup()

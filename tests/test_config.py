@@ -55,6 +55,17 @@ def test_a_dotted_override_sets_one_entry_and_a_probe_setting_keeps_the_probe_de
     cfg = load_config(path, ["mixer_options.use_short_conv=true"])
     assert cfg.mixer_options == {"qkv_bias": True, "conv_size": 3, "use_short_conv": True}
     assert load_config(path, ["mixer_options={use_gate: false}"]).mixer_options == {"use_gate": False}
+    # softmax_layers takes one form at a time: a dotted key of another form replaces it (a list, a selection);
+    # k / ratio keep the selection file they choose from, selection keeps the k
+    from ds_hybrid.config import apply_overrides
+
+    sel = {"softmax_layers": {"selection": "x.json", "ratio": 0.25}}
+    assert apply_overrides({"softmax_layers": [3, 7]}, ["softmax_layers.uniform=0.125"]) == {
+        "softmax_layers": {"uniform": 0.125}}
+    assert apply_overrides(sel, ["softmax_layers.uniform=0.125"]) == {"softmax_layers": {"uniform": 0.125}}
+    assert apply_overrides(sel, ["softmax_layers.k=2"]) == {"softmax_layers": {"selection": "x.json", "k": 2}}
+    assert apply_overrides(sel, ["softmax_layers.selection=y.json"]) == {
+        "softmax_layers": {"selection": "y.json", "ratio": 0.25}}
     probe = load_config(None, ["select.probe.tokens=5e6"]).select.probe
     assert probe == {**DEFAULT_PROBE, "tokens": "5e6"}
     probe = load_config(cfg_file(tmp_path, {"select": {"probe": {"seq_len": 2048}}})).select.probe

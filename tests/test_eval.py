@@ -603,6 +603,17 @@ def test_eval_with_cuda_graphs_generates_what_hflm_generates(tiny, kind):
     assert len(outs[0]) == 7
     assert [(s["task"], s["id"], s["generation"]) for s in outs[0]] == \
         [(s["task"], s["id"], s["generation"]) for s in outs[1]]
+    # a generation config with a logits processor (an instruct model's repetition_penalty): lm-eval's generate
+    # applies it, so the graphs' wrapper hands those prompts to it (it raised mid-evaluation before)
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        outs = []
+        for cls in (HFLM, graph_hflm_class()):
+            lm = cls(pretrained=model, tokenizer=tok, batch_size=4, max_length=1200, device="cpu")
+            outs.append(recall.samples_from(recall.run_tasks(lm, specs[:1], None)))
+        assert [s["generation"] for s in outs[0]] == [s["generation"] for s in outs[1]]
+    finally:
+        model.generation_config.repetition_penalty = 1.0
 
 
 def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, capsys):

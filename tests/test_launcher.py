@@ -128,6 +128,13 @@ def test_a_mistyped_launcher_setting_or_a_bad_stage_setting_stops_the_job_before
     p, out = run_launcher(tmp_path / "b", None, "kl.global_batch=33", python=sys.executable, SLURM_NTASKS="2")
     assert p.returncode == 2 and "kl.global_batch=33" in p.stderr, p.stdout + p.stderr
     assert not (out / "stages.log").exists() and not list(out.glob("*/slurm-42.log"))
+    # a stage already done is skipped, not checked (a resubmission on another number of nodes)
+    runs = tmp_path / "runs"
+    (runs / "kl").mkdir(parents=True)
+    (runs / "kl" / "DONE").write_text("{}")
+    p, out = run_launcher(tmp_path / "c", None, "STAGES=kl", "kl.global_batch=33", f"out_dir={runs}",
+                          python=sys.executable, SLURM_NTASKS="2")
+    assert p.returncode == 0 and "== kl: done, skipped" in p.stdout, p.stdout + p.stderr
 
 
 def test_a_failed_requeue_fails_the_job(tmp_path):
@@ -136,3 +143,28 @@ def test_a_failed_requeue_fails_the_job(tmp_path):
     p, out = run_launcher(tmp_path, warn_in="align", REQUEUE_FAILS="1")
     assert p.returncode == 1 and "requeue failed during align" in p.stdout, p.stdout + p.stderr
     assert lines(out / "stages.log") == ["align"]
+
+
+def test_a_rank_bound_to_one_gpu_uses_it_and_too_few_gpus_are_refused(monkeypatch):
+    """--gpus-per-task=1 shows each rank one device: LOCAL_RANK 3 becomes 0 for DeepSpeed and torch (cuda:3 was an
+    invalid ordinal); 8 ranks on a node showing 4 GPUs are refused by name instead of sharing GPUs."""
+    import os
+
+    import pytest
+    import torch
+
+    from ds_hybrid import distributed as D
+    from ds_hybrid.errors import ConfigError
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("DS_HYBRID_LOCAL_INDEX", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    D.bind_local_gpu()
+    assert os.environ["LOCAL_RANK"] == "0" and os.environ["DS_HYBRID_LOCAL_INDEX"] == "3"
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5: this rank sees 4 GPUs"):
+        D.bind_local_gpu()
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    D.bind_local_gpu()
+    assert os.environ["LOCAL_RANK"] == "2"

@@ -175,6 +175,10 @@ def test_sigterm_checkpoints_and_exits_then_resumes(pipeline, tmp_path):
     # dropped on resume, as TensorBoard's events of those steps (purge_step): the resumed run logs them again
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": saved + 1, "split": "train", "loss": -1.0}) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir / "tensorboard")) as w:
+        w.add_scalar("train/loss", -1.0, saved + 1)
     p = train("kl", cfg, nproc=1)
     assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
     assert f"resumed kl from step {saved}" in p.stdout, tail(p)
@@ -182,8 +186,10 @@ def test_sigterm_checkpoints_and_exits_then_resumes(pipeline, tmp_path):
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    steps = [e.step for e in events.Scalars("train/loss")]
+    scalars = events.Scalars("train/loss")
+    steps = [e.step for e in scalars]
     assert steps == sorted(set(steps)) and steps[-1] == max(metrics(run_dir)), steps
+    assert all(e.value != -1.0 for e in scalars)
     # the rerun starts after the checkpoint: steps up to it are logged once (by the interrupted run), none is redone
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "train"]

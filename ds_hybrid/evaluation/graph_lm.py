@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ds_hybrid.graph_decode import generate_static
+from ds_hybrid.graph_decode import active_settings, generate_static
 
 
 def graph_hflm_class() -> type:
@@ -27,12 +27,16 @@ def graph_hflm_class() -> type:
             temperature = kwargs.pop("temperature", 0.0)
             do_sample = kwargs.pop("do_sample", None)
             greedy = not do_sample and not temperature
-            if not greedy or kwargs:  # sampling or options the static decoder does not take: lm-eval's own path
-                warnings.warn(f"--cuda-graphs: a task asks for {'sampling' if not greedy else sorted(kwargs)}, which "
-                              "the static decoder does not do; lm-eval's own generate runs it", stacklevel=2)
+            # the model's generation config may ask for logits processors (an instruct model's repetition_penalty):
+            # lm-eval's generate applies them, the static decoder does not
+            active = active_settings(self.model.generation_config, {})
+            if not greedy or kwargs or active:  # what the static decoder does not do: lm-eval's own path
+                asks = "sampling" if not greedy else sorted(kwargs) or active
+                warnings.warn(f"--cuda-graphs: {asks} asked for, which the static decoder does not do; lm-eval's "
+                              "own generate runs it", stacklevel=2)
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             return generate_static(self.model, context, self.model.generation_config, attention_mask=attention_mask,
-                                   max_new_tokens=max_length - context.shape[1],
+                                   max_new_tokens=max_length - context.shape[1], do_sample=False,
                                    pad_token_id=self.tokenizer.pad_token_id)
 
     return GraphHFLM

@@ -69,11 +69,12 @@ class AlignStage(Stage):
         ds = ctx.ds_config()
         reader = SafetensorsReader(ctx.teacher_path)
 
-        def whole(i: int) -> nn.Module:
-            """Layer i's mixer: fresh gates/decays drawn from the seeded stream, q/k/v/o from the teacher."""
+        def whole(i: int, fill: bool = True) -> nn.Module:
+            """Layer i's mixer: fresh gates/decays drawn from the seeded stream, q/k/v/o from the teacher (``fill``)."""
             m = build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads, self.hf_config.head_dim, i,
                             options, tc.num_key_value_heads)
-            init_mixer_from_reader(m, reader, i, tc.num_key_value_heads)
+            if fill:
+                init_mixer_from_reader(m, reader, i, tc.num_key_value_heads)
             return m
 
         torch.manual_seed(ctx.cfg.seed)  # identical fresh gates/decays on every rank and at any ZeRO stage
@@ -82,10 +83,11 @@ class AlignStage(Stage):
         else:
             # each mixer is partitioned as soon as it is built, and zero.Init skips weight init (its parameters would
             # hold uninitialised memory): one layer at a time, the mixer a run without ZeRO-3 gets (same stream)
-            # is built whole and copied into the partitions, then dropped
+            # is built whole and copied into the partitions, then dropped (every rank draws it, so that the stream
+            # stays the same on all; only rank 0, whose copy is scattered, reads the teacher's weights into it)
             mixers = []
             for i in range(tc.num_hidden_layers):
-                src = whole(i)
+                src = whole(i, fill=D.is_main())
                 with torch.random.fork_rng(devices=[]), zero3_init(ds, ctx.dtype):
                     mixers.append(build_mixer(ctx.cfg.mixer, tc.hidden_size, tc.num_attention_heads,
                                               self.hf_config.head_dim, i, options, tc.num_key_value_heads))

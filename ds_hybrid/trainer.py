@@ -41,7 +41,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.stages.base import HeldOut, Stage, StageContext
-from ds_hybrid.stages.common import check_env_knobs
+from ds_hybrid.stages.common import check_env_knobs, shard_shape_decay, zero_stage
 
 log = logging.getLogger("ds_hybrid")
 
@@ -348,10 +348,21 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                         expected_bytes=plan.checkpoint_bytes)
     settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
                 "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture}
-    check_resume(stage, ckpt.latest_marker(), settings, longer=not restart)  # before any model is built
+    latest = ckpt.latest_marker()
+    check_resume(stage, latest, settings, longer=not restart)  # before any model is built
+    # a checkpoint of a ZeRO-3 student from before 2026-12-06 (no settings in its marker) has the optimizer groups
+    # of that time, which loads only into the same groups: kept for the rest of the stage
+    old_groups = latest is not None and ("settings" not in latest[1] or
+                                         latest[1]["settings"].get("decay_groups") == "shard")
+    settings["decay_groups"] = "shard" if old_groups else "whole"
+    if old_groups and zero_stage(ctx.ds_config()) == 3 and D.is_main():
+        log.warning("%s: resuming a checkpoint written before 2026-12-06, whose ZeRO-3 student put every parameter "
+                    "in the no-weight-decay groups (a defect since fixed); kept so until this stage ends, so that its "
+                    "optimizer state loads", stage)
     monitor = None
     try:  # what setup built is released if the set-up fails too (a selection's next probe runs in this process)
-        runner.setup()
+        with shard_shape_decay(old_groups):
+            runner.setup()
         client = ckpt.load(runner.engines)
         start = int(client["step"]) if client else 0
         if client:

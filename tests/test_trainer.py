@@ -365,6 +365,31 @@ def test_align_zero3_matches_single_process(tmp_path):
         assert torch.allclose(ra.get(k), rb.get(k), atol=1e-5, rtol=1e-4), k
 
 
+def test_weight_decay_groups_judge_a_zero3_parameter_by_its_whole_shape():
+    """A ZeRO-3 parameter outside its module's forward is a 1-D shard: judged by that, every weight went without decay
+    (the 2-rank ZeRO-3 align test above caught it by its losses). shard_shape_decay keeps the old groups for the
+    resume of a checkpoint written then: checked by hand on 2026-12-06, a 2-rank ZeRO-3 kl checkpoint written by the
+    old code resumed to the same losses, and without the old groups DeepSpeed refused it ("a different number of
+    parameter groups")."""
+    from torch import nn
+
+    from ds_hybrid.config import StageConfig
+    from ds_hybrid.stages.common import param_groups, shard_shape_decay
+
+    def shard(shape):  # what zero.Init leaves in a module: an empty 1-D tensor, the whole shape in ds_shape
+        p = nn.Parameter(torch.empty(0))
+        p.ds_id, p.ds_shape = 0, torch.Size(shape)
+        return p
+
+    named = [("mixers.0.q_proj.weight", shard((8, 8))), ("mixers.0.A_log", shard((4,)))]
+    s = StageConfig(lr=1e-3, lr_rest=0.0, weight_decay=0.01)
+    groups = {g["name"]: len(g["params"]) for g in param_groups(named, s)}
+    assert groups == {"attn": 1, "attn_nodecay": 1}
+    with shard_shape_decay(True):
+        assert {g["name"]: len(g["params"]) for g in param_groups(named, s)} == {"attn_nodecay": 2}
+    assert {g["name"] for g in param_groups(named, s)} == {"attn", "attn_nodecay"}  # (the block ended)
+
+
 def test_one_rank_killed_mid_step_ends_the_job_then_it_resumes_to_the_same_losses(pipeline, tmp_path):
     """A rank lost mid-step (SIGKILL, as an OOM killer or a dead node): the job exits non-zero within the
     collective timeout, and the next run resumes to losses identical to the uninterrupted run. (It replaces the test

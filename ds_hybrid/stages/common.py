@@ -94,6 +94,22 @@ def lr_lambda(s: StageConfig, total_steps: int):
     return fn
 
 
+_SHARD_SHAPE_DECAY = False  # see shard_shape_decay
+
+
+@contextmanager
+def shard_shape_decay(on: bool) -> Iterator[None]:
+    """Within the block, :func:`param_groups` judges a ZeRO-3 parameter by its shard's shape (1-D: no weight decay
+    for any), as ds-hybrid did before 2026-12-06: a checkpoint of that time holds an optimizer of those groups, and
+    DeepSpeed loads it only into the same groups."""
+    global _SHARD_SHAPE_DECAY
+    was, _SHARD_SHAPE_DECAY = _SHARD_SHAPE_DECAY, on
+    try:
+        yield
+    finally:
+        _SHARD_SHAPE_DECAY = was
+
+
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], s: StageConfig) -> list[dict[str, Any]]:
     """Attention/mixer parameters (any `.self_attn.`, or all for align) at ``lr``, the rest at ``lr_rest``; no
     weight decay on vectors (norms, biases, A_log, dt_bias). Parameters with lr 0 are frozen, not grouped."""
@@ -105,7 +121,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], s: StageConfig) -> l
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        decay = len(full_shape(p)) >= 2 and not getattr(p, "_no_weight_decay", False)
+        decay = len(p.shape if _SHARD_SHAPE_DECAY else full_shape(p)) >= 2 and not getattr(p, "_no_weight_decay", False)
         groups.setdefault(("attn" if is_attn else "rest", decay), []).append(p)
     out = []
     for (kind, decay), params in sorted(groups.items()):

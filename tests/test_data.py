@@ -124,7 +124,8 @@ def test_prepare_data_builds_the_cache_a_stage_then_reuses(tmp_path, tok, capsys
     assert prepare_data(load_config(None, over), "align")["train_tokens"] == rec["train_tokens"]
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # reused, not redone
     # stage select: what its probes read (select.probe.tokens at their row length), not the whole corpus
-    probes = prepare_data(load_config(None, [*over, "select.probe.tokens=25000", "select.probe.seq_len=1024"]), "select")
+    probes = prepare_data(load_config(None, [*over, "select.probe.tokens=25000", "select.probe.seq_len=1024"]),
+                          "select")
     assert probes["train_tokens"] == rec["train_tokens"] and probes["sources"][DATA_SOURCE]["units"] < 20
 
 

@@ -111,7 +111,7 @@ def check_context(field: str, seq_len: int, config: PreTrainedConfig) -> None:
     context = trained_context(config)
     if context and seq_len > context:
         raise ConfigError(field, seq_len,
-                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, or the original "
-                          f"length times its YaRN/dynamic RoPE factor); its targets past that are positions it never trained on: use "
-                          f"{field.rsplit('.', 1)[-1]} <= {context}, or give the teacher's config the RoPE scaling it "
+                          f"longer than the teacher's context ({context} tokens: max_position_embeddings, or the "
+                          f"original length times its YaRN/dynamic RoPE factor); its targets past that are positions "
+                          f"it never trained on: use {field.rsplit('.', 1)[-1]} <= {context}, or give the teacher's config the RoPE scaling it "
                           f"supports")

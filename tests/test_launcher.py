@@ -17,6 +17,9 @@ from trainer_utils import REPO
 # last step (in its final evaluation or export)
 PYTHON = """#!/bin/bash
 if [ "$1" = -c ]; then printf '%s\\nga_s2\\nembedded\\n' "$OUT"; exit 0; fi
+if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete eval.json
+  echo eval >> "$OUT/stages.log"; mkdir -p "$OUT/eval"; echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0
+fi
 while [ $# -gt 0 ]; do [ "$1" = --stage ] && stage=$2; shift; done
 echo "$stage" >> "$OUT/stages.log"
 trap 'echo "$stage" >> "$OUT/stage_warned.log"' USR1  # past its last step the trainer only notes it
@@ -42,8 +45,8 @@ exec "$@"
 def run_launcher(tmp_path: Path, warn_in: str | None, *args: str, python: str | None = None,
                  **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir(parents=True)
-    out.mkdir()
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("python", PYTHON), ("scontrol", SCONTROL), ("srun", SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
@@ -168,3 +171,15 @@ def test_a_rank_bound_to_one_gpu_uses_it_and_too_few_gpus_are_refused(monkeypatc
     monkeypatch.setenv("LOCAL_RANK", "2")
     D.bind_local_gpu()
     assert os.environ["LOCAL_RANK"] == "2"
+
+
+def test_an_evaluation_stopped_between_models_runs_again(tmp_path):
+    """eval.json is written after each model ("complete": false until the last): a job requeued in the middle of its
+    evaluation skipped it as done, and the hybrid's row never came; now only a complete one is skipped."""
+    out = tmp_path / "out"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "eval.json").write_text('{"models": {"teacher": {}}, "complete": false}')
+    p, out = run_launcher(tmp_path, None, "STAGES=eval")
+    assert p.returncode == 0 and lines(out / "stages.log") == ["eval"], p.stdout + p.stderr
+    p, out = run_launcher(tmp_path, None, "STAGES=eval")  # complete now: skipped
+    assert "== eval: done, skipped" in p.stdout and lines(out / "stages.log") == ["eval"]

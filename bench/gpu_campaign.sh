@@ -348,8 +348,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     # the demo's align is the comparison's seeded align (same config and seed; an align has no softmax layers):
     # packed for the trip home once done, as compare packs its own, so that a later lease can skip it (ALIGN_PARTS)
     (while [ ! -f $RUND/align/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
-     [ -f $RUND/align/DONE ] && job carry_pack 0 python3 bench/carry_export.py pack "$RUND/align" \
-       --base "$(teacher_dir_ $CCFG)" --out $CARRY_OUT --name align) &
+     [ -f $RUND/align/DONE ] && job carry_pack 0 nice -n 19 ionice -c3 python3 bench/carry_export.py pack \
+       "$RUND/align" --base "$(teacher_dir_ $CCFG)" --out $CARRY_OUT --name align) &  # (beside the timed kl: idle)
     if [ -n "${HYBRIDS:-}" ]; then
       while [ ! -f $RUND/kl/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
       [ -f $RUND/kl/DONE ] || { note "the demo ended before its kl was done (logs/demo.log)"; exit 1; }
@@ -488,8 +488,14 @@ sys.exit(2 if None in c else 0 if sorted(c[0]) == sorted(c[1]) else 1)" "$SELG/$
        \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \
        -o -name 'round_*.json' \) \
        -print) > /tmp/res/run_files.txt 2>/dev/null || true
-    tar -czf "$out/results.tar.gz" -C /tmp res $(sed 's#^\./#run/#' /tmp/res/run_files.txt) 2>/dev/null || \
-      tar -czf "$out/results.tar.gz" -C /tmp res
+    # (tar exits 1 when a file grew while it read it, as a running campaign's logs and metrics do: that tarball is
+    # whole and kept; only a real failure falls back to res/ alone; written aside, then moved into place, so that a
+    # call cut off mid-tar leaves the previous snapshot)
+    rc=0
+    tar --warning=no-file-changed -czf "$out/.results.tar.gz" -C /tmp res $(sed 's#^\./#run/#' /tmp/res/run_files.txt) \
+      2>/dev/null || rc=$?
+    [ "$rc" -le 1 ] || tar --warning=no-file-changed -czf "$out/.results.tar.gz" -C /tmp res || true
+    mv -f "$out/.results.tar.gz" "$out/results.tar.gz"
     ls -la "$out"
     ;;
 esac

@@ -37,6 +37,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
+carry_home_() {  # carry parts (an align folder for the next lease) ride along to $OUT, as many as the trip home
+  # takes beside the results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the
+  # results are small. A part is sent once, known by its path, size and time (a later pack of another align on the
+  # same machine writes parts of the same names: those are new); a call whose files did not come back leaves its
+  # parts marked sent: `bench/gpu_session.sh sh 'rm -f /tmp/carry_out.sent'` sends them again
+  local carry=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out} room files f size id
+  touch $carry.sent
+  room=$(( 63 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))
+  files=$(ls "$OUT" | wc -l)
+  for f in $(ls $carry/* 2>/dev/null); do
+    id="$f $(stat -c '%s %Y' "$f")"
+    [ -f "$OUT/$(basename "$f")" ] && continue  # (sent by this call's snapshot already)
+    grep -qxF "$id" $carry.sent && continue
+    size=$(stat -c %s "$f")
+    [ "$size" -le "$room" ] && [ "$files" -lt 8 ] || break
+    cp "$f" "$OUT/" && echo "$id" >> $carry.sent && echo "carried home: $(basename $f)"
+    room=$(( room - size )); files=$(( files + 1 ))
+  done
+}
 case "$1" in
   sh)  # an ad-hoc command after setup, in the campaigns' environment (gpu_env.sh: carried wheels and triton 3.7.1 on
        # PYTHONPATH, the embedded teacher's GGUF, caches) plus this tree: bench/gpu_session.sh sh 'python3 ...'
@@ -118,6 +137,10 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       exit 3
     fi
     end=$(( $(date +%s) + $2 )) pid=$(cat "$res/campaign.pid")
+    # a snapshot first, with the carry parts that fit: a call cut off before its end (the lease's time spent, the
+    # machine taken back) still brings home what was finished when it began
+    bench/gpu_campaign.sh pack "$OUT" > /dev/null
+    carry_home_
     while [ ! -f "$res/CAMPAIGN_DONE" ] && [ "$(date +%s)" -lt "$end" ]; do
       # alive while its process or any of its process group (its background jobs: `start` runs it under setsid) is
       kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || {
@@ -127,18 +150,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       sleep ${WAIT_TICK_S:-10}
     done
     bench/gpu_campaign.sh pack "$OUT"
-    # carry parts (an align folder for the next lease) ride along, as many as the trip home takes beside the
-    # results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the results are small
-    carry=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out}
-    touch $carry.sent
-    room=$(( 63 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))
-    files=$(ls "$OUT" | wc -l)
-    for f in $(ls $carry/* 2>/dev/null | grep -vxF -f $carry.sent); do
-      size=$(stat -c %s "$f")
-      [ "$size" -le "$room" ] && [ "$files" -lt 8 ] || break
-      cp "$f" "$OUT/" && echo "$f" >> $carry.sent && echo "carried home: $(basename $f)"
-      room=$(( room - size )); files=$(( files + 1 ))
-    done
+    carry_home_
     ls /tmp/res/tp 2>/dev/null | head -40 || true   # (no tp/: not a failure; with pipefail this line ended `wait`
     tail -n 60 /tmp/res/progress.log || true       #  with rc 2 before the progress tail until 2026-12-02)
     ;;

@@ -102,7 +102,14 @@ def kl_runs(root: Path) -> dict[str, Path]:
 
 
 def summarize_kl(name: str, kl_dir: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (kl_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = []
+    for line in (kl_dir / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a snapshot taken while it was written: cut off
+            continue
     train = [r for r in rows if r.get("split") != "val" and "tokens_per_s" in r]
     val = [r for r in rows if r.get("split") == "val"]
     info = json.loads((kl_dir / "run_info.json").read_text()) if (kl_dir / "run_info.json").is_file() else {}
@@ -160,6 +167,9 @@ def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[
             if d.is_dir() and (d / "eval.json").is_file() and not is_preflight(d):
                 copy_eval(d, out / d.name)
                 evals.append(out / d.name)
+        if (res / "demo_recall").is_dir():  # the demo's own recall (teacher and hybrid at 2k): kept as it is, and
+            # out of --merge (its rows are named teacher / hybrid)
+            shutil.copytree(res / "demo_recall", out / "demo_recall")
         if (res / "logs").is_dir():
             (out / "logs").mkdir()
             for f in sorted((res / "logs").glob("*.log")):

@@ -96,6 +96,22 @@ def test_layout_and_summary(tmp_path):
     assert import_lease.needle_rows(summary["evals"]) == ["eval_a_2048: a niah_single_1 2048: 0.99"]
 
 
+def test_a_snapshot_mid_write_and_the_demos_recall(tmp_path):
+    """A poll's snapshot taken while a hybrid's kl wrote its metrics (the last line cut off) is summarized from its
+    whole lines (json.loads raised and left a half-written folder); the demo's own recall folder is kept as it is,
+    out of the evaluations merged."""
+    cut = "".join(json.dumps(r) + "\n" for r in metrics_rows()[:3]) + '{"step": 3, "tok'
+    tb = make_tarball(tmp_path / "results.tar.gz", extra={
+        "run/compare/kl_runs/b/kl/metrics.jsonl": cut.encode(),
+        "res/demo_recall/eval.json": json.dumps(eval_payload("hybrid", 2048, [0.94, 0.5], 100)).encode()})
+    out = tmp_path / "lease"
+    summary = import_lease.import_lease(tb, out)
+    b = next(k for k in summary["kl"] if k["name"] == "b")
+    assert b["tokens"] == 2 * 131072 and not b["finished"]
+    assert (out / "demo_recall" / "eval.json").is_file()
+    assert all("demo_recall" not in e for e in summary["evals"])
+
+
 def test_unpacked_align_keeps_no_metrics(tmp_path):
     out = tmp_path / "lease"
     summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", unpacked=True), out)

@@ -42,11 +42,10 @@ def copy_into_partitions(dst: nn.Module, src: nn.Module) -> None:
     whole = dict(src.named_parameters())
     if params.keys() != whole.keys():
         raise ValueError(f"copy_into_partitions: parameters differ: {sorted(params.keys() ^ whole.keys())}")
+    partitioned = any(is_partitioned(p) for p in params.values())
+    writes = not partitioned or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     with gathered(params.values(), modifier_rank=0):
-        if any(is_partitioned(p) for p in params.values()) and torch.distributed.is_initialized() \
-                and torch.distributed.get_rank() != 0:
-            pass  # rank 0's copy is broadcast when the block ends
-        else:
+        if writes:  # (elsewhere rank 0's copy arrives when the block ends)
             for name, p in params.items():
                 p.copy_(whole[name].to(p.dtype))
     bufs = dict(src.named_buffers())

@@ -59,10 +59,6 @@ def deepspeed_config(path: str, s: StageConfig, world: int, dtype: torch.dtype, 
         bf16["enabled"] = dtype == torch.bfloat16
     elif bool(bf16["enabled"]) != (dtype == torch.bfloat16):
         raise ConfigError(field, bf16["enabled"], f"bf16.enabled contradicts the run dtype {dtype}; set it to \"auto\"")
-    fp16 = ds.get("fp16")
-    if isinstance(fp16, dict) and fp16.get("enabled", False) not in (False, "auto"):
-        raise ConfigError(field, str(fp16), "an enabled fp16 section: ds-hybrid runs in bf16 (or fp32 on CPU) and sets "
-                          "the bf16 section itself; remove fp16 or set its enabled to false")
     ds.setdefault("timers", {"throughput": {"enabled": False}})
     z = ds.setdefault("zero_optimization", {"stage": 0})
     auto_sizes = {"reduce_bucket_size": hidden_size * hidden_size,
@@ -121,7 +117,8 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], s: StageConfig) -> l
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        decay = len(p.shape if _SHARD_SHAPE_DECAY else full_shape(p)) >= 2 and not getattr(p, "_no_weight_decay", False)
+        shape = p.shape if _SHARD_SHAPE_DECAY else full_shape(p)
+        decay = len(shape) >= 2 and not getattr(p, "_no_weight_decay", False)
         groups.setdefault(("attn" if is_attn else "rest", decay), []).append(p)
     out = []
     for (kind, decay), params in sorted(groups.items()):

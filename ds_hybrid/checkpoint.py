@@ -56,6 +56,14 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint to resume from, or a save that could not be written (the message says what to do)."""
 
 
+def check_world_size(path: Path, written_by: int | None) -> None:
+    """A checkpoint resumes only in a job of as many ranks as wrote it (each rank's shard and RNG state are its own)."""
+    if written_by not in (None, D.world_size()):
+        raise CheckpointError(f"checkpoint {path} was written by {written_by} ranks, this job has {D.world_size()}; "
+                              "resume with the same number of ranks (or export with zero_to_fp32 and start a new "
+                              "stage)")
+
+
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -212,11 +220,7 @@ class Checkpointer:
             self._set_aside([p for p, _ in damaged])
         D.barrier()
         info = D.main_reads(lambda: json.loads((path / MARKER).read_text()))
-        if info["world_size"] != D.world_size():
-            raise CheckpointError(
-                f"checkpoint {path} was written by {info['world_size']} ranks, this job has {D.world_size()}; "
-                "resume with the same number of ranks (or export with zero_to_fp32 and start a new stage)"
-            )
+        check_world_size(path, info["world_size"])
         client_state: dict[str, Any] = {}
         for name, engine in engines.items():
             _, cs = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,

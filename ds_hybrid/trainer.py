@@ -33,7 +33,7 @@ import torch
 
 from ds_hybrid import distributed as D
 from ds_hybrid import sync_free
-from ds_hybrid.checkpoint import CheckpointError, Checkpointer, atomic_write_text
+from ds_hybrid.checkpoint import Checkpointer, atomic_write_text, check_world_size
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import (PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows,
                             warn_unrepresented)
@@ -147,10 +147,7 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
     if latest is None:
         return
     path, marker = latest
-    if marker.get("world_size") not in (None, D.world_size()):
-        raise CheckpointError(f"checkpoint {path} was written by {marker['world_size']} ranks, this job has "
-                              f"{D.world_size()}; resume with the same number of ranks (or export with zero_to_fp32 "
-                              "and start a new stage)")
+    check_world_size(path, marker.get("world_size"))
     was = marker.get("settings") or {}
     again = f"set it back to resume, or move {path.parent} away to start the stage again"
     for key, field in (("global_batch", f"{stage}.global_batch"), ("seq_len", f"{stage}.seq_len"), ("seed", "seed"),

@@ -431,3 +431,24 @@ def test_plan_predicts_the_checkpoint_size(pipeline):
     written = json.loads(ckpts[-1].read_text())["bytes"]
     plan = plan_for(load_config(pipeline["cfg"]), "kl", 2, 80.0, dtype_bytes=4)  # CPU: fp32
     assert 0.8 <= written / plan.checkpoint_bytes <= 1.25, (written, plan.checkpoint_bytes)
+
+
+def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(tmp_path):
+    """check_resume (run before the models are built): another world size is a CheckpointError (exit 4), another
+    global batch or corpus a ConfigError naming the setting; a marker without settings (older checkpoints) passes."""
+    from ds_hybrid.checkpoint import CheckpointError
+    from ds_hybrid.errors import ConfigError
+    from ds_hybrid.trainer import check_resume
+
+    now = {"global_batch": 8, "seq_len": 64, "seed": 0, "total_steps": 8, "train_sequences": 100,
+           "data_cache": "abc", "mixture": None}
+    path = tmp_path / "checkpoints" / "step00000004"
+    check_resume("kl", None, now)
+    check_resume("kl", (path, {"world_size": 1}), now)
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(now)}), now)
+    with pytest.raises(CheckpointError, match="written by 4 ranks, this job has 1"):
+        check_resume("kl", (path, {"world_size": 4, "settings": dict(now)}), now)
+    with pytest.raises(ConfigError, match=r"^kl\.global_batch=8: .*written with 16"):
+        check_resume("kl", (path, {"world_size": 1, "settings": {**now, "global_batch": 16}}), now)
+    with pytest.raises(ConfigError, match=r"^data=.*written over 90 rows"):
+        check_resume("kl", (path, {"world_size": 1, "settings": {**now, "train_sequences": 90}}), now)

@@ -15,6 +15,8 @@ For each shape (N tokens, hidden H, vocab V; bf16 hidden states and lm_heads):
   ours_bf16_dw2, ours_bf16_dw4: the same with dW's GEMM over 2 or 4 chunks at once (``dw_chunk``: their dz kept in
   one logit buffer, up to 1 or 3 chunks' logits more memory (fewer where N is shorter than the group: dw4 at
   2 x chunk >= N is dw2), the [V, H] dW read and written once per group)
+  (every ``ours`` row sums dW over chunks in fp32, ``dw_fp32``, the default since 2026-12-06); ours_bf16_sum16: ours_bf16
+  with dW summed in bf16 (``dw_fp32=False``, ``kl.dw_fp32: false``, the path before: no fp32 [V, H] accumulator)
 - liger: Liger-Kernel's LigerFusedLinearJSD with jsd_beta = 0 (its forward KL(teacher || student); `pip install
   ".[bench]"`), timed only after a small fp32 case shows it equals forward KL (else the row records the mismatch)
 - torchtune: torchtune's chunked forward-KL algorithm written plainly (torchtune itself does not install beside our
@@ -116,6 +118,9 @@ def make_impls(chunks: tuple[int, ...] = (1024,)):
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, in_place=False)[0]
         impls["ours_bf16" if c == 1024 else f"ours_bf16@{c}"] = \
             lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False)[0]
+        impls["ours_bf16_sum16" if c == 1024 else f"ours_bf16_sum16@{c}"] = \
+            lambda hs, ws, ht, wt, c=c: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False,
+                                                          dw_fp32=False)[0]
         for g in (2, 4):  # dW's GEMM over g chunks (their dz kept): g - 1 passes over the [V, H] dW fewer a group
             impls[f"ours_bf16_dw{g}" if c == 1024 else f"ours_bf16_dw{g}@{c}"] = \
                 lambda hs, ws, ht, wt, c=c, g=g: fused_linear_loss(hs, ws, ht, wt, chunk=c, fp32_logits=False,
@@ -291,7 +296,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="all", help="all, or comma-separated names of " + ", ".join(SHAPES))
     ap.add_argument("--impls", default="all", help="all, or comma-separated names (naive, fla, chunked, ours, "
-                    "ours_buffer, ours_bf16, ours_bf16_dw2, ours_bf16_dw4, torchtune, liger)")
+                    "ours_buffer, ours_bf16, ours_bf16_sum16, ours_bf16_dw2, ours_bf16_dw4, torchtune, liger)")
     ap.add_argument("--chunks", default="1024", help="our kernel's tokens per chunk, comma-separated (e.g. 256,512,1024: "
                     "its time and extra memory at each; rows ours@C, ours at 1024)")
     ap.add_argument("--out", default=None)

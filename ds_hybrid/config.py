@@ -81,6 +81,11 @@ class StageConfig:
     # writes them (false, the default: half the logits' bytes to write and read; the loss and gradients still computed
     # in fp32 from them), or fp32 GEMM outputs (true: the path before 2026-12-04; docs/BENCHMARKS.md measured both)
     fp32_logits: bool = False
+    # the Triton kernel's lm_head gradient dW, summed over a micro-batch's chunks: in fp32, rounded once (true, the
+    # default since 2026-12-06: 4 x vocab x hidden bytes more while the loss runs, 2 GiB at Llama-3-8B), or in
+    # the weights' 16-bit dtype, each chunk's addition rounded (false: the path before; ~2.5x the error). The torch
+    # reference always sums in fp32
+    dw_fp32: bool = True
     ds_config: str = "ds_configs/student_zero2.json"
     teacher_ds_config: str = "ds_configs/teacher_zero3.json"
     init_from: str | None = None  # HF folder the student starts from (default: the previous stage's export);

@@ -74,6 +74,7 @@ def test_plan_predicts_the_measured_h200_peaks_within_10_percent(monkeypatch):
                                                 f"{stage}.global_batch={r['global_batch']}"]
             if not any(".fp32_logits=" in o for o in overrides):  # these ran when fp32 logits were the default
                 overrides.append(f"{stage}.fp32_logits=true")
+            overrides.append(f"{stage}.dw_fp32=false")  # (all ran before dW's fp32 accumulator, 2026-12-06)
             old = r["tree"].endswith("/old")  # the baseline tree compiled nothing and ran align's mixers one by one
             if old:
                 overrides.append(f"{stage}.compile=false")
@@ -104,12 +105,16 @@ def test_plan_counts_the_zero3_students_gathered_layers():
     close = 0
     for name, peak in peaks.items():
         gpus = int(name[4])
-        overrides = ["kl.fp32_logits=true"] + (["kl.lr_rest=0"] if name.endswith("lr_rest0") else [])
+        overrides = ["kl.fp32_logits=true", "kl.dw_fp32=false"] + (["kl.lr_rest=0"] if name.endswith("lr_rest0") else [])
         plan = plan_for(load_config(REPO / "runs" / "llama3_8b_scaling.yaml", overrides), "kl", gpus, 141.0,
                         str(REPO / "runs" / "configs" / "llama3_8b" / "config.json"))
         assert plan.student_working_set > 0.9 * 2**30
         assert abs(plan.total / 2**30 - peak) <= 0.10 * peak, (name, peak, plan.table())
         close += abs(plan.total / 2**30 - peak) <= 0.5
+        # these ran with dW summed in bf16; the default since (kl.dw_fp32) adds its fp32 accumulator, 4 V H bytes
+        fp32_dw = plan_for(load_config(REPO / "runs" / "llama3_8b_scaling.yaml", overrides[:1] + overrides[2:]), "kl",
+                           gpus, 141.0, str(REPO / "runs" / "configs" / "llama3_8b" / "config.json"))
+        assert fp32_dw.kl_workspace - plan.kl_workspace == 4 * 128256 * 4096
     assert close >= 4
 
 
@@ -134,7 +139,8 @@ def test_plan_predicts_the_gemma3_h200_peaks_within_10_percent(monkeypatch):
     assert abs(plan.total / 2**30 - align_peak) <= 0.10 * align_peak, plan.table()
     probes = [json.loads(line) for line in (data / "probes.jsonl").read_text().splitlines()]
     for p in probes:  # each probe as it ran: its recorded config (a kl stage), its softmax layer
-        cfg = load_config(data / "probe_config.yaml", [f"softmax_layers={p['softmax_layers']}", "kl.fp32_logits=true"])
+        cfg = load_config(data / "probe_config.yaml", [f"softmax_layers={p['softmax_layers']}", "kl.fp32_logits=true",
+                                                              "kl.dw_fp32=false"])
         plan = plan_for(cfg, "kl", 1, 139.8, teacher)
         assert abs(plan.total / 2**30 - p["peak_gpu_gib"]) <= 0.10 * p["peak_gpu_gib"], (p["probe"], plan.table())
     assert len(probes) == 18
@@ -158,7 +164,8 @@ def test_plan_predicts_the_gemma3_compiled_kl_peaks_within_10_percent():
         with gzip.open(data / f"{name}_kl_metrics.jsonl.gz", "rt") as f:
             peak = max(json.loads(line).get("peak_gpu_gib", 0) for line in f)
         # the run's recorded config, its selection (a path on the GPU machine) as the layers it chose
-        cfg = load_config(data / f"{name}_kl_config.yaml", [f"softmax_layers={layers}", "kl.fp32_logits=true"])
+        cfg = load_config(data / f"{name}_kl_config.yaml", [f"softmax_layers={layers}", "kl.fp32_logits=true",
+                                                                         "kl.dw_fp32=false"])
         assert cfg.kl.compile != False and cfg.kl.micro_batch == 16 and cfg.kl.seq_len == 4096  # noqa: E712
         plan = plan_for(cfg, "kl", 1, 139.8, teacher)
         assert abs(plan.total / 2**30 - peak) <= 0.10 * peak, (name, peak, plan.table())

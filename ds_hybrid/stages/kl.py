@@ -40,11 +40,15 @@ QUANTILE_MAX = 1 << 24  # torch.quantile's input limit (a rank's tokens of a ste
 log = logging.getLogger("ds_hybrid")
 
 
-def loss_function(backend: str, fp32_logits: bool = True):
+def loss_function(backend: str, fp32_logits: bool = True, dw_fp32: bool = True):
     """The linear+loss implementation for ``kl_backend``: the Triton kernel or the torch reference; with
-    ``fp32_logits=False`` one that computes 16-bit logits (``kl.fp32_logits``)."""
+    ``fp32_logits=False`` one that computes 16-bit logits (``kl.fp32_logits``); ``dw_fp32=False``: the kernel sums
+    dW over chunks in the weights' dtype (``kl.dw_fp32``; the reference always sums in fp32)."""
     fn = _loss_function(backend)
-    return fn if fp32_logits else partial(fn, fp32_logits=False)
+    kw = {} if fp32_logits else {"fp32_logits": False}
+    if not dw_fp32 and fn is not chunked_linear_loss:
+        kw["dw_fp32"] = False
+    return partial(fn, **kw) if kw else fn
 
 
 def _loss_function(backend: str):
@@ -128,7 +132,8 @@ class KLStage(Stage):
         if self.teacher is not None and wants_compile(s, ctx.ds_config(train=False)):
             compile_blocks(self.teacher.module.teacher.model.layers)
         kl_w, ce_w = (1.0, s.ce_weight) if self.uses_teacher else (0.0, 1.0)
-        module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_function(s.kl_backend, s.fp32_logits))
+        loss_fn = loss_function(s.kl_backend, s.fp32_logits, s.dw_fp32)
+        module = LMStudent(hybrid, s.temperature, kl_w, ce_w, s.loss_chunk_tokens, loss_fn)
         self.engine = student_engine(module, ctx.ds_config(), s, ctx.total_steps)
         self.engines = {"student": self.engine}
         # both LM heads run (the teacher's in the loss, on its final hidden states)

@@ -33,7 +33,7 @@ BASELINE = "baseline"
 # ---- configuration ---------------------------------------------------------------------------------------------
 # what a probe takes over from the kl section unless select.probe sets it
 FROM_KL = ("ds_config", "teacher_ds_config", "lr", "lr_rest", "betas", "weight_decay", "clip", "loss_chunk_tokens",
-           "kl_backend", "fp32_logits", "temperature")
+           "kl_backend", "fp32_logits", "dw_fp32", "temperature")
 
 
 def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:

@@ -59,6 +59,8 @@ carry_home_() {  # carry parts (an align folder for the next lease) ride along t
 case "$1" in
   sh)  # an ad-hoc command after setup, in the campaigns' environment (gpu_env.sh: carried wheels and triton 3.7.1 on
        # PYTHONPATH, the embedded teacher's GGUF, caches) plus this tree: bench/gpu_session.sh sh 'python3 ...'
+       # (a job meant to outlive the call needs `setsid nohup ... &` and its own copy of the tree, /tmp/new: a plain
+       # `nohup ... &` died with the call on 2026-12-06, its log empty)
     export PYTHONPATH="$PWD:$PYTHONPATH"
     bash -c "$2"
     ;;

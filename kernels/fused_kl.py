@@ -182,27 +182,48 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-_GEMM_INTO_FP32 = [True]  # cleared once if this torch's CUDA GEMM cannot write fp32 into a given output
+_GEMM_INTO_FP32: dict[torch.device, bool] = {}  # per device: does its GEMM add into an fp32 out correctly?
+
+
+def _gemm_into_fp32_ok(device: torch.device) -> bool:
+    """Whether this torch's CUDA GEMM writes and adds 16-bit products into an fp32 ``out`` in place (``mm`` /
+    ``addmm`` with ``out_dtype``; older versions refuse an fp32 ``self``): tried once per device on 64 x 64 against
+    the fp32 product plus an add, so a refusal or a different sum sends dW to that reference path."""
+    if device not in _GEMM_INTO_FP32:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(64, 64, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
+        acc = torch.randn(64, 64, generator=g, device=device)
+        want = acc + _mm32(a, b)
+        try:
+            got = acc.clone()
+            torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
+            first = torch.empty_like(acc)
+            torch.mm(a, b, out_dtype=torch.float32, out=first)
+            ok = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+                      and torch.allclose(first, want - acc, rtol=1e-5, atol=1e-4))
+            why = "a different sum"
+        except (RuntimeError, TypeError) as e:
+            ok, why = False, str(e)
+        if not ok:
+            import logging
+
+            logging.getLogger("ds_hybrid").warning("fused KL: this torch's GEMM into an fp32 output is not usable "
+                                                   "(%s); dW's fp32 sum takes one fp32 product and an add a chunk",
+                                                   why[:200])
+        _GEMM_INTO_FP32[device] = ok
+    return _GEMM_INTO_FP32[device]
 
 
 def _mm32_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out`` (fp32) = a @ b, or += a @ b with ``accumulate``, for 16-bit ``a``, ``b``: on CUDA one cuBLAS GEMM
-    with fp32 output into ``out`` (``out_dtype``; beta = 1 reads ``out`` in fp32), on CPU the fp32 product. dW's
-    accumulator. A torch whose CUDA GEMM refuses an fp32 ``out`` takes :func:`_mm32`'s product plus one add."""
-    if a.is_cuda and _GEMM_INTO_FP32[0]:
-        try:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError) as e:  # (nothing was written: the call was refused before any work)
-            _GEMM_INTO_FP32[0] = False
-            import logging
-
-            logging.getLogger("ds_hybrid").warning("fused KL: fp32 GEMM into dW's accumulator refused (%s); one "
-                                                   "fp32 product and an add per chunk instead", e)
-    if a.is_cuda:
+    with fp32 output into ``out`` (``out_dtype``; beta = 1 reads ``out`` in fp32) where :func:`_gemm_into_fp32_ok`,
+    else :func:`_mm32`'s product and an add; on CPU the fp32 product. dW's accumulator."""
+    if a.is_cuda and _gemm_into_fp32_ok(a.device):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif a.is_cuda:
         product = _mm32(a, b)
         out.add_(product) if accumulate else out.copy_(product)
     elif accumulate:

@@ -256,6 +256,24 @@ def test_bf16_dw_over_many_gemms_is_summed_in_fp32():
     assert err[False][1] > 2 * err[True][1], err  # (the option reaches the kernel)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's GEMM into an fp32 output needs a GPU")
+def test_bf16_dw_fp32_sum_on_cuda():
+    """On a GPU (not in CI): this torch's GEMM adds into dW's fp32 accumulator in place (the fast path, checked once
+    per device by _gemm_into_fp32_ok), and a bf16 dW over 64 chunks is as close to fp64 as dh, as on CPU."""
+    assert fused_kl._gemm_into_fp32_ok(torch.device("cuda"))
+    hs, ws, ht, wt, mask, _ = inputs(4096, 256, 4000, seed=3)
+    hb, wb, htb, wtb = (x.bfloat16() for x in (hs, ws, ht, wt))
+    _, _, r_dh, r_dw = reference(hb.double(), wb.double(), htb.double(), wtb.double(), mask, None, 1.0, 1.0, 0.0)
+    err = {}
+    for acc in (True, False):
+        h, w = hb.cuda().requires_grad_(), wb.cuda().requires_grad_()
+        loss, _ = fused_linear_loss(h, w, htb.cuda(), wtb.cuda(), mask.cuda(), None, 1.0, 1.0, 0.0, chunk=64,
+                                    dw_fp32=acc)
+        loss.backward()
+        err[acc] = (rel(h.grad.cpu(), r_dh), rel(w.grad.cpu(), r_dw))
+    assert err[True][1] < 1.25 * err[True][0] and err[False][1] > 2 * err[True][1], err
+
+
 def test_dw_chunk_is_checked():
     hs, ws, ht, wt, mask, _ = inputs(20, 8, 200, seed=3)
     h, w = hs.bfloat16().requires_grad_(), ws.bfloat16().requires_grad_()

@@ -374,6 +374,53 @@ def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch
     assert merged["ruler_fill"] == res["ruler_fill"] and res["ruler_fill"]["first"]["niah_single_1"]["1024"] > 0.5
 
 
+def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, monkeypatch, capsys):
+    """--resume after a crash: the model the first run finished is not loaded again, its scores, counts and samples
+    stay as they were, the other is evaluated, and the table is complete; other settings are refused by name."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+
+    real, calls = run_mod.load_model, []
+
+    def load(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "load_model", load)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "niah_single_1",
+            "--lengths", "1024", "--limit", "1", "--heldout-sequences", "1", "--heldout-seq-len", "64",
+            "--out", str(out)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(argv)
+    first = json.loads((out / "eval.json").read_text())
+    samples = (out / "samples_first.jsonl").read_text()
+    more = list(argv)
+    more[more.index("--limit") + 1] = "2"
+    assert cli.main(more + ["--resume"]) == 2
+    assert re.search(r"--resume=.*eval.json'?: that evaluation ran with limit = 1, this one asks for 2",
+                     capsys.readouterr().err)
+    calls.clear()
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    cli.main(argv + ["--resume"])
+    res = json.loads((out / "eval.json").read_text())
+    assert calls == [tiny[2]]  # the second model only
+    assert res["complete"] is True and set(res["scores"]) == {"first", "second"}
+    for key in ("scores", "prompts", "strict_scores", "prompt_digests", "ruler_fill", "heldout_quality"):
+        assert res[key]["first"] == first[key]["first"], key
+    assert res["models"]["first"] == first["models"]["first"] and (out / "samples_first.jsonl").read_text() == samples
+    assert res["heldout_quality"]["second"]["ppl"] > 1 and res["prompts"]["second"] == res["prompts"]["first"]
+    # a model of the same name from another folder is not the one evaluated: refused
+    import shutil
+
+    other = tmp_path / "elsewhere"
+    shutil.copytree(tiny[2], other)
+    assert cli.main([a.replace(f"second={tiny[2]}", f"second={other}") for a in argv] + ["--resume"]) == 2
+    assert re.search(r"its model 'second' was .* this one is '.*elsewhere'", capsys.readouterr().err)
+
+
 def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loads(tiny, monkeypatch, capsys):
     """lm-eval would cut such prompts from the left (the needle with them) and score them under the length asked."""
     from ds_hybrid import cli

@@ -18,7 +18,8 @@ from trainer_utils import REPO
 PYTHON = """#!/bin/bash
 if [ "$1" = -c ]; then printf '%s\\nga_s2\\nembedded\\n' "$OUT"; exit 0; fi
 if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete eval.json
-  echo eval >> "$OUT/stages.log"; mkdir -p "$OUT/eval"; echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0
+  echo eval >> "$OUT/stages.log"; echo "$*" >> "$OUT/eval_args.log"; mkdir -p "$OUT/eval"
+  echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0
 fi
 while [ $# -gt 0 ]; do [ "$1" = --stage ] && stage=$2; shift; done
 echo "$stage" >> "$OUT/stages.log"
@@ -175,11 +176,13 @@ def test_a_rank_bound_to_one_gpu_uses_it_and_too_few_gpus_are_refused(monkeypatc
 
 def test_an_evaluation_stopped_between_models_runs_again(tmp_path):
     """eval.json is written after each model ("complete": false until the last): a job requeued in the middle of its
-    evaluation skipped it as done, and the hybrid's row never came; now only a complete one is skipped."""
+    evaluation skipped it as done, and the hybrid's row never came; now only a complete one is skipped, and the rerun
+    passes --resume (the models already done are kept, the rest evaluated)."""
     out = tmp_path / "out"
     (out / "eval").mkdir(parents=True)
     (out / "eval" / "eval.json").write_text('{"models": {"teacher": {}}, "complete": false}')
     p, out = run_launcher(tmp_path, None, "STAGES=eval")
     assert p.returncode == 0 and lines(out / "stages.log") == ["eval"], p.stdout + p.stderr
+    assert "--resume" in (out / "eval_args.log").read_text().split()  # the models it had finished are kept
     p, out = run_launcher(tmp_path, None, "STAGES=eval")  # complete now: skipped
     assert "== eval: done, skipped" in p.stdout and lines(out / "stages.log") == ["eval"]

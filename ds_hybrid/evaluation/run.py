@@ -147,16 +147,29 @@ def run_eval(args: argparse.Namespace) -> dict:
                                   args.haystack, name)
     out_dir = Path(args.out)
     scores, quality, info, truncated, counts, strict, digests, fill = {}, {}, {}, {}, {}, {}, {}, {}
+    settings = {"device": str(dev), "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit,
+                "seed": args.seed, "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
+                "heldout": None if args.no_quality else heldout_settings(args)}
+    if args.resume:  # the models an earlier run of this same evaluation finished, as it left them
+        earlier = resumable_models(out_dir, settings, models, folders, args.max_length)
+        for name, rec in earlier.items():
+            info[name] = rec["models"]
+            for into, key in ((scores, "scores"), (counts, "prompts"), (strict, "strict_scores"),
+                              (digests, "prompt_digests"), (fill, "ruler_fill"), (quality, "heldout_quality")):
+                if key in rec:
+                    into[name] = rec[key]
+            for bname, n in rec.get("truncated_prompts", {}).items():
+                truncated.setdefault(bname, {})[name] = n
+        if earlier:
+            log.info("--resume: %s kept from %s", ", ".join(earlier), out_dir / "eval.json")
 
     def write_report(complete: bool) -> tuple[dict, str]:
         """eval.json and eval.md of the models done so far (rewritten after each: a crash keeps what finished)."""
-        payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
-                   "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit, "seed": args.seed,
-                   "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
+        payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **settings,
                    "truncated_prompts": truncated, "models": info, "complete": complete,
                    "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                    "strict_scores": strict, "prompt_digests": digests, "ruler_fill": fill,
-                   "heldout_quality": quality, "heldout": heldout_settings(args) if quality else None}
+                   "heldout_quality": quality}
         md = report.recall_table(scores, quality, counts)
         if any(strict.values()):
             md += ("\n\nstrict (the first answer given must be the gold, whole):\n\n" +
@@ -179,6 +192,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
     rows = _heldout_rows(args, folders) if not args.no_quality else []
     for name, path in models.items():
+        if name in info:  # (--resume: finished by an earlier run)
+            continue
         if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
             model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
         else:
@@ -244,6 +259,45 @@ def run_eval(args: argparse.Namespace) -> dict:
         report.plot_recall(scores, out_dir / "recall_vs_length.png")
     print(md)
     return payload
+
+
+RESUME_SETTINGS = ("device", "dtype", "lengths", "tasks", "limit", "seed", "based_files", "window", "cuda_graphs",
+                   "heldout")
+
+
+def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], folders: dict[str, str],
+                     max_length: int | None) -> dict[str, dict]:
+    """``--resume``: each model that ``out_dir/eval.json`` (an earlier run, partial or complete) holds, of the same
+    name, path and evaluation length, as that run left it (its entries of every per-model table). The evaluation's
+    settings must be the same as that run's (a difference is an error naming it: scores of other prompts, lengths or
+    held-out rows would sit in one table as if comparable); no eval.json: nothing to keep."""
+    path = out_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("--resume", str(path), f"unreadable ({e}): remove it, or run without --resume into a "
+                          "new --out") from None
+    for key in RESUME_SETTINGS:
+        if old.get(key) != settings[key]:
+            raise ConfigError("--resume", str(path), f"that evaluation ran with {key} = {old.get(key)!r}, this one "
+                              f"asks for {settings[key]!r}: evaluate into another --out, or ask for the same "
+                              "settings")
+    kept: dict[str, dict] = {}
+    for name, rec in old.get("models", {}).items():
+        if name not in models:
+            continue
+        if rec.get("path") != models[name] or rec.get("max_length") != eval_length(folders[name], max_length):
+            raise ConfigError("--resume", str(path), f"its model {name!r} was {rec.get('path')!r} at "
+                              f"{rec.get('max_length')} tokens, this one is {models[name]!r} at "
+                              f"{eval_length(folders[name], max_length)}: name it differently, or use another --out")
+        kept[name] = {"models": rec, **{k: old[k][name] for k in ("scores", "prompts", "strict_scores",
+                                                                  "prompt_digests", "ruler_fill", "heldout_quality")
+                                        if name in old.get(k, {})},
+                      "truncated_prompts": {b: per[name] for b, per in old.get("truncated_prompts", {}).items()
+                                            if name in per}}
+    return kept
 
 
 def eval_length(folder: str, max_length: int | None) -> int:
@@ -359,6 +413,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--resume", action="store_true", help="keep the models that an earlier run of the same "
+                   "evaluation into --out finished (its eval.json, partial or complete: same settings, a model by "
+                   "its name, path and length) and evaluate the rest; a difference in settings is refused by name")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -345,10 +345,8 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     assert res["ruler_fill"]["tiny"] == {"niah_single_1": {"1024": round(sum(sizes) / 2 / 1024, 4)}}
 
 
-def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch):
-    """eval.json is rewritten after each model: the second model's crash leaves the first one's scores, marked
-    partial, and its samples."""
-    from ds_hybrid import cli
+def crash_on_second_load(monkeypatch) -> list[str]:
+    """run.load_model fails on its second call (a simulated out-of-memory); returns the folders it was asked for."""
     from ds_hybrid.evaluation import run as run_mod
 
     real, calls = run_mod.load_model, []
@@ -360,6 +358,15 @@ def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch
         return real(*a, **k)
 
     monkeypatch.setattr(run_mod, "load_model", load)
+    return calls
+
+
+def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch):
+    """eval.json is rewritten after each model: the second model's crash leaves the first one's scores, marked
+    partial, and its samples."""
+    from ds_hybrid import cli
+
+    crash_on_second_load(monkeypatch)
     out = tmp_path / "ev"
     with pytest.raises(RuntimeError, match="simulated"):
         cli.main(["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "niah_single_1",
@@ -380,15 +387,8 @@ def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, mon
     from ds_hybrid import cli
     from ds_hybrid.evaluation import run as run_mod
 
-    real, calls = run_mod.load_model, []
-
-    def load(*a, **k):
-        calls.append(a[0])
-        if len(calls) == 2:
-            raise RuntimeError("out of memory (simulated)")
-        return real(*a, **k)
-
-    monkeypatch.setattr(run_mod, "load_model", load)
+    real = run_mod.load_model
+    calls = crash_on_second_load(monkeypatch)
     out = tmp_path / "ev"
     argv = ["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "niah_single_1",
             "--lengths", "1024", "--limit", "1", "--heldout-sequences", "1", "--heldout-seq-len", "64",

@@ -61,7 +61,7 @@ case "${1:-main}" in
     CFG=$S8B CASE_TIMEOUT=480 WARMUP=2 PROFILE_STEPS=1 case1 0,1 kl8b_old_2gpu $OLD kl 6
     ;;
   explore)  # one GPU, issue 14's open targets: the defaults against knobs, cheapest first, so that a lease cut short
-             # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; 8 cases, ~14 minutes (an
+             # keeps whole cases. `start bench/gpu_throughput.sh` with CAMPAIGN=explore; 9 cases, ~15 minutes (an
              # estimate; + ~8 for `autotune`). Measured so far: a/b GEMM +3.8 % (2026-12-03c), teacher overlap +0.4 %
              # (12-03c) and +1.2 % (12-04e), align's row groups +0.3 % (12-03d), kl's 4096-token chunk +0.6 %
              # (12-03d) and +1.3 % (12-04e), 16-bit logits +2.6 % (12-04e, now the default), max-autotune +2.4 %
@@ -71,7 +71,8 @@ case "${1:-main}" in
              # in runs/*.yaml). The cases: align one-GEMM and split under DeepSpeed's step, split with sync_free;
              # kl's earlier defaults (chunk 1024, no overlap) without and with sync_free, the knobs without and with
              # it; align's row groups; then (`autotune`) kl's defaults with max-autotune. Each case names the values
-             # it measures, so the rows keep their meaning whatever the defaults.
+             # it measures, so the rows keep their meaning whatever the defaults (kl.dw_fp32=false in the kl cases measured
+             # before it was the default; the dwfp32 case beside them).
     [ -f $R/t0 ] || date +%s > $R/t0   # (within `session`: one clock for the lease)
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
@@ -80,12 +81,16 @@ case "${1:-main}" in
     DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 align_new_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 align_syncfree_gb96 $NEW align 17 "${NEWAL[@]}" align.global_batch=96
     DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 kl_new_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
-      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false
+      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false kl.dw_fp32=false
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
-      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false
-    DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64
+      kl.loss_chunk_tokens=1024 kl.teacher_overlap=false kl.dw_fp32=false
+    DS_HYBRID_OPTIMIZER_STEP=deepspeed case1 0 kl_chunk4096_overlap_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 \
+      kl.dw_fp32=false
     DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_chunk4096_overlap_syncfree_gb64 $NEW kl 17 "${NEWKL[@]}" \
-      kl.global_batch=64
+      kl.global_batch=64 kl.dw_fp32=false
+    # (kl.dw_fp32, the default since 2026-12-06: dW summed in fp32 over a micro-batch's chunks of 4,096 tokens)
+    DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 kl_chunk4096_overlap_syncfree_dwfp32_gb64 $NEW kl 17 "${NEWKL[@]}" \
+      kl.global_batch=64 kl.dw_fp32=true
     DS_HYBRID_ALIGN_PASS_ELEMENTS=2147483647 case1 0 align_rowgroups_gb96 $NEW align 17 "${NEWAL[@]}" \
       align.global_batch=96
     python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1

@@ -4,7 +4,9 @@
 - CUDA -> NCCL, CPU -> gloo (DeepSpeed's CPU accelerator). On CPU the shared-memory comm op that DeepSpeed would
   JIT-compile (~45 s, needs g++) is skipped: gloo is used directly.
 - A collective that waits longer than ``timeout_minutes`` raises on the rank that waits, so one dead rank ends the
-  job instead of hanging it.
+  job instead of hanging it. Where the other ranks wait while the main rank does long one-off work (tokenizing a
+  large corpus into the token cache), they wait in :func:`wait_for_main`: a gloo barrier of its own with a timeout
+  of hours, not the training collectives' minutes (a main rank that fails ends its process, and with it their wait).
 """
 
 from __future__ import annotations
@@ -103,7 +105,11 @@ def bind_local_gpu() -> None:
                       "per GPU (e.g. srun --ntasks-per-node equal to the GPUs per node)")
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
+WAIT_FOR_MAIN_HOURS = 12.0
+_WAIT_GROUP: list = []  # wait_for_main's gloo group, made by init_distributed (by every rank, at the same point)
+
+
+def init_distributed(timeout_minutes: float = 30) -> None:
     if dist.is_available() and dist.is_initialized():
         return
     _env_from_slurm()
@@ -125,6 +131,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         bind_local_gpu()
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if dist.get_world_size() > 1:  # made now, with every rank here: making it later would itself wait on the main rank
+        _WAIT_GROUP[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_FOR_MAIN_HOURS))]
 
 
 def shutdown() -> None:
@@ -133,6 +141,7 @@ def shutdown() -> None:
     -6) after the work has finished."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _WAIT_GROUP.clear()
 
 
 def rank() -> int:
@@ -153,6 +162,20 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def wait_for_main() -> None:
+    """Every rank waits here until the main rank arrives, for up to WAIT_FOR_MAIN_HOURS: for one-off work that only
+    the main rank does (the token cache of a large corpus can take longer than the training collectives' timeout,
+    ``dist_timeout_minutes``, which a plain barrier would end the job at). A gloo barrier on a group of its own, so the
+    waiting ranks hold no GPU kernel; a main rank that fails exits, which ends the wait at once. A process group made
+    elsewhere (without init_distributed) gets a plain barrier."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return
+    if _WAIT_GROUP:
+        dist.barrier(group=_WAIT_GROUP[0])
+    else:
         dist.barrier()
 
 

@@ -13,7 +13,7 @@ model built on the meta device):
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
 | activations | per micro-batch of n = micro_batch x seq_len tokens, bytes per layer: softmax n (18 h + 6 i) b/2, linear n (54 h + 6 i) b/2 (compiled blocks: 12 h + 4 i, 36 h + 4 i), mixer alone (align) 28 n h b/2 + the captured 4 n h (stacked, GPUs: 48 n h b/2); with checkpointing 2 n h L + one layer's. For attention width d = h and two norms a layer; other shapes (Gemma 3, Qwen3): terms in d - h, extra norms and fla's chunk states, in make_plan | |
-| KL workspace | 2 C V b (16-bit logits, student and teacher; x 4 with kl.fp32_logits true) + V h b (dW; + 4 V h, its fp32 accumulator, where n > C with 16-bit weights) + 2 n h b (hidden states), C = loss_chunk_tokens (the Triton kernel writes dL/dz over the student logits); kl_backend torch: 4 fp32 C V workspaces (5 with CE) instead of the logits | |
+| KL workspace | 2 C V b (16-bit logits, student and teacher; x 4 with kl.fp32_logits true) + V h b (dW; + 4 V h, its fp32 accumulator, where n > C with 16-bit weights; the torch reference: + 8 V h) + 2 n h b (hidden states), C = loss_chunk_tokens (the Triton kernel writes dL/dz over the student logits); kl_backend torch: 4 fp32 C V workspaces (5 with CE) instead of the logits | |
 | framework | 1.5 GiB (CUDA context, NCCL, allocator slack) | |
 
 The activation and framework terms are estimates (Korthikanti et al.'s per-layer count adapted to SwiGLU MLPs and
@@ -221,8 +221,13 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
         # the student's only), dz written over the student's (a buffer of its own for fp64 runs)
         logit_bytes = b if not s.fp32_logits and b < 4 else 4
         logits = (2 if uses_teacher else 1) * C * V * logit_bytes + (C * V * b if b > 4 else 0)
-    # dW, and its fp32 accumulator where a 16-bit dW sums more than one chunk's GEMM (the kernel's dw_fp32)
-    dw = V * h * b + (4 * V * h if s.kl_backend != "torch" and s.dw_fp32 and b < 4 and n > C else 0)
+    # dW (counted also for a frozen LM head, lr_rest 0, which computes none since 2026-12-06: the runs this plan was
+    # measured against did), and beside a 16-bit dW its fp32 sum: the kernel's accumulator where more than one
+    # chunk's GEMM adds to it (kl.dw_fp32), the torch reference's fp32 copy of W and fp32 dW always
+    if s.kl_backend == "torch":
+        dw = V * h * b + (8 * V * h if b < 4 else 0)
+    else:
+        dw = V * h * b + (4 * V * h if s.dw_fp32 and b < 4 and n > C else 0)
     kl = 0 if stage == "align" else logits + dw + 2 * n * h * b
     # a checkpoint: the student's parameters in the run dtype + fp32 master weights and Adam's two moments
     ckpt = b * counts.student + 12 * counts.trainable

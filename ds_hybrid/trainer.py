@@ -323,7 +323,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     torch.manual_seed(cfg.seed)
 
-    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.barrier,
+    streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.wait_for_main,
                               need_tokens=data_tokens or s.tokens, seq_len=s.seq_len)
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)

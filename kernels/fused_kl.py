@@ -182,54 +182,61 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-_GEMM_INTO_FP32: dict[torch.device, bool] = {}  # per device: does its GEMM add into an fp32 out correctly?
+_GEMM_INTO_FP32: dict[tuple[torch.device, torch.dtype], bool] = {}  # (device, input dtype): its in-place fp32 GEMM works?
+FALLBACK_ROWS = 8192  # the fallback's rows of dW per fp32 product: a [rows, H] temporary, not a second [V, H]
 
 
-def _gemm_into_fp32_ok(device: torch.device) -> bool:
+def _gemm_into_fp32_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch's CUDA GEMM writes and adds 16-bit products into an fp32 ``out`` in place (``mm`` /
-    ``addmm`` with ``out_dtype``; older versions refuse an fp32 ``self``): tried once per device on 64 x 64 against
-    the fp32 product plus an add, so a refusal or a different sum sends dW to that reference path."""
-    if device not in _GEMM_INTO_FP32:
+    ``addmm`` with ``out_dtype``: torch < 2.8 has no ``out_dtype``, and addmm refused an fp32 ``self`` until late
+    2025): tried once per device and dtype, with a first operand laid out as dz^T is (a transposed view with a row
+    pitch twice its width), against the fp32 product plus an add; a refusal or a different sum sends dW to
+    :func:`_mm32_into_`'s fallback."""
+    key = (torch.device(device), dtype)
+    if key not in _GEMM_INTO_FP32:
         g = torch.Generator(device=device).manual_seed(0)
-        a, b = (torch.randn(64, 64, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
+        a = torch.randn(64, 128, generator=g, device=device).to(dtype)[:, :64].t()  # strides (1, 128), as dz.t()
+        b = torch.randn(64, 64, generator=g, device=device).to(dtype)
         acc = torch.randn(64, 64, generator=g, device=device)
-        want = acc + _mm32(a, b)
+        product = a.float() @ b.float()  # 16-bit values are exact in fp32 (and in TF32): the reference product
         try:
             got = acc.clone()
             torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
             first = torch.empty_like(acc)
             torch.mm(a, b, out_dtype=torch.float32, out=first)
-            ok = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4)
-                      and torch.allclose(first, want - acc, rtol=1e-5, atol=1e-4))
+            ok = bool(torch.allclose(got, acc + product, rtol=1e-5, atol=1e-4)
+                      and torch.allclose(first, product, rtol=1e-5, atol=1e-4))
             why = "a different sum"
         except (RuntimeError, TypeError) as e:
             ok, why = False, str(e)
         if not ok:
             import logging
 
-            logging.getLogger("ds_hybrid").warning("fused KL: this torch's GEMM into an fp32 output is not usable "
-                                                   "(%s); dW's fp32 sum takes one fp32 product and an add a chunk",
-                                                   why[:200])
-        _GEMM_INTO_FP32[device] = ok
-    return _GEMM_INTO_FP32[device]
+            logging.getLogger("ds_hybrid").warning(
+                "fused KL: this torch's GEMM into an fp32 output is not usable (%s); dW's fp32 sum takes fp32 "
+                "products of %d rows at a time instead (slower)", why[:200], FALLBACK_ROWS)
+        _GEMM_INTO_FP32[key] = ok
+    return _GEMM_INTO_FP32[key]
 
 
 def _mm32_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out`` (fp32) = a @ b, or += a @ b with ``accumulate``, for 16-bit ``a``, ``b``: on CUDA one cuBLAS GEMM
-    with fp32 output into ``out`` (``out_dtype``; beta = 1 reads ``out`` in fp32) where :func:`_gemm_into_fp32_ok`,
-    else :func:`_mm32`'s product and an add; on CPU the fp32 product. dW's accumulator."""
-    if a.is_cuda and _gemm_into_fp32_ok(a.device):
+    """``out`` (fp32) = a @ b, or += a @ b with ``accumulate``, for 16-bit ``a``, ``b``: dW's accumulator. On CUDA
+    one cuBLAS GEMM with fp32 output into ``out`` (``out_dtype``; beta = 1 reads ``out`` in fp32) where
+    :func:`_gemm_into_fp32_ok`; elsewhere (CPU, or a torch without it) fp32 products of FALLBACK_ROWS rows of ``out``
+    at a time, so that no second [V, H] fp32 tensor is made."""
+    if a.is_cuda and _gemm_into_fp32_ok(a.device, a.dtype):
         if accumulate:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
-    elif a.is_cuda:
-        product = _mm32(a, b)
-        out.add_(product) if accumulate else out.copy_(product)
-    elif accumulate:
-        out.addmm_(a.float(), b.float())
-    else:
-        torch.mm(a.float(), b.float(), out=out)
+        return
+    b32 = b.float()
+    for r in range(0, a.shape[0], FALLBACK_ROWS):
+        rows = out[r:r + FALLBACK_ROWS]
+        if accumulate:
+            rows.addmm_(a[r:r + FALLBACK_ROWS].float(), b32)
+        else:
+            torch.mm(a[r:r + FALLBACK_ROWS].float(), b32, out=rows)
 
 
 def _mm_logits(a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
@@ -319,13 +326,16 @@ class FusedLinearLoss(torch.autograd.Function):
         # (group > 1 only where dz lands in place over logits of its dtype: fused_linear_loss refuses the rest)
         zs_group = (torch.empty((min(N, group * chunk), w_s.shape[0]), dtype=logit_dtype, device=h_s.device)
                     if group > 1 else None)
-        dh = torch.empty_like(h_s) if need_grad else None
+        # dh and dW only where their inputs take a gradient: a frozen LM head (lr_rest 0) gets no dW, its [V, H]
+        # buffers and GEMMs (dW^T's N x V x H multiply-adds) skipped
+        need_dh, need_dw = need_grad and h_s.requires_grad, need_grad and w_s.requires_grad
+        dh = torch.empty_like(h_s) if need_dh else None
         # dW: the first chunk's GEMM writes it (no [V, H] zero fill, no read of zeros), the others accumulate; a
         # 16-bit W's dW summed over several GEMMs (groups) is summed in fp32 and rounded once at the end (summed in
         # 16 bits, each GEMM's addition rounded: 0.95 % relative error over 64 GEMMs against 0.17 % for one rounding)
-        acc32 = (need_grad and w_s.dtype.itemsize < 4 and N > group * chunk and stats.get("dw_fp32", True))
+        acc32 = (need_dw and w_s.dtype.itemsize < 4 and N > group * chunk and stats.get("dw_fp32", True))
         dw = None
-        if need_grad:
+        if need_dw:
             dw = (torch.empty(w_s.shape, dtype=torch.float32, device=w_s.device) if acc32
                   else torch.empty_like(w_s) if N else torch.zeros_like(w_s))
         kl_tok = torch.zeros(N, dtype=torch.float32, device=h_s.device) if use_kl else None
@@ -352,11 +362,15 @@ class FusedLinearLoss(torch.autograd.Function):
             if need_grad and zs_group is not None:
                 if b == N or (b - g0) == group * chunk:  # the group's last chunk: its dz are all in the buffer
                     dz_g, hs_g = zs_group[:b - g0], h_s[g0:b]
-                    torch.mm(dz_g, w_s, out=dh[g0:b])
-                    _dw_gemm_(dw, dz_g.t(), hs_g, g0 > 0, acc32)
+                    if need_dh:
+                        torch.mm(dz_g, w_s, out=dh[g0:b])
+                    if need_dw:
+                        _dw_gemm_(dw, dz_g.t(), hs_g, g0 > 0, acc32)
             elif need_grad:
-                torch.mm(dz, w_s, out=dh[a:b])
-                _dw_gemm_(dw, dz.t(), hs, a > 0, acc32)
+                if need_dh:
+                    torch.mm(dz, w_s, out=dh[a:b])
+                if need_dw:
+                    _dw_gemm_(dw, dz.t(), hs, a > 0, acc32)
             del dz
         if acc32:
             dw = dw.to(w_s.dtype)  # rounded once
@@ -379,7 +393,10 @@ class FusedLinearLoss(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         # in place: the saved gradients are used once, and a copy of dW ([V, H]) would cost as much as dW itself;
         # a grad_out of 1 (the loss backpropagated alone, as with one micro-batch a step) leaves them untouched
-        return scale_unless_one_(dh, grad_out), scale_unless_one_(dw, grad_out), *(None,) * 9
+        # (else a 16-bit dW is rounded a second time: exactly where grad_out is a power of two, as 1 / the
+        # accumulation steps of the shipped configs is)
+        return (None if dh is None else scale_unless_one_(dh, grad_out),
+                None if dw is None else scale_unless_one_(dw, grad_out), *(None,) * 9)
 
 
 def fused_linear_loss(

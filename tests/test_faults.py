@@ -380,3 +380,52 @@ def test_every_rank_takes_the_main_ranks_look_at_done(tmp_path):
                        timeout=300)
     assert p.returncode == 0, tail(p)
     assert [json.loads((tmp_path / f"verdict{r}.json").read_text()) for r in (0, 1)] == [True, True]
+
+
+WAIT_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from ds_hybrid import distributed as D
+mode, out = sys.argv[1], Path(sys.argv[2])
+D.init_distributed(2 / 60)  # the training collectives' timeout: 2 seconds
+t0 = time.time()
+if D.rank() == 0:
+    time.sleep(5)  # the main rank's one-off work (the token cache of a large corpus), longer than that
+    if mode == "fail":
+        raise SystemExit(3)
+try:
+    (D.barrier if mode == "barrier" else D.wait_for_main)()
+    verdict = "ok"
+except RuntimeError as e:
+    verdict = str(e)
+Path(out, f"rank{D.rank()}.json").write_text(json.dumps({"verdict": verdict, "waited": time.time() - t0}))
+D.shutdown()
+"""
+
+
+@pytest.mark.parametrize("mode", ["wait", "barrier", "fail"])
+def test_ranks_wait_for_the_main_ranks_one_off_work_past_the_collective_timeout(tmp_path, mode):
+    """The other ranks wait while rank 0 builds the token cache: at a plain barrier they fail once the training
+    collectives' timeout (dist_timeout_minutes; 2 s here) passes, as a large corpus's first tokenization would have
+    ended a job; in wait_for_main (its own gloo group, hours) they wait for it; and a main rank that fails ends their
+    wait at once (its connection closes), not hours later."""
+    from trainer_utils import env, free_port
+
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    port, procs = str(free_port()), []
+    for r in (0, 1):
+        e = dict(env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(tmp_path)], env=e, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    rcs = [p.wait(timeout=300) for p in procs]
+    logs = [p.stdout.read()[-2000:] for p in procs]
+    waiting = json.loads((tmp_path / "rank1.json").read_text())
+    if mode == "wait":
+        assert rcs == [0, 0] and waiting["verdict"] == "ok" and waiting["waited"] >= 4.5, logs
+        assert json.loads((tmp_path / "rank0.json").read_text())["verdict"] == "ok"
+    elif mode == "barrier":
+        assert "Timed out" in waiting["verdict"] and waiting["waited"] < 4.5, waiting
+    else:
+        assert rcs[0] == 3 and "closed by peer" in waiting["verdict"] and waiting["waited"] < 60, waiting

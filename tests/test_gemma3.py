@@ -136,11 +136,13 @@ def test_plan_counts_gemma3_270m_and_scales_the_kl_workspace_with_the_vocabulary
     # the Triton kernel: two fp32 logit blocks, dL/dz written over the student's; the torch reference: four fp32
     # [C, V] workspaces (the logits, log p_s, p_t, dL/dz), whatever the run's dtype
     rt = load_config(None, ["kl.micro_batch=8", "kl.kl_backend=torch", "kl.fp32_logits=true"])
-    # (the kernel's bf16 dW summed over the 8 x 2048 tokens' chunks in fp32, kl.dw_fp32: its [V, H] accumulator too)
+    # beside a bf16 dW, the kernel's fp32 accumulator (4 V H: the 8 x 2048 tokens span several chunks, kl.dw_fp32)
+    # and the reference's fp32 copy of W and fp32 dW (8 V H)
     for b in (2, 4):  # bf16 and fp32 runs
         base = make_plan(rc, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace
-        acc = 4 * 262_144 * 640 if b == 2 else 0
-        assert make_plan(rt, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace - base == 2 * 1024 * 262_144 * 4 - acc
+        fp32_sums = 4 * 262_144 * 640 if b == 2 else 0
+        assert make_plan(rt, "kl", counts, 1, 141, dtype_bytes=b).kl_workspace - base == (2 * 1024 * 262_144 * 4
+                                                                                            + fp32_sums)
 
 
 def test_fresh_gemma3_hybrid_keeps_the_mixer_norms_at_one():

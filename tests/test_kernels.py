@@ -238,10 +238,13 @@ def test_dw_over_several_chunks_at_the_edges(N):
         assert not out[1][2].any()
 
 
-def test_bf16_dw_over_many_gemms_is_summed_in_fp32():
+@pytest.mark.parametrize("rows", [8192, 100])
+def test_bf16_dw_over_many_gemms_is_summed_in_fp32(rows, monkeypatch):
     """A bf16 W's dW over 64 GEMMs (1,024 tokens, chunks of 16) summed in fp32 and rounded once: as close to fp64
     (on the same bf16 inputs) as dh, which no sum across chunks touches (~3.5e-3, the bf16 dz's rounding); summed in
-    bf16 (``dw_fp32=False``, the old path) each GEMM's addition rounds, 2.5x further (~9e-3)."""
+    bf16 (``dw_fp32=False``, the old path) each GEMM's addition rounds, 2.5x further (~9e-3). The fp32 products made
+    ``rows`` rows of dW at a time (CPU, and CUDA without an in-place fp32 GEMM): 100 of the 256 rows, three blocks."""
+    monkeypatch.setattr(fused_kl, "FALLBACK_ROWS", rows)
     hs, ws, ht, wt, mask, _ = inputs(1024, 32, 256, seed=2)
     hb, wb, htb, wtb = hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16()
     _, _, r_dh, r_dw = reference(hb.double(), wb.double(), htb.double(), wtb.double(), mask, None, 1.0, 1.0, 0.0)
@@ -260,7 +263,7 @@ def test_bf16_dw_over_many_gemms_is_summed_in_fp32():
 def test_bf16_dw_fp32_sum_on_cuda():
     """On a GPU (not in CI): this torch's GEMM adds into dW's fp32 accumulator in place (the fast path, checked once
     per device by _gemm_into_fp32_ok), and a bf16 dW over 64 chunks is as close to fp64 as dh, as on CPU."""
-    assert fused_kl._gemm_into_fp32_ok(torch.device("cuda"))
+    assert fused_kl._gemm_into_fp32_ok(torch.device("cuda", 0), torch.bfloat16)
     hs, ws, ht, wt, mask, _ = inputs(4096, 256, 4000, seed=3)
     hb, wb, htb, wtb = (x.bfloat16() for x in (hs, ws, ht, wt))
     _, _, r_dh, r_dw = reference(hb.double(), wb.double(), htb.double(), wtb.double(), mask, None, 1.0, 1.0, 0.0)
@@ -272,6 +275,21 @@ def test_bf16_dw_fp32_sum_on_cuda():
         loss.backward()
         err[acc] = (rel(h.grad.cpu(), r_dh), rel(w.grad.cpu(), r_dw))
     assert err[True][1] < 1.25 * err[True][0] and err[False][1] > 2 * err[True][1], err
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.5])
+def test_a_frozen_lm_head_gets_no_dw(grad_scale):
+    """w_s without a gradient (lr_rest 0 freezes the LM head): no dW is formed, and the loss and dh are bit for bit
+    those of a run that forms it (also when the loss is scaled before its backward, as under accumulation)."""
+    hs, ws, ht, wt, mask, lab = inputs(45, 24, 333, seed=8)
+    out = []
+    for w_grad in (True, False):
+        h, w = hs.bfloat16().requires_grad_(), ws.bfloat16().requires_grad_(w_grad)
+        loss, _ = fused_linear_loss(h, w, ht.bfloat16(), wt.bfloat16(), mask, lab, 1.0, 1.0, 0.5, chunk=16)
+        (loss * grad_scale).backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert out[0][2] is not None and out[1][2] is None
 
 
 def test_dw_chunk_is_checked():

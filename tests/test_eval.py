@@ -759,3 +759,34 @@ def test_prompts_check_tells_a_published_samples_file_whose_prompts_today_differ
     path.write_text("".join(json.dumps(r, default=str) + "\n" for r in changed))
     assert pc.compare(rebuilt, rebuilt) == {"niah_single_1": True, "niah_multikey_2": True}
     assert pc.compare(changed, rebuilt) == {"niah_single_1": True, "niah_multikey_2": False}
+
+
+def test_models_of_one_run_read_the_same_ruler_cwe_prompts(tiny, tmp_path):
+    """lm-eval's cwe generator shuffles with a module-level random.Random that lm-eval never reseeds: the second
+    model of a run read the same golds in another order (other prompts, filed beside the first model's as if
+    comparable). Each build now starts from one state: the same prompt digests for both, no prompt_mismatch."""
+    from ds_hybrid import cli
+
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "ruler_cwe",
+                     "--lengths", "1024", "--limit", "2", "--no-quality", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    first, second = (res["prompt_digests"][m]["ruler_cwe"]["1024"] for m in ("first", "second"))
+    assert first == second and res["prompt_mismatch"] == []
+    assert "NOT COMPARABLE" not in (out / "eval.md").read_text()
+
+
+def test_eval_flags_models_of_one_tokenizer_that_read_other_prompts(tiny, tmp_path, monkeypatch):
+    """Should a generator still draw differently per model, the run says so in eval.json and eval.md."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import recall as rec
+
+    monkeypatch.setattr(rec, "restore_module_rng", lambda name: None)  # the old behaviour
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--model", f"first={tiny[2]}", "--model", f"second={tiny[2]}", "--tasks", "ruler_cwe",
+                     "--lengths", "1024", "--limit", "2", "--no-quality", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert [(d["task"], d["length"], d["model"], d["differs_from"]["model"]) for d in res["prompt_mismatch"]
+            if d["kind"] == "prompts"] == [("ruler_cwe", "1024", "second", "first")]
+    assert "NOT COMPARABLE, other prompts for models of one tokenizer: ruler_cwe at 1024: second vs first" in \
+        (out / "eval.md").read_text()

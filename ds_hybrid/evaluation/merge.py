@@ -95,6 +95,16 @@ def _samples(src: Path, model: str) -> list[dict] | None:
     return None
 
 
+def prompt_differences(digests: dict[str, dict], tokenizers: dict[str, str | None], src: Path) -> list[dict]:
+    """The (task, length) cells where models of one tokenizer in one evaluation read other prompts than an earlier
+    model of it (``eval`` records them in eval.json as ``prompt_mismatch``; their scores are not comparable)."""
+    seen: dict = {}
+    differ: list = []
+    for model, per_task in digests.items():
+        _check_prompts(seen, model, tokenizers.get(model), per_task, src, True, differ)
+    return differ
+
+
 def _check_prompts(digests: dict, model: str, tokenizer: str | None, per_task: dict, src: Path, allow: bool,
                    differ: list) -> None:
     """Every model's scores of a (task, length) come from one set of prompts: compare with what came before. RULER
@@ -113,9 +123,10 @@ def _check_prompts(digests: dict, model: str, tokenizer: str | None, per_task: d
                     if not allow:
                         raise ConfigError("eval-merge", str(src), f"{model}'s {task} at {key} comes from other prompts "
                                           f"({kind} digest {d[kind]}) than {other['model']}'s in {other['src']} "
-                                          f"({other['d'][kind]}): their scores are not comparable. Evaluate both in "
-                                          "one run of the same tasks, lengths, limit and haystack, or pass "
-                                          "--allow-other-prompts")
+                                          f"({other['d'][kind]}): their scores are not comparable. Evaluate both "
+                                          "with the same tasks, lengths, limit and haystack (ruler_cwe: in runs "
+                                          "of 2026-12-06 or later; before, a run's second model drew other "
+                                          "prompts), or pass --allow-other-prompts")
                     differ.append({"task": task, "length": key, "model": model, "file": str(src),
                                    "differs_from": {"model": other["model"], "file": str(other["src"])},
                                    "kind": kind})

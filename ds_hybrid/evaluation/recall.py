@@ -135,9 +135,28 @@ def capped_samples(module_name: str | None, cap: int | None):
         setattr(module, name, original)
 
 
+_MODULE_RNG_STATES: dict[str, object] = {}
+
+
+def restore_module_rng(module_name: str | None) -> None:
+    """lm-eval's ``cwe_utils`` shuffles each word list with a module-level ``random.Random(42)`` that nothing
+    reseeds (lm-eval reseeds ``random`` and numpy per evaluation, not it): the second model of one process drew
+    other ruler_cwe prompts than the first (the same golds, in another order). Each build now starts from the state
+    the generator had before this process's first build, so every model of a run, and a run of one model, reads the
+    same prompts."""
+    if module_name is None:
+        return
+    import random
+
+    rng = getattr(importlib.import_module(f"lm_eval.tasks.ruler.{module_name}"), "RNG", None)
+    if isinstance(rng, random.Random):
+        rng.setstate(_MODULE_RNG_STATES.setdefault(module_name, rng.getstate()))
+
+
 def _per_length_limit(dataset_fn: Callable, limit: int | None, module_name: str | None = None, **kwargs) -> dict:
     """RULER generators put all samples of one length before the next; lm-eval's limit would then see only the
     first length. Keep the first ``limit`` samples of every length instead (and draw no more than that)."""
+    restore_module_rng(module_name)
     with capped_samples(module_name, limit):
         data = dataset_fn(**kwargs)
     if limit is None:

@@ -170,6 +170,11 @@ def run_eval(args: argparse.Namespace) -> dict:
                    "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                    "strict_scores": strict, "prompt_digests": digests, "ruler_fill": fill,
                    "heldout_quality": quality}
+        from ds_hybrid.evaluation.merge import prompt_differences
+
+        mismatch = prompt_differences(digests, {m: info.get(m, {}).get("tokenizer") for m in digests},
+                                      out_dir / "eval.json")
+        payload["prompt_mismatch"] = mismatch
         md = report.recall_table(scores, quality, counts)
         if any(strict.values()):
             md += ("\n\nstrict (the first answer given must be the gold, whole):\n\n" +
@@ -183,6 +188,12 @@ def run_eval(args: argparse.Namespace) -> dict:
         if any(short.values()):
             md += (f"\n\nRULER prompts filling less than {SHORT_FILL:.0%} of their length on average (prompt + "
                    "generation tokens / length): " + json.dumps({m: per for m, per in short.items() if per}))
+        if mismatch:
+            cells = sorted({f"{d['task']} at {d['length']}: {d['model']} vs {d['differs_from']['model']}"
+                            for d in mismatch})
+            log.warning("models of one tokenizer read other prompts (their scores are not comparable): %s",
+                        "; ".join(cells))
+            md += "\n\nNOT COMPARABLE, other prompts for models of one tokenizer: " + "; ".join(cells)
         if not complete:
             md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
         report.write(out_dir, "eval", payload, md)

@@ -342,6 +342,11 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     assert res["complete"] is True
     sizes = [s["ruler_length"] for s in samples if s["task"] == "niah_single_1"]
     assert len(sizes) == 2 and all(512 < n <= 1024 for n in sizes)
+    # each prompt's tokens as the model reads it: RULER's text, its delimiter and generation prefix (a few tokens
+    # more than RULER's size less the generation), none cut at this length
+    for s in samples[:2]:
+        assert 0 < s["context_tokens"] - (s["ruler_length"] - s["max_gen_toks"]) < 64, s
+    assert res["ruler_truncated"] == {"tiny": {}}
     assert res["ruler_fill"]["tiny"] == {"niah_single_1": {"1024": round(sum(sizes) / 2 / 1024, 4)}}
 
 
@@ -379,6 +384,7 @@ def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch
     merged = merge.merge([str(out)])
     assert merged["partial_sources"] == [str(out / "eval.json")] and set(merged["scores"]) == {"first"}
     assert merged["ruler_fill"] == res["ruler_fill"] and res["ruler_fill"]["first"]["niah_single_1"]["1024"] > 0.5
+    assert merged["ruler_truncated"] == res["ruler_truncated"] == {"first": {}}
 
 
 def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, monkeypatch, capsys):
@@ -790,3 +796,19 @@ def test_eval_flags_models_of_one_tokenizer_that_read_other_prompts(tiny, tmp_pa
             if d["kind"] == "prompts"] == [("ruler_cwe", "1024", "second", "first")]
     assert "NOT COMPARABLE, other prompts for models of one tokenizer: ruler_cwe at 1024: second vs first" in \
         (out / "eval.md").read_text()
+
+
+def test_ruler_prompts_cut_by_lm_eval_are_counted():
+    """A RULER prompt whose tokens (its delimiter and generation prefix included) pass the evaluation length less the
+    generation is cut from the left by HFLM: counted per task and length (the task's max_gen_toks, else HFLM's)."""
+    samples = [{"task": "niah_single_1", "length": 2048, "context_tokens": 1920, "max_gen_toks": 128},   # fits
+               {"task": "niah_single_1", "length": 2048, "context_tokens": 1921, "max_gen_toks": 128},   # cut
+               {"task": "niah_single_1", "length": 2048, "context_tokens": 1990},                       # 256: cut
+               {"task": "ruler_cwe", "length": 2048, "context_tokens": 1928, "max_gen_toks": 120},      # fits
+               {"task": "swde_local", "length": None, "context_tokens": 9999}]                          # not RULER
+    assert recall.cut_ruler_prompts(samples, 2048, 256) == {"niah_single_1": {"2048": 2}}
+    # the request's context and kwargs, in memory and serialised
+    assert recall._request_args({"arguments": [("ctx", {"max_gen_toks": 7})]}) == ("ctx", {"max_gen_toks": 7})
+    assert recall._request_args({"arguments": {"gen_args_0": {"arg_0": "ctx", "arg_1": {"until": []}}}}) == \
+        ("ctx", {"until": []})
+    assert recall._request_args({}) == (None, {})

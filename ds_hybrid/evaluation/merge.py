@@ -157,6 +157,7 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     differ: list = []
     heldout = None
     fill: dict = {}
+    ruler_cut: dict = {}
     partial: list[str] = []
     for item in items:
         renames, src, p = _load(item)
@@ -168,6 +169,9 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
         for m, per_task in (p.get("ruler_fill") or {}).items():
             for task, row in per_task.items():
                 fill.setdefault(name(m), {}).setdefault(task, {}).update(row)
+        for m, per_task in (p.get("ruler_truncated") or {}).items():  # (files written since 2026-12-06)
+            for task, row in per_task.items():
+                ruler_cut.setdefault(name(m), {}).setdefault(task, {}).update(row)
         for m in p["scores"]:
             samples = None
             d = (p.get("prompt_digests") or {}).get(m)
@@ -223,7 +227,7 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
            "prompt_digests": all_digests, "heldout_quality": quality, "heldout": heldout[0] if heldout else None,
-           "truncated_prompts": truncated, "ruler_fill": fill}
+           "truncated_prompts": truncated, "ruler_fill": fill, "ruler_truncated": ruler_cut}
     if partial:
         out["partial_sources"] = partial
     if differ:
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             payload["prompts_differ"])
     if any(k for d in payload["truncated_prompts"].values() for k in d.values()):
         md += "\n\nprompts longer than the evaluation length: " + json.dumps(payload["truncated_prompts"])
+    cut = {m: c for m, c in (payload.get("ruler_truncated") or {}).items() if c}
+    if cut:
+        md += "\n\nRULER prompts left-truncated by lm-eval (scored anyway): " + json.dumps(cut)
     report.write(out, "eval", payload, md)
     if any(k.isdigit() for s in payload["scores"].values() for d in s.values() for k in d):
         report.plot_recall(payload["scores"], out / "recall_vs_length.png")

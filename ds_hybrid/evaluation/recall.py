@@ -315,9 +315,23 @@ def count_truncated(records: list[dict], tokenizer, max_length: int, limit: int 
     return sum(len(tokenizer(based_prompt(r))["input_ids"]) > budget for r in rows)
 
 
-def samples_from(results: dict) -> list[dict]:
+def _request_args(sample: dict) -> tuple[str | None, dict]:
+    """The context and generation kwargs of a logged generate_until sample (a list of (context, kwargs) tuples in
+    memory; {"gen_args_0": {"arg_0", "arg_1"}} once serialised)."""
+    args = sample.get("arguments")
+    first = args[0] if isinstance(args, (list, tuple)) and args else None
+    if isinstance(args, dict) and args:
+        first = list(next(iter(args.values())).values())
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], str):
+        return first[0], first[1] if len(first) > 1 and isinstance(first[1], dict) else {}
+    return None, {}
+
+
+def samples_from(results: dict, tokenizer=None) -> list[dict]:
     """One record per prompt from lm-eval's logged samples: task, id, gold, generation, score, the strict score
-    (RULER tasks) and ``doc_sha``, a digest of the whole document (prompt and answers)."""
+    (RULER tasks) and ``doc_sha``, a digest of the whole document (prompt and answers); with ``tokenizer``, also
+    ``context_tokens`` (the prompt as the model reads it: lm-eval's context, its delimiter and generation prefix
+    included, tokenized as HFLM does) and ``max_gen_toks`` (the task's, where it sets one)."""
     out = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
@@ -335,7 +349,27 @@ def samples_from(results: dict) -> list[dict]:
                 rec["ruler_length"] = doc["length"]
             if rec["length"] is not None:
                 rec["strict"] = strict_score(gold, gen)
+            context, gen_kwargs = _request_args(s)
+            if tokenizer is not None and context is not None:
+                rec["context_tokens"] = len(tokenizer(context)["input_ids"])
+                if isinstance(gen_kwargs.get("max_gen_toks"), int):
+                    rec["max_gen_toks"] = gen_kwargs["max_gen_toks"]
             out.append(rec)
+    return out
+
+
+def cut_ruler_prompts(samples: list[dict], max_length: int, default_gen_toks: int) -> dict[str, dict[str, int]]:
+    """{task: {length: prompts}} of RULER prompts that lm-eval cut from the left: RULER sizes a prompt as its text
+    plus the generation within the length, but the prompt read also holds the delimiter and generation prefix, and
+    HFLM keeps only the last ``max_length - max_gen_toks`` tokens of it (its instructions, or the needle, lost).
+    Where the evaluation length is the longest RULER length, a few do not fit."""
+    out: dict[str, dict[str, int]] = {}
+    for rec in samples:
+        if rec.get("length") is None or "context_tokens" not in rec:
+            continue
+        if rec["context_tokens"] > max_length - rec.get("max_gen_toks", default_gen_toks):
+            row = out.setdefault(rec["task"], {})
+            row[str(rec["length"])] = row.get(str(rec["length"]), 0) + 1
     return out
 
 

@@ -129,8 +129,10 @@ def run_eval(args: argparse.Namespace) -> dict:
                               f"{name} is evaluated at {eval_length(folder, args.max_length)} tokens (--max-length, "
                               f"else its context), shorter than the longest RULER length, whose prompts lm-eval would "
                               f"cut from the left (the needle with them) and score under the length asked: drop the "
-                              f"longer lengths, or raise --max-length to {max(lengths)} (past the model's context, the "
-                              "scores measure extrapolation)")
+                              f"longer lengths, or raise --max-length to {max(lengths)} or more (past the model's "
+                              "context, the scores measure extrapolation; at exactly the longest length a few prompts "
+                              "may still be cut, by their delimiter and generation prefix: eval.json's "
+                              "ruler_truncated counts them)")
     dev = _device(args.device)
     dtype = _dtype(args.dtype, dev)
     recall.prepare_offline()
@@ -147,6 +149,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                                   args.haystack, name)
     out_dir = Path(args.out)
     scores, quality, info, truncated, counts, strict, digests, fill = {}, {}, {}, {}, {}, {}, {}, {}
+    ruler_cut: dict[str, dict] = {}  # per model, {task: {length: prompts}} cut from the left by lm-eval
     settings = {"device": str(dev), "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit,
                 "seed": args.seed, "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
                 "heldout": None if args.no_quality else heldout_settings(args)}
@@ -155,7 +158,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         for name, rec in earlier.items():
             info[name] = rec["models"]
             for into, key in ((scores, "scores"), (counts, "prompts"), (strict, "strict_scores"),
-                              (digests, "prompt_digests"), (fill, "ruler_fill"), (quality, "heldout_quality")):
+                              (digests, "prompt_digests"), (fill, "ruler_fill"), (quality, "heldout_quality"),
+                              (ruler_cut, "ruler_truncated")):
                 if key in rec:
                     into[name] = rec[key]
             for bname, n in rec.get("truncated_prompts", {}).items():
@@ -166,7 +170,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     def write_report(complete: bool) -> tuple[dict, str]:
         """eval.json and eval.md of the models done so far (rewritten after each: a crash keeps what finished)."""
         payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **settings,
-                   "truncated_prompts": truncated, "models": info, "complete": complete,
+                   "truncated_prompts": truncated, "ruler_truncated": ruler_cut, "models": info,
+                   "complete": complete,
                    "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                    "strict_scores": strict, "prompt_digests": digests, "ruler_fill": fill,
                    "heldout_quality": quality}
@@ -179,6 +184,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         if any(strict.values()):
             md += ("\n\nstrict (the first answer given must be the gold, whole):\n\n" +
                    report.recall_table(strict, {}, counts))
+        if any(ruler_cut.values()):
+            md += ("\n\nRULER prompts longer than the evaluation length less the generation, left-truncated by "
+                   "lm-eval (their start lost; scored anyway): " + json.dumps({m: c for m, c in ruler_cut.items() if c}))
         if truncated:
             what = "cut to an answer-centred window" if args.window == "answer" else "left-truncated by lm-eval"
             md += f"\n\nprompts longer than the evaluation length ({what}): " + json.dumps(truncated)
@@ -235,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             raise ConfigError("--lengths", args.lengths, f"too short for a RULER prompt ({e}); use longer lengths "
                               "(1024 and up)") from None
         scores[name] = recall.scores_from(res, lengths)
-        samples = recall.samples_from(res)
+        samples = recall.samples_from(res, tok)
         counts[name] = recall.sample_counts(samples)
         if samples:
             strict[name] = recall.strict_scores(samples)
@@ -246,6 +254,11 @@ def run_eval(args: argparse.Namespace) -> dict:
                     digests[name][f"{bname}_local"]["contains"] = recall.cut_prompts_digest(cell, args.window,
                                                                                               max_length)
             fill[name] = recall.prompt_fill(samples)
+            ruler_cut[name] = recall.cut_ruler_prompts(samples, max_length, lm.max_gen_toks)
+            if ruler_cut[name]:
+                log.warning("%s: RULER prompts cut from the left by lm-eval (longer than %d tokens less the "
+                            "generation): %s; raise --max-length past the longest --lengths", name, max_length,
+                            ruler_cut[name])
             for task, row in fill[name].items():
                 for L, f in row.items():
                     if f < SHORT_FILL:
@@ -304,7 +317,8 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
                               f"{rec.get('max_length')} tokens, this one is {models[name]!r} at "
                               f"{eval_length(folders[name], max_length)}: name it differently, or use another --out")
         kept[name] = {"models": rec, **{k: old[k][name] for k in ("scores", "prompts", "strict_scores",
-                                                                  "prompt_digests", "ruler_fill", "heldout_quality")
+                                                                  "prompt_digests", "ruler_fill", "heldout_quality",
+                                                                  "ruler_truncated")
                                         if name in old.get(k, {})},
                       "truncated_prompts": {b: per[name] for b, per in old.get("truncated_prompts", {}).items()
                                             if name in per}}

@@ -170,8 +170,9 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             for task, row in per_task.items():
                 fill.setdefault(name(m), {}).setdefault(task, {}).update(row)
         for m, per_task in (p.get("ruler_truncated") or {}).items():  # (files written since 2026-12-06)
+            cut = ruler_cut.setdefault(name(m), {})
             for task, row in per_task.items():
-                ruler_cut.setdefault(name(m), {}).setdefault(task, {}).update(row)
+                cut.setdefault(task, {}).update(row)
         for m in p["scores"]:
             samples = None
             d = (p.get("prompt_digests") or {}).get(m)

@@ -711,6 +711,13 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
     assert "| uniform - ga_s2 | 4 | u4 - picked | -0.20 [-0.33, -0.06] * |" in md and "difference to ga_s2" in md
     with pytest.raises(ConfigError, match=r"^recall-vs-k --against='proxy': no such selector"):
         by_k.main([str(folder), "--against", "uniform,proxy", "--out", str(out)])
+    # --against teacher: every hybrid (any K, the unexplained one too) against the teacher; it used to print nothing
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--out", str(out),
+                      "--against", "teacher"]) == 0
+    md = (out / "recall_vs_k.md").read_text()
+    assert "### 2048 tokens: difference to teacher (95 % interval" in md
+    assert "| ga_s2 - teacher | 4 | picked - teacher | -0.30 [" in md and "| odd - teacher | 2 | odd - teacher |" in md
+    assert "| all_linear - teacher" not in md and "| teacher - teacher" not in md
     # --strict: the same tables from the strict scores (eval-merge's), refused where there are none
     with pytest.raises(ConfigError, match=r"^recall-vs-k --strict=.*holds no strict scores"):
         by_k.main([str(folder), "--strict", "--out", str(out)])

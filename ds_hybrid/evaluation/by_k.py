@@ -94,13 +94,16 @@ def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] =
 
 
 def differences(payload: dict[str, Any], rows: list[dict], against: str = "uniform") -> list[str]:
-    """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K, per length and task,
-    with the 95 % interval of the difference (``difference_interval``); [] when no such pair was evaluated."""
+    """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K (``against`` teacher
+    or all_linear: every hybrid, whatever its K, minus that model), per length and task, with the 95 % interval of
+    the difference (``difference_interval``); [] when no such pair was evaluated."""
     scores, counts = payload["scores"], payload.get("prompts", {})
     # a hybrid two rules explain (selector "uniform=ga_s2") is the base of both, and compared with neither
     base = [r for r in rows if against in r["selector"].split("=")]
-    pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR) and r.get("matched")
-             and against not in r["selector"].split("=") for b in base if b["k"] == r["k"]]
+    any_k = against in (TEACHER, ALL_LINEAR)
+    pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR)
+             and (r.get("matched") or any_k) and against not in r["selector"].split("=")
+             for b in base if any_k or b["k"] == r["k"]]
     out: list[str] = []
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
@@ -119,7 +122,8 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
                 lines.append(f"| {r['selector']} - {against} | {r['k']} | {r['model']} - {b['model']} | "
                              + " | ".join(cells) + " |")
         if lines:
-            out += [f"### {length} tokens: difference to {against} at the same K (95 % interval; * excludes 0)", "",
+            same = "" if any_k else " at the same K"
+            out += [f"### {length} tokens: difference to {against}{same} (95 % interval; * excludes 0)", "",
                     "| selectors | K | models | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks),
                     *lines, ""]
     return out
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default=None, help="the task plotted (default: the eval's first)")
     ap.add_argument("--against", default="uniform", metavar="SELECTOR[,SELECTOR]",
                     help="the selectors every other one is compared with at the same K (default: uniform; e.g. "
-                         "uniform,ga_s2 for the baselines against KL-guided selection too)")
+                         "uniform,ga_s2 for the baselines against KL-guided selection too); teacher or all_linear: "
+                         "every hybrid against that model, whatever its K")
     ap.add_argument("--strict", action="store_true",
                     help="use the strict scores (the first answer given must be the gold, whole) instead of RULER's "
                          "string match")
@@ -230,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     known = {s for r in rows for s in r["selector"].split("=")} | {"uniform", "smart", *selections}
     if unknown := [a for a in against if a not in known]:
         raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
+    for a in against:  # (said, not refused: the default, uniform, may simply not be among the models)
+        if not any(a in r["selector"].split("=") for r in rows):
+            print(f"--against {a}: no model of this eval is explained by it, so no differences to it; selectors of "
+                  f"its models: {sorted({s for r in rows for s in r['selector'].split('=')})}")
     out.mkdir(parents=True, exist_ok=True)
     md = tables(payload, rows, against)
     atomic_write_text(out / "recall_vs_k.md", md)

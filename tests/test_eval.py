@@ -819,3 +819,25 @@ def test_ruler_prompts_cut_by_lm_eval_are_counted():
     assert recall._request_args({"arguments": {"gen_args_0": {"arg_0": "ctx", "arg_1": {"until": []}}}}) == \
         ("ctx", {"until": []})
     assert recall._request_args({}) == (None, {})
+
+
+def test_default_haystack_is_what_every_models_tokenizer_holds_out():
+    """The essay haystack by default: the embedded corpus's held-out prose, whose share per source is counted in
+    tokens; a tokenizer that makes more tokens of a document holds out fewer documents, so the haystack is what every
+    evaluated model's tokenizer (and the run's split) holds out, never text one of them trained on. With the embedded
+    teacher's tokenizer it is the haystack every earlier evaluation read."""
+    from transformers import AutoTokenizer
+
+    from ds_hybrid.evaluation.haystack import haystack_words, held_out_prose
+    from ds_hybrid.teacher import resolve_teacher
+
+    class CharTokens:  # one token a character: several times the tokens of a BPE tokenizer
+        def __call__(self, text, **kwargs):
+            return {"input_ids": list(range(len(text)))}
+
+    tok = AutoTokenizer.from_pretrained(resolve_teacher("embedded"))
+    assert haystack_words(None, [tok]) == haystack_words()
+    bpe, chars, both = held_out_prose([tok]), held_out_prose([CharTokens()]), held_out_prose([tok, CharTokens()])
+    assert 0 < len(chars) < len(bpe) and both == [t for t in bpe if t in set(chars)] and set(both) == set(chars)
+    # another split holds out other documents
+    assert held_out_prose([tok], split_seed=12345) != bpe

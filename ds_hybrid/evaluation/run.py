@@ -142,7 +142,20 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     from ds_hybrid.evaluation.haystack import check_haystack_tokens, haystack_words
 
-    haystack = haystack_words(args.haystack) if any(t in recall.ESSAY_TASKS for t in tasks) else None
+    haystack = None
+    if any(t in recall.ESSAY_TASKS for t in tasks):
+        # the default, the embedded corpus's held-out prose: what every model's tokenizer holds out under the run's
+        # split (--run-config), so that no model reads a haystack of text it trained on
+        from ds_hybrid.config import load_config
+
+        split = load_config(args.run_config).data if getattr(args, "run_config", None) else None
+        toks = {}
+        if args.haystack in (None, "embedded"):
+            for folder in folders.values():
+                tok = AutoTokenizer.from_pretrained(folder)
+                toks.setdefault(tokenizer_fingerprint(tok), tok)
+        haystack = haystack_words(args.haystack, list(toks.values()), split.val_tokens if split else None,
+                                  split.split_seed if split else None)
     if haystack is not None and lengths:  # still before any model: each model's tokenizer sizes its prompts
         for name, folder in folders.items():
             check_haystack_tokens(haystack, AutoTokenizer.from_pretrained(folder), max(lengths) - ESSAY_GEN_TOKENS,

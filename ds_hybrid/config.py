@@ -399,6 +399,11 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.select.distance_reg and cfg.select.method in SPACING_METHODS:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
+    if cfg.select.distance_reg and cfg.select.method == "halving":
+        raise ConfigError("select.distance_reg", cfg.select.distance_reg,
+                          "not with halving: its layers stopped in earlier rounds carry their round's KL plus an "
+                          "offset, not a comparable KL, so the importance scale the penalty is weighed against would "
+                          "be the offsets'; use ga_s2 (every layer's KL) for a distance-regularized ranking")
     if cfg.select.score != "heldout" and cfg.select.method != "ga_s2":
         raise ConfigError("select.score", cfg.select.score, f"applies to ga_s2 only ({cfg.select.method} has its own "
                           "score); leave it at heldout")

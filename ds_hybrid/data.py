@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -216,7 +217,7 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
                             "train_tokens": sum(r["train_tokens"] for r in rs),
                             "val_tokens": sum(r["val_tokens"] for r in rs),
                             "val_documents": sum(r["val_documents"] for r in rs)} for s, rs in used.items()}}
-    if isinstance(cfg.source, str) and cfg.source.startswith("embedded"):
+    if isinstance(cfg.source, str) and (cfg.source == "embedded" or cfg.source.startswith("embedded:")):
         from ds_hybrid.corpus import embedded_dir, manifest
 
         described = manifest(embedded_dir())["sources"]
@@ -284,12 +285,12 @@ class PackedSequences:
 
 
 def _reweighted(per: dict[str, np.ndarray], mixture: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    total = sum(len(v) for v in per.values())
-    weights = {s: float(mixture.get(s, 1.0)) * len(v) for s, v in per.items()}
-    norm = sum(weights.values())
+    """Each source's rows, weight x its row count of them a pass: a weight of 1 (unlisted) keeps each row once, under
+    1 a seeded subset, over 1 whole copies and a seeded remainder. (Until 2026-12-06 the counts were scaled back to
+    the natural total, which repeated rows of weight-1 sources within a pass; the shares are the same.)"""
     out = {}
     for s, v in per.items():
-        want = int(round(total * weights[s] / norm)) if norm else 0
+        want = int(round(float(mixture.get(s, 1.0)) * len(v)))
         if want == 0 or len(v) == 0:
             out[s] = v[:0]
             continue
@@ -309,6 +310,15 @@ def device_micro_batches(seqs: PackedSequences, micro: list[np.ndarray], device:
     return list(batch.split(sizes))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n_rows: int) -> np.ndarray:
+    """An epoch's row order (kept: every step of an epoch reads the same one; a fresh permutation of 2e7 rows a step
+    was over a second of the step's host time)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    perm.setflags(write=False)
+    return perm
+
+
 def step_rows(step: int, n_rows: int, global_batch: int, seed: int) -> np.ndarray:
     """The rows of optimizer step ``step``: a seeded permutation per epoch, consumed in order, wrapping epochs."""
     if n_rows < 1:
@@ -317,7 +327,7 @@ def step_rows(step: int, n_rows: int, global_batch: int, seed: int) -> np.ndarra
     epochs, offsets = pos // n_rows, pos % n_rows
     out = np.empty(global_batch, dtype=np.int64)
     for e in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(e)]).permutation(n_rows)
+        perm = _epoch_permutation(seed, int(e), n_rows)
         sel = epochs == e
         out[sel] = perm[offsets[sel]]
     return out

@@ -294,10 +294,15 @@ def test_mixture_reweights_sources_and_evaluation_covers_every_source():
     natural = PackedSequences(shards, 10)
     assert natural.source_rows == {"a": 100, "b": 300} and len(natural) == 400
     mixed = PackedSequences(shards, 10, mixture={"a": 2.0}, seed=0)
-    assert mixed.source_rows == {"a": 160, "b": 240}  # a's share doubles: 2 x 100 / (2 x 100 + 300) of 400 rows
-    rows = mixed[np.arange(160)]
-    assert len({tuple(r.tolist()) for r in rows}) == 100  # a's 100 rows, 60 of them twice
-    assert PackedSequences(shards, 10, mixture={"b": 0}, seed=0).source_rows == {"a": 400, "b": 0}
+    assert mixed.source_rows == {"a": 200, "b": 300}  # a's share doubles: 2 x 100 / (2 x 100 + 300) of the rows
+    rows = mixed[np.arange(200)]
+    assert len({tuple(r.tolist()) for r in rows}) == 100  # a's 100 rows, each twice
+    # b, weight 1, keeps each of its rows once a pass (it used to be scaled to 240 of them: 60 lost)
+    assert len({tuple(r.tolist()) for r in mixed[np.arange(200, 500)]}) == 300
+    half = PackedSequences(shards, 10, mixture={"b": 0.5}, seed=0)
+    assert half.source_rows == {"a": 100, "b": 150}  # a once each (it used to be 160: 60 of them twice), b a subset
+    assert len({tuple(r.tolist()) for r in half[np.arange(100)]}) == 100
+    assert PackedSequences(shards, 10, mixture={"b": 0}, seed=0).source_rows == {"a": 100, "b": 0}
     ev = PackedSequences(shards, 10, max_rows=4)
     assert [int(ev[[i]][0, 0]) for i in range(4)] == [0, 0, 10, 10]  # a, b, a, b
     with pytest.raises(ConfigError, match=r"data\.mixture\.x=-1"):
@@ -535,3 +540,31 @@ def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok)
     assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
     default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}), {"m": str(teacher)}))
     assert not torch.equal(default, got)
+
+
+def test_a_local_folder_named_like_the_corpus_is_local_data(tmp_path, tok, monkeypatch):
+    """A relative path that begins with "embedded" (embedded_notes/) is the user's files: it was taken for the
+    embedded corpus after tokenizing (a KeyError); "embedded:" with no source named is refused by name."""
+    from ds_hybrid.corpus import ensure_embedded, select_sources
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "embedded_notes", 1, 30, 20)
+    streams = prepare_streams(DataConfig(source="embedded_notes", cache_dir=str(tmp_path / "c"), val_tokens=500), tok)
+    assert streams.meta["train_tokens"] > 0 and "description" not in next(iter(streams.meta["sources"].values()))
+    with pytest.raises(ConfigError, match=r"^data\.source='embedded:': name the sources after 'embedded:'"):
+        select_sources("embedded:", ensure_embedded())
+
+
+def test_step_rows_are_one_permutation_per_epoch_whatever_the_order_asked():
+    """The epoch's permutation is kept between steps: asking the steps in any order (a resume, the teacher's look
+    ahead) gives the same rows, each epoch a permutation of every row, and the kept array cannot be written."""
+    from ds_hybrid.data import _epoch_permutation, step_rows
+
+    n, gb = 1003, 96
+    forward = [step_rows(s, n, gb, 7) for s in range(25)]
+    backward = [step_rows(s, n, gb, 7) for s in reversed(range(25))][::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(forward, backward))
+    flat = np.concatenate(forward)
+    assert sorted(flat[:n].tolist()) == list(range(n)) and sorted(flat[n:2 * n].tolist()) == list(range(n))
+    with pytest.raises(ValueError):
+        _epoch_permutation(7, 0, n)[0] = 1

@@ -58,6 +58,9 @@ def test_distance_reg_is_checked():
         load_config(None, ["select.distance_reg=-0.1"])
     with pytest.raises(ConfigError, match=r"select\.distance_reg=0\.2.*score"):
         load_config(None, ["select.distance_reg=0.2", "select.method=uniform"])
+    # halving's early-stopped layers carry round offsets, not KLs: the rescaled importance would be the offsets'
+    with pytest.raises(ConfigError, match=r"select\.distance_reg=0\.2: not with halving"):
+        load_config(None, ["select.distance_reg=0.2", "select.method=halving"])
     with pytest.raises(ConfigError, match="select.score"):
         load_config(None, ["select.score=recall", "select.method=proxy"])
     with pytest.raises(ConfigError, match="select.recall_sequences"):
@@ -454,3 +457,18 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     aside = list((out / "previous").glob("*/probes/layer_000/kl/DONE"))
     assert len(aside) == 1 and not (out / "probes" / "layer_000").exists()
     assert json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(new, sort_keys=True))
+
+
+def test_each_probe_gets_its_own_stage_settings():
+    """micro_batch: auto is resolved per probe (for its layers) by writing it into the probe's stage settings: the
+    probes of one task shared one object, so every probe ran at the first probe's micro-batch."""
+    from pathlib import Path
+
+    from ds_hybrid.stages.probes import probe_run_config, probe_stage_config
+
+    cfg = load_config(None, [])
+    s = probe_stage_config(cfg, Path("/tmp/align"))
+    a, b = (probe_run_config(cfg, Path(f"/tmp/p{i}"), [i], s) for i in (3, 5))
+    assert a.kl is not s and b.kl is not s and a.kl is not b.kl and a.kl == s
+    a.kl.micro_batch = 4
+    assert s.micro_batch == b.kl.micro_batch == "auto"

@@ -137,6 +137,9 @@ def select_sources(spec: str, path: Path) -> list[str]:
     if spec == "embedded":
         return built
     names = [n.strip() for n in spec.split(":", 1)[1].split(",") if n.strip()]
+    if not names:
+        raise ConfigError("data.source", spec, "name the sources after 'embedded:' (e.g. embedded:gcide,shakespeare), "
+                          f"or write embedded for all of them; built sources: {', '.join(built)}")
     for n in names:
         if n not in built:
             known = ", ".join(built)

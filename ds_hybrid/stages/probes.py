@@ -174,7 +174,7 @@ def probe_run_config(cfg: RunConfig, probe_dir: Path, layers: list[int], s: Stag
     pc = copy.deepcopy(cfg)
     pc.out_dir = str(probe_dir)
     pc.softmax_layers = list(layers)
-    pc.kl = s
+    pc.kl = copy.deepcopy(s)  # each probe its own (micro_batch: auto is resolved per probe, for its layers)
     return pc
 
 
@@ -376,7 +376,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
         s.keep_checkpoints = 0
         s.ckpt_every = 0
-    keep = cfg.select.halving_keep or max(requested_ks(cfg, num_layers) or [1])
+    keep = cfg.select.halving_keep or max(1, *requested_ks(cfg, num_layers))  # (ks [0]: still one finalist)
     idx, n = task_slot(cfg)
     alive = list(range(num_layers))
     scores: dict[int, float] = {}

@@ -841,3 +841,8 @@ def test_default_haystack_is_what_every_models_tokenizer_holds_out():
     assert 0 < len(chars) < len(bpe) and both == [t for t in bpe if t in set(chars)] and set(both) == set(chars)
     # another split holds out other documents
     assert held_out_prose([tok], split_seed=12345) != bpe
+    # a run with data.add_eos counts each document's end-of-document token into the held-out share, which fills it
+    # sooner: fewer documents held out, a subset (without it the haystack took one the run trained on)
+    eos = held_out_prose([tok], add_eos=True)
+    assert set(eos) <= set(bpe) and len(eos) <= len(bpe)
+    assert held_out_prose([CharTokens()], add_eos=True) == chars  # (no EOS token: none appended, as the cache does)

@@ -152,9 +152,9 @@ PROSE_REGISTERS = ("technical", "scripture", "commentary", "drama and poetry")
 
 
 def held_out_texts(tokenizer=None, val_tokens: int | None = None, split_seed: int | None = None,
-                   registers: tuple[str, ...] = PROSE_REGISTERS) -> Iterator[str]:
+                   registers: tuple[str, ...] = PROSE_REGISTERS, add_eos: bool = False) -> Iterator[str]:
     """The texts of :func:`held_out_documents`."""
-    for _, text in held_out_documents(tokenizer, val_tokens, split_seed, registers):
+    for _, text in held_out_documents(tokenizer, val_tokens, split_seed, registers, add_eos):
         yield text
 
 
@@ -162,10 +162,11 @@ ALL_REGISTERS = ("technical", "definitions", "scripture", "commentary", "drama a
 
 
 def held_out_documents(tokenizer=None, val_tokens: int | None = None, split_seed: int | None = None,
-                       registers: tuple[str, ...] = ALL_REGISTERS) -> Iterator[tuple[str, str]]:
+                       registers: tuple[str, ...] = ALL_REGISTERS, add_eos: bool = False) -> Iterator[tuple[str, str]]:
     """(source, text) of the documents that a run on ``data.source: embedded`` holds out (never trains on), from the
     sources of the given registers: the rule of :mod:`ds_hybrid.tokencache` (every source's share of
-    ``val_tokens`` from its candidates, counted with ``tokenizer``: default the embedded teacher's)."""
+    ``val_tokens`` from its candidates, counted with ``tokenizer``: default the embedded teacher's; ``add_eos``:
+    with the end-of-document token each document then carries, which fills the share sooner)."""
     from ds_hybrid.config import DataConfig
     from ds_hybrid.tokencache import Unit, is_held_out, iter_documents, val_share
 
@@ -179,6 +180,7 @@ def held_out_documents(tokenizer=None, val_tokens: int | None = None, split_seed
         from ds_hybrid.teacher import load_tokenizer
 
         tokenizer = load_tokenizer("embedded")
+    eos = int(add_eos and getattr(tokenizer, "eos_token_id", None) is not None)  # (as tokencache appends it)
     for name, info in sources.items():
         if info["register"] not in registers:
             continue
@@ -188,7 +190,7 @@ def held_out_documents(tokenizer=None, val_tokens: int | None = None, split_seed
                 break
             if is_held_out(split_seed, name, 0, i):
                 yield name, text
-                got += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                got += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
 
 
 def python_docs_files() -> list[Path]:

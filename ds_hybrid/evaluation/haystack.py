@@ -31,29 +31,29 @@ def _read_text(f: Path) -> str:
 
 
 def held_out_prose(tokenizers: list | tuple = (), val_tokens: int | None = None,
-                   split_seed: int | None = None) -> list[str]:
+                   split_seed: int | None = None, add_eos: bool = False) -> list[str]:
     """The embedded corpus's held-out prose documents that every one of ``tokenizers`` holds out (none given: the
     embedded teacher's): a source's held-out share is counted in tokens, so a tokenizer that makes more tokens of a
     document holds out fewer of them, and a haystack chosen with another model's tokenizer, or another run's
-    ``data.val_tokens`` / ``data.split_seed``, could hold text a model trained on."""
+    ``data.val_tokens`` / ``data.split_seed`` / ``data.add_eos``, could hold text a model trained on."""
     from ds_hybrid.corpus import held_out_texts
 
     kept: list[str] | None = None
     for tok in list(tokenizers) or [None]:
-        texts = list(held_out_texts(tok, val_tokens, split_seed))
+        texts = list(held_out_texts(tok, val_tokens, split_seed, add_eos=add_eos))
         seen = set(texts)
         kept = texts if kept is None else [t for t in kept if t in seen]
     return kept or []
 
 
 def haystack_text(source: str | list[str] | None = None, max_chars: int = 4_000_000, tokenizers: list | tuple = (),
-                  val_tokens: int | None = None, split_seed: int | None = None) -> str:
+                  val_tokens: int | None = None, split_seed: int | None = None, add_eos: bool = False) -> str:
     """Prose from local files (or, by default, the embedded corpus's held-out prose documents that every one of
     ``tokenizers`` holds out under ``val_tokens`` / ``split_seed``: :func:`held_out_prose`), whitespace-normalised."""
     from ds_hybrid.data import _kind, source_files
 
     if source is None or source == "embedded":
-        texts = held_out_prose(tokenizers, val_tokens, split_seed)
+        texts = held_out_prose(tokenizers, val_tokens, split_seed, add_eos)
     else:
         files = source_files(source, "--haystack")
         if files is None:
@@ -76,8 +76,9 @@ def haystack_text(source: str | list[str] | None = None, max_chars: int = 4_000_
 
 
 def haystack_words(source: str | list[str] | None = None, tokenizers: list | tuple = (),
-                   val_tokens: int | None = None, split_seed: int | None = None) -> list[str]:
-    return haystack_text(source, tokenizers=tokenizers, val_tokens=val_tokens, split_seed=split_seed).split(" ")
+                   val_tokens: int | None = None, split_seed: int | None = None, add_eos: bool = False) -> list[str]:
+    return haystack_text(source, tokenizers=tokenizers, val_tokens=val_tokens, split_seed=split_seed,
+                         add_eos=add_eos).split(" ")
 
 
 def check_haystack_tokens(words: list[str], tokenizer, need: int, source: str | list[str] | None, model: str,

@@ -155,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                 tok = AutoTokenizer.from_pretrained(folder)
                 toks.setdefault(tokenizer_fingerprint(tok), tok)
         haystack = haystack_words(args.haystack, list(toks.values()), split.val_tokens if split else None,
-                                  split.split_seed if split else None)
+                                  split.split_seed if split else None, bool(split and split.add_eos))
     if haystack is not None and lengths:  # still before any model: each model's tokenizer sizes its prompts
         for name, folder in folders.items():
             check_haystack_tokens(haystack, AutoTokenizer.from_pretrained(folder), max(lengths) - ESSAY_GEN_TOKENS,

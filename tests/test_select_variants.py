@@ -472,3 +472,16 @@ def test_each_probe_gets_its_own_stage_settings():
     assert a.kl is not s and b.kl is not s and a.kl is not b.kl and a.kl == s
     a.kl.micro_batch = 4
     assert s.micro_batch == b.kl.micro_batch == "auto"
+
+
+def test_a_probes_errors_name_the_setting_the_user_sets():
+    """Probes run as stage kl, so their refusals named kl.<x> (kl.global_batch=8 for a probe batch no rank count
+    divides, while kl.global_batch was fine): the select.probe.<x> setting, select's own, or kl's where inherited."""
+    from ds_hybrid.stages.probes import probe_field
+
+    cfg = load_config(None, ["kl.global_batch=48", "select.probe.lr=3e-4"])
+    assert probe_field(cfg, "kl.global_batch") == "select.probe.global_batch"  # a probe default
+    assert probe_field(cfg, "kl.lr") == "select.probe.lr"  # set in select.probe
+    assert probe_field(cfg, "kl.lr_rest") == "kl.lr_rest"  # taken over from kl
+    assert probe_field(cfg, "kl.eval_sequences") == "select.eval_sequences"
+    assert probe_field(cfg, "data.source") == "data.source"

@@ -223,11 +223,32 @@ def run_probe(cfg: RunConfig, probe_dir: Path, layer: int | None, s: StageConfig
     from ds_hybrid.trainer import run_stage
 
     pc = probe_run_config(cfg, probe_dir, [] if layer is None else [layer], s)
-    run_stage(pc, "kl", force=force, restart=False, data_tokens=data_tokens)  # force: a survivor continues
+    try:
+        run_stage(pc, "kl", force=force, restart=False, data_tokens=data_tokens)  # force: a survivor continues
+    except ConfigError as e:  # a probe runs as stage kl: name the setting the user would change
+        raise ConfigError(probe_field(cfg, e.field), e.value, e.fix) from None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return json.loads((probe_dir / "kl" / "DONE").read_text())
+
+
+# a probe's settings that stage select sets itself, whatever select.probe says
+FROM_SELECT = {"eval_sequences": "select.eval_sequences", "eval_recall": "select.recall_sequences"}
+
+
+def probe_field(cfg: RunConfig, field: str) -> str:
+    """The field a probe's kl.<x> error is about, as the user sets it: select.eval_sequences (and the like) for what
+    select sets, select.probe.<x> for the probe's own settings (given there, or the probe defaults), kl.<x> only for
+    what the probe takes over from the kl section (FROM_KL, unless select.probe sets it)."""
+    if not field.startswith("kl."):
+        return field
+    key = field[3:].split(".")[0].split("[")[0]
+    if key in FROM_SELECT:
+        return FROM_SELECT[key]
+    if key in FROM_KL and key not in dict(cfg.select.probe):
+        return field
+    return "select.probe." + field[3:]
 
 
 def probe_score(probe_dir: Path, score: str, window: int) -> float:

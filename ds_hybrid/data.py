@@ -184,6 +184,9 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     ``need_tokens``: training tokens the run will read; a source made of several units (a large corpus) is tokenized
     only until its units cover it, counted in whole rows of ``seq_len`` tokens (a row never spans two units). The
     embedded corpus is always tokenized whole (its sources are single units)."""
+    if cfg.add_eos and tokenizer.eos_token_id is None:
+        raise ConfigError("data.add_eos", True, "this tokenizer has no end-of-sequence token to put between the "
+                          "documents: set add_eos: false (documents concatenated as the paper does)")
     units = units_for(cfg, is_main, barrier)
     if cfg.mixture:
         unknown = sorted(set(cfg.mixture) - set(units))

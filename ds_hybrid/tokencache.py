@@ -80,17 +80,19 @@ def iter_documents(unit: Unit) -> Iterator[str]:
     """The unit's documents, streamed (a batch of rows at a time, never the whole file)."""
     if unit.kind == "text":
         for p in unit.paths:
-            with (gzip.open(p, "rt", errors="replace") if p.endswith(".gz") else open(p, errors="replace")) as f:
+            # (UTF-8 whatever the locale: the tokens must not depend on the machine, and the cache key cannot see it)
+            with (gzip.open(p, "rt", encoding="utf-8", errors="replace") if p.endswith(".gz")
+                  else open(p, encoding="utf-8", errors="replace")) as f:
                 yield f.read()
     elif unit.kind == "docs":
         for p in unit.paths:
-            with gzip.open(p, "rt") as f:
+            with gzip.open(p, "rt", encoding="utf-8") as f:
                 for line in f:
                     yield json.loads(line)["text"]
     elif unit.kind in ("jsonl", "json"):
         for p in unit.paths:
             opener = gzip.open if p.endswith(".gz") else open
-            with opener(p, "rt") as f:
+            with opener(p, "rt", encoding="utf-8") as f:
                 head = f.read(1)
                 while head and head.isspace():
                     head = f.read(1)

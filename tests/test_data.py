@@ -568,3 +568,15 @@ def test_step_rows_are_one_permutation_per_epoch_whatever_the_order_asked():
     assert sorted(flat[:n].tolist()) == list(range(n)) and sorted(flat[n:2 * n].tolist()) == list(range(n))
     with pytest.raises(ValueError):
         _epoch_permutation(7, 0, n)[0] = 1
+
+
+def test_add_eos_without_an_eos_token_is_refused(tmp_path, tok):
+    """data.add_eos with a tokenizer that has no EOS token did nothing, silently: refused by name."""
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(ConfigError, match=r"^data\.add_eos=True: this tokenizer has no end-of-sequence token"):
+        prepare_streams(DataConfig(source=str(write_jsonl(tmp_path / "jl", 1, 5, 5)), cache_dir=str(tmp_path),
+                                   add_eos=True), tok)

@@ -246,7 +246,8 @@ class PackedSequences:
     dropped), over one stream or several sources. Indexing returns int64 tensors.
 
     ``mixture`` ({source: weight}, 1 = natural): a source's rows are repeated or subsampled (seeded) to weight x its
-    row count; the shares are then those weighted counts over their sum (weights are relative). ``max_rows``
+    row count, each pass over the data; the shares are then those weighted counts over their sum. Weights are not
+    normalised: {a: 0.5, b: 0.5} trains on half of each source's rows, not on all of them. ``max_rows``
     (evaluation): the first rows taken round-robin over the
     sources, so that every source is represented."""
 

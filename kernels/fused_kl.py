@@ -230,6 +230,11 @@ def _mm32_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
         return
+    if a.is_cuda:  # bf16 products on the tensor cores into an fp32 temporary of FALLBACK_ROWS rows, then the add
+        for r in range(0, a.shape[0], FALLBACK_ROWS):
+            product = _mm32(a[r:r + FALLBACK_ROWS], b)
+            out[r:r + FALLBACK_ROWS].add_(product) if accumulate else out[r:r + FALLBACK_ROWS].copy_(product)
+        return
     b32 = b.float()
     for r in range(0, a.shape[0], FALLBACK_ROWS):
         rows = out[r:r + FALLBACK_ROWS]

@@ -841,8 +841,42 @@ def test_default_haystack_is_what_every_models_tokenizer_holds_out():
     assert 0 < len(chars) < len(bpe) and both == [t for t in bpe if t in set(chars)] and set(both) == set(chars)
     # another split holds out other documents
     assert held_out_prose([tok], split_seed=12345) != bpe
-    # a run with data.add_eos counts each document's end-of-document token into the held-out share, which fills it
-    # sooner: fewer documents held out, a subset (without it the haystack took one the run trained on)
-    eos = held_out_prose([tok], add_eos=True)
-    assert set(eos) <= set(bpe) and len(eos) <= len(bpe)
+    # a run with data.add_eos counts each document's end-of-document token into the held-out share, as the token
+    # cache does, which fills it sooner: a tokenizer of one token a document holds out 4 a source (the share of
+    # 13 x 4 tokens over 13 sources), with the EOS token 2 (without it, the other 2 would be text the run trained on)
+    class OneToken:
+        eos_token_id = 1
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [0]}
+
+    plain, eos = (held_out_prose([OneToken()], val_tokens=13 * 4, add_eos=e) for e in (False, True))
+    assert len(eos) == len(plain) // 2 and set(eos) < set(plain)
     assert held_out_prose([CharTokens()], add_eos=True) == chars  # (no EOS token: none appended, as the cache does)
+
+
+def test_resume_refuses_a_refilled_model_folder_and_reads_older_files(tiny, tmp_path):
+    """--resume keeps a model by its name, folder, length and weights: a folder written again since (same path,
+    other weights) is refused by name; an eval.json of an older version (no window, cuda_graphs, haystack or
+    run_config recorded, no held-out rows yet) is read with what those runs used."""
+    from ds_hybrid.evaluation import run as run_mod
+
+    folder = tiny[2]
+    L = run_mod.eval_length(folder, None)
+    settings = {"device": "cpu", "dtype": "torch.float32", "lengths": [1024], "tasks": ["niah_single_1"],
+                "limit": 1, "seed": 0, "based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None,
+                "run_config": None, "heldout": None}
+    old = {k: v for k, v in settings.items() if k not in ("window", "cuda_graphs", "haystack", "run_config")}
+    record = {"path": folder, "max_length": L}
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps({**old, "models": {"m": record}, "scores": {"m": {"t": {"1024": 1.0}}}}))
+    kept = run_mod.resumable_models(out, settings, {"m": folder}, {"m": folder}, None)
+    assert kept["m"]["scores"] == {"t": {"1024": 1.0}}
+    (out / "eval.json").write_text(json.dumps({**old, "models": {"m": {**record, "weights": "0" * 16}},
+                                               "scores": {"m": {}}}))
+    with pytest.raises(ConfigError, match=r"its model 'm' .* has other weights now"):
+        run_mod.resumable_models(out, settings, {"m": folder}, {"m": folder}, None)
+    (out / "eval.json").write_text(json.dumps({**old, "haystack": "/elsewhere", "models": {}, "scores": {}}))
+    with pytest.raises(ConfigError, match=r"ran with haystack = '/elsewhere', this one asks for None"):
+        run_mod.resumable_models(out, settings, {"m": folder}, {"m": folder}, None)

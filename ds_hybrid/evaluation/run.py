@@ -165,6 +165,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     ruler_cut: dict[str, dict] = {}  # per model, {task: {length: prompts}} cut from the left by lm-eval
     settings = {"device": str(dev), "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit,
                 "seed": args.seed, "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
+                "haystack": args.haystack, "run_config": getattr(args, "run_config", None),
                 "heldout": None if args.no_quality else heldout_settings(args)}
     if args.resume:  # the models an earlier run of this same evaluation finished, as it left them
         earlier = resumable_models(out_dir, settings, models, folders, args.max_length)
@@ -230,7 +231,8 @@ def run_eval(args: argparse.Namespace) -> dict:
             model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
         else:
             model, tok, local = load_model(folders[name], dev, dtype)
-        info[name] = {"path": path, **describe(model), "tokenizer": tokenizer_fingerprint(tok)}
+        info[name] = {"path": path, **describe(model), "tokenizer": tokenizer_fingerprint(tok),
+                      "weights": weights_fingerprint(folders[name])}
         # the evaluation length: --max-length, else the model's context (at least RULER's longest length: checked)
         max_length = eval_length(folders[name], args.max_length)
         info[name]["max_length"] = max_length
@@ -299,7 +301,16 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 RESUME_SETTINGS = ("device", "dtype", "lengths", "tasks", "limit", "seed", "based_files", "window", "cuda_graphs",
-                   "heldout")
+                   "haystack", "run_config", "heldout")
+# what an eval.json written before a setting was recorded ran with
+RESUME_DEFAULTS = {"based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None, "run_config": None}
+
+
+def weights_fingerprint(folder: str) -> str | None:
+    """The identity of a model folder's weights (a re-export into the same folder differs): for --resume."""
+    from ds_hybrid.selection import content_fingerprint
+
+    return content_fingerprint(folder) if any(Path(folder).glob("*.safetensors")) else None
 
 
 def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], folders: dict[str, str],
@@ -317,8 +328,11 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
         raise ConfigError("--resume", str(path), f"unreadable ({e}): remove it, or run without --resume into a "
                           "new --out") from None
     for key in RESUME_SETTINGS:
-        if old.get(key) != settings[key]:
-            raise ConfigError("--resume", str(path), f"that evaluation ran with {key} = {old.get(key)!r}, this one "
+        was = old.get(key, RESUME_DEFAULTS.get(key))
+        if key == "heldout" and was is None and not old.get("heldout_quality"):
+            continue  # (no model of it had held-out rows yet: written so before 2026-12-06; its models run again)
+        if was != settings[key]:
+            raise ConfigError("--resume", str(path), f"that evaluation ran with {key} = {was!r}, this one "
                               f"asks for {settings[key]!r}: evaluate into another --out, or ask for the same "
                               "settings")
     kept: dict[str, dict] = {}
@@ -329,6 +343,11 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
             raise ConfigError("--resume", str(path), f"its model {name!r} was {rec.get('path')!r} at "
                               f"{rec.get('max_length')} tokens, this one is {models[name]!r} at "
                               f"{eval_length(folders[name], max_length)}: name it differently, or use another --out")
+        if "weights" in rec and rec["weights"] != weights_fingerprint(folders[name]):
+            raise ConfigError("--resume", str(path), f"its model {name!r} ({rec['path']}) has other weights now (the "
+                              "folder was written again since): evaluate into another --out, or without --resume")
+        if settings["heldout"] is not None and name not in old.get("heldout_quality", {}):
+            continue  # (no held-out rows of it: evaluated again)
         kept[name] = {"models": rec, **{k: old[k][name] for k in ("scores", "prompts", "strict_scores",
                                                                   "prompt_digests", "ruler_fill", "heldout_quality",
                                                                   "ruler_truncated")

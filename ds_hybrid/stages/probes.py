@@ -397,7 +397,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
         s.keep_checkpoints = 0
         s.ckpt_every = 0
-    keep = cfg.select.halving_keep or max(1, *requested_ks(cfg, num_layers))  # (ks [0]: still one finalist)
+    keep = cfg.select.halving_keep or max([1, *requested_ks(cfg, num_layers)])  # (ks [0] or none: one finalist)
     idx, n = task_slot(cfg)
     alive = list(range(num_layers))
     scores: dict[int, float] = {}

@@ -29,8 +29,8 @@ Methods (``select.method``):
   largest attention weight at an answer position falls on the fact's token being repeated; a layer scores its best
   head's rate, higher = more important; teacher only, no align: :mod:`ds_hybrid.retrieval_heads`).
 
-Any score-based method takes ``select.distance_reg`` (lambda >= 0): the ranking becomes the greedy order of
-importance (the score rescaled to [0, 1]) minus lambda x proximity to the layers already taken (1 / distance to the
+Any score-based method but halving takes ``select.distance_reg`` (lambda >= 0): the ranking becomes the greedy
+order of importance (the score rescaled to [0, 1]) minus lambda x proximity to the layers already taken (1 / distance to the
 nearest), :func:`ds_hybrid.selection.regularized_order`; lambda = 0 is the plain ranking. The paper reports that
 spreading the layers this way does not beat plain KL-guided selection; ds-hybrid lets it be measured.
 

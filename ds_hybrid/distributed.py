@@ -5,8 +5,9 @@
   JIT-compile (~45 s, needs g++) is skipped: gloo is used directly.
 - A collective that waits longer than ``timeout_minutes`` raises on the rank that waits, so one dead rank ends the
   job instead of hanging it. Where the other ranks wait while the main rank does long one-off work (tokenizing a
-  large corpus into the token cache), they wait in :func:`wait_for_main`: a gloo barrier of its own with a timeout
-  of hours, not the training collectives' minutes (a main rank that fails ends its process, and with it their wait).
+  large corpus into the token cache), they wait in :func:`wait_for_main`: for a key the main rank sets in the
+  process group's store, with a timeout of hours, not the training collectives' minutes (a main rank that fails
+  takes the store's connection with it, which ends their wait).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def bind_local_gpu() -> None:
 
 
 WAIT_FOR_MAIN_HOURS = 12.0
-_WAIT_GROUP: list = []  # wait_for_main's gloo group, made by init_distributed (by every rank, at the same point)
+_WAITS = [0]  # wait_for_main's calls so far (every rank makes them at the same points): each its own store key
 
 
 def init_distributed(timeout_minutes: float = 30) -> None:
@@ -131,8 +132,6 @@ def init_distributed(timeout_minutes: float = 30) -> None:
         bind_local_gpu()
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    if dist.get_world_size() > 1:  # made now, with every rank here: making it later would itself wait on the main rank
-        _WAIT_GROUP[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_FOR_MAIN_HOURS))]
 
 
 def shutdown() -> None:
@@ -141,7 +140,6 @@ def shutdown() -> None:
     -6) after the work has finished."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _WAIT_GROUP.clear()
 
 
 def rank() -> int:
@@ -166,17 +164,23 @@ def barrier() -> None:
 
 
 def wait_for_main() -> None:
-    """Every rank waits here until the main rank arrives, for up to WAIT_FOR_MAIN_HOURS: for one-off work that only
-    the main rank does (the token cache of a large corpus can take longer than the training collectives' timeout,
-    ``dist_timeout_minutes``, which a plain barrier would end the job at). A gloo barrier on a group of its own, so the
-    waiting ranks hold no GPU kernel; a main rank that fails exits, which ends the wait at once. A process group made
-    elsewhere (without init_distributed) gets a plain barrier."""
+    """The other ranks wait here until the main rank arrives, for up to WAIT_FOR_MAIN_HOURS: for one-off work that
+    only the main rank does (the token cache of a large corpus can take longer than the training collectives'
+    timeout, ``dist_timeout_minutes``, which a plain barrier would end the job at). The main rank sets a key in the
+    process group's store and goes on; the others wait for it there, holding no collective and no GPU kernel (no
+    group of another backend either: only the store that every launcher's group already has). A main rank that fails
+    takes the store's connection with it (or, under torchrun, its agent stops the job), which ends the wait."""
     if not (dist.is_initialized() and world_size() > 1):
         return
-    if _WAIT_GROUP:
-        dist.barrier(group=_WAIT_GROUP[0])
+    from torch.distributed import distributed_c10d
+
+    _WAITS[0] += 1
+    key = f"ds_hybrid/wait_for_main/{_WAITS[0]}"
+    store = distributed_c10d._get_default_store()
+    if is_main():
+        store.set(key, "1")
     else:
-        dist.barrier()
+        store.wait([key], datetime.timedelta(hours=WAIT_FOR_MAIN_HOURS))
 
 
 def parse_device(name: str) -> torch.device:

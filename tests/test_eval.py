@@ -346,6 +346,7 @@ def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     # more than RULER's size less the generation), none cut at this length
     for s in samples[:2]:
         assert 0 < s["context_tokens"] - (s["ruler_length"] - s["max_gen_toks"]) < 64, s
+    assert all("context_tokens" not in s for s in samples[2:])  # (SWDE's: counted by truncated_prompts already)
     assert res["ruler_truncated"] == {"tiny": {}}
     assert res["ruler_fill"]["tiny"] == {"niah_single_1": {"1024": round(sum(sizes) / 2 / 1024, 4)}}
 

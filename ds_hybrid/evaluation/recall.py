@@ -329,9 +329,9 @@ def _request_args(sample: dict) -> tuple[str | None, dict]:
 
 def samples_from(results: dict, tokenizer=None) -> list[dict]:
     """One record per prompt from lm-eval's logged samples: task, id, gold, generation, score, the strict score
-    (RULER tasks) and ``doc_sha``, a digest of the whole document (prompt and answers); with ``tokenizer``, also
-    ``context_tokens`` (the prompt as the model reads it: lm-eval's context, its delimiter and generation prefix
-    included, tokenized as HFLM does) and ``max_gen_toks`` (the task's, where it sets one)."""
+    (RULER tasks) and ``doc_sha``, a digest of the whole document (prompt and answers); with ``tokenizer``, RULER
+    records also ``context_tokens`` (the prompt as the model reads it: lm-eval's context, its delimiter and
+    generation prefix included, tokenized as HFLM does) and ``max_gen_toks`` (the task's, where it sets one)."""
     out = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
@@ -350,7 +350,8 @@ def samples_from(results: dict, tokenizer=None) -> list[dict]:
             if rec["length"] is not None:
                 rec["strict"] = strict_score(gold, gen)
             context, gen_kwargs = _request_args(s)
-            if tokenizer is not None and context is not None:
+            # (RULER prompts only: SWDE/FDA prompts were counted against the length already, count_truncated)
+            if tokenizer is not None and context is not None and rec["length"] is not None:
                 rec["context_tokens"] = len(tokenizer(context)["input_ids"])
                 if isinstance(gen_kwargs.get("max_gen_toks"), int):
                     rec["max_gen_toks"] = gen_kwargs["max_gen_toks"]

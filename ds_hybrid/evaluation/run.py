@@ -221,9 +221,10 @@ def run_eval(args: argparse.Namespace) -> dict:
         report.write(out_dir, "eval", payload, md)
         return payload, md
     teacher_model = None
-    if "teacher" in models and not args.no_quality:
+    pending = [m for m in models if m not in info]  # (--resume: the models still to evaluate)
+    if "teacher" in models and not args.no_quality and pending:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
-    rows = _heldout_rows(args, folders) if not args.no_quality else []
+    rows = _heldout_rows(args, folders) if not args.no_quality and pending else []
     for name, path in models.items():
         if name in info:  # (--resume: finished by an earlier run)
             continue

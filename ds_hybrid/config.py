@@ -54,6 +54,11 @@ class DataConfig:
     max_documents: int | None = None  # cap for quick runs
     cache_dir: str | None = None  # tokenized+packed cache (default: $DS_HYBRID_CACHE/data)
     num_proc: int = 4  # tokenizer processes (one unit each: a file, 256 text files, a hub shard, a corpus source)
+    # a hub dataset source only: its configuration (`datasets`' name, e.g. "sample-10BT" of FineWeb) and its branch,
+    # tag or commit; null = the newest commit, resolved when the run starts and recorded (the token cache's key holds
+    # the commit, so a dataset updated on the hub is tokenized again, never mixed with tokens of the old one)
+    hub_config: str | None = None
+    revision: str | None = None
 
 
 @dataclass
@@ -383,6 +388,15 @@ def stage_steps(s: StageConfig) -> int:
     return s.tokens // (s.global_batch * s.seq_len) if s.global_batch and s.seq_len else 0
 
 
+def _is_hub_name(source: str | list[str]) -> bool:
+    """Whether data.source names a hub dataset (not the embedded corpus, nor local files)."""
+    if not isinstance(source, str) or source == "embedded" or source.startswith("embedded:"):
+        return False
+    from ds_hybrid.data import source_files
+
+    return source_files(source) is None
+
+
 def validate_static(cfg: RunConfig) -> None:
     from ds_hybrid.modeling.mixers import MIXERS, MixerOptions
 
@@ -433,6 +447,15 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
     if cfg.data.max_documents is not None and cfg.data.max_documents < 1:
         raise ConfigError("data.max_documents", cfg.data.max_documents, "a cap of 1 or more documents, or null for all")
+    for f in ("hub_config", "revision"):
+        value = getattr(cfg.data, f)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"data.{f}", value, "a non-empty name, or null")
+        if not _is_hub_name(cfg.data.source):
+            raise ConfigError(f"data.{f}", value, f"only a hub dataset source has one; data.source is "
+                              f"{cfg.data.source!r} (local files or the embedded corpus): drop data.{f}")
     if cfg.dist_timeout_minutes <= 0:
         raise ConfigError("dist_timeout_minutes", cfg.dist_timeout_minutes,
                           "minutes a rank may wait in a collective before the job ends: a positive number (e.g. 30)")

@@ -127,7 +127,7 @@ def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None]
         return {name: [Unit(name, 0, "docs", (str(path / f"{name}.jsonl.gz"),))] for name in select_sources(src, path)}
     files = source_files(src)
     if files is None:
-        return {DATA_SOURCE: _hub_units(src, cfg.text_field)}
+        return {DATA_SOURCE: _hub_units(src, cfg.text_field, cfg.hub_config, cfg.revision)}
     _check_kinds(files)
     text = [f for f in files if _kind(f) == "text"]
     units = [Unit(DATA_SOURCE, 0, "text", tuple(str(f) for f in text[i:i + TEXT_FILES_PER_UNIT]))
@@ -136,16 +136,37 @@ def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None]
     return {DATA_SOURCE: [Unit(u.source, i, u.kind, u.paths, u.hub, u.text_field) for i, u in enumerate(units)]}
 
 
-def _hub_units(name: str, text_field: str) -> list[Unit]:
-    import datasets
+def hub_commit(name: str, revision: str | None) -> str:
+    """The commit a hub dataset's ``revision`` (branch, tag or commit; None = its default branch) is at now."""
+    from huggingface_hub import HfApi
 
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
-    except Exception as e:  # noqa: BLE001 - offline machines and unknown names both land here
-        raise ConfigError("data.source", name, f"not a local file or folder, and the hub dataset could not be opened "
-                          f"({type(e).__name__}: {str(e)[:200]}); give local files or 'embedded'") from None
+        sha = HfApi().dataset_info(name, revision=revision).sha
+    except Exception as e:  # noqa: BLE001 - offline machines, unknown names and unknown revisions all land here
+        field, value = ("data.revision", revision) if revision else ("data.source", name)
+        raise ConfigError(field, value, f"the hub dataset {name!r} could not be opened at "
+                          f"{revision or 'its default branch'} ({type(e).__name__}: {str(e)[:200]}); give local "
+                          "files or 'embedded', or a dataset and revision the hub has") from None
+    if not sha:
+        raise ConfigError("data.source", name, "the hub returned no commit for this dataset: pin one with data.revision")
+    return sha
+
+
+def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:
+    """One unit per shard of the dataset's train split at one commit (``revision`` resolved now): the units, and so
+    the token cache's key, name the commit, and every worker streams that commit, whatever the hub has later."""
+    import datasets
+
+    commit = hub_commit(name, revision)
+    try:
+        ds = datasets.load_dataset(name, config, split="train", streaming=True, revision=commit)
+    except Exception as e:  # noqa: BLE001
+        field, value = ("data.hub_config", config) if config else ("data.source", name)
+        raise ConfigError(field, value, f"the hub dataset {name!r} at commit {commit[:12]} could not be streamed "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
     n = max(1, int(getattr(ds, "n_shards", 1) or 1))
-    return [Unit(DATA_SOURCE, i, "hub", (), (name, None, "train", i, n), text_field) for i in range(n)]
+    return [Unit(DATA_SOURCE, i, "hub", (), (name, config, "train", i, n), text_field, revision=commit)
+            for i in range(n)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -220,6 +241,9 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
                             "train_tokens": sum(r["train_tokens"] for r in rs),
                             "val_tokens": sum(r["val_tokens"] for r in rs),
                             "val_documents": sum(r["val_documents"] for r in rs)} for s, rs in used.items()}}
+    commits = {u.revision for us in units.values() for u in us if u.revision}
+    if commits:  # a hub dataset: the commit its tokens came from (data.revision, or what the default branch was at)
+        meta["hub"] = {"config": cfg.hub_config, "revision": cfg.revision, "commit": commits.pop()}
     if isinstance(cfg.source, str) and (cfg.source == "embedded" or cfg.source.startswith("embedded:")):
         from ds_hybrid.corpus import embedded_dir, manifest
 

@@ -57,13 +57,15 @@ class Unit:
     paths: tuple[str, ...] = ()
     hub: tuple = ()  # (dataset name, config or None, split, shard index, number of shards[, data_files])
     text_field: str = "text"
+    revision: str = ""  # a hub unit's dataset commit ("" for the others)
 
     @property
     def name(self) -> str:
         return f"u{self.index:05d}"
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([self.source, self.index, self.kind, self.hub, self.text_field]).encode())
+        key = [self.source, self.index, self.kind, self.hub, self.text_field] + ([self.revision] if self.revision else [])
+        h = hashlib.sha256(json.dumps(key).encode())
         for p in self.paths:
             st = Path(p).stat()
             h.update(f"{Path(p).resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
@@ -121,7 +123,8 @@ def iter_documents(unit: Unit) -> Iterator[str]:
 
         name, config, split, shard, n_shards = unit.hub[:5]
         files = list(unit.hub[5]) if len(unit.hub) > 5 else None
-        ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=files)
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=files,
+                                   revision=unit.revision or None)
         if n_shards > 1:
             ds = ds.shard(num_shards=n_shards, index=shard)
         for row in ds:

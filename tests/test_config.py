@@ -226,6 +226,8 @@ def test_malformed_yaml_names_the_file_or_the_override(tmp_path):
     ("kl.eval_sequences=0", r"^kl\.eval_sequences=0: held-out sequences"),
     ("kl.eval_sequences=-3", r"^kl\.eval_sequences=-3: held-out sequences"),
     ("data.max_documents=0", r"^data\.max_documents=0: a cap of 1 or more"),
+    ("data.revision=main", r"^data\.revision='main': only a hub dataset source has one; data\.source is 'embedded'"),
+    ("data.hub_config=sample-10BT", r"^data\.hub_config='sample-10BT': only a hub dataset source has one"),
     ("dist_timeout_minutes=0", r"^dist_timeout_minutes=0: minutes a rank may wait"),
     ("select.eval_sequences=0", r"^select\.eval_sequences=0: must be a positive integer"),
     ("select.window=0", r"^select\.window=0: must be a positive integer"),

@@ -4,6 +4,7 @@ documents), the embedded corpus (sources, markup, duplicates, manifest) and mixt
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -74,6 +75,55 @@ def test_parquet_and_hub_style_streams_read_the_same_documents(tmp_path):
     files = (str(jl / "shard000.jsonl"), str(jl / "shard001.jsonl"))
     hub = [list(iter_documents(Unit("s", i, "hub", (), ("json", None, "train", i, 2, files)))) for i in range(2)]
     assert hub[1] == want and hub[0][0].startswith("doc0x0 ")  # datasets' streaming shards = the files
+
+
+def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tmp_path, tok, monkeypatch):
+    """A hub dataset's tokens are keyed by the commit its revision is at when the run starts: every worker streams that
+    commit, and the dataset moving on (a new commit on its default branch) tokenizes again instead of reusing or mixing
+    the old tokens. The hub is faked: commits map to local jsonl folders read by `datasets`' json builder."""
+    import datasets
+    import huggingface_hub
+
+    old, new = write_jsonl(tmp_path / "old", 2, 30, 20, seed=0), write_jsonl(tmp_path / "new", 2, 30, 20, seed=1)
+    branch = {"main": "a" * 40}
+    folders = {"a" * 40: old, "b" * 40: new}
+    opened = []
+
+    class Info:
+        def __init__(self, sha):
+            self.sha = sha
+
+    def dataset_info(self, name, revision=None, **kw):
+        sha = branch.get(revision or "main", revision)
+        if sha not in folders:
+            raise ValueError(f"revision {revision} not found")
+        return Info(sha)
+
+    real = datasets.load_dataset
+
+    def load_dataset(name, config=None, split=None, streaming=False, data_files=None, revision=None, **kw):
+        assert name == "org/corpus" and config == "sample" and streaming
+        opened.append(revision)
+        return real("json", data_files=sorted(str(f) for f in folders[revision].glob("*.jsonl")), split=split,
+                    streaming=True)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(source="org/corpus", hub_config="sample", cache_dir=str(tmp_path / "cache"), val_tokens=500,
+                     num_proc=1)
+    first = prepare_streams(cfg, tok)
+    assert first.meta["hub"] == {"config": "sample", "revision": None, "commit": "a" * 40}
+    assert set(opened) == {"a" * 40}  # the units' listing and every shard's stream: the resolved commit
+    want = np.concatenate([a for _, a in prepare_streams(data_cfg(old, tmp_path / "local"), tok).train])
+    assert np.array_equal(np.concatenate([a for _, a in first.train]), want)  # the commit's documents, in order
+    branch["main"] = "b" * 40  # the dataset moves on
+    moved = prepare_streams(cfg, tok)
+    assert moved.path != first.path and moved.meta["hub"]["commit"] == "b" * 40
+    assert not np.array_equal(np.concatenate([a for _, a in moved.train])[:100], want[:100])
+    pinned = prepare_streams(dataclasses.replace(cfg, revision="a" * 40), tok)  # data.revision pins the old commit: reused
+    assert pinned.path == first.path and pinned.meta["hub"]["revision"] == "a" * 40
+    with pytest.raises(ConfigError, match=r"^data\.revision='v9': the hub dataset 'org/corpus' could not be opened"):
+        units_for(dataclasses.replace(cfg, revision="v9"))
 
 
 def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_cache(tmp_path, tok):

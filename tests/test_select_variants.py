@@ -445,6 +445,10 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     with pytest.raises(ConfigError, match=r"^kl\.lr=0\.0002: .*\(kl\.lr: 0\.0001 -> 0\.0002\).*set select\.probe\.lr: "
                                           r"0\.0001, the values they ran with"):
         claim_probes(out, probe_identity(tuned, probe_stage_config(tuned, align), align), False, inherited_names(tuned))
+    # the run's dtype (resolved: auto is fp32 on this CPU) is part of what a probe's score depends on
+    with pytest.raises(ConfigError, match=r"^dtype='bfloat16': .*\(dtype: 'float32' -> 'bfloat16'\)"):
+        claim_probes(out, probe_identity(bf16 := load_config(None, ["dtype=bf16"]), probe_stage_config(bf16, align),
+                                         align), force=False)
     _tiny_folder(align, scale=2.0)  # the align export retrained, same shapes
     with pytest.raises(ConfigError, match=r"^align \(its export's content fingerprint\)="):
         claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)
@@ -457,6 +461,11 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     aside = list((out / "previous").glob("*/probes/layer_000/kl/DONE"))
     assert len(aside) == 1 and not (out / "probes" / "layer_000").exists()
     assert json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(new, sort_keys=True))
+    # a folder written before the dtype was recorded: its probes are reused as run with this run's dtype, said once
+    legacy = {k: v for k, v in new.items() if k != "dtype"}
+    (out / "probes" / PROBES_KEY).write_text(json.dumps(legacy))
+    claim_probes(out, new, force=False)
+    assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "float32"
 
 
 def test_each_probe_gets_its_own_stage_settings():

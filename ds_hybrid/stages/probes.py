@@ -25,6 +25,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
 from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
 from ds_hybrid.selection import content_fingerprint, rank_layers
+from ds_hybrid.stages.common import run_dtype
 
 log = logging.getLogger("ds_hybrid")
 BASELINE = "baseline"
@@ -62,6 +63,7 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
 PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps", "min_lr_ratio",
                 "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall")
 PROBES_KEY = "PROBES.json"
+LATER_KEYS = ("dtype",)  # identity keys added after folders were written without them (2026-12-06)
 # what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
 DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents")
 
@@ -74,7 +76,8 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
     probe["betas"] = list(probe["betas"])
     data = {k: d["data"][k] for k in DATA_FIELDS}
     return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
-            "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir)}
+            "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir),
+            "dtype": str(run_dtype(cfg)).removeprefix("torch.")}  # (resolved: "auto" is bf16 on a GPU, fp32 on a CPU)
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -146,6 +149,11 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
             old = json.loads(key.read_text())
         except ValueError:
             old = {}
+        for k in LATER_KEYS:
+            if old and k not in old and k in identity:  # a key written before ds-hybrid recorded this setting
+                log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "
+                            "(delete the folder or use --force to rerun them)", key, k, identity[k])
+                old[k] = identity[k]
         changed = [(names.get(k) or _FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
                    for k, a, b in _changed(old, identity)]
     elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):

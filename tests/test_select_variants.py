@@ -494,3 +494,39 @@ def test_a_probes_errors_name_the_setting_the_user_sets():
     assert probe_field(cfg, "kl.lr_rest") == "kl.lr_rest"  # taken over from kl
     assert probe_field(cfg, "kl.eval_sequences") == "select.eval_sequences"
     assert probe_field(cfg, "data.source") == "data.source"
+
+
+def test_the_proxy_scores_at_the_probes_temperature():
+    """The proxy's KL with layer l restored is kl's held-out quantity at the probes' temperature (T^2 x KL of the
+    softened distributions; the proxy read T = 1 whatever kl.temperature was): checked against the fp64 reference
+    with the teacher's attention put in the student's layer by hand."""
+    import copy
+
+    import torch
+    from conftest import tiny_teacher
+
+    from ds_hybrid.losses import reference_kl_ce
+    from ds_hybrid.stages.scorers import proxy_scores
+
+    teacher = tiny_teacher("llama", seed=0).double()
+    student = tiny_teacher("llama", seed=1).double()  # another model of the same shapes: its attention differs
+    with torch.no_grad():  # logits of a trained model's size (a fresh init's are so small that T^2 KL hardly moves)
+        teacher.lm_head.weight.mul_(40)
+        student.lm_head.weight.copy_(teacher.lm_head.weight)
+    rows = [torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    @torch.no_grad()
+    def want(model, T):
+        h_s = torch.cat([model.model(input_ids=r).last_hidden_state.flatten(0, 1) for r in rows])
+        h_t = torch.cat([teacher.model(input_ids=r).last_hidden_state.flatten(0, 1) for r in rows])
+        mask = torch.ones(len(h_s), dtype=torch.float64)
+        return float(reference_kl_ce(h_s, model.lm_head.weight, h_t, teacher.lm_head.weight, mask, None,
+                                     temperature=T)[0])
+
+    restored = copy.deepcopy(student)
+    restored.model.layers[2].self_attn = teacher.model.layers[2].self_attn
+    for T in (1.0, 2.0):
+        scores, baseline = proxy_scores(load_config(None, []), teacher, student, rows, temperature=T)
+        assert baseline == pytest.approx(want(student, T), rel=1e-9)
+        assert scores[2] == pytest.approx(want(restored, T), rel=1e-9)
+    assert want(student, 2.0) != pytest.approx(want(student, 1.0), rel=1e-3)  # (T matters on these models)

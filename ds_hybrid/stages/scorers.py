@@ -38,8 +38,10 @@ def _sum_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proxy_scores(cfg: RunConfig, teacher, student, rows: list[torch.Tensor]) -> tuple[dict[int, float], float]:
-    """Held-out KL(teacher || align student with layer l restored), for every l, and for none (the baseline)."""
+def proxy_scores(cfg: RunConfig, teacher, student, rows: list[torch.Tensor],
+                 temperature: float = 1.0) -> tuple[dict[int, float], float]:
+    """Held-out KL(teacher || align student with layer l restored), for every l, and for none (the baseline), at the
+    probes' ``temperature`` (T^2 x KL of the softened distributions, as kl's and GA-S2's probes' held-out KL)."""
     from ds_hybrid.losses import chunked_linear_loss
 
     dev = D.device()
@@ -49,7 +51,8 @@ def proxy_scores(cfg: RunConfig, teacher, student, rows: list[torch.Tensor]) -> 
         tot = torch.zeros(2, dtype=torch.float64, device=dev)
         for r, h_t in zip(rows, hs_t):
             h_s = student.model(input_ids=r.to(dev), use_cache=False).last_hidden_state.flatten(0, 1)
-            _, st = chunked_linear_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, chunk=1024)
+            _, st = chunked_linear_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, chunk=1024,
+                                        temperature=temperature)
             tot[0] += st.kl_per_token.sum().double()
             tot[1] += st.n_kl
         tot = _sum_reduce(tot)

@@ -220,13 +220,15 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
             import ds_hybrid  # noqa: F401
 
             student = AutoModelForCausalLM.from_pretrained(align_dir, dtype=dtype).to(dev).eval()
-            seq_len = probe_stage_config(cfg, align_dir).seq_len  # the probes' held-out rows (GA-S2 is compared)
+            probe = probe_stage_config(cfg, align_dir)  # the probes' held-out rows and temperature (GA-S2's, compared)
+            seq_len = probe.seq_len
             rows = _held_out_rows(cfg, tokenizer, seq_len, sc.eval_sequences)
             n_tok = sum(r.numel() for r in rows) * D.world_size()
             if sc.method == "proxy":
-                scores, baseline = proxy_scores(cfg, teacher, student, rows)
+                scores, baseline = proxy_scores(cfg, teacher, student, rows, probe.temperature)
                 extra = {"baseline": baseline, "tokens_spent": 0, "forward_tokens": n_tok * (L + 1),
-                         "budget": {"heldout_sequences": sc.eval_sequences, "seq_len": seq_len}}
+                         "budget": {"heldout_sequences": sc.eval_sequences, "seq_len": seq_len,
+                                    "temperature": probe.temperature}}
             else:
                 scores, base_ppl = ppl_scores(teacher, student, rows)
                 lower = False

@@ -314,7 +314,7 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     bar = None
     try:
         while True:
-            jobs = []
+            jobs, rescan = [], False
             for source in units:
                 got, val_left, first = scan(source)
                 if first is None:
@@ -325,8 +325,13 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
                 else:
                     wave = [(u, 0) for u in units[source][first:first + max(1, num_proc)]
                             if done_marker(out_dir, u) is None]
+                # (empty: another job sharing the cache finished these units since the scan: scan again, since
+                # this source's prefix is not known yet)
+                rescan = rescan or not wave
                 jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents) for u, q in wave]
             if not jobs:
+                if rescan:
+                    continue
                 break
             if bar is None and progress:
                 from tqdm import tqdm

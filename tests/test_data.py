@@ -522,6 +522,30 @@ def test_other_ranks_read_the_prefix_from_the_markers_not_a_shared_file(tmp_path
     assert np.array_equal(np.concatenate([a for _, a in other.val]), np.concatenate([a for _, a in main.val]))
 
 
+def test_a_build_whose_units_another_job_finishes_between_scan_and_wave_scans_again(tmp_path, tok, monkeypatch):
+    """Two jobs on one cache: between this build's scan (a unit not done) and its wave (units not done), the other job
+    finishes the units. The build scans again and returns the source's prefix; it returned without the source (a
+    KeyError at the read) when the wave came out empty."""
+    from ds_hybrid import tokencache
+
+    jl = write_jsonl(tmp_path / "jl", 6, 30, 60)
+    cfg = data_cfg(jl, tmp_path / "cache")
+    want = prepare_streams(cfg, tok, need_tokens=8_000)  # "the other job": these units are done
+    real, stale = tokencache.scan_prefix, []
+
+    def scan_before_the_other_job_finished(units, out_dir, need, val_tokens, row_tokens=1):
+        got, val_left, first = real(units, out_dir, need, val_tokens, row_tokens)
+        if not stale and len(got) > 1:  # the first scan: as it was before the last units of the prefix were done
+            stale.append(True)
+            return got[:-1], 0, got[-1]["index"]
+        return got, val_left, first
+
+    monkeypatch.setattr(tokencache, "scan_prefix", scan_before_the_other_job_finished)
+    again = prepare_streams(cfg, tok, need_tokens=8_000)
+    assert stale and again.meta == want.meta
+    assert np.array_equal(np.concatenate([a for _, a in again.train]), np.concatenate([a for _, a in want.train]))
+
+
 def test_units_a_crash_left_unvouched_are_tokenized_again_and_shards_reach_the_disk_first(tmp_path, tok, monkeypatch):
     """A node's crash can leave an empty marker, or a marker over shards that never reached the disk (short files):
     such units are redone, the others kept; and a unit's shards are fsynced before its marker exists."""

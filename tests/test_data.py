@@ -600,6 +600,7 @@ def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok)
 
     import yaml
     from trainer_utils import make_tiny_teacher
+    from transformers import AutoTokenizer
 
     from ds_hybrid.evaluation.run import _heldout_rows
 
@@ -609,10 +610,10 @@ def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok)
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"data": data}))
     args = Namespace(data=str(jl), run_config=str(run_yaml), heldout_seq_len=64, heldout_sequences=4)
-    got = torch.cat(_heldout_rows(args, {"m": str(teacher)}))
+    got = torch.cat(_heldout_rows(args, AutoTokenizer.from_pretrained(teacher)))
     want = PackedSequences(prepare_streams(DataConfig(**data), tok, need_tokens=0).val, 64, max_rows=4)
     assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
-    default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}), {"m": str(teacher)}))
+    default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}), AutoTokenizer.from_pretrained(teacher)))
     assert not torch.equal(default, got)
 
 

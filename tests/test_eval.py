@@ -297,6 +297,40 @@ def test_answer_window_keeps_the_answer_and_the_question_within_the_budget():
         assert len(tok(prompt)["input_ids"]) <= 256
 
 
+def test_held_out_quality_reads_each_models_own_ids_and_the_kl_only_within_the_teachers_tokenizer(tiny, tmp_path,
+                                                                                                    caplog):
+    """Held-out rows are tokenized per tokenizer (all models read the first model's ids before 2026-12-06): a model
+    whose tokenizer lowercases its input is scored on its own ids, with no KL to a teacher of another vocabulary
+    mapping; a model of the teacher's tokenizer keeps its KL."""
+    import shutil
+    from argparse import Namespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation.quality import heldout_quality
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    lower = tmp_path / "lower"
+    shutil.copytree(tiny[2], lower)
+    spec = json.loads((lower / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (lower / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--teacher", tiny[2], "--model", f"same={tiny[2]}", "--model", f"lower={lower}",
+                     "--tasks", "", "--heldout-sequences", "2", "--heldout-seq-len", "64", "--out", str(out)]) == 0
+    q = json.loads((out / "eval.json").read_text())["heldout_quality"]
+    assert "kl_to_teacher" in q["same"] and "kl_to_teacher" not in q["lower"] and "kl_to_teacher" not in q["teacher"]
+    assert "lower: its tokenizer is not the teacher's" in caplog.text
+    args = Namespace(data="embedded", run_config=None, heldout_seq_len=64, heldout_sequences=2)
+    own = _heldout_rows(args, AutoTokenizer.from_pretrained(lower))
+    theirs = _heldout_rows(args, AutoTokenizer.from_pretrained(tiny[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(own, theirs))  # the two tokenizers' ids differ
+    model = AutoModelForCausalLM.from_pretrained(lower).eval()
+    assert q["lower"]["ppl"] == pytest.approx(heldout_quality(model, own)["ppl"], rel=1e-5)
+    assert q["same"]["ppl"] == pytest.approx(q["teacher"]["ppl"], rel=1e-5)  # (same weights, same rows)
+
+
 def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     import subprocess
     import sys

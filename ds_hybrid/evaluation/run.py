@@ -224,7 +224,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     pending = [m for m in models if m not in info]  # (--resume: the models still to evaluate)
     if "teacher" in models and not args.no_quality and pending:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
-    rows = _heldout_rows(args, folders) if not args.no_quality and pending else []
+    # held-out rows per tokenizer (each model reads the documents in its own ids); the KL to the teacher only for
+    # models of the teacher's tokenizer (another vocabulary has no token-by-token KL to it)
+    rows_by_tok: dict[str, list[torch.Tensor]] = {}
+    teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0]) if teacher_model is not None else None
     for name, path in models.items():
         if name in info:  # (--resume: finished by an earlier run)
             continue
@@ -287,10 +290,17 @@ def run_eval(args: argparse.Namespace) -> dict:
                               "".join(json.dumps(rec, default=str) + "\n" for rec in samples))
             info[name]["samples"] = str(out_dir / f"samples_{name}.jsonl")
         info[name]["eval_seconds"] = time.time() - t0
-        if rows:
+        if not args.no_quality:
             from ds_hybrid.evaluation.quality import heldout_quality
 
-            quality[name] = heldout_quality(model, rows, teacher_model if name != "teacher" else None)
+            fp = info[name]["tokenizer"]
+            if fp not in rows_by_tok:
+                rows_by_tok[fp] = _heldout_rows(args, tok)
+            kl_to = teacher_model if name != "teacher" and fp == teacher_tok else None
+            if teacher_model is not None and name != "teacher" and kl_to is None:
+                log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
+                            "tokenizer), no KL to the teacher", name)
+            quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to)
         del model, lm
         if len(info) < len(models):
             write_report(complete=False)
@@ -373,16 +383,15 @@ def heldout_settings(args) -> dict:
             "run_config": getattr(args, "run_config", None)}
 
 
-def _heldout_rows(args, models) -> list[torch.Tensor]:
-    """Held-out rows of the corpus (never trained on) tokenized with the first model's tokenizer. For the embedded
-    corpus only its held-out documents are read and tokenized (a few hundred thousand tokens, not the corpus)."""
+def _heldout_rows(args, tok) -> list[torch.Tensor]:
+    """Held-out rows of the corpus (never trained on) in ``tok``'s ids: the same documents for every tokenizer (the
+    run's split when --run-config is given). For the embedded corpus only its held-out documents are read and
+    tokenized (a few hundred thousand tokens, not the corpus)."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from ds_hybrid.config import DataConfig
     from ds_hybrid.data import PackedSequences, prepare_streams
 
-    tok = AutoTokenizer.from_pretrained(next(iter(models.values())))  # (local folders: check_args)
     data = DataConfig(source=args.data)
     if getattr(args, "run_config", None):  # the split the models were trained with: their held-out documents
         from ds_hybrid.config import load_config

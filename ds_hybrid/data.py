@@ -234,6 +234,7 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
             "token_dtype": dtype.name, "tokenizer": tokenizer_fingerprint(tokenizer), "add_eos": cfg.add_eos,
             "split_seed": cfg.split_seed, "mixture": cfg.mixture,
             "train_tokens": sum(len(a) for _, a in train), "val_tokens": sum(len(a) for _, a in val),
+            "val_digest": val_digest(val),
             "documents": sum(r["documents"] for rs in used.values() for r in rs),
             "val_documents": sum(r["val_documents"] for rs in used.values() for r in rs),
             "sources": {s: {"units": len(rs), "units_available": len(units[s]),
@@ -251,6 +252,33 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
         for s in meta["sources"]:
             meta["sources"][s].update({k: described[s][k] for k in ("description", "license", "packages")})
     return TokenStreams(train=train, val=val, meta=meta, path=out)
+
+
+def val_digest(val: list[tuple[str, np.ndarray]]) -> dict[str, str]:
+    """Per source, a digest of its held-out token ids in order (whatever the shards' integer width): what
+    ``ds-hybrid eval --run-config`` checks that the held-out documents it derives are the run's."""
+    out: dict = {}
+    for source, a in val:
+        out.setdefault(source, hashlib.sha256()).update(np.asarray(a, dtype=np.uint32).tobytes())
+    return {s: h.hexdigest()[:16] for s, h in out.items()}
+
+
+def val_mismatch(recorded: dict, val: list[tuple[str, np.ndarray]]) -> str | None:
+    """How held-out tokens derived now differ from a run's (its run_info ``data``: the digests since 2026-12-06,
+    else the per-source token counts), or None when they agree. Only meaningful for the run's tokenizer."""
+    now = val_digest(val)
+    if "val_digest" in recorded:
+        for s in sorted(set(now) | set(recorded["val_digest"])):
+            if now.get(s) != recorded["val_digest"].get(s):
+                return f"source {s}: held-out token digest {now.get(s)} here, {recorded['val_digest'].get(s)} in the run"
+        return None
+    counts: dict[str, int] = {}
+    for s, a in val:
+        counts[s] = counts.get(s, 0) + len(a)
+    for s, rec in sorted(recorded.get("sources", {}).items()):
+        if counts.get(s, 0) != rec.get("val_tokens"):
+            return f"source {s}: {counts.get(s, 0)} held-out tokens here, {rec.get('val_tokens')} in the run"
+    return None
 
 
 def warn_unrepresented(streams: TokenStreams, val: PackedSequences, field: str) -> list[str]:

@@ -617,6 +617,38 @@ def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok)
     assert not torch.equal(default, got)
 
 
+def test_eval_refuses_held_out_rows_that_are_not_the_runs(tmp_path, tok, caplog):
+    """`eval --run-config` derives the held-out documents from this machine's corpus: when the run's run_info.json is
+    here, what it held out (token digests; token counts in records before them) must be what is derived, else the
+    rows could be text the models trained on (a corpus changed since the run); without it, a warning."""
+    from argparse import Namespace
+
+    import yaml
+
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    jl = write_jsonl(tmp_path / "jl", 4, 40, 60)
+    data = {"source": str(jl), "val_tokens": 3000, "split_seed": 7, "cache_dir": str(tmp_path / "cache"), "num_proc": 1}
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"data": data, "out_dir": str(tmp_path / "run")}))
+    args = Namespace(data=str(jl), run_config=str(run_yaml), heldout_seq_len=64, heldout_sequences=4)
+    _heldout_rows(args, tok)
+    assert "no run_info.json under its out_dir" in caplog.text
+    meta = prepare_streams(DataConfig(**data), tok, need_tokens=0).meta
+    info = tmp_path / "run" / "kl" / "run_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"data": meta}))
+    _heldout_rows(args, tok)  # the run's own corpus: accepted
+    write_jsonl(jl, 4, 40, 60, seed=5)  # the files rewritten since the run: other documents
+    with pytest.raises(ConfigError, match=r"^--run-config=.*not those the run held out \(source data: held-out "
+                                          r"token digest \w+ here, \w+ in the run"):
+        _heldout_rows(args, tok)
+    info.write_text(json.dumps({"data": {k: v for k, v in meta.items() if k != "val_digest"}}))  # an older record
+    write_jsonl(jl, 4, 40, 61, seed=5)  # (documents of another length: other counts)
+    with pytest.raises(ConfigError, match=r"held-out tokens here, \d+ in the run"):
+        _heldout_rows(args, tok)
+
+
 def test_a_local_folder_named_like_the_corpus_is_local_data(tmp_path, tok, monkeypatch):
     """A relative path that begins with "embedded" (embedded_notes/) is the user's files: it was taken for the
     embedded corpus after tokenizing (a KeyError); "embedded:" with no source named is refused by name."""

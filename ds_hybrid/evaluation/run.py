@@ -220,13 +220,18 @@ def run_eval(args: argparse.Namespace) -> dict:
             md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
         report.write(out_dir, "eval", payload, md)
         return payload, md
-    teacher_model = None
     pending = [m for m in models if m not in info]  # (--resume: the models still to evaluate)
+    # held-out rows per tokenizer (each model reads the documents in its own ids), built (and checked against the
+    # run's split) before any model is loaded; the KL to the teacher only for models of the teacher's tokenizer
+    # (another vocabulary has no token-by-token KL to it)
+    rows_by_tok: dict[str, list[torch.Tensor]] = {}
+    for name in pending if not args.no_quality else []:
+        tok = _tokenizer_and_path(folders[name])[0]
+        if tokenizer_fingerprint(tok) not in rows_by_tok:
+            rows_by_tok[tokenizer_fingerprint(tok)] = _heldout_rows(args, tok)
+    teacher_model = None
     if "teacher" in models and not args.no_quality and pending:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
-    # held-out rows per tokenizer (each model reads the documents in its own ids); the KL to the teacher only for
-    # models of the teacher's tokenizer (another vocabulary has no token-by-token KL to it)
-    rows_by_tok: dict[str, list[torch.Tensor]] = {}
     teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0]) if teacher_model is not None else None
     for name, path in models.items():
         if name in info:  # (--resume: finished by an earlier run)
@@ -294,8 +299,6 @@ def run_eval(args: argparse.Namespace) -> dict:
             from ds_hybrid.evaluation.quality import heldout_quality
 
             fp = info[name]["tokenizer"]
-            if fp not in rows_by_tok:
-                rows_by_tok[fp] = _heldout_rows(args, tok)
             kl_to = teacher_model if name != "teacher" and fp == teacher_tok else None
             if teacher_model is not None and name != "teacher" and kl_to is None:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
@@ -383,6 +386,32 @@ def heldout_settings(args) -> dict:
             "run_config": getattr(args, "run_config", None)}
 
 
+def check_run_split(run_config: str, tok, shards) -> None:
+    """Refuse held-out rows that are not the ones the run held out: the documents are derived here from this
+    machine's corpus, which may not be the one the run trained on (another corpus build, changed files); its
+    run_info.json (``out_dir``/<stage>/, when this machine has it) records what it held out."""
+    from ds_hybrid.config import load_config
+    from ds_hybrid.data import tokenizer_fingerprint, val_mismatch
+
+    cfg = load_config(run_config)
+    found = [cfg.stage_dir(s) / "run_info.json" for s in ("kl", "finetune", "align")]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        log.warning("--run-config %s: no run_info.json under its out_dir (%s) on this machine, so the held-out rows "
+                    "derived here are not checked against the run's", run_config, cfg.out_dir)
+        return
+    recorded = json.loads(found[0].read_text()).get("data") or {}
+    if recorded.get("tokenizer") != tokenizer_fingerprint(tok):
+        return  # (another tokenizer's ids: the run recorded its own)
+    why = val_mismatch(recorded, shards)
+    if why:
+        raise ConfigError("--run-config", run_config, f"the held-out rows derived on this machine are not those the "
+                          f"run held out ({why}; {found[0]}): this corpus is not the one the run trained on (another "
+                          "build of the embedded corpus, or changed files), so some rows could be training text. "
+                          "Evaluate where the run's corpus is, or drop --run-config to score this corpus's default "
+                          "split (not held out from these models)")
+
+
 def _heldout_rows(args, tok) -> list[torch.Tensor]:
     """Held-out rows of the corpus (never trained on) in ``tok``'s ids: the same documents for every tokenizer (the
     run's split when --run-config is given). For the embedded corpus only its held-out documents are read and
@@ -407,6 +436,8 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
         shards = [(s, np.asarray(ids, dtype=token_dtype(len(tok)))) for s, ids in per.items()]
     else:  # the token cache's held-out slice (only the units that hold it are tokenized)
         shards = prepare_streams(data, tok, need_tokens=0).val
+    if getattr(args, "run_config", None):
+        check_run_split(args.run_config, tok, shards)
     val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
     return [val[[i]] for i in range(len(val))]
 

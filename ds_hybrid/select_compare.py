@@ -25,7 +25,7 @@ from pathlib import Path
 from ds_hybrid.config import SPACING_METHODS
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import chosen_sets, selection_top_k
-from ds_hybrid.selection import kendall_tau, make_selection, read_selection, write_selection
+from ds_hybrid.selection import make_selection, ranking_tau, read_selection, write_selection
 
 #: what a re-ranked selection keeps of its source's record (the probes' provenance; the ranking and choices are new)
 PROVENANCE = ("teacher", "align", "budget", "probes", "tokens_spent", "baseline", "layer_types", "settings",
@@ -73,7 +73,8 @@ def chosen_overlap(a: dict, b: dict, k: int) -> float:
 def compare(selections: dict[str, dict], ks: list[int]) -> list[dict]:
     rows = []
     for (a, sa), (b, sb) in itertools.combinations(selections.items(), 2):
-        row = {"a": a, "b": b, "kendall_tau": round(kendall_tau(sa["ranking"], sb["ranking"]), 4)}
+        tau = ranking_tau(sa, sb)
+        row = {"a": a, "b": b, "kendall_tau": None if tau is None else round(tau, 4)}
         for k in ks:
             row[f"top{k}"] = round(chosen_overlap(sa, sb, k), 4)
             row[f"top{k}_layers"] = {"a": selection_top_k(sa, k), "b": selection_top_k(sb, k)}
@@ -86,7 +87,8 @@ def table(rows: list[dict], ks: list[int], selections: dict[str, dict]) -> str:
     lines = [head, "|---|---|" + "---|" * (len(ks) + 1)]
     for r in rows:
         cells = " | ".join(f"{r[f'top{k}']:.2f} ({round(r[f'top{k}'] * k)}/{k})" for k in ks)
-        lines.append(f"| {r['a']} | {r['b']} | {cells} | {r['kendall_tau']:.3f} |")
+        tau = "n/a (a spacing rule)" if r["kendall_tau"] is None else f"{r['kendall_tau']:.3f}"
+        lines.append(f"| {r['a']} | {r['b']} | {cells} | {tau} |")
     lines += ["", "| selection | method | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for name, sel in selections.items():
         method = sel["method"] + (f", distance_reg {sel['distance_reg']:g}" if sel.get("distance_reg") else "")

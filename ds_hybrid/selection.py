@@ -102,6 +102,16 @@ def kendall_tau(a: Sequence[int], b: Sequence[int]) -> float:
     return (conc - disc) / (n * (n - 1) / 2)
 
 
+def ranking_tau(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | None:
+    """Kendall's tau between two selections' rankings, or None when either is a spacing rule (uniform, smart,
+    keep_global: their "ranking" is an order for the chart, e.g. smart's later layers first, not an importance)."""
+    from ds_hybrid.config import SPACING_METHODS
+
+    if a.get("method") in SPACING_METHODS or b.get("method") in SPACING_METHODS:
+        return None
+    return kendall_tau(a["ranking"], b["ranking"])
+
+
 def regularized_order(scores: Mapping[int, float], lower_is_better: bool, distance_reg: float) -> list[int]:
     """The distance-regularized ranking (``select.distance_reg``): greedily, the layer with the highest
     ``importance(l) - distance_reg * proximity(l, taken)``, where importance is the score rescaled to [0, 1] (1 = the

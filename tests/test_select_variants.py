@@ -101,6 +101,11 @@ def test_select_compare_table_and_plot(tmp_path, capsys):
     g = make_selection("ga_s2", {l: 0.0 if l in uniform_layers(12, 4) else 1.0 + l for l in range(12)}, True, 12)
     ug = compare({"uniform": u, "ga_s2": g}, [4])[0]
     assert ug["top4"] == 1.0 and ug["top4_layers"] == {"a": uniform_layers(12, 4), "b": uniform_layers(12, 4)}
+    # and its ranking is an order for the chart (smart's: later layers first), not an importance: no Kendall tau
+    from ds_hybrid.select_compare import table
+
+    assert ug["kendall_tau"] is None and "| uniform | ga_s2 | 1.00 (4/4) | n/a (a spacing rule) |" in table(
+        [ug], [4], {"uniform": u, "ga_s2": g})
 
     from ds_hybrid.cli import main  # the refusal: the command's main() in this process (run as one just above)
 

@@ -61,7 +61,7 @@ from ds_hybrid.layers import (chosen_sets, global_layers, global_layers_left_lin
 from ds_hybrid.modeling.families import check_context, teacher_layer_types, trained_context
 from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
-from ds_hybrid.selection import (recorded_vs_now, folder_identity, kendall_tau, make_selection, read_selection,
+from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selection, ranking_tau, read_selection,
                                  write_selection)
 from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
@@ -264,7 +264,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     selection["config_hash"] = _config_hash(cfg)
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")
-        selection["agreement"] = {"reference": sc.reference, "kendall_tau": kendall_tau(selection["ranking"], ref["ranking"]),
+        selection["agreement"] = {"reference": sc.reference, "kendall_tau": ranking_tau(selection, ref),
                                   "topk_overlap": {str(k): chosen_overlap(selection, ref, k) for k in ks}}
     if D.is_main():
         write_selection(target, selection)

@@ -388,15 +388,6 @@ def stage_steps(s: StageConfig) -> int:
     return s.tokens // (s.global_batch * s.seq_len) if s.global_batch and s.seq_len else 0
 
 
-def _is_hub_name(source: str | list[str]) -> bool:
-    """Whether data.source names a hub dataset (not the embedded corpus, nor local files)."""
-    if not isinstance(source, str) or source == "embedded" or source.startswith("embedded:"):
-        return False
-    from ds_hybrid.data import source_files
-
-    return source_files(source) is None
-
-
 def validate_static(cfg: RunConfig) -> None:
     from ds_hybrid.modeling.mixers import MIXERS, MixerOptions
 
@@ -453,7 +444,9 @@ def validate_static(cfg: RunConfig) -> None:
             continue
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"data.{f}", value, "a non-empty name, or null")
-        if not _is_hub_name(cfg.data.source):
+        from ds_hybrid.data import is_hub_source
+
+        if not is_hub_source(cfg.data.source):
             raise ConfigError(f"data.{f}", value, f"only a hub dataset source has one; data.source is "
                               f"{cfg.data.source!r} (local files or the embedded corpus): drop data.{f}")
     if cfg.dist_timeout_minutes <= 0:

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_hybrid.config import DataConfig
+from ds_hybrid.config import DataConfig, RunConfig
+from ds_hybrid.folders import atomic_write_text
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.tokencache import Unit, build, done_prefixes, read_shards, token_dtype, val_share
 
@@ -143,13 +145,67 @@ def hub_commit(name: str, revision: str | None) -> str:
     try:
         sha = HfApi().dataset_info(name, revision=revision).sha
     except Exception as e:  # noqa: BLE001 - offline machines, unknown names and unknown revisions all land here
-        field, value = ("data.revision", revision) if revision else ("data.source", name)
-        raise ConfigError(field, value, f"the hub dataset {name!r} could not be opened at "
-                          f"{revision or 'its default branch'} ({type(e).__name__}: {str(e)[:200]}); give local "
-                          "files or 'embedded', or a dataset and revision the hub has") from None
+        # (by name: huggingface_hub has moved its error classes between versions)
+        if type(e).__name__ == "RevisionNotFoundError":
+            field, value, what = "data.revision", revision, "has no such branch, tag or commit"
+        elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+            field, value, what = "data.source", name, "is not a dataset this machine may read (unknown, private or gated)"
+        else:
+            field, value, what = "data.source", name, "could not be reached (no network or hub here?)"
+        raise ConfigError(field, value, f"the hub dataset {name!r} {what} at {revision or 'its default branch'} "
+                          f"({type(e).__name__}: {str(e)[:200]}); give local files or 'embedded', or a dataset and "
+                          "revision the hub has") from None
     if not sha:
         raise ConfigError("data.source", name, "the hub returned no commit for this dataset: pin one with data.revision")
     return sha
+
+
+HUB_PIN = "hub_commit.json"  # in a run's out_dir: the commit every stage, probe and resume of the run reads
+
+
+def is_hub_source(source: str | list[str]) -> bool:
+    """Whether data.source names a hub dataset (not the embedded corpus, nor local files)."""
+    if not isinstance(source, str) or source == "embedded" or source.startswith("embedded:"):
+        return False
+    return source_files(source) is None
+
+
+def pin_hub_commit(cfg: RunConfig) -> None:
+    """A hub source is read at one commit for the whole run: ``data.revision`` (null: the default branch) is
+    resolved once, on the main rank, kept in ``out_dir``/hub_commit.json and read back by every later stage, probe,
+    Slurm array task and resume of the run, and ``cfg.data.revision`` becomes that commit (so the probes' and the
+    selection's identities hold it). A ``data.revision`` changed since gives a new commit, said in a warning."""
+    d = cfg.data
+    if not is_hub_source(d.source) or (d.revision and re.fullmatch(r"[0-9a-f]{40}", d.revision)):
+        return  # (a commit does not move: nothing to pin)
+    from ds_hybrid import distributed as D
+
+    def resolve() -> str:
+        pin = Path(cfg.out_dir) / HUB_PIN
+        rec = json.loads(pin.read_text()) if pin.is_file() else None
+        key = {"source": d.source, "hub_config": d.hub_config, "revision": d.revision}
+        if rec and {k: rec.get(k) for k in key} == key:
+            return rec["commit"]
+        commit = hub_commit(d.source, d.revision)
+        if rec:
+            log.warning("data: %s read at %s: commit %s, where this run's earlier stages read %s (%s) at commit %s",
+                        d.source, d.revision or "the default branch", commit[:12], rec.get("source"),
+                        rec.get("revision") or "the default branch", str(rec.get("commit"))[:12])
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(pin, json.dumps({**key, "commit": commit}, indent=1))
+        return commit
+
+    def resolve_or_error() -> tuple[str | None, tuple | None]:
+        try:
+            return resolve(), None
+        except ConfigError as e:  # (said on every rank: the others must not wait for a commit that never comes)
+            return None, (e.field, e.value, e.fix)
+
+    commit, error = D.main_reads(resolve_or_error)
+    if error is not None:
+        raise ConfigError(*error)
+    log.info("data: %s at commit %s (%s)", d.source, commit, HUB_PIN)
+    d.revision = commit
 
 
 def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:

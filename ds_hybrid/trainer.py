@@ -35,8 +35,8 @@ from ds_hybrid import distributed as D
 from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text, check_world_size
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
-from ds_hybrid.data import (PackedSequences, device_micro_batches, prepare_streams, rank_micro_batches, step_rows,
-                            warn_unrepresented)
+from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
+                            step_rows, warn_unrepresented)
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
@@ -124,6 +124,7 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
     and a later run with the same data settings and teacher reuses the cache."""
     from ds_hybrid.teacher import load_tokenizer
 
+    pin_hub_commit(cfg)
     s = cfg.stage(stage) if stage in TRAIN_STAGES else None
     if stage == "select" and cfg.select.method in ("ga_s2", "halving"):  # its probes read what a probe's kl reads
         from ds_hybrid.stages.probes import probe_stage_config
@@ -305,6 +306,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     setup_logging()
     signals = _Signals.install()  # before the setup: a signal during it is honoured at the first step
     check_env_knobs()
+    pin_hub_commit(cfg)  # (a hub dataset: the commit this run reads, the same in every stage and resume)
     run_dir = cfg.stage_dir(stage)
     finished = finished_on_main(run_dir)
     if finished and not force:

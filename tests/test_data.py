@@ -77,17 +77,21 @@ def test_parquet_and_hub_style_streams_read_the_same_documents(tmp_path):
     assert hub[1] == want and hub[0][0].startswith("doc0x0 ")  # datasets' streaming shards = the files
 
 
-def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tmp_path, tok, monkeypatch):
-    """A hub dataset's tokens are keyed by the commit its revision is at when the run starts: every worker streams that
-    commit, and the dataset moving on (a new commit on its default branch) tokenizes again instead of reusing or mixing
-    the old tokens. The hub is faked: commits map to local jsonl folders read by `datasets`' json builder."""
+class RevisionNotFoundError(Exception):
+    """huggingface_hub's error for an unknown revision, as the fake hub raises it (known by its name)."""
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A hub dataset "org/corpus" (configuration "sample") whose commits are local jsonl folders read by `datasets`'
+    json builder: (branch {name: commit}, folders {commit: folder}, the revisions opened)."""
     import datasets
     import huggingface_hub
 
     old, new = write_jsonl(tmp_path / "old", 2, 30, 20, seed=0), write_jsonl(tmp_path / "new", 2, 30, 20, seed=1)
     branch = {"main": "a" * 40}
     folders = {"a" * 40: old, "b" * 40: new}
-    opened = []
+    opened: list[str] = []
 
     class Info:
         def __init__(self, sha):
@@ -96,7 +100,7 @@ def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tm
     def dataset_info(self, name, revision=None, **kw):
         sha = branch.get(revision or "main", revision)
         if sha not in folders:
-            raise ValueError(f"revision {revision} not found")
+            raise RevisionNotFoundError(f"revision {revision} not found")
         return Info(sha)
 
     real = datasets.load_dataset
@@ -109,6 +113,15 @@ def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tm
 
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return branch, folders, opened
+
+
+def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tmp_path, tok, fake_hub):
+    """A hub dataset's tokens are keyed by the commit its revision is at: every worker streams that commit, and the
+    dataset moving on (a new commit on its default branch) tokenizes again instead of reusing or mixing the old
+    tokens."""
+    branch, folders, opened = fake_hub
+    old = folders["a" * 40]
     cfg = DataConfig(source="org/corpus", hub_config="sample", cache_dir=str(tmp_path / "cache"), val_tokens=500,
                      num_proc=1)
     first = prepare_streams(cfg, tok)
@@ -122,8 +135,60 @@ def test_a_hub_source_is_tokenized_at_one_commit_and_an_update_is_a_new_cache(tm
     assert not np.array_equal(np.concatenate([a for _, a in moved.train])[:100], want[:100])
     pinned = prepare_streams(dataclasses.replace(cfg, revision="a" * 40), tok)  # data.revision pins the old commit: reused
     assert pinned.path == first.path and pinned.meta["hub"]["revision"] == "a" * 40
-    with pytest.raises(ConfigError, match=r"^data\.revision='v9': the hub dataset 'org/corpus' could not be opened"):
+    with pytest.raises(ConfigError, match=r"^data\.revision='v9': the hub dataset 'org/corpus' has no such branch"):
         units_for(dataclasses.replace(cfg, revision="v9"))
+
+
+def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_path, fake_hub, caplog):
+    """The commit is resolved once per run (the main rank; kept in out_dir/hub_commit.json): a later stage, probe or
+    resume reads the same commit after the dataset moved on, and the probes' data identity holds it; a data.revision
+    changed since resolves again, said in a warning."""
+    from ds_hybrid.data import HUB_PIN, pin_hub_commit
+    from ds_hybrid.stages.probes import DATA_FIELDS
+
+    branch, _, _ = fake_hub
+    over = [f"out_dir={tmp_path / 'run'}", "data.source=org/corpus", "data.hub_config=sample"]
+    align = load_config(None, over)
+    pin_hub_commit(align)
+    assert align.data.revision == "a" * 40 and json.loads((tmp_path / "run" / HUB_PIN).read_text())["commit"] == "a" * 40
+    branch["main"] = "b" * 40  # the dataset moves on between the run's stages
+    kl = load_config(None, over)
+    pin_hub_commit(kl)
+    assert kl.data.revision == "a" * 40 and "revision" in DATA_FIELDS
+    pin_hub_commit(kl)  # (again on a pinned config: unchanged)
+    assert kl.data.revision == "a" * 40 and "earlier stages read" not in caplog.text
+    moved = load_config(None, over + ["data.revision=main"])  # another revision asked for: resolved, and said
+    pin_hub_commit(moved)
+    assert moved.data.revision == "b" * 40 and "where this run's earlier stages read" in caplog.text
+    with pytest.raises(ConfigError, match=r"^data\.revision='v9': .* has no such branch, tag or commit"):
+        pin_hub_commit(load_config(None, over + ["data.revision=v9"]))
+
+
+def test_eval_reads_a_hub_runs_held_out_rows_at_the_runs_commit(tmp_path, tok, fake_hub):
+    """`eval --run-config` of a hub run reads the commit the run pinned (not the default branch's newest), so its
+    held-out rows are the run's and pass the check against its run_info."""
+    from argparse import Namespace
+
+    import yaml
+
+    from ds_hybrid.data import pin_hub_commit
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    branch, _, _ = fake_hub
+    data = {"source": "org/corpus", "hub_config": "sample", "val_tokens": 500, "cache_dir": str(tmp_path / "cache"),
+            "num_proc": 1}
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"data": data, "out_dir": str(tmp_path / "run")}))
+    run = load_config(str(run_yaml))
+    pin_hub_commit(run)  # the run's first stage
+    meta = prepare_streams(run.data, tok, need_tokens=0).meta
+    (tmp_path / "run" / "kl").mkdir(parents=True)
+    (tmp_path / "run" / "kl" / "run_info.json").write_text(json.dumps({"data": meta}))
+    branch["main"] = "b" * 40  # the dataset moved on after the run
+    args = Namespace(data="embedded", run_config=str(run_yaml), heldout_seq_len=32, heldout_sequences=4)
+    got = torch.cat(_heldout_rows(args, tok))  # (a row of the new commit would fail the run_info check)
+    want = PackedSequences(prepare_streams(run.data, tok, need_tokens=0).val, 32, max_rows=4)
+    assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
 
 
 def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_cache(tmp_path, tok):

@@ -451,7 +451,7 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
                                           r"0\.0001, the values they ran with"):
         claim_probes(out, probe_identity(tuned, probe_stage_config(tuned, align), align), False, inherited_names(tuned))
     # the run's dtype (resolved: auto is fp32 on this CPU) is part of what a probe's score depends on
-    with pytest.raises(ConfigError, match=r"^dtype='bfloat16': .*\(dtype: 'float32' -> 'bfloat16'\)"):
+    with pytest.raises(ConfigError, match=r"^dtype='bf16': .*\(dtype: 'fp32' -> 'bf16'\)"):
         claim_probes(out, probe_identity(bf16 := load_config(None, ["dtype=bf16"]), probe_stage_config(bf16, align),
                                          align), force=False)
     _tiny_folder(align, scale=2.0)  # the align export retrained, same shapes
@@ -470,7 +470,7 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     legacy = {k: v for k, v in new.items() if k != "dtype"}
     (out / "probes" / PROBES_KEY).write_text(json.dumps(legacy))
     claim_probes(out, new, force=False)
-    assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "float32"
+    assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "fp32"
 
 
 def test_each_probe_gets_its_own_stage_settings():
@@ -535,3 +535,18 @@ def test_the_proxy_scores_at_the_probes_temperature():
         assert baseline == pytest.approx(want(student, T), rel=1e-9)
         assert scores[2] == pytest.approx(want(restored, T), rel=1e-9)
     assert want(student, 2.0) != pytest.approx(want(student, 1.0), rel=1e-3)  # (T matters on these models)
+
+
+def test_a_proxy_selection_scored_at_t1_before_the_fix_is_said_when_the_probes_temperature_is_not_1(tmp_path):
+    """A proxy selection.json made before 2026-12-06 scored at T = 1 whatever the probes' temperature; its recorded
+    settings (which hold kl.temperature) match today's, so only its budget (no temperature) tells it apart."""
+    from ds_hybrid.stages.select import _proxy_at_t1
+
+    target = tmp_path / "selection.json"
+    hot = load_config(None, ["select.method=proxy", "kl.temperature=2"])
+    target.write_text(json.dumps({"budget": {"heldout_sequences": 32, "seq_len": 1024}}))
+    assert _proxy_at_t1(target, hot)
+    assert not _proxy_at_t1(target, load_config(None, ["select.method=proxy"]))  # T = 1: the same scores
+    assert not _proxy_at_t1(target, load_config(None, ["select.method=ppl", "kl.temperature=2"]))
+    target.write_text(json.dumps({"budget": {"heldout_sequences": 32, "seq_len": 1024, "temperature": 2.0}}))
+    assert not _proxy_at_t1(target, hot)

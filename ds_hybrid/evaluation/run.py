@@ -401,13 +401,16 @@ def check_run_split(run_config: str, tok, shards) -> None:
                     "derived here are not checked against the run's", run_config, cfg.out_dir)
         return
     recorded = json.loads(found[0].read_text()).get("data") or {}
-    if recorded.get("tokenizer") != tokenizer_fingerprint(tok):
-        return  # (another tokenizer's ids: the run recorded its own)
+    if recorded.get("tokenizer") != tokenizer_fingerprint(tok):  # (the run recorded its own tokenizer's ids)
+        log.warning("--run-config %s: the held-out rows in this tokenizer's ids are not checked against the run's "
+                    "(%s records another tokenizer's)", run_config, found[0])
+        return
     why = val_mismatch(recorded, shards)
     if why:
         raise ConfigError("--run-config", run_config, f"the held-out rows derived on this machine are not those the "
                           f"run held out ({why}; {found[0]}): this corpus is not the one the run trained on (another "
-                          "build of the embedded corpus, or changed files), so some rows could be training text. "
+                          "build of the embedded corpus, changed files, another commit of a hub dataset), so some "
+                          "rows could be training text. "
                           "Evaluate where the run's corpus is, or drop --run-config to score this corpus's default "
                           "split (not held out from these models)")
 
@@ -425,7 +428,13 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
     if getattr(args, "run_config", None):  # the split the models were trained with: their held-out documents
         from ds_hybrid.config import load_config
 
-        data = load_config(args.run_config).data
+        run = load_config(args.run_config)
+        data = run.data
+        from ds_hybrid.data import HUB_PIN, is_hub_source
+
+        pin = Path(run.out_dir) / HUB_PIN
+        if is_hub_source(data.source) and not data.revision and pin.is_file():  # the commit the run read
+            data.revision = json.loads(pin.read_text())["commit"]
     if data.source == "embedded" and not data.add_eos and data.max_documents is None:
         from ds_hybrid.corpus import held_out_documents
         from ds_hybrid.tokencache import token_dtype

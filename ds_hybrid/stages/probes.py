@@ -65,7 +65,8 @@ PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule"
 PROBES_KEY = "PROBES.json"
 LATER_KEYS = ("dtype",)  # identity keys added after folders were written without them (2026-12-06)
 # what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
-DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents")
+DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents",
+               "hub_config", "revision")  # (revision: a hub source's commit, pinned for the run: data.pin_hub_commit)
 
 
 def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: bool = False) -> dict:
@@ -77,7 +78,7 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
     data = {k: d["data"][k] for k in DATA_FIELDS}
     return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
             "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir),
-            "dtype": str(run_dtype(cfg)).removeprefix("torch.")}  # (resolved: "auto" is bf16 on a GPU, fp32 on a CPU)
+            "dtype": {torch.bfloat16: "bf16"}.get(run_dtype(cfg), "fp32")}  # (resolved: auto is bf16 on a GPU)
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -113,6 +113,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     D.init_distributed(cfg.dist_timeout_minutes)
     setup_logging()
     check_env_knobs()
+    from ds_hybrid.data import pin_hub_commit
+
+    pin_hub_commit(cfg)  # (a hub dataset: the commit the align read, and every probe and task after it)
     sc = cfg.select
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
     # another probe score or a distance-regularized ranking reuses the method's probes; written beside the plain one
@@ -128,6 +131,10 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
             log.warning("selection %s exists, computed from an align export that has changed since (%s): kept, and "
                         "stage kl will refuse it; rerun stage select with --force to rank this align export's layers",
                         target, stale_align)
+        elif made == now and _proxy_at_t1(target, cfg):
+            log.warning("selection %s exists, scored at temperature 1 by a ds-hybrid before 2026-12-06 although the "
+                        "probes' temperature is %g: kept; --force makes it again at that temperature", target,
+                        probe_stage_config(cfg, Path(".")).temperature)
         elif made == now:
             log.info("selection %s exists, from these settings; nothing to do", target)
         elif made is None:
@@ -295,6 +302,17 @@ def _existing_selection(target: Path, cfg: RunConfig) -> tuple[dict | None, str 
         if want is not None and want != have:
             stale = f"{want} -> {have}"
     return sel.get("settings"), stale
+
+
+def _proxy_at_t1(target: Path, cfg: RunConfig) -> bool:
+    """A proxy selection made before the proxy scored at the probes' temperature (its budget does not record one)
+    where that temperature is not 1: its scores are of another temperature than its settings say."""
+    if cfg.select.method != "proxy" or probe_stage_config(cfg, Path(".")).temperature == 1.0:
+        return False
+    try:
+        return "temperature" not in json.loads(target.read_text()).get("budget", {})
+    except (OSError, ValueError):
+        return False
 
 
 def selection_settings(cfg: RunConfig) -> dict[str, Any]:

@@ -127,21 +127,22 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if existing is not None and not force:  # kept; what changed since is said (a benign kl.lr change must not block
         made, stale_align = existing        # a pipeline's later steps: --force makes it again)
         now = selection_settings(cfg)
+        # (a setting recorded since, e.g. data.revision, counts as unchanged where it is at its default, None)
+        changed = [k for k in sorted(set(made or {}) | set(now)) if (made or {}).get(k) != now.get(k)]
         if stale_align:
             log.warning("selection %s exists, computed from an align export that has changed since (%s): kept, and "
                         "stage kl will refuse it; rerun stage select with --force to rank this align export's layers",
                         target, stale_align)
-        elif made == now and _proxy_at_t1(target, cfg):
+        elif made is not None and not changed and _proxy_at_t1(target, cfg):
             log.warning("selection %s exists, scored at temperature 1 by a ds-hybrid before 2026-12-06 although the "
                         "probes' temperature is %g: kept; --force makes it again at that temperature", target,
                         probe_stage_config(cfg, Path(".")).temperature)
-        elif made == now:
+        elif made is not None and not changed:
             log.info("selection %s exists, from these settings; nothing to do", target)
         elif made is None:
             log.warning("selection %s exists (made by an older ds-hybrid, which did not record its settings): kept; "
                         "--force makes it again", target)
         else:
-            changed = [k for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
             log.warning("selection %s exists, made from other settings (%s changed since): kept; --force makes it "
                         "again (its probes are reused only where their own settings are unchanged)", target,
                         ", ".join(changed))

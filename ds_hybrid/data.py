@@ -138,17 +138,24 @@ def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None]
     return {DATA_SOURCE: [Unit(u.source, i, u.kind, u.paths, u.hub, u.text_field) for i, u in enumerate(units)]}
 
 
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
 def hub_commit(name: str, revision: str | None) -> str:
-    """The commit a hub dataset's ``revision`` (branch, tag or commit; None = its default branch) is at now."""
+    """The commit a hub dataset's ``revision`` (branch, tag or commit; None = its default branch) is at now; a full
+    commit is its own answer (no call to the hub)."""
+    if revision and COMMIT_RE.fullmatch(revision):
+        return revision
     from huggingface_hub import HfApi
 
     try:
         sha = HfApi().dataset_info(name, revision=revision).sha
     except Exception as e:  # noqa: BLE001 - offline machines, unknown names and unknown revisions all land here
-        # (by name: huggingface_hub has moved its error classes between versions)
-        if type(e).__name__ == "RevisionNotFoundError":
+        # (by class name along the hierarchy: huggingface_hub has moved its error classes between versions)
+        names = {c.__name__ for c in type(e).__mro__}
+        if "RevisionNotFoundError" in names:
             field, value, what = "data.revision", revision, "has no such branch, tag or commit"
-        elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+        elif names & {"RepositoryNotFoundError", "GatedRepoError"}:
             field, value, what = "data.source", name, "is not a dataset this machine may read (unknown, private or gated)"
         else:
             field, value, what = "data.source", name, "could not be reached (no network or hub here?)"
@@ -160,67 +167,107 @@ def hub_commit(name: str, revision: str | None) -> str:
     return sha
 
 
+def _on_main(fn):
+    """``fn()`` on the main rank only, its result on every rank; an error there is raised on every rank (as a
+    ConfigError where it was one), so that no rank waits in a collective for a result that never comes."""
+    from ds_hybrid import distributed as D
+
+    def run():
+        try:
+            return fn(), None
+        except ConfigError as e:
+            return None, (e.field, e.value, e.fix)
+        except Exception as e:  # noqa: BLE001 - e.g. an unwritable out_dir: said everywhere, named
+            return None, ("data.source", "(main rank)", f"{type(e).__name__}: {e}")
+
+    out, error = D.main_reads(run)
+    if error is not None:
+        raise ConfigError(*error)
+    return out
+
+
 HUB_PIN = "hub_commit.json"  # in a run's out_dir: the commit every stage, probe and resume of the run reads
 
 
 def is_hub_source(source: str | list[str]) -> bool:
-    """Whether data.source names a hub dataset (not the embedded corpus, nor local files)."""
+    """Whether data.source names a hub dataset (not the embedded corpus, nor local files): one name that is no
+    path here (one stat; :func:`source_files` says the rest, with its errors, when the data is read)."""
     if not isinstance(source, str) or source == "embedded" or source.startswith("embedded:"):
         return False
-    return source_files(source) is None
+    p = Path(source).expanduser()
+    return not p.exists() and not source.startswith((".", "/", "~")) and p.suffix.lower() not in (
+        TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
+
+
+def _hub_pin_key(d: DataConfig) -> dict:
+    return {"source": d.source, "hub_config": d.hub_config, "revision": d.revision}
+
+
+def read_hub_pin(cfg: RunConfig) -> str | None:
+    """The commit a run pinned for its data settings as they are now (its ``out_dir``/hub_commit.json), else None."""
+    pin = Path(cfg.out_dir) / HUB_PIN
+    try:
+        rec = json.loads(pin.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("data: %s is unreadable (%s): taken as absent", pin, e)
+        return None
+    same = isinstance(rec, dict) and {k: rec.get(k) for k in _hub_pin_key(cfg.data)} == _hub_pin_key(cfg.data)
+    commit = rec.get("commit") if same else None
+    return commit if isinstance(commit, str) and COMMIT_RE.fullmatch(commit) else None
 
 
 def pin_hub_commit(cfg: RunConfig) -> None:
     """A hub source is read at one commit for the whole run: ``data.revision`` (null: the default branch) is
     resolved once, on the main rank, kept in ``out_dir``/hub_commit.json and read back by every later stage, probe,
-    Slurm array task and resume of the run, and ``cfg.data.revision`` becomes that commit (so the probes' and the
-    selection's identities hold it). A ``data.revision`` changed since gives a new commit, said in a warning."""
+    Slurm array task, resume and ``eval --run-config`` of the run, and ``cfg.data.revision`` becomes that commit (so
+    the probes' and the selection's identities hold it). Data settings changed since (source, hub_config, revision)
+    resolve again, said in a warning; delete the file (or set ``data.revision``) to read a newer commit."""
     d = cfg.data
-    if not is_hub_source(d.source) or (d.revision and re.fullmatch(r"[0-9a-f]{40}", d.revision)):
-        return  # (a commit does not move: nothing to pin)
-    from ds_hybrid import distributed as D
+    if d.revision and COMMIT_RE.fullmatch(d.revision):
+        return  # a commit does not move (a pinned config, e.g. a probe's copy): nothing to resolve
 
-    def resolve() -> str:
+    def resolve() -> str | None:
+        if not is_hub_source(d.source):
+            return None
+        commit = read_hub_pin(cfg)
+        if commit is not None:
+            return commit
         pin = Path(cfg.out_dir) / HUB_PIN
-        rec = json.loads(pin.read_text()) if pin.is_file() else None
-        key = {"source": d.source, "hub_config": d.hub_config, "revision": d.revision}
-        if rec and {k: rec.get(k) for k in key} == key:
-            return rec["commit"]
         commit = hub_commit(d.source, d.revision)
-        if rec:
-            log.warning("data: %s read at %s: commit %s, where this run's earlier stages read %s (%s) at commit %s",
-                        d.source, d.revision or "the default branch", commit[:12], rec.get("source"),
-                        rec.get("revision") or "the default branch", str(rec.get("commit"))[:12])
+        if pin.is_file():
+            log.warning("data: %s (configuration %s) at %s is commit %s; this run's earlier stages read other data "
+                        "settings (%s): from now on this commit", d.source, d.hub_config,
+                        d.revision or "the default branch", commit[:12], pin.read_text().strip()[:300])
         pin.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(pin, json.dumps({**key, "commit": commit}, indent=1))
+        atomic_write_text(pin, json.dumps({**_hub_pin_key(d), "commit": commit}, indent=1))
         return commit
 
-    def resolve_or_error() -> tuple[str | None, tuple | None]:
-        try:
-            return resolve(), None
-        except ConfigError as e:  # (said on every rank: the others must not wait for a commit that never comes)
-            return None, (e.field, e.value, e.fix)
-
-    commit, error = D.main_reads(resolve_or_error)
-    if error is not None:
-        raise ConfigError(*error)
-    log.info("data: %s at commit %s (%s)", d.source, commit, HUB_PIN)
-    d.revision = commit
+    commit = _on_main(resolve)  # (every rank calls it, hub source or not: one decision, the main rank's)
+    if commit is not None:
+        log.info("data: %s at commit %s (%s)", d.source, commit, Path(cfg.out_dir) / HUB_PIN)
+        d.revision = commit
 
 
 def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:
-    """One unit per shard of the dataset's train split at one commit (``revision`` resolved now): the units, and so
-    the token cache's key, name the commit, and every worker streams that commit, whatever the hub has later."""
-    import datasets
+    """One unit per shard of the dataset's train split at one commit (``revision`` resolved now, on the main rank,
+    which also lists the shards): the units, and so the token cache's key, name the commit, and every worker streams
+    that commit, whatever the hub has later."""
 
-    commit = hub_commit(name, revision)
-    try:
-        ds = datasets.load_dataset(name, config, split="train", streaming=True, revision=commit)
-    except Exception as e:  # noqa: BLE001
-        field, value = ("data.hub_config", config) if config else ("data.source", name)
-        raise ConfigError(field, value, f"the hub dataset {name!r} at commit {commit[:12]} could not be streamed "
-                          f"({type(e).__name__}: {str(e)[:200]})") from None
-    n = max(1, int(getattr(ds, "n_shards", 1) or 1))
+    def listing() -> tuple[str, int]:
+        import datasets
+
+        commit = hub_commit(name, revision)
+        try:
+            ds = datasets.load_dataset(name, config, split="train", streaming=True, revision=commit)
+        except Exception as e:  # noqa: BLE001
+            field, value = ("data.hub_config", config) if config else ("data.source", name)
+            raise ConfigError(field, value, f"the hub dataset {name!r} at commit {commit[:12]} could not be streamed "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        return commit, max(1, int(getattr(ds, "n_shards", 1) or 1))
+
+    commit, n = _on_main(listing)
     return [Unit(DATA_SOURCE, i, "hub", (), (name, config, "train", i, n), text_field, revision=commit)
             for i in range(n)]
 

@@ -77,8 +77,16 @@ def test_parquet_and_hub_style_streams_read_the_same_documents(tmp_path):
     assert hub[1] == want and hub[0][0].startswith("doc0x0 ")  # datasets' streaming shards = the files
 
 
-class RevisionNotFoundError(Exception):
-    """huggingface_hub's error for an unknown revision, as the fake hub raises it (known by its name)."""
+class HfHubHTTPError(Exception):
+    """Stand-ins for huggingface_hub's errors, known by their class names along the hierarchy."""
+
+
+class RevisionNotFoundError(HfHubHTTPError):
+    pass
+
+
+class RepositoryNotFoundError(HfHubHTTPError):
+    pass
 
 
 @pytest.fixture
@@ -98,6 +106,8 @@ def fake_hub(tmp_path, monkeypatch):
             self.sha = sha
 
     def dataset_info(self, name, revision=None, **kw):
+        if name != "org/corpus":
+            raise RepositoryNotFoundError(f"{name} not found")
         sha = branch.get(revision or "main", revision)
         if sha not in folders:
             raise RevisionNotFoundError(f"revision {revision} not found")
@@ -143,7 +153,7 @@ def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_p
     """The commit is resolved once per run (the main rank; kept in out_dir/hub_commit.json): a later stage, probe or
     resume reads the same commit after the dataset moved on, and the probes' data identity holds it; a data.revision
     changed since resolves again, said in a warning."""
-    from ds_hybrid.data import HUB_PIN, pin_hub_commit
+    from ds_hybrid.data import HUB_PIN, hub_commit, pin_hub_commit
     from ds_hybrid.stages.probes import DATA_FIELDS
 
     branch, _, _ = fake_hub
@@ -154,17 +164,38 @@ def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_p
     branch["main"] = "b" * 40  # the dataset moves on between the run's stages
     kl = load_config(None, over)
     pin_hub_commit(kl)
-    assert kl.data.revision == "a" * 40 and "revision" in DATA_FIELDS
-    pin_hub_commit(kl)  # (again on a pinned config: unchanged)
-    assert kl.data.revision == "a" * 40 and "earlier stages read" not in caplog.text
+    assert kl.data.revision == "a" * 40 and "revision" in DATA_FIELDS and "earlier stages read" not in caplog.text
     moved = load_config(None, over + ["data.revision=main"])  # another revision asked for: resolved, and said
     pin_hub_commit(moved)
-    assert moved.data.revision == "b" * 40 and "where this run's earlier stages read" in caplog.text
+    assert moved.data.revision == "b" * 40 and "this run's earlier stages read other data settings" in caplog.text
     with pytest.raises(ConfigError, match=r"^data\.revision='v9': .* has no such branch, tag or commit"):
         pin_hub_commit(load_config(None, over + ["data.revision=v9"]))
+    with pytest.raises(ConfigError, match=r"^data\.source='org/none': .* not a dataset this machine may read"):
+        pin_hub_commit(load_config(None, [f"out_dir={tmp_path / 'other'}", "data.source=org/none"]))
+    assert hub_commit("org/corpus", "c" * 40) == "c" * 40  # a full commit: no call (the fake hub has no such one)
+    (tmp_path / "run" / HUB_PIN).write_text("{not json")  # a damaged pin: taken as absent, resolved again
+    again = load_config(None, over + ["data.revision=main"])
+    pin_hub_commit(again)
+    assert again.data.revision == "b" * 40 and "is unreadable" in caplog.text
 
 
-def test_eval_reads_a_hub_runs_held_out_rows_at_the_runs_commit(tmp_path, tok, fake_hub):
+def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_hub):
+    """`train.py --prepare-data` (a CPU node, before the GPU job) pins the commit too: the stage after it reads the
+    tokens it prepared even where the dataset moved on in between."""
+    from ds_hybrid.data import HUB_PIN
+    from ds_hybrid.trainer import prepare_data
+
+    branch, _, _ = fake_hub
+    over = [f"out_dir={tmp_path / 'run'}", "data.source=org/corpus", "data.hub_config=sample", "data.val_tokens=500",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", "align.tokens=2000", "align.seq_len=64"]
+    rec = prepare_data(load_config(None, over), "align")
+    assert rec["hub"]["commit"] == "a" * 40 and json.loads((tmp_path / "run" / HUB_PIN).read_text())["commit"] == "a" * 40
+    branch["main"] = "b" * 40
+    assert prepare_data(load_config(None, over), "align")["data_cache"] == rec["data_cache"]
+
+
+@pytest.mark.parametrize("revision", [None, "main"])
+def test_eval_reads_a_hub_runs_held_out_rows_at_the_runs_commit(tmp_path, tok, fake_hub, revision):
     """`eval --run-config` of a hub run reads the commit the run pinned (not the default branch's newest), so its
     held-out rows are the run's and pass the check against its run_info."""
     from argparse import Namespace
@@ -176,7 +207,7 @@ def test_eval_reads_a_hub_runs_held_out_rows_at_the_runs_commit(tmp_path, tok, f
 
     branch, _, _ = fake_hub
     data = {"source": "org/corpus", "hub_config": "sample", "val_tokens": 500, "cache_dir": str(tmp_path / "cache"),
-            "num_proc": 1}
+            "num_proc": 1, "revision": revision}
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"data": data, "out_dir": str(tmp_path / "run")}))
     run = load_config(str(run_yaml))

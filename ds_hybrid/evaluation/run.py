@@ -386,6 +386,17 @@ def heldout_settings(args) -> dict:
             "run_config": getattr(args, "run_config", None)}
 
 
+def _run_info_commit(run) -> str | None:
+    """The hub commit a run's stages recorded (run_info ``data.hub.commit``), where this machine has one."""
+    for stage in ("kl", "finetune", "align"):
+        p = run.stage_dir(stage) / "run_info.json"
+        if p.is_file():
+            hub = (json.loads(p.read_text()).get("data") or {}).get("hub") or {}
+            if hub.get("commit"):
+                return hub["commit"]
+    return None
+
+
 def check_run_split(run_config: str, tok, shards) -> None:
     """Refuse held-out rows that are not the ones the run held out: the documents are derived here from this
     machine's corpus, which may not be the one the run trained on (another corpus build, changed files); its
@@ -430,11 +441,10 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
 
         run = load_config(args.run_config)
         data = run.data
-        from ds_hybrid.data import HUB_PIN, is_hub_source
+        from ds_hybrid.data import is_hub_source, read_hub_pin
 
-        pin = Path(run.out_dir) / HUB_PIN
-        if is_hub_source(data.source) and not data.revision and pin.is_file():  # the commit the run read
-            data.revision = json.loads(pin.read_text())["commit"]
+        if is_hub_source(data.source):  # the commit the run read (its pin, else a stage's run_info), not today's
+            data.revision = read_hub_pin(run) or _run_info_commit(run) or data.revision
     if data.source == "embedded" and not data.add_eos and data.max_documents is None:
         from ds_hybrid.corpus import held_out_documents
         from ds_hybrid.tokencache import token_dtype

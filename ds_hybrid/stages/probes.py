@@ -150,6 +150,8 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
             old = json.loads(key.read_text())
         except ValueError:
             old = {}
+        if old.get("dtype") in ("bfloat16", "float32"):  # (spelled as torch's for a few commits of 2026-12-06)
+            old["dtype"] = {"bfloat16": "bf16", "float32": "fp32"}[old["dtype"]]
         for k in LATER_KEYS:
             if old and k not in old and k in identity:  # a key written before ds-hybrid recorded this setting
                 log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "

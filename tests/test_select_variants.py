@@ -471,6 +471,8 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     (out / "probes" / PROBES_KEY).write_text(json.dumps(legacy))
     claim_probes(out, new, force=False)
     assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "fp32"
+    (out / "probes" / PROBES_KEY).write_text(json.dumps({**new, "dtype": "float32"}))  # torch's spelling (a few
+    claim_probes(out, new, force=False)                                              # commits of 2026-12-06)
 
 
 def test_each_probe_gets_its_own_stage_settings():

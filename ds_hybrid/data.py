@@ -66,6 +66,12 @@ def _default_cache_dir() -> Path:
     return cache_dir() / "data"
 
 
+def _hub_name_shape(item: str) -> bool:
+    """A name that is not a path here could be a hub dataset's: not written as a path, no file suffix."""
+    return not item.startswith((".", "/", "~")) and Path(item).suffix.lower() not in (
+        TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
+
+
 def source_files(source: str | list[str], field: str = "data.source") -> list[Path] | None:
     """Local files a source names (sorted), or None for a hub dataset name; a file named twice (a folder and a file
     in it) is refused: its documents would be read twice, held out in one place and trained on in the other."""
@@ -82,8 +88,7 @@ def source_files(source: str | list[str], field: str = "data.source") -> list[Pa
             files.extend(found)
         elif p.is_file():
             files.append(p)
-        elif len(items) == 1 and not item.startswith((".", "/", "~")) and p.suffix.lower() not in (
-                TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES):
+        elif len(items) == 1 and _hub_name_shape(item):
             return None  # a hub dataset name, e.g. "mlfoundations/dclm-baseline-1.0"
         else:
             raise ConfigError(field, item, "no such file or folder (give local files/folders, 'embedded', or a hub dataset name)")
@@ -194,9 +199,7 @@ def is_hub_source(source: str | list[str]) -> bool:
     path here (one stat; :func:`source_files` says the rest, with its errors, when the data is read)."""
     if not isinstance(source, str) or source == "embedded" or source.startswith("embedded:"):
         return False
-    p = Path(source).expanduser()
-    return not p.exists() and not source.startswith((".", "/", "~")) and p.suffix.lower() not in (
-        TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
+    return not Path(source).expanduser().exists() and _hub_name_shape(source)
 
 
 def _hub_pin_key(d: DataConfig) -> dict:

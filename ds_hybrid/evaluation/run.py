@@ -386,40 +386,36 @@ def heldout_settings(args) -> dict:
             "run_config": getattr(args, "run_config", None)}
 
 
-def _run_info_commit(run) -> str | None:
-    """The hub commit a run's stages recorded (run_info ``data.hub.commit``), where this machine has one."""
+def _run_data_record(run) -> tuple[Path, dict] | None:
+    """(path, ``data``) of the run_info.json a run's stages wrote (kl's, else finetune's, else align's: every stage
+    of a run reads the same data), where this machine has one."""
     for stage in ("kl", "finetune", "align"):
         p = run.stage_dir(stage) / "run_info.json"
         if p.is_file():
-            hub = (json.loads(p.read_text()).get("data") or {}).get("hub") or {}
-            if hub.get("commit"):
-                return hub["commit"]
+            return p, json.loads(p.read_text()).get("data") or {}
     return None
 
 
-def check_run_split(run_config: str, tok, shards) -> None:
+def check_run_split(run, run_config: str, tok, shards) -> None:
     """Refuse held-out rows that are not the ones the run held out: the documents are derived here from this
     machine's corpus, which may not be the one the run trained on (another corpus build, changed files); its
     run_info.json (``out_dir``/<stage>/, when this machine has it) records what it held out."""
-    from ds_hybrid.config import load_config
     from ds_hybrid.data import tokenizer_fingerprint, val_mismatch
 
-    cfg = load_config(run_config)
-    found = [cfg.stage_dir(s) / "run_info.json" for s in ("kl", "finetune", "align")]
-    found = [p for p in found if p.is_file()]
-    if not found:
+    found = _run_data_record(run)
+    if found is None:
         log.warning("--run-config %s: no run_info.json under its out_dir (%s) on this machine, so the held-out rows "
-                    "derived here are not checked against the run's", run_config, cfg.out_dir)
+                    "derived here are not checked against the run's", run_config, run.out_dir)
         return
-    recorded = json.loads(found[0].read_text()).get("data") or {}
+    path, recorded = found
     if recorded.get("tokenizer") != tokenizer_fingerprint(tok):  # (the run recorded its own tokenizer's ids)
         log.warning("--run-config %s: the held-out rows in this tokenizer's ids are not checked against the run's "
-                    "(%s records another tokenizer's)", run_config, found[0])
+                    "(%s records another tokenizer's)", run_config, path)
         return
     why = val_mismatch(recorded, shards)
     if why:
         raise ConfigError("--run-config", run_config, f"the held-out rows derived on this machine are not those the "
-                          f"run held out ({why}; {found[0]}): this corpus is not the one the run trained on (another "
+                          f"run held out ({why}; {path}): this corpus is not the one the run trained on (another "
                           "build of the embedded corpus, changed files, another commit of a hub dataset), so some "
                           "rows could be training text. "
                           "Evaluate where the run's corpus is, or drop --run-config to score this corpus's default "
@@ -427,24 +423,24 @@ def check_run_split(run_config: str, tok, shards) -> None:
 
 
 def _heldout_rows(args, tok) -> list[torch.Tensor]:
-    """Held-out rows of the corpus (never trained on) in ``tok``'s ids: the same documents for every tokenizer (the
-    run's split when --run-config is given). For the embedded corpus only its held-out documents are read and
-    tokenized (a few hundred thousand tokens, not the corpus)."""
+    """Held-out rows of the corpus (never trained on) in ``tok``'s ids: the documents the split (the run's, with
+    --run-config) holds out when counted in this tokenizer's tokens. For the embedded corpus only its held-out
+    documents are read and tokenized (a few hundred thousand tokens, not the corpus)."""
     import numpy as np
 
     from ds_hybrid.config import DataConfig
     from ds_hybrid.data import PackedSequences, prepare_streams
 
-    data = DataConfig(source=args.data)
+    data, run = DataConfig(source=args.data), None
     if getattr(args, "run_config", None):  # the split the models were trained with: their held-out documents
         from ds_hybrid.config import load_config
+        from ds_hybrid.data import is_hub_source, read_hub_pin
 
         run = load_config(args.run_config)
         data = run.data
-        from ds_hybrid.data import is_hub_source, read_hub_pin
-
         if is_hub_source(data.source):  # the commit the run read (its pin, else a stage's run_info), not today's
-            data.revision = read_hub_pin(run) or _run_info_commit(run) or data.revision
+            record = (_run_data_record(run) or (None, {}))[1]
+            data.revision = read_hub_pin(run) or (record.get("hub") or {}).get("commit") or data.revision
     if data.source == "embedded" and not data.add_eos and data.max_documents is None:
         from ds_hybrid.corpus import held_out_documents
         from ds_hybrid.tokencache import token_dtype
@@ -455,8 +451,8 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
         shards = [(s, np.asarray(ids, dtype=token_dtype(len(tok)))) for s, ids in per.items()]
     else:  # the token cache's held-out slice (only the units that hold it are tokenized)
         shards = prepare_streams(data, tok, need_tokens=0).val
-    if getattr(args, "run_config", None):
-        check_run_split(args.run_config, tok, shards)
+    if run is not None:
+        check_run_split(run, args.run_config, tok, shards)
     val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
     return [val[[i]] for i in range(len(val))]
 

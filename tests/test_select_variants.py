@@ -408,6 +408,54 @@ def test_halving_waits_for_another_tasks_probe_while_it_still_writes(tmp_path, m
     assert probes._round_scores_of_others(cfg, out, [3], 4) == {3: 0.5}
 
 
+HALVING_WAIT_SCRIPT = """
+import json, sys, threading
+from pathlib import Path
+from ds_hybrid import distributed as D
+from ds_hybrid.config import load_config
+from ds_hybrid.stages import probes
+out = Path(sys.argv[1])
+D.init_distributed(2 / 60)  # collectives time out after 2 s: the 5 s wait must not sit in one
+cfg = load_config(None, [])
+cfg.dist_timeout_minutes = 0.25  # 15 s without a write: the other task taken as dead
+record = out / "probes" / probes.probe_name(3) / "round_0000004.json"
+if D.rank() == 0:  # the other task's probe finishes 5 s from now
+    record.parent.mkdir(parents=True, exist_ok=True)
+    threading.Timer(5.0, lambda: record.write_text('{"steps": 4, "kl": 0.5}')).start()
+else:  # a node that does not see the record (yet): it must follow the main rank's look, not its own
+    real = Path.is_file
+    Path.is_file = lambda self: False if self.name.startswith("round_") else real(self)
+try:
+    verdict = probes._round_scores_of_others(cfg, out, [3], 4)
+except Exception as e:
+    verdict = repr(e)
+Path(out, f"rank{D.rank()}.json").write_text(json.dumps(str(verdict)))
+D.shutdown()
+"""
+
+
+def test_halvings_ranks_follow_the_main_ranks_look_at_the_other_tasks_records(tmp_path):
+    """Two ranks of a halving task wait for another task's record of a round: the main rank looks (one short
+    collective per look), so a rank whose node sees the file late or never still returns the same scores at the same
+    time; each rank polled for itself before, and such a rank gave up alone while the other went on."""
+    import subprocess
+
+    from trainer_utils import env, free_port
+
+    script = tmp_path / "wait.py"
+    script.write_text(HALVING_WAIT_SCRIPT)
+    port, procs = str(free_port()), []
+    for r in (0, 1):
+        e = dict(env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=e, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    rcs = [p.wait(timeout=300) for p in procs]
+    logs = [p.stdout.read()[-2000:] for p in procs]
+    assert rcs == [0, 0], logs
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["{3: 0.5}", "{3: 0.5}"], logs
+
+
 def test_an_array_split_is_said_and_num_tasks_checked(monkeypatch, caplog):
     """Any Slurm job array splits the probes: said at warning level with the opt-out; num_tasks 0 named as itself."""
     import logging

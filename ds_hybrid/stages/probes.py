@@ -351,26 +351,37 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
 
 
 def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int) -> dict[int, float]:
-    """Wait for the other tasks' records of this round (halving across tasks runs them all at once)."""
+    """Wait for the other tasks' records of this round (halving across tasks runs them all at once). The main rank
+    looks, every 2 s, and every rank follows its look (a collective per look: ranks on other nodes, which may see
+    the files a moment later, never part, and no rank sits in one collective for the whole wait)."""
     records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
     wait = 60 * cfg.dist_timeout_minutes
-    deadline = time.monotonic() + wait
-    missing = [l for l, f in records.items() if not f.is_file()]
-    if missing:
-        log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
-    seen = _latest_write(out, missing)
-    while missing:
-        now = _latest_write(out, missing)
-        if now > seen:  # a probe still at work (its metrics, checkpoints): a long round is not a dead task
-            seen, deadline = now, time.monotonic() + wait
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"halving split over several tasks: probes {missing} of the {steps}-step round wrote nothing for "
-                f"dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run "
-                "at the same time (rounds depend on each other); rerun the missing tasks, or run halving as one task")
-        time.sleep(2.0)
+    state = {"deadline": time.monotonic() + wait, "seen": None, "said": False}
+
+    def look() -> tuple[str, object]:
         missing = [l for l, f in records.items() if not f.is_file()]
-    return {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+        if not missing:
+            return "done", {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+        if not state["said"]:
+            log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
+            state["said"] = True
+        now = _latest_write(out, missing)
+        if state["seen"] is None or now > state["seen"]:  # a probe still at work (its metrics, checkpoints): a long
+            state["seen"], state["deadline"] = now, time.monotonic() + wait  # round is not a dead task
+        if time.monotonic() > state["deadline"]:
+            return "error", (f"halving split over several tasks: probes {missing} of the {steps}-step round wrote "
+                             f"nothing for dist_timeout_minutes={cfg.dist_timeout_minutes}. Every task must run at "
+                             "the same time (rounds depend on each other); rerun the missing tasks, or run halving "
+                             "as one task")
+        return "wait", None
+
+    while True:
+        what, value = D.main_reads(look)
+        if what == "done":
+            return value
+        if what == "error":
+            raise RuntimeError(value)
+        time.sleep(2.0)
 
 
 def _latest_write(out: Path, layers: list[int]) -> float:

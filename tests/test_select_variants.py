@@ -438,22 +438,14 @@ def test_halvings_ranks_follow_the_main_ranks_look_at_the_other_tasks_records(tm
     """Two ranks of a halving task wait for another task's record of a round: the main rank looks (one short
     collective per look), so a rank whose node sees the file late or never still returns the same scores at the same
     time; each rank polled for itself before, and such a rank gave up alone while the other went on."""
-    import subprocess
-
-    from trainer_utils import env, free_port
+    from trainer_utils import free_port
 
     script = tmp_path / "wait.py"
     script.write_text(HALVING_WAIT_SCRIPT)
-    port, procs = str(free_port()), []
-    for r in (0, 1):
-        e = dict(env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=e, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    rcs = [p.wait(timeout=300) for p in procs]
-    logs = [p.stdout.read()[-2000:] for p in procs]
-    assert rcs == [0, 0], logs
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["{3: 0.5}", "{3: 0.5}"], logs
+    p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             str(script), str(tmp_path)], timeout=300)
+    assert p.returncode == 0, tail(p)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["{3: 0.5}", "{3: 0.5}"], tail(p)
 
 
 def test_an_array_split_is_said_and_num_tasks_checked(monkeypatch, caplog):

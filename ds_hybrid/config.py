@@ -55,8 +55,9 @@ class DataConfig:
     cache_dir: str | None = None  # tokenized+packed cache (default: $DS_HYBRID_CACHE/data)
     num_proc: int = 4  # tokenizer processes (one unit each: a file, 256 text files, a hub shard, a corpus source)
     # a hub dataset source only: its configuration (`datasets`' name, e.g. "sample-10BT" of FineWeb) and its branch,
-    # tag or commit; null = the newest commit, resolved when the run starts and recorded (the token cache's key holds
-    # the commit, so a dataset updated on the hub is tokenized again, never mixed with tokens of the old one)
+    # tag or commit; null = the default branch. Resolved to a commit once per run (out_dir/hub_commit.json, read by
+    # every later stage, probe and resume: data.pin_hub_commit); the token cache's key holds the commit, so a dataset
+    # updated on the hub is tokenized again in a new run, never mixed with tokens of the old one
     hub_config: str | None = None
     revision: str | None = None
 

@@ -34,7 +34,8 @@
 #                  TEACHER_EVAL=1: the teacher's rows; GRAPH_CHECK=1: bench/graph_decode_check.py on the stage-0
 #                  hybrid and the teacher, and on each trained hybrid (issue 18);
 #                  ALL_LINEAR_EVAL=0: no all-linear rows; SEED=N: align and kl with seed=N (the config's: 0),
-#                  issue 16's second seed (data order, the mixers' init), e.g. SEED=1 HYBRIDS="ga_s2_8_s1=[...] ..."
+#                  issue 16's second seed (data order, the mixers' init), e.g. SEED=1 HYBRIDS="ga_s2_8_s1=[...] ...";
+#                  THEN=CMD: a command after every step, on the idle GPUs, before CAMPAIGN_DONE
 #   demo:          issue 16 item 4: launchers/demo.sh as `make demo` runs it (DEMO_KL_TOKENS), timed, then HYBRIDS
 #                  from its align
 #   ga_s2:         issue 16: align 50M -> GA-S2 (5.2M-token probes, two tasks on the one GPU) -> proxy ppl mse smart
@@ -331,6 +332,12 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
     fi
     wait
+    if [ -n "${THEN:-}" ]; then  # THEN=CMD: on the GPUs left idle by every step above, before CAMPAIGN_DONE (e.g.
+      # THEN="bench/gpu_throughput.sh dwfp32": timings that need the card to themselves, in a lease's spare minutes)
+      note "start then: $THEN"
+      IN_SESSION=1 bash -c "$THEN" > $R/logs/then.log 2>&1
+      note "end then rc=$?"
+    fi
     note "campaign done"
     touch $R/CAMPAIGN_DONE
     ;;

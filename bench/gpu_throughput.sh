@@ -98,6 +98,26 @@ case "${1:-main}" in
     note "explore done"
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     ;;
+  dwfp32)  # issue 14 on an idle GPU (~4 minutes, an estimate, e.g. after a compare campaign ends): kl's defaults with
+           # kl.dw_fp32 off and on, alternated twice (one GPU's drift falls on both), then the tests that skip without
+           # a GPU (the bundle's pytest) into $R/cuda_tests.log
+    [ -f $R/t0 ] || date +%s > $R/t0
+    T0=$(cat $R/t0)
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    for r in 1 2; do
+      for dw in false true; do
+        n=kl_chunk4096_overlap_syncfree$([ $dw = true ] && echo _dwfp32)_gb64_r$r
+        DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 $n $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.dw_fp32=$dw
+      done
+    done
+    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
+    note "start cuda_tests"
+    TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs \
+      tests/test_kernels.py::test_bf16_dw_fp32_sum_on_cuda \
+      tests/test_graph_decode.py::test_graph_replay_equals_eager_static_on_cuda > $R/cuda_tests.log 2>&1
+    note "end cuda_tests rc=$?"
+    [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    ;;
   autotune)  # kl's knobs with max-autotune (~8 minutes with its autotuning on a fresh machine)
     DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \
       case1 0 kl_chunk4096_overlap_maxautotune_gb64 $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64

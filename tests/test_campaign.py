@@ -160,3 +160,17 @@ def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(t
     calls = (tmp_path / "calls.log").read_text()
     assert f"out_dir={tmp_path}/run/kl_runs/c_8 kl.init_from={tmp_path}/run/align/hf softmax_layers=[1,2,3,4,5,6,7,8]" \
         in calls
+
+
+@pytest.mark.parametrize("then_rc", [0, 3])
+def test_compare_campaign_runs_then_on_the_idle_gpu_before_it_is_done(tmp_path, then_rc):
+    """THEN runs after every kl and evaluation has ended and before CAMPAIGN_DONE (a poll would stop following the
+    lease at that marker); its failure is logged and the campaign still ends as done (its hybrids are finished)."""
+    res = tmp_path / "res"
+    then = f'[ ! -f "{res}/CAMPAIGN_DONE" ] && [ "$IN_SESSION" = 1 ] && touch "{tmp_path}/then_ran"; exit {then_rc}'
+    ev = campaign(tmp_path, "compare", RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8]", THEN=then)
+    assert (tmp_path / "then_ran").exists() and (res / "CAMPAIGN_DONE").exists()
+    assert ev[-2:] == [f"end then rc={then_rc}", "campaign done"]
+    last_step = max(i for i, e in enumerate(ev) if e.startswith("end eval_") or e.startswith("end kl_"))
+    assert last_step < at(ev, f"start then: {then}")

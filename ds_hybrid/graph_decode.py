@@ -44,6 +44,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import StaticLayer
 
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling.decode_attention import decode_attention, fp32_out_bmm, sdpa_configs
@@ -164,6 +165,9 @@ class GraphDecoder:
         # sliding-window layers as rings of their window, their decode masks built in the step (None: full length)
         self._ring_format = ring_mask_format(model)
         self._mask_dtype = next(model.parameters()).dtype if self._ring_format == "float" else None
+        # eager attention: every step's 4-D masks are built here (decode_masks), rings or not: transformers' eager
+        # mask makes a host scalar into a device tensor per call, a copy that CUDA graph capture refuses
+        self._own_masks = self._ring_format == "float"
         self.compiled = bool(compile)
         self._forward = self._forward_step
         self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)
@@ -307,7 +311,9 @@ class GraphDecoder:
     def _step_logits(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """[B, V] logits of one decode step (the cache advances by one token)."""
         attention_mask: torch.Tensor | dict[str, torch.Tensor] = mask
-        if any(isinstance(layer, RingSlidingLayer) for layer in cache.layers):
+        layers = cache.layers
+        if any(isinstance(layer, RingSlidingLayer) for layer in layers) or (
+                self._own_masks and any(isinstance(layer, StaticLayer) for layer in layers)):  # (all-linear: none)
             # transformers' masks index keys by position, a ring's slots are not in that order: the step's 4-D
             # masks by kind (a model of one kind of softmax layer takes its 4-D mask as such: Llama, Mistral)
             masks = decode_masks(cache, mask, self._mask_dtype)

@@ -363,6 +363,32 @@ def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):
     assert "--compile=True: it compiles the CUDA-graph decode step: add --cuda-graphs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla", "gla_k0"])
+def test_a_decode_step_makes_no_device_tensor_from_host_data(teacher, kind, monkeypatch):
+    """CUDA graph capture refuses a copy from unpinned host memory, and a step that makes one fails only on a GPU
+    (2026-12-06, an H100: the eager-attention teacher, whose transformers mask made torch.tensor(0.0, device=...)
+    per step). The same rule on a CPU: the step (eager attention here, as in the tiny models) makes no such tensor."""
+    model = model_of(teacher, kind)
+    decoder = GraphDecoder(model, max_len=24)
+    prompt = ids(2, 7, seed=5)
+    first = decoder.prefill(prompt, None, 8)
+    made, real = [], torch.tensor
+
+    def spy(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            made.append(kwargs["device"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", spy)
+    rest = decoder.decode(2, 7)
+    monkeypatch.undo()
+    assert not made
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():  # and its tokens are still those of transformers' generate
+        ref = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(torch.cat([prompt, first, rest], dim=1), ref)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0"])
 @pytest.mark.parametrize("compiled", [False, True])

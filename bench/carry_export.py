@@ -116,8 +116,10 @@ def pack(folder: str | Path, base: str | Path, out: str | Path, part_mib: float 
 
 
 def _complete(parts: list[str | Path]) -> list[Path]:
-    """The parts in order, after checking that every part of one pack is there (names ``NAME.partII-of-NN``)."""
-    paths = sorted(Path(p) for p in parts)
+    """The parts in their pack's order (by the index in their names ``NAME.partII-of-NN``, whatever folders they lie
+    in: a glob over .dev/s1a0, .dev/s1a1 ... or device folders 9, 10 lists them in another order), after checking that
+    every part of one pack is there once."""
+    paths = [Path(p) for p in parts]
     if not paths:
         raise SystemExit("carry_export: no parts given (a glob that matched nothing?)")
     found = [re.fullmatch(r"(.+)\.part(\d+)-of-(\d+)", p.name) for p in paths]
@@ -125,10 +127,13 @@ def _complete(parts: list[str | Path]) -> list[Path]:
         raise SystemExit(f"carry_export: {[p.name for p in paths]} are not the parts of one carry_export pack "
                          "(NAME.partII-of-NN)")
     n = int(found[0][3])
-    have = sorted(int(m[2]) for m in found)
+    order = sorted(range(len(paths)), key=lambda i: int(found[i][2]))
+    have = [int(found[i][2]) for i in order]
+    if len(set(have)) != len(have):
+        raise SystemExit(f"carry_export: a part given twice: {sorted(str(p) for p in paths)}")
     if have != list(range(n)):
         raise SystemExit(f"carry_export: parts missing: have {have} of 0..{n - 1} ({found[0][1]}.part*)")
-    return paths
+    return [paths[i] for i in order]
 
 
 def _join(parts: list[str | Path]) -> bytes:

@@ -44,12 +44,14 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
     before = tensors(align / "hf")
     assert len(manifest_delta) < len(before)
 
-    # the parts come home over several device calls; gather puts them 3 to a folder for the next lease's calls
+    # the parts come home over several device calls; gather puts them 3 to a folder for the next lease's calls (the
+    # calls' folders numbered as the device tool numbers them: 9 before 10, which a path sort puts after it)
     for i, q in enumerate(parts):
-        call = tmp_path / "calls" / str(i // 4)
+        call = tmp_path / "calls" / str(9 + i // 4)
         call.mkdir(parents=True, exist_ok=True)
         shutil.copy(q, call / q.name)
-    calls = sorted((tmp_path / "calls").iterdir())
+    calls = sorted((tmp_path / "calls").iterdir(), key=lambda d: int(d.name))
+    assert len(calls) > 1 and str(calls[1]) < str(calls[0])
     with pytest.raises(SystemExit, match="parts missing"):
         carry.gather(calls[1:], "align", str(tmp_path / "dev" / "a"))
     gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
@@ -61,9 +63,12 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
         carry.gather(calls, "align", str(tmp_path / "dev" / "p"))
     assert (tmp_path / "dev" / "p0" / "part0").read_bytes() == b"bundle"
     shutil.rmtree(tmp_path / "dev" / "p0")
+    assert [q.name for q in gathered] == [q.name for q in parts]  # in the pack's order, 3 to a folder
     parts = gathered
+    with pytest.raises(SystemExit, match="a part given twice"):
+        carry.unpack(parts + parts[:1], teacher, tmp_path / "lease2" / "align")
 
-    back = carry.unpack(parts, teacher, tmp_path / "lease2" / "align")
+    back = carry.unpack(parts[::-1], teacher, tmp_path / "lease2" / "align")  # (any order: a glob's)
     after = tensors(back / "hf")
     assert before.keys() == after.keys()
     for k in before:

@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
-R=/tmp/res
+R=${CAMPAIGN_RES:-/tmp/res}  # (as bench/gpu_campaign.sh's: a THEN= step writes beside its campaign)
 TP=$R/tp
 CFG=runs/smollm2_throughput.yaml
 OLD=/tmp/old
@@ -104,19 +104,25 @@ case "${1:-main}" in
     [ -f $R/t0 ] || date +%s > $R/t0
     T0=$(cat $R/t0)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > $R/gpus.csv 2>&1
+    fail=0
     for r in 1 2; do
       for dw in false true; do
         n=kl_chunk4096_overlap_syncfree$([ $dw = true ] && echo _dwfp32)_gb64_r$r
         DS_HYBRID_OPTIMIZER_STEP=sync_free case1 0 $n $NEW kl 17 "${NEWKL[@]}" kl.global_batch=64 kl.dw_fp32=$dw
+        [ -s $TP/$n.json ] || fail=1   # (a case that wrote no record failed: its log says why)
       done
     done
-    python3 bench/train_throughput.py report $TP/*.json --out $R/train_throughput > $R/report.md 2>&1
+    python3 bench/train_throughput.py report $TP/kl_chunk4096_overlap_syncfree*_gb64_r?.json --out $R/train_throughput \
+      > $R/report.md 2>&1
     note "start cuda_tests"
     TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs \
       tests/test_kernels.py::test_bf16_dw_fp32_sum_on_cuda \
       tests/test_graph_decode.py::test_graph_replay_equals_eager_static_on_cuda > $R/cuda_tests.log 2>&1
-    note "end cuda_tests rc=$?"
+    rc=$?
+    note "end cuda_tests rc=$rc"
+    [ $rc = 0 ] || fail=1
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
+    exit $fail   # (THEN's status in the campaign's progress log)
     ;;
   autotune)  # kl's knobs with max-autotune (~8 minutes with its autotuning on a fresh machine)
     DS_HYBRID_COMPILE_MODE=max-autotune-no-cudagraphs CASE_TIMEOUT=600 \

@@ -59,7 +59,8 @@ dl "$B/stage/wheels" flash-linear-attention==0.6.0 fla-core==0.6.0 pydantic==2.1
 dl "$B/stage/wheels" lm-eval==0.4.13 nltk==3.10.4 wonderwords==3.0.1 defusedxml==0.7.1 more-itertools==11.2.1 \
    pytablewriter==1.2.1 typepy==1.3.5 mbstrdecoder==1.1.5 chardet==6.0.0.post1 tcolorpy==0.1.7 tabledata==1.3.5 \
    dataproperty==1.1.1 pathvalidate==3.3.1 evaluate==0.4.6
-# pytest: the GPU-only tests (skipped in CI) run on a lease (bench/gpu_throughput.sh dwfp32)
+# pytest: the GPU-only tests (skipped in CI) run on a lease (bench/gpu_throughput.sh dwfp32); its other needs,
+# packaging >= 24 and pygments >= 2.15, are the image's (they were on 2026-12-06's H100)
 dl "$B/stage/wheels" pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
 $PY -m pip wheel -q --no-deps -w "$B/stage/wheels" word2number==1.1 sqlitedict==2.1.0 rouge-score==0.1.2 2>&1 | \
   grep -v "^WARNING" || true

@@ -165,9 +165,19 @@ class GraphDecoder:
         # sliding-window layers as rings of their window, their decode masks built in the step (None: full length)
         self._ring_format = ring_mask_format(model)
         self._mask_dtype = next(model.parameters()).dtype if self._ring_format == "float" else None
-        # eager attention: every step's 4-D masks are built here (decode_masks), rings or not: transformers' eager
-        # mask makes a host scalar into a device tensor per call, a copy that CUDA graph capture refuses
+        # eager attention: every step's 4-D masks are built here (decode_masks; a stand-in where no layer reads one),
+        # rings or not: transformers' eager mask makes a host scalar into a device tensor per call, a copy that CUDA
+        # graph capture refuses. Where they cannot be (full-length sliding layers, DS_HYBRID_STATIC_RINGS=0, or eager
+        # beside another implementation), graphs are refused here rather than at the capture
         self._own_masks = self._ring_format == "float"
+        impls = attention_implementations(model)
+        if cuda_graphs and "eager" in impls and not self._own_masks:
+            raise ConfigError(
+                "cuda_graphs", True,
+                f"this model's eager attention (implementations {sorted(impls)}, DS_HYBRID_STATIC_RINGS="
+                f"{os.environ.get('DS_HYBRID_STATIC_RINGS', 'unset')}) would build transformers' eager mask in every "
+                "decode step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', or use "
+                "one implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset)")
         self.compiled = bool(compile)
         self._forward = self._forward_step
         self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)
@@ -313,11 +323,14 @@ class GraphDecoder:
         attention_mask: torch.Tensor | dict[str, torch.Tensor] = mask
         layers = cache.layers
         if any(isinstance(layer, RingSlidingLayer) for layer in layers) or (
-                self._own_masks and any(isinstance(layer, StaticLayer) for layer in layers)):  # (all-linear: none)
+                self._own_masks and any(isinstance(layer, StaticLayer) for layer in layers)):
             # transformers' masks index keys by position, a ring's slots are not in that order: the step's 4-D
             # masks by kind (a model of one kind of softmax layer takes its 4-D mask as such: Llama, Mistral)
             masks = decode_masks(cache, mask, self._mask_dtype)
             attention_mask = masks if len(masks) > 1 else next(iter(masks.values()))
+        elif self._own_masks:  # eager, no softmax layer (all-linear): no layer reads a mask, but transformers would
+            # still build its eager one from the 2-D mask; a 4-D one is taken as it is
+            attention_mask = torch.zeros(mask.shape[0], 1, 1, 1, dtype=self._mask_dtype, device=mask.device)
         return self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
                           past_key_values=cache, use_cache=True).logits[:, -1]
 

@@ -174,3 +174,24 @@ def test_compare_campaign_runs_then_on_the_idle_gpu_before_it_is_done(tmp_path, 
     assert ev[-2:] == [f"end then rc={then_rc}", "campaign done"]
     last_step = max(i for i, e in enumerate(ev) if e.startswith("end eval_") or e.startswith("end kl_"))
     assert last_step < at(ev, f"start then: {then}")
+
+
+@pytest.mark.parametrize("fail", ["", "pytest", "kl_chunk4096_overlap_syncfree_dwfp32_gb64_r2"])
+def test_the_dwfp32_timing_says_when_a_case_or_the_gpu_tests_failed(tmp_path, fail):
+    """bench/gpu_throughput.sh dwfp32 (a compare campaign's THEN=): kl.dw_fp32 off and on alternated twice, then the
+    GPU-only tests; its exit status is 1 when a case wrote no record or pytest failed (the campaign logs it as THEN's
+    rc: on 2026-12-06 a collection error of the tests ended as `then rc=0`)."""
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "t0").write_text("0")
+    env = dict(os.environ, PATH=f"{STUB}:{os.environ['PATH']}", CAMPAIGN_RES=str(res), STUB_LOG=str(tmp_path / "calls"),
+               HOME=str(tmp_path), IN_SESSION="1",
+               STUB_PYTEST_RC="4" if fail == "pytest" else "0", STUB_FAIL=fail if fail.startswith("kl_") else "none")
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_throughput.sh"), "dwfp32"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == (1 if fail else 0), p.stdout + p.stderr
+    ev = [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
+    cases = [e.split()[1] for e in ev if e.startswith("start kl_")]
+    assert cases == [f"kl_chunk4096_overlap_syncfree{dw}_gb64_r{r}" for r in (1, 2) for dw in ("", "_dwfp32")]
+    assert ev[-1] == f"end cuda_tests rc={4 if fail == 'pytest' else 0}"
+    assert not (res / "CAMPAIGN_DONE").exists()  # (IN_SESSION: the campaign around it says when it is done)

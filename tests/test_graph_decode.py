@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, tiny_teacher
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.graph_decode import GraphDecoder, full_kv_sliding_layers
+from ds_hybrid.graph_decode import GraphDecoder, attention_implementations, full_kv_sliding_layers
 from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, static_tensors
 from ds_hybrid.transfer import build_hybrid
 
@@ -364,14 +364,20 @@ def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["teacher", "gdn", "gla", "gla_k0"])
-def test_a_decode_step_makes_no_device_tensor_from_host_data(teacher, kind, monkeypatch):
+def test_an_eager_decode_step_makes_no_device_tensor_from_host_data(teacher, kind, monkeypatch):
     """CUDA graph capture refuses a copy from unpinned host memory, and a step that makes one fails only on a GPU
     (2026-12-06, an H100: the eager-attention teacher, whose transformers mask made torch.tensor(0.0, device=...)
-    per step). The same rule on a CPU: the step (eager attention here, as in the tiny models) makes no such tensor."""
+    per step). The same rule on a CPU, for eager attention (the tiny teacher's; the hybrids set to it, the all-linear
+    one included): the step makes no tensor with torch.tensor(..., device=...), and its tokens, a left-padded row
+    among them, are still transformers' generate's."""
     model = model_of(teacher, kind)
-    decoder = GraphDecoder(model, max_len=24)
+    if kind != "teacher":
+        model.set_attn_implementation("eager")
+    assert attention_implementations(model) == {"eager"}
+    decoder = GraphDecoder(model, max_len=24, cuda_graphs=True)  # (accepted; on a CPU the same step runs eagerly)
     prompt = ids(2, 7, seed=5)
-    first = decoder.prefill(prompt, None, 8)
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    first = decoder.prefill(prompt, pad, 8)
     made, real = [], torch.tensor
 
     def spy(*args, **kwargs):
@@ -384,9 +390,18 @@ def test_a_decode_step_makes_no_device_tensor_from_host_data(teacher, kind, monk
     monkeypatch.undo()
     assert not made
     model.generation_config.eos_token_id = None
-    with torch.no_grad():  # and its tokens are still those of transformers' generate
-        ref = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=pad, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(torch.cat([prompt, first, rest], dim=1), ref)
+
+
+def test_graphs_with_eager_attention_and_transformers_masks_are_refused(teacher, monkeypatch):
+    """Where the step cannot build eager attention's masks itself (full-length sliding layers: DS_HYBRID_STATIC_RINGS=0,
+    or eager beside another implementation), cuda_graphs is refused when the decoder is made, naming the fix."""
+    monkeypatch.setenv("DS_HYBRID_STATIC_RINGS", "0")
+    with pytest.raises(ConfigError, match="attn_implementation='sdpa'"):
+        GraphDecoder(teacher, max_len=24, cuda_graphs=True)
+    GraphDecoder(teacher, max_len=24)  # (without graphs transformers' masks serve)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

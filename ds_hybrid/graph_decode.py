@@ -85,6 +85,26 @@ def ring_mask_format(model) -> str | None:
     return formats.pop() if len(formats) == 1 and None not in formats else None
 
 
+def eager_masks_made_here(model) -> bool:
+    """Whether the static decode step builds eager attention's 4-D masks itself (decode_masks, or a stand-in where
+    no layer reads one): every layer eager, its sliding-window layers (if any) held as rings. Otherwise transformers
+    builds them, from a host scalar copied to the device in every step."""
+    return attention_implementations(model) == {"eager"} and (
+        ring_mask_format(model) == "float" or full_kv_sliding_layers(model) == 0)
+
+
+def eager_graph_refusal(model, compile: bool) -> str | None:
+    """Why CUDA graphs cannot capture this model's decode step (None: they can): transformers' eager mask copies a
+    host scalar to the device in every step, which a capture refuses (a compiled step folds it into a constant)."""
+    impls = attention_implementations(model)
+    if compile or "eager" not in impls or eager_masks_made_here(model):
+        return None
+    return (f"this model's eager attention (implementations {sorted(impls)}, DS_HYBRID_STATIC_RINGS="
+            f"{os.environ.get('DS_HYBRID_STATIC_RINGS', 'unset')}) takes transformers' eager mask in every decode "
+            "step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', add --compile, "
+            "or use one implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset)")
+
+
 def make_static_cache(model, max_len: int, rings: bool = True):
     """A static cache for ``model``: StaticHybridCache for a hybrid, transformers' StaticCache otherwise; its
     sliding-window layers as rings of the window (``rings`` and the window shorter than max_len) or full length."""
@@ -164,20 +184,15 @@ class GraphDecoder:
         self._sdpa_configs = sdpa_configs(model)
         # sliding-window layers as rings of their window, their decode masks built in the step (None: full length)
         self._ring_format = ring_mask_format(model)
-        self._mask_dtype = next(model.parameters()).dtype if self._ring_format == "float" else None
-        # eager attention: every step's 4-D masks are built here (decode_masks; a stand-in where no layer reads one),
-        # rings or not: transformers' eager mask makes a host scalar into a device tensor per call, a copy that CUDA
-        # graph capture refuses. Where they cannot be (full-length sliding layers, DS_HYBRID_STATIC_RINGS=0, or eager
-        # beside another implementation), graphs are refused here rather than at the capture
-        self._own_masks = self._ring_format == "float"
-        impls = attention_implementations(model)
-        if cuda_graphs and "eager" in impls and not self._own_masks:
-            raise ConfigError(
-                "cuda_graphs", True,
-                f"this model's eager attention (implementations {sorted(impls)}, DS_HYBRID_STATIC_RINGS="
-                f"{os.environ.get('DS_HYBRID_STATIC_RINGS', 'unset')}) would build transformers' eager mask in every "
-                "decode step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', or use "
-                "one implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset)")
+        # eager attention: every step's 4-D masks are built here where they can be (eager_masks_made_here), rings or
+        # not: transformers' eager mask makes a host scalar into a device tensor per call, a copy that CUDA graph
+        # capture refuses; where they cannot be, an uncompiled capture is refused here rather than at the capture
+        self._own_masks = eager_masks_made_here(model)
+        float_masks = self._ring_format == "float" or self._own_masks
+        self._mask_dtype = next(model.parameters()).dtype if float_masks else None
+        refusal = eager_graph_refusal(model, compile) if self.uses_graphs else None
+        if refusal:
+            raise ConfigError("cuda_graphs", True, refusal)
         self.compiled = bool(compile)
         self._forward = self._forward_step
         self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)

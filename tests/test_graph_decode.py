@@ -9,7 +9,8 @@ import torch
 from conftest import VOCAB, tiny_teacher
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.graph_decode import GraphDecoder, attention_implementations, full_kv_sliding_layers
+from ds_hybrid.graph_decode import (GraphDecoder, attention_implementations, eager_graph_refusal,
+                                     eager_masks_made_here, full_kv_sliding_layers)
 from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, static_tensors
 from ds_hybrid.transfer import build_hybrid
 
@@ -363,17 +364,20 @@ def test_cuda_graphs_flag_refused_on_cpu(tmp_path, capsys):
     assert "--compile=True: it compiles the CUDA-graph decode step: add --cuda-graphs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla", "gla_k0"])
+@pytest.mark.parametrize("kind", ["teacher", "teacher_rings_off", "gdn", "gla", "gla_k0", "gla_k0_rings_off"])
 def test_an_eager_decode_step_makes_no_device_tensor_from_host_data(teacher, kind, monkeypatch):
     """CUDA graph capture refuses a copy from unpinned host memory, and a step that makes one fails only on a GPU
     (2026-12-06, an H100: the eager-attention teacher, whose transformers mask made torch.tensor(0.0, device=...)
     per step). The same rule on a CPU, for eager attention (the tiny teacher's; the hybrids set to it, the all-linear
-    one included): the step makes no tensor with torch.tensor(..., device=...), and its tokens, a left-padded row
-    among them, are still transformers' generate's."""
+    one included; with DS_HYBRID_STATIC_RINGS=0 too, these models having no sliding layer): the step makes no tensor
+    with torch.tensor(..., device=...), and its tokens, a left-padded row among them, are still generate's."""
+    kind, rings_off = kind.removesuffix("_rings_off"), kind.endswith("_rings_off")
+    if rings_off:
+        monkeypatch.setenv("DS_HYBRID_STATIC_RINGS", "0")
     model = model_of(teacher, kind)
     if kind != "teacher":
         model.set_attn_implementation("eager")
-    assert attention_implementations(model) == {"eager"}
+    assert attention_implementations(model) == {"eager"} and eager_masks_made_here(model)
     decoder = GraphDecoder(model, max_len=24, cuda_graphs=True)  # (accepted; on a CPU the same step runs eagerly)
     prompt = ids(2, 7, seed=5)
     pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
@@ -387,7 +391,7 @@ def test_an_eager_decode_step_makes_no_device_tensor_from_host_data(teacher, kin
 
     monkeypatch.setattr(torch, "tensor", spy)
     rest = decoder.decode(2, 7)
-    monkeypatch.undo()
+    monkeypatch.setattr(torch, "tensor", real)
     assert not made
     model.generation_config.eos_token_id = None
     with torch.no_grad():
@@ -395,20 +399,27 @@ def test_an_eager_decode_step_makes_no_device_tensor_from_host_data(teacher, kin
     assert torch.equal(torch.cat([prompt, first, rest], dim=1), ref)
 
 
-def test_graphs_with_eager_attention_and_transformers_masks_are_refused(teacher, monkeypatch):
-    """Where the step cannot build eager attention's masks itself (full-length sliding layers: DS_HYBRID_STATIC_RINGS=0,
-    or eager beside another implementation), cuda_graphs is refused when the decoder is made, naming the fix."""
+def test_graphs_are_refused_where_eager_masks_would_come_from_transformers(monkeypatch):
+    """Where the step cannot build eager attention's masks itself (sliding-window layers held at full length:
+    DS_HYBRID_STATIC_RINGS=0 on Gemma 3, or eager beside another implementation), an uncompiled capture is refused
+    when the decoder is made (on a GPU; here the reason it gives), naming the fix; compiled (the mask folded into a
+    constant) or with rings, it is not."""
+    gemma = tiny_teacher("gemma3")
+    assert attention_implementations(gemma) == {"eager"} and eager_graph_refusal(gemma, compile=False) is None
     monkeypatch.setenv("DS_HYBRID_STATIC_RINGS", "0")
-    with pytest.raises(ConfigError, match="attn_implementation='sdpa'"):
-        GraphDecoder(teacher, max_len=24, cuda_graphs=True)
-    GraphDecoder(teacher, max_len=24)  # (without graphs transformers' masks serve)
+    why = eager_graph_refusal(gemma, compile=False)
+    assert why and "attn_implementation='sdpa'" in why and "DS_HYBRID_STATIC_RINGS=0" in why
+    assert eager_graph_refusal(gemma, compile=True) is None
+    GraphDecoder(gemma, max_len=24, cuda_graphs=True)  # (on a CPU the same step runs eagerly: nothing to refuse)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0"])
+@pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0", "gla_k0_eager"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_graph_replay_equals_eager_static_on_cuda(teacher, kind, compiled):
-    model = model_of(teacher, kind).cuda()
+    model = model_of(teacher, kind.removesuffix("_eager")).cuda()
+    if kind.endswith("_eager"):  # (the tiny teacher is eager, its hybrids sdpa: an eager all-linear step too)
+        model.set_attn_implementation("eager")
     prompt = ids(4, 13, seed=11).cuda()
     eager = GraphDecoder(model, max_len=40).generate(prompt, max_new_tokens=16)
     graphs = GraphDecoder(model, max_len=40, cuda_graphs=True, compile=compiled)

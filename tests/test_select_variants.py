@@ -573,7 +573,7 @@ def test_the_proxy_scores_at_the_probes_temperature():
     restored = copy.deepcopy(student)
     restored.model.layers[2].self_attn = teacher.model.layers[2].self_attn
     for T in (1.0, 2.0):
-        scores, baseline = proxy_scores(load_config(None, []), teacher, student, rows, temperature=T)
+        scores, baseline = proxy_scores(teacher, student, rows, temperature=T)
         assert baseline == pytest.approx(want(student, T), rel=1e-9)
         assert scores[2] == pytest.approx(want(restored, T), rel=1e-9)
     assert want(student, 2.0) != pytest.approx(want(student, 1.0), rel=1e-3)  # (T matters on these models)

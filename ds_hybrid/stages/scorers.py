@@ -38,7 +38,7 @@ def _sum_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proxy_scores(cfg: RunConfig, teacher, student, rows: list[torch.Tensor],
+def proxy_scores(teacher, student, rows: list[torch.Tensor],
                  temperature: float = 1.0) -> tuple[dict[int, float], float]:
     """Held-out KL(teacher || align student with layer l restored), for every l, and for none (the baseline), at the
     probes' ``temperature`` (T^2 x KL of the softened distributions, as kl's and GA-S2's probes' held-out KL)."""

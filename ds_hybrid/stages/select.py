@@ -233,7 +233,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
             rows = _held_out_rows(cfg, tokenizer, seq_len, sc.eval_sequences)
             n_tok = sum(r.numel() for r in rows) * D.world_size()
             if sc.method == "proxy":
-                scores, baseline = proxy_scores(cfg, teacher, student, rows, probe.temperature)
+                scores, baseline = proxy_scores(teacher, student, rows, probe.temperature)
                 extra = {"baseline": baseline, "tokens_spent": 0, "forward_tokens": n_tok * (L + 1),
                          "budget": {"heldout_sequences": sc.eval_sequences, "seq_len": seq_len,
                                     "temperature": probe.temperature}}

@@ -253,6 +253,22 @@ def pin_hub_commit(cfg: RunConfig) -> None:
         d.revision = commit
 
 
+def with_hub_request(meta: dict, cfg: RunConfig) -> dict:
+    """A token cache's ``meta`` for a run's records, with, for a hub dataset, the ``data.revision`` the run asked for
+    (``hub.requested``: a branch or tag, None for the default branch, as kept in ``out_dir``/hub_commit.json) beside
+    the commit it was read at (``hub.commit``; ``hub.revision`` is that commit once pinned)."""
+    hub = meta.get("hub")
+    if not hub:
+        return meta
+    try:
+        rec = json.loads((Path(cfg.out_dir) / HUB_PIN).read_text())
+    except (OSError, ValueError):
+        return meta  # (no pin: the config named a commit, nothing was resolved)
+    mine = isinstance(rec, dict) and rec.get("commit") == hub.get("commit") and \
+        (rec.get("source"), rec.get("hub_config")) == (cfg.data.source, cfg.data.hub_config)
+    return {**meta, "hub": {**hub, "requested": rec.get("revision")}} if mine else meta
+
+
 def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:
     """One unit per shard of the dataset's train split at one commit (``revision`` resolved now, on the main rank,
     which also lists the shards): the units, and so the token cache's key, name the commit, and every worker streams

@@ -36,7 +36,7 @@ from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text, check_world_size
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
 from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
-                            step_rows, warn_unrepresented)
+                            step_rows, warn_unrepresented, with_hub_request)
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
@@ -132,10 +132,10 @@ def prepare_data(cfg: RunConfig, stage: str) -> dict:
         s = probe_stage_config(cfg, Path("."))
     elif stage == "select":  # the other selectors read held-out rows only (stages.scorers)
         streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=0)
-        return {"data_cache": str(streams.path), **streams.meta}
+        return {"data_cache": str(streams.path), **with_hub_request(streams.meta, cfg)}
     streams = prepare_streams(cfg.data, load_tokenizer(cfg.teacher), need_tokens=(s.tokens if s else 0) or math.inf,
                               seq_len=s.seq_len if s else 1)
-    return {"data_cache": str(streams.path), **streams.meta}
+    return {"data_cache": str(streams.path), **with_hub_request(streams.meta, cfg)}
 
 
 def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: dict[str, Any],
@@ -376,7 +376,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
         total = ctx.total_steps
         monitor = Monitor(run_dir, total, start, s.log_every, stage)
         monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
-                                           "data": streams.meta, "data_cache": str(streams.path),
+                                           "data": with_hub_request(streams.meta, cfg),
+                                           "data_cache": str(streams.path),
                                            "train_sequences": len(train), "val_sequences": len(val),
                                            "train_sequences_by_source": train.source_rows,
                                            "params_per_rank": gather_param_report(runner), "ranks": rank_places(),

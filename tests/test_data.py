@@ -190,8 +190,11 @@ def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_h
             f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", "align.tokens=2000", "align.seq_len=64"]
     rec = prepare_data(load_config(None, over), "align")
     assert rec["hub"]["commit"] == "a" * 40 and json.loads((tmp_path / "run" / HUB_PIN).read_text())["commit"] == "a" * 40
+    assert rec["hub"]["requested"] is None  # (the default branch: the run's records say what was asked, beside the commit)
     branch["main"] = "b" * 40
     assert prepare_data(load_config(None, over), "align")["data_cache"] == rec["data_cache"]
+    tagged = prepare_data(load_config(None, over + [f"out_dir={tmp_path / 'run2'}", "data.revision=main"]), "align")
+    assert tagged["hub"]["requested"] == "main" and tagged["hub"]["commit"] == "b" * 40
 
 
 @pytest.mark.parametrize("revision", [None, "main"])

@@ -581,6 +581,39 @@ def test_eval_merge_refuses_scores_from_other_prompts_and_carries_strict_scores(
         merge.merge([str(q1), str(q2)])
 
 
+def test_held_out_quality_of_another_tokenizers_ids_is_left_out_of_a_merge_and_evaluated_again_on_resume(tmp_path,
+                                                                                                      caplog):
+    """An eval.json written before held-out rows were per tokenizer (no ``heldout_rows``) scored every model on the
+    first model's ids: a model of another tokenizer there has a perplexity and KL that measure nothing. eval-merge
+    leaves them out (saying so), --resume evaluates that model again; the first tokenizer's models are kept, and a
+    file that records per-tokenizer rows keeps every model."""
+    from ds_hybrid.evaluation import merge
+    from ds_hybrid.evaluation.run import RESUME_SETTINGS, resumable_models
+
+    models = {"teacher": {"path": "/t", "tokenizer": "aaaa", "max_length": 1024},
+              "same": {"path": "/s", "tokenizer": "aaaa", "max_length": 1024},
+              "other": {"path": "/o", "tokenizer": "bbbb", "max_length": 1024}}
+    quality = {m: {"ppl": 20.0 + i} for i, m in enumerate(models)}
+    old = _eval_json(tmp_path / "old", {}, {}, quality)
+    rec = json.loads((old / "eval.json").read_text())
+    heldout = {"sequences": 2, "seq_len": 64, "data": "embedded", "run_config": None}
+    rec.update(models=models, heldout=heldout, seed=0, dtype="bf16", based_files={}, window="none", haystack=None,
+               run_config=None)
+    (old / "eval.json").write_text(json.dumps(rec))
+    assert merge.stale_heldout_models(rec) == ["other"]
+    res = merge.merge([str(old)])
+    assert set(res["heldout_quality"]) == {"teacher", "same"} and res["heldout_rows"] == merge.HELDOUT_ROWS
+    assert res["heldout_quality_left_out"] == [{"model": "other", "file": str(old / "eval.json")}]
+    assert "held-out quality of other left out" in caplog.text
+    settings = {k: rec.get(k) for k in RESUME_SETTINGS}
+    paths = {m: info["path"] for m, info in models.items()}
+    assert set(resumable_models(old, settings, paths, paths, 1024)) == {"teacher", "same"}
+    rec["heldout_rows"] = merge.HELDOUT_ROWS  # written since: every model's rows were its own tokenizer's
+    (old / "eval.json").write_text(json.dumps(rec))
+    assert set(merge.merge([str(old)])["heldout_quality"]) == set(models)
+    assert set(resumable_models(old, settings, paths, paths, 1024)) == set(models)
+
+
 def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
     folder.mkdir(parents=True)
     lengths = sorted({int(k) for s in scores.values() for d in s.values() for k in d if k.isdigit()})

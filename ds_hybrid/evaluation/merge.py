@@ -32,6 +32,23 @@ from ds_hybrid.evaluation import recall, report
 
 log = logging.getLogger("ds_hybrid")
 
+# eval.json's "heldout_rows": each model's held-out rows are in its own tokenizer's ids (since 2026-12-06; an
+# eval.json without it was written when every model read the first model's ids)
+HELDOUT_ROWS = "per_tokenizer"
+
+
+def stale_heldout_models(payload: dict) -> list[str]:
+    """The models of an eval.json whose held-out quality was measured on another tokenizer's ids: in a file written
+    before ``heldout_rows`` was recorded, those whose tokenizer is not the first model's (their perplexity and KL
+    measure nothing). A model with no tokenizer recorded is not counted stale (such files are of one tokenizer)."""
+    if payload.get("heldout_rows") == HELDOUT_ROWS:
+        return []
+    models = payload.get("models") or {}
+    first = next((info.get("tokenizer") for info in models.values()), None)
+    quality = payload.get("heldout_quality") or {}
+    return [m for m, info in models.items() if m in quality and first is not None
+            and info.get("tokenizer") not in (None, first)]
+
 
 def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
     """'[new=old@]path' -> (renames, eval.json path, payload)."""
@@ -159,6 +176,7 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     fill: dict = {}
     ruler_cut: dict = {}
     partial: list[str] = []
+    dropped: list[dict] = []  # held-out quality measured on another tokenizer's ids (stale_heldout_models)
     for item in items:
         renames, src, p = _load(item)
         name = lambda m: renames.get(m, m)  # noqa: E731
@@ -211,7 +229,14 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                     n = p.get("prompts", {}).get(m, {}).get(task, {}).get(metric)
                     if n is not None:
                         _put(counts, name(m), task, metric, n, seen_n, src, "the prompt count")
+        stale = stale_heldout_models(p)
+        if stale:
+            log.warning("%s: held-out quality of %s left out (measured on the first model's tokenizer's ids, as "
+                        "evaluations before 2026-12-06 did; evaluate them again for theirs)", src, ", ".join(stale))
+            dropped += [{"model": name(m), "file": str(src)} for m in stale]
         for m, q in (p.get("heldout_quality") or {}).items():
+            if m in stale:
+                continue
             if name(m) in quality and quality[name(m)] != q:
                 raise ConfigError("eval-merge", str(src), f"held-out quality of {name(m)} differs from an earlier "
                                   "file's: rename one model (NEW=OLD@path)")
@@ -227,10 +252,13 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                 truncated.setdefault(task, {})[name(m)] = k
     out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
-           "prompt_digests": all_digests, "heldout_quality": quality, "heldout": heldout[0] if heldout else None,
+           "prompt_digests": all_digests, "heldout_quality": quality, "heldout_rows": HELDOUT_ROWS,
+           "heldout": heldout[0] if heldout else None,
            "truncated_prompts": truncated, "ruler_fill": fill, "ruler_truncated": ruler_cut}
     if partial:
         out["partial_sources"] = partial
+    if dropped:
+        out["heldout_quality_left_out"] = dropped
     if differ:
         out["prompts_differ"] = differ
     return out

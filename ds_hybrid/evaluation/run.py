@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.evaluation.merge import HELDOUT_ROWS, stale_heldout_models
 from ds_hybrid.folders import atomic_write_text
 
 log = logging.getLogger("ds_hybrid")
@@ -188,7 +189,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                    "complete": complete,
                    "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts),
                    "strict_scores": strict, "prompt_digests": digests, "ruler_fill": fill,
-                   "heldout_quality": quality}
+                   "heldout_quality": quality, "heldout_rows": HELDOUT_ROWS}
         from ds_hybrid.evaluation.merge import prompt_differences
 
         mismatch = prompt_differences(digests, {m: info.get(m, {}).get("tokenizer") for m in digests},
@@ -350,6 +351,10 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
                               f"asks for {settings[key]!r}: evaluate into another --out, or ask for the same "
                               "settings")
     kept: dict[str, dict] = {}
+    stale = set(stale_heldout_models(old)) if settings["heldout"] is not None else set()
+    if stale:
+        log.info("--resume: %s evaluated again (their held-out rows were the first model's tokenizer's ids: an "
+                 "eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
     for name, rec in old.get("models", {}).items():
         if name not in models:
             continue
@@ -360,8 +365,8 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
         if "weights" in rec and rec["weights"] != weights_fingerprint(folders[name]):
             raise ConfigError("--resume", str(path), f"its model {name!r} ({rec['path']}) has other weights now (the "
                               "folder was written again since): evaluate into another --out, or without --resume")
-        if settings["heldout"] is not None and name not in old.get("heldout_quality", {}):
-            continue  # (no held-out rows of it: evaluated again)
+        if settings["heldout"] is not None and (name not in old.get("heldout_quality", {}) or name in stale):
+            continue  # (no held-out rows of it, or another tokenizer's: evaluated again)
         kept[name] = {"models": rec, **{k: old[k][name] for k in ("scores", "prompts", "strict_scores",
                                                                   "prompt_digests", "ruler_fill", "heldout_quality",
                                                                   "ruler_truncated")

@@ -136,6 +136,11 @@ def _complete(parts: list[str | Path]) -> list[Path]:
     return [paths[i] for i in order]
 
 
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _join(parts: list[str | Path]) -> bytes:
     return b"".join(p.read_bytes() for p in _complete(parts))
 
@@ -180,7 +185,8 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
                     t = reader.get(n).to(getattr(torch, spec["dtype"])).contiguous()
                 if _digest(t) != spec["sha256"] or list(t.shape) != spec["shape"]:
                     raise SystemExit(f"unpack: tensor {n} ({rel}) does not match its hash: the --base differs from "
-                                     "the one the pack was made with (another teacher or dtype?)")
+                                     "the one the pack was made with (another teacher or dtype?), or the parts "
+                                     "are of two packs")
                 tensors[n] = t
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +194,10 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except tarfile.TarError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"unpack: the parts do not join into one pack ({e}): parts of two packs mixed, or a part "
+                         "damaged on the way") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -201,20 +211,30 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
     found: dict[str, Path] = {}
     for d in folders:
         for p in sorted(Path(d).glob(f"{name}.part*")):
+            if p.name in found and _file_digest(p) != _file_digest(found[p.name]):
+                sys.exit(f"gather: {p} and {found[p.name]} are two different parts of one name (two packs of "
+                         f"{name}, e.g. two leases' aligns): give the folders of one pack only")
             found.setdefault(p.name, p)
     parts = _complete(list(found.values()))  # every part of the pack, or a clear error
     dest = Path(into)
-    for old in dest.parent.glob(f"{dest.name}[0-9]*"):  # an earlier gather's folders of this pack, nothing else
-        if old.is_dir() and re.fullmatch(rf"{re.escape(dest.name)}\d+", old.name):
-            if any(not f.name.startswith(f"{name}.part") for f in old.iterdir()):
-                sys.exit(f"{old} holds other files than parts of {name}: give gather another --into")
+    olds = [old for old in dest.parent.glob(f"{dest.name}[0-9]*")  # an earlier gather's folders of this pack
+            if old.is_dir() and re.fullmatch(rf"{re.escape(dest.name)}\d+", old.name)]
+    for old in olds:
+        if any(not f.name.startswith(f"{name}.part") for f in old.iterdir()):
+            sys.exit(f"{old} holds other files than parts of {name}: give gather another --into")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}-gather-", dir=dest.parent))
+    try:  # copied aside first: the parts may lie in the folders replaced (a re-gather of .dev/a0 .. into .dev/a)
+        parts = [Path(shutil.copy(p, staged / p.name)) for p in parts]
+        for old in olds:
             shutil.rmtree(old)
-    out = []
-    for i, p in enumerate(parts):
-        d = dest.parent / f"{dest.name}{i // per_folder}"
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, d / p.name)
-        out.append(d / p.name)
+        out = []
+        for i, p in enumerate(parts):
+            d = dest.parent / f"{dest.name}{i // per_folder}"
+            d.mkdir(parents=True, exist_ok=True)
+            out.append(Path(shutil.move(p, d / p.name)))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     print(f"gathered {len(parts)} parts of {name} into {sorted({str(p.parent) for p in out})}")
     return out
 

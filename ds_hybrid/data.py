@@ -255,18 +255,19 @@ def pin_hub_commit(cfg: RunConfig) -> None:
 
 def with_hub_request(meta: dict, cfg: RunConfig) -> dict:
     """A token cache's ``meta`` for a run's records, with, for a hub dataset, the ``data.revision`` the run asked for
-    (``hub.requested``: a branch or tag, None for the default branch, as kept in ``out_dir``/hub_commit.json) beside
-    the commit it was read at (``hub.commit``; ``hub.revision`` is that commit once pinned)."""
+    (``hub.requested``: a branch or tag, None for the default branch, as kept in ``out_dir``/hub_commit.json; the
+    commit itself where the configuration named one and nothing was resolved) beside the commit it was read at
+    (``hub.commit``; ``hub.revision`` is that commit once pinned)."""
     hub = meta.get("hub")
     if not hub:
         return meta
     try:
         rec = json.loads((Path(cfg.out_dir) / HUB_PIN).read_text())
     except (OSError, ValueError):
-        return meta  # (no pin: the config named a commit, nothing was resolved)
+        rec = None  # (no pin: the config named a commit, nothing was resolved)
     mine = isinstance(rec, dict) and rec.get("commit") == hub.get("commit") and \
         (rec.get("source"), rec.get("hub_config")) == (cfg.data.source, cfg.data.hub_config)
-    return {**meta, "hub": {**hub, "requested": rec.get("revision")}} if mine else meta
+    return {**meta, "hub": {**hub, "requested": rec.get("revision") if mine else cfg.data.revision}}
 
 
 def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:

@@ -87,8 +87,9 @@ def ring_mask_format(model) -> str | None:
 
 def eager_masks_made_here(model) -> bool:
     """Whether the static decode step builds eager attention's 4-D masks itself (decode_masks, or a stand-in where
-    no layer reads one): every layer eager, its sliding-window layers (if any) held as rings. Otherwise transformers
-    builds them, from a host scalar copied to the device in every step."""
+    no layer reads one): every layer eager, and either its sliding-window layers held as rings (ring_mask_format;
+    where the window covers the cache they are full length, and the full mask is exact) or no sliding layer at all.
+    Otherwise transformers builds them, from a host scalar copied to the device in every step."""
     return attention_implementations(model) == {"eager"} and (
         ring_mask_format(model) == "float" or full_kv_sliding_layers(model) == 0)
 
@@ -101,8 +102,9 @@ def eager_graph_refusal(model, compile: bool) -> str | None:
         return None
     return (f"this model's eager attention (implementations {sorted(impls)}, DS_HYBRID_STATIC_RINGS="
             f"{os.environ.get('DS_HYBRID_STATIC_RINGS', 'unset')}) takes transformers' eager mask in every decode "
-            "step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', add --compile, "
-            "or use one implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset)")
+            "step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', compile the step "
+            "(`ds-hybrid generate|bench-infer --cuda-graphs --compile`, GraphDecoder(compile=True)), or use one "
+            "implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset or not 0)")
 
 
 def make_static_cache(model, max_len: int, rings: bool = True):

@@ -64,6 +64,18 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
     assert (tmp_path / "dev" / "p0" / "part0").read_bytes() == b"bundle"
     shutil.rmtree(tmp_path / "dev" / "p0")
     assert [q.name for q in gathered] == [q.name for q in parts]  # in the pack's order, 3 to a folder
+    # gathering the gathered folders again into the same prefix (2 to a folder now) reads them before replacing them
+    blobs = [q.read_bytes() for q in gathered]
+    gathered = carry.gather(sorted((tmp_path / "dev").iterdir()), "align", str(tmp_path / "dev" / "a"), per_folder=2)
+    assert [q.read_bytes() for q in gathered] == blobs
+    assert len(list((tmp_path / "dev").iterdir())) == -(-len(parts) // 2)  # (nothing staged is left behind)
+    # one part name with two contents (two packs' parts, e.g. two leases' aligns, in the folders given): refused
+    clash = tmp_path / "calls" / "clash"
+    clash.mkdir()
+    (clash / parts[0].name).write_bytes(b"a part of another pack")
+    with pytest.raises(SystemExit, match="two different parts of one name"):
+        carry.gather([*calls, clash], "align", str(tmp_path / "dev" / "a"))
+    assert [q.read_bytes() for q in gathered] == blobs
     parts = gathered
     with pytest.raises(SystemExit, match="a part given twice"):
         carry.unpack(parts + parts[:1], teacher, tmp_path / "lease2" / "align")

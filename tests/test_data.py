@@ -195,6 +195,9 @@ def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_h
     assert prepare_data(load_config(None, over), "align")["data_cache"] == rec["data_cache"]
     tagged = prepare_data(load_config(None, over + [f"out_dir={tmp_path / 'run2'}", "data.revision=main"]), "align")
     assert tagged["hub"]["requested"] == "main" and tagged["hub"]["commit"] == "b" * 40
+    named = prepare_data(load_config(None, over + [f"out_dir={tmp_path / 'run3'}", f"data.revision={'a' * 40}"]),
+                         "align")  # (a commit named: nothing resolved, no pin; the record says the commit asked for)
+    assert named["hub"]["requested"] == named["hub"]["commit"] == "a" * 40
 
 
 @pytest.mark.parametrize("revision", [None, "main"])

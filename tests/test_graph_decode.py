@@ -411,6 +411,18 @@ def test_graphs_are_refused_where_eager_masks_would_come_from_transformers(monke
     assert why and "attn_implementation='sdpa'" in why and "DS_HYBRID_STATIC_RINGS=0" in why
     assert eager_graph_refusal(gemma, compile=True) is None
     GraphDecoder(gemma, max_len=24, cuda_graphs=True)  # (on a CPU the same step runs eagerly: nothing to refuse)
+    # eager beside another implementation (one layer's config sdpa): the step's masks are not made here either
+    import copy
+
+    llama = tiny_teacher("llama")
+    assert eager_masks_made_here(llama) and eager_graph_refusal(llama, compile=False) is None  # (no sliding layer)
+    monkeypatch.delenv("DS_HYBRID_STATIC_RINGS")
+    attn = llama.model.layers[0].self_attn
+    attn.config = copy.deepcopy(attn.config)
+    attn.config._attn_implementation = "sdpa"
+    assert attention_implementations(llama) == {"eager", "sdpa"} and not eager_masks_made_here(llama)
+    why = eager_graph_refusal(llama, compile=False)
+    assert why and "['eager', 'sdpa']" in why and eager_graph_refusal(llama, compile=True) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

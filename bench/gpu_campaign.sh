@@ -119,17 +119,21 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
   # empty: the config's layers), one after the other on GPU (default 0), each one's evaluation (LENGTHS at once, with
   # EG's options, and its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at
   # micro batch 32)
-  local h name spec hf args EB hybrids last gpu=${3:-0}
+  local h name spec hf args EB hybrids last gpu=${3:-0} failed=0
+  check_hybrids_ || return 1
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   last=${hybrids[-1]}
   for h in "${hybrids[@]}"; do
-    [[ "$h" == ?*=* ]] || { note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20])"; return 1; }
     name=${h%%=*} spec=${h#*=} EB=()
     [ "$h" != "$last" ] && EB=(--batch-size 32)
     args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED} ${OVERRIDES:-})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
     [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
-    job kl_$name $gpu train --stage kl --config $1 "${args[@]}" || return 1
+    if ! job kl_$name $gpu train --stage kl --config $1 "${args[@]}"; then  # (the next hybrid still runs)
+      note "kl_$name failed (logs/kl_$name.log): no evaluation of it; on to the next hybrid"
+      failed=1
+      continue
+    fi
     hf=$2/kl_runs/$name/kl/hf
     for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
@@ -140,6 +144,22 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
     job eval_${name}_quality $gpu python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${name}_quality &
+  done
+  return $failed
+}
+check_hybrids_() {  # HYBRIDS' entries NAME=LAYERS[@KL_TOKENS], each name once: checked before any GPU work, so a typo
+  # does not surface after an align and a kl (a space inside LAYERS splits an entry in two)
+  local h names=() seen
+  read -r -a names <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
+  [ ${#names[@]} -gt 0 ] || { note "HYBRIDS is empty: give NAME=LAYERS[@KL_TOKENS] ..."; return 1; }
+  seen=" "
+  for h in "${names[@]}"; do
+    if ! [[ "$h" =~ ^[A-Za-z0-9_.+-]+=(\[[0-9,]*\])?(@[0-9_]+)?$ ]]; then
+      note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20], no spaces inside LAYERS)"
+      return 1
+    fi
+    [[ "$seen" == *" ${h%%=*} "* ]] && { note "HYBRIDS: the name ${h%%=*} is given twice"; return 1; }
+    seen+="${h%%=*} "
   done
 }
 hybrids_on_gpus_() {  # hybrids_on_gpus_ CONFIG RUN_DIR: HYBRIDS dealt round-robin over this machine's GPUs, one
@@ -296,6 +316,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare} NAME=${NAME:-uniform8}
     LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUNC, EVAL_LENGTHS, EVAL_LIMIT smaller)
+    check_hybrids_ || exit 1
+    rm -f $R/preflight.ok $R/preflight_graphs.ok   # (an earlier campaign's on this machine would pass for this one's)
     versions_
     # the evaluation's whole path on one prompt per task, eagerly and through CUDA graphs (used below if it runs),
     # beside the token cache and align: a missing package shows within two minutes, and kl does not start without it
@@ -327,7 +349,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
          --contexts "${GRAPH_CHECK_CONTEXTS-}" $([ "${COMPILE:-0}" = 1 ] && echo --compile) \
          --out $R/graph_decode_check.json) &
     fi
-    hybrids_on_gpus_ $CCFG $RUNC || exit 1
+    hybrids_on_gpus_ $CCFG $RUNC || note "a hybrid's kl failed (above): the other hybrids ran"
     if [ "${TEACHER_EVAL:-0}" = 1 ]; then
       (for L in $LENGTHS; do job eval_teacher_$L 0 ev teacher embedded $L "${EG[@]}"; done) &
     fi
@@ -348,6 +370,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUND=${RUND:-/tmp/run/demo} NAME=${NAME:-}
     LENGTHS=${EVAL_LENGTHS:-2048 4096 8192}   # (CPU dry runs: CCFG, RUND, DEMO_KL_TOKENS, DEMO_RECALL_PROMPTS too)
+    [ -z "${HYBRIDS:-}" ] || check_hybrids_ || exit 1
     versions_
     (job demo 0 env PYTHON=python3 DEMO_RECIPE=gpu DEMO_OUT=$RUND DEMO_CONFIG=$CCFG launchers/demo.sh
      cp -r $RUND/demo_recall $R/ 2>/dev/null) &
@@ -361,7 +384,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       while [ ! -f $RUND/kl/DONE ] && kill -0 $DEMO 2>/dev/null; do sleep 5; done
       [ -f $RUND/kl/DONE ] || { note "the demo ended before its kl was done (logs/demo.log)"; exit 1; }
       EG=(--cuda-graphs)  # (no preflight: the demo's own recall run exercises lm-eval; graphs ran in every lease since)
-      hybrids_ $CCFG $RUND || exit 1
+      hybrids_ $CCFG $RUND || note "a hybrid's kl failed (above): the other hybrids ran"
     fi
     wait
     note "campaign done"
@@ -491,7 +514,7 @@ sys.exit(2 if None in c else 0 if sorted(c[0]) == sorted(c[1]) else 1)" "$SELG/$
     # (AUTOTUNE_SEED=1 there: fla's kernels then compile one config each instead of timing every one)
     (cd "${TRITON_CACHE_DIR:-/tmp/tcache}" 2>/dev/null && mkdir -p /tmp/res/triton_autotune && \
        find . -name '*.autotune.json' -exec cp --parents {} /tmp/res/triton_autotune/ \;) || true
-    (cd /tmp/run 2>/dev/null && find . \( -name hf -o -name checkpoints \) -prune -o -type f \
+    (cd /tmp/run 2>/dev/null && find . \( -name hf -o -name checkpoints -o -name '.*' ! -name . \) -prune -o -type f \
        \( -name metrics.jsonl -o -name run_info.json -o -name DONE -o -name 'selection.*' -o -name config.yaml \
        -o -name 'round_*.json' \) \
        -print) > /tmp/res/run_files.txt 2>/dev/null || true
@@ -499,8 +522,8 @@ sys.exit(2 if None in c else 0 if sorted(c[0]) == sorted(c[1]) else 1)" "$SELG/$
     # whole and kept; only a real failure falls back to res/ alone; written aside, then moved into place, so that a
     # call cut off mid-tar leaves the previous snapshot)
     rc=0
-    tar --warning=no-file-changed -czf "$out/.results.tar.gz" -C /tmp res $(sed 's#^\./#run/#' /tmp/res/run_files.txt) \
-      2>/dev/null || rc=$?
+    tar --warning=no-file-changed --ignore-failed-read -czf "$out/.results.tar.gz" -C /tmp res \
+      $(sed 's#^\./#run/#' /tmp/res/run_files.txt) 2>/dev/null || rc=$?
     [ "$rc" -le 1 ] || tar --warning=no-file-changed -czf "$out/.results.tar.gz" -C /tmp res || true
     mv -f "$out/.results.tar.gz" "$out/results.tar.gz"
     ls -la "$out"

@@ -125,6 +125,11 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
     ;;
   start)
     # (an earlier campaign's CAMPAIGN_DONE on this machine would end every later wait at once)
+    res=${CAMPAIGN_RES:-/tmp/res}
+    if [ -s $res/campaign.pid ] && kill -0 -- -"$(cat $res/campaign.pid)" 2>/dev/null; then
+      echo "a campaign is running on this machine already (pid $(cat $res/campaign.pid)): poll it with wait" >&2
+      exit 1   # (a start repeated after a lost reply would put two campaigns on one GPU and one run folder)
+    fi
     mkdir -p /tmp/res && rm -f /tmp/res/CAMPAIGN_DONE && cd /tmp/new
     setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > /tmp/res/campaign.log 2>&1 < /dev/null &
     echo $! > /tmp/res/campaign.pid

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,6 +63,21 @@ def is_preflight(eval_dir: Path) -> bool:
     return bool(counts) and max(counts) <= 1
 
 
+def evals_not_home(progress: str, imported: set[str]) -> list[str]:
+    """The evaluation jobs of a campaign's progress log that brought nothing home: failed (rc != 0), unfinished when
+    the snapshot was taken, or finished without an eval.json among ``imported`` (folder names); the preflight aside."""
+    state: dict[str, str] = {}
+    for m in re.finditer(r"^\S+ \+\d+s (start|end) (eval_\S+)(?: \(GPU \d+\))?(?: rc=(\d+))?$", progress, re.M):
+        kind, job, rc = m.groups()
+        state[job] = "unfinished" if kind == "start" else ("ok" if rc == "0" else f"failed (rc {rc})")
+    out = []
+    for job, s in state.items():
+        if job.startswith("eval_preflight") or (s == "ok" and job in imported):
+            continue
+        out.append(f"{job}: {s if s != 'ok' else 'finished, but no eval.json in the tarball'}")
+    return out
+
+
 def copy_stage(stage_dir: Path, out: Path, prefix: str, metrics: bool = True) -> None:
     for name, target in (("run_info.json", "run_info.json"), ("config.yaml", "config.yaml")):
         if (stage_dir / name).is_file():
@@ -73,6 +89,8 @@ def copy_stage(stage_dir: Path, out: Path, prefix: str, metrics: bool = True) ->
 def copy_eval(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True)
     for f in sorted(src.iterdir()):
+        if f.name.startswith("."):  # (a file being written when the snapshot was taken: .eval.json.tmp...)
+            continue
         if f.suffix == ".jsonl":
             gzip_copy(f, dst / (f.name + ".gz"))
         elif f.is_file():
@@ -175,6 +193,9 @@ def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[
             for f in sorted((res / "logs").glob("*.log")):
                 (out / "logs" / f.name).write_text(last_state(f.read_bytes().decode(errors="replace")))
         summary: dict[str, Any] = {"out": str(out), "evals": [str(e) for e in evals], "kl": []}
+        if (res / "progress.log").is_file():
+            summary["evals_not_home"] = evals_not_home((res / "progress.log").read_text(errors="replace"),
+                                                       {e.name for e in evals})
         if root is not None:
             unpacked = (res / "logs" / "align_unpack.log").is_file()
             summary["align"] = "unpacked from an earlier lease's parts" if unpacked else "trained in this lease"
@@ -251,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     for line in needle_rows(summary["evals"]):
         print(line)
+    for line in summary.get("evals_not_home", []):
+        print(f"NOT HOME: {line} (logs/ says why; its scores are not in --merge)")
     return 0
 
 

@@ -162,6 +162,29 @@ def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(t
         in calls
 
 
+def test_compare_campaign_goes_on_to_the_next_hybrid_when_a_kl_fails(tmp_path):
+    """A kl that fails (out of memory, say) costs its own hybrid only: the next one trains and is evaluated, and the
+    campaign ends as done (a poll stops at that marker), not in the middle of the lease's minutes."""
+    ev = campaign(tmp_path, "compare", RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8]", STUB_FAIL="a_4")
+    assert "end kl_a_4 rc=1" in ev and not any(e.startswith("start eval_a_4") for e in ev)
+    assert at(ev, "end kl_a_4 rc=1") < at(ev, "start kl_b_4 (GPU 0)") < at(ev, "end kl_b_4 rc=0")
+    for part in ("2048", "4096", "8192", "quality"):
+        assert f"end eval_b_4_{part} rc=0" in ev
+    assert "a hybrid's kl failed (above): the other hybrids ran" in ev and ev[-1] == "campaign done"
+    assert (tmp_path / "res" / "CAMPAIGN_DONE").exists()
+
+
+@pytest.mark.parametrize("hybrids,why", [("a_4=[1, 2,3,4]", "'a_4=[1,' is not NAME=LAYERS"),
+                                         ("a_4=[1,2,3,4] a_4=[5,6,7,8]", "the name a_4 is given twice"),
+                                         ("a_4=1,2,3,4", "'a_4=1,2,3,4' is not NAME=LAYERS")])
+def test_compare_campaign_refuses_hybrids_it_cannot_read_before_any_gpu_work(tmp_path, hybrids, why):
+    ev = campaign(tmp_path, "compare", rc=1, RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS=hybrids)
+    assert any(why in e for e in ev), ev
+    assert not any(e.startswith("start ") for e in ev)
+
+
 @pytest.mark.parametrize("then_rc", [0, 3])
 def test_compare_campaign_runs_then_on_the_idle_gpu_before_it_is_done(tmp_path, then_rc):
     """THEN runs after every kl and evaluation has ended and before CAMPAIGN_DONE (a poll would stop following the

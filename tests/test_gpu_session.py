@@ -63,6 +63,19 @@ def test_a_dead_campaign_ends_the_poll_but_its_background_jobs_are_waited_for(tm
     assert "the campaign ended without CAMPAIGN_DONE" in text and took >= 2.5
 
 
+def test_a_second_start_beside_a_running_campaign_is_refused(tmp_path):
+    """A start repeated after a lost reply would put two campaigns on one GPU and one run folder."""
+    res = tmp_path / "res"
+    proc = campaign(res, "sleep 30")
+    try:
+        p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "start"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, CAMPAIGN_RES=str(res)))
+    finally:
+        proc.kill()
+    assert p.returncode == 1 and "a campaign is running on this machine already" in p.stderr
+    assert (res / "campaign.pid").read_text().strip() == str(proc.pid)  # (the running one's pid kept)
+
+
 def test_carry_parts_ride_home_once_each(tmp_path):
     res = tmp_path / "res"
     proc = campaign(res, "exit 0")

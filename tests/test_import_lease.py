@@ -112,6 +112,26 @@ def test_a_snapshot_mid_write_and_the_demos_recall(tmp_path):
     assert all("demo_recall" not in e for e in summary["evals"])
 
 
+def test_evaluations_that_brought_nothing_home_are_named(tmp_path, capsys):
+    """An evaluation that failed, was still running at the snapshot, or ended without its eval.json in the tarball is
+    listed (it is missing from --merge, which says nothing of it); a file being written at the snapshot (a dot file)
+    stays out of the folder."""
+    progress = ("10:00:00 +1s start eval_preflight (GPU 0)\n10:00:05 +5s end eval_preflight rc=0\n"
+                "10:01:00 +60s start eval_a_2048 (GPU 0)\n10:01:00 +60s start eval_a_4096 (GPU 0)\n"
+                "10:01:00 +60s start eval_a_8192 (GPU 0)\n10:01:00 +60s start eval_a_quality (GPU 0)\n"
+                "10:02:00 +120s end eval_a_2048 rc=0\n10:02:10 +130s end eval_a_4096 rc=1\n"
+                "10:02:20 +140s end eval_a_quality rc=0\n")
+    tb = make_tarball(tmp_path / "results.tar.gz", extra={
+        "res/progress.log": progress.encode(), "res/eval_a_2048/.eval.json.tmp123": b"{half"})
+    out = tmp_path / "lease"
+    summary = import_lease.import_lease(tb, out)
+    assert summary["evals_not_home"] == ["eval_a_4096: failed (rc 1)", "eval_a_8192: unfinished",
+                                         "eval_a_quality: finished, but no eval.json in the tarball"]
+    assert not any(f.name.startswith(".") for f in (out / "eval_a_2048").iterdir())
+    assert import_lease.main([str(tb), str(tmp_path / "again")]) == 0
+    assert "NOT HOME: eval_a_8192: unfinished" in capsys.readouterr().out
+
+
 def test_unpacked_align_keeps_no_metrics(tmp_path):
     out = tmp_path / "lease"
     summary = import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz", unpacked=True), out)

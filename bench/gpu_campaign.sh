@@ -119,7 +119,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
   # empty: the config's layers), one after the other on GPU (default 0), each one's evaluation (LENGTHS at once, with
   # EG's options, and its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at
   # micro batch 32)
-  local h name spec hf args EB hybrids last gpu=${3:-0} failed=0
+  local h name spec hf args EB hybrids last gpu=${3:-0} failed=0 now need t kl_s=
   check_hybrids_ || return 1
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   last=${hybrids[-1]}
@@ -129,11 +129,22 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
     args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED} ${OVERRIDES:-})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
     [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
+    if [ -n "${DEADLINE_S:-}" ]; then  # DEADLINE_S: seconds after the campaign's start when the lease's device time
+      # ends; a kl that would not end with its evaluation by then (the last kl's time, else KL_EST_S, plus EVAL_EST_S)
+      # is not started: its minutes go to THEN, or the lease ends early, instead of to a hybrid cut off unfinished
+      now=$(( $(date +%s) - T0 )) need=$(( ${kl_s:-${KL_EST_S:-600}} + ${EVAL_EST_S:-120} ))
+      if [ $(( now + need )) -gt "$DEADLINE_S" ]; then
+        note "kl_$name not started: +${now}s and ~${need}s for its kl and evaluation pass DEADLINE_S=$DEADLINE_S"
+        continue
+      fi
+    fi
+    t=$(date +%s)
     if ! job kl_$name $gpu train --stage kl --config $1 "${args[@]}"; then  # (the next hybrid still runs)
       note "kl_$name failed (logs/kl_$name.log): no evaluation of it; on to the next hybrid"
       failed=1
       continue
     fi
+    kl_s=$(( $(date +%s) - t ))
     hf=$2/kl_runs/$name/kl/hf
     for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is

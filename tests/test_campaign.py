@@ -175,6 +175,22 @@ def test_compare_campaign_goes_on_to_the_next_hybrid_when_a_kl_fails(tmp_path):
     assert (tmp_path / "res" / "CAMPAIGN_DONE").exists()
 
 
+def test_compare_campaign_starts_no_kl_that_would_pass_the_leases_deadline(tmp_path):
+    """DEADLINE_S (the lease's device time left at `start`): after the first kl (5 s here) the second would end past
+    it by the first's measured time, so it is not started, and the campaign ends as done with what finished."""
+    ev = campaign(tmp_path, "compare", RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8]", STUB_KL_S="5",
+                  DEADLINE_S="10", KL_EST_S="0", EVAL_EST_S="0")
+    assert "end kl_a_4 rc=0" in ev and "end eval_a_4_quality rc=0" in ev
+    assert not any(e.startswith("start kl_b_4") for e in ev)
+    assert any(e.startswith("kl_b_4 not started: ") and "pass DEADLINE_S=10" in e for e in ev), ev
+    assert ev[-1] == "campaign done"
+    (tmp_path / "none").mkdir()
+    ev = campaign(tmp_path / "none", "compare", RUNC=str(tmp_path / "run0"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4]", DEADLINE_S="0")
+    assert not any(e.startswith("start kl_") for e in ev) and ev[-1] == "campaign done"
+
+
 @pytest.mark.parametrize("hybrids,why", [("a_4=[1, 2,3,4]", "'a_4=[1,' is not NAME=LAYERS"),
                                          ("a_4=[1,2,3,4] a_4=[5,6,7,8]", "the name a_4 is given twice"),
                                          ("a_4=1,2,3,4", "'a_4=1,2,3,4' is not NAME=LAYERS")])

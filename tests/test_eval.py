@@ -659,6 +659,9 @@ def test_eval_merge_joins_per_length_jobs_and_refuses_a_score_given_twice(tmp_pa
     assert res["prompts"]["teacher"]["niah_single_1"]["4096"] == 50 and res["lengths"] == [2048, 4096]
     assert res["ci95"]["teacher"]["niah_single_1"]["4096"] == pytest.approx(report.wilson_interval(0.99, 50))
     assert res["heldout_quality"] == {"hyb": {"ppl": 19.8, "kl_to_teacher": 0.15}} and len(res["sources"]) == 3
+    # (these files hold no prompt digests and no samples: merged, said, and listed as unchecked)
+    assert {(u["model"], Path(u["file"]).parent.name) for u in res["prompts_unchecked"]} == \
+        {("hyb", "a"), ("hyb", "b"), ("teacher", "b"), ("hyb", "q")}
     md = (tmp_path / "m" / "eval.md").read_text()
     assert "| niah_single_1 | 4096 | 0.530 [0.43, 0.62] n=100 | 0.990" in md and "held-out ppl | | 19.800 |" in md
     assert (tmp_path / "m" / "recall_vs_length.png").stat().st_size > 1000
@@ -810,6 +813,17 @@ def test_recall_vs_k_places_each_model_by_its_layers_not_its_name(tmp_path, caps
         by_k.main([str(folder), "--out", str(out)])
     payload["models"]["odd"] = hyb([0, 1])
     (folder / "eval.json").write_text(json.dumps(payload))
+    # a model no selector explains is listed under its name, even a selector's name, and is no one's base
+    payload["models"]["uniform"], payload["scores"]["uniform"] = hyb([0, 4, 8, 11]), s(0.9)
+    payload["prompts"]["uniform"] = {"niah_single_1": {"2048": 100}}
+    (folder / "eval.json").write_text(json.dumps(payload))
+    assert by_k.main([str(folder), "--selection", f"ga_s2={tmp_path / 'ga' / 'selection.json'}", "--out", str(out)]) == 0
+    md = (out / "recall_vs_k.md").read_text()
+    assert "| uniform | 4 | uniform | 0.90" in md and "| ga_s2 - uniform | 4 | picked - u4 |" in md
+    assert "picked - uniform" not in md
+    for reserved in ("teacher", "all_linear", "uniform"):
+        with pytest.raises(ConfigError, match=r"give each selection a name of its own"):
+            by_k.main([str(folder), "--selection", f"{reserved}={tmp_path / 'ga' / 'selection.json'}", "--out", str(out)])
     other = make_selection("ga_s2", {l: float(l) for l in range(L + 1)}, True, L + 1)
     write_selection(tmp_path / "other" / "selection.json", other)
     with pytest.raises(ConfigError, match="ranks 13 layers"):

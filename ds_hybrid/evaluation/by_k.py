@@ -42,12 +42,12 @@ def place_models(models: dict[str, dict], selections: dict[str, dict]) -> list[d
                               "it again with this version of `ds-hybrid eval`")
         L = int(info["num_layers"])
         if info.get("model_type") != "ds_hybrid":
-            rows.append({"model": name, "selector": TEACHER, "k": L, "layers": list(range(L))})
+            rows.append({"model": name, "selector": TEACHER, "k": L, "layers": list(range(L)), "matched": True})
             continue
         layers = sorted(int(x) for x in info.get("softmax_layers", []))
         k = len(layers)
         if k == 0:
-            rows.append({"model": name, "selector": ALL_LINEAR, "k": 0, "layers": []})
+            rows.append({"model": name, "selector": ALL_LINEAR, "k": 0, "layers": [], "matched": True})
             continue
         rules = {"uniform": uniform_layers(L, k), "smart": smart_layers(L, k)}
         for sel_name, sel in selections.items():
@@ -99,7 +99,8 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
     the difference (``difference_interval``); [] when no such pair was evaluated."""
     scores, counts = payload["scores"], payload.get("prompts", {})
     # a hybrid two rules explain (selector "uniform=ga_s2") is the base of both, and compared with neither
-    base = [r for r in rows if against in r["selector"].split("=")]
+    # (only a placed model: one that no selector explains is listed under its own name, which may be a selector's)
+    base = [r for r in rows if r.get("matched", True) and against in r["selector"].split("=")]
     any_k = against in (TEACHER, ALL_LINEAR)
     pairs = [(r, b) for r in _order(rows) if r["selector"] not in (TEACHER, ALL_LINEAR)
              and (r.get("matched") or any_k) and against not in r["selector"].split("=")
@@ -113,7 +114,7 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
             for t in tasks:
                 a, c = scores.get(r["model"], {}).get(t, {}).get(key), scores.get(b["model"], {}).get(t, {}).get(key)
                 na, nc = (counts.get(m, {}).get(t, {}).get(key, 0) for m in (r["model"], b["model"]))
-                if a is None or c is None or not na or not nc:
+                if a is None or c is None or a < 0 or c < 0 or not na or not nc:
                     cells.append("")
                     continue
                 d, lo, hi = difference_interval(a, na, c, nc)
@@ -140,8 +141,15 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
     if not lengths:
         raise ConfigError("recall-vs-k --task", task, f"no model has a score for it; tasks: {payload.get('tasks')}")
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
-    ends = [r for r in rows if r["selector"] in (TEACHER, ALL_LINEAR)]
-    selectors = sorted({r["selector"] for r in rows} - {TEACHER, ALL_LINEAR})
+    ends = [r for r in rows if r.get("matched", True) and r["selector"] in (TEACHER, ALL_LINEAR)]
+    # a line per selector through its hybrids (one two rules explain, "uniform=ga_s2", on both lines); one that no
+    # selector explains alone, under its name (which may be a selector's: it is not that selector's point)
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r in ends:
+            continue
+        for s in r["selector"].split("=") if r.get("matched", True) else [f"{r['model']} (no selector)"]:
+            series.setdefault(s, []).append(r)
     for ax, length in zip(axes[0], lengths):
         def point(r):
             v = scores.get(r["model"], {}).get(task, {}).get(str(length))
@@ -152,8 +160,8 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
             return r["k"], v, v - lo, hi - v
 
         end_pts = {r["selector"]: p for r in ends if (p := point(r))}
-        for i, s in enumerate(selectors):
-            pts = [p for r in rows if r["selector"] == s and (p := point(r))]
+        for i, (s, members) in enumerate(sorted(series.items())):
+            pts = [p for r in members if (p := point(r))]
             if not pts:
                 continue
             ks = sorted({p[0] for p in pts})
@@ -216,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item:
             raise ConfigError("recall-vs-k --selection", item, "write NAME=PATH (e.g. ga_s2=out/select/ga_s2/selection.json)")
         name, path = item.split("=", 1)
-        if not name or name in selections or name in ("uniform", "smart"):
+        if not name or name in selections or name in ("uniform", "smart", TEACHER, ALL_LINEAR):
             raise ConfigError("recall-vs-k --selection", item, "give each selection a name of its own (not empty, "
-                              "not twice, not uniform or smart: those are the built-in spacing rules)")
+                              "not twice, not uniform or smart: those are the built-in spacing rules; not teacher "
+                              "or all_linear: the ends of the plot)")
         selections[name] = read_selection(path, "recall-vs-k --selection")
     unrecorded = sorted(set(payload["scores"]) - set(payload["models"]))
     if unrecorded:
@@ -232,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     against = tuple(dict.fromkeys(a for a in args.against.split(",") if a))
     if not against:
         raise ConfigError("recall-vs-k --against", args.against, "name at least one selector (e.g. uniform)")
-    known = {s for r in rows for s in r["selector"].split("=")} | {"uniform", "smart", *selections}
+    known = {s for r in rows if r.get("matched", True) for s in r["selector"].split("=")} | {"uniform", "smart",
+                                                                                               *selections}
     if unknown := [a for a in against if a not in known]:
         raise ConfigError("recall-vs-k --against", unknown[0], f"no such selector; known: {sorted(known)}")
     for a in against:  # (said, not refused: the default, uniform, may simply not be among the models)

@@ -12,7 +12,8 @@ model OLD of that file on the way in (two seeds of one recipe evaluated under th
 Scores are set side by side only where they come from the same prompts: every model's scores of a task and length
 must have the same prompt digests (eval.json's ``prompt_digests``; for an eval.json written before them, the answers
 of its ``samples_<model>.jsonl[.gz]`` beside it), else the merge is refused, naming the two sources
-(``--allow-other-prompts`` merges them anyway and lists the cells in eval.json's ``prompts_differ``). Held-out
+(``--allow-other-prompts`` merges them anyway and lists the cells in eval.json's ``prompts_differ``; a model with
+neither digests nor samples is merged with a warning and listed in ``prompts_unchecked``). Held-out
 quality rows must come from the same held-out settings. The strict scores (the first answer must be the gold) are
 carried, or computed from the samples files where an eval.json predates them.
 """
@@ -177,6 +178,7 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     ruler_cut: dict = {}
     partial: list[str] = []
     dropped: list[dict] = []  # held-out quality measured on another tokenizer's ids (stale_heldout_models)
+    unchecked: list[dict] = []  # models whose prompts could not be compared (no digests, no samples)
     for item in items:
         renames, src, p = _load(item)
         name = lambda m: renames.get(m, m)  # noqa: E731
@@ -201,6 +203,10 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                 d = recall.prompt_digests(samples)
             if st is None and samples:
                 st = recall.strict_scores(samples)
+            if not d and p["scores"][m]:  # (neither digests nor a samples file: nothing to compare the prompts by)
+                log.warning("%s: %s has no prompt digests and no samples file beside it: its prompts are not checked "
+                            "against the other models'", src, m)
+                unchecked.append({"model": name(m), "file": str(src)})
             if d:
                 tok = ((p.get("models") or {}).get(m) or {}).get("tokenizer")
                 _check_prompts(digests, name(m), tok, d, src, allow_other_prompts, differ)
@@ -261,6 +267,8 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
         out["heldout_quality_left_out"] = dropped
     if differ:
         out["prompts_differ"] = differ
+    if unchecked:
+        out["prompts_unchecked"] = unchecked
     return out
 
 

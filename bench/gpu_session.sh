@@ -10,7 +10,9 @@
 #                                         # ALIGN_PARTS=/tmp/carry_in skips align (campaigns compare, ga_s2, gemma)
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
-#                                         # background (survives the call)
+#                                         # background (survives the call); DEADLINE_S=N: the device seconds left at this
+#                                         # call (the last reply's budget_left_s) less a minute: no kl starts that
+#                                         # would end with its evaluation past it (refused beside a running campaign)
 #   bench/gpu_session.sh sh 'CMD'         # after setup: CMD in the campaigns' environment (e.g. one train_throughput
 #                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and

@@ -28,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -239,19 +240,31 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
     return out
 
 
-def same_seed(run_config: str | Path, config: str | Path, overrides: list[str]) -> None:
-    """Exit with a message unless the run that wrote ``run_config`` (a stage's config.yaml, e.g. a carried align's)
-    used the seed that ``config`` with ``overrides`` asks for."""
-    import yaml
+# what makes an align the align it is (its result), as against how it ran (micro-batch split, logging, launcher files,
+# the loss kernels' settings, a hub revision pinned to its commit): a carried align must match the campaign's in these
+ALIGN_RECIPE = {"": ("seed", "teacher", "mixer", "mixer_options", "dtype"),
+                "data": ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents",
+                         "hub_config"),
+                "align": ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps",
+                          "min_lr_ratio", "clip", "weight_decay", "betas", "eps")}
 
+
+def _recipe(cfg) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {f"{sec}.{k}" if sec else k: (d[sec] if sec else d)[k] for sec, keys in ALIGN_RECIPE.items() for k in keys}
+
+
+def same_align(run_config: str | Path, config: str | Path, overrides: list[str]) -> None:
+    """Exit with a message unless the align that wrote ``run_config`` (its config.yaml, e.g. a carried align's) ran
+    the recipe that ``config`` with ``overrides`` asks for: the seed, teacher, mixer and its options, the data split
+    and the align stage's budget and optimizer (ALIGN_RECIPE)."""
     from ds_hybrid.config import load_config
 
-    had = (yaml.safe_load(Path(run_config).read_text()) or {}).get("seed")
-    want = load_config(config, overrides).seed
-    if had != want:
-        sys.exit(f"{run_config}: an align of seed {had}; this run asks for seed {want} (carry that seed's align, or "
-                 "train it here)")
-    print(f"seed {want}: the same as {run_config}'s")
+    had, want = _recipe(load_config(run_config, [])), _recipe(load_config(config, overrides))
+    if diff := [k for k in want if had[k] != want[k]]:
+        sys.exit(f"{run_config}: an align of {', '.join(f'{k}={had[k]!r}' for k in diff)}; this run asks for "
+                 f"{', '.join(f'{k}={want[k]!r}' for k in diff)} (carry that recipe's align, or train it here)")
+    print(f"seed {want['seed']}, the same align recipe as {run_config}'s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,14 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--name", default="align")
     g.add_argument("--into", required=True, help="prefix of the folders made, e.g. .dev/a")
     g.add_argument("--per-folder", type=int, default=3)
-    c = sub.add_parser("same-seed", help="a stage's config.yaml was written with the seed a config asks for")
+    c = sub.add_parser("same-align", help="an align's config.yaml ran the recipe (seed, teacher, mixer, data split, "
+                                          "budget, optimizer) a config asks for")
     c.add_argument("run_config")
     c.add_argument("--config", required=True)
     c.add_argument("--set", dest="overrides", action="append", default=[],
                    help="key=value, an override as train.py takes them (e.g. seed=1); repeatable")
     a = ap.parse_args(argv)
-    if a.cmd == "same-seed":
-        same_seed(a.run_config, a.config, a.overrides)
+    if a.cmd == "same-align":
+        same_align(a.run_config, a.config, a.overrides)
     elif a.cmd == "gather":
         gather(a.folders, a.name, a.into, a.per_folder)
     elif a.cmd == "pack":

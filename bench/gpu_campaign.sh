@@ -98,10 +98,10 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
     stage=kl
     job align_unpack 0 python3 bench/carry_export.py unpack "$ALIGN_PARTS/align.part*" --base "$base" --out "$2/align" \
       || return 1
-    # the parts hold an align of one seed (and mixer options: kl refuses other options by name): a SEED other than
-    # its own would label hybrids with a seed whose align they did not start from
+    # the parts hold an align of one recipe (seed, data split, budget, mixer and its options): a SEED or a config
+    # other than its own would label hybrids with an align they did not start from
     for o in ${SEED:+seed=$SEED} ${OVERRIDES:-}; do sets+=(--set "$o"); done
-    job align_seed 0 python3 bench/carry_export.py same-seed "$2/align/config.yaml" --config "$1" "${sets[@]}" \
+    job align_seed 0 python3 bench/carry_export.py same-align "$2/align/config.yaml" --config "$1" "${sets[@]}" \
       || return 1
   fi
   job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1

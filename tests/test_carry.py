@@ -97,10 +97,14 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
                               tmp_path / "runs2.json")
     assert p.returncode == 0, tail(p)
     assert (tmp_path / "lease2" / "kl" / "DONE").is_file()
-    # the carried align's seed is what a campaign's SEED is checked against (`same-seed`, before kl starts)
-    carry.main(["same-seed", str(back / "config.yaml"), "--config", str(cfg)])
-    with pytest.raises(SystemExit, match="an align of seed 0; this run asks for seed 1"):
-        carry.main(["same-seed", str(back / "config.yaml"), "--config", str(cfg), "--set", "seed=1"])
+    # the carried align's recipe is what a campaign's SEED and config are checked against (`same-align`, before kl)
+    carry.main(["same-align", str(back / "config.yaml"), "--config", str(cfg), "--set", "align.micro_batch=1"])
+    with pytest.raises(SystemExit, match="an align of seed=0; this run asks for seed=1"):
+        carry.main(["same-align", str(back / "config.yaml"), "--config", str(cfg), "--set", "seed=1"])
+    with pytest.raises(SystemExit, match=r"an align of mixer_options=\{\}, align.tokens=512; this run asks for "
+                                         r"mixer_options=\{'use_gate': False\}, align.tokens=1024"):
+        carry.main(["same-align", str(back / "config.yaml"), "--config", str(cfg), "--set", "align.tokens=1024",
+                    "--set", "mixer_options.use_gate=false"])
 
     # another base (a different teacher) is refused, naming a tensor, and leaves nothing behind
     other = tmp_path / "other"

@@ -692,6 +692,60 @@ def test_difference_interval_matches_newcombes_worked_examples():
     assert d == 0 and lo < 0 < hi
 
 
+def test_paired_difference_interval_matches_a_published_example_and_the_unpaired_one_without_correlation():
+    # Fagerland, Lydersen & Laake (2017), "Statistical Analysis of Contingency Tables", chapter 8, Newcombe's
+    # square-and-add interval for paired data (Newcombe 1998b, method 10) on the table 59 / 6 / 16 / 80:
+    # -0.0621 (95 % CI -0.1186 to -0.0046)
+    assert report.paired_difference_interval(59, 6, 16, 80) == pytest.approx((-0.0621, -0.1186, -0.0046), abs=1e-4)
+    # no correlation left after Newcombe's correction (ad - bc <= n / 2): the unpaired interval of the same margins
+    assert report.paired_difference_interval(5, 5, 5, 5) == pytest.approx(report.difference_interval(0.5, 20, 0.5, 20))
+    # two models that mostly get the same prompts right: narrower than taking their answers as independent
+    d, lo, hi = report.paired_difference_interval(60, 5, 2, 33)
+    _, ulo, uhi = report.difference_interval(0.65, 100, 0.62, 100)
+    assert d == pytest.approx(0.03) and ulo < lo < 0 < hi < uhi
+    with pytest.raises(ValueError, match="no prompts"):
+        report.paired_difference_interval(0, 0, 0, 0)
+
+
+def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path):
+    """--paired: a difference from the two models' samples files (the 2 x 2 table of their answers), beside the
+    unpaired one where a model has none; a merge's sources are read with their renames undone."""
+    from ds_hybrid.evaluation import by_k, merge
+
+    L = 12
+    hyb = lambda layers: {"model_type": "ds_hybrid", "num_layers": L, "softmax_layers": layers}  # noqa: E731
+    answers = {"u4": [1] * 60 + [0] * 40, "sel": [1] * 60 + [1] * 5 + [0] * 35}  # sel: u4's 60 and 5 more
+    folders = []
+    for name, got in answers.items():
+        f = _eval_json(tmp_path / name, {name: {"niah_single_1": {"2048": sum(got) / 100}}},
+                       {name: {"niah_single_1": {"2048": 100}}})
+        rec = json.loads((f / "eval.json").read_text())
+        rec["models"] = {name: hyb(by_k.uniform_layers(L, 4) if name == "u4" else [1, 2, 4, 5])}
+        (f / "eval.json").write_text(json.dumps(rec))
+        (f / f"samples_{name}.jsonl").write_text("".join(
+            json.dumps({"task": "niah_single_1", "id": i, "length": 2048, "gold": ["7"], "generation": "7" if v else "",
+                        "score": {"2048": float(v)}}) + "\n" for i, v in enumerate(got)))
+        folders.append(f)
+    merged = tmp_path / "m"
+    assert merge.main([f"old_u4=u4@{folders[0]}", str(folders[1]), "--out", str(merged)]) == 0
+    sel = tmp_path / "sel.json"
+    from ds_hybrid.selection import make_selection, write_selection
+
+    write_selection(sel, make_selection("x", {l: (0.0 if l in (1, 2, 4, 5) else 1.0) for l in range(L)}, True, L))
+    out = tmp_path / "k"
+    assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--out", str(out)]) == 0
+    md = (out / "recall_vs_k.md").read_text()
+    d, lo, hi = report.paired_difference_interval(60, 5, 0, 35)
+    assert f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in md and "paired:" in md
+    assert by_k.main([str(merged), "--selection", f"x={sel}", "--out", str(out)]) == 0  # unpaired: 0 inside
+    d, lo, hi = report.difference_interval(0.65, 100, 0.60, 100)
+    unpaired = f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    assert lo < 0 and unpaired + " |" in (out / "recall_vs_k.md").read_text()
+    (folders[1] / "samples_sel.jsonl").unlink()  # no answers of one of the two: that cell stays unpaired, said so
+    assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--out", str(out)]) == 0
+    assert unpaired + " u |" in (out / "recall_vs_k.md").read_text()
+
+
 def test_demo_recall_prints_both_models_scores_with_intervals(tiny, tmp_path, capsys):
     """`make demo` on a GPU ends with ds_hybrid.demo's recall line; here the tiny model stands in for both models."""
     from ds_hybrid.demo import recall as demo_recall

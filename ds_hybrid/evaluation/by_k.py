@@ -13,7 +13,9 @@ both kept; the plot draws each and the line through their mean.
 
 Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
 interval; then every other selector's hybrid minus the uniform hybrid of the same K, or of each ``--against``
-selector, with the 95 % interval of the difference: Newcombe's, from the two Wilson intervals), recall_vs_k.json and recall_vs_k.png (one panel per length:
+selector, with the 95 % interval of the difference: Newcombe's, from the two Wilson intervals; with ``--paired``, from
+the two models' answers prompt by prompt where their samples files are at hand, Newcombe 1998b), recall_vs_k.json and
+recall_vs_k.png (one panel per length:
 the task's score vs K for every selector, from the all-linear student at K = 0 to the teacher at K = L).
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 from ds_hybrid.errors import ConfigError, out_folder
 from ds_hybrid.folders import atomic_write_text
-from ds_hybrid.evaluation.report import difference_interval, score_cell, wilson_interval
+from ds_hybrid.evaluation.report import difference_interval, paired_difference_interval, score_cell, wilson_interval
 from ds_hybrid.layers import selection_top_k, smart_layers, uniform_layers
 from ds_hybrid.selection import read_selection
 
@@ -66,7 +68,45 @@ def _order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (first.get(r["selector"], 2), r["selector"], r["k"], r["model"]))
 
 
-def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] = ("uniform",)) -> str:
+Outcomes = dict[str, dict[tuple[str, str], dict[Any, float]]]  # {model: {(task, length): {prompt id: 0 or 1}}}
+
+
+def prompt_outcomes(payload: dict[str, Any], src: Path, strict: bool = False) -> Outcomes:
+    """Each model's per-prompt scores, from the samples files beside its eval.json (an eval-merge's: beside each of
+    its sources, their renames undone): what paired differences are computed from. A model or cell without them is
+    absent (its differences stay unpaired)."""
+    from ds_hybrid.evaluation.merge import _samples
+
+    sources = [(Path(s["file"]), s.get("models") or [], s.get("renames") or {}) for s in payload.get("sources") or []]
+    sources = sources or [(src, list(payload.get("scores", {})), {})]
+    out: Outcomes = {}
+    for file, models, renames in sources:
+        if not file.is_file():
+            continue
+        old_name = {new: old for old, new in renames.items()}
+        for model in models:
+            for rec in _samples(file, old_name.get(model, model)) or []:
+                length = rec.get("length")
+                v = rec.get("strict") if strict else (rec.get("score") or {}).get(str(length))
+                if length is not None and v is not None:
+                    out.setdefault(model, {}).setdefault((rec["task"], str(length)), {})[rec["id"]] = v
+    return out
+
+
+def paired_cell(first: dict[Any, float] | None, second: dict[Any, float] | None) -> tuple[float, float, float] | None:
+    """The paired difference of two models' 0/1 outcomes on the same prompts; None where they are not (other prompt
+    ids, a score that is not 0 or 1)."""
+    if not first or not second or first.keys() != second.keys() or \
+            any(v not in (0, 1) for v in (*first.values(), *second.values())):
+        return None
+    table = [0, 0, 0, 0]  # both right, only the first, only the second, neither
+    for i, v in first.items():
+        table[(0 if second[i] else 1) if v else (2 if second[i] else 3)] += 1
+    return paired_difference_interval(*table)
+
+
+def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] = ("uniform",),
+           outcomes: Outcomes | None = None) -> str:
     scores, counts = payload["scores"], payload.get("prompts", {})
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     out = []
@@ -82,7 +122,7 @@ def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] =
                 out.append(f"| {r['selector']} | {r['k']} | {r['model']} | " + " | ".join(cells) + " |")
         out.append("")
     for base in against:
-        out += differences(payload, rows, base)
+        out += differences(payload, rows, base, outcomes)
     quality = payload.get("heldout_quality") or {}
     if quality:
         out += ["### held-out quality", "", "| selector | K | model | perplexity | KL to the teacher |", "|---|---|---|---|---|"]
@@ -93,7 +133,8 @@ def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] =
     return "\n".join(out).rstrip() + "\n"
 
 
-def differences(payload: dict[str, Any], rows: list[dict], against: str = "uniform") -> list[str]:
+def differences(payload: dict[str, Any], rows: list[dict], against: str = "uniform",
+                outcomes: Outcomes | None = None) -> list[str]:
     """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K (``against`` teacher
     or all_linear: every hybrid, whatever its K, minus that model), per length and task, with the 95 % interval of
     the difference (``difference_interval``); [] when no such pair was evaluated."""
@@ -117,14 +158,21 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
                 if a is None or c is None or a < 0 or c < 0 or not na or not nc:
                     cells.append("")
                     continue
-                d, lo, hi = difference_interval(a, na, c, nc)
-                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else ""))
+                paired = None
+                if outcomes is not None:  # (--paired: the 2 x 2 table of the two models' answers, prompt by prompt)
+                    paired = paired_cell(outcomes.get(r["model"], {}).get((t, key)),
+                                         outcomes.get(b["model"], {}).get((t, key)))
+                d, lo, hi = paired or difference_interval(a, na, c, nc)
+                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else "")
+                             + (" u" if outcomes is not None and paired is None else ""))
             if any(cells):
                 lines.append(f"| {r['selector']} - {against} | {r['k']} | {r['model']} - {b['model']} | "
                              + " | ".join(cells) + " |")
         if lines:
             same = "" if any_k else " at the same K"
-            out += [f"### {length} tokens: difference to {against}{same} (95 % interval; * excludes 0)", "",
+            how = "" if outcomes is None else ("; paired: from the two models' answers prompt by prompt, Newcombe "
+                                               "1998b; u: unpaired, no per-prompt answers of both")
+            out += [f"### {length} tokens: difference to {against}{same} (95 % interval; * excludes 0{how})", "",
                     "| selectors | K | models | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks),
                     *lines, ""]
     return out
@@ -197,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the selectors every other one is compared with at the same K (default: uniform; e.g. "
                          "uniform,ga_s2 for the baselines against KL-guided selection too); teacher or all_linear: "
                          "every hybrid against that model, whatever its K")
+    ap.add_argument("--paired", action="store_true",
+                    help="differences from each pair's answers prompt by prompt (the samples files beside the eval.json "
+                         "or a merge's sources; Newcombe 1998b), where both have them: narrower where two models "
+                         "get the same prompts right; without it the two sets of answers are taken as independent")
     ap.add_argument("--strict", action="store_true",
                     help="use the strict scores (the first answer given must be the gold, whole) instead of RULER's "
                          "string match")
@@ -250,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--against {a}: no model of this eval is explained by it, so no differences to it; selectors of "
                   f"its models: {sorted({s for r in rows for s in r['selector'].split('=')})}")
     out.mkdir(parents=True, exist_ok=True)
-    md = tables(payload, rows, against)
+    outcomes = prompt_outcomes(payload, src, args.strict) if args.paired else None
+    md = tables(payload, rows, against, outcomes)
     atomic_write_text(out / "recall_vs_k.md", md)
     atomic_write_text(out / "recall_vs_k.json", json.dumps({"source": str(src), "task": task, "models": rows,
                                                             "selections": {n: p.split("=", 1)[1] for n, p in

@@ -163,9 +163,13 @@ check_hybrids_() {  # HYBRIDS' entries NAME=LAYERS[@KL_TOKENS], each name once: 
   local h names=() seen
   read -r -a names <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   [ ${#names[@]} -gt 0 ] || { note "HYBRIDS is empty: give NAME=LAYERS[@KL_TOKENS] ..."; return 1; }
+  if [ -n "${DEADLINE_S:-}" ] && ! [[ "$DEADLINE_S" =~ ^[0-9]+$ ]]; then
+    note "DEADLINE_S=$DEADLINE_S is not a number of seconds (the device seconds left at start, less a minute)"
+    return 1
+  fi
   seen=" "
   for h in "${names[@]}"; do
-    if ! [[ "$h" =~ ^[A-Za-z0-9_.+-]+=(\[[0-9,]*\])?(@[0-9_]+)?$ ]]; then
+    if ! [[ "$h" =~ ^[A-Za-z0-9_.+-]+=(\[[0-9,]*\])?(@[0-9_.eE+]+)?$ ]]; then
       note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20], no spaces inside LAYERS)"
       return 1
     fi
@@ -437,7 +441,8 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     if [ -n "${GA_S2_FROM:-}" ] && [ ! -f "$GA_S2_FROM" ]; then
       note "GA_S2_FROM: no file $GA_S2_FROM: stopping"; exit 1
     fi
-    rm -f $R/*.tried  # (markers of an earlier run on this machine would be read as this run's)
+    rm -f $R/*.tried $R/preflight.ok $R/preflight_graphs.ok  # (markers of an earlier run on this machine would be
+    # read as this run's)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     G=${GCFG:-runs/gemma3_270m_select.yaml} RG=${RG:-/tmp/run/gemma3}

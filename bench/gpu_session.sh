@@ -132,10 +132,10 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       echo "a campaign is running on this machine already (pid $(cat $res/campaign.pid)): poll it with wait" >&2
       exit 1   # (a start repeated after a lost reply would put two campaigns on one GPU and one run folder)
     fi
-    mkdir -p /tmp/res && rm -f /tmp/res/CAMPAIGN_DONE && cd /tmp/new
-    setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > /tmp/res/campaign.log 2>&1 < /dev/null &
-    echo $! > /tmp/res/campaign.pid
-    sleep 2 && cat /tmp/res/progress.log 2>/dev/null || true
+    mkdir -p $res && rm -f $res/CAMPAIGN_DONE && cd /tmp/new
+    setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > $res/campaign.log 2>&1 < /dev/null &
+    echo $! > $res/campaign.pid
+    sleep 2 && cat $res/progress.log 2>/dev/null || true
     ;;
   wait)
     # (CAMPAIGN_RES, CAMPAIGN_CARRY_OUT: other folders, for tests/test_gpu_session.py; the tarball is /tmp/res's)

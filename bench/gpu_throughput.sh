@@ -122,7 +122,7 @@ case "${1:-main}" in
     rc=$?
     note "end cuda_tests rc=$rc"
     [ $rc = 0 ] || fail=1
-    grep -q skipped $R/cuda_tests.log && fail=1   # (a test that skipped, e.g. no CUDA seen, tested nothing)
+    grep -qE '[0-9]+ skipped' $R/cuda_tests.log && fail=1   # (a test that skipped, e.g. no CUDA seen, tested nothing)
     [ "${IN_SESSION:-0}" = 1 ] || touch $R/CAMPAIGN_DONE
     exit $fail   # (THEN's status in the campaign's progress log)
     ;;

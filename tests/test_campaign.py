@@ -193,10 +193,12 @@ def test_compare_campaign_starts_no_kl_that_would_pass_the_leases_deadline(tmp_p
 
 @pytest.mark.parametrize("hybrids,why", [("a_4=[1, 2,3,4]", "'a_4=[1,' is not NAME=LAYERS"),
                                          ("a_4=[1,2,3,4] a_4=[5,6,7,8]", "the name a_4 is given twice"),
-                                         ("a_4=1,2,3,4", "'a_4=1,2,3,4' is not NAME=LAYERS")])
+                                         ("a_4=1,2,3,4", "'a_4=1,2,3,4' is not NAME=LAYERS"),
+                                         ("a_4=[1,2,3,4]@2e6 deadline=25m", "DEADLINE_S=25m is not a number")])
 def test_compare_campaign_refuses_hybrids_it_cannot_read_before_any_gpu_work(tmp_path, hybrids, why):
+    hybrids, _, deadline = hybrids.partition(" deadline=")  # (@2e6: kl.tokens as the config reads it, accepted)
     ev = campaign(tmp_path, "compare", rc=1, RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
-                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS=hybrids)
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS=hybrids, **({"DEADLINE_S": deadline} if deadline else {}))
     assert any(why in e for e in ev), ev
     assert not any(e.startswith("start ") for e in ev)
 

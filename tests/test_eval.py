@@ -707,9 +707,10 @@ def test_paired_difference_interval_matches_a_published_example_and_the_unpaired
         report.paired_difference_interval(0, 0, 0, 0)
 
 
-def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path):
+def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path, monkeypatch):
     """--paired: a difference from the two models' samples files (the 2 x 2 table of their answers), beside the
-    unpaired one where a model has none; a merge's sources are read with their renames undone."""
+    unpaired one where a model has none or other prompts; a merge's sources (recorded relative to where it ran) are
+    found from elsewhere too, read with their renames undone; strict scores are recomputed from the answers."""
     from ds_hybrid.evaluation import by_k, merge
 
     L = 12
@@ -724,10 +725,14 @@ def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path):
         (f / "eval.json").write_text(json.dumps(rec))
         (f / f"samples_{name}.jsonl").write_text("".join(
             json.dumps({"task": "niah_single_1", "id": i, "length": 2048, "gold": ["7"], "generation": "7" if v else "",
-                        "score": {"2048": float(v)}}) + "\n" for i, v in enumerate(got)))
+                        "score": {"2048": float(v)}, **({"doc_sha": f"d{i}"} if name == "sel" else {})}) + "\n"
+            for i, v in enumerate(got)))  # (u4's records predate doc_sha: paired by id and answers)
         folders.append(f)
     merged = tmp_path / "m"
-    assert merge.main([f"old_u4=u4@{folders[0]}", str(folders[1]), "--out", str(merged)]) == 0
+    monkeypatch.chdir(tmp_path)  # (the sources recorded as given: u4, sel)
+    assert merge.main(["old_u4=u4@u4", "sel", "--out", str(merged)]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     sel = tmp_path / "sel.json"
     from ds_hybrid.selection import make_selection, write_selection
 
@@ -737,11 +742,24 @@ def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path):
     md = (out / "recall_vs_k.md").read_text()
     d, lo, hi = report.paired_difference_interval(60, 5, 0, 35)
     assert f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in md and "paired:" in md
+    assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--strict", "--out", str(out)]) == 0
+    assert f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in (out / "recall_vs_k.md").read_text()
     assert by_k.main([str(merged), "--selection", f"x={sel}", "--out", str(out)]) == 0  # unpaired: 0 inside
     d, lo, hi = report.difference_interval(0.65, 100, 0.60, 100)
     unpaired = f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
     assert lo < 0 and unpaired + " |" in (out / "recall_vs_k.md").read_text()
-    (folders[1] / "samples_sel.jsonl").unlink()  # no answers of one of the two: that cell stays unpaired, said so
+    samples = folders[1] / "samples_sel.jsonl"
+    text = samples.read_text()
+    for k, changed in enumerate([text.replace('"gold": ["7"]', '"gold": ["8"]', 1),  # prompt 0 is another prompt there
+                                 text.replace('"doc_sha": "d3"', '"doc_sha": "zz"')]):  # prompt 3 another document
+        samples.write_text(changed)
+        if k == 1:  # (u4's records: digests of their own now, d0..d99 but d3 differs)
+            u4 = folders[0] / "samples_u4.jsonl"
+            u4.write_text("".join(json.dumps({**json.loads(line), "doc_sha": f"d{i}"}) + "\n"
+                                  for i, line in enumerate(u4.read_text().splitlines())))
+        assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--out", str(out)]) == 0
+        assert unpaired + " u |" in (out / "recall_vs_k.md").read_text(), k
+    samples.unlink()  # no answers of one of the two: that cell stays unpaired, said so
     assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--out", str(out)]) == 0
     assert unpaired + " u |" in (out / "recall_vs_k.md").read_text()
 

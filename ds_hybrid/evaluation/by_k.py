@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,40 +69,74 @@ def _order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (first.get(r["selector"], 2), r["selector"], r["k"], r["model"]))
 
 
-Outcomes = dict[str, dict[tuple[str, str], dict[Any, float]]]  # {model: {(task, length): {prompt id: 0 or 1}}}
+# {model: {(task, length): {prompt (id and answers): (0 or 1, the prompt's document digest or None)}}}
+Outcomes = dict[str, dict[tuple[str, str], dict[str, tuple[float, str | None]]]]
+
+
+def _source_file(path: Path, merged: Path) -> Path | None:
+    """A merge's source as recorded (relative to where eval-merge ran, e.g. docs/data/...): found from here, else from
+    a folder above the merged eval.json (the repository it lies in)."""
+    if path.is_absolute() or path.is_file():
+        return path if path.is_file() else None
+    return next((d / path for d in merged.resolve().parents if (d / path).is_file()), None)
 
 
 def prompt_outcomes(payload: dict[str, Any], src: Path, strict: bool = False) -> Outcomes:
     """Each model's per-prompt scores, from the samples files beside its eval.json (an eval-merge's: beside each of
-    its sources, their renames undone): what paired differences are computed from. A model or cell without them is
-    absent (its differences stay unpaired)."""
+    its sources, their renames undone): what paired differences are computed from. A prompt is known by its id and
+    answers, with its document's digest (``doc_sha``, in records since it was written), so that two models' prompts
+    pair only where they are the same prompt (models of other tokenizers get other prompts under the same ids).
+    Strict scores are recomputed from each record's gold
+    and generation, as ``recall.strict_scores`` does. A model or cell without samples is absent (its differences stay
+    unpaired)."""
+    from ds_hybrid.evaluation import recall
     from ds_hybrid.evaluation.merge import _samples
 
     sources = [(Path(s["file"]), s.get("models") or [], s.get("renames") or {}) for s in payload.get("sources") or []]
     sources = sources or [(src, list(payload.get("scores", {})), {})]
     out: Outcomes = {}
-    for file, models, renames in sources:
-        if not file.is_file():
+    missing = []
+    for recorded, models, renames in sources:
+        file = _source_file(recorded, src)
+        if file is None:
+            missing.append(str(recorded))
             continue
         old_name = {new: old for old, new in renames.items()}
         for model in models:
             for rec in _samples(file, old_name.get(model, model)) or []:
                 length = rec.get("length")
-                v = rec.get("strict") if strict else (rec.get("score") or {}).get(str(length))
-                if length is not None and v is not None:
-                    out.setdefault(model, {}).setdefault((rec["task"], str(length)), {})[rec["id"]] = v
+                if length is None:  # (SWDE / FDA: no length, not in the by-K tables)
+                    continue
+                v = recall.strict_score(rec["gold"], rec["generation"]) if strict else \
+                    (rec.get("score") or {}).get(str(length))
+                if v is not None:
+                    prompt = json.dumps([rec.get("id"), rec.get("gold")], default=str)
+                    out.setdefault(model, {}).setdefault((rec["task"], str(length)), {})[prompt] = \
+                        (v, rec.get("doc_sha"))
+    if missing:
+        print(f"--paired: {len(missing)} source(s) of {src} not found from here or above it, their models' "
+              f"differences unpaired: {missing[:3]}{' ...' if len(missing) > 3 else ''}", file=sys.stderr)
     return out
 
 
-def paired_cell(first: dict[Any, float] | None, second: dict[Any, float] | None) -> tuple[float, float, float] | None:
-    """The paired difference of two models' 0/1 outcomes on the same prompts; None where they are not (other prompt
-    ids, a score that is not 0 or 1)."""
-    if not first or not second or first.keys() != second.keys() or \
-            any(v not in (0, 1) for v in (*first.values(), *second.values())):
+def paired_cell(first: dict[str, tuple[float, str | None]] | None, second: dict[str, tuple[float, str | None]] | None,
+                expected: tuple[tuple[float, int], tuple[float, int]] | None = None
+                ) -> tuple[float, float, float] | None:
+    """The paired difference of two models' 0/1 outcomes on the same prompts; None where they are not (other
+    prompts: other ids or answers, or documents whose digests both records hold and differ; a score that is not 0
+    or 1; or outcomes that do not add up to the table's ``expected`` (score, prompt count) of each model)."""
+    if not first or not second or first.keys() != second.keys():
+        return None
+    if any(v not in (0, 1) for v, _ in (*first.values(), *second.values())) or \
+            any(None not in (first[k][1], second[k][1]) and first[k][1] != second[k][1] for k in first):
+        return None
+    if expected is not None and any(len(o) != n or abs(sum(v for v, _ in o.values()) / len(o) - p) > 1e-9
+                                    for o, (p, n) in zip((first, second), expected)):
         return None
     table = [0, 0, 0, 0]  # both right, only the first, only the second, neither
-    for i, v in first.items():
-        table[(0 if second[i] else 1) if v else (2 if second[i] else 3)] += 1
+    for k, (v, _) in first.items():
+        w = second[k][0]
+        table[(0 if w else 1) if v else (2 if w else 3)] += 1
     return paired_difference_interval(*table)
 
 
@@ -161,7 +196,7 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
                 paired = None
                 if outcomes is not None:  # (--paired: the 2 x 2 table of the two models' answers, prompt by prompt)
                     paired = paired_cell(outcomes.get(r["model"], {}).get((t, key)),
-                                         outcomes.get(b["model"], {}).get((t, key)))
+                                         outcomes.get(b["model"], {}).get((t, key)), ((a, na), (c, nc)))
                 d, lo, hi = paired or difference_interval(a, na, c, nc)
                 cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else "")
                              + (" u" if outcomes is not None and paired is None else ""))

@@ -225,17 +225,23 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
             sys.exit(f"{old} holds other files than parts of {name}: give gather another --into")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}-gather-", dir=dest.parent))
-    try:  # copied aside first: the parts may lie in the folders replaced (a re-gather of .dev/a0 .. into .dev/a)
-        parts = [Path(shutil.copy(p, staged / p.name)) for p in parts]
+    # copied aside first (the parts may lie in the folders replaced: a re-gather of .dev/a0 .. into .dev/a), the earlier
+    # folders moved aside, not removed, until the new ones are whole: an interruption on the way loses no part
+    (staged / "parts").mkdir()
+    (staged / "earlier").mkdir()
+    parts = [Path(shutil.copy(p, staged / "parts" / p.name)) for p in parts]
+    try:
         for old in olds:
-            shutil.rmtree(old)
+            old.rename(staged / "earlier" / old.name)
         out = []
         for i, p in enumerate(parts):
             d = dest.parent / f"{dest.name}{i // per_folder}"
             d.mkdir(parents=True, exist_ok=True)
-            out.append(Path(shutil.move(p, d / p.name)))
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+            out.append(Path(shutil.copy(p, d / p.name)))
+    except BaseException:
+        print(f"gather stopped: every part, and the folders it was replacing, are kept in {staged}", file=sys.stderr)
+        raise
+    shutil.rmtree(staged)
     print(f"gathered {len(parts)} parts of {name} into {sorted({str(p.parent) for p in out})}")
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,29 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
     (clash / parts[0].name).write_bytes(b"a part of another pack")
     with pytest.raises(SystemExit, match="two different parts of one name"):
         carry.gather([*calls, clash], "align", str(tmp_path / "dev" / "a"))
+    assert [q.read_bytes() for q in gathered] == blobs
+    # interrupted while writing the new folders: every part is still on disk, in the staging folder it names
+    real_copy = shutil.copy
+
+    def dies_on_the_second(src, dst):  # (staged first; then the earlier folders moved aside; then the new ones)
+        new = tmp_path / "dev" / "a0"
+        if Path(dst).parent == new and any(new.iterdir()):
+            raise KeyboardInterrupt
+        return real_copy(src, dst)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(carry.shutil, "copy", side_effect=dies_on_the_second):
+        with pytest.raises(KeyboardInterrupt):
+            carry.gather(sorted((tmp_path / "dev").iterdir()), "align", str(tmp_path / "dev" / "a"))
+    kept = {f.read_bytes() for f in (tmp_path / "dev").rglob("align.part*")}
+    assert set(blobs) <= kept
+    for f in (tmp_path / "dev").iterdir():  # (back to the state before the interruption, for the rest of the test)
+        if f.name.startswith("."):
+            shutil.rmtree(f)
+    for f in (tmp_path / "dev").iterdir():
+        shutil.rmtree(f)
+    gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
     assert [q.read_bytes() for q in gathered] == blobs
     parts = gathered
     with pytest.raises(SystemExit, match="a part given twice"):

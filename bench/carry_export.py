@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -98,8 +99,7 @@ def pack(folder: str | Path, base: str | Path, out: str | Path, part_mib: float 
             tar.addfile(info, io.BytesIO(data))
     blob = buf.getvalue()
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{name}.part*"):  # an earlier pack of the same name
-        old.unlink()
+    earlier = list(out.glob(f"{name}.part*"))  # an earlier pack of the same name: removed once the new one is in place
     step = int(part_mib * 2**20)
     n = max(1, -(-len(blob) // step))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
@@ -110,6 +110,9 @@ def pack(folder: str | Path, base: str | Path, out: str | Path, part_mib: float 
         parts.append(p)
     parts = [p.replace(out / p.name) for p in parts]
     tmp.rmdir()
+    for old in earlier:
+        if old.name not in {p.name for p in parts}:
+            old.unlink()
     n_delta = sum(1 for v in manifest["tensors"].values() if v["source"] == "delta")
     print(f"packed {folder}: {len(manifest['tensors'])} tensors ({n_delta} differ from the base), "
           f"{len(blob) / 2**20:.1f} MiB in {n} parts of <= {part_mib:g} MiB: {out}/{name}.part*")
@@ -158,6 +161,7 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
     reader = SafetensorsReader(base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    aside: Path | None = None
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
             members = {m.name: m for m in tar.getmembers()}
@@ -192,23 +196,43 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(dest), metadata=shard["metadata"] or None)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # the earlier folder goes only once the new one is in its place
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}-earlier-", dir=out.parent)) / out.name
+            out.rename(aside)
         os.replace(tmp, out)
+        if aside is not None:
+            shutil.rmtree(aside.parent)
     except tarfile.TarError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"unpack: the parts do not join into one pack ({e}): parts of two packs mixed, or a part "
                          "damaged on the way") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and aside.exists() and not out.exists():  # stopped between the two renames
+            aside.rename(out)
+            shutil.rmtree(aside.parent, ignore_errors=True)
         raise
     print(f"unpacked {len(manifest['tensors'])} tensors, every hash checked: {out}")
     return out
 
 
+def _gather_target(into: str, per_folder: int) -> Path:
+    if per_folder < 1:
+        sys.exit(f"gather: --per-folder {per_folder}: give at least 1 (3 parts of 15 MiB fit a device call's 64 MiB)")
+    dest = Path(into)
+    if into.endswith(("/", os.sep)) or dest.name in ("", ".", ".."):
+        sys.exit(f"gather: --into {into!r} is a folder, not a prefix: give e.g. .dev/a (folders .dev/a0, .dev/a1, ...)")
+    return dest
+
+
 def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3) -> list[Path]:
     """The parts of pack ``name`` found in ``folders`` (the device calls' result folders), every one of them, copied
-    into ``<into>0``, ``<into>1``, ... with ``per_folder`` parts each (a device call carries 64 MiB)."""
+    into ``<into>0``, ``<into>1``, ... with ``per_folder`` parts each (a device call carries 64 MiB).
+
+    All or nothing: the new folders are built aside (the parts may lie in the folders they replace: a re-gather of
+    .dev/a0 .. into .dev/a), then swapped in by renames; an interruption before the swap leaves every folder as it
+    was, one during the swap puts the earlier folders back."""
+    dest = _gather_target(into, per_folder)
     found: dict[str, Path] = {}
     for d in folders:
         for p in sorted(Path(d).glob(f"{name}.part*")):
@@ -217,32 +241,53 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
                          f"{name}, e.g. two leases' aligns): give the folders of one pack only")
             found.setdefault(p.name, p)
     parts = _complete(list(found.values()))  # every part of the pack, or a clear error
-    dest = Path(into)
     olds = [old for old in dest.parent.glob(f"{dest.name}[0-9]*")  # an earlier gather's folders of this pack
             if old.is_dir() and re.fullmatch(rf"{re.escape(dest.name)}\d+", old.name)]
     for old in olds:
-        if any(not f.name.startswith(f"{name}.part") for f in old.iterdir()):
-            sys.exit(f"{old} holds other files than parts of {name}: give gather another --into")
+        if others := [f.name for f in old.iterdir() if not f.name.startswith(f"{name}.part")]:
+            sys.exit(f"gather: {old} holds other files than parts of {name} ({', '.join(sorted(others)[:3])}): "
+                     "give gather another --into")
+    names = [f"{dest.name}{i}" for i in range(-(-len(parts) // per_folder))]
+    if blocked := [n for n in names if (dest.parent / n).exists() and not (dest.parent / n).is_dir()]:
+        sys.exit(f"gather: {dest.parent / blocked[0]} is a file, not a folder: give gather another --into")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}-gather-", dir=dest.parent))
-    # copied aside first (the parts may lie in the folders replaced: a re-gather of .dev/a0 .. into .dev/a), the earlier
-    # folders moved aside, not removed, until the new ones are whole: an interruption on the way loses no part
-    (staged / "parts").mkdir()
-    (staged / "earlier").mkdir()
-    parts = [Path(shutil.copy(p, staged / "parts" / p.name)) for p in parts]
     try:
+        for i, p in enumerate(parts):  # the new folders, whole, aside; nothing outside `staged` changes yet
+            d = staged / "new" / names[i // per_folder]
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, d / p.name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        print(f"gather stopped while copying: nothing changed ({', '.join(str(o) for o in olds) or 'no earlier folders'})",
+              file=sys.stderr)
+        raise
+    (staged / "earlier").mkdir()
+    moved: list[Path] = []
+    placed: list[Path] = []
+    try:  # the swap: renames only
         for old in olds:
             old.rename(staged / "earlier" / old.name)
-        out = []
-        for i, p in enumerate(parts):
-            d = dest.parent / f"{dest.name}{i // per_folder}"
-            d.mkdir(parents=True, exist_ok=True)
-            out.append(Path(shutil.copy(p, d / p.name)))
+            moved.append(old)
+        for n in names:
+            (staged / "new" / n).rename(dest.parent / n)
+            placed.append(dest.parent / n)
     except BaseException:
-        print(f"gather stopped: every part, and the folders it was replacing, are kept in {staged}", file=sys.stderr)
+        try:
+            for p in placed:
+                p.rename(staged / "new" / p.name)
+            for old in moved:
+                (staged / "earlier" / old.name).rename(old)
+        except BaseException:
+            print(f"gather stopped while swapping folders and could not undo it: the earlier folders are in "
+                  f"{staged / 'earlier'}, the new ones in {staged / 'new'} (and any already in place)", file=sys.stderr)
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+        print("gather stopped while swapping folders: the earlier folders are back as they were", file=sys.stderr)
         raise
     shutil.rmtree(staged)
-    print(f"gathered {len(parts)} parts of {name} into {sorted({str(p.parent) for p in out})}")
+    out = [dest.parent / names[i // per_folder] / p.name for i, p in enumerate(parts)]
+    print(f"gathered {len(parts)} parts of {name} into {[str(dest.parent / n) for n in names]}")
     return out
 
 
@@ -301,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "same-align":
         same_align(a.run_config, a.config, a.overrides)
     elif a.cmd == "gather":
+        def stop(signum: int, frame: Any) -> None:  # a timeout's or a closed terminal's signal undoes it like Ctrl-C
+            raise SystemExit(f"gather: stopped by signal {signum}")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, stop)
         gather(a.folders, a.name, a.into, a.per_folder)
     elif a.cmd == "pack":
         pack(a.folder, a.base, a.out, a.part_mib, a.name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import shutil
 import statistics
@@ -142,7 +143,7 @@ def summarize_kl(name: str, kl_dir: Path) -> dict[str, Any]:
     return out
 
 
-def copy_probes(probes: Path, dst: Path) -> str:
+def copy_probes(probes: Path, dst: Path, lease: str) -> str:
     """A selection's probe runs as probe_runs.tar.gz in DST, with their ranking table and chart; returns what it did.
     The layer count and global layers come from the selection.json beside them, or (a selection that did not finish)
     from the probe folders started."""
@@ -155,7 +156,7 @@ def copy_probes(probes: Path, dst: Path) -> str:
         tf.add(probes, arcname="probes")
     cmd = [sys.executable, str(Path(__file__).with_name("probes_table.py")), str(probes), str(dst),
            "--layers", str(layers), "--global-layers", ",".join(str(g) for g in info.get("global_layers") or []),
-           "--title", f"{probes.parent.name} single-layer probes ({dst.parent.parent.name})"]
+           "--title", f"{probes.parent.name} single-layer probes ({lease})"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:  # e.g. the all-linear probe unfinished: the runs are kept, the table is not made
         lines = (p.stderr or p.stdout).strip().splitlines() or [f"probes_table.py rc={p.returncode}"]
@@ -174,45 +175,61 @@ def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[
         if not res.is_dir():
             raise ConfigError("tarball", str(tarball), "holds no res/: is it a campaign's results.tar.gz?")
         root = run_root(tmp, campaign)  # (refusals before anything is written)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(res.iterdir()):
-            if f.is_file() and f.name not in MARKERS and not f.name.endswith(".ok") and f.suffix in TOP_SUFFIXES:
-                shutil.copy2(f, out / f.name)
-        if (res / "progress.log").is_file():
-            shutil.copy2(res / "progress.log", out / "campaign_progress.log")
-        evals = []
-        for d in sorted(res.glob("eval_*")):
-            if d.is_dir() and (d / "eval.json").is_file() and not is_preflight(d):
-                copy_eval(d, out / d.name)
-                evals.append(out / d.name)
-        if (res / "demo_recall").is_dir():  # the demo's own recall (teacher and hybrid at 2k): kept as it is, and
-            # out of --merge (its rows are named teacher / hybrid)
-            shutil.copytree(res / "demo_recall", out / "demo_recall")
-        if (res / "logs").is_dir():
-            (out / "logs").mkdir()
-            for f in sorted((res / "logs").glob("*.log")):
-                (out / "logs" / f.name).write_text(last_state(f.read_bytes().decode(errors="replace")))
-        summary: dict[str, Any] = {"out": str(out), "evals": [str(e) for e in evals], "kl": []}
-        if (res / "progress.log").is_file():
-            summary["evals_not_home"] = evals_not_home((res / "progress.log").read_text(errors="replace"),
-                                                       {e.name for e in evals})
-        if root is not None:
-            unpacked = (res / "logs" / "align_unpack.log").is_file()
-            summary["align"] = "unpacked from an earlier lease's parts" if unpacked else "trained in this lease"
-            if (root / "align").is_dir():
-                copy_stage(root / "align", out, "align", metrics=not unpacked)
-            for name, kl_dir in kl_runs(root).items():
-                copy_stage(kl_dir, out, "kl" if name == "kl" else f"{name}_kl")
-                if (kl_dir / "metrics.jsonl").is_file():
-                    summary["kl"].append(summarize_kl(name, kl_dir))
-            for sel in sorted(root.glob("select/*/selection.json")):
-                dst = out / "selectors" / sel.parent.name
-                dst.mkdir(parents=True, exist_ok=True)
-                for f in sel.parent.iterdir():
-                    if f.is_file() and f.suffix in {".json", ".md", ".png"}:
-                        shutil.copy2(f, dst / f.name)
-            summary["probes"] = [copy_probes(p, out / "selectors" / p.parent.name)
-                                 for p in sorted(root.glob("select/*/probes")) if p.is_dir()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}-importing-", dir=out.parent))
+        try:  # built aside, renamed into place whole: an interrupted import leaves no half folder to commit
+            summary = _lay_out(res, root, out, final.name)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        if final.exists():
+            final.rmdir()  # (empty: checked above)
+        out.rename(final)
+    summary["out"] = str(final)
+    summary["evals"] = [str(final / Path(e).name) for e in summary["evals"]]
+    return summary
+
+
+def _lay_out(res: Path, root: Path | None, out: Path, lease: str) -> dict[str, Any]:
+    """The lease's results laid out in ``out`` (a fresh folder): what ``import_lease`` renames into place."""
+    for f in sorted(res.iterdir()):
+        if f.is_file() and f.name not in MARKERS and not f.name.endswith(".ok") and f.suffix in TOP_SUFFIXES:
+            shutil.copy2(f, out / f.name)
+    if (res / "progress.log").is_file():
+        shutil.copy2(res / "progress.log", out / "campaign_progress.log")
+    evals = []
+    for d in sorted(res.glob("eval_*")):
+        if d.is_dir() and (d / "eval.json").is_file() and not is_preflight(d):
+            copy_eval(d, out / d.name)
+            evals.append(out / d.name)
+    if (res / "demo_recall").is_dir():  # the demo's own recall (teacher and hybrid at 2k): kept as it is, and
+        # out of --merge (its rows are named teacher / hybrid)
+        shutil.copytree(res / "demo_recall", out / "demo_recall")
+    if (res / "logs").is_dir():
+        (out / "logs").mkdir()
+        for f in sorted((res / "logs").glob("*.log")):
+            (out / "logs" / f.name).write_text(last_state(f.read_bytes().decode(errors="replace")))
+    summary: dict[str, Any] = {"out": str(out), "evals": [str(e) for e in evals], "kl": []}
+    if (res / "progress.log").is_file():
+        summary["evals_not_home"] = evals_not_home((res / "progress.log").read_text(errors="replace"),
+                                                   {e.name for e in evals})
+    if root is not None:
+        unpacked = (res / "logs" / "align_unpack.log").is_file()
+        summary["align"] = "unpacked from an earlier lease's parts" if unpacked else "trained in this lease"
+        if (root / "align").is_dir():
+            copy_stage(root / "align", out, "align", metrics=not unpacked)
+        for name, kl_dir in kl_runs(root).items():
+            copy_stage(kl_dir, out, "kl" if name == "kl" else f"{name}_kl")
+            if (kl_dir / "metrics.jsonl").is_file():
+                summary["kl"].append(summarize_kl(name, kl_dir))
+        for sel in sorted(root.glob("select/*/selection.json")):
+            dst = out / "selectors" / sel.parent.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in sel.parent.iterdir():
+                if f.is_file() and f.suffix in {".json", ".md", ".png"}:
+                    shutil.copy2(f, dst / f.name)
+        summary["probes"] = [copy_probes(p, out / "selectors" / p.parent.name, lease)
+                             for p in sorted(root.glob("select/*/probes")) if p.is_dir()]
     return summary
 
 
@@ -231,10 +248,18 @@ def merge_into(merged: Path, evals: list[str]) -> None:
     """Re-run `ds-hybrid eval-merge` over the merged table's sources plus the new evaluations."""
     from ds_hybrid.evaluation.merge import main as merge_main
 
+    from ds_hybrid.evaluation.by_k import _source_file
+
     new = {Path(e).resolve() for e in evals}
     items = []
     for s in json.loads((merged / "eval.json").read_text())["sources"]:
-        folder = Path(s["file"]).parent
+        # recorded relative to where eval-merge ran (the repository's root): found from here or a folder above it
+        file = _source_file(Path(s["file"]), merged)
+        if file is None:
+            raise ConfigError("--merge", str(merged), f"its source {s['file']} is not found from here or from a "
+                              "folder above the merged table: run from the folder the merge was made in")
+        folder = Path(os.path.relpath(file.parent)) if file.is_absolute() != Path(s["file"]).is_absolute() \
+            else file.parent
         if folder.resolve() in new:  # the same folder imported again: once
             continue
         renames = s.get("renames") or {}
@@ -253,11 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         summary = import_lease(args.tarball, args.out, args.campaign)
-        if args.merge:
-            merge_into(args.merge, summary["evals"])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.merge:
+        try:
+            merge_into(args.merge, summary["evals"])
+        except ConfigError as e:
+            print(f"error: {e}\n(the import itself is whole in {summary['out']}; merge its evaluations by hand: "
+                  f"`ds-hybrid eval-merge` with the merged table's sources and {' '.join(summary['evals'])})",
+                  file=sys.stderr)
+            return 2
     print(f"{summary['out']}: {len(summary['evals'])} evaluations; align {summary.get('align', 'not in the tarball')}")
     for k in summary["kl"]:
         first, last = k.get("first_val", {}), k.get("last_val", {})

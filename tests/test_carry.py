@@ -77,25 +77,49 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
     with pytest.raises(SystemExit, match="two different parts of one name"):
         carry.gather([*calls, clash], "align", str(tmp_path / "dev" / "a"))
     assert [q.read_bytes() for q in gathered] == blobs
-    # interrupted while writing the new folders: every part is still on disk, in the staging folder it names
-    real_copy = shutil.copy
+    # interrupted while copying, or while swapping the folders in: every folder is as it was, nothing staged is left
+    import unittest.mock
 
-    def dies_on_the_second(src, dst):  # (staged first; then the earlier folders moved aside; then the new ones)
-        new = tmp_path / "dev" / "a0"
-        if Path(dst).parent == new and any(new.iterdir()):
+    def state() -> dict[str, bytes]:
+        return {str(f.relative_to(tmp_path)): f.read_bytes() for f in sorted((tmp_path / "dev").rglob("*"))
+                if f.is_file()}
+
+    was = state()
+    real_copy, real_rename = shutil.copy, Path.rename
+    copies: list[str] = []
+
+    def dies_mid_copy(src, dst):  # the third part's copy cut off half-way
+        copies.append(str(dst))
+        if len(copies) == 3:
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
             raise KeyboardInterrupt
         return real_copy(src, dst)
 
-    import unittest.mock
-
-    with unittest.mock.patch.object(carry.shutil, "copy", side_effect=dies_on_the_second):
+    with unittest.mock.patch.object(carry.shutil, "copy", side_effect=dies_mid_copy):
         with pytest.raises(KeyboardInterrupt):
             carry.gather(sorted((tmp_path / "dev").iterdir()), "align", str(tmp_path / "dev" / "a"))
-    kept = {f.read_bytes() for f in (tmp_path / "dev").rglob("align.part*")}
-    assert set(blobs) <= kept
-    for f in (tmp_path / "dev").iterdir():  # (back to the state before the interruption, for the rest of the test)
-        if f.name.startswith("."):
-            shutil.rmtree(f)
+    assert len(copies) == 3 and state() == was
+    assert sorted(f.name for f in (tmp_path / "dev").iterdir()) == sorted(f"a{i}" for i in range(-(-len(parts) // 2)))
+    renames: list[str] = []
+
+    def dies_mid_swap(self, target):  # the earlier folders moved aside and the first new one in, then stopped
+        if Path(self).parent.name == "new" and Path(target).parent == tmp_path / "dev":
+            renames.append(Path(target).name)
+            if len(renames) == 2:
+                raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    with unittest.mock.patch.object(Path, "rename", dies_mid_swap):
+        with pytest.raises(KeyboardInterrupt):
+            carry.gather(sorted((tmp_path / "dev").iterdir()), "align", str(tmp_path / "dev" / "a"))
+    assert renames == ["a0", "a1"] and state() == was
+    assert sorted(f.name for f in (tmp_path / "dev").iterdir()) == sorted(f"a{i}" for i in range(-(-len(parts) // 2)))
+    # a prefix that is a folder, or a folder size below one part, is refused before anything moves
+    for into, per, match in ((str(tmp_path / "dev") + "/", 3, "is a folder, not a prefix"),
+                             (str(tmp_path / "dev" / "a"), 0, "--per-folder 0: give at least 1")):
+        with pytest.raises(SystemExit, match=match):
+            carry.gather(calls, "align", into, per_folder=per)
+    assert state() == was
     for f in (tmp_path / "dev").iterdir():
         shutil.rmtree(f)
     gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
@@ -140,5 +164,13 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
     with pytest.raises(SystemExit, match="model.norm.weight .* does not match its hash"):
         carry.unpack(parts, other, tmp_path / "lease3" / "align")
     assert not (tmp_path / "lease3" / "align").exists()
+    # over an earlier unpack: refused, it is kept as it was; accepted, it is replaced and nothing is left aside
+    with pytest.raises(SystemExit, match="does not match its hash"):
+        carry.unpack(parts, other, back)
+    assert {k: v.tolist() for k, v in tensors(back / "hf").items()} == {k: v.tolist() for k, v in before.items()}
+    (back / "stale").write_text("from the earlier unpack")
+    carry.unpack(parts, teacher, back)
+    assert not (back / "stale").exists() and tensors(back / "hf").keys() == before.keys()
+    assert not [f for f in back.parent.iterdir() if f.name.startswith(".")]
     with pytest.raises(SystemExit, match="parts missing"):
         carry.unpack(parts[:1], teacher, tmp_path / "lease4" / "align")

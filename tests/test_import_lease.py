@@ -228,3 +228,49 @@ def test_merge_keeps_sources_and_renames(tmp_path):
     files = [Path(s["file"]).parent.name for s in json.loads((merged / "eval.json").read_text())["sources"]]
     assert files == ["old_eval", "eval_a_2048"]
     assert json.loads((merged / "eval.json").read_text())["scores"]["uniform8"]["niah_single_1"] == {"2048": 0.5}
+
+
+def test_an_interrupted_import_leaves_no_folder_and_the_title_names_the_lease(tmp_path, monkeypatch):
+    out = tmp_path / "lease"
+    real = import_lease.copy_eval
+    calls = []
+
+    def dies(src, dst):  # the first evaluation copied, then stopped
+        calls.append(dst)
+        real(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(import_lease, "copy_eval", dies)
+    with pytest.raises(KeyboardInterrupt):
+        import_lease.import_lease(make_tarball(tmp_path / "r.tar.gz"), out)
+    assert calls and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.tar.gz"]
+    monkeypatch.setattr(import_lease, "copy_eval", real)
+    seen = []
+    monkeypatch.setattr(import_lease.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or
+                        type("P", (), {"returncode": 1, "stderr": "no table", "stdout": ""})())
+    files = probe_files("run/compare/select/ga_s2", {"baseline": ([], 0.9, True)})
+    import_lease.import_lease(make_tarball(tmp_path / "s.tar.gz", extra=files), out)
+    assert seen and seen[0][seen[0].index("--title") + 1] == "ga_s2 single-layer probes (lease)"
+
+
+def test_merge_finds_sources_recorded_relative_to_another_folder(tmp_path, monkeypatch, capsys):
+    from ds_hybrid.evaluation.merge import main as merge_main
+
+    (tmp_path / "old_eval").mkdir()
+    (tmp_path / "old_eval" / "eval.json").write_text(json.dumps(eval_payload("hybrid", 2048, [0.5, 0.25], 100)))
+    monkeypatch.chdir(tmp_path)  # the merge made at the repository's root records "old_eval/eval.json"
+    assert merge_main(["uniform8=hybrid@old_eval", "--out", "merged"]) == 0
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the import run from a folder below it
+    tb = str(make_tarball(tmp_path / "r.tar.gz"))
+    assert import_lease.main([tb, "lease", "--merge", str(tmp_path / "merged")]) == 0
+    payload = json.loads((tmp_path / "merged" / "eval.json").read_text())
+    assert payload["scores"]["uniform8"]["niah_single_1"] == {"2048": 0.5}
+    assert payload["scores"]["a"]["niah_single_1"] == {"2048": 0.99}
+    # a source found nowhere: refused with the import kept whole and said so
+    (tmp_path / "old_eval" / "eval.json").rename(tmp_path / "old_eval" / "gone.json")
+    capsys.readouterr()
+    assert import_lease.main([tb, "lease2", "--merge", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "old_eval/eval.json is not found" in err and "the import itself is whole in lease2" in err
+    assert (tmp_path / "sub" / "lease2" / "eval_a_2048" / "eval.json").is_file()

@@ -20,7 +20,8 @@
 #                                         # fit; returns at once when the campaign process has ended, and with rc 3
 #                                         # on a machine where no campaign was started (a lost lease's fresh one)
 #   (HERE, after the lease: `bench/import_lease.py FILES_AT/results.tar.gz docs/data/NAME [--merge MERGED]` lays the
-#   last tarball out as a docs/data folder, prints each hybrid's training summary and recall, and merges its evals)
+#   last tarball out as a docs/data folder, prints each hybrid's training summary and recall, and merges its evals;
+#   [APREFIX=.dev/s1a] bench/gpu_session.sh gather FILES_AT... puts the align's parts the polls brought home into .dev/a0..a2)
 #   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
 #                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,

@@ -545,3 +545,22 @@ def test_corpus_and_extract_text_check_their_options_first(tmp_path, monkeypatch
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"^--model=.*its config.json is not valid JSON"):
         extract_main(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_the_sbatch_examples_of_the_docs_pass_the_launch_checks():
+    """Every `sbatch [--nodes=N] launchers/distill_70b.slurm ...` example in docs/SCALE.md and the launcher's header,
+    with its overrides and 8 ranks a node, passes the checks its job makes before any model is built."""
+    text = (REPO / "docs" / "SCALE.md").read_text() + (REPO / "launchers" / "distill_70b.slurm").read_text()
+    text = re.sub(r"\\\n#?\s*", " ", text)  # continued lines joined
+    examples = re.findall(r"sbatch (?:--nodes=(\d+) )?launchers/distill_70b\.slurm([^#\n`]*)", text)
+    assert len(examples) >= 6, examples
+    for nodes, args in examples:
+        words = args.split()
+        launcher = dict(w.split("=", 1) for w in words if re.match(r"[A-Z_]+=", w))
+        overrides = [w for w in words if re.match(r"[a-z_.]+=", w)]
+        config = launcher.get("CONFIG", "runs/llama3_70b_gdn.yaml")
+        if config != "runs/llama3_70b_gdn.yaml":  # (placeholders such as runs/x.yaml)
+            continue
+        cfg = load_config(REPO / config, overrides)
+        for stage in launcher.get("STAGES", "align,kl,finetune").split(","):
+            validate_for_launch(cfg, stage, world_size=8 * int(nodes or 4), check_init_from=False)

@@ -408,20 +408,28 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
   ga_s2)  # issue 16, one GPU: seeded align (50M, as compare) -> GA-S2 with the config's 5.2M-token probes, run as two
           # tasks side by side on the GPU (micro-batch PROBE_MB=16 each: one task's fixed cost per probe overlaps
           # the other's training) -> the cheap selectors against it (proxy ppl mse smart ar ar_multihop uniform);
-          # the selections come back in the results (selection.json per method), for `compare` with LAYERS=[...]
+          # the selections come back in the results (selection.json per method), for `compare` with LAYERS=[...];
+          # SEL_REF=selection.json (a committed GA-S2 selection of the same align recipe, with ALIGN_PARTS): no GA-S2
+          # here, only SELECTORS against it (e.g. SELECTORS=halving: 53 probe runs, 650 s of an H200 in 2026-12)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare}
+    if [ -n "${SEL_REF:-}" ] && [ ! -f "$SEL_REF" ]; then note "SEL_REF=$SEL_REF: no such file"; exit 1; fi
     versions_
     prep_align_ $CCFG $RUNC || exit 1
-    for t in 0 1; do
-      job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
-        select.probe.micro_batch=${PROBE_MB:-16} &
-      sleep 20  # the two tasks' first compiles share the cache instead of racing
-    done
-    wait
-    SEL=$RUNC/select/ga_s2/selection.json
-    [ -f $SEL ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
+    if [ -n "${SEL_REF:-}" ]; then
+      SEL=$PWD/$SEL_REF
+      [[ "$SEL_REF" = /* ]] && SEL=$SEL_REF
+    else
+      for t in 0 1; do
+        job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
+          select.probe.micro_batch=${PROBE_MB:-16} &
+        sleep 20  # the two tasks' first compiles share the cache instead of racing
+      done
+      wait
+      SEL=$RUNC/select/ga_s2/selection.json
+      [ -f $SEL ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
+    fi
     for m in ${SELECTORS:-proxy ppl mse smart ar ar_multihop uniform}; do
       job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m select.reference=$SEL
     done

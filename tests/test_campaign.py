@@ -239,3 +239,18 @@ def test_the_dwfp32_timing_says_when_a_case_or_the_gpu_tests_failed(tmp_path, fa
     assert cases == [f"kl_chunk4096_overlap_syncfree{dw}_gb64_r{r}" for r in (1, 2) for dw in ("", "_dwfp32")]
     assert ev[-1] == f"end cuda_tests rc={4 if fail == 'pytest' else 0}"
     assert not (res / "CAMPAIGN_DONE").exists()  # (IN_SESSION: the campaign around it says when it is done)
+
+
+def test_ga_s2_campaign_from_a_committed_selection_runs_only_the_selectors_against_it(tmp_path):
+    ref = tmp_path / "ga_s2_selection.json"
+    ref.write_text('{"ranking": [1, 2, 3]}')
+    ev = campaign(tmp_path, "ga_s2", RUNC=str(tmp_path / "run"), ALIGN_PARTS=str(tmp_path / "parts"),
+                  SEL_REF=str(ref), SELECTORS="halving")
+    assert ev[-1] == "campaign done"
+    assert not any(e.startswith(("start align (", "start ga_s2_task")) for e in ev)  # carried align, no GA-S2
+    assert at(ev, "end align_seed rc=0") < at(ev, "end data_cache rc=0") < at(ev, "start select_halving (GPU 0)")
+    calls = (tmp_path / "calls.log").read_text()
+    assert f"select.method=halving select.reference={ref}" in calls
+    (tmp_path / "b").mkdir()
+    ev = campaign(tmp_path / "b", "ga_s2", rc=1, RUNC=str(tmp_path / "run_b"), SEL_REF=str(tmp_path / "nowhere.json"))
+    assert ev[-1].startswith("SEL_REF=") and "no such file" in ev[-1]

@@ -424,14 +424,27 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       for t in 0 1; do
         job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
           select.probe.micro_batch=${PROBE_MB:-16} &
-        sleep 20  # the two tasks' first compiles share the cache instead of racing
+        sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache instead of racing
       done
       wait
       SEL=$RUNC/select/ga_s2/selection.json
       [ -f $SEL ] || { note "no GA-S2 selection (logs/ga_s2_task*.log)"; exit 1; }
     fi
+    # SELECT_OVERRIDES="select.halving_first_tokens=262144 ...": config overrides of every selector's run
     for m in ${SELECTORS:-proxy ppl mse smart ar ar_multihop uniform}; do
-      job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m select.reference=$SEL
+      if [ "$m" = halving ]; then  # its probes as two tasks side by side too (each round dealt over them)
+        for t in 0 1; do
+          job select_halving_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.method=halving \
+            select.reference=$SEL select.num_tasks=2 select.task_index=$t select.probe.micro_batch=${PROBE_MB:-16} \
+            ${SELECT_OVERRIDES:-} &
+          sleep ${TASK_STAGGER_S:-20}
+        done
+        wait
+        [ -f $RUNC/select/halving/selection.json ] || note "no halving selection (logs/select_halving_task*.log)"
+      else
+        job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m select.reference=$SEL \
+          ${SELECT_OVERRIDES:-}
+      fi
     done
     note "campaign done"
     touch $R/CAMPAIGN_DONE

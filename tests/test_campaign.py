@@ -245,12 +245,18 @@ def test_ga_s2_campaign_from_a_committed_selection_runs_only_the_selectors_again
     ref = tmp_path / "ga_s2_selection.json"
     ref.write_text('{"ranking": [1, 2, 3]}')
     ev = campaign(tmp_path, "ga_s2", RUNC=str(tmp_path / "run"), ALIGN_PARTS=str(tmp_path / "parts"),
-                  SEL_REF=str(ref), SELECTORS="halving")
+                  SEL_REF=str(ref), SELECTORS="halving ppl", SELECT_OVERRIDES="select.halving_first_tokens=262144")
     assert ev[-1] == "campaign done"
     assert not any(e.startswith(("start align (", "start ga_s2_task")) for e in ev)  # carried align, no GA-S2
-    assert at(ev, "end align_seed rc=0") < at(ev, "end data_cache rc=0") < at(ev, "start select_halving (GPU 0)")
+    assert at(ev, "end align_seed rc=0") < at(ev, "end data_cache rc=0") < at(ev, "start select_halving_task0 (GPU 0)")
+    # halving's two tasks side by side, the next selector after both
+    assert at(ev, "start select_halving_task1 (GPU 0)") < at(ev, "end select_halving_task0 rc=0")
+    assert max(at(ev, f"end select_halving_task{t} rc=0") for t in (0, 1)) < at(ev, "start select_ppl (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
-    assert f"select.method=halving select.reference={ref}" in calls
+    for t in (0, 1):
+        assert (f"select.method=halving select.reference={ref} select.num_tasks=2 select.task_index={t} "
+                "select.probe.micro_batch=16 select.halving_first_tokens=262144") in calls
+    assert f"select.method=ppl select.reference={ref} select.halving_first_tokens=262144" in calls
     (tmp_path / "b").mkdir()
     ev = campaign(tmp_path / "b", "ga_s2", rc=1, RUNC=str(tmp_path / "run_b"), SEL_REF=str(tmp_path / "nowhere.json"))
     assert ev[-1].startswith("SEL_REF=") and "no such file" in ev[-1]

@@ -110,6 +110,13 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
   fi
 }
+probe_mb_() {  # the micro-batch of each of two probe tasks side by side on one GPU: PROBE_MB, else 16 on a card of
+  # >= 120 GiB (a GA-S2 probe at 16 peaked at ~51 GiB on an H200), else 8 (two at 16 do not fit an 80 GB card)
+  local mib
+  if [ -n "${PROBE_MB:-}" ]; then echo "$PROBE_MB"; return; fi
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null | head -1 | tr -d ' ')
+  if [[ "$mib" =~ ^[0-9]+$ ]] && [ "$mib" -ge 122880 ]; then echo 16; else echo 8; fi
+}
 preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
     job eval_preflight_graphs 0 ev teacher_graphs embedded 1024 --limit 1 --cuda-graphs && touch $R/preflight_graphs.ok
@@ -406,7 +413,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     touch $R/CAMPAIGN_DONE
     ;;
   ga_s2)  # issue 16, one GPU: seeded align (50M, as compare) -> GA-S2 with the config's 5.2M-token probes, run as two
-          # tasks side by side on the GPU (micro-batch PROBE_MB=16 each: one task's fixed cost per probe overlaps
+          # tasks side by side on the GPU (micro-batch probe_mb_'s each: one task's fixed cost per probe overlaps
           # the other's training) -> the cheap selectors against it (proxy ppl mse smart ar ar_multihop uniform);
           # the selections come back in the results (selection.json per method), for `compare` with LAYERS=[...];
           # SEL_REF=selection.json (a committed GA-S2 selection of the same align recipe, with ALIGN_PARTS): no GA-S2
@@ -423,7 +430,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     else
       for t in 0 1; do
         job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
-          select.probe.micro_batch=${PROBE_MB:-16} &
+          select.probe.micro_batch=$(probe_mb_) &
         sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache instead of racing
       done
       wait
@@ -435,7 +442,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       if [ "$m" = halving ]; then  # its probes as two tasks side by side too (each round dealt over them)
         for t in 0 1; do
           job select_halving_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.method=halving \
-            select.reference=$SEL select.num_tasks=2 select.task_index=$t select.probe.micro_batch=${PROBE_MB:-16} \
+            select.reference=$SEL select.num_tasks=2 select.task_index=$t select.probe.micro_batch=$(probe_mb_) \
             ${SELECT_OVERRIDES:-} &
           sleep ${TASK_STAGGER_S:-20}
         done
@@ -497,10 +504,10 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       mkdir -p $SELG/ga_s2 && cp "$GA_S2_FROM" $SELG/ga_s2/selection.json && note "GA-S2 from $GA_S2_FROM"
     else
       # GA-S2 as two tasks side by side (1M-token probes: a probe's fixed cost is a large part of it, and one task's
-      # overlaps the other's training); micro-batch PROBE_MB each (16: 49-50 GiB per task measured on an H200)
+      # overlaps the other's training); micro-batch probe_mb_'s each (16: 49-50 GiB per task measured on an H200)
       for t in 0 1; do
         job ga_s2_task$t 0 train --stage select --config $G out_dir=$RG select.num_tasks=2 select.task_index=$t \
-          select.probe.micro_batch=${PROBE_MB:-16} &
+          select.probe.micro_batch=$(probe_mb_) &
         [ $t = 0 ] && sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache, not racing
       done
       wait

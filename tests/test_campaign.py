@@ -257,6 +257,14 @@ def test_ga_s2_campaign_from_a_committed_selection_runs_only_the_selectors_again
         assert (f"select.method=halving select.reference={ref} select.num_tasks=2 select.task_index={t} "
                 "select.probe.micro_batch=16 select.halving_first_tokens=262144") in calls
     assert f"select.method=ppl select.reference={ref} select.halving_first_tokens=262144" in calls
+    # on an 80 GB card two probe tasks at micro-batch 16 do not fit: 8 each; one task failing: said, the rest runs
+    (tmp_path / "c").mkdir()
+    ev = campaign(tmp_path / "c", "ga_s2", RUNC=str(tmp_path / "run_c"), ALIGN_PARTS=str(tmp_path / "parts"),
+                  SEL_REF=str(ref), SELECTORS="halving ppl", STUB_GPU_MIB="81559", STUB_FAIL_TASK="0")
+    assert "no halving selection (logs/select_halving_task*.log)" in ev and "end select_ppl rc=0" in ev
+    assert ev[-1] == "campaign done"
+    calls = (tmp_path / "c" / "calls.log").read_text()
+    assert "select.task_index=1 select.probe.micro_batch=8" in calls and "micro_batch=16" not in calls
     (tmp_path / "b").mkdir()
     ev = campaign(tmp_path / "b", "ga_s2", rc=1, RUNC=str(tmp_path / "run_b"), SEL_REF=str(tmp_path / "nowhere.json"))
     assert ev[-1].startswith("SEL_REF=") and "no such file" in ev[-1]

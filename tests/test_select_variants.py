@@ -408,6 +408,52 @@ def test_halving_waits_for_another_tasks_probe_while_it_still_writes(tmp_path, m
     assert probes._round_scores_of_others(cfg, out, [3], 4) == {3: 0.5}
 
 
+def test_halving_stops_waiting_at_once_when_another_task_failed(tmp_path, monkeypatch):
+    """A task of a split halving that fails leaves a marker; the others stop at their next look instead of waiting
+    dist_timeout_minutes for its probes; a marker of an earlier attempt (older than this task's start) is not one."""
+    import os
+    import time
+
+    from ds_hybrid.stages import probes
+
+    cfg = load_config(None, ["select.num_tasks=2", "select.task_index=0", "select.method=halving"])
+    out = tmp_path / "halving"
+    marker = out / "probes" / "TASK_1_of_2.failed"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("OutOfMemoryError: CUDA out of memory")
+    os.utime(marker, (time.time() - 3600, time.time() - 3600))  # an earlier attempt's
+    record = out / "probes" / probes.probe_name(3) / "round_0000004.json"
+    looks = []
+
+    def sleep(seconds):
+        looks.append(seconds)
+        if len(looks) == 3:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text('{"steps": 4, "kl": 0.5}')
+
+    monkeypatch.setattr(probes.time, "sleep", sleep)
+    assert probes._round_scores_of_others(cfg, out, [3], 4, since=time.time() - 1) == {3: 0.5}
+    assert len(looks) == 3
+    record.unlink()
+    looks.clear()
+    marker.write_text("OutOfMemoryError: CUDA out of memory")  # this attempt's
+    with pytest.raises(RuntimeError, match=r"task 1 of 2 failed .*CUDA out of memory.*probes \[3\] of the 4-step round "
+                                           r"will not come"):
+        probes._round_scores_of_others(cfg, out, [3], 4, since=time.time() - 5)
+    assert looks == []  # at the first look
+    # the failing task writes the marker, whatever stopped it; a task that runs alone writes none
+    def boom(*a, **k):
+        raise RuntimeError("a probe crashed")
+
+    monkeypatch.setattr(probes, "_halving", boom)
+    for task, tasks, want in ((0, 2, "RuntimeError: a probe crashed"), (0, 1, None)):
+        cfg = load_config(None, [f"select.num_tasks={tasks}", f"select.task_index={task}", "select.method=halving"])
+        with pytest.raises(RuntimeError, match="a probe crashed"):
+            probes.halving(cfg, out, 4, tmp_path / "align")
+        mine = out / "probes" / f"TASK_{task}_of_{tasks}.failed"
+        assert (mine.read_text() if mine.exists() else None) == want
+
+
 HALVING_WAIT_SCRIPT = """
 import json, sys, threading
 from pathlib import Path

@@ -350,18 +350,41 @@ def _halving_round(cfg: RunConfig, d: Path, layer: int, s: StageConfig, steps: i
     return kl
 
 
-def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int) -> dict[int, float]:
+def _failed_marker(out: Path, idx: int, n: int) -> Path:
+    return out / "probes" / f"TASK_{idx}_of_{n}.failed"
+
+
+def _failed_peer(out: Path, idx: int, n: int, since: float) -> str | None:
+    """Another task's failure marker written since this task started (an earlier attempt's is not this one's)."""
+    for i in range(n):
+        f = _failed_marker(out, i, n)
+        try:
+            if i != idx and f.stat().st_mtime >= since:
+                return f"task {i} of {n} failed ({f}: {f.read_text().strip()[:300]})"
+        except OSError:
+            pass
+    return None
+
+
+def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int,
+                            since: float = 0.0) -> dict[int, float]:
     """Wait for the other tasks' records of this round (halving across tasks runs them all at once). The main rank
     looks, every 2 s, and every rank follows its look (a collective per look: ranks on other nodes, which may see
-    the files a moment later, never part, and no rank sits in one collective for the whole wait)."""
+    the files a moment later, never part, and no rank sits in one collective for the whole wait). A task that
+    failed since ``since`` (its marker, :func:`halving`) stops the wait at once."""
     records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
     wait = 60 * cfg.dist_timeout_minutes
     state = {"deadline": time.monotonic() + wait, "seen": None, "said": False}
+    idx, n = task_slot(cfg)
 
     def look() -> tuple[str, object]:
         missing = [l for l, f in records.items() if not f.is_file()]
         if not missing:
             return "done", {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
+        if failed := _failed_peer(out, idx, n, since):
+            return "error", (f"halving split over several tasks: {failed}, so probes {missing} of the {steps}-step "
+                             "round will not come; rerun the failed task (finished probes are kept), or run halving "
+                             "as one task")
         if not state["said"]:
             log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
             state["said"] = True
@@ -400,6 +423,22 @@ def _latest_write(out: Path, layers: list[int]) -> float:
 
 def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
             force: bool = False) -> tuple[dict[int, float], dict]:
+    """Successive halving over single-layer probes (docs/SELECT.md), this task's share of each round when it is
+    split over tasks; a task that fails leaves a marker the others stop on instead of waiting for its probes."""
+    idx, n = task_slot(cfg)
+    since = time.time() - 1.0  # (markers of an earlier attempt are older)
+    try:
+        return _halving(cfg, out, num_layers, align_dir, force, since)
+    except BaseException as e:
+        if n > 1 and D.is_main():
+            marker = _failed_marker(out, idx, n)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, f"{type(e).__name__}: {e}")
+        raise
+
+
+def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: bool,
+             since: float) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
     step_tokens = s.global_batch * s.seq_len
@@ -437,7 +476,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
             d = out / "probes" / probe_name(layer)
             still_claimed(out, ident)
             round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps, stage_steps(s) * step_tokens)
-        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps))
+        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps, since))
         round_scores = {l: round_scores[l] for l in alive}
         spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
         scores.update(round_scores)

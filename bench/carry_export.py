@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_hybrid.folders import usual_mode  # noqa: E402
 from ds_hybrid.hf_io import SafetensorsReader  # noqa: E402
 
 FORMAT = 1
@@ -196,6 +197,7 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(dest), metadata=shard["metadata"] or None)
+        usual_mode(tmp)  # (mkdtemp's 0700 otherwise)
         if out.exists():  # the earlier folder goes only once the new one is in its place
             aside = Path(tempfile.mkdtemp(prefix=f".{out.name}-earlier-", dir=out.parent)) / out.name
             out.rename(aside)
@@ -241,8 +243,9 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
                          f"{name}, e.g. two leases' aligns): give the folders of one pack only")
             found.setdefault(p.name, p)
     parts = _complete(list(found.values()))  # every part of the pack, or a clear error
-    olds = [old for old in dest.parent.glob(f"{dest.name}[0-9]*")  # an earlier gather's folders of this pack
-            if old.is_dir() and re.fullmatch(rf"{re.escape(dest.name)}\d+", old.name)]
+    olds = []  # an earlier gather's folders of this prefix: <into>0, <into>1, ... while they exist (not <into>20 of
+    while (dest.parent / f"{dest.name}{len(olds)}").is_dir():  # a prefix <into>2)
+        olds.append(dest.parent / f"{dest.name}{len(olds)}")
     for old in olds:
         if others := [f.name for f in old.iterdir() if not f.name.startswith(f"{name}.part")]:
             sys.exit(f"gather: {old} holds other files than parts of {name} ({', '.join(sorted(others)[:3])}): "
@@ -263,21 +266,19 @@ def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3)
               file=sys.stderr)
         raise
     (staged / "earlier").mkdir()
-    moved: list[Path] = []
-    placed: list[Path] = []
     try:  # the swap: renames only
         for old in olds:
             old.rename(staged / "earlier" / old.name)
-            moved.append(old)
         for n in names:
             (staged / "new" / n).rename(dest.parent / n)
-            placed.append(dest.parent / n)
     except BaseException:
-        try:
-            for p in placed:
-                p.rename(staged / "new" / p.name)
-            for old in moved:
-                (staged / "earlier" / old.name).rename(old)
+        try:  # undone from what is on disk (a signal between a rename and any bookkeeping loses nothing)
+            for n in names:
+                if not (staged / "new" / n).exists() and (dest.parent / n).exists():  # placed
+                    (dest.parent / n).rename(staged / "new" / n)
+            for old in olds:
+                if (staged / "earlier" / old.name).exists() and not old.exists():  # moved aside
+                    (staged / "earlier" / old.name).rename(old)
         except BaseException:
             print(f"gather stopped while swapping folders and could not undo it: the earlier folders are in "
                   f"{staged / 'earlier'}, the new ones in {staged / 'new'} (and any already in place)", file=sys.stderr)

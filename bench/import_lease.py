@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_hybrid.errors import ConfigError  # noqa: E402
+from ds_hybrid.folders import usual_mode  # noqa: E402
 
 MARKERS = {"t0", "CAMPAIGN_DONE", "run_files.txt", "campaign.log", "progress.log"}
 TOP_SUFFIXES = {".json", ".md", ".png", ".csv", ".txt"}
@@ -182,6 +183,7 @@ def import_lease(tarball: Path, out: Path, campaign: str | None = None) -> dict[
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
+        usual_mode(out)  # (mkdtemp's 0700 otherwise)
         if final.exists():
             final.rmdir()  # (empty: checked above)
         out.rename(final)
@@ -245,28 +247,36 @@ def needle_rows(evals: list[str], task: str = "niah_single_1") -> list[str]:
 
 
 def merge_into(merged: Path, evals: list[str]) -> None:
-    """Re-run `ds-hybrid eval-merge` over the merged table's sources plus the new evaluations."""
+    """Re-run `ds-hybrid eval-merge` over the merged table's sources plus the new evaluations, from the folder its
+    sources are recorded relative to (where the merge ran, e.g. the repository's root: here or a folder above the
+    merged table), so that the sources stay recorded as they were."""
     from ds_hybrid.evaluation.merge import main as merge_main
 
-    from ds_hybrid.evaluation.by_k import _source_file
-
+    merged = merged.resolve()
+    sources = json.loads((merged / "eval.json").read_text())["sources"]
+    relative = [Path(s["file"]) for s in sources if not Path(s["file"]).is_absolute()]
+    root = next((d for d in (Path.cwd(), *merged.parents) if all((d / f).is_file() for f in relative)), None)
+    if root is None:
+        gone = next(f for f in relative if not (Path.cwd() / f).is_file())
+        raise ConfigError("--merge", str(merged), f"its source {gone} is not found from here or from a folder above "
+                          "the merged table: run from the folder the merge was made in")
     new = {Path(e).resolve() for e in evals}
     items = []
-    for s in json.loads((merged / "eval.json").read_text())["sources"]:
-        # recorded relative to where eval-merge ran (the repository's root): found from here or a folder above it
-        file = _source_file(Path(s["file"]), merged)
-        if file is None:
-            raise ConfigError("--merge", str(merged), f"its source {s['file']} is not found from here or from a "
-                              "folder above the merged table: run from the folder the merge was made in")
-        folder = Path(os.path.relpath(file.parent)) if file.is_absolute() != Path(s["file"]).is_absolute() \
-            else file.parent
-        if folder.resolve() in new:  # the same folder imported again: once
+    for s in sources:
+        folder = Path(s["file"]).parent
+        if (root / folder).resolve() in new:  # the same folder imported again: once
             continue
         renames = s.get("renames") or {}
         if len(renames) > 1:
             raise ConfigError("--merge", str(merged), f"source {folder} renames several models; merge it by hand")
         items.append("".join(f"{new_}={old}@" for old, new_ in renames.items()) + str(folder))
-    merge_main([*items, *evals, "--out", str(merged)])
+    here = Path.cwd()
+    rel = [os.path.relpath(Path(e).resolve(), root) for e in evals]
+    os.chdir(root)
+    try:
+        merge_main([*items, *rel, "--out", os.path.relpath(merged, root)])
+    finally:
+        os.chdir(here)
 
 
 def main(argv: list[str] | None = None) -> int:

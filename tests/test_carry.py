@@ -124,6 +124,12 @@ def test_an_align_folder_travels_as_its_mixers_and_comes_back_exact(tmp_path):
         shutil.rmtree(f)
     gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
     assert [q.read_bytes() for q in gathered] == blobs
+    # another prefix's folders (.dev/a2's a20) are not this prefix's earlier ones
+    (tmp_path / "dev" / "a20").mkdir()
+    (tmp_path / "dev" / "a20" / parts[0].name).write_bytes(b"another pack")
+    gathered = carry.gather(calls, "align", str(tmp_path / "dev" / "a"), per_folder=3)
+    assert (tmp_path / "dev" / "a20" / parts[0].name).read_bytes() == b"another pack"
+    shutil.rmtree(tmp_path / "dev" / "a20")
     parts = gathered
     with pytest.raises(SystemExit, match="a part given twice"):
         carry.unpack(parts + parts[:1], teacher, tmp_path / "lease2" / "align")

@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -267,6 +268,18 @@ def test_merge_finds_sources_recorded_relative_to_another_folder(tmp_path, monke
     payload = json.loads((tmp_path / "merged" / "eval.json").read_text())
     assert payload["scores"]["uniform8"]["niah_single_1"] == {"2048": 0.5}
     assert payload["scores"]["a"]["niah_single_1"] == {"2048": 0.99}
+    # the sources stay recorded relative to the folder the merge was made in, the new one too: merged again from there
+    assert [s["file"] for s in payload["sources"]] == ["old_eval/eval.json", "sub/lease/eval_a_2048/eval.json"]
+    monkeypatch.chdir(tmp_path)
+    assert import_lease.main([str(make_tarball(tmp_path / "r3.tar.gz", extra={
+        "res/eval_b_2048/eval.json": json.dumps(eval_payload("b", 2048, [0.7, 0.1], 100)).encode()})),
+        "lease3", "--merge", "merged"]) == 0
+    payload = json.loads((tmp_path / "merged" / "eval.json").read_text())
+    assert set(payload["scores"]) == {"uniform8", "a", "b"} and payload["scores"]["b"]["niah_single_1"] == {"2048": 0.7}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "lease3").stat().st_mode & 0o777 == 0o777 & ~umask  # (not mkdtemp's 0700)
+    monkeypatch.chdir(tmp_path / "sub")
     # a source found nowhere: refused with the import kept whole and said so
     (tmp_path / "old_eval" / "eval.json").rename(tmp_path / "old_eval" / "gone.json")
     capsys.readouterr()

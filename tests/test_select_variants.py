@@ -446,12 +446,24 @@ def test_halving_stops_waiting_at_once_when_another_task_failed(tmp_path, monkey
         raise RuntimeError("a probe crashed")
 
     monkeypatch.setattr(probes, "_halving", boom)
-    for task, tasks, want in ((0, 2, "RuntimeError: a probe crashed"), (0, 1, None)):
+    for task, tasks, want in ((0, 2, "RuntimeError (rank 0): a probe crashed"), (0, 1, None)):
         cfg = load_config(None, [f"select.num_tasks={tasks}", f"select.task_index={task}", "select.method=halving"])
         with pytest.raises(RuntimeError, match="a probe crashed"):
             probes.halving(cfg, out, 4, tmp_path / "align")
         mine = out / "probes" / f"TASK_{task}_of_{tasks}.failed"
         assert (mine.read_text() if mine.exists() else None) == want
+    # run again, the task's own marker goes at its start; a time limit's stop-and-requeue leaves none (it comes back)
+    from ds_hybrid.trainer import StopRequested
+
+    def requeued(*a, **k):
+        assert not (out / "probes" / "TASK_0_of_2.failed").exists()
+        raise StopRequested(0)
+
+    monkeypatch.setattr(probes, "_halving", requeued)
+    cfg = load_config(None, ["select.num_tasks=2", "select.task_index=0", "select.method=halving"])
+    with pytest.raises(StopRequested):
+        probes.halving(cfg, out, 4, tmp_path / "align")
+    assert not (out / "probes" / "TASK_0_of_2.failed").exists()
 
 
 HALVING_WAIT_SCRIPT = """

@@ -383,8 +383,8 @@ def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps:
             return "done", {l: float(json.loads(f.read_text())["kl"]) for l, f in records.items()}
         if failed := _failed_peer(out, idx, n, since):
             return "error", (f"halving split over several tasks: {failed}, so probes {missing} of the {steps}-step "
-                             "round will not come; rerun the failed task (finished probes are kept), or run halving "
-                             "as one task")
+                             "round will not come; rerun every task of the split together (finished probes and rounds are "
+                             "kept), or run halving as one task")
         if not state["said"]:
             log.info("halving round of %d steps: waiting for the other tasks' probes %s", steps, missing)
             state["said"] = True
@@ -425,15 +425,21 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
             force: bool = False) -> tuple[dict[int, float], dict]:
     """Successive halving over single-layer probes (docs/SELECT.md), this task's share of each round when it is
     split over tasks; a task that fails leaves a marker the others stop on instead of waiting for its probes."""
+    from ds_hybrid.trainer import StopRequested
+
     idx, n = task_slot(cfg)
-    since = time.time() - 1.0  # (markers of an earlier attempt are older)
+    since = time.time() - 1.0  # (a peer's marker older than this task is an earlier attempt's)
+    marker = _failed_marker(out, idx, n)
+    if n > 1 and D.is_main():
+        marker.unlink(missing_ok=True)  # this task runs again: its earlier failure is no longer one
     try:
         return _halving(cfg, out, num_layers, align_dir, force, since)
+    except StopRequested:  # a time limit's checkpoint-and-requeue: the task comes back, its peers wait for it
+        raise
     except BaseException as e:
-        if n > 1 and D.is_main():
-            marker = _failed_marker(out, idx, n)
+        if n > 1:  # (every rank: a rank other than the main one may be the one that fails)
             marker.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, f"{type(e).__name__}: {e}")
+            atomic_write_text(marker, f"{type(e).__name__} (rank {D.rank()}): {e}")
         raise
 
 

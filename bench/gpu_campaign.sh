@@ -50,6 +50,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
+export PYTHONPATH="$PWD:$PYTHONPATH"   # (ds_hybrid/train.py drops its own folder from the path: the package from here
+                                       # even where setup's editable install failed)
 R=${CAMPAIGN_RES:-/tmp/res}  # (tests/test_campaign.py runs the control flow elsewhere, with stubs; `pack` reads /tmp/res)
 CFG=runs/smollm2_gpu_select.yaml
 SCALE=runs/llama3_8b_scaling.yaml
@@ -104,7 +106,8 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
     job align_seed 0 python3 bench/carry_export.py same-align "$2/align/config.yaml" --config "$1" "${sets[@]}" \
       || return 1
   fi
-  job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 || return 1
+  job data_cache 0 train --stage $stage --config "$1" out_dir="$2" --prepare-data data.num_proc=16 ${SEED:+seed=$SEED} \
+    ${OVERRIDES:-} || return 1
   if [ -z "${ALIGN_PARTS:-}" ]; then
     job align 0 train --stage align --config "$1" out_dir="$2" ${SEED:+seed=$SEED} ${OVERRIDES:-} || return 1
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
@@ -126,7 +129,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
   # empty: the config's layers), one after the other on GPU (default 0), each one's evaluation (LENGTHS at once, with
   # EG's options, and its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at
   # micro batch 32)
-  local h name spec hf args EB hybrids last gpu=${3:-0} failed=0 now need t kl_s=
+  local h name spec hf args EB hybrids last gpu=${3:-0} failed=0 now need t kl_s= kl_at= budget
   check_hybrids_ || return 1
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   last=${hybrids[-1]}
@@ -135,11 +138,15 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
     [ "$h" != "$last" ] && EB=(--batch-size 32)
     args=(out_dir=$2/kl_runs/$name kl.init_from=$2/align/hf ${SEED:+seed=$SEED} ${OVERRIDES:-})
     [ -n "${spec%%@*}" ] && args+=("softmax_layers=${spec%%@*}")
-    [ "$spec" != "${spec#*@}" ] && args+=("kl.tokens=${spec#*@}")
+    budget=   # (the spec's @KL_TOKENS; none: the config's)
+    [ "$spec" != "${spec#*@}" ] && budget=${spec#*@} && args+=("kl.tokens=$budget")
     if [ -n "${DEADLINE_S:-}" ]; then  # DEADLINE_S: seconds after the campaign's start when the lease's device time
-      # ends; a kl that would not end with its evaluation by then (the last kl's time, else KL_EST_S, plus EVAL_EST_S)
-      # is not started: its minutes go to THEN, or the lease ends early, instead of to a hybrid cut off unfinished
-      now=$(( $(date +%s) - T0 )) need=$(( ${kl_s:-${KL_EST_S:-600}} + ${EVAL_EST_S:-120} ))
+      # ends; a kl that would not end with its evaluation by then (the last kl's time where it had this kl's budget,
+      # else KL_EST_S, 10 % more: a kl beside the last one's evaluation runs ~6 % slower; plus EVAL_EST_S) is not
+      # started: its minutes go to THEN, or the lease ends early, instead of to a hybrid cut off unfinished
+      need=${KL_EST_S:-600}
+      [ -n "$kl_s" ] && [ "$kl_at" = "$budget" ] && need=$kl_s
+      now=$(( $(date +%s) - T0 )) need=$(( need * 11 / 10 + ${EVAL_EST_S:-120} ))
       if [ $(( now + need )) -gt "$DEADLINE_S" ]; then
         note "kl_$name not started: +${now}s and ~${need}s for its kl and evaluation pass DEADLINE_S=$DEADLINE_S"
         continue
@@ -151,7 +158,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
       failed=1
       continue
     fi
-    kl_s=$(( $(date +%s) - t ))
+    kl_s=$(( $(date +%s) - t )) kl_at=$budget
     hf=$2/kl_runs/$name/kl/hf
     for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
@@ -170,16 +177,23 @@ check_hybrids_() {  # HYBRIDS' entries NAME=LAYERS[@KL_TOKENS], each name once: 
   local h names=() seen
   read -r -a names <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
   [ ${#names[@]} -gt 0 ] || { note "HYBRIDS is empty: give NAME=LAYERS[@KL_TOKENS] ..."; return 1; }
-  if [ -n "${DEADLINE_S:-}" ] && ! [[ "$DEADLINE_S" =~ ^[0-9]+$ ]]; then
-    note "DEADLINE_S=$DEADLINE_S is not a number of seconds (the device seconds left at start, less a minute)"
-    return 1
-  fi
+  local v
+  for v in DEADLINE_S KL_EST_S EVAL_EST_S; do
+    if [ -n "${!v:-}" ] && ! [[ "${!v}" =~ ^[0-9]+$ ]]; then
+      note "$v=${!v} is not a number of seconds (DEADLINE_S: the device seconds left at start, less a minute)"
+      return 1
+    fi
+  done
   seen=" "
   for h in "${names[@]}"; do
-    if ! [[ "$h" =~ ^[A-Za-z0-9_.+-]+=(\[[0-9,]*\])?(@[0-9_.eE+]+)?$ ]]; then
+    if ! [[ "$h" =~ ^[A-Za-z0-9_][A-Za-z0-9_.+-]*=(\[[0-9,]*\])?(@[0-9_.eE+]+)?$ ]]; then
       note "HYBRIDS: '$h' is not NAME=LAYERS[@KL_TOKENS] (e.g. ga_s2_4=[8,17,18,20], no spaces inside LAYERS)"
       return 1
     fi
+    case "${h%%=*}" in teacher|teacher_graphs|all_linear)
+      note "HYBRIDS: the name ${h%%=*} is the campaign's own evaluation's (eval_${h%%=*}_*): name the hybrid otherwise"
+      return 1;;
+    esac
     [[ "$seen" == *" ${h%%=*} "* ]] && { note "HYBRIDS: the name ${h%%=*} is given twice"; return 1; }
     seen+="${h%%=*} "
   done
@@ -360,7 +374,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     # selection.json, e.g. docs/data/ga_s2_h200_2026-12-02c/selection.json)
     if [ -n "${SELECTORS:-}" ]; then
       (for m in $SELECTORS; do job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m \
-         ${SEL_REF:+select.reference=$SEL_REF}; done) &
+         ${SEL_REF:+select.reference=$SEL_REF} ${SEED:+seed=$SEED} ${OVERRIDES:-} ${SELECT_OVERRIDES:-}; done) &
     fi
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid and the teacher, in the
       # background beside align and kl (~4 minutes; no timings unless GRAPH_CHECK_CONTEXTS: bench-infer has those;
@@ -430,7 +444,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     else
       for t in 0 1; do
         job ga_s2_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.num_tasks=2 select.task_index=$t \
-          select.probe.micro_batch=$(probe_mb_) &
+          select.probe.micro_batch=$(probe_mb_) ${SEED:+seed=$SEED} ${OVERRIDES:-} &
         sleep ${TASK_STAGGER_S:-20}  # the two tasks' first compiles share the cache instead of racing
       done
       wait
@@ -443,14 +457,14 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
         for t in 0 1; do
           job select_halving_task$t 0 train --stage select --config $CCFG out_dir=$RUNC select.method=halving \
             select.reference=$SEL select.num_tasks=2 select.task_index=$t select.probe.micro_batch=$(probe_mb_) \
-            ${SELECT_OVERRIDES:-} &
+            ${SEED:+seed=$SEED} ${OVERRIDES:-} ${SELECT_OVERRIDES:-} &
           sleep ${TASK_STAGGER_S:-20}
         done
         wait
         [ -f $RUNC/select/halving/selection.json ] || note "no halving selection (logs/select_halving_task*.log)"
       else
         job select_$m 0 train --stage select --config $CCFG out_dir=$RUNC select.method=$m select.reference=$SEL \
-          ${SELECT_OVERRIDES:-}
+          ${SEED:+seed=$SEED} ${OVERRIDES:-} ${SELECT_OVERRIDES:-}
       fi
     done
     note "campaign done"

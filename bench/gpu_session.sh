@@ -11,7 +11,8 @@
 #   bench/gpu_session.sh setup            # join, install (wheels -> /tmp/site, triton -> /tmp/tsite), corpus, teacher
 #   [CAMPAIGN=step] bench/gpu_session.sh start [SCRIPT]   # bench/gpu_campaign.sh (or SCRIPT, e.g. bench/gpu_throughput.sh) in the
 #                                         # background (survives the call); DEADLINE_S=N: the device seconds left at this
-#                                         # call (the last reply's budget_left_s) less a minute: no kl starts that
+#                                         # call (the last reply's budget_left_s, or less where the lease `counts`
+#                                         # only part of its held time) less a minute: no kl starts that
 #                                         # would end with its evaluation past it (refused beside a running campaign)
 #   bench/gpu_session.sh sh 'CMD'         # after setup: CMD in the campaigns' environment (e.g. one train_throughput
 #                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
@@ -41,13 +42,14 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 carry_home_() {  # carry parts (an align folder for the next lease) ride along to $OUT, as many as the trip home
-  # takes beside the results (at most 8 files and 64 MiB a call; kept under 63 MiB): 4 parts of 15 MiB while the
+  # takes beside the results (at most 8 files and 64 MiB a call; kept under 60 MiB): 3 parts of 15 MiB while the
   # results are small. A part is sent once, known by its path, size and time (a later pack of another align on the
   # same machine writes parts of the same names: those are new); a call whose files did not come back leaves its
   # parts marked sent: `bench/gpu_session.sh sh 'rm -f /tmp/carry_out.sent'` sends them again
   local carry=${CAMPAIGN_CARRY_OUT:-/tmp/carry_out} room files f size id
   touch $carry.sent
-  room=$(( 63 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))
+  room=$(( 60 * 1048576 - $(du -cb "$OUT"/* 2>/dev/null | tail -n 1 | cut -f1) ))  # (3 MiB kept for a results
+  # tarball that grows between this look and the call's end)
   files=$(ls "$OUT" | wc -l)
   for f in $(ls $carry/* 2>/dev/null); do
     id="$f $(stat -c '%s %Y' "$f")"
@@ -89,10 +91,11 @@ case "$1" in
     # the xz archives unpack on every core (xz -T0), beside the wheels' install; each one's failure stops the setup
     mkdir -p /tmp/tsite /tmp/dsh/corpus   # (DS_HYBRID_CACHE=/tmp/dsh)
     xz=(xz -T0); "${xz[@]}" --version >/dev/null 2>&1 || xz=(xz)   # (an xz older than 5.2 has no -T)
-    "${xz[@]}" -dc /tmp/g/triton.tar.xz | tar -xf - -C /tmp/tsite & un=($!)
-    cat /tmp/g/corpus/corpus.tar.xz.* | "${xz[@]}" -dc | tar -xf - -C /tmp/dsh/corpus & un+=($!)
+    # (each pipeline in a subshell: `wait` on a background pipeline gives only its last command's status)
+    ( "${xz[@]}" -dc /tmp/g/triton.tar.xz | tar -xf - -C /tmp/tsite ) & un=($!)
+    ( cat /tmp/g/corpus/corpus.tar.xz.* | "${xz[@]}" -dc | tar -xf - -C /tmp/dsh/corpus ) & un+=($!)
     if [ -f /tmp/g/corpus/pydocs.tar.xz ]; then  # the Python docs, as files
-      "${xz[@]}" -dc /tmp/g/corpus/pydocs.tar.xz | tar -xf - -C / & un+=($!)
+      ( "${xz[@]}" -dc /tmp/g/corpus/pydocs.tar.xz | tar -xf - -C / ) & un+=($!)
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/g/wheels/*.whl
     if [ -d /tmp/gparts ]; then
@@ -133,6 +136,9 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
       echo "a campaign is running on this machine already (pid $(cat $res/campaign.pid)): poll it with wait" >&2
       exit 1   # (a start repeated after a lost reply would put two campaigns on one GPU and one run folder)
     fi
+    [ -d /tmp/new ] || { echo "start: no /tmp/new: run setup first" >&2; exit 1; }
+    # this call's checkout over setup's copy (a fix made since setup runs; the editable install keeps pointing here)
+    tar --exclude=./.dev -cf - . | tar -xf - -C /tmp/new
     mkdir -p $res && rm -f $res/CAMPAIGN_DONE && cd /tmp/new
     setsid nohup "${2:-bench/gpu_campaign.sh}" "${CAMPAIGN:-main}" > $res/campaign.log 2>&1 < /dev/null &
     echo $! > $res/campaign.pid

@@ -189,16 +189,31 @@ def test_compare_campaign_starts_no_kl_that_would_pass_the_leases_deadline(tmp_p
     ev = campaign(tmp_path / "none", "compare", RUNC=str(tmp_path / "run0"), ALL_LINEAR_EVAL="0",
                   ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4]", DEADLINE_S="0")
     assert not any(e.startswith("start kl_") for e in ev) and ev[-1] == "campaign done"
+    # a kl of another budget is not estimated by the last one's time: KL_EST_S, 10 % more, is its estimate
+    (tmp_path / "other").mkdir()
+    ev = campaign(tmp_path / "other", "compare", RUNC=str(tmp_path / "run1"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4]@2e6 b_4=[5,6,7,8]", STUB_KL_S="1",
+                  DEADLINE_S="60", KL_EST_S="100", EVAL_EST_S="0")
+    assert not any(e.startswith("start kl_") for e in ev), ev  # (110 s of a first kl past 60: neither starts)
+    ev = campaign(tmp_path / "other", "compare", RUNC=str(tmp_path / "run2"), ALL_LINEAR_EVAL="0",
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4]@2e6 b_4=[5,6,7,8]@2e6",
+                  STUB_KL_S="1", DEADLINE_S="60", KL_EST_S="40", EVAL_EST_S="0")
+    assert "end kl_a_4 rc=0" in ev and "end kl_b_4 rc=0" in ev, ev  # (44 s, then the measured ~1 s again)
 
 
 @pytest.mark.parametrize("hybrids,why", [("a_4=[1, 2,3,4]", "'a_4=[1,' is not NAME=LAYERS"),
                                          ("a_4=[1,2,3,4] a_4=[5,6,7,8]", "the name a_4 is given twice"),
                                          ("a_4=1,2,3,4", "'a_4=1,2,3,4' is not NAME=LAYERS"),
-                                         ("a_4=[1,2,3,4]@2e6 deadline=25m", "DEADLINE_S=25m is not a number")])
+                                         ("a_4=[1,2,3,4]@2e6 deadline=25m", "DEADLINE_S=25m is not a number"),
+                                         ("a_4=[1,2,3,4] kl_est=10m", "KL_EST_S=10m is not a number"),
+                                         ("teacher=[1,2,3,4]", "the name teacher is the campaign's own"),
+                                         ("-x=[1,2,3,4]", "'-x=[1,2,3,4]' is not NAME=LAYERS")])
 def test_compare_campaign_refuses_hybrids_it_cannot_read_before_any_gpu_work(tmp_path, hybrids, why):
     hybrids, _, deadline = hybrids.partition(" deadline=")  # (@2e6: kl.tokens as the config reads it, accepted)
+    hybrids, _, kl_est = hybrids.partition(" kl_est=")
+    env = {**({"DEADLINE_S": deadline} if deadline else {}), **({"KL_EST_S": kl_est} if kl_est else {})}
     ev = campaign(tmp_path, "compare", rc=1, RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
-                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS=hybrids, **({"DEADLINE_S": deadline} if deadline else {}))
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS=hybrids, **env)
     assert any(why in e for e in ev), ev
     assert not any(e.startswith("start ") for e in ev)
 
@@ -245,7 +260,8 @@ def test_ga_s2_campaign_from_a_committed_selection_runs_only_the_selectors_again
     ref = tmp_path / "ga_s2_selection.json"
     ref.write_text('{"ranking": [1, 2, 3]}')
     ev = campaign(tmp_path, "ga_s2", RUNC=str(tmp_path / "run"), ALIGN_PARTS=str(tmp_path / "parts"),
-                  SEL_REF=str(ref), SELECTORS="halving ppl", SELECT_OVERRIDES="select.halving_first_tokens=262144")
+                  SEL_REF=str(ref), SELECTORS="halving ppl", SELECT_OVERRIDES="select.halving_first_tokens=262144",
+                  SEED="1", OVERRIDES="mixer_options.use_gate=false")
     assert ev[-1] == "campaign done"
     assert not any(e.startswith(("start align (", "start ga_s2_task")) for e in ev)  # carried align, no GA-S2
     assert at(ev, "end align_seed rc=0") < at(ev, "end data_cache rc=0") < at(ev, "start select_halving_task0 (GPU 0)")
@@ -253,10 +269,14 @@ def test_ga_s2_campaign_from_a_committed_selection_runs_only_the_selectors_again
     assert at(ev, "start select_halving_task1 (GPU 0)") < at(ev, "end select_halving_task0 rc=0")
     assert max(at(ev, f"end select_halving_task{t} rc=0") for t in (0, 1)) < at(ev, "start select_ppl (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
+    # the seed and overrides of the align reach every step that starts from it (the token cache, each selector)
     for t in (0, 1):
         assert (f"select.method=halving select.reference={ref} select.num_tasks=2 select.task_index={t} "
-                "select.probe.micro_batch=16 select.halving_first_tokens=262144") in calls
-    assert f"select.method=ppl select.reference={ref} select.halving_first_tokens=262144" in calls
+                "select.probe.micro_batch=16 seed=1 mixer_options.use_gate=false "
+                "select.halving_first_tokens=262144") in calls
+    assert (f"select.method=ppl select.reference={ref} seed=1 mixer_options.use_gate=false "
+            "select.halving_first_tokens=262144") in calls
+    assert "--prepare-data data.num_proc=16 seed=1 mixer_options.use_gate=false" in calls
     # on an 80 GB card two probe tasks at micro-batch 16 do not fit: 8 each; one task failing: said, the rest runs
     (tmp_path / "c").mkdir()
     ev = campaign(tmp_path / "c", "ga_s2", RUNC=str(tmp_path / "run_c"), ALIGN_PARTS=str(tmp_path / "parts"),

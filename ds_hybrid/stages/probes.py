@@ -366,8 +366,8 @@ def _failed_peer(out: Path, idx: int, n: int, since: float) -> str | None:
     return None
 
 
-def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int,
-                            since: float = 0.0) -> dict[int, float]:
+def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps: int, since: float = 0.0,
+                            task: tuple[int, int] | None = None) -> dict[int, float]:
     """Wait for the other tasks' records of this round (halving across tasks runs them all at once). The main rank
     looks, every 2 s, and every rank follows its look (a collective per look: ranks on other nodes, which may see
     the files a moment later, never part, and no rank sits in one collective for the whole wait). A task that
@@ -375,7 +375,7 @@ def _round_scores_of_others(cfg: RunConfig, out: Path, layers: list[int], steps:
     records = {l: out / "probes" / probe_name(l) / f"round_{steps:07d}.json" for l in layers}
     wait = 60 * cfg.dist_timeout_minutes
     state = {"deadline": time.monotonic() + wait, "seen": None, "said": False}
-    idx, n = task_slot(cfg)
+    idx, n = task or task_slot(cfg)  # (halving passes its slot: an array's split is said once, not every round)
 
     def look() -> tuple[str, object]:
         missing = [l for l, f in records.items() if not f.is_file()]
@@ -433,7 +433,7 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     if n > 1 and D.is_main():
         marker.unlink(missing_ok=True)  # this task runs again: its earlier failure is no longer one
     try:
-        return _halving(cfg, out, num_layers, align_dir, force, since)
+        return _halving(cfg, out, num_layers, align_dir, force, since, (idx, n))
     except StopRequested:  # a time limit's checkpoint-and-requeue: the task comes back, its peers wait for it
         raise
     except BaseException as e:
@@ -443,8 +443,8 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
         raise
 
 
-def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: bool,
-             since: float) -> tuple[dict[int, float], dict]:
+def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: bool, since: float,
+             task: tuple[int, int]) -> tuple[dict[int, float], dict]:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
     step_tokens = s.global_batch * s.seq_len
@@ -465,7 +465,7 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
         s.keep_checkpoints = 0
         s.ckpt_every = 0
     keep = cfg.select.halving_keep or max([1, *requested_ks(cfg, num_layers)])  # (ks [0] or none: one finalist)
-    idx, n = task_slot(cfg)
+    idx, n = task
     alive = list(range(num_layers))
     scores: dict[int, float] = {}
     rounds = []
@@ -482,7 +482,8 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
             d = out / "probes" / probe_name(layer)
             still_claimed(out, ident)
             round_scores[layer] = _halving_round(cfg, d, layer, s_r, steps, stage_steps(s) * step_tokens)
-        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps, since))
+        round_scores.update(_round_scores_of_others(cfg, out, [l for l in alive if l not in mine], steps, since,
+                                                     (idx, n)))
         round_scores = {l: round_scores[l] for l in alive}
         spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
         scores.update(round_scores)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ds_hybrid.folders import usual_mode  # noqa: E402
+from ds_hybrid.folders import atomic_folder  # noqa: E402
 from ds_hybrid.hf_io import SafetensorsReader  # noqa: E402
 
 FORMAT = 1
@@ -160,60 +160,44 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
     out = Path(out)
     blob = _join(parts)
     reader = SafetensorsReader(base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    aside: Path | None = None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            if MANIFEST not in members:
-                raise SystemExit(f"unpack: the parts hold no {MANIFEST}: not a carry_export pack")
-            manifest = json.loads(tar.extractfile(members[MANIFEST]).read())
-            if manifest.get("format") != FORMAT:
-                raise SystemExit(f"unpack: format {manifest.get('format')} (this script reads {FORMAT})")
-            delta = load(tar.extractfile(members[DELTA]).read())
-            for arc, m in members.items():
-                if arc.startswith("files/") and m.isfile():
-                    dest = tmp / arc.removeprefix("files/")
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tar.extractfile(m).read())
-        for rel, shard in manifest["shards"].items():
-            tensors = {}
-            for n in shard["tensors"]:
-                key = f"{rel}::{n}"
-                spec = manifest["tensors"][key]
-                if spec["source"] == "delta":
-                    t = delta[key]
-                else:
-                    if n not in reader:
-                        raise SystemExit(f"unpack: tensor {n} comes from the base, but {base} does not hold it: "
-                                         "give the --base the pack was made with")
-                    t = reader.get(n).to(getattr(torch, spec["dtype"])).contiguous()
-                if _digest(t) != spec["sha256"] or list(t.shape) != spec["shape"]:
-                    raise SystemExit(f"unpack: tensor {n} ({rel}) does not match its hash: the --base differs from "
-                                     "the one the pack was made with (another teacher or dtype?), or the parts "
-                                     "are of two packs")
-                tensors[n] = t
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(dest), metadata=shard["metadata"] or None)
-        usual_mode(tmp)  # (mkdtemp's 0700 otherwise)
-        if out.exists():  # the earlier folder goes only once the new one is in its place
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}-earlier-", dir=out.parent)) / out.name
-            out.rename(aside)
-        os.replace(tmp, out)
-        if aside is not None:
-            shutil.rmtree(aside.parent)
+    try:  # built aside, swapped into place whole (ds_hybrid.folders.atomic_folder): an earlier folder stays until then
+        with atomic_folder(out, out.name) as tmp:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+                members = {m.name: m for m in tar.getmembers()}
+                if MANIFEST not in members:
+                    raise SystemExit(f"unpack: the parts hold no {MANIFEST}: not a carry_export pack")
+                manifest = json.loads(tar.extractfile(members[MANIFEST]).read())
+                if manifest.get("format") != FORMAT:
+                    raise SystemExit(f"unpack: format {manifest.get('format')} (this script reads {FORMAT})")
+                delta = load(tar.extractfile(members[DELTA]).read())
+                for arc, m in members.items():
+                    if arc.startswith("files/") and m.isfile():
+                        dest = tmp / arc.removeprefix("files/")
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(tar.extractfile(m).read())
+            for rel, shard in manifest["shards"].items():
+                tensors = {}
+                for n in shard["tensors"]:
+                    key = f"{rel}::{n}"
+                    spec = manifest["tensors"][key]
+                    if spec["source"] == "delta":
+                        t = delta[key]
+                    else:
+                        if n not in reader:
+                            raise SystemExit(f"unpack: tensor {n} comes from the base, but {base} does not hold it: "
+                                             "give the --base the pack was made with")
+                        t = reader.get(n).to(getattr(torch, spec["dtype"])).contiguous()
+                    if _digest(t) != spec["sha256"] or list(t.shape) != spec["shape"]:
+                        raise SystemExit(f"unpack: tensor {n} ({rel}) does not match its hash: the --base differs from "
+                                         "the one the pack was made with (another teacher or dtype?), or the parts "
+                                         "are of two packs")
+                    tensors[n] = t
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(dest), metadata=shard["metadata"] or None)
     except tarfile.TarError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"unpack: the parts do not join into one pack ({e}): parts of two packs mixed, or a part "
                          "damaged on the way") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None and aside.exists() and not out.exists():  # stopped between the two renames
-            aside.rename(out)
-            shutil.rmtree(aside.parent, ignore_errors=True)
-        raise
     print(f"unpacked {len(manifest['tensors'])} tensors, every hash checked: {out}")
     return out
 

@@ -27,14 +27,11 @@ elif ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export TOKENIZERS_PARALLELISM=false
-OUT_DIR=$("$PYTHON" -c "
-import sys
-from ds_hybrid.config import load_config
-from ds_hybrid.errors import ConfigError
-try:
-    print(load_config(sys.argv[1], sys.argv[2:]).out_dir)
-except ConfigError as e:
-    sys.exit(f'ds-hybrid: error: {e}')" "$CONFIG" "$@") || exit 2
+# every stage still to run checked before the first starts (ds_hybrid/launch.py: batch vs ranks, budgets, DeepSpeed
+# JSONs, select's probes, kl reading the selection select writes); its first line is the run's out_dir
+CHECKED=$(KNOWN_STAGES=align,select,kl,finetune WORLD_SIZE=$NPROC "$PYTHON" -m ds_hybrid.launch "$CONFIG" "$STAGES" "$@" \
+          2> >(sed 's/^config error: /ds-hybrid: error: /' >&2)) || exit 2
+OUT_DIR=${CHECKED%%$'\n'*}
 for stage in ${STAGES//,/ }; do
   mkdir -p "$OUT_DIR/$stage"
   echo "== stage $stage ($NPROC rank(s)) -> $OUT_DIR/$stage"

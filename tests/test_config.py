@@ -501,7 +501,9 @@ def test_run_local_checks_its_stages_ranks_and_config_before_running(tmp_path):
     env = {**__import__("os").environ, "PYTHON": sys.executable}
     for extra, args, message in (({"NPROC": "0"}, [], "NPROC='0': the number of ranks"),
                                  ({"NPROC": "1"}, ["align,kll"], "STAGES='align,kll': no stage 'kll'"),
-                                 ({"NPROC": "1"}, ["kl", "kl.tokens=abc"], "kl.tokens='abc': expected int")):
+                                 ({"NPROC": "1"}, ["kl", "kl.tokens=abc"], "kl.tokens='abc': expected int"),
+                                 ({"NPROC": "1"}, ["align,select,kl", f"out_dir={tmp_path / 'r'}"],
+                                  "softmax_layers={'uniform': 0.25}: stage select writes its ranking")):
         p = subprocess_run(["bash", script, str(REPO / "runs" / "smollm2_quickstart.yaml"), *args], {**env, **extra},
                            tmp_path)
         assert p.returncode == 2 and f"ds-hybrid: error: {message}" in p.stderr, p.stderr[-2000:]
@@ -550,6 +552,8 @@ def test_corpus_and_extract_text_check_their_options_first(tmp_path, monkeypatch
 def test_the_sbatch_examples_of_the_docs_pass_the_launch_checks():
     """Every `sbatch [--nodes=N] launchers/distill_70b.slurm ...` example in docs/SCALE.md and the launcher's header,
     with its overrides and 8 ranks a node, passes the checks its job makes before any model is built."""
+    from ds_hybrid import launch
+
     text = (REPO / "docs" / "SCALE.md").read_text() + (REPO / "launchers" / "distill_70b.slurm").read_text()
     text = re.sub(r"\\\n#?\s*", " ", text)  # continued lines joined
     examples = re.findall(r"sbatch (?:--nodes=(\d+) )?launchers/distill_70b\.slurm([^#\n`]*)", text)
@@ -562,5 +566,59 @@ def test_the_sbatch_examples_of_the_docs_pass_the_launch_checks():
         if config != "runs/llama3_70b_gdn.yaml":  # (placeholders such as runs/x.yaml)
             continue
         cfg = load_config(REPO / config, overrides)
-        for stage in launcher.get("STAGES", "align,kl,finetune").split(","):
-            validate_for_launch(cfg, stage, world_size=8 * int(nodes or 4), check_init_from=False)
+        launch.check_pipeline(cfg, launcher.get("STAGES", "align,select,kl,finetune,eval").split(","),
+                              8 * int(nodes or 4), int(launcher.get("SELECT_ARRAY", 0)))
+
+
+def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_stage(tmp_path, monkeypatch):
+    """ds_hybrid.launch, run by both launchers before their first stage: kl must read the selection that stage select
+    writes (not the config's uniform spacing, not another method's file), select's probes are checked against the
+    ranks like a stage (the error names select.probe.*), halving is refused as a job array, unknown stages named."""
+    from ds_hybrid import launch
+
+    cfg = load_config(None, [f"out_dir={tmp_path / 'run'}"])
+    sel = tmp_path / "run" / "select" / cfg.select.method / "selection.json"
+    with pytest.raises(ConfigError, match=rf"^softmax_layers=.*select writes its ranking to {sel} and kl would train"):
+        launch.check_pipeline(cfg, ["align", "select", "kl"], 1)
+    launch.check_pipeline(cfg, ["align", "kl"], 1)  # no select: the config's layers are what the user asked for
+    other = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={tmp_path}/run/select/ppl/selection.json",
+                               "softmax_layers.k=2"])
+    with pytest.raises(ConfigError, match=r"kl would read .*/select/ppl/selection.json instead"):
+        launch.check_pipeline(other, ["select", "kl"], 1)
+    wired = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}", "softmax_layers.k=2"])
+    launch.check_pipeline(wired, ["align", "select", "kl", "finetune"], 1)
+    (tmp_path / "run" / "kl").mkdir(parents=True)
+    (tmp_path / "run" / "kl" / "DONE").write_text("{}")
+    launch.check_pipeline(cfg, ["align", "select", "kl"], 1)  # kl done: nothing left to misdirect
+    with pytest.raises(ConfigError, match=r"^STAGES='align,eval,kll': no stage 'kll'"):
+        launch.check_pipeline(cfg, ["align", "eval", "kll"], 1)
+    with pytest.raises(ConfigError, match=r"^STAGES=.*no stage 'eval'"):
+        launch.check_pipeline(cfg, ["eval"], 1, known=("align", "select", "kl", "finetune"))
+    big = load_config(REPO / "runs" / "llama3_70b_gdn.yaml",
+                      ["align.global_batch=192", "kl.global_batch=64", "finetune.global_batch=64"])
+    big.out_dir = str(tmp_path / "big")
+    big.softmax_layers = {"selection": str(tmp_path / "big" / "select" / "halving" / "selection.json"), "ratio": 0.125}
+    with pytest.raises(ConfigError, match=r"^select\.probe\.global_batch=32: must be a multiple of .* = 64"):
+        launch.check_pipeline(big, ["align", "select", "kl"], 64)
+    launch.check_pipeline(big, ["align", "kl"], 64)
+    big.select.probe["global_batch"] = 64
+    launch.check_pipeline(big, ["align", "select", "kl"], 64)
+    with pytest.raises(ConfigError, match=r"^SELECT_ARRAY=16: select.method=halving: its rounds need every task"):
+        launch.check_pipeline(big, ["select", "kl"], 64, select_array=16)
+
+
+def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stages_and_refuses_it_when_named(
+        tmp_path, monkeypatch, capsys):
+    from ds_hybrid import launch
+
+    monkeypatch.setattr(launch, "eval_fits", lambda cfg: (False, "stage eval loads each model whole on one GPU"))
+    args = [str(REPO / "runs" / "smollm2_quickstart.yaml"), "align,kl,eval", f"out_dir={tmp_path}"]
+    monkeypatch.setenv("STAGES_DEFAULT", "1")
+    assert launch.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [str(tmp_path), "ga_s2", "embedded", "align,kl"] and "eval left out" in err
+    monkeypatch.setenv("STAGES_DEFAULT", "0")
+    assert launch.main(args) == 2
+    assert "config error: STAGES='align,kl,eval': stage eval loads each model whole" in capsys.readouterr().err
+    monkeypatch.setattr(launch, "eval_fits", lambda cfg: (True, ""))
+    assert launch.main(args) == 0 and capsys.readouterr().out.splitlines()[-1] == "align,kl,eval"

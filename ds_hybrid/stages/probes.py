@@ -189,6 +189,19 @@ def probe_run_config(cfg: RunConfig, probe_dir: Path, layers: list[int], s: Stag
     return pc
 
 
+def check_probes_for_launch(cfg: RunConfig, world_size: int) -> None:
+    """A launcher's check of select's probes before its first stage (ds_hybrid.launch): the checks a probe's kl run
+    makes (batch vs ranks, zero-step budgets, DeepSpeed JSONs), its errors naming the field as the user sets it."""
+    from ds_hybrid.config import validate_for_launch
+
+    s = probe_stage_config(cfg, Path(cfg.out_dir) / "align" / "hf")
+    pc = probe_run_config(cfg, Path(cfg.out_dir) / "select" / cfg.select.method, [], s)
+    try:
+        validate_for_launch(pc, "kl", world_size, check_init_from=False)
+    except ConfigError as e:
+        raise ConfigError(probe_field(cfg, e.field), e.value, e.fix) from None
+
+
 def requested_ks(cfg: RunConfig, num_layers: int) -> list[int]:
     ks = set(cfg.select.ks) | {k_for_ratio(r, num_layers) for r in cfg.select.ratios}
     return sorted(ks)

@@ -1,0 +1,128 @@
+"""The checks a launcher makes before its first stage starts (launchers/distill_70b.slurm, launchers/run_local.sh):
+every stage still to run against the job's rank count, select's probes included, and the pipeline's wiring: kl
+trains the layers stage select wrote, not the config's other spec. A bad setting is found before hours of align.
+
+    python -m ds_hybrid.launch CONFIG STAGES [key=value ...]
+    # prints out_dir, select.method, teacher and the stages to run, one a line
+    (environment: SLURM_NTASKS or WORLD_SIZE, the rank count; SELECT_ARRAY, the launcher's probe array size;
+    STAGES_DEFAULT=1: STAGES is the launcher's default list, from which an eval that cannot fit the node's GPU is
+    left out with a note instead of refused; KNOWN_STAGES: the stage names the launcher runs)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ds_hybrid.config import TRAIN_STAGES, RunConfig, load_config, validate_for_launch
+from ds_hybrid.errors import ConfigError
+
+STAGES: tuple[str, ...] = ("align", "select", "kl", "finetune", "eval")
+PROBE_METHODS: tuple[str, ...] = ("ga_s2", "halving")
+
+
+def selection_path(cfg: RunConfig) -> Path:
+    """Where stage select writes its ranking for this run config."""
+    return Path(cfg.out_dir) / "select" / cfg.select.method / "selection.json"
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return os.path.normpath(Path(a).expanduser().absolute()) == os.path.normpath(Path(b).expanduser().absolute())
+
+
+def eval_weights_gib(cfg: RunConfig) -> float | None:
+    """GiB of the larger of teacher and hybrid in 16-bit weights (stage eval loads one model at a time, whole, on
+    one GPU); None where the teacher's config cannot be read here."""
+    from ds_hybrid.plan import _layers_or_uniform, count_models
+    from ds_hybrid.teacher import load_teacher_config
+
+    try:
+        tc = load_teacher_config(cfg.teacher)
+        counts = count_models(tc, cfg, "kl", _layers_or_uniform(cfg, tc.num_hidden_layers))
+    except Exception:  # (a teacher folder on another file system, a selection not made yet: no estimate)
+        return None
+    return max(counts.teacher, counts.student) * 2 / 2**30
+
+
+def eval_fits(cfg: RunConfig) -> tuple[bool, str]:
+    """Whether stage eval's models fit this node's first GPU (True where there is none to ask, or no estimate)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True, ""
+    gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    need = eval_weights_gib(cfg)
+    if need is None or need <= 0.9 * gpu:
+        return True, ""
+    return False, (f"stage eval loads each model whole on one GPU, ~{need:.0f} GiB of 16-bit weights, more than "
+                   f"this node's {gpu:.0f} GiB GPU holds")
+
+
+def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_array: int = 0,
+                   known: tuple[str, ...] = STAGES) -> None:
+    """Raises ConfigError for the first setting that would stop (or silently misdirect) a stage still to run."""
+    for st in stages:
+        if st not in known:
+            raise ConfigError("STAGES", ",".join(stages), f"no stage {st!r}; use {', '.join(known)} (comma-separated)")
+    out = Path(cfg.out_dir)
+
+    def done(st: str) -> bool:
+        return (out / st / "DONE").is_file()
+
+    for st in stages:  # (a stage done already is skipped by the launcher: not checked)
+        if st in TRAIN_STAGES and not done(st):
+            validate_for_launch(cfg, st, world_size, check_init_from=False)
+    sel = selection_path(cfg)
+    if "select" in stages and not sel.is_file():
+        if select_array > 0 and cfg.select.method == "halving":
+            raise ConfigError("SELECT_ARRAY", select_array,
+                              "select.method=halving: its rounds need every task running at the same time, which a "
+                              "job array does not promise (a task still pending stops the others after "
+                              "dist_timeout_minutes); leave SELECT_ARRAY=0 (the probes run in this job, on all its "
+                              "ranks), or use select.method=ga_s2, whose probes are independent")
+        if cfg.select.method in PROBE_METHODS:
+            from ds_hybrid.stages.probes import check_probes_for_launch
+            check_probes_for_launch(cfg, world_size)
+    if "select" in stages and "kl" in stages and not done("kl"):
+        spec = cfg.softmax_layers
+        reads = spec.get("selection") if isinstance(spec, dict) else None
+        if reads is None or not _same_path(reads, sel):
+            what = f"read {reads}" if reads is not None else f"train the layers of softmax_layers={spec!r}"
+            raise ConfigError("softmax_layers", spec,
+                              f"stage select writes its ranking to {sel} and kl would {what} instead; set "
+                              f"softmax_layers: {{selection: {sel}, ratio: <r>}} (or k: <K>; as an override: "
+                              f"softmax_layers.selection={sel}), or leave select out of STAGES")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print("usage: python -m ds_hybrid.launch CONFIG STAGES [key=value ...]", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("SLURM_NTASKS") or os.environ.get("WORLD_SIZE") or 1)
+    try:
+        cfg = load_config(argv[0], argv[2:])
+        array = os.environ.get("SELECT_ARRAY") or "0"
+        if not array.isdigit():
+            raise ConfigError("SELECT_ARRAY", array, "the number of probe tasks: 0 (none) or more")
+        known = tuple(os.environ.get("KNOWN_STAGES", ",".join(STAGES)).split(","))
+        stages = [s for s in argv[1].split(",") if s]
+        check_pipeline(cfg, stages, world, int(array), known)
+        if "eval" in stages and not (Path(cfg.out_dir) / "eval" / "eval.json").is_file():
+            fits, why = eval_fits(cfg)
+            if not fits and os.environ.get("STAGES_DEFAULT") == "1":  # the launcher's default list: go without it
+                stages = [s for s in stages if s != "eval"]
+                print(f"note: {why}: eval left out of the default stages; evaluate the exported model on a GPU that "
+                      "holds it (ds-hybrid eval, docs/EVAL.md)", file=sys.stderr)
+            elif not fits:
+                raise ConfigError("STAGES", argv[1], f"{why}; leave eval out of STAGES and evaluate the exported "
+                                  "model on a GPU that holds it (ds-hybrid eval, docs/EVAL.md)")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(cfg.out_dir, cfg.select.method, cfg.teacher or "embedded", ",".join(stages), sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,7 +47,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         layers = uniform_layers(L, k_for_ratio(args.ratio if args.ratio is not None else 0.25, L, "--ratio"))
     check_mixer(args.mixer, head_dim(config), "--mixer")
-    MixerOptions.from_dict({"use_short_conv": args.short_conv}, "--short-conv")
+    options = {"use_short_conv": args.short_conv, "qkv_bias": args.qkv_bias}
+    MixerOptions.from_dict(options, "--short-conv")
     import torch
 
     from ds_hybrid.distributed import parse_device
@@ -57,7 +58,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # fp32 by default (exact transfer); bf16 halves host memory and disk for large teachers (8B: 16 GB vs 32 GB)
     teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                 device=args.device)
-    student = build_hybrid(teacher, layers, args.mixer, {"use_short_conv": args.short_conv})
+    student = build_hybrid(teacher, layers, args.mixer, options)
     generation = teacher_generation_config(resolve_teacher(args.teacher))
     if generation is not None:  # the teacher's stop tokens and sampling defaults, not HF's default from the config
         student.generation_config = generation
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layer_args(p)
     p.add_argument("--mixer", default="gdn", help="gdn (Gated DeltaNet) or gla")
     p.add_argument("--short-conv", action="store_true", help="add fla's short convolution to the mixer")
+    p.add_argument("--qkv-bias", action="store_true", help="keep the teacher's q/k/v biases in the linear mixers "
+                   "(Qwen2/2.5; dropped by default, as in the paper's code: mixer_options.qkv_bias, docs/METHOD.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="load the teacher and save the hybrid in")
     p.add_argument("--device", default="cpu", help="where the teacher is loaded and the hybrid built (cuda: fast "
                    "for large teachers that fit one GPU)")

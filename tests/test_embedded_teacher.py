@@ -112,3 +112,32 @@ def test_short_align_then_kl_on_the_real_teacher_exports_a_hybrid_that_reloads(t
     prompt = tok("Hello", return_tensors="pt").input_ids
     out = model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, greedy_by_reforward(model.eval(), prompt, 3, model.generation_config.eos_token_id))
+
+
+def test_cli_convert_keeps_a_qwen2_teachers_qkv_biases_when_asked(tmp_path, capsys):
+    """--qkv-bias: the linear mixers carry the teacher's q bias and its k/v biases repeated over the query groups
+    (mixer_options.qkv_bias); without it they have none."""
+    from safetensors.torch import load_file
+    from trainer_utils import make_tiny_teacher
+
+    from ds_hybrid.cli import main
+
+    teacher = make_tiny_teacher(tmp_path / "qwen2", family="qwen2")
+    t = {}
+    for f in teacher.glob("*.safetensors"):
+        t.update(load_file(str(f)))
+    for flag, out in (([], tmp_path / "plain"), (["--qkv-bias"], tmp_path / "bias")):
+        assert main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", *flag, "--out", str(out)]) == 0
+        s = {}
+        for f in out.glob("*.safetensors"):
+            s.update(load_file(str(f)))
+        mixer = "model.layers.1.self_attn."
+        if not flag:
+            assert not any(k.startswith(mixer) and k.endswith("_proj.bias") for k in s)
+            continue
+        att = mixer  # (the teacher's attention of that layer: the same names)
+        torch.testing.assert_close(s[mixer + "q_proj.bias"], t[att + "q_proj.bias"], rtol=0, atol=0)
+        for name in ("k", "v"):  # 2 kv heads of 16 serve 4 query heads: head j repeated for heads 2j and 2j+1
+            want = t[att + f"{name}_proj.bias"].view(2, 1, 16).expand(2, 2, 16).reshape(-1)
+            torch.testing.assert_close(s[mixer + f"{name}_proj.bias"], want, rtol=0, atol=0)
+        assert (s["model.layers.2.self_attn.k_proj.bias"] == t["model.layers.2.self_attn.k_proj.bias"]).all()

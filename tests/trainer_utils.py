@@ -19,8 +19,9 @@ TRAIN = REPO / "ds_hybrid" / "train.py"
 
 def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None, family: str = "llama") -> Path:
     """A 4-layer Llama (hidden 64) with the embedded teacher's tokenizer, saved as a HF folder. ``family="gemma3"``:
-    the same sizes as a Gemma 3 text model (layer 2 global, the others sliding with window 32; head_dim 32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig
+    the same sizes as a Gemma 3 text model (layer 2 global, the others sliding with window 32; head_dim 32);
+    ``family="qwen2"``: a Qwen2 (q/k/v biases)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     from ds_hybrid.teacher import embedded_teacher_dir
 
@@ -33,6 +34,8 @@ def make_tiny_teacher(out: Path, tie: bool = True, vocab_size: int | None = None
         cfg = Gemma3TextConfig(**kw, head_dim=32, sliding_window=32, query_pre_attn_scalar=32,
                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                             "sliding_attention"], pad_token_id=tok.pad_token_id)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**kw)
     else:
         cfg = LlamaConfig(**kw)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -226,7 +226,8 @@ class LinearMixer(nn.Module):
                     dst.copy_(src if name == "q_proj" else repeat_kv_weight(src, num_kv_heads, groups))
         elif any(getattr(getattr(attn, n), "bias", None) is not None for n in ("q_proj", "k_proj", "v_proj")):
             warnings.warn("the teacher's q/k/v projections have biases (Qwen2's): the linear mixers drop them, so "
-                          "their stage-0 start is further from the teacher; mixer_options.qkv_bias: true keeps them",
+                          "their stage-0 start is further from the teacher; mixer_options.qkv_bias: true keeps them "
+                          "(ds-hybrid convert: --qkv-bias)",
                           stacklevel=2)
         if getattr(attn.o_proj, "bias", None) is not None:
             raise ValueError("teacher o_proj has a bias; linear mixers have none (no supported family has one)")

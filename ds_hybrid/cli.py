@@ -48,7 +48,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         layers = uniform_layers(L, k_for_ratio(args.ratio if args.ratio is not None else 0.25, L, "--ratio"))
     check_mixer(args.mixer, head_dim(config), "--mixer")
     options = {"use_short_conv": args.short_conv, "qkv_bias": args.qkv_bias}
-    MixerOptions.from_dict(options, "--short-conv")
+    MixerOptions.from_dict(options, "--short-conv/--qkv-bias")
     import torch
 
     from ds_hybrid.distributed import parse_device

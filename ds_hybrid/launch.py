@@ -4,13 +4,16 @@ trains the layers stage select wrote, not the config's other spec. A bad setting
 
     python -m ds_hybrid.launch CONFIG STAGES [key=value ...]
     # prints out_dir, select.method, teacher and the stages to run, one a line
-    (environment: SLURM_NTASKS or WORLD_SIZE, the rank count; SELECT_ARRAY, the launcher's probe array size;
-    STAGES_DEFAULT=1: STAGES is the launcher's default list, from which an eval that cannot fit the node's GPU is
-    left out with a note instead of refused; KNOWN_STAGES: the stage names the launcher runs)
+    (environment: LAUNCH_RANKS, the job's rank count; SELECT_ARRAY, the launcher's probe array size; STAGES_DEFAULT=1:
+    STAGES is the launcher's default list, from which an eval that cannot fit the node's GPU is left out with a note
+    instead of refused; EVAL_ARGS: the eval stage's options (--device, --no-quality); KNOWN_STAGES: the stage names
+    the launcher runs; ERROR_PREFIX: what an error line starts with)
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,40 +25,63 @@ PROBE_METHODS: tuple[str, ...] = ("ga_s2", "halving")
 
 
 def selection_path(cfg: RunConfig) -> Path:
-    """Where stage select writes its ranking for this run config."""
-    return Path(cfg.out_dir) / "select" / cfg.select.method / "selection.json"
+    """Where stage select writes its ranking for this run config (its score and distance_reg included)."""
+    from ds_hybrid.stages.select import selection_target
+
+    return selection_target(cfg)
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
-    return os.path.normpath(Path(a).expanduser().absolute()) == os.path.normpath(Path(b).expanduser().absolute())
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def eval_weights_gib(cfg: RunConfig) -> float | None:
-    """GiB of the larger of teacher and hybrid in 16-bit weights (stage eval loads one model at a time, whole, on
-    one GPU); None where the teacher's config cannot be read here."""
+def eval_weights_gib(cfg: RunConfig, quality: bool = True) -> float | None:
+    """GiB of 16-bit weights stage eval holds on its one GPU: teacher and hybrid together where it scores held-out
+    quality (the teacher stays loaded for the KL while the hybrid runs), else the larger; None where the teacher's
+    config cannot be read here (said on stderr)."""
     from ds_hybrid.plan import _layers_or_uniform, count_models
     from ds_hybrid.teacher import load_teacher_config
 
     try:
         tc = load_teacher_config(cfg.teacher)
         counts = count_models(tc, cfg, "kl", _layers_or_uniform(cfg, tc.num_hidden_layers))
-    except Exception:  # (a teacher folder on another file system, a selection not made yet: no estimate)
+    except (ConfigError, OSError, ValueError) as e:  # (a hub id this node cannot reach, a family plan lacks)
+        print(f"note: no estimate of stage eval's memory ({e}); it runs as asked", file=sys.stderr)
         return None
-    return max(counts.teacher, counts.student) * 2 / 2**30
+    both = counts.teacher + counts.student if quality else max(counts.teacher, counts.student)
+    return both * 2 / 2**30
 
 
-def eval_fits(cfg: RunConfig) -> tuple[bool, str]:
-    """Whether stage eval's models fit this node's first GPU (True where there is none to ask, or no estimate)."""
+def eval_fits(cfg: RunConfig, eval_args: list[str] = ()) -> tuple[bool, str]:
+    """Whether stage eval's models fit this node's first GPU (True where it runs elsewhere, on no GPU, or with no
+    estimate). ``eval_args``: the eval options the launcher passes (--device, --no-quality)."""
     import torch
 
-    if not torch.cuda.is_available():
+    device = next((a.split("=", 1)[1] for a in eval_args if a.startswith("--device=")), None)
+    if "--device" in eval_args[:-1]:
+        device = eval_args[eval_args.index("--device") + 1]
+    if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
         return True, ""
     gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
-    need = eval_weights_gib(cfg)
+    quality = "--no-quality" not in eval_args
+    need = eval_weights_gib(cfg, quality)
     if need is None or need <= 0.9 * gpu:
         return True, ""
+    if quality:
+        return False, (f"stage eval holds teacher and hybrid on one GPU (the teacher stays for held-out quality), "
+                       f"~{need:.0f} GiB of 16-bit weights, more than this node's {gpu:.0f} GiB GPU (--no-quality in "
+                       "EVAL_ARGS holds one model at a time)")
     return False, (f"stage eval loads each model whole on one GPU, ~{need:.0f} GiB of 16-bit weights, more than "
                    f"this node's {gpu:.0f} GiB GPU holds")
+
+
+def eval_done(cfg: RunConfig) -> bool:
+    """The launcher's reading: eval.json exists and does not say it is incomplete."""
+    f = Path(cfg.out_dir) / "eval" / "eval.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("complete", True) is not False
+    except (OSError, ValueError):
+        return False
 
 
 def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_array: int = 0,
@@ -74,6 +100,10 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
             validate_for_launch(cfg, st, world_size, check_init_from=False)
     sel = selection_path(cfg)
     if "select" in stages and not sel.is_file():
+        if select_array > 0 and cfg.select.method not in ("ga_s2", "halving"):
+            raise ConfigError("SELECT_ARRAY", select_array,
+                              f"select.method={cfg.select.method} has no probes to share out: each array task would "
+                              "make the whole selection; leave SELECT_ARRAY=0 (it is for select.method=ga_s2)")
         if select_array > 0 and cfg.select.method == "halving":
             raise ConfigError("SELECT_ARRAY", select_array,
                               "select.method=halving: its rounds need every task running at the same time, which a "
@@ -99,17 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2:
         print("usage: python -m ds_hybrid.launch CONFIG STAGES [key=value ...]", file=sys.stderr)
         return 2
-    world = int(os.environ.get("SLURM_NTASKS") or os.environ.get("WORLD_SIZE") or 1)
+    prefix = os.environ.get("ERROR_PREFIX", "config error: ")
     try:
+        ranks = os.environ.get("LAUNCH_RANKS") or "1"
+        if not ranks.isdigit() or int(ranks) < 1:
+            raise ConfigError("LAUNCH_RANKS", ranks, "the job's rank count: 1 or more")
         cfg = load_config(argv[0], argv[2:])
         array = os.environ.get("SELECT_ARRAY") or "0"
         if not array.isdigit():
             raise ConfigError("SELECT_ARRAY", array, "the number of probe tasks: 0 (none) or more")
         known = tuple(os.environ.get("KNOWN_STAGES", ",".join(STAGES)).split(","))
         stages = [s for s in argv[1].split(",") if s]
-        check_pipeline(cfg, stages, world, int(array), known)
-        if "eval" in stages and not (Path(cfg.out_dir) / "eval" / "eval.json").is_file():
-            fits, why = eval_fits(cfg)
+        check_pipeline(cfg, stages, int(ranks), int(array), known)
+        if "eval" in stages and not eval_done(cfg):
+            fits, why = eval_fits(cfg, shlex.split(os.environ.get("EVAL_ARGS", "")))
             if not fits and os.environ.get("STAGES_DEFAULT") == "1":  # the launcher's default list: go without it
                 stages = [s for s in stages if s != "eval"]
                 print(f"note: {why}: eval left out of the default stages; evaluate the exported model on a GPU that "
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("STAGES", argv[1], f"{why}; leave eval out of STAGES and evaluate the exported "
                                   "model on a GPU that holds it (ds-hybrid eval, docs/EVAL.md)")
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{prefix}{e}", file=sys.stderr)
         return 2
     print(cfg.out_dir, cfg.select.method, cfg.teacher or "embedded", ",".join(stages), sep="\n")
     return 0

@@ -29,8 +29,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / 
 export TOKENIZERS_PARALLELISM=false
 # every stage still to run checked before the first starts (ds_hybrid/launch.py: batch vs ranks, budgets, DeepSpeed
 # JSONs, select's probes, kl reading the selection select writes); its first line is the run's out_dir
-CHECKED=$(KNOWN_STAGES=align,select,kl,finetune WORLD_SIZE=$NPROC "$PYTHON" -m ds_hybrid.launch "$CONFIG" "$STAGES" "$@" \
-          2> >(sed 's/^config error: /ds-hybrid: error: /' >&2)) || exit 2
+CHECKED=$(KNOWN_STAGES=align,select,kl,finetune LAUNCH_RANKS=$NPROC ERROR_PREFIX="ds-hybrid: error: " \
+          "$PYTHON" -m ds_hybrid.launch "$CONFIG" "$STAGES" "$@") || exit 2
 OUT_DIR=${CHECKED%%$'\n'*}
 for stage in ${STAGES//,/ }; do
   mkdir -p "$OUT_DIR/$stage"

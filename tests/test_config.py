@@ -605,13 +605,24 @@ def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_s
     launch.check_pipeline(big, ["align", "select", "kl"], 64)
     with pytest.raises(ConfigError, match=r"^SELECT_ARRAY=16: select.method=halving: its rounds need every task"):
         launch.check_pipeline(big, ["select", "kl"], 64, select_array=16)
+    big.select.method = "proxy"
+    with pytest.raises(ConfigError, match=r"^SELECT_ARRAY=4: select.method=proxy has no probes to share out"):
+        launch.check_pipeline(big, ["select"], 64, select_array=4)
+    # another probe score or a distance-regularized ranking is written beside the method's plain one: kl reads that
+    rec = load_config(None, [f"out_dir={tmp_path / 'rec'}", "select.score=recall", "select.distance_reg=0.5",
+                             f"softmax_layers.selection={tmp_path}/rec/select/ga_s2/score_recall/distance_reg_0.5/selection.json",
+                             "softmax_layers.k=2"])
+    launch.check_pipeline(rec, ["select", "kl"], 1)
+    rec.softmax_layers["selection"] = str(tmp_path / "rec" / "select" / "ga_s2" / "selection.json")
+    with pytest.raises(ConfigError, match=r"writes its ranking to .*/score_recall/distance_reg_0.5/selection.json"):
+        launch.check_pipeline(rec, ["select", "kl"], 1)
 
 
 def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stages_and_refuses_it_when_named(
         tmp_path, monkeypatch, capsys):
     from ds_hybrid import launch
 
-    monkeypatch.setattr(launch, "eval_fits", lambda cfg: (False, "stage eval loads each model whole on one GPU"))
+    monkeypatch.setattr(launch, "eval_fits", lambda cfg, args=(): (False, "stage eval loads each model whole on one GPU"))
     args = [str(REPO / "runs" / "smollm2_quickstart.yaml"), "align,kl,eval", f"out_dir={tmp_path}"]
     monkeypatch.setenv("STAGES_DEFAULT", "1")
     assert launch.main(args) == 0
@@ -620,5 +631,29 @@ def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stag
     monkeypatch.setenv("STAGES_DEFAULT", "0")
     assert launch.main(args) == 2
     assert "config error: STAGES='align,kl,eval': stage eval loads each model whole" in capsys.readouterr().err
-    monkeypatch.setattr(launch, "eval_fits", lambda cfg: (True, ""))
+    monkeypatch.setattr(launch, "eval_fits", lambda cfg, args=(): (True, ""))
     assert launch.main(args) == 0 and capsys.readouterr().out.splitlines()[-1] == "align,kl,eval"
+    monkeypatch.setenv("LAUNCH_RANKS", "3")  # the job's ranks (not SLURM_NTASKS of an allocation run_local is inside)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("ERROR_PREFIX", "ds-hybrid: error: ")
+    assert launch.main(args) == 2
+    assert capsys.readouterr().err.startswith("ds-hybrid: error: align.global_batch=4: must be a multiple of the world size 3")
+
+
+def test_the_eval_fit_counts_teacher_and_hybrid_together_where_quality_keeps_the_teacher_loaded(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ds_hybrid import launch
+
+    cfg = load_config(None, [])
+    both, one = launch.eval_weights_gib(cfg, True), launch.eval_weights_gib(cfg, False)
+    assert 0.2 < one < both < 2 * one  # SmolLM2-135M: ~0.25 GiB a model in 16-bit weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=int(0.5 * 2**30)))
+    fits, why = launch.eval_fits(cfg, [])
+    assert not fits and "teacher and hybrid on one GPU" in why and "--no-quality" in why
+    assert launch.eval_fits(cfg, ["--no-quality"]) == (True, "")  # one model at a time fits 0.5 GiB
+    assert launch.eval_fits(cfg, ["--device", "cpu"]) == (True, "")
+    assert not launch.eval_fits(cfg, ["--device=cuda:0"])[0]

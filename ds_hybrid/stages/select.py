@@ -105,6 +105,17 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
     plt.close(fig)
 
 
+def selection_target(cfg: RunConfig) -> Path:
+    """Where stage select writes this run config's selection.json: ``<out_dir>/select/<method>/``, or beside it for
+    another probe score (``score_<score>/``) or a distance-regularized ranking (``distance_reg_<lambda>/``), which
+    reuse the method's probes."""
+    sc = cfg.select
+    sel_dir = cfg.stage_dir("select") / sc.method
+    sel_dir = sel_dir / f"score_{sc.score}" if sc.score != "heldout" else sel_dir
+    sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
+    return sel_dir / "selection.json"
+
+
 def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
 
@@ -118,10 +129,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     pin_hub_commit(cfg)  # (a hub dataset: the commit the align read, and every probe and task after it)
     sc = cfg.select
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
-    # another probe score or a distance-regularized ranking reuses the method's probes; written beside the plain one
-    sel_dir = out / f"score_{sc.score}" if sc.score != "heldout" else out
-    sel_dir = sel_dir / f"distance_reg_{sc.distance_reg:g}" if sc.distance_reg else sel_dir
-    target = sel_dir / "selection.json"
+    target = selection_target(cfg)
     # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
     existing = D.main_reads(lambda: _existing_selection(target, cfg))
     if existing is not None and not force:  # kept; what changed since is said (a benign kl.lr change must not block
@@ -277,8 +285,8 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     if D.is_main():
         write_selection(target, selection)
         k_plot = max(ks) if ks else max(1, L // 4)
-        plot_selection(selection, sel_dir / "selection.png", k_plot)
-        _to_tensorboard(sel_dir, selection, k_plot)
+        plot_selection(selection, target.parent / "selection.png", k_plot)
+        _to_tensorboard(target.parent, selection, k_plot)
         chosen = ", ".join(f"{k}: {v}" for k, v in selection["chosen"].items())
         log.info("select %s: ranking %s | %s | tokens spent %s", sc.method, selection["ranking"][:max(ks or [8])],
                  chosen, selection.get("tokens_spent"))

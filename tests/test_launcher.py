@@ -11,12 +11,12 @@ from pathlib import Path
 
 from trainer_utils import REPO
 
-# the trainer's stand-in: the config reader prints out_dir, select method, teacher; a stage appends its name to
-# stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit) if it is $WARN_IN, notes
+# the trainer's stand-in: the launch check prints out_dir, select method, teacher and the stages it was given; a
+# stage appends its name to stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit) if it is $WARN_IN, notes
 # the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the warning comes after its
 # last step (in its final evaluation or export)
 PYTHON = """#!/bin/bash
-if [ "$1" = -c ]; then printf '%s\\nga_s2\\nembedded\\n' "$OUT"; exit 0; fi
+if [ "$1 $2" = "-m ds_hybrid.launch" ]; then printf '%s\\nga_s2\\nembedded\\n%s\\n' "$OUT" "$4"; exit 0; fi
 if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete eval.json
   echo eval >> "$OUT/stages.log"; echo "$*" >> "$OUT/eval_args.log"; mkdir -p "$OUT/eval"
   echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0

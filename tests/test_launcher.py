@@ -12,9 +12,9 @@ from pathlib import Path
 from trainer_utils import REPO
 
 # the trainer's stand-in: the launch check prints out_dir, select method, teacher and the stages it was given; a
-# stage appends its name to stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit) if it is $WARN_IN, notes
-# the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the warning comes after its
-# last step (in its final evaluation or export)
+# stage appends its name to stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit)
+# if it is $WARN_IN, notes the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the
+# warning comes after its last step (in its final evaluation or export)
 PYTHON = """#!/bin/bash
 if [ "$1 $2" = "-m ds_hybrid.launch" ]; then printf '%s\\nga_s2\\nembedded\\n%s\\n' "$OUT" "$4"; exit 0; fi
 if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete eval.json

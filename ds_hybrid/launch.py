@@ -3,7 +3,7 @@ every stage still to run against the job's rank count, select's probes included,
 trains the layers stage select wrote, not the config's other spec. A bad setting is found before hours of align.
 
     python -m ds_hybrid.launch CONFIG STAGES [key=value ...]
-    # prints out_dir, select.method, teacher and the stages to run, one a line
+    # prints out_dir, select.method, teacher, the stages to run and where select writes, one a line
     (environment: LAUNCH_RANKS, the job's rank count; SELECT_ARRAY, the launcher's probe array size; STAGES_DEFAULT=1:
     STAGES is the launcher's default list, from which an eval that cannot fit the node's GPU is left out with a note
     instead of refused; EVAL_ARGS: the eval stage's options (--device, --no-quality); KNOWN_STAGES: the stage names
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{prefix}{e}", file=sys.stderr)
         return 2
-    print(cfg.out_dir, cfg.select.method, cfg.teacher or "embedded", ",".join(stages), sep="\n")
+    print(cfg.out_dir, cfg.select.method, cfg.teacher or "embedded", ",".join(stages), selection_path(cfg), sep="\n")
     return 0
 
 

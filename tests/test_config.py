@@ -627,12 +627,13 @@ def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stag
     monkeypatch.setenv("STAGES_DEFAULT", "1")
     assert launch.main(args) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines() == [str(tmp_path), "ga_s2", "embedded", "align,kl"] and "eval left out" in err
+    assert out.splitlines() == [str(tmp_path), "ga_s2", "embedded", "align,kl",
+                                str(tmp_path / "select" / "ga_s2" / "selection.json")] and "eval left out" in err
     monkeypatch.setenv("STAGES_DEFAULT", "0")
     assert launch.main(args) == 2
     assert "config error: STAGES='align,kl,eval': stage eval loads each model whole" in capsys.readouterr().err
     monkeypatch.setattr(launch, "eval_fits", lambda cfg, args=(): (True, ""))
-    assert launch.main(args) == 0 and capsys.readouterr().out.splitlines()[-1] == "align,kl,eval"
+    assert launch.main(args) == 0 and capsys.readouterr().out.splitlines()[-2] == "align,kl,eval"
     monkeypatch.setenv("LAUNCH_RANKS", "3")  # the job's ranks (not SLURM_NTASKS of an allocation run_local is inside)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("ERROR_PREFIX", "ds-hybrid: error: ")

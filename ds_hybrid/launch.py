@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, load_config, validate_for_launch
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.layers import check_selection_spec
 
 STAGES: tuple[str, ...] = ("align", "select", "kl", "finetune", "eval")
 PROBE_METHODS: tuple[str, ...] = ("ga_s2", "halving")
@@ -52,36 +55,48 @@ def eval_weights_gib(cfg: RunConfig, quality: bool = True) -> float | None:
     return both * 2 / 2**30
 
 
-def eval_fits(cfg: RunConfig, eval_args: list[str] = ()) -> tuple[bool, str]:
+def _option(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in an argument list (the last one given), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def eval_fits(cfg: RunConfig, eval_args: Sequence[str] = ()) -> tuple[bool, str]:
     """Whether stage eval's models fit this node's first GPU (True where it runs elsewhere, on no GPU, or with no
-    estimate). ``eval_args``: the eval options the launcher passes (--device, --no-quality)."""
+    estimate). ``eval_args``: the eval options the launcher passes (--device, --dtype, --no-quality)."""
     import torch
 
-    device = next((a.split("=", 1)[1] for a in eval_args if a.startswith("--device=")), None)
-    if "--device" in eval_args[:-1]:
-        device = eval_args[eval_args.index("--device") + 1]
-    if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
+    device = _option(eval_args, "--device") or "auto"  # (eval's default: cuda where there is one)
+    if not torch.cuda.is_available() or not (device == "auto" or device.startswith("cuda")):
         return True, ""
     gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    width = 4 if _option(eval_args, "--dtype") == "fp32" else 2
     quality = "--no-quality" not in eval_args
-    need = eval_weights_gib(cfg, quality)
-    if need is None or need <= 0.9 * gpu:
+    need, alone = eval_weights_gib(cfg, quality), eval_weights_gib(cfg, False)
+    if need is None or alone is None or need * width / 2 <= 0.9 * gpu:
         return True, ""
-    if quality:
+    bits = 8 * width
+    if quality and alone * width / 2 <= 0.9 * gpu:
         return False, (f"stage eval holds teacher and hybrid on one GPU (the teacher stays for held-out quality), "
-                       f"~{need:.0f} GiB of 16-bit weights, more than this node's {gpu:.0f} GiB GPU (--no-quality in "
-                       "EVAL_ARGS holds one model at a time)")
-    return False, (f"stage eval loads each model whole on one GPU, ~{need:.0f} GiB of 16-bit weights, more than "
-                   f"this node's {gpu:.0f} GiB GPU holds")
+                       f"~{need * width / 2:.0f} GiB of {bits}-bit weights, more than this node's {gpu:.0f} GiB GPU "
+                       "(--no-quality in EVAL_ARGS holds one model at a time)")
+    return False, (f"stage eval loads each model whole on one GPU, ~{alone * width / 2:.0f} GiB of {bits}-bit "
+                   f"weights for the larger, more than this node's {gpu:.0f} GiB GPU holds")
 
 
 def eval_done(cfg: RunConfig) -> bool:
     """The launcher's reading: eval.json exists and does not say it is incomplete."""
     f = Path(cfg.out_dir) / "eval" / "eval.json"
     try:
-        return f.is_file() and json.loads(f.read_text()).get("complete", True) is not False
+        data = json.loads(f.read_text()) if f.is_file() else None
     except (OSError, ValueError):
         return False
+    return isinstance(data, dict) and data.get("complete", True) is not False
 
 
 def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_array: int = 0,
@@ -100,7 +115,7 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
             validate_for_launch(cfg, st, world_size, check_init_from=False)
     sel = selection_path(cfg)
     if "select" in stages and not sel.is_file():
-        if select_array > 0 and cfg.select.method not in ("ga_s2", "halving"):
+        if select_array > 0 and cfg.select.method not in PROBE_METHODS:
             raise ConfigError("SELECT_ARRAY", select_array,
                               f"select.method={cfg.select.method} has no probes to share out: each array task would "
                               "make the whole selection; leave SELECT_ARRAY=0 (it is for select.method=ga_s2)")
@@ -116,12 +131,14 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
     if "select" in stages and "kl" in stages and not done("kl"):
         spec = cfg.softmax_layers
         reads = spec.get("selection") if isinstance(spec, dict) else None
-        if reads is None or not _same_path(reads, sel):
+        if not isinstance(reads, (str, Path)) or not _same_path(reads, sel):
             what = f"read {reads}" if reads is not None else f"train the layers of softmax_layers={spec!r}"
             raise ConfigError("softmax_layers", spec,
                               f"stage select writes its ranking to {sel} and kl would {what} instead; set "
-                              f"softmax_layers: {{selection: {sel}, ratio: <r>}} (or k: <K>; as an override: "
-                              f"softmax_layers.selection={sel}), or leave select out of STAGES")
+                              f"softmax_layers: {{selection: {sel}, ratio: <r>}} (or k: <K>; as overrides: "
+                              f"softmax_layers.selection={sel} softmax_layers.ratio=<r>), or leave select out of "
+                              "STAGES")
+        check_selection_spec(spec)  # (kl would stop on it after align and select)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,17 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     prefix = os.environ.get("ERROR_PREFIX", "config error: ")
     try:
         ranks = os.environ.get("LAUNCH_RANKS") or "1"
-        if not ranks.isdigit() or int(ranks) < 1:
+        if not re.fullmatch("[0-9]+", ranks) or int(ranks) < 1:
             raise ConfigError("LAUNCH_RANKS", ranks, "the job's rank count: 1 or more")
-        cfg = load_config(argv[0], argv[2:])
         array = os.environ.get("SELECT_ARRAY") or "0"
-        if not array.isdigit():
+        if not re.fullmatch("[0-9]+", array):
             raise ConfigError("SELECT_ARRAY", array, "the number of probe tasks: 0 (none) or more")
-        known = tuple(os.environ.get("KNOWN_STAGES", ",".join(STAGES)).split(","))
+        try:
+            eval_args = shlex.split(os.environ.get("EVAL_ARGS", ""))
+        except ValueError as e:
+            raise ConfigError("EVAL_ARGS", os.environ.get("EVAL_ARGS"), f"{e}: close its quotes") from None
         stages = [s for s in argv[1].split(",") if s]
+        if not stages:
+            raise ConfigError("STAGES", argv[1], f"name the stages to run, comma-separated (of {', '.join(STAGES)})")
+        cfg = load_config(argv[0], argv[2:])
+        known = tuple((os.environ.get("KNOWN_STAGES") or ",".join(STAGES)).split(","))
         check_pipeline(cfg, stages, int(ranks), int(array), known)
         if "eval" in stages and not eval_done(cfg):
-            fits, why = eval_fits(cfg, shlex.split(os.environ.get("EVAL_ARGS", "")))
+            fits, why = eval_fits(cfg, eval_args)
             if not fits and os.environ.get("STAGES_DEFAULT") == "1":  # the launcher's default list: go without it
                 stages = [s for s in stages if s != "eval"]
                 print(f"note: {why}: eval left out of the default stages; evaluate the exported model on a GPU that "

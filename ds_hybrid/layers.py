@@ -134,18 +134,24 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
                                    "{selection: <path to selection.json>, ratio: <r> | k: <K>}")
 
 
-def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_layers") -> list[int]:
-    """``{selection: path, k: K}`` or ``{selection: path, ratio: r}`` -> the top-K layers of that ranking.
-
-    With method "uniform", "smart" or "keep_global" the spacing rule is applied for K (those are not nested orders)."""
-    from ds_hybrid.selection import read_selection
-
+def check_selection_spec(spec: dict, field: str = "softmax_layers") -> None:
+    """The keys of ``{selection: path, k: K | ratio: r[, check_origin: bool]}``: exactly one of k and ratio (their
+    values are checked against the teacher by :func:`selection_k`); needs neither the file nor the teacher."""
     extra = set(spec) - {"selection", "k", "ratio", "check_origin"}
     if extra or ("k" in spec) == ("ratio" in spec):
         raise ConfigError(field, spec, "write {selection: <path>, k: <K>} or {selection: <path>, ratio: <r>} (and "
                                        "check_origin: false to use it from another teacher or align checkpoint)")
     if not isinstance(spec.get("check_origin", True), bool):
         raise ConfigError(f"{field}.check_origin", spec["check_origin"], "true (the default) or false")
+
+
+def layers_from_selection(spec: dict, num_layers: int, field: str = "softmax_layers") -> list[int]:
+    """``{selection: path, k: K}`` or ``{selection: path, ratio: r}`` -> the top-K layers of that ranking.
+
+    With method "uniform", "smart" or "keep_global" the spacing rule is applied for K (those are not nested orders)."""
+    from ds_hybrid.selection import read_selection
+
+    check_selection_spec(spec, field)
     sel = read_selection(spec["selection"], f"{field}.selection")
     if sel["num_layers"] != num_layers:
         raise ConfigError(f"{field}.selection", spec["selection"],

@@ -30,6 +30,7 @@ export TOKENIZERS_PARALLELISM=false
 # every stage still to run checked before the first starts (ds_hybrid/launch.py: batch vs ranks, budgets, DeepSpeed
 # JSONs, select's probes, kl reading the selection select writes); its first line is the run's out_dir
 CHECKED=$(KNOWN_STAGES=align,select,kl,finetune LAUNCH_RANKS=$NPROC ERROR_PREFIX="ds-hybrid: error: " \
+          SELECT_ARRAY=0 STAGES_DEFAULT=0 EVAL_ARGS= \
           "$PYTHON" -m ds_hybrid.launch "$CONFIG" "$STAGES" "$@") || exit 2
 OUT_DIR=${CHECKED%%$'\n'*}
 for stage in ${STAGES//,/ }; do

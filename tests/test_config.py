@@ -503,7 +503,11 @@ def test_run_local_checks_its_stages_ranks_and_config_before_running(tmp_path):
                                  ({"NPROC": "1"}, ["align,kll"], "STAGES='align,kll': no stage 'kll'"),
                                  ({"NPROC": "1"}, ["kl", "kl.tokens=abc"], "kl.tokens='abc': expected int"),
                                  ({"NPROC": "1"}, ["align,select,kl", f"out_dir={tmp_path / 'r'}"],
-                                  "softmax_layers={'uniform': 0.25}: stage select writes its ranking")):
+                                  "softmax_layers={'uniform': 0.25}: stage select writes its ranking"),
+                                 # (the Slurm launcher's SELECT_ARRAY in the shell does not reach run_local's check)
+                                 ({"NPROC": "1", "SELECT_ARRAY": "16"},
+                                  ["align,select,kl", "select.method=proxy", f"out_dir={tmp_path / 'r'}"],
+                                  "softmax_layers={'uniform': 0.25}: stage select writes its ranking to")):
         p = subprocess_run(["bash", script, str(REPO / "runs" / "smollm2_quickstart.yaml"), *args], {**env, **extra},
                            tmp_path)
         assert p.returncode == 2 and f"ds-hybrid: error: {message}" in p.stderr, p.stderr[-2000:]
@@ -578,7 +582,8 @@ def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_s
 
     cfg = load_config(None, [f"out_dir={tmp_path / 'run'}"])
     sel = tmp_path / "run" / "select" / cfg.select.method / "selection.json"
-    with pytest.raises(ConfigError, match=rf"^softmax_layers=.*select writes its ranking to {sel} and kl would train"):
+    with pytest.raises(ConfigError, match=rf"^softmax_layers=.*select writes its ranking to {re.escape(str(sel))} and "
+                                          r"kl would train .*softmax_layers\.ratio=<r>"):
         launch.check_pipeline(cfg, ["align", "select", "kl"], 1)
     launch.check_pipeline(cfg, ["align", "kl"], 1)  # no select: the config's layers are what the user asked for
     other = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={tmp_path}/run/select/ppl/selection.json",
@@ -587,6 +592,10 @@ def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_s
         launch.check_pipeline(other, ["select", "kl"], 1)
     wired = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}", "softmax_layers.k=2"])
     launch.check_pipeline(wired, ["align", "select", "kl", "finetune"], 1)
+    # the override the error suggests without its k or ratio: kl would stop on it after align and select
+    no_k = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}"])
+    with pytest.raises(ConfigError, match=r"^softmax_layers=.*write \{selection: <path>, k: <K>\}"):
+        launch.check_pipeline(no_k, ["align", "select", "kl"], 1)
     (tmp_path / "run" / "kl").mkdir(parents=True)
     (tmp_path / "run" / "kl" / "DONE").write_text("{}")
     launch.check_pipeline(cfg, ["align", "select", "kl"], 1)  # kl done: nothing left to misdirect
@@ -639,6 +648,19 @@ def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stag
     monkeypatch.setenv("ERROR_PREFIX", "ds-hybrid: error: ")
     assert launch.main(args) == 2
     assert capsys.readouterr().err.startswith("ds-hybrid: error: align.global_batch=4: must be a multiple of the world size 3")
+    # what the launchers pass that is not a setting: named, no traceback
+    monkeypatch.setenv("LAUNCH_RANKS", "1")
+    assert launch.main([args[0], ",", *args[2:]]) == 2
+    assert capsys.readouterr().err.startswith("ds-hybrid: error: STAGES=',': name the stages to run")
+    monkeypatch.setenv("LAUNCH_RANKS", "\u00b2")  # (a digit to str.isdigit, not to int)
+    assert launch.main(args) == 2 and "LAUNCH_RANKS='\u00b2'" in capsys.readouterr().err
+    monkeypatch.setenv("LAUNCH_RANKS", "1")
+    monkeypatch.setenv("EVAL_ARGS", '--haystack "/x')
+    assert launch.main(args) == 2 and "EVAL_ARGS=" in capsys.readouterr().err
+    monkeypatch.delenv("EVAL_ARGS")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text("[]")  # (not what eval writes: not done, no traceback)
+    assert not launch.eval_done(load_config(None, [f"out_dir={tmp_path}"]))
 
 
 def test_the_eval_fit_counts_teacher_and_hybrid_together_where_quality_keeps_the_teacher_loaded(monkeypatch):
@@ -650,11 +672,20 @@ def test_the_eval_fit_counts_teacher_and_hybrid_together_where_quality_keeps_the
 
     cfg = load_config(None, [])
     both, one = launch.eval_weights_gib(cfg, True), launch.eval_weights_gib(cfg, False)
-    assert 0.2 < one < both < 2 * one  # SmolLM2-135M: ~0.25 GiB a model in 16-bit weights
+    # the parameter counts of the loaded HF models (docs/data/compare_smollm2_merged/eval.json): the SmolLM2-135M
+    # teacher 134,515,008, its uniform 1/4 hybrid 151,776,076; 2 bytes each
+    assert (both, one) == ((134_515_008 + 151_776_076) * 2 / 2**30, 151_776_076 * 2 / 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=int(0.5 * 2**30)))
     fits, why = launch.eval_fits(cfg, [])
     assert not fits and "teacher and hybrid on one GPU" in why and "--no-quality" in why
+    assert not launch.eval_fits(cfg, ["--device", "auto"])[0]  # (eval's default device: the GPU where there is one)
     assert launch.eval_fits(cfg, ["--no-quality"]) == (True, "")  # one model at a time fits 0.5 GiB
     assert launch.eval_fits(cfg, ["--device", "cpu"]) == (True, "")
     assert not launch.eval_fits(cfg, ["--device=cuda:0"])[0]
+    fits, why = launch.eval_fits(cfg, ["--no-quality", "--dtype", "fp32"])  # 4 bytes a weight: 0.57 GiB
+    assert not fits and "32-bit" in why
+    # where no model fits alone, --no-quality is not offered as the way out
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=int(0.25 * 2**30)))
+    fits, why = launch.eval_fits(cfg, [])
+    assert not fits and "each model whole" in why and "--no-quality" not in why

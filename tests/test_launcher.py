@@ -11,12 +11,14 @@ from pathlib import Path
 
 from trainer_utils import REPO
 
-# the trainer's stand-in: the launch check prints out_dir, select method, teacher and the stages it was given; a
+# the trainer's stand-in: the launch check prints out_dir, select method, teacher, the stages it was given and where
+# select writes (under a score_ folder, as select.score=... makes it); a
 # stage appends its name to stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit)
 # if it is $WARN_IN, notes the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the
 # warning comes after its last step (in its final evaluation or export)
 PYTHON = """#!/bin/bash
-if [ "$1 $2" = "-m ds_hybrid.launch" ]; then printf '%s\\nga_s2\\nembedded\\n%s\\n' "$OUT" "$4"; exit 0; fi
+if [ "$1 $2" = "-m ds_hybrid.launch" ]; then printf '%s\\nga_s2\\nembedded\\n%s\\n%s\\n' "$OUT" "$4" \\
+  "$OUT/select/ga_s2/score_recall/selection.json"; exit 0; fi
 if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete eval.json
   echo eval >> "$OUT/stages.log"; echo "$*" >> "$OUT/eval_args.log"; mkdir -p "$OUT/eval"
   echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0
@@ -186,3 +188,27 @@ def test_an_evaluation_stopped_between_models_runs_again(tmp_path):
     assert "--resume" in (out / "eval_args.log").read_text().split()  # the models it had finished are kept
     p, out = run_launcher(tmp_path, None, "STAGES=eval")  # complete now: skipped
     assert "== eval: done, skipped" in p.stdout and lines(out / "stages.log") == ["eval"]
+
+
+def test_select_counts_as_done_where_the_launch_check_says_it_writes(tmp_path):
+    """The select stage is skipped where its selection exists at the path the launch check's fifth line names (a
+    score_ folder here, not the method's plain file), and runs where it does not."""
+    p, out = run_launcher(tmp_path, None, "STAGES=select,kl")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["select", "kl"]
+    (out / "stages.log").unlink()
+    (out / "kl" / "DONE").unlink()
+    written = out / "select" / "ga_s2" / "score_recall" / "selection.json"
+    written.parent.mkdir(parents=True)
+    written.write_text("{}")
+    (out / "select" / "ga_s2" / "selection.json").write_text("{}")  # (the plain file alone would not count)
+    written.unlink()
+    p, out = run_launcher(tmp_path, None, "STAGES=select,kl")
+    assert lines(out / "stages.log") == ["select", "kl"], p.stdout
+    written.write_text("{}")
+    (out / "stages.log").unlink()
+    (out / "kl" / "DONE").unlink()
+    p, out = run_launcher(tmp_path, None, "STAGES=select,kl")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["kl"]
+    assert "select: done, skipped" in p.stdout

@@ -204,16 +204,18 @@ def unpack(parts: list[str | Path], base: str | Path, out: str | Path) -> Path:
 
 def _gather_target(into: str, per_folder: int) -> Path:
     if per_folder < 1:
-        sys.exit(f"gather: --per-folder {per_folder}: give at least 1 (3 parts of 15 MiB fit a device call's 64 MiB)")
+        sys.exit(f"gather: --per-folder {per_folder}: give at least 1 (2 parts of 15 MiB fit a device call's "
+                 "64 MiB beside the working tree)")
     dest = Path(into)
     if into.endswith(("/", os.sep)) or dest.name in ("", ".", ".."):
         sys.exit(f"gather: --into {into!r} is a folder, not a prefix: give e.g. .dev/a (folders .dev/a0, .dev/a1, ...)")
     return dest
 
 
-def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 3) -> list[Path]:
+def gather(folders: list[str | Path], name: str, into: str, per_folder: int = 2) -> list[Path]:
     """The parts of pack ``name`` found in ``folders`` (the device calls' result folders), every one of them, copied
-    into ``<into>0``, ``<into>1``, ... with ``per_folder`` parts each (a device call carries 64 MiB).
+    into ``<into>0``, ``<into>1``, ... with ``per_folder`` parts each (a device call carries 64 MiB, the working tree
+    included: 19 MB of it in 2026-12, so 3 parts of 15.7 MB no longer fit beside it).
 
     All or nothing: the new folders are built aside (the parts may lie in the folders they replace: a re-gather of
     .dev/a0 .. into .dev/a), then swapped in by renames; an interruption before the swap leaves every folder as it
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("folders", nargs="+")
     g.add_argument("--name", default="align")
     g.add_argument("--into", required=True, help="prefix of the folders made, e.g. .dev/a")
-    g.add_argument("--per-folder", type=int, default=3)
+    g.add_argument("--per-folder", type=int, default=2)
     c = sub.add_parser("same-align", help="an align's config.yaml ran the recipe (seed, teacher, mixer, data split, "
                                           "budget, optimizer) a config asks for")
     c.add_argument("run_config")

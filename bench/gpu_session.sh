@@ -22,7 +22,7 @@
 #                                         # on a machine where no campaign was started (a lost lease's fresh one)
 #   (HERE, after the lease: `bench/import_lease.py FILES_AT/results.tar.gz docs/data/NAME [--merge MERGED]` lays the
 #   last tarball out as a docs/data folder, prints each hybrid's training summary and recall, and merges its evals;
-#   [APREFIX=.dev/s1a] bench/gpu_session.sh gather FILES_AT... puts the align's parts the polls brought home into .dev/a0..a2)
+#   [APREFIX=.dev/s1a] bench/gpu_session.sh gather FILES_AT... puts the align's parts the polls brought home into .dev/a0..a3)
 #   OUT=$OUT bench/gpu_session.sh attnbench|staticprof   # (issue 18; carry .dev/mini) bench/decode_attention_bench.py,
 #                                         # bench/decode_profile.py --static at Llama-3-8B width
 #   OUT=$OUT bench/gpu_session.sh parity|klbench|train|graphcheck   # single-GPU runs (bench/gpu_parity.py,
@@ -72,12 +72,13 @@ case "$1" in
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'
     ;;
-  gather)  # HERE, after a lease: gather FOLDER... (the calls' files_at folders) -> .dev/a0, .dev/a1, ... (3 parts each;
+  gather)  # HERE, after a lease: gather FOLDER... (the calls' files_at folders) -> .dev/a0, .dev/a1, ... (2 parts each:
+           # 3 and the working tree passed a call's 64 MiB on 2026-12-06; re-gathering .dev/a0.. in place regroups them;
            # APREFIX=.dev/s1a: another align's folders, e.g. a seed-1 align beside seed 0's)
     shift; py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python   # (here: the project's venv)
-    $py bench/carry_export.py gather "$@" --name align --into "${APREFIX:-.dev/a}" --per-folder 3
+    $py bench/carry_export.py gather "$@" --name align --into "${APREFIX:-.dev/a}" --per-folder 2
     ;;
-  apart)  # an align folder packed by an earlier lease (bench/carry_export.py parts, 3 per .dev/aN), for ALIGN_PARTS
+  apart)  # an align folder packed by an earlier lease (bench/carry_export.py parts, 2 per .dev/aN), for ALIGN_PARTS
           # (APREFIX as in gather; carry that folder)
     [ "$2" = 0 ] && rm -rf /tmp/carry_in   # (the first folder starts afresh: no part of another align mixes in)
     mkdir -p /tmp/carry_in && cp "${APREFIX:-.dev/a}$2"/* /tmp/carry_in/ && ls /tmp/carry_in

@@ -77,9 +77,10 @@ def eval_fits(cfg: RunConfig, eval_args: Sequence[str] = ()) -> tuple[bool, str]
     gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
     width = 4 if _option(eval_args, "--dtype") == "fp32" else 2
     quality = "--no-quality" not in eval_args
-    need, alone = eval_weights_gib(cfg, quality), eval_weights_gib(cfg, False)
-    if need is None or alone is None or need * width / 2 <= 0.9 * gpu:
+    need = eval_weights_gib(cfg, quality)
+    if need is None or need * width / 2 <= 0.9 * gpu:
         return True, ""
+    alone = (eval_weights_gib(cfg, False) or need) if quality else need
     bits = 8 * width
     if quality and alone * width / 2 <= 0.9 * gpu:
         return False, (f"stage eval holds teacher and hybrid on one GPU (the teacher stays for held-out quality), "

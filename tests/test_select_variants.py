@@ -4,6 +4,7 @@ must change the choice) and `ds-hybrid select-compare` (top-K overlap and Kendal
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -508,8 +509,6 @@ def test_halvings_ranks_follow_the_main_ranks_look_at_the_other_tasks_records(tm
 
 def test_an_array_split_is_said_and_num_tasks_checked(monkeypatch, caplog):
     """Any Slurm job array splits the probes: said at warning level with the opt-out; num_tasks 0 named as itself."""
-    import logging
-
     from ds_hybrid.stages.probes import task_slot
 
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
@@ -601,7 +600,7 @@ def test_a_probes_errors_name_the_setting_the_user_sets():
     assert probe_field(cfg, "data.source") == "data.source"
 
 
-def test_the_proxy_scores_at_the_probes_temperature():
+def test_the_proxy_scores_at_the_probes_temperature(caplog):
     """The proxy's KL with layer l restored is kl's held-out quantity at the probes' temperature (T^2 x KL of the
     softened distributions; the proxy read T = 1 whatever kl.temperature was): checked against the fp64 reference
     with the teacher's attention put in the student's layer by hand."""
@@ -631,9 +630,13 @@ def test_the_proxy_scores_at_the_probes_temperature():
     restored = copy.deepcopy(student)
     restored.model.layers[2].self_attn = teacher.model.layers[2].self_attn
     for T in (1.0, 2.0):
-        scores, baseline = proxy_scores(teacher, student, rows, temperature=T)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ds_hybrid"):
+            scores, baseline = proxy_scores(teacher, student, rows, temperature=T)
         assert baseline == pytest.approx(want(student, T), rel=1e-9)
         assert scores[2] == pytest.approx(want(restored, T), rel=1e-9)
+        said = [r.getMessage() for r in caplog.records]  # the all-linear pass is said before the first layer's
+        assert said[0].startswith(f"proxy all-linear: KL {baseline:.4f}") and said[1].startswith("proxy layer 0:")
     assert want(student, 2.0) != pytest.approx(want(student, 1.0), rel=1e-3)  # (T matters on these models)
 
 

@@ -59,6 +59,8 @@ def proxy_scores(teacher, student, rows: list[torch.Tensor],
         return float(tot[0] / tot[1])
 
     baseline = kl_now()
+    log.info("proxy all-linear: KL %.4f; next, each of the %d layers restored alone (one pass each)", baseline,
+             len(student.model.layers))
     scores = {}
     for l, layer in enumerate(student.model.layers):
         mixer = layer.self_attn
@@ -88,6 +90,8 @@ def ppl_scores(teacher, student, rows: list[torch.Tensor]) -> tuple[dict[int, fl
         return float(torch.exp(tot[0] / tot[1]))
 
     base = ppl_now()
+    log.info("ppl teacher: %.3f; next, each of the %d layers' attention replaced by its mixer (one pass each)", base,
+             len(teacher.model.layers))
     scores = {}
     for l, layer in enumerate(teacher.model.layers):
         mixer = student.model.layers[l].self_attn

@@ -42,12 +42,12 @@ def eval_weights_gib(cfg: RunConfig, quality: bool = True) -> float | None:
     """GiB of 16-bit weights stage eval holds on its one GPU: teacher and hybrid together where it scores held-out
     quality (the teacher stays loaded for the KL while the hybrid runs), else the larger; None where the teacher's
     config cannot be read here (said on stderr)."""
-    from ds_hybrid.plan import _layers_or_uniform, count_models
+    from ds_hybrid.plan import count_models, planned_softmax_layers
     from ds_hybrid.teacher import load_teacher_config
 
     try:
         tc = load_teacher_config(cfg.teacher)
-        counts = count_models(tc, cfg, "kl", _layers_or_uniform(cfg, tc.num_hidden_layers))
+        counts = count_models(tc, cfg, "kl", planned_softmax_layers(cfg, tc.num_hidden_layers))
     except (ConfigError, OSError, ValueError) as e:  # (a hub id this node cannot reach, a family plan lacks)
         print(f"note: no estimate of stage eval's memory ({e}); it runs as asked", file=sys.stderr)
         return None

@@ -251,7 +251,7 @@ def auto_micro_batch(cfg: RunConfig, stage: str, counts: ModelCounts, world: int
 
 
 def counts_softmax(cfg: RunConfig, stage: str, num_layers: int) -> list[int]:
-    return [] if stage == "align" else _layers_or_uniform(cfg, num_layers)
+    return [] if stage == "align" else planned_softmax_layers(cfg, num_layers)
 
 
 def plan_for(cfg: RunConfig, stage: str, world: int, gpu_gib: float, teacher_config_path: str | None = None,
@@ -269,12 +269,14 @@ def plan_for(cfg: RunConfig, stage: str, world: int, gpu_gib: float, teacher_con
             teacher_config = teacher_config.text_config              # extract-text` makes of it is the teacher
     else:
         teacher_config = load_teacher_config(cfg.teacher)
-    layers = [] if stage == "align" else _layers_or_uniform(cfg, teacher_config.num_hidden_layers)
+    layers = [] if stage == "align" else planned_softmax_layers(cfg, teacher_config.num_hidden_layers)
     counts = count_models(teacher_config, cfg, stage, layers)
     return make_plan(cfg, stage, counts, world, gpu_gib, dtype_bytes)
 
 
-def _layers_or_uniform(cfg: RunConfig, L: int) -> list[int]:
+def planned_softmax_layers(cfg: RunConfig, L: int) -> list[int]:
+    """The softmax layers a plan (or a launch check) counts for a run config on an L-layer teacher: its layers, or
+    for a selection that stage select has not written yet, as many layers spaced uniformly."""
     from ds_hybrid.layers import resolve_softmax_layers, selection_k, uniform_layers
 
     spec = cfg.softmax_layers

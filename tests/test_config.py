@@ -406,17 +406,20 @@ def test_stage_select_checks_the_throughput_knobs(tmp_path, monkeypatch):
 def test_plan_takes_a_selection_not_made_yet_as_uniform_with_its_k(tmp_path):
     """`ds-hybrid plan` before stage select: a missing selection plans its K layers spaced uniformly; a bad k or
     ratio is refused as a run would refuse it (not planned as some other count)."""
-    from ds_hybrid.plan import _layers_or_uniform
+    from ds_hybrid.plan import planned_softmax_layers
 
     missing = str(tmp_path / "select" / "ga_s2" / "selection.json")
-    assert _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, k: 4}}"]), 30) == [0, 7, 15, 22]
-    assert _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, ratio: 0.25}}"]), 30) == \
-        [0, 3, 7, 11, 15, 18, 22, 26]
+
+    def planned(spec: str) -> list[int]:
+        return planned_softmax_layers(load_config(None, [f"softmax_layers={{selection: {missing}, {spec}}}"]), 30)
+
+    assert planned("k: 4") == [0, 7, 15, 22]
+    assert planned("ratio: 0.25") == [0, 3, 7, 11, 15, 18, 22, 26]
     for bad, field in (("k: 2.7", "k"), ("k: abc", "k"), ("ratio: 2", "ratio")):
         with pytest.raises(ConfigError, match=rf"^softmax_layers\.{field}="):
-            _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}, {bad}}}"]), 30)
+            planned(bad)
     with pytest.raises(ConfigError, match=r"^softmax_layers=.*write \{selection: <path>, k: <K>\}"):
-        _layers_or_uniform(load_config(None, [f"softmax_layers={{selection: {missing}}}"]), 30)
+        planned_softmax_layers(load_config(None, [f"softmax_layers={{selection: {missing}}}"]), 30)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "runs").glob("*.yaml")), ids=lambda p: p.name)

@@ -674,6 +674,36 @@ def test_eval_merge_joins_per_length_jobs_and_refuses_a_score_given_twice(tmp_pa
         merge.merge([str(tmp_path / "nowhere")])
 
 
+
+def test_eval_merge_refuses_ruler_fill_and_truncation_counts_given_twice_with_other_values(tmp_path):
+    """The teacher is in every job's file: its RULER fill, truncated RULER prompts and truncated SWDE prompts must
+    agree across them (same prompts, same tokenizer) or the merge says which files differ; equal values merge."""
+    from ds_hybrid.evaluation import merge
+
+    def job(name, fill, cut, swde_cut):
+        f = _eval_json(tmp_path / name, {"teacher": {"niah_single_1": {"2048": 1.0}}},
+                       {"teacher": {"niah_single_1": {"2048": 100}}})
+        p = json.loads((f / "eval.json").read_text())
+        p.update(ruler_fill={"teacher": {"niah_single_1": {"2048": fill}}},
+                 ruler_truncated={"teacher": {"niah_single_1": {"2048": cut}} if cut else {}},
+                 truncated_prompts={"swde": {"teacher": swde_cut}})
+        (f / "eval.json").write_text(json.dumps(p))
+        return str(f)
+
+    a, same = job("a", 0.93, 0, 1), job("same", 0.93, 0, 1)
+    res = merge.merge([a, same])
+    assert res["ruler_fill"] == {"teacher": {"niah_single_1": {"2048": 0.93}}}
+    assert res["ruler_truncated"] == {"teacher": {}} and res["truncated_prompts"] == {"swde": {"teacher": 1}}
+    with pytest.raises(ConfigError, match=r"RULER fill of teacher/niah_single_1/2048 is 0.5 here but 0.93"):
+        merge.merge([a, job("fill", 0.5, 0, 1)])
+    with pytest.raises(ConfigError, match=r"truncated RULER prompt count of teacher/niah_single_1/2048 is 4 here but 3"):
+        merge.merge([job("cut", 0.93, 3, 1), job("cut2", 0.93, 4, 1)])
+    with pytest.raises(ConfigError, match=r"truncated prompt count of teacher/swde is 2 here but 1 in .*a"):
+        merge.merge([a, job("swde", 0.93, 0, 2)])
+    assert merge.merge([a, f"t2=teacher@{job('renamed', 0.5, 0, 2)}"])["truncated_prompts"] == \
+        {"swde": {"teacher": 1, "t2": 2}}
+
+
 def test_wilson_interval_matches_the_closed_form():
     # p = 0.5 of 100: 0.5 -/+ 1.96 * sqrt(0.25 / 100 + 1.96**2 / 40000) / (1 + 1.96**2 / 100)
     assert report.wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)

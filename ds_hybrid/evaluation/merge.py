@@ -176,6 +176,9 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     heldout = None
     fill: dict = {}
     ruler_cut: dict = {}
+    seen_fill: dict = {}
+    seen_cut: dict = {}
+    seen_trunc: dict = {}
     partial: list[str] = []
     dropped: list[dict] = []  # held-out quality measured on another tokenizer's ids (stale_heldout_models)
     unchecked: list[dict] = []  # models whose prompts could not be compared (no digests, no samples)
@@ -188,11 +191,15 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                         src, ", ".join(p["scores"]) or "no model")
         for m, per_task in (p.get("ruler_fill") or {}).items():
             for task, row in per_task.items():
-                fill.setdefault(name(m), {}).setdefault(task, {}).update(row)
+                fill.setdefault(name(m), {}).setdefault(task, {})
+                for length, v in row.items():
+                    _put(fill, name(m), task, length, v, seen_fill, src, "the RULER fill")
         for m, per_task in (p.get("ruler_truncated") or {}).items():  # (files written since 2026-12-06)
-            cut = ruler_cut.setdefault(name(m), {})
+            ruler_cut.setdefault(name(m), {})  # (a model with none truncated is kept: checked, not unrecorded)
             for task, row in per_task.items():
-                cut.setdefault(task, {}).update(row)
+                ruler_cut[name(m)].setdefault(task, {})
+                for length, v in row.items():
+                    _put(ruler_cut, name(m), task, length, v, seen_cut, src, "the truncated RULER prompt count")
         for m in p["scores"]:
             samples = None
             d = (p.get("prompt_digests") or {}).get(m)
@@ -253,9 +260,14 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                                   f"({_model_record(info)} against {_model_record(models[name(m)])}): rename one "
                                   "(NEW=OLD@path)")
             models.setdefault(name(m), info)
-        for task, per_model in (p.get("truncated_prompts") or {}).items():
+        for task, per_model in (p.get("truncated_prompts") or {}).items():  # {task: {model: n}}
             for m, k in per_model.items():
+                if truncated.get(task, {}).get(name(m), k) != k:
+                    raise ConfigError("eval-merge", str(src), f"the truncated prompt count of {name(m)}/{task} is {k} "
+                                      f"here but {truncated[task][name(m)]} in {seen_trunc[(task, name(m))]}: rename "
+                                      "one model (NEW=OLD@path)")
                 truncated.setdefault(task, {})[name(m)] = k
+                seen_trunc.setdefault((task, name(m)), src)
     out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
            "prompt_digests": all_digests, "heldout_quality": quality, "heldout_rows": HELDOUT_ROWS,

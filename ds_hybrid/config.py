@@ -389,6 +389,15 @@ def stage_steps(s: StageConfig) -> int:
     return s.tokens // (s.global_batch * s.seq_len) if s.global_batch and s.seq_len else 0
 
 
+def checkpoint_due(done: int, total: int, s: StageConfig) -> bool:
+    """Whether a stage saves a checkpoint after optimizer step ``done`` of ``total`` (besides a stop signal's save):
+    every ``ckpt_every`` steps and at the last one. The save at the last step guards the final evaluation and export;
+    with keep_checkpoints 0 and no export (select's probes) it would be deleted with the DONE marker moments later, a
+    full training state written for nothing each time."""
+    last = done == total and (s.keep_checkpoints != 0 or s.export)
+    return bool(s.ckpt_every) and (done % s.ckpt_every == 0 and done != total or last)
+
+
 def validate_static(cfg: RunConfig) -> None:
     from ds_hybrid.modeling.mixers import MIXERS, MixerOptions
 

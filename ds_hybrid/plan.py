@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ds_hybrid.config import TRAIN_STAGES, RunConfig, load_config, resolve_path
+from ds_hybrid.config import TRAIN_STAGES, RunConfig, checkpoint_due, load_config, resolve_path, stage_steps
 from ds_hybrid.errors import ConfigError
 
 GIB = 2**30
@@ -91,6 +91,21 @@ class Plan:
         out.append(f"checkpoint on disk: about {self.checkpoint_bytes / GIB:.2f} GiB each (all ranks; keep_checkpoints "
                    "of them are kept)")
         return "\n".join(out)
+
+
+def schedule_line(cfg: RunConfig, stage: str) -> str:
+    """A stage's steps and checkpoints, as its run will take them (what a token budget means at the config's batch)."""
+    s = getattr(cfg, stage)
+    steps = stage_steps(s)
+    line = (f"steps: {steps:,} ({s.tokens:,} tokens at {s.global_batch} x {s.seq_len} a step); checkpoints: ")
+    if not s.ckpt_every:
+        return line + "none (ckpt_every 0)"
+    at_end = checkpoint_due(steps, steps, s)
+    saves = (steps - 1) // s.ckpt_every + int(at_end) if steps else 0  # (config.checkpoint_due's count, closed form)
+    line += f"{saves:,} (every {s.ckpt_every:,} steps{' and at the end' if at_end else ''})"
+    if saves > 100:
+        line += f": many; raise {stage}.ckpt_every (each is the size above)"
+    return line
 
 
 def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: list[int]) -> ModelCounts:
@@ -313,5 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     for stage in [args.stage] if args.stage else ["align", "kl", "finetune"]:
         plan = plan_for(cfg, stage, world, args.gpu_gib, args.teacher_config, args.dtype_bytes)
         print(plan.table())
+        print(schedule_line(cfg, stage))
         print()
     return 0

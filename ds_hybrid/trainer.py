@@ -34,7 +34,7 @@ import torch
 from ds_hybrid import distributed as D
 from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text, check_world_size
-from ds_hybrid.config import TRAIN_STAGES, RunConfig, stage_steps, validate_for_launch
+from ds_hybrid.config import TRAIN_STAGES, RunConfig, checkpoint_due, stage_steps, validate_for_launch
 from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
                             step_rows, warn_unrepresented, with_hub_request)
 from ds_hybrid.errors import ConfigError
@@ -435,11 +435,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 monitor.histogram(done, "train/kl_per_token", kl_tokens)
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
-            # the save at the last step guards the final evaluation and export; with keep_checkpoints 0 and no
-            # export (select's probes) it would be deleted with the DONE marker moments later, a full training state
-            # written for nothing each time
-            last = done == total and (s.keep_checkpoints != 0 or s.export)
-            if stop or (s.ckpt_every and (done % s.ckpt_every == 0 and done != total or last)):
+            if stop or checkpoint_due(done, total, s):
                 t0 = time.perf_counter()
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch},
                           settings)

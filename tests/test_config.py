@@ -692,3 +692,23 @@ def test_the_eval_fit_counts_teacher_and_hybrid_together_where_quality_keeps_the
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=int(0.25 * 2**30)))
     fits, why = launch.eval_fits(cfg, [])
     assert not fits and "each model whole" in why and "--no-quality" not in why
+
+
+def test_plan_counts_the_checkpoints_the_trainer_saves():
+    """`ds-hybrid plan`'s steps and checkpoints line: its closed-form count equals the trainer's save rule
+    (config.checkpoint_due) summed over every step, and a budget raised alone on a CPU-sized batch is called out."""
+    from ds_hybrid.config import RunConfig, checkpoint_due, stage_steps
+    from ds_hybrid.plan import schedule_line
+
+    cfg = RunConfig()
+    for tokens, every, keep, export in [(40960, 20, 2, True), (40960, 7, 0, False), (4096, 20, 2, True),
+                                        (1024, 1, 0, True), (10240, 10, 0, False), (5e7, 20, 2, True)]:
+        cfg.align.tokens, cfg.align.seq_len, cfg.align.global_batch = int(tokens), 256, 4
+        cfg.align.ckpt_every, cfg.align.keep_checkpoints, cfg.align.export = every, keep, export
+        steps = stage_steps(cfg.align)
+        saves = sum(checkpoint_due(d, steps, cfg.align) for d in range(1, steps + 1))
+        line = schedule_line(cfg, "align")
+        assert f"steps: {steps:,} " in line and f"checkpoints: {saves:,} (" in line, (line, saves)
+        assert ("many; raise align.ckpt_every" in line) == (saves > 100)
+    cfg.align.ckpt_every = 0
+    assert schedule_line(cfg, "align").endswith("checkpoints: none (ckpt_every 0)")

@@ -477,6 +477,9 @@ def validate_static(cfg: RunConfig) -> None:
                           f"{MAX_PAIRS} (the distinct two-syllable keys)")
     for name in TRAIN_STAGES:
         check_stage(getattr(cfg, name), name)
+    for f in sorted(set(cfg.select.probe) & set(PROBE_SET_BY_SELECT)):
+        raise ConfigError(f"select.probe.{f}", cfg.select.probe[f], f"stage select sets it for every probe: "
+                          f"{PROBE_SET_BY_SELECT[f]}; remove it from select.probe")
     if cfg.select.method in ("ga_s2", "halving"):  # its probes: short kl runs, settings of select.probe over kl's
         probe = _build(StageConfig, dict(cfg.select.probe), "select.probe", StageConfig(**STAGE_DEFAULTS["kl"]))
         check_stage(probe, "select.probe")
@@ -489,6 +492,30 @@ def validate_static(cfg: RunConfig) -> None:
         v = getattr(cfg.select, f)
         if v is not None and v < 1:
             raise ConfigError(f"select.{f}", v, "a positive number, or null for the default")
+
+
+#: StageConfig fields stage align never reads, and why: set to anything but the default, refused by name
+ALIGN_UNUSED: dict[str, str] = {
+    **{f: "align matches each mixer's output to the teacher's attention output, layer by layer: no logits and no "
+          "LM loss; it is a setting of stages kl and finetune"
+       for f in ("temperature", "ce_weight", "loss_chunk_tokens", "kl_backend", "fp32_logits", "dw_fp32")},
+    "gradient_checkpointing": "align has no student blocks to recompute: it keeps only the mixers' activations, "
+                              "the teacher running without gradients; to fit memory, lower align.micro_batch or "
+                              "align.seq_len",
+    "eval_recall": "the recall score needs the hybrid's answer tokens, which align never computes; it is a setting "
+                   "of stages kl and finetune",
+}
+
+#: select.probe fields that stage select sets itself for every probe (stages/probes.py), with what to set instead
+PROBE_SET_BY_SELECT: dict[str, str] = {
+    "eval_sequences": "set select.eval_sequences (the held-out sequences a probe is scored on)",
+    "eval_recall": "set select.recall_sequences",
+    "ce_weight": "a probe's score is its KL to the teacher alone (ce_weight 0)",
+    "init_from": "every probe starts from the align stage's export",
+    "export": "probes write no model",
+    "eval_at_start": "a probe is scored once, at its end",
+    "keep_checkpoints": "a probe's checkpoints are deleted when it ends",
+}
 
 
 def check_stage(s: StageConfig, name: str) -> None:
@@ -533,6 +560,12 @@ def check_stage(s: StageConfig, name: str) -> None:
         raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
     if not 0 <= s.min_lr_ratio <= 1:
         raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
+    if name == "align":
+        default = StageConfig(**STAGE_DEFAULTS["align"])
+        for f, why in ALIGN_UNUSED.items():
+            if getattr(s, f) != getattr(default, f):
+                raise ConfigError(f"align.{f}", getattr(s, f), f"stage align does not use it ({why}); remove it from "
+                                  "the align section")
     if s.teacher_overlap and name in ("align", "finetune"):
         raise ConfigError(f"{name}.teacher_overlap", s.teacher_overlap, "applies to stage kl only (the teacher forward "
                           f"of the next step); stage {name} has nothing to overlap: remove it")

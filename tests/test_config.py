@@ -712,3 +712,26 @@ def test_plan_counts_the_checkpoints_the_trainer_saves():
         assert ("many; raise align.ckpt_every" in line) == (saves > 100)
     cfg.align.ckpt_every = 0
     assert schedule_line(cfg, "align").endswith("checkpoints: none (ckpt_every 0)")
+
+
+def test_settings_a_stage_never_reads_are_refused_by_name():
+    """align has no logits, no LM loss and no blocks to recompute; a probe's scoring settings are select's: setting
+    them where they are ignored is refused (once silently dropped); the same settings where they are read load."""
+    from ds_hybrid.config import ALIGN_UNUSED, PROBE_SET_BY_SELECT
+
+    values = {"temperature": 2, "ce_weight": 0.5, "loss_chunk_tokens": 512, "kl_backend": "triton",
+              "fp32_logits": "true", "dw_fp32": "false", "gradient_checkpointing": "true", "eval_recall": 16}
+    assert set(values) == set(ALIGN_UNUSED)
+    for f, v in values.items():
+        with pytest.raises(ConfigError, match=rf"^align\.{f}=.*stage align does not use it"):
+            load_config(None, [f"align.{f}={v}"])
+        load_config(None, [f"kl.{f}={v}"])  # (read by kl)
+    default = load_config(None, [f"align.{f}={getattr(load_config(None, []).align, f)}" for f in ("kl_backend",)])
+    assert default.align.kl_backend == "auto"  # (its default value, written out: accepted)
+    probe = {"eval_sequences": 64, "eval_recall": 32, "ce_weight": 0.5, "init_from": "/x/hf", "export": "true",
+             "eval_at_start": "true", "keep_checkpoints": 3}
+    assert set(probe) == set(PROBE_SET_BY_SELECT)
+    for f, v in probe.items():
+        with pytest.raises(ConfigError, match=rf"^select\.probe\.{f}=.*stage select sets it for every probe"):
+            load_config(None, [f"select.probe.{f}={v}"])
+    assert load_config(None, ["select.probe.tokens=65536", "select.eval_sequences=8"]).select.eval_sequences == 8

@@ -571,6 +571,33 @@ def check_stage(s: StageConfig, name: str) -> None:
                           f"of the next step); stage {name} has nothing to overlap: remove it")
 
 
+def _check_ds_batch(ds: dict, s: StageConfig, stage: str, f: str, path: str, world_size: int, dtype: str) -> None:
+    """A DeepSpeed JSON's fixed batch, clipping and bf16 values against the run config, before any model is built
+    (stages.common.deepspeed_config fills the "auto" ones from the run config and would refuse these only then)."""
+    want: dict[str, Any] = {"train_batch_size": s.global_batch}
+    if s.micro_batch != "auto":
+        want["train_micro_batch_size_per_gpu"] = s.micro_batch
+        want["gradient_accumulation_steps"] = s.global_batch // (s.micro_batch * world_size)
+    if f == "ds_config":  # (the teacher's engine never steps: its clipping is dropped)
+        want["gradient_clipping"] = s.clip
+    for key, value in want.items():
+        cur = ds.get(key, "auto")
+        if cur != "auto" and cur != value:
+            raise ConfigError(f"{stage}.{f}", path, f"DeepSpeed's {key}={cur} contradicts the run config ({value}, "
+                              f"from {stage}'s section and {world_size} ranks); set it to \"auto\"")
+    if s.micro_batch == "auto":
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if ds.get(key, "auto") != "auto":
+                raise ConfigError(f"{stage}.{f}", path, f"DeepSpeed's {key}={ds[key]} is fixed while {stage}.micro_batch "
+                                  f"is auto (chosen from the memory plan at launch): set it to \"auto\", or set "
+                                  f"{stage}.micro_batch instead")
+    bf16 = ds.get("bf16")
+    enabled = bf16.get("enabled", "auto") if isinstance(bf16, dict) else "auto"
+    if dtype != "auto" and enabled != "auto" and bool(enabled) != (dtype == "bf16"):
+        raise ConfigError(f"{stage}.{f}", path, f"bf16.enabled={enabled} contradicts the run's dtype {dtype}; set it "
+                          "to \"auto\"")
+
+
 def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_from: bool = True) -> None:
     """Checks that depend on the stage and the job shape; still before any model is built. ``check_init_from``:
     False for a job's check of its later stages up front (an init_from an earlier stage writes)."""
@@ -609,6 +636,7 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_
         if isinstance(fp16, dict) and fp16.get("enabled", False) not in (False, "auto"):
             raise ConfigError(f"{stage}.{f}", str(p), "remove the enabled fp16 section: ds-hybrid runs in bf16 (fp32 on "
                               "CPU) and sets DeepSpeed's bf16 section itself")
+        _check_ds_batch(ds, s, stage, f, str(p), world_size, cfg.dtype)
         if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("writer") is not None:
             raise ConfigError(f"{stage}.{f}", str(p),
                               "remove checkpoint.writer: ds-hybrid hashes a checkpoint's files and vouches for them "

@@ -735,3 +735,36 @@ def test_settings_a_stage_never_reads_are_refused_by_name():
         with pytest.raises(ConfigError, match=rf"^select\.probe\.{f}=.*stage select sets it for every probe"):
             load_config(None, [f"select.probe.{f}={v}"])
     assert load_config(None, ["select.probe.tokens=65536", "select.eval_sequences=8"]).select.eval_sequences == 8
+
+
+def test_deepspeed_json_values_that_contradict_the_run_config_are_refused_before_any_model(tmp_path):
+    """A DeepSpeed JSON's fixed batch, micro-batch, clipping or bf16 against the run config: refused by the launch
+    check (before the corpus and the teacher), as stages.common.deepspeed_config refuses them once the models exist;
+    the same values agreeing with the run config, or "auto", pass both."""
+    import torch
+
+    from ds_hybrid.stages.common import deepspeed_config
+
+    base = json.loads((REPO / "ds_configs" / "student_zero1.json").read_text())
+
+    def cfg_with(mod, *extra):
+        p = tmp_path / f"ds{len(list(tmp_path.iterdir()))}.json"
+        p.write_text(json.dumps({**base, **mod}))
+        return load_config(None, [f"kl.ds_config={p}", "dtype=bf16", *extra]), str(p)
+
+    for mod, extra, match in [({"train_batch_size": 64}, (), r"train_batch_size=64 contradicts the run config \(32"),
+                              ({"gradient_clipping": 0.5}, (), r"gradient_clipping=0.5 contradicts .*\(1.0"),
+                              ({"bf16": {"enabled": False}}, (), r"bf16.enabled=False contradicts the run's dtype bf16"),
+                              ({"train_micro_batch_size_per_gpu": 2}, ("kl.micro_batch=4",), r"=2 contradicts .*\(4"),
+                              ({"gradient_accumulation_steps": 3}, ("kl.micro_batch=4",), r"=3 contradicts .*\(4,"),
+                              ({"train_micro_batch_size_per_gpu": 2}, (), r"is fixed while kl\.micro_batch is auto")]:
+        cfg, path = cfg_with(mod, *extra)
+        with pytest.raises(ConfigError, match=rf"^kl\.ds_config=.*{match}"):
+            validate_for_launch(cfg, "kl", 2, check_init_from=False)
+        if cfg.kl.micro_batch != "auto":  # (the check the engines' set-up makes, later: the same verdict)
+            with pytest.raises(ConfigError):
+                deepspeed_config(path, cfg.kl, 2, torch.bfloat16, 64, "kl.ds_config")
+    cfg, path = cfg_with({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+                          "gradient_clipping": 1.0, "bf16": {"enabled": True}}, "kl.micro_batch=4")
+    validate_for_launch(cfg, "kl", 2, check_init_from=False)
+    assert deepspeed_config(path, cfg.kl, 2, torch.bfloat16, 64, "kl.ds_config")["gradient_accumulation_steps"] == 4

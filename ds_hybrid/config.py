@@ -446,6 +446,13 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("data.num_proc", cfg.data.num_proc, "use 1 or more tokenizer processes")
     if cfg.data.val_tokens < 1:
         raise ConfigError("data.val_tokens", cfg.data.val_tokens, "hold out at least one token (e.g. 65536)")
+    if cfg.peak_tflops is not None and not (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops > 0):
+        raise ConfigError("peak_tflops", cfg.peak_tflops, "one GPU's peak dense TFLOP/s for MFU, e.g. 989 (H100/H200 "
+                          "bf16), or null for the default by GPU name")
+    if cfg.attn_implementation is not None and cfg.attn_implementation not in attention_implementations() \
+            and "/" not in cfg.attn_implementation:  # ("org/repo:fn": a kernel from the hub, transformers' own form)
+        raise ConfigError("attn_implementation", cfg.attn_implementation,
+                          f"choose one of {attention_implementations()} (or null: transformers' default, sdpa)")
     if cfg.data.max_documents is not None and cfg.data.max_documents < 1:
         raise ConfigError("data.max_documents", cfg.data.max_documents, "a cap of 1 or more documents, or null for all")
     for f in ("hub_config", "revision"):
@@ -516,6 +523,14 @@ PROBE_SET_BY_SELECT: dict[str, str] = {
     "eval_at_start": "a probe is scored once, at its end",
     "keep_checkpoints": "a probe's checkpoints are deleted when it ends",
 }
+
+
+def attention_implementations() -> list[str]:
+    """The softmax layers' attention implementations transformers knows (its registry, paged ones aside: they serve
+    continuous batching, not training), and eager."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *sorted(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith("paged|"))]
 
 
 def check_stage(s: StageConfig, name: str) -> None:

@@ -330,11 +330,14 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
     if len(train) == 0 or len(val) == 0:
+        cap = f", raise data.max_documents (now {cfg.data.max_documents})" if cfg.data.max_documents else ""
+        fix = (f"shorten seq_len, add text to data.source{cap} or lower data.val_tokens (it holds whole documents out "
+               "of training)" if len(train) == 0 else
+               "shorten seq_len or raise data.val_tokens (whole documents held out)")
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
                           f"the corpus gives {len(train)} training and {len(val)} held-out sequences at this length "
                           f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens; a row never spans "
-                          "two files of the corpus, whose remainders are dropped); shorten seq_len or raise "
-                          "data.val_tokens")
+                          f"two files of the corpus, whose remainders are dropped); {fix}")
     warn_unrepresented(streams, val, f"{stage}.seq_len")
     if len(val) < s.eval_sequences and D.is_main():
         log.warning("%s.eval_sequences=%d, but the held-out text gives %d rows of %d tokens: every held-out score is "

@@ -768,3 +768,55 @@ def test_deepspeed_json_values_that_contradict_the_run_config_are_refused_before
                           "gradient_clipping": 1.0, "bf16": {"enabled": True}}, "kl.micro_batch=4")
     validate_for_launch(cfg, "kl", 2, check_init_from=False)
     assert deepspeed_config(path, cfg.kl, 2, torch.bfloat16, 64, "kl.ds_config")["gradient_accumulation_steps"] == 4
+
+
+def test_a_corpus_too_small_for_training_rows_names_fixes_that_give_it_more(tmp_path, monkeypatch):
+    """No training row at this seq_len: the error's fix adds training text (a shorter row, more text, a higher
+    max_documents, a smaller held-out share), never "raise data.val_tokens", which takes text away from training; no
+    held-out row: raising val_tokens is the fix. Both before any model is built."""
+    import types
+
+    import numpy as np
+
+    from ds_hybrid import trainer
+    from ds_hybrid.stages import align as align_stage
+
+    in_this_process(monkeypatch)
+    teacher = make_tiny_teacher(tmp_path / "t")
+    monkeypatch.setattr(align_stage, "build_teacher_engine", lambda *a, **k: pytest.fail("the teacher was built"))
+
+    def streams(train_tokens, val_tokens):
+        return lambda *a, **k: types.SimpleNamespace(
+            train=np.arange(train_tokens, dtype=np.int32), val=np.arange(val_tokens, dtype=np.int32),
+            meta={"train_tokens": train_tokens, "val_tokens": val_tokens})
+
+    base = [f"teacher={teacher}", f"out_dir={tmp_path / 'out'}", "align.tokens=128", "align.seq_len=32",
+            "align.global_batch=2", "align.micro_batch=1", "align.ds_config=ds_configs/single.json",
+            "align.teacher_ds_config=ds_configs/single.json", "data.max_documents=50"]
+    monkeypatch.setattr(trainer, "prepare_streams", streams(20, 200))
+    with pytest.raises(ConfigError, match=r"^align\.seq_len=32: the corpus gives 0 training and 6 held-out .* add "
+                                          r"text to data\.source, raise data\.max_documents \(now 50\) or lower "
+                                          r"data\.val_tokens") as e:
+        trainer.run_stage(load_config(None, base), "align")
+    assert "raise data.val_tokens" not in str(e.value)
+    monkeypatch.setattr(trainer, "prepare_streams", streams(200, 20))
+    with pytest.raises(ConfigError, match=r"gives 6 training and 0 held-out .* raise data\.val_tokens"):
+        trainer.run_stage(load_config(None, base), "align")
+
+
+def test_attention_implementation_and_peak_tflops_are_checked_at_load():
+    """attn_implementation: one transformers runs (its registry, and eager) or a hub kernel's name, else refused at
+    load with the choices (transformers' own config accepted any string; the teacher's build failed after the
+    corpus); peak_tflops: positive and finite (a negative one logged a negative MFU)."""
+    from ds_hybrid.config import attention_implementations
+
+    impls = attention_implementations()
+    assert {"eager", "sdpa", "flash_attention_2"} <= set(impls) and not any(i.startswith("paged|") for i in impls)
+    for impl in (*impls, "kernels-community/flash-attn"):
+        assert load_config(None, [f"attn_implementation={impl}"]).attn_implementation == impl
+    with pytest.raises(ConfigError, match=r"^attn_implementation='foo': choose one of \['eager', "):
+        load_config(None, ["attn_implementation=foo"])
+    for bad in ("-1", "0", ".nan", ".inf"):
+        with pytest.raises(ConfigError, match=r"^peak_tflops=.*peak dense TFLOP/s"):
+            load_config(None, [f"peak_tflops={bad}"])
+    assert load_config(None, ["peak_tflops=989"]).peak_tflops == 989

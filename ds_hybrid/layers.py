@@ -120,6 +120,9 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
         v = spec["uniform"]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{field}.uniform", v, "give a ratio in [0, 1) or a layer count K")
+        if isinstance(v, float) and not 0 <= v < 1:  # (1.0 read as a ratio was every layer; 1 is one layer)
+            raise ConfigError(f"{field}.uniform", v, "a ratio lies in [0, 1) (1.0 would keep every layer softmax: the "
+                              "teacher itself); a layer count K is an integer, e.g. {uniform: 8}")
         k = int(v) if isinstance(v, int) and v >= 1 else k_for_ratio(float(v), num_layers, f"{field}.uniform")
         if k > num_layers:
             raise ConfigError(f"{field}.uniform", v, f"the teacher has only {num_layers} layers")

@@ -145,6 +145,11 @@ def test_softmax_layer_specs():
     assert resolve_softmax_layers([5, 1], 30) == [1, 5]
     assert resolve_softmax_layers({"uniform": 0.25}, 30) == [0, 3, 7, 11, 15, 18, 22, 26]
     assert resolve_softmax_layers({"uniform": 4}, 30) == [0, 7, 15, 22]
+    # an integer is a count and a float a ratio: 1 is one layer; 1.0 (every layer: the teacher) and 8.0 are refused
+    assert resolve_softmax_layers({"uniform": 1}, 30) == [0] and resolve_softmax_layers({"uniform": 0.0}, 30) == []
+    for v in (1.0, 8.0, -0.1):
+        with pytest.raises(ConfigError, match=r"^softmax_layers\.uniform=.*a ratio lies in \[0, 1\).*an integer"):
+            resolve_softmax_layers({"uniform": v}, 30)
     with pytest.raises(ConfigError, match=r"^softmax_layers=\[3, 30\].*out of range"):
         resolve_softmax_layers([3, 30], 30)
     with pytest.raises(ConfigError, match=r"^softmax_layers="):

@@ -246,13 +246,19 @@ def _describe(tp: Any) -> str:
         return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
     if tp is type(None):
         return "null"
+    if origin in (list, tuple) and get_args(tp):
+        return f"{origin.__name__} of {_describe(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """YAML gives 1e6 as a float and 2_000 as an int: accept integral floats for ints, lists for tuples."""
-    if tp is int and isinstance(value, float) and value.is_integer():
+    """YAML gives 1e6 as a float and 2_000 as an int: accept integral floats for ints (also where the type is
+    ``int | None`` or ``int | 'auto'``, and for each element of a list of ints), lists for tuples."""
+    takes_int = tp is int or (int in get_args(tp) and float not in get_args(tp))
+    if takes_int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if get_origin(tp) in (list, tuple) and isinstance(value, (list, tuple)) and get_args(tp):
+        value = type(value)(_coerce(v, get_args(tp)[0]) for v in value)
     if isinstance(value, str) and (tp is int or tp is float or int in get_args(tp) or float in get_args(tp)):
         try:
             num = float(value.replace("_", ""))

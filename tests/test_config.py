@@ -825,3 +825,19 @@ def test_attention_implementation_and_peak_tflops_are_checked_at_load():
         with pytest.raises(ConfigError, match=r"^peak_tflops=.*peak dense TFLOP/s"):
             load_config(None, [f"peak_tflops={bad}"])
     assert load_config(None, ["peak_tflops=989"]).peak_tflops == 989
+
+
+def test_whole_floats_count_as_ints_wherever_an_int_is_taken():
+    """YAML reads 1.0e+6 as a float: taken for a plain int before, refused for int-or-null, int-or-'auto' and the
+    elements of a list of ints (with "expected list" for a list); now taken for each, and a fraction still refused
+    with the element type named."""
+    cfg = load_config(None, ["select.halving_first_tokens=1.0e+6", "data.max_documents=1.0e+3", "kl.micro_batch=2.0",
+                             "select.ks=[4.0, 8]", "kl.tokens=1.0e+6"])
+    assert (cfg.select.halving_first_tokens, cfg.data.max_documents, cfg.kl.micro_batch, cfg.select.ks,
+            cfg.kl.tokens) == (1_000_000, 1000, 2, [4, 8], 1_000_000)
+    assert all(type(v) is int for v in (cfg.select.halving_first_tokens, cfg.kl.micro_batch, *cfg.select.ks))
+    with pytest.raises(ConfigError, match=r"^select\.ks=\[4\.5\]: expected list of int$"):
+        load_config(None, ["select.ks=[4.5]"])
+    with pytest.raises(ConfigError, match=r"^kl\.micro_batch=2\.5: expected int or 'auto'$"):
+        load_config(None, ["kl.micro_batch=2.5"])
+    assert load_config(None, ["select.ratios=[0.25]"]).select.ratios == [0.25]  # (a list of floats keeps them)

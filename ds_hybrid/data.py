@@ -78,6 +78,11 @@ def source_files(source: str | list[str], field: str = "data.source") -> list[Pa
     items = [source] if isinstance(source, str) else list(source)
     files: list[Path] = []
     for item in items:
+        if not isinstance(source, str) and (item == "embedded" or str(item).startswith("embedded:")):
+            raise ConfigError(field, item, "the embedded corpus is a source on its own (data.source: embedded, or "
+                              "embedded:<its sources>), not an item of a list of local files; to train on both, list "
+                              "its built files beside yours (<source>.jsonl.gz in the folder `ds-hybrid corpus build` "
+                              "writes, ~/.cache/ds_hybrid/corpus/ by default)")
         p = Path(item).expanduser()
         if p.is_dir():
             # (hidden files and folders skipped: e.g. the .cache/ of `hf download --local-dir`)
@@ -88,8 +93,11 @@ def source_files(source: str | list[str], field: str = "data.source") -> list[Pa
             files.extend(found)
         elif p.is_file():
             files.append(p)
-        elif len(items) == 1 and _hub_name_shape(item):
+        elif isinstance(source, str) and _hub_name_shape(item):
             return None  # a hub dataset name, e.g. "mlfoundations/dclm-baseline-1.0"
+        elif _hub_name_shape(item):
+            raise ConfigError(field, item, f"no such file or folder here ({os.getcwd()}); a hub dataset is named on "
+                              "its own (data.source: org/name), not in a list, which holds local files and folders")
         else:
             raise ConfigError(field, item, "no such file or folder (give local files/folders, 'embedded', or a hub dataset name)")
     resolved: dict[Path, Path] = {}
@@ -165,8 +173,9 @@ def hub_commit(name: str, revision: str | None) -> str:
         else:
             field, value, what = "data.source", name, "could not be reached (no network or hub here?)"
         raise ConfigError(field, value, f"the hub dataset {name!r} {what} at {revision or 'its default branch'} "
-                          f"({type(e).__name__}: {str(e)[:200]}); give local files or 'embedded', or a dataset and "
-                          "revision the hub has") from None
+                          f"({type(e).__name__}: {str(e)[:200]}), and no local file or folder has that path here "
+                          f"({os.getcwd()}); give local files or 'embedded', or a dataset and revision the hub "
+                          "has") from None
     if not sha:
         raise ConfigError("data.source", name, "the hub returned no commit for this dataset: pin one with data.revision")
     return sha

@@ -162,6 +162,15 @@ def test_missing_data_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^data\.source=.*holds no files"):
         source_files(str(tmp_path / "empty"))
+    # a list holds local files and folders: a hub name or 'embedded' in it is said to be one, not "no network" or
+    # "no such file" for what the user wrote; a hub-shaped string is the hub's (its error says no local path either)
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(ConfigError, match=r"^data\.source='org/corpus': no such file or folder here .*a hub dataset is "
+                                          r"named on its own"):
+        source_files(["org/corpus"])
+    with pytest.raises(ConfigError, match=r"^data\.source='embedded': the embedded corpus is a source on its own"):
+        source_files(["embedded", str(tmp_path / "a.txt")])
+    assert source_files("org/corpus") is None and source_files([str(tmp_path / "a.txt")]) == [tmp_path / "a.txt"]
 
 
 def test_vocab_mismatch_and_layers_checked_against_the_teacher(tmp_path):

@@ -170,7 +170,8 @@ def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_p
     assert moved.data.revision == "b" * 40 and "this run's earlier stages read other data settings" in caplog.text
     with pytest.raises(ConfigError, match=r"^data\.revision='v9': .* has no such branch, tag or commit"):
         pin_hub_commit(load_config(None, over + ["data.revision=v9"]))
-    with pytest.raises(ConfigError, match=r"^data\.source='org/none': .* not a dataset this machine may read"):
+    with pytest.raises(ConfigError, match=r"^data\.source='org/none': .* not a dataset this machine may read .*and "
+                                          r"no local file or folder has that path here"):
         pin_hub_commit(load_config(None, [f"out_dir={tmp_path / 'other'}", "data.source=org/none"]))
     assert hub_commit("org/corpus", "c" * 40) == "c" * 40  # a full commit: no call (the fake hub has no such one)
     (tmp_path / "run" / HUB_PIN).write_text("{not json")  # a damaged pin: taken as absent, resolved again

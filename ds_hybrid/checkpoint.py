@@ -129,17 +129,17 @@ class Checkpointer:
                 "disk, then rerun the same command to resume")
 
     def latest_marker(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint and its marker as the main rank reads them (every rank gets the same), for
-        checks before any model is built; None where there is none or its marker is unreadable (load() then says
-        what it finds)."""
+        """The newest complete checkpoint whose marker reads, and that marker, as the main rank reads them (every
+        rank gets the same), for checks before any model is built; None where there is none. A newer one with an
+        unreadable marker is one load() sets aside (it resumes from an older one: the one checked here)."""
         def read() -> tuple[Path, dict[str, Any]] | None:
-            last = self.latest()
-            if last is None:
-                return None
-            try:
-                return last[1], json.loads((last[1] / MARKER).read_text())
-            except (OSError, ValueError):
-                return None
+            for _, path in reversed(self.complete_tags()):
+                if _marker_problem(path) is None:  # (load()'s test of a marker)
+                    try:
+                        return path, json.loads((path / MARKER).read_text())
+                    except (OSError, ValueError):  # (gone since)
+                        continue
+            return None
         return D.main_reads(read)
 
     def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any],
@@ -179,7 +179,7 @@ class Checkpointer:
             # sets damaged later ones aside, _set_aside)
             older = [p for s_, p in self.complete_tags() if s_ < step]
             for old in older[:max(0, len(older) - (self.keep - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         D.barrier()
         return path
 
@@ -187,8 +187,8 @@ class Checkpointer:
         """Restore the newest intact checkpoint into ``engines``; returns its client state, or None if none."""
         if D.is_main() and self.dir.is_dir():  # leftovers of interrupted saves
             for p in self.dir.iterdir():
-                if TAG_RE.match(p.name) and not (p / MARKER).is_file():
-                    shutil.rmtree(p, ignore_errors=True)
+                if (TAG_RE.match(p.name) and not (p / MARKER).is_file()) or p.name.startswith(".pruning-"):
+                    shutil.rmtree(p, ignore_errors=True)  # (and prunes a kill cut short)
         D.barrier()
         # the tags and their markers as the main rank reads them, for every rank: ranks that saw different ones (a
         # directory listing cached on another node, a read error on one) would part in the collectives below
@@ -243,6 +243,21 @@ class Checkpointer:
                 dest = p.with_name(f"{p.name}.damaged{n}")
             os.replace(p, dest)
             log.warning("set the damaged checkpoint aside as %s (not deleted; remove it when inspected)", dest)
+
+
+def _remove(old: Path) -> None:
+    """Delete a pruned checkpoint: first renamed out of the tag namespace (``.pruning-<tag>``), so that a delete cut
+    short (a kill, an NFS ``.nfs*`` leftover) never leaves a folder that still looks complete, its marker kept and its
+    shards gone; a failure is said, not hidden (the disk would fill with no hint why)."""
+    doomed = old.with_name(f".pruning-{old.name}")
+    try:
+        os.replace(old, doomed)
+    except OSError as e:
+        log.warning("could not prune checkpoint %s (%s): delete it by hand to free its space", old, e)
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists():
+        log.warning("pruning %s: %s could not be deleted whole; delete it by hand to free its space", old, doomed)
 
 
 def _disk_full(e: BaseException, where: Path) -> bool:

@@ -56,6 +56,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def fsync_tree(folder: str | Path) -> None:
+    """Force every file under ``folder``, and its folders' entries, to disk (before a rename publishes the folder)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):  # (a link's target is not this folder's to flush)
+                fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
 def usual_mode(folder: str | Path) -> None:
     """Give ``folder`` the mode ``mkdir`` would give it under the process's umask (0755 under the usual 022)."""
     umask = os.umask(0)
@@ -66,7 +75,8 @@ def usual_mode(folder: str | Path) -> None:
 @contextmanager
 def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iterator[Path]:
     """Yields an empty temporary folder ``.<prefix>-*`` beside ``out``; when the block ends without an error, the
-    folder gets :func:`usual_mode` and takes ``out``'s place, an existing ``out`` swapped out and removed (readers
+    folder gets :func:`usual_mode`, its files are forced to disk and it takes ``out``'s place (the rename forced
+    too), an existing ``out`` swapped out and removed (readers
     never see a half folder). ``keep``: a file name that marks a complete folder; an ``out`` holding it (another
     process's, e.g. ranks racing to convert one teacher) is kept and this one dropped. On an error, or when kept, the
     temporary folder is removed and ``out`` is untouched."""
@@ -78,6 +88,7 @@ def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iter
         usual_mode(tmp)
         if keep is not None and (out / keep).exists():
             return
+        fsync_tree(tmp)  # its files on disk before the rename publishes them (a DONE beside it vouches for them)
         try:
             os.replace(tmp, out)  # out absent, or an empty folder
         except OSError:  # out holds something
@@ -87,6 +98,7 @@ def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iter
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

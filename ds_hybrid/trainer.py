@@ -40,8 +40,10 @@ from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commi
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
+from ds_hybrid.selection import content_fingerprint
 from ds_hybrid.stages.base import HeldOut, Stage, StageContext
-from ds_hybrid.stages.common import check_env_knobs, shard_shape_decay, zero_stage
+from ds_hybrid.stages.common import (check_env_knobs, optimizer_settings, restore_optimizer_settings,
+                                     shard_shape_decay, zero_stage)
 
 log = logging.getLogger("ds_hybrid")
 
@@ -156,8 +158,24 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key in was and was[key] != now[key]:
             raise ConfigError(field, now[key], f"the checkpoint {path} was written with {was[key]!r}: its steps "
                               f"stand for other rows of the corpus; {again}")
+    model = {"teacher": ("teacher", "the teacher's weights differ (another model or checkpoint of it)"),
+             "softmax_layers": ("softmax_layers", f"its softmax layers were {was.get('softmax_layers')}"),
+             "mixer": ("mixer", f"its mixer was {was.get('mixer')!r}"),
+             "mixer_options": ("mixer_options", f"its mixer options were {was.get('mixer_options')}"),
+             "temperature": (f"{stage}.temperature", f"its loss had temperature {was.get('temperature')}"),
+             "ce_weight": (f"{stage}.ce_weight", f"its loss had ce_weight {was.get('ce_weight')}")}
+    for key, (field, what) in model.items():
+        if key in was and was[key] != now[key]:
+            raise ConfigError(field, now[key] if key != "teacher" else "this run's teacher",
+                              f"the checkpoint {path} is of another model or loss: {what}; {again}")
+    moved = ("data_cache" in was and was["data_cache"] != now["data_cache"] and was.get("val_digest")
+             and was["val_digest"] == now.get("val_digest") and was.get("train_sequences") == now["train_sequences"])
+    if moved and D.is_main():  # (its key hashes the files' paths and times: a corpus copied, restored or re-synced)
+        log.warning("%s: the token cache is %s here, %s in the run that wrote %s, but its held-out tokens and its %d "
+                    "training rows are the same: taken as the same corpus (moved or re-timestamped)", stage,
+                    now["data_cache"], was["data_cache"], path, now["train_sequences"])
     if ("train_sequences" in was and was["train_sequences"] != now["train_sequences"]) or \
-            ("data_cache" in was and was["data_cache"] != now["data_cache"]):
+            ("data_cache" in was and was["data_cache"] != now["data_cache"] and not moved):
         raise ConfigError("data", f"{now['train_sequences']} rows (token cache {now['data_cache']})",
                           f"the checkpoint {path} was written over {was.get('train_sequences')} rows (token cache "
                           f"{was.get('data_cache')}): the data settings, the corpus or {stage}.tokens changed, so its "
@@ -349,7 +367,13 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints, verify=s.ckpt_verify,
                         expected_bytes=plan.checkpoint_bytes)
     settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
-                "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture}
+                "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture,
+                "val_digest": streams.meta.get("val_digest"),
+                # what the weights and the loss are: another teacher, layer set, mixer or loss is another run
+                "teacher": D.main_reads(lambda: content_fingerprint(ctx.teacher_path)),
+                "softmax_layers": list(ctx.softmax_layers), "mixer": cfg.mixer,
+                "mixer_options": {k: v for k, v in cfg.mixer_options.items() if k != "backend"},  # (how, not what)
+                "temperature": s.temperature, "ce_weight": s.ce_weight}
     latest = ckpt.latest_marker()
     check_resume(stage, latest, settings, longer=not restart)  # before any model is built
     # a checkpoint of a ZeRO-3 student from before 2026-12-06 (no settings in its marker) has the optimizer groups
@@ -365,10 +389,15 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     try:  # what setup built is released if the set-up fails too (a selection's next probe runs in this process)
         with shard_shape_decay(old_groups):
             runner.setup()
+        fresh = optimizer_settings(runner.engine)  # (the run config's, before the checkpoint's are loaded)
         client = ckpt.load(runner.engines)
         start = int(client["step"]) if client else 0
         if client:
             log.info("resumed %s from step %d", stage, start)
+            changed = restore_optimizer_settings(runner.engine, fresh)
+            if changed and D.is_main():
+                log.warning("%s: resumed with this run config's optimizer settings, not the checkpoint's: %s", stage,
+                            "; ".join(changed))
             was = client.get("micro_batch")
             if was is not None and was != s.micro_batch:  # e.g. `auto` resolved again after a requeue onto other GPUs
                 log.warning("%s.micro_batch is %d here, %d in the run that wrote this checkpoint: the same global "
@@ -417,7 +446,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
             if D.any_rank(not math.isfinite(metrics["loss"])):
                 raise NonFiniteLoss(
                     f"non-finite loss at {stage} step {step + 1} (loss={metrics['loss']}); stopped without saving. "
-                    f"The last good checkpoint is {ckpt.latest()}. Lower the learning rate or check the data."
+                    f"The last good checkpoint is {ckpt.latest()}. Lower the learning rate (a rerun resumes there at "
+                    f"the new rate) or check the data."
                 )
             done = step + 1
             seen += tokens_per_step
@@ -443,6 +473,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch},
                           settings)
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
+                # a signal that came during this save: the checkpoint just written serves it (a second one after
+                # another step could outlast Slurm's warning at 70B, where a save takes minutes)
+                stop = stop or D.any_rank(signals.received is not None)
             # (not on a stop: Slurm's grace period is for the checkpoint; the resumed run goes on from this step)
             if s.eval_every and done % s.eval_every == 0 and done != total and not stop:
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")

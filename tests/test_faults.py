@@ -429,3 +429,58 @@ def test_ranks_wait_for_the_main_ranks_one_off_work_past_the_collective_timeout(
         assert "Timed out" in waiting["verdict"] and waiting["waited"] < 4.5, waiting
     else:
         assert rcs[0] == 3 and "closed" in waiting["verdict"] and waiting["waited"] < 60, waiting
+
+
+def test_a_published_folder_is_forced_to_disk_before_its_rename(tmp_path, monkeypatch):
+    """atomic_folder (a stage's hf/ export, a converted teacher): every file and folder under the temporary folder is
+    fsynced before the rename that publishes it, and the parent after it, so a DONE written next never vouches for
+    an export still in the page cache."""
+    import ds_hybrid.folders as folders
+
+    events = []
+    monkeypatch.setattr(folders, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    real_dir, real_replace = folders.fsync_dir, os.replace
+    monkeypatch.setattr(folders, "fsync_dir", lambda p: (events.append(("dir", Path(p).name)), real_dir(p)))
+    monkeypatch.setattr(folders.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    with folders.atomic_folder(tmp_path / "hf", "hf") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 10)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    rename = events.index(("rename", "hf"))
+    assert {n for k, n in events[:rename] if k == "file"} == {"model.safetensors", "config.json"}
+    assert {n for k, n in events[:rename] if k == "dir"} >= {"sub"} and ("dir", tmp_path.name) in events[rename:]
+    assert (tmp_path / "hf" / "sub" / "config.json").read_text() == "{}"
+
+
+def test_a_prune_cut_short_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch, caplog):
+    """Pruning renames a checkpoint out of the tag names before deleting it: a delete that stops half way (killed, an
+    NFS leftover) leaves `.pruning-<tag>`, not a `stepN` folder whose COMPLETE vouches for deleted shards; the next
+    resume removes it; a failure is said."""
+    import shutil
+
+    import ds_hybrid.checkpoint as checkpoint
+
+    ck = two_checkpoints(tmp_path)  # steps 2 and 4, keep 3
+    ck = Checkpointer(ck.dir, keep=1)
+    real = shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree",  # a delete that gives up after the shards
+                        lambda p, ignore_errors=False: [f.unlink() for f in Path(p).rglob("*.pt")])
+    with caplog.at_level("WARNING", logger="ds_hybrid"):
+        ck.save({"student": FakeEngine()}, 6, {"step": 6})
+    assert [s for s, _ in ck.complete_tags()] == [6]  # (steps 2 and 4 no longer look complete)
+    assert sorted(p.name for p in ck.dir.iterdir()) == [".pruning-step00000002", ".pruning-step00000004",
+                                                        "step00000006"]
+    assert "could not be deleted whole" in caplog.text
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    assert ck.load({"student": FakeEngine()}) == {"step": 6}
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["step00000006"]
+
+
+def test_the_resume_check_reads_the_newest_marker_that_reads(tmp_path):
+    """An unreadable newest COMPLETE marker (load() sets that checkpoint aside and resumes from the one before): the
+    settings check reads the checkpoint load() will take, not none at all (which turned the check off)."""
+    ck = two_checkpoints(tmp_path)
+    (ck.latest()[1] / MARKER).write_text("{not json")
+    path, marker = ck.latest_marker()
+    assert path.name == "step00000002" and marker["step"] == 2
+    assert ck.load({"student": FakeEngine()}) == {"step": 2}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -452,3 +453,78 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "global_batch": 16}}), now)
     with pytest.raises(ConfigError, match=r"^data=.*written over 90 rows"):
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "train_sequences": 90}}), now)
+    # the token cache's key hashes the files' paths and times: a corpus moved or re-timestamped gives another key
+    # over the same tokens; with the same held-out digest and row count it is taken (said), otherwise refused
+    now_d = {**now, "val_digest": {"data": "d1"}}
+    check_resume("kl", (path, {"world_size": 1, "settings": {**now_d, "data_cache": "moved"}}), now_d)
+    with pytest.raises(ConfigError, match=r"^data=.*token cache moved"):
+        check_resume("kl", (path, {"world_size": 1, "settings": {**now_d, "data_cache": "moved",
+                                                                 "val_digest": {"data": "d2"}}}), now_d)
+    with pytest.raises(ConfigError, match=r"^data=.*token cache"):  # (no digest recorded: as before)
+        check_resume("kl", (path, {"world_size": 1, "settings": {**now, "data_cache": "moved"}}), now)
+    # another model or loss: refused by the field, the teacher by its weights' fingerprint
+    model = {**now, "teacher": "fp1", "softmax_layers": [1, 5], "mixer": "gdn", "mixer_options": {},
+             "temperature": 1.0, "ce_weight": 0.0}
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(model)}), model)
+    for key, value, field in [("teacher", "fp2", "teacher"), ("softmax_layers", [1, 6], "softmax_layers"),
+                              ("mixer", "gla", "mixer"), ("mixer_options", {"use_gate": False}, "mixer_options"),
+                              ("temperature", 2.0, r"kl\.temperature"), ("ce_weight", 0.5, r"kl\.ce_weight")]:
+        with pytest.raises(ConfigError, match=rf"^{field}=.*is of another model or loss"):
+            check_resume("kl", (path, {"world_size": 1, "settings": {**model, key: value}}), model)
+
+
+def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_model(tmp_path):
+    """DeepSpeed restores the checkpoint's learning rates; "lower the learning rate" (the non-finite loss's advice)
+    then did nothing on the rerun. Now the resumed steps run at the config's rate, said in the log; another mixer
+    option (another model) is refused by name before any model is built."""
+    import shutil
+
+    from trainer_utils import one_process_stage
+
+    teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
+    stage = one_process_stage(2, ckpt_every=1, keep_checkpoints=2, schedule="constant", lr=1e-3, eval_at_start=False)
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out", align=stage)
+    run_dir = tmp_path / "out" / "align"
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
+    (run_dir / "DONE").unlink()  # as if stopped after its checkpoint at step 2 (it keeps steps 1 and 2)
+    p = train("align", cfg, "mixer_options={use_gate: false}", nproc=1)
+    assert p.returncode == 2 and "another model or loss: its mixer options were {}" in p.stderr, tail(p)
+    p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", nproc=1)
+    assert p.returncode == 0 and "resumed align from step 2" in p.stdout + p.stderr, tail(p)
+    assert "resumed with this run config's optimizer settings, not the checkpoint's: attn: lr 0.001 -> 0.0005" in \
+        p.stdout + p.stderr, tail(p)
+    lr = {step: row["lr"] for step, row in metrics(run_dir).items()}
+    assert lr[1] == lr[2] == pytest.approx(1e-3) and lr[3] == lr[4] == pytest.approx(5e-4), lr
+    shutil.rmtree(run_dir)
+
+
+def test_a_signal_during_a_save_is_served_by_that_save(tmp_path):
+    """SIGUSR1 arriving while a periodic checkpoint is written (sent here from inside the save): the stage stops
+    at that step with that checkpoint, not after one more step and a second save (at 70B two saves may outlast the
+    time-limit warning, and a job killed at its limit is not requeued)."""
+    teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
+    from trainer_utils import TRAIN, one_process_stage
+
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
+                       align=one_process_stage(6, ckpt_every=2, keep_checkpoints=5, eval_at_start=False))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "from ds_hybrid import checkpoint\n"
+        "_save = checkpoint.Checkpointer.save\n"
+        "def save(self, engines, step, *a, **k):\n"
+        "    out = _save(self, engines, step, *a, **k)\n"
+        "    if step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return out\n"
+        "checkpoint.Checkpointer.save = save\n")
+    e = env()
+    e["PYTHONPATH"] = f"{hook}:{e.get('PYTHONPATH', '')}"
+    p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=600, env=e, cwd=REPO)
+    run_dir = tmp_path / "out" / "align"
+    assert p.returncode == 128 + signal.SIGUSR1, tail(p)
+    saved = sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
+    assert saved == ["step00000002"] and max(metrics(run_dir)) == 2, (saved, sorted(metrics(run_dir)))

@@ -143,6 +143,52 @@ def student_engine(module: nn.Module, ds: dict, s: StageConfig, total_steps: int
     return engine
 
 
+#: what a resume takes from the run config, not from the checkpoint, in each optimizer group (with its base lr)
+GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def optimizer_settings(engine) -> dict[str, Any] | None:
+    """The student's optimizer settings as the run config built them (before a checkpoint is loaded): each group's
+    base learning rate, weight decay, betas and eps, by group name. None for an engine without our scheduler."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or not hasattr(sched, "base_lrs") or not hasattr(sched, "lr_lambdas"):
+        return None
+    groups = sched.optimizer.param_groups
+    return {"base_lrs": list(sched.base_lrs),
+            "groups": [{"name": g.get("name"), **{k: _plain(g.get(k)) for k in GROUP_SETTINGS}} for g in groups]}
+
+
+def _plain(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def restore_optimizer_settings(engine, fresh: dict[str, Any] | None) -> list[str]:
+    """After a checkpoint's load, put the run config's optimizer settings back (DeepSpeed restores the checkpoint's:
+    each group's lr, weight decay, betas and eps, and the scheduler's base rates), the learning rate of the resumed
+    step recomputed from the schedule; what changed, as "group: what was -> what is". A resume after "lower the
+    learning rate" then runs at the lower one. Groups of other names (a checkpoint of another parameter grouping,
+    which DeepSpeed would not have loaded) are left as loaded."""
+    if fresh is None:
+        return []
+    sched = engine.lr_scheduler
+    groups = sched.optimizer.param_groups
+    if [g.get("name") for g in groups] != [g["name"] for g in fresh["groups"]]:
+        return []
+    changed = []
+    for i, (g, want, base) in enumerate(zip(groups, fresh["groups"], fresh["base_lrs"])):
+        if sched.base_lrs[i] != base:
+            changed.append(f"{g.get('name')}: lr {sched.base_lrs[i]:g} -> {base:g}")
+        sched.base_lrs[i] = base
+        g["initial_lr"] = base
+        for k in GROUP_SETTINGS:
+            if _plain(g.get(k)) != want[k]:
+                changed.append(f"{g.get('name')}: {k} {_plain(g.get(k))} -> {want[k]}")
+            g[k] = want[k]
+        g["lr"] = base * sched.lr_lambdas[i](sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]
+    return changed
+
+
 def frozen_engine(module: nn.Module, ds: dict):
     """An engine with no optimizer, for the teacher: under ZeRO-3 each rank keeps only its parameter shard."""
     import deepspeed

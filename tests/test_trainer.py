@@ -492,7 +492,8 @@ def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_mode
     assert p.returncode == 2 and "another model or loss: its mixer options were {}" in p.stderr, tail(p)
     p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", nproc=1)
     assert p.returncode == 0 and "resumed align from step 2" in p.stdout + p.stderr, tail(p)
-    assert "resumed with this run config's optimizer settings, not the checkpoint's: attn: lr 0.001 -> 0.0005" in \
+    assert "resumed with this run config's optimizer settings, not the checkpoint's: attn_nodecay: lr 0.001 -> 0.0005; attn: lr 0.001 " \
+        "-> 0.0005" in \
         p.stdout + p.stderr, tail(p)
     lr = {step: row["lr"] for step, row in metrics(run_dir).items()}
     assert lr[1] == lr[2] == pytest.approx(1e-3) and lr[3] == lr[4] == pytest.approx(5e-4), lr

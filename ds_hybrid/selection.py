@@ -200,6 +200,9 @@ def check_selection_origin(spec: Any, teacher_path: str, align_dir: str | Path |
         raise ConfigError(f"{field}.selection", spec["selection"],
                           f"was computed for teacher {rec.get('path')} ({want}), this run's teacher {teacher_path} "
                           f"is {have}; run stage select for this teacher")
+    if sel.get("align") and not (align_dir is not None and Path(align_dir).is_dir()):
+        log.warning("%s.selection %s was computed from align checkpoint %s; this run starts elsewhere (%s), so its "
+                    "origin there is not checked", field, spec["selection"], sel["align"].get("path"), align_dir)
     if align_dir is not None and Path(align_dir).is_dir():
         want, have = recorded_vs_now(sel.get("align", {}), align_dir)
         if want is not None and want != have:

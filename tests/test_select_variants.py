@@ -145,6 +145,11 @@ def test_select_compare_re_ranks_a_selection_with_the_distance_regularizer(tmp_p
     assert "spacing rules" in capsys.readouterr().err
     assert main(["select-compare", str(tmp_path / "a" / "selection.json"), "--distance-reg", "0"]) == 2
     assert "--distance-reg" in capsys.readouterr().err
+    # a halving selection's scores carry round offsets: refused here as stage select refuses it
+    h = make_selection("halving", {l: float(l) for l in range(12)}, True, 12)
+    write_selection(tmp_path / "h" / "selection.json", h)
+    assert main(["select-compare", str(tmp_path / "h" / "selection.json"), "--distance-reg", "0.1"]) == 2
+    assert "is a halving selection: its scores carry round offsets" in capsys.readouterr().err
 
 
 def test_recall_score_is_the_answer_tokens_nll_and_kl():
@@ -322,7 +327,7 @@ def test_content_fingerprint_tells_retrained_weights_from_a_copy(tmp_path):
     assert content_fingerprint(a) == content_fingerprint(c)
 
 
-def test_kl_refuses_a_selection_of_a_retrained_align_and_reads_old_ones_by_size(tmp_path):
+def test_kl_refuses_a_selection_of_a_retrained_align_and_reads_old_ones_by_size(tmp_path, caplog):
     from ds_hybrid.selection import check_selection_origin, folder_identity
 
     teacher, align, retrained = (_tiny_folder(tmp_path / n, scale=s) for n, s in
@@ -335,6 +340,9 @@ def test_kl_refuses_a_selection_of_a_retrained_align_and_reads_old_ones_by_size(
     check_selection_origin(spec, str(teacher), align)
     with pytest.raises(ConfigError, match=r"softmax_layers\.selection=.*align checkpoint"):
         check_selection_origin(spec, str(teacher), retrained)
+    with caplog.at_level("WARNING", logger="ds_hybrid"):  # kl.init_from: teacher (no align folder): said, not silent
+        check_selection_origin(spec, str(teacher), "teacher")
+    assert "was computed from align checkpoint" in caplog.text and "its origin there is not checked" in caplog.text
     with pytest.raises(ConfigError, match=r"softmax_layers\.selection=.*computed for teacher"):
         check_selection_origin(spec, str(retrained), align)
     for rec in (sel["teacher"], sel["align"]):  # a selection written before the content fingerprint
@@ -653,3 +661,30 @@ def test_a_proxy_selection_scored_at_t1_before_the_fix_is_said_when_the_probes_t
     assert not _proxy_at_t1(target, load_config(None, ["select.method=ppl", "kl.temperature=2"]))
     target.write_text(json.dumps({"budget": {"heldout_sequences": 32, "seq_len": 1024, "temperature": 2.0}}))
     assert not _proxy_at_t1(target, hot)
+
+
+def test_tasks_of_one_probes_folder_must_split_it_alike(tmp_path):
+    """Probes are dealt by position modulo num_tasks: a task of another split while the probes are unfinished is
+    refused (task 0 of 2 and task 1 of 3 would train one probe at once and leave others to none), naming the split;
+    the same split, or any once the probes are done, goes on."""
+    from ds_hybrid.stages.probes import SPLIT_KEY, bind_split
+
+    (tmp_path / "probes").mkdir()
+    bind_split(tmp_path, 2, lambda: False)
+    bind_split(tmp_path, 2, lambda: False)
+    with pytest.raises(ConfigError, match=r"^select\.num_tasks=3: the probes in .* are dealt over 2 tasks"):
+        bind_split(tmp_path, 3, lambda: False)
+    bind_split(tmp_path, 3, lambda: True)  # finished: a new split (e.g. to re-score) is free
+    assert json.loads((tmp_path / "probes" / SPLIT_KEY).read_text()) == {"num_tasks": 3}
+
+
+def test_a_non_finite_probe_score_is_refused_as_it_is_read_naming_the_probe(tmp_path):
+    from ds_hybrid.stages.probes import probe_score
+
+    probe = tmp_path / "layer_004"
+    (probe / "kl").mkdir(parents=True)
+    (probe / "kl" / "DONE").write_text(json.dumps({"val": {"kl": float("nan")}}))
+    with pytest.raises(ConfigError, match=r"^select=.*layer_004.*heldout score is nan: delete the folder"):
+        probe_score(probe, "heldout", 1)
+    (probe / "kl" / "DONE").write_text(json.dumps({"val": {"kl": 0.25}}))
+    assert probe_score(probe, "heldout", 1) == 0.25

@@ -11,6 +11,7 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -123,6 +124,38 @@ def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] |
     if refusal is not None:
         raise ConfigError(*refusal)
     D.barrier()
+
+
+SPLIT_KEY = "SPLIT.json"
+
+
+def bind_split(out: Path, n: int, finished) -> None:
+    """Tasks sharing one probes folder deal its probes by position modulo ``num_tasks``: all of them must use one
+    ``num_tasks`` (task 0 of 2 and task 1 of 3 would train one probe at once in one folder and leave others to no
+    task). The first task records its split in ``probes/SPLIT.json``; a task of another split is refused while the
+    probes are unfinished (``finished()``, on the main rank), the recorded split named."""
+    refusal = None
+    if D.is_main():
+        key = out / "probes" / SPLIT_KEY
+        with open(out / ".probes.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                try:
+                    was = json.loads(key.read_text())["num_tasks"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    was = None
+                if was not in (None, n) and not finished():
+                    refusal = ("select.num_tasks", n, f"the probes in {out / 'probes'} are dealt over {was} tasks "
+                               f"({key}): every task of one selection must split them alike; run this one as one of "
+                               f"{was} (num_tasks {was}, or a Slurm array of {was}), or, once those tasks have ended, "
+                               f"delete {key} to deal the unfinished probes anew")
+                else:
+                    atomic_write_text(key, json.dumps({"num_tasks": n}))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    refusal = D.broadcast_object(refusal)
+    if refusal is not None:
+        raise ConfigError(*refusal)
 
 
 def still_claimed(out: Path, identity: dict) -> None:
@@ -276,19 +309,26 @@ def probe_field(cfg: RunConfig, field: str) -> str:
 
 
 def probe_score(probe_dir: Path, score: str, window: int) -> float:
+    """A finished probe's score; a non-finite one is refused as it is read, naming the probe to run again (a
+    selection, or a halving round's ranking, over it would be undefined)."""
     done = json.loads((probe_dir / "kl" / "DONE").read_text())
     if score == "heldout":
-        return float(done["val"]["kl"])
-    if score == "recall":
+        value = float(done["val"]["kl"])
+    elif score == "recall":
         if "recall_kl" not in done["val"]:
             raise ConfigError("select.score", score, f"probe {probe_dir.name} recorded no recall score (it ran with "
                               "select.recall_sequences: 0, rows under 128 tokens or an older ds-hybrid): delete its probes folder and rerun, "
                               "or use score: heldout")
-        return float(done["val"]["recall_kl"])
-    recs = [json.loads(l) for l in (probe_dir / "kl" / "metrics.jsonl").read_text().splitlines()]
-    train = {r["step"]: r["kl"] for r in recs if r["split"] == "train"}
-    last = sorted(train)[-window:]
-    return float(sum(train[s] for s in last) / len(last))
+        value = float(done["val"]["recall_kl"])
+    else:
+        recs = [json.loads(l) for l in (probe_dir / "kl" / "metrics.jsonl").read_text().splitlines()]
+        train = {r["step"]: r["kl"] for r in recs if r["split"] == "train"}
+        last = sorted(train)[-window:]
+        value = float(sum(train[s] for s in last) / len(last))
+    if not math.isfinite(value):
+        raise ConfigError("select", str(probe_dir), f"this probe's {score} score is {value}: delete the folder to run "
+                          "it again (with a lower select.probe.lr if its training diverged)")
+    return value
 
 
 def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
@@ -299,6 +339,7 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     claim_probes(out, ident, force, inherited_names(cfg))
     idx, n = task_slot(cfg)
     items: list[int | None] = [None, *range(num_layers)]
+    bind_split(out, n, lambda: all((out / "probes" / probe_name(l) / "kl" / "DONE").is_file() for l in items))
     for i, layer in enumerate(items):
         if i % n != idx:
             continue
@@ -467,6 +508,7 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
     ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
              "first_round_steps": first_steps, "data_tokens": stage_steps(s) * step_tokens} if D.is_main() else {}
     claim_probes(out, ident, force, inherited_names(cfg))
+    bind_split(out, task[1], lambda: False)  # (its rounds are dealt anew each round: any split change waits)
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,

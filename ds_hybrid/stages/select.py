@@ -190,6 +190,11 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
         if ref.get("num_layers") != L:
             raise ConfigError("select.reference", sc.reference, f"ranks {ref.get('num_layers')} layers, this teacher "
                               f"has {L}: compare selections of the same teacher")
+        want, have = D.main_reads(lambda: recorded_vs_now(ref.get("teacher", {}), teacher_path))
+        if want is not None and want != have and D.is_main():  # (allowed: e.g. a base model against its instruct)
+            log.warning("select.reference %s was computed for teacher %s, this run's is %s: its agreement compares "
+                        "the rankings of two teachers of the same depth", sc.reference,
+                        ref.get("teacher", {}).get("path"), teacher_path)
 
     extra: dict[str, Any] = {}
     lower = True

@@ -421,10 +421,7 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
     if cfg.select.distance_reg and cfg.select.method == "halving":
-        raise ConfigError("select.distance_reg", cfg.select.distance_reg,
-                          "not with halving: its layers stopped in earlier rounds carry their round's KL plus an "
-                          "offset, not a comparable KL, so the importance scale the penalty is weighed against would "
-                          "be the offsets'; use ga_s2 (every layer's KL) for a distance-regularized ranking")
+        raise ConfigError("select.distance_reg", cfg.select.distance_reg, f"not with halving: {HALVING_NO_REG}")
     if cfg.select.score != "heldout" and cfg.select.method != "ga_s2":
         raise ConfigError("select.score", cfg.select.score, f"applies to ga_s2 only ({cfg.select.method} has its own "
                           "score); leave it at heldout")
@@ -537,6 +534,12 @@ def attention_implementations() -> list[str]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ["eager", *sorted(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith("paged|"))]
+
+
+#: why the distance regularizer refuses halving's scores (stage select and select-compare --distance-reg)
+HALVING_NO_REG = ("its layers stopped in earlier rounds carry their round's KL plus an offset, not a comparable KL, so "
+                  "the importance scale the penalty is weighed against would be the offsets'; use ga_s2 (every "
+                  "layer's KL), or another score-based selection, for a distance-regularized ranking")
 
 
 def check_stage(s: StageConfig, name: str) -> None:

@@ -22,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ds_hybrid.config import SPACING_METHODS
+from ds_hybrid.config import HALVING_NO_REG, SPACING_METHODS
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import chosen_sets, selection_top_k
 from ds_hybrid.selection import make_selection, ranking_tau, read_selection, write_selection
@@ -58,10 +58,7 @@ def regularized(name: str, sel: dict, distance_reg: float, ks: list[int]) -> dic
         raise ConfigError("--distance-reg", distance_reg, f"{name} ({sel['method']}) has no score for every layer: "
                           "the regularizer re-ranks scores (uniform, smart and keep_global are spacing rules)")
     if sel["method"] == "halving":  # (stage select refuses the same: config.validate_static)
-        raise ConfigError("--distance-reg", distance_reg, f"{name} is a halving selection: its scores carry round "
-                          "offsets (an early-stopped layer ranks below every later one), so rescaled to [0, 1] its "
-                          "finalists sit a few percent apart and any lambda outweighs them; re-rank a score-based "
-                          "selection (ga_s2, proxy, ppl, mse, ar, ar_multihop, retrieval)")
+        raise ConfigError("--distance-reg", distance_reg, f"{name} is a halving selection: {HALVING_NO_REG}")
     out = make_selection(sel["method"], {int(l): v for l, v in scores.items()}, sel["lower_is_better"],
                          sel["num_layers"], distance_reg=distance_reg, derived_from=name,
                          **{k: sel[k] for k in PROVENANCE if k in sel})

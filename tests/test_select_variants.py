@@ -149,7 +149,7 @@ def test_select_compare_re_ranks_a_selection_with_the_distance_regularizer(tmp_p
     h = make_selection("halving", {l: float(l) for l in range(12)}, True, 12)
     write_selection(tmp_path / "h" / "selection.json", h)
     assert main(["select-compare", str(tmp_path / "h" / "selection.json"), "--distance-reg", "0.1"]) == 2
-    assert "is a halving selection: its scores carry round offsets" in capsys.readouterr().err
+    assert "is a halving selection: its layers stopped in earlier rounds" in capsys.readouterr().err
 
 
 def test_recall_score_is_the_answer_tokens_nll_and_kl():

@@ -420,6 +420,9 @@ def test_a_selection_made_from_other_settings_is_kept_with_what_changed_and_forc
     first, kept, forced = train_in_one_process(runs, tmp_path / "runs.json")
     target = out / "select" / "uniform" / "selection.json"
     assert first.returncode == 0, tail(first)
+    # a spacing rule's summary names the rule and what it chose, not its chart order (which is no ranking of it)
+    assert re.search(r"select uniform: rule uniform_layers\(L, K\) \| k=1: \[0\], ", first.stdout + first.stderr), \
+        tail(first)
     assert kept.returncode == 0 and "made from other settings (select.ks changed since): kept" in kept.stdout + \
         kept.stderr, tail(kept)  # data.num_proc is not a setting a selection depends on
     assert forced.returncode == 0, tail(forced)

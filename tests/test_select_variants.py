@@ -578,6 +578,19 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "fp32"
     (out / "probes" / PROBES_KEY).write_text(json.dumps({**new, "dtype": "float32"}))  # torch's spelling (a few
     claim_probes(out, new, force=False)                                              # commits of 2026-12-06)
+    # the losses' precision switches (inherited from kl here) are part of it, named as the setting the user sets
+    wide = load_config(None, ["kl.dw_fp32=false"])
+    with pytest.raises(ConfigError, match=r"^kl\.dw_fp32=False: .*\(kl\.dw_fp32: True -> False\)"):
+        claim_probes(out, probe_identity(wide, probe_stage_config(wide, align), align), False, inherited_names(wide))
+    pinned = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, fp32_logits: true}"])
+    with pytest.raises(ConfigError, match=r"^select\.probe\.fp32_logits=True: "):
+        claim_probes(out, probe_identity(pinned, probe_stage_config(pinned, align), align), False,
+                     inherited_names(pinned))
+    # a folder from before they were recorded: reused as run with the current values, which it then records
+    older = {**new, "probe": {k: v for k, v in new["probe"].items() if k not in ("fp32_logits", "dw_fp32")}}
+    (out / "probes" / PROBES_KEY).write_text(json.dumps(older))
+    claim_probes(out, new, force=False)
+    assert json.loads((out / "probes" / PROBES_KEY).read_text())["probe"]["dw_fp32"] is True
 
 
 def test_each_probe_gets_its_own_stage_settings():
@@ -688,3 +701,43 @@ def test_a_non_finite_probe_score_is_refused_as_it_is_read_naming_the_probe(tmp_
         probe_score(probe, "heldout", 1)
     (probe / "kl" / "DONE").write_text(json.dumps({"val": {"kl": 0.25}}))
     assert probe_score(probe, "heldout", 1) == 0.25
+
+
+def test_a_second_copy_of_a_running_probe_task_is_refused_naming_the_first(tmp_path):
+    """The same task_index of num_tasks started twice (a job submitted twice, an array task started again by hand)
+    would train the same probes at once in the same folders: refused while the first runs, by ga_s2 and halving
+    alike, the running one's host and pid named and halving's failure marker not written (the first task has not
+    failed); another task of the split goes on, and once the first process is gone (killed: nothing to clean up)
+    the task runs again."""
+    import os
+    import subprocess
+    import sys
+
+    from ds_hybrid.stages import probes
+
+    align = _tiny_folder(tmp_path / "align")
+    out = tmp_path / "select" / "ga_s2"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ds_hybrid.stages.probes import "
+         "task_held\nwith task_held(Path(sys.argv[1]), 1, 2):\n    print('held', flush=True); time.sleep(120)",
+         str(out)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for method in ("ga_s2", "halving"):
+            cfg = load_config(None, ["select.num_tasks=2", "select.task_index=1", f"select.method={method}"])
+            with pytest.raises(ConfigError, match=rf"^select\.task_index=1: task 1 of 2 already runs on .*\(host "
+                                                  rf".*, pid {holder.pid}, since .*a second copy would train the same "
+                                                  r"probes at once"):
+                getattr(probes, method)(cfg, out, 2, align)
+        assert not list(out.glob("probes/TASK_*.failed"))
+        assert not (out / "probes").exists()  # refused before claiming the folder: nothing written
+        with probes.task_held(out, 0, 2):  # the other task of the split
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with probes.task_held(out, 1, 2):  # its process gone, the lock went with it
+        with pytest.raises(ConfigError, match=r"^select\.task_index=1: task 1 of 2 already runs .*pid "
+                                              rf"{os.getpid()},"):
+            with probes.task_held(out, 1, 2):  # (and in one process: a second open file is a second holder)
+                pass

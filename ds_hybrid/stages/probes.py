@@ -6,6 +6,7 @@ probes ``i`` with ``i % num_tasks == task_index`` (:func:`task_slot`). The metho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import gc
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -60,11 +62,15 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
 
 
 # what a probe's score depends on, besides the align export, the data and the seed (logging, checkpoint cadence,
-# micro-batching and kernels are left out: they change the work's cost, not its result beyond rounding)
+# micro-batching and kernels are left out: they change the work's cost, not its result beyond rounding; the losses'
+# precision switches are in: with the run's dtype they set how much rounding there is, and the layers' scores can lie
+# closer than that, docs/SELECT.md)
 PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps", "min_lr_ratio",
-                "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall")
+                "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall",
+                "fp32_logits", "dw_fp32")
 PROBES_KEY = "PROBES.json"
-LATER_KEYS = ("dtype",)  # identity keys added after folders were written without them (2026-12-06)
+# identity keys added after folders were written without them ("probe.x": a key of the identity's "probe")
+LATER_KEYS = ("dtype", "probe.fp32_logits", "probe.dw_fp32")  # (2026-12-06, 2026-12-07)
 # what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
 DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents",
                "hub_config", "revision")  # (revision: a hub source's commit, pinned for the run: data.pin_hub_commit)
@@ -186,10 +192,13 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
         if old.get("dtype") in ("bfloat16", "float32"):  # (spelled as torch's for a few commits of 2026-12-06)
             old["dtype"] = {"bfloat16": "bf16", "float32": "fp32"}[old["dtype"]]
         for k in LATER_KEYS:
-            if old and k not in old and k in identity:  # a key written before ds-hybrid recorded this setting
+            *outer, name = k.split(".")
+            was, now = (old.get(outer[0]), identity.get(outer[0])) if outer else (old, identity)
+            if old and isinstance(was, dict) and isinstance(now, dict) and name not in was and name in now:
+                # a key written before ds-hybrid recorded this setting
                 log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "
-                            "(delete the folder or use --force to rerun them)", key, k, identity[k])
-                old[k] = identity[k]
+                            "(delete the folder or use --force to rerun them)", key, k, now[name])
+                was[name] = now[name]
         changed = [(names.get(k) or _FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
                    for k, a, b in _changed(old, identity)]
     elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
@@ -252,6 +261,45 @@ def task_slot(cfg: RunConfig) -> tuple[int, int]:
         log.warning("select: this is task %d of a %d-task Slurm array, so it runs every %d-th probe only (the others "
                     "are the other tasks'); a job array that is not a probe split: set select.num_tasks: 1", idx, n, n)
     return idx, n
+
+
+@contextlib.contextmanager
+def task_held(out: Path, idx: int, n: int):
+    """Hold this task's place in the probes folder while it runs: a second copy of the same task (the same
+    ``task_index`` of ``num_tasks``, or a second whole run where there is one task: a job submitted twice, an array
+    task started again by hand while the first still runs) would train the same probes at once in the same
+    folders; it is refused, the running one named. An exclusive ``flock`` on ``out/.task-<i>-of-<n>.lock`` (main rank;
+    the lock goes with the process, so a task killed leaves nothing to clean up)."""
+    refusal, f = None, None
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f".task-{idx}-of-{n}.lock"
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            f = None
+            refusal = ("select.task_index", idx, f"task {idx} of {n} already runs on {out} ({holder}; {path} is "
+                       f"locked): a second copy would train the same probes at once. Wait for it to end or stop it, "
+                       f"then run this one again to pick up what is unfinished; for another share of the probes set "
+                       f"select.task_index (and select.num_tasks alike for every task)")
+        else:
+            f.seek(0)
+            f.truncate()
+            f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+            f.flush()
+    refusal = D.broadcast_object(refusal)
+    if refusal is not None:
+        raise ConfigError(*refusal)
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()  # (closing releases the lock)
 
 
 def _slurm_array_index() -> int:
@@ -336,8 +384,14 @@ def ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
     s = probe_stage_config(cfg, align_dir)
     # the identity reads samples of every tensor of the align export: on the main rank only
     ident = probe_identity(cfg, s, align_dir) if D.is_main() else {}
-    claim_probes(out, ident, force, inherited_names(cfg))
     idx, n = task_slot(cfg)
+    with task_held(out, idx, n):
+        return _ga_s2(cfg, out, num_layers, align_dir, force, s, ident, idx, n)
+
+
+def _ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: bool, s: StageConfig, ident: dict,
+           idx: int, n: int) -> tuple[dict[int, float], dict]:
+    claim_probes(out, ident, force, inherited_names(cfg))
     items: list[int | None] = [None, *range(num_layers)]
     bind_split(out, n, lambda: all((out / "probes" / probe_name(l) / "kl" / "DONE").is_file() for l in items))
     for i, layer in enumerate(items):
@@ -479,13 +533,19 @@ def halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path,
             force: bool = False) -> tuple[dict[int, float], dict]:
     """Successive halving over single-layer probes (docs/SELECT.md), this task's share of each round when it is
     split over tasks; a task that fails leaves a marker the others stop on instead of waiting for its probes."""
-    from ds_hybrid.trainer import StopRequested
-
     idx, n = task_slot(cfg)
     since = time.time() - 1.0  # (a peer's marker older than this task is an earlier attempt's)
     marker = _failed_marker(out, idx, n)
-    if n > 1 and D.is_main():
-        marker.unlink(missing_ok=True)  # this task runs again: its earlier failure is no longer one
+    with task_held(out, idx, n):  # (outside the failure marker: a second copy refused is not this task failing)
+        if n > 1 and D.is_main():
+            marker.unlink(missing_ok=True)  # this task runs again: its earlier failure is no longer one
+        return _halving_task(cfg, out, num_layers, align_dir, force, since, idx, n, marker)
+
+
+def _halving_task(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: bool, since: float, idx: int,
+                  n: int, marker: Path) -> tuple[dict[int, float], dict]:
+    from ds_hybrid.trainer import StopRequested
+
     try:
         return _halving(cfg, out, num_layers, align_dir, force, since, (idx, n))
     except StopRequested:  # a time limit's checkpoint-and-requeue: the task comes back, its peers wait for it

@@ -293,8 +293,10 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
         plot_selection(selection, target.parent / "selection.png", k_plot)
         _to_tensorboard(target.parent, selection, k_plot)
         chosen = ", ".join(f"{k}: {v}" for k, v in selection["chosen"].items())
-        log.info("select %s: ranking %s | %s | tokens spent %s", sc.method, selection["ranking"][:max(ks or [8])],
-                 chosen, selection.get("tokens_spent"))
+        # (a spacing rule's ranking is a nested order for the chart, not what it chooses at K: the rule is said)
+        order = (f"rule {extra['rule']}" if rule is not None and "rule" in extra
+                 else f"ranking {selection['ranking'][:max(ks or [8])]}")
+        log.info("select %s: %s | %s | tokens spent %s", sc.method, order, chosen, selection.get("tokens_spent"))
     D.barrier()
     return target
 

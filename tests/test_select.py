@@ -428,10 +428,14 @@ def test_a_selection_made_from_other_settings_is_kept_with_what_changed_and_forc
     assert forced.returncode == 0, tail(forced)
     sel = read_selection(target)
     assert "k=2" in sel["chosen"] and sel["settings"]["select.ks"] == [2]
-    # a record from before a setting was recorded (data.revision, data.hub_config: 2026-12-06) is from the same
-    # settings where the new ones are at their defaults
+    # a record from before a setting was recorded (data.revision, data.hub_config, kl.dw_fp32: 2026-12-06) is from
+    # the same settings where the new ones are at their defaults of then (None; kl.dw_fp32 true)
     raw = json.loads(target.read_text())
-    raw["settings"] = {k: v for k, v in raw["settings"].items() if k not in ("data.revision", "data.hub_config")}
+    assert raw["settings"]["kl.dw_fp32"] is True
+    raw["settings"] = {k: v for k, v in raw["settings"].items()
+                       if k not in ("data.revision", "data.hub_config", "kl.dw_fp32")}
     target.write_text(json.dumps(raw))
-    (again,) = train_in_one_process([[*base, "select.ks=[2]"]], tmp_path / "again.json")
+    again, wide = train_in_one_process([[*base, "select.ks=[2]"], [*base, "select.ks=[2]", "kl.dw_fp32=false"]],
+                                       tmp_path / "again.json")
     assert again.returncode == 0 and "from these settings; nothing to do" in again.stdout + again.stderr, tail(again)
+    assert wide.returncode == 0 and "(kl.dw_fp32 changed since): kept" in wide.stdout + wide.stderr, tail(wide)

@@ -556,7 +556,7 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
                                           r"0\.0001, the values they ran with"):
         claim_probes(out, probe_identity(tuned, probe_stage_config(tuned, align), align), False, inherited_names(tuned))
     # the run's dtype (resolved: auto is fp32 on this CPU) is part of what a probe's score depends on
-    with pytest.raises(ConfigError, match=r"^dtype='bf16': .*\(dtype: 'fp32' -> 'bf16'\)"):
+    with pytest.raises(ConfigError, match=r"^dtype='bf16': .*\(dtype: 'fp32' -> 'bf16'; "):
         claim_probes(out, probe_identity(bf16 := load_config(None, ["dtype=bf16"]), probe_stage_config(bf16, align),
                                          align), force=False)
     _tiny_folder(align, scale=2.0)  # the align export retrained, same shapes
@@ -578,18 +578,29 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     assert json.loads((out / "probes" / PROBES_KEY).read_text())["dtype"] == "fp32"
     (out / "probes" / PROBES_KEY).write_text(json.dumps({**new, "dtype": "float32"}))  # torch's spelling (a few
     claim_probes(out, new, force=False)                                              # commits of 2026-12-06)
-    # the losses' precision switches (inherited from kl here) are part of it, named as the setting the user sets
-    wide = load_config(None, ["kl.dw_fp32=false"])
+    # the losses' precision switches: part of a 16-bit run's identity (named as the setting the user sets: kl's,
+    # inherited; select.probe's, pinned), recorded as None in an fp32 run's, where they change nothing
+    def ident(*over):
+        c = load_config(None, ["dtype=bf16", *over])
+        return probe_identity(c, probe_stage_config(c, align), align), False, inherited_names(c)  # (force: no)
+
+    assert new["probe"]["dw_fp32"] is None and new["probe"]["fp32_logits"] is None
+    fp32_wide = load_config(None, ["kl.dw_fp32=false", "kl.fp32_logits=true"])
+    claim_probes(out, probe_identity(fp32_wide, probe_stage_config(fp32_wide, align), align), False)  # (the same)
+    bf16 = ident()[0]
+    assert bf16["probe"]["dw_fp32"] is True and bf16["probe"]["fp32_logits"] is False
+    claim_probes(out, bf16, force=True)
     with pytest.raises(ConfigError, match=r"^kl\.dw_fp32=False: .*\(kl\.dw_fp32: True -> False\)"):
-        claim_probes(out, probe_identity(wide, probe_stage_config(wide, align), align), False, inherited_names(wide))
-    pinned = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, fp32_logits: true}"])
+        claim_probes(out, *ident("kl.dw_fp32=false"))
     with pytest.raises(ConfigError, match=r"^select\.probe\.fp32_logits=True: "):
-        claim_probes(out, probe_identity(pinned, probe_stage_config(pinned, align), align), False,
-                     inherited_names(pinned))
-    # a folder from before they were recorded: reused as run with the current values, which it then records
-    older = {**new, "probe": {k: v for k, v in new["probe"].items() if k not in ("fp32_logits", "dw_fp32")}}
+        claim_probes(out, *ident("select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, fp32_logits: true}"))
+    # a folder from before they were recorded is taken as run with the defaults of then (fp32_logits false,
+    # dw_fp32 true): reused where the run has those, said once, and recorded; refused where it changed one
+    older = {**bf16, "probe": {k: v for k, v in bf16["probe"].items() if k not in ("fp32_logits", "dw_fp32")}}
     (out / "probes" / PROBES_KEY).write_text(json.dumps(older))
-    claim_probes(out, new, force=False)
+    with pytest.raises(ConfigError, match=r"^kl\.dw_fp32=False: .*\(kl\.dw_fp32: True -> False\)"):
+        claim_probes(out, *ident("kl.dw_fp32=false"))
+    claim_probes(out, bf16, force=False)
     assert json.loads((out / "probes" / PROBES_KEY).read_text())["probe"]["dw_fp32"] is True
 
 
@@ -726,8 +737,8 @@ def test_a_second_copy_of_a_running_probe_task_is_refused_naming_the_first(tmp_p
         for method in ("ga_s2", "halving"):
             cfg = load_config(None, ["select.num_tasks=2", "select.task_index=1", f"select.method={method}"])
             with pytest.raises(ConfigError, match=rf"^select\.task_index=1: task 1 of 2 already runs on .*\(host "
-                                                  rf".*, pid {holder.pid}, since .*a second copy would train the same "
-                                                  r"probes at once"):
+                                                  rf".*, pid {holder.pid}, since .*a second copy, of these settings or "
+                                                  r"others \(--force\), would train in the same probe folders at once"):
                 getattr(probes, method)(cfg, out, 2, align)
         assert not list(out.glob("probes/TASK_*.failed"))
         assert not (out / "probes").exists()  # refused before claiming the folder: nothing written
@@ -737,7 +748,24 @@ def test_a_second_copy_of_a_running_probe_task_is_refused_naming_the_first(tmp_p
         holder.kill()
         holder.wait()
     with probes.task_held(out, 1, 2):  # its process gone, the lock went with it
-        with pytest.raises(ConfigError, match=r"^select\.task_index=1: task 1 of 2 already runs .*pid "
-                                              rf"{os.getpid()},"):
-            with probes.task_held(out, 1, 2):  # (and in one process: a second open file is a second holder)
-                pass
+        with probes.task_held(out, 1, 2):  # (re-entered in one process: stage select holds it around the method)
+            pass
+        assert f"pid {os.getpid()}," in (out / ".task-1-of-2.lock").read_text()
+
+
+def test_a_file_system_without_locks_is_refused_naming_out_dir(tmp_path, monkeypatch):
+    """flock on NFS without its lock service (ENOLCK) or Lustre without -o flock (ENOSYS) raised on the main rank
+    before the broadcast the other ranks wait in: now a refusal every rank raises, naming out_dir."""
+    import errno
+
+    from ds_hybrid.stages import probes
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(probes.fcntl, "flock", no_locks)
+    out = tmp_path / "run" / "select" / "ga_s2"
+    with pytest.raises(ConfigError, match=rf"^out_dir='{tmp_path / 'run'}': cannot lock .*No locks available.*a "
+                                          r"file system that has them"):
+        with probes.task_held(out, 0, 1):
+            pass

@@ -63,14 +63,18 @@ def probe_stage_config(cfg: RunConfig, align_dir: Path) -> StageConfig:
 
 # what a probe's score depends on, besides the align export, the data and the seed (logging, checkpoint cadence,
 # micro-batching and kernels are left out: they change the work's cost, not its result beyond rounding; the losses'
-# precision switches are in: with the run's dtype they set how much rounding there is, and the layers' scores can lie
-# closer than that, docs/SELECT.md)
+# precision switches are in, in a 16-bit run: with the dtype they set how much rounding there is, and the layers'
+# scores can lie closer than that, docs/SELECT.md; in an fp32 run they change nothing and are recorded as None)
 PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule", "warmup_steps", "min_lr_ratio",
                 "clip", "weight_decay", "betas", "eps", "temperature", "ce_weight", "eval_sequences", "eval_recall",
                 "fp32_logits", "dw_fp32")
 PROBES_KEY = "PROBES.json"
-# identity keys added after folders were written without them ("probe.x": a key of the identity's "probe")
-LATER_KEYS = ("dtype", "probe.fp32_logits", "probe.dw_fp32")  # (2026-12-06, 2026-12-07)
+# identity keys added after folders were written without them ("probe.x": a key of the identity's "probe"), with the
+# value a folder without the key is taken to have run with: None, the current run's (dtype, recorded since
+# 2026-12-06); else the default in force when the key was added (late 2026-12-06), so that a run that changed it since
+# is refused (fp32_logits false since 2026-12-04, dw_fp32 true since 2026-12-06; an fp32 run records neither)
+LATER_KEYS: dict[str, object] = {"dtype": None, "probe.fp32_logits": False, "probe.dw_fp32": True}
+PRECISION_FIELDS = ("fp32_logits", "dw_fp32")
 # what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
 DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "split_seed", "max_documents",
                "hub_config", "revision")  # (revision: a hub source's commit, pinned for the run: data.pin_hub_commit)
@@ -82,10 +86,12 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
     d = cfg.to_dict()
     probe = {f: getattr(s, f) for f in PROBE_FIELDS if not (per_round and f == "tokens")}
     probe["betas"] = list(probe["betas"])
+    dtype = {torch.bfloat16: "bf16"}.get(run_dtype(cfg), "fp32")  # (resolved: auto is bf16 on a GPU)
+    if dtype == "fp32":
+        probe.update(dict.fromkeys(PRECISION_FIELDS))
     data = {k: d["data"][k] for k in DATA_FIELDS}
     return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
-            "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir),
-            "dtype": {torch.bfloat16: "bf16"}.get(run_dtype(cfg), "fp32")}  # (resolved: auto is bf16 on a GPU)
+            "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir), "dtype": dtype}
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -191,14 +197,15 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
             old = {}
         if old.get("dtype") in ("bfloat16", "float32"):  # (spelled as torch's for a few commits of 2026-12-06)
             old["dtype"] = {"bfloat16": "bf16", "float32": "fp32"}[old["dtype"]]
-        for k in LATER_KEYS:
+        for k, then in LATER_KEYS.items():
             *outer, name = k.split(".")
             was, now = (old.get(outer[0]), identity.get(outer[0])) if outer else (old, identity)
             if old and isinstance(was, dict) and isinstance(now, dict) and name not in was and name in now:
-                # a key written before ds-hybrid recorded this setting
-                log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "
-                            "(delete the folder or use --force to rerun them)", key, k, now[name])
-                was[name] = now[name]
+                # a key written before ds-hybrid recorded this setting: taken as run with the value of then
+                was[name] = now[name] if then is None or now[name] is None else then
+                if was[name] == now[name]:
+                    log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "
+                                "(delete the folder or use --force to rerun them)", key, k, now[name])
         changed = [(names.get(k) or _FIELD.get(k.split(".")[0], k.split(".")[0]) + k[len(k.split(".")[0]):], a, b)
                    for k, a, b in _changed(old, identity)]
     elif probes.is_dir() and any(p.name != PROBES_KEY for p in probes.iterdir()):
@@ -213,7 +220,11 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
         refusal = (field, now, f"{probes} holds probes run from other settings ({what}); rerun with --force to set "
                    f"them aside (kept in {out / 'previous'}) and run new ones, or delete {probes}{keep}")
     elif changed:
-        aside = out / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside = stem = out / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        n = 1
+        while (aside / "probes").exists():  # (set aside twice within one second by one process: both kept)
+            n += 1
+            aside = stem.with_name(f"{stem.name}.{n}")
         aside.mkdir(parents=True, exist_ok=True)
         os.replace(probes, aside / "probes")
         log.warning("select: probes run from other settings (%s) set aside to %s", what, aside)
@@ -263,19 +274,31 @@ def task_slot(cfg: RunConfig) -> tuple[int, int]:
     return idx, n
 
 
+_HELD: dict[str, int] = {}  # the task locks this process holds, by path (task_held is re-entered by run_select's)
+
+
 @contextlib.contextmanager
 def task_held(out: Path, idx: int, n: int):
     """Hold this task's place in the probes folder while it runs: a second copy of the same task (the same
     ``task_index`` of ``num_tasks``, or a second whole run where there is one task: a job submitted twice, an array
-    task started again by hand while the first still runs) would train the same probes at once in the same
-    folders; it is refused, the running one named. An exclusive ``flock`` on ``out/.task-<i>-of-<n>.lock`` (main rank;
-    the lock goes with the process, so a task killed leaves nothing to clean up)."""
+    task started again by hand, a ``--force`` rerun, while the first still runs) would train in the same probe
+    folders at once; it is refused, the running one named. An exclusive ``flock`` on ``out/.task-<i>-of-<n>.lock``
+    (main rank; the lock goes with the process, so a task killed leaves nothing to clean up, except where a crashed
+    node's lock outlives it on a shared file system: the message says how to clear it). Re-entrant in one process."""
+    path = out / f".task-{idx}-of-{n}.lock"
+    key = str(path.resolve()) if D.is_main() else ""
+    if D.is_main() and _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     refusal, f = None, None
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f".task-{idx}-of-{n}.lock"
-        f = open(path, "a+")
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
@@ -283,22 +306,34 @@ def task_held(out: Path, idx: int, n: int):
             f.close()
             f = None
             refusal = ("select.task_index", idx, f"task {idx} of {n} already runs on {out} ({holder}; {path} is "
-                       f"locked): a second copy would train the same probes at once. Wait for it to end or stop it, "
-                       f"then run this one again to pick up what is unfinished; for another share of the probes set "
-                       f"select.task_index (and select.num_tasks alike for every task)")
+                       f"locked): a second copy, of these settings or others (--force), would train in the same "
+                       f"probe folders at once. Wait for it to end or stop it, then run this one again to pick up "
+                       f"what is unfinished; if that process is gone (a node that crashed can leave its lock on a "
+                       f"shared file system until the server lets it go), delete {path} and run again; for another "
+                       f"share of the probes set select.task_index (and select.num_tasks alike for every task)")
+        except OSError as e:
+            if f is not None:
+                f.close()
+                f = None
+            refusal = ("out_dir", str(out.parent.parent), f"cannot lock {path} ({e}): the probe tasks of a selection "
+                       "take file locks (flock) in its folder; put out_dir on a file system that has them (a local "
+                       "disk, NFS with its lock service, Lustre mounted with -o flock)")
         else:
             f.seek(0)
             f.truncate()
             f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
             f.flush()
-    refusal = D.broadcast_object(refusal)
+            os.fsync(f.fileno())  # (a copy on another node reads who holds it)
+            _HELD[key] = 1
+    refusal = D.broadcast_object(refusal)  # (every rank reaches this, whatever the main rank met)
     if refusal is not None:
         raise ConfigError(*refusal)
     try:
         yield
     finally:
         if f is not None:
+            _HELD.pop(key, None)
             f.close()  # (closing releases the lock)
 
 

@@ -48,6 +48,7 @@ models that fit one accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -63,7 +64,7 @@ from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selection, ranking_tau, read_selection,
                                  write_selection)
-from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_slot
+from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_held, task_slot
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
 log = logging.getLogger("ds_hybrid")
@@ -117,8 +118,6 @@ def selection_target(cfg: RunConfig) -> Path:
 
 
 def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
-    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
-
     from ds_hybrid.stages.common import check_env_knobs
 
     D.init_distributed(cfg.dist_timeout_minutes)
@@ -130,13 +129,26 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     sc = cfg.select
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
     target = selection_target(cfg)
+    # a probe task holds its place from before it looks for a selection until it has written one (a second copy
+    # started meanwhile is refused: stages.probes.task_held)
+    held = task_held(out, *task_slot(cfg)) if sc.method in ("ga_s2", "halving") else contextlib.nullcontext()
+    with held:
+        return _run_select(cfg, force, out, target)
+
+
+def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | None:
+    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
+
+    sc = cfg.select
     # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
     existing = D.main_reads(lambda: _existing_selection(target, cfg))
     if existing is not None and not force:  # kept; what changed since is said (a benign kl.lr change must not block
         made, stale_align = existing        # a pipeline's later steps: --force makes it again)
         now = selection_settings(cfg)
-        # (a setting recorded since, e.g. data.revision, counts as unchanged where it is at its default, None)
-        changed = [k for k in sorted(set(made or {}) | set(now)) if (made or {}).get(k) != now.get(k)]
+        # (a setting recorded since counts as unchanged where it is at its default then: None, e.g. data.revision,
+        # or LATER_SETTINGS')
+        made_then = {**LATER_SETTINGS, **made} if made is not None else None
+        changed = [k for k in sorted(set(made_then or {}) | set(now)) if (made_then or {}).get(k) != now.get(k)]
         if stale_align:
             log.warning("selection %s exists, computed from an align export that has changed since (%s): kept, and "
                         "stage kl will refuse it; rerun stage select with --force to rank this align export's layers",
@@ -340,8 +352,13 @@ def selection_settings(cfg: RunConfig) -> dict[str, Any]:
     out.update({f"data.{k}": d["data"].get(k) for k in DATA_FIELDS})
     out.update({f"select.{k}": v for k, v in d["select"].items() if k not in ("task_index", "num_tasks")})
     out.update({f"kl.{k}": d["kl"].get(k) for k in ("lr", "lr_rest", "betas", "weight_decay", "clip", "temperature",
-                                                     "fp32_logits")})
+                                                     "fp32_logits", "dw_fp32")})
     return out
+
+
+# settings a selection records since a later date than the rest, with the default in force then (a selection made
+# before is taken as made with it): kl.dw_fp32 since late 2026-12-06
+LATER_SETTINGS: dict[str, Any] = {"kl.dw_fp32": True}
 
 
 def _config_hash(cfg: RunConfig) -> str:

@@ -16,7 +16,9 @@ What is supported:
   max_len positions and the mask applies the window, as a global layer's memory and reads);
 - greedy only, exactly ``max_new_tokens`` tokens per row (no stop at EOS: cut the output afterwards);
 - batch sizes: exact. One static cache, buffer set and graph per batch size met, kept for the next call with that
-  batch size (memory: one cache of [B, max_len] per batch size used);
+  batch size (memory: one cache of [B, max_len] per batch size used); ``generate_static`` (``generate(...,
+  cuda_graphs=True)``, ``eval --cuda-graphs``) runs a smaller batch in a larger one it holds, so a caller's
+  remainder batches add none;
 - prompts of different lengths: left padding with a [B, T] attention mask (1 = token, 0 = pad). Softmax layers mask
   the pads; linear layers skip them in the prefill (no write, no decay), so a padded row decodes as it would alone;
 - ``max_len`` bounds prompt + new tokens; a longer request raises a ConfigError naming ``max_len``.
@@ -308,6 +310,11 @@ class GraphDecoder:
         return self._slots[batch].cache
 
     @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes this decoder holds a static cache (and graphs) for."""
+        return sorted(self._slots)
+
+    @property
     def full_kv_sliding_layers(self) -> int:
         """Sliding-window layers this decoder's caches hold at full length (no rings: see ring_mask_format)."""
         return 0 if self._ring_format is not None else full_kv_sliding_layers(self.model)
@@ -447,5 +454,16 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
         if not decoder.uses_graphs:
             warnings.warn("cuda_graphs: the model is not on a CUDA device; the static-cache step runs eagerly (same "
                           "tokens, no speed-up)", stacklevel=2)
-    out = decoder.generate(input_ids, kwargs.get("attention_mask"), int(max_new))
+    mask = kwargs.get("attention_mask")
+    B = input_ids.shape[0]
+    # a batch smaller than one the decoder already holds runs in that one's cache, its last row repeated and the
+    # repeats dropped (rows decode independently): a caller whose batches end in a remainder (lm-eval, one per task
+    # group) keeps one [B, max_len] cache and graph set, not one more per remainder size
+    wider = [b for b in decoder.batch_sizes if b > B]
+    if wider:
+        extra = min(wider) - B
+        input_ids = torch.cat([input_ids, input_ids[-1:].expand(extra, -1)])
+        if mask is not None:
+            mask = torch.cat([mask, mask[-1:].expand(extra, -1)])
+    out = decoder.generate(input_ids, mask, int(max_new))[:B]
     return finish_at_eos(out, T, eos_ids, pad)

@@ -475,18 +475,34 @@ def test_the_tools_refuse_bad_outputs_and_inputs_before_writing(tmp_path, monkey
             args = build_parser().parse_args(["convert", "--ratio", "0.25", "--out", str(out)])
             args.fn(args)  # (ds-hybrid's main prints the error and returns 2)
 
-    def evaluation(folder, model, layers, score, length=2048):
+    def evaluation(folder, model, layers, score, length=2048, **record):
         folder.mkdir(parents=True)
         (folder / "eval.json").write_text(json.dumps({
             "lengths": [length], "tasks": ["niah_single_1"], "scores": {model: {"niah_single_1": {str(length): score}}},
             "prompts": {model: {"niah_single_1": {str(length): 100}}}, "heldout_quality": {},
-            "models": {model: {"model_type": "ds_hybrid", "num_layers": 30, "softmax_layers": layers, "mixer": "gdn"}}}))
+            "models": {model: {"model_type": "ds_hybrid", "num_layers": 30, "softmax_layers": layers, "mixer": "gdn",
+                               **record}}}))
         return folder
 
     a = evaluation(tmp_path / "a", "hyb", [0, 3], 0.5)
     b = evaluation(tmp_path / "b", "hyb", [2, 5], 0.7, 4096)  # another length: only the layers tell them apart
     with pytest.raises(ConfigError, match=r"model hyb here is not the hyb of an earlier file"):
         merge.merge([str(a), str(b)])
+    # the same layers, other weights (two seeds: every export is a folder named hf) or other mixer options: refused
+    # where both records say so; a record without them (older) and one with them join, as do other kernel backends
+    w1 = evaluation(tmp_path / "w1", "hyb", [0, 3], 0.5, weights="aaaa", mixer_options={"use_gate": True,
+                                                                                        "backend": "fla"})
+    w2 = evaluation(tmp_path / "w2", "hyb", [0, 3], 0.7, 4096, weights="bbbb")
+    with pytest.raises(ConfigError, match=r"model hyb here is not the hyb .*\(weights bbbb against aaaa"):
+        merge.merge([str(w1), str(w2)])
+    m3 = evaluation(tmp_path / "m3", "hyb", [0, 3], 0.7, 4096, mixer_options={"use_gate": False})
+    with pytest.raises(ConfigError, match=r"\(mixer options \{'use_gate': False\} against \{'use_gate': True\}"):
+        merge.merge([str(w1), str(m3)])
+    b4 = evaluation(tmp_path / "b4", "hyb", [0, 3], 0.7, 4096, weights="aaaa",
+                    mixer_options={"use_gate": True, "backend": "naive"})
+    joined = merge.merge([str(a), str(w1), str(b4)])
+    assert joined["models"]["hyb"]["weights"] == "aaaa" and set(joined["scores"]["hyb"]["niah_single_1"]) == {
+        "2048", "4096"}
     assert merge.merge([str(a), f"other=hyb@{b}"])["scores"]["other"]["niah_single_1"]["4096"] == 0.7
     with pytest.raises(ConfigError, match=r"renames \['nosuch'\], which .* does not hold"):
         merge.merge([str(a), f"x=nosuch@{b}"])

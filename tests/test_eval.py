@@ -585,7 +585,8 @@ def test_held_out_quality_of_another_tokenizers_ids_is_left_out_of_a_merge_and_e
                                                                                                       caplog):
     """An eval.json written before held-out rows were per tokenizer (no ``heldout_rows``) scored every model on the
     first model's ids: a model of another tokenizer there has a perplexity and KL that measure nothing. eval-merge
-    leaves them out (saying so), --resume evaluates that model again; the first tokenizer's models are kept, and a
+    leaves them out (saying so), --resume computes that model's held-out quality again (its recall kept); the first
+    tokenizer's models are kept whole, and a
     file that records per-tokenizer rows keeps every model."""
     from ds_hybrid.evaluation import merge
     from ds_hybrid.evaluation.run import RESUME_SETTINGS, resumable_models
@@ -607,11 +608,13 @@ def test_held_out_quality_of_another_tokenizers_ids_is_left_out_of_a_merge_and_e
     assert "held-out quality of other left out" in caplog.text
     settings = {k: rec.get(k) for k in RESUME_SETTINGS}
     paths = {m: info["path"] for m, info in models.items()}
-    assert set(resumable_models(old, settings, paths, paths, 1024)) == {"teacher", "same"}
+    kept = resumable_models(old, settings, paths, paths, 1024)  # every model's recall kept; other's quality redone
+    assert set(kept) == set(models) and [m for m, k in kept.items() if k["quality_pending"]] == ["other"]
+    assert "heldout_quality" not in kept["other"] and kept["same"]["heldout_quality"] == quality["same"]
     rec["heldout_rows"] = merge.HELDOUT_ROWS  # written since: every model's rows were its own tokenizer's
     (old / "eval.json").write_text(json.dumps(rec))
     assert set(merge.merge([str(old)])["heldout_quality"]) == set(models)
-    assert set(resumable_models(old, settings, paths, paths, 1024)) == set(models)
+    assert not any(k["quality_pending"] for k in resumable_models(old, settings, paths, paths, 1024).values())
 
 
 def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
@@ -1064,3 +1067,181 @@ def test_resume_refuses_a_refilled_model_folder_and_reads_older_files(tiny, tmp_
     (out / "eval.json").write_text(json.dumps({**old, "haystack": "/elsewhere", "models": {}, "scores": {}}))
     with pytest.raises(ConfigError, match=r"ran with haystack = '/elsewhere', this one asks for None"):
         run_mod.resumable_models(out, settings, {"m": folder}, {"m": folder}, None)
+
+
+def _tiny_lm(family: str, seed: int = 0, **over):
+    """A random tiny causal LM of another family than the trainer's (GPT-2: a decoder of another name, a tied head;
+    Gemma 2: softcapped logits), fp32."""
+    from conftest import VOCAB
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config
+
+    torch.manual_seed(seed)
+    cfg = (GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128, **over) if family == "gpt2"
+           else Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                             **over))
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_held_out_quality_fast_path_equals_the_models_own_logits_and_other_heads_use_them(tiny):
+    """The fast path (last hidden state x output embedding, chunked, no [tokens x vocab] tensor) gives the
+    perplexity and KL computed from the models' own logits, for the trainer's families and a GPT-2 (whose decoder is
+    ``transformer``, not ``model``: an AttributeError before); a model whose logits are transformed (Gemma 2's
+    softcapping) is scored from its logits: its perplexity is HF's own loss's, where the fast path's is not."""
+    import copy
+    import math
+
+    from conftest import VOCAB
+
+    from ds_hybrid.evaluation.quality import heldout_quality, plain_head
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, VOCAB, (1, 48), generator=g) for _ in range(3)]
+    teacher = tiny[0]
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    gpt2, gpt2_t = _tiny_lm("gpt2", 1), _tiny_lm("gpt2", 2)
+    for model, t in ((student, teacher), (gpt2, gpt2_t)):
+        assert plain_head(model)
+        fast, ref = (heldout_quality(model, rows, t, chunk=16, path=p) for p in ("fast", "reference"))
+        assert heldout_quality(model, rows, t) == fast  # auto: the fast path, its logits checked
+        assert fast.keys() == ref.keys() == {"ce", "ppl", "tokens", "kl_to_teacher"} and fast["tokens"] == 3 * 47
+        for k in ("ce", "ppl", "kl_to_teacher"):
+            assert fast[k] == pytest.approx(ref[k], rel=1e-5), (type(model).__name__, k)
+        assert ref["kl_to_teacher"] > 1e-3
+    capped = _tiny_lm("gemma2", 3, final_logit_softcapping=2.0)
+    with torch.no_grad():
+        capped.get_output_embeddings().weight.mul_(100.0)  # (logits far past the cap: a random init's are near 0)
+    assert not plain_head(capped)
+    q = heldout_quality(capped, rows)
+    with torch.no_grad():  # (HF: the mean CE of a row's 47 next tokens)
+        hf = [float(capped(input_ids=r, labels=r).loss) for r in rows]
+    assert q["ce"] == pytest.approx(sum(hf) / len(hf), rel=1e-5) and q["ppl"] == pytest.approx(math.exp(q["ce"]))
+    assert abs(heldout_quality(capped, rows, path="fast")["ce"] - q["ce"]) > 1e-2  # what the fast path would say
+
+
+def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the_quality(tiny, tmp_path, monkeypatch):
+    """The recall of a model is written before its held-out quality runs: a failure there (an out-of-memory with
+    the KL teacher resident, a model the fast path cannot read) loses no recall; --resume keeps it and computes the
+    quality alone."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import quality as quality_mod
+    from ds_hybrid.evaluation import recall as recall_mod
+
+    real = quality_mod.heldout_quality
+
+    def fail(*a, **k):
+        raise RuntimeError("out of memory in held-out quality (simulated)")
+
+    monkeypatch.setattr(quality_mod, "heldout_quality", fail)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", f"only={tiny[2]}", "--tasks", "niah_single_1", "--lengths", "1024", "--limit", "1",
+            "--heldout-sequences", "1", "--heldout-seq-len", "64", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(argv)
+    first = json.loads((out / "eval.json").read_text())
+    assert first["complete"] is False and "only" in first["scores"] and "only" not in first["heldout_quality"]
+    assert "the held-out quality of only still to compute" in (out / "eval.md").read_text()
+    monkeypatch.setattr(quality_mod, "heldout_quality", real)
+    monkeypatch.setattr(recall_mod, "run_tasks", lambda *a, **k: pytest.fail("the recall ran again"))
+    assert cli.main(argv + ["--resume"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["complete"] is True and res["scores"] == first["scores"] and res["prompts"] == first["prompts"]
+    assert res["heldout_quality"]["only"]["ppl"] > 1
+
+
+def test_held_out_rows_too_long_for_every_source_are_refused_and_fewer_rows_said(tiny, caplog):
+    """A row never spans two documents' shards: rows longer than every held-out shard gave no rows, and a
+    perplexity of 0/0 (NaN) in eval.json; fewer rows than asked passed unsaid."""
+    from argparse import Namespace
+
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    tok = tiny[1]
+    with pytest.raises(ConfigError, match=r"^--heldout-seq-len=10000000: no held-out shard holds a whole row"):
+        _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=10_000_000, heldout_sequences=2), tok)
+    rows = _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=2048, heldout_sequences=10_000),
+                         tok)
+    assert 0 < len(rows) < 10_000 and all(r.shape == (1, 2048) for r in rows)
+    assert f"held-out quality: {len(rows)} rows of 2048 tokens, not the 10000 asked" in caplog.text
+
+
+def test_a_model_named_teacher_and_unusable_swde_records_and_lengths_are_refused_up_front(tiny, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation.run import parse_models
+
+    with pytest.raises(ConfigError, match=r"^--model='teacher=/a': 'teacher' is the name of --teacher's row"):
+        parse_models(["teacher=/a"], "/t")
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    assert parse_models([str(folder)], "/t") == {"teacher_0": str(folder), "teacher": "/t"}  # a folder so named
+    bad = tmp_path / "bad.jsonl"
+    for rec, ok in (({"text": "", "value": "x"}, False), ({"text": None, "value": "x"}, False),
+                    ({"text": 3, "value": "x"}, False), ({"context": "c", "key": " ", "value": "x"}, False),
+                    ({"text": None, "context": "Maker: Acme", "key": "Maker", "value": "Acme"}, True)):
+        bad.write_text(json.dumps(rec) + "\n")
+        if ok:
+            assert recall.load_based_records(bad, "--swde")[0]["value"] == "Acme"
+        else:
+            with pytest.raises(ConfigError, match=r"^--swde=.*record 0 needs 'value' and either a non-empty text"):
+                recall.load_based_records(bad, "--swde")
+    monkeypatch.setattr("ds_hybrid.evaluation.run.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--swde", str(FIXTURES / "swde_fixture.jsonl"), "--tasks",
+                     "", "--max-length", str(recall.BASED_MAX_GEN_TOKS), "--no-quality", "--out",
+                     str(tmp_path / "never")]) == 2
+    assert re.search(r"error: --max-length=48: tiny would be evaluated at 48 tokens, which leaves no room for a swde "
+                     r"prompt", capsys.readouterr().err)
+
+
+def test_bench_infer_holds_one_model_at_a_time_and_writes_each_models_rows_as_it_finishes(tiny, tmp_path,
+                                                                                           monkeypatch):
+    """bench-infer loaded every model before timing any: the teacher's weights sat beside the hybrid's (the memory
+    a long context needs), and a failure lost every row. Now each model is loaded, timed and let go in turn, and
+    bench_infer.json holds the rows done so far."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import speed
+
+    real_pair, timed = speed.bench_pair, []
+
+    def pair(models, *a, **k):
+        timed.append(list(models))
+        return real_pair(models, *a, **k)
+
+    monkeypatch.setattr(speed, "bench_pair", pair)
+    calls = crash_on_second_load(monkeypatch)
+    out = tmp_path / "bench"
+    argv = ["bench-infer", "--model", f"a={tiny[2]}", "--model", f"b={tiny[2]}", "--contexts", "64", "--batches", "1",
+            "--decode-tokens", "2", "--device", "cpu", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(argv)
+    assert timed == [["a"]] and len(calls) == 2  # a timed before b was loaded
+    first = json.loads((out / "bench_infer.json").read_text())
+    assert first["complete"] is False and {r["model"] for r in first["rows"]} == {"a"} and list(first["models"]) == ["a"]
+    assert "(partial: 1 of 2 models done)" in (out / "bench_infer.md").read_text()
+    timed.clear()
+    assert cli.main(argv) == 0  # (the loader fails on its second call only)
+    res = json.loads((out / "bench_infer.json").read_text())
+    assert timed == [["a"], ["b"]] and res["complete"] is True and {r["model"] for r in res["rows"]} == {"a", "b"}
+
+
+def test_recall_vs_k_takes_one_teacher_and_averages_the_plots_ends():
+    """Every model that is not a hybrid was placed as the teacher (a second baseline LM was compared as one), and
+    the plot's teacher and all-linear levels were the last such model's: the teacher is the model named teacher,
+    else the only non-hybrid; the others are listed under their names; the ends are means over their models."""
+    from ds_hybrid.evaluation import by_k
+
+    hyb = {"model_type": "ds_hybrid", "num_layers": 4, "softmax_layers": [1]}
+    lin = {"model_type": "ds_hybrid", "num_layers": 4, "softmax_layers": []}
+    plain = {"model_type": "llama", "num_layers": 4}
+    placed = lambda models: {r["model"]: (r["selector"], r["matched"]) for r in by_k.place_models(models, {})}  # noqa
+    assert placed({"smollm2": plain, "h": hyb})["smollm2"] == ("teacher", True)
+    both = placed({"teacher": plain, "pythia": {**plain, "model_type": "gpt_neox"}, "h": hyb})
+    assert both["teacher"] == ("teacher", True) and both["pythia"] == ("pythia", False)
+    assert placed({"a": plain, "b": plain, "h": hyb}) == {"a": ("a", False), "b": ("b", False), "h": ("h", False)}
+    rows = by_k.place_models({"teacher": plain, "lin0": lin, "lin1": lin}, {})
+    level = {"teacher": 0.9, "lin0": 0.0, "lin1": 0.1}
+    assert by_k.end_levels(rows, lambda r: (r["k"], level[r["model"]])) == {"teacher": (4, 0.9),
+                                                                           "all_linear": (0, 0.05)}

@@ -481,6 +481,28 @@ def test_generate_with_cuda_graphs_returns_what_generate_returns(teacher, kind):
         model.generation_config.min_new_tokens = None
 
 
+@pytest.mark.parametrize("kind", ["teacher", "gdn"])
+def test_a_smaller_batch_runs_in_a_larger_cache_kept_and_gives_generates_tokens(teacher, kind):
+    """lm-eval ends each task group in a remainder batch: each new size kept its own [B, max_len] cache and graphs
+    (eval's memory grew to several times eager's). A smaller batch now runs in the larger cache, its last row
+    repeated and dropped: the same ids as greedy generate, left padding included, and no cache added."""
+    from ds_hybrid.graph_decode import generate_static
+
+    model = model_of(teacher, kind)
+    model.generation_config.eos_token_id = None
+    static = lambda p, **k: generate_static(model, p, model.generation_config, max_new_tokens=6, pad_token_id=0, **k)  # noqa: E731
+    static(ids(4, 9, seed=1))
+    prompt = ids(3, 9, seed=2)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # row 1 left-padded
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = static(prompt, attention_mask=mask)
+    assert torch.equal(got, ref) and model._graph_decoder.batch_sizes == [4]
+    static(ids(5, 9, seed=3))  # a larger one: its own
+    assert model._graph_decoder.batch_sizes == [4, 5]
+
+
 def test_a_kept_decoder_is_rebuilt_after_the_weights_move(teacher):
     """generate(cuda_graphs=True) keeps its decoder (static buffers, graphs) on the model: after a cast its buffers
     and graphs are of the old weights, so the next call builds another and gives what greedy generate gives (it

@@ -37,15 +37,20 @@ TEACHER, ALL_LINEAR = "teacher", "all_linear"
 
 
 def place_models(models: dict[str, dict], selections: dict[str, dict]) -> list[dict]:
-    """[{model, selector, k, layers}] for every model of an eval.json's ``models`` record."""
+    """[{model, selector, k, layers}] for every model of an eval.json's ``models`` record. The teacher row: the
+    model named teacher, else the only model that is not a hybrid; another model that is not a hybrid (a second
+    baseline LM) is listed under its own name, not as the teacher."""
     rows = []
+    plain = [n for n, info in models.items() if info.get("model_type") != "ds_hybrid"]
+    teacher = TEACHER if TEACHER in plain else plain[0] if len(plain) == 1 else None
     for name, info in models.items():
         if "num_layers" not in info:
             raise ConfigError("recall-vs-k", name, "the eval.json records no layer count for this model: evaluate "
                               "it again with this version of `ds-hybrid eval`")
         L = int(info["num_layers"])
         if info.get("model_type") != "ds_hybrid":
-            rows.append({"model": name, "selector": TEACHER, "k": L, "layers": list(range(L)), "matched": True})
+            rows.append({"model": name, "selector": TEACHER if name == teacher else name, "k": L,
+                         "layers": list(range(L)), "matched": name == teacher})
             continue
         layers = sorted(int(x) for x in info.get("softmax_layers", []))
         k = len(layers)
@@ -213,6 +218,17 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
     return out
 
 
+def end_levels(ends: list[dict], point) -> dict[str, tuple[int, float]]:
+    """{teacher or all_linear: (K, level)} of the plot's ends: the mean score where there are several models of
+    one (the all-linear students of two seeds), from ``point(row)`` -> (K, score, ...) or None."""
+    out = {}
+    for s in (TEACHER, ALL_LINEAR):
+        pts = [p for r in ends if r["selector"] == s and (p := point(r))]
+        if pts:
+            out[s] = (pts[0][0], sum(p[1] for p in pts) / len(pts))
+    return out
+
+
 def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> None:
     import matplotlib
 
@@ -242,7 +258,7 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
             lo, hi = wilson_interval(v, n) if n else (v, v)
             return r["k"], v, v - lo, hi - v
 
-        end_pts = {r["selector"]: p for r in ends if (p := point(r))}
+        end_pts = end_levels(ends, point)
         for i, (s, members) in enumerate(sorted(series.items())):
             pts = [p for r in members if (p := point(r))]
             if not pts:

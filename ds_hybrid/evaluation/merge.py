@@ -98,6 +98,21 @@ def _model_record(info: dict) -> dict:
     return {k: info.get(k) for k in ("model_type", "num_layers", "softmax_layers", "mixer")}
 
 
+def _other_model(a: dict, b: dict) -> str | None:
+    """Why two eval records of one name are not one model (None: nothing says they differ): :func:`_model_record`,
+    then, where both records have them, the weights' content fingerprint (two seeds, kl and finetune of one layer
+    list: every stage exports to a folder named hf, and a campaign's paths repeat on every machine) and the mixer's
+    options (its kernel backend aside)."""
+    if _model_record(a) != _model_record(b):
+        return f"{_model_record(a)} against {_model_record(b)}"
+    if a.get("weights") and b.get("weights") and a["weights"] != b["weights"]:
+        return f"weights {a['weights']} against {b['weights']} (content fingerprints)"
+    opts = [{k: v for k, v in (r.get("mixer_options") or {}).items() if k != "backend"} or None for r in (a, b)]
+    if all(o is not None for o in opts) and opts[0] != opts[1]:
+        return f"mixer options {opts[0]} against {opts[1]}"
+    return None
+
+
 def _samples(src: Path, model: str) -> list[dict] | None:
     """The per-prompt records of ``model`` beside an eval.json (samples_<model>.jsonl, or .jsonl.gz), if kept."""
     for name in (f"samples_{model}.jsonl", f"samples_{model}.jsonl.gz"):
@@ -255,10 +270,12 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                                   "file's: rename one model (NEW=OLD@path)")
             quality[name(m)] = q
         for m, info in (p.get("models") or {}).items():
-            if name(m) in models and _model_record(models[name(m)]) != _model_record(info):
+            why = _other_model(info, models[name(m)]) if name(m) in models else None
+            if why:
                 raise ConfigError("eval-merge", str(src), f"model {name(m)} here is not the {name(m)} of an earlier file "
-                                  f"({_model_record(info)} against {_model_record(models[name(m)])}): rename one "
-                                  "(NEW=OLD@path)")
+                                  f"({why}): rename one (NEW=OLD@path)")
+            if name(m) in models and not models[name(m)].get("weights") and info.get("weights"):
+                models[name(m)] = {**models[name(m)], "weights": info["weights"]}  # (an older record had none)
             models.setdefault(name(m), info)
         for task, per_model in (p.get("truncated_prompts") or {}).items():  # {task: {model: n}}
             for m, k in per_model.items():

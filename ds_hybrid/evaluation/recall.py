@@ -234,9 +234,14 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
     if not rows:
         raise ConfigError(field, str(path), "holds no records: give a JSON list, JSONL (a record a line), "
                           "{\"data\": [...]} or parquet, each record with 'value' and 'text' or 'context'+'key'")
+    def text(v) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
     for i, r in enumerate(rows):
-        if "value" not in r or not ("text" in r or ("context" in r and "key" in r)):
-            raise ConfigError(field, str(path), f"record {i} needs 'value' and either 'text' or 'context'+'key'")
+        if not isinstance(r, dict) or "value" not in r or not (text(r.get("text")) or
+                                                               (text(r.get("context")) and text(r.get("key")))):
+            raise ConfigError(field, str(path), f"record {i} needs 'value' and either a non-empty text 'text' or "
+                              f"non-empty text 'context' and 'key' (it has {sorted(r) if isinstance(r, dict) else r!r})")
         if isinstance(r["value"], (int, float)) and not isinstance(r["value"], bool):
             r["value"] = str(r["value"])  # a number in JSON or parquet: scored as its text
         if not isinstance(r["value"], str) or not r["value"].strip():

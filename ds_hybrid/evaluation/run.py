@@ -74,8 +74,12 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
     """['name=path', 'path', ...] (+ the teacher) -> {name: path or 'embedded'}."""
     out: dict[str, str] = {}
     for m in model_args:
-        name, path = m.split("=", 1) if "=" in m and not Path(m).exists() else (Path(m).resolve().name or m, m)
-        if name in out:
+        named = "=" in m and not Path(m).exists()
+        name, path = m.split("=", 1) if named else (Path(m).resolve().name or m, m)
+        if name == "teacher" and named:
+            raise ConfigError("--model", m, "'teacher' is the name of --teacher's row (the KL and the comparisons "
+                              "read it): name this model otherwise, or give it as --teacher")
+        if name in out or name == "teacher":  # (a folder named teacher/: renamed, as duplicates are)
             name = f"{name}_{len(out)}"
         out[name] = path
     if teacher is not None:
@@ -134,6 +138,12 @@ def run_eval(args: argparse.Namespace) -> dict:
                               "context, the scores measure extrapolation; at exactly the longest length a few prompts "
                               "may still be cut, by their delimiter and generation prefix: eval.json's "
                               "ruler_truncated counts them)")
+    for name, folder in folders.items() if based else ():
+        if eval_length(folder, args.max_length) <= recall.BASED_MAX_GEN_TOKS:
+            raise ConfigError("--max-length", args.max_length, f"{name} would be evaluated at "
+                              f"{eval_length(folder, args.max_length)} tokens, which leaves no room for a "
+                              f"{'/'.join(based)} prompt beside its {recall.BASED_MAX_GEN_TOKS} generated tokens: "
+                              "raise --max-length (the model's context, when it is not given)")
     dev = _device(args.device)
     dtype = _dtype(args.dtype, dev)
     recall.prepare_offline()
@@ -168,10 +178,13 @@ def run_eval(args: argparse.Namespace) -> dict:
                 "seed": args.seed, "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
                 "haystack": args.haystack, "run_config": getattr(args, "run_config", None),
                 "heldout": None if args.no_quality else heldout_settings(args)}
+    quality_pending: set[str] = set()  # (--resume: models whose recall is kept and held-out quality is not)
     if args.resume:  # the models an earlier run of this same evaluation finished, as it left them
         earlier = resumable_models(out_dir, settings, models, folders, args.max_length)
         for name, rec in earlier.items():
             info[name] = rec["models"]
+            if rec["quality_pending"]:
+                quality_pending.add(name)
             for into, key in ((scores, "scores"), (counts, "prompts"), (strict, "strict_scores"),
                               (digests, "prompt_digests"), (fill, "ruler_fill"), (quality, "heldout_quality"),
                               (ruler_cut, "ruler_truncated")):
@@ -180,7 +193,9 @@ def run_eval(args: argparse.Namespace) -> dict:
             for bname, n in rec.get("truncated_prompts", {}).items():
                 truncated.setdefault(bname, {})[name] = n
         if earlier:
-            log.info("--resume: %s kept from %s", ", ".join(earlier), out_dir / "eval.json")
+            log.info("--resume: %s kept from %s%s", ", ".join(earlier), out_dir / "eval.json",
+                     f" (held-out quality still to compute: {', '.join(sorted(quality_pending))})"
+                     if quality_pending else "")
 
     def write_report(complete: bool) -> tuple[dict, str]:
         """eval.json and eval.md of the models done so far (rewritten after each: a crash keeps what finished)."""
@@ -218,10 +233,12 @@ def run_eval(args: argparse.Namespace) -> dict:
                         "; ".join(cells))
             md += "\n\nNOT COMPARABLE, other prompts for models of one tokenizer: " + "; ".join(cells)
         if not complete:
-            md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
+            waiting = [m for m in info if m in quality_pending]
+            md += (f"\n\n(partial: {len(info) - len(waiting)} of {len(models)} models done"
+                   + (f"; the held-out quality of {', '.join(waiting)} still to compute)" if waiting else ")"))
         report.write(out_dir, "eval", payload, md)
         return payload, md
-    pending = [m for m in models if m not in info]  # (--resume: the models still to evaluate)
+    pending = [m for m in models if m not in info or m in quality_pending]  # (--resume: those still to evaluate)
     # held-out rows per tokenizer (each model reads the documents in its own ids), built (and checked against the
     # run's split) before any model is loaded; the KL to the teacher only for models of the teacher's tokenizer
     # (another vocabulary has no token-by-token KL to it)
@@ -234,13 +251,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     if "teacher" in models and not args.no_quality and pending:
         teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
     teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0]) if teacher_model is not None else None
-    for name, path in models.items():
-        if name in info:  # (--resume: finished by an earlier run)
-            continue
-        if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
-            model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
-        else:
-            model, tok, local = load_model(folders[name], dev, dtype)
+    def recall_of(name: str, path: str, model, tok, local: str) -> None:
+        """One model's recall (RULER, the essay needles, SWDE/FDA) into the tables, its samples beside them."""
         info[name] = {"path": path, **describe(model), "tokenizer": tokenizer_fingerprint(tok),
                       "weights": weights_fingerprint(folders[name])}
         # the evaluation length: --max-length, else the model's context (at least RULER's longest length: checked)
@@ -296,6 +308,19 @@ def run_eval(args: argparse.Namespace) -> dict:
                               "".join(json.dumps(rec, default=str) + "\n" for rec in samples))
             info[name]["samples"] = str(out_dir / f"samples_{name}.jsonl")
         info[name]["eval_seconds"] = time.time() - t0
+
+    for name, path in models.items():
+        if name in info and name not in quality_pending:  # (--resume: finished by an earlier run)
+            continue
+        if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
+            model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
+        else:
+            model, tok, local = load_model(folders[name], dev, dtype)
+        if name not in info:
+            recall_of(name, path, model, tok, local)
+            if not args.no_quality:  # (its recall kept, should the held-out quality fail: --resume computes it)
+                quality_pending.add(name)
+                write_report(complete=False)
         if not args.no_quality:
             from ds_hybrid.evaluation.quality import heldout_quality
 
@@ -305,7 +330,8 @@ def run_eval(args: argparse.Namespace) -> dict:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
                             "tokenizer), no KL to the teacher", name)
             quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to)
-        del model, lm
+            quality_pending.discard(name)
+        del model
         if len(info) < len(models):
             write_report(complete=False)
     payload, md = write_report(complete=True)
@@ -353,8 +379,8 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
     kept: dict[str, dict] = {}
     stale = set(stale_heldout_models(old)) if settings["heldout"] is not None else set()
     if stale:
-        log.info("--resume: %s evaluated again (their held-out rows were the first model's tokenizer's ids: an "
-                 "eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
+        log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
+                 "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
     for name, rec in old.get("models", {}).items():
         if name not in models:
             continue
@@ -365,12 +391,13 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
         if "weights" in rec and rec["weights"] != weights_fingerprint(folders[name]):
             raise ConfigError("--resume", str(path), f"its model {name!r} ({rec['path']}) has other weights now (the "
                               "folder was written again since): evaluate into another --out, or without --resume")
-        if settings["heldout"] is not None and (name not in old.get("heldout_quality", {}) or name in stale):
-            continue  # (no held-out rows of it, or another tokenizer's: evaluated again)
-        kept[name] = {"models": rec, **{k: old[k][name] for k in ("scores", "prompts", "strict_scores",
-                                                                  "prompt_digests", "ruler_fill", "heldout_quality",
-                                                                  "ruler_truncated")
-                                        if name in old.get(k, {})},
+        # (a model is written into eval.json once its recall is done) its recall kept; its held-out quality computed again where it has none (the run stopped between the two)
+        # or another tokenizer's
+        redo = settings["heldout"] is not None and (name not in old.get("heldout_quality", {}) or name in stale)
+        kept[name] = {"models": rec, "quality_pending": redo,
+                      **{k: old[k][name] for k in ("scores", "prompts", "strict_scores", "prompt_digests",
+                                                   "ruler_fill", "heldout_quality", "ruler_truncated")
+                         if name in old.get(k, {}) and not (redo and k == "heldout_quality")},
                       "truncated_prompts": {b: per[name] for b, per in old.get("truncated_prompts", {}).items()
                                             if name in per}}
     return kept
@@ -459,6 +486,17 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
     if run is not None:
         check_run_split(run, args.run_config, tok, shards)
     val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
+    held: dict[str, int] = {}  # held-out tokens per source
+    for src, ids in [("data", shards)] if isinstance(shards, np.ndarray) else shards:
+        held[str(src)] = held.get(str(src), 0) + len(ids)
+    if len(val) == 0:  # (a row never spans two documents' shards: one must hold a whole row)
+        raise ConfigError("--heldout-seq-len", args.heldout_seq_len, f"no held-out shard holds a whole row of that "
+                          f"many tokens (held-out tokens per source: {held}): use a shorter --heldout-seq-len, or "
+                          "--no-quality")
+    if len(val) < args.heldout_sequences:
+        log.warning("held-out quality: %d rows of %d tokens, not the %d asked (--heldout-sequences): a row never "
+                    "spans two shards, and the held-out tokens per source are %s; a shorter --heldout-seq-len gives "
+                    "more rows", len(val), args.heldout_seq_len, args.heldout_sequences, held)
     return [val[[i]] for i in range(len(val))]
 
 
@@ -482,21 +520,34 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
         modes = modes + (modes[-1] + "_fused",)
     folders = check_args(args, models)
-    loaded, info = {}, {}
-    for name in models:
-        m, _, _ = load_model(folders[name], dev, dtype)
-        loaded[name], info[name] = m, describe(m)
-    rows = bench_pair(loaded, contexts, batches, args.decode_tokens, modes)
-    payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
-               "dtype": str(dtype), "contexts": contexts, "batches": batches, "decode_tokens": args.decode_tokens,
-               "modes": list(modes), "models": info, "rows": rows}
     out_dir = Path(args.out)
-    shown = rows  # the table and plot name rows by model: with two modes, the mode goes into the name
-    if len(modes) > 1:
-        shown = [{**r, "model": f"{r['model']} ({r['mode']})"} for r in rows]
-    md = report.speed_table(shown)
-    report.write(out_dir, "bench_infer", payload, md)
-    report.plot_speed(shown, out_dir / "bench_infer.png")
+    rows: list[dict] = []
+    info: dict[str, dict] = {}
+
+    def write(complete: bool) -> str:
+        payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
+                   "dtype": str(dtype), "contexts": contexts, "batches": batches, "decode_tokens": args.decode_tokens,
+                   "modes": list(modes), "models": info, "rows": rows, "complete": complete}
+        shown = rows  # the table and plot name rows by model: with two modes, the mode goes into the name
+        if len(modes) > 1:
+            shown = [{**r, "model": f"{r['model']} ({r['mode']})"} for r in rows]
+        md = report.speed_table(shown)
+        if not complete:
+            md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
+        report.write(out_dir, "bench_infer", payload, md)
+        report.plot_speed(shown, out_dir / "bench_infer.png")
+        return md
+
+    # one model on the device at a time (another's weights beside it would take the memory a long context needs,
+    # and its rows would not be the model's alone), its rows written as it finishes (a later failure keeps them)
+    for i, name in enumerate(models):
+        m, _, _ = load_model(folders[name], dev, dtype)
+        info[name] = describe(m)
+        rows += bench_pair({name: m}, contexts, batches, args.decode_tokens, modes)
+        del m
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        md = write(complete=i == len(models) - 1)
     print(md)
     return rows
 

@@ -496,10 +496,15 @@ def test_the_tools_refuse_bad_outputs_and_inputs_before_writing(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"model hyb here is not the hyb .*\(weights bbbb against aaaa"):
         merge.merge([str(w1), str(w2)])
     m3 = evaluation(tmp_path / "m3", "hyb", [0, 3], 0.7, 4096, mixer_options={"use_gate": False})
-    with pytest.raises(ConfigError, match=r"\(mixer options \{'use_gate': False\} against \{'use_gate': True\}"):
+    with pytest.raises(ConfigError, match=r"\(mixer options use_gate: False against True\)"):
         merge.merge([str(w1), str(m3)])
+    # an option an older record lacks is at its default (grouped_kv came later); one the mixer never reads is none
+    g = evaluation(tmp_path / "g", "hyb", [0, 3], 0.7, 4096, mixer_options={"use_gate": True, "grouped_kv": True})
+    with pytest.raises(ConfigError, match=r"\(mixer options grouped_kv: True against None\)"):
+        merge.merge([str(w1), str(g)])
     b4 = evaluation(tmp_path / "b4", "hyb", [0, 3], 0.7, 4096, weights="aaaa",
-                    mixer_options={"use_gate": True, "backend": "naive"})
+                    mixer_options={"use_gate": True, "backend": "torch", "grouped_kv": False,
+                                   "gate_low_rank_dim": 99})
     joined = merge.merge([str(a), str(w1), str(b4)])
     assert joined["models"]["hyb"]["weights"] == "aaaa" and set(joined["scores"]["hyb"]["niah_single_1"]) == {
         "2048", "4096"}

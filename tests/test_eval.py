@@ -1130,7 +1130,7 @@ def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the
     from ds_hybrid.evaluation import quality as quality_mod
     from ds_hybrid.evaluation import recall as recall_mod
 
-    real = quality_mod.heldout_quality
+    real, real_run_tasks = quality_mod.heldout_quality, recall_mod.run_tasks
 
     def fail(*a, **k):
         raise RuntimeError("out of memory in held-out quality (simulated)")
@@ -1150,6 +1150,29 @@ def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the
     res = json.loads((out / "eval.json").read_text())
     assert res["complete"] is True and res["scores"] == first["scores"] and res["prompts"] == first["prompts"]
     assert res["heldout_quality"]["only"]["ppl"] > 1
+    # two models whose recall is kept (a run without held-out quality) and whose quality is computed on --resume:
+    # each one's is written as it is done, so a failure on the second keeps the first's
+    two = tmp_path / "ev2"
+    argv2 = [a if a != str(out) else str(two) for a in argv] + ["--model", f"other={tiny[2]}"]
+    monkeypatch.setattr(recall_mod, "run_tasks", real_run_tasks)
+    assert cli.main(argv2 + ["--no-quality"]) == 0
+    monkeypatch.setattr(recall_mod, "run_tasks", lambda *a, **k: pytest.fail("the recall ran again"))
+    done = []
+
+    def second_fails(*a, **k):
+        done.append(1)
+        if len(done) == 2:
+            raise RuntimeError("out of memory in held-out quality (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(quality_mod, "heldout_quality", second_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(argv2 + ["--resume"])
+    kept = json.loads((two / "eval.json").read_text())
+    assert set(kept["heldout_quality"]) == {"only"} and kept["complete"] is False
+    monkeypatch.setattr(quality_mod, "heldout_quality", real)
+    assert cli.main(argv2 + ["--resume"]) == 0
+    assert set(json.loads((two / "eval.json").read_text())["heldout_quality"]) == {"only", "other"}
 
 
 def test_held_out_rows_too_long_for_every_source_are_refused_and_fewer_rows_said(tiny, caplog):
@@ -1240,6 +1263,8 @@ def test_recall_vs_k_takes_one_teacher_and_averages_the_plots_ends():
     assert placed({"smollm2": plain, "h": hyb})["smollm2"] == ("teacher", True)
     both = placed({"teacher": plain, "pythia": {**plain, "model_type": "gpt_neox"}, "h": hyb})
     assert both["teacher"] == ("teacher", True) and both["pythia"] == ("pythia", False)
+    assert [r["model"] for r in by_k.place_models({"teacher": plain, "pythia": plain, "h": hyb}, {})
+            if r.get("baseline")] == ["pythia"]  # (drawn as a level, not a hybrid no selector explains)
     assert placed({"a": plain, "b": plain, "h": hyb}) == {"a": ("a", False), "b": ("b", False), "h": ("h", False)}
     rows = by_k.place_models({"teacher": plain, "lin0": lin, "lin1": lin}, {})
     level = {"teacher": 0.9, "lin0": 0.0, "lin1": 0.1}

@@ -50,7 +50,7 @@ def place_models(models: dict[str, dict], selections: dict[str, dict]) -> list[d
         L = int(info["num_layers"])
         if info.get("model_type") != "ds_hybrid":
             rows.append({"model": name, "selector": TEACHER if name == teacher else name, "k": L,
-                         "layers": list(range(L)), "matched": name == teacher})
+                         "layers": list(range(L)), "matched": name == teacher, "baseline": name != teacher})
             continue
         layers = sorted(int(x) for x in info.get("softmax_layers", []))
         k = len(layers)
@@ -244,8 +244,9 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
     # a line per selector through its hybrids (one two rules explain, "uniform=ga_s2", on both lines); one that no
     # selector explains alone, under its name (which may be a selector's: it is not that selector's point)
     series: dict[str, list[dict]] = {}
+    baselines = [r for r in rows if r.get("baseline")]  # (models that are not hybrids, besides the teacher: levels)
     for r in rows:
-        if r in ends:
+        if r in ends or r in baselines:
             continue
         for s in r["selector"].split("=") if r.get("matched", True) else [f"{r['model']} (no selector)"]:
             series.setdefault(s, []).append(r)
@@ -274,6 +275,9 @@ def plot(payload: dict[str, Any], rows: list[dict], task: str, path: Path) -> No
         for s, ls in ((TEACHER, "--"), (ALL_LINEAR, ":")):
             if s in end_pts:
                 ax.axhline(end_pts[s][1], color="k", ls=ls, lw=0.8, label=f"{s} (K = {end_pts[s][0]})")
+        for r in baselines:
+            if p := point(r):
+                ax.axhline(p[1], color="0.5", ls="-.", lw=0.8, label=f"{r['model']} (not a hybrid)")
         L = max(r["k"] for r in rows)
         ax.set(xlabel="K (softmax layers)", ylabel=f"{task} score", ylim=(-0.02, 1.02), xlim=(-0.5, L + 0.5),
                title=f"{length} tokens")
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                            zip(selections, args.selection)}}, indent=1))
     plot(payload, rows, task, out / "recall_vs_k.png")
     print(md)
-    unmatched = [r["model"] for r in rows if r.get("matched") is False]
+    unmatched = [r["model"] for r in rows if r.get("matched") is False and not r.get("baseline")]
     if unmatched:
         print(f"hybrids no selector explains (listed under their names): {unmatched}")
     return 0

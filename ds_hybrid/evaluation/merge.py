@@ -107,9 +107,17 @@ def _other_model(a: dict, b: dict) -> str | None:
         return f"{_model_record(a)} against {_model_record(b)}"
     if a.get("weights") and b.get("weights") and a["weights"] != b["weights"]:
         return f"weights {a['weights']} against {b['weights']} (content fingerprints)"
-    opts = [{k: v for k, v in (r.get("mixer_options") or {}).items() if k != "backend"} or None for r in (a, b)]
-    if all(o is not None for o in opts) and opts[0] != opts[1]:
-        return f"mixer options {opts[0]} against {opts[1]}"
+    if a.get("mixer_options") is not None and b.get("mixer_options") is not None:
+        from ds_hybrid.modeling.mixers import MixerOptions
+
+        try:  # (an option a record lacks is at its default: older versions had fewer; the kernel backend aside)
+            differ = MixerOptions.from_dict(a["mixer_options"]).differences(MixerOptions.from_dict(b["mixer_options"]),
+                                                                            a.get("mixer") or "gdn")
+        except ConfigError:  # (a record of a newer version, options this one does not know: not compared)
+            differ = []
+        if differ:
+            return "mixer options " + ", ".join(f"{k}: {a['mixer_options'].get(k)} against "
+                                                f"{b['mixer_options'].get(k)}" for k in differ)
     return None
 
 
@@ -274,8 +282,9 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             if why:
                 raise ConfigError("eval-merge", str(src), f"model {name(m)} here is not the {name(m)} of an earlier file "
                                   f"({why}): rename one (NEW=OLD@path)")
-            if name(m) in models and not models[name(m)].get("weights") and info.get("weights"):
-                models[name(m)] = {**models[name(m)], "weights": info["weights"]}  # (an older record had none)
+            if name(m) in models:  # (what an older record lacks, a later one gives: compared from then on)
+                models[name(m)] = {**models[name(m)], **{k: info[k] for k in ("weights", "mixer_options")
+                                                         if models[name(m)].get(k) is None and info.get(k) is not None}}
             models.setdefault(name(m), info)
         for task, per_model in (p.get("truncated_prompts") or {}).items():  # {task: {model: n}}
             for m, k in per_model.items():

@@ -51,7 +51,7 @@ def fast_path_ok(model, ids: torch.Tensor) -> bool:
         prefix = ids[:, :CHECK_POSITIONS]
         ref = model(input_ids=prefix, use_cache=False).logits[0].float()
         fast = _hidden(model, prefix)[0].float() @ model.get_output_embeddings().weight.float().t()
-    except (AttributeError, TypeError, NotImplementedError):  # (a decoder that does not take input_ids alone)
+    except Exception:  # (a decoder that does not take input_ids alone, a head of another width: the reference path)
         return False
     tol = 2e-2 * float(ref.abs().max()) + 1e-3
     return bool((fast - ref).abs().max() <= tol)

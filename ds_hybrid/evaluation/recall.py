@@ -202,9 +202,13 @@ def ruler_configs(tasks: list[str], lengths: list[int], tokenizer_path: str, hay
 
 
 # ---- SWDE / FDA from local files --------------------------------------------------------------------------------
+def _text(v) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
 def based_prompt(doc: dict) -> str:
     """The whole prompt: ``text`` as given, or ``context`` + newline + ``key`` + ':' (the based-* layout)."""
-    if "text" in doc and doc["text"]:
+    if _text(doc.get("text")):
         return doc["text"].strip()
     return f"{doc['context'].strip()}\n{doc['key'].strip()}:"
 
@@ -234,12 +238,9 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
     if not rows:
         raise ConfigError(field, str(path), "holds no records: give a JSON list, JSONL (a record a line), "
                           "{\"data\": [...]} or parquet, each record with 'value' and 'text' or 'context'+'key'")
-    def text(v) -> bool:
-        return isinstance(v, str) and bool(v.strip())
-
     for i, r in enumerate(rows):
-        if not isinstance(r, dict) or "value" not in r or not (text(r.get("text")) or
-                                                               (text(r.get("context")) and text(r.get("key")))):
+        if not isinstance(r, dict) or "value" not in r or not (_text(r.get("text")) or
+                                                               (_text(r.get("context")) and _text(r.get("key")))):
             raise ConfigError(field, str(path), f"record {i} needs 'value' and either a non-empty text 'text' or "
                               f"non-empty text 'context' and 'key' (it has {sorted(r) if isinstance(r, dict) else r!r})")
         if isinstance(r["value"], (int, float)) and not isinstance(r["value"], bool):

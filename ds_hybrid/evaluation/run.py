@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import gc
 import logging
 import re
 import time
@@ -105,7 +106,9 @@ def load_model(path: str, dev: torch.device, dtype: torch.dtype):
 
 def describe(model) -> dict:
     cfg = model.config
-    d = {"model_type": cfg.model_type, "num_layers": cfg.num_hidden_layers, "params": sum(p.numel() for p in model.parameters())}
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # (a multimodal model: its text model's)
+    d = {"model_type": cfg.model_type, "num_layers": text.num_hidden_layers,
+         "params": sum(p.numel() for p in model.parameters())}
     if cfg.model_type == "ds_hybrid":
         d.update(softmax_layers=cfg.softmax_layers, mixer=cfg.mixer, mixer_options=cfg.mixer_options)
     return d
@@ -318,13 +321,18 @@ def run_eval(args: argparse.Namespace) -> dict:
             model, tok, local = load_model(folders[name], dev, dtype)
         if name not in info:
             recall_of(name, path, model, tok, local)
+            # the static decoder's caches and graphs go before the held-out pass (the teacher may sit beside it)
+            if model.__dict__.pop("_graph_decoder", None) is not None:
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
             if not args.no_quality:  # (its recall kept, should the held-out quality fail: --resume computes it)
                 quality_pending.add(name)
                 write_report(complete=False)
         if not args.no_quality:
             from ds_hybrid.evaluation.quality import heldout_quality
 
-            fp = info[name]["tokenizer"]
+            fp = tokenizer_fingerprint(tok)  # (as rows_by_tok is keyed: today's, not a resumed record's)
             kl_to = teacher_model if name != "teacher" and fp == teacher_tok else None
             if teacher_model is not None and name != "teacher" and kl_to is None:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
@@ -332,7 +340,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to)
             quality_pending.discard(name)
         del model
-        if len(info) < len(models):
+        if len(info) < len(models) or quality_pending:
             write_report(complete=False)
     payload, md = write_report(complete=True)
     if any(any(k.isdigit() for d in s.values() for k in d) for s in scores.values()):
@@ -545,6 +553,7 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
         info[name] = describe(m)
         rows += bench_pair({name: m}, contexts, batches, args.decode_tokens, modes)
         del m
+        gc.collect()  # (a static decoder and its model hold each other: freed by a collection, not by del)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         md = write(complete=i == len(models) - 1)

@@ -70,9 +70,10 @@ PROBE_FIELDS = ("tokens", "seq_len", "global_batch", "lr", "lr_rest", "schedule"
                 "fp32_logits", "dw_fp32")
 PROBES_KEY = "PROBES.json"
 # identity keys added after folders were written without them ("probe.x": a key of the identity's "probe"), with the
-# value a folder without the key is taken to have run with: None, the current run's (dtype, recorded since
-# 2026-12-06); else the default in force when the key was added (late 2026-12-06), so that a run that changed it since
-# is refused (fp32_logits false since 2026-12-04, dw_fp32 true since 2026-12-06; an fp32 run records neither)
+# value a folder without the key is taken to have run with: None, the current run's (dtype, recorded since 06:09 UTC
+# on 2026-12-06); else the default in force when the key was added (late 2026-12-06), so that a run that changed it
+# since is refused (fp32_logits false since 2026-12-04, dw_fp32 true since 03:21 on 2026-12-06: a folder without a
+# recorded dtype may predate that, and is taken as run with the current value; an fp32 run records neither)
 LATER_KEYS: dict[str, object] = {"dtype": None, "probe.fp32_logits": False, "probe.dw_fp32": True}
 PRECISION_FIELDS = ("fp32_logits", "dw_fp32")
 # what identifies a run's data (its text and split; not where the cache lives or how many processes tokenize it)
@@ -197,12 +198,16 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
             old = {}
         if old.get("dtype") in ("bfloat16", "float32"):  # (spelled as torch's for a few commits of 2026-12-06)
             old["dtype"] = {"bfloat16": "bf16", "float32": "fp32"}[old["dtype"]]
+        undated = old and "dtype" not in old  # (written before the dtype was recorded: dw_fp32's default unknown)
+        if old.get("dtype") == "fp32" and isinstance(old.get("probe"), dict):
+            old["probe"].update({f: None for f in PRECISION_FIELDS if f in old["probe"]})  # (recorded, one commit)
         for k, then in LATER_KEYS.items():
             *outer, name = k.split(".")
             was, now = (old.get(outer[0]), identity.get(outer[0])) if outer else (old, identity)
             if old and isinstance(was, dict) and isinstance(now, dict) and name not in was and name in now:
                 # a key written before ds-hybrid recorded this setting: taken as run with the value of then
-                was[name] = now[name] if then is None or now[name] is None else then
+                known = then is not None and now[name] is not None and not (undated and k == "probe.dw_fp32")
+                was[name] = then if known else now[name]
                 if was[name] == now[name]:
                     log.warning("select: %s predates recording the probes' %s; they are reused as if run with %r "
                                 "(delete the folder or use --force to rerun them)", key, k, now[name])
@@ -286,8 +291,9 @@ def task_held(out: Path, idx: int, n: int):
     (main rank; the lock goes with the process, so a task killed leaves nothing to clean up, except where a crashed
     node's lock outlives it on a shared file system: the message says how to clear it). Re-entrant in one process."""
     path = out / f".task-{idx}-of-{n}.lock"
-    key = str(path.resolve()) if D.is_main() else ""
-    if D.is_main() and _HELD.get(key):
+    # (counted on every rank alike: a re-entry must skip the broadcast below on all of them, or none)
+    key = str(path.resolve())
+    if _HELD.get(key):
         _HELD[key] += 1
         try:
             yield
@@ -298,6 +304,11 @@ def task_held(out: Path, idx: int, n: int):
     if D.is_main():
         try:
             out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            refusal = ("out_dir", str(out.parent.parent), f"cannot create {out} ({e}): give an out_dir this job can "
+                       "write")
+    if D.is_main() and refusal is None:
+        try:
             f = open(path, "a+")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -325,15 +336,15 @@ def task_held(out: Path, idx: int, n: int):
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
             f.flush()
             os.fsync(f.fileno())  # (a copy on another node reads who holds it)
-            _HELD[key] = 1
     refusal = D.broadcast_object(refusal)  # (every rank reaches this, whatever the main rank met)
     if refusal is not None:
         raise ConfigError(*refusal)
+    _HELD[key] = 1
     try:
         yield
     finally:
+        _HELD.pop(key, None)
         if f is not None:
-            _HELD.pop(key, None)
             f.close()  # (closing releases the lock)
 
 

@@ -72,6 +72,44 @@ def _hub_name_shape(item: str) -> bool:
         TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
 
 
+DATASET_PAPERS = ("README", "LICENSE", "LICENCE", "CITATION")  # (a downloaded dataset's card, licence, citation)
+# a dataset's split, as downloads name it: a folder (validation/), a shard (test-00000-of-00001.parquet,
+# c4-validation.00000-of-00008.json.gz) or a data file named for it (test.jsonl)
+SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "dev", "eval")
+_SPLIT_SHARD = re.compile(r"(?:^|[-_.])(" + "|".join(SPLIT_NAMES) + r")(?:[-_.]\d|$)")
+
+
+def dataset_split(rel: Path) -> str | None:
+    """The split a corpus file's path (relative to its folder) names, or None."""
+    for part in rel.parts[:-1]:
+        if part.lower() in SPLIT_NAMES:
+            return part.lower()
+    stem = rel.name.lower()
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        stem = stem.removesuffix(suffix)
+    if stem != rel.name.lower() and stem in SPLIT_NAMES:  # (test.jsonl; not test.txt, a document's name)
+        return stem
+    m = _SPLIT_SHARD.search(stem)
+    return m.group(1) if m else None
+
+
+def check_one_split(folder: Path, files: list[Path], field: str) -> None:
+    """A folder that holds a dataset's training split beside its other splits (a whole download: c4's
+    c4-train.* and c4-validation.*, wikitext's train-/test-/validation-*.parquet): refused, since every file of a
+    folder is read and the other splits would be trained on."""
+    splits: dict[str, list[Path]] = {}
+    for f in files:
+        if (name := dataset_split(f.relative_to(folder))) is not None:
+            splits.setdefault(name, []).append(f)
+    others = {k: v for k, v in splits.items() if k != "train"}
+    if "train" in splits and others:
+        example = next(iter(others.values()))[0]
+        raise ConfigError(field, str(folder), f"holds a dataset's train split and its {', '.join(sorted(others))} "
+                          f"split{'s' if len(others) > 1 else ''} too (e.g. {example}): every file of a folder is "
+                          f"read, so those would be trained on. List the train files (data.source: "
+                          f"[{splits['train'][0]}, ...]) or move the other splits out of the folder")
+
+
 def source_files(source: str | list[str], field: str = "data.source") -> list[Path] | None:
     """Local files a source names (sorted), or None for a hub dataset name; a file named twice (a folder and a file
     in it) is refused: its documents would be read twice, held out in one place and trained on in the other."""
@@ -85,11 +123,14 @@ def source_files(source: str | list[str], field: str = "data.source") -> list[Pa
                               "writes, ~/.cache/ds_hybrid/corpus/ by default)")
         p = Path(item).expanduser()
         if p.is_dir():
-            # (hidden files and folders skipped: e.g. the .cache/ of `hf download --local-dir`)
+            # (hidden files and folders skipped: e.g. the .cache/ of `hf download --local-dir`; and a downloaded
+            # dataset's card and licence, which are not its documents)
             found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                           and f.name.split(".")[0].upper() not in DATASET_PAPERS)
             if not found:
                 raise ConfigError(field, item, "this folder holds no files")
+            check_one_split(p, found, field)
             files.extend(found)
         elif p.is_file():
             files.append(p)

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -99,15 +100,13 @@ def iter_documents(unit: Unit) -> Iterator[str]:
                 while head and head.isspace():
                     head = f.read(1)
                 if head == "[":  # one JSON array: it has to be parsed whole
-                    for row in json.loads(head + f.read()):
-                        yield _field(row, unit.text_field, p)
+                    for i, row in enumerate(_json(head + f.read(), p)):
+                        yield _field(row, unit.text_field, f"{p} (item {i})")
                     continue
-                for line in ([head + f.readline()] if head else []):
+                lines = itertools.chain([head + f.readline()] if head else [], f)
+                for n, line in enumerate(lines, 1):
                     if line.strip():
-                        yield _field(json.loads(line), unit.text_field, p)
-                for line in f:
-                    if line.strip():
-                        yield _field(json.loads(line), unit.text_field, p)
+                        yield _field(_json(line, p, n), unit.text_field, f"{p}:{n}")
     elif unit.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -133,10 +132,28 @@ def iter_documents(unit: Unit) -> Iterator[str]:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-def _field(row: dict, name: str, where: str) -> str:
+def _json(text: str, path: str, line: int | None = None):
+    """A JSON document or line of a corpus file, or a ConfigError naming the file and line (a truncated download)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}, line {line}" if line is not None else f"{path} ({e.msg} at line {e.lineno})"
+        raise ConfigError("data.source", path, f"{where} is not valid JSON ({e.msg}): a file cut short (an "
+                          "interrupted download?) or not JSON; fix or remove it") from None
+
+
+def _field(row, name: str, where: str) -> str:
+    """The text of a record: its ``name`` field, text or null (an empty document)."""
+    if not isinstance(row, dict):
+        raise ConfigError("data.source", where, f"holds a {type(row).__name__}, not a JSON object with a "
+                          f"{name!r} field: one object a line (JSONL), or a JSON list of objects")
     if name not in row:
         raise ConfigError("data.text_field", name, f"no such field in {where}; it has {sorted(row)}")
-    return row[name] or ""
+    value = row[name]
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("data.text_field", name, f"{where}: its value is a {type(value).__name__}, not text (a "
+                          "chat's message list, a number): name a field that holds the document's text")
+    return value or ""
 
 
 # ---- one unit ---------------------------------------------------------------------------------------------------
@@ -251,6 +268,11 @@ def _claim_and_tokenize(args) -> UnitResult | None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None  # someone else is tokenizing it: the driver waits for the marker
+        except OSError as e:  # (NFS without its lock service, Lustre without -o flock)
+            raise ConfigError("data.cache_dir", str(out_dir), f"cannot lock {d / f'{unit.name}.lock'} ({e}): the "
+                              "token cache takes file locks (flock) while it tokenizes; put data.cache_dir on a file "
+                              "system that has them (a local disk of a single-node run, NFS with its lock service, "
+                              "Lustre mounted with -o flock)") from None
         try:
             for stale in d.glob(f".{unit.name}.*"):  # left by a process killed while writing this unit (we hold its lock)
                 stale.unlink(missing_ok=True)

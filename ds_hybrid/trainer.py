@@ -289,6 +289,18 @@ def gather_param_report(runner) -> list[dict[str, int]]:
     return D.all_gather(mine)
 
 
+def warn_repeats(stage: str, steps: int, global_batch: int, seq_len: int, train_rows: int) -> float:
+    """How many passes over its training rows a stage's budget reads (the rows wrap around, epoch after epoch),
+    warned of above one: a corpus smaller than the budget repeats every row that many times."""
+    passes = steps * global_batch / max(train_rows, 1)
+    if passes > 1:
+        log.warning("%s reads %.1f passes over the corpus's %d training rows of %d tokens (%s tokens of %s): every "
+                    "row is trained on that many times; a larger corpus (data.source), or fewer %s.tokens, repeats "
+                    "less", stage, passes, train_rows, seq_len, f"{steps * global_batch * seq_len:,}",
+                    f"{train_rows * seq_len:,}", stage)
+    return passes
+
+
 def set_aside_finished_run(run_dir: Path) -> Path:
     """Move a finished stage's DONE, checkpoints, metrics and TensorBoard files into ``run_dir/previous/<time>/`` (a
     rerun with ``--force`` starts at step 0 and logs afresh; nothing written is deleted; its ``hf/`` export is
@@ -351,12 +363,16 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
         cap = f", raise data.max_documents (now {cfg.data.max_documents})" if cfg.data.max_documents else ""
         fix = (f"shorten seq_len, add text to data.source{cap} or lower data.val_tokens (it holds whole documents out "
                "of training)" if len(train) == 0 else
-               "shorten seq_len or raise data.val_tokens (whole documents held out)")
+               "shorten seq_len or raise data.val_tokens (whole documents held out: about every 8th document of a "
+               "source's first files until its share is met, so a source of a few large documents, one big .txt, "
+               "may hold none out; split such text into more files)")
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
                           f"the corpus gives {len(train)} training and {len(val)} held-out sequences at this length "
                           f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens; a row never spans "
                           f"two files of the corpus, whose remainders are dropped); {fix}")
     warn_unrepresented(streams, val, f"{stage}.seq_len")
+    if D.is_main():
+        warn_repeats(stage, stage_steps(s), s.global_batch, s.seq_len, len(train))
     if len(val) < s.eval_sequences and D.is_main():
         log.warning("%s.eval_sequences=%d, but the held-out text gives %d rows of %d tokens: every held-out score is "
                     "over those %d; raise data.val_tokens (a new token cache) or lower eval_sequences", stage,

@@ -593,8 +593,10 @@ def test_files_of_unknown_kinds_are_refused_by_name_and_hidden_folders_skipped(t
     (docs / ".cache" / "huggingface").mkdir(parents=True)
     (docs / ".cache" / "huggingface" / "a.metadata").write_text("x")
     (docs / "a.txt").write_text("text a")
-    (docs / "README").write_text("text b")
-    assert [Path(p).name for u in units_for(data_cfg(docs, tmp_path))[DATA_SOURCE] for p in u.paths] == ["README", "a.txt"]
+    (docs / "NOTES").write_text("text b")
+    for card in ("README.md", "LICENSE", "CITATION.cff"):  # a downloaded dataset's card, licence, citation: skipped
+        (docs / card).write_text("not a document")
+    assert [Path(p).name for u in units_for(data_cfg(docs, tmp_path))[DATA_SOURCE] for p in u.paths] == ["NOTES", "a.txt"]
     (docs / "shard_00.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd binary")
     with pytest.raises(ConfigError, match=r"data\.source.*shard_00\.jsonl\.zst.*zstd -d"):
         units_for(data_cfg(docs, tmp_path))
@@ -790,3 +792,84 @@ def test_add_eos_without_an_eos_token_is_refused(tmp_path, tok):
     with pytest.raises(ConfigError, match=r"^data\.add_eos=True: this tokenizer has no end-of-sequence token"):
         prepare_streams(DataConfig(source=str(write_jsonl(tmp_path / "jl", 1, 5, 5)), cache_dir=str(tmp_path),
                                    add_eos=True), tok)
+
+
+def test_a_folder_holding_a_datasets_other_splits_beside_train_is_refused(tmp_path):
+    """A whole download (c4's c4-train.* and c4-validation.*, wikitext's train-/test-/validation-*.parquet, split
+    folders) put its test and validation text in training, every file of a folder being read: refused, naming a file
+    of the other split and how to list the train files. Documents merely named like a split (the Python docs'
+    test.txt) and a folder of one split are read."""
+    from ds_hybrid.data import source_files
+
+    def folder(name, files):
+        d = tmp_path / name
+        for f in files:
+            (d / f).parent.mkdir(parents=True, exist_ok=True)
+            (d / f).write_text(json.dumps({"text": "x"}) + "\n")
+        return d
+
+    for name, files, other in (
+            ("c4", ["en/c4-train.00000-of-01024.json.gz", "en/c4-validation.00000-of-00008.json.gz"], "validation"),
+            ("wiki", ["train-00000-of-00001.parquet", "test-00000-of-00001.parquet"], "test"),
+            ("plain", ["train.jsonl", "dev.jsonl"], "dev"),
+            ("dirs", ["data/train/a.jsonl", "data/validation/b.jsonl"], "validation")):
+        with pytest.raises(ConfigError, match=rf"^data\.source=.*{name}': holds a dataset's train split and its "
+                                              rf"{other} split too .*List the train files"):
+            source_files(str(folder(name, files)))
+    docs = folder("docs", ["test.txt", "unittest.txt", "train.txt"])  # documents named so, not splits
+    assert [f.name for f in source_files(str(docs))] == ["test.txt", "train.txt", "unittest.txt"]
+    only = folder("only", ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"])
+    assert len(source_files(str(only))) == 2
+    wiki = tmp_path / "wiki"
+    assert source_files([str(wiki / "train-00000-of-00001.parquet")]) == [wiki / "train-00000-of-00001.parquet"]
+
+
+def test_malformed_corpus_files_are_named_with_their_line(tmp_path):
+    """A truncated JSONL (an interrupted download) raised a bare JSONDecodeError, a text_field naming a list
+    column a tokenizer TypeError, a line that is a bare string a TypeError: each now names the file, its line and
+    the setting to fix."""
+    def docs(name, text):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "a.jsonl").write_text(text)
+        return list(iter_documents(units_for(data_cfg(d, tmp_path))[DATA_SOURCE][0]))
+
+    assert docs("ok", '{"text": "one"}\n\n{"text": null}\n') == ["one", ""]
+    with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': .*a\.jsonl, line 2 is not valid JSON .*cut "
+                                          r"short"):
+        docs("cut", '{"text": "one"}\n{"text": "tw')
+    with pytest.raises(ConfigError, match=r"^data\.text_field='text': .*a\.jsonl:1: its value is a list, not text"):
+        docs("chat", '{"text": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl:1': holds a str, not a JSON object"):
+        docs("bare", '"just text"\n')
+    with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': .*a\.jsonl \(.* at line 1\) is not valid "
+                                          r"JSON"):
+        docs("array", '[{"text": "one"}, {"text"')
+
+
+def test_a_cache_dir_without_file_locks_is_refused_by_name(tmp_path, tok, monkeypatch):
+    """The token cache's unit lock on a file system without flock (ENOLCK, ENOSYS) raised a raw OSError from a
+    worker; now a ConfigError naming data.cache_dir and the fix."""
+    import errno
+
+    from ds_hybrid import tokencache
+
+    def no_locks(*a):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(tokencache.fcntl, "flock", no_locks)
+    jl = write_jsonl(tmp_path / "jl", 1, 4, 5)
+    unit = units_for(data_cfg(jl, tmp_path))[DATA_SOURCE][0]
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir=.*cannot lock .*Function not implemented.*-o flock"):
+        tokencache._claim_and_tokenize((unit, tok, str(tmp_path / "cache"), np.dtype("uint16"), False, 100, 0, None))
+
+
+def test_a_budget_larger_than_the_corpus_is_warned_of_with_its_passes(caplog):
+    """The rows wrap around epoch after epoch: a stage whose budget exceeds its corpus (the default kl's 600M tokens
+    over the embedded corpus) repeated every row many times without a word."""
+    from ds_hybrid.trainer import warn_repeats
+
+    assert warn_repeats("kl", 100, 32, 4096, 3200) == 1.0 and "passes" not in caplog.text
+    assert warn_repeats("kl", 4578, 32, 4096, 10_250) == pytest.approx(14.29, abs=0.01)
+    assert ("kl reads 14.3 passes over the corpus's 10250 training rows of 4096 tokens (600,047,616 tokens of "
+            "41,984,000): every row is trained on that many times") in caplog.text

@@ -181,3 +181,28 @@ def test_convert_keeps_the_teachers_stop_tokens_and_generates(tmp_path, capsys):
     with torch.no_grad():
         out = hybrid.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, greedy_by_reforward(hybrid, ids, 3, [2, 7]))  # its cache gives the full forward's
+
+
+def test_a_hybrid_of_a_bf16_gemma3_config_built_at_fp32_keeps_the_exact_embedding_scale():
+    """Gemma 3 scales its embeddings by sqrt(hidden) held in a buffer. A teacher config saying bfloat16 (every
+    official checkpoint) made the student's inner model a bf16 build: its scale rounded (sqrt(80) = 8.944 ->
+    8.9375), kept by the cast to fp32, so an fp32 run's student differed from its teacher before any step."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.modeling import HybridForCausalLM
+    from ds_hybrid.stages.base import with_attn_implementation
+    from ds_hybrid.transfer import hybrid_config
+
+    cfg = tiny_config("gemma3", hidden_size=80)
+    cfg.dtype = torch.bfloat16
+    teacher = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    hybrid = HybridForCausalLM(hybrid_config(cfg, [2], "gdn", {}))
+    want = teacher.model.embed_tokens.embed_scale
+    got = hybrid.model.embed_tokens.embed_scale
+    assert want.dtype == got.dtype == torch.float32 and float(want) == pytest.approx(80 ** 0.5, rel=1e-7)
+    assert torch.equal(got, want)
+    # the run's attention implementation reaches the hybrid's softmax layers (it reached the teacher only)
+    eager = HybridForCausalLM(with_attn_implementation(hybrid_config(cfg, [2], "gdn", {}), "eager"))
+    assert eager.model.config._attn_implementation == "eager"
+    assert HybridForCausalLM(hybrid_config(cfg, [2], "gdn", {})).model.config._attn_implementation != "eager"

@@ -93,7 +93,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
-        self.model = AutoModel.from_config(config.teacher_config)
+        # (built at the default dtype, not the teacher config's: a bf16 one made Gemma 3's embedding scale a bf16
+        # buffer, which a cast to fp32 kept rounded, so the student's embeddings differed from the teacher's)
+        self.model = AutoModel.from_config(config.teacher_config, dtype=torch.get_default_dtype())
         self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
         options = config.options
         for i in config.linear_layers:

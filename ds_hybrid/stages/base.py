@@ -138,6 +138,14 @@ def _attn_kw(impl: str | None) -> dict:
     return {"attn_implementation": impl} if impl else {}
 
 
+def with_attn_implementation(config: HybridConfig, impl: str | None) -> HybridConfig:
+    """The run's ``attn_implementation`` for the hybrid's softmax layers too (it reached the teacher only: the
+    student's ran transformers' default whatever the run asked)."""
+    if impl:
+        config.teacher_config._attn_implementation = impl
+    return config
+
+
 @torch.no_grad()
 def init_mixer_from_reader(mixer: LinearMixer, reader: SafetensorsReader, layer: int, num_kv_heads: int) -> None:
     """RADLADS stage 0 for one mixer, reading the teacher's attention weights from its safetensors."""
@@ -239,6 +247,7 @@ def _build_student(ctx: StageContext, config: HybridConfig, src: SafetensorsRead
     """Build the hybrid (under ZeRO-3: straight into partitions), fill everything but the token mixers from ``src``
     module by module, and each layer's mixer with ``fill_mixer(i, layer, student)``."""
     ds = ctx.ds_config()
+    with_attn_implementation(config, ctx.cfg.attn_implementation)
     with zero3_init(ds, ctx.dtype):
         student = HybridForCausalLM(config)
     if zero_stage(ds) == 3:

@@ -183,7 +183,7 @@ def units_for(cfg: DataConfig, is_main: bool = True, barrier: Callable[[], None]
         return {name: [Unit(name, 0, "docs", (str(path / f"{name}.jsonl.gz"),))] for name in select_sources(src, path)}
     files = source_files(src)
     if files is None:
-        return {DATA_SOURCE: _hub_units(src, cfg.text_field, cfg.hub_config, cfg.revision)}
+        return {DATA_SOURCE: _hub_units(src, cfg.text_field, cfg.hub_config, cfg.revision, cache_root(cfg))}
     _check_kinds(files)
     text = [f for f in files if _kind(f) == "text"]
     units = [Unit(DATA_SOURCE, 0, "text", tuple(str(f) for f in text[i:i + TEXT_FILES_PER_UNIT]))
@@ -320,22 +320,41 @@ def with_hub_request(meta: dict, cfg: RunConfig) -> dict:
     return {**meta, "hub": {**hub, "requested": rec.get("revision") if mine else cfg.data.revision}}
 
 
-def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None) -> list[Unit]:
+def cache_root(cfg: DataConfig) -> Path:
+    """The folder that holds a run's token caches (``data.cache_dir``, else the ds-hybrid cache's data/)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+
+
+def _hub_units(name: str, text_field: str, config: str | None = None, revision: str | None = None,
+               root: Path | None = None) -> list[Unit]:
     """One unit per shard of the dataset's train split at one commit (``revision`` resolved now, on the main rank,
     which also lists the shards): the units, and so the token cache's key, name the commit, and every worker streams
-    that commit, whatever the hub has later."""
+    that commit, whatever the hub has later. A commit's shard count is kept under ``root`` (hub_listings/): a run
+    pinned to a commit (every stage after the first, probes, resumes) lists nothing again, so a GPU job on offline
+    nodes reads a cache `--prepare-data` built online, and a selection's probes do not each ask the hub."""
 
     def listing() -> tuple[str, int]:
         import datasets
 
         commit = hub_commit(name, revision)
+        kept = root / "hub_listings" / (hashlib.sha256(json.dumps([name, config, commit]).encode()).hexdigest()[:16]
+                                        + ".json") if root is not None else None
+        if kept is not None and kept.is_file():
+            try:
+                return commit, int(json.loads(kept.read_text())["n_shards"])
+            except (ValueError, KeyError, TypeError):
+                pass  # (unreadable: listed again)
         try:
             ds = datasets.load_dataset(name, config, split="train", streaming=True, revision=commit)
         except Exception as e:  # noqa: BLE001
             field, value = ("data.hub_config", config) if config else ("data.source", name)
             raise ConfigError(field, value, f"the hub dataset {name!r} at commit {commit[:12]} could not be streamed "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
-        return commit, max(1, int(getattr(ds, "n_shards", 1) or 1))
+        n = max(1, int(getattr(ds, "n_shards", 1) or 1))
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(kept, json.dumps({"name": name, "config": config, "commit": commit, "n_shards": n}))
+        return commit, n
 
     commit, n = _on_main(listing)
     return [Unit(DATA_SOURCE, i, "hub", (), (name, config, "train", i, n), text_field, revision=commit)
@@ -387,7 +406,7 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
         if unknown:
             raise ConfigError(f"data.mixture.{unknown[0]}", cfg.mixture[unknown[0]],
                               f"not a source of this corpus; its sources: {', '.join(units)}")
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    root = cache_root(cfg)
     out = root / cache_key(cfg, units, tokenizer)
     dtype = token_dtype(len(tokenizer))
     share = need_tokens / len(units) if math.isfinite(need_tokens) else math.inf

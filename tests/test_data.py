@@ -180,7 +180,7 @@ def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_p
     assert again.data.revision == "b" * 40 and "is unreadable" in caplog.text
 
 
-def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_hub):
+def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_hub, monkeypatch):
     """`train.py --prepare-data` (a CPU node, before the GPU job) pins the commit too: the stage after it reads the
     tokens it prepared even where the dataset moved on in between."""
     from ds_hybrid.data import HUB_PIN
@@ -199,6 +199,17 @@ def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_h
     named = prepare_data(load_config(None, over + [f"out_dir={tmp_path / 'run3'}", f"data.revision={'a' * 40}"]),
                          "align")  # (a commit named: nothing resolved, no pin; the record says the commit asked for)
     assert named["hub"]["requested"] == named["hub"]["commit"] == "a" * 40
+    # the GPU job on offline nodes: the run is pinned and its tokens are built, so neither the commit nor the shard
+    # listing is asked of the hub again (each stage, probe and resume listed the shards online before)
+    import datasets
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("offline (simulated)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert prepare_data(load_config(None, over), "align")["data_cache"] == rec["data_cache"]
 
 
 @pytest.mark.parametrize("revision", [None, "main"])

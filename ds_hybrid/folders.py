@@ -20,6 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# file systems whose file locks (flock) hold for every process that shares them, for the messages that need them
+FLOCK_FILE_SYSTEMS = "a local disk of a single-node run, NFS with its lock service, Lustre mounted with -o flock"
+
+
 def fsync_file(path: str | Path) -> None:
     """Force ``path``'s data to disk (before it is renamed into place or a marker vouches for it)."""
     fd = os.open(path, os.O_RDONLY)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.folders import atomic_write_text, fsync_dir, fsync_file
+from ds_hybrid.folders import FLOCK_FILE_SYSTEMS, atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger("ds_hybrid")
 
@@ -270,9 +270,8 @@ def _claim_and_tokenize(args) -> UnitResult | None:
             return None  # someone else is tokenizing it: the driver waits for the marker
         except OSError as e:  # (NFS without its lock service, Lustre without -o flock)
             raise ConfigError("data.cache_dir", str(out_dir), f"cannot lock {d / f'{unit.name}.lock'} ({e}): the "
-                              "token cache takes file locks (flock) while it tokenizes; put data.cache_dir on a file "
-                              "system that has them (a local disk of a single-node run, NFS with its lock service, "
-                              "Lustre mounted with -o flock)") from None
+                              f"token cache takes file locks (flock) while it tokenizes; put data.cache_dir on a file "
+                              f"system that has them ({FLOCK_FILE_SYSTEMS})") from None
         try:
             for stale in d.glob(f".{unit.name}.*"):  # left by a process killed while writing this unit (we hold its lock)
                 stale.unlink(missing_ok=True)

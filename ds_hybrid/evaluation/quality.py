@@ -23,7 +23,8 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 CHECK_POSITIONS = 16  # the prefix on which the fast path's logits are compared with the model's
 
 
-def _text_config(model):
+def text_config(model):
+    """A model's text configuration (a multimodal model's text model's; a text model's own)."""
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
@@ -34,7 +35,7 @@ def plain_head(model) -> bool:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
-    cfg = _text_config(model)
+    cfg = text_config(model)
     return all(getattr(cfg, a, None) in (None, 1, 1.0) for a in LOGIT_TRANSFORMS)
 
 

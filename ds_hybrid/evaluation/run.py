@@ -105,9 +105,10 @@ def load_model(path: str, dev: torch.device, dtype: torch.dtype):
 
 
 def describe(model) -> dict:
+    from ds_hybrid.evaluation.quality import text_config
+
     cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # (a multimodal model: its text model's)
-    d = {"model_type": cfg.model_type, "num_layers": text.num_hidden_layers,
+    d = {"model_type": cfg.model_type, "num_layers": text_config(model).num_hidden_layers,
          "params": sum(p.numel() for p in model.parameters())}
     if cfg.model_type == "ds_hybrid":
         d.update(softmax_layers=cfg.softmax_layers, mixer=cfg.mixer, mixer_options=cfg.mixer_options)

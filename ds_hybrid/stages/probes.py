@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ds_hybrid import distributed as D
-from ds_hybrid.folders import atomic_write_text
+from ds_hybrid.folders import FLOCK_FILE_SYSTEMS, atomic_write_text
 from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
@@ -327,8 +327,8 @@ def task_held(out: Path, idx: int, n: int):
                 f.close()
                 f = None
             refusal = ("out_dir", str(out.parent.parent), f"cannot lock {path} ({e}): the probe tasks of a selection "
-                       "take file locks (flock) in its folder; put out_dir on a file system that has them (a local "
-                       "disk, NFS with its lock service, Lustre mounted with -o flock)")
+                       f"take file locks (flock) in its folder; put out_dir on a file system that has them "
+                       f"({FLOCK_FILE_SYSTEMS})")
         else:
             f.seek(0)
             f.truncate()

@@ -38,7 +38,7 @@ import torch
 from ds_hybrid.config import DataConfig, RunConfig
 from ds_hybrid.folders import atomic_write_text
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.tokencache import Unit, build, done_prefixes, read_shards, token_dtype, val_share
+from ds_hybrid.tokencache import Unit, build, check_visible, done_prefixes, read_shards, token_dtype, val_share
 
 log = logging.getLogger("ds_hybrid")
 
@@ -390,13 +390,20 @@ def cache_key(cfg: DataConfig, units: dict[str, list[Unit]], tokenizer) -> str:
     return h.hexdigest()[:20]
 
 
-def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], None] | None = None,
-                    need_tokens: float = math.inf, seq_len: int = 1) -> TokenStreams:
+def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], object] | None = None,
+                    need_tokens: float = math.inf, seq_len: int = 1,
+                    from_main: Callable[[str], str] | None = None) -> TokenStreams:
     """Tokenize what a run needs (rank 0; other ranks wait at ``barrier``), then memory-map it everywhere.
 
     ``need_tokens``: training tokens the run will read; a source made of several units (a large corpus) is tokenized
     only until its units cover it, counted in whole rows of ``seq_len`` tokens (a row never spans two units). The
-    embedded corpus is always tokenized whole (its sources are single units)."""
+    embedded corpus is always tokenized whole (its sources are single units).
+
+    ``from_main(value)``: the main rank's value on every rank once it gets there (``distributed.wait_for_main``; in
+    place of ``barrier`` for the build). The main rank passes its cache folder and the prefix it built, so every
+    rank reads the same shards: a node whose copy of the corpus files differs in size or modification time
+    (node-local copies) would compute another key and fingerprints, and look for units that nobody built. Without
+    it, the other ranks find the prefix from the done markers."""
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise ConfigError("data.add_eos", True, "this tokenizer has no end-of-sequence token to put between the "
                           "documents: set add_eos: false (documents concatenated as the paper does)")
@@ -407,7 +414,8 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
             raise ConfigError(f"data.mixture.{unknown[0]}", cfg.mixture[unknown[0]],
                               f"not a source of this corpus; its sources: {', '.join(units)}")
     root = cache_root(cfg)
-    out = root / cache_key(cfg, units, tokenizer)
+    key = cache_key(cfg, units, tokenizer)
+    out = root / key
     dtype = token_dtype(len(tokenizer))
     share = need_tokens / len(units) if math.isfinite(need_tokens) else math.inf
     need = {s: (share if len(us) > 1 else math.inf) for s, us in units.items()}
@@ -416,10 +424,19 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     if is_main:
         used = build(units, tokenizer, out, need, vals, dtype, cfg.add_eos, cfg.split_seed, cfg.num_proc,
                      cfg.max_documents, row_tokens=seq_len)
-    if barrier is not None:
-        barrier()
-    if used is None:  # the same prefix from the markers (a file written by rank 0 could be another job's by now)
-        used = done_prefixes(units, out, need, vals, seq_len)
+    if from_main is not None:  # the main rank's folder and prefix, passed when its build is done
+        shared = json.loads(from_main(json.dumps({"key": key, "used": used})))
+        if shared["key"] != key:
+            log.warning("this rank sees the files of data.source otherwise (sizes or modification times) than the "
+                        "main rank: it reads the main rank's token cache %s (its own key would be %s); the files "
+                        "must hold the same text on every node", shared["key"], key)
+        out, used = root / shared["key"], shared["used"]
+        check_visible(out, [r for rs in used.values() for r in rs])
+    else:
+        if barrier is not None:
+            barrier()
+        if used is None:  # the same prefix from the markers (a file written by rank 0 could be another job's by now)
+            used = done_prefixes(units, out, need, vals, seq_len)
     train = [(s, a) for s in units for a in read_shards(out, used[s], "train", dtype)]
     val = [(s, a) for s in units for a in read_shards(out, used[s], "val", dtype)]
     meta = {"version": CACHE_VERSION, "source": cfg.source if isinstance(cfg.source, str) else list(cfg.source),

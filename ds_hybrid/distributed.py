@@ -163,24 +163,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wait_for_main() -> None:
+def wait_for_main(value: str = "1") -> str:
     """The other ranks wait here until the main rank arrives, for up to WAIT_FOR_MAIN_HOURS: for one-off work that
     only the main rank does (the token cache of a large corpus can take longer than the training collectives'
     timeout, ``dist_timeout_minutes``, which a plain barrier would end the job at). The main rank sets a key in the
     process group's store and goes on; the others wait for it there, holding no collective and no GPU kernel (no
     group of another backend either: only the store that every launcher's group already has). A main rank that fails
-    takes the store's connection with it (or, under torchrun, its agent stops the job), which ends the wait."""
+    takes the store's connection with it (or, under torchrun, its agent stops the job), which ends the wait.
+
+    Returns the main rank's ``value`` on every rank (what the ranks must agree on, such as the token cache's folder,
+    when each would compute it from its own view of the files)."""
     if not (dist.is_initialized() and world_size() > 1):
-        return
+        return value
     from torch.distributed import distributed_c10d
 
     _WAITS[0] += 1
     key = f"ds_hybrid/wait_for_main/{_WAITS[0]}"
     store = distributed_c10d._get_default_store()
     if is_main():
-        store.set(key, "1")
-    else:
-        store.wait([key], datetime.timedelta(hours=WAIT_FOR_MAIN_HOURS))
+        store.set(key, value)
+        return value
+    store.wait([key], datetime.timedelta(hours=WAIT_FOR_MAIN_HOURS))
+    return store.get(key).decode()
 
 
 def parse_device(name: str) -> torch.device:

@@ -303,6 +303,18 @@ def scan_prefix(units: list[Unit], out_dir: Path, need: float, val_tokens: int,
     return got, 0, None  # every unit done: as much as the source has
 
 
+NOT_SHARED = ("the cache must be one folder every rank sees (a shared file system, not a node-local disk; "
+              "data.cache_dir or $DS_HYBRID_CACHE), and not changed during the run")
+
+
+def check_visible(out_dir: Path, markers: list[dict]) -> None:
+    """On another rank: the main rank's markers are in the cache folder this rank sees (else a node-local cache)."""
+    for rec in markers:
+        if not (Path(out_dir) / rec["source"] / f"u{rec['index']:05d}.json").is_file():
+            raise ConfigError("data.cache_dir", str(out_dir), f"unit {rec['index']} of {rec['source']} is not "
+                              f"tokenized here after the main rank's build (its marker is missing): {NOT_SHARED}")
+
+
 def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, float],
                   val_tokens: dict[str, int], row_tokens: int = 1) -> dict[str, list[dict]]:
     """What :func:`build` returned on the rank that built (the other ranks' copy, read from the markers)."""
@@ -311,9 +323,7 @@ def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, f
         got, _, first = scan_prefix(us, Path(out_dir), need[source], val_tokens.get(source, 0), row_tokens)
         if first is not None:
             raise ConfigError("data.cache_dir", str(out_dir), f"unit {first} of {source} is not tokenized here after "
-                              "the main rank's build (its marker is missing): the cache must be one folder every rank "
-                              "sees (a shared file system, not a node-local disk; data.cache_dir or $DS_HYBRID_CACHE), "
-                              "and not changed during the run")
+                              f"the main rank's build (its marker is missing): {NOT_SHARED}")
         used[source] = got
     return used
 

@@ -356,7 +356,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     torch.manual_seed(cfg.seed)
 
     streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.wait_for_main,
-                              need_tokens=data_tokens or s.tokens, seq_len=s.seq_len)
+                              need_tokens=data_tokens or s.tokens, seq_len=s.seq_len, from_main=D.wait_for_main)
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
     if len(train) == 0 or len(val) == 0:

@@ -501,6 +501,36 @@ def test_a_rank_that_cannot_see_the_main_ranks_cache_says_it_must_be_shared(tmp_
         done_prefixes(units, tmp_path / "cache", {DATA_SOURCE: 100.0}, {DATA_SOURCE: 10})
 
 
+def test_a_node_whose_copy_of_the_corpus_has_other_times_reads_the_main_ranks_cache(tmp_path, tok, caplog):
+    """Node-local copies of data.source: another node's files have other modification times, so its own cache key
+    and unit fingerprints differ; it reads the main rank's folder and prefix (passed through from_main), with a
+    warning, not a folder that nobody built. A cache folder this rank does not see is named as data.cache_dir."""
+    import logging
+    import os
+
+    main_copy, other_copy = write_jsonl(tmp_path / "node0", 2, 30, 20), write_jsonl(tmp_path / "node1", 2, 30, 20)
+    for f in other_copy.iterdir():
+        os.utime(f, (1e9, 1e9))
+    cache = tmp_path / "shared_cache"
+    passed: list[str] = []
+
+    def main_from_main(value: str) -> str:
+        passed.append(value)
+        return value
+
+    built = prepare_streams(data_cfg(str(main_copy), cache), tok, from_main=main_from_main)
+    (value,) = passed
+    with caplog.at_level(logging.WARNING, logger="ds_hybrid"):
+        seen = prepare_streams(data_cfg(str(other_copy), cache), tok, is_main=False, from_main=lambda _: value)
+    assert json.loads(value)["key"] == built.path.name
+    assert seen.path == built.path and seen.meta | {"source": "copy"} == built.meta | {"source": "copy"}
+    assert [a.tolist() for _, a in seen.train] == [a.tolist() for _, a in built.train]
+    assert "reads the main rank's token cache" in caplog.text
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir=.*unit 0 of data is not tokenized here.*shared file"):
+        prepare_streams(data_cfg(str(other_copy), tmp_path / "node1_cache"), tok, is_main=False,
+                        from_main=lambda _: value)
+
+
 def test_unknown_mixture_source_is_named(tmp_path, tok):
     jl = write_jsonl(tmp_path / "jl", 1, 30, 20)
     with pytest.raises(ConfigError, match=r"data\.mixture\.poetry.*its sources: data"):

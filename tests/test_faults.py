@@ -393,12 +393,13 @@ if D.rank() == 0:
     time.sleep(5)  # the main rank's one-off work (the token cache of a large corpus), longer than that
     if mode == "fail":
         raise SystemExit(3)
+got = None
 try:
-    (D.barrier if mode == "barrier" else D.wait_for_main)()
+    got = D.barrier() if mode == "barrier" else D.wait_for_main(f"value of rank {D.rank()}")
     verdict = "ok"
 except RuntimeError as e:
     verdict = str(e)
-Path(out, f"rank{D.rank()}.json").write_text(json.dumps({"verdict": verdict, "waited": time.time() - t0}))
+Path(out, f"rank{D.rank()}.json").write_text(json.dumps({"verdict": verdict, "waited": time.time() - t0, "got": got}))
 D.shutdown()
 """
 
@@ -407,8 +408,9 @@ D.shutdown()
 def test_ranks_wait_for_the_main_ranks_one_off_work_past_the_collective_timeout(tmp_path, mode):
     """The other ranks wait while rank 0 builds the token cache: at a plain barrier they fail once the training
     collectives' timeout (dist_timeout_minutes; 2 s here) passes, as a large corpus's first tokenization would have
-    ended a job; in wait_for_main (a key in the group's store, hours) they wait for it; and a main rank that fails
-    ends their wait at once (the store's connection closes), not hours later."""
+    ended a job; in wait_for_main (a key in the group's store, hours) they wait for it, and get the main rank's value
+    (the token cache's folder); and a main rank that fails ends their wait at once (the store's connection closes),
+    not hours later."""
     from trainer_utils import env, free_port
 
     script = tmp_path / "wait.py"
@@ -424,7 +426,9 @@ def test_ranks_wait_for_the_main_ranks_one_off_work_past_the_collective_timeout(
     waiting = json.loads((tmp_path / "rank1.json").read_text())
     if mode == "wait":
         assert rcs == [0, 0] and waiting["verdict"] == "ok" and waiting["waited"] >= 4.5, logs
-        assert json.loads((tmp_path / "rank0.json").read_text())["verdict"] == "ok"
+        assert waiting["got"] == "value of rank 0"
+        assert json.loads((tmp_path / "rank0.json").read_text()) | {"waited": 0} == {
+            "verdict": "ok", "waited": 0, "got": "value of rank 0"}
     elif mode == "barrier":
         assert "Timed out" in waiting["verdict"] and waiting["waited"] < 4.5, waiting
     else:

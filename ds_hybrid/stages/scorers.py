@@ -22,7 +22,8 @@ def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int, shard: bool 
     (``len_field``: the setting that gave seq_len, named if the held-out text is shorter)."""
     from ds_hybrid.data import PackedSequences, prepare_streams
 
-    streams = prepare_streams(cfg.data, tokenizer, is_main=D.is_main(), barrier=D.wait_for_main, need_tokens=0)
+    streams = prepare_streams(cfg.data, tokenizer, is_main=D.is_main(), barrier=D.wait_for_main, need_tokens=0,
+                              from_main=D.wait_for_main)
     val = PackedSequences(streams.val, seq_len, max_rows=n)
     if len(val) == 0:
         raise ConfigError("select.probe.seq_len" if len_field is None else len_field, seq_len,

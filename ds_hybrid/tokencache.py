@@ -47,6 +47,7 @@ from ds_hybrid.folders import FLOCK_FILE_SYSTEMS, atomic_write_text, fsync_dir, 
 log = logging.getLogger("ds_hybrid")
 
 BATCH_DOCS = 256  # documents tokenized per call: bounds memory whatever the unit's size
+TEXT_DOCUMENT_CHARS = 100_000  # a text file larger than this is read as several documents (text_documents)
 VAL_EVERY = 8  # in a source's first unit, every 8th document (seeded) is held out until the source's quota is met
 
 
@@ -66,6 +67,8 @@ class Unit:
 
     def fingerprint(self) -> str:
         key = [self.source, self.index, self.kind, self.hub, self.text_field] + ([self.revision] if self.revision else [])
+        if self.kind == "text":  # how a large file is cut into documents (text_documents) is part of its tokens
+            key.append(TEXT_DOCUMENT_CHARS)
         h = hashlib.sha256(json.dumps(key).encode())
         for p in self.paths:
             st = Path(p).stat()
@@ -86,7 +89,7 @@ def iter_documents(unit: Unit) -> Iterator[str]:
             # (UTF-8 whatever the locale: the tokens must not depend on the machine, and the cache key cannot see it)
             with (gzip.open(p, "rt", encoding="utf-8", errors="replace") if p.endswith(".gz")
                   else open(p, encoding="utf-8", errors="replace")) as f:
-                yield f.read()
+                yield from text_documents(f)
     elif unit.kind == "docs":
         for p in unit.paths:
             with gzip.open(p, "rt", encoding="utf-8") as f:
@@ -130,6 +133,28 @@ def iter_documents(unit: Unit) -> Iterator[str]:
             yield _field(row, unit.text_field, name)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def text_documents(f, limit: int = TEXT_DOCUMENT_CHARS) -> Iterator[str]:
+    """A text file's documents: the whole file when it holds at most ``limit`` characters, else pieces of at most
+    ``limit``, each ended at its last paragraph break in its second half (a blank line; else a line break; else cut
+    at ``limit``). A
+    large file (a book, a dump) is read a piece at a time, and its pieces are documents the held-out split can draw:
+    as one document it was all training text or all held out, and read into memory whole. The pieces concatenate
+    to the file's text."""
+    buf = ""
+    while block := f.read(limit):
+        buf += block
+        while len(buf) > limit:
+            cut = buf.rfind("\n\n", limit // 2, limit) + 2
+            if cut < 2:
+                cut = buf.rfind("\n", limit // 2, limit) + 1
+            if cut < 1:
+                cut = limit
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
 
 
 def _json(text: str, path: str, line: int | None = None):

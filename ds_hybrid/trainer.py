@@ -364,8 +364,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
         fix = (f"shorten seq_len, add text to data.source{cap} or lower data.val_tokens (it holds whole documents out "
                "of training)" if len(train) == 0 else
                "shorten seq_len or raise data.val_tokens (whole documents held out: about every 8th document of a "
-               "source's first files until its share is met, so a source of a few large documents, one big .txt, "
-               "may hold none out; split such text into more files)")
+               "source's first files until its share is met, so a source of a few large documents, such as JSONL "
+               "rows of whole books, may hold none out; split such text into more documents)")
         raise ConfigError(f"{stage}.seq_len", s.seq_len,
                           f"the corpus gives {len(train)} training and {len(val)} held-out sequences at this length "
                           f"({streams.meta['train_tokens']} / {streams.meta['val_tokens']} tokens; a row never spans "

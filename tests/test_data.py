@@ -506,7 +506,6 @@ def test_a_node_whose_copy_of_the_corpus_has_other_times_reads_the_main_ranks_ca
     and unit fingerprints differ; it reads the main rank's folder and prefix (passed through from_main), with a
     warning, not a folder that nobody built. A cache folder this rank does not see is named as data.cache_dir."""
     import logging
-    import os
 
     main_copy, other_copy = write_jsonl(tmp_path / "node0", 2, 30, 20), write_jsonl(tmp_path / "node1", 2, 30, 20)
     for f in other_copy.iterdir():
@@ -641,6 +640,34 @@ def test_files_of_unknown_kinds_are_refused_by_name_and_hidden_folders_skipped(t
     (docs / "shard_00.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd binary")
     with pytest.raises(ConfigError, match=r"data\.source.*shard_00\.jsonl\.zst.*zstd -d"):
         units_for(data_cfg(docs, tmp_path))
+
+
+def test_a_large_text_file_is_read_as_documents_at_paragraph_breaks(tmp_path, tok):
+    """A text file over TEXT_DOCUMENT_CHARS (a book) is several documents, each ended at a paragraph break in its
+    second half, else a line break, else cut at the limit; they concatenate to the file. One such file now gives
+    held-out rows (as one document it was all training text), and a small file stays one document."""
+    import io
+
+    from ds_hybrid.tokencache import TEXT_DOCUMENT_CHARS, text_documents
+
+    rng = random.Random(0)
+    paragraphs = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
+                             for _ in range(rng.randint(1, 12))) for _ in range(900)]
+    book = "\n\n".join(paragraphs)
+    assert len(book) > 3 * TEXT_DOCUMENT_CHARS
+    docs = list(text_documents(io.StringIO(book)))
+    assert "".join(docs) == book and len(docs) > 3
+    assert all(TEXT_DOCUMENT_CHARS // 2 < len(d) <= TEXT_DOCUMENT_CHARS and d.endswith("\n\n") for d in docs[:-1])
+    assert list(text_documents(io.StringIO(book), limit=len(book))) == [book]
+    lines = "abcdefghi\n" * 10  # no blank line: cut after a line break in the second half
+    assert list(text_documents(io.StringIO(lines), limit=25)) == ["abcdefghi\n" * 2] * 5
+    assert list(text_documents(io.StringIO("x" * 60), limit=25)) == ["x" * 25, "x" * 25, "x" * 10]
+
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "book.txt").write_text(book)
+    streams = prepare_streams(data_cfg(tmp_path / "books", tmp_path / "cache", val_tokens=5000), tok)
+    assert streams.meta["documents"] == len(docs) and streams.meta["val_documents"] >= 1
+    assert streams.meta["val_tokens"] > 0 and streams.meta["train_tokens"] > streams.meta["val_tokens"]
 
 
 def test_gzipped_text_is_read_through_gzip(tmp_path):

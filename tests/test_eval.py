@@ -331,6 +331,97 @@ def test_held_out_quality_reads_each_models_own_ids_and_the_kl_only_within_the_t
     assert q["same"]["ppl"] == pytest.approx(q["teacher"]["ppl"], rel=1e-5)  # (same weights, same rows)
 
 
+def make_tiny_multimodal_gemma3(out: Path) -> Path:
+    """A Gemma3ForConditionalGeneration folder (a 3-layer text model beside a 1-layer SigLIP tower: how Gemma 3
+    4B/12B/27B ship) with the embedded teacher's tokenizer. Its config.json's text_config leaves
+    max_position_embeddings out, as google/gemma-3-4b-it's does (Gemma3TextConfig's default, 131,072, applies); the
+    image tokens are ids past the tokenizer's, never made from text; norms and embedding are scaled so that its logits
+    are far from uniform (a perplexity near the vocabulary size would match any model's)."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from ds_hybrid.teacher import embedded_teacher_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_teacher_dir())
+    n = len(tok)
+    text = dict(vocab_size=n + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, sliding_window=32,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=n,
+                       eoi_token_index=n + 1, image_token_index=n + 2, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.2)
+        model.get_input_embeddings().weight.normal_(0, 0.5)  # (tied: the LM head's too)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    spec = json.loads((out / "config.json").read_text())
+    del spec["text_config"]["max_position_embeddings"]
+    (out / "config.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_a_multimodal_gemma3_folder_is_evaluated_as_its_text_model(tmp_path, capsys):
+    """A Gemma3ForConditionalGeneration folder as the teacher row, the text model that extract-text takes out of it as
+    a model row: the teacher's layers and context are its text model's (a context the config file leaves out is its
+    class default, not a fallback), both rows read the same RULER prompts and generate the same answers, and the
+    teacher's held-out loss is HF's own loss of the multimodal model on the same rows, equal to the text model's, with
+    no KL between the two."""
+    import math
+    from argparse import Namespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3Config
+
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation.run import _heldout_rows
+    from ds_hybrid.text_extract import extract_text
+
+    mm = make_tiny_multimodal_gemma3(tmp_path / "gemma-3-tiny-it")
+    text = extract_text(mm, tmp_path / "gemma-3-tiny-it-text")
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--teacher", str(mm), "--model", f"text={text}", "--tasks", "niah_single_1",
+                     "--lengths", "1024", "--limit", "2", "--heldout-sequences", "2", "--heldout-seq-len", "64",
+                     "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    cfg = Gemma3Config.from_pretrained(mm).text_config
+    info = res["models"]
+    assert info["teacher"]["model_type"] == "gemma3" and info["text"]["model_type"] == "gemma3_text"
+    assert info["teacher"]["num_layers"] == info["text"]["num_layers"] == cfg.num_hidden_layers == 3
+    assert info["teacher"]["max_length"] == info["text"]["max_length"] == cfg.max_position_embeddings == 131072
+    assert info["teacher"]["tokenizer"] == info["text"]["tokenizer"]
+    # recall: the same prompts, the same greedy answers (not empty: a mute pair would agree on anything)
+    samples = {m: [json.loads(x) for x in (out / f"samples_{m}.jsonl").read_text().splitlines()]
+               for m in ("teacher", "text")}
+    assert len(samples["teacher"]) == 2 and res["prompt_digests"]["teacher"] == res["prompt_digests"]["text"]
+    assert [s["generation"] for s in samples["teacher"]] == [s["generation"] for s in samples["text"]]
+    assert all(s["generation"].strip() for s in samples["teacher"])
+    assert res["scores"]["teacher"] == res["scores"]["text"]
+    # held-out quality against HF's loss of the multimodal model, row by row (rows of equal length: the mean of means)
+    rows = _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=64, heldout_sequences=2),
+                         AutoTokenizer.from_pretrained(mm))
+    model = AutoModelForCausalLM.from_pretrained(mm, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    with torch.no_grad():
+        ce = sum(float(model(input_ids=r, labels=r).loss) for r in rows) / len(rows)
+    q = res["heldout_quality"]
+    assert q["teacher"]["tokens"] == q["text"]["tokens"] == 2 * 63
+    assert q["teacher"]["ce"] == pytest.approx(ce, rel=1e-5)
+    assert abs(q["teacher"]["ce"] - math.log(cfg.vocab_size)) > 1  # (not a uniform model's loss)
+    assert q["text"]["ce"] == pytest.approx(q["teacher"]["ce"], rel=1e-5)
+    assert q["text"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5) and "kl_to_teacher" not in q["teacher"]
+    # bench-infer times text decoding: the multimodal folder is refused, pointing at extract-text, before any load
+    capsys.readouterr()
+    assert cli.main(["bench-infer", "--teacher", str(mm), "--model", f"text={text}", "--contexts", "64",
+                     "--out", str(tmp_path / "bench")]) == 2
+    assert re.match(r"ds-hybrid: error: --teacher=.*multimodal.*extract-text", capsys.readouterr().err)
+    assert not (tmp_path / "bench").exists()
+
+
 def test_cli_eval_writes_table_json_and_plot(tiny, tmp_path):
     import subprocess
     import sys

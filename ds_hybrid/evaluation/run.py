@@ -413,12 +413,16 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
 
 
 def eval_length(folder: str, max_length: int | None) -> int:
-    """The length a model is evaluated at: ``--max-length``, else its context (max_position_embeddings)."""
+    """The length a model is evaluated at: ``--max-length``, else its context (max_position_embeddings) as
+    transformers reads the config, i.e. as the loaded model has it. Not from config.json's text: a field the file
+    leaves out takes its class's default (google/gemma-3-4b-it's text_config gives no max_position_embeddings:
+    131,072 by Gemma3TextConfig), and a multimodal config's is its text model's. 4096 where the config has none."""
     if max_length:
         return max_length
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    return int(cfg.get("max_position_embeddings") or 4096)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(folder).get_text_config()
+    return int(getattr(cfg, "max_position_embeddings", None) or 4096)
 
 
 def heldout_settings(args) -> dict:
@@ -529,6 +533,12 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
         modes = modes + (modes[-1] + "_fused",)
     folders = check_args(args, models)
+    for name, folder in folders.items():
+        if "text_config" in json.loads((Path(folder) / "config.json").read_text()):
+            raise ConfigError("--teacher" if name == "teacher" else "--model", models[name],
+                              "a multimodal checkpoint: bench-infer times a text model's decoding (a hybrid's teacher "
+                              "is its language model alone); write that with `ds-hybrid extract-text --model "
+                              f"{models[name]} --out <folder>` and give the folder")
     out_dir = Path(args.out)
     rows: list[dict] = []
     info: dict[str, dict] = {}

@@ -38,6 +38,7 @@ from ds_hybrid.config import TRAIN_STAGES, RunConfig, checkpoint_due, stage_step
 from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
                             step_rows, warn_unrepresented, with_hub_request)
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.locks import held
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.selection import content_fingerprint
@@ -190,7 +191,8 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
 class _Signals:
     """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint at the end of the current step, then
     exit. One record per process, installed when a stage starts: a signal that arrives while no step runs (a stage's
-    setup, between stage select's probes) is kept for the next step of whichever stage runs next, never dropped."""
+    setup, between stage select's probes) is kept, never dropped, and stops the stage that runs next at its next
+    check (before its models are built, before its first step, after its last checkpoint: no new save needed)."""
 
     received: int | None = None
 
@@ -338,6 +340,30 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     check_env_knobs()
     pin_hub_commit(cfg)  # (a hub dataset: the commit this run reads, the same in every stage and resume)
     run_dir = cfg.stage_dir(stage)
+    with stage_held(run_dir, stage):
+        return _run_stage(cfg, stage, run_dir, signals, force, restart, data_tokens)
+
+
+def stage_held(run_dir: Path, stage: str):
+    """The stage's run folder held while it runs (locks.held on ``run_dir/.stage.lock``): a second copy of the same
+    stage (a job submitted again while the first, requeued, waits or runs; the same command in two shells) would
+    resume from the same checkpoint and write the same checkpoint folders, metrics and TensorBoard files at once,
+    each pruning and vouching for the other's files. Where the file system has no flock, a warning and no lock."""
+    path = run_dir / ".stage.lock"
+
+    def busy(holder: str):
+        return ("out_dir", str(run_dir.parent), f"stage {stage} already runs in {run_dir} ({holder}; {path} is "
+                f"locked): a second copy would write the same checkpoints and logs at once. Wait for it to end or stop "
+                f"it (running the command again then resumes from its last checkpoint); if that process is gone (a "
+                f"node that crashed can leave its lock on a shared file system until the server lets it go), delete "
+                f"{path} and run again; for a separate run give another out_dir")
+
+    return held(path, busy, cannot_lock=None)
+
+
+def _run_stage(cfg: RunConfig, stage: str, run_dir: Path, signals: _Signals, force: bool, restart: bool,
+               data_tokens: int | None) -> Path:
+    """run_stage's work, with the stage's run folder held."""
     finished = finished_on_main(run_dir)
     if finished and not force:
         log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
@@ -378,6 +404,15 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                     "over those %d; raise data.val_tokens (a new token cache) or lower eval_sequences", stage,
                     s.eval_sequences, len(val), s.seq_len, len(val))
 
+    def stop_if_signalled(where: str) -> None:
+        """A signal (Slurm's warning) that came while no step ran: stop here, where nothing is left unsaved, rather
+        than go on to build a 70B model or export it, train a step and write a checkpoint that may outlast the
+        warning (a job that then reaches its time limit is not requeued)."""
+        if D.any_rank(signals.received is not None):
+            log.warning("stopped %s %s on a signal; nothing unsaved is lost; rerun the command to resume", stage, where)
+            raise StopRequested(128 + int(signals.received or signal.SIGTERM))
+
+    stop_if_signalled("before building its models")
     plan = stage_plan(ctx)
     log.info("%s", plan.table())
     ckpt = Checkpointer(run_dir / "checkpoints", s.keep_checkpoints, verify=s.ckpt_verify,
@@ -437,6 +472,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
         flops_step = runner.flops_per_token() * tokens_per_step
         peak = peak_tflops(cfg.peak_tflops)
         phase_s["setup"] = time.perf_counter() - t_start
+        stop_if_signalled(f"at step {start}, before its first step")
         if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
             t0 = time.perf_counter()
             monitor.scalars(0, held_out(runner, val_rows), prefix="val")
@@ -500,6 +536,9 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
         phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
+        saved_at_total = checkpoint_due(total, total, s)  # (a resume from it runs the final evaluation and export)
+        if saved_at_total:
+            stop_if_signalled(f"after its last step ({total}, checkpointed), before its final evaluation")
         t0 = time.perf_counter()
         final = held_out(runner, val_rows)
         phase_s["final_eval"] = time.perf_counter() - t0
@@ -508,6 +547,8 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
         for engine in all_engines(runner).values():  # ZeRO-3 may hold prefetched parameters; the export gathers its own
             engine.empty_partition_cache()
         if s.export:
+            if saved_at_total:
+                stop_if_signalled(f"after its last step ({total}, checkpointed), before its export")
             t0 = time.perf_counter()
             runner.export(run_dir / "hf")
             phase_s["export"] = time.perf_counter() - t0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -308,10 +310,8 @@ def test_a_real_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(tmp_pat
 
 def test_a_signal_between_two_stages_is_kept_for_the_next_ones_first_step():
     """Stage select runs its probes one after the other in one process: SIGUSR1 (Slurm's warning) arriving after
-    one probe's steps, during the next one's setup, must still stop the next one at its first step, not be dropped
-    by a fresh handler (trainer.run_stage installs them before the setup)."""
-    import signal
-
+    one probe's steps, during the next one's setup, must still stop the next one (before its models are built), not
+    be dropped by a fresh handler (trainer.run_stage installs them before the setup)."""
     from ds_hybrid.trainer import _Signals
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
@@ -488,3 +488,95 @@ def test_the_resume_check_reads_the_newest_marker_that_reads(tmp_path):
     path, marker = ck.latest_marker()
     assert path.name == "step00000002" and marker["step"] == 2
     assert ck.load({"student": FakeEngine()}) == {"step": 2}
+
+
+SIGNAL_SCRIPT = """
+import json, os, signal, sys
+from ds_hybrid import trainer
+from ds_hybrid.config import load_config
+cfg_path, mode, out = sys.argv[1:4]
+cfg = load_config(cfg_path, [])
+if mode == "setup":  # Slurm's warning while the job sets up (the token cache, the models' build)
+    trainer._Signals.install()
+    os.kill(os.getpid(), signal.SIGUSR1)
+elif mode == "final":  # ... while it runs its final evaluation, after the last step's checkpoint
+    real = trainer.held_out
+    def held_out(*a, **k):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*a, **k)
+    trainer.held_out = held_out
+try:
+    trainer.run_stage(cfg, "align")
+    code = 0
+except trainer.StopRequested as e:
+    code = e.code
+open(out, "w").write(json.dumps(code))
+"""
+
+
+def test_a_signal_outside_the_steps_stops_the_stage_where_nothing_is_unsaved(tmp_path):
+    """SIGUSR1 (Slurm's warning) during the set-up stops the stage before its models are built (no step trained, no
+    checkpoint written: at 70B that save could outlast the warning, and a job that reaches its time limit is not
+    requeued); during the final evaluation, after the last step's checkpoint, it stops before the export. Both exit
+    128 + 10 for the launcher's requeue, and a rerun resumes: from step 0, and from the last step to the export."""
+    from trainer_utils import env, make_corpus, make_tiny_teacher, one_process_stage, write_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align=one_process_stage(2, ckpt_every=2, export=True, eval_at_start=False, eval_every=0))
+    script = tmp_path / "stop_on_signal.py"  # (not signal.py: the script's folder comes first on sys.path)
+    script.write_text(SIGNAL_SCRIPT)
+    run_dir = tmp_path / "out" / "align"
+
+    def run(mode: str) -> tuple[int, str]:
+        p = subprocess.run([sys.executable, str(script), str(cfg), mode, str(tmp_path / "code.json")], env=env(),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads((tmp_path / "code.json").read_text()), p.stdout + p.stderr
+
+    code, said = run("setup")
+    assert code == 128 + signal.SIGUSR1 and "stopped align before building its models on a signal" in said
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    code, said = run("final")
+    assert code == 128 + signal.SIGUSR1, said[-3000:]
+    assert "stopped align after its last step (2, checkpointed), before its export on a signal" in said
+    assert [p.parent.name for p in (run_dir / "checkpoints").glob("step*/COMPLETE")] == ["step00000002"]
+    assert not (run_dir / "DONE").exists() and not (run_dir / "hf").exists()
+    code, said = run("plain")
+    assert code == 0 and "resumed align from step 2" in said
+    assert (run_dir / "DONE").is_file() and (run_dir / "hf" / "config.json").is_file()
+
+
+def test_a_second_copy_of_a_running_stage_is_refused(tmp_path):
+    """The same stage started again while it runs (a job submitted twice, a requeued job resubmitted by hand) would
+    resume from the same checkpoint and write the same checkpoints and logs at once: refused, naming the holder,
+    before anything is read or written; once the first has ended, it runs."""
+    from trainer_utils import env, make_corpus, make_tiny_teacher, one_process_stage, tail, train, write_config
+
+    from ds_hybrid.trainer import stage_held
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align=one_process_stage(1))
+    run_dir = tmp_path / "out" / "align"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ds_hybrid.trainer import stage_held\n"
+         "with stage_held(Path(sys.argv[1]), 'align'):\n    print('held', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = train("align", cfg, nproc=1)
+        assert p.returncode == 2, tail(p)
+        assert re.search(rf"out_dir=.*: stage align already runs in .*\(host .*, pid {holder.pid}, since .*a second "
+                         r"copy would write the same checkpoints and logs at once", p.stderr), tail(p)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".stage.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with stage_held(run_dir, "align"):  # its process gone, the lock went with it; re-entrant in one process
+        with stage_held(run_dir, "align"):
+            assert f"pid {os.getpid()}," in (run_dir / ".stage.lock").read_text()
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0 and (run_dir / "DONE").is_file(), tail(p)

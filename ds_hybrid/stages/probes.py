@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ds_hybrid.folders import FLOCK_FILE_SYSTEMS, atomic_write_text
 from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
+from ds_hybrid.locks import held
 from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
 from ds_hybrid.selection import content_fingerprint, rank_layers
 from ds_hybrid.stages.common import run_dtype
@@ -279,73 +279,30 @@ def task_slot(cfg: RunConfig) -> tuple[int, int]:
     return idx, n
 
 
-_HELD: dict[str, int] = {}  # the task locks this process holds, by path (task_held is re-entered by run_select's)
-
-
 @contextlib.contextmanager
 def task_held(out: Path, idx: int, n: int):
     """Hold this task's place in the probes folder while it runs: a second copy of the same task (the same
     ``task_index`` of ``num_tasks``, or a second whole run where there is one task: a job submitted twice, an array
     task started again by hand, a ``--force`` rerun, while the first still runs) would train in the same probe
-    folders at once; it is refused, the running one named. An exclusive ``flock`` on ``out/.task-<i>-of-<n>.lock``
-    (main rank; the lock goes with the process, so a task killed leaves nothing to clean up, except where a crashed
-    node's lock outlives it on a shared file system: the message says how to clear it). Re-entrant in one process."""
+    folders at once; it is refused, the running one named (locks.held on ``out/.task-<i>-of-<n>.lock``; re-entrant:
+    stage select holds it around the whole selection, and ga_s2/halving, which others call directly, again)."""
     path = out / f".task-{idx}-of-{n}.lock"
-    # (counted on every rank alike: a re-entry must skip the broadcast below on all of them, or none)
-    key = str(path.resolve())
-    if _HELD.get(key):
-        _HELD[key] += 1
-        try:
-            yield
-        finally:
-            _HELD[key] -= 1
-        return
-    refusal, f = None, None
-    if D.is_main():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            refusal = ("out_dir", str(out.parent.parent), f"cannot create {out} ({e}): give an out_dir this job can "
-                       "write")
-    if D.is_main() and refusal is None:
-        try:
-            f = open(path, "a+")
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            f = None
-            refusal = ("select.task_index", idx, f"task {idx} of {n} already runs on {out} ({holder}; {path} is "
-                       f"locked): a second copy, of these settings or others (--force), would train in the same "
-                       f"probe folders at once. Wait for it to end or stop it, then run this one again to pick up "
-                       f"what is unfinished; if that process is gone (a node that crashed can leave its lock on a "
-                       f"shared file system until the server lets it go), delete {path} and run again; for another "
-                       f"share of the probes set select.task_index (and select.num_tasks alike for every task)")
-        except OSError as e:
-            if f is not None:
-                f.close()
-                f = None
-            refusal = ("out_dir", str(out.parent.parent), f"cannot lock {path} ({e}): the probe tasks of a selection "
-                       f"take file locks (flock) in its folder; put out_dir on a file system that has them "
-                       f"({FLOCK_FILE_SYSTEMS})")
-        else:
-            f.seek(0)
-            f.truncate()
-            f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
-            f.flush()
-            os.fsync(f.fileno())  # (a copy on another node reads who holds it)
-    refusal = D.broadcast_object(refusal)  # (every rank reaches this, whatever the main rank met)
-    if refusal is not None:
-        raise ConfigError(*refusal)
-    _HELD[key] = 1
-    try:
+
+    def busy(holder: str):
+        return ("select.task_index", idx, f"task {idx} of {n} already runs on {out} ({holder}; {path} is locked): a "
+                f"second copy, of these settings or others (--force), would train in the same probe folders at once. "
+                f"Wait for it to end or stop it, then run this one again to pick up what is unfinished; if that "
+                f"process is gone (a node that crashed can leave its lock on a shared file system until the server "
+                f"lets it go), delete {path} and run again; for another share of the probes set select.task_index "
+                f"(and select.num_tasks alike for every task)")
+
+    def cannot_lock(e: OSError):
+        return ("out_dir", str(out.parent.parent), f"cannot lock {path} ({e}): the probe tasks of a selection take "
+                f"file locks (flock) in its folder; put out_dir on a file system that has them ({FLOCK_FILE_SYSTEMS}), "
+                f"in a folder this job can write")
+
+    with held(path, busy, cannot_lock):
         yield
-    finally:
-        _HELD.pop(key, None)
-        if f is not None:
-            f.close()  # (closing releases the lock)
 
 
 def _slurm_array_index() -> int:

@@ -75,19 +75,25 @@ def peak_tflops(configured: float | None) -> float | None:
 
 
 def drop_rows_after(path: Path, step: int) -> None:
-    """Rewrite the metrics file ``path`` (atomically) without its rows of steps after ``step``."""
+    """Rewrite the metrics file ``path`` (atomically) without the rows a run resumed at ``step`` logs again: those of
+    later steps, the held-out rows at ``step`` itself (scored again at a resume: the stopped run may have skipped
+    them), and a torn last line (no newline: a run killed, or a full disk, mid-write; the resumed run's first row
+    would be glued onto it). ``step`` -1: every row (a run that starts at step 0 again)."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
     keep = []
     for line in lines:
         try:
-            later = int(json.loads(line).get("step", 0)) > step
+            row = json.loads(line)
+            again = int(row.get("step", 0)) > step or (int(row.get("step", 0)) == step and row.get("split") == "val")
         except (ValueError, TypeError, AttributeError):
-            later = False  # (a torn last line of a killed run is kept as it was: readers skip it)
-        if not later:
+            again = False  # (a line no run of ours writes: kept as it is)
+        if not again:
             keep.append(line)
-    if len(keep) != len(lines):
+    if "".join(keep) != path.read_text():
         atomic_write_text(path, "".join(keep))
 
 
@@ -105,11 +111,11 @@ class Monitor:
 
             run_dir.mkdir(parents=True, exist_ok=True)
             # a resume from step k: what the interrupted run logged after k is dropped (TensorBoard's purge_step,
-            # the jsonl's later rows), since the resumed run logs those steps again
+            # the jsonl's later rows), since the resumed run logs those steps again; a start at step 0 (a run killed
+            # before its first checkpoint) drops all of it
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step
-                                        else None)
-            if start_step:
-                drop_rows_after(run_dir / "metrics.jsonl", start_step)
+                                        else 0)
+            drop_rows_after(run_dir / "metrics.jsonl", start_step if start_step else -1)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
                             disable=not sys.stderr.isatty() and os.environ.get("DS_HYBRID_PROGRESS") != "1")

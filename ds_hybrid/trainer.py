@@ -477,6 +477,9 @@ def _run_stage(cfg: RunConfig, stage: str, run_dir: Path, signals: _Signals, for
             t0 = time.perf_counter()
             monitor.scalars(0, held_out(runner, val_rows), prefix="val")
             phase_s["first_eval"] = time.perf_counter() - t0
+        elif start and s.eval_every and start % s.eval_every == 0 and start != total:
+            # a resume at an evaluation step: a stop there skipped its score (Monitor dropped any row of it)
+            monitor.scalars(start, held_out(runner, val_rows), prefix="val")
         t_train = time.perf_counter()
         seen = start * tokens_per_step
         peak_gpu = None

@@ -580,3 +580,39 @@ def test_a_second_copy_of_a_running_stage_is_refused(tmp_path):
             assert f"pid {os.getpid()}," in (run_dir / ".stage.lock").read_text()
     p = train("align", cfg, nproc=1)
     assert p.returncode == 0 and (run_dir / "DONE").is_file(), tail(p)
+
+
+def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp_path):
+    """metrics.jsonl and TensorBoard on a resume: a run killed before its first checkpoint restarts at step 0 and its
+    earlier rows go (they were logged twice); a resume at step k drops later rows and the held-out rows at k (scored
+    again: a stop at an evaluation step skipped them); a torn last line (killed, or a full disk, mid-write) is dropped
+    rather than glued to the resumed run's first row."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ds_hybrid.monitor import Monitor
+
+    run_dir = tmp_path / "kl"
+
+    def log(start: int, steps: range, torn: bool = False) -> None:
+        m = Monitor(run_dir, 10, start, 1, "kl")
+        for k in steps:
+            m.scalars(k, {"loss": float(k)})
+            if k % 2 == 0:
+                m.scalars(k, {"loss": float(k)}, prefix="val")
+        m.close()
+        if torn:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write('{"step": 9, "split": "tr')
+
+    def rows() -> list[tuple[int, str]]:
+        return [(r["step"], r["split"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+    log(0, range(0, 4), torn=True)  # killed before its first checkpoint
+    log(0, range(0, 3))  # started again at step 0
+    assert rows() == [(0, "train"), (0, "val"), (1, "train"), (2, "train"), (2, "val")]
+    log(2, range(3, 6), torn=True)  # resumed at step 2 (a checkpoint there), stopped after step 5, torn
+    log(4, [])  # resumed at step 4: the trainer scores val at 4 again
+    assert rows() == [(0, "train"), (0, "val"), (1, "train"), (2, "train"), (3, "train"), (4, "train")]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4]

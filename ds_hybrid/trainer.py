@@ -186,6 +186,12 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         log.warning("%s: the checkpoint %s was written in a run of %d steps, this one has %d (%s.tokens changed): the "
                     "learning-rate schedule is stretched from here on, so the resumed steps are not the ones either "
                     "run alone would take", stage, path, was["total_steps"], now["total_steps"], stage)
+    changed = [f"{stage}.{k} {was[k]!r} -> {now[k]!r}" for k in ("schedule", "warmup_steps", "min_lr_ratio", "clip")
+               if k in was and was[k] != now[k]]
+    if changed and D.is_main():
+        log.warning("%s: resumed with this run config's step settings, not those the checkpoint %s was written with: "
+                    "%s; the learning rate (or the clipping) of the resumed steps follows the new ones", stage, path,
+                    "; ".join(changed))
 
 
 class _Signals:
@@ -424,7 +430,9 @@ def _run_stage(cfg: RunConfig, stage: str, run_dir: Path, signals: _Signals, for
                 "teacher": D.main_reads(lambda: content_fingerprint(ctx.teacher_path)),
                 "softmax_layers": list(ctx.softmax_layers), "mixer": cfg.mixer,
                 "mixer_options": {k: v for k, v in cfg.mixer_options.items() if k != "backend"},  # (how, not what)
-                "temperature": s.temperature, "ce_weight": s.ce_weight}
+                "temperature": s.temperature, "ce_weight": s.ce_weight,
+                # how the steps are taken: changed on a resume on purpose at times, so said, not refused
+                "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip}
     latest = ckpt.latest_marker()
     check_resume(stage, latest, settings, longer=not restart)  # before any model is built
     # a checkpoint of a ZeRO-3 student from before 2026-12-06 (no settings in its marker) has the optimizer groups

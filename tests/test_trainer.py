@@ -475,8 +475,8 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
 
 def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_model(tmp_path):
     """DeepSpeed restores the checkpoint's learning rates; "lower the learning rate" (the non-finite loss's advice)
-    then did nothing on the rerun. Now the resumed steps run at the config's rate, said in the log; another mixer
-    option (another model) is refused by name before any model is built."""
+    then did nothing on the rerun. Now the resumed steps run at the config's rate, said in the log, as another
+    clipping is; another mixer option (another model) is refused by name before any model is built."""
     import shutil
 
     from trainer_utils import one_process_stage
@@ -490,8 +490,10 @@ def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_mode
     (run_dir / "DONE").unlink()  # as if stopped after its checkpoint at step 2 (it keeps steps 1 and 2)
     p = train("align", cfg, "mixer_options={use_gate: false}", nproc=1)
     assert p.returncode == 2 and "another model or loss: its mixer options were {}" in p.stderr, tail(p)
-    p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", nproc=1)
+    p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", "align.clip=0.5", nproc=1)
     assert p.returncode == 0 and "resumed align from step 2" in p.stdout + p.stderr, tail(p)
+    assert "resumed with this run config's step settings, not those the checkpoint" in p.stdout + p.stderr
+    assert "align.clip 1.0 -> 0.5" in p.stdout + p.stderr, tail(p)
     assert "resumed with this run config's optimizer settings, not the checkpoint's: attn_nodecay: lr 0.001 -> 0.0005; attn: lr 0.001 " \
         "-> 0.0005" in \
         p.stdout + p.stderr, tail(p)

@@ -124,9 +124,10 @@ class Checkpointer:
         keep = f"the previous checkpoint {last[1]} stays the resume point" if last else "no earlier checkpoint exists"
         need = f"it needs about {needed / 2**30:.2f} GiB" if needed else "its size is not known yet"
         why = f" ({type(cause).__name__}: {str(cause)[:160]})" if cause else ""
-        return (f"checkpoint at step {step} not written: the disk holding {self.dir} is full or nearly so "
-                f"({free / 2**30:.2f} GiB free; {need}){why}; {keep}. Free space there, or set out_dir to a larger "
-                "disk, then rerun the same command to resume")
+        return (f"checkpoint at step {step} not written: the disk holding {self.dir} is full or nearly so, or the "
+                f"quota there is spent ({free / 2**30:.2f} GiB free on the disk, quotas aside: `quota -s`, "
+                f"`lfs quota -u $USER <dir>` on Lustre; {need}){why}; {keep}. Free space there, or set out_dir to a "
+                "larger disk, then rerun the same command to resume")
 
     def latest_marker(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest complete checkpoint whose marker reads, and that marker, as the main rank reads them (every
@@ -170,7 +171,12 @@ class Checkpointer:
                 raise
             raise CheckpointError(self._space_error(step, needed, e)) from e
         D.barrier()
-        manifest = write_manifest(path)
+        try:  # (fsync: where NFS or Lustre first report a full disk or a spent quota)
+            manifest = write_manifest(path)
+        except OSError as e:
+            if not _disk_full(e, self.dir):
+                raise
+            raise CheckpointError(self._space_error(step, needed, e)) from e
         if D.is_main():
             info = {"step": step, "time": time.time(), "world_size": D.world_size(), "engines": list(engines),
                     "bytes": manifest["bytes"], "files": len(manifest["files"]), "settings": settings or {}}
@@ -261,14 +267,15 @@ def _remove(old: Path) -> None:
 
 
 def _disk_full(e: BaseException, where: Path) -> bool:
-    """Whether a failed save ran out of space: ENOSPC anywhere in the chain, torch's writer messages, or (almost)
-    no space left where the checkpoint was going."""
+    """Whether a failed save ran out of space: ENOSPC or EDQUOT (a user or project quota, common on cluster file
+    systems) anywhere in the chain, torch's writer messages, or (almost) no space left where the checkpoint was
+    going."""
     cur: BaseException | None = e
     while cur is not None:
-        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(cur)
-        if "No space left" in text or "unexpected pos" in text or "failed writing file" in text:
+        if any(m in text for m in ("No space left", "Disk quota exceeded", "unexpected pos", "failed writing file")):
             return True
         cur = cur.__cause__ or cur.__context__
     try:

@@ -210,9 +210,9 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_refused_before_writing_and_the_previous_checkpoint_stays(small_disk):
     ck = Checkpointer(small_disk / "checkpoints", keep=3)
     ck.save({"student": FakeEngine(400_000)}, 2, {"step": 2})  # 600 kB of 1 MiB: the next one cannot fit
-    with pytest.raises(CheckpointError, match=r"step 4 not written: the disk holding .* is full or nearly so "
-                                              r"\(0\.\d+ GiB free; it needs about 0\.00 GiB\).*step00000002 stays the "
-                                              r"resume point"):
+    with pytest.raises(CheckpointError, match=r"step 4 not written: the disk holding .* is full or nearly so.*"
+                                              r"\(0\.\d+ GiB free on the disk, .*; it needs about 0\.00 GiB\)"
+                                              r".*step00000002 stays the resume point"):
         ck.save({"student": FakeEngine(400_000)}, 4, {"step": 4})
     assert [s for s, _ in ck.complete_tags()] == [2] and not (ck.dir / "step00000004").exists()
     eng = FakeEngine()
@@ -228,13 +228,17 @@ def test_a_write_that_fills_the_disk_is_reported_and_leaves_nothing_partial(smal
 
 
 class DiskFullEngine(FakeEngine):
-    """Writes half of its first file, then fails as a full disk does (ENOSPC)."""
+    """Writes half of its first file, then fails as a full disk (ENOSPC) or a spent quota (EDQUOT) does."""
+
+    def __init__(self, size: int, code: int = errno.ENOSPC):
+        super().__init__(size)
+        self.code = code
 
     def save_checkpoint(self, path, tag, client_state, save_latest):
         d = Path(path) / tag
         d.mkdir(parents=True, exist_ok=True)
         (d / "model_states.pt").write_bytes(b"\0" * (self.size // 2))
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(self.code, os.strerror(self.code))
 
 
 def test_a_full_disk_without_root(tmp_path, monkeypatch):
@@ -248,8 +252,9 @@ def test_a_full_disk_without_root(tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr("ds_hybrid.checkpoint.shutil.disk_usage",
                         lambda p: real(p)._replace(free=500_000))  # 600 kB written a checkpoint, 500 kB free
-    with pytest.raises(CheckpointError, match=r"step 4 not written: the disk holding .* is full or nearly so "
-                                              r"\(0\.00 GiB free; it needs about 0\.00 GiB\).*step00000002 stays"):
+    with pytest.raises(CheckpointError, match=r"step 4 not written: the disk holding .* is full or nearly so, or "
+                                              r"the quota there is spent \(0\.00 GiB free on the disk, quotas aside: "
+                                              r".*; it needs about 0\.00 GiB\).*step00000002 stays"):
         ck.save({"student": FakeEngine(400_000)}, 4, {"step": 4})
     assert [s for s, _ in ck.complete_tags()] == [2] and not (ck.dir / "step00000004").exists()
     monkeypatch.setattr("ds_hybrid.checkpoint.shutil.disk_usage", real)  # room by the estimate; the write fails
@@ -257,6 +262,18 @@ def test_a_full_disk_without_root(tmp_path, monkeypatch):
                                               r"step00000002 stays the resume point"):
         ck.save({"student": DiskFullEngine(400_000)}, 6, {"step": 6})
     assert [s for s, _ in ck.complete_tags()] == [2] and not (ck.dir / "step00000006").exists()
+    # a spent quota (EDQUOT: Lustre/NFS user or project quotas, which disk_usage does not see), in the write or first
+    # reported by the manifest's fsync, is the same error, not a raw traceback
+    with pytest.raises(CheckpointError, match=r"step 8 not written: .*quota there is spent.*Disk quota exceeded"):
+        ck.save({"student": DiskFullEngine(400_000, errno.EDQUOT)}, 8, {"step": 8})
+
+    def quota_at_fsync(path):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr("ds_hybrid.checkpoint.write_manifest", quota_at_fsync)
+    with pytest.raises(CheckpointError, match=r"step 10 not written: .*quota there is spent.*Disk quota exceeded"):
+        ck.save({"student": FakeEngine(400_000)}, 10, {"step": 10})
+    assert [s for s, _ in ck.complete_tags()] == [2]
     eng = FakeEngine()
     assert ck.load({"student": eng}) == {"step": 2} and eng.loaded == 2
 

@@ -60,8 +60,8 @@ def check_world_size(path: Path, written_by: int | None) -> None:
     """A checkpoint resumes only in a job of as many ranks as wrote it (each rank's shard and RNG state are its own)."""
     if written_by not in (None, D.world_size()):
         raise CheckpointError(f"checkpoint {path} was written by {written_by} ranks, this job has {D.world_size()}; "
-                              "resume with the same number of ranks (or export with zero_to_fp32 and start a new "
-                              "stage)")
+                              f"resume in a job of {written_by} ranks (Slurm: --nodes times --ntasks-per-node, one "
+                              f"rank a GPU), or move {path.parent} away to start the stage again at this size")
 
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -229,9 +229,15 @@ class Checkpointer:
         check_world_size(path, info["world_size"])
         client_state: dict[str, Any] = {}
         for name, engine in engines.items():
-            _, cs = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+            loaded, cs = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+            if loaded is None:  # (DeepSpeed's answer where it found no checkpoint to load: never a silent step 0)
+                raise CheckpointError(f"checkpoint {path} is complete by its marker, but DeepSpeed loaded no {name} "
+                                      f"state from {path / name}: move {path} away to resume from the one before it")
             client_state = cs or client_state
+        if "step" not in client_state:
+            raise CheckpointError(f"checkpoint {path} holds no step count in its client state (not written by this "
+                                  f"trainer?): move {path} away to resume from the one before it")
         set_rng_state(torch.load(path / f"rng_rank{D.rank()}.pt", weights_only=True))
         return client_state
 

@@ -507,10 +507,13 @@ def _run_stage(cfg: RunConfig, stage: str, run_dir: Path, signals: _Signals, for
                 torch.cuda.current_stream().synchronize()  # another stream (teacher_overlap) may run past this
             dt = time.perf_counter() - t0
             if D.any_rank(not math.isfinite(metrics["loss"])):
+                last = ckpt.latest()
+                where = (f"The last good checkpoint is {last[1]} (step {last[0]}): a rerun resumes there" if last else
+                         "No checkpoint was written yet: a rerun starts at step 0")
                 raise NonFiniteLoss(
                     f"non-finite loss at {stage} step {step + 1} (loss={metrics['loss']}); stopped without saving. "
-                    f"The last good checkpoint is {ckpt.latest()}. Lower the learning rate (a rerun resumes there at "
-                    f"the new rate) or check the data."
+                    f"{where}. Lower {stage}.lr (and {stage}.lr_rest), or {stage}.clip, which a resume takes from the "
+                    f"run config, or check the data."
                 )
             done = step + 1
             seen += tokens_per_step

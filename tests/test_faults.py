@@ -38,7 +38,7 @@ class FakeEngine:
     def load_checkpoint(self, path, tag, load_optimizer_states, load_lr_scheduler_states):
         data = (Path(path) / tag / "model_states.pt").read_bytes()
         self.loaded = data[0]
-        return None, {"step": data[0]}
+        return str(Path(path) / tag), {"step": data[0]}
 
 
 def two_checkpoints(root: Path, size: int = 4096) -> Checkpointer:
@@ -633,3 +633,19 @@ def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4]
+
+
+def test_a_checkpoint_deepspeed_loads_nothing_from_is_an_error_not_step_0(tmp_path):
+    """DeepSpeed's load_checkpoint answers (None, None) where it finds nothing to load (files renamed by another
+    version, a tag folder emptied): the stage restarted at step 0 without a word. Now an error naming the folder."""
+    ck = two_checkpoints(tmp_path)
+
+    class LoadsNothing(FakeEngine):
+        def load_checkpoint(self, path, tag, load_optimizer_states, load_lr_scheduler_states):
+            return None, None
+
+    with pytest.raises(CheckpointError, match=r"step00000004 is complete by its marker, but DeepSpeed loaded no "
+                                              r"student state from .*: move .* away to resume from the one before it"):
+        ck.load({"student": LoadsNothing()})
+    eng = FakeEngine()
+    assert ck.load({"student": eng}) == {"step": 4} and eng.loaded == 4

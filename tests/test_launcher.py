@@ -15,7 +15,7 @@ from trainer_utils import REPO
 # select writes (under a score_ folder, as select.score=... makes it); a
 # stage appends its name to stages.log, sends the batch script SIGUSR1 (as Slurm does 10 minutes before the limit)
 # if it is $WARN_IN, notes the signal the script passes on, and finishes (DONE, exit 0) as the trainer does when the
-# warning comes after its last step (in its final evaluation or export)
+# warning comes after its last step, during its export; a stage that is $STOP_IN exits 143 (SIGTERM, checkpointed)
 PYTHON = """#!/bin/bash
 if [ "$1 $2" = "-m ds_hybrid.launch" ]; then printf '%s\\nga_s2\\nembedded\\n%s\\n%s\\n' "$OUT" "$4" \\
   "$OUT/select/ga_s2/score_recall/selection.json"; exit 0; fi
@@ -30,6 +30,7 @@ if [ "$stage" = "${WARN_IN:-}" ]; then  # then wait (up to 30 s) until the scrip
   kill -USR1 "$BATCH_PID"
   for _ in $(seq 300); do [ -s "$OUT/stage_warned.log" ] && break; sleep 0.1; done
 fi
+[ "$stage" = "${STOP_IN:-}" ] && exit 143  # stopped by a SIGTERM of its own (a preemption), checkpointed
 mkdir -p "$OUT/$stage" && touch "$OUT/$stage/DONE"
 """
 SCONTROL = """#!/bin/bash
@@ -212,3 +213,14 @@ def test_select_counts_as_done_where_the_launch_check_says_it_writes(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert lines(out / "stages.log") == ["kl"]
     assert "select: done, skipped" in p.stdout
+
+
+def test_a_stage_stopped_by_a_signal_says_it_checkpointed_and_how_to_resume(tmp_path):
+    """A stage that exits 128 + SIGTERM (a preemption's signal, no time-limit warning: no requeue) stopped where
+    nothing is unsaved: the job says so and how to resume, not "failed"; the next stages are not started."""
+    p, out = run_launcher(tmp_path, None, STOP_IN="kl")
+    assert p.returncode == 143, p.stdout + p.stderr
+    assert lines(out / "stages.log") == ["align", "kl"] and not lines(out / "requeued.log")
+    assert "stage kl stopped on a signal (exit 143) after checkpointing; resubmit this script with the same " \
+        "arguments to resume it" in p.stdout
+    assert "failed" not in p.stdout

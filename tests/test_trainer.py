@@ -214,6 +214,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path
     bad = int(m.group(1))
     good = sorted(int(c.parent.name[4:]) for c in (tmp_path / "out" / "kl" / "checkpoints").glob("step*/COMPLETE"))
     assert good and good[-1] == bad - 1  # every good step was saved (ckpt_every=1); the bad one was not
+    assert f"The last good checkpoint is {tmp_path / 'out' / 'kl' / 'checkpoints'}/step{bad - 1:08d} (step {bad - 1})" \
+        in p.stderr + p.stdout and "Lower kl.lr (and kl.lr_rest), or kl.clip" in p.stderr + p.stdout
 
 
 def test_kl_init_from_must_have_the_runs_mixer_options(tmp_path, monkeypatch):

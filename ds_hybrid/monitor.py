@@ -1,7 +1,8 @@
 """What a run shows and records: TensorBoard events, metrics.jsonl, a progress bar, one log line per interval.
 
 Rank 0 writes; other ranks only log errors. The run folder also gets the resolved config, package versions and the
-git commit at start (``run_info.json``), so every number can be traced to what produced it.
+git commit at start (``run_info.json``; every start and resume of a stage a line of ``runs.jsonl``), so every
+number can be traced to what produced it.
 
     tensorboard --logdir <out_dir>
 """
@@ -100,6 +101,7 @@ def drop_rows_after(path: Path, step: int) -> None:
 class Monitor:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, stage: str):
         self.run_dir = run_dir
+        self.start_step = start_step
         self.log_every = log_every
         self.stage = stage
         self.writer = None
@@ -123,12 +125,17 @@ class Monitor:
     def record_run(self, config: dict[str, Any], extra: dict[str, Any]) -> None:
         if not D.is_main():
             return
+        """This start's provenance: ``run_info.json`` and ``config.yaml`` (this run's, replaced atomically: the
+        evaluation reads them), and a line in ``runs.jsonl`` for every start and resume of the stage (a resumed run's
+        record would otherwise replace the ones before it: their commits, versions and hosts)."""
         info = {"stage": self.stage, "versions": versions(), "git_commit": git_commit(), "world_size": D.world_size(),
                 "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
-        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+        atomic_write_text(self.run_dir / "run_info.json", json.dumps(info, indent=1, default=str))
+        with open(self.run_dir / "runs.jsonl", "a") as f:
+            f.write(json.dumps({"start_step": self.start_step, **info, "config": config}, default=str) + "\n")
         import yaml
 
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not D.is_main():

@@ -319,7 +319,7 @@ def set_aside_finished_run(run_dir: Path) -> Path:
         n += 1
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
     dest.mkdir(parents=True)
-    for name in (DONE, "checkpoints", "metrics.jsonl", "tensorboard", "run_info.json"):
+    for name in (DONE, "checkpoints", "metrics.jsonl", "tensorboard", "run_info.json", "runs.jsonl", "config.yaml"):
         if (run_dir / name).exists():
             os.replace(run_dir / name, dest / name)
     log.warning("--force: the finished run's DONE, checkpoints and logs moved to %s; rerunning from step 0", dest)

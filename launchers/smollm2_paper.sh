@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # docs/RESULTS.md's comparison, as a sequence of short resumable steps (each < 10 minutes on one H100/H200).
-# Rerun the same command after any interruption: finished steps are skipped, a stage resumes from its checkpoint.
+# Rerun the same command after any interruption: finished training steps are skipped, a stage resumes from its
+# checkpoint; the eval and bench steps run again whole each time.
 #
 #   launchers/smollm2_paper.sh              # everything, in order
 #   launchers/smollm2_paper.sh kl_ga_s2_4   # one step (names below)

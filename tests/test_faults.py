@@ -612,6 +612,7 @@ def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp
 
     def log(start: int, steps: range, torn: bool = False) -> None:
         m = Monitor(run_dir, 10, start, 1, "kl")
+        m.record_run({"seed": start}, {"total_steps": 10})
         for k in steps:
             m.scalars(k, {"loss": float(k)})
             if k % 2 == 0:
@@ -633,6 +634,12 @@ def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4]
+    # every start's provenance kept (runs.jsonl), the latest as run_info.json and config.yaml
+    runs = [json.loads(x) for x in (run_dir / "runs.jsonl").read_text().splitlines()]
+    assert [(r["start_step"], r["config"]) for r in runs] == [(0, {"seed": 0}), (0, {"seed": 0}), (2, {"seed": 2}),
+                                                              (4, {"seed": 4})]
+    assert json.loads((run_dir / "run_info.json").read_text())["total_steps"] == 10 and "git_commit" in runs[-1]
+    assert (run_dir / "config.yaml").read_text() == "seed: 4\n"
 
 
 def test_a_checkpoint_deepspeed_loads_nothing_from_is_an_error_not_step_0(tmp_path):

@@ -346,8 +346,21 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     check_env_knobs()
     pin_hub_commit(cfg)  # (a hub dataset: the commit this run reads, the same in every stage and resume)
     run_dir = cfg.stage_dir(stage)
+    finished = finished_on_main(run_dir)
+    if finished and not force:
+        log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+        return run_dir
+    t_start = time.perf_counter()
+    auto_micro = cfg.stage(stage).micro_batch == "auto"  # (make_context resolves it)
+    ctx = make_context(cfg, stage)  # (the run config checked: a bad one is refused before anything is written)
+    runner = stage_class(stage)(ctx)
+    runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     with stage_held(run_dir, stage):
-        return _run_stage(cfg, stage, run_dir, signals, force, restart, data_tokens)
+        if finished and restart:  # --force: a fresh run, not a resume from the finished one's end
+            if D.is_main():
+                set_aside_finished_run(run_dir)
+            D.barrier()
+        return _run_stage(ctx, runner, run_dir, signals, restart, data_tokens, t_start, auto_micro)
 
 
 def stage_held(run_dir: Path, stage: str):
@@ -367,24 +380,11 @@ def stage_held(run_dir: Path, stage: str):
     return held(path, busy, cannot_lock=None)
 
 
-def _run_stage(cfg: RunConfig, stage: str, run_dir: Path, signals: _Signals, force: bool, restart: bool,
-               data_tokens: int | None) -> Path:
+def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_Signals], restart: bool,
+               data_tokens: int | None, t_start: float, auto_micro: bool) -> Path:
     """run_stage's work, with the stage's run folder held."""
-    finished = finished_on_main(run_dir)
-    if finished and not force:
-        log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
-        return run_dir
-    if finished and restart:  # --force: a fresh run, not a resume from the finished one's end
-        if D.is_main():
-            set_aside_finished_run(run_dir)
-        D.barrier()
-    t_start = time.perf_counter()
+    cfg, stage, s = ctx.cfg, ctx.stage, ctx.s
     phase_s: dict[str, float] = {}  # where a run's wall time goes (a probe's fixed cost: docs/SELECT.md)
-    auto_micro = cfg.stage(stage).micro_batch == "auto"
-    ctx = make_context(cfg, stage)
-    s = ctx.s
-    runner = stage_class(stage)(ctx)
-    runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     torch.manual_seed(cfg.seed)
 
     streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.wait_for_main,

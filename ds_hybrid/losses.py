@@ -165,7 +165,7 @@ def reference_kl_ce(h_s, w_s, h_t, w_t, kl_mask, labels, temperature=1.0, kl_wei
         log_pt = F.log_softmax(zt / temperature, -1)
         kl_tok = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature**2 * kl_mask
         loss = loss + kl_weight * kl_tok.sum() / kl_mask.sum()
-    if ce_weight and labels is not None:
+    if ce_weight and labels is not None and bool((labels != -100).any()):  # (no label: no CE term, as the real paths)
         valid = labels != -100
         ce = F.cross_entropy(zs[valid], labels[valid], reduction="mean")
         loss = loss + ce_weight * ce

@@ -432,6 +432,12 @@ def fused_linear_loss(
         raise ValueError(f"chunk={chunk}: give the tokens per chunk as a positive number (1024 is the default)")
     if w_s.dtype != h_s.dtype:
         raise TypeError(f"h_s is {h_s.dtype} but w_s is {w_s.dtype}; use one dtype (bf16 or fp32)")
+    if h_t is not None and (w_t is None or w_t.shape != w_s.shape or h_t.shape != h_s.shape):
+        # (the kernel reads the teacher's logits with the student's row pitch and vocabulary: another shape would
+        # be read misaligned or past its end, where the reference path raises)
+        raise ValueError(f"teacher h_t {tuple(h_t.shape)} / w_t {None if w_t is None else tuple(w_t.shape)} must "
+                         f"match the student's h_s {tuple(h_s.shape)} / w_s {tuple(w_s.shape)} (one vocabulary, one "
+                         "hidden size, one row per token)")
     if dw_chunk is not None and (dw_chunk < chunk or dw_chunk % chunk):
         raise ValueError(f"dw_chunk={dw_chunk}: tokens per dW GEMM must be a multiple of chunk={chunk} (e.g. "
                          f"{2 * chunk}), or None")

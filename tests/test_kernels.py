@@ -314,6 +314,33 @@ def test_dw_chunk_is_checked():
         fused_linear_loss(hs.float(), ws.float(), ht.float(), wt.float(), mask, chunk=8, dw_chunk=16, in_place=False)
 
 
+def test_a_teacher_of_another_shape_is_refused_not_read_misaligned():
+    """The kernel reads the teacher's logits with the student's row pitch and vocabulary: a teacher head of another
+    vocabulary (or hidden states of other rows) gave a loss from misaligned memory; now an error, as the torch path
+    raises."""
+    hs, ws, ht, wt, mask, _ = inputs(20, 8, 100, seed=3)
+    wider = torch.randn(128, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"teacher h_t \(20, 8\) / w_t \(128, 8\) must match the student's"):
+        fused_linear_loss(hs.float(), ws.float(), ht.float(), wider.float(), mask, chunk=8)
+    with pytest.raises(ValueError, match=r"teacher h_t \(19, 8\)"):
+        fused_linear_loss(hs.float(), ws.float(), ht[:19].float(), wt.float(), mask, chunk=8)
+    with pytest.raises(RuntimeError):
+        chunked_linear_loss(hs.float(), ws.float(), ht.float(), wider.float(), mask, chunk=8)
+
+
+def test_the_reference_has_no_ce_term_where_no_token_has_a_label():
+    """reference_kl_ce (what the kernels are checked against) gave NaN with every label -100 (a mean over nothing);
+    the real paths give the KL alone, and so does the reference now."""
+    hs, ws, ht, wt, mask, _ = inputs(6, 8, 50, seed=4)
+    none = torch.full((6,), -100)
+    kl_only, _ = reference_kl_ce(hs, ws, ht, wt, mask.double(), None, 1.0, 1.0, 0.0)
+    loss, _ = reference_kl_ce(hs, ws, ht, wt, mask.double(), none, 1.0, 1.0, 0.5)
+    assert torch.isfinite(loss) and float(loss) == float(kl_only)
+    fused, _ = fused_linear_loss(hs.float(), ws.float(), ht.float(), wt.float(), mask, labels=none, ce_weight=0.5,
+                                 chunk=4)
+    assert float(fused) == pytest.approx(float(kl_only), rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, True), (torch.float32, True), (torch.float64, False)])
 def test_in_place_is_the_default_where_dz_fits(monkeypatch, dtype, expected):
     """By default each chunk's dz goes over its logits wherever it fits (bf16/fp32 inputs, the training path) and into

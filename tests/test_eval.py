@@ -394,6 +394,9 @@ def test_a_multimodal_gemma3_folder_is_evaluated_as_its_text_model(tmp_path, cap
     assert info["teacher"]["num_layers"] == info["text"]["num_layers"] == cfg.num_hidden_layers == 3
     assert info["teacher"]["max_length"] == info["text"]["max_length"] == cfg.max_position_embeddings == 131072
     assert info["teacher"]["tokenizer"] == info["text"]["tokenizer"]
+    # parameters: the multimodal folder's all, and its language model's, which are the extracted text model's
+    assert info["teacher"]["text_params"] == info["text"]["params"] < info["teacher"]["params"]
+    assert "text_params" not in info["text"]
     # recall: the same prompts, the same greedy answers (not empty: a mute pair would agree on anything)
     samples = {m: [json.loads(x) for x in (out / f"samples_{m}.jsonl").read_text().splitlines()]
                for m in ("teacher", "text")}

@@ -110,6 +110,10 @@ def describe(model) -> dict:
     cfg = model.config
     d = {"model_type": cfg.model_type, "num_layers": text_config(model).num_hidden_layers,
          "params": sum(p.numel() for p in model.parameters())}
+    if text_config(model) is not cfg:  # a multimodal model: its language model's (what a hybrid made from it has)
+        lm = model.get_decoder()
+        head = model.get_output_embeddings()
+        d["text_params"] = sum(p.numel() for p in {id(p): p for p in [*lm.parameters(), *head.parameters()]}.values())
     if cfg.model_type == "ds_hybrid":
         d.update(softmax_layers=cfg.softmax_layers, mixer=cfg.mixer, mixer_options=cfg.mixer_options)
     return d

@@ -46,7 +46,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}
 TEXT_FILES_PER_UNIT = 256
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: training documents that repeat a held-out one are left out (tokencache.doc_hash)
 DATA_SOURCE = "data"  # the source name of a user corpus (one source)
 
 Shards = list[tuple[str, np.ndarray]]  # (source, token shard)
@@ -450,7 +450,10 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
                             "documents": sum(r["documents"] for r in rs),
                             "train_tokens": sum(r["train_tokens"] for r in rs),
                             "val_tokens": sum(r["val_tokens"] for r in rs),
-                            "val_documents": sum(r["val_documents"] for r in rs)} for s, rs in used.items()}}
+                            "val_documents": sum(r["val_documents"] for r in rs),
+                            # training documents left out as copies of held-out ones (tokencache.doc_hash)
+                            "duplicates_of_held_out": sum(r.get("duplicates", 0) for r in rs)}
+                        for s, rs in used.items()}}
     commits = {u.revision for us in units.values() for u in us if u.revision}
     if commits:  # a hub dataset: the commit its tokens came from (data.revision, or what the default branch was at)
         meta["hub"] = {"config": cfg.hub_config, "revision": cfg.revision, "commit": commits.pop()}

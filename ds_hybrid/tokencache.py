@@ -194,6 +194,8 @@ class UnitResult:
     seconds: float = 0.0
     worker: int = field(default_factory=os.getpid)
     itemsize: int = 0  # bytes per token id in the shards (0 in markers written before it was recorded: not checked)
+    duplicates: int = 0  # documents left out of training as copies of held-out ones (doc_hash)
+    val_hashes: list[str] = field(default_factory=list)  # the doc_hash of each document this unit holds out
 
 
 def val_share(val_tokens: int, n_sources: int) -> int:
@@ -207,39 +209,87 @@ def is_held_out(seed: int, source: str, unit: int, i: int) -> bool:
     return int.from_bytes(digest[:4], "little") % VAL_EVERY == 0
 
 
+def doc_hash(text: str) -> str:
+    """A document's identity up to case and whitespace (16 hex digits): a training document with the hash of a
+    held-out one is a copy of it (a file duplicated in a user's corpus, a boilerplate page) and is left out of
+    training, so that the held-out scores are on text never trained on."""
+    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).hexdigest()
+
+
+def held_out_documents(unit: Unit, tokenizer, add_eos: bool, val_quota: int, split_seed: int,
+                       max_documents: int | None = None) -> dict[int, str]:
+    """The documents of ``unit`` that it holds out ({position: text}): candidates (:func:`is_held_out`) in order
+    while the unit's ``val_quota`` of tokens (each document's, and its end-of-document token under ``add_eos``) is
+    not met. Only candidates are tokenized, and the reading stops once the quota is met. The split's one rule: the
+    token cache and the evaluation's held-out rows (``ds_hybrid.corpus.held_out_documents``) both read it here."""
+    held: dict[int, str] = {}
+    got = 0
+    eos = int(add_eos and getattr(tokenizer, "eos_token_id", None) is not None)
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> bool:
+        nonlocal got
+        ids = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        for (i, text), x in zip(batch, ids):
+            if got >= val_quota:
+                break
+            held[i] = text
+            got += len(x) + eos
+        batch.clear()
+        return got >= val_quota
+
+    for i, text in enumerate(iter_documents(unit)):
+        if max_documents is not None and i >= max_documents:
+            break
+        if is_held_out(split_seed, unit.source, unit.index, i):
+            batch.append((i, text))
+            if len(batch) >= BATCH_DOCS and flush():
+                return held
+    if batch:
+        flush()
+    return held
+
+
 def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool, val_quota: int, split_seed: int,
-                  max_documents: int | None = None) -> UnitResult:
-    """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last."""
+                  max_documents: int | None = None, held_out_hashes: frozenset[str] = frozenset()) -> UnitResult:
+    """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last. The unit
+    holds out the documents :func:`held_out_documents` finds; a training document that repeats one of them, or one
+    of ``held_out_hashes`` (the held-out documents of the units before), is left out (counted as ``duplicates``)."""
     t0 = time.perf_counter()
     d = Path(out_dir) / unit.source
     d.mkdir(parents=True, exist_ok=True)
     res = UnitResult(unit.source, unit.index, fingerprint=unit.fingerprint(), itemsize=np.dtype(dtype).itemsize)
     tmp = {s: d / f".{unit.name}.{s}.bin.{os.getpid()}" for s in ("train", "val")}
     eos = tokenizer.eos_token_id if add_eos else None
+    held = held_out_documents(unit, tokenizer, add_eos, val_quota, split_seed, max_documents) if val_quota > 0 else {}
+    res.val_hashes = [doc_hash(t) for t in held.values()]
+    repeats = set(held_out_hashes) | set(res.val_hashes)
     try:
         with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
-            batch: list[str] = []
+            batch: list[tuple[bool, str]] = []
 
             def flush() -> None:
-                ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-                for x in ids:
+                ids = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+                for (is_val, _), x in zip(batch, ids):
                     if eos is not None:
                         x = x + [eos]
                     arr = np.asarray(x, dtype=dtype)
-                    held = val_quota > res.val_tokens and is_held_out(split_seed, unit.source, unit.index, res.documents)
-                    (fval if held else ftrain).write(arr.tobytes())
-                    if held:
+                    (fval if is_val else ftrain).write(arr.tobytes())
+                    if is_val:
                         res.val_tokens += len(arr)
                         res.val_documents += 1
                     else:
                         res.train_tokens += len(arr)
-                    res.documents += 1
                 batch.clear()
 
-            for text in iter_documents(unit):
-                if max_documents is not None and res.documents + len(batch) >= max_documents:
+            for i, text in enumerate(iter_documents(unit)):
+                if max_documents is not None and i >= max_documents:
                     break
-                batch.append(text)
+                res.documents += 1
+                if i not in held and repeats and doc_hash(text) in repeats:
+                    res.duplicates += 1
+                    continue
+                batch.append((i in held, text))
                 if len(batch) >= BATCH_DOCS:
                     flush()
             if batch:
@@ -285,7 +335,7 @@ def done_marker(out_dir: Path, unit: Unit) -> dict | None:
 
 def _claim_and_tokenize(args) -> UnitResult | None:
     """Worker entry: lock the unit (another process may be on it), skip it if done, else tokenize it."""
-    unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents = args
+    unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents, held_out_hashes = args
     d = Path(out_dir) / unit.source
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{unit.name}.lock", "w") as lock:
@@ -302,7 +352,8 @@ def _claim_and_tokenize(args) -> UnitResult | None:
                 stale.unlink(missing_ok=True)
             if done_marker(Path(out_dir), unit) is not None:
                 return None
-            return tokenize_unit(unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents)
+            return tokenize_unit(unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents,
+                                 held_out_hashes)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -359,7 +410,9 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     """Tokenize, per source, the shortest prefix of its units that holds ``val_tokens[source]`` held-out tokens and
     ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per source, the done markers of
     that prefix. Held-out documents come from the first units, one at a time (a unit's share depends on what the
-    units before it held out); the units after them are tokenized ``num_proc`` at a time."""
+    units before it held out); the units after them are tokenized ``num_proc`` at a time, once every source's
+    held-out documents are known: a training document that repeats one of them is left out (:func:`doc_hash`; the
+    held-out units of sources tokenized side by side see only their own and those of the units done before)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, list[dict]] = {}
@@ -371,20 +424,27 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     try:
         while True:
             jobs, rescan = [], False
-            for source in units:
-                got, val_left, first = scan(source)
+            scans = {source: scan(source) for source in units}
+            # the held-out documents of every source's done units: a training document that repeats one is left
+            # out; so every source's held-out units come first, before any unit that holds none out
+            held_out = frozenset(h for got, _, _ in scans.values() for rec in got for h in rec.get("val_hashes", ()))
+            holding_out = any(first is not None and val_left for _, val_left, first in scans.values())
+            for source, (got, val_left, first) in scans.items():
                 if first is None:
                     used[source] = got
                     continue
                 if val_left:  # this unit holds out documents: alone, its share depends on the units before it
                     wave = [(units[source][first], val_left)]
+                elif holding_out:
+                    continue  # (after the other sources' held-out units: their documents are not known yet)
                 else:
                     wave = [(u, 0) for u in units[source][first:first + max(1, num_proc)]
                             if done_marker(out_dir, u) is None]
                 # (empty: another job sharing the cache finished these units since the scan: scan again, since
                 # this source's prefix is not known yet)
                 rescan = rescan or not wave
-                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents) for u, q in wave]
+                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents, held_out)
+                         for u, q in wave]
             if not jobs:
                 if rescan:
                     continue

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -670,6 +671,37 @@ def test_a_large_text_file_is_read_as_documents_at_paragraph_breaks(tmp_path, to
     assert streams.meta["val_tokens"] > 0 and streams.meta["train_tokens"] > streams.meta["val_tokens"]
 
 
+def test_a_training_document_that_repeats_a_held_out_one_is_left_out(tmp_path, tok):
+    """A user's corpus with copies (a file duplicated, boilerplate): a held-out document's copies, case and whitespace
+    aside, in the unit that holds it out (before and after it) and in later units, are left out of training and
+    counted, so the held-out scores are on text never trained on; the held-out documents are the ones the split
+    chose without them, and a corpus without copies gives the same tokens as before."""
+    from ds_hybrid.tokencache import held_out_documents
+
+    folder = write_jsonl(tmp_path / "jl", 6, 40, 30)
+    cfg = data_cfg(folder, tmp_path / "clean", val_tokens=3000)
+    clean = prepare_streams(cfg, tok)
+    assert clean.meta["sources"][DATA_SOURCE]["duplicates_of_held_out"] == 0
+    first = units_for(cfg)[DATA_SOURCE][0]
+    held = held_out_documents(first, tok, False, 3000 // 1, 1234)
+    docs = list(iter_documents(first))
+    picked = [docs[i] for i in sorted(held)[:2]]  # two held-out documents of the first unit
+    assert picked and clean.meta["val_documents"] >= 2
+    copies = tmp_path / "copies"
+    shutil.copytree(folder, copies)
+    with open(copies / "shard000.jsonl", "a") as f:  # after them in their own unit, one with other case and spacing
+        f.write(json.dumps({"text": "  " + picked[0].upper().replace(" ", "\n ")}) + "\n")
+    with open(copies / "shard005.jsonl", "a") as f:  # and in a later unit, twice
+        for text in (picked[1], picked[1]):
+            f.write(json.dumps({"text": text}) + "\n")
+    dup = prepare_streams(data_cfg(copies, tmp_path / "dup", val_tokens=3000), tok)
+    assert dup.meta["sources"][DATA_SOURCE]["duplicates_of_held_out"] == 3
+    assert dup.meta["val_digest"] == clean.meta["val_digest"]  # the same held-out documents
+    assert dup.meta["train_tokens"] == clean.meta["train_tokens"]  # and not one token of their copies trained on
+    train = np.concatenate([a for _, a in dup.train])
+    assert np.array_equal(train, np.concatenate([a for _, a in clean.train]))
+
+
 def test_gzipped_text_is_read_through_gzip(tmp_path):
     import gzip
 
@@ -929,7 +961,8 @@ def test_a_cache_dir_without_file_locks_is_refused_by_name(tmp_path, tok, monkey
     jl = write_jsonl(tmp_path / "jl", 1, 4, 5)
     unit = units_for(data_cfg(jl, tmp_path))[DATA_SOURCE][0]
     with pytest.raises(ConfigError, match=r"^data\.cache_dir=.*cannot lock .*Function not implemented.*-o flock"):
-        tokencache._claim_and_tokenize((unit, tok, str(tmp_path / "cache"), np.dtype("uint16"), False, 100, 0, None))
+        tokencache._claim_and_tokenize((unit, tok, str(tmp_path / "cache"), np.dtype("uint16"), False, 100, 0, None,
+                                         frozenset()))
 
 
 def test_a_budget_larger_than_the_corpus_is_warned_of_with_its_passes(caplog):

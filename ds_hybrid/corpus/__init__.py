@@ -168,7 +168,8 @@ def held_out_documents(tokenizer=None, val_tokens: int | None = None, split_seed
     ``val_tokens`` from its candidates, counted with ``tokenizer``: default the embedded teacher's; ``add_eos``:
     with the end-of-document token each document then carries, which fills the share sooner)."""
     from ds_hybrid.config import DataConfig
-    from ds_hybrid.tokencache import Unit, is_held_out, iter_documents, val_share
+    from ds_hybrid.tokencache import Unit, val_share
+    from ds_hybrid.tokencache import held_out_documents as held_out_of_unit
 
     default = DataConfig()
     val_tokens = default.val_tokens if val_tokens is None else val_tokens
@@ -180,17 +181,11 @@ def held_out_documents(tokenizer=None, val_tokens: int | None = None, split_seed
         from ds_hybrid.teacher import load_tokenizer
 
         tokenizer = load_tokenizer("embedded")
-    eos = int(add_eos and getattr(tokenizer, "eos_token_id", None) is not None)  # (as tokencache appends it)
     for name, info in sources.items():
-        if info["register"] not in registers:
-            continue
-        got = 0
-        for i, text in enumerate(iter_documents(Unit(name, 0, "docs", (str(path / f"{name}.jsonl.gz"),)))):
-            if got >= quota:
-                break
-            if is_held_out(split_seed, name, 0, i):
+        if info["register"] in registers:
+            unit = Unit(name, 0, "docs", (str(path / f"{name}.jsonl.gz"),))
+            for text in held_out_of_unit(unit, tokenizer, add_eos, quota, split_seed).values():
                 yield name, text
-                got += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
 
 
 def python_docs_files() -> list[Path]:

@@ -65,12 +65,15 @@ def held(path: Path, busy: Callable[[str], Refusal], cannot_lock: Callable[[OSEr
             else:
                 refusal = cannot_lock(e)
         else:
-            f.seek(0)
-            f.truncate()
-            f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
-            f.flush()
-            os.fsync(f.fileno())  # (a copy on another node reads who holds it)
+            try:  # (who holds it, for a second copy's message: a full disk here must not end this rank alone)
+                f.seek(0)
+                f.truncate()
+                f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+                f.flush()
+                os.fsync(f.fileno())  # (a copy on another node reads who holds it)
+            except OSError as e:
+                log.warning("could not write who holds %s (%s); the lock is held", path, e)
     refusal = D.broadcast_object(refusal)  # (every rank reaches this, whatever the main rank met)
     if refusal is not None:
         raise ConfigError(*refusal)

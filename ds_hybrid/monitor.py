@@ -75,11 +75,11 @@ def peak_tflops(configured: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def drop_rows_after(path: Path, step: int) -> None:
+def drop_rows_after(path: Path, step: int, val_at_step: bool = False) -> None:
     """Rewrite the metrics file ``path`` (atomically) without the rows a run resumed at ``step`` logs again: those of
-    later steps, the held-out rows at ``step`` itself (scored again at a resume: the stopped run may have skipped
-    them), and a torn last line (no newline: a run killed, or a full disk, mid-write; the resumed run's first row
-    would be glued onto it). ``step`` -1: every row (a run that starts at step 0 again)."""
+    later steps, with ``val_at_step`` the held-out rows at ``step`` itself (the resumed run scores them again), and a
+    torn last line (no newline: a run killed, or a full disk, mid-write; the resumed run's first row would be glued
+    onto it). ``step`` -1: every row (a run that starts at step 0 again)."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -89,7 +89,8 @@ def drop_rows_after(path: Path, step: int) -> None:
     for line in lines:
         try:
             row = json.loads(line)
-            again = int(row.get("step", 0)) > step or (int(row.get("step", 0)) == step and row.get("split") == "val")
+            at = int(row.get("step", 0))
+            again = at > step or (val_at_step and at == step and row.get("split") == "val")
         except (ValueError, TypeError, AttributeError):
             again = False  # (a line no run of ours writes: kept as it is)
         if not again:
@@ -99,7 +100,11 @@ def drop_rows_after(path: Path, step: int) -> None:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, stage: str):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_every: int, stage: str,
+                 scores_start: bool = False):
+        """``scores_start``: the run logs held-out scores at ``start_step`` again (a resume at an evaluation step,
+        or at the last one): the interrupted run's rows there are dropped (TensorBoard keeps its point too: two at
+        that step)."""
         self.run_dir = run_dir
         self.start_step = start_step
         self.log_every = log_every
@@ -117,7 +122,7 @@ class Monitor:
             # before its first checkpoint) drops all of it
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step
                                         else 0)
-            drop_rows_after(run_dir / "metrics.jsonl", start_step if start_step else -1)
+            drop_rows_after(run_dir / "metrics.jsonl", start_step if start_step else -1, scores_start)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
                             disable=not sys.stderr.isatty() and os.environ.get("DS_HYBRID_PROGRESS") != "1")

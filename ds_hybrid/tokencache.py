@@ -138,11 +138,11 @@ def iter_documents(unit: Unit) -> Iterator[str]:
 def text_documents(f, limit: int = TEXT_DOCUMENT_CHARS) -> Iterator[str]:
     """A text file's documents: the whole file when it holds at most ``limit`` characters, else pieces of at most
     ``limit``, each ended at its last paragraph break in its second half (a blank line; else a line break; else cut
-    at ``limit``). A
-    large file (a book, a dump) is read a piece at a time, and its pieces are documents the held-out split can draw:
-    as one document it was all training text or all held out, and read into memory whole. The pieces concatenate
-    to the file's text."""
+    at ``limit``). A large file (a book, a dump) is read a piece at a time, and its pieces are documents the held-out
+    split can draw: as one document it was all training text or all held out, and read into memory whole. The pieces
+    concatenate to the file's text; an empty file is one empty document, as before (the split counts documents)."""
     buf = ""
+    yielded = False
     while block := f.read(limit):
         buf += block
         while len(buf) > limit:
@@ -152,8 +152,9 @@ def text_documents(f, limit: int = TEXT_DOCUMENT_CHARS) -> Iterator[str]:
             if cut < 1:
                 cut = limit
             yield buf[:cut]
+            yielded = True
             buf = buf[cut:]
-    if buf:
+    if buf or not yielded:
         yield buf
 
 
@@ -209,11 +210,13 @@ def is_held_out(seed: int, source: str, unit: int, i: int) -> bool:
     return int.from_bytes(digest[:4], "little") % VAL_EVERY == 0
 
 
-def doc_hash(text: str) -> str:
+def doc_hash(text: str) -> str | None:
     """A document's identity up to case and whitespace (16 hex digits): a training document with the hash of a
     held-out one is a copy of it (a file duplicated in a user's corpus, a boilerplate page) and is left out of
-    training, so that the held-out scores are on text never trained on."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).hexdigest()
+    training, so that the held-out scores are on text never trained on. None for an empty or blank document (no text
+    to leak: blank training documents are never left out for a blank held-out one)."""
+    norm = " ".join(text.lower().split())
+    return hashlib.blake2b(norm.encode(), digest_size=8).hexdigest() if norm else None
 
 
 def held_out_documents(unit: Unit, tokenizer, add_eos: bool, val_quota: int, split_seed: int,
@@ -262,7 +265,7 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
     tmp = {s: d / f".{unit.name}.{s}.bin.{os.getpid()}" for s in ("train", "val")}
     eos = tokenizer.eos_token_id if add_eos else None
     held = held_out_documents(unit, tokenizer, add_eos, val_quota, split_seed, max_documents) if val_quota > 0 else {}
-    res.val_hashes = [doc_hash(t) for t in held.values()]
+    res.val_hashes = [h for h in map(doc_hash, held.values()) if h is not None]
     repeats = set(held_out_hashes) | set(res.val_hashes)
     try:
         with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
@@ -411,8 +414,8 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per source, the done markers of
     that prefix. Held-out documents come from the first units, one at a time (a unit's share depends on what the
     units before it held out); the units after them are tokenized ``num_proc`` at a time, once every source's
-    held-out documents are known: a training document that repeats one of them is left out (:func:`doc_hash`; the
-    held-out units of sources tokenized side by side see only their own and those of the units done before)."""
+    held-out documents are known: a training document that repeats one of them is left out (:func:`doc_hash`; a
+    held-out unit sees its own source's held-out documents only)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, list[dict]] = {}
@@ -427,7 +430,9 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
             scans = {source: scan(source) for source in units}
             # the held-out documents of every source's done units: a training document that repeats one is left
             # out; so every source's held-out units come first, before any unit that holds none out
-            held_out = frozenset(h for got, _, _ in scans.values() for rec in got for h in rec.get("val_hashes", ()))
+            own = {source: frozenset(h for rec in got for h in rec.get("val_hashes", ()))
+                   for source, (got, _, _) in scans.items()}
+            held_out = frozenset().union(*own.values())
             holding_out = any(first is not None and val_left for _, val_left, first in scans.values())
             for source, (got, val_left, first) in scans.items():
                 if first is None:
@@ -443,8 +448,10 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
                 # (empty: another job sharing the cache finished these units since the scan: scan again, since
                 # this source's prefix is not known yet)
                 rescan = rescan or not wave
-                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents, held_out)
-                         for u, q in wave]
+                # (a held-out unit: its own source's earlier held-out documents only, so that its tokens do not
+                # depend on which other sources' units a build, or an interrupted one, had done by then)
+                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents,
+                          own[source] if val_left else held_out) for u, q in wave]
             if not jobs:
                 if rescan:
                     continue

@@ -356,6 +356,10 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     runner = stage_class(stage)(ctx)
     runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     with stage_held(run_dir, stage):
+        finished = finished_on_main(run_dir)  # (again: a copy that held the lock until now may have finished it)
+        if finished and not force:
+            log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+            return run_dir
         if finished and restart:  # --force: a fresh run, not a resume from the finished one's end
             if D.is_main():
                 set_aside_finished_run(run_dir)
@@ -465,7 +469,9 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                             stage, was)
 
         total = ctx.total_steps
-        monitor = Monitor(run_dir, total, start, s.log_every, stage)
+        # a resume at an evaluation step scores it again below; one at the last step runs the final evaluation again
+        rescore = bool(start) and (start == total or bool(s.eval_every) and start % s.eval_every == 0)
+        monitor = Monitor(run_dir, total, start, s.log_every, stage, scores_start=rescore)
         monitor.record_run(cfg.to_dict(), {"softmax_layers": ctx.softmax_layers, "total_steps": total,
                                            "data": with_hub_request(streams.meta, cfg),
                                            "data_cache": str(streams.path),
@@ -485,7 +491,7 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
             t0 = time.perf_counter()
             monitor.scalars(0, held_out(runner, val_rows), prefix="val")
             phase_s["first_eval"] = time.perf_counter() - t0
-        elif start and s.eval_every and start % s.eval_every == 0 and start != total:
+        elif rescore and start != total:
             # a resume at an evaluation step: a stop there skipped its score (Monitor dropped any row of it)
             monitor.scalars(start, held_out(runner, val_rows), prefix="val")
         t_train = time.perf_counter()

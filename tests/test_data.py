@@ -663,6 +663,7 @@ def test_a_large_text_file_is_read_as_documents_at_paragraph_breaks(tmp_path, to
     lines = "abcdefghi\n" * 10  # no blank line: cut after a line break in the second half
     assert list(text_documents(io.StringIO(lines), limit=25)) == ["abcdefghi\n" * 2] * 5
     assert list(text_documents(io.StringIO("x" * 60), limit=25)) == ["x" * 25, "x" * 25, "x" * 10]
+    assert list(text_documents(io.StringIO(""))) == [""]  # an empty file is one (empty) document, as it was
 
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "book.txt").write_text(book)
@@ -700,6 +701,10 @@ def test_a_training_document_that_repeats_a_held_out_one_is_left_out(tmp_path, t
     assert dup.meta["train_tokens"] == clean.meta["train_tokens"]  # and not one token of their copies trained on
     train = np.concatenate([a for _, a in dup.train])
     assert np.array_equal(train, np.concatenate([a for _, a in clean.train]))
+    # a blank document has no identity: blank training documents stay whatever the held-out ones are
+    from ds_hybrid.tokencache import doc_hash
+
+    assert doc_hash(" \n\t") is None and doc_hash("A  b") == doc_hash("a\nB ")
 
 
 def test_gzipped_text_is_read_through_gzip(tmp_path):

@@ -601,17 +601,17 @@ def test_a_second_copy_of_a_running_stage_is_refused(tmp_path):
 
 def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp_path):
     """metrics.jsonl and TensorBoard on a resume: a run killed before its first checkpoint restarts at step 0 and its
-    earlier rows go (they were logged twice); a resume at step k drops later rows and the held-out rows at k (scored
-    again: a stop at an evaluation step skipped them); a torn last line (killed, or a full disk, mid-write) is dropped
-    rather than glued to the resumed run's first row."""
+    earlier rows go (they were logged twice); a resume at step k drops later rows, and the held-out rows at k where the
+    trainer scores k again (an evaluation step: a stop there skipped them), else keeps them; a torn last line
+    (killed, or a full disk, mid-write) is dropped rather than glued to the resumed run's first row."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ds_hybrid.monitor import Monitor
 
     run_dir = tmp_path / "kl"
 
-    def log(start: int, steps: range, torn: bool = False) -> None:
-        m = Monitor(run_dir, 10, start, 1, "kl")
+    def log(start: int, steps: range, torn: bool = False, scores_start: bool = False) -> None:
+        m = Monitor(run_dir, 10, start, 1, "kl", scores_start=scores_start)
         m.record_run({"seed": start}, {"total_steps": 10})
         for k in steps:
             m.scalars(k, {"loss": float(k)})
@@ -628,9 +628,9 @@ def test_a_resumed_run_logs_each_step_once_whatever_the_interrupted_one_left(tmp
     log(0, range(0, 4), torn=True)  # killed before its first checkpoint
     log(0, range(0, 3))  # started again at step 0
     assert rows() == [(0, "train"), (0, "val"), (1, "train"), (2, "train"), (2, "val")]
-    log(2, range(3, 6), torn=True)  # resumed at step 2 (a checkpoint there), stopped after step 5, torn
-    log(4, [])  # resumed at step 4: the trainer scores val at 4 again
-    assert rows() == [(0, "train"), (0, "val"), (1, "train"), (2, "train"), (3, "train"), (4, "train")]
+    log(2, range(3, 6), torn=True)  # resumed at step 2 (not scored again there), stopped after step 5, torn
+    log(4, [], scores_start=True)  # resumed at step 4, an evaluation step: the trainer scores val at 4 again
+    assert rows() == [(0, "train"), (0, "val"), (1, "train"), (2, "train"), (2, "val"), (3, "train"), (4, "train")]
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4]

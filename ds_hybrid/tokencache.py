@@ -228,28 +228,12 @@ def held_out_documents(unit: Unit, tokenizer, add_eos: bool, val_quota: int, spl
     held: dict[int, str] = {}
     got = 0
     eos = int(add_eos and getattr(tokenizer, "eos_token_id", None) is not None)
-    batch: list[tuple[int, str]] = []
-
-    def flush() -> bool:
-        nonlocal got
-        ids = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
-        for (i, text), x in zip(batch, ids):
-            if got >= val_quota:
-                break
-            held[i] = text
-            got += len(x) + eos
-        batch.clear()
-        return got >= val_quota
-
     for i, text in enumerate(iter_documents(unit)):
-        if max_documents is not None and i >= max_documents:
+        if got >= val_quota or (max_documents is not None and i >= max_documents):
             break
-        if is_held_out(split_seed, unit.source, unit.index, i):
-            batch.append((i, text))
-            if len(batch) >= BATCH_DOCS and flush():
-                return held
-    if batch:
-        flush()
+        if is_held_out(split_seed, unit.source, unit.index, i):  # (a candidate: 1 in VAL_EVERY, tokenized alone)
+            held[i] = text
+            got += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
     return held
 
 

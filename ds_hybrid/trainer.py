@@ -346,9 +346,13 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     check_env_knobs()
     pin_hub_commit(cfg)  # (a hub dataset: the commit this run reads, the same in every stage and resume)
     run_dir = cfg.stage_dir(stage)
-    finished = finished_on_main(run_dir)
-    if finished and not force:
-        log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+
+    def nothing_to_do(finished: bool) -> bool:
+        if finished and not force:
+            log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+        return finished and not force
+
+    if nothing_to_do(finished_on_main(run_dir)):
         return run_dir
     t_start = time.perf_counter()
     auto_micro = cfg.stage(stage).micro_batch == "auto"  # (make_context resolves it)
@@ -357,8 +361,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
     runner.check()  # e.g. the previous stage's export: refused before the corpus is tokenized
     with stage_held(run_dir, stage):
         finished = finished_on_main(run_dir)  # (again: a copy that held the lock until now may have finished it)
-        if finished and not force:
-            log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
+        if nothing_to_do(finished):
             return run_dir
         if finished and restart:  # --force: a fresh run, not a resume from the finished one's end
             if D.is_main():

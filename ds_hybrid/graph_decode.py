@@ -49,7 +49,9 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.kernels import triton_interpreted
 from ds_hybrid.modeling.decode_attention import decode_attention, fp32_out_bmm, sdpa_configs
+from ds_hybrid.modeling.mixers import LinearMixer
 from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, decode_masks, static_softmax_layer
 from ds_hybrid.stages.common import compile_backend
 
@@ -107,6 +109,17 @@ def eager_graph_refusal(model, compile: bool) -> str | None:
             "step, which CUDA graph capture refuses: load the model with attn_implementation='sdpa', compile the step "
             "(`ds-hybrid generate|bench-infer --cuda-graphs --compile`, GraphDecoder(compile=True)), or use one "
             "implementation for every layer with the ring caches on (DS_HYBRID_STATIC_RINGS unset or not 0)")
+
+
+def interpreter_graph_refusal(model) -> str | None:
+    """Why CUDA graphs cannot capture this model's decode step under Triton's interpreter (None: they can): its
+    linear-attention layers run fla's Triton kernels, which the interpreter runs on host copies of their tensors (a
+    device-to-host copy per kernel, which a capture refuses)."""
+    if not triton_interpreted() or not any(isinstance(m, LinearMixer) for m in model.modules()):
+        return None
+    return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} runs the linear-attention layers' Triton kernels "
+            "in Triton's interpreter, on host copies of their tensors, which CUDA graph capture refuses: unset it (or "
+            "set 0) to decode through CUDA graphs, or decode without them")
 
 
 def make_static_cache(model, max_len: int, rings: bool = True):
@@ -194,7 +207,7 @@ class GraphDecoder:
         self._own_masks = eager_masks_made_here(model)
         float_masks = self._ring_format == "float" or self._own_masks
         self._mask_dtype = next(model.parameters()).dtype if float_masks else None
-        refusal = eager_graph_refusal(model, compile) if self.uses_graphs else None
+        refusal = self.uses_graphs and (eager_graph_refusal(model, compile) or interpreter_graph_refusal(model))
         if refusal:
             raise ConfigError("cuda_graphs", True, refusal)
         self.compiled = bool(compile)

@@ -1,1 +1,12 @@
 """Triton kernels of ds-hybrid, shipped as ``ds_hybrid.kernels`` (the repository folder is kernels/)."""
+
+from __future__ import annotations
+
+import os
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET`` read as Triton reads it: 1, true or on).
+    Interpreted kernels run on host copies of their tensors: on CPU that is the tests' way, on a GPU it is slow, and
+    a CUDA graph cannot capture it."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

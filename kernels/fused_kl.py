@@ -30,15 +30,15 @@ so tests check it against an fp64 reference on CPU.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ds_hybrid.kernels import triton_interpreted
 from ds_hybrid.losses import LossStats
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = triton_interpreted()
 
 
 @triton.jit

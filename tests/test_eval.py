@@ -1295,6 +1295,8 @@ def test_a_model_named_teacher_and_unusable_swde_records_and_lengths_are_refused
     folder = tmp_path / "teacher"
     folder.mkdir()
     assert parse_models([str(folder)], "/t") == {"teacher_0": str(folder), "teacher": "/t"}  # a folder so named
+    # without --teacher, a model named teacher is the teacher's row (the GPU campaign's teacher-only evaluations)
+    assert parse_models(["teacher=/a", "h=/h"], None) == {"teacher": "/a", "h": "/h"}
     bad = tmp_path / "bad.jsonl"
     for rec, ok in (({"text": "", "value": "x"}, False), ({"text": None, "value": "x"}, False),
                     ({"text": 3, "value": "x"}, False), ({"context": "c", "key": " ", "value": "x"}, False),

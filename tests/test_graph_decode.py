@@ -10,7 +10,7 @@ from conftest import VOCAB, tiny_teacher
 
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.graph_decode import (GraphDecoder, attention_implementations, eager_graph_refusal,
-                                     eager_masks_made_here, full_kv_sliding_layers)
+                                     eager_masks_made_here, full_kv_sliding_layers, interpreter_graph_refusal)
 from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, static_tensors
 from ds_hybrid.transfer import build_hybrid
 
@@ -425,6 +425,22 @@ def test_graphs_are_refused_where_eager_masks_would_come_from_transformers(monke
     assert why and "['eager', 'sdpa']" in why and eager_graph_refusal(llama, compile=True) is None
 
 
+def test_graphs_refused_where_triton_interprets_the_linear_layers(teacher, monkeypatch):
+    """Under TRITON_INTERPRET (the CPU tests' setting) fla's kernels run on host copies, which a capture refuses: a
+    model with linear layers is refused by name, a softmax-only one is not; Triton's own spellings of 'on' count."""
+    hybrid = model_of(teacher, "gdn")
+    for on in ("1", "true", "ON"):
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        why = interpreter_graph_refusal(hybrid)
+        assert why and why.startswith(f"TRITON_INTERPRET={on} runs the linear-attention layers' Triton kernels")
+        assert interpreter_graph_refusal(teacher) is None
+    for off in ("0", "false", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        assert interpreter_graph_refusal(hybrid) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert interpreter_graph_refusal(hybrid) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0", "gla_k0_eager"])
 @pytest.mark.parametrize("compiled", [False, True])
@@ -432,6 +448,10 @@ def test_graph_replay_equals_eager_static_on_cuda(teacher, kind, compiled):
     model = model_of(teacher, kind.removesuffix("_eager")).cuda()
     if kind.endswith("_eager"):  # (the tiny teacher is eager, its hybrids sdpa: an eager all-linear step too)
         model.set_attn_implementation("eager")
+    if interpreter_graph_refusal(model):  # run with TRITON_INTERPRET=0 to capture a hybrid (the CPU tests set 1)
+        with pytest.raises(ConfigError, match="runs the linear-attention layers' Triton kernels in Triton's interpreter"):
+            GraphDecoder(model, max_len=40, cuda_graphs=True, compile=compiled)
+        return
     prompt = ids(4, 13, seed=11).cuda()
     eager = GraphDecoder(model, max_len=40).generate(prompt, max_new_tokens=16)
     graphs = GraphDecoder(model, max_len=40, cuda_graphs=True, compile=compiled)

@@ -77,10 +77,10 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
     for m in model_args:
         named = "=" in m and not Path(m).exists()
         name, path = m.split("=", 1) if named else (Path(m).resolve().name or m, m)
-        if name == "teacher" and named:
+        if name == "teacher" and named and teacher is not None:  # (without --teacher it is the teacher's row)
             raise ConfigError("--model", m, "'teacher' is the name of --teacher's row (the KL and the comparisons "
                               "read it): name this model otherwise, or give it as --teacher")
-        if name in out or name == "teacher":  # (a folder named teacher/: renamed, as duplicates are)
+        if name in out or (name == "teacher" and not named):  # (a folder named teacher/: renamed, as duplicates are)
             name = f"{name}_{len(out)}"
         out[name] = path
     if teacher is not None:

@@ -16,7 +16,6 @@ The loss function is the chunked torch reference (:mod:`ds_hybrid.losses`) or th
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 from ds_hybrid import distributed as D
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import export_hf
+from ds_hybrid.kernels import triton_interpreted
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import (HeldOut, Stage, build_teacher_engine, check_init_from, hybrid_export_groups,
@@ -107,8 +107,7 @@ class KLStage(Stage):
     def check(self) -> None:
         ctx, s = self.ctx, self.ctx.s
         check_init_from(ctx, s.init_from or self.default_init(), f"{self.name}.init_from")
-        interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")  # (as Triton reads it)
-        if s.kl_backend == "triton" and not torch.cuda.is_available() and not interpreted:
+        if s.kl_backend == "triton" and not torch.cuda.is_available() and not triton_interpreted():
             raise ConfigError(f"{self.name}.kl_backend", s.kl_backend,
                               "the Triton kernel needs a CUDA GPU and none is visible: use auto (the torch reference "
                               "on CPU) or torch; TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, slowly")

@@ -5,6 +5,7 @@ GPU lease is too dear a place to find a shell bug."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,26 @@ def campaign(tmp_path: Path, name: str, rc: int = 0, **env: str) -> list[str]:
     return [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
 
 
+def evaluations_pass_the_clis_checks(calls: str) -> int:
+    """Every `ds-hybrid eval` the campaign ran, through the real CLI's parser and the checks made before a model
+    loads (model names, lengths, tasks) -> how many: on 2026-12-07 a lease's campaign stopped at its evaluation
+    preflight, whose model name the CLI had begun to refuse."""
+    from ds_hybrid.cli import build_parser
+    from ds_hybrid.evaluation import recall
+    from ds_hybrid.evaluation.run import parse_models, positive_ints
+
+    n = 0
+    for line in calls.splitlines():
+        if "-m ds_hybrid.cli eval " in line:
+            argv = line.split("-m ds_hybrid.cli ", 1)[1].replace("--tasks  --", "--tasks '' --")  # (the log's "$*"
+            args = build_parser().parse_args(shlex.split(argv))  # drops the empty argument of `--tasks ""`)
+            parse_models(args.model, args.teacher)
+            positive_ints(args.lengths, "--lengths")
+            recall.check_tasks(recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t])
+            n += 1
+    return n
+
+
 def at(events: list[str], event: str) -> int:
     assert event in events, (event, events)
     return events.index(event)
@@ -55,6 +76,7 @@ def test_gemma_campaign_order_and_overlaps(tmp_path):
     assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3_8192 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
     assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3_quality (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
+    assert evaluations_pass_the_clis_checks(calls) == 1 + 3 * 4  # the preflight; three models at three lengths + quality
     # evaluated as in docs/RESULTS.md: 100 prompts a task and length; a hybrid's held-out KL against the teacher
     evals = [c for c in calls.splitlines() if "ds_hybrid.cli eval" in c]
     assert any("--model ga_s2_3=" in c and "--lengths 8192 --limit 100" in c for c in evals)
@@ -158,6 +180,7 @@ def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(t
         for first, second in zip(names, names[1:]):  # one chain: kl runs one after the other, evaluations beside
             assert at(ev, f"end kl_{first} rc=0") < at(ev, f"start kl_{second} (GPU {gpu})")
     calls = (tmp_path / "calls.log").read_text()
+    assert evaluations_pass_the_clis_checks(calls) == 2 + 3 * 4  # two preflights (the teacher); three hybrids
     assert f"out_dir={tmp_path}/run/kl_runs/c_8 kl.init_from={tmp_path}/run/align/hf softmax_layers=[1,2,3,4,5,6,7,8]" \
         in calls
 

@@ -1297,6 +1297,9 @@ def test_a_model_named_teacher_and_unusable_swde_records_and_lengths_are_refused
     assert parse_models([str(folder)], "/t") == {"teacher_0": str(folder), "teacher": "/t"}  # a folder so named
     # without --teacher, a model named teacher is the teacher's row (the GPU campaign's teacher-only evaluations)
     assert parse_models(["teacher=/a", "h=/h"], None) == {"teacher": "/a", "h": "/h"}
+    for bad_name in ("a b", "../up", ".hidden"):  # names go into file names (samples_<name>.jsonl)
+        with pytest.raises(ConfigError, match=r"a model's name goes into file names"):
+            parse_models([f"{bad_name}=/m"], None)
     bad = tmp_path / "bad.jsonl"
     for rec, ok in (({"text": "", "value": "x"}, False), ({"text": None, "value": "x"}, False),
                     ({"text": 3, "value": "x"}, False), ({"context": "c", "key": " ", "value": "x"}, False),

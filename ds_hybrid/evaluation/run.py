@@ -72,7 +72,8 @@ def _dtype(name: str, dev: torch.device) -> torch.dtype:
 
 
 def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
-    """['name=path', 'path', ...] (+ the teacher) -> {name: path or 'embedded'}."""
+    """['name=path', 'path', ...] (+ the teacher) -> {name: path or 'embedded'}; names that cannot name files or
+    that take the teacher's row refused."""
     out: dict[str, str] = {}
     for m in model_args:
         named = "=" in m and not Path(m).exists()
@@ -85,6 +86,10 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
         out[name] = path
     if teacher is not None:
         out["teacher"] = teacher
+    for name in out:
+        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
+            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
+                              "letters, digits and _ . + = - (name=path)")
     return out
 
 
@@ -130,10 +135,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     models = parse_models(args.model, args.teacher)
-    for name in models:
-        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
-            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
-                              "letters, digits and _ . + = - (name=path)")
     folders = check_args(args, models)
     ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
     for name, folder in folders.items():  # before any model is loaded

@@ -113,13 +113,14 @@ def eager_graph_refusal(model, compile: bool) -> str | None:
 
 def interpreter_graph_refusal(model) -> str | None:
     """Why CUDA graphs cannot capture this model's decode step under Triton's interpreter (None: they can): its
-    linear-attention layers run fla's Triton kernels, which the interpreter runs on host copies of their tensors (a
-    device-to-host copy per kernel, which a capture refuses)."""
-    if not triton_interpreted() or not any(isinstance(m, LinearMixer) for m in model.modules()):
+    linear-attention layers run fla's Triton kernels (backend auto or fla on CUDA), which the interpreter runs on host
+    copies of their tensors (a device-to-host copy per kernel, which a capture refuses)."""
+    if not triton_interpreted() or not any(isinstance(m, LinearMixer) and m.options.backend != "torch"
+                                           for m in model.modules()):
         return None
     return (f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} runs the linear-attention layers' Triton kernels "
-            "in Triton's interpreter, on host copies of their tensors, which CUDA graph capture refuses: unset it (or "
-            "set 0) to decode through CUDA graphs, or decode without them")
+            "in Triton's interpreter, on host copies of their tensors, which CUDA graph capture refuses: set "
+            "TRITON_INTERPRET=0 (before Triton is imported) to decode through CUDA graphs, or decode without them")
 
 
 def make_static_cache(model, max_len: int, rings: bool = True):
@@ -207,9 +208,9 @@ class GraphDecoder:
         self._own_masks = eager_masks_made_here(model)
         float_masks = self._ring_format == "float" or self._own_masks
         self._mask_dtype = next(model.parameters()).dtype if float_masks else None
-        refusal = self.uses_graphs and (eager_graph_refusal(model, compile) or interpreter_graph_refusal(model))
-        if refusal:
-            raise ConfigError("cuda_graphs", True, refusal)
+        refusals = [r for r in (eager_graph_refusal(model, compile), interpreter_graph_refusal(model)) if r]
+        if self.uses_graphs and refusals:
+            raise ConfigError("cuda_graphs", True, "; and ".join(refusals))
         self.compiled = bool(compile)
         self._forward = self._forward_step
         self._logits = self._step_logits  # score()'s forward: compiled alike with compile=True (on first use)

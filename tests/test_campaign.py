@@ -33,22 +33,19 @@ def campaign(tmp_path: Path, name: str, rc: int = 0, **env: str) -> list[str]:
     return [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
 
 
-def evaluations_pass_the_clis_checks(calls: str) -> int:
+def evaluations_pass_the_clis_checks(calls: str, monkeypatch) -> int:
     """Every `ds-hybrid eval` the campaign ran, through the real CLI's parser and the checks made before a model
-    loads (model names, lengths, tasks) -> how many: on 2026-12-07 a lease's campaign stopped at its evaluation
-    preflight, whose model name the CLI had begun to refuse."""
+    folder is read (eval_request: lengths, tasks, the SWDE/FDA files, model names) -> how many: on 2026-12-07 a
+    lease's campaign stopped at its evaluation preflight, whose model name the CLI had begun to refuse."""
     from ds_hybrid.cli import build_parser
-    from ds_hybrid.evaluation import recall
-    from ds_hybrid.evaluation.run import parse_models, positive_ints
+    from ds_hybrid.evaluation.run import eval_request
 
+    monkeypatch.chdir(ROOT)  # (the campaign's working directory: its fixture paths are relative)
     n = 0
     for line in calls.splitlines():
         if "-m ds_hybrid.cli eval " in line:
             argv = line.split("-m ds_hybrid.cli ", 1)[1].replace("--tasks  --", "--tasks '' --")  # (the log's "$*"
-            args = build_parser().parse_args(shlex.split(argv))  # drops the empty argument of `--tasks ""`)
-            parse_models(args.model, args.teacher)
-            positive_ints(args.lengths, "--lengths")
-            recall.check_tasks(recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t])
+            eval_request(build_parser().parse_args(shlex.split(argv)))  # drops the empty argument of `--tasks ""`)
             n += 1
     return n
 
@@ -58,7 +55,7 @@ def at(events: list[str], event: str) -> int:
     return events.index(event)
 
 
-def test_gemma_campaign_order_and_overlaps(tmp_path):
+def test_gemma_campaign_order_and_overlaps(tmp_path, monkeypatch):
     ev = campaign(tmp_path, "gemma")
     assert ev[-1] == "campaign done"
     for job in ("gemma_teacher", "data_cache", "align", "carry_pack", "eval_preflight", "ga_s2_task0", "ga_s2_task1",
@@ -76,7 +73,7 @@ def test_gemma_campaign_order_and_overlaps(tmp_path):
     assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3_8192 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
     assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3_quality (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
-    assert evaluations_pass_the_clis_checks(calls) == 1 + 3 * 4  # the preflight; three models at three lengths + quality
+    assert evaluations_pass_the_clis_checks(calls, monkeypatch) == 1 + 3 * 4  # the preflight; three models at three lengths + quality
     # evaluated as in docs/RESULTS.md: 100 prompts a task and length; a hybrid's held-out KL against the teacher
     evals = [c for c in calls.splitlines() if "ds_hybrid.cli eval" in c]
     assert any("--model ga_s2_3=" in c and "--lengths 8192 --limit 100" in c for c in evals)
@@ -164,7 +161,7 @@ def test_gemma_kl_switch(tmp_path, value, kl):
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
-def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(tmp_path, gpus):
+def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(tmp_path, gpus, monkeypatch):
     ev = campaign(tmp_path, "compare", STUB_GPUS=str(gpus), RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0",
                   ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8] c_8=[1,2,3,4,5,6,7,8]")
     assert ev[-1] == "campaign done"
@@ -180,7 +177,7 @@ def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(t
         for first, second in zip(names, names[1:]):  # one chain: kl runs one after the other, evaluations beside
             assert at(ev, f"end kl_{first} rc=0") < at(ev, f"start kl_{second} (GPU {gpu})")
     calls = (tmp_path / "calls.log").read_text()
-    assert evaluations_pass_the_clis_checks(calls) == 2 + 3 * 4  # two preflights (the teacher); three hybrids
+    assert evaluations_pass_the_clis_checks(calls, monkeypatch) == 2 + 3 * 4  # two preflights (the teacher); three hybrids
     assert f"out_dir={tmp_path}/run/kl_runs/c_8 kl.init_from={tmp_path}/run/align/hf softmax_layers=[1,2,3,4,5,6,7,8]" \
         in calls
 

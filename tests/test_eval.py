@@ -1290,15 +1290,18 @@ def test_a_model_named_teacher_and_unusable_swde_records_and_lengths_are_refused
     from ds_hybrid import cli
     from ds_hybrid.evaluation.run import parse_models
 
-    with pytest.raises(ConfigError, match=r"^--model='teacher=/a': 'teacher' is the name of --teacher's row"):
+    with pytest.raises(ConfigError, match=r"^--model='teacher=/a': 'teacher' is the name of the teacher's row"):
         parse_models(["teacher=/a"], "/t")
+    with pytest.raises(ConfigError, match=r"^--model='teacher=/b': 'teacher' is the name of the teacher's row"):
+        parse_models(["teacher=/a", "teacher=/b"], None)  # (one teacher row)
+    assert parse_models(["a=/x", "a_2=/p", "a=/y"], None) == {"a": "/x", "a_2": "/p", "a_3": "/y"}  # none lost
     folder = tmp_path / "teacher"
     folder.mkdir()
     assert parse_models([str(folder)], "/t") == {"teacher_0": str(folder), "teacher": "/t"}  # a folder so named
     # without --teacher, a model named teacher is the teacher's row (the GPU campaign's teacher-only evaluations)
     assert parse_models(["teacher=/a", "h=/h"], None) == {"teacher": "/a", "h": "/h"}
     for bad_name in ("a b", "../up", ".hidden"):  # names go into file names (samples_<name>.jsonl)
-        with pytest.raises(ConfigError, match=r"a model's name goes into file names"):
+        with pytest.raises(ConfigError, match=r"a model's name names its rows and files"):
             parse_models([f"{bad_name}=/m"], None)
     bad = tmp_path / "bad.jsonl"
     for rec, ok in (({"text": "", "value": "x"}, False), ({"text": None, "value": "x"}, False),

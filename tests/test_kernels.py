@@ -3,13 +3,12 @@ path against the same, and the switch between them. (conftest sets TRITON_INTERP
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import pytest
 import torch
 
-from ds_hybrid.kernels import fused_kl
+from ds_hybrid.kernels import fused_kl, triton_interpreted
 from ds_hybrid.losses import chunked_linear_loss, reference_kl_ce
 from ds_hybrid.stages.kl import loss_function
 
@@ -18,12 +17,12 @@ fused_linear_loss = partial(fused_kl.fused_linear_loss, block_v=128)
 # without a GPU the kernel can only run interpreted; on a GPU, TRITON_INTERPRET=0 runs the *_on_cuda tests compiled
 # (interpreted, the 4,096-token one took over 150 s on an H100) and skips the CPU ones, whose tensors a compiled
 # kernel cannot read
-assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+assert triton_interpreted() or torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
 def _interpreter_for_cpu_tests(request):
-    if os.environ.get("TRITON_INTERPRET") != "1" and not request.node.originalname.endswith("_on_cuda"):
+    if not triton_interpreted() and not request.node.originalname.endswith("_on_cuda"):
         pytest.skip("TRITON_INTERPRET=0 (compiled kernels): only the *_on_cuda tests run")
 
 

@@ -51,7 +51,12 @@ def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, st
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", v, "must be a positive integer")
-    return {name: model_folder(path, "--teacher" if name == "teacher" else "--model") for name, path in models.items()}
+    return {name: model_folder(path, model_field(args, name)) for name, path in models.items()}
+
+
+def model_field(args: argparse.Namespace, name: str) -> str:
+    """The option that gave model ``name``: --teacher for the teacher's row where --teacher gave it, else --model."""
+    return "--teacher" if name == "teacher" and getattr(args, "teacher", None) is not None else "--model"
 
 
 def model_folder(spec: str, field: str = "--model") -> str:
@@ -78,18 +83,21 @@ def parse_models(model_args: list[str], teacher: str | None) -> dict[str, str]:
     for m in model_args:
         named = "=" in m and not Path(m).exists()
         name, path = m.split("=", 1) if named else (Path(m).resolve().name or m, m)
-        if name == "teacher" and named and teacher is not None:  # (without --teacher it is the teacher's row)
-            raise ConfigError("--model", m, "'teacher' is the name of --teacher's row (the KL and the comparisons "
-                              "read it): name this model otherwise, or give it as --teacher")
-        if name in out or (name == "teacher" and not named):  # (a folder named teacher/: renamed, as duplicates are)
-            name = f"{name}_{len(out)}"
+        if name == "teacher" and named and (teacher is not None or "teacher" in out):
+            raise ConfigError("--model", m, "'teacher' is the name of the teacher's row (the KL and the comparisons "
+                              "read it), given once: by --teacher or by one --model teacher=PATH; name this model "
+                              "otherwise")
+        if name in out or (name == "teacher" and not named):  # (a folder named teacher/, or a name given twice:
+            base, i = name, len(out)                            # renamed to one not taken)
+            while (name := f"{base}_{i}") in out or name == "teacher":
+                i += 1
         out[name] = path
     if teacher is not None:
         out["teacher"] = teacher
     for name in out:
         if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", name):
-            raise ConfigError("--model", name, "a model's name goes into file names (samples_<name>.jsonl): use "
-                              "letters, digits and _ . + = - (name=path)")
+            raise ConfigError("--model", name, "a model's name names its rows and files (eval's samples_<name>.jsonl): "
+                              "use letters, digits and _ . + = - (name=path)")
     return out
 
 
@@ -124,17 +132,26 @@ def describe(model) -> dict:
     return d
 
 
-def run_eval(args: argparse.Namespace) -> dict:
-    from ds_hybrid.data import tokenizer_fingerprint
-    from ds_hybrid.evaluation import recall, report
-    from ds_hybrid.monitor import versions
+def eval_request(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, list], dict[str, str]]:
+    """`ds-hybrid eval`'s arguments checked before any model folder is read -> (lengths, tasks, the SWDE/FDA records
+    by option, {model name: spec})."""
+    from ds_hybrid.evaluation import recall
 
     lengths = positive_ints(args.lengths, "--lengths")
     tasks = recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t]
     recall.check_tasks(tasks)
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
-    models = parse_models(args.model, args.teacher)
+    return lengths, tasks, records, parse_models(args.model, args.teacher)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from ds_hybrid.data import tokenizer_fingerprint
+    from ds_hybrid.evaluation import recall, report
+    from ds_hybrid.monitor import versions
+
+    lengths, tasks, records, models = eval_request(args)
+    based = {name: getattr(args, name) for name in records}
     folders = check_args(args, models)
     ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
     for name, folder in folders.items():  # before any model is loaded
@@ -540,7 +557,7 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     folders = check_args(args, models)
     for name, folder in folders.items():
         if "text_config" in json.loads((Path(folder) / "config.json").read_text()):
-            raise ConfigError("--teacher" if name == "teacher" else "--model", models[name],
+            raise ConfigError(model_field(args, name), models[name],
                               "a multimodal checkpoint: bench-infer times a text model's decoding (a hybrid's teacher "
                               "is its language model alone); write that with `ds-hybrid extract-text --model "
                               f"{models[name]} --out <folder>` and give the folder")

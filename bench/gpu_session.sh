@@ -16,6 +16,7 @@
 #                                         # would end with its evaluation past it (refused beside a running campaign)
 #   bench/gpu_session.sh sh 'CMD'         # after setup: CMD in the campaigns' environment (e.g. one train_throughput
 #                                         # case by hand, `CUDA_LAUNCH_BLOCKING=1 python3 bench/train_throughput.py ...`)
+#   OUT=$OUT bench/gpu_session.sh gputests   # after setup: the GPU-only tests, kernels compiled (TRITON_INTERPRET=0)
 #   OUT=$OUT bench/gpu_session.sh wait S  # follow it for up to S seconds; results tarball to $OUT either way, and
 #                                         # the parts of the lease's align folder (/tmp/carry_out) not yet sent that
 #                                         # fit; returns at once when the campaign process has ended, and with rc 3
@@ -68,6 +69,18 @@ case "$1" in
        # `nohup ... &` died with the call on 2026-12-06, its log empty)
     export PYTHONPATH="$PWD:$PYTHONPATH"
     bash -c "$2"
+    ;;
+  gputests)  # after setup: the tests that need a GPU (tests/test_kernels.py's *_on_cuda, tests/test_graph_decode.py's
+             # capture), kernels compiled: TRITON_INTERPRET=0 (the CPU tests' interpreter runs fla's kernels on host
+             # copies, which graph capture refuses: 2026-12-07); the whole log to $OUT/gpu_tests.log, its tail here
+    export PYTHONPATH="$PWD:$PYTHONPATH"
+    log=${OUT:-/tmp/res}/gpu_tests.log
+    mkdir -p "$(dirname "$log")"
+    rc=0
+    TRITON_INTERPRET=0 timeout "${GPUTESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py \
+      tests/test_graph_decode.py > "$log" 2>&1 || rc=$?
+    tail -n 8 "$log"
+    exit $rc
     ;;
   part)
     mkdir -p /tmp/parts && cp ".dev/p$2"/* /tmp/parts/ && ls -la /tmp/parts | tail -n +4 | awk '{print $5, $9}'

@@ -578,7 +578,7 @@ def test_bad_tasks_names_and_haystacks_are_refused_before_a_model_loads(tiny, tm
     cases = [
         (["--tasks", "niah_single_1,swde"], r"--tasks='swde': swde reads a local file: pass --swde FILE"),
         (["--tasks", "niah_single_9"], r"--tasks='niah_single_9': unknown task"),
-        (["--tasks", "niah_single_1", "--model", f"a/b={tiny[2]}"], r"--model='a/b': a model's name goes into file"),
+        (["--tasks", "niah_single_1", "--model", f"a/b={tiny[2]}"], r"--model='a/b': a model's name names its rows and files"),
         (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "none.txt")],
          r"--haystack='.*none\.txt': no such file"),
         (["--tasks", "niah_essay_single", "--haystack", str(tmp_path / "hay.jsonl")],

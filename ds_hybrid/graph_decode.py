@@ -208,8 +208,9 @@ class GraphDecoder:
         self._own_masks = eager_masks_made_here(model)
         float_masks = self._ring_format == "float" or self._own_masks
         self._mask_dtype = next(model.parameters()).dtype if float_masks else None
-        refusals = [r for r in (eager_graph_refusal(model, compile), interpreter_graph_refusal(model)) if r]
-        if self.uses_graphs and refusals:
+        refusals = [r for r in (eager_graph_refusal(model, compile), interpreter_graph_refusal(model))
+                    if r] if self.uses_graphs else []
+        if refusals:
             raise ConfigError("cuda_graphs", True, "; and ".join(refusals))
         self.compiled = bool(compile)
         self._forward = self._forward_step

@@ -14,7 +14,9 @@ both kept; the plot draws each and the line through their mean.
 Writes recall_vs_k.md (one table per length: a row per model, a column per task, each score with its 95 % Wilson
 interval; then every other selector's hybrid minus the uniform hybrid of the same K, or of each ``--against``
 selector, with the 95 % interval of the difference: Newcombe's, from the two Wilson intervals; with ``--paired``, from
-the two models' answers prompt by prompt where their samples files are at hand, Newcombe 1998b), recall_vs_k.json and
+the two models' answers prompt by prompt where their samples files are at hand, Newcombe 1998b; ``--pair A:B``: also
+model A minus model B whatever their selectors, K or seeds, with the count of cells whose interval excludes 0),
+recall_vs_k.json and
 recall_vs_k.png (one panel per length:
 the task's score vs K for every selector, from the all-linear student at K = 0 to the teacher at K = L).
 """
@@ -146,11 +148,11 @@ def paired_cell(first: dict[str, tuple[float, str | None]] | None, second: dict[
 
 
 def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] = ("uniform",),
-           outcomes: Outcomes | None = None) -> str:
+           outcomes: Outcomes | None = None, pairs: list[tuple[str, str]] | None = None) -> str:
     scores, counts = payload["scores"], payload.get("prompts", {})
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
     out = []
-    for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
+    for length in _lengths(payload):
         present = [t for t in tasks if any(str(length) in scores.get(r["model"], {}).get(t, {}) for r in rows)]
         out += [f"### {length} tokens", "", "| selector | K | model | " + " | ".join(present) + " |",
                 "|---|---|---|" + "---|" * len(present)]
@@ -163,6 +165,7 @@ def tables(payload: dict[str, Any], rows: list[dict], against: tuple[str, ...] =
         out.append("")
     for base in against:
         out += differences(payload, rows, base, outcomes)
+    out += pair_tables(payload, pairs or [], outcomes)
     quality = payload.get("heldout_quality") or {}
     if quality:
         out += ["### held-out quality", "", "| selector | K | model | perplexity | KL to the teacher |", "|---|---|---|---|---|"]
@@ -178,7 +181,7 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
     """Markdown lines: each other selector's hybrid minus the ``against`` hybrid of the same K (``against`` teacher
     or all_linear: every hybrid, whatever its K, minus that model), per length and task, with the 95 % interval of
     the difference (``difference_interval``); [] when no such pair was evaluated."""
-    scores, counts = payload["scores"], payload.get("prompts", {})
+    scores = payload["scores"]
     # a hybrid two rules explain (selector "uniform=ga_s2") is the base of both, and compared with neither
     # (only a placed model: one that no selector explains is listed under its own name, which may be a selector's)
     base = [r for r in rows if r.get("matched", True) and against in r["selector"].split("=")]
@@ -188,34 +191,75 @@ def differences(payload: dict[str, Any], rows: list[dict], against: str = "unifo
              for b in base if any_k or b["k"] == r["k"]]
     out: list[str] = []
     tasks = payload.get("tasks") or sorted({t for s in scores.values() for t in s})
-    for length in sorted({int(m) for s in scores.values() for d in s.values() for m in d if m.isdigit()}):
+    for length in _lengths(payload):
         lines = []
         for r, b in pairs:
-            cells, key = [], str(length)
-            for t in tasks:
-                a, c = scores.get(r["model"], {}).get(t, {}).get(key), scores.get(b["model"], {}).get(t, {}).get(key)
-                na, nc = (counts.get(m, {}).get(t, {}).get(key, 0) for m in (r["model"], b["model"]))
-                if a is None or c is None or a < 0 or c < 0 or not na or not nc:
-                    cells.append("")
-                    continue
-                paired = None
-                if outcomes is not None:  # (--paired: the 2 x 2 table of the two models' answers, prompt by prompt)
-                    paired = paired_cell(outcomes.get(r["model"], {}).get((t, key)),
-                                         outcomes.get(b["model"], {}).get((t, key)), ((a, na), (c, nc)))
-                d, lo, hi = paired or difference_interval(a, na, c, nc)
-                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else "")
-                             + (" u" if outcomes is not None and paired is None else ""))
+            cells = [difference_cell(payload, r["model"], b["model"], t, length, outcomes)[0] for t in tasks]
             if any(cells):
                 lines.append(f"| {r['selector']} - {against} | {r['k']} | {r['model']} - {b['model']} | "
                              + " | ".join(cells) + " |")
         if lines:
             same = "" if any_k else " at the same K"
-            how = "" if outcomes is None else ("; paired: from the two models' answers prompt by prompt, Newcombe "
-                                               "1998b; u: unpaired, no per-prompt answers of both")
-            out += [f"### {length} tokens: difference to {against}{same} (95 % interval; * excludes 0{how})", "",
+            out += [f"### {length} tokens: difference to {against}{same} (95 % interval; * excludes 0"
+                    f"{_how(outcomes)})", "",
                     "| selectors | K | models | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks),
                     *lines, ""]
     return out
+
+
+def _lengths(payload: dict[str, Any]) -> list[int]:
+    return sorted({int(m) for s in payload["scores"].values() for d in s.values() for m in d if m.isdigit()})
+
+
+def _how(outcomes: Outcomes | None) -> str:
+    return "" if outcomes is None else ("; paired: from the two models' answers prompt by prompt, Newcombe 1998b; u: "
+                                        "unpaired, no per-prompt answers of both")
+
+
+def difference_cell(payload: dict[str, Any], first: str, second: str, task: str, length: int,
+                    outcomes: Outcomes | None = None) -> tuple[str, int]:
+    """``first`` minus ``second`` on a task at a length, with its 95 % interval (paired where ``outcomes`` pair the
+    two models' answers, else Newcombe's unpaired one) -> (the table cell, '' where either model lacks the score;
+    +1 / -1 where the interval lies above / below 0, else 0)."""
+    scores, counts, key = payload["scores"], payload.get("prompts", {}), str(length)
+    a, c = scores.get(first, {}).get(task, {}).get(key), scores.get(second, {}).get(task, {}).get(key)
+    na, nc = (counts.get(m, {}).get(task, {}).get(key, 0) for m in (first, second))
+    if a is None or c is None or a < 0 or c < 0 or not na or not nc:
+        return "", 0
+    paired = None
+    if outcomes is not None:  # (--paired: the 2 x 2 table of the two models' answers, prompt by prompt)
+        paired = paired_cell(outcomes.get(first, {}).get((task, key)), outcomes.get(second, {}).get((task, key)),
+                             ((a, na), (c, nc)))
+    d, lo, hi = paired or difference_interval(a, na, c, nc)
+    sign = 1 if lo > 0 else -1 if hi < 0 else 0
+    return (f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if sign else "")
+            + (" u" if outcomes is not None and paired is None else "")), sign
+
+
+def pair_tables(payload: dict[str, Any], pairs: list[tuple[str, str]], outcomes: Outcomes | None = None) -> list[str]:
+    """Markdown lines for ``--pair``: each named pair's difference (first minus second, whatever their selectors, K or
+    seeds) per length and task, then how many cells each is ahead and behind on (95 % interval excluding 0)."""
+    if not pairs:
+        return []
+    tasks = payload.get("tasks") or sorted({t for s in payload["scores"].values() for t in s})
+    counted = {p: [0, 0, 0] for p in pairs}  # ahead, behind, cells
+    out: list[str] = []
+    for length in _lengths(payload):
+        lines = []
+        for first, second in pairs:
+            got = [difference_cell(payload, first, second, t, length, outcomes) for t in tasks]
+            for cell, sign in got:
+                if cell:
+                    counted[first, second][0 if sign > 0 else 1 if sign < 0 else 2] += 1
+            if any(cell for cell, _ in got):
+                lines.append(f"| {first} - {second} | " + " | ".join(cell for cell, _ in got) + " |")
+        if lines:
+            out += [f"### {length} tokens: named pairs (95 % interval; * excludes 0{_how(outcomes)})", "",
+                    "| models | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks), *lines, ""]
+    out += ["### named pairs: cells whose 95 % interval excludes 0", "", "| models | ahead | behind | cells |",
+            "|---|---|---|---|"]
+    out += [f"| {a} - {b} | {up} | {down} | {up + down + level} |" for (a, b), (up, down, level) in counted.items()]
+    return out + [""]
 
 
 def end_levels(ends: list[dict], point) -> dict[str, tuple[int, float]]:
@@ -307,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true",
                     help="use the strict scores (the first answer given must be the gold, whole) instead of RULER's "
                          "string match")
+    ap.add_argument("--pair", action="append", default=[], metavar="FIRST:SECOND",
+                    help="two models of the eval by name (repeatable): FIRST minus SECOND on every task and length, "
+                         "whatever their selectors, K or seeds, and the count of cells where it excludes 0")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     src = Path(args.eval)
@@ -356,9 +403,16 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a in r["selector"].split("=") for r in rows):
             print(f"--against {a}: no model of this eval is explained by it, so no differences to it; selectors of "
                   f"its models: {sorted({s for r in rows for s in r['selector'].split('=')})}")
+    pairs = []
+    for item in args.pair:
+        first, sep, second = item.partition(":")
+        if not sep or first == second or {first, second} - set(payload["scores"]):
+            raise ConfigError("recall-vs-k --pair", item, f"write FIRST:SECOND, two models of the eval; its models: "
+                              f"{sorted(payload['scores'])}")
+        pairs.append((first, second))
     out.mkdir(parents=True, exist_ok=True)
     outcomes = prompt_outcomes(payload, src, args.strict) if args.paired else None
-    md = tables(payload, rows, against, outcomes)
+    md = tables(payload, rows, against, outcomes, pairs)
     atomic_write_text(out / "recall_vs_k.md", md)
     atomic_write_text(out / "recall_vs_k.json", json.dumps({"source": str(src), "task": task, "models": rows,
                                                             "selections": {n: p.split("=", 1)[1] for n, p in

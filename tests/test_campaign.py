@@ -33,7 +33,15 @@ def campaign(tmp_path: Path, name: str, rc: int = 0, **env: str) -> list[str]:
     return [line.split(" ", 2)[2] for line in (res / "progress.log").read_text().splitlines()]
 
 
-def evaluations_pass_the_clis_checks(calls: str, monkeypatch) -> int:
+def calls_of(tmp_path: Path, program: str) -> list[list[str]]:
+    """The stub's calls of ``program`` (e.g. `-m ds_hybrid.cli eval`, `ds_hybrid/train.py`): each call's arguments
+    after it, as the campaign passed them."""
+    lines = (tmp_path / "calls.log.argv").read_text().splitlines()
+    head = shlex.split(program)
+    return [shlex.split(line)[len(head):] for line in lines if line.split()[:len(head)] == head]
+
+
+def evaluations_pass_the_clis_checks(tmp_path: Path, monkeypatch) -> int:
     """Every `ds-hybrid eval` the campaign ran, through the real CLI's parser and the checks made before a model
     folder is read (eval_request: lengths, tasks, the SWDE/FDA files, model names) -> how many: on 2026-12-07 a
     lease's campaign stopped at its evaluation preflight, whose model name the CLI had begun to refuse."""
@@ -41,13 +49,25 @@ def evaluations_pass_the_clis_checks(calls: str, monkeypatch) -> int:
     from ds_hybrid.evaluation.run import eval_request
 
     monkeypatch.chdir(ROOT)  # (the campaign's working directory: its fixture paths are relative)
-    n = 0
-    for line in calls.splitlines():
-        if "-m ds_hybrid.cli eval " in line:
-            argv = line.split("-m ds_hybrid.cli ", 1)[1].replace("--tasks  --", "--tasks '' --")  # (the log's "$*"
-            eval_request(build_parser().parse_args(shlex.split(argv)))  # drops the empty argument of `--tasks ""`)
-            n += 1
-    return n
+    calls = calls_of(tmp_path, "-m ds_hybrid.cli eval")
+    for argv in calls:
+        eval_request(build_parser().parse_args(["eval", *argv]))
+    return len(calls)
+
+
+def trainings_pass_the_config_checks(tmp_path: Path, monkeypatch) -> int:
+    """Every `ds_hybrid/train.py` the campaign ran, through train.py's parser and the run config's checks with its
+    overrides (load_config: fields, types, ranges, cross-field rules) -> how many: a misspelt override would otherwise
+    first fail on a lease."""
+    from ds_hybrid.config import load_config
+    from ds_hybrid.train import parse_args
+
+    monkeypatch.chdir(ROOT)
+    calls = calls_of(tmp_path, "ds_hybrid/train.py")
+    for argv in calls:
+        args = parse_args(argv)
+        load_config(args.config, args.overrides)
+    return len(calls)
 
 
 def at(events: list[str], event: str) -> int:
@@ -73,7 +93,10 @@ def test_gemma_campaign_order_and_overlaps(tmp_path, monkeypatch):
     assert at(ev, "end kl_ga_s2_3 rc=0") < at(ev, "start eval_ga_s2_3_8192 (GPU 0)") < at(ev, "end kl_keep_global_3 rc=0")
     assert at(ev, "end kl_keep_global_3 rc=0") < at(ev, "start eval_keep_global_3_quality (GPU 0)")
     calls = (tmp_path / "calls.log").read_text()
-    assert evaluations_pass_the_clis_checks(calls, monkeypatch) == 1 + 3 * 4  # the preflight; three models at three lengths + quality
+    # every call through the real checks: the preflight and three models at three lengths and quality; the token
+    # cache, align, GA-S2 as two tasks, four selectors and two kl
+    assert evaluations_pass_the_clis_checks(tmp_path, monkeypatch) == 1 + 3 * 4
+    assert trainings_pass_the_config_checks(tmp_path, monkeypatch) == 1 + 1 + 2 + 4 + 2
     # evaluated as in docs/RESULTS.md: 100 prompts a task and length; a hybrid's held-out KL against the teacher
     evals = [c for c in calls.splitlines() if "ds_hybrid.cli eval" in c]
     assert any("--model ga_s2_3=" in c and "--lengths 8192 --limit 100" in c for c in evals)
@@ -177,7 +200,9 @@ def test_compare_campaign_deals_hybrids_over_the_gpus_from_carried_align_parts(t
         for first, second in zip(names, names[1:]):  # one chain: kl runs one after the other, evaluations beside
             assert at(ev, f"end kl_{first} rc=0") < at(ev, f"start kl_{second} (GPU {gpu})")
     calls = (tmp_path / "calls.log").read_text()
-    assert evaluations_pass_the_clis_checks(calls, monkeypatch) == 2 + 3 * 4  # two preflights (the teacher); three hybrids
+    # two preflights (the teacher) and three hybrids' evaluations; the token cache and three kl
+    assert evaluations_pass_the_clis_checks(tmp_path, monkeypatch) == 2 + 3 * 4
+    assert trainings_pass_the_config_checks(tmp_path, monkeypatch) == 1 + 3
     assert f"out_dir={tmp_path}/run/kl_runs/c_8 kl.init_from={tmp_path}/run/align/hf softmax_layers=[1,2,3,4,5,6,7,8]" \
         in calls
 

@@ -7,7 +7,7 @@ recall counts as agreement: rho of -KL).
 
 A hybrid's kl metrics are found beside the evaluation the merge read it from (its source's lease folder):
 `<name>_kl_metrics.jsonl.gz`, or `kl_metrics.jsonl.gz` in a folder of one trained hybrid; hybrids whose kl logged no
-recall probe (the first leases) are listed as such and left out of rho.
+recall probe (the first leases), or whose metrics are not found, are listed as such and left out of rho.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import argparse
 import gzip
 import json
 from pathlib import Path
+
+from ds_hybrid.evaluation.by_k import source_file
 
 ENDS = ("teacher", "all_linear")
 
@@ -59,35 +61,43 @@ def last_val(path: Path) -> dict:
     return last
 
 
-def metrics_file(folder: Path, name: str) -> Path | None:
-    """A hybrid's kl metrics in its lease folder: its own file, or the folder's single kl_metrics file."""
+def metrics_file(folder: Path, name: str, hybrids: set[str]) -> Path | None:
+    """A hybrid's kl metrics in its lease folder: its own file, or the folder's kl_metrics file where ``hybrids`` (the
+    hybrids evaluated from that folder, by the lease's names) is this one alone."""
     own = folder / f"{name}_kl_metrics.jsonl.gz"
     if own.is_file():
         return own
     shared = folder / "kl_metrics.jsonl.gz"
-    return shared if shared.is_file() else None
+    return shared if shared.is_file() and hybrids == {name} else None
 
 
 def probe_rows(merged: Path, task: str, length: int) -> list[dict]:
+    """Each hybrid of the merged eval with a score on ``task`` at ``length``: its score and its kl's last held-out
+    recall_kl and kl (None where not logged or not found), sorted by recall_kl."""
     payload = json.loads(merged.read_text())
-    root = merged.parent
-    rows: dict[str, dict] = {}
+    found: dict[str, tuple[Path, str]] = {}  # merged name -> (its lease folder, its name there)
+    in_folder: dict[Path, set[str]] = {}
     for src in payload.get("sources") or []:
-        file = Path(src["file"])
-        file = file if file.is_absolute() or file.is_file() else root / file
+        file = source_file(Path(src["file"]), merged)
+        if file is None:
+            continue
         folder = file.parent.parent  # (docs/data/LEASE/eval_NAME_PART/eval.json)
         old_name = {new: old for old, new in (src.get("renames") or {}).items()}
         for model in src.get("models") or []:
-            score = payload["scores"].get(model, {}).get(task, {}).get(str(length))
-            if model in ENDS or model in rows or score is None:
-                continue
-            found = metrics_file(folder, old_name.get(model, model))
-            if found is None:
-                continue
-            val = last_val(found)
-            rows[model] = {"model": model, "score": score, "recall_kl": val.get("recall_kl"), "kl": val.get("kl"),
-                           "metrics": str(found)}
-    return sorted(rows.values(), key=lambda r: (r["recall_kl"] is None, r["recall_kl"] or 0.0))
+            if model not in ENDS:
+                found.setdefault(model, (folder, old_name.get(model, model)))
+                in_folder.setdefault(folder, set()).add(old_name.get(model, model))
+    rows = []
+    for model in payload["scores"]:
+        score = payload["scores"][model].get(task, {}).get(str(length))
+        if model in ENDS or score is None:
+            continue
+        folder, name = found.get(model, (None, model))
+        path = None if folder is None else metrics_file(folder, name, in_folder[folder])
+        val = {} if path is None else last_val(path)
+        rows.append({"model": model, "score": score, "recall_kl": val.get("recall_kl"), "kl": val.get("kl"),
+                     "metrics": None if path is None else str(path)})
+    return sorted(rows, key=lambda r: (r["recall_kl"] is None, r["recall_kl"] or 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| hybrid | recall_kl (end of kl) | text KL (kl's held-out rows) | {args.task} at {args.length} |")
     print("|---|---|---|---|")
     for r in rows:
-        probe = "no probe logged" if r["recall_kl"] is None else f"{r['recall_kl']:.3f}"
+        probe = ("no kl metrics found" if r["metrics"] is None else "no probe logged" if r["recall_kl"] is None
+                 else f"{r['recall_kl']:.3f}")
         text = "" if r["kl"] is None else f"{r['kl']:.3f}"
         print(f"| {r['model']} | {probe} | {text} | {r['score']:.2f} |")
     used = [r for r in rows if r["recall_kl"] is not None and r["kl"] is not None]

@@ -38,7 +38,9 @@ def calls_of(tmp_path: Path, program: str) -> list[list[str]]:
     after it, as the campaign passed them."""
     lines = (tmp_path / "calls.log.argv").read_text().splitlines()
     head = shlex.split(program)
-    return [shlex.split(line)[len(head):] for line in lines if line.split()[:len(head)] == head]
+    calls = [line for line in lines if line.split()[:len(head)] == head]
+    assert not any("$'" in line for line in calls), calls  # (bash's $'...' quoting, which shlex would misread)
+    return [shlex.split(line)[len(head):] for line in calls]
 
 
 def evaluations_pass_the_clis_checks(tmp_path: Path, monkeypatch) -> int:

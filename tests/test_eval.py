@@ -871,10 +871,10 @@ def test_recall_vs_k_paired_pairs_the_answers_prompt_by_prompt(tmp_path, monkeyp
     assert f"| x - uniform | 4 | sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in md and "paired:" in md
     # --pair: any two models by name, either way round, with the count of cells whose interval excludes 0
     assert by_k.main([str(merged), "--selection", f"x={sel}", "--paired", "--pair", "sel:old_u4", "--pair",
-                      "old_u4:sel", "--out", str(out)]) == 0
+                      "old_u4:sel", "--pair", "sel:old_u4", "--out", str(out)]) == 0  # (the first pair twice: once)
     md = (out / "recall_vs_k.md").read_text()
-    assert f"| sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in md
-    assert f"| old_u4 - sel | {-d:+.2f} [{-hi:+.2f}, {-lo:+.2f}] * |" in md
+    assert f"\n| sel - old_u4 | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] * |" in md
+    assert f"\n| old_u4 - sel | {-d:+.2f} [{-hi:+.2f}, {-lo:+.2f}] * |" in md
     assert "| sel - old_u4 | 1 | 0 | 1 |" in md and "| old_u4 - sel | 0 | 1 | 1 |" in md
     for bad in ("sel", "sel:nosuch", "sel:sel"):
         with pytest.raises(ConfigError, match=r"^recall-vs-k --pair=.*write FIRST:SECOND, two models of the eval"):

@@ -24,40 +24,46 @@ def test_spearman_with_ties_against_hand_computed_values():
     assert math.isnan(pvr.spearman([1, 1, 1], [1, 2, 3]))
 
 
-def write_lease(root: Path, folder: str, models: dict[str, float], shared: bool = False) -> list[dict]:
-    """A lease folder with one quality evaluation per hybrid and its kl metrics (``models``: name -> recall_kl, None:
-    no probe logged); returns the merge's sources."""
+def write_lease(repo: Path, folder: str, models: dict[str, tuple[float | None, float]],
+                shared: bool = False) -> list[dict]:
+    """A lease folder under repo/docs/data with one quality evaluation per hybrid and kl metrics (``models``: name ->
+    (recall_kl or None: no probe logged, text kl)); returns the merge's sources, recorded relative to the repository
+    as eval-merge records them."""
     sources = []
-    for name, probe in models.items():
-        ev = root / folder / f"eval_{name}_quality"
-        ev.mkdir(parents=True)
-        (ev / "eval.json").write_text("{}")
-        val = {"step": 8, "split": "val", "kl": 0.1 + (probe or 1.0) / 10}
-        if probe is not None:
-            val["recall_kl"] = probe
+    for name, (probe, kl) in models.items():
+        rel = Path("docs/data") / folder / f"eval_{name}_quality" / "eval.json"
+        (repo / rel).parent.mkdir(parents=True)
+        (repo / rel).write_text("{}")
+        val = {"step": 8, "split": "val", "kl": kl} | ({} if probe is None else {"recall_kl": probe})
         rows = [{"step": 4, "split": "val", "kl": 9.0, "recall_kl": 9.0}, {"step": 8, "split": "train"}, val]
-        metrics = root / folder / ("kl_metrics.jsonl.gz" if shared else f"{name}_kl_metrics.jsonl.gz")
+        metrics = repo / "docs/data" / folder / ("kl_metrics.jsonl.gz" if shared else f"{name}_kl_metrics.jsonl.gz")
         with gzip.open(metrics, "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "spl')  # (a torn last line)
-        sources.append({"file": str(ev / "eval.json"), "models": [name, "teacher"]})
+        sources.append({"file": str(rel), "models": [name, "teacher"]})
     return sources
 
 
-def test_probes_found_beside_each_source_and_rho_computed(tmp_path, capsys):
-    sources = write_lease(tmp_path, "lease_a", {"good": 0.2, "mid": 0.5}) + \
-        write_lease(tmp_path, "lease_b", {"old_name": 0.9}) + write_lease(tmp_path, "lease_c", {"first": None}, True)
-    sources[2]["renames"] = {"old_name": "bad"}  # (merged as bad: its metrics file keeps the lease's name)
-    sources[2]["models"] = ["bad", "teacher"]
-    recall = {"good": 0.9, "mid": 0.7, "bad": 0.1, "first": 0.5, "teacher": 1.0}
-    merged = tmp_path / "merged" / "eval.json"
+def test_probes_found_beside_each_source_and_rho_computed(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    sources = (write_lease(repo, "a", {"good": (0.2, 0.30), "mid": (0.5, 0.10)})
+               + write_lease(repo, "b", {"old_name": (0.9, 0.20)})
+               + write_lease(repo, "c", {"first": (None, 0.5)}, shared=True)
+               + write_lease(repo, "d", {"x": (0.1, 0.1), "y": (0.3, 0.1)}, shared=True))  # one file, two hybrids
+    sources[2] |= {"renames": {"old_name": "bad"}, "models": ["bad", "teacher"]}  # its file keeps the lease's name
+    recall = {"good": 0.9, "mid": 0.7, "bad": 0.1, "first": 0.5, "x": 0.8, "y": 0.6, "teacher": 1.0}
+    merged = repo / "docs/data/merged/eval.json"
     merged.parent.mkdir()
     merged.write_text(json.dumps({"sources": sources, "scores": {
         m: {"niah_single_1": {"8192": s}} for m, s in recall.items()}}))
+    monkeypatch.chdir(tmp_path)  # (not the repository: sources are found from the merged file's folders above)
     rows = pvr.probe_rows(merged, "niah_single_1", 8192)
-    assert [(r["model"], r["recall_kl"], r["score"]) for r in rows] == [
-        ("good", 0.2, 0.9), ("mid", 0.5, 0.7), ("bad", 0.9, 0.1), ("first", None, 0.5)]
+    assert [(r["model"], r["recall_kl"], r["kl"], r["score"]) for r in rows] == [
+        ("good", 0.2, 0.30, 0.9), ("mid", 0.5, 0.10, 0.7), ("bad", 0.9, 0.20, 0.1), ("first", None, 0.5, 0.5),
+        ("x", None, None, 0.8), ("y", None, None, 0.6)]  # x, y: a shared file of two hybrids is neither's
     assert pvr.main([str(merged)]) == 0
     out = capsys.readouterr().out
-    assert "| first | no probe logged |" in out and "3 hybrids with a recall probe" in out
-    assert "recall probe 1.00, text KL 1.00" in out
+    assert "| first | no probe logged |" in out and "| x | no kl metrics found |" in out
+    # probe order = recall order (rho 1); text KL 0.30, 0.10, 0.20 against recall 0.9, 0.7, 0.1: ranks of -kl
+    # [1, 3, 2] against [3, 2, 1]: rho -0.5
+    assert "3 hybrids with a recall probe" in out and "recall probe 1.00, text KL -0.50" in out
     assert pvr.main([str(merged), "--length", "4096"]) == 1  # no scores there: too few

@@ -80,7 +80,7 @@ def _order(rows: list[dict]) -> list[dict]:
 Outcomes = dict[str, dict[tuple[str, str], dict[str, tuple[float, str | None]]]]
 
 
-def _source_file(path: Path, merged: Path) -> Path | None:
+def source_file(path: Path, merged: Path) -> Path | None:
     """A merge's source as recorded (relative to where eval-merge ran, e.g. docs/data/...): found from here, else from
     a folder above the merged eval.json (the repository it lies in)."""
     if path.is_absolute() or path.is_file():
@@ -104,7 +104,7 @@ def prompt_outcomes(payload: dict[str, Any], src: Path, strict: bool = False) ->
     out: Outcomes = {}
     missing = []
     for recorded, models, renames in sources:
-        file = _source_file(recorded, src)
+        file = source_file(recorded, src)
         if file is None:
             missing.append(str(recorded))
             continue
@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or first == second or {first, second} - set(payload["scores"]):
             raise ConfigError("recall-vs-k --pair", item, f"write FIRST:SECOND, two models of the eval; its models: "
                               f"{sorted(payload['scores'])}")
-        pairs.append((first, second))
+        if (first, second) not in pairs:  # (a pair given twice: one row, counted once)
+            pairs.append((first, second))
     out.mkdir(parents=True, exist_ok=True)
     outcomes = prompt_outcomes(payload, src, args.strict) if args.paired else None
     md = tables(payload, rows, against, outcomes, pairs)

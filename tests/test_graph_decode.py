@@ -4,6 +4,8 @@ static step eagerly; the capture itself is tested on CUDA only."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_teacher
@@ -447,7 +449,9 @@ def test_graphs_refused_where_triton_interprets_the_linear_layers(teacher, monke
 @pytest.mark.parametrize("kind", ["teacher", "gdn", "gla_k0", "gla_k0_eager"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_graph_replay_equals_eager_static_on_cuda(teacher, kind, compiled):
-    model = model_of(teacher, kind.removesuffix("_eager")).cuda()
+    # a copy: .cuda() moves a module in place, and the module-scoped teacher is model_of's "teacher" (moved, every
+    # later test of this file got a CUDA teacher with CPU prompts: 2026-12-07's first run with TRITON_INTERPRET=0)
+    model = copy.deepcopy(model_of(teacher, kind.removesuffix("_eager"))).cuda()
     if kind.endswith("_eager"):  # (the tiny teacher is eager, its hybrids sdpa: an eager all-linear step too)
         model.set_attn_implementation("eager")
     if interpreter_graph_refusal(model):  # run with TRITON_INTERPRET=0 to capture a hybrid (the CPU tests set 1)

@@ -7,7 +7,13 @@ s-step probe, so its training KL over steps s-w+1..s ranks the layers as s-step 
 
     python bench/probe_convergence.py runs/compare/select/ga_s2 [--window 4] [--out table.md]
     python bench/probe_convergence.py docs/data/ga_s2_h200_2026-12-02c/probes.jsonl \
-        --selection docs/data/ga_s2_h200_2026-12-02c/selection.json
+        --selection docs/data/ga_s2_h200_2026-12-02c/selection.json [--halving 1,2,5,8,10]
+
+``--halving FIRSTS``: what successive halving (``select.method: halving``, survivors retrained: a round's probes are
+fresh ones of that round's length) would have chosen with a first round of each of these step counts, replayed on
+the same curves: a round's s-step probe is the GA-S2 probe's first s steps, scored by its training KL over steps
+s-w+1..s (w = min(window, s); halving itself scores each round by held-out KL), with stage select's rule for the
+survivors (the better half, never fewer than the largest K) and their lengths (doubled, at most the probes').
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ds_hybrid.selection import kendall_tau, rank_layers, read_selection  # noqa: E402
+from ds_hybrid.selection import halving_next, halving_order, kendall_tau, rank_layers, read_selection  # noqa: E402
 
 
 def train_curves(src: Path) -> dict[int, list[float]]:
@@ -49,6 +55,54 @@ def convergence(curves: dict[int, list[float]], reference: list[int], ks: list[i
     return rows
 
 
+def window_score(curve: list[float], steps: int, window: int) -> float:
+    """The training KL of an s-step probe: the mean over its last min(window, s) steps."""
+    w = min(window, steps)
+    return sum(curve[steps - w:steps]) / w
+
+
+def replay_halving(curves: dict[int, list[float]], first_steps: int, keep: int, window: int) -> dict:
+    """Successive halving (survivors retrained) replayed on full-length probe curves: its rounds, its final ranking
+    and its cost in probe steps (``retrain``: every round's probes from step 0; ``continue``: survivors resumed)."""
+    max_steps = min(len(c) for c in curves.values())
+    layers = sorted(curves)
+    if layers != list(range(len(layers))):
+        raise ValueError(f"the curves cover layers {layers}: halving needs every layer 0..{len(layers) - 1}")
+    alive, steps, prev, rounds = layers, max(1, min(first_steps, max_steps)), 0, []
+    cost = {"retrain": 0, "continue": 0}
+    while True:
+        scores = {l: window_score(curves[l], steps, window) for l in alive}
+        rounds.append({"steps": steps, "alive": alive, "scores": scores})
+        cost["retrain"] += len(alive) * steps
+        cost["continue"] += len(alive) * (steps - prev)
+        nxt = halving_next(alive, scores, steps, max_steps, keep)
+        if nxt is None:
+            break
+        alive, prev, steps = nxt[0], steps, nxt[1]
+    return {"rounds": rounds, "ranking": rank_layers(halving_order(rounds, len(layers)), lower_is_better=True),
+            "probe_steps": cost}
+
+
+def halving_table(curves: dict[int, list[float]], reference: list[int], ks: list[int], window: int,
+                  firsts: list[int], steps_tokens: int) -> str:
+    """One row per first-round length: the rounds, the cost against GA-S2's (every layer's probe and the all-linear
+    one at full length), the top-K sets and their overlap with the reference."""
+    full = (len(curves) + 1) * min(len(c) for c in curves.values())
+    lines = ["| first round | rounds (steps x probes) | probe steps: retrain / continue (of GA-S2's) | "
+             + " | ".join(f"top-{k} (overlap)" for k in ks) + " | Kendall tau |",
+             "|---|---|---|" + "---|" * len(ks) + "---|"]
+    for f in firsts:
+        h = replay_halving(curves, f, max(ks), window)
+        rounds = ", ".join(f"{r['steps']} x {len(r['alive'])}" for r in h["rounds"])
+        cost = h["probe_steps"]
+        tops = " | ".join(f"{sorted(h['ranking'][:k])} ({len(set(h['ranking'][:k]) & set(reference[:k]))}/{k})"
+                          for k in ks)
+        lines.append(f"| {f} step{'s' * (f != 1)} ({f * steps_tokens / 1e6:.2f}M) | {rounds} | {cost['retrain']} / "
+                     f"{cost['continue']} ({cost['retrain'] / full:.0%} / {cost['continue'] / full:.0%}) | {tops} | "
+                     f"{kendall_tau(h['ranking'], reference):.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="a GA-S2 selection folder (select/ga_s2) or a probes.jsonl summary")
@@ -56,11 +110,21 @@ def main() -> None:
     ap.add_argument("--ks", default="4,8")
     ap.add_argument("--window", type=int, default=4, help="training steps averaged per score")
     ap.add_argument("--out", help="also write the table here (markdown)")
+    ap.add_argument("--halving", help="comma-separated first-round step counts: replay successive halving instead")
     a = ap.parse_args()
     src = Path(a.src)
     sel = read_selection(a.selection or src / "selection.json", "--selection")
     ks = [int(k) for k in a.ks.split(",")]
     steps_tokens = sel["budget"]["global_batch"] * sel["budget"]["seq_len"]
+    if a.halving:
+        firsts = [int(f) for f in a.halving.split(",")]
+        if min(firsts) < 1:
+            ap.error(f"--halving {a.halving}: first-round lengths are step counts >= 1")
+        md = halving_table(train_curves(src), sel["ranking"], ks, a.window, firsts, steps_tokens)
+        print(md)
+        if a.out:
+            Path(a.out).write_text(md + "\n")
+        return
     rows = convergence(train_curves(src), sel["ranking"], ks, a.window)
     lines = ["| probe steps | tokens per probe | Kendall tau vs the selection | " + " | ".join(f"top-{k}" for k in ks)
              + f" | top-{max(ks)} layers |", "|---|---|---|" + "---|" * (len(ks) + 1)]

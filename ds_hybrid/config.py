@@ -149,7 +149,7 @@ class SelectConfig:
     score: Literal["heldout", "train_window", "recall"] = "heldout"
     window: int = 10  # train_window: the last this-many probe steps
     probe: dict = field(default_factory=lambda: dict(DEFAULT_PROBE))
-    halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 8)
+    halving_first_tokens: int | None = None  # halving: tokens of the first round (default probe.tokens / 4)
     halving_keep: int | None = None  # halving: stop when this many remain (default: the largest K asked for)
     # halving: a survivor's next round retrains it from the align export, or continues it from its checkpoint
     halving_survivors: Literal["retrain", "continue"] = "retrain"

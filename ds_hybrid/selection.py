@@ -140,6 +140,44 @@ def regularized_order(scores: Mapping[int, float], lower_is_better: bool, distan
     return order
 
 
+#: halving's default first round, as a fraction of a GA-S2 probe (``select.halving_first_tokens`` unset): a quarter.
+#: Layers whose worth as softmax shows only after training rank low in a short probe: on SmolLM2-135M GA-S2's best
+#: layer (18) ranks 25th of 30 after 2 steps and 17th after 6 of its 40, so a first round of 1/8 stopped it at once;
+#: a replay of halving on those probes' curves keeps GA-S2's top-4 from 8 steps and its top-8 from 10 (docs/SELECT.md)
+HALVING_FIRST_FRACTION = 4
+
+
+def halving_first_steps(first_tokens: int | None, probe_steps: int, step_tokens: int) -> int:
+    """The first round's probe steps: ``first_tokens`` (``select.halving_first_tokens``) or, unset, a
+    ``1/HALVING_FIRST_FRACTION`` of a full probe's ``probe_steps``; at least one step, never past a full probe."""
+    first = first_tokens or (probe_steps * step_tokens) // HALVING_FIRST_FRACTION
+    return max(1, min(first // step_tokens, probe_steps))
+
+
+def halving_next(alive: Sequence[int], round_scores: Mapping[int, float], steps: int, max_steps: int,
+                 keep: int) -> tuple[list[int], int] | None:
+    """Successive halving's rule after a round of probes of ``steps`` steps (lower score = more important): the
+    survivors (the better half, never fewer than ``keep``) and their next probe length (twice as long, at most
+    ``max_steps``), or None when this round was the last (``keep`` or fewer were alive, or the probes had the full
+    length)."""
+    if len(alive) <= keep or steps >= max_steps:
+        return None
+    ranked = rank_layers({l: round_scores[l] for l in alive}, lower_is_better=True)
+    return ranked[:max(keep, len(alive) // 2)], min(steps * 2, max_steps)
+
+
+def halving_order(rounds: Sequence[Mapping[str, Any]], num_layers: int) -> dict[int, float]:
+    """Halving's final scores from its rounds (each ``{"alive": [...], "scores": {layer: score}}``, a layer's score
+    from the last round it ran in): layers that stopped in an earlier round rank below every layer that went
+    further (their scores carry an offset per round missed, so ranking them lower-is-better gives that order)."""
+    scores: dict[int, float] = {}
+    for rd in rounds:
+        scores.update({int(l): float(v) for l, v in rd["scores"].items()})
+    offset = max(scores.values()) - min(scores.values()) + 1.0
+    depth = {l: max(i for i, rd in enumerate(rounds) if l in rd["alive"]) for l in range(num_layers)}
+    return {l: scores[l] + offset * (len(rounds) - 1 - depth[l]) for l in range(num_layers)}
+
+
 def make_selection(method: str, scores: Mapping[int, float], lower_is_better: bool, num_layers: int,
                    distance_reg: float = 0.0, **extra: Any) -> dict[str, Any]:
     """A selection record (without ``chosen``: :func:`ds_hybrid.layers.chosen_sets` adds the top-K sets)."""

@@ -220,6 +220,57 @@ def test_probe_convergence_reads_the_ranking_a_shorter_probe_gives(tmp_path):
     assert rows[-1]["kendall_tau"] == 1.0 and rows[-1]["top_layers"] == [0, 3]
 
 
+def test_halving_rule_and_order_as_stage_select_applies_them():
+    """ds_hybrid.selection's halving rule (shared by stage select and bench/probe_convergence.py's replay): the better
+    half survives, never fewer than keep, at twice the steps capped at a full probe; the last round is the one with keep
+    or fewer alive or full-length probes; layers stopped earlier rank below every layer that went further, whatever
+    their scores."""
+    from ds_hybrid.selection import halving_first_steps, halving_next, halving_order, rank_layers
+
+    scores = {0: 0.5, 1: 0.1, 2: 0.4, 3: 0.2, 4: 0.3, 5: 0.05}
+    assert halving_next(list(range(6)), scores, 2, 16, keep=2) == ([5, 1, 3], 4)
+    assert halving_next(list(range(6)), scores, 2, 16, keep=4) == ([5, 1, 3, 4], 4)  # never fewer than keep
+    assert halving_next([5, 1, 3], scores, 12, 16, keep=2) == ([5, 1], 16)  # doubled, capped at the full probe
+    assert halving_next([5, 1], scores, 4, 16, keep=2) is None  # keep reached
+    assert halving_next([5, 1, 3], scores, 16, 16, keep=2) is None  # full length reached
+    # round 0: layer 0 best of all, but stopped; round 1: 1 and 2 go on with worse scores than layer 0's round-0 one
+    rounds = [{"alive": [0, 1, 2, 3], "scores": {"0": 0.9, "1": 0.2, "2": 0.3, "3": 1.5}},
+              {"alive": [1, 2], "scores": {"1": 2.0, "2": 1.0}}]
+    order = halving_order(rounds, 4)
+    assert rank_layers(order, lower_is_better=True) == [2, 1, 0, 3]
+    assert order[2] == 1.0 and order[1] == 2.0  # finalists keep their last round's scores
+    # the first round: 1/4 of a probe unless set, at least a step, never past a full probe
+    assert halving_first_steps(None, 40, 1000) == 10
+    assert halving_first_steps(None, 3, 1000) == 1
+    assert halving_first_steps(2500, 40, 1000) == 2
+    assert halving_first_steps(10**9, 40, 1000) == 40
+
+
+def test_probe_convergence_replays_halving_with_stage_selects_rule():
+    """bench/probe_convergence.py --halving: a late-blooming layer (its KL falls below the others' only after step 4)
+    is stopped by a 2-step first round and kept by an 8-step one; the rounds and their cost in probe steps follow the
+    schedule (retrain: every round from step 0; continue: survivors resumed)."""
+    import importlib.util
+
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("probe_convergence", REPO / "bench" / "probe_convergence.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    steps = 16
+    curves = {l: [1.0 + 0.01 * l] * steps for l in range(8)}
+    curves[7] = [1.5] * 4 + [0.5] * (steps - 4)  # worst for 4 steps, then the best
+    short = pc.replay_halving(curves, first_steps=2, keep=2, window=2)
+    assert [(r["steps"], len(r["alive"])) for r in short["rounds"]] == [(2, 8), (4, 4), (8, 2)]
+    assert 7 not in short["rounds"][1]["alive"] and short["ranking"][:2] == [0, 1]
+    assert short["probe_steps"] == {"retrain": 2 * 8 + 4 * 4 + 8 * 2, "continue": 2 * 8 + 2 * 4 + 4 * 2}
+    long = pc.replay_halving(curves, first_steps=8, keep=2, window=2)
+    assert [(r["steps"], len(r["alive"])) for r in long["rounds"]] == [(8, 8), (16, 4)]  # full length: the last
+    assert long["ranking"][0] == 7
+    table = pc.halving_table(curves, [7, 0, 1, 2, 3, 4, 5, 6], [1, 2], 2, [2, 8], steps_tokens=1000)
+    assert "| 2 steps (0.00M) | 2 x 8, 4 x 4, 8 x 2 |" in table and "[0] (0/1)" in table and "[7] (1/1)" in table
+
+
 def test_retrieval_layers_reads_each_heads_copy_and_needle_mass_from_the_attention():
     """bench/retrieval_layers.py: the per-head copy rate and needle mass its hooks read during one forward equal
     those computed from the attention weights transformers returns (output_attentions=True), and needle_sources

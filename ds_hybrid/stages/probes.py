@@ -27,7 +27,7 @@ from ds_hybrid.errors import ConfigError
 from ds_hybrid.layers import k_for_ratio
 from ds_hybrid.locks import held
 from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
-from ds_hybrid.selection import content_fingerprint, rank_layers
+from ds_hybrid.selection import content_fingerprint, halving_first_steps, halving_next, halving_order
 from ds_hybrid.stages.common import run_dtype
 
 log = logging.getLogger("ds_hybrid")
@@ -565,8 +565,7 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
     s = probe_stage_config(cfg, align_dir)
     cont = cfg.select.halving_survivors == "continue"
     step_tokens = s.global_batch * s.seq_len
-    first = cfg.select.halving_first_tokens or max(step_tokens, (stage_steps(s) * step_tokens) // 8)
-    first_steps = max(1, min(first // step_tokens, stage_steps(s)))  # (never past the longest probe)
+    first_steps = halving_first_steps(cfg.select.halving_first_tokens, stage_steps(s), step_tokens)
     # rounds are kept by their step counts: the first round's length decides which those are
     ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
              "first_round_steps": first_steps, "data_tokens": stage_steps(s) * step_tokens} if D.is_main() else {}
@@ -605,21 +604,18 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
         round_scores = {l: round_scores[l] for l in alive}
         spent += len(alive) * (steps - prev_steps if cont else steps) * step_tokens
         scores.update(round_scores)
-        ranked = rank_layers(round_scores, lower_is_better=True)
         rounds.append({"round": r, "steps": steps, "alive": alive, "scores": {str(k): v for k, v in round_scores.items()}})
-        if len(alive) <= keep or steps * step_tokens >= stage_steps(s) * step_tokens:
+        nxt = halving_next(alive, round_scores, steps, stage_steps(s), keep)
+        if nxt is None:
             break
-        survivors = ranked[:max(keep, len(alive) // 2)]
+        survivors = nxt[0]
         for layer in alive:  # stopped probes no longer need their checkpoints
             if layer not in survivors and D.is_main():
                 shutil.rmtree(out / "probes" / probe_name(layer) / "kl" / "checkpoints", ignore_errors=True)
         alive = survivors
-        prev_steps, steps, r = steps, min(steps * 2, stage_steps(s)), r + 1
-    # layers that stopped in an earlier round rank below every layer that went further
+        prev_steps, steps, r = steps, nxt[1], r + 1
     final_round = {int(l) for l in rounds[-1]["alive"]}
-    offset = max(scores.values()) - min(scores.values()) + 1.0
-    depth = {l: max(i for i, rd in enumerate(rounds) if l in rd["alive"]) for l in range(num_layers)}
-    ordered = {l: scores[l] + offset * (len(rounds) - 1 - depth[l]) for l in range(num_layers)}
+    ordered = halving_order(rounds, num_layers)
     return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},
                      "finalists": sorted(final_round),
                      "budget": {"first_round_tokens": first_steps * step_tokens, "max_probe_tokens": stage_steps(s) * step_tokens,

@@ -431,7 +431,10 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
           # the other's training) -> the cheap selectors against it (proxy ppl mse smart ar ar_multihop uniform);
           # the selections come back in the results (selection.json per method), for `compare` with LAYERS=[...];
           # SEL_REF=selection.json (a committed GA-S2 selection of the same align recipe, with ALIGN_PARTS): no GA-S2
-          # here, only SELECTORS against it (e.g. SELECTORS=halving: 53 probe runs, 650 s of an H200 in 2026-12)
+          # here, only SELECTORS against it (SELECTORS=halving at its default first round, 1/4 of a probe: 920 probe
+          # steps, 120.6M tokens, ~40 minutes at lease 22's rate, more than a lease; lease 22 ran a 2-step first round,
+          # SELECT_OVERRIDES="select.halving_first_tokens=262144": 24.1M tokens, 478 s of an H100, too short to keep
+          # GA-S2's best layer: docs/SELECT.md)
     date +%s > $R/t0
     T0=$(cat $R/t0)
     CCFG=${CCFG:-runs/smollm2_compare.yaml} RUNC=${RUNC:-/tmp/run/compare}

@@ -91,7 +91,8 @@ def halving_table(curves: dict[int, list[float]], reference: list[int], ks: list
     lines = ["| first round | rounds (steps x probes) | probe steps: retrain / continue (of GA-S2's) | "
              + " | ".join(f"top-{k} (overlap)" for k in ks) + " | Kendall tau |",
              "|---|---|---|" + "---|" * len(ks) + "---|"]
-    for f in firsts:
+    steps = min(len(c) for c in curves.values())
+    for f in sorted({min(f, steps) for f in firsts}):  # (a first round past the probes' length is the whole probe)
         h = replay_halving(curves, f, max(ks), window)
         rounds = ", ".join(f"{r['steps']} x {len(r['alive'])}" for r in h["rounds"])
         cost = h["probe_steps"]
@@ -116,10 +117,13 @@ def main() -> None:
     sel = read_selection(a.selection or src / "selection.json", "--selection")
     ks = [int(k) for k in a.ks.split(",")]
     steps_tokens = sel["budget"]["global_batch"] * sel["budget"]["seq_len"]
-    if a.halving:
-        firsts = [int(f) for f in a.halving.split(",")]
-        if min(firsts) < 1:
-            ap.error(f"--halving {a.halving}: first-round lengths are step counts >= 1")
+    if a.halving is not None:
+        try:
+            firsts = [int(f) for f in a.halving.split(",")]
+        except ValueError:
+            firsts = []
+        if not firsts or min(firsts) < 1:
+            ap.error(f"--halving {a.halving!r}: comma-separated first-round step counts >= 1, e.g. 2,5,10")
         md = halving_table(train_curves(src), sel["ranking"], ks, a.window, firsts, steps_tokens)
         print(md)
         if a.out:

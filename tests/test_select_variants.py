@@ -232,6 +232,8 @@ def test_halving_rule_and_order_as_stage_select_applies_them():
     assert halving_next(list(range(6)), scores, 2, 16, keep=4) == ([5, 1, 3, 4], 4)  # never fewer than keep
     assert halving_next([5, 1, 3], scores, 12, 16, keep=2) == ([5, 1], 16)  # doubled, capped at the full probe
     assert halving_next([5, 1], scores, 4, 16, keep=2) is None  # keep reached
+    odd = {l: float(l) for l in range(7)}
+    assert halving_next(list(range(7)), odd, 1, 16, keep=1) == ([0, 1, 2], 2)  # 7 alive: the better 3, rounded down
     assert halving_next([5, 1, 3], scores, 16, 16, keep=2) is None  # full length reached
     # round 0: layer 0 best of all, but stopped; round 1: 1 and 2 go on with worse scores than layer 0's round-0 one
     rounds = [{"alive": [0, 1, 2, 3], "scores": {"0": 0.9, "1": 0.2, "2": 0.3, "3": 1.5}},
@@ -239,10 +241,16 @@ def test_halving_rule_and_order_as_stage_select_applies_them():
     order = halving_order(rounds, 4)
     assert rank_layers(order, lower_is_better=True) == [2, 1, 0, 3]
     assert order[2] == 1.0 and order[1] == 2.0  # finalists keep their last round's scores
+    # three rounds: a layer stopped after round 0 ranks below one stopped after round 1, whatever their scores
+    rounds3 = [{"alive": [0, 1, 2, 3, 4, 5], "scores": {"0": 0.0, "1": 5.0, "2": 5.0, "3": 5.0, "4": 5.0, "5": 9.0}},
+               {"alive": [1, 2, 3, 4], "scores": {"1": 9.0, "2": 9.0, "3": 6.0, "4": 6.0}},
+               {"alive": [3, 4], "scores": {"3": 8.0, "4": 7.0}}]
+    assert rank_layers(halving_order(rounds3, 6), lower_is_better=True) == [4, 3, 1, 2, 0, 5]
     # the first round: 1/4 of a probe unless set, at least a step, never past a full probe
     assert halving_first_steps(None, 40, 1000) == 10
     assert halving_first_steps(None, 3, 1000) == 1
     assert halving_first_steps(2500, 40, 1000) == 2
+    assert halving_first_steps(400, 40, 1000) == 1  # less than a step: one step
     assert halving_first_steps(10**9, 40, 1000) == 40
 
 
@@ -267,8 +275,11 @@ def test_probe_convergence_replays_halving_with_stage_selects_rule():
     long = pc.replay_halving(curves, first_steps=8, keep=2, window=2)
     assert [(r["steps"], len(r["alive"])) for r in long["rounds"]] == [(8, 8), (16, 4)]  # full length: the last
     assert long["ranking"][0] == 7
-    table = pc.halving_table(curves, [7, 0, 1, 2, 3, 4, 5, 6], [1, 2], 2, [2, 8], steps_tokens=1000)
+    table = pc.halving_table(curves, [7, 0, 1, 2, 3, 4, 5, 6], [1, 2], 2, [2, 8, 50], steps_tokens=1000)
     assert "| 2 steps (0.00M) | 2 x 8, 4 x 4, 8 x 2 |" in table and "[0] (0/1)" in table and "[7] (1/1)" in table
+    assert "| 16 steps (0.02M) | 16 x 8 |" in table and "50 steps" not in table  # (past the probes: a whole probe)
+    # the score of an s-step probe is its training KL over steps s-w+1..s: here step 3's and 4's values only
+    assert pc.window_score([9.0, 9.0, 1.0, 3.0, 7.0], 4, 2) == 2.0 and pc.window_score([4.0, 8.0], 1, 4) == 4.0
 
 
 def test_retrieval_layers_reads_each_heads_copy_and_needle_mass_from_the_attention():

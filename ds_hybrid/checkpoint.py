@@ -61,7 +61,7 @@ def check_world_size(path: Path, written_by: int | None) -> None:
     if written_by not in (None, D.world_size()):
         raise CheckpointError(f"checkpoint {path} was written by {written_by} ranks, this job has {D.world_size()}; "
                               f"resume in a job of {written_by} ranks (Slurm: --nodes times --ntasks-per-node, one "
-                              f"rank a GPU), or move {path.parent} away to start the stage again at this size")
+                              f"rank a GPU), or move {path.parent.parent} away to start the stage again at this size")
 
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -218,7 +218,8 @@ class Checkpointer:
             detail = "; ".join(f"{p.name}: {pr[0]}" for p, pr in damaged)
             raise CheckpointError(
                 f"every checkpoint in {self.dir} is damaged ({detail}). Nothing was deleted. To start the stage "
-                f"again from step 0, move {self.dir} away; to resume from one anyway (unverified), set "
+                f"again from step 0, move {self.dir.parent} (the stage folder, its logs with it) away; to resume "
+                "from one anyway (unverified), set "
                 "<stage>.ckpt_verify: false")
         step, path = found
         D.barrier()  # every rank has read the tags before any is renamed

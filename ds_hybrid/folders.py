@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +52,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write then rename, both on disk before return (fsync of the file and of its folder): after a node's crash the
     file holds the old text or the new, never an empty one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # (host and pid: ranks of other nodes may write the same marker on a shared file system, pids alike)
+    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

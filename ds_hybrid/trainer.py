@@ -153,7 +153,8 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
     path, marker = latest
     check_world_size(path, marker.get("world_size"))
     was = marker.get("settings") or {}
-    again = f"set it back to resume, or move {path.parent} away to start the stage again"
+    # (the whole stage folder: with only its checkpoints moved, the new run would write over the old one's logs)
+    again = f"set it back to resume, or move {path.parent.parent} away to start the stage again"
     for key, field in (("global_batch", f"{stage}.global_batch"), ("seq_len", f"{stage}.seq_len"), ("seed", "seed"),
                        ("mixture", "data.mixture")):
         if key in was and was[key] != now[key]:
@@ -162,13 +163,29 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
     model = {"teacher": ("teacher", "the teacher's weights differ (another model or checkpoint of it)"),
              "softmax_layers": ("softmax_layers", f"its softmax layers were {was.get('softmax_layers')}"),
              "mixer": ("mixer", f"its mixer was {was.get('mixer')!r}"),
-             "mixer_options": ("mixer_options", f"its mixer options were {was.get('mixer_options')}"),
+             "mixer_options": None,  # (compared as options below: 1e-5 written as text, a default spelt out, an
+                                     # option the mixer never reads are the same model)
              "temperature": (f"{stage}.temperature", f"its loss had temperature {was.get('temperature')}"),
              "ce_weight": (f"{stage}.ce_weight", f"its loss had ce_weight {was.get('ce_weight')}")}
-    for key, (field, what) in model.items():
-        if key in was and was[key] != now[key]:
+    for key, spec in model.items():
+        if key not in was:
+            continue
+        if key == "mixer_options":
+            if change := _mixer_option_change(was[key], now[key], now["mixer"]):
+                field, value, before = change
+                raise ConfigError(field, value, f"the checkpoint {path} is of another model or loss: its mixer "
+                                  f"options had {field.removeprefix('mixer_options.')}={before!r}; {again}")
+        elif was[key] != now[key]:
+            field, what = spec
             raise ConfigError(field, now[key] if key != "teacher" else "this run's teacher",
                               f"the checkpoint {path} is of another model or loss: {what}; {again}")
+    if "frozen" in was and was["frozen"] != now["frozen"]:  # (a rate of 0 drops its parameters' optimizer groups)
+        key = sorted(set(was["frozen"]) ^ set(now["frozen"]))[0]
+        raise ConfigError(f"{stage}.{key}", now.get(key, 0 if key in now["frozen"] else "above 0"),
+                          f"the checkpoint {path} was written with {stage}.{key} "
+                          f"{'0' if key in was['frozen'] else 'above 0'}: a rate of 0 freezes those parameters and "
+                          "leaves their optimizer group out, so the checkpoint's optimizer state would not load "
+                          f"(a small rate instead of 0 resumes); {again}")
     moved = ("data_cache" in was and was["data_cache"] != now["data_cache"] and was.get("val_digest")
              and was["val_digest"] == now.get("val_digest") and was.get("train_sequences") == now["train_sequences"])
     if moved and D.is_main():  # (its key hashes the files' paths and times: a corpus copied, restored or re-synced)
@@ -180,8 +197,8 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         raise ConfigError("data", f"{now['train_sequences']} rows (token cache {now['data_cache']})",
                           f"the checkpoint {path} was written over {was.get('train_sequences')} rows (token cache "
                           f"{was.get('data_cache')}): the data settings, the corpus or {stage}.tokens changed, so its "
-                          f"steps stand for other rows; restore them to resume, or move {path.parent} away to start "
-                          "the stage again")
+                          f"steps stand for other rows; restore them to resume, or move {path.parent.parent} away to "
+                          "start the stage again")
     if "total_steps" in was and was["total_steps"] != now["total_steps"] and not longer and D.is_main():
         log.warning("%s: the checkpoint %s was written in a run of %d steps, this one has %d (%s.tokens changed): the "
                     "learning-rate schedule is stretched from here on, so the resumed steps are not the ones either "
@@ -192,6 +209,22 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         log.warning("%s: resumed with this run config's step settings, not those the checkpoint %s was written with: "
                     "%s; the learning rate (or the clipping) of the resumed steps follows the new ones", stage, path,
                     "; ".join(changed))
+
+
+def _mixer_option_change(was: dict[str, Any], now: dict[str, Any], mixer: str) -> tuple[str, Any, Any] | None:
+    """The first mixer option whose value makes ``now`` another model than ``was`` (the run config's options and a
+    checkpoint's record of them): (its field, the value now, the value then), or None. Values are compared as the
+    options' types, defaults filled in, options the mixer never reads or ``backend`` left out; a record naming an
+    option this version does not know is compared as written."""
+    from ds_hybrid.modeling.mixers import MixerOptions
+
+    try:
+        a, b = MixerOptions.from_dict(now), MixerOptions.from_dict(was)
+    except ConfigError:
+        return None if was == now else ("mixer_options", now, was)
+    if differ := a.differences(b, mixer):
+        return f"mixer_options.{differ[0]}", getattr(a, differ[0]), getattr(b, differ[0])
+    return None
 
 
 class _Signals:
@@ -319,7 +352,8 @@ def set_aside_finished_run(run_dir: Path) -> Path:
         n += 1
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
     dest.mkdir(parents=True)
-    for name in (DONE, "checkpoints", "metrics.jsonl", "tensorboard", "run_info.json", "runs.jsonl", "config.yaml"):
+    # DONE last: a set-aside cut short leaves the stage finished, and the next --force moves the rest
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "run_info.json", "runs.jsonl", "config.yaml", DONE):
         if (run_dir / name).exists():
             os.replace(run_dir / name, dest / name)
     log.warning("--force: the finished run's DONE, checkpoints and logs moved to %s; rerunning from step 0", dest)
@@ -437,6 +471,10 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 "teacher": D.main_reads(lambda: content_fingerprint(ctx.teacher_path)),
                 "softmax_layers": list(ctx.softmax_layers), "mixer": cfg.mixer,
                 "mixer_options": {k: v for k, v in cfg.mixer_options.items() if k != "backend"},  # (how, not what)
+                # the parameters a rate of 0 freezes (no optimizer group: another optimizer state); align trains
+                # mixers alone, at lr
+                "frozen": [k for k, v in (("lr", s.lr), ("lr_rest", s.lr_rest)) if v == 0 and
+                           (k == "lr" or stage != "align")], "lr": s.lr, "lr_rest": s.lr_rest,
                 "temperature": s.temperature, "ce_weight": s.ce_weight,
                 # how the steps are taken: changed on a resume on purpose at times, so said, not refused
                 "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip}
@@ -543,17 +581,28 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 monitor.histogram(done, "train/kl_per_token", kl_tokens)
             monitor.step(done, metrics)
             stop = D.any_rank(signals.received is not None)
-            if stop or checkpoint_due(done, total, s):
+
+            def save() -> None:
                 t0 = time.perf_counter()
                 ckpt.save(runner.engines, done, {"step": done, "stage": stage, "micro_batch": s.micro_batch},
                           settings)
                 phase_s["checkpoint"] = phase_s.get("checkpoint", 0.0) + time.perf_counter() - t0
+
+            saved = stop or checkpoint_due(done, total, s)
+            if saved:
+                save()
                 # a signal that came during this save: the checkpoint just written serves it (a second one after
                 # another step could outlast Slurm's warning at 70B, where a save takes minutes)
                 stop = stop or D.any_rank(signals.received is not None)
             # (not on a stop: Slurm's grace period is for the checkpoint; the resumed run goes on from this step)
             if s.eval_every and done % s.eval_every == 0 and done != total and not stop:
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")
+                # a signal that came during the evaluation: served at this step (its checkpoint, written above or
+                # now), not after one more step and save
+                if D.any_rank(signals.received is not None):
+                    stop = True
+                    if not saved:
+                        save()
             if stop:
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
@@ -584,6 +633,9 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
             atomic_write_text(run_dir / DONE, json.dumps(summary, indent=1))
             if s.keep_checkpoints == 0:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                if (run_dir / "checkpoints").exists():  # (said, not hidden: the disk would fill with no hint why)
+                    log.warning("%s: keep_checkpoints is 0 but %s could not be deleted whole; delete it by hand to "
+                                "free its space", stage, run_dir / "checkpoints")
         D.barrier()
     finally:
         monitor.close()

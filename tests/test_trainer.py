@@ -469,10 +469,28 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
              "temperature": 1.0, "ce_weight": 0.0}
     check_resume("kl", (path, {"world_size": 1, "settings": dict(model)}), model)
     for key, value, field in [("teacher", "fp2", "teacher"), ("softmax_layers", [1, 6], "softmax_layers"),
-                              ("mixer", "gla", "mixer"), ("mixer_options", {"use_gate": False}, "mixer_options"),
+                              ("mixer", "gla", "mixer"), ("mixer_options", {"use_gate": False}, r"mixer_options\.use_gate"),
                               ("temperature", 2.0, r"kl\.temperature"), ("ce_weight", 0.5, r"kl\.ce_weight")]:
         with pytest.raises(ConfigError, match=rf"^{field}=.*is of another model or loss"):
             check_resume("kl", (path, {"world_size": 1, "settings": {**model, key: value}}), model)
+    # the same model, its options written otherwise: 1e-5 as text (a command-line override) against YAML's float, a
+    # default spelt out, an option GDN never reads; the advice moves the stage folder (its logs with it)
+    for then, now_opts in [({"norm_eps": 1e-5}, {"norm_eps": "1e-5"}), ({}, {"use_gate": True}),
+                           ({}, {"gate_low_rank_dim": 32})]:
+        check_resume("kl", (path, {"world_size": 1, "settings": {**model, "mixer_options": then}}),
+                     {**model, "mixer_options": now_opts})
+    with pytest.raises(ConfigError, match=r"^mixer_options\.norm_eps=0\.001: .*had norm_eps=1e-05; set it back to "
+                                          rf"resume, or move {tmp_path} away"):
+        check_resume("kl", (path, {"world_size": 1, "settings": {**model, "mixer_options": {}}}),
+                     {**model, "mixer_options": {"norm_eps": "1e-3"}})
+    # a learning rate set to or from 0 between the run and its resume: other optimizer groups, refused by name
+    for then, now_frozen, rate, was in [([], ["lr_rest"], 0.0, "above 0"), (["lr_rest"], [], 7e-6, "0")]:
+        with pytest.raises(ConfigError, match=rf"^kl\.lr_rest={rate}: .*written with kl\.lr_rest {was}: .*would not "
+                                              "load"):
+            check_resume("kl", (path, {"world_size": 1, "settings": {**model, "frozen": then}}),
+                         {**model, "frozen": now_frozen, "lr_rest": rate})
+    check_resume("kl", (path, {"world_size": 1, "settings": {**model, "frozen": ["lr_rest"]}}),
+                 {**model, "frozen": ["lr_rest"]})
 
 
 def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_model(tmp_path):
@@ -491,7 +509,8 @@ def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_mode
     assert p.returncode == 0 and (run_dir / "DONE").exists(), tail(p)
     (run_dir / "DONE").unlink()  # as if stopped after its checkpoint at step 2 (it keeps steps 1 and 2)
     p = train("align", cfg, "mixer_options={use_gate: false}", nproc=1)
-    assert p.returncode == 2 and "another model or loss: its mixer options were {}" in p.stderr, tail(p)
+    assert p.returncode == 2 and "mixer_options.use_gate=False: the checkpoint" in p.stderr, tail(p)
+    assert "another model or loss: its mixer options had use_gate=True" in p.stderr, tail(p)
     p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", "align.clip=0.5", nproc=1)
     assert p.returncode == 0 and "resumed align from step 2" in p.stdout + p.stderr, tail(p)
     assert "resumed with this run config's step settings, not those the checkpoint" in p.stdout + p.stderr
@@ -533,3 +552,70 @@ def test_a_signal_during_a_save_is_served_by_that_save(tmp_path):
     assert p.returncode == 128 + signal.SIGUSR1, tail(p)
     saved = sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
     assert saved == ["step00000002"] and max(metrics(run_dir)) == 2, (saved, sorted(metrics(run_dir)))
+
+
+def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkpoint(tmp_path):
+    """SIGUSR1 arriving during the held-out evaluation of step 3 (eval_every 3, checkpoints every 4: none due at 3):
+    the stage saves step 3 and stops there, not after step 4 and its save; the resumed run goes on from step 3 and
+    ends with every step logged once."""
+    teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
+    from trainer_utils import TRAIN, one_process_stage
+
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
+                       align=one_process_stage(6, ckpt_every=4, keep_checkpoints=5, eval_every=3,
+                                               eval_at_start=False))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "from ds_hybrid import trainer\n"
+        "_held_out = trainer.held_out\n"
+        "def held_out(*a, **k):\n"
+        "    out = _held_out(*a, **k)\n"
+        "    if not os.environ.get('SENT'):\n"
+        "        os.environ['SENT'] = '1'\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return out\n"
+        "trainer.held_out = held_out\n")
+    e = env()
+    e["PYTHONPATH"] = f"{hook}:{e.get('PYTHONPATH', '')}"
+    p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=600, env=e, cwd=REPO)
+    run_dir = tmp_path / "out" / "align"
+    assert p.returncode == 128 + signal.SIGUSR1, tail(p)
+    saved = sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
+    assert saved == ["step00000003"] and max(metrics(run_dir)) == 3, (saved, sorted(metrics(run_dir)))
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0 and "resumed align from step 3" in p.stdout + p.stderr, tail(p)
+    assert sorted(metrics(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_set_aside_moves_done_last_so_a_cut_short_set_aside_leaves_the_stage_finished(tmp_path, monkeypatch):
+    """--force's set-aside of a finished stage, killed after its first move: DONE is still in place (the stage is
+    finished, not a half-moved run that a rerun would resume from its checkpoints), and the next --force moves the
+    rest; nothing is deleted."""
+    import os
+
+    from ds_hybrid import trainer
+
+    run_dir = tmp_path / "kl"
+    (run_dir / "checkpoints" / "step00000004").mkdir(parents=True)
+    for name in ("DONE", "metrics.jsonl", "config.yaml"):
+        (run_dir / name).write_text(name)
+    real, calls = os.replace, []
+
+    def cut(src, dst):
+        if calls:
+            raise KeyboardInterrupt  # (the kill, after one move)
+        calls.append(src)
+        real(src, dst)
+
+    monkeypatch.setattr(trainer.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.set_aside_finished_run(run_dir)
+    assert (run_dir / "DONE").is_file() and not (run_dir / "checkpoints").exists()
+    monkeypatch.setattr(trainer.os, "replace", real)
+    dest = trainer.set_aside_finished_run(run_dir)
+    assert not (run_dir / "DONE").exists() and (dest / "DONE").read_text() == "DONE"
+    assert (dest / "metrics.jsonl").read_text() == "metrics.jsonl"
+    assert len(list((run_dir / "previous").glob("*/checkpoints/step00000004"))) == 1

@@ -528,30 +528,36 @@ def test_a_signal_during_a_save_is_served_by_that_save(tmp_path):
     at that step with that checkpoint, not after one more step and a second save (at 70B two saves may outlast the
     time-limit warning, and a job killed at its limit is not requeued)."""
     teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
-    from trainer_utils import TRAIN, one_process_stage
+    from trainer_utils import one_process_stage
 
     cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
                        align=one_process_stage(6, ckpt_every=2, keep_checkpoints=5, eval_at_start=False))
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "from ds_hybrid import checkpoint\n"
-        "_save = checkpoint.Checkpointer.save\n"
-        "def save(self, engines, step, *a, **k):\n"
-        "    out = _save(self, engines, step, *a, **k)\n"
-        "    if step == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "    return out\n"
-        "checkpoint.Checkpointer.save = save\n")
+    p, run_dir, saved = align_with_hook(tmp_path, cfg, "from ds_hybrid import checkpoint\n"
+                                                       "_save = checkpoint.Checkpointer.save\n"
+                                                       "def save(self, engines, step, *a, **k):\n"
+                                                       "    out = _save(self, engines, step, *a, **k)\n"
+                                                       "    if step == 2:\n"
+                                                       "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+                                                       "    return out\n"
+                                                       "checkpoint.Checkpointer.save = save\n")
+    assert p.returncode == 128 + signal.SIGUSR1, tail(p)
+    assert saved == ["step00000002"] and max(metrics(run_dir)) == 2, (saved, sorted(metrics(run_dir)))
+
+
+def align_with_hook(tmp_path, cfg, hook: str):
+    """Stage align of ``cfg`` in a process that first runs ``hook`` (a sitecustomize.py, ``os`` and ``signal``
+    imported): its result, its run folder and the steps of its complete checkpoints."""
+    from trainer_utils import TRAIN
+
+    folder = tmp_path / "hook"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text("import os, signal\n" + hook)
     e = env()
-    e["PYTHONPATH"] = f"{hook}:{e.get('PYTHONPATH', '')}"
+    e["PYTHONPATH"] = f"{folder}:{e.get('PYTHONPATH', '')}"
     p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=600, env=e, cwd=REPO)
     run_dir = tmp_path / "out" / "align"
-    assert p.returncode == 128 + signal.SIGUSR1, tail(p)
-    saved = sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
-    assert saved == ["step00000002"] and max(metrics(run_dir)) == 2, (saved, sorted(metrics(run_dir)))
+    return p, run_dir, sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
 
 
 def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkpoint(tmp_path):
@@ -559,31 +565,21 @@ def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkp
     the stage saves step 3 and stops there, not after step 4 and its save; the resumed run goes on from step 3 and
     ends with every step logged once."""
     teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
-    from trainer_utils import TRAIN, one_process_stage
+    from trainer_utils import one_process_stage
 
     cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
                        align=one_process_stage(6, ckpt_every=4, keep_checkpoints=5, eval_every=3,
                                                eval_at_start=False))
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "from ds_hybrid import trainer\n"
-        "_held_out = trainer.held_out\n"
-        "def held_out(*a, **k):\n"
-        "    out = _held_out(*a, **k)\n"
-        "    if not os.environ.get('SENT'):\n"
-        "        os.environ['SENT'] = '1'\n"
-        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "    return out\n"
-        "trainer.held_out = held_out\n")
-    e = env()
-    e["PYTHONPATH"] = f"{hook}:{e.get('PYTHONPATH', '')}"
-    p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=600, env=e, cwd=REPO)
-    run_dir = tmp_path / "out" / "align"
+    p, run_dir, saved = align_with_hook(tmp_path, cfg, "from ds_hybrid import trainer\n"
+                                                       "_held_out = trainer.held_out\n"
+                                                       "def held_out(*a, **k):\n"
+                                                       "    out = _held_out(*a, **k)\n"
+                                                       "    if not os.environ.get('SENT'):\n"
+                                                       "        os.environ['SENT'] = '1'\n"
+                                                       "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+                                                       "    return out\n"
+                                                       "trainer.held_out = held_out\n")
     assert p.returncode == 128 + signal.SIGUSR1, tail(p)
-    saved = sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
     assert saved == ["step00000003"] and max(metrics(run_dir)) == 3, (saved, sorted(metrics(run_dir)))
     p = train("align", cfg, nproc=1)
     assert p.returncode == 0 and "resumed align from step 3" in p.stdout + p.stderr, tail(p)

@@ -173,19 +173,23 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key == "mixer_options":
             if change := _mixer_option_change(was[key], now[key], now["mixer"]):
                 field, value, before = change
+                had = (f"had {field.removeprefix('mixer_options.')}={before!r}" if "." in field
+                       else f"were {before!r}")  # (a record this version cannot read as options: as written)
                 raise ConfigError(field, value, f"the checkpoint {path} is of another model or loss: its mixer "
-                                  f"options had {field.removeprefix('mixer_options.')}={before!r}; {again}")
+                                  f"options {had}; {again}")
         elif was[key] != now[key]:
             field, what = spec
             raise ConfigError(field, now[key] if key != "teacher" else "this run's teacher",
                               f"the checkpoint {path} is of another model or loss: {what}; {again}")
     if "frozen" in was and was["frozen"] != now["frozen"]:  # (a rate of 0 drops its parameters' optimizer groups)
         key = sorted(set(was["frozen"]) ^ set(now["frozen"]))[0]
+        # (0 now: the checkpoint has that group, so any rate above 0 loads; above 0 now: it has none, so only 0 does)
+        small = " (a small rate instead of 0 resumes)" if key in now["frozen"] else ""
         raise ConfigError(f"{stage}.{key}", now.get(key, 0 if key in now["frozen"] else "above 0"),
                           f"the checkpoint {path} was written with {stage}.{key} "
                           f"{'0' if key in was['frozen'] else 'above 0'}: a rate of 0 freezes those parameters and "
-                          "leaves their optimizer group out, so the checkpoint's optimizer state would not load "
-                          f"(a small rate instead of 0 resumes); {again}")
+                          f"leaves their optimizer group out, so the checkpoint's optimizer state would not "
+                          f"load{small}; {again}")
     moved = ("data_cache" in was and was["data_cache"] != now["data_cache"] and was.get("val_digest")
              and was["val_digest"] == now.get("val_digest") and was.get("train_sequences") == now["train_sequences"])
     if moved and D.is_main():  # (its key hashes the files' paths and times: a corpus copied, restored or re-synced)
@@ -528,6 +532,7 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
         peak = peak_tflops(cfg.peak_tflops)
         phase_s["setup"] = time.perf_counter() - t_start
         stop_if_signalled(f"at step {start}, before its first step")
+        evaluated = True
         if start == 0 and s.eval_at_start:  # the starting point, for "did this stage help" at a glance
             t0 = time.perf_counter()
             monitor.scalars(0, held_out(runner, val_rows), prefix="val")
@@ -535,6 +540,10 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
         elif rescore and start != total:
             # a resume at an evaluation step: a stop there skipped its score (Monitor dropped any row of it)
             monitor.scalars(start, held_out(runner, val_rows), prefix="val")
+        else:
+            evaluated = False
+        if evaluated:  # a signal during that evaluation: nothing is unsaved, so it stops now with no save
+            stop_if_signalled(f"at step {start}, after its held-out evaluation, before its next step")
         t_train = time.perf_counter()
         seen = start * tokens_per_step
         peak_gpu = None

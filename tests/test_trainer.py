@@ -7,6 +7,7 @@ inspected by several tests; resume, ZeRO-3 equivalence, failures and bad configs
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -469,7 +470,8 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
              "temperature": 1.0, "ce_weight": 0.0}
     check_resume("kl", (path, {"world_size": 1, "settings": dict(model)}), model)
     for key, value, field in [("teacher", "fp2", "teacher"), ("softmax_layers", [1, 6], "softmax_layers"),
-                              ("mixer", "gla", "mixer"), ("mixer_options", {"use_gate": False}, r"mixer_options\.use_gate"),
+                              ("mixer", "gla", "mixer"),
+                              ("mixer_options", {"use_gate": False}, r"mixer_options\.use_gate"),
                               ("temperature", 2.0, r"kl\.temperature"), ("ce_weight", 0.5, r"kl\.ce_weight")]:
         with pytest.raises(ConfigError, match=rf"^{field}=.*is of another model or loss"):
             check_resume("kl", (path, {"world_size": 1, "settings": {**model, key: value}}), model)
@@ -480,15 +482,20 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
         check_resume("kl", (path, {"world_size": 1, "settings": {**model, "mixer_options": then}}),
                      {**model, "mixer_options": now_opts})
     with pytest.raises(ConfigError, match=r"^mixer_options\.norm_eps=0\.001: .*had norm_eps=1e-05; set it back to "
-                                          rf"resume, or move {tmp_path} away"):
+                                          rf"resume, or move {re.escape(str(tmp_path))} away"):
         check_resume("kl", (path, {"world_size": 1, "settings": {**model, "mixer_options": {}}}),
                      {**model, "mixer_options": {"norm_eps": "1e-3"}})
     # a learning rate set to or from 0 between the run and its resume: other optimizer groups, refused by name
-    for then, now_frozen, rate, was in [([], ["lr_rest"], 0.0, "above 0"), (["lr_rest"], [], 7e-6, "0")]:
-        with pytest.raises(ConfigError, match=rf"^kl\.lr_rest={rate}: .*written with kl\.lr_rest {was}: .*would not "
-                                              "load"):
+    # (the hint of a small rate only where the checkpoint has the group: set to 0 now, not from 0)
+    for then, now_frozen, key, rate, was, hint in [([], ["lr_rest"], "lr_rest", 0.0, "above 0", True),
+                                                   (["lr_rest"], [], "lr_rest", 7e-6, "0", False),
+                                                   (["lr"], ["lr", "lr_rest"], "lr_rest", 0.0, "above 0", True),
+                                                   (["lr_rest"], ["lr", "lr_rest"], "lr", 0.0, "above 0", True)]:
+        with pytest.raises(ConfigError, match=rf"^kl\.{key}={rate}: .*written with kl\.{key} {was}: .*would not "
+                                              "load") as e:
             check_resume("kl", (path, {"world_size": 1, "settings": {**model, "frozen": then}}),
-                         {**model, "frozen": now_frozen, "lr_rest": rate})
+                         {**model, "frozen": now_frozen, key: rate})
+        assert ("a small rate instead of 0 resumes" in str(e.value)) is hint
     check_resume("kl", (path, {"world_size": 1, "settings": {**model, "frozen": ["lr_rest"]}}),
                  {**model, "frozen": ["lr_rest"]})
 
@@ -562,8 +569,8 @@ def align_with_hook(tmp_path, cfg, hook: str):
 
 def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkpoint(tmp_path):
     """SIGUSR1 arriving during the held-out evaluation of step 3 (eval_every 3, checkpoints every 4: none due at 3):
-    the stage saves step 3 and stops there, not after step 4 and its save; the resumed run goes on from step 3 and
-    ends with every step logged once."""
+    the stage saves step 3 and stops there, not after step 4 and its save; the resumed run goes on from step 3,
+    scores step 3 again, and ends with every step's training row written once and one held-out row of step 3."""
     teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
     from trainer_utils import one_process_stage
 
@@ -583,7 +590,29 @@ def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkp
     assert saved == ["step00000003"] and max(metrics(run_dir)) == 3, (saved, sorted(metrics(run_dir)))
     p = train("align", cfg, nproc=1)
     assert p.returncode == 0 and "resumed align from step 3" in p.stdout + p.stderr, tail(p)
-    assert sorted(metrics(run_dir)) == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["split"] == "val"].count(3) == 1
+
+
+def test_a_signal_during_the_evaluation_before_the_first_step_stops_there_with_no_save(tmp_path):
+    """SIGUSR1 arriving during eval_at_start's held-out evaluation: the stage stops before its first step (nothing
+    is unsaved, no checkpoint written), not after step 1 and a save."""
+    teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
+    from trainer_utils import one_process_stage
+
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
+                       align=one_process_stage(4, ckpt_every=2, keep_checkpoints=5, eval_at_start=True))
+    p, run_dir, saved = align_with_hook(tmp_path, cfg, "from ds_hybrid import trainer\n"
+                                                       "_held_out = trainer.held_out\n"
+                                                       "def held_out(*a, **k):\n"
+                                                       "    out = _held_out(*a, **k)\n"
+                                                       "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+                                                       "    return out\n"
+                                                       "trainer.held_out = held_out\n")
+    assert p.returncode == 128 + signal.SIGUSR1, tail(p)
+    assert saved == [] and metrics(run_dir) == {}, (saved, sorted(metrics(run_dir)))
+    assert "after its held-out evaluation, before its next step" in p.stdout + p.stderr, tail(p)
 
 
 def test_set_aside_moves_done_last_so_a_cut_short_set_aside_leaves_the_stage_finished(tmp_path, monkeypatch):

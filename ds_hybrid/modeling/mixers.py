@@ -108,8 +108,11 @@ def _typed(value: Any, kind: str, field: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             pass
-    if want is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if want is int and isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
     raise ConfigError(field, value, f"expected {'an' if kind == 'int' else 'a'} {kind}")
 
 

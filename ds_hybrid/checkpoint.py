@@ -129,20 +129,6 @@ class Checkpointer:
                 f"`lfs quota -u $USER <dir>` on Lustre; {need}){why}; {keep}. Free space there, or set out_dir to a "
                 "larger disk, then rerun the same command to resume")
 
-    def latest_marker(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint whose marker reads, and that marker, as the main rank reads them (every
-        rank gets the same), for checks before any model is built; None where there is none. A newer one with an
-        unreadable marker is one load() sets aside (it resumes from an older one: the one checked here)."""
-        def read() -> tuple[Path, dict[str, Any]] | None:
-            for _, path in reversed(self.complete_tags()):
-                if _marker_problem(path) is None:  # (load()'s test of a marker)
-                    try:
-                        return path, json.loads((path / MARKER).read_text())
-                    except (OSError, ValueError):  # (gone since)
-                        continue
-            return None
-        return D.main_reads(read)
-
     def save(self, engines: dict[str, Any], step: int, client_state: dict[str, Any],
              settings: dict[str, Any] | None = None) -> Path:
         """Save every engine in ``engines`` (name -> DeepSpeedEngine) at optimizer step ``step``; ``settings`` (what
@@ -191,6 +177,13 @@ class Checkpointer:
 
     def load(self, engines: dict[str, Any]) -> dict[str, Any] | None:
         """Restore the newest intact checkpoint into ``engines``; returns its client state, or None if none."""
+        return self.restore(engines, self.pick())
+
+    def pick(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint a resume loads, chosen before any model is built: leftovers of interrupted saves removed,
+        the newest checkpoint whose marker and (``verify``) files check out, the damaged ones newer than it set aside
+        (renamed, not deleted), its world size checked; (its path, its marker) as the main rank reads them, or None
+        where there is none. A CheckpointError when every one is damaged or it was written by another world size."""
         if D.is_main() and self.dir.is_dir():  # leftovers of interrupted saves
             for p in self.dir.iterdir():
                 if (TAG_RE.match(p.name) and not (p / MARKER).is_file()) or p.name.startswith(".pruning-"):
@@ -221,13 +214,21 @@ class Checkpointer:
                 f"again from step 0, move {self.dir.parent} (the stage folder, its logs with it) away; to resume "
                 "from one anyway (unverified), set "
                 "<stage>.ckpt_verify: false")
-        step, path = found
+        path = found[1]
         D.barrier()  # every rank has read the tags before any is renamed
         if damaged and D.is_main():
             self._set_aside([p for p, _ in damaged])
         D.barrier()
         info = D.main_reads(lambda: json.loads((path / MARKER).read_text()))
         check_world_size(path, info["world_size"])
+        return path, info
+
+    def restore(self, engines: dict[str, Any], picked: tuple[Path, dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Load the checkpoint :meth:`pick` chose into ``engines`` (built since), and this rank's RNG state; its
+        client state, or None where none was picked."""
+        if picked is None:
+            return None
+        path = picked[0]
         client_state: dict[str, Any] = {}
         for name, engine in engines.items():
             loaded, cs = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,

@@ -482,8 +482,10 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 "temperature": s.temperature, "ce_weight": s.ce_weight,
                 # how the steps are taken: changed on a resume on purpose at times, so said, not refused
                 "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip}
-    latest = ckpt.latest_marker()
-    check_resume(stage, latest, settings, longer=not restart)  # before any model is built
+    # the resume point, chosen (its files verified, damaged newer ones set aside) and checked before any model is
+    # built: a 70B job learns of a damaged or mismatched checkpoint in seconds, not after loading two models
+    latest = ckpt.pick()
+    check_resume(stage, latest, settings, longer=not restart)
     # a checkpoint of a ZeRO-3 student from before 2026-12-06 (no settings in its marker) has the optimizer groups
     # of that time, which loads only into the same groups: kept for the rest of the stage
     old_groups = latest is not None and ("settings" not in latest[1] or
@@ -498,7 +500,7 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
         with shard_shape_decay(old_groups):
             runner.setup()
         fresh = optimizer_settings(runner.engine)  # (the run config's, before the checkpoint's are loaded)
-        client = ckpt.load(runner.engines)
+        client = ckpt.restore(runner.engines, latest)
         start = int(client["step"]) if client else 0
         if client:
             log.info("resumed %s from step %d", stage, start)

@@ -497,14 +497,22 @@ def test_a_prune_cut_short_leaves_no_folder_that_looks_complete(tmp_path, monkey
     assert sorted(p.name for p in ck.dir.iterdir()) == ["step00000006"]
 
 
-def test_the_resume_check_reads_the_newest_marker_that_reads(tmp_path):
-    """An unreadable newest COMPLETE marker (load() sets that checkpoint aside and resumes from the one before): the
-    settings check reads the checkpoint load() will take, not none at all (which turned the check off)."""
+@pytest.mark.parametrize("how", ["marker", "flipped_byte"])
+def test_the_resume_point_is_picked_before_any_model_and_restored_after(tmp_path, how):
+    """pick() runs before the models are built: the newest checkpoint whose marker reads and (verified) whose files
+    match their manifest, the damaged newer one set aside there and then, and that marker handed to the settings
+    check (an unreadable one once turned the check off); restore() then loads exactly the picked one."""
     ck = two_checkpoints(tmp_path)
-    (ck.latest()[1] / MARKER).write_text("{not json")
-    path, marker = ck.latest_marker()
-    assert path.name == "step00000002" and marker["step"] == 2
-    assert ck.load({"student": FakeEngine()}) == {"step": 2}
+    if how == "marker":
+        (ck.latest()[1] / MARKER).write_text("{not json")
+    else:
+        damage(ck.latest()[1], how)
+    path, marker = ck.pick()
+    assert path.name == "step00000002" and marker["step"] == 2 and marker["world_size"] == 1
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["step00000002", "step00000004.damaged"]
+    eng = FakeEngine()
+    assert ck.restore({"student": eng}, (path, marker)) == {"step": 2} and eng.loaded == 2
+    assert ck.restore({"student": FakeEngine()}, None) is None
 
 
 SIGNAL_SCRIPT = """

@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +180,32 @@ class Checkpointer:
         """Restore the newest intact checkpoint into ``engines``; returns its client state, or None if none."""
         return self.restore(engines, self.pick())
 
-    def pick(self) -> tuple[Path, dict[str, Any]] | None:
+    def newest_marker(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint whose marker reads, and that marker, as the main rank reads them (every
+        rank gets the same); None where there is none."""
+        def read() -> tuple[Path, dict[str, Any]] | None:
+            for _, path in reversed(self.complete_tags()):
+                if _marker_problem(path) is None:  # (pick()'s test of a marker)
+                    try:
+                        return path, json.loads((path / MARKER).read_text())
+                    except (OSError, ValueError):  # (gone since)
+                        continue
+            return None
+        return D.main_reads(read)
+
+    def pick(self, check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint a resume loads, chosen before any model is built: leftovers of interrupted saves removed,
         the newest checkpoint whose marker and (``verify``) files check out, the damaged ones newer than it set aside
-        (renamed, not deleted), its world size checked; (its path, its marker) as the main rank reads them, or None
-        where there is none. A CheckpointError when every one is damaged or it was written by another world size."""
+        (renamed, not deleted); (its path, its marker) as the main rank reads them, or None where there is none.
+        The world size, and ``check`` (the run's settings against a marker: it raises to refuse), are checked on the
+        newest readable marker first, before any file is hashed (seconds, where a 70B checkpoint's verification
+        reads a terabyte), and again on the one picked where that is older. A CheckpointError when every one is
+        damaged or one was written by another world size."""
+        newest = self.newest_marker()
+        if newest is not None:
+            check_world_size(newest[0], newest[1].get("world_size"))
+            if check is not None:
+                check(*newest)
         if D.is_main() and self.dir.is_dir():  # leftovers of interrupted saves
             for p in self.dir.iterdir():
                 if (TAG_RE.match(p.name) and not (p / MARKER).is_file()) or p.name.startswith(".pruning-"):
@@ -220,7 +242,10 @@ class Checkpointer:
             self._set_aside([p for p, _ in damaged])
         D.barrier()
         info = D.main_reads(lambda: json.loads((path / MARKER).read_text()))
-        check_world_size(path, info["world_size"])
+        if newest is None or path != newest[0]:
+            check_world_size(path, info["world_size"])
+            if check is not None:
+                check(path, info)
         return path, info
 
     def restore(self, engines: dict[str, Any], picked: tuple[Path, dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -229,6 +254,10 @@ class Checkpointer:
         if picked is None:
             return None
         path = picked[0]
+        if not D.main_reads(lambda: (path / MARKER).is_file()):
+            raise CheckpointError(f"checkpoint {path}, picked before the models were built, is gone (moved or deleted "
+                                  "from outside this stage's lock since): rerun the command to resume from the "
+                                  "checkpoints there are")
         client_state: dict[str, Any] = {}
         for name, engine in engines.items():
             loaded, cs = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,

@@ -1,6 +1,6 @@
 """The training loop shared by stages align, kl and finetune.
 
-    run_stage(cfg, "kl")     # validate -> data -> models/engines -> resume -> steps -> eval -> export -> DONE
+    run_stage(cfg, "kl")  # validate -> data -> resume point -> models -> restore -> steps -> eval -> export -> DONE
 
 Per optimizer step: the step's rows (a pure function of seed and step), split over ranks and accumulation
 micro-batches; the stage's train_step; metrics (loss, lr, grad norm, tokens/s, step time, MFU, memory) to
@@ -483,9 +483,10 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 # how the steps are taken: changed on a resume on purpose at times, so said, not refused
                 "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip}
     # the resume point, chosen (its files verified, damaged newer ones set aside) and checked before any model is
-    # built: a 70B job learns of a damaged or mismatched checkpoint in seconds, not after loading two models
-    latest = ckpt.pick()
-    check_resume(stage, latest, settings, longer=not restart)
+    # built: a 70B job learns of a mismatched checkpoint in seconds (the settings read from the newest marker before
+    # any file is hashed) and of a damaged one after reading it, not after loading two models
+    latest = ckpt.pick(check=lambda path, marker: check_resume(stage, (path, marker), settings, longer=not restart))
+    stop_if_signalled("after picking its checkpoint, before building its models")  # (a verification takes minutes)
     # a checkpoint of a ZeRO-3 student from before 2026-12-06 (no settings in its marker) has the optimizer groups
     # of that time, which loads only into the same groups: kept for the rest of the stage
     old_groups = latest is not None and ("settings" not in latest[1] or

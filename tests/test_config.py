@@ -81,7 +81,7 @@ def test_mixer_options_take_their_types():
     opts = MixerOptions.from_dict({"norm_eps": "1e-6", "conv_size": "3", "use_gate": False})
     assert opts.norm_eps == 1e-6 and isinstance(opts.norm_eps, float) and opts.conv_size == 3
     for option, bad, kind in (("use_gate", "sure", "a bool"), ("conv_size", 2.5, "an int"), ("norm_eps", "small", "a float"),
-                              ("qkv_bias", 1, "a bool")):
+                              ("qkv_bias", 1, "a bool"), ("conv_size", "--5", "an int")):
         with pytest.raises(ConfigError, match=rf"^mixer_options\.{option}=.*expected {kind}"):
             validate_static(load_config(None, [f"mixer_options.{option}={bad}"]))
     base = MixerOptions()

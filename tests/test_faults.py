@@ -515,6 +515,36 @@ def test_the_resume_point_is_picked_before_any_model_and_restored_after(tmp_path
     assert ck.restore({"student": FakeEngine()}, None) is None
 
 
+
+def test_pick_checks_the_newest_marker_before_hashing_any_file(tmp_path, monkeypatch):
+    """Another world size or settings (the run's check, which raises to refuse) are refused from the newest marker
+    before any file is hashed (a 70B checkpoint's verification reads a terabyte) and with nothing renamed; where the
+    newest is damaged, the check runs again on the older checkpoint picked."""
+    from ds_hybrid import checkpoint
+
+    ck = two_checkpoints(tmp_path)
+    newest = ck.latest()[1] / MARKER
+    good = newest.read_text()
+    monkeypatch.setattr(checkpoint, "verify_manifest", lambda path: pytest.fail(f"{path} hashed before the checks"))
+    newest.write_text(json.dumps({**json.loads(good), "world_size": 4}))
+    with pytest.raises(CheckpointError, match="written by 4 ranks, this job has 1"):
+        ck.pick()
+    newest.write_text(good)
+    seen: list[str] = []
+
+    def refuse(path: Path, marker: dict) -> None:
+        seen.append(path.name)
+        raise ConfigError("kl.global_batch", 8, f"the checkpoint {path} was written with 16")
+
+    with pytest.raises(ConfigError, match="written with 16"):
+        ck.pick(check=refuse)
+    assert seen == ["step00000004"] and sorted(p.name for p in ck.dir.iterdir()) == ["step00000002", "step00000004"]
+    monkeypatch.undo()
+    damage(ck.latest()[1], "flipped_byte")
+    seen.clear()
+    path, marker = ck.pick(check=lambda path, marker: seen.append(path.name))
+    assert path.name == "step00000002" and seen == ["step00000004", "step00000002"]
+
 SIGNAL_SCRIPT = """
 import json, os, signal, sys
 from ds_hybrid import trainer

@@ -615,6 +615,35 @@ def test_a_signal_during_the_evaluation_before_the_first_step_stops_there_with_n
     assert "after its held-out evaluation, before its next step" in p.stdout + p.stderr, tail(p)
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_before_the_models_are_built(tmp_path):
+    """A resume whose newest checkpoint has a flipped byte: the checkpoint is verified and set aside before the
+    student's engine is built (seen from inside the build), and the stage resumes from the one before it."""
+    teacher, corpus = make_tiny_teacher(tmp_path / "t"), make_corpus(tmp_path / "c", n_files=8)
+    from trainer_utils import one_process_stage
+
+    cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
+                       align=one_process_stage(3, ckpt_every=1, keep_checkpoints=3, eval_at_start=False))
+    run_dir = tmp_path / "out" / "align"
+    p = train("align", cfg, nproc=1)
+    assert p.returncode == 0, tail(p)
+    (run_dir / "DONE").unlink()  # as if stopped after its last checkpoint
+    newest = run_dir / "checkpoints" / "step00000003"
+    victim = newest / next(iter(json.loads((newest / "MANIFEST.json").read_text())["files"]))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    p, _, saved = align_with_hook(tmp_path, cfg, "from pathlib import Path\n"
+                                                 "from ds_hybrid.stages import common\n"
+                                                 "_engine = common.student_engine\n"
+                                                 "def student_engine(*a, **k):\n"
+                                                 f"    aside = list(Path({str(newest.parent)!r}).glob('*.damaged'))\n"
+                                                 "    print('SET_ASIDE_BEFORE_MODELS', bool(aside), flush=True)\n"
+                                                 "    return _engine(*a, **k)\n"
+                                                 "common.student_engine = student_engine\n")
+    assert p.returncode == 0 and "SET_ASIDE_BEFORE_MODELS True" in p.stdout, tail(p)
+    assert "resumed align from step 2" in p.stdout + p.stderr and (run_dir / "DONE").is_file(), tail(p)
+    assert (newest.parent / "step00000003.damaged").is_dir()
+
 def test_set_aside_moves_done_last_so_a_cut_short_set_aside_leaves_the_stage_finished(tmp_path, monkeypatch):
     """--force's set-aside of a finished stage, killed after its first move: DONE is still in place (the stage is
     finished, not a half-moved run that a rerun would resume from its checkpoints), and the next --force moves the

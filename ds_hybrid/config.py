@@ -441,8 +441,9 @@ def validate_static(cfg: RunConfig) -> None:
         if not 0 <= r <= 1:
             raise ConfigError("select.ratios", cfg.select.ratios, "ratios lie in [0, 1]")
     for name, w in (cfg.data.mixture or {}).items():
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-            raise ConfigError(f"data.mixture.{name}", w, "weights are numbers >= 0 (1 = the source's natural share)")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"data.mixture.{name}", w, "weights are finite numbers >= 0 (1 = the source's natural "
+                              "share, 0 = left out of training)")
     if cfg.data.mixture and not any(w > 0 for w in cfg.data.mixture.values()):
         raise ConfigError("data.mixture", cfg.data.mixture, "at least one weight must be positive")
     if cfg.data.num_proc < 1:

@@ -454,6 +454,11 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
                             # training documents left out as copies of held-out ones (tokencache.doc_hash)
                             "duplicates_of_held_out": sum(r.get("duplicates", 0) for r in rs)}
                         for s, rs in used.items()}}
+    if meta["train_tokens"] + meta["val_tokens"] == 0:  # (not a seq_len problem: there is no text to cut rows from)
+        raise ConfigError("data.source", cfg.source if isinstance(cfg.source, str) else list(cfg.source),
+                          f"no text in its {sum(len(us) for us in units.values())} file(s) ({meta['documents']} "
+                          f"documents, all empty; data.text_field={cfg.text_field!r}): point it at files of text, or "
+                          "name the field that holds the text")
     commits = {u.revision for us in units.values() for u in us if u.revision}
     if commits:  # a hub dataset: the commit its tokens came from (data.revision, or what the default branch was at)
         meta["hub"] = {"config": cfg.hub_config, "revision": cfg.revision, "commit": commits.pop()}
@@ -558,7 +563,12 @@ def _reweighted(per: dict[str, np.ndarray], mixture: dict[str, float], seed: int
     the natural total, which repeated rows of weight-1 sources within a pass; the shares are the same.)"""
     out = {}
     for s, v in per.items():
-        want = int(round(float(mixture.get(s, 1.0)) * len(v)))
+        w = float(mixture.get(s, 1.0))
+        want = int(round(w * len(v)))
+        if want == 0 and w > 0 and len(v):  # (a source asked for, silently gone: a weight of 0 is how to leave it out)
+            raise ConfigError(f"data.mixture.{s}", mixture[s], f"gives 0 of the source's {len(v)} rows at this "
+                              f"seq_len (weight x rows rounds to 0): raise it to at least {0.5 / len(v):.3g}, or set "
+                              "0 to leave the source out")
         if want == 0 or len(v) == 0:
             out[s] = v[:0]
             continue

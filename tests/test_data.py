@@ -472,6 +472,13 @@ def test_mixture_reweights_sources_and_evaluation_covers_every_source():
     assert [int(ev[[i]][0, 0]) for i in range(4)] == [0, 0, 10, 10]  # a, b, a, b
     with pytest.raises(ConfigError, match=r"data\.mixture\.x=-1"):
         load_config(None, ["data.mixture={x: -1}"])
+    for bad in (".nan", ".inf"):  # (NaN < 0 is False: they reached the row count, a ValueError or OverflowError)
+        with pytest.raises(ConfigError, match=r"^data\.mixture\.x=(nan|inf): weights are finite numbers"):
+            load_config(None, [f"data.mixture={{x: {bad}, y: 1}}"])
+    # a positive weight that rounds to no row is refused by name, not a source silently left out
+    with pytest.raises(ConfigError, match=r"^data\.mixture\.b=0\.001: gives 0 of the source's 300 rows .*at least "
+                                          r"0\.00167"):
+        PackedSequences(shards, 10, mixture={"b": 0.001}, seed=0)
 
 
 def test_sources_whose_held_out_share_is_shorter_than_a_row_are_warned_of(caplog, monkeypatch):
@@ -537,6 +544,18 @@ def test_unknown_mixture_source_is_named(tmp_path, tok):
         prepare_streams(DataConfig(source=str(jl), cache_dir=str(tmp_path), val_tokens=500, mixture={"poetry": 1}),
                         tok)
 
+
+
+def test_a_corpus_without_text_is_refused_by_its_source(tmp_path, tok):
+    """A data.source whose files hold no text (an empty JSONL, rows of empty text): a ConfigError naming data.source, not a
+    cache of 0 tokens published as a success and a seq_len error at the first stage."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.jsonl").write_text("")
+    (empty / "b.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(ConfigError, match=r"^data\.source=.*: no text in its 2 file\(s\) \(\d+ documents, all empty; "
+                                          r"data\.text_field='text'\)"):
+        prepare_streams(DataConfig(source=str(empty), cache_dir=str(tmp_path / "cache"), val_tokens=500), tok)
 
 # ---- the embedded corpus --------------------------------------------------------------------------------------
 def test_duplicates_exact_and_near_are_removed_first_kept():

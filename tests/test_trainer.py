@@ -551,6 +551,18 @@ def test_a_signal_during_a_save_is_served_by_that_save(tmp_path):
     assert saved == ["step00000002"] and max(metrics(run_dir)) == 2, (saved, sorted(metrics(run_dir)))
 
 
+#: a hook for align_with_hook: SIGUSR1 sent from inside the process's first held-out evaluation, once
+SIGNAL_IN_FIRST_HELD_OUT = ("from ds_hybrid import trainer\n"
+                            "_held_out = trainer.held_out\n"
+                            "def held_out(*a, **k):\n"
+                            "    out = _held_out(*a, **k)\n"
+                            "    if not os.environ.get('SENT'):\n"
+                            "        os.environ['SENT'] = '1'\n"
+                            "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+                            "    return out\n"
+                            "trainer.held_out = held_out\n")
+
+
 def align_with_hook(tmp_path, cfg, hook: str):
     """Stage align of ``cfg`` in a process that first runs ``hook`` (a sitecustomize.py, ``os`` and ``signal``
     imported): its result, its run folder and the steps of its complete checkpoints."""
@@ -577,15 +589,7 @@ def test_a_signal_during_a_mid_run_evaluation_stops_at_that_step_with_its_checkp
     cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
                        align=one_process_stage(6, ckpt_every=4, keep_checkpoints=5, eval_every=3,
                                                eval_at_start=False))
-    p, run_dir, saved = align_with_hook(tmp_path, cfg, "from ds_hybrid import trainer\n"
-                                                       "_held_out = trainer.held_out\n"
-                                                       "def held_out(*a, **k):\n"
-                                                       "    out = _held_out(*a, **k)\n"
-                                                       "    if not os.environ.get('SENT'):\n"
-                                                       "        os.environ['SENT'] = '1'\n"
-                                                       "        os.kill(os.getpid(), signal.SIGUSR1)\n"
-                                                       "    return out\n"
-                                                       "trainer.held_out = held_out\n")
+    p, run_dir, saved = align_with_hook(tmp_path, cfg, SIGNAL_IN_FIRST_HELD_OUT)
     assert p.returncode == 128 + signal.SIGUSR1, tail(p)
     assert saved == ["step00000003"] and max(metrics(run_dir)) == 3, (saved, sorted(metrics(run_dir)))
     p = train("align", cfg, nproc=1)
@@ -603,13 +607,7 @@ def test_a_signal_during_the_evaluation_before_the_first_step_stops_there_with_n
 
     cfg = write_config(tmp_path / "r.yaml", teacher, corpus, tmp_path / "out",
                        align=one_process_stage(4, ckpt_every=2, keep_checkpoints=5, eval_at_start=True))
-    p, run_dir, saved = align_with_hook(tmp_path, cfg, "from ds_hybrid import trainer\n"
-                                                       "_held_out = trainer.held_out\n"
-                                                       "def held_out(*a, **k):\n"
-                                                       "    out = _held_out(*a, **k)\n"
-                                                       "    os.kill(os.getpid(), signal.SIGUSR1)\n"
-                                                       "    return out\n"
-                                                       "trainer.held_out = held_out\n")
+    p, run_dir, saved = align_with_hook(tmp_path, cfg, SIGNAL_IN_FIRST_HELD_OUT)
     assert p.returncode == 128 + signal.SIGUSR1, tail(p)
     assert saved == [] and metrics(run_dir) == {}, (saved, sorted(metrics(run_dir)))
     assert "after its held-out evaluation, before its next step" in p.stdout + p.stderr, tail(p)

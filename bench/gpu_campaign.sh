@@ -113,12 +113,15 @@ prep_align_() {  # prep_align_ CONFIG OUT_DIR: the token cache (16 processes), t
     (job carry_pack 0 python3 bench/carry_export.py pack "$2/align" --base "$base" --out $CARRY_OUT --name align) &
   fi
 }
+big_card_() {  # whether GPU 0 has >= 120 GiB (an H200: 141 GB), room for a kl and evaluations at once beside it
+  local mib
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null | head -1 | tr -d ' ')
+  [[ "$mib" =~ ^[0-9]+$ ]] && [ "$mib" -ge 122880 ]
+}
 probe_mb_() {  # the micro-batch of each of two probe tasks side by side on one GPU: PROBE_MB, else 16 on a card of
   # >= 120 GiB (a GA-S2 probe at 16 peaked at ~51 GiB on an H200), else 8 (two at 16 do not fit an 80 GB card)
-  local mib
   if [ -n "${PROBE_MB:-}" ]; then echo "$PROBE_MB"; return; fi
-  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null | head -1 | tr -d ' ')
-  if [[ "$mib" =~ ^[0-9]+$ ]] && [ "$mib" -ge 122880 ]; then echo 16; else echo 8; fi
+  if big_card_; then echo 16; else echo 8; fi
 }
 preflight_() {  # the evaluation on one prompt per task, eagerly then through CUDA graphs: $R/preflight{,_graphs}.ok
   job eval_preflight 0 ev teacher embedded 1024 --limit 1 && touch $R/preflight.ok && \
@@ -128,7 +131,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
   # HYBRIDS="NAME=LAYERS[@KL_TOKENS] ..." (LAYERS without spaces, e.g. [8,17,18,20]; default: one, $NAME with $LAYERS,
   # empty: the config's layers), one after the other on GPU (default 0), each one's evaluation (LENGTHS at once, with
   # EG's options, and its held-out quality) beside the next one's kl, at half the batch there (kl takes ~90 GiB at
-  # micro batch 32)
+  # micro batch 32 on an H200) and, on a card under 120 GiB, one length after the other
   local h name spec hf args EB hybrids last gpu=${3:-0} failed=0 now need t kl_s= kl_at= budget
   check_hybrids_ || return 1
   read -r -a hybrids <<< "${HYBRIDS:-$NAME=${LAYERS:-}}"
@@ -160,7 +163,12 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
     fi
     kl_s=$(( $(date +%s) - t )) kl_at=$budget
     hf=$2/kl_runs/$name/kl/hf
-    for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+    if [ "$h" != "$last" ] && ! big_card_; then  # beside the next kl (~50 GiB) on an 80 GB card, one length at a
+      # time: at once, the 8192 one ran out of memory on an H100 (lease 23: kl 52 GiB + three evaluations 24 GiB)
+      (for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}"; done) &
+    else
+      for L in $LENGTHS; do job eval_${name}_$L $gpu ev $name $hf $L "${EG[@]}" "${EB[@]}" & done
+    fi
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18 on a trained hybrid, well conditioned in bf16 (a stage-0 one is
       # not, docs/SERVING.md): its bf16 logits are held to the dynamic path's distance from fp32
       job graph_decode_check_$name $gpu python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \

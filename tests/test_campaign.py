@@ -222,6 +222,24 @@ def test_compare_campaign_goes_on_to_the_next_hybrid_when_a_kl_fails(tmp_path):
     assert (tmp_path / "res" / "CAMPAIGN_DONE").exists()
 
 
+@pytest.mark.parametrize("mib", [81559, 143771])
+def test_compare_campaign_evaluates_one_length_at_a_time_beside_a_kl_on_an_80gb_card(tmp_path, mib):
+    """On an H100 (80 GB) a hybrid's evaluations beside the next kl (~50 GiB) run one length after another (lease 23:
+    at once, the 8192 one ran out of memory); on an H200 they start together; the last hybrid's, alone on the card,
+    start together on either."""
+    ev = campaign(tmp_path, "compare", RUNC=str(tmp_path / "run"), ALL_LINEAR_EVAL="0", STUB_GPU_MIB=str(mib),
+                  ALIGN_PARTS=str(tmp_path / "parts"), HYBRIDS="a_4=[1,2,3,4] b_4=[5,6,7,8]")
+    assert ev[-1] == "campaign done"
+    for n in ("a_4", "b_4"):
+        for part in ("2048", "4096", "8192", "quality"):
+            assert f"end eval_{n}_{part} rc=0" in ev
+    serial = mib < 122880
+    for n, beside_kl in (("a_4", True), ("b_4", False)):
+        ends_before_next_starts = [at(ev, f"end eval_{n}_{a} rc=0") < at(ev, f"start eval_{n}_{b} (GPU 0)")
+                                   for a, b in (("2048", "4096"), ("4096", "8192"))]
+        assert ends_before_next_starts == [serial and beside_kl] * 2, (n, ev)
+
+
 def test_compare_campaign_starts_no_kl_that_would_pass_the_leases_deadline(tmp_path):
     """DEADLINE_S (the lease's device time left at `start`): after the first kl (5 s here) the second would end past
     it by the first's measured time, so it is not started, and the campaign ends as done with what finished."""

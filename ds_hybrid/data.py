@@ -46,7 +46,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}
 TEXT_FILES_PER_UNIT = 256
-CACHE_VERSION = 3  # 3: training documents that repeat a held-out one are left out (tokencache.doc_hash)
+CACHE_VERSION = 4  # 3: training documents that repeat a held-out one are left out (tokencache.doc_hash); 4: in
+# every unit, those of every source (held-out units saw their own source's earlier ones only), files keyed by mtime_ns
 DATA_SOURCE = "data"  # the source name of a user corpus (one source)
 
 Shards = list[tuple[str, np.ndarray]]  # (source, token shard)

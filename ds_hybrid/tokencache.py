@@ -17,7 +17,8 @@ the shards on disk before the marker is), so that:
   tokenized and appended to the shard file, and nothing accumulates.
 
 Held-out documents come from a source's first units: every 8th document (a seeded choice, fixed by
-``data.split_seed`` alone) until the source's share of ``data.val_tokens`` is reached; they are never trained on.
+``data.split_seed`` alone) until the source's share of ``data.val_tokens`` is reached; they are never trained on, nor
+are their copies anywhere in the corpus (:func:`doc_hash`).
 
     units = units_for(source_spec)
     used = build(units, tokenizer, cache_dir, need={"data": 6e8}, val_tokens={"data": 65536}, num_proc=8)
@@ -72,7 +73,8 @@ class Unit:
         h = hashlib.sha256(json.dumps(key).encode())
         for p in self.paths:
             st = Path(p).stat()
-            h.update(f"{Path(p).resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+            # (nanoseconds: an edit of the same size within the same second is another input)
+            h.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
 
@@ -225,6 +227,12 @@ def held_out_documents(unit: Unit, tokenizer, add_eos: bool, val_quota: int, spl
     while the unit's ``val_quota`` of tokens (each document's, and its end-of-document token under ``add_eos``) is
     not met. Only candidates are tokenized, and the reading stops once the quota is met. The split's one rule: the
     token cache and the evaluation's held-out rows (``ds_hybrid.corpus.held_out_documents``) both read it here."""
+    return _held_out(unit, tokenizer, add_eos, val_quota, split_seed, max_documents)[0]
+
+
+def _held_out(unit: Unit, tokenizer, add_eos: bool, val_quota: int, split_seed: int,
+              max_documents: int | None = None) -> tuple[dict[int, str], int]:
+    """:func:`held_out_documents`, and the tokens they hold (the count that meets the quota)."""
     held: dict[int, str] = {}
     got = 0
     eos = int(add_eos and getattr(tokenizer, "eos_token_id", None) is not None)
@@ -234,14 +242,43 @@ def held_out_documents(unit: Unit, tokenizer, add_eos: bool, val_quota: int, spl
         if is_held_out(split_seed, unit.source, unit.index, i):  # (a candidate: 1 in VAL_EVERY, tokenized alone)
             held[i] = text
             got += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
-    return held
+    return held, got
+
+
+def held_out_plan(units: dict[str, list[Unit]], tokenizer, out_dir: Path, val_tokens: dict[str, int],
+                  add_eos: bool, split_seed: int, max_documents: int | None = None
+                  ) -> tuple[dict[tuple[str, int], int], frozenset[str]]:
+    """Before any unit is tokenized: each source's held-out units with the quota each one owes ({(source, unit
+    index): tokens}, in unit order until the source's ``val_tokens`` are met; absent: a unit that holds none out),
+    and the :func:`doc_hash` of every held-out document of every source. Done units answer from their markers; the
+    others are read until their quota is met, tokenizing only the candidates. A function of the input alone (not of
+    what a build, or an interrupted one, had done), so every unit, held-out ones included, leaves out of training
+    the copies of every held-out document, whichever unit or source holds it out."""
+    quotas: dict[tuple[str, int], int] = {}
+    hashes: set[str] = set()
+    for source, us in units.items():
+        left = val_tokens.get(source, 0)
+        for u in us:
+            if left <= 0:
+                break
+            quotas[(source, u.index)] = left
+            rec = done_marker(out_dir, u)
+            if rec is not None:
+                hashes.update(rec.get("val_hashes", ()))
+                left -= rec["val_tokens"]
+            else:
+                held, got = _held_out(u, tokenizer, add_eos, left, split_seed, max_documents)
+                hashes.update(h for h in map(doc_hash, held.values()) if h is not None)
+                left -= got
+    return quotas, frozenset(hashes)
 
 
 def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool, val_quota: int, split_seed: int,
                   max_documents: int | None = None, held_out_hashes: frozenset[str] = frozenset()) -> UnitResult:
     """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last. The unit
     holds out the documents :func:`held_out_documents` finds; a training document that repeats one of them, or one
-    of ``held_out_hashes`` (the held-out documents of the units before), is left out (counted as ``duplicates``)."""
+    of ``held_out_hashes`` (every source's held-out documents, :func:`held_out_plan`), is left out (counted as
+    ``duplicates``)."""
     t0 = time.perf_counter()
     d = Path(out_dir) / unit.source
     d.mkdir(parents=True, exist_ok=True)
@@ -395,14 +432,14 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
           dtype: np.dtype, add_eos: bool = False, split_seed: int = 1234, num_proc: int = 1,
           max_documents: int | None = None, progress: bool = True, row_tokens: int = 1) -> dict[str, list[dict]]:
     """Tokenize, per source, the shortest prefix of its units that holds ``val_tokens[source]`` held-out tokens and
-    ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per source, the done markers of
-    that prefix. Held-out documents come from the first units, one at a time (a unit's share depends on what the
-    units before it held out); the units after them are tokenized ``num_proc`` at a time, once every source's
-    held-out documents are known: a training document that repeats one of them is left out (:func:`doc_hash`; a
-    held-out unit sees its own source's held-out documents only)."""
+    ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per
+    source, the done markers of that prefix. Held-out documents come from the first units (:func:`held_out_plan`,
+    found before any unit is tokenized); then the units are tokenized ``num_proc`` at a time, and every one leaves out
+    of training the documents that repeat a held-out one of any unit and any source (:func:`doc_hash`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, list[dict]] = {}
+    plan: tuple[dict[tuple[str, int], int], frozenset[str]] | None = None
 
     def scan(source: str) -> tuple[list[dict], int, int | None]:
         return scan_prefix(units[source], out_dir, need[source], val_tokens.get(source, 0), row_tokens)
@@ -412,30 +449,20 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
         while True:
             jobs, rescan = [], False
             scans = {source: scan(source) for source in units}
-            # the held-out documents of every source's done units: a training document that repeats one is left
-            # out; so every source's held-out units come first, before any unit that holds none out
-            own = {source: frozenset(h for rec in got for h in rec.get("val_hashes", ()))
-                   for source, (got, _, _) in scans.items()}
-            held_out = frozenset().union(*own.values())
-            holding_out = any(first is not None and val_left for _, val_left, first in scans.values())
-            for source, (got, val_left, first) in scans.items():
+            if plan is None and any(first is not None for _, _, first in scans.values()):
+                plan = held_out_plan(units, tokenizer, out_dir, val_tokens, add_eos, split_seed, max_documents)
+            for source, (got, _, first) in scans.items():
                 if first is None:
                     used[source] = got
                     continue
-                if val_left:  # this unit holds out documents: alone, its share depends on the units before it
-                    wave = [(units[source][first], val_left)]
-                elif holding_out:
-                    continue  # (after the other sources' held-out units: their documents are not known yet)
-                else:
-                    wave = [(u, 0) for u in units[source][first:first + max(1, num_proc)]
-                            if done_marker(out_dir, u) is None]
+                assert plan is not None
+                quotas, held_out = plan
+                wave = [u for u in units[source][first:first + max(1, num_proc)] if done_marker(out_dir, u) is None]
                 # (empty: another job sharing the cache finished these units since the scan: scan again, since
                 # this source's prefix is not known yet)
                 rescan = rescan or not wave
-                # (a held-out unit: its own source's earlier held-out documents only, so that its tokens do not
-                # depend on which other sources' units a build, or an interrupted one, had done by then)
-                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, q, split_seed, max_documents,
-                          own[source] if val_left else held_out) for u, q in wave]
+                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, quotas.get((source, u.index), 0), split_seed,
+                          max_documents, held_out) for u in wave]
             if not jobs:
                 if rescan:
                     continue

@@ -726,6 +726,76 @@ def test_a_training_document_that_repeats_a_held_out_one_is_left_out(tmp_path, t
     assert doc_hash(" \n\t") is None and doc_hash("A  b") == doc_hash("a\nB ")
 
 
+def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left_out(tmp_path, tok):
+    """The held-out documents are all known before any unit is tokenized (tokencache.held_out_plan): a training
+    document of a source's first unit that repeats one its second unit holds out, or one another source holds out, is
+    left out of training too (until 2026-12-07 a held-out unit saw only its own source's earlier held-out documents),
+    and the held-out documents themselves are the ones the split chose without the copies."""
+    from ds_hybrid.tokencache import build, held_out_plan, is_held_out, token_dtype
+
+    a = write_jsonl(tmp_path / "a", 3, 40, 30, seed=1)
+    b = write_jsonl(tmp_path / "b", 1, 40, 30, seed=2)
+
+    def units(a_dir: Path, b_dir: Path) -> dict[str, list[Unit]]:
+        return {"a": [Unit("a", i, "jsonl", (str(a_dir / f"shard{i:03d}.jsonl"),)) for i in range(3)],
+                "b": [Unit("b", 0, "jsonl", (str(b_dir / "shard000.jsonl"),))]}
+
+    def run(a_dir: Path, b_dir: Path, cache: str) -> dict[str, list[dict]]:
+        return build(units(a_dir, b_dir), tok, tmp_path / cache, need={"a": float("inf"), "b": float("inf")},
+                     val_tokens=quota, dtype=token_dtype(len(tok)), split_seed=7, progress=False)
+
+    first = units(a, b)["a"][0]
+    candidates = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(iter_documents(first))
+                     if is_held_out(7, "a", 0, i))
+    quota = {"a": candidates + 1, "b": 200}  # a's share spans its first two units: every candidate of the first, more
+    plans, held = held_out_plan(units(a, b), tok, tmp_path / "plan", quota, False, 7)
+    assert sorted(plans) == [("a", 0), ("a", 1), ("b", 0)]
+    clean = run(a, b, "clean")
+    assert [r["val_documents"] > 0 for r in clean["a"]] == [True, True, False] and clean["b"][0]["val_documents"]
+    assert not any(r["duplicates"] for rs in clean.values() for r in rs)
+    assert held == {h for rs in clean.values() for r in rs for h in r["val_hashes"]}
+
+    def held_text(unit: Unit) -> str:  # the last document the unit holds out
+        from ds_hybrid.tokencache import held_out_documents
+
+        docs = held_out_documents(unit, tok, False, plans[(unit.source, unit.index)], 7)
+        return docs[max(docs)]
+
+    later, other = held_text(units(a, b)["a"][1]), held_text(units(a, b)["b"][0])
+    rows = [json.loads(line) for line in (a / "shard000.jsonl").read_text().splitlines()]
+    slots = [i for i in range(len(rows)) if not is_held_out(7, "a", 0, i)][:2]  # two training documents of a's unit 0
+    dropped = [rows[i]["text"] for i in slots]
+    for i, text in zip(slots, (later, other)):
+        rows[i]["text"] = text
+    copies = tmp_path / "a_copies"
+    shutil.copytree(a, copies)
+    (copies / "shard000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dup = run(copies, b, "dup")
+    assert [r["duplicates"] for r in dup["a"]] == [2, 0, 0] and dup["b"][0]["duplicates"] == 0
+    for source in ("a", "b"):  # the same held-out documents, and a's unit 0 trains on its other documents only
+        assert [r["val_hashes"] for r in dup[source]] == [r["val_hashes"] for r in clean[source]]
+    lost = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in dropped)
+    assert dup["a"][0]["train_tokens"] == clean["a"][0]["train_tokens"] - lost
+
+
+def test_an_edit_of_the_same_size_within_the_same_second_is_tokenized_again(tmp_path, tok):
+    """The token cache knows a file by its path, size and modification time to the nanosecond: a file rewritten with
+    as many bytes within the same second (a script regenerating its corpus) is new input, not the old tokens."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    f = folder / "a.txt"
+    second = 1_700_000_000 * 10**9
+    f.write_text("alpha beta gamma delta " * 40)
+    os.utime(f, ns=(second + 100, second + 100))
+    cfg = data_cfg(folder, tmp_path / "cache", val_tokens=1)
+    before = prepare_streams(cfg, tok)
+    f.write_text("omega sigma kappa zeta " * 40)  # (as many bytes)
+    os.utime(f, ns=(second + 200, second + 200))
+    after = prepare_streams(cfg, tok)
+    text = lambda s: tok.decode(np.concatenate([a for _, a in s.train + s.val]).tolist())  # noqa: E731
+    assert "alpha" in text(before) and "alpha" not in text(after) and "omega" in text(after)
+
+
 def test_gzipped_text_is_read_through_gzip(tmp_path):
     import gzip
 

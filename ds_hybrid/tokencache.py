@@ -245,16 +245,24 @@ def _held_out(unit: Unit, tokenizer, add_eos: bool, val_quota: int, split_seed: 
     return held, got
 
 
+@dataclass(frozen=True)
+class HeldOutPlan:
+    """What :func:`held_out_plan` finds before any unit is tokenized."""
+    quotas: dict[tuple[str, int], int]  # {(source, unit index): held-out tokens the unit owes}; absent: none
+    found: dict[tuple[str, int], tuple[tuple[int, ...], int]]  # a unit not done yet: its held-out positions, tokens
+    hashes: frozenset[str]  # the doc_hash of every held-out document of every source
+
+
 def held_out_plan(units: dict[str, list[Unit]], tokenizer, out_dir: Path, val_tokens: dict[str, int],
-                  add_eos: bool, split_seed: int, max_documents: int | None = None
-                  ) -> tuple[dict[tuple[str, int], int], frozenset[str]]:
-    """Before any unit is tokenized: each source's held-out units with the quota each one owes ({(source, unit
-    index): tokens}, in unit order until the source's ``val_tokens`` are met; absent: a unit that holds none out),
-    and the :func:`doc_hash` of every held-out document of every source. Done units answer from their markers; the
-    others are read until their quota is met, tokenizing only the candidates. A function of the input alone (not of
-    what a build, or an interrupted one, had done), so every unit, held-out ones included, leaves out of training
-    the copies of every held-out document, whichever unit or source holds it out."""
+                  add_eos: bool, split_seed: int, max_documents: int | None = None) -> HeldOutPlan:
+    """Before any unit is tokenized: each source's held-out units with the quota each one owes (in unit order until
+    the source's ``val_tokens`` are met), and the :func:`doc_hash` of every held-out document of every source. Done
+    units answer from their markers; the others are read until their quota is met (a unit that falls short, whole),
+    tokenizing only the candidates, and what they hold out is kept for their tokenizing (not read a third time). A
+    function of the input alone (not of what a build, or an interrupted one, had done), so every unit, held-out ones
+    included, leaves out of training the copies of every held-out document, whichever unit or source holds it out."""
     quotas: dict[tuple[str, int], int] = {}
+    found: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {}
     hashes: set[str] = set()
     for source, us in units.items():
         left = val_tokens.get(source, 0)
@@ -269,15 +277,18 @@ def held_out_plan(units: dict[str, list[Unit]], tokenizer, out_dir: Path, val_to
             else:
                 held, got = _held_out(u, tokenizer, add_eos, left, split_seed, max_documents)
                 hashes.update(h for h in map(doc_hash, held.values()) if h is not None)
+                found[(source, u.index)] = (tuple(held), got)
                 left -= got
-    return quotas, frozenset(hashes)
+    return HeldOutPlan(quotas, found, frozenset(hashes))
 
 
 def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool, val_quota: int, split_seed: int,
-                  max_documents: int | None = None, held_out_hashes: frozenset[str] = frozenset()) -> UnitResult:
+                  max_documents: int | None = None, held_out_hashes: frozenset[str] = frozenset(),
+                  found: tuple[tuple[int, ...], int] | None = None) -> UnitResult:
     """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last. The unit
-    holds out the documents :func:`held_out_documents` finds; a training document that repeats one of them, or one
-    of ``held_out_hashes`` (every source's held-out documents, :func:`held_out_plan`), is left out (counted as
+    holds out the documents :func:`held_out_documents` finds (``found``: their positions and tokens, as
+    :func:`held_out_plan` found them, whose ``held_out_hashes`` hold theirs); a training document that repeats one of
+    them, or one of ``held_out_hashes`` (every source's held-out documents), is left out (counted as
     ``duplicates``)."""
     t0 = time.perf_counter()
     d = Path(out_dir) / unit.source
@@ -285,9 +296,16 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
     res = UnitResult(unit.source, unit.index, fingerprint=unit.fingerprint(), itemsize=np.dtype(dtype).itemsize)
     tmp = {s: d / f".{unit.name}.{s}.bin.{os.getpid()}" for s in ("train", "val")}
     eos = tokenizer.eos_token_id if add_eos else None
-    held = held_out_documents(unit, tokenizer, add_eos, val_quota, split_seed, max_documents) if val_quota > 0 else {}
-    res.val_hashes = [h for h in map(doc_hash, held.values()) if h is not None]
-    repeats = set(held_out_hashes) | set(res.val_hashes)
+    if val_quota <= 0:
+        held, expected = frozenset(), 0
+        repeats = set(held_out_hashes)
+    elif found is None:
+        texts, expected = _held_out(unit, tokenizer, add_eos, val_quota, split_seed, max_documents)
+        held = frozenset(texts)
+        repeats = set(held_out_hashes) | {h for h in map(doc_hash, texts.values()) if h is not None}
+    else:
+        held, expected = frozenset(found[0]), found[1]
+        repeats = set(held_out_hashes)
     try:
         with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
             batch: list[tuple[bool, str]] = []
@@ -310,7 +328,10 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
                 if max_documents is not None and i >= max_documents:
                     break
                 res.documents += 1
-                if i not in held and repeats and doc_hash(text) in repeats:
+                if i in held:
+                    if (h := doc_hash(text)) is not None:
+                        res.val_hashes.append(h)
+                elif repeats and doc_hash(text) in repeats:
                     res.duplicates += 1
                     continue
                 batch.append((i in held, text))
@@ -318,6 +339,11 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
                     flush()
             if batch:
                 flush()
+        if res.val_tokens != expected:  # (the quotas of the units after it are counted from the marker's)
+            raise RuntimeError(f"token cache: unit {unit.index} of {unit.source} holds out {res.val_tokens} tokens "
+                               f"tokenized in batches and {expected} tokenized one document at a time: this tokenizer "
+                               "counts a document's tokens otherwise in a batch, and the held-out split would change "
+                               "with how the cache was built")
         for s, p in tmp.items():  # on disk before they are renamed into place and the marker vouches for them
             fsync_file(p)
             os.replace(p, d / f"{unit.name}.{s}.bin")
@@ -359,7 +385,7 @@ def done_marker(out_dir: Path, unit: Unit) -> dict | None:
 
 def _claim_and_tokenize(args) -> UnitResult | None:
     """Worker entry: lock the unit (another process may be on it), skip it if done, else tokenize it."""
-    unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents, held_out_hashes = args
+    unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents, held_out_hashes, found = args
     d = Path(out_dir) / unit.source
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{unit.name}.lock", "w") as lock:
@@ -377,7 +403,7 @@ def _claim_and_tokenize(args) -> UnitResult | None:
             if done_marker(Path(out_dir), unit) is not None:
                 return None
             return tokenize_unit(unit, tokenizer, out_dir, dtype, add_eos, val_quota, split_seed, max_documents,
-                                 held_out_hashes)
+                                 held_out_hashes, found)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -439,7 +465,7 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, list[dict]] = {}
-    plan: tuple[dict[tuple[str, int], int], frozenset[str]] | None = None
+    plan: HeldOutPlan | None = None
 
     def scan(source: str) -> tuple[list[dict], int, int | None]:
         return scan_prefix(units[source], out_dir, need[source], val_tokens.get(source, 0), row_tokens)
@@ -456,13 +482,16 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
                     used[source] = got
                     continue
                 assert plan is not None
-                quotas, held_out = plan
-                wave = [u for u in units[source][first:first + max(1, num_proc)] if done_marker(out_dir, u) is None]
+                pending = units[source][first:]
+                if sum(r["train_tokens"] // row_tokens * row_tokens for r in got) >= need[source]:
+                    # (the training need is met: only the held-out units still owed, not a wave of training units)
+                    pending = [u for u in pending if (source, u.index) in plan.quotas] or pending[:1]
+                wave = [u for u in pending[:max(1, num_proc)] if done_marker(out_dir, u) is None]
                 # (empty: another job sharing the cache finished these units since the scan: scan again, since
                 # this source's prefix is not known yet)
                 rescan = rescan or not wave
-                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, quotas.get((source, u.index), 0), split_seed,
-                          max_documents, held_out) for u in wave]
+                jobs += [(u, tokenizer, str(out_dir), dtype.str, add_eos, plan.quotas.get((source, u.index), 0),
+                          split_seed, max_documents, plan.hashes, plan.found.get((source, u.index))) for u in wave]
             if not jobs:
                 if rescan:
                     continue

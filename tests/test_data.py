@@ -726,11 +726,14 @@ def test_a_training_document_that_repeats_a_held_out_one_is_left_out(tmp_path, t
     assert doc_hash(" \n\t") is None and doc_hash("A  b") == doc_hash("a\nB ")
 
 
-def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left_out(tmp_path, tok):
+def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left_out(tmp_path, tok, monkeypatch):
     """The held-out documents are all known before any unit is tokenized (tokencache.held_out_plan): a training
     document of a source's first unit that repeats one its second unit holds out, or one another source holds out, is
     left out of training too (until 2026-12-07 a held-out unit saw only its own source's earlier held-out documents),
-    and the held-out documents themselves are the ones the split chose without the copies."""
+    and the held-out documents themselves are the ones the split chose without the copies. Two workers, a build cut
+    off after its first unit and resumed, give the same shards byte for byte; a build that needs no training tokens
+    (the evaluation's held-out rows) tokenizes the held-out units only."""
+    from ds_hybrid import tokencache
     from ds_hybrid.tokencache import build, held_out_plan, is_held_out, token_dtype
 
     a = write_jsonl(tmp_path / "a", 3, 40, 30, seed=1)
@@ -740,16 +743,18 @@ def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left
         return {"a": [Unit("a", i, "jsonl", (str(a_dir / f"shard{i:03d}.jsonl"),)) for i in range(3)],
                 "b": [Unit("b", 0, "jsonl", (str(b_dir / "shard000.jsonl"),))]}
 
-    def run(a_dir: Path, b_dir: Path, cache: str) -> dict[str, list[dict]]:
-        return build(units(a_dir, b_dir), tok, tmp_path / cache, need={"a": float("inf"), "b": float("inf")},
-                     val_tokens=quota, dtype=token_dtype(len(tok)), split_seed=7, progress=False)
+    def run(a_dir: Path, b_dir: Path, cache: str, num_proc: int = 1, need: float = float("inf")
+            ) -> dict[str, list[dict]]:
+        return build(units(a_dir, b_dir), tok, tmp_path / cache, need={"a": need, "b": need}, val_tokens=quota,
+                     dtype=token_dtype(len(tok)), split_seed=7, progress=False, num_proc=num_proc)
 
     first = units(a, b)["a"][0]
     candidates = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(iter_documents(first))
                      if is_held_out(7, "a", 0, i))
     quota = {"a": candidates + 1, "b": 200}  # a's share spans its first two units: every candidate of the first, more
-    plans, held = held_out_plan(units(a, b), tok, tmp_path / "plan", quota, False, 7)
-    assert sorted(plans) == [("a", 0), ("a", 1), ("b", 0)]
+    plan = held_out_plan(units(a, b), tok, tmp_path / "plan", quota, False, 7)
+    plans, held = plan.quotas, plan.hashes
+    assert sorted(plans) == sorted(plan.found) == [("a", 0), ("a", 1), ("b", 0)]
     clean = run(a, b, "clean")
     assert [r["val_documents"] > 0 for r in clean["a"]] == [True, True, False] and clean["b"][0]["val_documents"]
     assert not any(r["duplicates"] for rs in clean.values() for r in rs)
@@ -776,6 +781,58 @@ def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left
         assert [r["val_hashes"] for r in dup[source]] == [r["val_hashes"] for r in clean[source]]
     lost = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in dropped)
     assert dup["a"][0]["train_tokens"] == clean["a"][0]["train_tokens"] - lost
+
+    def shards(cache: str) -> dict[str, bytes]:
+        return {str(p.relative_to(tmp_path / cache)): p.read_bytes() for p in sorted((tmp_path / cache).rglob("*.bin"))}
+
+    waves = []
+
+    def in_process(jobs, num_proc):  # (the waves two workers get, run here: spawning workers is other tests' part)
+        waves.append(sorted((j[0].source, j[0].index) for j in jobs))
+        return [tokencache._claim_and_tokenize(j) for j in jobs]
+
+    def first_unit_then_killed(jobs, num_proc):
+        in_process(jobs[:1], 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokencache, "_run", first_unit_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(copies, b, "resumed", num_proc=2)
+    assert len(list((tmp_path / "resumed").rglob("u*.json"))) == 1
+    monkeypatch.setattr(tokencache, "_run", in_process)
+    resumed = run(copies, b, "resumed", num_proc=2)
+    assert resumed == {s: [{**r, "seconds": r2["seconds"], "worker": r2["worker"]} for r, r2 in zip(dup[s], resumed[s])]
+                       for s in dup}
+    assert shards("resumed") == shards("dup") and len(shards("dup")) == 2 * 4
+    assert waves[1] == [("a", 1), ("a", 2), ("b", 0)]  # a's second held-out unit beside its training one
+    # no training tokens needed: the three held-out units, not a wave of three workers' units
+    run(copies, b, "held_out_only", num_proc=3, need=0)
+    assert sorted(p.parent.name + "/" + p.name for p in (tmp_path / "held_out_only").rglob("u*.json")) == [
+        "a/u00000.json", "a/u00001.json", "b/u00000.json"]
+
+
+def test_a_tokenizer_that_counts_otherwise_in_a_batch_is_refused(tmp_path, tok):
+    """The held-out quotas of a source's later units are counted from its earlier units' markers (tokens written in
+    batches) and, for units not done, from the split's own count (one document at a time): a tokenizer for which the
+    two differ would make the held-out split depend on how the cache was built, so it is refused, naming the unit."""
+    from ds_hybrid.tokencache import build, token_dtype
+
+    class Padded:  # a batch call that adds a token to each document (as a tokenizer set to pad would)
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, texts, **kw):
+            out = tok(texts, **kw)
+            if isinstance(texts, list):
+                out["input_ids"] = [ids + [0] for ids in out["input_ids"]]
+            return out
+
+    folder = write_jsonl(tmp_path / "jl", 1, 40, 30)
+    units = {"data": [Unit("data", 0, "jsonl", (str(folder / "shard000.jsonl"),))]}
+    with pytest.raises(RuntimeError, match=r"unit 0 of data holds out \d+ tokens tokenized in batches and \d+ "
+                                           r"tokenized one document at a time"):
+        build(units, Padded(), tmp_path / "cache", {"data": float("inf")}, {"data": 500}, token_dtype(len(tok)),
+              progress=False)
+    assert not list((tmp_path / "cache").rglob("u*.json"))  # nothing vouches for the unit
 
 
 def test_an_edit_of_the_same_size_within_the_same_second_is_tokenized_again(tmp_path, tok):
@@ -1056,7 +1113,7 @@ def test_a_cache_dir_without_file_locks_is_refused_by_name(tmp_path, tok, monkey
     unit = units_for(data_cfg(jl, tmp_path))[DATA_SOURCE][0]
     with pytest.raises(ConfigError, match=r"^data\.cache_dir=.*cannot lock .*Function not implemented.*-o flock"):
         tokencache._claim_and_tokenize((unit, tok, str(tmp_path / "cache"), np.dtype("uint16"), False, 100, 0, None,
-                                         frozenset()))
+                                         frozenset(), None))
 
 
 def test_a_budget_larger_than_the_corpus_is_warned_of_with_its_passes(caplog):

@@ -49,7 +49,7 @@ log = logging.getLogger("ds_hybrid")
 
 BATCH_DOCS = 256  # documents tokenized per call: bounds memory whatever the unit's size
 TEXT_DOCUMENT_CHARS = 100_000  # a text file larger than this is read as several documents (text_documents)
-VAL_EVERY = 8  # in a source's first unit, every 8th document (seeded) is held out until the source's quota is met
+VAL_EVERY = 8  # in a source's first units, every 8th document (seeded) is held out until the source's quota is met
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,8 @@ def _held_out(unit: Unit, tokenizer, add_eos: bool, val_quota: int, split_seed: 
 class HeldOutPlan:
     """What :func:`held_out_plan` finds before any unit is tokenized."""
     quotas: dict[tuple[str, int], int]  # {(source, unit index): held-out tokens the unit owes}; absent: none
-    found: dict[tuple[str, int], tuple[tuple[int, ...], int]]  # a unit not done yet: its held-out positions, tokens
+    # a unit not done yet: its held-out positions, their tokens, and the fingerprint of the input they were read from
+    found: dict[tuple[str, int], tuple[tuple[int, ...], int, str]]
     hashes: frozenset[str]  # the doc_hash of every held-out document of every source
 
 
@@ -262,7 +263,7 @@ def held_out_plan(units: dict[str, list[Unit]], tokenizer, out_dir: Path, val_to
     function of the input alone (not of what a build, or an interrupted one, had done), so every unit, held-out ones
     included, leaves out of training the copies of every held-out document, whichever unit or source holds it out."""
     quotas: dict[tuple[str, int], int] = {}
-    found: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {}
+    found: dict[tuple[str, int], tuple[tuple[int, ...], int, str]] = {}
     hashes: set[str] = set()
     for source, us in units.items():
         left = val_tokens.get(source, 0)
@@ -277,17 +278,18 @@ def held_out_plan(units: dict[str, list[Unit]], tokenizer, out_dir: Path, val_to
             else:
                 held, got = _held_out(u, tokenizer, add_eos, left, split_seed, max_documents)
                 hashes.update(h for h in map(doc_hash, held.values()) if h is not None)
-                found[(source, u.index)] = (tuple(held), got)
+                found[(source, u.index)] = (tuple(held), got, u.fingerprint())
                 left -= got
     return HeldOutPlan(quotas, found, frozenset(hashes))
 
 
 def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool, val_quota: int, split_seed: int,
                   max_documents: int | None = None, held_out_hashes: frozenset[str] = frozenset(),
-                  found: tuple[tuple[int, ...], int] | None = None) -> UnitResult:
+                  found: tuple[tuple[int, ...], int, str] | None = None) -> UnitResult:
     """Tokenize one unit into ``<out_dir>/<source>/<unit>.{train,val}.bin`` and write its done marker last. The unit
-    holds out the documents :func:`held_out_documents` finds (``found``: their positions and tokens, as
-    :func:`held_out_plan` found them, whose ``held_out_hashes`` hold theirs); a training document that repeats one of
+    holds out the documents :func:`held_out_documents` finds (``found``, from :func:`build` only: their positions
+    and tokens as :func:`held_out_plan` found them, whose ``held_out_hashes`` hold theirs; read again if the input
+    changed since); a training document that repeats one of
     them, or one of ``held_out_hashes`` (every source's held-out documents), is left out (counted as
     ``duplicates``)."""
     t0 = time.perf_counter()
@@ -299,7 +301,7 @@ def tokenize_unit(unit: Unit, tokenizer, out_dir: str, dtype: str, add_eos: bool
     if val_quota <= 0:
         held, expected = frozenset(), 0
         repeats = set(held_out_hashes)
-    elif found is None:
+    elif found is None or found[2] != res.fingerprint:
         texts, expected = _held_out(unit, tokenizer, add_eos, val_quota, split_seed, max_documents)
         held = frozenset(texts)
         repeats = set(held_out_hashes) | {h for h in map(doc_hash, texts.values()) if h is not None}

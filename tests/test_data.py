@@ -835,6 +835,20 @@ def test_a_tokenizer_that_counts_otherwise_in_a_batch_is_refused(tmp_path, tok):
     assert not list((tmp_path / "cache").rglob("u*.json"))  # nothing vouches for the unit
 
 
+def test_held_out_positions_found_before_a_file_changed_are_found_again(tmp_path, tok):
+    """build hands each unit the held-out positions its plan read; a unit whose file changed since (another
+    fingerprint) finds them again from what it reads, and holds out what the split's rule picks there."""
+    from ds_hybrid.tokencache import doc_hash, held_out_documents, token_dtype, tokenize_unit
+
+    folder = write_jsonl(tmp_path / "jl", 1, 40, 30)
+    unit = Unit("data", 0, "jsonl", (str(folder / "shard000.jsonl"),))
+    held = held_out_documents(unit, tok, False, 500, 7)
+    stale = ((0, 1, 2), 3, "another input")  # (positions, tokens and fingerprint of a file since rewritten)
+    res = tokenize_unit(unit, tok, str(tmp_path / "cache"), token_dtype(len(tok)).str, False, 500, 7, found=stale)
+    assert sorted(held) != [0, 1, 2] and res.val_hashes == [doc_hash(t) for t in held.values()]
+    assert res.val_tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in held.values())
+
+
 def test_an_edit_of_the_same_size_within_the_same_second_is_tokenized_again(tmp_path, tok):
     """The token cache knows a file by its path, size and modification time to the nanosecond: a file rewritten with
     as many bytes within the same second (a script regenerating its corpus) is new input, not the old tokens."""

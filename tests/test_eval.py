@@ -554,6 +554,12 @@ def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, mon
     shutil.copytree(tiny[2], other)
     assert cli.main([a.replace(f"second={tiny[2]}", f"second={other}") for a in argv] + ["--resume"]) == 2
     assert re.search(r"its model 'second' was .* this one is '.*elsewhere'", capsys.readouterr().err)
+    # a model of that evaluation left out of the command: rewriting eval.json would lose its scores, so refused
+    i = argv.index(f"second={tiny[2]}")
+    fewer = argv[:i - 1] + argv[i + 1:]  # (without "--model second=...")
+    assert cli.main(fewer + ["--resume"]) == 2
+    assert re.search(r"--resume=.*eval.json'?: it holds second, not named in this command", capsys.readouterr().err)
+    assert set(json.loads((out / "eval.json").read_text())["scores"]) == {"first", "second"}
 
 
 def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loads(tiny, monkeypatch, capsys):
@@ -568,6 +574,31 @@ def test_ruler_lengths_past_the_evaluation_length_are_refused_before_a_model_loa
     assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "niah_essay_single", "--lengths", "4096",
                      "--max-length", "2048", "--no-quality", "--out", "/nonexistent/never"]) == 2
     assert "error: --lengths='4096': tiny is evaluated at 2048 tokens" in capsys.readouterr().err
+    # too short for a RULER prompt (found after the model had loaded; ruler_cwe's word search could loop for ever)
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "niah_single_1,ruler_cwe", "--lengths",
+                     "512,1024", "--no-quality", "--out", "/nonexistent/never"]) == 2
+    assert re.search(r"error: --lengths='512,1024': 512 is too short for a RULER or essay prompt \(niah_single_1, "
+                     r"ruler_cwe\): use lengths of 1024 tokens and up", capsys.readouterr().err)
+    # held-out rows longer than the model's context: its quality would be scored past its positions
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "", "--heldout-seq-len", "2048",
+                     "--out", "/nonexistent/never"]) == 2
+    assert re.search(r"error: --heldout-seq-len=2048: longer than tiny's context \(1024 tokens\)",
+                     capsys.readouterr().err)
+
+
+def test_an_evaluation_without_samples_leaves_no_earlier_samples_file_beside_it(tiny, tmp_path):
+    """A held-out-quality-only evaluation into a folder an earlier recall evaluation used: its samples file was left,
+    and eval-merge read it as this model's (old prompt digests and strict scores)."""
+    from ds_hybrid import cli
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "samples_tiny.jsonl").write_text(json.dumps({"task": "niah_single_1", "id": 0, "gold": ["1"],
+                                                        "generation": "1", "length": 1024}) + "\n")
+    assert cli.main(["eval", "--model", f"tiny={tiny[2]}", "--tasks", "", "--heldout-sequences", "1",
+                     "--heldout-seq-len", "64", "--out", str(out)]) == 0
+    assert not (out / "samples_tiny.jsonl").exists()
+    assert "samples" not in json.loads((out / "eval.json").read_text())["models"]["tiny"]
 
 
 def test_bad_tasks_names_and_haystacks_are_refused_before_a_model_loads(tiny, tmp_path, monkeypatch, capsys):
@@ -1382,3 +1413,16 @@ def test_recall_vs_k_takes_one_teacher_and_averages_the_plots_ends():
     level = {"teacher": 0.9, "lin0": 0.0, "lin1": 0.1}
     assert by_k.end_levels(rows, lambda r: (r["k"], level[r["model"]])) == {"teacher": (4, 0.9),
                                                                            "all_linear": (0, 0.05)}
+
+
+def test_bench_infer_with_cuda_graphs_refuses_too_few_decode_tokens_to_time_a_graph(tiny, monkeypatch, capsys):
+    """The first two decode steps run eagerly before the capture: with --decode-tokens 2 the rows labelled
+    cuda_graphs timed no graph. Refused naming the option, before a model loads (the device faked: no GPU here)."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+
+    monkeypatch.setattr(run_mod, "_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert cli.main(["bench-infer", "--model", f"tiny={tiny[2]}", "--contexts", "64", "--batches", "1",
+                     "--decode-tokens", "2", "--cuda-graphs", "--out", "/nonexistent/never"]) == 2
+    assert "error: --decode-tokens=2: with --cuda-graphs, 3 or more" in capsys.readouterr().err

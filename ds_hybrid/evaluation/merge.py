@@ -227,7 +227,8 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             samples = None
             d = (p.get("prompt_digests") or {}).get(m)
             st = (p.get("strict_scores") or {}).get(m)
-            if d is None or st is None:
+            if (d is None or st is None) and p["scores"][m]:  # (a model with no recall scores has no samples: a
+                # samples file beside it is an earlier evaluation's in a reused folder)
                 samples = _samples(src, m)
             if d is None and samples:
                 d = recall.prompt_digests(samples)

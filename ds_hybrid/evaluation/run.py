@@ -132,6 +132,9 @@ def describe(model) -> dict:
     return d
 
 
+MIN_RULER_LENGTH = 1024  # the shortest --lengths value a RULER or essay task is generated at
+
+
 def eval_request(args: argparse.Namespace) -> tuple[list[int], list[str], dict[str, list], dict[str, str]]:
     """`ds-hybrid eval`'s arguments checked before any model folder is read -> (lengths, tasks, the SWDE/FDA records
     by option, {model name: spec})."""
@@ -140,6 +143,11 @@ def eval_request(args: argparse.Namespace) -> tuple[list[int], list[str], dict[s
     lengths = positive_ints(args.lengths, "--lengths")
     tasks = recall.SUITES[args.suite] if args.tasks is None else [t for t in args.tasks.split(",") if t]
     recall.check_tasks(tasks)
+    ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
+    if ruler and lengths and min(lengths) < MIN_RULER_LENGTH:  # (found after a model had loaded, or not at all:
+        # ruler_cwe's word search can loop for ever at a few hundred tokens)
+        raise ConfigError("--lengths", args.lengths, f"{min(lengths)} is too short for a RULER or essay prompt "
+                          f"({', '.join(ruler)}): use lengths of {MIN_RULER_LENGTH} tokens and up")
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
     records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
     return lengths, tasks, records, parse_models(args.model, args.teacher)
@@ -164,6 +172,11 @@ def run_eval(args: argparse.Namespace) -> dict:
                               "context, the scores measure extrapolation; at exactly the longest length a few prompts "
                               "may still be cut, by their delimiter and generation prefix: eval.json's "
                               "ruler_truncated counts them)")
+    for name, folder in folders.items() if not args.no_quality else ():
+        if args.heldout_seq_len > eval_length(folder, None):  # (scored past its positions: not its quality)
+            raise ConfigError("--heldout-seq-len", args.heldout_seq_len, f"longer than {name}'s context "
+                              f"({eval_length(folder, None)} tokens): its held-out perplexity and KL would be of "
+                              "positions it was never trained at; use a --heldout-seq-len within it")
     for name, folder in folders.items() if based else ():
         if eval_length(folder, args.max_length) <= recall.BASED_MAX_GEN_TOKS:
             raise ConfigError("--max-length", args.max_length, f"{name} would be evaluated at "
@@ -333,6 +346,8 @@ def run_eval(args: argparse.Namespace) -> dict:
             atomic_write_text(out_dir / f"samples_{name}.jsonl",
                               "".join(json.dumps(rec, default=str) + "\n" for rec in samples))
             info[name]["samples"] = str(out_dir / f"samples_{name}.jsonl")
+        else:  # (an earlier evaluation's in a reused folder would be read by eval-merge as this one's)
+            (out_dir / f"samples_{name}.jsonl").unlink(missing_ok=True)
         info[name]["eval_seconds"] = time.time() - t0
 
     for name, path in models.items():
@@ -412,9 +427,12 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
     if stale:
         log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
                  "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
+    dropped = [name for name in old.get("models", {}) if name not in models]
+    if dropped:  # (eval.json is rewritten with the models named here: theirs would be lost)
+        raise ConfigError("--resume", str(path), f"it holds {', '.join(dropped)}, not named in this command, whose "
+                          "scores rewriting it would lose: name every model of that evaluation again (the finished "
+                          "ones are kept, not run), or evaluate into another --out")
     for name, rec in old.get("models", {}).items():
-        if name not in models:
-            continue
         if rec.get("path") != models[name] or rec.get("max_length") != eval_length(folders[name], max_length):
             raise ConfigError("--resume", str(path), f"its model {name!r} was {rec.get('path')!r} at "
                               f"{rec.get('max_length')} tokens, this one is {models[name]!r} at "
@@ -549,6 +567,9 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.cuda_graphs:  # checked before any model is loaded
         if dev.type != "cuda":
             raise ConfigError("--cuda-graphs", True, "CUDA graphs need a GPU: use --device cuda, or drop --cuda-graphs")
+        if args.decode_tokens <= 2:  # (the first two steps run eagerly before the capture: no graph would be timed)
+            raise ConfigError("--decode-tokens", args.decode_tokens, "with --cuda-graphs, 3 or more: the first two "
+                              "steps run eagerly before the graph is captured, and the rows would time no graph")
         modes = ("eager", "cuda_graphs") + (("cuda_graphs_compiled",) if args.compile else ())
     elif args.compile:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")

@@ -31,6 +31,7 @@ only fewer bytes make it faster; far below, launches and small kernels are the l
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -215,7 +216,11 @@ def bench_pair(
                         # sliding-window layers held at full length (no rings: attention other than sdpa/eager)
                         # read all max_len keys (masked): such rows overstate what a windowed cache would cost
                         r["static_full_kv_sliding_layers"] = decoder.full_kv_sliding_layers
-                        del decoder
+                        del decoder  # (it refers to itself, through its bound step: its caches and graph pool go at
+                        # a collection, before the next, larger row is measured, not when Python next gets to it)
+                        gc.collect()
+                        if dev.type == "cuda":
+                            torch.cuda.empty_cache()
                     if "error" not in r:  # the bytes a step must move, and the bandwidth the measured step reached
                         step = decode_step_bytes(model, b, c, next(model.parameters()).element_size()).total
                         r["decode_step_gb"] = step / 1e9

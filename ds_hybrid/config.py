@@ -293,6 +293,29 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> An
     return obj
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping: YAML keeps the last silently, so a second
+    ``kl:`` section would replace the first whole (merge keys, ``<<``, may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # (an unhashable key: safe_load's own error follows)
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (first at line {first}): YAML would keep the last one "
+                        "silently; keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML parse error in one line: what and where (line and column, 1-based)."""
     mark = getattr(e, "problem_mark", None)
@@ -305,6 +328,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError("override", item, "write overrides as key=value, e.g. kl.tokens=2000000")
     key, raw = item.split("=", 1)
+    if not raw.strip():  # (YAML reads nothing as null, which means "the default": teacher=$UNSET would distil from
+        # the embedded 135M model)
+        raise ConfigError(key.strip(), raw, "an empty value (an unset shell variable?): give a value, or null to "
+                          "mean none")
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as e:
@@ -332,7 +359,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             was = out.get("softmax_layers")
             was = was if isinstance(was, dict) and "selection" in was else {}
             keep = {"selection": was["selection"]} if was and keys[1] in ("k", "ratio") else \
-                {k: v for k, v in was.items() if k in ("k", "ratio")} if keys[1] == "selection" else {}
+                {k: v for k, v in was.items() if k in ("k", "ratio")} if keys[1] == "selection" else \
+                was if keys[1] == "check_origin" else {}
             out["softmax_layers"] = {**keep, keys[1]: value}
             continue
         d = out
@@ -373,7 +401,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError("--config", str(path), "no such file; give the path of a run YAML (see runs/)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}  # (safe_load's loader, see the class)
         except yaml.YAMLError as e:
             raise ConfigError("--config", str(path), f"not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
@@ -405,18 +433,21 @@ def checkpoint_due(done: int, total: int, s: StageConfig) -> bool:
 
 
 def validate_static(cfg: RunConfig) -> None:
+    from ds_hybrid.layers import check_softmax_spec
     from ds_hybrid.modeling.mixers import MIXERS, MixerOptions
 
     if cfg.mixer not in MIXERS:
         raise ConfigError("mixer", cfg.mixer, f"choose one of {MIXERS}")
     MixerOptions.from_dict(cfg.mixer_options)
+    check_softmax_spec(cfg.softmax_layers)
     for name, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
         if seed < 0:
             raise ConfigError(name, seed, "a seed is an integer >= 0 (numpy's generators take no negative seed)")
     if cfg.select.method not in SELECT_METHODS:
         raise ConfigError("select.method", cfg.select.method, f"choose one of {SELECT_METHODS}")
-    if cfg.select.distance_reg < 0:
-        raise ConfigError("select.distance_reg", cfg.select.distance_reg, "a penalty weight >= 0 (0: the plain ranking)")
+    if not (math.isfinite(cfg.select.distance_reg) and cfg.select.distance_reg >= 0):
+        raise ConfigError("select.distance_reg", cfg.select.distance_reg,
+                          "a finite penalty weight >= 0 (0: the plain ranking; the paper's 0.3)")
     if cfg.select.distance_reg and cfg.select.method in SPACING_METHODS:
         raise ConfigError("select.distance_reg", cfg.select.distance_reg,
                           f"applies to score-based methods; {cfg.select.method} is a spacing rule, not a score")
@@ -572,6 +603,11 @@ def check_stage(s: StageConfig, name: str) -> None:
         if getattr(s, f) < 0:
             raise ConfigError(f"{name}.{f}", getattr(s, f), "must not be negative" +
                               (" (a negative weight would train the student to raise the CE)" if f == "ce_weight" else ""))
+    if s.lr == 0 and (name == "align" or s.lr_rest == 0):  # (param_groups would find nothing to train, after the
+        # models are built)
+        raise ConfigError(f"{name}.lr", s.lr, "nothing would train: " + (
+            "stage align trains the mixers at lr" if name == "align" else
+            "lr (attention and mixers) and lr_rest (the rest) are both 0") + "; give a positive rate (e.g. 1e-3)")
     if name == "finetune" and (s.ce_weight != 0 or s.temperature != 1):
         f = "ce_weight" if s.ce_weight != 0 else "temperature"
         raise ConfigError(f"finetune.{f}", getattr(s, f), "stage finetune trains on the next-token CE alone (no "
@@ -623,6 +659,16 @@ def _check_ds_batch(ds: dict, s: StageConfig, stage: str, f: str, path: str, wor
                           "to \"auto\"")
 
 
+def check_teacher_overlap(stage: str, s: StageConfig, teacher_ds: dict) -> None:
+    """kl's teacher_overlap runs the teacher's forward on a second stream: not with a ZeRO-3 teacher."""
+    zero = int((teacher_ds.get("zero_optimization") or {}).get("stage", 0))
+    if s.teacher_overlap and zero == 3:
+        raise ConfigError(f"{stage}.teacher_overlap", s.teacher_overlap,
+                          f"not with a ZeRO-3 teacher ({s.teacher_ds_config}: its parameter gathers run on "
+                          "DeepSpeed's own streams): set it false, or give the teacher a ZeRO-0 config "
+                          f"({stage}.teacher_ds_config: ds_configs/single.json) where it fits on one GPU")
+
+
 def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_from: bool = True) -> None:
     """Checks that depend on the stage and the job shape; still before any model is built. ``check_init_from``:
     False for a job's check of its later stages up front (an init_from an earlier stage writes)."""
@@ -662,6 +708,8 @@ def validate_for_launch(cfg: RunConfig, stage: str, world_size: int, check_init_
             raise ConfigError(f"{stage}.{f}", str(p), "remove the enabled fp16 section: ds-hybrid runs in bf16 (fp32 on "
                               "CPU) and sets DeepSpeed's bf16 section itself")
         _check_ds_batch(ds, s, stage, f, str(p), world_size, cfg.dtype)
+        if f == "teacher_ds_config" and stage == "kl":
+            check_teacher_overlap(stage, s, ds)
         if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("writer") is not None:
             raise ConfigError(f"{stage}.{f}", str(p),
                               "remove checkpoint.writer: ds-hybrid hashes a checkpoint's files and vouches for them "

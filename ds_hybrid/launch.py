@@ -115,6 +115,8 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
         if st in TRAIN_STAGES and not done(st):
             validate_for_launch(cfg, st, world_size, check_init_from=False)
     sel = selection_path(cfg)
+    check_against_teacher(cfg, [st for st in stages if (st in TRAIN_STAGES and not done(st)) or
+                                (st == "select" and not sel.is_file())])
     if "select" in stages and not sel.is_file():
         if select_array > 0 and cfg.select.method not in PROBE_METHODS:
             raise ConfigError("SELECT_ARRAY", select_array,
@@ -140,6 +142,36 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
                               f"softmax_layers.selection={sel} softmax_layers.ratio=<r>), or leave select out of "
                               "STAGES")
         check_selection_spec(spec)  # (kl would stop on it after align and select)
+
+
+def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
+    """What the stages check against the teacher's config when they start, checked here for every stage still to run
+    (else kl learned of a layer index past the teacher's last, or a seq_len past its context, after align and
+    select): the seq_len of each, the softmax layers where they are a list or a spacing (a selection is read by kl
+    from a file that select may still write), and select's K against the layer count. Where the teacher's config
+    cannot be read here (a folder on the compute nodes only, a hub id offline), said, and left to the stages."""
+    from ds_hybrid.layers import resolve_softmax_layers
+    from ds_hybrid.modeling.families import check_context
+    from ds_hybrid.teacher import load_teacher_config
+
+    if not stages:
+        return
+    try:
+        tc = load_teacher_config(cfg.teacher)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"note: the teacher's config is not readable here ({e}): the stages check their settings against it "
+              "when they start", file=sys.stderr)
+        return
+    spec = cfg.softmax_layers
+    for st in stages:
+        if st != "select":
+            check_context(f"{st}.seq_len", cfg.stage(st).seq_len, tc)
+        if st in ("kl", "finetune") and not (isinstance(spec, dict) and "selection" in spec):
+            resolve_softmax_layers(spec, tc.num_hidden_layers)
+    if "select" in stages:
+        from ds_hybrid.stages.probes import check_ks
+
+        check_ks(cfg, tc.num_hidden_layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,8 +114,29 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
     """
     from ds_hybrid.modeling.configuration import check_softmax_layers
 
+    check_softmax_spec(spec, field)
     if isinstance(spec, (list, tuple)):
         return check_softmax_layers(list(spec), num_layers, field)
+    if "selection" in spec:
+        return layers_from_selection(spec, num_layers, field)
+    v = spec["uniform"]
+    k = int(v) if isinstance(v, int) and v >= 1 else k_for_ratio(float(v), num_layers, f"{field}.uniform")
+    if k > num_layers:
+        raise ConfigError(f"{field}.uniform", v, f"the teacher has only {num_layers} layers")
+    return uniform_layers(num_layers, k)
+
+
+FORMS = ("use a list of layer indices, {uniform: <ratio or K>}, or {selection: <path to selection.json>, ratio: <r> | "
+         "k: <K>}")
+
+
+def check_softmax_spec(spec, field: str = "softmax_layers") -> None:
+    """The form of softmax_layers, which needs neither the teacher nor a selection file (checked with the run config,
+    before any stage: a misspelt key was taken by stage align, which does not read it, and refused at kl)."""
+    if isinstance(spec, (list, tuple)):
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
+            raise ConfigError(field, spec, "layer indices must be integers")
+        return
     if isinstance(spec, dict) and set(spec) == {"uniform"}:
         v = spec["uniform"]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -123,18 +144,16 @@ def resolve_softmax_layers(spec, num_layers: int, field: str = "softmax_layers")
         if isinstance(v, float) and not 0 <= v < 1:  # (1.0 read as a ratio was every layer; 1 is one layer)
             raise ConfigError(f"{field}.uniform", v, "a ratio lies in [0, 1) (1.0 would keep every layer softmax: the "
                               "teacher itself); a layer count K is an integer, e.g. {uniform: 8}")
-        k = int(v) if isinstance(v, int) and v >= 1 else k_for_ratio(float(v), num_layers, f"{field}.uniform")
-        if k > num_layers:
-            raise ConfigError(f"{field}.uniform", v, f"the teacher has only {num_layers} layers")
-        return uniform_layers(num_layers, k)
+        if isinstance(v, int) and v < 0:
+            raise ConfigError(f"{field}.uniform", v, "a layer count K is 0 or more (or a ratio in [0, 1))")
+        return
     if isinstance(spec, dict) and "selection" in spec:
-        return layers_from_selection(spec, num_layers, field)
+        check_selection_spec(spec, field)
+        return
     if isinstance(spec, dict) and (set(spec) - {"uniform", "selection", "k", "ratio"}):
         unknown = sorted(set(spec) - {"uniform", "selection", "k", "ratio"})
-        raise ConfigError(field, spec, f"unknown key(s) {unknown}: use a list of layer indices, {{uniform: <ratio or "
-                                       "K>}, or {selection: <path to selection.json>, ratio: <r> | k: <K>}")
-    raise ConfigError(field, spec, "use a list of layer indices, {uniform: <ratio or K>}, or "
-                                   "{selection: <path to selection.json>, ratio: <r> | k: <K>}")
+        raise ConfigError(field, spec, f"unknown key(s) {unknown}: {FORMS}")
+    raise ConfigError(field, spec, FORMS)
 
 
 def check_selection_spec(spec: dict, field: str = "softmax_layers") -> None:

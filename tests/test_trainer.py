@@ -498,6 +498,16 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
         assert ("a small rate instead of 0 resumes" in str(e.value)) is hint
     check_resume("kl", (path, {"world_size": 1, "settings": {**model, "frozen": ["lr_rest"]}}),
                  {**model, "frozen": ["lr_rest"]})
+    # the optimizer state's layout on disk: another ZeRO stage or dtype, refused by its field before the models
+    # (DeepSpeed's load failed after both were built); a checkpoint that did not record them passes
+    laid = {**model, "zero_stage": 2, "dtype": "bfloat16"}
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(laid)}), laid)
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(model)}), laid)
+    for key, value, field in [("zero_stage", 3, r"kl\.ds_config='ZeRO stage 3'"),
+                              ("dtype", "float32", "dtype='dtype float32'")]:
+        with pytest.raises(ConfigError, match=rf"^{field}: .*written under \S+( stage)? {laid[key]}, and DeepSpeed loads its "
+                                              "optimizer state .* only under the same; set it back"):
+            check_resume("kl", (path, {"world_size": 1, "settings": dict(laid)}), {**laid, key: value})
 
 
 def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_model(tmp_path):

@@ -96,6 +96,41 @@ def test_missing_teacher_folder(tmp_path):
         resolve_teacher(str(tmp_path))
 
 
+def test_a_hub_teacher_is_downloaded_for_training_and_a_folder_without_safetensors_refused(tmp_path, monkeypatch):
+    """Training reads the teacher's safetensors directly (its fingerprint, the weight transfer): a hub id, taken by
+    every check, crashed there on Path('org/name'); it is now downloaded first (config, safetensors, tokenizer files),
+    a hub that does not give it is named with the way around, and a pytorch_model.bin-only folder is refused by name
+    before the data and the models (it failed after the teacher had loaded)."""
+    import huggingface_hub
+
+    from ds_hybrid.teacher import HUB_FILES, local_teacher
+
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "org/offline":
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert local_teacher("org/name") == str(snap) and calls == [("org/name", HUB_FILES)]
+    with pytest.raises(ConfigError, match=r"^teacher='org/offline': not a folder here and the hub did not give it "
+                                          r"\(We couldn't connect.*huggingface-cli download org/offline --local-dir"):
+        local_teacher("org/offline")
+    assert local_teacher(str(snap)) == str(snap)  # a local folder: as it is, nothing downloaded
+    assert len(calls) == 2
+    (snap / "model.safetensors").unlink()
+    (snap / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^teacher=.*has no \*\.safetensors weights \(pytorch_model\.bin only\?\)"):
+        local_teacher(str(snap))
+
+
 def test_ratio_round_half_up_as_paper_configs():
     assert [k_for_ratio(r, 36) for r in (1 / 8, 1 / 4, 1 / 3, 1 / 2)] == [5, 9, 12, 18]
     assert [k_for_ratio(r, 28) for r in (1 / 8, 1 / 4, 1 / 3, 1 / 2)] == [4, 7, 9, 14]

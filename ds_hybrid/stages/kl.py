@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ds_hybrid import distributed as D
+from ds_hybrid.config import check_teacher_overlap
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import export_hf
 from ds_hybrid.kernels import triton_interpreted
@@ -31,7 +32,7 @@ from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import (HeldOut, Stage, build_teacher_engine, check_init_from, hybrid_export_groups,
                                    load_hybrid, strided_share)
 from ds_hybrid.stages.common import (
-    compile_blocks, grad_norm_before_step, matmul_params, student_engine, unpacked_rows, wants_compile, zero_stage,
+    compile_blocks, grad_norm_before_step, matmul_params, student_engine, unpacked_rows, wants_compile,
 )
 from ds_hybrid.teacher import teacher_generation_config
 from ds_hybrid.zero import gathered
@@ -111,11 +112,8 @@ class KLStage(Stage):
             raise ConfigError(f"{self.name}.kl_backend", s.kl_backend,
                               "the Triton kernel needs a CUDA GPU and none is visible: use auto (the torch reference "
                               "on CPU) or torch; TRITON_INTERPRET=1 runs the kernel in Triton's interpreter, slowly")
-        if s.teacher_overlap and self.uses_teacher and zero_stage(ctx.ds_config(train=False)) == 3:
-            raise ConfigError(f"{self.name}.teacher_overlap", s.teacher_overlap,
-                              f"not with a ZeRO-3 teacher ({s.teacher_ds_config}: its parameter gathers run on "
-                              "DeepSpeed's own streams): set it false, or give the teacher a ZeRO-0 config "
-                              "(kl.teacher_ds_config: ds_configs/single.json) where it fits on one GPU")
+        if self.uses_teacher:
+            check_teacher_overlap(self.name, s, ctx.ds_config(train=False))
 
     def setup(self) -> None:
         ctx = self.ctx

@@ -265,6 +265,18 @@ def requested_ks(cfg: RunConfig, num_layers: int) -> list[int]:
     return sorted(ks)
 
 
+def check_ks(cfg: RunConfig, num_layers: int) -> list[int]:
+    """The K values stage select makes (select.ks, and select.ratios as K), each within the teacher's layers; checked
+    when select starts and by the launchers' check before align."""
+    sc, L = cfg.select, num_layers
+    ks = requested_ks(cfg, L)
+    if any(k > L for k in sc.ks):
+        raise ConfigError("select.ks", sc.ks, f"the teacher has {L} layers: K values lie in 0..{L}")
+    if sc.method == "halving" and sc.halving_keep is not None and sc.halving_keep > L:
+        raise ConfigError("select.halving_keep", sc.halving_keep, f"the teacher has {L} layers: keep at most {L}")
+    return ks
+
+
 def task_slot(cfg: RunConfig) -> tuple[int, int]:
     sc = cfg.select
     idx = sc.task_index if sc.task_index is not None else _slurm_array_index()

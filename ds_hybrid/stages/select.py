@@ -64,7 +64,8 @@ from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selection, ranking_tau, read_selection,
                                  write_selection)
-from ds_hybrid.stages.probes import DATA_FIELDS, ga_s2, halving, probe_stage_config, requested_ks, task_held, task_slot
+from ds_hybrid.stages.probes import (DATA_FIELDS, check_ks, ga_s2, halving, probe_stage_config, task_held,
+                                    task_slot)
 from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
 
 log = logging.getLogger("ds_hybrid")
@@ -137,7 +138,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
 
 
 def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | None:
-    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, resolve_teacher
+    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, local_teacher
 
     sc = cfg.select
     # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
@@ -167,7 +168,9 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
                         "again (its probes are reused only where their own settings are unchanged)", target,
                         ", ".join(changed))
         return target
-    teacher_path = D.main_reads(lambda: resolve_teacher(cfg.teacher))
+    teacher_path = D.main_reads(lambda: local_teacher(cfg.teacher))
+    if not Path(teacher_path).is_dir():  # (a node whose cache is its own: the same, there)
+        teacher_path = local_teacher(cfg.teacher)
     teacher_config = load_teacher_config(teacher_path)
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)
@@ -188,11 +191,7 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
             raise ConfigError("select.ar_pairs", sc.ar_pairs, f"makes prompts of up to {longest} tokens, longer than "
                               f"the teacher's context ({context}): use fewer pairs (about "
                               f"{max(3, sc.ar_pairs * context // longest)})")
-    ks = requested_ks(cfg, L)
-    if any(k > L for k in sc.ks):
-        raise ConfigError("select.ks", sc.ks, f"the teacher has {L} layers: K values lie in 0..{L}")
-    if sc.method == "halving" and sc.halving_keep is not None and sc.halving_keep > L:
-        raise ConfigError("select.halving_keep", sc.halving_keep, f"the teacher has {L} layers: keep at most {L}")
+    ks = check_ks(cfg, L)
     align_dir = cfg.stage_dir("align") / "hf"
     needs_align = sc.method in ("ga_s2", "halving", "proxy", "ppl", "mse")
     if needs_align and not (align_dir / "config.json").is_file():

@@ -297,8 +297,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load's loader, refusing a key given twice in one mapping: YAML keeps the last silently, so a second
     ``kl:`` section would replace the first whole (merge keys, ``<<``, may still be overridden)."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node):  # (before merge keys add theirs: the node's own keys, once per node, since
+        # flattening rewrites the node, and a mapping merged into another is flattened first as a part of it)
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -313,7 +316,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         None, None, f"{key!r} is given twice (first at line {first}): YAML would keep the last one "
                         "silently; keep one", key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        super().flatten_mapping(node)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -357,10 +360,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             # one form replaces another ({uniform: 0.125} for a list or {selection, ratio}); k and ratio choose
             # from the same selection file, which stays
             was = out.get("softmax_layers")
-            was = was if isinstance(was, dict) and "selection" in was else {}
-            keep = {"selection": was["selection"]} if was and keys[1] in ("k", "ratio") else \
-                {k: v for k, v in was.items() if k in ("k", "ratio")} if keys[1] == "selection" else \
-                was if keys[1] == "check_origin" else {}
+            was = was if isinstance(was, dict) and "uniform" not in was else {}  # (a selection's keys, or some)
+            keep = {k: v for k, v in was.items() if k in ("selection", "check_origin")} if keys[1] in ("k", "ratio") \
+                else {k: v for k, v in was.items() if k in ("k", "ratio", "check_origin")} if keys[1] == "selection" \
+                else was if keys[1] == "check_origin" else {}
             out["softmax_layers"] = {**keep, keys[1]: value}
             continue
         d = out

@@ -148,18 +148,20 @@ def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
     """What the stages check against the teacher's config when they start, checked here for every stage still to run
     (else kl learned of a layer index past the teacher's last, or a seq_len past its context, after align and
     select): the seq_len of each, the softmax layers where they are a list or a spacing (a selection is read by kl
-    from a file that select may still write), and select's K against the layer count. Where the teacher's config
-    cannot be read here (a folder on the compute nodes only, a hub id offline), said, and left to the stages."""
+    from a file that select may still write), and select's K against the layer count. A hub teacher is downloaded
+    first; a teacher folder not on this node (on the compute nodes only) is said, and left to the stages."""
     from ds_hybrid.layers import resolve_softmax_layers
     from ds_hybrid.modeling.families import check_context
-    from ds_hybrid.teacher import load_teacher_config
+    from ds_hybrid.teacher import load_teacher_config, local_teacher
 
     if not stages:
         return
-    try:
-        tc = load_teacher_config(cfg.teacher)
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"note: the teacher's config is not readable here ({e}): the stages check their settings against it "
+    try:  # (a hub teacher is downloaded here, before the job's ranks would wait on one rank's download)
+        tc = load_teacher_config(local_teacher(cfg.teacher))
+    except ConfigError as e:
+        if not e.fix.startswith("no such folder"):  # (a family, remote code or a hub that refuses: the stages would)
+            raise
+        print(f"note: the teacher's folder is not here ({e}): the stages check their settings against its config "
               "when they start", file=sys.stderr)
         return
     spec = cfg.softmax_layers

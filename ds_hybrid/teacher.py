@@ -119,6 +119,7 @@ def resolve_teacher(spec: str | None, field: str = "teacher") -> str:
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # config, weights, tokenizer
+HUB_SKIP = ["consolidated*", "original/*"]  # (the original checkpoint some repos keep beside the HF one: as large)
 
 
 def local_teacher(spec: str | None, field: str = "teacher") -> str:
@@ -130,7 +131,7 @@ def local_teacher(spec: str | None, field: str = "teacher") -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            path = snapshot_download(repo_id=path, allow_patterns=HUB_FILES)
+            path = snapshot_download(repo_id=path, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP)
         except Exception as e:  # (offline, gated, no such repo: each its own exception class)
             why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ConfigError(field, spec, f"not a folder here and the hub did not give it ({why}); download it "

@@ -192,8 +192,10 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
                           f"{'0' if key in was['frozen'] else 'above 0'}: a rate of 0 freezes those parameters and "
                           f"leaves their optimizer group out, so the checkpoint's optimizer state would not "
                           f"load{small}; {again}")
+    layout = {0: 0, 1: 1, 2: 1, 3: 3}  # (ZeRO-1 and -2 write the same optimizer files)
     for key, field, what in (("zero_stage", f"{stage}.ds_config", "ZeRO stage"), ("dtype", "dtype", "dtype")):
-        if key in was and key in now and was[key] != now[key]:
+        same = (lambda a, b: layout.get(a, a) == layout.get(b, b)) if key == "zero_stage" else (lambda a, b: a == b)
+        if key in was and key in now and not same(was[key], now[key]):
             raise ConfigError(field, f"{what} {now[key]}", f"the checkpoint {path} was written under {what} "
                               f"{was[key]}, and DeepSpeed loads its optimizer state (partitioned and typed so) only "
                               f"under the same; {again}")

@@ -910,6 +910,18 @@ def test_input_that_used_to_pass_and_fail_later_or_silently_is_refused_by_name(t
     assert apply_overrides(sel, ["softmax_layers.check_origin=false"])["softmax_layers"] == {
         "selection": "s.json", "k": 8, "check_origin": False}
     assert apply_overrides(sel, ["softmax_layers.uniform=0.25"])["softmax_layers"] == {"uniform": 0.25}
+    # and is kept by a k, ratio or selection override, in any order (kl would refuse the origin after align, select)
+    kept = {"softmax_layers": {"selection": "s.json", "ratio": 0.125, "check_origin": False}}
+    assert apply_overrides(kept, ["softmax_layers.k=10"])["softmax_layers"] == {
+        "selection": "s.json", "check_origin": False, "k": 10}
+    assert apply_overrides({}, ["softmax_layers.check_origin=false", "softmax_layers.selection=x.json",
+                                "softmax_layers.k=3"])["softmax_layers"] == {
+        "check_origin": False, "selection": "x.json", "k": 3}
+    # YAML anchors and merge keys may override what they merge, at any depth
+    (tmp_path / "anchors.yaml").write_text("kl: &kl {tokens: 1000000, lr: 1.0e-3}\n"
+                                           "select: {probe: &p {<<: *kl, lr: 5.0e-4}}\nfinetune: {<<: *p}\n")
+    anchored = load_config(tmp_path / "anchors.yaml")
+    assert (anchored.select.probe["lr"], anchored.finetune.lr, anchored.finetune.tokens) == (5e-4, 5e-4, 1_000_000)
 
 
 def test_the_form_of_softmax_layers_is_checked_with_the_run_config():
@@ -932,8 +944,8 @@ def test_the_form_of_softmax_layers_is_checked_with_the_run_config():
 def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(tmp_path, capsys):
     """What the stages check against the teacher when they start is checked by the launchers before align: a softmax
     layer past the teacher's last, a seq_len past its context, a select K past its layer count, kl's teacher_overlap
-    with a ZeRO-3 teacher (each found after align and select before). A teacher whose config is not readable here is
-    said and left to the stages."""
+    with a ZeRO-3 teacher (each found after align and select before). A teacher folder not on this node is said and
+    left to the stages; a teacher that is here and refused (another model family) is refused here too."""
     from ds_hybrid import launch
 
     teacher = make_tiny_teacher(tmp_path / "teacher")  # (4 layers, 1024 positions)
@@ -952,4 +964,11 @@ def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(
                                                  "kl.teacher_ds_config=ds_configs/teacher_zero3.json"]), ["kl"], 1)
     launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", f"teacher={tmp_path / 'nowhere'}",
                                              "softmax_layers=[1, 99]"]), ["kl"], 1)
-    assert "note: the teacher's config is not readable here" in capsys.readouterr().err
+    assert "note: the teacher's folder is not here" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^teacher=.*gpt2"):
+        launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", f"teacher={gpt2}",
+                                                 "softmax_layers=[1]"]), ["kl"], 1)

@@ -503,6 +503,7 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
     laid = {**model, "zero_stage": 2, "dtype": "bfloat16"}
     check_resume("kl", (path, {"world_size": 1, "settings": dict(laid)}), laid)
     check_resume("kl", (path, {"world_size": 1, "settings": dict(model)}), laid)
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(laid)}), {**laid, "zero_stage": 1})  # (same files)
     for key, value, field in [("zero_stage", 3, r"kl\.ds_config='ZeRO stage 3'"),
                               ("dtype", "float32", "dtype='dtype float32'")]:
         with pytest.raises(ConfigError, match=rf"^{field}: .*written under \S+( stage)? {laid[key]}, and DeepSpeed loads its "

@@ -103,7 +103,7 @@ def test_a_hub_teacher_is_downloaded_for_training_and_a_folder_without_safetenso
     before the data and the models (it failed after the teacher had loaded)."""
     import huggingface_hub
 
-    from ds_hybrid.teacher import HUB_FILES, local_teacher
+    from ds_hybrid.teacher import HUB_FILES, HUB_SKIP, local_teacher
 
     snap = tmp_path / "snapshot"
     snap.mkdir()
@@ -111,15 +111,16 @@ def test_a_hub_teacher_is_downloaded_for_training_and_a_folder_without_safetenso
     (snap / "model.safetensors").write_bytes(b"")
     calls = []
 
-    def snapshot_download(repo_id, allow_patterns):
-        calls.append((repo_id, allow_patterns))
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns):
+        calls.append((repo_id, allow_patterns, ignore_patterns))
         if repo_id == "org/offline":
             raise OSError("We couldn't connect to 'https://huggingface.co'")
         return str(snap)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.chdir(tmp_path)
-    assert local_teacher("org/name") == str(snap) and calls == [("org/name", HUB_FILES)]
+    assert local_teacher("org/name") == str(snap) and calls == [("org/name", HUB_FILES, HUB_SKIP)]
+    assert "original/*" in HUB_SKIP and "consolidated*" in HUB_SKIP  # (a repo's original checkpoint: as large again)
     with pytest.raises(ConfigError, match=r"^teacher='org/offline': not a folder here and the hub did not give it "
                                           r"\(We couldn't connect.*huggingface-cli download org/offline --local-dir"):
         local_teacher("org/offline")

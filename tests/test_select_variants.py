@@ -586,6 +586,8 @@ def test_an_array_split_is_said_and_num_tasks_checked(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="ds_hybrid"):
         assert task_slot(load_config(None, [])) == (1, 3)
         assert task_slot(load_config(None, ["select.num_tasks=1", "select.task_index=0"])) == (0, 1)
+        # the opt-out as the warning words it, num_tasks alone: this task is 0 of 1, not its array task's index
+        assert task_slot(load_config(None, ["select.num_tasks=1"])) == (0, 1)
     (said,) = [r.getMessage() for r in caplog.records]
     assert "task 1 of a 3-task Slurm array" in said and "set select.num_tasks: 1" in said
     with pytest.raises(ConfigError, match=r"^select\.num_tasks=0: tasks sharing the probes: 1 or more"):
@@ -762,6 +764,13 @@ def test_tasks_of_one_probes_folder_must_split_it_alike(tmp_path):
         bind_split(tmp_path, 3, lambda: False)
     bind_split(tmp_path, 3, lambda: True)  # finished: a new split (e.g. to re-score) is free
     assert json.loads((tmp_path / "probes" / SPLIT_KEY).read_text()) == {"num_tasks": 3}
+    # halving's tasks each work out the next round's survivors from keep: another keep is refused alike (task 0
+    # with 8 finalists waited for ever on a probe task 1, with 4, never ran)
+    bind_split(tmp_path, 3, lambda: False, {"select.halving_keep": 8})
+    bind_split(tmp_path, 3, lambda: False, {"select.halving_keep": 8})
+    with pytest.raises(ConfigError, match=r"^select\.halving_keep=4: the tasks sharing .* run with "
+                                          r"select\.halving_keep = 8"):
+        bind_split(tmp_path, 3, lambda: False, {"select.halving_keep": 4})
 
 
 def test_a_non_finite_probe_score_is_refused_as_it_is_read_naming_the_probe(tmp_path):

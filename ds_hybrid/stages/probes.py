@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,28 +143,38 @@ def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] |
 SPLIT_KEY = "SPLIT.json"
 
 
-def bind_split(out: Path, n: int, finished) -> None:
+def bind_split(out: Path, n: int, finished, agree: dict[str, Any] | None = None) -> None:
     """Tasks sharing one probes folder deal its probes by position modulo ``num_tasks``: all of them must use one
     ``num_tasks`` (task 0 of 2 and task 1 of 3 would train one probe at once in one folder and leave others to no
     task). The first task records its split in ``probes/SPLIT.json``; a task of another split is refused while the
-    probes are unfinished (``finished()``, on the main rank), the recorded split named."""
+    probes are unfinished (``finished()``, on the main rank), the recorded split named. ``agree``: other settings
+    every task must share, {field: value} (halving's finalists: each task works out the next round's survivors
+    itself), recorded and refused alike."""
     refusal = None
+    agree = agree or {}
     if D.is_main():
         key = out / "probes" / SPLIT_KEY
         with open(out / ".probes.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 try:
-                    was = json.loads(key.read_text())["num_tasks"]
+                    record = json.loads(key.read_text())
+                    was = record["num_tasks"]
                 except (OSError, ValueError, KeyError, TypeError):
-                    was = None
-                if was not in (None, n) and not finished():
+                    record, was = {}, None
+                differ = [f for f, v in agree.items() if f in record and record[f] != v] if was is not None else []
+                if differ and not finished():
+                    f = differ[0]
+                    refusal = (f, agree[f], f"the tasks sharing {out / 'probes'} run with {f} = {record[f]!r} "
+                               f"({key}): every task of one selection must use the same, or their rounds part; "
+                               f"give {f} = {record[f]!r} (or, once those tasks have ended, delete {key})")
+                elif was not in (None, n) and not finished():
                     refusal = ("select.num_tasks", n, f"the probes in {out / 'probes'} are dealt over {was} tasks "
                                f"({key}): every task of one selection must split them alike; run this one as one of "
                                f"{was} (num_tasks {was}, or a Slurm array of {was}), or, once those tasks have ended, "
                                f"delete {key} to deal the unfinished probes anew")
                 else:
-                    atomic_write_text(key, json.dumps({"num_tasks": n}))
+                    atomic_write_text(key, json.dumps({"num_tasks": n, **agree}))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     refusal = D.broadcast_object(refusal)
@@ -279,8 +290,10 @@ def check_ks(cfg: RunConfig, num_layers: int) -> list[int]:
 
 def task_slot(cfg: RunConfig) -> tuple[int, int]:
     sc = cfg.select
-    idx = sc.task_index if sc.task_index is not None else _slurm_array_index()
     n = sc.num_tasks if sc.num_tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    # (the array's index counts only where the array is the split: num_tasks given alone, e.g. 1 for a job array that
+    # is not a probe split, as the warning below says, leaves this task's index at 0, not its array task's)
+    idx = sc.task_index if sc.task_index is not None else _slurm_array_index() if sc.num_tasks is None else 0
     if n < 1:
         raise ConfigError("select.num_tasks", n, "tasks sharing the probes: 1 or more (1: this task runs them all)")
     if not 0 <= idx < n:
@@ -582,7 +595,9 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
     ident = {**probe_identity(cfg, s, align_dir, per_round=True), "survivors": cfg.select.halving_survivors,
              "first_round_steps": first_steps, "data_tokens": stage_steps(s) * step_tokens} if D.is_main() else {}
     claim_probes(out, ident, force, inherited_names(cfg))
-    bind_split(out, task[1], lambda: False)  # (its rounds are dealt anew each round: any split change waits)
+    keep = cfg.select.halving_keep or max([1, *requested_ks(cfg, num_layers)])  # (ks [0] or none: one finalist)
+    # (its rounds are dealt anew each round: any split change waits; each task works out the survivors from keep)
+    bind_split(out, task[1], lambda: False, {"select.halving_keep": keep})
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,
@@ -593,7 +608,6 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
     else:  # retrain: a survivor's next round is a fresh, longer probe; no checkpoints at all
         s.keep_checkpoints = 0
         s.ckpt_every = 0
-    keep = cfg.select.halving_keep or max([1, *requested_ks(cfg, num_layers)])  # (ks [0] or none: one finalist)
     idx, n = task
     alive = list(range(num_layers))
     scores: dict[int, float] = {}

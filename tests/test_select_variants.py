@@ -840,3 +840,40 @@ def test_a_file_system_without_locks_is_refused_naming_out_dir(tmp_path, monkeyp
                                           r"file system that has them"):
         with probes.task_held(out, 0, 1):
             pass
+
+
+@pytest.mark.parametrize("change", ["takeover", "align"])
+def test_a_selection_is_not_made_from_probes_whose_folder_or_align_changed_since_they_started(tmp_path, monkeypatch,
+                                                                                             change):
+    """A task checked its claim before each probe only: one that waited for the others' probes, then read every
+    score, would write a selection after a --force run of other settings had taken the folder over, or after the
+    align export was written again (its new fingerprint recorded for the old export's ranking). Checked once more
+    before the scores are used."""
+    from ds_hybrid.stages import probes
+    from ds_hybrid.stages.probes import (PROBES_KEY, _ga_s2, probe_identity, probe_name, probe_stage_config,
+                                         task_slot)
+
+    align = _tiny_folder(tmp_path / "align")
+    out = tmp_path / "select" / "ga_s2"
+    cfg = load_config(None, [])
+    s = probe_stage_config(cfg, align)
+    ident = probe_identity(cfg, s, align)
+    for layer in [None, 0, 1]:  # every probe done (2 layers)
+        (out / "probes" / probe_name(layer) / "kl").mkdir(parents=True)
+        (out / "probes" / probe_name(layer) / "kl" / "DONE").write_text("{}")
+    read = []
+
+    def score(d, *a):  # each probe's score; the change lands while the scores are read
+        if not read:
+            if change == "takeover":
+                (out / "probes" / PROBES_KEY).write_text(json.dumps({**ident, "seed": 99}, sort_keys=True))
+            else:
+                _tiny_folder(align, scale=2.0)
+        read.append(d.name)
+        return 1.0
+
+    monkeypatch.setattr(probes, "probe_score", score)
+    with pytest.raises(ConfigError, match="no longer holds the settings" if change == "takeover" else
+                       r"the align export changed while the probes ran"):
+        _ga_s2(cfg, out, 2, align, False, s, ident, *task_slot(cfg))
+    assert len(read) == 3  # (the scores were read: the check is the one after them)

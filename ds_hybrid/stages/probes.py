@@ -304,6 +304,18 @@ def task_slot(cfg: RunConfig) -> tuple[int, int]:
     return idx, n
 
 
+def claim_holds(out: Path, identity: dict, align_dir: Path) -> None:
+    """Before a selection is made from the probes' scores: the folder still holds this task's settings
+    (:func:`still_claimed`: a --force run of other settings may have taken it over while this task waited), and the
+    align export is still the one the probes started from (re-exported since, the selection would record the new
+    export's fingerprint for the old one's ranking, and kl's origin check would take it)."""
+    still_claimed(out, identity)
+    if D.main_reads(lambda: "align" in identity and content_fingerprint(align_dir) != identity["align"]):
+        raise ConfigError("select", str(align_dir), "the align export changed while the probes ran (its content "
+                          "fingerprint is no longer the one they started from): their ranking is the old export's; "
+                          "run select again on this one (--force)")
+
+
 @contextlib.contextmanager
 def task_held(out: Path, idx: int, n: int):
     """Hold this task's place in the probes folder while it runs: a second copy of the same task (the same
@@ -446,6 +458,7 @@ def _ga_s2(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force: b
     missing, scores, baseline = D.main_reads(read_scores)
     if missing:
         return {}, {"missing": missing}
+    claim_holds(out, ident, align_dir)
     tokens = len(items) * stage_steps(s) * s.global_batch * s.seq_len
     return scores, {"baseline": baseline, "tokens_spent": tokens, "probes": len(items),
                     "budget": {"probe_tokens": stage_steps(s) * s.global_batch * s.seq_len, "seq_len": s.seq_len,
@@ -640,6 +653,7 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
                 shutil.rmtree(out / "probes" / probe_name(layer) / "kl" / "checkpoints", ignore_errors=True)
         alive = survivors
         prev_steps, steps, r = steps, nxt[1], r + 1
+    claim_holds(out, ident, align_dir)
     final_round = {int(l) for l in rounds[-1]["alive"]}
     ordered = halving_order(rounds, num_layers)
     return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},

@@ -144,6 +144,15 @@ def local_teacher(spec: str | None, field: str = "teacher") -> str:
     return str(path)
 
 
+def job_teacher(spec: str | None, field: str = "teacher") -> str:
+    """:func:`local_teacher` for every rank of a job: the main rank converts the embedded teacher (downloads a hub
+    one) once and passes its folder on; a node that does not see that folder (a cache of its own) makes its own."""
+    from ds_hybrid import distributed as D
+
+    path = D.main_reads(lambda: local_teacher(spec, field))
+    return path if Path(path).is_dir() else local_teacher(spec, field)
+
+
 def load_teacher_config(spec: str | None, field: str = "teacher"):
     path = resolve_teacher(spec, field)
     check_no_remote_code(path, field)

@@ -72,13 +72,10 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     from ds_hybrid.layers import resolve_softmax_layers
     from ds_hybrid.modeling.families import check_context, head_dim
     from ds_hybrid.modeling.mixers import check_mixer
-    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, local_teacher
+    from ds_hybrid.teacher import check_vocab, job_teacher, load_teacher_config, load_tokenizer
 
     validate_for_launch(cfg, stage, D.world_size())
-    teacher_path = local_teacher(cfg.teacher) if D.is_main() else None
-    teacher_path = D.broadcast_object(teacher_path)  # rank 0 converts the embedded teacher (downloads a hub one) once
-    if not Path(teacher_path).is_dir():  # (a node whose cache is its own: the same, there)
-        teacher_path = local_teacher(cfg.teacher)
+    teacher_path = job_teacher(cfg.teacher)
     teacher_config = load_teacher_config(teacher_path)
     check_mixer(cfg.mixer, head_dim(teacher_config))
     tokenizer = load_tokenizer(teacher_path)

@@ -138,7 +138,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
 
 
 def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | None:
-    from ds_hybrid.teacher import check_vocab, load_teacher_config, load_tokenizer, local_teacher
+    from ds_hybrid.teacher import check_vocab, job_teacher, load_teacher_config, load_tokenizer
 
     sc = cfg.select
     # the main rank's look, for every rank (another node may see the file a moment later: ranks must not part)
@@ -168,9 +168,7 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
                         "again (its probes are reused only where their own settings are unchanged)", target,
                         ", ".join(changed))
         return target
-    teacher_path = D.main_reads(lambda: local_teacher(cfg.teacher))
-    if not Path(teacher_path).is_dir():  # (a node whose cache is its own: the same, there)
-        teacher_path = local_teacher(cfg.teacher)
+    teacher_path = job_teacher(cfg.teacher)
     teacher_config = load_teacher_config(teacher_path)
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)

@@ -331,6 +331,50 @@ def test_held_out_quality_reads_each_models_own_ids_and_the_kl_only_within_the_t
     assert q["same"]["ppl"] == pytest.approx(q["teacher"]["ppl"], rel=1e-5)  # (same weights, same rows)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the teacher parks in host memory only beside a GPU")
+def test_eval_parks_the_teacher_in_host_memory_while_other_models_read_their_prompts(tiny, tmp_path, monkeypatch):
+    """On a GPU the teacher (loaded for the held-out KL) waits in host memory while each other model's recall runs,
+    is on the GPU for its own recall and for each KL pass, and its KL equals the one computed with both on the GPU."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+    from ds_hybrid.evaluation import quality as quality_mod
+
+    loaded, seen = [], []
+    real_load, real_run, real_quality = run_mod.load_model, recall.run_tasks, quality_mod.heldout_quality
+
+    def load(path, dev, dtype):
+        out = real_load(path, dev, dtype)
+        loaded.append((dev, out[0]))
+        return out
+
+    def teacher_device():
+        return next(loaded[0][1].parameters()).device.type
+
+    def run_tasks(lm, *a, **kw):
+        seen.append(("recall", lm.model is loaded[0][1], teacher_device()))
+        return real_run(lm, *a, **kw)
+
+    def quality(model, rows, teacher=None, **kw):
+        seen.append(("quality", model is loaded[0][1], teacher_device()))
+        return real_quality(model, rows, teacher, **kw)
+
+    monkeypatch.setattr(run_mod, "load_model", load)
+    monkeypatch.setattr(recall, "run_tasks", run_tasks)
+    monkeypatch.setattr(quality_mod, "heldout_quality", quality)
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--device", "cuda", "--teacher", tiny[2], "--model", f"a={tiny[2]}", "--model",
+                     f"b={tiny[2]}", "--tasks", "niah_single_1", "--lengths", "1024", "--limit", "1",
+                     "--heldout-sequences", "2", "--heldout-seq-len", "64", "--out", str(out)]) == 0
+    assert loaded[0][0].type == "cpu"  # the teacher: loaded for the KL, into host memory
+    # its own recall and every held-out pass on the GPU; the other models' recall with the teacher parked
+    assert seen == [("recall", False, "cpu"), ("quality", False, "cuda"), ("recall", False, "cpu"),
+                    ("quality", False, "cuda"), ("recall", True, "cuda"), ("quality", True, "cuda")]
+    assert teacher_device() == "cpu"
+    q = json.loads((out / "eval.json").read_text())["heldout_quality"]
+    assert q["a"]["kl_to_teacher"] == pytest.approx(q["b"]["kl_to_teacher"], abs=1e-6)
+    assert q["a"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-3)  # (the same weights as the teacher's)
+
+
 def make_tiny_multimodal_gemma3(out: Path) -> Path:
     """A Gemma3ForConditionalGeneration folder (a 3-layer text model beside a 1-layer SigLIP tower: how Gemma 3
     4B/12B/27B ship) with the embedded teacher's tokenizer. Its config.json's text_config leaves

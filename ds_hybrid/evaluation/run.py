@@ -117,6 +117,19 @@ def load_model(path: str, dev: torch.device, dtype: torch.dtype):
     return model, tok, local
 
 
+PARK = torch.device("cpu")  # where the teacher waits between the held-out passes that need it
+
+
+def park(model, dev: torch.device) -> None:
+    """Move ``model`` to host memory and give its accelerator memory back (nothing to do when ``dev`` is the host)."""
+    if dev == PARK:
+        return
+    model.to(PARK)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def describe(model) -> dict:
     from ds_hybrid.evaluation.quality import text_config
 
@@ -287,8 +300,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         if tokenizer_fingerprint(tok) not in rows_by_tok:
             rows_by_tok[tokenizer_fingerprint(tok)] = _heldout_rows(args, tok)
     teacher_model = None
-    if "teacher" in models and not args.no_quality and pending:
-        teacher_model, _, _ = load_model(folders["teacher"], dev, dtype)
+    if "teacher" in models and not args.no_quality and pending:  # (parked in host memory between its KL passes:
+        # each model's recall runs without the teacher beside it on the accelerator)
+        teacher_model, _, _ = load_model(folders["teacher"], PARK, dtype)
     teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0]) if teacher_model is not None else None
     def recall_of(name: str, path: str, model, tok, local: str) -> None:
         """One model's recall (RULER, the essay needles, SWDE/FDA) into the tables, its samples beside them."""
@@ -354,7 +368,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         if name in info and name not in quality_pending:  # (--resume: finished by an earlier run)
             continue
         if name == "teacher" and teacher_model is not None:  # already loaded for the KL: load it once
-            model, tok, local = teacher_model, *_tokenizer_and_path(folders[name])
+            model, tok, local = teacher_model.to(dev), *_tokenizer_and_path(folders[name])
         else:
             model, tok, local = load_model(folders[name], dev, dtype)
         if name not in info:
@@ -375,9 +389,11 @@ def run_eval(args: argparse.Namespace) -> dict:
             if teacher_model is not None and name != "teacher" and kl_to is None:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
                             "tokenizer), no KL to the teacher", name)
-            quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to)
+            quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to.to(dev) if kl_to is not None else None)
             quality_pending.discard(name)
         del model
+        if teacher_model is not None:
+            park(teacher_model, dev)
         if len(info) < len(models) or quality_pending:
             write_report(complete=False)
     payload, md = write_report(complete=True)

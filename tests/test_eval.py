@@ -331,20 +331,46 @@ def test_held_out_quality_reads_each_models_own_ids_and_the_kl_only_within_the_t
     assert q["same"]["ppl"] == pytest.approx(q["teacher"]["ppl"], rel=1e-5)  # (same weights, same rows)
 
 
+def test_eval_loads_the_teacher_first_only_for_a_kl_to_it(tiny, tmp_path, monkeypatch):
+    """The teacher is loaded ahead of the other models (and kept for their KL) only where one of them shares its
+    tokenizer; beside a model of another tokenizer alone it loads in its own turn, like any model."""
+    import shutil
+
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+
+    lower = tmp_path / "lower"
+    shutil.copytree(tiny[2], lower)
+    spec = json.loads((lower / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (lower / "tokenizer.json").write_text(json.dumps(spec))
+    order, real_load = [], run_mod.load_model
+    monkeypatch.setattr(run_mod, "load_model", lambda path, dev, dtype: order.append(path) or real_load(path, dev, dtype))
+    args = ["eval", "--teacher", tiny[2], "--tasks", "", "--heldout-sequences", "1", "--heldout-seq-len", "64"]
+    assert cli.main([*args, "--model", f"lower={lower}", "--out", str(tmp_path / "a")]) == 0
+    assert order == [str(lower), tiny[2]]
+    order.clear()
+    assert cli.main([*args, "--model", f"lower={lower}", "--model", f"same={tiny[2]}", "--out",
+                     str(tmp_path / "b")]) == 0
+    assert order == [tiny[2], str(lower), tiny[2]]  # the teacher first (for same's KL), then lower and same
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the teacher parks in host memory only beside a GPU")
 def test_eval_parks_the_teacher_in_host_memory_while_other_models_read_their_prompts(tiny, tmp_path, monkeypatch):
-    """On a GPU the teacher (loaded for the held-out KL) waits in host memory while each other model's recall runs,
-    is on the GPU for its own recall and for each KL pass, and its KL equals the one computed with both on the GPU."""
+    """On a GPU the teacher (loaded for the held-out KL) waits in host memory while each other model's recall runs
+    (its GPU memory given back: what is allocated then is one model's), and is on the GPU for its own recall and for
+    each KL pass."""
     from ds_hybrid import cli
     from ds_hybrid.evaluation import run as run_mod
     from ds_hybrid.evaluation import quality as quality_mod
 
-    loaded, seen = [], []
+    loaded, seen, allocated = [], [], []
     real_load, real_run, real_quality = run_mod.load_model, recall.run_tasks, quality_mod.heldout_quality
 
     def load(path, dev, dtype):
         out = real_load(path, dev, dtype)
-        loaded.append((dev, out[0]))
+        if not loaded:  # the first model loaded: the teacher (the others not held here: their memory is freed)
+            loaded.append((dev, out[0]))
         return out
 
     def teacher_device():
@@ -352,6 +378,7 @@ def test_eval_parks_the_teacher_in_host_memory_while_other_models_read_their_pro
 
     def run_tasks(lm, *a, **kw):
         seen.append(("recall", lm.model is loaded[0][1], teacher_device()))
+        allocated.append(torch.cuda.memory_allocated())
         return real_run(lm, *a, **kw)
 
     def quality(model, rows, teacher=None, **kw):
@@ -370,6 +397,8 @@ def test_eval_parks_the_teacher_in_host_memory_while_other_models_read_their_pro
     assert seen == [("recall", False, "cpu"), ("quality", False, "cuda"), ("recall", False, "cpu"),
                     ("quality", False, "cuda"), ("recall", True, "cuda"), ("quality", True, "cuda")]
     assert teacher_device() == "cpu"
+    size = sum(p.numel() * p.element_size() for p in loaded[0][1].parameters())
+    assert allocated[0] < 1.5 * size and allocated[1] < 1.5 * size  # a's (then b's) weights, not the teacher's too
     q = json.loads((out / "eval.json").read_text())["heldout_quality"]
     assert q["a"]["kl_to_teacher"] == pytest.approx(q["b"]["kl_to_teacher"], abs=1e-6)
     assert q["a"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-3)  # (the same weights as the teacher's)

@@ -113,7 +113,8 @@ def load_model(path: str, dev: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     tok, local = _tokenizer_and_path(path)
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(dev).eval()
+    # straight onto the device (not built in host memory first: a parked teacher may fill it already)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, device_map=dev).eval()
     return model, tok, local
 
 
@@ -295,15 +296,18 @@ def run_eval(args: argparse.Namespace) -> dict:
     # run's split) before any model is loaded; the KL to the teacher only for models of the teacher's tokenizer
     # (another vocabulary has no token-by-token KL to it)
     rows_by_tok: dict[str, list[torch.Tensor]] = {}
+    tok_of: dict[str, str] = {}
     for name in pending if not args.no_quality else []:
-        tok = _tokenizer_and_path(folders[name])[0]
-        if tokenizer_fingerprint(tok) not in rows_by_tok:
-            rows_by_tok[tokenizer_fingerprint(tok)] = _heldout_rows(args, tok)
-    teacher_model = None
-    if "teacher" in models and not args.no_quality and pending:  # (parked in host memory between its KL passes:
-        # each model's recall runs without the teacher beside it on the accelerator)
+        tok_of[name] = tokenizer_fingerprint(_tokenizer_and_path(folders[name])[0])
+        if tok_of[name] not in rows_by_tok:
+            rows_by_tok[tok_of[name]] = _heldout_rows(args, _tokenizer_and_path(folders[name])[0])
+    teacher_model = teacher_tok = None
+    if "teacher" in models and not args.no_quality:
+        teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0])
+    # the teacher is loaded once, before the others, where a pending model of its tokenizer takes a KL to it; it is
+    # parked in host memory between its KL passes (each model's recall runs without it beside on the accelerator)
+    if teacher_tok is not None and any(m != "teacher" and tok_of[m] == teacher_tok for m in pending):
         teacher_model, _, _ = load_model(folders["teacher"], PARK, dtype)
-    teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0]) if teacher_model is not None else None
     def recall_of(name: str, path: str, model, tok, local: str) -> None:
         """One model's recall (RULER, the essay needles, SWDE/FDA) into the tables, its samples beside them."""
         info[name] = {"path": path, **describe(model), "tokenizer": tokenizer_fingerprint(tok),
@@ -386,7 +390,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
             fp = tokenizer_fingerprint(tok)  # (as rows_by_tok is keyed: today's, not a resumed record's)
             kl_to = teacher_model if name != "teacher" and fp == teacher_tok else None
-            if teacher_model is not None and name != "teacher" and kl_to is None:
+            if teacher_tok is not None and name != "teacher" and fp != teacher_tok:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
                             "tokenizer), no KL to the teacher", name)
             quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to.to(dev) if kl_to is not None else None)

@@ -137,6 +137,11 @@ def test_halving_and_proxy_keep_the_planted_layer_and_report_agreement(planted, 
                    "select.halving_first_tokens=512", "--force")
     assert {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")} == stamps
     assert again["rounds"] == h["rounds"] and again["ranking"] == h["ranking"]
+    # the ended halving's split no longer binds: a rerun as task 0 of 2 reads every round's recorded scores
+    split = select(planted["cfg"], "halving", f"select.reference={ref}", "select.halving_keep=1",
+                   "select.halving_first_tokens=512", "select.num_tasks=2", "select.task_index=0", "--force")
+    assert {p: p.stat().st_mtime_ns for p in probes.glob("*/kl/DONE")} == stamps
+    assert split["rounds"] == h["rounds"] and split["ranking"] == h["ranking"]
     assert len(h["rounds"]) >= 2 and h["rounds"][0]["scores"] != h["rounds"][-1]["scores"]
     p = quick_selection(planted, quick_selections, "proxy")  # select.reference = GA-S2's, as ref
     assert p["agreement"]["reference"] == ref

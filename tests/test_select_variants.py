@@ -773,6 +773,28 @@ def test_tasks_of_one_probes_folder_must_split_it_alike(tmp_path):
         bind_split(tmp_path, 3, lambda: False, {"select.halving_keep": 4})
 
 
+def test_a_halving_that_ended_frees_its_split_for_a_later_run(tmp_path):
+    """Halving's split binds until a task has written HALVING_DONE at its finalists (a rerun as one task over a
+    finished four-task halving was refused for ever); a halving of other finalists started since binds its own."""
+    from ds_hybrid.stages.probes import HALVING_DONE, SPLIT_KEY, bind_split, halving_ended
+
+    (tmp_path / "probes").mkdir()
+    ended = lambda: halving_ended(tmp_path)  # noqa: E731
+    bind_split(tmp_path, 4, ended, {"select.halving_keep": 8})
+    with pytest.raises(ConfigError, match=r"^select\.num_tasks=1: the probes in .* are dealt over 4 tasks"):
+        bind_split(tmp_path, 1, ended, {"select.halving_keep": 8})
+    (tmp_path / "probes" / HALVING_DONE).write_text(json.dumps({"select.halving_keep": 8}))
+    assert halving_ended(tmp_path)
+    bind_split(tmp_path, 1, ended, {"select.halving_keep": 8})
+    assert json.loads((tmp_path / "probes" / SPLIT_KEY).read_text()) == {"num_tasks": 1, "select.halving_keep": 8}
+    bind_split(tmp_path, 2, ended, {"select.halving_keep": 4})  # other finalists, over the ended halving
+    assert not halving_ended(tmp_path)  # (its rounds run now: its split binds)
+    with pytest.raises(ConfigError, match=r"^select\.halving_keep=8: the tasks sharing"):
+        bind_split(tmp_path, 2, ended, {"select.halving_keep": 8})
+    with pytest.raises(ConfigError, match=r"^select\.num_tasks=1: the probes in .* are dealt over 2 tasks"):
+        bind_split(tmp_path, 1, ended, {"select.halving_keep": 4})
+
+
 def test_a_non_finite_probe_score_is_refused_as_it_is_read_naming_the_probe(tmp_path):
     from ds_hybrid.stages.probes import probe_score
 

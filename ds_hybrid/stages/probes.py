@@ -141,6 +141,7 @@ def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] |
 
 
 SPLIT_KEY = "SPLIT.json"
+HALVING_DONE = "HALVING_DONE.json"  # a halving that ran to its finalists: its settings ({field: value}, as SPLIT.json)
 
 
 def bind_split(out: Path, n: int, finished, agree: dict[str, Any] | None = None) -> None:
@@ -180,6 +181,18 @@ def bind_split(out: Path, n: int, finished, agree: dict[str, Any] | None = None)
     refusal = D.broadcast_object(refusal)
     if refusal is not None:
         raise ConfigError(*refusal)
+
+
+def halving_ended(out: Path) -> bool:
+    """Whether the halving whose split ``probes/SPLIT.json`` records ran to its finalists (its tasks have ended, and
+    a task of another split only reads the rounds' recorded scores). A halving of other finalists started since (its
+    split recorded over the ended one's) has not."""
+    try:
+        done = json.loads((out / "probes" / HALVING_DONE).read_text())
+        split = json.loads((out / "probes" / SPLIT_KEY).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and isinstance(split, dict) and all(split.get(k) == v for k, v in done.items())
 
 
 def still_claimed(out: Path, identity: dict) -> None:
@@ -609,8 +622,9 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
              "first_round_steps": first_steps, "data_tokens": stage_steps(s) * step_tokens} if D.is_main() else {}
     claim_probes(out, ident, force, inherited_names(cfg))
     keep = cfg.select.halving_keep or max([1, *requested_ks(cfg, num_layers)])  # (ks [0] or none: one finalist)
-    # (its rounds are dealt anew each round: any split change waits; each task works out the survivors from keep)
-    bind_split(out, task[1], lambda: False, {"select.halving_keep": keep})
+    # (its rounds are dealt anew each round: any split change waits until the halving of the recorded split has
+    # ended; each task works out the survivors from keep)
+    bind_split(out, task[1], lambda: halving_ended(out), {"select.halving_keep": keep})
     if cont:
         if s.schedule != "constant" or s.warmup_steps:
             raise ConfigError("select.probe.schedule", s.schedule,
@@ -654,6 +668,8 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
         alive = survivors
         prev_steps, steps, r = steps, nxt[1], r + 1
     claim_holds(out, ident, align_dir)
+    if D.is_main():  # (every round's scores are recorded: a rerun of any split reads them, nothing trains)
+        atomic_write_text(out / "probes" / HALVING_DONE, json.dumps({"select.halving_keep": keep}))
     final_round = {int(l) for l in rounds[-1]["alive"]}
     ordered = halving_order(rounds, num_layers)
     return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},

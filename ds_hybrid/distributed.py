@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import sys
 
@@ -227,10 +228,40 @@ def broadcast_object(obj):
     return box[0]
 
 
+class MainRankFailed(RuntimeError):
+    """On the other ranks: what the main rank raised in a :func:`main_reads` (where that error does not cross
+    processes as itself)."""
+
+
+def _portable(e: Exception) -> Exception:
+    """``e`` as the other ranks can receive it: itself where it pickles back to its type and message (ConfigError
+    does), else a MainRankFailed naming it."""
+    try:
+        back = pickle.loads(pickle.dumps(e))
+        if type(back) is type(e) and str(back) == str(e):
+            return e
+    except Exception:  # noqa: BLE001 (any error of pickling: the stand-in below)
+        pass
+    return MainRankFailed(f"the main rank failed: {type(e).__name__}: {e}")
+
+
 def main_reads(read):
     """``read()`` run on the main rank only, its result on every rank: what the ranks decide on together (a marker
-    seen, a file's contents) must not differ where another node sees the file system a moment later."""
-    return broadcast_object(read() if is_main() else None)
+    seen, a file's contents) must not differ where another node sees the file system a moment later. Where
+    ``read()`` raises, every rank raises it (the main rank its own; the others a copy), instead of the others waiting
+    in the broadcast until a time-out or the launcher ends them."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return read()
+    failed = value = None
+    if is_main():
+        try:
+            value = read()
+        except Exception as e:  # noqa: BLE001 (raised below, on every rank)
+            failed = e
+    kind, out = broadcast_object(("failed", _portable(failed)) if failed is not None else ("ok", value))
+    if kind == "failed":
+        raise failed if failed is not None else out
+    return out
 
 
 def all_gather(obj) -> list:

@@ -694,3 +694,74 @@ def test_a_checkpoint_deepspeed_loads_nothing_from_is_an_error_not_step_0(tmp_pa
         ck.load({"student": LoadsNothing()})
     eng = FakeEngine()
     assert ck.load({"student": eng}) == {"step": 4} and eng.loaded == 4
+
+
+class _Unpicklable(RuntimeError):
+    """An error that does not cross processes as itself (a required argument its pickle leaves out)."""
+
+    def __init__(self, what: str, extra: int):
+        super().__init__(what)
+        self.extra = extra
+
+
+def _main_reads_rank(rank: int, port: int, queue) -> None:
+    """One of two gloo ranks: what each of a few main_reads gives it (a value, or the error it raised)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from ds_hybrid import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+
+    def raising(e):
+        def read():
+            if not D.is_main():
+                raise AssertionError("read on a rank other than the main one")
+            raise e
+        return read
+
+    got = {"value": D.main_reads(lambda: ("read on rank", D.rank()))}
+    for name, e in (("config", ConfigError("teacher", "org/none", "the hub gave no such model")),
+                    ("os", FileNotFoundError(2, "No such file", "/x/DONE")), ("unpicklable", _Unpicklable("bad", 3))):
+        try:
+            D.main_reads(raising(e))
+            got[name] = "returned"
+        except Exception as err:  # noqa: BLE001
+            got[name] = (type(err).__name__, str(err), err is e)
+    got["after"] = D.main_reads(lambda: "still in step")  # (the ranks' collectives still pair up)
+    queue.put((rank, got))
+    dist.destroy_process_group()
+
+
+def test_an_error_in_a_main_rank_read_reaches_every_rank_instead_of_a_hang():
+    """D.main_reads: where the main rank's read raises (a hub teacher that fails to download, a probe's non-finite
+    score), every rank raises it, the main rank its own error and the others a copy (a ConfigError as itself, naming
+    the field; an error that does not pickle back as a MainRankFailed naming it), and the ranks stay in step; before,
+    the other ranks waited in the broadcast until a time-out or the launcher killed them."""
+    import torch.multiprocessing as mp
+
+    from trainer_utils import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_main_reads_rank, args=(r, free_port_once, queue))
+             for free_port_once in [free_port()] for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=120) for _ in procs)  # (a rank left waiting: queue.Empty after 2 minutes)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            p.kill()
+    assert got[0]["value"] == got[1]["value"] == ("read on rank", 0)
+    assert got[0]["config"] == ("ConfigError", "teacher='org/none': the hub gave no such model", True)
+    assert got[1]["config"] == ("ConfigError", "teacher='org/none': the hub gave no such model", False)
+    assert got[0]["os"][:2] == got[1]["os"][:2] == ("FileNotFoundError", "[Errno 2] No such file: '/x/DONE'")
+    assert got[0]["unpicklable"] == ("_Unpicklable", "bad", True)
+    assert got[1]["unpicklable"] == ("MainRankFailed", "the main rank failed: _Unpicklable: bad", False)
+    assert got[0]["after"] == got[1]["after"] == "still in step"

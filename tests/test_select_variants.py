@@ -775,24 +775,49 @@ def test_tasks_of_one_probes_folder_must_split_it_alike(tmp_path):
 
 def test_a_halving_that_ended_frees_its_split_for_a_later_run(tmp_path):
     """Halving's split binds until a task has written HALVING_DONE at its finalists (a rerun as one task over a
-    finished four-task halving was refused for ever); a halving of other finalists started since binds its own."""
-    from ds_hybrid.stages.probes import HALVING_DONE, SPLIT_KEY, bind_split, halving_ended
+    finished four-task halving was refused for ever); a halving of other finalists started since binds its own. The
+    marker counts only for the folder's claim and split it was written under: a task that lagged behind a --force run
+    of other settings, or behind a halving of other finalists, writes none, and one carried into a new claim is void."""
+    from ds_hybrid.stages.probes import (HALVING_DONE, SPLIT_KEY, bind_split, claim_probes, halving_ended,
+                                         mark_halving_ended)
 
-    (tmp_path / "probes").mkdir()
+    ident, other = {"probe": {"lr": 1e-3}}, {"probe": {"lr": 2e-3}}
+    claim_probes(tmp_path, ident, force=False)
     ended = lambda: halving_ended(tmp_path)  # noqa: E731
-    bind_split(tmp_path, 4, ended, {"select.halving_keep": 8})
+    keep8, keep4 = {"select.halving_keep": 8}, {"select.halving_keep": 4}
+    bind_split(tmp_path, 4, ended, keep8)
     with pytest.raises(ConfigError, match=r"^select\.num_tasks=1: the probes in .* are dealt over 4 tasks"):
-        bind_split(tmp_path, 1, ended, {"select.halving_keep": 8})
-    (tmp_path / "probes" / HALVING_DONE).write_text(json.dumps({"select.halving_keep": 8}))
+        bind_split(tmp_path, 1, ended, keep8)
+    mark_halving_ended(tmp_path, other, keep8)  # (the folder is not that run's)
+    mark_halving_ended(tmp_path, ident, keep4)  # (the split is not that halving's)
+    assert not (tmp_path / "probes" / HALVING_DONE).exists() and not halving_ended(tmp_path)
+    mark_halving_ended(tmp_path, ident, keep8)
     assert halving_ended(tmp_path)
-    bind_split(tmp_path, 1, ended, {"select.halving_keep": 8})
+    bind_split(tmp_path, 1, ended, keep8)
     assert json.loads((tmp_path / "probes" / SPLIT_KEY).read_text()) == {"num_tasks": 1, "select.halving_keep": 8}
-    bind_split(tmp_path, 2, ended, {"select.halving_keep": 4})  # other finalists, over the ended halving
+    bind_split(tmp_path, 2, ended, keep4)  # other finalists, over the ended halving
     assert not halving_ended(tmp_path)  # (its rounds run now: its split binds)
     with pytest.raises(ConfigError, match=r"^select\.halving_keep=8: the tasks sharing"):
-        bind_split(tmp_path, 2, ended, {"select.halving_keep": 8})
+        bind_split(tmp_path, 2, ended, keep8)
     with pytest.raises(ConfigError, match=r"^select\.num_tasks=1: the probes in .* are dealt over 2 tasks"):
-        bind_split(tmp_path, 1, ended, {"select.halving_keep": 4})
+        bind_split(tmp_path, 1, ended, keep4)
+    mark_halving_ended(tmp_path, ident, keep8)  # a keep-8 task lagging behind the keep-4 halving: no marker
+    assert not halving_ended(tmp_path)
+    mark_halving_ended(tmp_path, ident, keep4)
+    assert halving_ended(tmp_path)
+    # a --force run of other settings: a new folder; the old marker carried into it (a lagging task's) is void
+    marker = (tmp_path / "probes" / HALVING_DONE).read_text()
+    claim_probes(tmp_path, other, force=True)
+    bind_split(tmp_path, 3, ended, keep4)
+    (tmp_path / "probes" / HALVING_DONE).write_text(marker)
+    assert not halving_ended(tmp_path)
+    with pytest.raises(ConfigError, match=r"^select\.num_tasks=1: the probes in .* are dealt over 3 tasks"):
+        bind_split(tmp_path, 1, ended, keep4)
+    mark_halving_ended(tmp_path, other, keep4)
+    assert halving_ended(tmp_path)
+    done = json.loads((tmp_path / "probes" / HALVING_DONE).read_text())
+    (tmp_path / "probes" / HALVING_DONE).write_text(json.dumps({"probes": done["probes"]}))
+    assert not halving_ended(tmp_path)  # (no settings recorded: not an ended halving)
 
 
 def test_a_non_finite_probe_score_is_refused_as_it_is_read_naming_the_probe(tmp_path):

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fcntl
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -183,16 +184,48 @@ def bind_split(out: Path, n: int, finished, agree: dict[str, Any] | None = None)
         raise ConfigError(*refusal)
 
 
+def _probes_digest(out: Path) -> str:
+    """The probes folder's claim (``PROBES.json``, the settings its probes run from) as a digest: OSError if none."""
+    return hashlib.sha256((out / "probes" / PROBES_KEY).read_bytes()).hexdigest()
+
+
 def halving_ended(out: Path) -> bool:
     """Whether the halving whose split ``probes/SPLIT.json`` records ran to its finalists (its tasks have ended, and
-    a task of another split only reads the rounds' recorded scores). A halving of other finalists started since (its
-    split recorded over the ended one's) has not."""
+    a task of another split only reads the rounds' recorded scores): ``HALVING_DONE.json`` holds the same settings
+    and the same claim of the folder. A halving of other finalists started since (its split recorded over the ended
+    one's), or of other settings (a --force run's new folder), has not. Read under ``.probes.lock``."""
     try:
         done = json.loads((out / "probes" / HALVING_DONE).read_text())
         split = json.loads((out / "probes" / SPLIT_KEY).read_text())
+        claim = _probes_digest(out)
     except (OSError, ValueError):
         return False
-    return isinstance(done, dict) and isinstance(split, dict) and all(split.get(k) == v for k, v in done.items())
+    if not (isinstance(done, dict) and isinstance(split, dict)) or done.get("probes") != claim:
+        return False
+    settings = {k: v for k, v in done.items() if k != "probes"}
+    return bool(settings) and all(split.get(k) == v for k, v in settings.items())
+
+
+def mark_halving_ended(out: Path, identity: dict, settings: dict[str, Any]) -> None:
+    """On the main rank, under ``.probes.lock``: record that the halving of ``settings`` ran to its finalists, where
+    the folder still holds its claim and its split (a task that lagged behind a --force run of other settings, or a
+    later halving of other finalists, writes nothing: that run's split keeps binding)."""
+    if not D.is_main():
+        return
+    with open(out / ".probes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            try:
+                ours = json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(
+                    json.dumps(identity, sort_keys=True))
+                split = json.loads((out / "probes" / SPLIT_KEY).read_text())
+                claim = _probes_digest(out)
+            except (OSError, ValueError):
+                return
+            if ours and isinstance(split, dict) and all(split.get(k) == v for k, v in settings.items()):
+                atomic_write_text(out / "probes" / HALVING_DONE, json.dumps({**settings, "probes": claim}))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def still_claimed(out: Path, identity: dict) -> None:
@@ -668,8 +701,8 @@ def _halving(cfg: RunConfig, out: Path, num_layers: int, align_dir: Path, force:
         alive = survivors
         prev_steps, steps, r = steps, nxt[1], r + 1
     claim_holds(out, ident, align_dir)
-    if D.is_main():  # (every round's scores are recorded: a rerun of any split reads them, nothing trains)
-        atomic_write_text(out / "probes" / HALVING_DONE, json.dumps({"select.halving_keep": keep}))
+    # every round's scores are recorded: a later run of any split reads them and trains nothing
+    mark_halving_ended(out, ident, {"select.halving_keep": keep})
     final_round = {int(l) for l in rounds[-1]["alive"]}
     ordered = halving_order(rounds, num_layers)
     return ordered, {"tokens_spent": spent, "rounds": rounds, "raw_scores": {str(k): v for k, v in scores.items()},

@@ -196,6 +196,9 @@ def parse_device(name: str) -> torch.device:
         raise ConfigError("--device", name, "give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", name, "no CUDA device here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("--device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s): use "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -61,6 +61,22 @@ def test_tied_embeddings_are_read_whole_and_windows_cap_the_keys():
     assert long.kv_cache - short.kv_cache == n_full * 3 * window * per_token  # only the global layers grow
 
 
+def test_a_window_without_layer_types_slides_in_every_layer_as_its_cache_does():
+    """Mistral's config gives a sliding_window and no layer_types: every layer's cache keeps the window, and so do
+    the step's bytes (they were counted at the whole context: 8x a 4096 window at 32k)."""
+    mistral = tiny_teacher("mistral")
+    window = mistral.config.sliding_window
+    assert getattr(mistral.config, "layer_types", None) is None
+    ids = torch.randint(0, VOCAB, (1, 8 * window), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = mistral(ids, use_cache=True).past_key_values
+    kept = {layer.keys.shape[-2] for layer in cache.layers}
+    assert max(kept) <= window  # (what transformers' cache holds: the window, not the context)
+    per_token = 2 * mistral.config.num_key_value_heads * (mistral.config.hidden_size // 4) * 2
+    got = decode_step_bytes(mistral, 1, 8 * window)
+    assert got.kv_cache == decode_step_bytes(mistral, 1, window).kv_cache == 4 * window * per_token
+
+
 def test_floor_ratio_grows_with_context_and_the_state_is_fp32():
     teacher = tiny_teacher("llama")
     hybrid = build_hybrid(teacher, [1], "gdn", {}).eval()

@@ -223,10 +223,10 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
     real = speed.bench_model
     calls = []
 
-    def tracked(model, context, batch, decode_tokens=32, seed=0):
+    def tracked(model, context, batch, decode_tokens=32, seed=0, release=True):
         calls.append(decode_tokens)
-        lengths["current"] = lengths["warm" if len(calls) % 2 else "timed"]
-        return real(model, context, batch, decode_tokens, seed)
+        lengths["current"] = lengths["warm" if release else "timed"]
+        return real(model, context, batch, decode_tokens, seed, release)
 
     speed.bench_model = tracked
     try:
@@ -254,6 +254,30 @@ def test_inference_benchmark_reports_both_models_and_the_hybrid_cache_is_smaller
     t_growth = cache[("teacher", 256)] - cache[("teacher", 64)]
     h_growth = cache[("hybrid", 256)] - cache[("hybrid", 64)]
     assert h_growth == pytest.approx(t_growth / 4, rel=0.05)
+
+
+def test_a_failed_warm_up_is_the_row_and_the_timed_pass_keeps_the_warm_allocator(tiny, monkeypatch):
+    """bench-infer's untimed pass gives back the allocator's cached blocks, the timed pass after it does not (a
+    cudaMalloc in it was timed); a warm-up that fails (out of memory part way) is the row: a timed pass after it
+    would time the compilation and cuDNN graph builds it left undone."""
+    from ds_hybrid.evaluation import speed
+
+    calls, real = [], speed.bench_model
+
+    def bench_model(model, context, batch, decode_tokens=32, seed=0, release=True):
+        calls.append(release)
+        if fail:
+            return {"context": context, "batch": batch, "error": "out of memory"}
+        return real(model, context, batch, decode_tokens, seed, release)
+
+    monkeypatch.setattr(speed, "bench_model", bench_model)
+    fail = True
+    rows = bench_pair({"teacher": tiny[0]}, contexts=[64], batches=[1], decode_tokens=2)
+    assert calls == [True] and rows[0]["error"] == "out of memory" and "decode_step_gb" not in rows[0]
+    calls.clear()
+    fail = False
+    rows = bench_pair({"teacher": tiny[0]}, contexts=[64], batches=[1], decode_tokens=2)
+    assert calls == [True, False] and "error" not in rows[0] and rows[0]["decode_tokens_per_s"] > 0
 
 
 def test_speed_table_and_plot_show_gpu_columns_only_where_measured(tmp_path):

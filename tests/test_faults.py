@@ -765,3 +765,23 @@ def test_an_error_in_a_main_rank_read_reaches_every_rank_instead_of_a_hang():
     assert got[0]["unpicklable"] == ("_Unpicklable", "bad", True)
     assert got[1]["unpicklable"] == ("MainRankFailed", "the main rank failed: _Unpicklable: bad", False)
     assert got[0]["after"] == got[1]["after"] == "still in step"
+
+
+def test_a_device_index_past_the_gpus_here_is_refused_naming_the_option(monkeypatch):
+    """--device cuda:N with N past the machine's GPUs is refused naming the option, before any model (it failed in
+    from_pretrained with CUDA's invalid-ordinal error); no GPU at all, and a malformed name, are refused alike."""
+    import torch
+
+    from ds_hybrid.distributed import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--device='cuda:0': no CUDA device here"):
+        parse_device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^--device='gpu0': give cpu, cuda or cuda:N"):
+        parse_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda", 1) and parse_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^--device='cuda:2': this machine has 2 CUDA device\(s\): use "
+                                          r"cuda:0\.\.cuda:1"):
+        parse_device("cuda:2")

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ds_hybrid.modeling.families import teacher_layer_types
+
 #: bytes of a recurrent-state element: the static cache keeps the state in fp32, as fla's kernels return it
 STATE_BYTES = 4
 
@@ -69,7 +71,8 @@ def decode_step_bytes(model: nn.Module, batch: int, context: int, dtype_bytes: i
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    # (a config without layer_types but with a window, Mistral's, slides in every layer: as transformers' cache does)
+    types = teacher_layer_types(cfg)
     window = getattr(cfg, "sliding_window", None)
     kv = state = 0
     for layer, kind in zip(model.model.layers, types):

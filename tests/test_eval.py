@@ -280,6 +280,20 @@ def test_a_failed_warm_up_is_the_row_and_the_timed_pass_keeps_the_warm_allocator
     assert calls == [True, False] and "error" not in rows[0] and rows[0]["decode_tokens_per_s"] > 0
 
 
+def test_a_static_rows_step_bytes_count_the_keys_its_cache_holds(tiny):
+    """A static-cache row's decode step reads the whole static cache (cache_len keys: the context and the decode
+    rounded up), which its bytes and bandwidth count; an eager row's, the context's keys."""
+    from ds_hybrid.graph_decode import GraphDecoder
+
+    teacher = tiny[0]
+    eager, static = bench_pair({"t": teacher}, contexts=[100], batches=[1], decode_tokens=3, modes=("eager", "static"))
+    keys = GraphDecoder(teacher, max_len=100 + 3 + 1).cache_len
+    assert keys > 104 and static["decode_step_keys"] == keys and eager["decode_step_keys"] == 100
+    size = next(teacher.parameters()).element_size()
+    for r in (eager, static):
+        assert r["decode_step_gb"] == decode_step_bytes(teacher, 1, r["decode_step_keys"], size).total / 1e9
+
+
 def test_speed_table_and_plot_show_gpu_columns_only_where_measured(tmp_path):
     from ds_hybrid.evaluation import report
 

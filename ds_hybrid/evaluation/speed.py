@@ -24,7 +24,8 @@ those builds in the timed steps of whichever model ran first and spared the mode
 the 2026-11-28 H200 runs, docs/RESULTS.md). For the static modes the untimed pass also captures the graph (the
 static cache has one key length, max_len, for every step), so timed passes only replay. A size that does not fit
 is reported as out-of-memory rather than ending the benchmark. Every row also gives the bytes one decode step must
-move (``decode_step_gb``: weights, KV cache, recurrent states; ds_hybrid.evaluation.decode_floor) and the bandwidth
+move (``decode_step_gb``: weights, KV cache at ``decode_step_keys`` keys, recurrent states;
+ds_hybrid.evaluation.decode_floor; a static mode's step reads its whole cache, ``cache_len``) and the bandwidth
 its measured wall-clock step reached with them (``decode_gb_per_s``): near the HBM's, a step is bandwidth bound and
 only fewer bytes make it faster; far below, launches and small kernels are the lever.
 """
@@ -223,13 +224,16 @@ def bench_pair(
                         # sliding-window layers held at full length (no rings: attention other than sdpa/eager)
                         # read all max_len keys (masked): such rows overstate what a windowed cache would cost
                         r["static_full_kv_sliding_layers"] = decoder.full_kv_sliding_layers
+                        r["decode_step_keys"] = decoder.cache_len  # (its attention reads the whole static cache,
+                        # masked: cache_len keys, the context and decode rounded up, not the context alone)
                         del decoder  # (it refers to itself, through its bound step: its caches and graph pool go at
                         # a collection, before the next, larger row is measured, not when Python next gets to it)
                         gc.collect()
                         if dev.type == "cuda":
                             torch.cuda.empty_cache()
                     if "error" not in r:  # the bytes a step must move, and the bandwidth the measured step reached
-                        step = decode_step_bytes(model, b, c, next(model.parameters()).element_size()).total
+                        keys = r.setdefault("decode_step_keys", c)
+                        step = decode_step_bytes(model, b, keys, next(model.parameters()).element_size()).total
                         r["decode_step_gb"] = step / 1e9
                         r["decode_gb_per_s"] = step * r["decode_tokens_per_s"] / b / 1e9
                     r["model"], r["mode"] = name, mode

@@ -1537,6 +1537,31 @@ def test_recall_vs_k_takes_one_teacher_and_averages_the_plots_ends():
                                                                            "all_linear": (0, 0.05)}
 
 
+def test_bench_infer_refuses_a_model_graphs_cannot_capture_before_timing_it(tiny, tmp_path, monkeypatch, capsys):
+    """A hybrid whose linear layers run Triton's interpreter (TRITON_INTERPRET=1) cannot be captured: bench-infer
+    --cuda-graphs refuses it naming the option as it is loaded, before any of its rows is timed (the refusal came
+    when the first graph was made, after its eager rows; the device faked: no GPU here)."""
+    import shutil
+
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import run as run_mod
+    from ds_hybrid.evaluation import speed
+    from ds_hybrid.transfer import build_hybrid
+
+    hybrid = tmp_path / "hybrid"
+    build_hybrid(tiny[0], [1], "gdn").save_pretrained(hybrid)
+    for f in Path(tiny[2]).glob("tokenizer*"):
+        shutil.copy(f, hybrid)
+    real_load = run_mod.load_model
+    monkeypatch.setattr(run_mod, "_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(run_mod, "load_model", lambda path, dev, dtype: real_load(path, torch.device("cpu"), dtype))
+    monkeypatch.setattr(speed, "bench_pair", lambda *a, **k: pytest.fail("a row was timed"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["bench-infer", "--model", f"h={hybrid}", "--contexts", "64", "--batches", "1",
+                     "--decode-tokens", "4", "--cuda-graphs", "--out", str(tmp_path / "b")]) == 2
+    assert "error: --cuda-graphs=True: h: TRITON_INTERPRET=1 runs the linear-attention layers" in capsys.readouterr().err
+
+
 def test_bench_infer_with_cuda_graphs_refuses_too_few_decode_tokens_to_time_a_graph(tiny, monkeypatch, capsys):
     """The first two decode steps run eagerly before the capture: with --decode-tokens 2 the rows labelled
     cuda_graphs timed no graph. Refused naming the option, before a model loads (the device faked: no GPU here)."""

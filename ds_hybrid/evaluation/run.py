@@ -624,6 +624,12 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     # and its rows would not be the model's alone), its rows written as it finishes (a later failure keeps them)
     for i, name in enumerate(models):
         m, _, _ = load_model(folders[name], dev, dtype)
+        if args.cuda_graphs:  # (refused now, not after its eager rows were timed: when the first graph is made)
+            from ds_hybrid.graph_decode import eager_graph_refusal, interpreter_graph_refusal
+
+            why = [r for r in (eager_graph_refusal(m, False), interpreter_graph_refusal(m)) if r]
+            if why:
+                raise ConfigError("--cuda-graphs", True, f"{name}: " + "; and ".join(why))
         info[name] = describe(m)
         rows += bench_pair({name: m}, contexts, batches, args.decode_tokens, modes)
         del m

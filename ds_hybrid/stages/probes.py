@@ -121,6 +121,26 @@ def inherited_names(cfg: RunConfig) -> dict[str, str]:
     return {f"probe.{f}": f"kl.{f}" for f in FROM_KL if f not in cfg.select.probe}
 
 
+@contextlib.contextmanager
+def probes_locked(out: Path):
+    """Hold ``out/.probes.lock`` (exclusive): the probes folder's records (its claim, split and halving marker) are
+    read and written by one task at a time."""
+    with open(out / ".probes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def holds_claim(out: Path, identity: dict) -> bool:
+    """Whether the probes folder's claim (``PROBES.json``) is ``identity``'s (on the rank that reads it)."""
+    try:
+        return json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(identity, sort_keys=True))
+    except (OSError, ValueError):
+        return False
+
+
 def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] | None = None) -> None:
     """Bind the probes folder of ``out`` to the settings they are run from. Probes run from other settings (another
     probe budget or lr, another align export of the same shapes, other data) are never reused: refused by name, or,
@@ -129,12 +149,8 @@ def claim_probes(out: Path, identity: dict, force: bool, names: dict[str, str] |
     refusal = None
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".probes.lock", "w") as lock:  # Slurm array tasks started together: one at a time here
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                refusal = _claim(out, probes, key, identity, force, names or {})
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with probes_locked(out):  # Slurm array tasks started together: one at a time here
+            refusal = _claim(out, probes, key, identity, force, names or {})
     refusal = D.broadcast_object(refusal)
     if refusal is not None:
         raise ConfigError(*refusal)
@@ -156,29 +172,25 @@ def bind_split(out: Path, n: int, finished, agree: dict[str, Any] | None = None)
     agree = agree or {}
     if D.is_main():
         key = out / "probes" / SPLIT_KEY
-        with open(out / ".probes.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with probes_locked(out):
             try:
-                try:
-                    record = json.loads(key.read_text())
-                    was = record["num_tasks"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    record, was = {}, None
-                differ = [f for f, v in agree.items() if f in record and record[f] != v] if was is not None else []
-                if differ and not finished():
-                    f = differ[0]
-                    refusal = (f, agree[f], f"the tasks sharing {out / 'probes'} run with {f} = {record[f]!r} "
-                               f"({key}): every task of one selection must use the same, or their rounds part; "
-                               f"give {f} = {record[f]!r} (or, once those tasks have ended, delete {key})")
-                elif was not in (None, n) and not finished():
-                    refusal = ("select.num_tasks", n, f"the probes in {out / 'probes'} are dealt over {was} tasks "
-                               f"({key}): every task of one selection must split them alike; run this one as one of "
-                               f"{was} (num_tasks {was}, or a Slurm array of {was}), or, once those tasks have ended, "
-                               f"delete {key} to deal the unfinished probes anew")
-                else:
-                    atomic_write_text(key, json.dumps({"num_tasks": n, **agree}))
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                record = json.loads(key.read_text())
+                was = record["num_tasks"]
+            except (OSError, ValueError, KeyError, TypeError):
+                record, was = {}, None
+            differ = [f for f, v in agree.items() if f in record and record[f] != v] if was is not None else []
+            if differ and not finished():
+                f = differ[0]
+                refusal = (f, agree[f], f"the tasks sharing {out / 'probes'} run with {f} = {record[f]!r} "
+                           f"({key}): every task of one selection must use the same, or their rounds part; "
+                           f"give {f} = {record[f]!r} (or, once those tasks have ended, delete {key})")
+            elif was not in (None, n) and not finished():
+                refusal = ("select.num_tasks", n, f"the probes in {out / 'probes'} are dealt over {was} tasks "
+                           f"({key}): every task of one selection must split them alike; run this one as one of "
+                           f"{was} (num_tasks {was}, or a Slurm array of {was}), or, once those tasks have ended, "
+                           f"delete {key} to deal the unfinished probes anew")
+            else:
+                atomic_write_text(key, json.dumps({"num_tasks": n, **agree}))
     refusal = D.broadcast_object(refusal)
     if refusal is not None:
         raise ConfigError(*refusal)
@@ -212,33 +224,22 @@ def mark_halving_ended(out: Path, identity: dict, settings: dict[str, Any]) -> N
     later halving of other finalists, writes nothing: that run's split keeps binding)."""
     if not D.is_main():
         return
-    with open(out / ".probes.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with probes_locked(out):
         try:
-            try:
-                ours = json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(
-                    json.dumps(identity, sort_keys=True))
-                split = json.loads((out / "probes" / SPLIT_KEY).read_text())
-                claim = _probes_digest(out)
-            except (OSError, ValueError):
-                return
-            if ours and isinstance(split, dict) and all(split.get(k) == v for k, v in settings.items()):
-                atomic_write_text(out / "probes" / HALVING_DONE, json.dumps({**settings, "probes": claim}))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            split = json.loads((out / "probes" / SPLIT_KEY).read_text())
+            claim = _probes_digest(out)
+        except (OSError, ValueError):
+            return
+        if holds_claim(out, identity) and isinstance(split, dict) and all(split.get(k) == v
+                                                                        for k, v in settings.items()):
+            atomic_write_text(out / "probes" / HALVING_DONE, json.dumps({**settings, "probes": claim}))
 
 
 def still_claimed(out: Path, identity: dict) -> None:
     """Before each probe: stop if the probes folder now holds another run's settings (a --force run of other
     settings set this task's probes aside since it started), instead of mixing probes of two settings."""
     key = out / "probes" / PROBES_KEY
-    ours = None
-    if D.is_main():
-        try:
-            ours = json.loads(key.read_text()) == json.loads(json.dumps(identity, sort_keys=True))
-        except (OSError, ValueError):
-            ours = False
-    if not D.broadcast_object(ours):
+    if not D.main_reads(lambda: holds_claim(out, identity)):
         raise ConfigError("select", str(out / "probes"), f"{key} no longer holds the settings this task started "
                           "from (another run claimed the folder, e.g. with --force, since): this task stops; rerun "
                           "it with the settings now in use")

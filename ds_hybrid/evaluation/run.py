@@ -298,9 +298,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     rows_by_tok: dict[str, list[torch.Tensor]] = {}
     tok_of: dict[str, str] = {}
     for name in pending if not args.no_quality else []:
-        tok_of[name] = tokenizer_fingerprint(_tokenizer_and_path(folders[name])[0])
+        tok = _tokenizer_and_path(folders[name])[0]
+        tok_of[name] = tokenizer_fingerprint(tok)
         if tok_of[name] not in rows_by_tok:
-            rows_by_tok[tok_of[name]] = _heldout_rows(args, _tokenizer_and_path(folders[name])[0])
+            rows_by_tok[tok_of[name]] = _heldout_rows(args, tok)
     teacher_model = teacher_tok = None
     if "teacher" in models and not args.no_quality:
         teacher_tok = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0])

@@ -28,7 +28,7 @@ SEL=(
 PAIRS=(
   uniform8_s1:uniform8_rope ga_s2_8_s1:ga_s2_8_rope ga_s2_4_s1:ga_s2_4 retrieval_4_s1:retrieval_4
   uniform4_s1:uniform_4 proxy_4_s1:proxy_4
-  ga_s2_4_s1:uniform8_s1 ga_s2_4:uniform8_rope smart_8_s1:smart_4_s1 mse_8_s1:mse_4_s1
+  ga_s2_4_s1:uniform8_s1 ga_s2_4:uniform8_rope smart_8_s1:smart_4_s1 mse_8_s1:mse_4_s1 ar_8_s1:ar_4_s1
 )
 PAIR_ARGS=()
 for p in "${PAIRS[@]}"; do PAIR_ARGS+=(--pair "$p"); done

@@ -21,6 +21,7 @@ from ds_hybrid.config import load_config
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.recall_tasks import make_prompts
 from ds_hybrid.selection import kendall_tau, read_selection, topk_overlap
+from ds_hybrid.stages.scorers import AR_TRUSTED_ACCURACY
 
 pytestmark = pytest.mark.slow
 PLANTED = 2
@@ -282,6 +283,9 @@ def test_baselines_give_k_distinct_valid_layers(planted, quick_selections, metho
         assert sel["ranking"] == sorted(range(4), key=lambda l: -val[f"layer{l:02d}"])
     if method == "ppl":  # replacing the teacher's layer 2 by the broken mixer hurts perplexity most
         assert sel["ranking"][0] == PLANTED
+    if method in ("ar", "ar_multihop"):  # a teacher that gets most prompts wrong is named as one (the tiny one: 0 %)
+        warned = "not how it recalls" in quick_selections[method].stdout
+        assert warned == (sel["teacher_accuracy"] < AR_TRUSTED_ACCURACY), tail(quick_selections[method])
     if method == "retrieval":  # each layer scores its best head's copy rate, the highest first; no align read
         rates = sel["copy_rate"]
         assert sel["prompts"] >= 1 and sel["answer_positions"] >= sel["prompts"] and "align" not in sel

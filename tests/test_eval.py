@@ -1508,11 +1508,38 @@ def test_bench_infer_holds_one_model_at_a_time_and_writes_each_models_rows_as_it
     assert timed == [["a"]] and len(calls) == 2  # a timed before b was loaded
     first = json.loads((out / "bench_infer.json").read_text())
     assert first["complete"] is False and {r["model"] for r in first["rows"]} == {"a"} and list(first["models"]) == ["a"]
-    assert "(partial: 1 of 2 models done)" in (out / "bench_infer.md").read_text()
+    assert "(partial: 1 of 2 models done; rows so far: 1)" in (out / "bench_infer.md").read_text()
     timed.clear()
     assert cli.main(argv) == 0  # (the loader fails on its second call only)
     res = json.loads((out / "bench_infer.json").read_text())
     assert timed == [["a"], ["b"]] and res["complete"] is True and {r["model"] for r in res["rows"]} == {"a", "b"}
+    assert "partial" not in (out / "bench_infer.md").read_text() and (out / "bench_infer.png").is_file()
+
+
+def test_bench_infer_keeps_the_rows_of_a_model_that_fails_part_way(tiny, tmp_path, monkeypatch):
+    """Rows were written when a model's last row was in: a failure at its third row (or a lease's time limit) lost
+    its first two. Each row is written as it lands."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import speed
+
+    real, seen = speed.bench_model, []
+
+    def bench_model(model, context, *a, **k):
+        seen.append(context)
+        if context == 48:
+            raise RuntimeError("a kernel failed (simulated)")
+        return real(model, context, *a, **k)
+
+    monkeypatch.setattr(speed, "bench_model", bench_model)
+    out = tmp_path / "bench"
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(["bench-infer", "--model", f"a={tiny[2]}", "--contexts", "16,32,48", "--batches", "1",
+                  "--decode-tokens", "2", "--device", "cpu", "--out", str(out)])
+    assert seen == [16, 16, 32, 32, 48]  # (each row: an untimed pass, then the timed one)
+    res = json.loads((out / "bench_infer.json").read_text())
+    assert res["complete"] is False and [(r["model"], r["context"]) for r in res["rows"]] == [("a", 16), ("a", 32)]
+    assert all(r["decode_tokens_per_s"] > 0 for r in res["rows"]) and list(res["models"]) == ["a"]
+    assert "(partial: 0 of 1 models done; rows so far: 2)" in (out / "bench_infer.md").read_text()
 
 
 def test_recall_vs_k_takes_one_teacher_and_averages_the_plots_ends():

@@ -606,8 +606,9 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     out_dir = Path(args.out)
     rows: list[dict] = []
     info: dict[str, dict] = {}
+    done = 0  # models whose rows are all in
 
-    def write(complete: bool) -> str:
+    def write(complete: bool, plot: bool = True) -> str:
         payload = {"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(dev),
                    "dtype": str(dtype), "contexts": contexts, "batches": batches, "decode_tokens": args.decode_tokens,
                    "modes": list(modes), "models": info, "rows": rows, "complete": complete}
@@ -616,14 +617,19 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
             shown = [{**r, "model": f"{r['model']} ({r['mode']})"} for r in rows]
         md = report.speed_table(shown)
         if not complete:
-            md += f"\n\n(partial: {len(info)} of {len(models)} models done)"
+            md += f"\n\n(partial: {done} of {len(models)} models done; rows so far: {len(rows)})"
         report.write(out_dir, "bench_infer", payload, md)
-        report.plot_speed(shown, out_dir / "bench_infer.png")
+        if plot:
+            report.plot_speed(shown, out_dir / "bench_infer.png")
         return md
 
+    def landed(row: dict) -> None:  # each row written as it lands: a run stopped part way (a failure in a later
+        rows.append(row)            # row, a lease's time limit) keeps every row it measured
+        write(complete=False, plot=False)
+
     # one model on the device at a time (another's weights beside it would take the memory a long context needs,
-    # and its rows would not be the model's alone), its rows written as it finishes (a later failure keeps them)
-    for i, name in enumerate(models):
+    # and its rows would not be the model's alone)
+    for name in models:
         m, _, _ = load_model(folders[name], dev, dtype)
         if args.cuda_graphs:  # (refused now, not after its eager rows were timed: when the first graph is made)
             from ds_hybrid.graph_decode import eager_graph_refusal, interpreter_graph_refusal
@@ -632,12 +638,13 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
             if why:
                 raise ConfigError("--cuda-graphs", True, f"{name}: " + "; and ".join(why))
         info[name] = describe(m)
-        rows += bench_pair({name: m}, contexts, batches, args.decode_tokens, modes)
+        bench_pair({name: m}, contexts, batches, args.decode_tokens, modes, on_row=landed)
         del m
         gc.collect()  # (a static decoder and its model hold each other: freed by a collection, not by del)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        md = write(complete=i == len(models) - 1)
+        done += 1
+        md = write(complete=done == len(models))  # (the plot too, once a model's rows are in)
     print(md)
     return rows
 

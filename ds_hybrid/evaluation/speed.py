@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -172,9 +173,11 @@ def decode_gpu_ms(model, context: int, batch: int, decode_tokens: int = 32, seed
 
 
 def bench_pair(
-    models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32, modes: tuple[str, ...] = ("eager",)
+    models: dict, contexts: list[int], batches: list[int], decode_tokens: int = 32, modes: tuple[str, ...] = ("eager",),
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens)."""
+    """Rows of every model x context x batch x mode; a model's modes side by side (same shapes, same tokens).
+    ``on_row``: called with each row as it lands (bench-infer writes its JSON then)."""
     from ds_hybrid.evaluation.decode_floor import decode_step_bytes
     from ds_hybrid.graph_decode import GraphDecoder
 
@@ -238,6 +241,8 @@ def bench_pair(
                         r["decode_gb_per_s"] = step * r["decode_tokens_per_s"] / b / 1e9
                     r["model"], r["mode"] = name, mode
                     rows.append(r)
+                    if on_row is not None:
+                        on_row(r)
                     if fused:
                         model.unfuse_input_projections()
                     # each row as it lands: a run stopped part way (a lease's time limit) keeps what it measured

@@ -41,7 +41,8 @@ def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     # from the installed metadata: importing fla alone costs ~9 s of CPU (it loads every layer and model)
     for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("deepspeed", "deepspeed"),
-                       ("fla", "flash-linear-attention"), ("triton", "triton"), ("datasets", "datasets")):
+                       ("fla", "flash-linear-attention"), ("triton", "triton"), ("datasets", "datasets"),
+                       ("lm_eval", "lm-eval")):  # (RULER's prompts are lm-eval's: eval.json records which)
         try:
             out[name] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -191,6 +191,30 @@ def test_bad_based_files_are_refused(tmp_path):
     num = tmp_path / "num.jsonl"
     num.write_text(json.dumps({"text": "the year\nyear:", "value": 1448}) + "\n")
     assert recall.load_based_records(num, "--swde")[0]["value"] == "1448"  # a number in the file: its text
+    # unreadable files: refused by name, not a traceback (a JSONL file named .json; a bad line; a compressed file)
+    rec = {"text": "a\nb:", "value": "x"}
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ConfigError, match=r"^--swde=.*not JSON: Extra data at line 2 \(a record a line\? name the "
+                                          r"file \.jsonl\)"):
+        recall.load_based_records(lines, "--swde")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rec) + "\n{\"text\": \n")
+    with pytest.raises(ConfigError, match=r"^--fda=.*line 2 is not a JSON record"):
+        recall.load_based_records(broken, "--fda")
+    import gzip
+
+    packed = tmp_path / "packed.json"
+    packed.write_bytes(gzip.compress(json.dumps([rec]).encode()))
+    with pytest.raises(ConfigError, match=r"^--fda=.*not UTF-8 text"):
+        recall.load_based_records(packed, "--fda")
+    # the two layouts in one file: a dataset takes its columns from the first record, and the other layout's
+    # records lost theirs (a KeyError inside lm-eval, after the model had loaded)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(rec) + "\n" + json.dumps({"context": "doc", "key": "k", "value": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^--swde=.*record 0 is of the 'text' layout and record 1 of the "
+                                          r"'context\+key' one"):
+        recall.load_based_records(mixed, "--swde")
 
 
 def test_real_teacher_finds_the_needle_at_1024_tokens():
@@ -659,6 +683,9 @@ def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, mon
     assert cli.main(more + ["--resume"]) == 2
     assert re.search(r"--resume=.*eval.json'?: that evaluation ran with limit = 1, this one asks for 2",
                      capsys.readouterr().err)
+    # another batch size is another setting (lm-eval left-pads a batch; bf16 greedy tokens may follow it)
+    assert cli.main(argv + ["--batch-size", "2", "--resume"]) == 2
+    assert re.search(r"that evaluation ran with batch_size = 1, this one asks for 2", capsys.readouterr().err)
     calls.clear()
     monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
     cli.main(argv + ["--resume"])
@@ -782,6 +809,21 @@ def _with_samples(folder: Path, model: str, golds: list[str], gz: bool = False) 
             f.write(lines)
     else:
         (folder / f"samples_{model}.jsonl").write_text(lines)
+
+
+def test_eval_merge_reads_past_a_samples_file_cut_short(tmp_path, capsys):
+    """A samples file cut short (a copy stopped part way, a gzip without its end) gave a traceback: eval-merge merges
+    the scores and says the file's prompts were not compared."""
+    from ds_hybrid.evaluation import merge
+
+    a = _eval_json(tmp_path / "a", {"hyb": {"niah_single_1": {"2048": 1.0}}}, {"hyb": {"niah_single_1": {"2048": 3}}})
+    _with_samples(a, "hyb", ["111", "222", "333"], gz=True)
+    packed = (a / "samples_hyb.jsonl.gz").read_bytes()
+    for cut in (packed[:len(packed) // 2], packed[:-9] + b"\n{\"task\":"):
+        (a / "samples_hyb.jsonl.gz").write_bytes(cut)
+        res = merge.merge([str(a)])
+        assert res["scores"]["hyb"] == {"niah_single_1": {"2048": 1.0}} and "hyb" not in res.get("strict_scores", {})
+        assert re.search(r"eval-merge: .*samples_hyb.jsonl.gz is unreadable \(\w+", capsys.readouterr().err)
 
 
 def test_eval_merge_refuses_scores_from_other_prompts_and_carries_strict_scores(tmp_path):
@@ -1377,6 +1419,54 @@ def test_held_out_quality_fast_path_equals_the_models_own_logits_and_other_heads
         hf = [float(capped(input_ids=r, labels=r).loss) for r in rows]
     assert q["ce"] == pytest.approx(sum(hf) / len(hf), rel=1e-5) and q["ppl"] == pytest.approx(math.exp(q["ce"]))
     assert abs(heldout_quality(capped, rows, path="fast")["ce"] - q["ce"]) > 1e-2  # what the fast path would say
+
+
+def test_resume_with_a_teacher_named_now_computes_the_kept_models_kl_to_it(tiny, tmp_path, monkeypatch, capsys,
+                                                                          caplog):
+    """A first run without --teacher (perplexity only), resumed with one: the kept model's held-out quality was kept
+    without a KL, a blank in the table with no word of it. It is computed again, with the KL; its recall is kept."""
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import recall as recall_mod
+
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", f"only={tiny[2]}", "--tasks", "niah_single_1", "--lengths", "1024", "--limit", "1",
+            "--heldout-sequences", "1", "--heldout-seq-len", "64", "--out", str(out)]
+    assert cli.main(argv) == 0
+    first = json.loads((out / "eval.json").read_text())
+    assert "kl_to_teacher" not in first["heldout_quality"]["only"]
+    samples = (out / "samples_only.jsonl").read_text()
+    real, ran = recall_mod.run_tasks, []
+    monkeypatch.setattr(recall_mod, "run_tasks", lambda lm, *a, **k: (ran.append(lm), real(lm, *a, **k))[1])
+    with caplog.at_level("INFO", logger="ds_hybrid"):
+        assert cli.main(argv + ["--teacher", tiny[2], "--resume"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert len(ran) == 1 and set(res["scores"]) == {"only", "teacher"}  # the teacher's recall alone ran
+    assert res["scores"]["only"] == first["scores"]["only"] and (out / "samples_only.jsonl").read_text() == samples
+    q = res["heldout_quality"]["only"]
+    assert q["ppl"] == pytest.approx(first["heldout_quality"]["only"]["ppl"], rel=1e-5)
+    assert q["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)  # (the same weights as the teacher)
+    assert "computed again, with the KL to the teacher named now" in caplog.text
+
+
+def test_no_kl_to_a_teacher_of_the_same_tokenizer_and_another_vocabulary_size(tiny, tmp_path, caplog):
+    """One tokenizer, output layers padded to other sizes (Qwen2.5-0.5B's 151,936 rows, 7B's 152,064): the KL pass
+    raised a shape error, and --resume met it again each time. Perplexity only, said so."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid import cli
+
+    wide = tmp_path / "wide"
+    m = AutoModelForCausalLM.from_pretrained(tiny[2])
+    m.resize_token_embeddings(m.config.vocab_size + 8)
+    m.save_pretrained(wide)
+    tiny[1].save_pretrained(wide)
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--model", f"wide={wide}", "--teacher", tiny[2], "--tasks", "", "--heldout-sequences",
+                     "1", "--heldout-seq-len", "64", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["heldout_quality"]["wide"]["ppl"] > 1 and "kl_to_teacher" not in res["heldout_quality"]["wide"]
+    assert re.search(r"wide: its output layer has 49160 rows, the teacher's 49152 .*no KL to the teacher",
+                     caplog.text)
 
 
 def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the_quality(tiny, tmp_path, monkeypatch):

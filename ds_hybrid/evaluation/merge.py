@@ -127,8 +127,13 @@ def _samples(src: Path, model: str) -> list[dict] | None:
         p = src.parent / name
         if p.is_file():
             opener = gzip.open if name.endswith(".gz") else open
-            with opener(p, "rt") as f:
-                recs = [json.loads(line) for line in f if line.strip()]
+            try:
+                with opener(p, "rt", encoding="utf-8") as f:
+                    recs = [json.loads(line) for line in f if line.strip()]
+            except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # (cut short, or not ours)
+                print(f"eval-merge: {p} is unreadable ({type(e).__name__}: {e}): its prompts are not compared, no "
+                      "strict score is computed from it", file=sys.stderr)
+                return None
             if all(isinstance(r, dict) and {"task", "id", "gold", "generation"} <= set(r) for r in recs):
                 return recs
             print(f"eval-merge: {p} is not a samples file of `ds-hybrid eval` (records without task, id, gold, "

@@ -230,11 +230,28 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(p).to_pylist()
-    elif p.suffix == ".jsonl":
-        rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
     else:
-        data = json.loads(p.read_text())
-        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(field, str(path), f"not UTF-8 text ({e}); a compressed file? Give it uncompressed: a "
+                              "JSON list, JSONL (a record a line) or parquet") from None
+        if p.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(field, str(path), f"line {n} is not a JSON record ({e.msg}): JSONL holds "
+                                          "one JSON object a line") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                hint = (" (a record a line? name the file .jsonl)" if e.msg == "Extra data" else "")
+                raise ConfigError(field, str(path), f"not JSON: {e.msg} at line {e.lineno}{hint}") from None
+            rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
     if not rows:
         raise ConfigError(field, str(path), "holds no records: give a JSON list, JSONL (a record a line), "
                           "{\"data\": [...]} or parquet, each record with 'value' and 'text' or 'context'+'key'")
@@ -248,6 +265,14 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
         if not isinstance(r["value"], str) or not r["value"].strip():
             raise ConfigError(field, str(path), f"record {i} has the value {r['value']!r}: the answer must be "
                               "non-empty text (an empty one would match every generation)")
+    layouts = {i: "text" if _text(r.get("text")) else "context+key" for i, r in enumerate(rows)}
+    if len(set(layouts.values())) > 1:  # (the prompts are built from one layout's columns: a dataset takes its
+        # columns from the first record, and a record of the other layout would lose its own)
+        first = layouts[0]
+        other = next(i for i, kind in layouts.items() if kind != first)
+        raise ConfigError(field, str(path), f"record 0 is of the {first!r} layout and record {other} of the "
+                          f"{layouts[other]!r} one: give every record the same layout ('value' with 'text', or "
+                          "with 'context' and 'key')")
     return rows
 
 

@@ -228,7 +228,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     scores, quality, info, truncated, counts, strict, digests, fill = {}, {}, {}, {}, {}, {}, {}, {}
     ruler_cut: dict[str, dict] = {}  # per model, {task: {length: prompts}} cut from the left by lm-eval
     settings = {"device": str(dev), "dtype": str(dtype), "lengths": lengths, "tasks": tasks, "limit": args.limit,
-                "seed": args.seed, "based_files": based, "window": args.window, "cuda_graphs": args.cuda_graphs,
+                "seed": args.seed, "batch_size": args.batch_size, "based_files": based, "window": args.window,
+                "cuda_graphs": args.cuda_graphs,
                 "haystack": args.haystack, "run_config": getattr(args, "run_config", None),
                 "heldout": None if args.no_quality else heldout_settings(args)}
     quality_pending: set[str] = set()  # (--resume: models whose recall is kept and held-out quality is not)
@@ -394,6 +395,11 @@ def run_eval(args: argparse.Namespace) -> dict:
             if teacher_tok is not None and name != "teacher" and fp != teacher_tok:
                 log.warning("%s: its tokenizer is not the teacher's: held-out perplexity only (per token of its own "
                             "tokenizer), no KL to the teacher", name)
+            if kl_to is not None and output_rows(model) != output_rows(kl_to):
+                log.warning("%s: its output layer has %d rows, the teacher's %d (one tokenizer, its vocabulary "
+                            "padded to other sizes, as Qwen2.5's 0.5B and 7B): held-out perplexity only, no KL to "
+                            "the teacher", name, output_rows(model), output_rows(kl_to))
+                kl_to = None
             quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to.to(dev) if kl_to is not None else None)
             quality_pending.discard(name)
         del model
@@ -408,10 +414,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     return payload
 
 
-RESUME_SETTINGS = ("device", "dtype", "lengths", "tasks", "limit", "seed", "based_files", "window", "cuda_graphs",
-                   "haystack", "run_config", "heldout")
+# (batch_size: lm-eval left-pads a batch's prompts, and bf16 greedy tokens may depend on the batch they ran in)
+RESUME_SETTINGS = ("device", "dtype", "lengths", "tasks", "limit", "seed", "batch_size", "based_files", "window",
+                   "cuda_graphs", "haystack", "run_config", "heldout")
 # what an eval.json written before a setting was recorded ran with
-RESUME_DEFAULTS = {"based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None, "run_config": None}
+RESUME_DEFAULTS = {"batch_size": 1, "based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None,
+                   "run_config": None}
 
 
 def weights_fingerprint(folder: str) -> str | None:
@@ -448,6 +456,23 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
     if stale:
         log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
                  "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
+    # a teacher named now where the earlier run had none (or could not reach it): the kept models of its tokenizer
+    # and vocabulary get their KL to it (their held-out quality computed again)
+    kl_now: set[str] = set()
+    if "teacher" in models and settings["heldout"] is not None:
+        held = old.get("heldout_quality", {})
+        lack = [n for n, rec in old.get("models", {}).items()
+                if n != "teacher" and n in models and n in held and "kl_to_teacher" not in held[n]]
+        if lack:
+            from ds_hybrid.data import tokenizer_fingerprint
+
+            t_fp = tokenizer_fingerprint(_tokenizer_and_path(folders["teacher"])[0])
+            t_rows = config_output_rows(folders["teacher"])
+            kl_now = {n for n in lack if old["models"][n].get("tokenizer") == t_fp
+                      and config_output_rows(folders[n]) == t_rows}
+        if kl_now:
+            log.info("--resume: %s held-out quality computed again, with the KL to the teacher named now",
+                     ", ".join(sorted(kl_now)))
     dropped = [name for name in old.get("models", {}) if name not in models]
     if dropped:  # (eval.json is rewritten with the models named here: theirs would be lost)
         raise ConfigError("--resume", str(path), f"it holds {', '.join(dropped)}, not named in this command, whose "
@@ -463,7 +488,8 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
                               "folder was written again since): evaluate into another --out, or without --resume")
         # (a model is written into eval.json once its recall is done) its recall kept; its held-out quality computed again where it has none (the run stopped between the two)
         # or another tokenizer's
-        redo = settings["heldout"] is not None and (name not in old.get("heldout_quality", {}) or name in stale)
+        redo = settings["heldout"] is not None and (name not in old.get("heldout_quality", {}) or name in stale
+                                                    or name in kl_now)
         kept[name] = {"models": rec, "quality_pending": redo,
                       **{k: old[k][name] for k in ("scores", "prompts", "strict_scores", "prompt_digests",
                                                    "ruler_fill", "heldout_quality", "ruler_truncated")
@@ -471,6 +497,18 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
                       "truncated_prompts": {b: per[name] for b, per in old.get("truncated_prompts", {}).items()
                                             if name in per}}
     return kept
+
+
+def output_rows(model) -> int:
+    """The rows of a causal LM's output layer (its logits' width: the vocabulary, padded as the checkpoint has it)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def config_output_rows(folder: str) -> int | None:
+    """The same from a model folder's config (``vocab_size``), without loading the weights."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(folder).get_text_config(), "vocab_size", None)
 
 
 def eval_length(folder: str, max_length: int | None) -> int:

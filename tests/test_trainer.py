@@ -529,8 +529,18 @@ def test_a_resume_runs_at_the_run_configs_learning_rate_and_refuses_another_mode
     p = train("align", cfg, "mixer_options={use_gate: false}", nproc=1)
     assert p.returncode == 2 and "mixer_options.use_gate=False: the checkpoint" in p.stderr, tail(p)
     assert "another model or loss: its mixer options had use_gate=True" in p.stderr, tail(p)
-    p = train("align", cfg, f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", "align.clip=0.5", nproc=1)
+    # (the clipping the resumed steps apply: ZeRO-1's optimizer took the checkpoint's 1.0 on load, whatever the log said)
+    p, _, _ = align_with_hook(tmp_path, cfg, "from ds_hybrid.stages import common\n"
+                                             "_restore = common.restore_optimizer_settings\n"
+                                             "def restore(engine, fresh):\n"
+                                             "    out = _restore(engine, fresh)\n"
+                                             "    print('clip applied', type(engine.optimizer).__name__,\n"
+                                             "          engine.optimizer.clip_grad, flush=True)\n"
+                                             "    return out\n"
+                                             "common.restore_optimizer_settings = restore\n",
+                              f"align.tokens={64 * 4 * 4}", "align.lr=5e-4", "align.clip=0.5")
     assert p.returncode == 0 and "resumed align from step 2" in p.stdout + p.stderr, tail(p)
+    assert "clip applied DeepSpeedZeroOptimizer 0.5" in p.stdout, tail(p)
     assert "resumed with this run config's step settings, not those the checkpoint" in p.stdout + p.stderr
     assert "align.clip 1.0 -> 0.5" in p.stdout + p.stderr, tail(p)
     assert "resumed with this run config's optimizer settings, not the checkpoint's: attn_nodecay: lr 0.001 -> 0.0005; attn: lr 0.001 " \
@@ -574,18 +584,18 @@ SIGNAL_IN_FIRST_HELD_OUT = ("from ds_hybrid import trainer\n"
                             "trainer.held_out = held_out\n")
 
 
-def align_with_hook(tmp_path, cfg, hook: str):
-    """Stage align of ``cfg`` in a process that first runs ``hook`` (a sitecustomize.py, ``os`` and ``signal``
-    imported): its result, its run folder and the steps of its complete checkpoints."""
+def align_with_hook(tmp_path, cfg, hook: str, *overrides: str):
+    """Stage align of ``cfg`` (and ``overrides``) in a process that first runs ``hook`` (a sitecustomize.py, ``os``
+    and ``signal`` imported): its result, its run folder and the steps of its complete checkpoints."""
     from trainer_utils import TRAIN
 
     folder = tmp_path / "hook"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "sitecustomize.py").write_text("import os, signal\n" + hook)
     e = env()
     e["PYTHONPATH"] = f"{folder}:{e.get('PYTHONPATH', '')}"
-    p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=600, env=e, cwd=REPO)
+    p = subprocess.run([sys.executable, str(TRAIN), "--stage", "align", "--config", str(cfg), *overrides],
+                       capture_output=True, text=True, timeout=600, env=e, cwd=REPO)
     run_dir = tmp_path / "out" / "align"
     return p, run_dir, sorted(c.parent.name for c in (run_dir / "checkpoints").glob("step*/COMPLETE"))
 

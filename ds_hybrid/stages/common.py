@@ -167,7 +167,12 @@ def restore_optimizer_settings(engine, fresh: dict[str, Any] | None) -> list[str
     each group's lr, weight decay, betas and eps, and the scheduler's base rates), the learning rate of the resumed
     step recomputed from the schedule; what changed, as "group: what was -> what is". A resume after "lower the
     learning rate" then runs at the lower one. Groups of other names (a checkpoint of another parameter grouping,
-    which DeepSpeed would not have loaded) are left as loaded."""
+    which DeepSpeed would not have loaded) are left as loaded. The gradient clipping too: ZeRO-1/2's optimizers (and
+    DeepSpeed's bf16 one) take the checkpoint's ``clip_grad`` on load, where the engine's config holds the run
+    config's (``check_resume`` reports the change)."""
+    opt, clip = getattr(engine, "optimizer", None), getattr(engine, "gradient_clipping", None)
+    if opt is not None and hasattr(opt, "clip_grad") and callable(clip):
+        opt.clip_grad = clip()
     if fresh is None:
         return []
     sched = engine.lr_scheduler

@@ -87,9 +87,19 @@ def use_fused(inner: torch.optim.Adam) -> None:
         group["fused"], group["foreach"] = True, False
     inner.defaults.update(fused=True, foreach=False)
     inner._step_supports_amp_scaling = True
-    for p, state in inner.state.items():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+    place_step_counts(inner)
+
+
+def place_step_counts(inner: torch.optim.Optimizer) -> None:
+    """Each parameter's Adam step count where its group's implementation keeps it, as loading an optimizer's state
+    places it: beside the parameter (fp32) for the fused or capturable step, on the host (fp32) for the others. A
+    group's implementation changed after a load (:func:`use_fused`; a resume that puts the run's back) moves them."""
+    for group in inner.param_groups:
+        near = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = inner.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if near else "cpu", dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -85,22 +85,15 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     s = cfg.stage(stage)
     check_context(f"{stage}.seq_len", s.seq_len, teacher_config)
     if s.micro_batch == "auto":
-        s.micro_batch = D.broadcast_object(resolve_auto_micro_batch(cfg, stage, teacher_config, layers)
-                                           if D.is_main() else None)
+        # (the main rank's plan for all; should it fail, every rank fails with it instead of waiting for it)
+        s.micro_batch = D.main_reads(lambda: resolve_auto_micro_batch(cfg, stage, teacher_config, layers))
         log.info("%s.micro_batch: auto -> %d (largest that the memory plan fits)", stage, s.micro_batch)
     if stage == "kl":  # on the main rank (it reads samples of every tensor of two folders), its verdict for all
         from ds_hybrid.selection import check_selection_origin
 
         align = s.init_from or cfg.stage_dir("align") / "hf"
-        error = None
-        if D.is_main():
-            try:
-                check_selection_origin(cfg.softmax_layers, teacher_path, align)
-            except ConfigError as e:
-                error = (e.field, e.value, e.fix)
-        error = D.broadcast_object(error)
-        if error is not None:
-            raise ConfigError(*error)
+        # (any error there, a ConfigError or a file that cannot be read, is raised on every rank)
+        D.main_reads(lambda: check_selection_origin(cfg.softmax_layers, teacher_path, align))
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
                         run_dir=cfg.stage_dir(stage))
@@ -209,6 +202,12 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
                           f"{was.get('data_cache')}): the data settings, the corpus or {stage}.tokens changed, so its "
                           f"steps stand for other rows; restore them to resume, or move {path.parent.parent} away to "
                           "start the stage again")
+    step = marker.get("step")
+    if isinstance(step, int) and "total_steps" in now and step > now["total_steps"]:
+        # (nothing would train: the stage would end marked done at step total over the model of step ``step``)
+        raise ConfigError(f"{stage}.tokens", f"{now['total_steps']} steps", f"the checkpoint {path} is at step "
+                          f"{step}, past this run's last step: raise {stage}.tokens to at least {step} steps' worth to "
+                          f"resume it, or move {path.parent.parent} away to start the stage again")
     if "total_steps" in was and was["total_steps"] != now["total_steps"] and not longer and D.is_main():
         log.warning("%s: the checkpoint %s was written in a run of %d steps, this one has %d (%s.tokens changed): the "
                     "learning-rate schedule is stretched from here on, so the resumed steps are not the ones either "

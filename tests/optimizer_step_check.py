@@ -10,7 +10,8 @@ and the host reads of device data made by DeepSpeed or ds_hybrid code inside ``e
 (DeepSpeed's step over torch's default AdamW), "deepspeed_fused" (DeepSpeed's step over the fused AdamW that the
 sync-free step switches to), "sync_free", "auto" (the default). Cases: "noclip" (the norm stays under the clip),
 "clip" (a clip of 1e-3: every step clipped), "nonfinite" (a NaN gradient at step 2), and "resume": two steps of
-DeepSpeed's, a checkpoint, two more under "auto" from it, against four of DeepSpeed's in one run.
+DeepSpeed's, a checkpoint, two more under "auto" from it, against four of DeepSpeed's in one run; and two steps under
+"auto", a checkpoint, two more under "deepspeed" (after the trainer's restore of the run's optimizer settings).
 """
 
 from __future__ import annotations
@@ -115,6 +116,30 @@ def resume(workdir: str) -> dict:
     return record(engine, {"replaced": replaced, **steps(engine, batches, first=2)})
 
 
+def resume_reference(workdir: str) -> dict:
+    """Two steps under "auto" (the sync-free step, fused AdamW), a checkpoint, two more under "deepspeed" from it
+    after the trainer's restore of the run's optimizer settings: DeepSpeed's step over torch's default AdamW again
+    (the checkpoint's groups say fused)."""
+    from ds_hybrid import sync_free
+    from ds_hybrid.stages.common import optimizer_settings, restore_optimizer_settings
+
+    batches = data()
+    first = engine_for(1e9)
+    sync_free.apply_step_choice(first, "auto")
+    steps(first, batches[:2])
+    first.save_checkpoint(workdir, tag="auto_two")
+    engine = engine_for(1e9, seed=1)
+    replaced = sync_free.apply_step_choice(engine, "deepspeed")
+    fresh = optimizer_settings(engine)
+    engine.load_checkpoint(workdir, tag="auto_two")
+    loaded = [bool(g.get("fused")) for g in engine.optimizer.optimizer.param_groups]
+    changed = restore_optimizer_settings(engine, fresh)
+    inner = engine.optimizer.optimizer
+    on_host = all(inner.state[p]["step"].device.type == "cpu" for g in inner.param_groups for p in g["params"])
+    return record(engine, {"replaced": replaced, "loaded_fused": loaded, "changed": changed, "steps_on_host": on_host,
+                           **steps(engine, batches, first=2)})
+
+
 def main() -> int:
     from ds_hybrid import distributed as D
 
@@ -123,7 +148,8 @@ def main() -> int:
     for case, clip, nan_at in (("noclip", 1e9, None), ("clip", 1e-3, None), ("nonfinite", 1.0, 2)):
         out[case] = {choice: run(choice, clip, nan_at) for choice in ("deepspeed", "deepspeed_fused", "sync_free",
                                                                       "auto")}
-    out["resume"] = {"auto": resume(sys.argv[2]), "deepspeed": out["noclip"]["deepspeed"]}
+    out["resume"] = {"auto": resume(sys.argv[2]), "deepspeed": out["noclip"]["deepspeed"],
+                     "deepspeed_after_auto": resume_reference(sys.argv[2])}
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
     return 0

@@ -643,7 +643,8 @@ def test_sync_free_optimizer_step_equals_deepspeeds_and_reads_nothing(tmp_path):
     bit for bit when no step is clipped and when every step is (the norm within fp32 rounding); over torch's default
     AdamW (DeepSpeed's reference path) within fp32 rounding; no host read of device data by DeepSpeed or ds_hybrid
     code in the step (DeepSpeed's: 2 a step); a NaN gradient skipped as DeepSpeed skips it (weights, moments, AdamW's
-    step count, the schedule and the skipped count); a checkpoint of DeepSpeed's step resumed under the default."""
+    step count, the schedule and the skipped count); a checkpoint of DeepSpeed's step resumed under the default, and
+    one of the default resumed under DeepSpeed's (its default AdamW back, as the run built it)."""
     out = tmp_path / "steps.json"
     p = run([sys.executable, "tests/optimizer_step_check.py", str(out), str(tmp_path / "ckpt")])
     assert p.returncode == 0, tail(p)
@@ -677,6 +678,13 @@ def test_sync_free_optimizer_step_equals_deepspeeds_and_reads_nothing(tmp_path):
     np.testing.assert_allclose(resumed["losses"], ds["losses"][2:], rtol=1e-5)
     np.testing.assert_allclose(np.concatenate(resumed["master"]), np.concatenate(ds["master"]), rtol=1e-5, atol=1e-7)
     assert resumed["lr"] == ds["lr"]
+    # a checkpoint of the sync-free step (fused AdamW) resumed under DeepSpeed's: its default AdamW again, as built
+    back = res["resume"]["deepspeed_after_auto"]
+    assert not back["replaced"] and back["loaded_fused"] == [True, True] and back["fused"] == [False, False]
+    assert back["steps_on_host"] and "None: fused True -> None" in back["changed"], back["changed"]
+    assert back["adam_steps"] == ds["adam_steps"] and back["lr"] == ds["lr"]
+    np.testing.assert_allclose(back["losses"], ds["losses"][2:], rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(back["master"]), np.concatenate(ds["master"]), rtol=1e-5, atol=1e-7)
 
 
 def test_sync_free_step_refuses_an_optimizer_it_does_not_reproduce():

@@ -456,6 +456,13 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "global_batch": 16}}), now)
     with pytest.raises(ConfigError, match=r"^data=.*written over 90 rows"):
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "train_sequences": 90}}), now)
+    # a checkpoint past this run's last step (kl.tokens lowered; one corpus file keeps the rows): nothing would train
+    # and the stage would end marked done at step 6 over the model of step 7
+    fewer = {**now, "total_steps": 6}
+    check_resume("kl", (path, {"world_size": 1, "step": 6, "settings": dict(now)}), fewer)  # (at the end: rescored)
+    with pytest.raises(ConfigError, match=r"^kl\.tokens='6 steps': the checkpoint .*step00000004 is at step 7, past this "
+                                          r"run's last step: raise kl\.tokens"):
+        check_resume("kl", (path, {"world_size": 1, "step": 7, "settings": dict(now)}), fewer)
     # the token cache's key hashes the files' paths and times: a corpus moved or re-timestamped gives another key
     # over the same tokens; with the same held-out digest and row count it is taken (said), otherwise refused
     now_d = {**now, "val_digest": {"data": "d1"}}

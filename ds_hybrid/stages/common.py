@@ -143,8 +143,10 @@ def student_engine(module: nn.Module, ds: dict, s: StageConfig, total_steps: int
     return engine
 
 
-#: what a resume takes from the run config, not from the checkpoint, in each optimizer group (with its base lr)
-GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+#: what a resume takes from the run config, not from the checkpoint, in each optimizer group (with its base lr); fused
+#: and foreach: the step's implementation (a checkpoint of the sync-free step, fused, resumed under
+#: DS_HYBRID_OPTIMIZER_STEP=deepspeed ran torch's fused AdamW where the reference path is its default one)
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "fused", "foreach")
 
 
 def optimizer_settings(engine) -> dict[str, Any] | None:
@@ -191,6 +193,9 @@ def restore_optimizer_settings(engine, fresh: dict[str, Any] | None) -> list[str
             g[k] = want[k]
         g["lr"] = base * sched.lr_lambdas[i](sched.last_epoch)
     sched._last_lr = [g["lr"] for g in groups]
+    inner = getattr(sched.optimizer, "optimizer", sched.optimizer)  # (DeepSpeed's wrapper's torch optimizer)
+    if isinstance(inner, torch.optim.Optimizer):
+        sync_free.place_step_counts(inner)
     return changed
 
 

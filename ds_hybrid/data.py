@@ -393,7 +393,8 @@ def cache_key(cfg: DataConfig, units: dict[str, list[Unit]], tokenizer) -> str:
 
 def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: Callable[[], object] | None = None,
                     need_tokens: float = math.inf, seq_len: int = 1,
-                    from_main: Callable[[str], str] | None = None) -> TokenStreams:
+                    from_main: Callable[[str], str] | None = None,
+                    stop: Callable[[], None] | None = None) -> TokenStreams:
     """Tokenize what a run needs (rank 0; other ranks wait at ``barrier``), then memory-map it everywhere.
 
     ``need_tokens``: training tokens the run will read; a source made of several units (a large corpus) is tokenized
@@ -404,7 +405,8 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     place of ``barrier`` for the build). The main rank passes its cache folder and the prefix it built, so every
     rank reads the same shards: a node whose copy of the corpus files differs in size or modification time
     (node-local copies) would compute another key and fingerprints, and look for units that nobody built. Without
-    it, the other ranks find the prefix from the done markers."""
+    it, the other ranks find the prefix from the done markers. ``stop``: the build's check between waves of units
+    (:func:`ds_hybrid.tokencache.build`; on the main rank, which alone builds: a local check, no collective)."""
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise ConfigError("data.add_eos", True, "this tokenizer has no end-of-sequence token to put between the "
                           "documents: set add_eos: false (documents concatenated as the paper does)")
@@ -424,7 +426,7 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
     used = None
     if is_main:
         used = build(units, tokenizer, out, need, vals, dtype, cfg.add_eos, cfg.split_seed, cfg.num_proc,
-                     cfg.max_documents, row_tokens=seq_len)
+                     cfg.max_documents, row_tokens=seq_len, stop=stop)
     if from_main is not None:  # the main rank's folder and prefix, passed when its build is done
         shared = json.loads(from_main(json.dumps({"key": key, "used": used})))
         if shared["key"] != key:

@@ -35,8 +35,9 @@ import json
 import logging
 import math
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -458,12 +459,15 @@ def done_prefixes(units: dict[str, list[Unit]], out_dir: Path, need: dict[str, f
 
 def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str, float], val_tokens: dict[str, int],
           dtype: np.dtype, add_eos: bool = False, split_seed: int = 1234, num_proc: int = 1,
-          max_documents: int | None = None, progress: bool = True, row_tokens: int = 1) -> dict[str, list[dict]]:
+          max_documents: int | None = None, progress: bool = True, row_tokens: int = 1,
+          stop: Callable[[], None] | None = None) -> dict[str, list[dict]]:
     """Tokenize, per source, the shortest prefix of its units that holds ``val_tokens[source]`` held-out tokens and
     ``need[source]`` training tokens in whole rows of ``row_tokens`` (all units for an infinite need). Returns, per
     source, the done markers of that prefix. Held-out documents come from the first units (:func:`held_out_plan`,
     found before any unit is tokenized); then the units are tokenized ``num_proc`` at a time, and every one leaves out
-    of training the documents that repeat a held-out one of any unit and any source (:func:`doc_hash`)."""
+    of training the documents that repeat a held-out one of any unit and any source (:func:`doc_hash`). ``stop``:
+    called before each wave of units (it raises to stop the build: a signal, Slurm's time-limit warning, that came
+    while a corpus of hours is tokenized; the units done are kept)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, list[dict]] = {}
@@ -498,6 +502,8 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
                 if rescan:
                     continue
                 break
+            if stop is not None:
+                stop()
             if bar is None and progress:
                 from tqdm import tqdm
 
@@ -517,8 +523,13 @@ def _worker_init() -> None:
     """In a worker process: let the fast tokenizer spread each batch of documents over the machine's cores. Launchers
     turn that off (TOKENIZERS_PARALLELISM=false: a process that forks after using it may deadlock), but a spawned
     worker forks nothing, and without it a build waits on its largest unit tokenized on one core while the rest sit
-    idle (the embedded corpus: 13 units, gcide 30 % of its tokens). Each document's ids are the same either way."""
+    idle (the embedded corpus: 13 units, gcide 30 % of its tokens). Each document's ids are the same either way.
+    Slurm's time-limit warning (SIGUSR1) and SIGTERM, sent to every process of the job, are the parent's to serve
+    (between waves, :func:`build`'s ``stop``): a worker they ended would break the pool, the job failing with a
+    traceback instead of stopping where its finished units are kept."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _run(jobs: list, num_proc: int) -> list:

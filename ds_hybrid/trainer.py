@@ -437,8 +437,16 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
     phase_s: dict[str, float] = {}  # where a run's wall time goes (a probe's fixed cost: docs/SELECT.md)
     torch.manual_seed(cfg.seed)
 
+    def stop_building() -> None:  # (the main rank alone tokenizes, the others wait for it: no collective here; its
+        # exit ends their wait, and the launcher's handling of the signal, a requeue, follows)
+        if signals.received is not None:
+            log.warning("stopped %s's token cache build on a signal: the units tokenized so far are kept; rerun the "
+                        "command to go on", stage)
+            raise StopRequested(128 + int(signals.received))
+
     streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.wait_for_main,
-                              need_tokens=data_tokens or s.tokens, seq_len=s.seq_len, from_main=D.wait_for_main)
+                              need_tokens=data_tokens or s.tokens, seq_len=s.seq_len, from_main=D.wait_for_main,
+                              stop=stop_building)
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
     if len(train) == 0 or len(val) == 0:

@@ -259,6 +259,43 @@ def test_budget_tokenizes_only_the_units_it_needs_and_a_larger_one_extends_the_c
     assert np.array_equal(np.concatenate([a for _, a in again.train]), np.concatenate([a for _, a in small.train]))
 
 
+def test_a_stop_during_a_build_keeps_the_units_done_and_a_rerun_goes_on_from_them(tmp_path, tok):
+    """Slurm's time-limit warning while a corpus of hours is tokenized: the build went on past it (to be killed at
+    the limit, not requeued). ``stop`` is asked before each wave of units; what it raises ends the build there, the
+    units done kept for the next run."""
+    jl = write_jsonl(tmp_path / "jl", 6, 40, 60)
+    cfg = data_cfg(jl, tmp_path / "cache")  # (num_proc 1: a wave of one unit)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        if len(asked) == 3:
+            raise KeyboardInterrupt("the warning came (simulated)")
+
+    with pytest.raises(KeyboardInterrupt, match="simulated"):
+        prepare_streams(cfg, tok, stop=stop)
+    done = list((tmp_path / "cache").glob(f"*/{DATA_SOURCE}/u*.json"))
+    assert len(done) == 2 and len(asked) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    whole = prepare_streams(cfg, tok, stop=lambda: None)
+    assert whole.meta["sources"][DATA_SOURCE]["units"] == 6
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # (kept, not tokenized again)
+
+
+def test_tokenizer_workers_leave_the_time_limit_warning_to_the_build():
+    """SIGUSR1 or SIGTERM sent to every process of a Slurm job killed the spawned tokenizer workers (their default
+    action): the pool broke and the job failed with a traceback instead of stopping between waves."""
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ds_hybrid.tokencache import _worker_init
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            assert pool.submit(signal.raise_signal, sig).result(timeout=120) is None
+
+
 def test_the_budget_is_met_in_whole_rows_when_each_file_leaves_a_remainder(tmp_path, tok):
     """A row never spans two files (units): the prefix is sized by the rows it gives, not by tokens that are then
     dropped, so a corpus of many small files does not wrap into a second epoch while unread files remain."""

@@ -662,7 +662,7 @@ def test_a_crash_keeps_the_scores_of_the_models_done(tiny, tmp_path, monkeypatch
     assert merged["ruler_truncated"] == res["ruler_truncated"] == {"first": {}}
 
 
-def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, monkeypatch, capsys):
+def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, monkeypatch, capsys, caplog):
     """--resume after a crash: the model the first run finished is not loaded again, its scores, counts and samples
     stay as they were, the other is evaluated, and the table is complete; other settings are refused by name."""
     from ds_hybrid import cli
@@ -688,7 +688,13 @@ def test_resume_keeps_the_models_done_and_evaluates_the_rest(tiny, tmp_path, mon
     assert re.search(r"that evaluation ran with batch_size = 1, this one asks for 2", capsys.readouterr().err)
     calls.clear()
     monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
-    cli.main(argv + ["--resume"])
+    earlier = json.loads((out / "eval.json").read_text())  # (as if the first run had another transformers)
+    earlier["versions"]["transformers"] = "4.0.0"
+    (out / "eval.json").write_text(json.dumps(earlier))
+    with caplog.at_level("WARNING", logger="ds_hybrid"):
+        cli.main(argv + ["--resume"])
+    assert re.search(r"--resume: the models kept from .* other versions or another GPU .*transformers 4\.0\.0 -> ",
+                     caplog.text)
     res = json.loads((out / "eval.json").read_text())
     assert calls == [tiny[2]]  # the second model only
     assert res["complete"] is True and set(res["scores"]) == {"first", "second"}

@@ -451,6 +451,15 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
             raise ConfigError("--resume", str(path), f"that evaluation ran with {key} = {was!r}, this one "
                               f"asks for {settings[key]!r}: evaluate into another --out, or ask for the same "
                               "settings")
+    from ds_hybrid.monitor import versions
+
+    now, was = versions(), old.get("versions") or {}
+    moved = [f"{k} {was[k]} -> {now.get(k)}" for k in ("ds_hybrid", "torch", "transformers", "lm_eval", "gpu")
+             if k in was and was[k] != now.get(k)]
+    if moved and old.get("models"):  # (the table holds both: said, since eval.json records this run's alone)
+        log.warning("--resume: the models kept from %s were evaluated under other versions or another GPU than the "
+                    "rest will be (%s): their scores sit in one table; evaluate into another --out to keep them "
+                    "apart", path, "; ".join(moved))
     kept: dict[str, dict] = {}
     stale = set(stale_heldout_models(old)) if settings["heldout"] is not None else set()
     if stale:

@@ -508,7 +508,7 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
                 from tqdm import tqdm
 
                 bar = tqdm(desc="tokenizing", unit="unit", dynamic_ncols=True)
-            results = _run(jobs, num_proc)
+            results = _run(jobs, num_proc, leave_signals=stop is not None)
             if bar is not None:
                 bar.update(sum(r is not None for r in results))
             if all(r is None for r in results):  # every pending unit belongs to another process: wait for it
@@ -519,20 +519,27 @@ def build(units: dict[str, list[Unit]], tokenizer, out_dir: Path, need: dict[str
     return used
 
 
-def _worker_init() -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _worker_init(leave_signals: bool = False) -> None:
     """In a worker process: let the fast tokenizer spread each batch of documents over the machine's cores. Launchers
     turn that off (TOKENIZERS_PARALLELISM=false: a process that forks after using it may deadlock), but a spawned
     worker forks nothing, and without it a build waits on its largest unit tokenized on one core while the rest sit
     idle (the embedded corpus: 13 units, gcide 30 % of its tokens). Each document's ids are the same either way.
-    Slurm's time-limit warning (SIGUSR1) and SIGTERM, sent to every process of the job, are the parent's to serve
-    (between waves, :func:`build`'s ``stop``): a worker they ended would break the pool, the job failing with a
-    traceback instead of stopping where its finished units are kept."""
+    ``leave_signals`` (a build with a ``stop`` check): Slurm's time-limit warning (SIGUSR1) and SIGTERM, sent to
+    every process of the job, are the parent's to serve between waves: a worker they ended would break the pool, the
+    job failing with a traceback instead of stopping where its finished units are kept. (The parent blocks them
+    while it spawns the workers, so none arrives before this runs.) Without a stop check the workers end with the
+    parent, as before."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    if leave_signals:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _run(jobs: list, num_proc: int) -> list:
+def _run(jobs: list, num_proc: int, leave_signals: bool = False) -> list:
     """The jobs in this process when there is one (or one worker), else in fresh processes (spawn: the caller may
     hold CUDA and NCCL state that a fork must not copy) whose tokenizers use every core (:func:`_worker_init`)."""
     n = min(num_proc, len(jobs), os.cpu_count() or 1)
@@ -542,9 +549,17 @@ def _run(jobs: list, num_proc: int) -> list:
     from concurrent.futures import ProcessPoolExecutor
 
     # an executor, not a Pool: a worker that dies (killed for memory) raises BrokenProcessPool here instead of
-    # leaving the build waiting forever; a worker's error (a ConfigError naming a field) is raised as itself
-    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        return list(pool.map(_claim_and_tokenize, jobs))
+    # leaving the build waiting forever; a worker's error (a ConfigError naming a field) is raised as itself.
+    # leave_signals: the stop signals are held back while the wave runs (the workers are spawned with them blocked,
+    # and the parent's handler records one when the wave ends, for the stop check before the next)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if leave_signals else None
+    try:
+        with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(leave_signals,)) as pool:
+            return list(pool.map(_claim_and_tokenize, jobs))
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _open_file_room(n: int) -> None:

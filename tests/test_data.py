@@ -291,7 +291,8 @@ def test_tokenizer_workers_leave_the_time_limit_warning_to_the_build():
 
     from ds_hybrid.tokencache import _worker_init
 
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(True,)) as pool:  # (a build with a stop check)
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             assert pool.submit(signal.raise_signal, sig).result(timeout=120) is None
 

@@ -215,6 +215,12 @@ def test_bad_based_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^--swde=.*record 0 is of the 'text' layout and record 1 of the "
                                           r"'context\+key' one"):
         recall.load_based_records(mixed, "--swde")
+    assert len(recall.load_based_records(mixed, "--swde", rebuilt=True)) == 2  # (--window answer: one text each)
+    # both layouts' fields in every record, empty where unused (as parquet gives them): nothing is lost, taken
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({**rec, "context": None, "key": None}) + "\n"
+                    + json.dumps({"text": None, "context": "doc", "key": "k", "value": "x"}) + "\n")
+    assert [recall.based_prompt(r) for r in recall.load_based_records(both, "--swde")] == ["a\nb:", "doc\nk:"]
 
 
 def test_real_teacher_finds_the_needle_at_1024_tokens():
@@ -825,11 +831,19 @@ def test_eval_merge_reads_past_a_samples_file_cut_short(tmp_path, capsys):
     a = _eval_json(tmp_path / "a", {"hyb": {"niah_single_1": {"2048": 1.0}}}, {"hyb": {"niah_single_1": {"2048": 3}}})
     _with_samples(a, "hyb", ["111", "222", "333"], gz=True)
     packed = (a / "samples_hyb.jsonl.gz").read_bytes()
-    for cut in (packed[:len(packed) // 2], packed[:-9] + b"\n{\"task\":"):
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2: len(packed) // 2 + 4] = b"\xff\x00\xff\x00"  # (a deflate error: zlib.error)
+    for cut in (packed[:len(packed) // 2], packed[:-9] + b"\n{\"task\":", bytes(damaged)):
         (a / "samples_hyb.jsonl.gz").write_bytes(cut)
         res = merge.merge([str(a)])
         assert res["scores"]["hyb"] == {"niah_single_1": {"2048": 1.0}} and "hyb" not in res.get("strict_scores", {})
         assert re.search(r"eval-merge: .*samples_hyb.jsonl.gz is unreadable \(\w+", capsys.readouterr().err)
+    # cut at the end of a line: it reads, but holds fewer prompts than the scores count (2 of 3)
+    (a / "samples_hyb.jsonl.gz").unlink()
+    _with_samples(a, "hyb", ["111", "222"])
+    res = merge.merge([str(a)])
+    assert "hyb" not in res.get("strict_scores", {})
+    assert "samples of hyb do not hold every prompt its scores count" in capsys.readouterr().err
 
 
 def test_eval_merge_refuses_scores_from_other_prompts_and_carries_strict_scores(tmp_path):

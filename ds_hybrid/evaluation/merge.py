@@ -25,6 +25,7 @@ import gzip
 import json
 import logging
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,8 @@ def _samples(src: Path, model: str) -> list[dict] | None:
             try:
                 with opener(p, "rt", encoding="utf-8") as f:
                     recs = [json.loads(line) for line in f if line.strip()]
-            except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # (cut short, or not ours)
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:  # (cut short,
+                # damaged, or not ours)
                 print(f"eval-merge: {p} is unreadable ({type(e).__name__}: {e}): its prompts are not compared, no "
                       "strict score is computed from it", file=sys.stderr)
                 return None
@@ -235,6 +237,12 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             if (d is None or st is None) and p["scores"][m]:  # (a model with no recall scores has no samples: a
                 # samples file beside it is an earlier evaluation's in a reused folder)
                 samples = _samples(src, m)
+                counts = (p.get("prompts") or {}).get(m)
+                if samples and counts and recall.sample_counts(samples) != counts:  # (a file cut at a line's end)
+                    print(f"eval-merge: {src.parent}'s samples of {m} do not hold every prompt its scores count (a "
+                          "file cut short?): its prompts are not compared, no strict score is computed from it",
+                          file=sys.stderr)
+                    samples = None
             if d is None and samples:
                 d = recall.prompt_digests(samples)
             if st is None and samples:

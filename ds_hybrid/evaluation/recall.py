@@ -221,8 +221,9 @@ def _based_results(doc: dict, results: list[str]) -> dict[str, int]:
     return {"contains": contains_score(results[0], doc["value"])}
 
 
-def load_based_records(path: str | Path, field: str) -> list[dict]:
-    """Records of a local SWDE/FDA file (json list, jsonl, or parquet), checked for the based-* fields."""
+def load_based_records(path: str | Path, field: str, rebuilt: bool = False) -> list[dict]:
+    """Records of a local SWDE/FDA file (json list, jsonl, or parquet), checked for the based-* fields. ``rebuilt``:
+    each prompt is rebuilt as one text (``--window answer``), so records of both layouts in one file are fine."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(field, str(path), "no such file (JSON, JSONL or parquet in the based-* layout)")
@@ -265,14 +266,16 @@ def load_based_records(path: str | Path, field: str) -> list[dict]:
         if not isinstance(r["value"], str) or not r["value"].strip():
             raise ConfigError(field, str(path), f"record {i} has the value {r['value']!r}: the answer must be "
                               "non-empty text (an empty one would match every generation)")
-    layouts = {i: "text" if _text(r.get("text")) else "context+key" for i, r in enumerate(rows)}
-    if len(set(layouts.values())) > 1:  # (the prompts are built from one layout's columns: a dataset takes its
-        # columns from the first record, and a record of the other layout would lose its own)
-        first = layouts[0]
-        other = next(i for i, kind in layouts.items() if kind != first)
-        raise ConfigError(field, str(path), f"record 0 is of the {first!r} layout and record {other} of the "
-                          f"{layouts[other]!r} one: give every record the same layout ('value' with 'text', or "
-                          "with 'context' and 'key')")
+    # the dataset of the prompts takes its columns from the first record: a later record holding a prompt field the
+    # first lacks (the other layout) would lose it (a KeyError inside lm-eval, after the model loaded); a field
+    # present but empty (parquet's null) is kept, and `--window answer` rebuilds every prompt as one text
+    first = {k for k in ("text", "context", "key") if k in rows[0]}
+    lost = next((i for i, r in enumerate(rows) if {k for k in ("text", "context", "key") if k in r} - first), None)
+    if lost is not None and not rebuilt:
+        layout = lambda r: "text" if _text(r.get("text")) else "context+key"  # noqa: E731
+        raise ConfigError(field, str(path), f"record 0 is of the {layout(rows[0])!r} layout and record {lost} of the "
+                          f"{layout(rows[lost])!r} one: give every record the same layout ('value' with 'text', or "
+                          "with 'context' and 'key'; or the fields of both, empty where unused)")
     return rows
 
 
@@ -313,7 +316,7 @@ def based_config(name: str, path: str | Path, limit: int | None = None, window: 
     """An lm-eval task over a local SWDE/FDA file. ``window=(tokenizer, budget)``: prompts longer than the budget
     are cut to an answer-centred window (:func:`answer_window`) instead of left-truncated by lm-eval."""
     p = Path(path).expanduser()
-    records = load_based_records(p, f"--{name}")
+    records = load_based_records(p, f"--{name}", rebuilt=window is not None)
     rows = records[:limit] if limit else records
 
     def dataset(**kwargs) -> dict:

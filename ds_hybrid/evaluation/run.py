@@ -163,7 +163,8 @@ def eval_request(args: argparse.Namespace) -> tuple[list[int], list[str], dict[s
         raise ConfigError("--lengths", args.lengths, f"{min(lengths)} is too short for a RULER or essay prompt "
                           f"({', '.join(ruler)}): use lengths of {MIN_RULER_LENGTH} tokens and up")
     based = {name: getattr(args, name) for name in recall.BASED_TASKS if getattr(args, name)}
-    records = {name: recall.load_based_records(p, f"--{name}") for name, p in based.items()}  # checked up front
+    records = {name: recall.load_based_records(p, f"--{name}", rebuilt=args.window == "answer")  # checked up front
+               for name, p in based.items()}
     return lengths, tasks, records, parse_models(args.model, args.teacher)
 
 
@@ -418,8 +419,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 RESUME_SETTINGS = ("device", "dtype", "lengths", "tasks", "limit", "seed", "batch_size", "based_files", "window",
                    "cuda_graphs", "haystack", "run_config", "heldout")
 # what an eval.json written before a setting was recorded ran with
-RESUME_DEFAULTS = {"batch_size": 1, "based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None,
-                   "run_config": None}
+RESUME_DEFAULTS = {"based_files": {}, "window": "none", "cuda_graphs": False, "haystack": None, "run_config": None}
 
 
 def weights_fingerprint(folder: str) -> str | None:
@@ -447,6 +447,8 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
         was = old.get(key, RESUME_DEFAULTS.get(key))
         if key == "heldout" and was is None and not old.get("heldout_quality"):
             continue  # (no model of it had held-out rows yet: written so before 2026-12-06; its models run again)
+        if key == "batch_size" and key not in old:
+            continue  # (recorded since 2026-12-07: an earlier file's batch size is not known, and is not assumed)
         if was != settings[key]:
             raise ConfigError("--resume", str(path), f"that evaluation ran with {key} = {was!r}, this one "
                               f"asks for {settings[key]!r}: evaluate into another --out, or ask for the same "

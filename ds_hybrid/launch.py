@@ -142,13 +142,23 @@ def check_pipeline(cfg: RunConfig, stages: list[str], world_size: int, select_ar
                               f"softmax_layers.selection={sel} softmax_layers.ratio=<r>), or leave select out of "
                               "STAGES")
         check_selection_spec(spec)  # (kl would stop on it after align and select)
+    if "select" in stages and not sel.is_file() and "align" not in stages:
+        from ds_hybrid.stages.select import NEEDS_ALIGN
+
+        align_hf = out / "align" / "hf" / "config.json"
+        if cfg.select.method in NEEDS_ALIGN and not align_hf.is_file():  # (else each task of a job array, a node
+            # each, is scheduled to fail at its start)
+            raise ConfigError("STAGES", ",".join(stages), f"select.method={cfg.select.method} reads stage align's "
+                              f"export {align_hf.parent}, which is not there, and align is not among the stages: "
+                              "add align to STAGES (before select), or run it first")
 
 
 def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
     """What the stages check against the teacher's config when they start, checked here for every stage still to run
     (else kl learned of a layer index past the teacher's last, or a seq_len past its context, after align and
     select): the seq_len of each, the softmax layers where they are a list or a spacing (a selection is read by kl
-    from a file that select may still write), and select's K against the layer count. A hub teacher is downloaded
+    from a file that select may still write), and select's own checks (its method's rows against the context,
+    keep_global's layer types, select.reference, K). A hub teacher is downloaded
     first; a teacher folder not on this node (on the compute nodes only) is said, and left to the stages."""
     from ds_hybrid.layers import resolve_softmax_layers
     from ds_hybrid.modeling.families import check_context
@@ -170,10 +180,12 @@ def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
             check_context(f"{st}.seq_len", cfg.stage(st).seq_len, tc)
         if st in ("kl", "finetune") and not (isinstance(spec, dict) and "selection" in spec):
             resolve_softmax_layers(spec, tc.num_hidden_layers)
-    if "select" in stages:
-        from ds_hybrid.stages.probes import check_ks
+    if "select" in stages:  # all of select's own checks against the teacher (the rows its method reads fit the
+        # context, keep_global's sliding-window layers, select.reference's layer count, K): found before align runs
+        from ds_hybrid.stages.select import check_select_against_teacher
+        from ds_hybrid.teacher import load_tokenizer
 
-        check_ks(cfg, tc.num_hidden_layers)
+        check_select_against_teacher(cfg, tc, load_tokenizer(local_teacher(cfg.teacher)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -659,7 +659,19 @@ def test_a_launchers_pipeline_check_finds_what_would_stop_or_misdirect_a_later_s
     rec = load_config(None, [f"out_dir={tmp_path / 'rec'}", "select.score=recall", "select.distance_reg=0.5",
                              f"softmax_layers.selection={tmp_path}/rec/select/ga_s2/score_recall/distance_reg_0.5/selection.json",
                              "softmax_layers.k=2"])
+    with pytest.raises(ConfigError, match=r"^STAGES='select,kl': select.method=ga_s2 reads stage align's export "
+                                          r".*/rec/align/hf, which is not there, and align is not among the stages"):
+        launch.check_pipeline(rec, ["select", "kl"], 1)
+    (tmp_path / "rec" / "align" / "hf").mkdir(parents=True)
+    (tmp_path / "rec" / "align" / "hf" / "config.json").write_text("{}")  # (align ran in an earlier job)
     launch.check_pipeline(rec, ["select", "kl"], 1)
+    # select's own checks against the teacher, before align runs (they came when select started, after align)
+    for bad, field in (("select.probe.seq_len=100000", r"select\.probe\.seq_len"),
+                       ("select.method=keep_global", r"select\.method"),
+                       (f"select.reference={tmp_path / 'none.json'}", r"select\.reference")):
+        wrong = load_config(None, [f"out_dir={tmp_path / 'early'}", bad])
+        with pytest.raises(ConfigError, match=rf"^{field}="):
+            launch.check_pipeline(wrong, ["align", "select"], 1)
     rec.softmax_layers["selection"] = str(tmp_path / "rec" / "select" / "ga_s2" / "selection.json")
     with pytest.raises(ConfigError, match=r"writes its ranking to .*/score_recall/distance_reg_0.5/selection.json"):
         launch.check_pipeline(rec, ["select", "kl"], 1)

@@ -118,6 +118,42 @@ def selection_target(cfg: RunConfig) -> Path:
     return sel_dir / "selection.json"
 
 
+#: the methods that read stage align's export (the others read the teacher alone, or nothing)
+NEEDS_ALIGN = ("ga_s2", "halving", "proxy", "ppl", "mse")
+
+
+def check_select_against_teacher(cfg: RunConfig, teacher_config, tokenizer) -> list[int]:
+    """What stage select checks against the teacher before any model is built, and the Slurm launcher before align
+    runs (``ds_hybrid.launch``): the rows its method reads fit the teacher's context (the probes' seq_len,
+    retrieval's rows, ar's longest prompt), keep_global's teacher has sliding-window layers, ``select.reference``
+    ranks this teacher's layer count, and the K asked for. Returns the Ks."""
+    sc = cfg.select
+    L = teacher_config.num_hidden_layers
+    if sc.method == "retrieval":
+        check_context("select.retrieval_seq_len", sc.retrieval_seq_len, teacher_config)
+    elif sc.method in ("ga_s2", "halving", "proxy", "ppl"):
+        check_context("select.probe.seq_len", probe_stage_config(cfg, Path()).seq_len, teacher_config)
+    elif sc.method in ("ar", "ar_multihop"):  # the longest prompt of the ones the scorer will make
+        from ds_hybrid.recall_tasks import make_prompts
+
+        longest = max(len(tokenizer(p.text + p.answer, add_special_tokens=False)["input_ids"])
+                      for p in make_prompts(sc.ar_prompts, seed=sc.ar_seed, pairs=sc.ar_pairs,
+                                            multihop=sc.method == "ar_multihop"))
+        context = trained_context(teacher_config)
+        if context and longest > context:
+            raise ConfigError("select.ar_pairs", sc.ar_pairs, f"makes prompts of up to {longest} tokens, longer than "
+                              f"the teacher's context ({context}): use fewer pairs (about "
+                              f"{max(3, sc.ar_pairs * context // longest)})")
+    elif sc.method == "keep_global":
+        keep_global_ranking(teacher_layer_types(teacher_config))  # (refuses a teacher of global layers only)
+    if sc.reference is not None:
+        ref = read_selection(sc.reference, "select.reference")
+        if ref.get("num_layers") != L:
+            raise ConfigError("select.reference", sc.reference, f"ranks {ref.get('num_layers')} layers, this teacher "
+                              f"has {L}: compare selections of the same teacher")
+    return check_ks(cfg, L)
+
+
 def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
     from ds_hybrid.stages.common import check_env_knobs
 
@@ -173,32 +209,12 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)
     L = teacher_config.num_hidden_layers
-    # the rows the method reads, checked before any model is built
-    if sc.method == "retrieval":
-        check_context("select.retrieval_seq_len", sc.retrieval_seq_len, teacher_config)
-    elif sc.method in ("ga_s2", "halving", "proxy", "ppl"):
-        check_context("select.probe.seq_len", probe_stage_config(cfg, Path()).seq_len, teacher_config)
-    elif sc.method in ("ar", "ar_multihop"):  # the longest prompt of the ones the scorer will make
-        from ds_hybrid.recall_tasks import make_prompts
-
-        longest = max(len(tokenizer(p.text + p.answer, add_special_tokens=False)["input_ids"])
-                      for p in make_prompts(sc.ar_prompts, seed=sc.ar_seed, pairs=sc.ar_pairs,
-                                            multihop=sc.method == "ar_multihop"))
-        context = trained_context(teacher_config)
-        if context and longest > context:
-            raise ConfigError("select.ar_pairs", sc.ar_pairs, f"makes prompts of up to {longest} tokens, longer than "
-                              f"the teacher's context ({context}): use fewer pairs (about "
-                              f"{max(3, sc.ar_pairs * context // longest)})")
-    ks = check_ks(cfg, L)
+    ks = check_select_against_teacher(cfg, teacher_config, tokenizer)  # (before any model is built)
     align_dir = cfg.stage_dir("align") / "hf"
-    needs_align = sc.method in ("ga_s2", "halving", "proxy", "ppl", "mse")
-    if needs_align and not (align_dir / "config.json").is_file():
+    if sc.method in NEEDS_ALIGN and not (align_dir / "config.json").is_file():
         raise ConfigError("select.method", sc.method, f"needs the align export {align_dir}: run stage align first")
     if sc.reference is not None:
         ref = read_selection(sc.reference, "select.reference")
-        if ref.get("num_layers") != L:
-            raise ConfigError("select.reference", sc.reference, f"ranks {ref.get('num_layers')} layers, this teacher "
-                              f"has {L}: compare selections of the same teacher")
         want, have = D.main_reads(lambda: recorded_vs_now(ref.get("teacher", {}), teacher_path))
         if want is not None and want != have and D.is_main():  # (allowed: e.g. a base model against its instruct)
             log.warning("select.reference %s was computed for teacher %s, this run's is %s: its agreement compares "
@@ -288,7 +304,7 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
                         "that kept all of them found more needles at the same KL (docs/SELECT.md): select.method "
                         "keep_global or retrieval keeps them", sc.method, ", ".join(left),
                         sorted({l for v in left.values() for l in v}))
-    if needs_align:
+    if sc.method in NEEDS_ALIGN:
         selection["align"] = folder_identity(align_dir) if D.is_main() else None
     selection["settings"] = selection_settings(cfg)
     selection["config_hash"] = _config_hash(cfg)

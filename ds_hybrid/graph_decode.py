@@ -12,8 +12,10 @@ token, the positions and the attention mask.
 What is supported:
 - models: a ds_hybrid ``HybridForCausalLM`` (softmax + linear layers, any K including 0) and the HF causal LMs of
   the supported families, sliding-window layers included (Gemma 3, Mistral, Qwen2: such a layer's static KV is a
-  ring of its window, so a step reads the window, not max_len; with attention other than sdpa or eager it holds
-  max_len positions and the mask applies the window, as a global layer's memory and reads);
+  ring of its window, so a step reads the window, not max_len; with sdpa and eager mixed, or DS_HYBRID_STATIC_RINGS=0,
+  it holds max_len positions and the mask applies the window, as a global layer's memory and reads); attention
+  through sdpa or eager only (flash attention takes the static mask, all ones past the prompt, as none, and would
+  attend to unwritten slots: refused, naming attn_implementation);
 - greedy only, exactly ``max_new_tokens`` tokens per row (no stop at EOS: cut the output afterwards);
 - batch sizes: exact. One static cache, buffer set and graph per batch size met, kept for the next call with that
   batch size (memory: one cache of [B, max_len] per batch size used); ``generate_static`` (``generate(...,
@@ -41,6 +43,8 @@ checked equal on CPU, and ``bench/graph_decode_check.py --compile`` reports wher
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -77,6 +81,10 @@ def attention_implementations(model) -> set[str]:
     """The attention implementations the model's (sub-)configs name."""
     impls = {getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")}
     return {i for i in impls if i is not None}
+
+
+#: the attention implementations the static step supports (each reads the static cache's 2-D or 4-D mask)
+STATIC_ATTENTION = frozenset({"sdpa", "eager"})
 
 
 def ring_mask_format(model) -> str | None:
@@ -175,8 +183,11 @@ COMPILED_STEPS_LIMIT = 64
 def weights_key(model: torch.nn.Module) -> int:
     """Where and how the model's weights are held (each parameter's device, dtype and storage address): a decoder's
     static buffers and captured graphs are for one such layout; ``.to()``, ``.half()``, fusing projections or
-    ``load_state_dict(assign=True)`` make another (an in-place load keeps it, and the graphs read the new values)."""
-    return hash(tuple((p.device, p.dtype, p.data_ptr()) for p in model.parameters()))
+    ``load_state_dict(assign=True)`` make another (an in-place load keeps it, and the graphs read the new values).
+    Buffers too: a ``.to()`` that leaves bf16 weights where they are may still move the RoPE frequencies (and Gemma's
+    embedding scale), which a captured graph reads."""
+    return hash(tuple((t.device, t.dtype, t.data_ptr())
+                      for t in itertools.chain(model.parameters(), model.buffers())))
 
 
 class GraphDecoder:
@@ -188,6 +199,12 @@ class GraphDecoder:
             raise ConfigError("max_len", max_len, "give the largest prompt + new-token count to serve, at least 2")
         if warmup_steps < 1:
             raise ConfigError("warmup_steps", warmup_steps, "use at least 1 eager step before a capture")
+        other = sorted(attention_implementations(model) - STATIC_ATTENTION)
+        if other:  # (flash attention takes the 2-D mask, all ones past the prompt, as "no mask", and attends to the
+            # static cache's unwritten slots: every softmax layer's output diluted by zero keys, tokens wrong)
+            raise ConfigError("attn_implementation", other[0], "the static cache decodes through sdpa or eager "
+                              "attention, which read its mask of the positions written so far: load the model with "
+                              "attn_implementation='sdpa' (or 'eager')")
         self.model = model
         self.max_len = max_len
         self.weights = weights_key(model)
@@ -324,6 +341,12 @@ class GraphDecoder:
         """The static cache of a batch size (after a prefill at that size)."""
         return self._slots[batch].cache
 
+    def release(self) -> None:
+        """Let go of every batch size's cache, buffers and graph now, and of the bound steps through which the
+        decoder refers to itself (else freed only at a collection); the decoder is not used after."""
+        self._slots.clear()
+        self._forward = self._logits = None
+
     @property
     def batch_sizes(self) -> list[int]:
         """The batch sizes this decoder holds a static cache (and graphs) for."""
@@ -384,8 +407,10 @@ class GraphDecoder:
                 out.append(slot.tokens.clone())
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the step's kernels; nothing runs, so no state advances
-            self._step(slot)
+        # on the model's device (cuda:N where the current device is another: a capture stream of the current device
+        # records none of the step's kernels, which run eagerly, and every replay would do nothing)
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+            self._step(slot)  # records the step's kernels; nothing runs, so no state advances
         slot.graph = graph
         return out
 
@@ -464,12 +489,22 @@ def generate_static(model, inputs: torch.Tensor | None, generation_config, **kwa
     decoder = getattr(model, "_graph_decoder", None)
     # reuse a long enough one (and its graphs) made for these weights where they are now, else replace it
     if decoder is None or decoder.max_len < T + max_new or decoder.weights != weights_key(model):
+        if decoder is not None:  # its caches and graph pool go before the new ones are made (it refers to itself
+            # through its bound step, so dropping it frees nothing until a collection)
+            model.__dict__.pop("_graph_decoder", None)
+            decoder.release()
+            del decoder
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         decoder = GraphDecoder(model, max_len=need, cuda_graphs=True)
         object.__setattr__(model, "_graph_decoder", decoder)
         if not decoder.uses_graphs:
             warnings.warn("cuda_graphs: the model is not on a CUDA device; the static-cache step runs eagerly (same "
                           "tokens, no speed-up)", stacklevel=2)
     mask = kwargs.get("attention_mask")
+    if mask is None and pad is not None and not (eos_ids and int(pad) in eos_ids) and bool((input_ids == pad).any()):
+        mask = (input_ids != pad).long()  # (as generate infers it: pads present, the pad token not an EOS)
     B = input_ids.shape[0]
     # a batch smaller than one the decoder already holds runs in that one's cache, its last row repeated and the
     # repeats dropped (rows decode independently): a caller whose batches end in a remainder (lm-eval, one per task

@@ -59,6 +59,9 @@ def test_tied_embeddings_are_read_whole_and_windows_cap_the_keys():
     n_full = types.count("full_attention")
     per_token = 2 * gemma.config.num_key_value_heads * gemma.config.head_dim * 2
     assert long.kv_cache - short.kv_cache == n_full * 3 * window * per_token  # only the global layers grow
+    # a static cache that holds the sliding layers at full length (no rings): every layer reads every key
+    full = decode_step_bytes(gemma, 1, 4 * window, windowed=False)
+    assert full.kv_cache == len(types) * 4 * window * per_token
 
 
 def test_a_window_without_layer_types_slides_in_every_layer_as_its_cache_does():

@@ -426,6 +426,12 @@ def test_graphs_are_refused_where_eager_masks_would_come_from_transformers(monke
     assert attention_implementations(llama) == {"eager", "sdpa"} and not eager_masks_made_here(llama)
     why = eager_graph_refusal(llama, compile=False)
     assert why and "['eager', 'sdpa']" in why and eager_graph_refusal(llama, compile=True) is None
+    # flash attention takes the static cache's 2-D mask (all ones past the prompt) as none and would attend to the
+    # cache's unwritten slots: refused by name, with or without graphs
+    attn.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match=r"^attn_implementation='flash_attention_2': the static cache decodes "
+                                          r"through sdpa or eager"):
+        GraphDecoder(llama, max_len=24)
 
 
 def test_graphs_refused_where_triton_interprets_the_linear_layers(teacher, monkeypatch):
@@ -548,8 +554,42 @@ def test_a_kept_decoder_is_rebuilt_after_the_weights_move(teacher):
             ref = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(prompt, max_new_tokens=6, cuda_graphs=True, pad_token_id=0), ref)
         assert model._graph_decoder is not kept
+        assert kept.batch_sizes == []  # (released before the new one was made, not left to a collection)
     finally:
         model.to(torch.float32)
+
+
+def test_the_weights_key_covers_buffers(teacher):
+    """A .to() that leaves the weights where they are may still move a buffer (RoPE's frequencies) that a captured
+    graph reads: a kept decoder must not be reused then."""
+    from ds_hybrid.graph_decode import weights_key
+
+    name, buf = next((n, b) for n, b in teacher.named_buffers())
+    owner = teacher.get_submodule(name.rpartition(".")[0])
+    before = weights_key(teacher)
+    setattr(owner, name.rpartition(".")[2], buf.clone())
+    try:
+        assert weights_key(teacher) != before
+    finally:
+        setattr(owner, name.rpartition(".")[2], buf)
+    assert weights_key(teacher) == before
+
+
+@pytest.mark.parametrize("kind", ["teacher", "gdn"])
+def test_generate_with_cuda_graphs_infers_the_padding_mask_as_generate_does(teacher, kind):
+    """Left-padded ids with a pad_token_id and no attention_mask: generate infers the mask from the pads; the static
+    path read the pads as tokens (attended to, written into the linear layers' state)."""
+    model = model_of(teacher, kind)
+    model.generation_config.eos_token_id = None
+    prompt = ids(3, 9, seed=4).clamp(min=1)
+    prompt[1, :3] = 0
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        unpadded = model.generate(prompt[1:2, 3:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref[1, 3:], unpadded[0])  # (generate did infer it)
+    from ds_hybrid.graph_decode import generate_static
+
+    assert torch.equal(generate_static(model, prompt, model.generation_config, max_new_tokens=6, pad_token_id=0), ref)
 
 
 def test_finish_at_eos_pads_after_eos_and_stops_when_every_row_ended():

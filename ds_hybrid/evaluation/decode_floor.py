@@ -56,9 +56,11 @@ def _is_linear_mixer(attn: nn.Module) -> bool:
     return isinstance(attn, LinearMixer)
 
 
-def decode_step_bytes(model: nn.Module, batch: int, context: int, dtype_bytes: int = 2) -> StepBytes:
+def decode_step_bytes(model: nn.Module, batch: int, context: int, dtype_bytes: int = 2,
+                      windowed: bool = True) -> StepBytes:
     """What one decode step of ``model`` (a teacher or a hybrid) moves at ``batch`` sequences of ``context`` tokens,
-    with weights and KV cache in ``dtype_bytes`` per element (2: bf16)."""
+    with weights and KV cache in ``dtype_bytes`` per element (2: bf16). ``windowed=False``: sliding-window layers
+    read all ``context`` keys too (a static cache that holds them at full length, the window applied by the mask)."""
     if batch < 1 or context < 1:
         raise ValueError(f"batch and context must be >= 1 (got {batch}, {context})")
     cfg = model.config
@@ -83,7 +85,7 @@ def decode_step_bytes(model: nn.Module, batch: int, context: int, dtype_bytes: i
                 channels = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim  # k, v: grouped_kv's heads
                 state += 2 * batch * channels * (attn.options.conv_size - 1) * dtype_bytes
         else:
-            seen = min(context, window) if kind == "sliding_attention" and window else context
+            seen = min(context, window) if kind == "sliding_attention" and window and windowed else context
             kv += 2 * batch * kv_heads * head_dim * seen * dtype_bytes  # keys and values
     return StepBytes(weights=weights, kv_cache=kv, recurrent_state=state)
 

@@ -236,7 +236,10 @@ def bench_pair(
                             torch.cuda.empty_cache()
                     if "error" not in r:  # the bytes a step must move, and the bandwidth the measured step reached
                         keys = r.setdefault("decode_step_keys", c)
-                        step = decode_step_bytes(model, b, keys, next(model.parameters()).element_size()).total
+                        # (sliding layers held at full length read every key, masked: counted so)
+                        windowed = not r.get("static_full_kv_sliding_layers")
+                        step = decode_step_bytes(model, b, keys, next(model.parameters()).element_size(),
+                                                 windowed=windowed).total
                         r["decode_step_gb"] = step / 1e9
                         r["decode_gb_per_s"] = step * r["decode_tokens_per_s"] / b / 1e9
                     r["model"], r["mode"] = name, mode

@@ -467,10 +467,10 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
     if stale:
         log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
                  "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
-    # a teacher named now where the earlier run had none (or could not reach it): the kept models of its tokenizer
-    # and vocabulary get their KL to it (their held-out quality computed again)
+    # a teacher named now where the earlier run had none: the kept models of its tokenizer and vocabulary get their
+    # KL to it (their held-out quality computed again); where it had one, a model without a KL had none to take
     kl_now: set[str] = set()
-    if "teacher" in models and settings["heldout"] is not None:
+    if "teacher" in models and "teacher" not in old.get("models", {}) and settings["heldout"] is not None:
         held = old.get("heldout_quality", {})
         lack = [n for n, rec in old.get("models", {}).items()
                 if n != "teacher" and n in models and n in held and "kl_to_teacher" not in held[n]]

@@ -23,6 +23,7 @@ if [ "$1 $2 $3" = "-m ds_hybrid.cli eval" ]; then  # the evaluation: a complete 
   echo eval >> "$OUT/stages.log"; echo "$*" >> "$OUT/eval_args.log"; mkdir -p "$OUT/eval"
   echo '{"complete": true}' > "$OUT/eval/eval.json"; exit 0
 fi
+echo "$*" >> "$OUT/train_args.log"
 while [ $# -gt 0 ]; do [ "$1" = --stage ] && stage=$2; shift; done
 echo "$stage" >> "$OUT/stages.log"
 trap 'echo "$stage" >> "$OUT/stage_warned.log"' USR1  # past its last step the trainer only notes it
@@ -224,3 +225,15 @@ def test_a_stage_stopped_by_a_signal_says_it_checkpointed_and_how_to_resume(tmp_
     assert "stage kl stopped on a signal (exit 143) after checkpointing; resubmit this script with the same " \
         "arguments to resume it" in p.stdout
     assert "failed" not in p.stdout
+
+
+def test_a_select_array_task_gets_its_place_from_0_whatever_the_arrays_first_id_and_step(tmp_path):
+    """sbatch --array=1-4 (or 0-6:2) of the select stage: the raw task id was passed as select.task_index, so task 4
+    of 1-4 was out of range and share 0 ran in no task (no selection ever written)."""
+    for first, step, task, count, want in (("1", "1", "4", "4", 3), ("0", "2", "6", "4", 3), ("0", "1", "0", "2", 0)):
+        out = tmp_path / f"a{first}{step}{task}"
+        p, out = run_launcher(out, None, "STAGES=select", SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID=task,
+                              SLURM_ARRAY_TASK_MIN=first, SLURM_ARRAY_TASK_STEP=step, SLURM_ARRAY_TASK_COUNT=count)
+        assert p.returncode == 0, p.stdout + p.stderr
+        args = (out / "train_args.log").read_text()
+        assert f"select.task_index={want} select.num_tasks={count}" in args, args

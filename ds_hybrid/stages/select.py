@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,16 @@ def plot_selection(selection: dict, path: Path, k: int) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xticks(range(0, L, max(1, L // 15)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # written whole, then renamed: the tasks of a job array that finish together each write it, and one reads it
+    # back for TensorBoard (a png read half-written failed that task, and with it the array's afterok follow-up)
+    path = Path(path)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        fig.savefig(part, dpi=120, format="png")
+        os.replace(part, path)
+    finally:
+        plt.close(fig)
+        part.unlink(missing_ok=True)
 
 
 def selection_target(cfg: RunConfig) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         array = os.environ.get("SELECT_ARRAY") or "0"
         if not re.fullmatch("[0-9]+", array):
             raise ConfigError("SELECT_ARRAY", array, "the number of probe tasks: 0 (none) or more")
-        try:
-            eval_args = shlex.split(os.environ.get("EVAL_ARGS", ""))
-        except ValueError as e:
-            raise ConfigError("EVAL_ARGS", os.environ.get("EVAL_ARGS"), f"{e}: close its quotes") from None
+        raw = os.environ.get("EVAL_ARGS", "")
+        if any(c in raw for c in "'\"\\*?[$`"):  # (the launcher passes it split at spaces, no quoting: a quoted
+            # path with a space was one word here and two words to eval)
+            raise ConfigError("EVAL_ARGS", raw, "the launcher splits it at spaces, with no quoting, escapes or "
+                              "globs: give options and paths without quotes, spaces, backslashes or * ? [ $ `")
+        eval_args = raw.split()
         stages = [s for s in argv[1].split(",") if s]
         if not stages:
             raise ConfigError("STAGES", argv[1], f"name the stages to run, comma-separated (of {', '.join(STAGES)})")

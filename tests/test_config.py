@@ -707,6 +707,9 @@ def test_the_launch_check_leaves_an_eval_that_cannot_fit_out_of_the_default_stag
     monkeypatch.setenv("LAUNCH_RANKS", "1")
     monkeypatch.setenv("EVAL_ARGS", '--haystack "/x')
     assert launch.main(args) == 2 and "EVAL_ARGS=" in capsys.readouterr().err
+    # a quoted path with a space: one word to a shell-like split, two to the launcher's (it splits at spaces)
+    monkeypatch.setenv("EVAL_ARGS", '--haystack "/data/my essays"')
+    assert launch.main(args) == 2 and "the launcher splits it at spaces, with no quoting" in capsys.readouterr().err
     monkeypatch.delenv("EVAL_ARGS")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "eval.json").write_text("[]")  # (not what eval writes: not done, no traceback)

@@ -825,11 +825,12 @@ def test_a_copy_of_a_document_held_out_by_a_later_unit_or_another_source_is_left
 
     waves = []
 
-    def in_process(jobs, num_proc):  # (the waves two workers get, run here: spawning workers is other tests' part)
+    def in_process(jobs, num_proc, leave_signals=False):  # (the waves two workers get, run here: spawning
+        # workers is other tests' part)
         waves.append(sorted((j[0].source, j[0].index) for j in jobs))
         return [tokencache._claim_and_tokenize(j) for j in jobs]
 
-    def first_unit_then_killed(jobs, num_proc):
+    def first_unit_then_killed(jobs, num_proc, leave_signals=False):
         in_process(jobs[:1], 1)
         raise KeyboardInterrupt
 

@@ -590,8 +590,10 @@ def test_a_signal_outside_the_steps_stops_the_stage_where_nothing_is_unsaved(tmp
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads((tmp_path / "code.json").read_text()), p.stdout + p.stderr
 
-    code, said = run("setup")
-    assert code == 128 + signal.SIGUSR1 and "stopped align before building its models on a signal" in said
+    code, said = run("setup")  # (here the signal comes before the token cache's build: it stops there, before
+    # tokenizing; one that came after the build would stop the stage before its models are built)
+    assert code == 128 + signal.SIGUSR1 and re.search(r"stopped align's token cache build on a signal|stopped align "
+                                                       r"before building its models on a signal", said), said[-3000:]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     code, said = run("final")
     assert code == 128 + signal.SIGUSR1, said[-3000:]

@@ -237,8 +237,8 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
             if (d is None or st is None) and p["scores"][m]:  # (a model with no recall scores has no samples: a
                 # samples file beside it is an earlier evaluation's in a reused folder)
                 samples = _samples(src, m)
-                counts = (p.get("prompts") or {}).get(m)
-                if samples and counts and recall.sample_counts(samples) != counts:  # (a file cut at a line's end)
+                scored = (p.get("prompts") or {}).get(m)
+                if samples and scored and recall.sample_counts(samples) != scored:  # (a file cut at a line's end)
                     print(f"eval-merge: {src.parent}'s samples of {m} do not hold every prompt its scores count (a "
                           "file cut short?): its prompts are not compared, no strict score is computed from it",
                           file=sys.stderr)

@@ -381,7 +381,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         if name not in info:
             recall_of(name, path, model, tok, local)
             # the static decoder's caches and graphs go before the held-out pass (the teacher may sit beside it)
-            if model.__dict__.pop("_graph_decoder", None) is not None:
+            if (decoder := model.__dict__.pop("_graph_decoder", None)) is not None:
+                decoder.release()  # (GraphDecoder.release: what generate_static does before a replacement)
+                del decoder
                 gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()

@@ -229,8 +229,8 @@ def bench_pair(
                         r["static_full_kv_sliding_layers"] = decoder.full_kv_sliding_layers
                         r["decode_step_keys"] = decoder.cache_len  # (its attention reads the whole static cache,
                         # masked: cache_len keys, the context and decode rounded up, not the context alone)
-                        del decoder  # (it refers to itself, through its bound step: its caches and graph pool go at
-                        # a collection, before the next, larger row is measured, not when Python next gets to it)
+                        decoder.release()  # (its caches and graph pool go now, before the next, larger row is
+                        del decoder       # measured: it refers to itself through its bound step until released)
                         gc.collect()
                         if dev.type == "cuda":
                             torch.cuda.empty_cache()

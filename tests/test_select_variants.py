@@ -924,3 +924,25 @@ def test_a_selection_is_not_made_from_probes_whose_folder_or_align_changed_since
                        r"the align export changed while the probes ran"):
         _ga_s2(cfg, out, 2, align, False, s, ident, *task_slot(cfg))
     assert len(read) == 3  # (the scores were read: the check is the one after them)
+
+
+@pytest.mark.parametrize("method", ["ar", "proxy"])
+def test_scorers_that_load_models_whole_refuse_a_gpu_their_weights_do_not_fit(method):
+    import torch
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.modeling import HybridForCausalLM
+    from ds_hybrid.stages.scorers import WHOLE_MODEL_FRACTION, check_whole_models_fit
+    from ds_hybrid.transfer import hybrid_config
+
+    tc = tiny_config("llama")
+    cfg = load_config(None, [f"select.method={method}"])
+    teacher = sum(p.numel() for p in AutoModelForCausalLM.from_config(tc).parameters())
+    student = sum(p.numel() for p in HybridForCausalLM(hybrid_config(tc, [], cfg.mixer, cfg.mixer_options)).parameters())
+    want = 2 * (teacher + (student if method == "proxy" else 0))  # bf16; proxy holds the align export beside it
+    assert check_whole_models_fit(cfg, tc, torch.bfloat16, int(want / WHOLE_MODEL_FRACTION) + 1) == want
+    assert check_whole_models_fit(cfg, tc, torch.float32, 10**9) == 2 * want
+    with pytest.raises(ConfigError, match=r"select\.method.*whole on every GPU.*ga_s2 or halving") as e:
+        check_whole_models_fit(cfg, tc, torch.bfloat16, int(want / WHOLE_MODEL_FRACTION) - 64)
+    assert ("align export" in str(e.value)) == (method == "proxy")

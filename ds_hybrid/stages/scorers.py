@@ -32,6 +32,31 @@ def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int, shard: bool 
     return [val[[i]] for i in range(D.rank() if shard else 0, len(val), step)]
 
 
+#: the share of a GPU's free memory the scorers that load models whole may fill with weights (the rest: the rows'
+#: activations, the chunked KL's logits, the CUDA context's growth)
+WHOLE_MODEL_FRACTION = 0.85
+
+
+def check_whole_models_fit(cfg: RunConfig, teacher_config, dtype: torch.dtype, free_bytes: int) -> int:
+    """The proxy, ppl, ar, ar_multihop and retrieval scorers load the teacher (proxy and ppl: and the align export
+    beside it) whole on every rank: refuse, before either is built, weights that would not fit ``free_bytes`` of one
+    GPU, naming the methods that shard the teacher instead. Returns the weights' bytes."""
+    from ds_hybrid.plan import GIB, count_models
+
+    counts = count_models(teacher_config, cfg, "kl", [])  # the teacher and the all-linear align export (meta device)
+    with_student = cfg.select.method in ("proxy", "ppl")
+    n = counts.teacher + (counts.student if with_student else 0)
+    need = n * torch.empty((), dtype=dtype).element_size()
+    if need > WHOLE_MODEL_FRACTION * free_bytes:
+        what = "the teacher and the align export" if with_student else "the teacher"
+        raise ConfigError("select.method", cfg.select.method,
+                          f"loads {what} whole on every GPU: {need / GIB:.1f} GiB of weights at {str(dtype)[6:]}, "
+                          f"more than {WHOLE_MODEL_FRACTION:.0%} of the {free_bytes / GIB:.1f} GiB free on this one; "
+                          "use select.method=ga_s2 or halving (their probes shard the teacher with ZeRO-3), uniform "
+                          "or smart (no model), or GPUs with more memory")
+    return need
+
+
 def _sum_reduce(t: torch.Tensor) -> torch.Tensor:
     if D.world_size() > 1:
         torch.distributed.all_reduce(t)

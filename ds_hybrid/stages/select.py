@@ -43,7 +43,7 @@ runs probes ``i`` with ``i % num_tasks == task_index``; the task that finds ever
 selection. Halving splits each round's probes the same way; its tasks must run at the same time (each waits for
 the others' scores of a round before deciding the survivors), and task 0 writes the selection. The proxy, ppl and
 ar scorers load the teacher whole on every rank (each rank scores a share of the prompts / rows); use them up to
-models that fit one accelerator.
+models that fit one accelerator (a teacher that does not is refused before it is loaded: ``check_whole_models_fit``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selectio
                                  write_selection)
 from ds_hybrid.stages.probes import (DATA_FIELDS, check_ks, ga_s2, halving, probe_stage_config, task_held,
                                     task_slot)
-from ds_hybrid.stages.scorers import _held_out_rows, ar_scores, ppl_scores, proxy_scores, retrieval_scores
+from ds_hybrid.stages.scorers import (_held_out_rows, ar_scores, check_whole_models_fit, ppl_scores, proxy_scores,
+                                     retrieval_scores)
 
 log = logging.getLogger("ds_hybrid")
 
@@ -257,11 +258,14 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
         lower = False
         extra = {"tokens_spent": 0, "source": str(cfg.stage_dir("align") / "DONE")}
     else:
+        import torch
         from transformers import AutoModelForCausalLM
 
         from ds_hybrid.stages.common import run_dtype
 
         dtype, dev = run_dtype(cfg), D.device()
+        if dev.type == "cuda":  # (before either model is built: one that cannot fit is said, not an OOM mid-load)
+            check_whole_models_fit(cfg, teacher_config, dtype, torch.cuda.mem_get_info(dev)[0])
         # retrieval reads the attention weights: eager attention (the others keep the fast default)
         attn = {"attn_implementation": "eager"} if sc.method == "retrieval" else {}
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **attn).to(dev).eval()

@@ -474,6 +474,24 @@ def test_graph_replay_equals_eager_static_on_cuda(teacher, kind, compiled):
     assert torch.equal(graphs.generate(prompt, max_new_tokens=16), eager)  # replay only, second call
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a model on a second GPU needs two")
+@pytest.mark.parametrize("kind", ["teacher", "gdn"])
+def test_graphs_capture_a_model_on_a_gpu_other_than_the_current_one(teacher, kind):
+    """A model on cuda:1 while cuda:0 is current (an eval's --device cuda:1, a second model of a bench): its graphs
+    are captured on its own device and stream (captured from the current device's, they recorded nothing)."""
+    model = copy.deepcopy(model_of(teacher, kind)).to("cuda:1")
+    if interpreter_graph_refusal(model):
+        pytest.skip("TRITON_INTERPRET on: run with TRITON_INTERPRET=0 to capture a hybrid")
+    torch.cuda.set_device(0)
+    prompt = ids(4, 13, seed=5).to("cuda:1")
+    eager = GraphDecoder(model, max_len=40).generate(prompt, max_new_tokens=16)
+    graphs = GraphDecoder(model, max_len=40, cuda_graphs=True)
+    assert graphs.uses_graphs and torch.cuda.current_device() == 0
+    for _ in range(2):  # the capturing call, then replay only
+        assert torch.equal(graphs.generate(prompt, max_new_tokens=16), eager)
+    assert graphs._slots[4].graph is not None and torch.cuda.current_device() == 0
+
+
 @pytest.mark.parametrize("kind", ["gdn", "gla_k0"])
 def test_generate_with_cuda_graphs_returns_what_generate_returns(teacher, kind):
     """model.generate(cuda_graphs=True) (argument or generation-config attribute): the same ids as greedy generate,

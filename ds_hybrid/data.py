@@ -294,8 +294,12 @@ def pin_hub_commit(cfg: RunConfig) -> None:
             log.warning("data: %s (configuration %s) at %s is commit %s; this run's earlier stages read other data "
                         "settings (%s): from now on this commit", d.source, d.hub_config,
                         d.revision or "the default branch", commit[:12], pin.read_text().strip()[:300])
-        pin.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(pin, json.dumps({**_hub_pin_key(d), "commit": commit}, indent=1))
+        try:
+            pin.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(pin, json.dumps({**_hub_pin_key(d), "commit": commit}, indent=1))
+        except OSError as e:
+            raise ConfigError("out_dir", cfg.out_dir, f"the hub dataset's commit cannot be recorded in {pin} "
+                              f"({e.strerror or e}): make out_dir a writable folder") from None
         return commit
 
     commit = _on_main(resolve)  # (every rank calls it, hub source or not: one decision, the main rank's)
@@ -353,8 +357,13 @@ def _hub_units(name: str, text_field: str, config: str | None = None, revision: 
                               f"({type(e).__name__}: {str(e)[:200]})") from None
         n = max(1, int(getattr(ds, "n_shards", 1) or 1))
         if kept is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(kept, json.dumps({"name": name, "config": config, "commit": commit, "n_shards": n}))
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(kept, json.dumps({"name": name, "config": config, "commit": commit,
+                                                    "n_shards": n}))
+            except OSError as e:
+                raise ConfigError("data.cache_dir", str(root), f"the hub dataset's shard listing cannot be kept in "
+                                  f"{kept} ({e.strerror or e}): set data.cache_dir to a writable folder") from None
         return commit, n
 
     commit, n = _on_main(listing)
@@ -459,7 +468,8 @@ def prepare_streams(cfg: DataConfig, tokenizer, is_main: bool = True, barrier: C
                         for s, rs in used.items()}}
     if meta["train_tokens"] + meta["val_tokens"] == 0:  # (not a seq_len problem: there is no text to cut rows from)
         raise ConfigError("data.source", cfg.source if isinstance(cfg.source, str) else list(cfg.source),
-                          f"no text in its {sum(len(us) for us in units.values())} file(s) ({meta['documents']} "
+                          f"no text in its {sum(len(u.paths) or 1 for us in units.values() for u in us)} file(s) "
+                          f"({meta['documents']} "
                           f"documents, all empty; data.text_field={cfg.text_field!r}): point it at files of text, or "
                           "name the field that holds the text")
     commits = {u.revision for us in units.values() for u in us if u.revision}
@@ -570,7 +580,7 @@ def _reweighted(per: dict[str, np.ndarray], mixture: dict[str, float], seed: int
         want = int(round(w * len(v)))
         if want == 0 and w > 0 and len(v):  # (a source asked for, silently gone: a weight of 0 is how to leave it out)
             raise ConfigError(f"data.mixture.{s}", mixture[s], f"gives 0 of the source's {len(v)} rows at this "
-                              f"seq_len (weight x rows rounds to 0): raise it to at least {0.5 / len(v):.3g}, or set "
+                              f"seq_len (weight x rows rounds to 0): raise it to at least {1 / len(v):.3g}, or set "
                               "0 to leave the source out")
         if want == 0 or len(v) == 0:
             out[s] = v[:0]

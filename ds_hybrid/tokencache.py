@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,44 +87,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---- reading documents ------------------------------------------------------------------------------------------
 def iter_documents(unit: Unit) -> Iterator[str]:
-    """The unit's documents, streamed (a batch of rows at a time, never the whole file)."""
-    if unit.kind == "text":
-        for p in unit.paths:
-            # (UTF-8 whatever the locale: the tokens must not depend on the machine, and the cache key cannot see it)
-            with (gzip.open(p, "rt", encoding="utf-8", errors="replace") if p.endswith(".gz")
-                  else open(p, encoding="utf-8", errors="replace")) as f:
-                yield from text_documents(f)
-    elif unit.kind == "docs":
-        for p in unit.paths:
-            with gzip.open(p, "rt", encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-    elif unit.kind in ("jsonl", "json"):
-        for p in unit.paths:
-            opener = gzip.open if p.endswith(".gz") else open
-            with opener(p, "rt", encoding="utf-8") as f:
-                head = f.read(1)
-                while head and head.isspace():
-                    head = f.read(1)
-                if head == "[":  # one JSON array: it has to be parsed whole
-                    for i, row in enumerate(_json(head + f.read(), p)):
-                        yield _field(row, unit.text_field, f"{p} (item {i})")
-                    continue
-                lines = itertools.chain([head + f.readline()] if head else [], f)
-                for n, line in enumerate(lines, 1):
-                    if line.strip():
-                        yield _field(_json(line, p, n), unit.text_field, f"{p}:{n}")
-    elif unit.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        for p in unit.paths:
-            pf = pq.ParquetFile(p)
-            if unit.text_field not in pf.schema_arrow.names:
-                raise ConfigError("data.text_field", unit.text_field, f"no such column in {p}; it has "
-                                  f"{pf.schema_arrow.names}")
-            for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[unit.text_field]):
-                yield from (t or "" for t in batch.column(0).to_pylist())
-    elif unit.kind == "hub":
+    """The unit's documents, streamed (a batch of rows at a time, never the whole file). A file that cannot be read
+    as its kind (not UTF-8, a compressed file cut short or not compressed at all) is a ConfigError naming it."""
+    if unit.kind == "hub":
         import datasets
 
         name, config, split, shard, n_shards = unit.hub[:5]
@@ -134,8 +100,65 @@ def iter_documents(unit: Unit) -> Iterator[str]:
             ds = ds.shard(num_shards=n_shards, index=shard)
         for row in ds:
             yield _field(row, unit.text_field, name)
-    else:
+        return
+    if unit.kind not in ("text", "docs", "jsonl", "json", "parquet"):
         raise ValueError(f"unknown unit kind {unit.kind!r}")
+    for p in unit.paths:
+        try:
+            yield from _file_documents(unit, p)
+        except UnicodeDecodeError as e:
+            raise ConfigError("data.source", p, f"is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it "
+                              "as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ConfigError("data.source", p, f"cannot be decompressed ({type(e).__name__}: {e}): a file cut "
+                              "short (an interrupted download?) or not gzip despite its name; fix or remove it") \
+                from None
+
+
+def _is_gz(path: str) -> bool:
+    return path.lower().endswith(".gz")  # (as the kind is read from the name: BOOK.TXT.GZ is compressed text)
+
+
+def _file_documents(unit: Unit, p: str) -> Iterator[str]:
+    if unit.kind == "text":
+        # (UTF-8 whatever the locale: the tokens must not depend on the machine, and the cache key cannot see it)
+        with (gzip.open(p, "rt", encoding="utf-8", errors="replace") if _is_gz(p)
+              else open(p, encoding="utf-8", errors="replace")) as f:
+            yield from text_documents(f)
+    elif unit.kind == "docs":
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+    elif unit.kind in ("jsonl", "json"):
+        opener = gzip.open if _is_gz(p) else open
+        # utf-8-sig: a byte-order mark (Excel's and pandas' utf-8-sig exports) is not part of the first record
+        with opener(p, "rt", encoding="utf-8-sig") as f:
+            head = f.read(1)
+            while head and head.isspace():
+                head = f.read(1)
+            if head == "[":  # one JSON array: it has to be parsed whole
+                for i, row in enumerate(_json(head + f.read(), p)):
+                    yield _field(row, unit.text_field, f"{p} (item {i})")
+                return
+            lines = itertools.chain([head + f.readline()] if head else [], f)
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    yield _field(_json(line, p, n, one_object=head == "{" and n == 1), unit.text_field, f"{p}:{n}")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(p)
+        if unit.text_field not in pf.schema_arrow.names:
+            raise ConfigError("data.text_field", unit.text_field, f"no such column in {p}; it has "
+                              f"{pf.schema_arrow.names}")
+        kind = pf.schema_arrow.field(unit.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+                or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+            raise ConfigError("data.text_field", unit.text_field, f"{p}: the column is of type {kind}, not text (a "
+                              "chat's message list, a number): name a column that holds the document's text")
+        for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[unit.text_field]):
+            yield from (t or "" for t in batch.column(0).to_pylist())
 
 
 def text_documents(f, limit: int = TEXT_DOCUMENT_CHARS) -> Iterator[str]:
@@ -161,12 +184,18 @@ def text_documents(f, limit: int = TEXT_DOCUMENT_CHARS) -> Iterator[str]:
         yield buf
 
 
-def _json(text: str, path: str, line: int | None = None):
-    """A JSON document or line of a corpus file, or a ConfigError naming the file and line (a truncated download)."""
+def _json(text: str, path: str, line: int | None = None, one_object: bool = False):
+    """A JSON document or line of a corpus file, or a ConfigError naming the file and line (a truncated download;
+    ``one_object``: line 1 of a file that starts with '{', which may be one JSON object over many lines)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         where = f"{path}, line {line}" if line is not None else f"{path} ({e.msg} at line {e.lineno})"
+        if one_object:
+            raise ConfigError("data.source", path, f"{where} is not a complete JSON object ({e.msg}): the file is "
+                              "read as JSON Lines (one object a line) or a JSON list of objects; one JSON object "
+                              "spread over many lines (e.g. {\"data\": [...]}) is neither: write its records one a "
+                              "line, or cut short (an interrupted download?)") from None
         raise ConfigError("data.source", path, f"{where} is not valid JSON ({e.msg}): a file cut short (an "
                           "interrupted download?) or not JSON; fix or remove it") from None
 

@@ -449,6 +449,9 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                               stop=stop_building)
     train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
     val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
+    if len(train) == 0 and cfg.data.mixture and len(PackedSequences(streams.train, s.seq_len)):
+        raise ConfigError("data.mixture", dict(cfg.data.mixture), f"leaves no training rows at {stage}.seq_len "
+                          f"{s.seq_len}: the sources that have rows are all weighted 0; give one of them a weight")
     if len(train) == 0 or len(val) == 0:
         cap = f", raise data.max_documents (now {cfg.data.max_documents})" if cfg.data.max_documents else ""
         fix = (f"shorten seq_len, add text to data.source{cap} or lower data.val_tokens (it holds whole documents out "

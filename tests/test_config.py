@@ -852,6 +852,13 @@ def test_a_corpus_too_small_for_training_rows_names_fixes_that_give_it_more(tmp_
     monkeypatch.setattr(trainer, "prepare_streams", streams(200, 20))
     with pytest.raises(ConfigError, match=r"gives 6 training and 0 held-out .* raise data\.val_tokens"):
         trainer.run_stage(load_config(None, base), "align")
+    # rows there, all of a source that data.mixture weights 0 (b, weighted, has no whole row): the mixture named
+    monkeypatch.setattr(trainer, "prepare_streams", lambda *a, **k: types.SimpleNamespace(
+        train=[("a", np.arange(200, dtype=np.int32)), ("b", np.arange(10, dtype=np.int32))],
+        val=[("a", np.arange(200, dtype=np.int32))], meta={"train_tokens": 210, "val_tokens": 200}))
+    with pytest.raises(ConfigError, match=r"^data\.mixture=\{'a': 0, 'b': 1\}: leaves no training rows at "
+                                          r"align\.seq_len 32"):
+        trainer.run_stage(load_config(None, [*base, "data.mixture={a: 0, b: 1}"]), "align")
 
 
 def test_attention_implementation_and_peak_tflops_are_checked_at_load():

@@ -179,6 +179,10 @@ def test_a_run_reads_one_commit_of_a_hub_dataset_in_every_stage_and_resume(tmp_p
     again = load_config(None, over + ["data.revision=main"])
     pin_hub_commit(again)
     assert again.data.revision == "b" * 40 and "is unreadable" in caplog.text
+    (tmp_path / "afile").write_text("")  # an out_dir that cannot be a folder: named as out_dir, not data.source
+    with pytest.raises(ConfigError, match=r"^out_dir='.*afile': the hub dataset's commit cannot be recorded in .* "
+                                          r"make out_dir a writable folder"):
+        pin_hub_commit(load_config(None, [f"out_dir={tmp_path / 'afile'}", *over[1:]]))
 
 
 def test_prepare_data_of_a_hub_run_pins_the_commit_it_tokenizes(tmp_path, fake_hub, monkeypatch):
@@ -515,8 +519,11 @@ def test_mixture_reweights_sources_and_evaluation_covers_every_source():
             load_config(None, [f"data.mixture={{x: {bad}, y: 1}}"])
     # a positive weight that rounds to no row is refused by name, not a source silently left out
     with pytest.raises(ConfigError, match=r"^data\.mixture\.b=0\.001: gives 0 of the source's 300 rows .*at least "
-                                          r"0\.00167"):
+                                          r"0\.00333"):
         PackedSequences(shards, 10, mixture={"b": 0.001}, seed=0)
+    for n in (1, 7, 300):  # the weight suggested gives a row (0.5 / rows, suggested until 2026-12-07, rounded to 0)
+        rows = [("a", np.arange(1000, dtype=np.uint16)), ("b", np.arange(10 * n, dtype=np.uint16))]
+        assert PackedSequences(rows, 10, mixture={"b": float(f"{1 / n:.3g}")}, seed=0).source_rows["b"] >= 1
 
 
 def test_sources_whose_held_out_share_is_shorter_than_a_row_are_warned_of(caplog, monkeypatch):
@@ -1149,6 +1156,77 @@ def test_malformed_corpus_files_are_named_with_their_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': .*a\.jsonl \(.* at line 1\) is not valid "
                                           r"JSON"):
         docs("array", '[{"text": "one"}, {"text"')
+
+
+def test_unreadable_corpus_files_are_named_and_bom_or_upper_case_gz_files_read(tmp_path):
+    """A Latin-1 JSONL, a .gz cut short, a .gz that is not gzip, a pretty-printed JSON object and a non-text parquet
+    column raised raw UnicodeDecodeError / EOFError / BadGzipFile / JSON / tokenizer errors naming no file; an
+    upper-case .GZ text file was read as its compressed bytes and trained on, a UTF-8-BOM JSONL refused."""
+    import gzip
+
+    def docs(name, filename, data: bytes):
+        d = tmp_path / name
+        d.mkdir()
+        (d / filename).write_bytes(data)
+        return list(iter_documents(units_for(data_cfg(d, tmp_path))[DATA_SOURCE][0]))
+
+    good = gzip.compress(b'{"text": "one"}\n{"text": "two"}\n')
+    assert docs("bom", "a.jsonl", b"\xef\xbb\xbf" + b'{"text": "caf\xc3\xa9"}\n') == ["caf\u00e9"]
+    assert docs("upper", "BOOK.TXT.GZ", gzip.compress(b"the quick brown fox")) == ["the quick brown fox"]
+    assert docs("upper_jl", "ROWS.JSONL.GZ", good) == ["one", "two"]
+    with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': is not UTF-8 text .*iconv"):
+        docs("latin1", "a.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    for name, data in (("cut", good[:len(good) // 2]), ("notgz", b'{"text": "one"}\n')):
+        with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl\.gz': cannot be decompressed .*cut short"):
+            docs(name, "a.jsonl.gz", data)
+    with pytest.raises(ConfigError, match=r"^data\.source=.*t\.txt\.gz': cannot be decompressed"):
+        body = gzip.compress(" ".join(str(i * 7919 % 10007) for i in range(3000)).encode())
+        docs("cut_text", "t.txt.gz", body[:len(body) // 2])
+    with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': .*line 1 is not a complete JSON object .*one "
+                                          r"JSON object spread over many lines"):
+        docs("object", "a.jsonl", b'{\n  "data": [{"text": "one"}]\n}\n')
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [[1, 2], [3]]}), d / "train.parquet")
+    with pytest.raises(ConfigError, match=r"^data\.text_field='text': .*train\.parquet: the column is of type "
+                                          r"list<.*not text"):
+        list(iter_documents(units_for(data_cfg(d, tmp_path))[DATA_SOURCE][0]))
+
+
+def test_an_embedded_corpus_extracted_short_is_refused_and_its_pack_ends_with_the_manifest(tmp_path, monkeypatch):
+    import io
+    import json
+    import tarfile
+
+    from ds_hybrid import corpus
+    from ds_hybrid.corpus import tools
+
+    built = tmp_path / "corpus" / "v"
+    built.mkdir(parents=True)
+    for name, body in (("a.jsonl.gz", b"A" * 300), ("b.jsonl.gz", b"B" * 200)):
+        (built / name).write_bytes(body)
+    (built / "manifest.json").write_text(json.dumps({"sources": {}, "files": {"a.jsonl.gz": 300, "b.jsonl.gz": 200}}))
+    monkeypatch.setattr(corpus, "embedded_dir", lambda: built)
+    assert corpus.ensure_embedded() == built
+    parts = tools.pack(tmp_path / "packed", part_bytes=10**6)
+    data = b"".join(p.read_bytes() for p in parts)
+    import lzma
+
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as tar:
+        assert [m.name for m in tar.getmembers()][-1] == "v/manifest.json"
+    (built / "b.jsonl.gz").write_bytes(b"B" * 120)  # an extraction cut short
+    with pytest.raises(ConfigError, match=r"^data\.source='embedded': the corpus at .* is incomplete: b\.jsonl\.gz "
+                                          r"holds 120 of its 200 bytes"):
+        corpus.ensure_embedded()
+    (built / "b.jsonl.gz").unlink()
+    with pytest.raises(ConfigError, match=r"b\.jsonl\.gz is missing"):
+        corpus.ensure_embedded()
+    (built / "manifest.json").write_text(json.dumps({"sources": {}}))  # a manifest from before sizes were recorded
+    assert corpus.ensure_embedded() == built
 
 
 def test_a_cache_dir_without_file_locks_is_refused_by_name(tmp_path, tok, monkeypatch):

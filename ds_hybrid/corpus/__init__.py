@@ -96,7 +96,9 @@ def build_embedded(out: Path | None = None, names: list[str] | None = None, prog
                                "characters": st.get("characters", 0),
                                "removed_duplicates": st.get("duplicates", 0), "removed_short": st["short"]}
         meta = {"version": CORPUS_VERSION, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "build_seconds": round(time.perf_counter() - t0, 1), "sources": sources, "missing": missing}
+                "build_seconds": round(time.perf_counter() - t0, 1), "sources": sources, "missing": missing,
+                # each file's bytes: a copy extracted from `corpus pack`'s parts and cut short is told from a whole one
+                "files": {f.name: f.stat().st_size for f in sorted(tmp.glob("*.jsonl.gz"))}}
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -128,7 +130,25 @@ def ensure_embedded(is_main: bool = True, barrier=None) -> Path:
         where = ("" if is_main else " (the main rank built it: is this node's $DS_HYBRID_CACHE another disk? every "
                  "node must see the same cache folder, on a shared file system)")
         raise ConfigError("data.source", "embedded", f"the corpus is not built at {path}{where}; {INSTALL_HINT}")
+    check_complete(path)
     return path
+
+
+def check_complete(path: Path) -> None:
+    """Every file the manifest lists, at its size (manifests written before 2026-12-07 list none: not checked)."""
+    try:
+        files = manifest(path).get("files") or {}
+    except ValueError as e:
+        raise ConfigError("data.source", "embedded", f"{path / 'manifest.json'} is not valid JSON ({e}): remove "
+                          f"{path} and build the corpus again (`ds-hybrid corpus build`) or extract it again") from None
+    for name, size in files.items():
+        f = path / name
+        have = f.stat().st_size if f.is_file() else None
+        if have != size:
+            raise ConfigError("data.source", "embedded", f"the corpus at {path} is incomplete: {name} "
+                              f"{'is missing' if have is None else f'holds {have:,} of its {size:,} bytes'} (an "
+                              "extraction of `corpus pack`'s parts cut short, a part missing?): remove the folder and "
+                              "extract all the parts again, or `ds-hybrid corpus build --force`")
 
 
 def select_sources(spec: str, path: Path) -> list[str]:

@@ -52,7 +52,11 @@ def pack(out: Path, part_bytes: int) -> list[Path]:
         old.unlink()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:  # .jsonl.gz members: xz would gain little on them
-        tar.add(src, arcname=src.name)
+        # the manifest last: an extraction cut short leaves no manifest, which reads as "not built" (ensure_embedded
+        # also checks each file's size against the manifest's record)
+        tar.add(src, arcname=src.name, recursive=False)
+        for f in sorted(src.iterdir(), key=lambda f: (f.name == "manifest.json", f.name)):
+            tar.add(f, arcname=f"{src.name}/{f.name}")
     xz = subprocess.run(["xz", "-T0", "-6", "-c"], input=buf.getvalue(), capture_output=True, check=True).stdout
     parts = []
     for i in range(0, len(xz), part_bytes):

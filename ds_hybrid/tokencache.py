@@ -72,6 +72,8 @@ class Unit:
         key = [self.source, self.index, self.kind, self.hub, self.text_field] + ([self.revision] if self.revision else [])
         if self.kind == "text":  # how a large file is cut into documents (text_documents) is part of its tokens
             key.append(TEXT_DOCUMENT_CHARS)
+        if any(_is_gz(p) and not p.endswith(".gz") for p in self.paths):
+            key.append("gz-any-case")  # (read as their compressed bytes until 2026-12-07: those caches are not reused)
         h = hashlib.sha256(json.dumps(key).encode())
         for p in self.paths:
             st = Path(p).stat()

@@ -1173,6 +1173,16 @@ def test_unreadable_corpus_files_are_named_and_bom_or_upper_case_gz_files_read(t
     good = gzip.compress(b'{"text": "one"}\n{"text": "two"}\n')
     assert docs("bom", "a.jsonl", b"\xef\xbb\xbf" + b'{"text": "caf\xc3\xa9"}\n') == ["caf\u00e9"]
     assert docs("upper", "BOOK.TXT.GZ", gzip.compress(b"the quick brown fox")) == ["the quick brown fox"]
+    # a cache of BOOK.TXT.GZ tokenized before (its compressed bytes) is not reused; other files' keys are unchanged
+    from ds_hybrid import tokencache
+
+    (tmp_path / "upper" / "b.txt.gz").write_bytes(gzip.compress(b"x"))
+    units = [tokencache.Unit(DATA_SOURCE, 0, "text", (str(tmp_path / "upper" / n),)) for n in ("BOOK.TXT.GZ", "b.txt.gz")]
+    now = [u.fingerprint() for u in units]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tokencache, "_is_gz", lambda p: p.endswith(".gz"))  # the old test
+        before = [u.fingerprint() for u in units]
+    assert now[0] != before[0] and now[1] == before[1]
     assert docs("upper_jl", "ROWS.JSONL.GZ", good) == ["one", "two"]
     with pytest.raises(ConfigError, match=r"^data\.source=.*a\.jsonl': is not UTF-8 text .*iconv"):
         docs("latin1", "a.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))

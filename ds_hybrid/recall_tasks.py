@@ -82,6 +82,21 @@ MIN_ROW_TOKENS = 128  # a needle, its question and answer take ~50 tokens; the r
 QUERY = "\nQuestion: what is the access code of {key}? Answer: The access code of {key} is"
 
 
+def encode_split(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """``prompt + answer`` tokenized as one text, as a model reads it, split after the tokens it shares with the
+    prompt tokenized alone: (prompt ids, answer ids). Tokenized apart, the answer " 178" gained a leading word
+    boundary token under SentencePiece's legacy normalizer (Llama 2, Mistral v0.1) that the joint text does not have;
+    byte-level BPE (SmolLM2, Llama 3, Qwen) gives the same ids either way."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    joint, alone = enc(prompt + answer), enc(prompt)
+    k = 0
+    while k < min(len(joint), len(alone)) and joint[k] == alone[k]:
+        k += 1
+    if k == len(joint):
+        raise ValueError(f"the answer {answer!r} adds no token to its prompt")
+    return joint[:k], joint[k:]
+
+
 def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[int], int, int]:
     """One held-out row turned into a retrieval test of the same length: a key-value fact planted at a random depth
     of the row's own text, the text cut to make room, and a question about it at the end. Returns (ids, start, end):
@@ -89,7 +104,8 @@ def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[i
     key = _word(rng).capitalize() + " " + _word(rng).capitalize()
     value = str(rng.randint(100_000, 999_999))
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    needle, query, answer = enc(NEEDLE.format(key=key, value=value)), enc(QUERY.format(key=key)), enc(" " + value)
+    needle = enc(NEEDLE.format(key=key, value=value))
+    query, answer = encode_split(tokenizer, QUERY.format(key=key), " " + value)
     room = len(filler) - len(needle) - len(query) - len(answer)
     if room < 16:
         raise ValueError(f"a needle row needs at least {len(filler) - room + 16} tokens; the rows have {len(filler)}")

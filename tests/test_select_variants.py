@@ -628,12 +628,19 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
         claim_probes(out, probe_identity(cfg, probe_stage_config(cfg, align), align), force=False)
     assert (out / "probes" / "layer_000" / "kl" / "DONE").is_file()  # refusing touched nothing
     new = probe_identity(cfg, probe_stage_config(cfg, align), align)
+    # the selections made from the old probes (the plain one, a re-scored one) go aside with them: a --force run
+    # killed before writing its own left them, and a plain rerun kept the old selection instead of running probes
+    for rel in ("selection.json", "selection.png", "distance_reg_5/selection.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("old")
     claim_probes(out, new, force=True)
     with pytest.raises(ConfigError, match=r"no longer holds the settings this task started from"):
         still_claimed(out, ident)  # an older task, still running, stops instead of mixing its probes in
     still_claimed(out, new)
     aside = list((out / "previous").glob("*/probes/layer_000/kl/DONE"))
     assert len(aside) == 1 and not (out / "probes" / "layer_000").exists()
+    for rel in ("selection.json", "selection.png", "distance_reg_5/selection.json"):
+        assert not (out / rel).exists() and (aside[0].parents[3] / "selections" / rel).read_text() == "old"
     assert json.loads((out / "probes" / PROBES_KEY).read_text()) == json.loads(json.dumps(new, sort_keys=True))
     # a folder written before the dtype was recorded: its probes are reused as run with this run's dtype, said once
     legacy = {k: v for k, v in new.items() if k != "dtype"}
@@ -946,3 +953,56 @@ def test_scorers_that_load_models_whole_refuse_a_gpu_their_weights_do_not_fit(me
     with pytest.raises(ConfigError, match=r"select\.method.*whole on every GPU.*ga_s2 or halving") as e:
         check_whole_models_fit(cfg, tc, torch.bfloat16, int(want / WHOLE_MODEL_FRACTION) - 64)
     assert ("align export" in str(e.value)) == (method == "proxy")
+
+
+def test_ppl_and_retrieval_count_their_largest_pass_beside_the_weights():
+    """ppl's whole-row logits (bf16, fp32, fp32 log-softmax) and retrieval's eager attention of one layer (bf16
+    scores, fp32 softmax, bf16 copy) beside its row's logits grow with the rows' length: at 8k tokens they outgrow the
+    tiny teacher's weights, and a retrieval that does not fit is refused naming select.retrieval_seq_len."""
+    import torch
+    from conftest import tiny_config
+
+    from ds_hybrid.stages.scorers import WHOLE_MODEL_FRACTION, check_whole_models_fit, whole_models_bytes
+
+    tc = tiny_config("llama")
+    T, V, H = 8192, tc.vocab_size, tc.num_attention_heads
+    ppl, retrieval = (load_config(None, [f"select.method={m}", f"select.retrieval_seq_len={T}"])
+                      for m in ("ppl", "retrieval"))
+    w_ppl, work_ppl = whole_models_bytes(ppl, tc, torch.bfloat16, T)
+    assert work_ppl == (2 + 4 + 4) * T * V
+    w_ret, work_ret = whole_models_bytes(retrieval, tc, torch.bfloat16, T)
+    assert work_ret == (2 + 4 + 2) * H * T * T + 2 * T * V and work_ret > w_ret
+    assert w_ret < w_ppl  # (the teacher alone; ppl holds the align export too)
+    assert whole_models_bytes(load_config(None, ["select.method=ar"]), tc, torch.bfloat16, T)[1] == 0
+    assert check_whole_models_fit(retrieval, tc, torch.bfloat16, 10**10, T) == w_ret + work_ret
+    with pytest.raises(ConfigError, match=r"^select\.retrieval_seq_len=8192: select\.method=retrieval loads the "
+                                          r"teacher whole .* GiB for a row's pass at 8,192 tokens.*or shorter rows"):
+        check_whole_models_fit(retrieval, tc, torch.bfloat16, int((w_ret + work_ret) / WHOLE_MODEL_FRACTION) - 64, T)
+
+
+def test_answers_are_tokenized_as_the_model_reads_them_after_their_prompt():
+    """ar's prompts and retrieval's questions: the answer's ids are those of prompt + answer read as one text. Under
+    SentencePiece's legacy normalizer (a word boundary prepended to each text tokenized) the answer tokenized alone
+    began with a boundary token the joint text lacks; byte-level BPE (the embedded teacher) gives the same ids."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from ds_hybrid.recall_tasks import QUERY, encode_split, make_prompts
+    from ds_hybrid.teacher import embedded_teacher_dir
+
+    chars = "\u2581?:ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789\n"
+    sp = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="?"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    legacy = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="?")
+    ids = lambda s: legacy(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt, answer = "Answer: The code is", " 178"
+    assert legacy.convert_ids_to_tokens(ids(answer)) == ["\u2581", "\u2581", "1", "7", "8"]  # alone: two boundaries
+    p, a = encode_split(legacy, prompt, answer)
+    assert p + a == ids(prompt + answer) and legacy.convert_ids_to_tokens(a) == ["\u2581", "1", "7", "8"]
+
+    bpe = AutoTokenizer.from_pretrained(embedded_teacher_dir())
+    enc = lambda s: bpe(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for q in make_prompts(20, seed=3, pairs=20, multihop=True):
+        assert encode_split(bpe, q.text, q.answer) == (enc(q.text), enc(q.answer))
+    assert encode_split(bpe, QUERY.format(key="Amber Falcon"), " 123456") == (
+        enc(QUERY.format(key="Amber Falcon")), enc(" 123456"))

@@ -290,7 +290,15 @@ def _claim(out: Path, probes: Path, key: Path, identity: dict, force: bool, name
             aside = stem.with_name(f"{stem.name}.{n}")
         aside.mkdir(parents=True, exist_ok=True)
         os.replace(probes, aside / "probes")
-        log.warning("select: probes run from other settings (%s) set aside to %s", what, aside)
+        # the selections made from them go with them: a --force run killed before it wrote its own left the old
+        # selection in place, which a plain rerun kept ("made from other settings") instead of running the probes
+        made = [f for f in out.rglob("selection.*") if f.relative_to(out).parts[0] not in ("previous", "probes")]
+        for f in made:
+            dest = aside / "selections" / f.relative_to(out)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        log.warning("select: probes run from other settings (%s) set aside to %s%s", what, aside,
+                    f", with the {len(made)} selection file(s) made from them" if made else "")
     if refusal is None:
         probes.mkdir(parents=True, exist_ok=True)
         atomic_write_text(key, json.dumps(identity, indent=1, sort_keys=True))

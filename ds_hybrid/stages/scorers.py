@@ -32,28 +32,54 @@ def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int, shard: bool 
     return [val[[i]] for i in range(D.rank() if shard else 0, len(val), step)]
 
 
-#: the share of a GPU's free memory the scorers that load models whole may fill with weights (the rest: the rows'
-#: activations, the chunked KL's logits, the CUDA context's growth)
+#: the share of a GPU's free memory the scorers that load models whole may fill (weights and their largest passes'
+#: tensors as counted below; the rest: what is not counted, the CUDA context's growth)
 WHOLE_MODEL_FRACTION = 0.85
 
 
-def check_whole_models_fit(cfg: RunConfig, teacher_config, dtype: torch.dtype, free_bytes: int) -> int:
-    """The proxy, ppl, ar, ar_multihop and retrieval scorers load the teacher (proxy and ppl: and the align export
-    beside it) whole on every rank: refuse, before either is built, weights that would not fit ``free_bytes`` of one
-    GPU, naming the methods that shard the teacher instead. Returns the weights' bytes."""
-    from ds_hybrid.plan import GIB, count_models
+def whole_models_bytes(cfg: RunConfig, teacher_config, dtype: torch.dtype, seq_len: int) -> tuple[int, int]:
+    """(weights, largest pass) of the proxy, ppl, ar, ar_multihop and retrieval scorers, which load the teacher
+    (proxy and ppl: and the align export beside it) whole on every rank. The pass: ppl's whole-row logits (in the
+    run's dtype, as fp32, and cross-entropy's fp32 log-softmax: (e + 8) x T x V bytes); retrieval's eager attention
+    of one layer at a time (scores in the run's dtype, fp32 softmax, cast back: (2e + 4) x heads x T^2) beside its
+    row's logits (e x T x V); the proxy's and ar's, small beside their weights (chunked KL; prompts of a few hundred
+    tokens), not counted. ``seq_len``: ppl's rows (the probes'), retrieval's (``select.retrieval_seq_len``)."""
+    from ds_hybrid.plan import count_models
 
     counts = count_models(teacher_config, cfg, "kl", [])  # the teacher and the all-linear align export (meta device)
-    with_student = cfg.select.method in ("proxy", "ppl")
-    n = counts.teacher + (counts.student if with_student else 0)
-    need = n * torch.empty((), dtype=dtype).element_size()
+    method = cfg.select.method
+    e = torch.empty((), dtype=dtype).element_size()
+    weights = (counts.teacher + (counts.student if method in ("proxy", "ppl") else 0)) * e
+    T, V = seq_len, teacher_config.vocab_size
+    if method == "ppl":
+        return weights, (e + 8) * T * V
+    if method == "retrieval":
+        return weights, (2 * e + 4) * teacher_config.num_attention_heads * T * T + e * T * V
+    return weights, 0
+
+
+def check_whole_models_fit(cfg: RunConfig, teacher_config, dtype: torch.dtype, free_bytes: int,
+                           seq_len: int = 0) -> int:
+    """Refuse, before any model is built, a scorer whose models (:func:`whole_models_bytes`) would not fit
+    ``free_bytes`` of one GPU (the least any rank has), naming the methods that shard the teacher instead. Returns
+    the bytes counted."""
+    from ds_hybrid.plan import GIB
+
+    weights, work = whole_models_bytes(cfg, teacher_config, dtype, seq_len)
+    need = weights + work
     if need > WHOLE_MODEL_FRACTION * free_bytes:
-        what = "the teacher and the align export" if with_student else "the teacher"
-        raise ConfigError("select.method", cfg.select.method,
-                          f"loads {what} whole on every GPU: {need / GIB:.1f} GiB of weights at {str(dtype)[6:]}, "
-                          f"more than {WHOLE_MODEL_FRACTION:.0%} of the {free_bytes / GIB:.1f} GiB free on this one; "
-                          "use select.method=ga_s2 or halving (their probes shard the teacher with ZeRO-3), uniform "
-                          "or smart (no model), or GPUs with more memory")
+        method = cfg.select.method
+        what = "the teacher and the align export" if method in ("proxy", "ppl") else "the teacher"
+        field, value = (("select.retrieval_seq_len", cfg.select.retrieval_seq_len)
+                        if method == "retrieval" and work > weights else ("select.method", method))
+        raise ConfigError(field, value,
+                          f"select.method={method} loads {what} whole on every GPU: {weights / GIB:.1f} GiB of "
+                          f"weights at {str(dtype)[6:]}" + (f" and {work / GIB:.1f} GiB for a row's pass at "
+                                                            f"{seq_len:,} tokens" if work else "")
+                          + f", more than {WHOLE_MODEL_FRACTION:.0%} of the {free_bytes / GIB:.1f} GiB free on the "
+                          "fullest GPU; use select.method=ga_s2 or halving (their probes shard the teacher with "
+                          "ZeRO-3), uniform or smart (no model), GPUs with more memory"
+                          + (", or shorter rows" if work else ""))
     return need
 
 
@@ -142,7 +168,7 @@ AR_TRUSTED_ACCURACY = 0.5
 @torch.no_grad()
 def ar_scores(cfg: RunConfig, teacher, tokenizer, multihop: bool) -> tuple[dict[int, float], dict]:
     """Drop in mean log p(answer | prompt) when layer l's attention output is zeroed (teacher ablation)."""
-    from ds_hybrid.recall_tasks import make_prompts
+    from ds_hybrid.recall_tasks import encode_split, make_prompts
 
     sc = cfg.select
     prompts = make_prompts(sc.ar_prompts, seed=sc.ar_seed, pairs=sc.ar_pairs, multihop=multihop)
@@ -150,8 +176,7 @@ def ar_scores(cfg: RunConfig, teacher, tokenizer, multihop: bool) -> tuple[dict[
     dev = D.device()
     encoded = []
     for p in mine:
-        ids = tokenizer(p.text, add_special_tokens=False)["input_ids"]
-        ans = tokenizer(p.answer, add_special_tokens=False)["input_ids"]
+        ids, ans = encode_split(tokenizer, p.text, p.answer)
         encoded.append((torch.tensor([ids + ans], device=dev), len(ids), len(ans)))
 
     def score_now() -> tuple[float, float]:

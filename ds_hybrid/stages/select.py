@@ -67,8 +67,8 @@ from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selectio
                                  write_selection)
 from ds_hybrid.stages.probes import (DATA_FIELDS, check_ks, ga_s2, halving, probe_stage_config, task_held,
                                     task_slot)
-from ds_hybrid.stages.scorers import (_held_out_rows, ar_scores, check_whole_models_fit, ppl_scores, proxy_scores,
-                                     retrieval_scores)
+from ds_hybrid.stages.scorers import (_held_out_rows, _sum_reduce, ar_scores, check_whole_models_fit, ppl_scores,
+                                     proxy_scores, retrieval_scores)
 
 log = logging.getLogger("ds_hybrid")
 
@@ -264,8 +264,14 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
         from ds_hybrid.stages.common import run_dtype
 
         dtype, dev = run_dtype(cfg), D.device()
-        if dev.type == "cuda":  # (before either model is built: one that cannot fit is said, not an OOM mid-load)
-            check_whole_models_fit(cfg, teacher_config, dtype, torch.cuda.mem_get_info(dev)[0])
+        if dev.type == "cuda":  # (before either model is built: one that cannot fit is said, not an OOM mid-load;
+            # the least free memory of any rank, so that every rank decides alike)
+            free = torch.tensor([torch.cuda.mem_get_info(dev)[0]], dtype=torch.int64, device=dev)
+            if D.world_size() > 1:
+                torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+            rows_len = (sc.retrieval_seq_len if sc.method == "retrieval" else
+                        probe_stage_config(cfg, align_dir).seq_len if sc.method == "ppl" else 0)
+            check_whole_models_fit(cfg, teacher_config, dtype, int(free.item()), rows_len)
         # retrieval reads the attention weights: eager attention (the others keep the fast default)
         attn = {"attn_implementation": "eager"} if sc.method == "retrieval" else {}
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **attn).to(dev).eval()
@@ -282,7 +288,7 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
             probe = probe_stage_config(cfg, align_dir)  # the probes' held-out rows and temperature (GA-S2's, compared)
             seq_len = probe.seq_len
             rows = _held_out_rows(cfg, tokenizer, seq_len, sc.eval_sequences)
-            n_tok = sum(r.numel() for r in rows) * D.world_size()
+            n_tok = int(_sum_reduce(torch.tensor([sum(r.numel() for r in rows)], device=dev)).item())  # all ranks
             if sc.method == "proxy":
                 scores, baseline = proxy_scores(teacher, student, rows, probe.temperature)
                 extra = {"baseline": baseline, "tokens_spent": 0, "forward_tokens": n_tok * (L + 1),

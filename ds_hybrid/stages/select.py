@@ -274,7 +274,8 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
             check_whole_models_fit(cfg, teacher_config, dtype, int(free.item()), rows_len)
         # retrieval reads the attention weights: eager attention (the others keep the fast default)
         attn = {"attn_implementation": "eager"} if sc.method == "retrieval" else {}
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **attn).to(dev).eval()
+        # straight onto the device (device_map): built in host memory first, a node's ranks held a copy each there
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, device_map=dev, **attn).eval()
         if sc.method == "retrieval":
             scores, extra = retrieval_scores(cfg, teacher, tokenizer)
             lower = False
@@ -284,7 +285,7 @@ def _run_select(cfg: RunConfig, force: bool, out: Path, target: Path) -> Path | 
         else:
             import ds_hybrid  # noqa: F401
 
-            student = AutoModelForCausalLM.from_pretrained(align_dir, dtype=dtype).to(dev).eval()
+            student = AutoModelForCausalLM.from_pretrained(align_dir, dtype=dtype, device_map=dev).eval()
             probe = probe_stage_config(cfg, align_dir)  # the probes' held-out rows and temperature (GA-S2's, compared)
             seq_len = probe.seq_len
             rows = _held_out_rows(cfg, tokenizer, seq_len, sc.eval_sequences)

@@ -53,11 +53,11 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from ds_hybrid.errors import ConfigError
-from ds_hybrid.kernels import triton_interpreted
 from ds_hybrid.modeling.decode_attention import decode_attention, fp32_out_bmm, sdpa_configs
 from ds_hybrid.modeling.mixers import LinearMixer
 from ds_hybrid.modeling.static_cache import RingSlidingLayer, StaticHybridCache, decode_masks, static_softmax_layer
 from ds_hybrid.stages.common import compile_backend
+from ds_hybrid.triton_env import triton_interpreted
 
 
 @dataclass

@@ -56,6 +56,9 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 chunk: int, stats: dict):
         N = h_s.shape[0]
         need_grad = stats.get("need_grad", True)
+        # dh and dW only where their inputs take a gradient (as the kernel: a frozen LM head, lr_rest 0, forms no dW)
+        need_dh, need_dw = need_grad and h_s.requires_grad, need_grad and w_s.requires_grad
+        ctx.need = (need_dh, need_dw)
         use_kl = kl_weight != 0 and h_t is not None
         use_ce = ce_weight != 0 and labels is not None
         n_kl = int(kl_mask.sum()) if use_kl else 0
@@ -68,8 +71,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
         round_t = w_t.dtype if half and w_t is not None and w_t.dtype.itemsize < 4 else None
         ws = w_s.to(acc)
         wt = w_t.to(acc) if use_kl else None
-        dh = torch.zeros(N if need_grad else 0, w_s.shape[1], dtype=acc, device=h_s.device)
-        dw = torch.zeros_like(ws) if need_grad else ws.new_zeros(0)
+        dh = torch.zeros(N if need_dh else 0, w_s.shape[1], dtype=acc, device=h_s.device)
+        dw = torch.zeros_like(ws) if need_dw else ws.new_zeros(0)
         kl_tok = torch.zeros(N, dtype=acc, device=h_s.device) if use_kl else None
         ce_tok = torch.zeros(N, dtype=acc, device=h_s.device) if use_ce else None
         T = float(temperature)
@@ -116,8 +119,9 @@ class ChunkedLinearLoss(torch.autograd.Function):
                     gce = log_p.exp_()
                     gce[torch.arange(b - a, device=zs.device), safe] -= 1.0
                     g += gce.mul_(ce_weight / n_ce).mul_(valid.to(acc)[:, None])
-            if need_grad:
+            if need_dh:
                 dh[a:b] = g @ ws
+            if need_dw:
                 dw += g.t() @ hs
         loss = torch.zeros((), dtype=acc, device=h_s.device)
         if use_kl and n_kl:
@@ -134,7 +138,19 @@ class ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dh, dw = ctx.saved_tensors
-        return dh.mul_(grad_out.to(dh.dtype)), dw.mul_(grad_out.to(dw.dtype)), *(None,) * 9
+        need_dh, need_dw = ctx.need
+
+        def scaled(d: torch.Tensor) -> torch.Tensor:  # (in fp32: grad_out rounded to bf16 first, 1/3 -> 0.33398,
+            return (d.to(torch.promote_types(d.dtype, torch.float32)) * grad_out).to(d.dtype)  # scaled all by 1.002)
+
+        return (scaled(dh) if need_dh else None), (scaled(dw) if need_dw else None), *(None,) * 9
+
+
+def check_kl_mask(kl_mask: torch.Tensor) -> None:
+    """A token mask, not weights: the two paths count its tokens (the reference as an integer, the kernel as a
+    float), which agree for a bool mask only."""
+    if kl_mask.dtype != torch.bool:
+        raise TypeError(f"kl_mask must be a bool tensor (which tokens the KL covers), not {kl_mask.dtype}")
 
 
 def chunked_linear_loss(
@@ -147,6 +163,7 @@ def chunked_linear_loss(
     16-bit logits, computed the same way); the loss and gradients are then computed in fp32 as usual."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
+    check_kl_mask(kl_mask)
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
                    "fp32_logits": fp32_logits}
     loss = ChunkedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
+def __getattr__(name: str):
+    # ds_hybrid.triton_env's, on first use: nothing imported here at import time (transformers imports a top-level
+    # `kernels` package where one is importable, which this folder is from the repository root: importing ds_hybrid
+    # here made transformers import itself)
+    if name == "triton_interpreted":
+        from ds_hybrid.triton_env import triton_interpreted
 
-def triton_interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter: ``TRITON_INTERPRET`` is 1, true or on (any case), the values
-    Triton takes for on. Triton reads it when a kernel is defined (on import), so set it before Triton is imported.
-    Interpreted kernels run on host copies of their tensors: on CPU that is the tests' way, on a GPU it is slow, and
-    a CUDA graph cannot capture it."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+        return triton_interpreted
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

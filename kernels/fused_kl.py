@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ds_hybrid.kernels import triton_interpreted
-from ds_hybrid.losses import LossStats
+from ds_hybrid.losses import LossStats, check_kl_mask
 
 INTERPRET = triton_interpreted()
 
@@ -428,6 +428,7 @@ def fused_linear_loss(
     fp32 [V, H] buffer and rounded once (4 V H bytes more while the loss runs); False: summed in 16 bits."""
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
+    check_kl_mask(kl_mask)
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: give the tokens per chunk as a positive number (1024 is the default)")
     if w_s.dtype != h_s.dtype:

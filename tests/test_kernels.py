@@ -414,3 +414,26 @@ def test_kl_fp32_logits_reaches_the_loss_function():
     a, _ = loss_function("triton", fp32_logits=False)(*mixed, chunk=8)
     b, _ = loss_function("torch", fp32_logits=False)(*mixed, chunk=8)
     assert float(a) == pytest.approx(float(b), rel=1e-5)
+
+
+def test_the_torch_reference_scales_bf16_gradients_in_fp32_and_forms_no_dw_for_a_frozen_head():
+    """The reference's backward multiplied its bf16 dh and dW by grad_out rounded to bf16 (a 1/3 accumulation scale:
+    0.33398, every gradient 0.2 % large); and it formed dW (an fp32 [V, H] and its copy) for an LM head that takes no
+    gradient (lr_rest 0), as the kernel does not. Both paths refuse a mask of weights (they count its tokens
+    differently)."""
+    hs, ws, ht, wt, mask, lab = inputs(40, 16, 200, seed=5)
+    h, w = hs.bfloat16().requires_grad_(), ws.bfloat16().requires_grad_()
+    args = (ht.bfloat16(), wt.bfloat16(), mask, lab, 1.3, 1.0, 0.5)
+    chunked_linear_loss(h, w, *args, chunk=16)[0].backward()
+    g1h, g1w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    third = torch.tensor(1 / 3, dtype=torch.float32)
+    (chunked_linear_loss(h, w, *args, chunk=16)[0] * third).backward()
+    assert torch.equal(h.grad, (g1h.float() * third).bfloat16()) and torch.equal(w.grad, (g1w.float() * third).bfloat16())
+    frozen = ws.bfloat16()  # (no gradient: no dW formed or returned; dh unchanged)
+    h.grad = None
+    chunked_linear_loss(h, frozen, *args, chunk=16)[0].backward()
+    assert frozen.grad is None and torch.equal(h.grad, g1h)
+    for fn in (chunked_linear_loss, fused_linear_loss):
+        with pytest.raises(TypeError, match="kl_mask must be a bool tensor .* not torch.float32"):
+            fn(hs.float(), ws.float(), ht.float(), wt.float(), mask.float(), chunk=16)

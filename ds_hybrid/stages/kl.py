@@ -26,7 +26,6 @@ from ds_hybrid import distributed as D
 from ds_hybrid.config import check_teacher_overlap
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.hf_io import export_hf
-from ds_hybrid.kernels import triton_interpreted
 from ds_hybrid.losses import chunked_linear_loss, next_token_labels
 from ds_hybrid.modeling import HybridForCausalLM
 from ds_hybrid.stages.base import (HeldOut, Stage, build_teacher_engine, check_init_from, hybrid_export_groups,
@@ -35,6 +34,7 @@ from ds_hybrid.stages.common import (
     compile_blocks, grad_norm_before_step, matmul_params, student_engine, unpacked_rows, wants_compile,
 )
 from ds_hybrid.teacher import teacher_generation_config
+from ds_hybrid.triton_env import triton_interpreted
 from ds_hybrid.zero import gathered
 
 QUANTILE_MAX = 1 << 24  # torch.quantile's input limit (a rank's tokens of a step; 4096 rows of 4096 tokens)

@@ -157,7 +157,9 @@ def load_teacher_config(spec: str | None, field: str = "teacher"):
     path = resolve_teacher(spec, field)
     check_no_remote_code(path, field)
     try:
-        config = AutoConfig.from_pretrained(path)
+        # trust_remote_code=False, not the default None: a hub id's auto_map (check_no_remote_code reads local
+        # folders only) is refused by transformers, where None asked "run the custom code? [y/N]" in a terminal
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if Path(path).is_dir():
@@ -165,6 +167,12 @@ def load_teacher_config(spec: str | None, field: str = "teacher"):
         # not a local folder: tried as a hub id, which the hub did not give
         raise ConfigError(field, spec, f"not a folder here (relative paths start at {Path.cwd()}) and not a model "
                                        f"the hub gave ({why}); give a local HF model folder or 'embedded'") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(field, spec, "its config maps classes to code shipped with the model (auto_map); ds-hybrid "
+                          "never runs a model's code. Use a checkpoint of a family transformers implements ("
+                          + ", ".join(SUPPORTED_FAMILIES) + ")") from None
     check_family(config, field)
     return config
 
@@ -204,7 +212,7 @@ def check_no_remote_code(path: str, field: str = "teacher") -> None:
 
 
 def load_tokenizer(spec: str | None, field: str = "teacher") -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_teacher(spec, field))
+    return AutoTokenizer.from_pretrained(resolve_teacher(spec, field), trust_remote_code=False)
 
 
 def check_vocab(config, tokenizer: PreTrainedTokenizerBase, field: str = "tokenizer") -> None:

@@ -293,6 +293,22 @@ def test_a_teacher_folder_with_its_own_code_is_refused(tmp_path):
         load_teacher_config(str(folder))
 
 
+
+def test_a_teacher_whose_code_is_not_checked_locally_is_refused_by_transformers_not_run(tmp_path, monkeypatch):
+    """A hub id's files are not local, so check_no_remote_code cannot read its auto_map: the config is loaded with
+    trust_remote_code=False (None asked "run the custom code?" in a terminal) and the refusal names the teacher."""
+    from ds_hybrid import teacher as teacher_mod
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil_model",
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (folder / "configuration_evil.py").write_text("raise SystemExit('ran untrusted code')\n")
+    monkeypatch.setattr(teacher_mod, "check_no_remote_code", lambda *a, **k: None)  # (as for a hub id)
+    with pytest.raises(ConfigError, match=r"^teacher=.*auto_map.*never runs a model's code"):
+        teacher_mod.load_teacher_config(str(folder))
+
+
 @pytest.mark.slow
 def test_a_real_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(tmp_path):
     from trainer_utils import make_corpus, make_tiny_teacher, metrics, tail, train, write_config

@@ -268,14 +268,18 @@ def test_a_hybrid_configs_own_token_ids_win_and_its_shapes_must_agree(tmp_path):
 
 
 def test_mixer_parameters_missing_from_a_checkpoint_get_their_init(tmp_path):
-    """A checkpoint without a mixer's A_log (an older export, a hand-pruned file): from_pretrained reports it newly
-    initialised, and it now is (fla's A ~ U(0, 16)); it kept uninitialised memory before. The loaded ones stay."""
+    """A checkpoint without a mixer's A_log or its output norm's weight (an older export, a hand-pruned file):
+    from_pretrained reports them newly initialised, and they now are (fla's A ~ U(0, 16); the norm's ones); they kept
+    uninitialised memory before (the norm's: -1.9e38 on Gemma 3). The loaded ones stay."""
     from safetensors.torch import load_file, save_file
 
     hybrid = build_hybrid(tiny_teacher("llama"), softmax_layers=[1])
+    with torch.no_grad():
+        hybrid.model.layers[2].self_attn.o_norm.weight.fill_(0.5)  # a loaded norm weight, not the init's ones
     hybrid.save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
-    tensors = {k: v for k, v in load_file(path).items() if not k.endswith("layers.0.self_attn.A_log")}
+    gone = ("layers.0.self_attn.A_log", "layers.0.self_attn.o_norm.weight")
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(gone)}
     save_file(tensors, path, metadata={"format": "pt"})
     for _ in range(2):  # (memory that held large values before, as a reused allocation would)
         torch.full((1 << 16,), 3e38).sum()
@@ -283,6 +287,8 @@ def test_mixer_parameters_missing_from_a_checkpoint_get_their_init(tmp_path):
         mixer = again.model.layers[0].self_attn
         A = mixer.A_log.detach().exp()
         assert torch.isfinite(mixer.A_log).all() and (A > 0).all() and (A <= 16).all(), mixer.A_log
+        assert torch.equal(mixer.o_norm.weight, torch.ones_like(mixer.o_norm.weight)), mixer.o_norm.weight
+        assert (again.model.layers[2].self_attn.o_norm.weight == 0.5).all()
         assert torch.equal(mixer.dt_bias, hybrid.model.layers[0].self_attn.dt_bias)
         assert torch.equal(mixer.q_proj.weight, hybrid.model.layers[0].self_attn.q_proj.weight)
 
@@ -300,3 +306,41 @@ def test_a_config_object_as_teacher_config_is_copied_and_left_as_it_was():
     config.vocab_size = VOCAB + 3
     assert config.teacher_config.vocab_size == VOCAB + 3 and teacher.config.to_dict() == before
     assert "_mirror_to_teacher" not in config.to_dict()
+
+
+def test_unfusing_gives_the_biases_their_own_storage_too():
+    """fuse_input_projections shares one weight and one bias buffer among q/k/v...; unfusing cloned what shared the
+    fused weight only: a Qwen2 teacher's q/k/v biases stayed views of one buffer (safetensors' save_file refuses
+    shared tensors)."""
+    hybrid = build_hybrid(tiny_teacher("qwen2"), softmax_layers=[1], mixer_options={"qkv_bias": True})
+    mixer = hybrid.model.layers[0].self_attn
+    assert mixer.q_proj.bias is not None and mixer.fuse_input_projections()
+    assert mixer.q_proj.bias.untyped_storage().data_ptr() == mixer.k_proj.bias.untyped_storage().data_ptr()
+    before = {n: p.detach().clone() for n, p in mixer.named_parameters()}
+    assert mixer.unfuse_input_projections()
+    ptrs = [p.untyped_storage().data_ptr() for p in mixer.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+    assert all(torch.equal(p, before[n]) for n, p in mixer.named_parameters())
+
+
+def test_softmax_layers_given_to_from_pretrained_build_those_layers_and_survive_a_reload(tmp_path):
+    """transformers sets from_pretrained's config overrides after __post_init__: softmax_layers changed while
+    layer_types, which the model is built from, kept the old layers (layer 0 stayed a mixer), and a save and reload
+    then built a softmax layer 0 from the mixer's weights; mixer_options were not checked."""
+    from ds_hybrid.errors import ConfigError
+
+    hybrid = build_hybrid(tiny_teacher("llama", num_key_value_heads=4), softmax_layers=[1])  # (MHA: q/k/v/o load)
+    hybrid.save_pretrained(tmp_path / "h")
+    moved = HybridForCausalLM.from_pretrained(tmp_path / "h", softmax_layers=[0, 1])
+    assert moved.config.layer_types[:2] != ["linear_attention"] * 2 and moved.config.softmax_layers == [0, 1]
+    assert not isinstance(moved.model.layers[0].self_attn, type(hybrid.model.layers[0].self_attn))
+    moved.save_pretrained(tmp_path / "m")
+    back = HybridForCausalLM.from_pretrained(tmp_path / "m")
+    assert back.config.layer_types == moved.config.layer_types
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, moved(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="bogus"):
+        HybridForCausalLM.from_pretrained(tmp_path / "h", mixer_options={"bogus": 1})
+    with pytest.raises(ConfigError, match="softmax_layers"):
+        HybridForCausalLM.from_pretrained(tmp_path / "h", softmax_layers=[9])

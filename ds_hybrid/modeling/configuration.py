@@ -112,7 +112,20 @@ class HybridConfig(PreTrainedConfig):
     def __setattr__(self, key: str, value: Any) -> None:
         """A mirrored field set on the hybrid's config (``resize_token_embeddings`` sets ``vocab_size``, a user a
         ``pad_token_id``) is set on the teacher config too: the model is built from the teacher config, so a saved
-        hybrid would otherwise reload with the old value (a resized one not at all)."""
+        hybrid would otherwise reload with the old value (a resized one not at all). ``softmax_layers`` and
+        ``mixer_options`` set after construction (``from_pretrained(..., softmax_layers=[0, 1])``: transformers sets
+        such overrides one by one after ``__post_init__``) are checked as the constructor checks them, and
+        ``layer_types``, which the model is built from, follows ``softmax_layers`` (it kept the old layers, and a
+        save and reload then built the other ones)."""
+        if self.__dict__.get("_mirror_to_teacher") and key in ("softmax_layers", "mixer_options"):
+            t = self.teacher_config
+            if key == "mixer_options":
+                value = MixerOptions.from_dict(value).to_dict()
+            else:
+                value = check_softmax_layers(value or [], t.num_hidden_layers)
+                kinds = teacher_layer_types(t)
+                super().__setattr__("layer_types", [kinds[i] if i in value else "linear_attention"
+                                                    for i in range(len(kinds))])
         super().__setattr__(key, value)
         teacher = self.__dict__.get("teacher_config")
         if (key in MIRRORED and self.__dict__.get("_mirror_to_teacher") and isinstance(teacher, PreTrainedConfig)

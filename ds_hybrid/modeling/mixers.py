@@ -290,10 +290,10 @@ class LinearMixer(nn.Module):
         this call unfused."""
         if self._fused is None:
             return False
-        weight = self._fused[0]
+        weight, bias = self._fused[:2]
         for _, m in self.input_linears():
-            for p in (m.weight, m.bias):
-                if p is not None and _shares(p, weight):
+            for p, fused in ((m.weight, weight), (m.bias, bias)):  # (the biases share the fused bias, not the weight)
+                if p is not None and fused is not None and _shares(p, fused):
                     p.data = p.data.clone()
         self._fused = None
         return True

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.modeling.cache import HybridCache
 from ds_hybrid.modeling.configuration import HybridConfig
-from ds_hybrid.modeling.mixers import LinearMixer, build_mixer
+from ds_hybrid.modeling.mixers import GatedRMSNorm, LinearMixer, build_mixer
 from ds_hybrid.modeling.static_cache import StaticHybridCache
 from ds_hybrid.zero import gathered
 
@@ -86,6 +86,11 @@ class HybridPreTrainedModel(PreTrainedModel):
                 if any(not getattr(p, "_is_hf_initialized", False) for p in own):
                     with gathered(own, modifier_rank=0):
                         m.reset_parameters()
+            elif isinstance(m, GatedRMSNorm):  # (marked initialised as a module, so that Gemma 3's init leaves
+                # it alone: a weight missing from the checkpoint, o_norm's or g_norm's, kept uninitialised memory)
+                if not getattr(m.weight, "_is_hf_initialized", False):
+                    with gathered([m.weight], modifier_rank=0), torch.no_grad():
+                        m.weight.fill_(1.0)
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):

@@ -344,3 +344,17 @@ def test_softmax_layers_given_to_from_pretrained_build_those_layers_and_survive_
         HybridForCausalLM.from_pretrained(tmp_path / "h", mixer_options={"bogus": 1})
     with pytest.raises(ConfigError, match="softmax_layers"):
         HybridForCausalLM.from_pretrained(tmp_path / "h", softmax_layers=[9])
+
+
+def test_a_resized_untied_head_stays_the_hybrids_head():
+    """resize_token_embeddings installs a plain nn.Linear through set_output_embeddings: stage kl's
+    lm_head(h, loss_fn=...) then raised TypeError. It is the hybrid's head again, its resized weight kept."""
+    from ds_hybrid.modeling.modeling import HybridLMHead
+
+    hybrid = build_hybrid(tiny_teacher("llama"), softmax_layers=[1])
+    assert not hybrid.config.tie_word_embeddings
+    hybrid.resize_token_embeddings(VOCAB + 7)
+    head = hybrid.get_output_embeddings()
+    assert isinstance(head, HybridLMHead) and head.weight.shape[0] == VOCAB + 7
+    h = torch.randn(3, head.weight.shape[1])
+    assert torch.equal(head(h, loss_fn=lambda x, w: x @ w.t()), head(h))

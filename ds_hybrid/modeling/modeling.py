@@ -130,6 +130,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
+        if type(value) is nn.Linear:  # (resize_token_embeddings builds a plain Linear: kl's lm_head(h, loss_fn=...)
+            value.__class__ = HybridLMHead  # then raised TypeError; the same module, its weight kept, our forward)
         self.lm_head = value
 
     def fuse_input_projections(self, enabled: bool = True) -> int:

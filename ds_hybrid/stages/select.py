@@ -41,8 +41,8 @@ Probes are independent and resumable: each writes its own DONE marker atomically
 selection rerun with the same command runs only the probes that have no marker. Across a Slurm array, each task
 runs probes ``i`` with ``i % num_tasks == task_index``; the task that finds every result present writes the
 selection. Halving splits each round's probes the same way; its tasks must run at the same time (each waits for
-the others' scores of a round before deciding the survivors), and task 0 writes the selection. The proxy, ppl and
-ar scorers load the teacher whole on every rank (each rank scores a share of the prompts / rows); use them up to
+the others' scores of a round before deciding the survivors), and task 0 writes the selection. The proxy, ppl, ar
+and retrieval scorers load the teacher whole on every rank (each rank scores a share of the prompts / rows); use them up to
 models that fit one accelerator (a teacher that does not is refused before it is loaded: ``check_whole_models_fit``).
 """
 

@@ -24,11 +24,12 @@ SEL=(
 )
 # named pairs the selector tables do not hold (docs/RESULTS.md section 2 quotes their counts): two seeds of one recipe
 # (seed 1 minus seed 0; GA-S2 K = 4's, uniform K = 8's and GA-S2 K = 8's seed 0 from before/after the RoPE fix as named),
-# and hybrids of two K
+# hybrids of two K, and the two ablation selectors at one K (ar_multihop against ar)
 PAIRS=(
   uniform8_s1:uniform8_rope ga_s2_8_s1:ga_s2_8_rope ga_s2_4_s1:ga_s2_4 retrieval_4_s1:retrieval_4
   uniform4_s1:uniform_4 proxy_4_s1:proxy_4
   ga_s2_4_s1:uniform8_s1 ga_s2_4:uniform8_rope smart_8_s1:smart_4_s1 mse_8_s1:mse_4_s1 ar_8_s1:ar_4_s1
+  ar_multihop_8_s1:ar_multihop_4_s1 ar_multihop_8_s1:ar_8_s1 ar_multihop_4_s1:ar_4_s1
 )
 PAIR_ARGS=()
 for p in "${PAIRS[@]}"; do PAIR_ARGS+=(--pair "$p"); done

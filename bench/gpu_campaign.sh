@@ -263,7 +263,7 @@ case "${1:-main}" in
     ;;
   q3)
     wait_for $R/teacher8b.ok
-    job convert_8b 3 python3 -m ds_hybrid.cli convert --teacher $TEACHER8B --ratio 0.125 --dtype bf16 --out $HYBRID8B
+    job convert_8b 3 python3 -m ds_hybrid.cli convert --overwrite --teacher $TEACHER8B --ratio 0.125 --dtype bf16 --out $HYBRID8B
     wait_for $R/align.ok
     job ga_s2_task1 3 select_ select.task_index=1 select.num_tasks=2
     touch $R/ga_s2_task1.ok
@@ -387,7 +387,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
     if [ "${GRAPH_CHECK:-0}" = 1 ]; then  # issue 18: graphs vs eager on a stage-0 hybrid and the teacher, in the
       # background beside align and kl (~4 minutes; no timings unless GRAPH_CHECK_CONTEXTS: bench-infer has those;
       # COMPILE=1: the compiled step's tokens too)
-      (job convert_h8 0 python3 -m ds_hybrid.cli convert --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
+      (job convert_h8 0 python3 -m ds_hybrid.cli convert --overwrite --teacher embedded --softmax-layers 0,3,7,11,15,18,22,26 \
          --dtype bf16 --device cuda --out /tmp/h8_stage0 && \
        job graph_decode_check 0 python3 bench/graph_decode_check.py --model /tmp/h8_stage0 --teacher embedded \
          --contexts "${GRAPH_CHECK_CONTEXTS-}" $([ "${COMPILE:-0}" = 1 ] && echo --compile) \

@@ -196,7 +196,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
   graphcheck)  # issue 18, after setup: the embedded teacher and its stage-0 hybrid with 8 of 30 softmax layers (as
                # on 2026-12-02): greedy tokens with CUDA graphs == eager, and ms per decode step (docs/SERVING.md)
     T=/tmp/gcheck && mkdir -p $T "$OUT"
-    python3 -m ds_hybrid.cli convert --teacher /tmp/dsh/smollm2-135m-instruct-v2 --softmax-layers 0,3,7,11,15,18,22,26 \
+    python3 -m ds_hybrid.cli convert --overwrite --teacher /tmp/dsh/smollm2-135m-instruct-v2 --softmax-layers 0,3,7,11,15,18,22,26 \
       --dtype bf16 --device cuda --out $T/h
     comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
     python3 bench/graph_decode_check.py --model $T/h --teacher /tmp/dsh/smollm2-135m-instruct-v2 \
@@ -215,7 +215,7 @@ from ds_hybrid.corpus import manifest; print('corpus sources', list(manifest()['
 json.dump(c, open('$T/config.json', 'w'))"
     TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct-v2   # after a full setup: the teacher's
     python3 bench/random_teacher.py --config $T/config.json --tokenizer $TOK --out $T/l
-    python3 -m ds_hybrid.cli convert --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
+    python3 -m ds_hybrid.cli convert --overwrite --teacher $T/l --softmax-layers 0 --dtype bf16 --device cuda --out $T/l_h
     comp=(); [ "${COMPILE:-0}" = 1 ] && comp=(--compile)   # COMPILE=1: also the torch.compile'd step
     python3 bench/decode_profile.py --model hybrid_1_of_4=$T/l_h --teacher $T/l --context ${CONTEXT:-32768} \
       --batch ${BATCH:-4} --steps 16 --static "${comp[@]}" --out "$OUT/static_profile.json"
@@ -238,8 +238,8 @@ json.dump(c, open('$T/config.json', 'w'))"
     TOK=.dev/mini/tok; [ -d $TOK ] || TOK=/tmp/dsh/smollm2-135m-instruct-v2   # after a full setup: the teacher's
     if [ "$2" = small ]; then
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s
-      python3 -m ds_hybrid.cli convert --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14
-      python3 -m ds_hybrid.cli convert --teacher $T/s --softmax-layers "" --dtype bf16 --device cuda --out $T/s_lin
+      python3 -m ds_hybrid.cli convert --overwrite --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14
+      python3 -m ds_hybrid.cli convert --overwrite --teacher $T/s --softmax-layers "" --dtype bf16 --device cuda --out $T/s_lin
       python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
         --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,8} --decode-tokens 64 "${graphs[@]}" \
         --out "$OUT/smollm2"
@@ -250,7 +250,7 @@ json.dump(c, open('$T/config.json', 'w'))"
       # 512) and its stage-0 GDN hybrid keeping 5, 11 (global) and 12 (sliding); first the exactness check with
       # prompts of twice the window (GEMMA_CHECK=0 skips it: passed on an H200 on 2026-12-04e, ~7 minutes compiled)
       python3 bench/random_teacher.py --config runs/configs/gemma3_270m/config.json --tokenizer $TOK --out $T/g
-      python3 -m ds_hybrid.cli convert --teacher $T/g --softmax-layers 5,11,12 --dtype bf16 --device cuda --out $T/g_h
+      python3 -m ds_hybrid.cli convert --overwrite --teacher $T/g --softmax-layers 5,11,12 --dtype bf16 --device cuda --out $T/g_h
       [ "${GEMMA_CHECK:-1}" = 0 ] || python3 bench/graph_decode_check.py --model $T/g_h --teacher $T/g --prompt-len 1024 --contexts "" \
         $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$OUT/gemma_graph_decode_check.json"
       for rings in 1 0; do
@@ -260,7 +260,7 @@ json.dump(c, open('$T/config.json', 'w'))"
       done
     else
       python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer $TOK --out $T/l
-      python3 -m ds_hybrid.cli convert --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h
+      python3 -m ds_hybrid.cli convert --overwrite --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h
       python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$T/l_h --teacher $T/l \
         --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,4} --decode-tokens 32 "${graphs[@]}" \
         --out "$OUT/llama3_8b"

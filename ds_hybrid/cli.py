@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ds_hybrid.errors import ConfigError, out_folder
 
@@ -39,8 +40,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ds_hybrid.modeling.configuration import check_softmax_layers
 
     # Validate everything before the teacher's weights are loaded.
-    out_folder(args.out)
+    out = out_folder(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # e.g. the teacher's own folder, or a kl export
+        raise ConfigError("--out", args.out, "the folder is not empty (convert would replace what it holds): give "
+                          "another --out, or add --overwrite to replace it")
     config = load_teacher_config(args.teacher)
+    teacher_dir = Path(resolve_teacher(args.teacher)).expanduser()
+    if teacher_dir.is_dir() and out.resolve() == teacher_dir.resolve():
+        raise ConfigError("--out", args.out, "that is the teacher's own folder: give another --out")
     L = config.num_hidden_layers
     if args.softmax_layers is not None:
         layers = check_softmax_layers(parse_layer_list(args.softmax_layers, "--softmax-layers"), L, "--softmax-layers")
@@ -62,8 +69,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     generation = teacher_generation_config(resolve_teacher(args.teacher))
     if generation is not None:  # the teacher's stop tokens and sampling defaults, not HF's default from the config
         student.generation_config = generation
-    student.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    from ds_hybrid.folders import atomic_folder
+
+    with atomic_folder(out, "convert") as tmp:  # whole or not at all: a crash leaves --out as it was
+        student.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"saved {args.mixer} hybrid with softmax layers {layers} of {L} to {args.out}")
     return 0
 
@@ -82,6 +92,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--compile", True, "it compiles the CUDA-graph decode step: add --cuda-graphs")
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "generate at least 1 token")
+    if args.max_len is not None and not args.cuda_graphs:
+        raise ConfigError("--max-len", args.max_len, "sets the static cache of --cuda-graphs: add --cuda-graphs, or "
+                          "drop --max-len (eager decoding grows its cache)")
     from ds_hybrid.teacher import resolve_teacher
 
     path = resolve_teacher(args.model, "--model")  # a folder, 'embedded', or a hub id where the hub is reachable
@@ -90,21 +103,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError("--model", args.model, f"no model there ({str(e).splitlines()[0][:200]}); give an HF model "
                                                  "folder (a stage's hf/ export) or 'embedded'") from None
+    ids = tok(args.prompt, return_tensors="pt")
+    need = ids["input_ids"].shape[1] + args.max_new_tokens
+    if args.max_len is not None and args.max_len < need:  # (before the model loads)
+        raise ConfigError("--max-len", args.max_len, f"shorter than the prompt's {ids['input_ids'].shape[1]} tokens + "
+                          f"--max-new-tokens {args.max_new_tokens}; use --max-len >= {need}")
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     if args.fuse_projections:
         if hasattr(model, "fuse_input_projections"):
             model.fuse_input_projections()
         else:
             print(f"note: --fuse-projections: {args.model} is not a ds_hybrid hybrid; nothing to fuse", file=sys.stderr)
-    ids = tok(args.prompt, return_tensors="pt").to(device)
+    ids = ids.to(device)
     if args.cuda_graphs:  # any causal LM (a hybrid or its teacher): greedy, as generate() would return it
         from ds_hybrid.graph_decode import GraphDecoder, generate_static
 
-        if args.max_len or args.compile:
-            need = ids["input_ids"].shape[1] + args.max_new_tokens
-            if args.max_len and args.max_len < need:  # (generate_static would replace the decoder: no --compile)
-                raise ConfigError("--max-len", args.max_len, f"shorter than the prompt's {ids['input_ids'].shape[1]} "
-                                  f"tokens + --max-new-tokens {args.max_new_tokens}; use --max-len >= {need}")
+        if args.max_len or args.compile:  # (checked above: generate_static would replace a short decoder)
             max_len = args.max_len or need
             object.__setattr__(model, "_graph_decoder",
                                GraphDecoder(model, max_len=max_len, cuda_graphs=True, compile=args.compile))
@@ -147,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="load the teacher and save the hybrid in")
     p.add_argument("--device", default="cpu", help="where the teacher is loaded and the hybrid built (cuda: fast "
                    "for large teachers that fit one GPU)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="an empty or new folder")
+    p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds (written aside "
+                   "first, swapped in when complete)")
     p.set_defaults(fn=cmd_convert)
 
     from ds_hybrid.evaluation.run import add_bench_args, add_eval_args

@@ -141,3 +141,43 @@ def test_cli_convert_keeps_a_qwen2_teachers_qkv_biases_when_asked(tmp_path, caps
             want = t[att + f"{name}_proj.bias"].view(2, 1, 16).expand(2, 2, 16).reshape(-1)
             torch.testing.assert_close(s[mixer + f"{name}_proj.bias"], want, rtol=0, atol=0)
         assert (s["model.layers.2.self_attn.k_proj.bias"] == t["model.layers.2.self_attn.k_proj.bias"]).all()
+
+
+def test_cli_convert_never_replaces_a_folder_unasked(tmp_path, monkeypatch, capsys):
+    """A non-empty --out (an earlier export, the teacher's own folder) is refused before the teacher loads; --overwrite
+    replaces it whole; the teacher's own folder is refused even then."""
+    from trainer_utils import make_tiny_teacher
+
+    from ds_hybrid.cli import main
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    before = {f.name: f.read_bytes() for f in teacher.iterdir()}
+    out = tmp_path / "hybrid"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    real_load = __import__("ds_hybrid.teacher", fromlist=["load_teacher"]).load_teacher
+    monkeypatch.setattr("ds_hybrid.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    for target, extra in ((out, []), (teacher, []), (teacher, ["--overwrite"])):
+        code = main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", *extra, "--out", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--out" in err, err[-2000:]
+        assert ("teacher's own folder" in err) == (extra != []) and ("--overwrite" in err) == (extra == []), err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {f.name: f.read_bytes() for f in teacher.iterdir()} == before
+    monkeypatch.setattr("ds_hybrid.teacher.load_teacher", real_load)
+    assert main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left beside it
+
+
+def test_cli_generate_refuses_max_len_without_cuda_graphs_before_loading(tmp_path, monkeypatch, capsys):
+    """--max-len sizes the CUDA-graph static cache; without --cuda-graphs it was ignored silently, after the model
+    had loaded."""
+    from ds_hybrid.cli import main
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    for value in ("64", "0"):
+        assert main(["generate", "--model", "embedded", "--prompt", "Hi", "--max-len", value]) == 2
+        err = capsys.readouterr().err
+        assert f"--max-len={value}: sets the static cache of --cuda-graphs" in err, err[-2000:]

@@ -76,7 +76,7 @@ def recall(hybrid_dir: Path, teacher: str, length: int, prompts: int, out: Path)
     args = build_parser().parse_args([
         "eval", "--model", f"hybrid={hybrid_dir}", "--teacher", teacher, "--tasks", "niah_single_1",
         "--lengths", str(length), "--limit", str(prompts), "--no-quality", "--batch-size", str(min(prompts, 128)),
-        "--out", str(out)])
+        "--out", str(out), "--overwrite"])  # (a re-run of the demo scores its models again)
     payload = run_eval(args)
     got = {}
     print(f"\nRULER niah_single_1 at {length} tokens (95 % interval):")

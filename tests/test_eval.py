@@ -1710,3 +1710,27 @@ def test_bench_infer_with_cuda_graphs_refuses_too_few_decode_tokens_to_time_a_gr
     assert cli.main(["bench-infer", "--model", f"tiny={tiny[2]}", "--contexts", "64", "--batches", "1",
                      "--decode-tokens", "2", "--cuda-graphs", "--out", "/nonexistent/never"]) == 2
     assert "error: --decode-tokens=2: with --cuda-graphs, 3 or more" in capsys.readouterr().err
+
+
+def test_an_earlier_evaluation_in_out_is_kept_unless_resume_or_overwrite_says(tiny, tmp_path, monkeypatch, capsys):
+    """eval (and bench-infer) into an --out holding an earlier run's record: refused before a model loads, naming
+    --resume / --overwrite, the earlier files untouched; a seed lm-eval cannot take is refused by name too."""
+    from ds_hybrid import cli
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    for f in ("eval.json", "eval.md", "bench_infer.json"):
+        (out / f).write_text("earlier")
+    monkeypatch.setattr("ds_hybrid.evaluation.run.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = ["--model", f"tiny={tiny[2]}", "--out", str(out)]
+    for argv, want in (
+        (["eval", *base, "--tasks", "niah_single_1", "--lengths", "1024", "--no-quality"],
+         r"--out='.*ev': it holds an earlier run \(eval\.json\) .*add --resume .*or add --overwrite"),
+        (["bench-infer", *base, "--contexts", "64", "--device", "cpu"],
+         r"--out='.*ev': it holds an earlier run \(bench_infer\.json\) .*give another --out"),
+        (["eval", *base, "--tasks", "niah_single_1", "--lengths", "1024", "--seed", "-1", "--overwrite"],
+         r"--seed=-1: must be between 0 and 2\*\*32 - 1"),
+    ):
+        assert cli.main(argv) == 2, argv
+        assert re.search(rf"error: {want}", capsys.readouterr().err), argv
+    assert all((out / f).read_text() == "earlier" for f in ("eval.json", "eval.md", "bench_infer.json"))

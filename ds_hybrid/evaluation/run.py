@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ds_hybrid.errors import ConfigError
+from ds_hybrid.errors import ConfigError, out_folder
 from ds_hybrid.evaluation.merge import HELDOUT_ROWS, stale_heldout_models
 from ds_hybrid.folders import atomic_write_text
 
@@ -51,7 +51,22 @@ def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, st
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", v, "must be a positive integer")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:  # (lm-eval seeds numpy with it, after a model is loaded)
+        raise ConfigError("--seed", seed, "must be between 0 and 2**32 - 1")
     return {name: model_folder(path, model_field(args, name)) for name, path in models.items()}
+
+
+def check_out(args: argparse.Namespace, record: str) -> Path:
+    """``--out``, refused (before any model is loaded) where it holds an earlier run's ``record``.json that this run
+    would replace, unless --resume (eval: keep its finished models) or --overwrite says so."""
+    out = out_folder(args.out)
+    if (out / f"{record}.json").exists() and not getattr(args, "resume", False) \
+            and not getattr(args, "overwrite", False):
+        keep = "add --resume to keep its finished models and run the rest, " if hasattr(args, "resume") else ""
+        raise ConfigError("--out", args.out, f"it holds an earlier run ({record}.json) that this one would replace: "
+                          f"{keep}give another --out (`ds-hybrid eval-merge` combines folders), or add --overwrite")
+    return out
 
 
 def model_field(args: argparse.Namespace, name: str) -> str:
@@ -176,6 +191,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     lengths, tasks, records, models = eval_request(args)
     based = {name: getattr(args, name) for name in records}
     folders = check_args(args, models)
+    check_out(args, "eval")
     ruler = [t for t in tasks if t in recall.RULER_TASKS or t in recall.ESSAY_TASKS]
     for name, folder in folders.items():  # before any model is loaded
         if ruler and lengths and max(lengths) > eval_length(folder, args.max_length):
@@ -648,6 +664,7 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
         modes = modes + (modes[-1] + "_fused",)
     folders = check_args(args, models)
+    check_out(args, "bench_infer")
     for name, folder in folders.items():
         if "text_config" in json.loads((Path(folder) / "config.json").read_text()):
             raise ConfigError(model_field(args, name), models[name],
@@ -733,6 +750,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="keep the models that an earlier run of the same "
                    "evaluation into --out finished (its eval.json, partial or complete: same settings, a model by "
                    "its name, path and length) and evaluate the rest; a difference in settings is refused by name")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out (refused without "
+                   "this or --resume)")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -750,3 +769,5 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", default="outputs/bench_infer")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier bench_infer.json in --out (refused "
+                   "without it)")

@@ -47,6 +47,9 @@ class DataConfig:
     mixture: dict | None = None  # {source: weight}: a source's share of training rows, 1 = its natural share
     text_field: str = "text"  # column holding the text in json/jsonl/parquet sources
     add_eos: bool = False  # the paper concatenates documents without separators
+    bos: bool | str = "auto"  # each row starts with the tokenizer's BOS token: true, false, or auto (where the
+    # tokenizer puts one before every text it encodes, as Gemma's and Llama 3's do, so that every prompt at use starts
+    # with it; SmolLM2's and Qwen's put none). A row is then BOS + seq_len - 1 tokens of the stream
     val_tokens: int = 65536  # held out, by whole documents (never trained on). Every stage scores its first rows:
     # stage select's probes, proxy and ppl rank layers by them too, so a KL-guided selection has seen the text that kl's
     # (and `ds-hybrid eval`'s) held-out KL is measured on: docs/SELECT.md
@@ -390,7 +393,15 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    if "teacher" in data and data["teacher"] in (None, ""):  # (None/"" would mean the embedded 135M model)
+        raise ConfigError("teacher", data["teacher"], "empty: give a local HF folder, a hub id, or `embedded` for the "
+                          "embedded SmolLM2-135M")
     cfg = _build(RunConfig, data, "")
+    if "out_dir" not in data:  # two configs that differ in run_name alone write to two folders
+        if not cfg.run_name or Path(cfg.run_name).name != cfg.run_name or cfg.run_name in (".", ".."):
+            raise ConfigError("run_name", cfg.run_name, "names the default out_dir (outputs/<run_name>): give a plain "
+                              "name without '/', or set out_dir")
+        cfg.out_dir = f"outputs/{cfg.run_name}"
     if isinstance(cfg.select.probe, dict):  # (a probe setting given keeps the others' probe defaults)
         cfg.select.probe = {**DEFAULT_PROBE, **cfg.select.probe}
     validate_static(cfg)
@@ -443,6 +454,8 @@ def validate_static(cfg: RunConfig) -> None:
         raise ConfigError("mixer", cfg.mixer, f"choose one of {MIXERS}")
     MixerOptions.from_dict(cfg.mixer_options)
     check_softmax_spec(cfg.softmax_layers)
+    if isinstance(cfg.data.bos, str) and cfg.data.bos != "auto":
+        raise ConfigError("data.bos", cfg.data.bos, "true, false, or auto (a BOS token where the tokenizer puts one)")
     for name, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
         if seed < 0:
             raise ConfigError(name, seed, "a seed is an integer >= 0 (numpy's generators take no negative seed)")
@@ -549,6 +562,8 @@ ALIGN_UNUSED: dict[str, str] = {
                               "align.seq_len",
     "eval_recall": "the recall score needs the hybrid's answer tokens, which align never computes; it is a setting "
                    "of stages kl and finetune",
+    "init_from": "align always starts from the teacher (stage 0's weight transfer); to go on with an earlier align, "
+                 "resume it in its own out_dir (raise align.tokens) or start kl from its export with kl.init_from",
 }
 
 #: select.probe fields that stage select sets itself for every probe (stages/probes.py), with what to set instead

@@ -523,6 +523,21 @@ def warn_unrepresented(streams: TokenStreams, val: PackedSequences, field: str) 
     return empty
 
 
+def row_bos(setting: bool | str, tokenizer) -> int | None:
+    """The token each row starts with (``data.bos``), or None: ``auto`` gives the tokenizer's BOS where it puts one
+    before every text it encodes (Gemma, Llama 3: every prompt at use starts with it, and a model never shown it in
+    training meets it first at every generation), none where it does not (SmolLM2, Qwen)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if setting == "auto":
+        if bos is None:
+            return None
+        ids = tokenizer("a")["input_ids"]
+        return bos if ids and ids[0] == bos else None
+    if setting and bos is None:
+        raise ConfigError("data.bos", True, "this tokenizer has no BOS token: set data.bos to false or auto")
+    return bos if setting else None
+
+
 class PackedSequences:
     """Rows of ``seq_len`` tokens cut from token shards (a row never spans two shards; each shard's remainder is
     dropped), over one stream or several sources. Indexing returns int64 tensors.
@@ -534,14 +549,16 @@ class PackedSequences:
     sources, so that every source is represented."""
 
     def __init__(self, streams: np.ndarray | Shards, seq_len: int, max_rows: int | None = None,
-                 mixture: dict[str, float] | None = None, seed: int = 0):
+                 mixture: dict[str, float] | None = None, seed: int = 0, bos: int | None = None):
         if isinstance(streams, np.ndarray):
             streams = [(DATA_SOURCE, streams)]
         self.shards = [a for _, a in streams]
         self.seq_len = seq_len
+        self.bos = bos  # (row_bos: each row is then bos + seq_len - 1 tokens of its shard)
+        self.span = seq_len - (bos is not None)
         by_source: dict[str, list[np.ndarray]] = {}
         for k, (s, a) in enumerate(streams):
-            n = len(a) // seq_len
+            n = len(a) // self.span if self.span > 0 else 0
             rows = np.stack([np.full(n, k, dtype=np.int64), np.arange(n, dtype=np.int64)], axis=1)
             by_source.setdefault(s, []).append(rows)
         per = {s: np.concatenate(r) if r else np.zeros((0, 2), np.int64) for s, r in by_source.items()}
@@ -564,10 +581,13 @@ class PackedSequences:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"rows out of range 0..{self.n - 1}")
-        L = self.seq_len
-        out = np.stack([self.shards[k][r * L:(r + 1) * L] for k, r in self.table[rows].tolist()]) if rows.size else \
-            np.zeros((0, L), dtype=np.int64)
-        return torch.from_numpy(out.astype(np.int64))
+        L, S = self.seq_len, self.span
+        out = np.stack([self.shards[k][r * S:(r + 1) * S] for k, r in self.table[rows].tolist()]) if rows.size else \
+            np.zeros((0, S), dtype=np.int64)
+        out = out.astype(np.int64)
+        if self.bos is not None:
+            out = np.concatenate([np.full((len(out), 1), self.bos, dtype=np.int64), out], axis=1)
+        return torch.from_numpy(out.reshape(-1, L))
 
 
 def _reweighted(per: dict[str, np.ndarray], mixture: dict[str, float], seed: int) -> dict[str, np.ndarray]:

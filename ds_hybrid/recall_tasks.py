@@ -97,10 +97,17 @@ def encode_split(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[i
     return joint[:k], joint[k:]
 
 
-def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[int], int, int]:
+def needle_row(filler: list[int], tokenizer, rng: random.Random,
+               bos: int | None = None) -> tuple[list[int], int, int]:
     """One held-out row turned into a retrieval test of the same length: a key-value fact planted at a random depth
     of the row's own text, the text cut to make room, and a question about it at the end. Returns (ids, start, end):
-    ``ids[start:end]`` are the answer's tokens (the value, as the tokenizer sees it after "is")."""
+    ``ids[start:end]`` are the answer's tokens (the value, as the tokenizer sees it after "is"). ``bos``: the row
+    starts with this token (``data.bos``), which stays first."""
+    head: list[int] = []
+    if bos is not None:
+        if not filler or filler[0] != bos:
+            raise ValueError(f"the row does not start with the BOS token {bos}")
+        head, filler = filler[:1], filler[1:]
     key = _word(rng).capitalize() + " " + _word(rng).capitalize()
     value = str(rng.randint(100_000, 999_999))
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -110,11 +117,12 @@ def needle_row(filler: list[int], tokenizer, rng: random.Random) -> tuple[list[i
     if room < 16:
         raise ValueError(f"a needle row needs at least {len(filler) - room + 16} tokens; the rows have {len(filler)}")
     depth = rng.randint(0, room * 3 // 4)  # the fact lies in the first three quarters of the text
-    ids = filler[:depth] + needle + filler[depth:room] + query + answer
+    ids = head + filler[:depth] + needle + filler[depth:room] + query + answer
     return ids, len(ids) - len(answer), len(ids)
 
 
-def needle_rows(rows: list[list[int]], tokenizer, seed: int = 0) -> list[tuple[list[int], int, int]]:
+def needle_rows(rows: list[list[int]], tokenizer, seed: int = 0,
+                bos: int | None = None) -> list[tuple[list[int], int, int]]:
     """:func:`needle_row` for each held-out row, from one seeded generator (the same facts for every model)."""
     rng = random.Random(seed)
-    return [needle_row(list(r), tokenizer, rng) for r in rows]
+    return [needle_row(list(r), tokenizer, rng, bos) for r in rows]

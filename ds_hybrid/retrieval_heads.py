@@ -37,13 +37,13 @@ def needle_sources(ids: list[int], start: int, end: int) -> list[int]:
     return []
 
 
-def retrieval_prompts(rows: list[list[int]], tokenizer, seed: int = 0) -> list[Prompt]:
+def retrieval_prompts(rows: list[list[int]], tokenizer, seed: int = 0, bos: int | None = None) -> list[Prompt]:
     """Each row of text turned into a needle prompt of the same length (one seeded generator); rows whose fact the
-    tokenizer merged with its neighbours (no source to copy from) are left out."""
+    tokenizer merged with its neighbours (no source to copy from) are left out. ``bos``: the rows start with it."""
     rng = random.Random(seed)
     out = []
     for r in rows:
-        ids, start, end = needle_row(list(r), tokenizer, rng)
+        ids, start, end = needle_row(list(r), tokenizer, rng, bos)
         if src := needle_sources(ids, start, end):
             out.append((ids, start, end, src))
     return out

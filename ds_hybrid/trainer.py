@@ -36,7 +36,7 @@ from ds_hybrid import sync_free
 from ds_hybrid.checkpoint import Checkpointer, atomic_write_text, check_world_size
 from ds_hybrid.config import TRAIN_STAGES, RunConfig, checkpoint_due, stage_steps, validate_for_launch
 from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
-                            step_rows, warn_unrepresented, with_hub_request)
+                            row_bos, step_rows, warn_unrepresented, with_hub_request)
 from ds_hybrid.errors import ConfigError
 from ds_hybrid.locks import held
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
@@ -152,6 +152,10 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key in was and was[key] != now[key]:
             raise ConfigError(field, now[key], f"the checkpoint {path} was written with {was[key]!r}: its steps "
                               f"stand for other rows of the corpus; {again}")
+    if "row_bos" in was and was["row_bos"] != now["row_bos"]:
+        rows = lambda t: "no BOS" if t is None else f"BOS token {t}"  # noqa: E731
+        raise ConfigError("data.bos", f"rows with {rows(now['row_bos'])}", f"the checkpoint {path} was written with "
+                          f"{rows(was['row_bos'])} at the start of each row: its steps stand for other rows; {again}")
     model = {"teacher": ("teacher", "the teacher's weights differ (another model or checkpoint of it)"),
              "softmax_layers": ("softmax_layers", f"its softmax layers were {was.get('softmax_layers')}"),
              "mixer": ("mixer", f"its mixer was {was.get('mixer')!r}"),
@@ -369,6 +373,68 @@ def set_aside_finished_run(run_dir: Path) -> Path:
     return dest
 
 
+def _teacher_id(spec: Any) -> Any:
+    """A teacher spec compared as what it names: the embedded model however written, a folder by its real path."""
+    from ds_hybrid.teacher import is_embedded
+
+    if is_embedded(spec):
+        return "embedded"
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def check_finished_run(run_dir: Path, cfg: RunConfig, stage: str) -> None:
+    """A finished stage is skipped: refused (naming the field, on every rank) where its recorded config.yaml says it
+    trained another model than this config asks for (another teacher, mixer, mixer options, softmax layers or seed:
+    the next stage would start from it), and warned about where only the stage's own settings changed."""
+    import yaml
+
+    def read() -> tuple[dict, list | None] | None:
+        try:
+            was = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None  # (an older run without the record: nothing to compare)
+        try:
+            layers = json.loads((run_dir / "run_info.json").read_text()).get("softmax_layers")
+        except (OSError, ValueError, AttributeError):
+            layers = None
+        return (was, layers) if isinstance(was, dict) else None
+
+    record = D.broadcast_object(read() if D.is_main() else None)
+    if record is None:
+        return
+    was, was_layers = record
+    now = cfg.to_dict()
+    fix = (f"the stage finished in {run_dir} with {{}}={{!r}}: give another out_dir for this model, or add --force to "
+           "train the stage again (the finished run is set aside, not deleted)")
+    if "teacher" in was and _teacher_id(was["teacher"]) != _teacher_id(now["teacher"]):
+        raise ConfigError("teacher", now["teacher"], fix.format("teacher", was["teacher"]))
+    for key in ("mixer", "seed"):
+        if key in was and was[key] != now[key]:
+            raise ConfigError(key, now[key], fix.format(key, was[key]))
+    if stage != "align" and isinstance(was_layers, list) and was.get("softmax_layers") != now["softmax_layers"]:
+        from ds_hybrid.layers import resolve_softmax_layers
+        from ds_hybrid.teacher import load_teacher_config
+
+        try:  # (align has none: its student is all-linear whatever the spec)
+            layers = resolve_softmax_layers(cfg.softmax_layers, load_teacher_config(cfg.teacher).num_hidden_layers)
+        except (ConfigError, OSError, ValueError):
+            layers = None  # (a spec that no longer resolves: nothing to compare)
+        if layers is not None and sorted(layers) != sorted(was_layers):
+            raise ConfigError("softmax_layers", now["softmax_layers"], fix.format("softmax_layers", was_layers))
+    if isinstance(was.get("mixer_options"), dict) and \
+            (change := _mixer_option_change(was["mixer_options"], now["mixer_options"], cfg.mixer)):
+        raise ConfigError(change[0], change[1], fix.format(change[0], change[2]))
+    section = was.get(stage)
+    if isinstance(section, dict) and D.is_main():
+        changed = [f"{stage}.{k} {section[k]!r} -> {v!r}" for k, v in now[stage].items()
+                   if k in section and section[k] != v and not (k == "micro_batch" and v == "auto")]  # (recorded
+        # resolved)
+        if changed:
+            log.warning("stage %s finished in %s with other settings (%s); it is not run again: add --force to train "
+                        "it with these", stage, run_dir, "; ".join(changed))
+
+
 def finished_on_main(run_dir: Path) -> bool:
     """Whether the stage in ``run_dir`` has finished (its DONE exists), as the main rank sees it, on every rank: one
     verdict for all. A rank that looked for itself after `--force` had moved DONE away would skip the barrier that the
@@ -392,6 +458,7 @@ def run_stage(cfg: RunConfig, stage: str, force: bool = False, restart: bool = T
 
     def nothing_to_do(finished: bool) -> bool:
         if finished and not force:
+            check_finished_run(run_dir, cfg, stage)
             log.info("stage %s already finished (%s); nothing to do", stage, run_dir / DONE)
         return finished and not force
 
@@ -447,9 +514,10 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
     streams = prepare_streams(cfg.data, ctx.tokenizer, is_main=D.is_main(), barrier=D.wait_for_main,
                               need_tokens=data_tokens or s.tokens, seq_len=s.seq_len, from_main=D.wait_for_main,
                               stop=stop_building)
-    train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed)
-    val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences)
-    if len(train) == 0 and cfg.data.mixture and len(PackedSequences(streams.train, s.seq_len)):
+    bos = row_bos(cfg.data.bos, ctx.tokenizer)
+    train = PackedSequences(streams.train, s.seq_len, mixture=cfg.data.mixture, seed=cfg.seed, bos=bos)
+    val = PackedSequences(streams.val, s.seq_len, max_rows=s.eval_sequences, bos=bos)
+    if len(train) == 0 and cfg.data.mixture and len(PackedSequences(streams.train, s.seq_len, bos=bos)):
         raise ConfigError("data.mixture", dict(cfg.data.mixture), f"leaves no training rows at {stage}.seq_len "
                           f"{s.seq_len}: the sources that have rows are all weighted 0; give one of them a weight")
     if len(train) == 0 or len(val) == 0:
@@ -486,7 +554,7 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                         expected_bytes=plan.checkpoint_bytes)
     settings = {"global_batch": s.global_batch, "seq_len": s.seq_len, "seed": cfg.seed, "total_steps": ctx.total_steps,
                 "train_sequences": len(train), "data_cache": streams.path.name, "mixture": cfg.data.mixture,
-                "val_digest": streams.meta.get("val_digest"),
+                "val_digest": streams.meta.get("val_digest"), "row_bos": bos,
                 # what the weights and the loss are: another teacher, layer set, mixer or loss is another run
                 "teacher": D.main_reads(lambda: content_fingerprint(ctx.teacher_path)),
                 "softmax_layers": list(ctx.softmax_layers), "mixer": cfg.mixer,
@@ -626,7 +694,9 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 stop = stop or D.any_rank(signals.received is not None)
             # (not on a stop: Slurm's grace period is for the checkpoint; the resumed run goes on from this step)
             if s.eval_every and done % s.eval_every == 0 and done != total and not stop:
+                t0 = time.perf_counter()
                 monitor.scalars(done, held_out(runner, val_rows), prefix="val")
+                phase_s["eval"] = phase_s.get("eval", 0.0) + time.perf_counter() - t0
                 # a signal that came during the evaluation: served at this step (its checkpoint, written above or
                 # now), not after one more step and save
                 if D.any_rank(signals.received is not None):
@@ -637,7 +707,7 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
-        phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
+        phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0) - phase_s.get("eval", 0.0)
         saved_at_total = checkpoint_due(total, total, s)  # (a resume from it runs the final evaluation and export)
         if saved_at_total:
             stop_if_signalled(f"after its last step ({total}, checkpointed), before its final evaluation")

@@ -770,7 +770,8 @@ def test_settings_a_stage_never_reads_are_refused_by_name():
     from ds_hybrid.config import ALIGN_UNUSED, PROBE_SET_BY_SELECT
 
     values = {"temperature": 2, "ce_weight": 0.5, "loss_chunk_tokens": 512, "kl_backend": "triton",
-              "fp32_logits": "true", "dw_fp32": "false", "gradient_checkpointing": "true", "eval_recall": 16}
+              "fp32_logits": "true", "dw_fp32": "false", "gradient_checkpointing": "true", "eval_recall": 16,
+              "init_from": "/x/hf"}  # (align always starts from the teacher: an init_from there was ignored)
     assert set(values) == set(ALIGN_UNUSED)
     for f, v in values.items():
         with pytest.raises(ConfigError, match=rf"^align\.{f}=.*stage align does not use it"):
@@ -994,3 +995,19 @@ def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(
     with pytest.raises(ConfigError, match=r"^teacher=.*gpt2"):
         launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", f"teacher={gpt2}",
                                                  "softmax_layers=[1]"]), ["kl"], 1)
+
+
+def test_an_empty_teacher_is_refused_and_run_name_names_the_default_out_dir():
+    """`teacher:` left empty in a YAML loaded as None, i.e. the embedded 135M model, silently; run_name was read by
+    nothing, so two configs differing in it alone shared one out_dir."""
+    from ds_hybrid.config import config_from_dict
+
+    for empty in (None, ""):
+        with pytest.raises(ConfigError, match=r"^teacher=.*empty: give a local HF folder, a hub id, or `embedded`"):
+            config_from_dict({"teacher": empty})
+    assert config_from_dict({"run_name": "a"}).out_dir == "outputs/a"
+    assert config_from_dict({"run_name": "a", "out_dir": "/tmp/x"}).out_dir == "/tmp/x"
+    assert load_config(None, []).out_dir == "outputs/run"
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ConfigError, match=r"^run_name=.*names the default out_dir"):
+            config_from_dict({"run_name": bad})

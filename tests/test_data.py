@@ -1222,7 +1222,18 @@ def test_an_embedded_corpus_extracted_short_is_refused_and_its_pack_ends_with_th
     (built / "manifest.json").write_text(json.dumps({"sources": {}, "files": {"a.jsonl.gz": 300, "b.jsonl.gz": 200}}))
     monkeypatch.setattr(corpus, "embedded_dir", lambda: built)
     assert corpus.ensure_embedded() == built
-    parts = tools.pack(tmp_path / "packed", part_bytes=10**6)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for i in range(3):  # an earlier pack of three parts
+        (packed / f"corpus.tar.xz.{i:02d}").write_bytes(b"old")
+    real_run = tools.subprocess.run
+    monkeypatch.setattr(tools.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("xz failed")))
+    with pytest.raises(OSError, match="xz failed"):
+        tools.pack(packed, part_bytes=10**6)
+    assert sorted(p.name for p in packed.iterdir()) == [f"corpus.tar.xz.{i:02d}" for i in range(3)]  # kept whole
+    monkeypatch.setattr(tools.subprocess, "run", real_run)
+    parts = tools.pack(packed, part_bytes=10**6)
+    assert sorted(p.name for p in packed.iterdir()) == ["corpus.tar.xz.00"] == [p.name for p in parts]
     data = b"".join(p.read_bytes() for p in parts)
     import lzma
 
@@ -1266,3 +1277,55 @@ def test_a_budget_larger_than_the_corpus_is_warned_of_with_its_passes(caplog):
     assert warn_repeats("kl", 4578, 32, 4096, 10_250) == pytest.approx(14.29, abs=0.01)
     assert ("kl reads 14.3 passes over the corpus's 10250 training rows of 4096 tokens (600,047,616 tokens of "
             "41,984,000): every row is trained on that many times") in caplog.text
+
+
+def test_corpus_build_with_sources_over_a_built_corpus_needs_force(tmp_path, monkeypatch):
+    """`corpus build --sources a,b` over a built corpus printed the whole corpus, as if built from a and b."""
+    import json
+
+    from ds_hybrid import corpus
+    from ds_hybrid.corpus import BY_NAME, tools
+
+    built = tmp_path / "v"
+    built.mkdir()
+    (built / "manifest.json").write_text(json.dumps({"sources": {}, "missing": []}))
+    monkeypatch.setattr(corpus, "embedded_dir", lambda: built)
+    monkeypatch.setattr(corpus, "build_embedded", lambda **k: pytest.fail("the corpus was rebuilt"))
+    name = sorted(BY_NAME)[0]
+    with pytest.raises(ConfigError, match=rf"^--sources='{name}': a corpus is already built at .*add --force"):
+        tools.main(["build", "--sources", name])
+
+
+def test_rows_start_with_bos_where_the_tokenizer_puts_one(tok):
+    """data.bos: a row is BOS + seq_len - 1 tokens of the stream (Gemma's and Llama 3's prompts all start with BOS,
+    and rows cut from the stream never did); auto follows the tokenizer, SmolLM2's puts none; the needle rows keep
+    the BOS first."""
+    import random
+
+    from ds_hybrid.data import PackedSequences, row_bos
+    from ds_hybrid.recall_tasks import needle_row
+
+    class AddsBos:  # a tokenizer that puts BOS (7) before every text, as Gemma's
+        bos_token_id = 7
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [7, *tok(text, add_special_tokens=False)["input_ids"]]}
+
+    assert row_bos("auto", tok) is None and row_bos(False, AddsBos()) is None
+    assert row_bos("auto", AddsBos()) == 7 and row_bos(True, tok) == tok.bos_token_id
+    stream = np.arange(100, 150, dtype=np.uint32)
+    plain, with_bos = PackedSequences(stream, 10), PackedSequences(stream, 10, bos=7)
+    assert len(plain) == 5 and len(with_bos) == 50 // 9
+    rows = with_bos[np.arange(len(with_bos))]
+    assert rows.shape == (5, 10) and (rows[:, 0] == 7).all()
+    assert rows[:, 1:].flatten().tolist() == list(range(100, 145))  # the stream in order, 9 tokens a row
+    assert torch.equal(plain[np.arange(5)].flatten(), torch.arange(100, 150))  # bos=None: as before
+    filler = [7] + tok("word " * 200, add_special_tokens=False)["input_ids"][:199]
+    for seed in range(20):  # depth 0 included in some: the fact never goes before the BOS
+        ids, start, end = needle_row(filler, tok, random.Random(seed), bos=7)
+        assert ids[0] == 7 and 7 not in ids[1:] and len(ids) == len(filler) and 0 < start < end == len(ids)
+    with pytest.raises(ValueError, match="does not start with the BOS token 7"):
+        needle_row(filler[1:], tok, random.Random(0), bos=7)
+    with pytest.raises(ConfigError, match=r"^data\.bos='maybe': true, false, or auto"):
+        load_config(None, ["data.bos=maybe"])
+    assert load_config(None, ["data.bos=true"]).data.bos is True

@@ -384,6 +384,29 @@ def test_force_reruns_a_finished_stage_from_step_0_and_keeps_the_first_run(tmp_p
     assert (run_dir / "DONE").is_file()
 
 
+def test_a_finished_stage_of_another_model_is_refused_and_changed_settings_are_said(tmp_path):
+    """A finished stage is skipped: with another seed or teacher in the config it is refused by name (the next stage
+    would build on another model), with only the stage's own settings changed a warning names them; neither trains."""
+    from trainer_utils import (make_corpus, make_tiny_teacher, metrics, one_process_stage, tail, train_in_one_process,
+                                write_config)
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    other = make_tiny_teacher(tmp_path / "other", tie=False)
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align=one_process_stage(2, ckpt_every=1))
+    args = ["--stage", "align", "--config", str(cfg)]
+    first, seed, swapped, lr = train_in_one_process(
+        [args, [*args, "seed=1"], [*args, f"teacher={other}"], [*args, "align.lr=0.5"]], tmp_path / "runs.json")
+    assert first.returncode == 0, tail(first)
+    for run, field in ((seed, "seed=1"), (swapped, "teacher=")):
+        said = run.stdout + run.stderr
+        assert run.returncode != 0 and field in said and "give another out_dir" in said and "--force" in said, tail(run)
+    said = lr.stdout + lr.stderr
+    assert lr.returncode == 0 and "with other settings (align.lr" in said and "already finished" in said, tail(lr)
+    assert sorted(metrics(tmp_path / "out" / "align")) == [1, 2]  # nothing trained again
+
+
 FINISHED_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -803,3 +826,27 @@ def test_a_device_index_past_the_gpus_here_is_refused_naming_the_option(monkeypa
     with pytest.raises(ConfigError, match=r"^--device='cuda:2': this machine has 2 CUDA device\(s\): use "
                                           r"cuda:0\.\.cuda:1"):
         parse_device("cuda:2")
+
+
+def test_an_align_with_bos_rows_trains_and_its_checkpoint_records_the_token(tmp_path):
+    """data.bos: true on a tokenizer that puts none by default (SmolLM2's): the stage trains on BOS-led rows and
+    its checkpoint records the token, so a resume under another data.bos is refused by name."""
+    from trainer_utils import make_corpus, make_tiny_teacher, one_process_stage, tail, train_in_one_process, write_config
+
+    from ds_hybrid.teacher import load_tokenizer
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    corpus = make_corpus(tmp_path / "corpus", n_files=12)
+    cfg = write_config(tmp_path / "run.yaml", teacher, corpus, tmp_path / "out", dtype="fp32",
+                       align=one_process_stage(2, ckpt_every=1, keep_checkpoints=2))
+    args = ["--stage", "align", "--config", str(cfg), "data.bos=true"]
+    (first,) = train_in_one_process([args], tmp_path / "runs.json")
+    assert first.returncode == 0, tail(first)
+    marks = sorted((tmp_path / "out" / "align" / "checkpoints").glob("*/COMPLETE"))
+    assert marks and all(json.loads(m.read_text())["settings"]["row_bos"] == load_tokenizer(str(teacher)).bos_token_id
+                         for m in marks)
+    (tmp_path / "out" / "align" / "DONE").unlink()  # as if killed after its last checkpoint: the next run resumes
+    (again,) = train_in_one_process([[*args[:-1], "data.bos=false"]], tmp_path / "runs2.json")
+    said = again.stdout + again.stderr
+    assert again.returncode != 0 and "data.bos='rows with no BOS': the checkpoint" in said and "with BOS token" in said and "set it back to resume" in said, \
+        tail(again)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -47,9 +48,9 @@ def pack(out: Path, part_bytes: int) -> list[Path]:
     src = embedded_dir()
     if not (src / "manifest.json").is_file():
         raise SystemExit(f"no built corpus at {src}: run `ds-hybrid corpus build` first")
+    if shutil.which("xz") is None:
+        raise SystemExit("pack needs the xz program (Debian/Ubuntu: apt-get install xz-utils); nothing was written")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("corpus.tar.xz.*"):
-        old.unlink()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:  # .jsonl.gz members: xz would gain little on them
         # the manifest last: an extraction cut short leaves no manifest, which reads as "not built" (ensure_embedded
@@ -58,11 +59,16 @@ def pack(out: Path, part_bytes: int) -> list[Path]:
         for f in sorted(src.iterdir(), key=lambda f: (f.name == "manifest.json", f.name)):
             tar.add(f, arcname=f"{src.name}/{f.name}")
     xz = subprocess.run(["xz", "-T0", "-6", "-c"], input=buf.getvalue(), capture_output=True, check=True).stdout
-    parts = []
+    # the new parts written aside, then the old ones removed and the new renamed in: a failure before leaves the
+    # old pack whole (an extraction of old and new parts mixed would be a corrupt archive)
+    new = []
     for i in range(0, len(xz), part_bytes):
-        p = out / f"corpus.tar.xz.{i // part_bytes:02d}"
+        p = out / f".new.corpus.tar.xz.{i // part_bytes:02d}"
         p.write_bytes(xz[i:i + part_bytes])
-        parts.append(p)
+        new.append(p)
+    for old in out.glob("corpus.tar.xz.*"):
+        old.unlink()
+    parts = [p.rename(out / p.name.removeprefix(".new.")) for p in new]
     return parts
 
 
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--num-proc", args.num_proc, "use 1 or more tokenizer processes")
     if args.cmd == "stats" and args.out:
         out_folder(Path(args.out).parent, "--out")
+    if args.cmd == "build" and args.sources and not args.force and (embedded_dir() / "manifest.json").is_file():
+        raise ConfigError("--sources", args.sources, f"a corpus is already built at {embedded_dir()} (every installed "
+                          "source): add --force to rebuild it from these sources")
     if args.cmd == "pack" and args.part_mb < 1:
         raise ConfigError("--part-mb", args.part_mb, "the largest part in MB: 1 or more (e.g. 60)")
     if args.cmd == "pack":

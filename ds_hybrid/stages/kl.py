@@ -276,7 +276,7 @@ class KLStage(Stage):
         if getattr(self, "_needles", None) is None:
             n = min(self.ctx.s.eval_recall, len(held.every))
             every = needle_rows([held.every[[i]][0].tolist() for i in range(n)], self.ctx.tokenizer,
-                                seed=self.ctx.cfg.seed)
+                                seed=self.ctx.cfg.seed, bos=getattr(held.every, "bos", None))
             idx, real = strided_share(n, D.rank(), D.world_size())
             self._needles = ([every[i] for i in idx], real)
         needles, real = self._needles

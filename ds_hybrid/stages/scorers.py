@@ -20,11 +20,11 @@ def _held_out_rows(cfg: RunConfig, tokenizer, seq_len: int, n: int, shard: bool 
                    len_field: str | None = None) -> list[torch.Tensor]:
     """The first ``n`` held-out rows of ``seq_len`` tokens ([1, seq_len] each): this rank's share, or all of them
     (``len_field``: the setting that gave seq_len, named if the held-out text is shorter)."""
-    from ds_hybrid.data import PackedSequences, prepare_streams
+    from ds_hybrid.data import PackedSequences, prepare_streams, row_bos
 
     streams = prepare_streams(cfg.data, tokenizer, is_main=D.is_main(), barrier=D.wait_for_main, need_tokens=0,
                               from_main=D.wait_for_main)
-    val = PackedSequences(streams.val, seq_len, max_rows=n)
+    val = PackedSequences(streams.val, seq_len, max_rows=n, bos=row_bos(cfg.data.bos, tokenizer))  # (kl's rows)
     if len(val) == 0:
         raise ConfigError("select.probe.seq_len" if len_field is None else len_field, seq_len,
                           "the held-out slice is shorter than one sequence of this length")
@@ -226,7 +226,10 @@ def retrieval_scores(cfg: RunConfig, teacher, tokenizer) -> tuple[dict[int, floa
     seq_len = sc.retrieval_seq_len
     rows = _held_out_rows(cfg, tokenizer, seq_len, sc.retrieval_prompts, shard=False,
                           len_field="select.retrieval_seq_len")
-    prompts = retrieval_prompts([r[0].tolist() for r in rows], tokenizer, seed=sc.ar_seed)  # the same on every rank
+    from ds_hybrid.data import row_bos
+
+    prompts = retrieval_prompts([r[0].tolist() for r in rows], tokenizer, seed=sc.ar_seed,  # the same on every rank
+                                bos=row_bos(cfg.data.bos, tokenizer))
     if not prompts:
         raise ConfigError("select.retrieval_prompts", sc.retrieval_prompts, "no held-out row gave a needle prompt "
                           "whose answer tokens occur in its fact; use more rows")

@@ -173,6 +173,27 @@ class SelectConfig:
     num_tasks: int | None = None  # (default: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)
 
 
+#: select settings read by some methods (or scores) only: {field: (the methods or scores that read it)}
+SELECT_METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("halving_first_tokens", "halving_keep", "halving_survivors"), ("halving",)),
+    **dict.fromkeys(("ar_prompts", "ar_pairs"), ("ar", "ar_multihop")),
+    "ar_seed": ("ar", "ar_multihop", "retrieval"),
+    **dict.fromkeys(("retrieval_prompts", "retrieval_seq_len"), ("retrieval",)),
+    "window": ("score train_window",),
+}
+
+
+def unused_select_settings(cfg: RunConfig) -> list[str]:
+    """The select settings set away from their defaults that this run's method (or score) never reads: said, not
+    refused, since one config commonly serves several methods (`select.method=...` per run)."""
+    sc, default = cfg.select, SelectConfig()
+    out = []
+    for f, readers in SELECT_METHOD_SETTINGS.items():
+        if getattr(sc, f) != getattr(default, f) and sc.method not in readers and f"score {sc.score}" not in readers:
+            out.append(f"select.{f} (read by {', '.join(readers)})")
+    return out
+
+
 # The paper's recipe (RADLADS stage 1 / stage 2 budgets from the reference configs), scaled by the user's tokens.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "align": dict(tokens=100_000_000, seq_len=512, global_batch=96, micro_batch="auto", lr=1e-3, lr_rest=0.0,
@@ -403,7 +424,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
                               "name without '/', or set out_dir")
         cfg.out_dir = f"outputs/{cfg.run_name}"
     if isinstance(cfg.select.probe, dict):  # (a probe setting given keeps the others' probe defaults)
-        cfg.select.probe = {**DEFAULT_PROBE, **cfg.select.probe}
+        hints = typing.get_type_hints(StageConfig)  # values as the stage's types take them (2e6 -> 2000000), so
+        cfg.select.probe = {k: _coerce(v, hints[k]) if k in hints else v  # that a selection's record compares
+                            for k, v in {**DEFAULT_PROBE, **cfg.select.probe}.items()}  # by value
     validate_static(cfg)
     return cfg
 
@@ -639,6 +662,9 @@ def check_stage(s: StageConfig, name: str) -> None:
         raise ConfigError(f"{name}.temperature", s.temperature, "must be positive (1 is the paper's)")
     if not 0 <= s.min_lr_ratio <= 1:
         raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, "a fraction of lr in [0, 1]")
+    if s.min_lr_ratio and s.schedule == "constant":
+        raise ConfigError(f"{name}.min_lr_ratio", s.min_lr_ratio, f"the floor of a decay, and {name}.schedule is "
+                          "constant (no decay: it would do nothing): set schedule: cosine or linear, or remove it")
     if name == "align":
         default = StageConfig(**STAGE_DEFAULTS["align"])
         for f, why in ALIGN_UNUSED.items():

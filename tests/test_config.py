@@ -1011,3 +1011,20 @@ def test_an_empty_teacher_is_refused_and_run_name_names_the_default_out_dir():
     for bad in ("a/b", "..", ""):
         with pytest.raises(ConfigError, match=r"^run_name=.*names the default out_dir"):
             config_from_dict({"run_name": bad})
+
+
+def test_settings_a_schedule_or_method_never_reads_are_refused_or_said():
+    """kl.min_lr_ratio under kl's default constant schedule did nothing, silently: refused; select settings of other
+    methods are listed (one config serves several methods, so they are said, not refused)."""
+    from ds_hybrid.config import unused_select_settings
+
+    with pytest.raises(ConfigError, match=r"^kl\.min_lr_ratio=0\.1: the floor of a decay, and kl\.schedule is constant"):
+        load_config(None, ["kl.min_lr_ratio=0.1"])
+    assert load_config(None, ["kl.min_lr_ratio=0.1", "kl.schedule=cosine"]).kl.min_lr_ratio == 0.1
+    assert unused_select_settings(load_config(None, [])) == []
+    cfg = load_config(None, ["select.halving_first_tokens=65536", "select.window=5", "select.ar_pairs=20"])
+    assert [u.split(" ")[0] for u in unused_select_settings(cfg)] == ["select.halving_first_tokens", "select.ar_pairs",
+                                                                     "select.window"]
+    assert unused_select_settings(load_config(None, ["select.method=halving", "select.halving_first_tokens=65536"])) \
+        == []
+    assert unused_select_settings(load_config(None, ["select.score=train_window", "select.window=5"])) == []

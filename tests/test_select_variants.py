@@ -608,6 +608,18 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
     from ds_hybrid.stages.probes import still_claimed
 
     still_claimed(out, ident)  # a task checks before each probe that the folder still holds its settings
+    # the same settings spelt otherwise are the same probes (refused as "other settings" before, forcing a retrain):
+    # the kernels' backend, a probe's number as text, the embedded teacher by name
+    for same in (["mixer_options.backend=fla"], ["select.probe.tokens=2e6"], ["teacher=embedded"]):
+        spelt = load_config(None, same)
+        claim_probes(out, probe_identity(spelt, probe_stage_config(spelt, align), align), force=False)
+    assert load_config(None, ["select.probe.tokens=2e6"]).select.probe["tokens"] == 2_000_000
+    old = json.loads(json.dumps(ident))
+    old["probe"]["tokens"], old["teacher"] = "2e6", None  # a record from before values were coerced
+    from ds_hybrid.stages.probes import _changed
+
+    assert _changed(old, ident) == []
+    assert [k for k, *_ in _changed(ident, {**ident, "mixer_options": {"use_gate": False}})] == ["mixer_options"]
     other = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, lr: 5e-4}"])
     with pytest.raises(ConfigError, match=r"^select\.probe\.lr=0\.0005: .* other settings \(select\.probe\.lr: 0\.0001 -> 0\.0005\).*--force"):
         claim_probes(out, probe_identity(other, probe_stage_config(other, align), align), force=False)

@@ -97,13 +97,40 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
             "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir), "dtype": dtype}
 
 
+def _number(v: object) -> float | None:
+    """A probe setting's number, written as a number or as text ("2e6", "2_000_000"); None for other values."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
 def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(setting, old value, new value) for each setting of a probe identity that differs."""
+    """(setting, old value, new value) for each setting of a probe identity that differs: the teacher as what it
+    names (`embedded` however written, a folder by its real path), mixer options as options (defaults filled in,
+    ``backend`` left out: how the kernels run, not what trains), numbers by value (a record written before they were
+    coerced holds "2e6" for 2000000)."""
+    from ds_hybrid.trainer import _mixer_option_change, _teacher_id
+
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and k in ("probe", "data"):
             out += _changed(a, b, f"{prefix}{k}.")
+        elif not prefix and k == "teacher" and k in old and k in new:
+            if _teacher_id(a) != _teacher_id(b):
+                out.append((k, a, b))
+        elif not prefix and k == "mixer_options" and isinstance(a, dict) and isinstance(b, dict):
+            if _mixer_option_change(a, b, new.get("mixer") or old.get("mixer") or "gdn"):
+                out.append((k, a, b))
+        elif prefix == "probe." and _number(a) is not None and _number(a) == _number(b):
+            continue
         elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             out.append((f"{prefix}{k}", a, b))
     return out

@@ -174,6 +174,11 @@ def run_select(cfg: RunConfig, force: bool = False) -> Path | None:
 
     pin_hub_commit(cfg)  # (a hub dataset: the commit the align read, and every probe and task after it)
     sc = cfg.select
+    from ds_hybrid.config import unused_select_settings
+
+    if (unused := unused_select_settings(cfg)) and D.is_main():
+        log.warning("select.method %s (score %s) does not read %s: set but unused in this run", sc.method, sc.score,
+                    "; ".join(unused))
     out = cfg.stage_dir("select") / sc.method  # the method's probes and its plain selection
     target = selection_target(cfg)
     # a probe task holds its place from before it looks for a selection until it has written one (a second copy

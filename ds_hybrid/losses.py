@@ -153,6 +153,17 @@ def check_kl_mask(kl_mask: torch.Tensor) -> None:
         raise TypeError(f"kl_mask must be a bool tensor (which tokens the KL covers), not {kl_mask.dtype}")
 
 
+def check_labels(labels: torch.Tensor | None, vocab: int, ce_weight: float) -> None:
+    """Labels the CE reads must be token ids of the vocabulary or -100 (ignored): the fused kernel reads the logit
+    at the label's column and would read another row's (or past the end) for any other value, where the reference
+    path's cross entropy raises. Checked on the device without waiting for it (a failure surfaces at the next sync,
+    as CUDA's own device asserts do)."""
+    if labels is None or not ce_weight:
+        return
+    ok = ((labels == -100) | ((labels >= 0) & (labels < vocab))).all()
+    torch._assert_async(ok, f"labels must be token ids in [0, {vocab}) or -100 (ignored)")
+
+
 def chunked_linear_loss(
     h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor | None = None, w_t: torch.Tensor | None = None,
     kl_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, temperature: float = 1.0,
@@ -164,6 +175,7 @@ def chunked_linear_loss(
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     check_kl_mask(kl_mask)
+    check_labels(labels, w_s.shape[0], ce_weight)
     stats: dict = {"need_grad": torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad),
                    "fp32_logits": fp32_logits}
     loss = ChunkedLinearLoss.apply(h_s, w_s, h_t, w_t, kl_mask, labels, temperature, kl_weight, ce_weight, chunk,

@@ -14,6 +14,7 @@ student from a partitioned teacher without any rank holding either model whole.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -110,9 +111,15 @@ def restore_softmax_layers(student: HybridForCausalLM, teacher: PreTrainedModel,
     Used by stage kl (start from the align checkpoint, restore the selected layers) and by selection probes.
     """
     keep = sorted(set(student.config.softmax_layers) | set(layers))
-    config = hybrid_config(teacher.config, keep, student.config.mixer, student.config.mixer_options)
+    if len(teacher.model.layers) != len(student.model.layers):
+        raise ValueError(f"the teacher has {len(teacher.model.layers)} layers, the student "
+                         f"{len(student.model.layers)}: restore layers from the student's own teacher")
+    # the student's own config (its teacher's, with what the student set apart from it: special token ids, a longer
+    # max_position_embeddings), not the teacher's: the new hybrid is the student with more softmax layers
+    config = hybrid_config(student.config.teacher_config, keep, student.config.mixer, student.config.mixer_options)
     p = next(student.parameters())
     new = cast(HybridForCausalLM(config), p.dtype, p.device)
+    new.generation_config = copy.deepcopy(student.generation_config)
     copy_module(new.model.embed_tokens, student.model.embed_tokens)
     copy_module(new.model.norm, student.model.norm)
     if not new.config.tie_word_embeddings:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ds_hybrid.kernels import triton_interpreted
-from ds_hybrid.losses import LossStats, check_kl_mask
+from ds_hybrid.losses import LossStats, check_kl_mask, check_labels
 
 INTERPRET = triton_interpreted()
 
@@ -429,6 +429,7 @@ def fused_linear_loss(
     if kl_mask is None:
         kl_mask = torch.ones(h_s.shape[0], dtype=torch.bool, device=h_s.device)
     check_kl_mask(kl_mask)
+    check_labels(labels, w_s.shape[0], ce_weight)
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: give the tokens per chunk as a positive number (1024 is the default)")
     if w_s.dtype != h_s.dtype:

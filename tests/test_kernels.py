@@ -437,3 +437,18 @@ def test_the_torch_reference_scales_bf16_gradients_in_fp32_and_forms_no_dw_for_a
     for fn in (chunked_linear_loss, fused_linear_loss):
         with pytest.raises(TypeError, match="kl_mask must be a bool tensor .* not torch.float32"):
             fn(hs.float(), ws.float(), ht.float(), wt.float(), mask.float(), chunk=16)
+
+
+def test_labels_outside_the_vocabulary_are_refused_by_both_paths():
+    """The fused kernel read the logit at any label's column: a negative label other than -100 or one >= V read
+    another row's logit (or past the buffer) where the reference's cross entropy raised. Both paths refuse it now;
+    -100 and every id in [0, V) pass, and without a CE term the labels are not read."""
+    hs, ws, ht, wt, mask, lab = inputs(40, 16, 200, seed=5)
+    for fn in (chunked_linear_loss, fused_linear_loss):
+        fn(hs, ws, ht, wt, mask, lab, 1.0, 1.0, 0.5, chunk=16)  # (inputs' labels: ids and -100)
+        for bad in (-1, 200):
+            wrong = lab.clone()
+            wrong[3] = bad
+            with pytest.raises(RuntimeError, match=r"labels must be token ids in \[0, 200\) or -100"):
+                fn(hs, ws, ht, wt, mask, wrong, 1.0, 1.0, 0.5, chunk=16)
+            fn(hs, ws, ht, wt, mask, wrong, 1.0, 1.0, 0.0, chunk=16)  # ce_weight 0: labels unread

@@ -202,6 +202,12 @@ def test_restore_softmax_layers_takes_teacher_attention():
     assert isinstance(restored.layers[1].self_attn, GatedDeltaNetMixer)
     assert torch.equal(restored.layers[1].self_attn.q_proj.weight, student.layers[1].self_attn.q_proj.weight)
     assert torch.equal(restored.layers[2].self_attn.q_proj.weight, teacher.model.layers[2].self_attn.q_proj.weight)
+    # what the student set apart from its teacher stays the student's (the config was rebuilt from the teacher's)
+    student.config.eos_token_id, student.config.max_position_embeddings = 7, 4 * teacher.config.max_position_embeddings
+    student.generation_config.max_new_tokens = 33
+    again = restore_softmax_layers(student, teacher, [2])
+    assert again.config.eos_token_id == 7 and again.config.max_position_embeddings == student.config.max_position_embeddings
+    assert again.generation_config.max_new_tokens == 33 and again.config.softmax_layers == [2]
 
 
 def test_a_bf16_hybrid_keeps_the_teachers_fp32_rope_and_equals_it(family, tmp_path):

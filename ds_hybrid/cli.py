@@ -71,7 +71,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         student.generation_config = generation
     from ds_hybrid.folders import atomic_folder
 
-    with atomic_folder(out, "convert") as tmp:  # whole or not at all: a crash leaves --out as it was
+    # whole or not at all: a crash leaves --out as it was; filled meanwhile by another writer, kept unless --overwrite
+    with atomic_folder(out, "convert", refuse_existing=not args.overwrite) as tmp:
         student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     print(f"saved {args.mixer} hybrid with softmax layers {layers} of {L} to {args.out}")

@@ -79,13 +79,15 @@ def usual_mode(folder: str | Path) -> None:
 
 
 @contextmanager
-def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iterator[Path]:
+def atomic_folder(out: str | Path, prefix: str, keep: str | None = None, refuse_existing: bool = False) -> Iterator[Path]:
     """Yields an empty temporary folder ``.<prefix>-*`` beside ``out``; when the block ends without an error, the
     folder gets :func:`usual_mode`, its files are forced to disk and it takes ``out``'s place (the rename forced
     too), an existing ``out`` swapped out and removed (readers
     never see a half folder). ``keep``: a file name that marks a complete folder; an ``out`` holding it (another
-    process's, e.g. ranks racing to convert one teacher) is kept and this one dropped. On an error, or when kept, the
-    temporary folder is removed and ``out`` is untouched."""
+    process's, e.g. ranks racing to convert one teacher) is kept and this one dropped. ``refuse_existing``: an ``out``
+    that holds something by then (filled meanwhile by another writer) is kept and FileExistsError raised, instead of
+    being swapped out and removed. On an error, or when kept, the temporary folder is removed and ``out`` is
+    untouched."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=out.parent))
@@ -100,6 +102,9 @@ def atomic_folder(out: str | Path, prefix: str, keep: str | None = None) -> Iter
         except OSError:  # out holds something
             if keep is not None and (out / keep).exists():  # (put there meanwhile)
                 return
+            if refuse_existing:
+                raise FileExistsError(f"{out} was filled while this was written; it is kept as it is, and nothing "
+                                      "was written there: choose a new folder") from None
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)

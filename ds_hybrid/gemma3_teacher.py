@@ -252,6 +252,11 @@ def gemma3_gguf(workdir: Path) -> Path:
         path = Path(os.environ[ENV_GGUF]).expanduser()
         if not path.is_file():
             raise ConfigError(ENV_GGUF, str(path), "no such file; point it at gemma-3-270m-q4_k_m.gguf or unset it")
+        # (a Gemma 3 of another size passes the tokenizer check, one vocabulary for all, and would be cached as
+        # gemma3-270m for every later run)
+        if (got := _sha256(path)) != GGUF_SHA256:
+            raise ConfigError(ENV_GGUF, str(path), f"its sha256 is {got[:16]}..., not gemma-3-270m-q4_k_m.gguf's "
+                              f"{GGUF_SHA256[:16]}...: point it at that file, or unset it (the PyPI packages)")
         return path
     parts = []
     for module, name in CHUNKS:

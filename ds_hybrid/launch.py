@@ -168,7 +168,10 @@ def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
     try:  # (a hub teacher is downloaded here, before the job's ranks would wait on one rank's download)
         tc = load_teacher_config(local_teacher(cfg.teacher))
     except ConfigError as e:
-        if not e.fix.startswith("no such folder"):  # (a family, remote code or a hub that refuses: the stages would)
+        # (a family, remote code or a hub that refuses an id: the stages would too; but "models/Llama" may be a
+        # relative folder on the compute nodes only, which the hub is then asked for)
+        local_looking = e.fix.startswith("not a folder here and the hub") and str(cfg.teacher).count("/") == 1
+        if not (e.fix.startswith("no such folder") or local_looking):
             raise
         print(f"note: the teacher's folder is not here ({e}): the stages check their settings against its config "
               "when they start", file=sys.stderr)

@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-gib", type=float, default=80.0)
     ap.add_argument("--stage", default=None, help="one stage (default: align, kl and finetune)")
     ap.add_argument("--teacher-config", default=None, help="the teacher's config.json when its weights are not here")
-    ap.add_argument("--dtype-bytes", type=int, default=2, help="bytes per parameter/activation (2: bf16)")
+    ap.add_argument("--dtype-bytes", type=int, default=None, help="bytes per parameter/activation (default: the "
+                    "config's dtype on a GPU: 4 for fp32, else 2, bf16)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.stage is not None and args.stage not in TRAIN_STAGES:
@@ -321,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(name, v, "plan for at least 1")
     if not args.gpu_gib > 0:
         raise ConfigError("--gpu-gib", args.gpu_gib, "one GPU's memory in GiB, e.g. 80 (H100) or 141 (H200)")
-    if args.dtype_bytes not in (2, 4, 8):
+    if args.dtype_bytes not in (None, 2, 4, 8):
         raise ConfigError("--dtype-bytes", args.dtype_bytes, "2 (bf16, the GPU default), 4 (fp32) or 8 (fp64)")
     cfg = load_config(args.config, args.overrides)
+    if args.dtype_bytes is None:  # (a config of dtype fp32 was planned in bf16: half its bytes, "fits")
+        args.dtype_bytes = 4 if cfg.dtype == "fp32" else 2
     world = args.nodes * args.gpus_per_node
     for stage in [args.stage] if args.stage else ["align", "kl", "finetune"]:
         plan = plan_for(cfg, stage, world, args.gpu_gib, args.teacher_config, args.dtype_bytes)

@@ -122,16 +122,18 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jin
 HUB_SKIP = ["consolidated*", "original/*"]  # (the original checkpoint some repos keep beside the HF one: as large)
 
 
-def local_teacher(spec: str | None, field: str = "teacher") -> str:
+def local_teacher(spec: str | None, field: str = "teacher", revision: str | None = None) -> str:
     """:func:`resolve_teacher`, then a local folder of safetensors weights, which training reads directly (its
     fingerprint, the weight transfer): a hub id is downloaded (its config, safetensors and tokenizer files, into the
-    hub's cache); a folder with no ``*.safetensors`` (``pytorch_model.bin`` only) is refused naming ``field``."""
+    hub's cache; ``revision``: that commit, else the default branch's latest); a folder with no ``*.safetensors``
+    (``pytorch_model.bin`` only) is refused naming ``field``."""
     path = resolve_teacher(spec, field)
     if not Path(path).is_dir():  # a hub id
         try:
             from huggingface_hub import snapshot_download
 
-            path = snapshot_download(repo_id=path, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP)
+            path = snapshot_download(repo_id=path, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP,
+                                     revision=revision)
         except Exception as e:  # (offline, gated, no such repo: each its own exception class)
             why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ConfigError(field, spec, f"not a folder here and the hub did not give it ({why}); download it "
@@ -146,11 +148,31 @@ def local_teacher(spec: str | None, field: str = "teacher") -> str:
 
 def job_teacher(spec: str | None, field: str = "teacher") -> str:
     """:func:`local_teacher` for every rank of a job: the main rank converts the embedded teacher (downloads a hub
-    one) once and passes its folder on; a node that does not see that folder (a cache of its own) makes its own."""
+    one) once and passes its folder on, the others waiting for it outside any collective (a 70B download outlasts
+    the collectives' timeout, ``dist_timeout_minutes``: distributed.wait_for_main); a node that does not see that
+    folder (a hub cache of its own) downloads the same commit (a hub snapshot's folder is named by it), not the
+    branch's latest. A failure on the main rank is raised on every rank."""
+    import json
+
     from ds_hybrid import distributed as D
 
-    path = D.main_reads(lambda: local_teacher(spec, field))
-    return path if Path(path).is_dir() else local_teacher(spec, field)
+    if D.is_main():
+        try:
+            said = json.dumps({"path": local_teacher(spec, field)})
+        except ConfigError as e:
+            D.wait_for_main(json.dumps({"error": [e.field, e.value, e.fix]}))
+            raise
+        D.wait_for_main(said)
+    else:
+        said = D.wait_for_main()
+    got = json.loads(said)
+    if "error" in got:
+        raise ConfigError(*got["error"])
+    path = Path(got["path"])
+    if path.is_dir():
+        return str(path)
+    revision = path.name if path.parent.name == "snapshots" else None  # (hub cache: snapshots/<commit>)
+    return local_teacher(spec, field, revision=revision)
 
 
 def load_teacher_config(spec: str | None, field: str = "teacher"):

@@ -121,7 +121,7 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         raise ConfigError("--model", str(src), f"holds the language model's {twice[:3]} under two names each")
     if "model.embed_tokens.weight" not in kept.values() or not any(".layers." in n for n in kept.values()):
         raise ConfigError("--model", str(src), "holds no language-model embedding or layers")
-    with atomic_folder(out, out.name) as tmp:  # (out is absent or empty: checked above)
+    with atomic_folder(out, out.name, refuse_existing=True) as tmp:  # (absent or empty above; filled meanwhile: kept)
         plan = shard_plan(reader, sorted(kept, key=lambda k: kept[k]), shard_bytes)
         writer = ShardWriter(tmp, len(plan))
         for i, keys in enumerate(plan):  # one shard in memory at a time

@@ -81,7 +81,9 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
     tokenizer = load_tokenizer(teacher_path)
     check_vocab(teacher_config, tokenizer)
     L = teacher_config.num_hidden_layers
-    layers = [] if stage == "align" else resolve_softmax_layers(cfg.softmax_layers, L)
+    # (the main rank's reading of a selection file for every rank: ranks that built other layers would meet in
+    # mismatched collectives)
+    layers = [] if stage == "align" else D.main_reads(lambda: resolve_softmax_layers(cfg.softmax_layers, L))
     s = cfg.stage(stage)
     check_context(f"{stage}.seq_len", s.seq_len, teacher_config)
     if s.micro_batch == "auto":
@@ -267,7 +269,8 @@ def device_gib() -> float:
         return torch.cuda.get_device_properties(D.device()).total_memory / 2**30
     import psutil
 
-    local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", 1))
+    env = __import__("os").environ  # (torchrun and Slurm set LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE)
+    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
     return psutil.virtual_memory().available / 2**30 / max(1, local)
 
 

@@ -964,7 +964,7 @@ def test_the_form_of_softmax_layers_is_checked_with_the_run_config():
         load_config(None, [f"softmax_layers={spec}"])
 
 
-def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(tmp_path, capsys):
+def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(tmp_path, capsys, monkeypatch):
     """What the stages check against the teacher when they start is checked by the launchers before align: a softmax
     layer past the teacher's last, a seq_len past its context, a select K past its layer count, kl's teacher_overlap
     with a ZeRO-3 teacher (each found after align and select before). A teacher folder not on this node is said and
@@ -987,6 +987,16 @@ def test_the_launch_check_holds_every_stage_still_to_run_to_the_teachers_config(
                                                  "kl.teacher_ds_config=ds_configs/teacher_zero3.json"]), ["kl"], 1)
     launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", f"teacher={tmp_path / 'nowhere'}",
                                              "softmax_layers=[1, 99]"]), ["kl"], 1)
+    assert "note: the teacher's folder is not here" in capsys.readouterr().err
+    # a relative folder of the compute nodes ("models/Llama": one slash, taken for a hub id here, which the hub does
+    # not give) is said and left to the stages too, not refused
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("Repository Not Found")))
+    monkeypatch.chdir(tmp_path)
+    launch.check_pipeline(load_config(None, [f"out_dir={tmp_path / 'run'}", "teacher=models/Llama",
+                                             "softmax_layers=[1]"]), ["kl"], 1)
     assert "note: the teacher's folder is not here" in capsys.readouterr().err
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()

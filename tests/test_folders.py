@@ -113,3 +113,19 @@ def test_shard_writer_names_indexes_and_reads_back(tmp_path):
         assert index["weight_map"]["a"] == f"model-00001-of-0000{n}.safetensors"
         reader = SafetensorsReader(folder)
         assert torch.equal(reader.get("c"), a) and (n == 1 or torch.equal(reader.get("b"), b))
+
+
+def test_atomic_folder_refusing_existing_keeps_a_folder_filled_meanwhile(tmp_path):
+    """extract-text checks --out is empty, copies for minutes, then published: a folder filled meanwhile by another
+    writer was swapped out and deleted. With refuse_existing it is kept and the new one dropped, named."""
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="was filled while this was written"):
+        with atomic_folder(out, "w", refuse_existing=True) as tmp:
+            (tmp / "mine.txt").write_text("new")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temporary folder removed
+    with atomic_folder(tmp_path / "empty", "w", refuse_existing=True) as tmp:  # absent or empty: published
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "empty" / "a").read_text() == "a"

@@ -96,6 +96,12 @@ def test_missing_packages_name_the_field_and_the_pip_command(monkeypatch, tmp_pa
     with pytest.raises(ConfigError) as e:
         resolve_teacher("gemma3-270m")
     assert e.value.field == g3.ENV_GGUF
+    other = tmp_path / "gemma-3-1b.gguf"  # another file (another size's GGUF passes the tokenizer check)
+    other.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setenv(g3.ENV_GGUF, str(other))
+    with pytest.raises(ConfigError, match=r"its sha256 is [0-9a-f]{16}\.\.\., not gemma-3-270m-q4_k_m\.gguf's"):
+        resolve_teacher("gemma3-270m")
+    assert not (tmp_path / "gemma3-270m").exists()  # nothing cached under the 270M's name
 
 
 def test_a_converted_folder_is_reused(monkeypatch, tmp_path):

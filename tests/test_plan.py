@@ -208,3 +208,18 @@ def test_plan_counts_16bit_logits_with_kl_fp32_logits_false():
     C, V = 1024, 49152
     assert plans["triton", "true"] - plans["triton", "false"] == 2 * C * V * 2
     assert plans["torch", "false"] - plans["torch", "true"] == C * V * 2
+
+
+def test_plan_cli_plans_a_config_of_dtype_fp32_in_fp32(capsys):
+    """`ds-hybrid plan` planned every config in bf16 (--dtype-bytes defaulted to 2): a dtype: fp32 run was shown at
+    half its parameter bytes and said to fit."""
+    from ds_hybrid.plan import main
+
+    base = ["--config", "runs/llama3_70b_gdn.yaml", "--teacher-config", "runs/configs/llama3_70b/config.json",
+            "--nodes", "4", "--stage", "kl"]
+    rows = {}
+    for dtype in ("bf16", "fp32"):
+        assert main([*base, f"dtype={dtype}"]) == 0
+        out = capsys.readouterr().out
+        rows[dtype] = float(re.search(r"\| student params \| ([\d.]+) \|", out).group(1))
+    assert rows["fp32"] == pytest.approx(2 * rows["bf16"], abs=0.015)  # (two decimals printed)

@@ -111,7 +111,7 @@ def test_a_hub_teacher_is_downloaded_for_training_and_a_folder_without_safetenso
     (snap / "model.safetensors").write_bytes(b"")
     calls = []
 
-    def snapshot_download(repo_id, allow_patterns, ignore_patterns):
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns, revision=None):
         calls.append((repo_id, allow_patterns, ignore_patterns))
         if repo_id == "org/offline":
             raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -130,6 +130,44 @@ def test_a_hub_teacher_is_downloaded_for_training_and_a_folder_without_safetenso
     (snap / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"^teacher=.*has no \*\.safetensors weights \(pytorch_model\.bin only\?\)"):
         local_teacher(str(snap))
+
+
+def test_a_jobs_ranks_take_the_main_ranks_teacher_commit_and_error_without_a_collective(tmp_path, monkeypatch):
+    """job_teacher: the main rank downloads a hub teacher while the others wait in the store (a broadcast under the
+    collectives' 30-minute timeout ended a job whose 70B download took longer); a rank that does not see the main
+    rank's snapshot downloads the same commit, not the branch's latest; the main rank's error is every rank's."""
+    import json
+
+    import huggingface_hub
+
+    from ds_hybrid import distributed as D
+    from ds_hybrid.teacher import job_teacher
+
+    mine = tmp_path / "mine" / "snapshots" / "c0ffee"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    (mine / "model.safetensors").write_bytes(b"")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns, ignore_patterns, revision=None):
+        asked.append(revision)
+        return str(mine)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    said = []
+    monkeypatch.setattr(D, "is_main", lambda: True)
+    monkeypatch.setattr(D, "wait_for_main", lambda value="1": said.append(value) or value)
+    assert job_teacher("org/name") == str(mine) and asked == [None] and json.loads(said[-1]) == {"path": str(mine)}
+    with pytest.raises(ConfigError, match=r"^teacher='\./none': no such folder"):
+        job_teacher("./none")
+    assert json.loads(said[-1])["error"][0] == "teacher"  # (the others raise it too, below)
+    monkeypatch.setattr(D, "is_main", lambda: False)
+    for main_said in (json.dumps({"path": "/elsewhere/snapshots/c0ffee"}),):  # a node that does not see it
+        monkeypatch.setattr(D, "wait_for_main", lambda value="1": main_said)
+        assert job_teacher("org/name") == str(mine) and asked[-1] == "c0ffee"
+    monkeypatch.setattr(D, "wait_for_main", lambda value="1": said[-1])
+    with pytest.raises(ConfigError, match=r"^teacher='\./none': no such folder"):
+        job_teacher("./none")
 
 
 def test_ratio_round_half_up_as_paper_configs():

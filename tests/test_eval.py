@@ -1720,7 +1720,7 @@ def test_an_earlier_evaluation_in_out_is_kept_unless_resume_or_overwrite_says(ti
     out = tmp_path / "ev"
     out.mkdir()
     for f in ("eval.json", "eval.md", "bench_infer.json"):
-        (out / f).write_text("earlier")
+        (out / f).write_text("earlier")  # (unreadable: taken as complete; a partial bench-infer is run again)
     monkeypatch.setattr("ds_hybrid.evaluation.run.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     base = ["--model", f"tiny={tiny[2]}", "--out", str(out)]
     for argv, want in (

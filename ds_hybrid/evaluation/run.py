@@ -57,12 +57,21 @@ def check_args(args: argparse.Namespace, models: dict[str, str]) -> dict[str, st
     return {name: model_folder(path, model_field(args, name)) for name, path in models.items()}
 
 
-def check_out(args: argparse.Namespace, record: str) -> Path:
+def _complete(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("complete", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return True  # (unreadable: not known to be a partial run's)
+
+
+def check_out(args: argparse.Namespace, record: str, partial_ok: bool = False) -> Path:
     """``--out``, refused (before any model is loaded) where it holds an earlier run's ``record``.json that this run
-    would replace, unless --resume (eval: keep its finished models) or --overwrite says so."""
+    would replace, unless --resume (eval: keep its finished models) or --overwrite says so. ``partial_ok``
+    (bench-infer, which has no --resume): a run that stopped part way is replaced by running it again."""
     out = out_folder(args.out)
-    if (out / f"{record}.json").exists() and not getattr(args, "resume", False) \
-            and not getattr(args, "overwrite", False):
+    path = out / f"{record}.json"
+    if path.exists() and not getattr(args, "resume", False) and not getattr(args, "overwrite", False) \
+            and not (partial_ok and not _complete(path)):
         keep = "add --resume to keep its finished models and run the rest, " if hasattr(args, "resume") else ""
         raise ConfigError("--out", args.out, f"it holds an earlier run ({record}.json) that this one would replace: "
                           f"{keep}give another --out (`ds-hybrid eval-merge` combines folders), or add --overwrite")
@@ -664,7 +673,7 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     if args.fuse_projections:  # the last (fastest) mode again with the hybrids' input projections fused
         modes = modes + (modes[-1] + "_fused",)
     folders = check_args(args, models)
-    check_out(args, "bench_infer")
+    check_out(args, "bench_infer", partial_ok=True)
     for name, folder in folders.items():
         if "text_config" in json.loads((Path(folder) / "config.json").read_text()):
             raise ConfigError(model_field(args, name), models[name],

@@ -73,6 +73,7 @@ class Plan:
     kl_workspace: int
     framework: int
     checkpoint_bytes: int = 0  # on disk, all ranks together (not GPU memory)
+    reduce_buckets: int = 0  # ZeRO-2's gradient reduction buckets (contiguous_gradients; two with overlap_comm)
 
     @property
     def total(self) -> int:
@@ -180,6 +181,16 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # fp32 gradient of every trainable parameter; otherwise gradients are in the model dtype
     g_bytes = 4 if (s_stage == 1 and student_ds.get("data_types", {}).get("grad_accum_dtype") == "fp32") else b
     grads = g_bytes * counts.trainable // (world if s_stage >= 2 else 1)
+    if g_bytes == 4 and b < 4 and max(1, s.global_batch // world) // micro > 1:
+        # (DeepSpeed's BF16_Optimizer keeps the model-dtype gradients autograd writes beside the fp32 ones and only
+        # zeroes them between micro-batches: from the second micro-batch of a step on, all of them beside its
+        # activations; freed after the step)
+        grads += b * counts.trainable
+    # ZeRO-2 stages gradients in buffers of reduce_bucket_size elements in the model dtype whatever the model's size
+    # (DeepSpeed's stage_1_and_2 setup_buckets: a second with overlap_comm): 1.86 GiB at ds_configs/student_zero2.json
+    z = student_ds.get("zero_optimization", {})
+    buckets = ((2 if z.get("overlap_comm", False) else 1) * int(float(z.get("reduce_bucket_size", 5e8))) * b
+               if s_stage == 2 and z.get("contiguous_gradients", True) else 0)
     optim = 12 * counts.trainable // shard
     n = micro * s.seq_len
     h, i, L, V = counts.hidden, counts.intermediate, counts.layers, counts.vocab
@@ -248,7 +259,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     ckpt = b * counts.student + 12 * counts.trainable
     return Plan(stage=stage, world=world, gpu_gib=gpu_gib, micro_batch=micro, checkpoint_bytes=ckpt, teacher_shards=teacher_shards, teacher_working_set=teacher_ws,
                 student_params=student, student_working_set=student_ws, gradients=grads, optimizer_states=optim, activations=acts, kl_workspace=kl,
-                framework=FRAMEWORK_BYTES)
+                framework=FRAMEWORK_BYTES, reduce_buckets=buckets)
 
 
 def auto_micro_batch(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float,

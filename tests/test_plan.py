@@ -223,3 +223,32 @@ def test_plan_cli_plans_a_config_of_dtype_fp32_in_fp32(capsys):
         out = capsys.readouterr().out
         rows[dtype] = float(re.search(r"\| student params \| ([\d.]+) \|", out).group(1))
     assert rows["fp32"] == pytest.approx(2 * rows["bf16"], abs=0.015)  # (two decimals printed)
+
+
+def test_plan_counts_zero2s_gradient_buckets():
+    """ZeRO-2 (the default student_zero2.json: contiguous_gradients, overlap_comm, reduce_bucket_size 5e8) allocates
+    two reduction buffers of 5e8 bf16 elements on every rank whatever the model's size, which no term held: a plan
+    near the card's limit said "fits". ZeRO-1 and 3 have none."""
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    base = ["kl.micro_batch=4", "softmax_layers=[1]"]
+    tc = "runs/configs/llama3_8b/config.json"
+    z2 = plan_for(load_config(None, [*base, "kl.ds_config=ds_configs/student_zero2.json"]), "kl", 8, 80.0, tc, 2)
+    z1 = plan_for(load_config(None, [*base, "kl.ds_config=ds_configs/student_zero1.json"]), "kl", 8, 80.0, tc, 2)
+    assert z2.reduce_buckets == 2 * 500_000_000 * 2 and z1.reduce_buckets == 0
+    assert "| reduce buckets | 1.86 |" in z2.table()
+
+
+def test_plan_counts_zero1s_16bit_gradients_beside_the_fp32_ones_under_accumulation():
+    """ZeRO-1 with fp32 accumulation (BF16_Optimizer) zeroes, not frees, the bf16 gradients between micro-batches:
+    with two or more micro-batches a step they sit beside the activations (17 GiB for an 8B student)."""
+    from ds_hybrid.config import load_config
+    from ds_hybrid.plan import plan_for
+
+    tc = "runs/configs/llama3_8b/config.json"
+    plans = {m: plan_for(load_config(None, ["kl.ds_config=ds_configs/student_zero1.json", "kl.global_batch=32",
+                                            f"kl.micro_batch={m}", "softmax_layers=[1]"]), "kl", 8, 80.0, tc, 2)
+             for m in (4, 2)}  # 4 a rank: one micro-batch a step, then two
+    counts_grads = plans[4].gradients
+    assert plans[2].gradients == counts_grads + counts_grads // 2  # + 2 bytes beside the 4 of every trainable one

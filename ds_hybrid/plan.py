@@ -153,14 +153,16 @@ def count_models(teacher_config, cfg: RunConfig, stage: str, softmax_layers: lis
 
 
 def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float = 80.0,
-              dtype_bytes: int | None = None, micro_batch: int | None = None) -> Plan:
-    """The plan of ``stage`` at ``micro_batch`` (default: the stage's, which must then be resolved, not "auto")."""
+              dtype_bytes: int | None = None, micro_batch: int | None = None, on_gpu: bool = True) -> Plan:
+    """The plan of ``stage`` at ``micro_batch`` (default: the stage's, which must then be resolved, not "auto").
+    ``on_gpu=False``: a CPU run's (host memory): compile and kl_backend ``auto`` resolve as they do there (eager
+    blocks, the torch reference loss)."""
     from ds_hybrid.stages.common import zero_stage
 
     s = cfg.stage(stage)
     micro = micro_batch if micro_batch is not None else s.micro_batch
     if micro == "auto":
-        micro = auto_micro_batch(cfg, stage, counts, world, gpu_gib, dtype_bytes)
+        micro = auto_micro_batch(cfg, stage, counts, world, gpu_gib, dtype_bytes, on_gpu)
     student_ds = json.loads(resolve_path(s.ds_config).read_text())
     teacher_ds = json.loads(resolve_path(s.teacher_ds_config).read_text())
     from ds_hybrid.stages.common import run_dtype
@@ -214,7 +216,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # ones (d - h and extra norms, which the SmolLM2 and Llama fits never see) were fitted to its three compiled kl
     # runs of the third lease that day (16 x 4096, K = 3: 48.3-49.8 GiB; docs/data/gemma3_270m_h200_2026-12-04c),
     # one shape only: the eager values scaled by one factor (0.26) and rounded. tests/test_plan.py holds both.
-    compiled = s.compile is not False and s_stage < 3  # the plan is for GPUs, where compile: auto compiles
+    compiled = (s.compile is True or (s.compile == "auto" and on_gpu)) and s_stage < 3  # (as wants_compile)
     soft_c, lin_c, i_c = (12, 36, 4) if compiled else (18, 54, 6)
     soft_d, lin_d, norm_c = (3, 12, 2) if compiled else (10, 46, 7)
     d = counts.attn_width or h
@@ -236,7 +238,8 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     else:
         acts = n_soft * soft_layer + (L - n_soft) * lin_layer + states
     C = min(s.loss_chunk_tokens, n)
-    if s.kl_backend == "torch":
+    torch_loss = s.kl_backend == "torch" or (s.kl_backend == "auto" and not on_gpu)  # (as stages.kl._loss_function)
+    if torch_loss:
         # the reference's [C, V] workspaces (losses.ChunkedLinearLoss, fp32; fp64 for fp64 runs): the logits, log p_s
         # and p_t with a teacher, log p for CE, dL/dz; and a 16-bit copy while rounding them (kl.fp32_logits false)
         uses_ce = not uses_teacher or s.ce_weight > 0
@@ -250,7 +253,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # dW (counted also for a frozen LM head, lr_rest 0, which computes none since 2026-12-06: the runs this plan was
     # measured against did), and beside a 16-bit dW its fp32 sum: the kernel's accumulator where more than one
     # chunk's GEMM adds to it (kl.dw_fp32), the torch reference's fp32 copy of W and fp32 dW always
-    if s.kl_backend == "torch":
+    if torch_loss:
         dw = V * h * b + (8 * V * h if b < 4 else 0)
     else:
         dw = V * h * b + (4 * V * h if s.dw_fp32 and b < 4 and n > C else 0)
@@ -263,7 +266,7 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
 
 
 def auto_micro_batch(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_gib: float,
-                     dtype_bytes: int | None = None) -> int:
+                     dtype_bytes: int | None = None, on_gpu: bool = True) -> int:
     """``micro_batch: auto``: the largest divisor of global_batch / world whose plan fits AUTO_MEMORY_FRACTION of
     ``gpu_gib`` (1 if none does; the printed plan then says it does not fit). Larger micro-batches mean fewer,
     larger kernels and fewer per-micro-batch fixed costs, which is most of what a small model's step spends."""
@@ -271,7 +274,7 @@ def auto_micro_batch(cfg: RunConfig, stage: str, counts: ModelCounts, world: int
     per_rank = max(1, s.global_batch // world)
     budget = AUTO_MEMORY_FRACTION * gpu_gib * GIB
     for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
-        if make_plan(cfg, stage, counts, world, gpu_gib, dtype_bytes, micro_batch=m).total <= budget:
+        if make_plan(cfg, stage, counts, world, gpu_gib, dtype_bytes, micro_batch=m, on_gpu=on_gpu).total <= budget:
             return m
     return 1
 

@@ -278,7 +278,7 @@ def resolve_auto_micro_batch(cfg: RunConfig, stage: str, teacher_config, softmax
     from ds_hybrid.plan import auto_micro_batch, count_models
 
     counts = count_models(teacher_config, cfg, stage, softmax_layers)
-    return auto_micro_batch(cfg, stage, counts, D.world_size(), device_gib())
+    return auto_micro_batch(cfg, stage, counts, D.world_size(), device_gib(), on_gpu=torch.cuda.is_available())
 
 
 def stage_plan(ctx: StageContext):
@@ -287,7 +287,7 @@ def stage_plan(ctx: StageContext):
 
     counts = count_models(ctx.teacher_config, ctx.cfg, ctx.stage, ctx.softmax_layers)
     gib = device_gib() if torch.cuda.is_available() else 80.0
-    return make_plan(ctx.cfg, ctx.stage, counts, D.world_size(), gib)
+    return make_plan(ctx.cfg, ctx.stage, counts, D.world_size(), gib, on_gpu=torch.cuda.is_available())
 
 
 def rank_places() -> list[dict]:

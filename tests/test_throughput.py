@@ -338,6 +338,21 @@ def test_auto_micro_batch_is_the_largest_divisor_whose_plan_fits():
     assert cfg.kl.micro_batch == "auto" and plan.micro_batch == 4 and "micro-batch 4" in plan.table()
 
 
+def test_a_cpu_runs_plan_has_eager_blocks_and_the_torch_loss_where_auto_picks_them():
+    """micro_batch auto on CPU was sized as on a GPU: compiled blocks (compile auto compiles on CUDA only) and the
+    Triton kernel's workspace (kl_backend auto runs the torch reference on CPU), up to ~1.5x too large a batch."""
+    from ds_hybrid.plan import make_plan
+
+    cfg, counts = _counts(**{"kl.ds_config": "ds_configs/single.json", "kl.micro_batch": 4})
+    gpu, cpu = make_plan(cfg, "kl", counts, 1), make_plan(cfg, "kl", counts, 1, on_gpu=False)
+    assert cpu.activations > gpu.activations and cpu.kl_workspace > gpu.kl_workspace
+    for knobs in ({"compile": True, "kl_backend": "triton"}, {"compile": False, "kl_backend": "torch"}):
+        for k, v in knobs.items():  # set explicitly, the same either way
+            setattr(cfg.kl, k, v)
+        a, b = make_plan(cfg, "kl", counts, 1), make_plan(cfg, "kl", counts, 1, on_gpu=False)
+        assert (a.activations, a.kl_workspace) == (b.activations, b.kl_workspace)
+
+
 def test_auto_micro_batch_needs_a_global_batch_the_ranks_share():
     cfg = load_config(None, ["kl.global_batch=10", "kl.tokens=1e6"])
     validate_for_launch(cfg, "kl", 2)  # 10 = 2 x 5
@@ -350,7 +365,11 @@ def test_zero1_with_fp32_accumulation_plans_fp32_gradients():
 
     cfg, counts = _counts(**{"kl.ds_config": "ds_configs/student_zero1.json", "kl.micro_batch": 1})
     z1 = make_plan(cfg, "kl", counts, 2, dtype_bytes=2)
-    assert z1.gradients == 4 * counts.trainable  # BF16_Optimizer: an fp32 gradient per trainable parameter
+    # BF16_Optimizer: an fp32 gradient per trainable parameter, and under accumulation (32 / 2 ranks / micro 1) the
+    # bf16 ones autograd writes, zeroed between micro-batches, not freed
+    assert z1.gradients == (4 + 2) * counts.trainable
+    cfg.kl.global_batch = 2  # one micro-batch a step
+    assert make_plan(cfg, "kl", counts, 2, dtype_bytes=2).gradients == 4 * counts.trainable
     assert z1.optimizer_states == 12 * counts.trainable // 2  # ZeRO-1 partitions the optimizer states
     cfg.kl.ds_config = "ds_configs/student_zero2.json"
     assert make_plan(cfg, "kl", counts, 2, dtype_bytes=2).gradients == 2 * counts.trainable // 2

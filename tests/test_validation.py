@@ -217,3 +217,30 @@ def test_a_teachers_trained_context_counts_its_rope_scaling():
             "original_max_position_embeddings": 8192})
         assert trained_context(llama31) == 131072
     assert trained_context(Gemma3TextConfig(max_position_embeddings=32768)) == 32768
+
+
+def test_an_init_from_of_a_teacher_of_another_width_is_refused_by_name(tmp_path):
+    """check_init_from compared only the vocabulary and the layer count: an align export of a teacher as deep, of
+    the same vocabulary and another width, passed and the weights failed to load with a raw shape error."""
+    import types
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trainer_utils import make_tiny_teacher
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.stages.base import check_init_from
+    from ds_hybrid.transfer import build_hybrid
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    export = tmp_path / "align_hf"
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher), softmax_layers=[]).save_pretrained(export)
+    cfg = load_config(None, [])
+    same = AutoConfig.from_pretrained(teacher)
+    ctx = types.SimpleNamespace(cfg=cfg, teacher_config=same, softmax_layers=[1])
+    assert check_init_from(ctx, export, "kl.init_from").softmax_layers == []
+    wider = AutoConfig.from_pretrained(teacher)
+    wider.hidden_size, wider.intermediate_size = 128, 256
+    ctx.teacher_config = wider
+    with pytest.raises(ConfigError, match=r"^kl\.init_from=.*was made from a different teacher \(hidden_size 64 "
+                                          r"there, 128 in this run's teacher\)"):
+        check_init_from(ctx, export, "kl.init_from")

@@ -183,8 +183,14 @@ def check_init_from(ctx: StageContext, init_from: str | Path, field: str) -> Hyb
         raise ConfigError(field, str(init_from), f"holds a {src_cfg.model_type} model, not a ds_hybrid hybrid")
     if src_cfg.mixer != ctx.cfg.mixer:
         raise ConfigError("mixer", ctx.cfg.mixer, f"{init_from} was trained with mixer {src_cfg.mixer!r}; use the same")
-    if src_cfg.vocab_size != ctx.teacher_config.vocab_size or src_cfg.num_hidden_layers != ctx.teacher_config.num_hidden_layers:
-        raise ConfigError(field, str(init_from), "was made from a different teacher (vocab or layer count differ)")
+    theirs, ours = src_cfg.teacher_config, ctx.teacher_config
+    shape = ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+             "num_key_value_heads", "head_dim")  # (a teacher of the same depth and vocabulary, another width: a raw
+    for key in shape:                            # shape error once the weights were read)
+        if getattr(theirs, key, None) != getattr(ours, key, None):
+            raise ConfigError(field, str(init_from), f"was made from a different teacher ({key} "
+                              f"{getattr(theirs, key, None)} there, {getattr(ours, key, None)} in this run's "
+                              f"teacher): start from an export of this teacher's runs")
     # the mixers' weights come from init_from, so its options are the ones they were trained with: a run that asks
     # for others (e.g. mixer_options.use_gate: false after an align with the gate) is refused, not silently ignored;
     # `backend` only picks the kernels and is the run's own

@@ -67,7 +67,7 @@ def test_a_dotted_override_sets_one_entry_and_a_probe_setting_keeps_the_probe_de
     assert apply_overrides(sel, ["softmax_layers.selection=y.json"]) == {
         "softmax_layers": {"selection": "y.json", "ratio": 0.25}}
     probe = load_config(None, ["select.probe.tokens=5e6"]).select.probe
-    assert probe == {**DEFAULT_PROBE, "tokens": "5e6"}
+    assert probe == {**DEFAULT_PROBE, "tokens": 5_000_000}  # (taken as the stage's type: compared by value)
     probe = load_config(cfg_file(tmp_path, {"select": {"probe": {"seq_len": 2048}}})).select.probe
     assert probe["seq_len"] == 2048 and probe["ckpt_every"] == DEFAULT_PROBE["ckpt_every"]
 

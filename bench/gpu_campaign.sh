@@ -82,7 +82,7 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
            fla=fla.__version__, transformers=transformers.__version__, lm_eval=lm_eval.__version__))" > $R/versions.txt 2>&1
 }
 ev() {  # ev NAME MODEL LENGTH [extra eval args]: the niah6 suite at one length, EVAL_LIMIT (100) prompts per task
-  python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
+  python3 -m ds_hybrid.cli eval --overwrite --model "$1=$2" --suite niah6 --lengths "$3" --limit ${EVAL_LIMIT:-100} --batch-size 64 \
     --no-quality --out $R/eval_$1_$3 "${@:4}"
 }
 teacher_dir_() {  # teacher_dir_ CONFIG: the folder of the config's teacher on this machine
@@ -174,7 +174,7 @@ hybrids_() {  # hybrids_ CONFIG RUN_DIR [GPU]: stage kl from RUN_DIR/align for e
       job graph_decode_check_$name $gpu python3 bench/graph_decode_check.py --model $hf --teacher none --contexts "" \
         $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out $R/graph_decode_check_$name.json &
     fi
-    job eval_${name}_quality $gpu python3 -m ds_hybrid.cli eval --model $name=$hf --teacher embedded --tasks "" \
+    job eval_${name}_quality $gpu python3 -m ds_hybrid.cli eval --overwrite --model $name=$hf --teacher embedded --tasks "" \
       --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --heldout-sequences 64 \
       --out $R/eval_${name}_quality &
   done
@@ -228,12 +228,12 @@ case "${1:-main}" in
     job align 0 train --stage align --config $CFG || exit 1
     touch $R/align.ok
     job kl 0 train --stage kl --config $CFG || exit 1
-    job bench_infer 0 python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$RUN/kl/hf \
+    job bench_infer 0 python3 -m ds_hybrid.cli bench-infer --overwrite --model hybrid_1_4=$RUN/kl/hf \
       --model all_linear=$RUN/align/hf --teacher embedded --contexts 4096,16384,32768 --batches 1,8 \
       --decode-tokens 64 --out $R/bench_infer
     job decode_profile 0 python3 bench/decode_profile.py --model hybrid_1_4=$RUN/kl/hf \
       --model all_linear=$RUN/align/hf --teacher embedded --context 4096 --steps 32 --out $R/decode_profile/smollm2.json
-    job eval 0 python3 -m ds_hybrid.cli eval --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
+    job eval 0 python3 -m ds_hybrid.cli eval --overwrite --model all_linear=$RUN/align/hf --model hybrid_1_4=$RUN/kl/hf \
       --teacher embedded --suite recall --lengths 2048,4096 --swde tests/fixtures/swde_fixture.jsonl \
       --fda tests/fixtures/fda_fixture.json --limit 16 --batch-size 16 --heldout-sequences 32 --out $R/eval
     ;;
@@ -267,7 +267,7 @@ case "${1:-main}" in
     wait_for $R/align.ok
     job ga_s2_task1 3 select_ select.task_index=1 select.num_tasks=2
     touch $R/ga_s2_task1.ok
-    job bench_infer_8b 3 python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$HYBRID8B --teacher $TEACHER8B \
+    job bench_infer_8b 3 python3 -m ds_hybrid.cli bench-infer --overwrite --model hybrid_4_of_32=$HYBRID8B --teacher $TEACHER8B \
       --contexts 4096,16384,32768 --batches 1,4 --decode-tokens 32 --out $R/bench_infer_8b
     job decode_profile_8b 3 python3 bench/decode_profile.py --model hybrid_4_of_32=$HYBRID8B --teacher $TEACHER8B \
       --context 16384 --steps 16 --out $R/decode_profile/llama3_8b_shape.json
@@ -509,15 +509,15 @@ print(dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__ver
       # (a hybrid) KL to the teacher on text never trained on
       local L
       for L in ${EVAL_LENGTHS:-2048 4096 8192}; do
-        job eval_$1_$L 0 python3 -m ds_hybrid.cli eval --model "$1=$2" --suite niah6 --lengths $L \
+        job eval_$1_$L 0 python3 -m ds_hybrid.cli eval --overwrite --model "$1=$2" --suite niah6 --lengths $L \
           --limit ${EVAL_LIMIT:-100} --batch-size 32 --no-quality --out $R/eval_$1_$L &
       done
-      job eval_$1_quality 0 python3 -m ds_hybrid.cli eval --model "$1=$2" $([ "$2" != "$GT" ] && echo --teacher $GT) \
+      job eval_$1_quality 0 python3 -m ds_hybrid.cli eval --overwrite --model "$1=$2" $([ "$2" != "$GT" ] && echo --teacher $GT) \
         --tasks "" --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json \
         --heldout-sequences ${HELDOUT_SEQUENCES:-64} --out $R/eval_$1_quality &
       wait
     }
-    (job eval_preflight 0 python3 -m ds_hybrid.cli eval --model "preflight=$GT" --suite niah6 --lengths 1024 \
+    (job eval_preflight 0 python3 -m ds_hybrid.cli eval --overwrite --model "preflight=$GT" --suite niah6 --lengths 1024 \
        --limit 1 --batch-size 32 --no-quality --out $R/eval_preflight && touch $R/preflight.ok) &
     PRE=$!
     prep_align_ $G $RG || exit 1

@@ -240,7 +240,7 @@ json.dump(c, open('$T/config.json', 'w'))"
       python3 bench/random_teacher.py --config runs/configs/smollm2_135m/config.json --tokenizer $TOK --out $T/s
       python3 -m ds_hybrid.cli convert --overwrite --teacher $T/s --ratio 0.25 --dtype bf16 --device cuda --out $T/s_h14
       python3 -m ds_hybrid.cli convert --overwrite --teacher $T/s --softmax-layers "" --dtype bf16 --device cuda --out $T/s_lin
-      python3 -m ds_hybrid.cli bench-infer --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
+      python3 -m ds_hybrid.cli bench-infer --overwrite --model hybrid_1_4=$T/s_h14 --model all_linear=$T/s_lin --teacher $T/s \
         --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,8} --decode-tokens 64 "${graphs[@]}" \
         --out "$OUT/smollm2"
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_1_4=$T/s_h14 \
@@ -254,14 +254,14 @@ json.dump(c, open('$T/config.json', 'w'))"
       [ "${GEMMA_CHECK:-1}" = 0 ] || python3 bench/graph_decode_check.py --model $T/g_h --teacher $T/g --prompt-len 1024 --contexts "" \
         $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$OUT/gemma_graph_decode_check.json"
       for rings in 1 0; do
-        DS_HYBRID_STATIC_RINGS=$rings python3 -m ds_hybrid.cli bench-infer --model hybrid_3_of_18=$T/g_h \
+        DS_HYBRID_STATIC_RINGS=$rings python3 -m ds_hybrid.cli bench-infer --overwrite --model hybrid_3_of_18=$T/g_h \
           --teacher $T/g --contexts ${CONTEXTS:-8192,32768} --batches ${BATCHES:-1,8} --decode-tokens 32 \
           "${graphs[@]}" --out "$OUT/gemma3_rings$rings"
       done
     else
       python3 bench/random_teacher.py --config runs/configs/llama3_8b/config.json --tokenizer $TOK --out $T/l
       python3 -m ds_hybrid.cli convert --overwrite --teacher $T/l --ratio 0.125 --dtype bf16 --device cuda --out $T/l_h
-      python3 -m ds_hybrid.cli bench-infer --model hybrid_4_of_32=$T/l_h --teacher $T/l \
+      python3 -m ds_hybrid.cli bench-infer --overwrite --model hybrid_4_of_32=$T/l_h --teacher $T/l \
         --contexts ${CONTEXTS:-4096,16384,32768} --batches ${BATCHES:-1,4} --decode-tokens 32 "${graphs[@]}" \
         --out "$OUT/llama3_8b"
       [ "$prof" = noprofile ] || python3 bench/decode_profile.py --model hybrid_4_of_32=$T/l_h --teacher $T/l \

@@ -46,8 +46,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                           "another --out, or add --overwrite to replace it")
     config = load_teacher_config(args.teacher)
     teacher_dir = Path(resolve_teacher(args.teacher)).expanduser()
-    if teacher_dir.is_dir() and out.resolve() == teacher_dir.resolve():
-        raise ConfigError("--out", args.out, "that is the teacher's own folder: give another --out")
+    holds_teacher = out.resolve() == teacher_dir.resolve() or out.resolve() in teacher_dir.resolve().parents
+    if teacher_dir.is_dir() and holds_teacher:
+        raise ConfigError("--out", args.out, f"it holds the teacher ({teacher_dir}), which writing the hybrid there "
+                          "would replace: give another --out")
     L = config.num_hidden_layers
     if args.softmax_layers is not None:
         layers = check_softmax_layers(parse_layer_list(args.softmax_layers, "--softmax-layers"), L, "--softmax-layers")
@@ -72,9 +74,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ds_hybrid.folders import atomic_folder
 
     # whole or not at all: a crash leaves --out as it was; filled meanwhile by another writer, kept unless --overwrite
-    with atomic_folder(out, "convert", refuse_existing=not args.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    try:
+        with atomic_folder(out, "convert", refuse_existing=not args.overwrite) as tmp:
+            student.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except FileExistsError as e:
+        raise ConfigError("--out", args.out, str(e)) from None
     print(f"saved {args.mixer} hybrid with softmax layers {layers} of {L} to {args.out}")
     return 0
 

@@ -173,8 +173,10 @@ def check_against_teacher(cfg: RunConfig, stages: list[str]) -> None:
         local_looking = e.fix.startswith("not a folder here and the hub") and str(cfg.teacher).count("/") == 1
         if not (e.fix.startswith("no such folder") or local_looking):
             raise
+        maybe = (" If it is a hub id, not a folder of the compute nodes, fix it now: the job would fail when its first "
+                 "stage starts." if local_looking else "")
         print(f"note: the teacher's folder is not here ({e}): the stages check their settings against its config "
-              "when they start", file=sys.stderr)
+              f"when they start.{maybe}", file=sys.stderr)
         return
     spec = cfg.softmax_layers
     for st in stages:

@@ -191,7 +191,9 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     # ZeRO-2 stages gradients in buffers of reduce_bucket_size elements in the model dtype whatever the model's size
     # (DeepSpeed's stage_1_and_2 setup_buckets: a second with overlap_comm): 1.86 GiB at ds_configs/student_zero2.json
     z = student_ds.get("zero_optimization", {})
-    buckets = ((2 if z.get("overlap_comm", False) else 1) * int(float(z.get("reduce_bucket_size", 5e8))) * b
+    bucket = z.get("reduce_bucket_size", 5e8)
+    bucket = counts.hidden ** 2 if bucket == "auto" else int(float(bucket))  # (auto: h^2, as stages.common fills it)
+    buckets = ((2 if z.get("overlap_comm", False) else 1) * bucket * b
                if s_stage == 2 and z.get("contiguous_gradients", True) else 0)
     optim = 12 * counts.trainable // shard
     n = micro * s.seq_len

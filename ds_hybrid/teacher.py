@@ -159,15 +159,18 @@ def job_teacher(spec: str | None, field: str = "teacher") -> str:
     if D.is_main():
         try:
             said = json.dumps({"path": local_teacher(spec, field)})
-        except ConfigError as e:
-            D.wait_for_main(json.dumps({"error": [e.field, e.value, e.fix]}))
+        except Exception as e:  # (any: the others would wait for a path that never comes)
+            why = [e.field, str(e.value), e.fix] if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            D.wait_for_main(json.dumps({"error": why}))
             raise
         D.wait_for_main(said)
     else:
         said = D.wait_for_main()
     got = json.loads(said)
     if "error" in got:
-        raise ConfigError(*got["error"])
+        if isinstance(got["error"], list):
+            raise ConfigError(*got["error"])
+        raise D.MainRankFailed(f"the main rank failed to get the teacher: {got['error']}")
     path = Path(got["path"])
     if path.is_dir():
         return str(path)

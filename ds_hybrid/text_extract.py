@@ -121,16 +121,19 @@ def extract_text(src: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTE
         raise ConfigError("--model", str(src), f"holds the language model's {twice[:3]} under two names each")
     if "model.embed_tokens.weight" not in kept.values() or not any(".layers." in n for n in kept.values()):
         raise ConfigError("--model", str(src), "holds no language-model embedding or layers")
-    with atomic_folder(out, out.name, refuse_existing=True) as tmp:  # (absent or empty above; filled meanwhile: kept)
-        plan = shard_plan(reader, sorted(kept, key=lambda k: kept[k]), shard_bytes)
-        writer = ShardWriter(tmp, len(plan))
-        for i, keys in enumerate(plan):  # one shard in memory at a time
-            writer.write(i, {kept[k]: reader.get(k).contiguous() for k in keys})
-        writer.finish()
-        config.save_pretrained(tmp)
-        for name in TEXT_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+    try:
+        with atomic_folder(out, out.name, refuse_existing=True) as tmp:  # (empty above; filled meanwhile: kept)
+            plan = shard_plan(reader, sorted(kept, key=lambda k: kept[k]), shard_bytes)
+            writer = ShardWriter(tmp, len(plan))
+            for i, keys in enumerate(plan):  # one shard in memory at a time
+                writer.write(i, {kept[k]: reader.get(k).contiguous() for k in keys})
+            writer.finish()
+            config.save_pretrained(tmp)
+            for name in TEXT_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+    except FileExistsError as e:
+        raise ConfigError("--out", str(out), str(e)) from None
     return out
 
 

@@ -154,7 +154,7 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key in was and was[key] != now[key]:
             raise ConfigError(field, now[key], f"the checkpoint {path} was written with {was[key]!r}: its steps "
                               f"stand for other rows of the corpus; {again}")
-    if "row_bos" in was and was["row_bos"] != now["row_bos"]:
+    if was and was.get("row_bos") != now["row_bos"]:  # (a record from before it was kept: rows without BOS)
         rows = lambda t: "no BOS" if t is None else f"BOS token {t}"  # noqa: E731
         raise ConfigError("data.bos", f"rows with {rows(now['row_bos'])}", f"the checkpoint {path} was written with "
                           f"{rows(was['row_bos'])} at the start of each row: its steps stand for other rows; {again}")
@@ -387,26 +387,31 @@ def _teacher_id(spec: Any) -> Any:
 
 
 def check_finished_run(run_dir: Path, cfg: RunConfig, stage: str) -> None:
-    """A finished stage is skipped: refused (naming the field, on every rank) where its recorded config.yaml says it
-    trained another model than this config asks for (another teacher, mixer, mixer options, softmax layers or seed:
-    the next stage would start from it), and warned about where only the stage's own settings changed."""
+    """A finished stage is skipped: refused (naming the field, on every rank: the main rank's verdict) where its
+    recorded config.yaml says it trained another model than this config asks for (another teacher, mixer, mixer
+    options, softmax layers or seed: the next stage would start from it), and warned about where only the stage's own
+    settings changed."""
+    changed = D.main_reads(lambda: _finished_run_changes(run_dir, cfg, stage))
+    if changed and D.is_main():
+        log.warning("stage %s finished in %s with other settings (%s); it is not run again: add --force to train it "
+                    "with these", stage, run_dir, "; ".join(changed))
+
+
+def _finished_run_changes(run_dir: Path, cfg: RunConfig, stage: str) -> list[str]:
+    """:func:`check_finished_run`'s verdict, on the main rank: raises for another model, returns the stage's changed
+    settings."""
     import yaml
 
-    def read() -> tuple[dict, list | None] | None:
-        try:
-            was = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            return None  # (an older run without the record: nothing to compare)
-        try:
-            layers = json.loads((run_dir / "run_info.json").read_text()).get("softmax_layers")
-        except (OSError, ValueError, AttributeError):
-            layers = None
-        return (was, layers) if isinstance(was, dict) else None
-
-    record = D.broadcast_object(read() if D.is_main() else None)
-    if record is None:
-        return
-    was, was_layers = record
+    try:
+        was = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # (an older run without the record: nothing to compare)
+    if not isinstance(was, dict):
+        return []
+    try:
+        was_layers = json.loads((run_dir / "run_info.json").read_text()).get("softmax_layers")
+    except (OSError, ValueError, AttributeError):
+        was_layers = None
     now = cfg.to_dict()
     fix = (f"the stage finished in {run_dir} with {{}}={{!r}}: give another out_dir for this model, or add --force to "
            "train the stage again (the finished run is set aside, not deleted)")
@@ -415,27 +420,24 @@ def check_finished_run(run_dir: Path, cfg: RunConfig, stage: str) -> None:
     for key in ("mixer", "seed"):
         if key in was and was[key] != now[key]:
             raise ConfigError(key, now[key], fix.format(key, was[key]))
-    if stage != "align" and isinstance(was_layers, list) and was.get("softmax_layers") != now["softmax_layers"]:
+    if stage != "align" and isinstance(was_layers, list):  # (align has none: all-linear whatever the spec)
         from ds_hybrid.layers import resolve_softmax_layers
         from ds_hybrid.teacher import load_teacher_config
 
-        try:  # (align has none: its student is all-linear whatever the spec)
+        try:  # (the spec as it resolves now: a selection made again under the same spec may name other layers)
             layers = resolve_softmax_layers(cfg.softmax_layers, load_teacher_config(cfg.teacher).num_hidden_layers)
         except (ConfigError, OSError, ValueError):
-            layers = None  # (a spec that no longer resolves: nothing to compare)
+            layers = None  # (a spec that no longer resolves here: nothing to compare)
         if layers is not None and sorted(layers) != sorted(was_layers):
             raise ConfigError("softmax_layers", now["softmax_layers"], fix.format("softmax_layers", was_layers))
     if isinstance(was.get("mixer_options"), dict) and \
             (change := _mixer_option_change(was["mixer_options"], now["mixer_options"], cfg.mixer)):
         raise ConfigError(change[0], change[1], fix.format(change[0], change[2]))
     section = was.get(stage)
-    if isinstance(section, dict) and D.is_main():
-        changed = [f"{stage}.{k} {section[k]!r} -> {v!r}" for k, v in now[stage].items()
-                   if k in section and section[k] != v and not (k == "micro_batch" and v == "auto")]  # (recorded
-        # resolved)
-        if changed:
-            log.warning("stage %s finished in %s with other settings (%s); it is not run again: add --force to train "
-                        "it with these", stage, run_dir, "; ".join(changed))
+    if not isinstance(section, dict):
+        return []
+    return [f"{stage}.{k} {section[k]!r} -> {v!r}" for k, v in now[stage].items()
+            if k in section and section[k] != v and not (k == "micro_batch" and v == "auto")]  # (recorded resolved)
 
 
 def finished_on_main(run_dir: Path) -> bool:
@@ -710,7 +712,8 @@ def _run_stage(ctx: StageContext, runner: Stage, run_dir: Path, signals: type[_S
                 code = 128 + int(signals.received or signal.SIGTERM)
                 log.warning("stopped %s at step %d on a signal; checkpoint saved; rerun the command to resume", stage, done)
                 raise StopRequested(code)
-        phase_s["train"] = time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0) - phase_s.get("eval", 0.0)
+        phase_s["train"] = (time.perf_counter() - t_train - phase_s.get("checkpoint", 0.0)
+                            - phase_s.get("eval", 0.0))
         saved_at_total = checkpoint_due(total, total, s)  # (a resume from it runs the final evaluation and export)
         if saved_at_total:
             stop_if_signalled(f"after its last step ({total}, checkpointed), before its final evaluation")

@@ -30,9 +30,9 @@ run_step() {
                 kl_run "${m}_${k}_seed1" "{selection: $SEL/$m/selection.json, k: $k}" 1 ;;
     kl_*) s=${1#kl_}; m=${s%_*}; k=${s##*_}; kl_run "${m}_$k" "{selection: $SEL/$m/selection.json, k: $k}" ;;
     eval) models=(); for d in $OUT/kl_runs/*/hf; do n=$(basename "$(dirname "$d")"); models+=(--model "$n=$d"); done
-          $PY -m ds_hybrid.cli eval "${models[@]}" --teacher embedded --suite recall --lengths 2048,4096 \
+          $PY -m ds_hybrid.cli eval --overwrite "${models[@]}" --teacher embedded --suite recall --lengths 2048,4096 \
             --swde tests/fixtures/swde_fixture.jsonl --fda tests/fixtures/fda_fixture.json --limit 50 --out $OUT/eval ;;
-    bench) $PY -m ds_hybrid.cli bench-infer --model "uniform_8=$OUT/kl_runs/uniform_8/hf" --teacher embedded \
+    bench) $PY -m ds_hybrid.cli bench-infer --overwrite --model "uniform_8=$OUT/kl_runs/uniform_8/hf" --teacher embedded \
              --contexts 4096,16384,32768 --batches 1,8 --out $OUT/bench_infer ;;
   esac
 }

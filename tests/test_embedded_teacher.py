@@ -161,7 +161,11 @@ def test_cli_convert_never_replaces_a_folder_unasked(tmp_path, monkeypatch, caps
         code = main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", *extra, "--out", str(target)])
         err = capsys.readouterr().err
         assert code == 2 and "--out" in err, err[-2000:]
-        assert ("teacher's own folder" in err) == (extra != []) and ("--overwrite" in err) == (extra == []), err
+        assert ("it holds the teacher" in err) == (extra != []) and ("--overwrite" in err) == (extra == []), err
+    # a folder above the teacher's: swapping it out would delete the teacher with it
+    assert main(["convert", "--teacher", str(teacher), "--softmax-layers", "2", "--overwrite", "--out",
+                 str(tmp_path)]) == 2
+    assert "it holds the teacher" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
     assert {f.name: f.read_bytes() for f in teacher.iterdir()} == before
     monkeypatch.setattr("ds_hybrid.teacher.load_teacher", real_load)

@@ -850,3 +850,33 @@ def test_an_align_with_bos_rows_trains_and_its_checkpoint_records_the_token(tmp_
     said = again.stdout + again.stderr
     assert again.returncode != 0 and "data.bos='rows with no BOS': the checkpoint" in said and "with BOS token" in said and "set it back to resume" in said, \
         tail(again)
+
+
+def test_a_finished_kl_of_other_softmax_layers_is_refused_however_its_spec_is_written(tmp_path):
+    """The recorded layers (run_info) against what the spec resolves to now: the same layers written otherwise pass,
+    other layers under any spec (a selection made again under the same {selection, k}) are refused by name."""
+    import yaml
+    from trainer_utils import make_tiny_teacher
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.errors import ConfigError
+    from ds_hybrid.trainer import _finished_run_changes
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    run = tmp_path / "kl"
+    run.mkdir()
+    was = load_config(None, [f"teacher={teacher}", "softmax_layers=[1]"])
+    (run / "config.yaml").write_text(yaml.safe_dump(was.to_dict()))
+    (run / "run_info.json").write_text(json.dumps({"softmax_layers": [1]}))
+    def selection(name: str, ranking: list[int]) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({"format": 1, "method": "ga_s2", "ranking": ranking, "num_layers": 4,
+                                    "scores": {}, "lower_is_better": True}))
+        return f"{{selection: {path}, k: 1, check_origin: false}}"
+
+    same = selection("same.json", [1, 2, 0, 3])  # layer 1 again, as a selection's top-1
+    assert _finished_run_changes(run, load_config(None, [f"teacher={teacher}", f"softmax_layers={same}",
+                                                         "kl.lr=2e-4"]), "kl") == ["kl.lr 0.0001 -> 0.0002"]
+    for spec in ("[2]", selection("other.json", [2, 1, 0, 3])):
+        with pytest.raises(ConfigError, match=r"^softmax_layers=.*the stage finished in .* with softmax_layers=\[1\]"):
+            _finished_run_changes(run, load_config(None, [f"teacher={teacher}", f"softmax_layers={spec}"]), "kl")

@@ -225,7 +225,7 @@ def test_plan_cli_plans_a_config_of_dtype_fp32_in_fp32(capsys):
     assert rows["fp32"] == pytest.approx(2 * rows["bf16"], abs=0.015)  # (two decimals printed)
 
 
-def test_plan_counts_zero2s_gradient_buckets():
+def test_plan_counts_zero2s_gradient_buckets(tmp_path):
     """ZeRO-2 (the default student_zero2.json: contiguous_gradients, overlap_comm, reduce_bucket_size 5e8) allocates
     two reduction buffers of 5e8 bf16 elements on every rank whatever the model's size, which no term held: a plan
     near the card's limit said "fits". ZeRO-1 and 3 have none."""
@@ -238,6 +238,11 @@ def test_plan_counts_zero2s_gradient_buckets():
     z1 = plan_for(load_config(None, [*base, "kl.ds_config=ds_configs/student_zero1.json"]), "kl", 8, 80.0, tc, 2)
     assert z2.reduce_buckets == 2 * 500_000_000 * 2 and z1.reduce_buckets == 0
     assert "| reduce buckets | 1.86 |" in z2.table()
+    auto = json.loads(open("ds_configs/student_zero2.json").read())
+    auto["zero_optimization"]["reduce_bucket_size"] = "auto"  # (filled with hidden^2 by stages.common: no crash)
+    (tmp_path / "z2auto.json").write_text(json.dumps(auto))
+    za = plan_for(load_config(None, [*base, f"kl.ds_config={tmp_path / 'z2auto.json'}"]), "kl", 8, 80.0, tc, 2)
+    assert za.reduce_buckets == 2 * 4096 ** 2 * 2  # (Llama-3-8B: hidden 4096)
 
 
 def test_plan_counts_zero1s_16bit_gradients_beside_the_fp32_ones_under_accumulation():

@@ -620,6 +620,11 @@ def test_probes_run_from_other_settings_are_refused_by_name_or_set_aside(tmp_pat
 
     assert _changed(old, ident) == []
     assert [k for k, *_ in _changed(ident, {**ident, "mixer_options": {"use_gate": False}})] == ["mixer_options"]
+    # rows with BOS are other probes (data.bos resolved: SmolLM2's tokenizer puts none, so auto is no BOS)
+    assert ident["data"]["row_bos"] is None
+    bos = load_config(None, ["data.bos=true"])
+    assert [k for k, *_ in _changed(ident, probe_identity(bos, probe_stage_config(bos, align), align))] == [
+        "data.row_bos"]
     other = load_config(None, ["select.probe={tokens: 2000000, seq_len: 1024, global_batch: 8, lr: 5e-4}"])
     with pytest.raises(ConfigError, match=r"^select\.probe\.lr=0\.0005: .* other settings \(select\.probe\.lr: 0\.0001 -> 0\.0005\).*--force"):
         claim_probes(out, probe_identity(other, probe_stage_config(other, align), align), force=False)

@@ -83,6 +83,16 @@ DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "spli
                "hub_config", "revision")  # (revision: a hub source's commit, pinned for the run: data.pin_hub_commit)
 
 
+def rows_bos(cfg: RunConfig) -> int | None:
+    """The token each training row of ``cfg`` starts with (``data.bos`` resolved with the teacher's tokenizer)."""
+    if cfg.data.bos is False:
+        return None
+    from ds_hybrid.data import row_bos
+    from ds_hybrid.teacher import load_tokenizer
+
+    return row_bos(cfg.data.bos, load_tokenizer(cfg.teacher))
+
+
 def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: bool = False) -> dict:
     """What the probes of a selection folder were run from. ``per_round``: halving, whose rounds are kept by their
     step count, so the longest probe's tokens are not part of it."""
@@ -93,6 +103,7 @@ def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: b
     if dtype == "fp32":
         probe.update(dict.fromkeys(PRECISION_FIELDS))
     data = {k: d["data"][k] for k in DATA_FIELDS}
+    data["row_bos"] = rows_bos(cfg)  # (what data.bos resolves to: a record from before holds none, rows without BOS)
     return {"probe": probe, "seed": cfg.seed, "data": data, "teacher": cfg.teacher, "mixer": cfg.mixer,
             "mixer_options": d.get("mixer_options"), "align": content_fingerprint(align_dir), "dtype": dtype}
 

@@ -65,7 +65,7 @@ from ds_hybrid.monitor import setup_logging
 from ds_hybrid.select_compare import chosen_overlap
 from ds_hybrid.selection import (recorded_vs_now, folder_identity, make_selection, ranking_tau, read_selection,
                                  write_selection)
-from ds_hybrid.stages.probes import (DATA_FIELDS, check_ks, ga_s2, halving, probe_stage_config, task_held,
+from ds_hybrid.stages.probes import (DATA_FIELDS, check_ks, rows_bos, ga_s2, halving, probe_stage_config, task_held,
                                     task_slot)
 from ds_hybrid.stages.scorers import (_held_out_rows, _sum_reduce, ar_scores, check_whole_models_fit, ppl_scores,
                                      proxy_scores, retrieval_scores)
@@ -388,6 +388,7 @@ def selection_settings(cfg: RunConfig) -> dict[str, Any]:
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
     out: dict[str, Any] = {k: d.get(k) for k in ("teacher", "mixer", "mixer_options", "seed")}
     out.update({f"data.{k}": d["data"].get(k) for k in DATA_FIELDS})
+    out["data.row_bos"] = rows_bos(cfg)  # (a selection made before it was recorded: None, rows without BOS)
     out.update({f"select.{k}": v for k, v in d["select"].items() if k not in ("task_index", "num_tasks")})
     out.update({f"kl.{k}": d["kl"].get(k) for k in ("lr", "lr_rest", "betas", "weight_decay", "clip", "temperature",
                                                      "fp32_logits", "dw_fp32")})

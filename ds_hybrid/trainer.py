@@ -154,10 +154,11 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key in was and was[key] != now[key]:
             raise ConfigError(field, now[key], f"the checkpoint {path} was written with {was[key]!r}: its steps "
                               f"stand for other rows of the corpus; {again}")
-    if was and was.get("row_bos") != now["row_bos"]:  # (a record from before it was kept: rows without BOS)
+    if was and was.get("row_bos") != now.get("row_bos"):  # (a record from before it was kept: rows without BOS)
         rows = lambda t: "no BOS" if t is None else f"BOS token {t}"  # noqa: E731
-        raise ConfigError("data.bos", f"rows with {rows(now['row_bos'])}", f"the checkpoint {path} was written with "
-                          f"{rows(was['row_bos'])} at the start of each row: its steps stand for other rows; {again}")
+        raise ConfigError("data.bos", f"rows with {rows(now.get('row_bos'))}", f"the checkpoint {path} was written "
+                          f"with {rows(was.get('row_bos'))} at the start of each row: its steps stand for other rows; "
+                          f"{again}")
     model = {"teacher": ("teacher", "the teacher's weights differ (another model or checkpoint of it)"),
              "softmax_layers": ("softmax_layers", f"its softmax layers were {was.get('softmax_layers')}"),
              "mixer": ("mixer", f"its mixer was {was.get('mixer')!r}"),

@@ -456,6 +456,10 @@ def test_a_resume_is_checked_against_its_checkpoints_settings_before_any_model(t
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "global_batch": 16}}), now)
     with pytest.raises(ConfigError, match=r"^data=.*written over 90 rows"):
         check_resume("kl", (path, {"world_size": 1, "settings": {**now, "train_sequences": 90}}), now)
+    # rows with BOS (data.bos) against a checkpoint recorded before row_bos was kept (its rows had none)
+    with pytest.raises(ConfigError, match=r"^data\.bos='rows with BOS token 2': .*written with no BOS"):
+        check_resume("kl", (path, {"world_size": 1, "settings": dict(now)}), {**now, "row_bos": 2})
+    check_resume("kl", (path, {"world_size": 1, "settings": dict(now)}), {**now, "row_bos": None})
     # a checkpoint past this run's last step (kl.tokens lowered; one corpus file keeps the rows): nothing would train
     # and the stage would end marked done at step 6 over the model of step 7
     fewer = {**now, "total_steps": 6}

@@ -38,6 +38,7 @@ from ds_hybrid.config import TRAIN_STAGES, RunConfig, checkpoint_due, stage_step
 from ds_hybrid.data import (PackedSequences, device_micro_batches, pin_hub_commit, prepare_streams, rank_micro_batches,
                             row_bos, step_rows, warn_unrepresented, with_hub_request)
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.identity import mixer_option_change, teacher_id
 from ds_hybrid.locks import held
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
@@ -170,7 +171,7 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         if key not in was:
             continue
         if key == "mixer_options":
-            if change := _mixer_option_change(was[key], now[key], now["mixer"]):
+            if change := mixer_option_change(was[key], now[key], now["mixer"]):
                 field, value, before = change
                 had = (f"had {field.removeprefix('mixer_options.')}={before!r}" if "." in field
                        else f"were {before!r}")  # (a record this version cannot read as options: as written)
@@ -225,22 +226,6 @@ def check_resume(stage: str, latest: tuple[Path, dict[str, Any]] | None, now: di
         log.warning("%s: resumed with this run config's step settings, not those the checkpoint %s was written with: "
                     "%s; the learning rate (or the clipping) of the resumed steps follows the new ones", stage, path,
                     "; ".join(changed))
-
-
-def _mixer_option_change(was: dict[str, Any], now: dict[str, Any], mixer: str) -> tuple[str, Any, Any] | None:
-    """The first mixer option whose value makes ``now`` another model than ``was`` (the run config's options and a
-    checkpoint's record of them): (its field, the value now, the value then), or None. Values are compared as the
-    options' types, defaults filled in, options the mixer never reads or ``backend`` left out; a record naming an
-    option this version does not know is compared as written."""
-    from ds_hybrid.modeling.mixers import MixerOptions
-
-    try:
-        a, b = MixerOptions.from_dict(now), MixerOptions.from_dict(was)
-    except ConfigError:
-        return None if was == now else ("mixer_options", now, was)
-    if differ := a.differences(b, mixer):
-        return f"mixer_options.{differ[0]}", getattr(a, differ[0]), getattr(b, differ[0])
-    return None
 
 
 class _Signals:
@@ -377,16 +362,6 @@ def set_aside_finished_run(run_dir: Path) -> Path:
     return dest
 
 
-def _teacher_id(spec: Any) -> Any:
-    """A teacher spec compared as what it names: the embedded model however written, a folder by its real path."""
-    from ds_hybrid.teacher import is_embedded
-
-    if is_embedded(spec):
-        return "embedded"
-    path = Path(str(spec)).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
 def check_finished_run(run_dir: Path, cfg: RunConfig, stage: str) -> None:
     """A finished stage is skipped: refused (naming the field, on every rank: the main rank's verdict) where its
     recorded config.yaml says it trained another model than this config asks for (another teacher, mixer, mixer
@@ -416,7 +391,7 @@ def _finished_run_changes(run_dir: Path, cfg: RunConfig, stage: str) -> list[str
     now = cfg.to_dict()
     fix = (f"the stage finished in {run_dir} with {{}}={{!r}}: give another out_dir for this model, or add --force to "
            "train the stage again (the finished run is set aside, not deleted)")
-    if "teacher" in was and _teacher_id(was["teacher"]) != _teacher_id(now["teacher"]):
+    if "teacher" in was and teacher_id(was["teacher"]) != teacher_id(now["teacher"]):
         raise ConfigError("teacher", now["teacher"], fix.format("teacher", was["teacher"]))
     for key in ("mixer", "seed"):
         if key in was and was[key] != now[key]:
@@ -432,7 +407,7 @@ def _finished_run_changes(run_dir: Path, cfg: RunConfig, stage: str) -> list[str
         if layers is not None and sorted(layers) != sorted(was_layers):
             raise ConfigError("softmax_layers", now["softmax_layers"], fix.format("softmax_layers", was_layers))
     if isinstance(was.get("mixer_options"), dict) and \
-            (change := _mixer_option_change(was["mixer_options"], now["mixer_options"], cfg.mixer)):
+            (change := mixer_option_change(was["mixer_options"], now["mixer_options"], cfg.mixer)):
         raise ConfigError(change[0], change[1], fix.format(change[0], change[2]))
     section = was.get(stage)
     if not isinstance(section, dict):

@@ -240,7 +240,7 @@ def test_eval_reads_a_hub_runs_held_out_rows_at_the_runs_commit(tmp_path, tok, f
     (tmp_path / "run" / "kl" / "run_info.json").write_text(json.dumps({"data": meta}))
     branch["main"] = "b" * 40  # the dataset moved on after the run
     args = Namespace(data="embedded", run_config=str(run_yaml), heldout_seq_len=32, heldout_sequences=4)
-    got = torch.cat(_heldout_rows(args, tok))  # (a row of the new commit would fail the run_info check)
+    got = torch.cat(_heldout_rows(args, tok)[0])  # (a row of the new commit would fail the run_info check)
     want = PackedSequences(prepare_streams(run.data, tok, need_tokens=0).val, 32, max_rows=4)
     assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
 

@@ -391,8 +391,8 @@ def test_held_out_quality_reads_each_models_own_ids_and_the_kl_only_within_the_t
     assert "kl_to_teacher" in q["same"] and "kl_to_teacher" not in q["lower"] and "kl_to_teacher" not in q["teacher"]
     assert "lower: its tokenizer is not the teacher's" in caplog.text
     args = Namespace(data="embedded", run_config=None, heldout_seq_len=64, heldout_sequences=2)
-    own = _heldout_rows(args, AutoTokenizer.from_pretrained(lower))
-    theirs = _heldout_rows(args, AutoTokenizer.from_pretrained(tiny[2]))
+    own = _heldout_rows(args, AutoTokenizer.from_pretrained(lower))[0]
+    theirs = _heldout_rows(args, AutoTokenizer.from_pretrained(tiny[2]))[0]
     assert not all(torch.equal(a, b) for a, b in zip(own, theirs))  # the two tokenizers' ids differ
     model = AutoModelForCausalLM.from_pretrained(lower).eval()
     assert q["lower"]["ppl"] == pytest.approx(heldout_quality(model, own)["ppl"], rel=1e-5)
@@ -557,14 +557,18 @@ def test_a_multimodal_gemma3_folder_is_evaluated_as_its_text_model(tmp_path, cap
     assert all(s["generation"].strip() for s in samples["teacher"])
     assert res["scores"]["teacher"] == res["scores"]["text"]
     # held-out quality against HF's loss of the multimodal model, row by row (rows of equal length: the mean of means)
-    rows = _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=64, heldout_sequences=2),
-                         AutoTokenizer.from_pretrained(mm))
+    mm_tok = AutoTokenizer.from_pretrained(mm)
+    rows, bos = _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=64, heldout_sequences=2),
+                              mm_tok)
+    # Gemma's tokenizer puts BOS before every text: each row starts with it, as a run's rows do (data.bos auto)
+    assert bos == mm_tok.bos_token_id is not None and all(int(r[0, 0]) == bos for r in rows)
     model = AutoModelForCausalLM.from_pretrained(mm, dtype=torch.float32).eval()
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     with torch.no_grad():
         ce = sum(float(model(input_ids=r, labels=r).loss) for r in rows) / len(rows)
     q = res["heldout_quality"]
     assert q["teacher"]["tokens"] == q["text"]["tokens"] == 2 * 63
+    assert q["teacher"]["row_bos"] == q["text"]["row_bos"] == bos
     assert q["teacher"]["ce"] == pytest.approx(ce, rel=1e-5)
     assert abs(q["teacher"]["ce"] - math.log(cfg.vocab_size)) > 1  # (not a uniform model's loss)
     assert q["text"]["ce"] == pytest.approx(q["teacher"]["ce"], rel=1e-5)
@@ -1553,9 +1557,32 @@ def test_held_out_rows_too_long_for_every_source_are_refused_and_fewer_rows_said
     with pytest.raises(ConfigError, match=r"^--heldout-seq-len=10000000: no held-out shard holds a whole row"):
         _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=10_000_000, heldout_sequences=2), tok)
     rows = _heldout_rows(Namespace(data="embedded", run_config=None, heldout_seq_len=2048, heldout_sequences=10_000),
-                         tok)
+                         tok)[0]
     assert 0 < len(rows) < 10_000 and all(r.shape == (1, 2048) for r in rows)
     assert f"held-out quality: {len(rows)} rows of 2048 tokens, not the 10000 asked" in caplog.text
+
+
+def test_heldout_rows_start_as_the_runs_training_rows_do(tiny, tmp_path):
+    """Held-out rows follow data.bos: the run's (--run-config) or auto; they were always read without BOS, so a
+    model trained on rows that start with it was scored on rows unlike its training rows."""
+    from argparse import Namespace
+
+    import yaml
+
+    from ds_hybrid.evaluation.run import _heldout_rows
+
+    tok = tiny[1]
+    assert tok.bos_token_id is not None and tok("a")["input_ids"][0] != tok.bos_token_id  # (SmolLM2's: auto = none)
+    args = dict(data="embedded", heldout_seq_len=64, heldout_sequences=3)
+    plain, none = _heldout_rows(Namespace(run_config=None, **args), tok)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"data": {"bos": True}, "out_dir": str(tmp_path / "run")}))
+    rows, bos = _heldout_rows(Namespace(run_config=str(run_yaml), **args), tok)
+    assert none is None and bos == tok.bos_token_id
+    assert all(r.shape == (1, 64) and int(r[0, 0]) == bos for r in rows)
+    # the same documents: a BOS row holds 63 of the tokens a plain row reads from the start of its shard
+    assert torch.equal(rows[0][0, 1:], plain[0][0, :63])
+    assert not any(int(r[0, 0]) == tok.bos_token_id for r in plain)
 
 
 def test_a_model_named_teacher_and_unusable_swde_records_and_lengths_are_refused_up_front(tiny, tmp_path,

@@ -322,7 +322,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     # held-out rows per tokenizer (each model reads the documents in its own ids), built (and checked against the
     # run's split) before any model is loaded; the KL to the teacher only for models of the teacher's tokenizer
     # (another vocabulary has no token-by-token KL to it)
-    rows_by_tok: dict[str, list[torch.Tensor]] = {}
+    rows_by_tok: dict[str, tuple[list[torch.Tensor], int | None]] = {}
     tok_of: dict[str, str] = {}
     for name in pending if not args.no_quality else []:
         tok = _tokenizer_and_path(folders[name])[0]
@@ -428,7 +428,9 @@ def run_eval(args: argparse.Namespace) -> dict:
                             "padded to other sizes, as Qwen2.5's 0.5B and 7B): held-out perplexity only, no KL to "
                             "the teacher", name, output_rows(model), output_rows(kl_to))
                 kl_to = None
-            quality[name] = heldout_quality(model, rows_by_tok[fp], kl_to.to(dev) if kl_to is not None else None)
+            rows, bos = rows_by_tok[fp]
+            quality[name] = {**heldout_quality(model, rows, kl_to.to(dev) if kl_to is not None else None),
+                             "row_bos": bos}
             quality_pending.discard(name)
         del model
         if teacher_model is not None:
@@ -604,14 +606,15 @@ def check_run_split(run, run_config: str, tok, shards) -> None:
                           "split (not held out from these models)")
 
 
-def _heldout_rows(args, tok) -> list[torch.Tensor]:
+def _heldout_rows(args, tok) -> tuple[list[torch.Tensor], int | None]:
     """Held-out rows of the corpus (never trained on) in ``tok``'s ids: the documents the split (the run's, with
-    --run-config) holds out when counted in this tokenizer's tokens. For the embedded corpus only its held-out
-    documents are read and tokenized (a few hundred thousand tokens, not the corpus)."""
+    --run-config) holds out when counted in this tokenizer's tokens, and the BOS token each row starts with as the
+    run's training rows do (its ``data.bos``; ``auto`` without --run-config), or None. For the embedded corpus only
+    its held-out documents are read and tokenized (a few hundred thousand tokens, not the corpus)."""
     import numpy as np
 
     from ds_hybrid.config import DataConfig
-    from ds_hybrid.data import PackedSequences, prepare_streams
+    from ds_hybrid.data import PackedSequences, prepare_streams, row_bos
 
     data, run = DataConfig(source=args.data), None
     if getattr(args, "run_config", None):  # the split the models were trained with: their held-out documents
@@ -635,7 +638,8 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
         shards = prepare_streams(data, tok, need_tokens=0).val
     if run is not None:
         check_run_split(run, args.run_config, tok, shards)
-    val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences)
+    # rows start as the run's training rows do (data.bos; auto without --run-config: BOS where the tokenizer puts one)
+    val = PackedSequences(shards, args.heldout_seq_len, max_rows=args.heldout_sequences, bos=row_bos(data.bos, tok))
     held: dict[str, int] = {}  # held-out tokens per source
     for src, ids in [("data", shards)] if isinstance(shards, np.ndarray) else shards:
         held[str(src)] = held.get(str(src), 0) + len(ids)
@@ -647,7 +651,7 @@ def _heldout_rows(args, tok) -> list[torch.Tensor]:
         log.warning("held-out quality: %d rows of %d tokens, not the %d asked (--heldout-sequences): a row never "
                     "spans two shards, and the held-out tokens per source are %s; a shorter --heldout-seq-len gives "
                     "more rows", len(val), args.heldout_seq_len, args.heldout_sequences, held)
-    return [val[[i]] for i in range(len(val))]
+    return [val[[i]] for i in range(len(val))], val.bos
 
 
 def run_bench_infer(args: argparse.Namespace) -> list[dict]:

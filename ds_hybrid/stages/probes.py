@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import gc
 import hashlib
 import json
@@ -24,8 +25,9 @@ import torch
 
 from ds_hybrid import distributed as D
 from ds_hybrid.folders import FLOCK_FILE_SYSTEMS, atomic_write_text
-from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, stage_steps
+from ds_hybrid.config import STAGE_DEFAULTS, RunConfig, StageConfig, _build, _coerce, stage_steps
 from ds_hybrid.errors import ConfigError
+from ds_hybrid.identity import mixer_option_change, teacher_id
 from ds_hybrid.layers import k_for_ratio
 from ds_hybrid.locks import held
 from ds_hybrid.recall_tasks import MIN_ROW_TOKENS
@@ -85,12 +87,17 @@ DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "spli
 
 def rows_bos(cfg: RunConfig) -> int | None:
     """The token each training row of ``cfg`` starts with (``data.bos`` resolved with the teacher's tokenizer)."""
-    if cfg.data.bos is False:
-        return None
+    return None if cfg.data.bos is False else _row_bos(cfg.data.bos, cfg.teacher)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_bos(bos: bool | str, teacher: str | None) -> int | None:
+    """(Once per teacher: a selection's record and each probe's identity ask for it; loading a tokenizer takes
+    seconds.)"""
     from ds_hybrid.data import row_bos
     from ds_hybrid.teacher import load_tokenizer
 
-    return row_bos(cfg.data.bos, load_tokenizer(cfg.teacher))
+    return row_bos(bos, load_tokenizer(teacher))
 
 
 def probe_identity(cfg: RunConfig, s: StageConfig, align_dir: Path, per_round: bool = False) -> dict:
@@ -112,14 +119,8 @@ def _number(v: object) -> float | None:
     """A probe setting's number, written as a number or as text ("2e6", "2_000_000"); None for other values."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.replace("_", ""))
-        except ValueError:
-            return None
-    return None
+    v = _coerce(v, float)  # (as the config reads it)
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -127,18 +128,16 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, 
     names (`embedded` however written, a folder by its real path), mixer options as options (defaults filled in,
     ``backend`` left out: how the kernels run, not what trains), numbers by value (a record written before they were
     coerced holds "2e6" for 2000000)."""
-    from ds_hybrid.trainer import _mixer_option_change, _teacher_id
-
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and k in ("probe", "data"):
             out += _changed(a, b, f"{prefix}{k}.")
         elif not prefix and k == "teacher" and k in old and k in new:
-            if _teacher_id(a) != _teacher_id(b):
+            if teacher_id(a) != teacher_id(b):
                 out.append((k, a, b))
         elif not prefix and k == "mixer_options" and isinstance(a, dict) and isinstance(b, dict):
-            if _mixer_option_change(a, b, new.get("mixer") or old.get("mixer") or "gdn"):
+            if mixer_option_change(a, b, new.get("mixer") or old.get("mixer") or "gdn"):
                 out.append((k, a, b))
         elif prefix == "probe." and _number(a) is not None and _number(a) == _number(b):
             continue

@@ -1493,6 +1493,35 @@ def test_no_kl_to_a_teacher_of_the_same_tokenizer_and_another_vocabulary_size(ti
                      caplog.text)
 
 
+def test_resume_computes_again_the_quality_of_rows_that_start_otherwise_now(tiny, tmp_path, monkeypatch, caplog):
+    """A kept model's held-out quality whose rows started with another token than today's rows of its tokenizer
+    (another data.bos; an eval.json of before row_bos, read without BOS, of a tokenizer that puts one) is computed
+    again on --resume; one whose rows start the same (a file without row_bos, a tokenizer without BOS) is kept."""
+    import logging
+
+    from ds_hybrid import cli
+    from ds_hybrid.evaluation import quality as quality_mod
+
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", f"a={tiny[2]}", "--model", f"b={tiny[2]}", "--tasks", "", "--heldout-sequences", "1",
+            "--heldout-seq-len", "64", "--out", str(out)]
+    assert cli.main(argv) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["heldout_quality"]["a"]["row_bos"] is None  # (SmolLM2's tokenizer: auto puts none)
+    res["heldout_quality"]["a"]["row_bos"] = 7  # as if its rows had started with token 7
+    del res["heldout_quality"]["b"]["row_bos"]  # as an eval.json of before 2026-12-08 has it
+    res["heldout_quality"]["a"]["ppl"] = res["heldout_quality"]["b"]["ppl"] = 123.0
+    (out / "eval.json").write_text(json.dumps(res))
+    real, scored = quality_mod.heldout_quality, []
+    monkeypatch.setattr(quality_mod, "heldout_quality", lambda m, rows, *a, **k: scored.append(rows) or real(m, rows,
+                                                                                                          *a, **k))
+    with caplog.at_level(logging.INFO, logger="ds_hybrid"):
+        assert cli.main(argv + ["--resume"]) == 0
+    q = json.loads((out / "eval.json").read_text())["heldout_quality"]
+    assert len(scored) == 1 and "--resume: a held-out quality computed again (their rows start with" in caplog.text
+    assert q["a"]["row_bos"] is None and q["a"]["ppl"] != 123.0 and q["b"]["ppl"] == 123.0
+
+
 def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the_quality(tiny, tmp_path, monkeypatch):
     """The recall of a model is written before its held-out quality runs: a failure there (an out-of-memory with
     the KL teacher resident, a model the fast path cannot read) loses no recall; --resume keeps it and computes the

@@ -496,6 +496,17 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
     if stale:
         log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
                  "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
+    # rows that would start otherwise now (an eval.json of before 2026-12-08 read them without BOS; another data.bos)
+    if settings["heldout"] is not None and old.get("heldout_quality"):
+        from ds_hybrid.data import row_bos
+
+        bos = heldout_bos_setting(settings["heldout"].get("run_config"))
+        other_bos = {n for n, q in old["heldout_quality"].items() if n in models and n not in stale
+                     and q.get("row_bos") != row_bos(bos, _tokenizer_and_path(folders[n])[0])}
+        if other_bos:
+            log.info("--resume: %s held-out quality computed again (their rows start with another token now: "
+                     "data.bos)", ", ".join(sorted(other_bos)))
+            stale |= other_bos
     # a teacher named now where the earlier run had none: the kept models of its tokenizer and vocabulary get their
     # KL to it (their held-out quality computed again); where it had one, a model without a KL had none to take
     kl_now: set[str] = set()
@@ -568,6 +579,13 @@ def heldout_settings(args) -> dict:
     """What the held-out quality rows are (``eval-merge`` sets only rows of the same ones side by side)."""
     return {"sequences": args.heldout_sequences, "seq_len": args.heldout_seq_len, "data": args.data,
             "run_config": getattr(args, "run_config", None)}
+
+
+def heldout_bos_setting(run_config: str | None) -> bool | str:
+    """``data.bos`` of the held-out rows: the run's (``--run-config``), else the default (``auto``)."""
+    from ds_hybrid.config import DataConfig, load_config
+
+    return load_config(run_config).data.bos if run_config else DataConfig().bos
 
 
 def _run_data_record(run) -> tuple[Path, dict] | None:

@@ -930,6 +930,26 @@ def test_held_out_quality_of_another_tokenizers_ids_is_left_out_of_a_merge_and_e
     assert not any(k["quality_pending"] for k in resumable_models(old, settings, paths, paths, 1024).values())
 
 
+def test_eval_merge_refuses_held_out_quality_of_one_tokenizer_whose_rows_start_otherwise(tmp_path):
+    """Models of one tokenizer read the same held-out rows: quality from rows that started with BOS beside quality
+    from rows without (a file of before row_bos, another data.bos) is not comparable; other tokenizers may differ."""
+    from ds_hybrid.evaluation import merge
+
+    def one(folder: str, model: str, tokenizer: str, bos: int | None) -> str:
+        path = _eval_json(tmp_path / folder, {}, {}, {model: {"ppl": 20.0, **({} if bos is None else {"row_bos": bos})}})
+        rec = json.loads((path / "eval.json").read_text())
+        rec.update(models={model: {"path": f"/{model}", "tokenizer": tokenizer, "max_length": 1024}},
+                   heldout_rows=merge.HELDOUT_ROWS)
+        (path / "eval.json").write_text(json.dumps(rec))
+        return str(path)
+
+    old, new, other = one("old", "a", "llama", None), one("new", "b", "llama", 1), one("other", "c", "smol", None)
+    with pytest.raises(ConfigError, match=r"^eval-merge='a, b': models of one tokenizer whose held-out rows start "
+                                          r"otherwise \(row_bos None: a; 1: b\)"):
+        merge.merge([old, new])
+    assert set(merge.merge([new, other])["heldout_quality"]) == {"b", "c"}
+
+
 def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
     folder.mkdir(parents=True)
     lengths = sorted({int(k) for s in scores.values() for d in s.values() for k in d if k.isdigit()})

@@ -308,6 +308,17 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
                                       "one model (NEW=OLD@path)")
                 truncated.setdefault(task, {})[name(m)] = k
                 seen_trunc.setdefault((task, name(m)), src)
+    # models of one tokenizer read the same held-out rows: rows that start with another token (another data.bos; a
+    # file of before 2026-12-08 read them without BOS, row_bos absent) are other rows
+    starts: dict[str, dict[Any, list[str]]] = {}
+    for m, q in quality.items():
+        starts.setdefault(str((models.get(m) or {}).get("tokenizer")), {}).setdefault(q.get("row_bos"), []).append(m)
+    for per in starts.values():
+        if len(per) > 1:
+            raise ConfigError("eval-merge", ", ".join(sorted(m for ms in per.values() for m in ms)), "models of one "
+                              "tokenizer whose held-out rows start otherwise (row_bos " + "; ".join(
+                                  f"{b}: {', '.join(sorted(ms))}" for b, ms in per.items()) + "): evaluate them "
+                              "again with --resume (it computes their held-out quality on today's rows)")
     out = {"versions": versions, "sources": sources, "lengths": sorted(lengths), "tasks": tasks, "models": models,
            "scores": scores, "prompts": counts, "ci95": report.intervals(scores, counts), "strict_scores": strict,
            "prompt_digests": all_digests, "heldout_quality": quality, "heldout_rows": HELDOUT_ROWS,

@@ -12,6 +12,7 @@ import gc
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -260,7 +261,11 @@ def run_eval(args: argparse.Namespace) -> dict:
                 "heldout": None if args.no_quality else heldout_settings(args)}
     quality_pending: set[str] = set()  # (--resume: models whose recall is kept and held-out quality is not)
     if args.resume:  # the models an earlier run of this same evaluation finished, as it left them
-        earlier = resumable_models(out_dir, settings, models, folders, args.max_length)
+        from ds_hybrid.data import row_bos
+
+        bos_setting = heldout_bos_setting(getattr(args, "run_config", None))
+        earlier = resumable_models(out_dir, settings, models, folders, args.max_length,
+                                   row_bos_of=lambda name: row_bos(bos_setting, _tokenizer_and_path(folders[name])[0]))
         for name, rec in earlier.items():
             info[name] = rec["models"]
             if rec["quality_pending"]:
@@ -459,11 +464,12 @@ def weights_fingerprint(folder: str) -> str | None:
 
 
 def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], folders: dict[str, str],
-                     max_length: int | None) -> dict[str, dict]:
+                     max_length: int | None, row_bos_of: Callable[[str], int | None] | None = None) -> dict[str, dict]:
     """``--resume``: each model that ``out_dir/eval.json`` (an earlier run, partial or complete) holds, of the same
     name, path and evaluation length, as that run left it (its entries of every per-model table). The evaluation's
     settings must be the same as that run's (a difference is an error naming it: scores of other prompts, lengths or
-    held-out rows would sit in one table as if comparable); no eval.json: nothing to keep."""
+    held-out rows would sit in one table as if comparable); no eval.json: nothing to keep. ``row_bos_of``: the token
+    a model's held-out rows start with now (a kept quality whose rows started otherwise is computed again)."""
     path = out_dir / "eval.json"
     if not path.is_file():
         return {}
@@ -497,12 +503,9 @@ def resumable_models(out_dir: Path, settings: dict, models: dict[str, str], fold
         log.info("--resume: %s held-out quality computed again (their held-out rows were the first model's "
                  "tokenizer's ids: an eval.json of before 2026-12-06)", ", ".join(sorted(stale)))
     # rows that would start otherwise now (an eval.json of before 2026-12-08 read them without BOS; another data.bos)
-    if settings["heldout"] is not None and old.get("heldout_quality"):
-        from ds_hybrid.data import row_bos
-
-        bos = heldout_bos_setting(settings["heldout"].get("run_config"))
-        other_bos = {n for n, q in old["heldout_quality"].items() if n in models and n not in stale
-                     and q.get("row_bos") != row_bos(bos, _tokenizer_and_path(folders[n])[0])}
+    if settings["heldout"] is not None and row_bos_of is not None:
+        other_bos = {n for n, q in old.get("heldout_quality", {}).items() if n in models and n not in stale
+                     and q.get("row_bos") != row_bos_of(n)}
         if other_bos:
             log.info("--resume: %s held-out quality computed again (their rows start with another token now: "
                      "data.bos)", ", ".join(sorted(other_bos)))

@@ -68,6 +68,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     teacher, tok = load_teacher(args.teacher, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                 device=args.device)
     student = build_hybrid(teacher, layers, args.mixer, options)
+    from ds_hybrid.selection import tensors_fingerprint
+
+    student.config.teacher_weights = tensors_fingerprint(teacher_dir)  # (a stage started from it checks its teacher)
     generation = teacher_generation_config(resolve_teacher(args.teacher))
     if generation is not None:  # the teacher's stop tokens and sampling defaults, not HF's default from the config
         student.generation_config = generation

@@ -56,18 +56,44 @@ def content_fingerprint(folder: str | Path, sample: int = 64) -> str:
     folder = Path(folder)
     h = hashlib.sha256(folder_fingerprint(folder).encode())
     for path in sorted(folder.glob("*.safetensors")):
+        _hash_tensors(h, path, sample)
+    return h.hexdigest()[:16]
+
+
+def tensors_fingerprint(folder: str | Path, sample: int = 64) -> str | None:
+    """Identity of an HF folder's tensors alone, as :func:`content_fingerprint` samples them, in name order over
+    every file: the same for a copy resharded or with another config.json (a teacher folder written again by another
+    transformers version); None where the folder holds no safetensors."""
+    headers: dict[str, tuple[Path, int, dict]] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            base = 8 + n
-            for name in sorted(k for k in header if k != "__metadata__"):
-                t = header[name]
-                lo, hi = t["data_offsets"]
-                h.update(f"{name}|{t['dtype']}|{t['shape']}".encode())
-                for at in sorted({lo, max(lo, (lo + hi) // 2 - sample // 2), max(lo, hi - sample)}):
-                    f.seek(base + at)
-                    h.update(f.read(min(sample, hi - at)))
+            headers.update({k: (path, 8 + n, t) for k, t in json.loads(f.read(n)).items() if k != "__metadata__"})
+    if not headers:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(headers):
+        path, base, t = headers[name]
+        with open(path, "rb") as f:
+            _hash_tensor(h, f, base, name, t, sample)
     return h.hexdigest()[:16]
+
+
+def _hash_tensors(h, path: Path, sample: int) -> None:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name in sorted(k for k in header if k != "__metadata__"):
+            _hash_tensor(h, f, 8 + n, name, header[name], sample)
+
+
+def _hash_tensor(h, f, base: int, name: str, t: dict, sample: int) -> None:
+    """A tensor's name, dtype, shape and ``sample`` bytes at its start, middle and end."""
+    lo, hi = t["data_offsets"]
+    h.update(f"{name}|{t['dtype']}|{t['shape']}".encode())
+    for at in sorted({lo, max(lo, (lo + hi) // 2 - sample // 2), max(lo, hi - sample)}):
+        f.seek(base + at)
+        h.update(f.read(min(sample, hi - at)))
 
 
 def folder_identity(folder: str | Path) -> dict[str, str]:

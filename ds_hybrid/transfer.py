@@ -59,13 +59,15 @@ def init_mixer_from_teacher(mixer: LinearMixer, attn: nn.Module, num_kv_heads: i
 
 
 def hybrid_config(
-    teacher_config, softmax_layers: Sequence[int], mixer: str = "gdn", mixer_options: dict | None = None
+    teacher_config, softmax_layers: Sequence[int], mixer: str = "gdn", mixer_options: dict | None = None,
+    teacher_weights: str | None = None,
 ) -> HybridConfig:
     check_family(teacher_config)
     d = teacher_config.to_dict()
     d.pop("quantization_config", None)
     return HybridConfig(
-        teacher_config=d, softmax_layers=list(softmax_layers), mixer=mixer, mixer_options=mixer_options or {}
+        teacher_config=d, softmax_layers=list(softmax_layers), mixer=mixer, mixer_options=mixer_options or {},
+        teacher_weights=teacher_weights,
     )
 
 
@@ -116,7 +118,8 @@ def restore_softmax_layers(student: HybridForCausalLM, teacher: PreTrainedModel,
                          f"{len(student.model.layers)}: restore layers from the student's own teacher")
     # the student's own config (its teacher's, with what the student set apart from it: special token ids, a longer
     # max_position_embeddings), not the teacher's: the new hybrid is the student with more softmax layers
-    config = hybrid_config(student.config.teacher_config, keep, student.config.mixer, student.config.mixer_options)
+    config = hybrid_config(student.config.teacher_config, keep, student.config.mixer, student.config.mixer_options,
+                           student.config.teacher_weights)
     p = next(student.parameters())
     new = cast(HybridForCausalLM(config), p.dtype, p.device)
     new.generation_config = copy.deepcopy(student.generation_config)

@@ -63,6 +63,13 @@ def test_cli_convert_then_generate(tmp_path):
         with safe_open(str(f), "pt") as st:
             dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
     assert dtypes == {"BF16"}, dtypes  # --dtype bf16: saved as loaded, half the bytes
+    import json
+
+    from ds_hybrid.selection import tensors_fingerprint
+    from ds_hybrid.teacher import embedded_teacher_dir
+
+    # the teacher it was made from, which a stage started from it (kl.init_from) checks
+    assert json.loads((out / "config.json").read_text())["teacher_weights"] == tensors_fingerprint(embedded_teacher_dir())
     r = subprocess.run([sys.executable, "-m", "ds_hybrid.cli", "generate", "--model", str(out), "--prompt", "Hello",
                         "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]

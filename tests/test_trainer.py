@@ -260,6 +260,66 @@ def test_kl_init_from_must_have_the_runs_mixer_options(tmp_path, monkeypatch):
     assert student.config.options.backend == "torch" and student.config.softmax_layers == [2]
 
 
+
+def test_an_export_records_its_teachers_weights_and_one_of_other_weights_is_refused(tmp_path):
+    """A hybrid export records its teacher's tensors fingerprint: a stage that starts from an export of another
+    teacher of the same shapes (a base model's align for its instruct teacher) is refused by name, where the shape
+    checks passed it; the same teacher resharded or with another config.json, and an export from before it was
+    recorded, are accepted."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ds_hybrid.config import load_config
+    from ds_hybrid.errors import ConfigError
+    from ds_hybrid.selection import tensors_fingerprint
+    from ds_hybrid.stages.base import check_init_from, load_hybrid
+    from ds_hybrid.trainer import make_context
+    from ds_hybrid.transfer import build_hybrid, restore_softmax_layers
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    other = tmp_path / "other"  # the same shapes, other weights
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    model.save_pretrained(other)
+    shutil.copy(teacher / "tokenizer.json", other)
+    shutil.copy(teacher / "tokenizer_config.json", other)
+    resharded = tmp_path / "resharded"  # the same tensors in other files, a config.json written otherwise
+    AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).save_pretrained(resharded, max_shard_size="100KB")
+    shutil.copy(teacher / "tokenizer.json", resharded)
+    shutil.copy(teacher / "tokenizer_config.json", resharded)
+    spec = json.loads((resharded / "config.json").read_text())
+    (resharded / "config.json").write_text(json.dumps({**spec, "note": "written again"}, indent=1))
+    assert len(list(resharded.glob("*.safetensors"))) > 1
+    assert tensors_fingerprint(resharded) == tensors_fingerprint(teacher) != tensors_fingerprint(other)
+
+    def ctx(t: Path, layers: str = "[2]"):
+        cfg = load_config(None, [f"teacher={t}", f"softmax_layers={layers}", "dtype=fp32",
+                                 "kl.ds_config=ds_configs/single.json", "kl.global_batch=1", "kl.seq_len=64",
+                                 "kl.tokens=64"])
+        return make_context(cfg, "kl")
+
+    export = tmp_path / "hf"
+    student = load_hybrid(ctx(teacher, "[]"), "teacher", "kl.init_from")  # stage 0 from the teacher's safetensors
+    assert student.config.teacher_weights == tensors_fingerprint(teacher)
+    student.save_pretrained(export)
+    # kept through a layer restore (select's probes, kl from align) and through a stage that starts from it
+    restored = restore_softmax_layers(student, AutoModelForCausalLM.from_pretrained(teacher), [1])
+    assert restored.config.teacher_weights == student.config.teacher_weights
+    assert load_hybrid(ctx(teacher), export, "kl.init_from").config.teacher_weights == tensors_fingerprint(teacher)
+    with pytest.raises(ConfigError, match=r"^kl\.init_from=.*was made from a teacher of these shapes with other "
+                                          rf"weights \(fingerprint {tensors_fingerprint(teacher)} there, "
+                                          rf"{tensors_fingerprint(other)} for this run's teacher {other}\)"):
+        check_init_from(ctx(other), export, "kl.init_from")
+    assert check_init_from(ctx(resharded), export, "kl.init_from").teacher_weights == tensors_fingerprint(teacher)
+    older = tmp_path / "older"  # an export without the record (before 2026-12-08): not checked
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), []).save_pretrained(older)
+    assert json.loads((older / "config.json").read_text()).get("teacher_weights") is None
+    assert check_init_from(ctx(other), older, "kl.init_from").softmax_layers == []
+
+
 def _softmax_export(teacher, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -236,7 +236,7 @@ def test_an_init_from_of_a_teacher_of_another_width_is_refused_by_name(tmp_path)
     build_hybrid(AutoModelForCausalLM.from_pretrained(teacher), softmax_layers=[]).save_pretrained(export)
     cfg = load_config(None, [])
     same = AutoConfig.from_pretrained(teacher)
-    ctx = types.SimpleNamespace(cfg=cfg, teacher_config=same, softmax_layers=[1])
+    ctx = types.SimpleNamespace(cfg=cfg, teacher_config=same, softmax_layers=[1], teacher_weights=None)
     assert check_init_from(ctx, export, "kl.init_from").softmax_layers == []
     wider = AutoConfig.from_pretrained(teacher)
     wider.hidden_size, wider.intermediate_size = 128, 256

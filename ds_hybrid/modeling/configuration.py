@@ -55,6 +55,9 @@ class HybridConfig(PreTrainedConfig):
     mixer: str = "gdn"
     mixer_options: dict | None = None
     teacher_family: str | None = None
+    # the weights of the teacher folder it was made from (selection.tensors_fingerprint; None: not known, e.g. built
+    # from a teacher in memory): a stage refuses to start from an export of another teacher of the same shapes
+    teacher_weights: str | None = None
     layer_types: list[str] | None = None
     head_dim: int | None = None
     vocab_size: int | None = None

@@ -63,7 +63,7 @@ class AlignStage(Stage):
     def setup(self) -> None:
         ctx = self.ctx
         tc = ctx.teacher_config
-        self.hf_config = hybrid_config(tc, [], ctx.cfg.mixer, ctx.cfg.mixer_options)
+        self.hf_config = hybrid_config(tc, [], ctx.cfg.mixer, ctx.cfg.mixer_options, ctx.teacher_weights)
         self.teacher = build_teacher_engine(ctx)
         options = self.hf_config.options
         ds = ctx.ds_config()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ds_hybrid.modeling import HybridConfig, HybridForCausalLM
 from ds_hybrid.modeling.families import layer_rest
 from ds_hybrid.modeling.mixers import LinearMixer, MixerOptions
 from ds_hybrid.modeling.precision import cast, fp32_rotary_buffers
+from ds_hybrid.selection import tensors_fingerprint
 from ds_hybrid.stages.common import TeacherTrunk, deepspeed_config, frozen_engine, run_dtype, zero_stage
 from ds_hybrid.zero import gathered, is_partitioned, zero3_init
 
@@ -44,10 +46,21 @@ class StageContext:
     def device(self) -> torch.device:
         return D.device()
 
+    @property
+    def teacher_weights(self) -> str | None:
+        """The teacher folder's weights fingerprint (recorded in every hybrid export: HybridConfig.teacher_weights)."""
+        return teacher_weights(self.teacher_path)
+
     def ds_config(self, train: bool = True) -> dict:
         field = f"{self.stage}.ds_config" if train else f"{self.stage}.teacher_ds_config"
         return deepspeed_config(self.s.ds_config if train else self.s.teacher_ds_config, self.s, D.world_size(),
                                 self.dtype, self.teacher_config.hidden_size, field, train=train)
+
+
+@functools.lru_cache(maxsize=4)
+def teacher_weights(folder: str) -> str | None:
+    """:func:`tensors_fingerprint` of a teacher folder (read once per process: a few hundred bytes a tensor)."""
+    return tensors_fingerprint(folder)
 
 
 def strided_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -191,6 +204,10 @@ def check_init_from(ctx: StageContext, init_from: str | Path, field: str) -> Hyb
             raise ConfigError(field, str(init_from), f"was made from a different teacher ({key} "
                               f"{getattr(theirs, key, None)} there, {getattr(ours, key, None)} in this run's "
                               f"teacher): start from an export of this teacher's runs")
+    if src_cfg.teacher_weights and ctx.teacher_weights and src_cfg.teacher_weights != ctx.teacher_weights:
+        raise ConfigError(field, str(init_from), f"was made from a teacher of these shapes with other weights "
+                          f"(fingerprint {src_cfg.teacher_weights} there, {ctx.teacher_weights} for this run's "
+                          f"teacher {ctx.cfg.teacher}): start from an export of this teacher's runs")
     # the mixers' weights come from init_from, so its options are the ones they were trained with: a run that asks
     # for others (e.g. mixer_options.use_gate: false after an align with the gate) is refused, not silently ignored;
     # `backend` only picks the kernels and is the run's own
@@ -220,7 +237,7 @@ def load_hybrid(ctx: StageContext, init_from: str | Path, field: str) -> HybridF
     init_from = Path(init_from)
     # mixer options: init_from's (equal to the run's but for the kernels' backend, which is the run's)
     options = {**src_cfg.options.to_dict(), "backend": MixerOptions.from_dict(ctx.cfg.mixer_options).backend}
-    config = hybrid_config(ctx.teacher_config, ctx.softmax_layers, src_cfg.mixer, options)
+    config = hybrid_config(ctx.teacher_config, ctx.softmax_layers, src_cfg.mixer, options, ctx.teacher_weights)
     src, teacher = SafetensorsReader(init_from), SafetensorsReader(ctx.teacher_path)
 
     def mixer(i: int, layer: nn.Module, student: HybridForCausalLM) -> None:
@@ -236,7 +253,7 @@ def _hybrid_from_teacher(ctx: StageContext) -> HybridForCausalLM:
     from ds_hybrid.transfer import hybrid_config
 
     tc = ctx.teacher_config
-    config = hybrid_config(tc, ctx.softmax_layers, ctx.cfg.mixer, ctx.cfg.mixer_options)
+    config = hybrid_config(tc, ctx.softmax_layers, ctx.cfg.mixer, ctx.cfg.mixer_options, ctx.teacher_weights)
     teacher = SafetensorsReader(ctx.teacher_path)
 
     def mixer(i: int, layer: nn.Module, student: HybridForCausalLM) -> None:

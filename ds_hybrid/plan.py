@@ -8,7 +8,8 @@ model built on the meta device):
 | term | ZeRO-3 | ZeRO-2 |
 |---|---|---|
 | teacher shards | b P_teacher / W (0 on the GPU with CPU offload) | (teacher is always ZeRO-3 or whole) |
-| teacher working set | gathered layers: 2 x largest teacher layer x b (current + prefetch) | - |
+| teacher working set | gathered layers: 2 x largest teacher layer x b (current + prefetch), or its LM head (V h b, gathered for the loss) where larger | - |
+| student working set | as the teacher's, of the student's layers and LM head | - |
 | student parameters | b P_student / W | b P_student |
 | gradients | b P_trainable / W | b P_trainable / W (ZeRO-1 with fp32 accumulation: 4 P_trainable) |
 | optimizer states | 12 P_trainable / W (fp32 master, Adam m and v) | same |
@@ -172,12 +173,15 @@ def make_plan(cfg: RunConfig, stage: str, counts: ModelCounts, world: int, gpu_g
     t_stage3 = zero_stage(teacher_ds) == 3
     uses_teacher = stage != "finetune"
     teacher_shards = (b * counts.teacher // (world if t_stage3 else 1)) if (uses_teacher and teacher_on_gpu) else 0
-    teacher_ws = 2 * counts.largest_teacher_layer * b if (uses_teacher and t_stage3) else 0
+    # ZeRO-3 gathers a layer's parameters for its forward and backward and prefetches the next: two layers whole;
+    # the vocabulary-wide loss gathers each model's LM head whole (V x h) once the layers are released: the larger
+    # of the two (Llama-3-8B: the head, 0.98 GiB vs 0.81; 70B: two layers, 3.2 GiB vs 2.0)
+    head = counts.vocab * counts.hidden if stage != "align" else 0
+    teacher_ws = max(2 * counts.largest_teacher_layer, head) * b if (uses_teacher and t_stage3) else 0
     s_stage = zero_stage(student_ds)
     student = b * counts.student // (world if s_stage == 3 else 1)
-    # ZeRO-3 gathers a layer's parameters for its forward and backward and prefetches the next: two layers whole,
-    # as for the teacher (the LM head, gathered for the loss, is in the kl workspace)
-    student_ws = 2 * (counts.largest_student_layer or counts.largest_teacher_layer) * b if s_stage == 3 else 0
+    student_ws = (max(2 * (counts.largest_student_layer or counts.largest_teacher_layer), head) * b
+                  if s_stage == 3 else 0)
     shard = world if s_stage >= 1 else 1
     # ZeRO-1 with fp32 gradient accumulation (ds_configs/student_zero1.json: DeepSpeed's BF16_Optimizer) keeps an
     # fp32 gradient of every trainable parameter; otherwise gradients are in the model dtype

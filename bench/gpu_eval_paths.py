@@ -34,7 +34,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model, tok, _ = load_model(args.model, dev, dtype)
     teacher, _, _ = load_model(args.teacher, dev, dtype)
-    rows = _heldout_rows(argparse.Namespace(data="embedded", run_config=None, heldout_seq_len=args.seq_len,
+    rows, _ = _heldout_rows(argparse.Namespace(data="embedded", run_config=None, heldout_seq_len=args.seq_len,
                                             heldout_sequences=args.rows), tok)
     out: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "dtype": args.dtype,
                  "rows": len(rows), "seq_len": args.seq_len,

@@ -61,14 +61,24 @@ def content_fingerprint(folder: str | Path, sample: int = 64) -> str:
 
 
 def tensors_fingerprint(folder: str | Path, sample: int = 64) -> str | None:
-    """Identity of an HF folder's tensors alone, as :func:`content_fingerprint` samples them, in name order over
-    every file: the same for a copy resharded or with another config.json (a teacher folder written again by another
-    transformers version); None where the folder holds no safetensors."""
+    """Identity of an HF model's tensors alone, as :func:`content_fingerprint` samples them, in name order: the
+    same for a copy resharded or with another config.json (a teacher folder written again by another transformers
+    version). Only the files the model reads (its index's, else model.safetensors; not a hub repo's other copies,
+    e.g. Mistral's consolidated.safetensors); None where it has neither."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
     headers: dict[str, tuple[Path, int, dict]] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
+    for name in files:
+        with open(folder / name, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            headers.update({k: (path, 8 + n, t) for k, t in json.loads(f.read(n)).items() if k != "__metadata__"})
+            headers.update({k: (folder / name, 8 + n, t) for k, t in json.loads(f.read(n)).items()
+                            if k != "__metadata__"})
     if not headers:
         return None
     h = hashlib.sha256()

@@ -43,7 +43,7 @@ from ds_hybrid.locks import held
 from ds_hybrid.monitor import Monitor, memory_stats, peak_tflops, setup_logging
 from ds_hybrid.plan import NOT_TERMS
 from ds_hybrid.selection import content_fingerprint
-from ds_hybrid.stages.base import HeldOut, Stage, StageContext
+from ds_hybrid.stages.base import HeldOut, Stage, StageContext, teacher_weights
 from ds_hybrid.stages.common import (check_env_knobs, optimizer_settings, restore_optimizer_settings,
                                      shard_shape_decay, zero_stage)
 
@@ -99,7 +99,7 @@ def make_context(cfg: RunConfig, stage: str) -> StageContext:
         D.main_reads(lambda: check_selection_origin(cfg.softmax_layers, teacher_path, align))
     return StageContext(cfg=cfg, stage=stage, s=s, tokenizer=tokenizer, teacher_path=teacher_path,
                         teacher_config=teacher_config, softmax_layers=layers, total_steps=stage_steps(s),
-                        run_dir=cfg.stage_dir(stage))
+                        run_dir=cfg.stage_dir(stage), teacher_weights=D.main_reads(lambda: teacher_weights(teacher_path)))
 
 
 def _step_batches(train: PackedSequences, step: int, global_batch: int, micro_batch: int, seed: int):

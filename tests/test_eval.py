@@ -948,6 +948,18 @@ def test_eval_merge_refuses_held_out_quality_of_one_tokenizer_whose_rows_start_o
                                           r"otherwise \(row_bos None: a; 1: b\)"):
         merge.merge([old, new])
     assert set(merge.merge([new, other])["heldout_quality"]) == {"b", "c"}
+    # one model in two files: the same record with and without row_bos None merges (a file of before it, one of
+    # rows without BOS: the teacher of every SmolLM2 lease); of another start, refused by that name
+    again = one("again", "c", "smol", None)
+    rec = json.loads((Path(again) / "eval.json").read_text())
+    rec["heldout_quality"]["c"]["row_bos"] = None
+    (Path(again) / "eval.json").write_text(json.dumps(rec))
+    assert merge.merge([other, again])["heldout_quality"]["c"]["ppl"] == 20.0
+    rec["heldout_quality"]["c"]["row_bos"] = 1
+    (Path(again) / "eval.json").write_text(json.dumps(rec))
+    with pytest.raises(ConfigError, match=r"held-out quality of c here is of rows that start with token 1, an "
+                                          r"earlier file's with None \(row_bos"):
+        merge.merge([other, again])
 
 
 def _eval_json(folder: Path, scores: dict, prompts: dict, quality: dict | None = None) -> Path:
@@ -1527,9 +1539,8 @@ def test_resume_computes_again_the_quality_of_rows_that_start_otherwise_now(tiny
             "--heldout-seq-len", "64", "--out", str(out)]
     assert cli.main(argv) == 0
     res = json.loads((out / "eval.json").read_text())
-    assert res["heldout_quality"]["a"]["row_bos"] is None  # (SmolLM2's tokenizer: auto puts none)
+    assert "row_bos" not in res["heldout_quality"]["a"]  # (SmolLM2's tokenizer: auto puts none; not recorded)
     res["heldout_quality"]["a"]["row_bos"] = 7  # as if its rows had started with token 7
-    del res["heldout_quality"]["b"]["row_bos"]  # as an eval.json of before 2026-12-08 has it
     res["heldout_quality"]["a"]["ppl"] = res["heldout_quality"]["b"]["ppl"] = 123.0
     (out / "eval.json").write_text(json.dumps(res))
     real, scored = quality_mod.heldout_quality, []
@@ -1539,7 +1550,7 @@ def test_resume_computes_again_the_quality_of_rows_that_start_otherwise_now(tiny
         assert cli.main(argv + ["--resume"]) == 0
     q = json.loads((out / "eval.json").read_text())["heldout_quality"]
     assert len(scored) == 1 and "--resume: a held-out quality computed again (their rows start with" in caplog.text
-    assert q["a"]["row_bos"] is None and q["a"]["ppl"] != 123.0 and q["b"]["ppl"] == 123.0
+    assert "row_bos" not in q["a"] and q["a"]["ppl"] != 123.0 and q["b"]["ppl"] == 123.0
 
 
 def test_a_failed_held_out_quality_keeps_the_recall_and_resume_computes_only_the_quality(tiny, tmp_path, monkeypatch):

@@ -293,6 +293,8 @@ def test_an_export_records_its_teachers_weights_and_one_of_other_weights_is_refu
     spec = json.loads((resharded / "config.json").read_text())
     (resharded / "config.json").write_text(json.dumps({**spec, "note": "written again"}, indent=1))
     assert len(list(resharded.glob("*.safetensors"))) > 1
+    # a hub repo's other copy beside the HF shards (Mistral's consolidated.safetensors): not the model's files
+    shutil.copy(other / "model.safetensors", resharded / "consolidated.safetensors")
     assert tensors_fingerprint(resharded) == tensors_fingerprint(teacher) != tensors_fingerprint(other)
 
     def ctx(t: Path, layers: str = "[2]"):
@@ -311,7 +313,7 @@ def test_an_export_records_its_teachers_weights_and_one_of_other_weights_is_refu
     assert load_hybrid(ctx(teacher), export, "kl.init_from").config.teacher_weights == tensors_fingerprint(teacher)
     with pytest.raises(ConfigError, match=r"^kl\.init_from=.*was made from a teacher of these shapes with other "
                                           rf"weights \(fingerprint {tensors_fingerprint(teacher)} there, "
-                                          rf"{tensors_fingerprint(other)} for this run's teacher {other}\)"):
+                                          rf"{tensors_fingerprint(other)} for this run's teacher, {other}\)"):
         check_init_from(ctx(other), export, "kl.init_from")
     assert check_init_from(ctx(resharded), export, "kl.init_from").teacher_weights == tensors_fingerprint(teacher)
     older = tmp_path / "older"  # an export without the record (before 2026-12-08): not checked

@@ -52,6 +52,11 @@ def stale_heldout_models(payload: dict) -> list[str]:
             and info.get("tokenizer") not in (None, first)]
 
 
+def _without_bos(q: dict) -> dict:
+    """A quality record without ``row_bos`` (compared on its own)."""
+    return {k: v for k, v in q.items() if k != "row_bos"}
+
+
 def _load(item: str) -> tuple[dict[str, str], Path, dict[str, Any]]:
     """'[new=old@]path' -> (renames, eval.json path, payload)."""
     renames: dict[str, str] = {}
@@ -287,7 +292,12 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
         for m, q in (p.get("heldout_quality") or {}).items():
             if m in stale:
                 continue
-            if name(m) in quality and quality[name(m)] != q:
+            if name(m) in quality and quality[name(m)].get("row_bos") != q.get("row_bos"):
+                raise ConfigError("eval-merge", str(src), f"held-out quality of {name(m)} here is of rows that start "
+                                  f"with token {q.get('row_bos')}, an earlier file's with {quality[name(m)].get('row_bos')} "
+                                  "(row_bos; None: no BOS): evaluate one again with --resume (it computes the "
+                                  "quality on today's rows)")
+            if name(m) in quality and _without_bos(quality[name(m)]) != _without_bos(q):
                 raise ConfigError("eval-merge", str(src), f"held-out quality of {name(m)} differs from an earlier "
                                   "file's: rename one model (NEW=OLD@path)")
             quality[name(m)] = q
@@ -313,6 +323,11 @@ def merge(items: list[str], allow_other_prompts: bool = False) -> dict[str, Any]
     starts: dict[str, dict[Any, list[str]]] = {}
     for m, q in quality.items():
         starts.setdefault(str((models.get(m) or {}).get("tokenizer")), {}).setdefault(q.get("row_bos"), []).append(m)
+    unknown = starts.get("None", {})
+    if unknown and any(b is not None for t, per in starts.items() if t != "None" for b in per):
+        log.warning("eval-merge: %s record no tokenizer (files of before 2026-12-06) and were read without BOS; "
+                    "beside them, models whose held-out rows start with one: if theirs are of one tokenizer, their "
+                    "perplexities are of other rows", ", ".join(sorted(m for ms in unknown.values() for m in ms)))
     for per in starts.values():
         if len(per) > 1:
             raise ConfigError("eval-merge", ", ".join(sorted(m for ms in per.values() for m in ms)), "models of one "

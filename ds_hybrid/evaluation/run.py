@@ -433,9 +433,10 @@ def run_eval(args: argparse.Namespace) -> dict:
                             "padded to other sizes, as Qwen2.5's 0.5B and 7B): held-out perplexity only, no KL to "
                             "the teacher", name, output_rows(model), output_rows(kl_to))
                 kl_to = None
-            rows, bos = rows_by_tok[fp]
+            rows, bos = rows_by_tok[fp]  # (row_bos recorded where the rows start with one: a file without it and
+            # one of rows without BOS hold the same quality record)
             quality[name] = {**heldout_quality(model, rows, kl_to.to(dev) if kl_to is not None else None),
-                             "row_bos": bos}
+                             **({"row_bos": bos} if bos is not None else {})}
             quality_pending.discard(name)
         del model
         if teacher_model is not None:

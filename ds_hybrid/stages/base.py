@@ -37,6 +37,9 @@ class StageContext:
     softmax_layers: list[int]
     total_steps: int
     run_dir: Path
+    # the teacher's tensors fingerprint (:func:`teacher_weights`, the main rank's reading for all), recorded in every
+    # hybrid export (HybridConfig.teacher_weights) and compared with an init_from's; None: not checked
+    teacher_weights: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,11 +48,6 @@ class StageContext:
     @property
     def device(self) -> torch.device:
         return D.device()
-
-    @property
-    def teacher_weights(self) -> str | None:
-        """The teacher folder's weights fingerprint (recorded in every hybrid export: HybridConfig.teacher_weights)."""
-        return teacher_weights(self.teacher_path)
 
     def ds_config(self, train: bool = True) -> dict:
         field = f"{self.stage}.ds_config" if train else f"{self.stage}.teacher_ds_config"
@@ -207,7 +205,7 @@ def check_init_from(ctx: StageContext, init_from: str | Path, field: str) -> Hyb
     if src_cfg.teacher_weights and ctx.teacher_weights and src_cfg.teacher_weights != ctx.teacher_weights:
         raise ConfigError(field, str(init_from), f"was made from a teacher of these shapes with other weights "
                           f"(fingerprint {src_cfg.teacher_weights} there, {ctx.teacher_weights} for this run's "
-                          f"teacher {ctx.cfg.teacher}): start from an export of this teacher's runs")
+                          f"teacher, {ctx.teacher_path}): start from an export of this teacher's runs")
     # the mixers' weights come from init_from, so its options are the ones they were trained with: a run that asks
     # for others (e.g. mixer_options.use_gate: false after an align with the gate) is refused, not silently ignored;
     # `backend` only picks the kernels and is the run's own

@@ -87,13 +87,17 @@ DATA_FIELDS = ("source", "mixture", "text_field", "add_eos", "val_tokens", "spli
 
 def rows_bos(cfg: RunConfig) -> int | None:
     """The token each training row of ``cfg`` starts with (``data.bos`` resolved with the teacher's tokenizer)."""
-    return None if cfg.data.bos is False else _row_bos(cfg.data.bos, cfg.teacher)
+    if cfg.data.bos is False:
+        return None
+    from ds_hybrid.teacher import resolve_teacher
+
+    return _row_bos(cfg.data.bos, resolve_teacher(cfg.teacher))  # (keyed by the folder the spec names now)
 
 
 @functools.lru_cache(maxsize=8)
-def _row_bos(bos: bool | str, teacher: str | None) -> int | None:
-    """(Once per teacher: a selection's record and each probe's identity ask for it; loading a tokenizer takes
-    seconds.)"""
+def _row_bos(bos: bool | str, teacher: str) -> int | None:
+    """(Once per teacher folder: a selection's record and each probe's identity ask for it; loading a tokenizer
+    takes seconds.)"""
     from ds_hybrid.data import row_bos
     from ds_hybrid.teacher import load_tokenizer
 

@@ -1026,10 +1026,11 @@ def test_eval_scores_the_held_out_documents_of_the_runs_own_split(tmp_path, tok)
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({"data": data}))
     args = Namespace(data=str(jl), run_config=str(run_yaml), heldout_seq_len=64, heldout_sequences=4)
-    got = torch.cat(_heldout_rows(args, AutoTokenizer.from_pretrained(teacher)))
+    got = torch.cat(_heldout_rows(args, AutoTokenizer.from_pretrained(teacher))[0])
     want = PackedSequences(prepare_streams(DataConfig(**data), tok, need_tokens=0).val, 64, max_rows=4)
     assert torch.equal(got, torch.cat([want[[i]] for i in range(len(want))]))
-    default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}), AutoTokenizer.from_pretrained(teacher)))
+    default = torch.cat(_heldout_rows(Namespace(**{**vars(args), "run_config": None}),
+                                      AutoTokenizer.from_pretrained(teacher))[0])
     assert not torch.equal(default, got)
 
 

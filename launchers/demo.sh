@@ -12,6 +12,7 @@
 #                         minutes of an H200; the comparison's hybrids get 100,663,296: docs/RESULTS.md section 2)
 #   DEMO_CONFIG=YAML      the GPU recipe's config (default runs/smollm2_compare.yaml; CPU dry runs: a tiny copy)
 #   DEMO_RECALL_PROMPTS=N prompts per model for the recall score (default 100)
+#   DEMO_RECALL_LENGTH=N  the recall prompts' length in tokens (default 2048)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,7 +27,8 @@ if [ "$recipe" = gpu ]; then
   PYTHON=$PYTHON launchers/run_local.sh "${DEMO_CONFIG:-runs/smollm2_compare.yaml}" align,kl "out_dir=$out" \
     "softmax_layers=$LAYERS" "kl.tokens=${DEMO_KL_TOKENS:-50331648}"
   trained=$(date +%s)
-  "$PYTHON" -m ds_hybrid.demo --run "$out" --recall 2048 --recall-prompts "${DEMO_RECALL_PROMPTS:-100}"
+  "$PYTHON" -m ds_hybrid.demo --run "$out" --recall "${DEMO_RECALL_LENGTH:-2048}" \
+    --recall-prompts "${DEMO_RECALL_PROMPTS:-100}"
   end=$(date +%s)
   echo "demo: $(( end - start )) s from the first stage to the recall scores" \
     "(align and kl $(( trained - start )) s, generations and recall $(( end - trained )) s)"

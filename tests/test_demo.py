@@ -28,7 +28,7 @@ def test_demo_script_trains_prints_generations_and_recall(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "DEMO_RECIPE": "gpu", "DEMO_CONFIG": str(config),
-           "DEMO_OUT": str(out), "DEMO_KL_TOKENS": "128", "DEMO_RECALL_PROMPTS": "2", "NPROC": "1"}
+           "DEMO_OUT": str(out), "DEMO_KL_TOKENS": "128", "DEMO_RECALL_PROMPTS": "2", "DEMO_RECALL_LENGTH": "1024", "NPROC": "1"}
     p = subprocess.run(["bash", "launchers/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = p.stdout

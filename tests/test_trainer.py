@@ -297,7 +297,7 @@ def test_an_export_records_its_teachers_weights_and_one_of_other_weights_is_refu
     shutil.copy(other / "model.safetensors", resharded / "consolidated.safetensors")
     assert tensors_fingerprint(resharded) == tensors_fingerprint(teacher) != tensors_fingerprint(other)
 
-    def ctx(t: Path, layers: str = "[2]"):
+    def ctx(t, layers: str = "[2]"):
         cfg = load_config(None, [f"teacher={t}", f"softmax_layers={layers}", "dtype=fp32",
                                  "kl.ds_config=ds_configs/single.json", "kl.global_batch=1", "kl.seq_len=64",
                                  "kl.tokens=64"])
